@@ -1,0 +1,184 @@
+// The one Python binding of the native core. Arrays arrive as TensorView (built in
+// pneumoseg/_native.py); every call releases the GIL around native work.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "common/errors.h"
+#include "common/tensor_view.h"
+#include "rle/rle.h"
+
+#ifdef PNEUMOSEG_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace py = pybind11;
+using namespace pneumoseg;
+
+namespace {
+
+TensorView make_view(uintptr_t data, int dtype, int device, int device_index, const std::vector<int64_t>& shape,
+                     const std::vector<int64_t>& strides) {
+  if (shape.size() != strides.size()) fail_value("TensorView: shape and strides differ in length");
+  if (shape.size() > static_cast<size_t>(kMaxDims)) {
+    fail_value("TensorView: at most " + std::to_string(kMaxDims) + " dimensions");
+  }
+  if (dtype < 0 || dtype > static_cast<int>(DType::Float64)) fail_value("TensorView: unknown dtype code");
+  if (device != 0 && device != 1) fail_value("TensorView: unknown device code");
+  TensorView v;
+  v.data = reinterpret_cast<void*>(data);
+  v.dtype = static_cast<DType>(dtype);
+  v.device = static_cast<Device>(device);
+  v.device_index = device_index;
+  v.ndim = static_cast<int>(shape.size());
+  for (int i = 0; i < v.ndim; ++i) {
+    if (shape[i] < 0) fail_value("TensorView: negative shape");
+    v.shape[i] = shape[i];
+    v.strides[i] = strides[i];
+  }
+  return v;
+}
+
+#ifdef PNEUMOSEG_WITH_CUDA
+constexpr bool kBuiltWithCuda = true;
+int cuda_device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // no driver or no device: not an error for the caller, just no CUDA
+    return 0;
+  }
+  return n;
+}
+#else
+constexpr bool kBuiltWithCuda = false;
+int cuda_device_count() { return 0; }
+#endif
+
+#ifndef PNEUMOSEG_WITH_CUDA
+[[noreturn]] void no_cuda() {
+  fail_value("this array is on a CUDA device, but pneumoseg was built without CUDA support "
+             "(rebuild with nvcc on PATH, or -Ccmake.define.PNEUMOSEG_CUDA=ON)");
+}
+#endif
+
+py::list to_str_list(const rle::EncodedBatch& batch) {
+  const size_t n = batch.offsets.empty() ? 0 : batch.offsets.size() - 1;
+  py::list out(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t a = batch.offsets[i], b = batch.offsets[i + 1];
+    out[i] = py::str(batch.chars.data() + a, static_cast<size_t>(b - a));
+  }
+  return out;
+}
+
+rle::Style to_style(int style) {
+  if (style != 0 && style != 1) fail_rle("style must be 'siim' or 'absolute'");
+  return static_cast<rle::Style>(style);
+}
+
+py::list rle_encode(const TensorView& masks, int style, uintptr_t stream) {
+  rle::EncodedBatch batch;
+  {
+    py::gil_scoped_release release;
+    if (masks.device == Device::CUDA) {
+#ifdef PNEUMOSEG_WITH_CUDA
+      rle::encode_cuda(masks, to_style(style), reinterpret_cast<void*>(stream), batch);
+#else
+      (void)stream;
+      no_cuda();
+#endif
+    } else {
+      rle::encode_cpu(masks, to_style(style), batch);
+    }
+  }
+  return to_str_list(batch);
+}
+
+py::list rle_encode_units_cpu(const TensorView& masks, int style) {
+  rle::EncodedBatch batch;
+  {
+    py::gil_scoped_release release;
+    rle::encode_units_cpu(masks, to_style(style), batch);
+  }
+  return to_str_list(batch);
+}
+
+// texts[i] (str or bytes) paints into image images[i]; items[i] is its index in the caller's list.
+void rle_decode(const py::sequence& texts, const std::vector<int64_t>& images, const std::vector<int64_t>& items,
+                const TensorView& out, int style, uintptr_t stream) {
+  const size_t n = py::len(texts);
+  if (images.size() != n || items.size() != n) fail_value("rle_decode: texts, images and items differ in length");
+  check_ndim(out, 3, "out");
+  std::vector<py::object> keep;  // the str objects own the buffers we point into
+  keep.reserve(n);
+  std::vector<rle::RleText> views;
+  views.reserve(n);
+  for (size_t i = 0; i < n; ++i) {
+    py::object t = texts[i];
+    const char* data = nullptr;
+    Py_ssize_t size = 0;
+    if (PyUnicode_Check(t.ptr())) {
+      data = PyUnicode_AsUTF8AndSize(t.ptr(), &size);
+      if (!data) throw py::error_already_set();
+    } else if (PyBytes_Check(t.ptr())) {
+      char* d = nullptr;
+      if (PyBytes_AsStringAndSize(t.ptr(), &d, &size) != 0) throw py::error_already_set();
+      data = d;
+    } else {
+      fail_rle("rles[" + std::to_string(items[i]) + "] must be a str, got " +
+               std::string(py::str(py::type::of(t).attr("__name__"))));
+    }
+    if (images[i] < 0 || images[i] >= out.shape[0]) fail_value("rle_decode: image index out of range");
+    views.push_back(rle::RleText{data, static_cast<size_t>(size), images[i], items[i]});
+    keep.push_back(std::move(t));
+  }
+  py::gil_scoped_release release;
+  std::vector<rle::Run> runs;
+  rle::parse_runs(views, out.shape[1], out.shape[2], to_style(style), runs);
+  if (out.device == Device::CUDA) {
+#ifdef PNEUMOSEG_WITH_CUDA
+    rle::paint_runs_cuda(runs, out, reinterpret_cast<void*>(stream));
+#else
+    (void)stream;
+    no_cuda();
+#endif
+  } else {
+    rle::paint_runs_cpu(runs, out);
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pneumoseg native core (CPU and, when built with it, CUDA kernels)";
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const InputError& e) {
+      py::module_ errors = py::module_::import("pneumoseg.errors");
+      const char* cls = e.kind() == InputError::Kind::Rle ? "RLEError" : "InvalidInputError";
+      PyErr_SetString(errors.attr(cls).ptr(), e.what());
+    } catch (const NativeError& e) {
+      py::module_ errors = py::module_::import("pneumoseg.errors");
+      PyErr_SetString(errors.attr("NativeError").ptr(), e.what());
+    }
+  });
+
+  py::class_<TensorView>(m, "TensorView")
+      .def(py::init(&make_view), py::arg("data"), py::arg("dtype"), py::arg("device"), py::arg("device_index"),
+           py::arg("shape"), py::arg("strides"))
+      .def_property_readonly("ndim", [](const TensorView& v) { return v.ndim; })
+      .def_property_readonly("shape", [](const TensorView& v) {
+        return std::vector<int64_t>(v.shape, v.shape + v.ndim);
+      });
+
+  m.def("built_with_cuda", [] { return kBuiltWithCuda; });
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("rle_encode", &rle_encode, py::arg("masks"), py::arg("style"), py::arg("stream") = 0);
+  m.def("rle_encode_units_cpu", &rle_encode_units_cpu, py::arg("masks"), py::arg("style"));
+  m.def("rle_decode", &rle_decode, py::arg("texts"), py::arg("images"), py::arg("items"), py::arg("out"),
+        py::arg("style"), py::arg("stream") = 0);
+}

@@ -1,0 +1,166 @@
+"""The bridge to the native core: loads ``pneumoseg._C`` and turns NumPy arrays, torch tensors and CuPy
+arrays into the framework-free ``TensorView`` every kernel takes, with the caller's CUDA stream.
+
+torch and CuPy are never imported here; an array is recognised as theirs only if the caller has
+already imported them (``sys.modules``), so ``import pneumoseg`` needs NumPy alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+try:
+    from . import _C
+except ImportError as exc:  # pragma: no cover - only without a build
+    raise ImportError(
+        "pneumoseg's native extension (pneumoseg._C) is missing. Install the package with "
+        "`pip install .` (or `pip install -e .`) instead of importing it from the source tree; "
+        "when running tests from the repository root, use `pytest`, not `python -m pytest`."
+    ) from exc
+
+__all__ = ["ArrayInfo", "as_view", "kind_of", "zeros_uint8", "require_cuda_build", "cuda_available"]
+
+# Codes of pneumoseg::DType (csrc/common/tensor_view.h).
+_NUMPY_CODES = {
+    np.dtype(np.bool_): 0,
+    np.dtype(np.int8): 1,
+    np.dtype(np.uint8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.uint16): 4,
+    np.dtype(np.int32): 5,
+    np.dtype(np.uint32): 6,
+    np.dtype(np.int64): 7,
+    np.dtype(np.uint64): 8,
+    np.dtype(np.float16): 9,
+    np.dtype(np.float32): 11,
+    np.dtype(np.float64): 12,
+}
+_TORCH_NAMES = {
+    "bool": 0, "int8": 1, "uint8": 2, "int16": 3, "uint16": 4, "int32": 5, "uint32": 6, "int64": 7,
+    "uint64": 8, "float16": 9, "bfloat16": 10, "float32": 11, "float64": 12,
+}
+CPU, CUDA = 0, 1
+
+
+def cuda_available() -> bool:
+    """True when pneumoseg was built with CUDA and a CUDA device is present."""
+    return bool(_C.built_with_cuda()) and _C.cuda_device_count() > 0
+
+
+@dataclass
+class ArrayInfo:
+    """A native view of an array plus what is needed to keep it alive and answer in kind."""
+
+    view: Any  # _C.TensorView
+    kind: str  # "numpy", "torch" or "cupy"
+    device: int  # CPU or CUDA
+    device_index: int
+    stream: int  # the caller's current CUDA stream (0 on CPU)
+    owner: Any  # the array whose memory the view points into
+
+
+def _torch():
+    return sys.modules.get("torch")
+
+
+def _cupy():
+    return sys.modules.get("cupy")
+
+
+def kind_of(x: Any) -> str:
+    torch = _torch()
+    if torch is not None and isinstance(x, torch.Tensor):
+        return "torch"
+    cupy = _cupy()
+    if cupy is not None and isinstance(x, cupy.ndarray):
+        return "cupy"
+    return "numpy"
+
+
+def as_view(x: Any, name: str, error: type[Exception] = InvalidInputError) -> ArrayInfo:
+    """Describe ``x`` for the native core; raise ``error`` naming ``name`` for unsupported input."""
+    kind = kind_of(x)
+    if kind == "torch":
+        return _torch_view(x, name, error)
+    if kind == "cupy":
+        return _cupy_view(x, name, error)
+    return _numpy_view(x, name, error)
+
+
+def _numpy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # ragged lists and the like
+        raise error(f"{name} could not be read as an array: {exc}") from exc
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    code = _NUMPY_CODES.get(arr.dtype)
+    if code is None:
+        raise error(f"{name} has unsupported dtype {arr.dtype}; use bool, an integer or a float type")
+    itemsize = arr.dtype.itemsize
+    if any(s % itemsize for s in arr.strides):
+        arr = np.ascontiguousarray(arr)
+    view = _C.TensorView(
+        arr.__array_interface__["data"][0], code, CPU, 0, list(arr.shape), [s // itemsize for s in arr.strides]
+    )
+    return ArrayInfo(view, "numpy", CPU, 0, 0, arr)
+
+
+def _torch_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
+    torch = _torch()
+    code = _TORCH_NAMES.get(str(x.dtype).replace("torch.", ""))
+    if code is None:
+        raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
+    if x.device.type == "cpu":
+        device, index, stream = CPU, 0, 0
+    elif x.device.type == "cuda":
+        device, index = CUDA, x.device.index if x.device.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+    else:
+        raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
+    if x.is_conj() or x.is_neg():
+        x = x.resolve_conj().resolve_neg()
+    view = _C.TensorView(x.data_ptr(), code, device, index, list(x.shape), list(x.stride()))
+    return ArrayInfo(view, "torch", device, index, stream, x)
+
+
+def _cupy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
+    cupy = _cupy()
+    code = _NUMPY_CODES.get(np.dtype(x.dtype))
+    if code is None:
+        raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
+    itemsize = x.dtype.itemsize
+    if any(s % itemsize for s in x.strides):
+        x = cupy.ascontiguousarray(x)
+    stream = cupy.cuda.get_current_stream().ptr
+    view = _C.TensorView(
+        x.data.ptr, code, CUDA, x.device.id, list(x.shape), [s // itemsize for s in x.strides]
+    )
+    return ArrayInfo(view, "cupy", CUDA, x.device.id, stream, x)
+
+
+def require_cuda_build(name: str, error: type[Exception] = InvalidInputError) -> None:
+    if not _C.built_with_cuda():
+        raise error(
+            f"{name} is on a CUDA device, but this pneumoseg was built without CUDA support "
+            "(rebuild with nvcc on PATH, or -Ccmake.define.PNEUMOSEG_CUDA=ON)"
+        )
+
+
+def zeros_uint8(kind: str, shape: tuple[int, ...], device_index: int = 0, cuda: bool = False) -> Any:
+    """A zeroed uint8 array of the given framework, on the CPU or on CUDA device ``device_index``."""
+    if kind == "torch":
+        torch = _torch()
+        dev = torch.device("cuda", device_index) if cuda else torch.device("cpu")
+        return torch.zeros(shape, dtype=torch.uint8, device=dev)
+    if kind == "cupy":
+        cupy = _cupy()
+        with cupy.cuda.Device(device_index):
+            return cupy.zeros(shape, dtype=cupy.uint8)
+    return np.zeros(shape, dtype=np.uint8)

@@ -1,0 +1,183 @@
+"""Run-length encoding of masks in the SIIM-ACR format (and the 1-based "absolute" Kaggle format).
+
+Pixels are numbered in column-major order (the flattening of ``mask.T``), 0-based.
+
+``style="siim"`` (default)
+    ``start length`` pairs; the first start is the index of the first foreground pixel, every later
+    start counts the background pixels since the end of the previous run; ``"-1"`` is an empty mask.
+    ``"1 2 2 1"`` on a 4x4 mask is foreground at (row, col) (1, 0), (2, 0) and (1, 1).
+``style="absolute"``
+    1-based absolute ``start length`` pairs in the same pixel order, as most other Kaggle segmentation
+    competitions use; an empty mask is ``""``.
+
+Decoding accepts ``"-1"``, ``""`` and surrounding whitespace as empty in both styles. Everything runs
+in the native core: NumPy arrays and CPU tensors on the CPU, CUDA tensors and CuPy arrays on their GPU
+on the caller's current stream.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from typing import Any, Literal, Union
+
+import numpy as np
+
+from . import _native
+from ._native import _C
+from .errors import RLEError
+
+__all__ = ["encode", "encode_batch", "decode", "decode_union", "decode_batch", "Style"]
+
+Style = Literal["siim", "absolute"]
+_STYLES = {"siim": 0, "absolute": 1}
+DEFAULT_SHAPE = (1024, 1024)
+
+
+def _style_code(style: str) -> int:
+    try:
+        return _STYLES[style]
+    except (KeyError, TypeError):
+        raise RLEError(f"style must be 'siim' or 'absolute', got {style!r}") from None
+
+
+def _check_shape(shape: Any) -> tuple[int, int]:
+    try:
+        dims = tuple(operator.index(d) for d in shape)
+    except TypeError:
+        raise RLEError(f"shape must be a pair of non-negative integers (height, width), got {shape!r}") from None
+    if len(dims) != 2 or any(d < 0 for d in dims):
+        raise RLEError(f"shape must be a pair of non-negative integers (height, width), got {shape!r}")
+    return dims
+
+
+def _encode_view(info: _native.ArrayInfo, style: str) -> list[str]:
+    if info.device == _native.CUDA:
+        _native.require_cuda_build("masks", RLEError)
+    return _C.rle_encode(info.view, _style_code(style), info.stream)
+
+
+def encode(mask: Any, *, style: Style = "siim") -> str:
+    """Encode one (H, W) mask of any dtype (nonzero is foreground). An empty mask gives ``"-1"``
+    (``""`` in the absolute style)."""
+    info = _native.as_view(mask, "mask", RLEError)
+    if info.view.ndim != 2:
+        raise RLEError(f"mask must be 2-D (height, width), got shape {tuple(info.view.shape)}")
+    return encode_batch(info.owner[None], style=style)[0]
+
+
+def encode_batch(masks: Any, *, style: Style = "siim") -> list[str]:
+    """Encode a batch of masks (N, H, W) into N strings.
+
+    CUDA input is encoded on the GPU: the strings are formatted there and fetched with one
+    device-to-host copy for the batch (a second one only when the text outgrows 16 KB per mask).
+    A list of 2-D masks of different shapes is also accepted.
+    """
+    _style_code(style)
+    if isinstance(masks, (list, tuple)) and masks and not np.isscalar(masks[0]):
+        if all(hasattr(m, "shape") for m in masks) and len({tuple(m.shape) for m in masks}) > 1:
+            return [encode(m, style=style) for m in masks]
+    info = _native.as_view(masks, "masks", RLEError)
+    if info.view.ndim != 3:
+        raise RLEError(f"masks must be 3-D (batch, height, width), got shape {tuple(info.view.shape)}")
+    return _encode_view(info, style)
+
+
+RleItem = Union[str, bytes, Sequence[str]]
+
+
+def _flatten(rles: Sequence[RleItem]) -> tuple[list[Any], list[int]]:
+    """Strings and their image indices; an item that is a list of strings is the union of them."""
+    texts: list[Any] = []
+    images: list[int] = []
+    for i, item in enumerate(rles):
+        if isinstance(item, (str, bytes)):
+            texts.append(item)
+            images.append(i)
+        elif isinstance(item, (list, tuple)):
+            texts.extend(item)
+            images.extend([i] * len(item))
+        else:
+            raise RLEError(f"rles[{i}] must be a str (or a list of str for a union), got {type(item).__name__}")
+    return texts, images
+
+
+def _decode_into(out_info: _native.ArrayInfo, texts: list[Any], images: list[int], items: list[int], style: str) -> None:
+    _C.rle_decode(texts, images, items, out_info.view, _style_code(style), out_info.stream)
+
+
+def decode(rle: str, shape: tuple[int, int] = DEFAULT_SHAPE, *, style: Style = "siim") -> np.ndarray:
+    """Decode one string to a (H, W) uint8 NumPy array of 0 and 1."""
+    if not isinstance(rle, (str, bytes)):
+        raise RLEError(f"rle must be a str, got {type(rle).__name__}")
+    h, w = _check_shape(shape)
+    code = _style_code(style)
+    out = np.zeros((1, h, w), dtype=np.uint8)
+    _C.rle_decode([rle], [0], [-1], _native.as_view(out, "out").view, code, 0)
+    return out[0]
+
+
+def decode_union(rles: Sequence[str], shape: tuple[int, int] = DEFAULT_SHAPE, *, style: Style = "siim") -> np.ndarray:
+    """The union of several annotations of one image (train-rle.csv repeats an ImageId once per
+    annotation) as a (H, W) uint8 NumPy array."""
+    if isinstance(rles, (str, bytes)):
+        rles = [rles]
+    h, w = _check_shape(shape)
+    code = _style_code(style)
+    texts = list(rles)
+    for i, t in enumerate(texts):
+        if not isinstance(t, (str, bytes)):
+            raise RLEError(f"rles[{i}] must be a str, got {type(t).__name__}")
+    out = np.zeros((1, h, w), dtype=np.uint8)
+    _C.rle_decode(texts, [0] * len(texts), list(range(len(texts))), _native.as_view(out, "out").view, code, 0)
+    return out[0]
+
+
+def decode_batch(
+    rles: Sequence[RleItem],
+    shape: tuple[int, int] = DEFAULT_SHAPE,
+    *,
+    device: Any = "cpu",
+    style: Style = "siim",
+) -> Any:
+    """Decode N strings into a (N, H, W) uint8 batch of 0 and 1.
+
+    ``device="cpu"`` returns NumPy. A CUDA device (``"cuda"``, ``"cuda:1"``, a ``torch.device``) returns
+    a torch tensor on it when torch is installed, else a CuPy array; the runs are parsed on the host
+    and painted on the GPU. An item may be a list of strings: that image is their union.
+    """
+    if isinstance(rles, (str, bytes)):
+        raise RLEError("rles must be a list of strings; use decode() for a single string")
+    h, w = _check_shape(shape)
+    code = _style_code(style)
+    texts, images = _flatten(rles)
+    n = len(rles)
+    is_cuda, index = _parse_device(device)
+    if is_cuda:
+        _native.require_cuda_build("device", RLEError)
+        kind = "torch" if _torch_importable() else "cupy"
+        out = _native.zeros_uint8(kind, (n, h, w), index, cuda=True)
+    else:
+        out = np.zeros((n, h, w), dtype=np.uint8)
+    info = _native.as_view(out, "out")
+    _C.rle_decode(texts, images, images, info.view, code, info.stream)
+    return out
+
+
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _parse_device(device: Any) -> tuple[bool, int]:
+    text = str(device)
+    if text == "cpu":
+        return False, 0
+    if text == "cuda":
+        return True, 0
+    if text.startswith("cuda:") and text[5:].isdigit():
+        return True, int(text[5:])
+    raise RLEError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
