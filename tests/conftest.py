@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+import pneumoseg
+
+
+def pytest_collection_modifyitems(config, items):
+    # CUDA tests need a CUDA build and a device; without them they are skipped, never failed.
+    if pneumoseg.cuda_available():
+        return
+    reason = "needs a CUDA device and a CUDA build of pneumoseg"
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def shared_sample_dir() -> Path | None:
+    """The four real SIIM-ACR files, where the checkout has ../shared beside it (never required)."""
+    env = os.environ.get("PNEUMOSEG_SIIM_SAMPLE")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim-sample")
+    for c in candidates:
+        if (c / "train-rle.csv").is_file():
+            return c
+    return None
+
+
+@pytest.fixture
+def siim_sample_dir() -> Path:
+    d = shared_sample_dir()
+    if d is None:
+        pytest.skip("the real SIIM sample folder (../shared/data/siim-sample) is not present")
+    return d
