@@ -105,6 +105,8 @@ template <typename T>
 void find_transitions(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, std::vector<int64_t>& out) {
   std::vector<uint8_t> prev(W, 0), diff(W, 0);
   std::vector<int32_t> hit_col, hit_row;  // transitions in row-major discovery order
+  hit_col.reserve(1024);
+  hit_row.reserve(1024);
   for (int64_t r = 0; r <= H; ++r) {
     uint8_t any = 0;
     if (r < H) {
@@ -171,24 +173,24 @@ void find_transitions(const T* image, int64_t H, int64_t W, int64_t sh, int64_t 
   }
 }
 
-void append_decimal(std::string& s, uint64_t v) {
-  char buf[24];
-  const int d = decimal_digits(v);
-  write_decimal(buf, v, d);
-  s.append(buf, d);
-}
-
 void format_transitions(const std::vector<int64_t>& t, Style style, std::string& s) {
   s.clear();
   if (t.empty()) {
     if (style == Style::Siim) s = "-1";
     return;
   }
-  s.reserve(t.size() * 5);
+  // Every number is at most as long as the pixel count, plus its separator.
+  const int widest = decimal_digits(static_cast<uint64_t>(t.back()) + 1) + 1;
+  s.resize(t.size() * widest);
+  char* p = &s[0];
   for (size_t j = 0; j < t.size(); ++j) {
-    if (j > 0) s.push_back(' ');
-    append_decimal(s, transition_number(style, static_cast<int64_t>(j), t[j], j > 0 ? t[j - 1] : -1));
+    if (j > 0) *p++ = ' ';
+    const uint64_t v = transition_number(style, static_cast<int64_t>(j), t[j], j > 0 ? t[j - 1] : -1);
+    const int d = decimal_digits(v);
+    write_decimal(p, v, d);
+    p += d;
   }
+  s.resize(p - s.data());
 }
 
 void check_batch(const TensorView& masks) {
@@ -224,20 +226,78 @@ void paint_runs_cpu(const std::vector<Run>& runs, const TensorView& out) {
   check_device(out, Device::CPU, "out");
   if (out.dtype != DType::UInt8) fail_value("out must be uint8");
   const int64_t N = out.shape[0], H = out.shape[1], W = out.shape[2];
-  auto* base = static_cast<uint8_t*>(out.data);
   for (const Run& run : runs) {
     // Checked again here: this function writes, so it trusts no caller.
     if (run.image < 0 || run.image >= N || run.start < 0 || run.end > H * W || run.start > run.end) {
       throw NativeError("paint_runs_cpu: run outside the output");
     }
-    uint8_t* image = base + run.image * out.strides[0];
-    int64_t k = run.start;
-    while (k < run.end) {
-      const int64_t c = k / H, r0 = k % H;
-      const int64_t r1 = std::min(H, r0 + (run.end - k));
-      uint8_t* col = image + c * out.strides[2];
-      for (int64_t r = r0; r < r1; ++r) col[r * out.strides[1]] = 1;
-      k += r1 - r0;
+  }
+  // Runs are column-major but the output is row-major: writing them pixel by pixel touches a new
+  // cache line per pixel. Instead each column piece of a run becomes a +1 at its first row and a -1
+  // after its last, and rows are swept top to bottom with a per-column coverage count, writing
+  // contiguous rows. Overlapping annotations (a union) simply add up.
+  std::vector<int64_t> by_image(N + 1, 0);
+  for (const Run& run : runs) ++by_image[run.image + 1];
+  for (int64_t n = 0; n < N; ++n) by_image[n + 1] += by_image[n];
+  std::vector<const Run*> ordered(runs.size());
+  {
+    std::vector<int64_t> fill(by_image.begin(), by_image.end() - 1);
+    for (const Run& run : runs) ordered[fill[run.image]++] = &run;
+  }
+  std::vector<int64_t> row_first(H + 2);
+  std::vector<int32_t> event_col;
+  std::vector<int8_t> event_delta;
+  std::vector<int32_t> coverage(W);
+  for (int64_t n = 0; n < N; ++n) {
+    if (by_image[n] == by_image[n + 1]) continue;
+    // Bucket the events by row (counting sort), remembering the columns they touch.
+    std::fill(row_first.begin(), row_first.end(), 0);
+    int64_t col_lo = W, col_hi = -1;
+    auto for_each_piece = [&](auto&& f) {
+      for (int64_t i = by_image[n]; i < by_image[n + 1]; ++i) {
+        for (int64_t k = ordered[i]->start; k < ordered[i]->end;) {
+          const int64_t c = k / H, r0 = k % H, r1 = std::min(H, r0 + (ordered[i]->end - k));
+          f(c, r0, r1);
+          k += r1 - r0;
+        }
+      }
+    };
+    for_each_piece([&](int64_t c, int64_t r0, int64_t r1) {
+      ++row_first[r0 + 1];
+      ++row_first[r1 + 1];
+      col_lo = std::min(col_lo, c);
+      col_hi = std::max(col_hi, c);
+    });
+    for (int64_t r = 0; r <= H; ++r) row_first[r + 1] += row_first[r];
+    event_col.resize(row_first[H + 1]);
+    event_delta.resize(row_first[H + 1]);
+    std::vector<int64_t> fill(row_first.begin(), row_first.end() - 1);
+    for_each_piece([&](int64_t c, int64_t r0, int64_t r1) {
+      event_col[fill[r0]] = static_cast<int32_t>(c);
+      event_delta[fill[r0]++] = 1;
+      event_col[fill[r1]] = static_cast<int32_t>(c);
+      event_delta[fill[r1]++] = -1;
+    });
+
+    std::fill(coverage.begin(), coverage.end(), 0);
+    int64_t covered = 0;  // columns with coverage > 0
+    uint8_t* image = static_cast<uint8_t*>(out.data) + n * out.strides[0];
+    const int64_t sh = out.strides[1], sw = out.strides[2];
+    for (int64_t r = 0; r < H; ++r) {
+      for (int64_t e = row_first[r]; e < row_first[r + 1]; ++e) {
+        int32_t& cov = coverage[event_col[e]];
+        const bool was = cov > 0;
+        cov += event_delta[e];
+        covered += (cov > 0) - was;
+      }
+      if (covered == 0) continue;
+      uint8_t* row = image + r * sh;
+      const int32_t* cov = coverage.data();
+      if (sw == 1) {
+        for (int64_t c = col_lo; c <= col_hi; ++c) row[c] = cov[c] > 0;
+      } else {
+        for (int64_t c = col_lo; c <= col_hi; ++c) row[c * sw] = cov[c] > 0;
+      }
     }
   }
 }

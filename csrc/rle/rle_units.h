@@ -22,10 +22,7 @@ PNEUMOSEG_HD int64_t units_per_column(int64_t height) { return (height + kRowsPe
 
 PNEUMOSEG_HD int decimal_digits(uint64_t v) {
   int d = 1;
-  while (v >= 10) {
-    v /= 10;
-    ++d;
-  }
+  for (uint64_t bound = 10; v >= bound && d < 20; bound *= 10) ++d;
   return d;
 }
 
