@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pneumoseg.samples import pneumothorax_mask
+
 
 def random_mask(rng: np.random.Generator, shape: tuple[int, ...], density: float = 0.5) -> np.ndarray:
     return (rng.random(shape) < density).astype(np.uint8)
@@ -21,15 +23,5 @@ def blocky_mask(rng: np.random.Generator, shape: tuple[int, int], blocks: int = 
 
 
 def pneumothorax_blob(size: int = 1024, seed: int = 0) -> np.ndarray:
-    """A realistic pneumothorax-shaped mask: a crescent along the apex and lateral edge of the right
-    lung, with an irregular border. At 1024x1024 it has tens of thousands of pixels and ~200 runs."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    # Lung field: an ellipse in the image's left half (the patient's right side).
-    cy, cx, ry, rx = 0.45, 0.3, 0.3, 0.16
-    lung = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2
-    # The collapsed lung is a smaller ellipse shifted medially and down; the gap is the pneumothorax.
-    collapsed = ((yy - cy - 0.05) / (ry * 0.82)) ** 2 + ((xx - cx - 0.04) / (rx * 0.78)) ** 2
-    wobble = 0.04 * np.sin(yy * 37 + rng.uniform(0, 6)) + 0.03 * np.sin(xx * 23 + rng.uniform(0, 6))
-    blob = (lung < 1 + wobble) & (collapsed > 1 + wobble) & (yy < cy + 0.1)
-    return blob.astype(np.uint8)
+    """A realistic pneumothorax-shaped mask (tens of thousands of pixels, ~300 runs at 1024x1024)."""
+    return pneumothorax_mask(size, seed)
