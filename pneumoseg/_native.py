@@ -19,9 +19,8 @@ try:
     from . import _C
 except ImportError as exc:  # pragma: no cover - only without a build
     raise ImportError(
-        "pneumoseg's native extension (pneumoseg._C) is missing. Install the package with "
-        "`pip install .` (or `pip install -e .`) instead of importing it from the source tree; "
-        "when running tests from the repository root, use `pytest`, not `python -m pytest`."
+        "pneumoseg's native extension (pneumoseg._C) is missing: this is a source tree that was never "
+        "built. Install it with `pip install -e .` (or `pip install .` and import it from elsewhere)."
     ) from exc
 
 __all__ = ["ArrayInfo", "as_view", "kind_of", "zeros_uint8", "require_cuda_build", "cuda_available"]
