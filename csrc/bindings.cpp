@@ -8,6 +8,7 @@
 
 #include "common/errors.h"
 #include "common/tensor_view.h"
+#include "loss/combo_loss.h"
 #include "rle/rle.h"
 
 #ifdef PNEUMOSEG_WITH_CUDA
@@ -149,6 +150,50 @@ void rle_decode(const py::sequence& texts, const std::vector<int64_t>& images, c
   }
 }
 
+loss::ComboParams combo_params(double bce_weight, double dice_weight, double focal_weight, double focal_gamma,
+                               double smooth, double pos_weight, bool per_image) {
+  loss::ComboParams p;
+  p.bce_weight = bce_weight;
+  p.dice_weight = dice_weight;
+  p.focal_weight = focal_weight;
+  p.focal_gamma = focal_gamma;
+  p.smooth = smooth;
+  p.pos_weight = pos_weight;
+  p.per_image = per_image;
+  return p;
+}
+
+void combo_loss_forward(const TensorView& logits, const TensorView& target, const TensorView& state,
+                        const TensorView& loss_out, const loss::ComboParams& p, uintptr_t stream) {
+  py::gil_scoped_release release;
+  if (logits.device == Device::CUDA) {
+#ifdef PNEUMOSEG_WITH_CUDA
+    loss::forward_cuda(logits, target, p, state, loss_out, reinterpret_cast<void*>(stream));
+#else
+    (void)stream;
+    no_cuda();
+#endif
+  } else {
+    loss::forward_cpu(logits, target, p, state, loss_out);
+  }
+}
+
+void combo_loss_backward(const TensorView& grad_loss, const TensorView& logits, const TensorView& target,
+                         const TensorView& state, const TensorView& grad_logits, const loss::ComboParams& p,
+                         uintptr_t stream) {
+  py::gil_scoped_release release;
+  if (logits.device == Device::CUDA) {
+#ifdef PNEUMOSEG_WITH_CUDA
+    loss::backward_cuda(grad_loss, logits, target, state, p, grad_logits, reinterpret_cast<void*>(stream));
+#else
+    (void)stream;
+    no_cuda();
+#endif
+  } else {
+    loss::backward_cpu(grad_loss, logits, target, state, p, grad_logits);
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -179,6 +224,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_device_count", &cuda_device_count);
   m.def("rle_encode", &rle_encode, py::arg("masks"), py::arg("style"), py::arg("stream") = 0);
   m.def("rle_encode_units_cpu", &rle_encode_units_cpu, py::arg("masks"), py::arg("style"));
+  py::class_<loss::ComboParams>(m, "ComboParams")
+      .def(py::init(&combo_params), py::arg("bce_weight"), py::arg("dice_weight"), py::arg("focal_weight"),
+           py::arg("focal_gamma"), py::arg("smooth"), py::arg("pos_weight"), py::arg("per_image"));
+  m.attr("COMBO_STATE_COLS") = static_cast<int>(loss::kStateCols);
+  m.def("combo_loss_forward", &combo_loss_forward, py::arg("logits"), py::arg("target"), py::arg("state"),
+        py::arg("loss"), py::arg("params"), py::arg("stream") = 0);
+  m.def("combo_loss_backward", &combo_loss_backward, py::arg("grad_loss"), py::arg("logits"), py::arg("target"),
+        py::arg("state"), py::arg("grad_logits"), py::arg("params"), py::arg("stream") = 0);
   m.def("rle_decode", &rle_decode, py::arg("texts"), py::arg("images"), py::arg("items"), py::arg("out"),
         py::arg("style"), py::arg("stream") = 0);
 }

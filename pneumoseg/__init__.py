@@ -6,7 +6,20 @@ from .errors import InvalidInputError, NativeError, PneumosegError, RLEError
 
 __version__ = "0.1.0"
 
+# Modules that need torch load on first use, so `import pneumoseg` needs NumPy alone.
+_LAZY = {"losses"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "losses",
     "__version__",
     "cuda_available",
     "rle",

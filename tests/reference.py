@@ -85,3 +85,30 @@ def competition_mask2rle(img: np.ndarray, width: int, height: int) -> str:
             last_color = current_color
             current_pixel += 1
     return " ".join(rle)
+
+
+def ref_combo_loss(logits, target, *, bce_weight=1.0, dice_weight=1.0, focal_weight=0.0, focal_gamma=2.0,
+                   per_image=False, smooth=1.0, pos_weight=None, dtype=None):
+    """The combo loss in plain PyTorch, from its definition; float64 unless ``dtype`` says otherwise
+    (the "plain-PyTorch composite" a user would write in that dtype)."""
+    import torch
+
+    dtype = dtype or torch.float64
+    x = logits.to(dtype).reshape(logits.shape[0], -1)
+    t = target.to(dtype).reshape(logits.shape[0], -1)
+    w = 1.0 if pos_weight is None else float(pos_weight)
+    # torch's binary_cross_entropy_with_logits with pos_weight, written out; its
+    # log1p(exp(-|x|)) + max(-x, 0) is -logsigmoid(x), whose autograd derivative is exact at x = 0
+    # (|x| and clamp would give subgradients there).
+    log_weight = 1 + (w - 1) * t
+    bce_pixel = (1 - t) * x + log_weight * -torch.nn.functional.logsigmoid(x)
+    p = torch.sigmoid(x)
+    if per_image:
+        dice = (1 - (2 * (p * t).sum(1) + smooth) / (p.sum(1) + t.sum(1) + smooth)).mean()
+    else:
+        dice = 1 - (2 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
+    loss = bce_weight * bce_pixel.mean() + dice_weight * dice
+    if focal_weight:
+        p_t = p * t + (1 - p) * (1 - t)
+        loss = loss + focal_weight * ((1 - p_t) ** focal_gamma * bce_pixel).mean()
+    return loss

@@ -49,3 +49,39 @@ PNEUMOSEG_HD bool is_nonzero<BFloat16Raw>(BFloat16Raw v) { return (v.bits & 0x7f
   }
 
 }  // namespace pneumoseg
+
+namespace pneumoseg {
+// Floating types only (logits).
+#define PNEUMOSEG_DISPATCH_FLOATING(DTYPE, NAME, ...)                                    \
+  switch (DTYPE) {                                                                       \
+    PNEUMOSEG_DISPATCH_CASE(Float16, ::pneumoseg::Half16, __VA_ARGS__)                   \
+    PNEUMOSEG_DISPATCH_CASE(BFloat16, ::pneumoseg::BFloat16Raw, __VA_ARGS__)             \
+    PNEUMOSEG_DISPATCH_CASE(Float32, float, __VA_ARGS__)                                 \
+    PNEUMOSEG_DISPATCH_CASE(Float64, double, __VA_ARGS__)                                \
+    default:                                                                             \
+      ::pneumoseg::fail_value(std::string(NAME) + " must be float16, bfloat16, float32 or float64, got " + \
+                              ::pneumoseg::dtype_name(DTYPE));                           \
+  }
+
+// A second type switch nested in a first needs its own alias name.
+#define PNEUMOSEG_DISPATCH_CASE_AS(ENUM, TYPE, ALIAS, ...) \
+  case DType::ENUM: {                                      \
+    using ALIAS = TYPE;                                    \
+    __VA_ARGS__();                                         \
+    break;                                                 \
+  }
+
+// Targets: floats (soft labels), uint8 and bool.
+#define PNEUMOSEG_DISPATCH_TARGET(DTYPE, NAME, ...)                                                  \
+  switch (DTYPE) {                                                                                   \
+    PNEUMOSEG_DISPATCH_CASE_AS(Bool, uint8_t, target_t, __VA_ARGS__)                                 \
+    PNEUMOSEG_DISPATCH_CASE_AS(UInt8, uint8_t, target_t, __VA_ARGS__)                                \
+    PNEUMOSEG_DISPATCH_CASE_AS(Float16, ::pneumoseg::Half16, target_t, __VA_ARGS__)                  \
+    PNEUMOSEG_DISPATCH_CASE_AS(BFloat16, ::pneumoseg::BFloat16Raw, target_t, __VA_ARGS__)            \
+    PNEUMOSEG_DISPATCH_CASE_AS(Float32, float, target_t, __VA_ARGS__)                                \
+    PNEUMOSEG_DISPATCH_CASE_AS(Float64, double, target_t, __VA_ARGS__)                               \
+    default:                                                                                         \
+      ::pneumoseg::fail_value(std::string(NAME) + " must be float, uint8 or bool, got " +            \
+                              ::pneumoseg::dtype_name(DTYPE));                                       \
+  }
+}  // namespace pneumoseg
