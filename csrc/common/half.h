@@ -13,9 +13,7 @@ PNEUMOSEG_HD uint32_t float_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return u;
+  return __builtin_bit_cast(uint32_t, f);  // unlike memcpy, keeps loops vectorisable with -mavx2
 #endif
 }
 
@@ -23,9 +21,7 @@ PNEUMOSEG_HD float bits_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
+  return __builtin_bit_cast(float, u);
 #endif
 }
 

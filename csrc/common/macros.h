@@ -4,5 +4,7 @@
 #if defined(__CUDACC__)
 #define PNEUMOSEG_HD __host__ __device__ __forceinline__
 #else
-#define PNEUMOSEG_HD inline
+// always_inline: these helpers are also compiled into the AVX2 translation units; inlining them
+// everywhere keeps an AVX2 copy from being linked into the baseline code path.
+#define PNEUMOSEG_HD inline __attribute__((always_inline))
 #endif

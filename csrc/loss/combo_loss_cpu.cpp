@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -11,11 +12,21 @@
 #include "loss/combo_loss_math.h"
 
 namespace pneumoseg::loss {
+// The per-ISA loops (combo_loss_cpu_kernels.h).
+#define PNEUMOSEG_DECLARE_LOSS_ISA(ISA)                                                                         \
+  namespace ISA {                                                                                             \
+  void forward_pixels(DType, DType, int, const void*, const void*, int64_t, int64_t, double, double, double*); \
+  void backward_pixels(DType, DType, int, const void*, const void*, int64_t, int64_t, double, double,          \
+                       const double*, double, void*);                                                         \
+  }
+PNEUMOSEG_DECLARE_LOSS_ISA(baseline)
+#if defined(PNEUMOSEG_HAVE_AVX2_TU)
+PNEUMOSEG_DECLARE_LOSS_ISA(avx2)
+#endif
+
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // pixels per parallel task
-constexpr int kLanes = 16;           // independent float accumulators: lets the loop vectorise
-constexpr int kFlushEvery = 16;      // lane-groups between flushes to double (bounds float error)
 
 void check_contiguous_2d(const TensorView& v, const char* name) {
   check_ndim(v, 2, name);
@@ -37,74 +48,20 @@ void check_scalar(const TensorView& v, const char* name) {
   }
 }
 
-template <typename L, typename T, int kMode>
-void forward_chunk(const L* x, const T* t, int64_t count, double w, double gamma, double out[6]) {
-  using C = typename FloatIO<L>::compute;
-  const C wc = static_cast<C>(w), gc = static_cast<C>(gamma);
-  double total[6] = {0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  while (i + kLanes <= count) {
-    C acc[5][kLanes] = {};
-    int bad[kLanes] = {};
-    for (int g = 0; g < kFlushEvery && i + kLanes <= count; ++g, i += kLanes) {
-      for (int j = 0; j < kLanes; ++j) {
-        const C xv = FloatIO<L>::load(x[i + j]);
-        const C tv = load_as<T, C>(t[i + j]);
-        const PixelForward<C> r = pixel_forward<C, kMode>(xv, tv, wc, gc);
-        acc[0][j] += r.bce;
-        acc[1][j] += r.focal;
-        acc[2][j] += r.p * tv;
-        acc[3][j] += r.p;
-        acc[4][j] += tv;
-        bad[j] += !(tv >= C(0) && tv <= C(1));
-      }
-    }
-    for (int j = 0; j < kLanes; ++j) {
-      for (int c = 0; c < 5; ++c) total[c] += acc[c][j];
-      total[5] += bad[j];
-    }
-  }
-  for (; i < count; ++i) {
-    const C xv = FloatIO<L>::load(x[i]);
-    const C tv = load_as<T, C>(t[i]);
-    const PixelForward<C> r = pixel_forward<C, kMode>(xv, tv, wc, gc);
-    total[0] += r.bce;
-    total[1] += r.focal;
-    total[2] += r.p * tv;
-    total[3] += r.p;
-    total[4] += tv;
-    total[5] += !(tv >= C(0) && tv <= C(1));
-  }
-  for (int c = 0; c < 6; ++c) out[c] = total[c];
-}
-
-template <typename L, typename T, int kMode>
-void backward_chunk(const L* x, const T* t, int64_t count, double w, double gamma, const double* coef, double grad_out,
-                    L* grad) {
-  using C = typename FloatIO<L>::compute;
-  const C wc = static_cast<C>(w), gc = static_cast<C>(gamma);
-  const C cb = static_cast<C>(grad_out * coef[0]), cf = static_cast<C>(grad_out * coef[1]);
-  const C dt = static_cast<C>(grad_out * coef[2]), dc = static_cast<C>(grad_out * coef[3]);
-  for (int64_t i = 0; i < count; ++i) {
-    const C xv = FloatIO<L>::load(x[i]);
-    const C tv = load_as<T, C>(t[i]);
-    grad[i] = FloatIO<L>::store(pixel_gradient<C, kMode>(xv, tv, wc, gc, cb, cf, dt, dc));
-  }
-}
-
 int focal_mode(const ComboParams& p) {
   if (p.focal_weight == 0.0) return kNoFocal;
   return p.focal_gamma == 2.0 ? kFocalSquare : kFocalPow;
 }
 
-// Runtime focal mode -> template parameter.
-template <typename F>
-void with_focal_mode(int mode, F&& f) {
-  switch (mode) {
-    case kNoFocal: f(std::integral_constant<int, kNoFocal>()); break;
-    case kFocalSquare: f(std::integral_constant<int, kFocalSquare>()); break;
-    default: f(std::integral_constant<int, kFocalPow>()); break;
-  }
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  // PNEUMOSEG_DISABLE_AVX2=1 forces the baseline loops (the tests check both builds agree).
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          std::getenv("PNEUMOSEG_DISABLE_AVX2") == nullptr;
+  return has;
+#else
+  return false;
+#endif
 }
 
 }  // namespace
@@ -150,20 +107,15 @@ void forward_cpu(const TensorView& logits, const TensorView& target, const Combo
   const int64_t N = logits.shape[0], P = logits.shape[1];
   const int64_t chunks = (P + kChunk - 1) / kChunk;
   std::vector<double> partial(N * chunks * 6, 0.0);
-  PNEUMOSEG_DISPATCH_FLOATING(logits.dtype, "logits", [&] {
-    using L = scalar_t;
-    PNEUMOSEG_DISPATCH_TARGET(target.dtype, "target", [&] {
-      with_focal_mode(focal_mode(p), [&](auto mode) {
-        const auto* x = static_cast<const L*>(logits.data);
-        const auto* t = static_cast<const target_t*>(target.data);
-        parallel_for(N * chunks, 4, [&](int64_t task) {
-          const int64_t n = task / chunks, c = task % chunks;
-          const int64_t begin = n * P + c * kChunk, count = std::min(kChunk, P - c * kChunk);
-          forward_chunk<L, target_t, decltype(mode)::value>(x + begin, t + begin, count, p.pos_weight, p.focal_gamma,
-                                                           &partial[task * 6]);
-        });
-      });
-    });
+  auto run = baseline::forward_pixels;
+#if defined(PNEUMOSEG_HAVE_AVX2_TU)
+  if (cpu_has_avx2()) run = avx2::forward_pixels;
+#endif
+  const int mode = focal_mode(p);
+  parallel_for(N * chunks, 4, [&](int64_t task) {
+    const int64_t n = task / chunks, c = task % chunks;
+    run(logits.dtype, target.dtype, mode, logits.data, target.data, n * P + c * kChunk,
+        std::min(kChunk, P - c * kChunk), p.pos_weight, p.focal_gamma, &partial[task * 6]);
   });
   auto* s = static_cast<double*>(state.data);
   for (int64_t n = 0; n < N; ++n) {
@@ -192,21 +144,16 @@ void backward_cpu(const TensorView& grad_loss, const TensorView& logits, const T
   const double g = grad_loss.dtype == DType::Float64 ? *static_cast<const double*>(grad_loss.data)
                                                      : *static_cast<const float*>(grad_loss.data);
   const auto* s = static_cast<const double*>(state.data);
-  PNEUMOSEG_DISPATCH_FLOATING(logits.dtype, "logits", [&] {
-    using L = scalar_t;
-    PNEUMOSEG_DISPATCH_TARGET(target.dtype, "target", [&] {
-      with_focal_mode(focal_mode(p), [&](auto mode) {
-        const auto* x = static_cast<const L*>(logits.data);
-        const auto* t = static_cast<const target_t*>(target.data);
-        auto* out = static_cast<L*>(grad_logits.data);
-        parallel_for(N * chunks, 4, [&](int64_t task) {
-          const int64_t n = task / chunks, c = task % chunks;
-          const int64_t begin = n * P + c * kChunk, count = std::min(kChunk, P - c * kChunk);
-          backward_chunk<L, target_t, decltype(mode)::value>(x + begin, t + begin, count, p.pos_weight, p.focal_gamma,
-                                                            s + n * kStateCols + kCoefBce, g, out + begin);
-        });
-      });
-    });
+  auto run = baseline::backward_pixels;
+#if defined(PNEUMOSEG_HAVE_AVX2_TU)
+  if (cpu_has_avx2()) run = avx2::backward_pixels;
+#endif
+  const int mode = focal_mode(p);
+  parallel_for(N * chunks, 4, [&](int64_t task) {
+    const int64_t n = task / chunks, c = task % chunks;
+    run(logits.dtype, target.dtype, mode, logits.data, target.data, n * P + c * kChunk,
+        std::min(kChunk, P - c * kChunk), p.pos_weight, p.focal_gamma, s + n * kStateCols + kCoefBce, g,
+        grad_logits.data);
   });
 }
 

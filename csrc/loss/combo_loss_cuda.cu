@@ -39,13 +39,13 @@ __global__ void forward_partials_kernel(const L* logits, const T* target, int64_
   const int64_t image = blockIdx.y;
   const L* x = logits + image * pixels;
   const T* t = target + image * pixels;
-  const C wc = static_cast<C>(w), gc = static_cast<C>(gamma);
+  const C wc = static_cast<C>(w);
   C acc[5] = {C(0), C(0), C(0), C(0), C(0)};
   int bad = 0;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < pixels; i += int64_t(gridDim.x) * kThreads) {
     const C xv = FloatIO<L>::load(x[i]);
     const C tv = load_as<T, C>(t[i]);
-    const PixelForward<C> r = pixel_forward<C, kMode>(xv, tv, wc, gc);
+    const PixelForward<C> r = pixel_forward<C, kMode>(xv, tv, wc, gamma);
     acc[0] += r.bce;
     acc[1] += r.focal;
     acc[2] += r.p * tv;
@@ -106,13 +106,13 @@ __global__ void backward_kernel(const void* grad_loss, bool grad_is_double, cons
                                 const double* state, int64_t images, int64_t pixels, double w, double gamma, L* grad) {
   using C = typename FloatIO<L>::compute;
   const double g = grad_is_double ? *static_cast<const double*>(grad_loss) : *static_cast<const float*>(grad_loss);
-  const C wc = static_cast<C>(w), gc = static_cast<C>(gamma);
+  const C wc = static_cast<C>(w);
   const int64_t total = images * pixels;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const double* coef = state + (i / pixels) * kStateCols + kCoefBce;
     const C xv = FloatIO<L>::load(logits[i]);
     const C tv = load_as<T, C>(target[i]);
-    const C v = pixel_gradient<C, kMode>(xv, tv, wc, gc, static_cast<C>(g * coef[0]), static_cast<C>(g * coef[1]),
+    const C v = pixel_gradient<C, kMode>(xv, tv, wc, gamma, static_cast<C>(g * coef[0]), static_cast<C>(g * coef[1]),
                                          static_cast<C>(g * coef[2]), static_cast<C>(g * coef[3]));
     grad[i] = FloatIO<L>::store(v);
   }
