@@ -1,5 +1,6 @@
 // The one Python binding of the native core. Arrays arrive as TensorView (built in
 // pneumoseg/_native.py); every call releases the GIL around native work.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -9,6 +10,7 @@
 #include "common/errors.h"
 #include "common/tensor_view.h"
 #include "loss/combo_loss.h"
+#include "postprocess/components.h"
 #include "rle/rle.h"
 
 #ifdef PNEUMOSEG_WITH_CUDA
@@ -194,6 +196,37 @@ void combo_loss_backward(const TensorView& grad_loss, const TensorView& logits, 
   }
 }
 
+py::list label_components(const TensorView& input, bool use_threshold, double threshold, int connectivity,
+                          const TensorView& labels) {
+  std::vector<std::vector<int64_t>> areas;
+  {
+    py::gil_scoped_release release;
+    postprocess::label_cpu(input, postprocess::Foreground{use_threshold, threshold}, connectivity, labels, areas);
+  }
+  py::list out;
+  for (const auto& a : areas) {
+    py::array_t<int64_t> arr(static_cast<py::ssize_t>(a.size()));
+    std::copy(a.begin(), a.end(), arr.mutable_data());
+    out.append(arr);
+  }
+  return out;
+}
+
+std::vector<uint8_t> postprocess_masks(const TensorView& input, bool mask_use_threshold, double mask_threshold,
+                                       bool use_triplet, double triplet_top, int64_t triplet_min_area,
+                                       int64_t min_component_area, int connectivity,
+                                       const std::vector<uint8_t>& keep_image, const TensorView& out) {
+  postprocess::PostprocessParams p;
+  p.mask = postprocess::Foreground{mask_use_threshold, mask_threshold};
+  p.use_triplet = use_triplet;
+  p.triplet_top = triplet_top;
+  p.triplet_min_area = triplet_min_area;
+  p.min_component_area = min_component_area;
+  p.connectivity = connectivity;
+  py::gil_scoped_release release;
+  return postprocess::postprocess_cpu(input, p, keep_image, out);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -232,6 +265,11 @@ PYBIND11_MODULE(_C, m) {
         py::arg("loss"), py::arg("params"), py::arg("stream") = 0);
   m.def("combo_loss_backward", &combo_loss_backward, py::arg("grad_loss"), py::arg("logits"), py::arg("target"),
         py::arg("state"), py::arg("grad_logits"), py::arg("params"), py::arg("stream") = 0);
+  m.def("label_components", &label_components, py::arg("input"), py::arg("use_threshold"), py::arg("threshold"),
+        py::arg("connectivity"), py::arg("labels"));
+  m.def("postprocess_masks", &postprocess_masks, py::arg("input"), py::arg("mask_use_threshold"),
+        py::arg("mask_threshold"), py::arg("use_triplet"), py::arg("triplet_top"), py::arg("triplet_min_area"),
+        py::arg("min_component_area"), py::arg("connectivity"), py::arg("keep_image"), py::arg("out"));
   m.def("rle_decode", &rle_decode, py::arg("texts"), py::arg("images"), py::arg("items"), py::arg("out"),
         py::arg("style"), py::arg("stream") = 0);
 }

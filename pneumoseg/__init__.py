@@ -1,6 +1,6 @@
 """pneumoseg: pneumothorax classification and segmentation on chest radiographs, with a C++/CUDA core."""
 
-from . import rle
+from . import postprocess, rle
 from ._native import cuda_available
 from .errors import InvalidInputError, NativeError, PneumosegError, RLEError
 
@@ -20,6 +20,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "losses",
+    "postprocess",
     "__version__",
     "cuda_available",
     "rle",

@@ -112,3 +112,38 @@ def ref_combo_loss(logits, target, *, bce_weight=1.0, dice_weight=1.0, focal_wei
         p_t = p * t + (1 - p) * (1 - t)
         loss = loss + focal_weight * ((1 - p_t) ** focal_gamma * bce_pixel).mean()
     return loss
+
+
+def same_partition(labels_a, labels_b) -> bool:
+    """True when two labelings split the pixels into the same components (numbers may differ)."""
+    a = np.asarray(labels_a).ravel()
+    b = np.asarray(labels_b).ravel()
+    if ((a == 0) != (b == 0)).any():
+        return False
+    pairs = np.unique(np.stack([a, b], axis=1), axis=0)
+    # a bijection between the label sets: each label pairs with exactly one label of the other side
+    return len(np.unique(pairs[:, 0])) == len(pairs) == len(np.unique(pairs[:, 1]))
+
+
+def ref_triplet(probs: np.ndarray, top: float, min_area: int, bottom: float) -> np.ndarray:
+    """The triplet rule per image, from its definition."""
+    probs = np.asarray(probs, dtype=np.float64)
+    out = np.zeros(probs.shape, dtype=np.uint8)
+    for i, p in enumerate(probs):
+        if (p > top).sum() >= min_area:
+            out[i] = p > bottom
+    return out
+
+
+def ref_remove_small(mask: np.ndarray, min_area: int, connectivity: int) -> np.ndarray:
+    from scipy import ndimage
+
+    structure = np.ones((3, 3)) if connectivity == 8 else None
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    for i, m in enumerate(mask):
+        labels, k = ndimage.label(m != 0, structure=structure)
+        sizes = np.bincount(labels.ravel(), minlength=k + 1)
+        keep = sizes >= min_area
+        keep[0] = False
+        out[i] = keep[labels]
+    return out

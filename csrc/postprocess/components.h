@@ -1,0 +1,36 @@
+#pragma once
+// Connected components and the post-processing built on them (thresholding, area filter, SIIM
+// "triplet" rule, classifier gating), over (N, H, W) batches of any dtype.
+#include <cstdint>
+#include <vector>
+
+#include "common/tensor_view.h"
+
+namespace pneumoseg::postprocess {
+
+// Which pixels are foreground: nonzero ones, or those strictly above a threshold.
+struct Foreground {
+  bool use_threshold = false;
+  double threshold = 0.0;
+};
+
+// Labels 1..K per image in raster order of each component's first pixel (scipy.ndimage.label's
+// order), 0 for background, into `labels` (int32 (N, H, W)); areas[n][k - 1] is label k's size.
+void label_cpu(const TensorView& input, Foreground fg, int connectivity, const TensorView& labels,
+               std::vector<std::vector<int64_t>>& areas);
+
+struct PostprocessParams {
+  Foreground mask;            // the final mask: p > bottom (or nonzero)
+  bool use_triplet = false;   // image kept only if at least triplet_min_area pixels are > triplet_top
+  double triplet_top = 0.75;
+  int64_t triplet_min_area = 0;
+  int64_t min_component_area = 0;  // components smaller than this are removed (0: keep all)
+  int connectivity = 8;
+};
+
+// out (uint8 (N, H, W)) = the post-processed masks; keep_image[n] == 0 empties image n (gating).
+// Returns, per image, whether it came out non-empty.
+std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessParams& p,
+                                     const std::vector<uint8_t>& keep_image, const TensorView& out);
+
+}  // namespace pneumoseg::postprocess

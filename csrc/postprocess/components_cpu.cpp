@@ -1,0 +1,244 @@
+// Two-pass connected-component labelling with union-find (union by minimum label, path halving).
+// Pass 1 scans rows, gives each foreground pixel a provisional label from its already-scanned
+// neighbours (a decision tree that avoids redundant unions) and counts pixels per provisional
+// label; after resolving the equivalences, pass 2 writes final labels or the filtered mask. Areas
+// thus come out of the labelling itself: the area filter needs no second labelling.
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/errors.h"
+#include "common/half.h"
+#include "common/parallel.h"
+#include "postprocess/components.h"
+
+namespace pneumoseg::postprocess {
+namespace {
+
+class UnionFind {
+ public:
+  void reset(size_t capacity) {
+    parent_.clear();
+    parent_.reserve(capacity);
+    parent_.push_back(0);  // label 0 is background
+    size_.assign(1, 0);
+  }
+  int32_t make() {
+    const auto l = static_cast<int32_t>(parent_.size());
+    parent_.push_back(l);
+    size_.push_back(0);
+    return l;
+  }
+  int32_t find(int32_t x) {
+    while (parent_[x] != x) {
+      parent_[x] = parent_[parent_[x]];
+      x = parent_[x];
+    }
+    return x;
+  }
+  int32_t merge(int32_t a, int32_t b) {
+    a = find(a);
+    b = find(b);
+    if (a == b) return a;
+    if (a < b) {
+      parent_[b] = a;
+      return a;
+    }
+    parent_[a] = b;
+    return b;
+  }
+  void count(int32_t l) { ++size_[l]; }
+  size_t labels() const { return parent_.size(); }
+  // Final labels 1..K in order of first appearance, and their areas. parent[i] <= i always holds
+  // (union by minimum), so one ascending sweep resolves everything.
+  void resolve(std::vector<int32_t>& final_label, std::vector<int64_t>& areas) {
+    const size_t n = parent_.size();
+    final_label.assign(n, 0);
+    areas.clear();
+    for (size_t i = 1; i < n; ++i) {
+      if (parent_[i] == static_cast<int32_t>(i)) {
+        areas.push_back(0);
+        final_label[i] = static_cast<int32_t>(areas.size());
+      } else {
+        final_label[i] = final_label[parent_[i]];
+      }
+      areas[final_label[i] - 1] += size_[i];
+    }
+  }
+
+ private:
+  std::vector<int32_t> parent_;
+  std::vector<int64_t> size_;
+};
+
+template <typename T>
+struct IsForeground {
+  bool use_threshold;
+  double threshold;
+  bool operator()(T v) const {
+    if constexpr (std::is_same_v<T, Half16> || std::is_same_v<T, BFloat16Raw>) {
+      return use_threshold ? static_cast<double>(load_as<T, float>(v)) > threshold : is_nonzero<T>(v);
+    } else {
+      return use_threshold ? static_cast<double>(v) > threshold : is_nonzero<T>(v);
+    }
+  }
+};
+
+// Pass 1 over one image: provisional labels into `lab` (H * W), union-find filled.
+template <typename T>
+void scan(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, IsForeground<T> fg, int connectivity,
+          int32_t* lab, UnionFind& uf) {
+  uf.reset(static_cast<size_t>(std::min<int64_t>(H * W / 2 + 2, int64_t(1) << 20)));
+  for (int64_t r = 0; r < H; ++r) {
+    const T* row = image + r * sh;
+    int32_t* cur = lab + r * W;
+    const int32_t* up = r > 0 ? lab + (r - 1) * W : nullptr;
+    for (int64_t c = 0; c < W; ++c) {
+      if (!fg(row[c * sw])) {
+        cur[c] = 0;
+        continue;
+      }
+      const int32_t b = up ? up[c] : 0;
+      const int32_t d = c > 0 ? cur[c - 1] : 0;
+      int32_t l;
+      if (connectivity == 4) {
+        if (b && d) {
+          l = uf.merge(b, d);
+        } else if (b || d) {
+          l = b ? b : d;
+        } else {
+          l = uf.make();
+        }
+      } else {
+        const int32_t a = (up && c > 0) ? up[c - 1] : 0;
+        const int32_t e = (up && c + 1 < W) ? up[c + 1] : 0;  // up-right
+        if (b) {
+          l = b;  // a, e and d already share b's component
+        } else if (e) {
+          l = a ? uf.merge(e, a) : (d ? uf.merge(e, d) : e);
+        } else if (a) {
+          l = a;  // d, if set, is a's vertical neighbour: already merged
+        } else if (d) {
+          l = d;
+        } else {
+          l = uf.make();
+        }
+      }
+      cur[c] = l;
+      uf.count(l);
+    }
+  }
+}
+
+void check_input(const TensorView& input, int connectivity) {
+  check_ndim(input, 3, "mask");
+  check_device(input, Device::CPU, "mask");
+  if (connectivity != 4 && connectivity != 8) {
+    fail_value("connectivity must be 4 or 8, got " + std::to_string(connectivity));
+  }
+  if (input.shape[1] * input.shape[2] >= (int64_t(1) << 31)) fail_value("images of 2^31 pixels or more");
+}
+
+void check_output(const TensorView& out, const TensorView& input, DType dtype, const char* name) {
+  check_ndim(out, 3, name);
+  check_device(out, Device::CPU, name);
+  if (out.dtype != dtype) fail_value(std::string(name) + " has the wrong dtype");
+  for (int i = 0; i < 3; ++i) {
+    if (out.shape[i] != input.shape[i]) fail_value(std::string(name) + " has the wrong shape");
+  }
+  if (out.strides[2] != 1 || out.strides[1] != out.shape[2] || out.strides[0] != out.shape[1] * out.shape[2]) {
+    fail_value(std::string(name) + " must be contiguous");
+  }
+}
+
+}  // namespace
+
+void label_cpu(const TensorView& input, Foreground fg, int connectivity, const TensorView& labels,
+               std::vector<std::vector<int64_t>>& areas) {
+  check_input(input, connectivity);
+  check_output(labels, input, DType::Int32, "labels");
+  const int64_t N = input.shape[0], H = input.shape[1], W = input.shape[2];
+  areas.assign(N, {});
+  PNEUMOSEG_DISPATCH_ALL(input.dtype, "mask", [&] {
+    const auto* base = static_cast<const scalar_t*>(input.data);
+    const IsForeground<scalar_t> is_fg{fg.use_threshold, fg.threshold};
+    parallel_for(N, std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, H * W)), [&](int64_t n) {
+      UnionFind uf;
+      int32_t* lab = static_cast<int32_t*>(labels.data) + n * H * W;
+      scan(base + n * input.strides[0], H, W, input.strides[1], input.strides[2], is_fg, connectivity, lab, uf);
+      std::vector<int32_t> final_label;
+      uf.resolve(final_label, areas[n]);
+      const auto limit = static_cast<int32_t>(final_label.size());
+      for (int64_t i = 0; i < H * W; ++i) {
+        const int32_t l = lab[i];
+        if (l < 0 || l >= limit) throw NativeError("label_cpu: provisional label out of range");
+        lab[i] = final_label[l];
+      }
+    });
+  });
+}
+
+std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessParams& p,
+                                     const std::vector<uint8_t>& keep_image, const TensorView& out) {
+  check_input(input, p.connectivity);
+  check_output(out, input, DType::UInt8, "out");
+  const int64_t N = input.shape[0], H = input.shape[1], W = input.shape[2];
+  if (static_cast<int64_t>(keep_image.size()) != N) fail_value("scores: one per image expected");
+  std::vector<uint8_t> nonempty(N, 0);
+  PNEUMOSEG_DISPATCH_ALL(input.dtype, "probs", [&] {
+    const auto* base = static_cast<const scalar_t*>(input.data);
+    const IsForeground<scalar_t> mask_fg{p.mask.use_threshold, p.mask.threshold};
+    const IsForeground<scalar_t> top_fg{true, p.triplet_top};
+    parallel_for(N, std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, H * W)), [&](int64_t n) {
+      uint8_t* dst = static_cast<uint8_t*>(out.data) + n * H * W;
+      const scalar_t* image = base + n * input.strides[0];
+      const int64_t sh = input.strides[1], sw = input.strides[2];
+      bool keep = keep_image[n] != 0;
+      if (keep && p.use_triplet) {
+        int64_t above = 0;
+        for (int64_t r = 0; r < H; ++r) {
+          for (int64_t c = 0; c < W; ++c) above += top_fg(image[r * sh + c * sw]);
+        }
+        keep = above >= p.triplet_min_area;
+      }
+      if (!keep) {
+        std::fill(dst, dst + H * W, uint8_t(0));
+        return;
+      }
+      int64_t count = 0;
+      if (p.min_component_area <= 0) {
+        for (int64_t r = 0; r < H; ++r) {
+          for (int64_t c = 0; c < W; ++c) {
+            const uint8_t v = mask_fg(image[r * sh + c * sw]);
+            dst[r * W + c] = v;
+            count += v;
+          }
+        }
+      } else {
+        std::vector<int32_t> lab(H * W);
+        UnionFind uf;
+        scan(image, H, W, sh, sw, mask_fg, p.connectivity, lab.data(), uf);
+        std::vector<int32_t> final_label;
+        std::vector<int64_t> areas;
+        uf.resolve(final_label, areas);
+        // keep[provisional label] so the write pass is one lookup per pixel.
+        std::vector<uint8_t> keep_label(final_label.size(), 0);
+        for (size_t l = 1; l < final_label.size(); ++l) {
+          keep_label[l] = areas[final_label[l] - 1] >= p.min_component_area;
+        }
+        const auto limit = static_cast<int32_t>(keep_label.size());
+        for (int64_t i = 0; i < H * W; ++i) {
+          const int32_t l = lab[i];
+          if (l < 0 || l >= limit) throw NativeError("postprocess_cpu: provisional label out of range");
+          dst[i] = keep_label[l];
+          count += keep_label[l];
+        }
+      }
+      nonempty[n] = count > 0;
+    });
+  });
+  return nonempty;
+}
+
+}  // namespace pneumoseg::postprocess

@@ -1,0 +1,204 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import pneumoseg
+from factories import pneumothorax_blob, random_mask
+from pneumoseg import postprocess as pp
+from reference import ref_remove_small, ref_triplet, same_partition
+
+ndimage = pytest.importorskip("scipy.ndimage")
+
+
+def scipy_label(mask, connectivity):
+    structure = np.ones((3, 3)) if connectivity == 8 else None
+    return ndimage.label(mask != 0, structure=structure)
+
+
+def spiral(n):
+    m = np.zeros((n, n), np.uint8)
+    r0, c0, r1, c1 = 0, 0, n - 1, n - 1
+    while r0 <= r1 and c0 <= c1:
+        m[r0, c0 : c1 + 1] = 1
+        m[r0 : r1 + 1, c1] = 1
+        if r1 - r0 >= 2:
+            m[r1, c0 : c1 + 1] = 1
+        if c1 - c0 >= 2 and r1 - r0 >= 4:
+            m[r0 + 2 : r1 + 1, c0] = 1
+            m[r0 + 2, c0 : c0 + 3] = 1 if c0 + 2 <= c1 else 0
+        r0, c0, r1, c1 = r0 + 2, c0 + 2, r1 - 2, c1 - 2
+    return m
+
+
+def checkerboard(h, w):
+    return ((np.add.outer(np.arange(h), np.arange(w)) % 2) == 0).astype(np.uint8)
+
+
+def border_touching(h, w):
+    m = np.zeros((h, w), np.uint8)
+    m[0, :] = 1
+    m[-1, ::2] = 1
+    m[:, 0] = 1
+    m[1::3, -1] = 1
+    return m
+
+
+CASES = {
+    "empty": lambda: np.zeros((13, 17), np.uint8),
+    "full": lambda: np.ones((13, 17), np.uint8),
+    "single": lambda: np.pad(np.ones((1, 1), np.uint8), ((3, 5), (2, 4))),
+    "corner": lambda: np.pad(np.ones((1, 1), np.uint8), ((0, 6), (6, 0))),
+    "checker": lambda: checkerboard(16, 23),
+    "spiral": lambda: spiral(41),
+    "border": lambda: border_touching(19, 31),
+    "row": lambda: np.ones((1, 37), np.uint8),
+    "column": lambda: np.ones((29, 1), np.uint8),
+    "1x1": lambda: np.ones((1, 1), np.uint8),
+    "blob": lambda: pneumothorax_blob(256),
+}
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("case", list(CASES))
+def test_label_components_structured(case, connectivity):
+    mask = CASES[case]()
+    labels, areas = pp.label_components(mask, connectivity)
+    ref, k = scipy_label(mask, connectivity)
+    assert labels.dtype == np.int32 and labels.shape == mask.shape
+    assert same_partition(labels, ref)
+    assert labels.max() == k == len(areas)
+    np.testing.assert_array_equal(labels, ref)  # the same raster order as scipy
+    np.testing.assert_array_equal(areas, np.bincount(ref.ravel(), minlength=k + 1)[1:])
+
+
+def test_checkerboard_differs_between_connectivities():
+    m = checkerboard(6, 6)
+    assert pp.label_components(m, 8)[1].tolist() == [18]
+    assert pp.label_components(m, 4)[1].tolist() == [1] * 18
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("density", [0.05, 0.3, 0.45, 0.59, 0.7, 0.95])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 50), (50, 1), (31, 47), (64, 64), (97, 130)])
+def test_label_components_random_against_scipy(shape, density, connectivity):
+    rng = np.random.default_rng(int(density * 100) + shape[0] * 7 + shape[1])
+    mask = random_mask(rng, shape, density)
+    labels, areas = pp.label_components(mask, connectivity)
+    ref, k = scipy_label(mask, connectivity)
+    np.testing.assert_array_equal(labels, ref)
+    np.testing.assert_array_equal(areas, np.bincount(ref.ravel(), minlength=k + 1)[1:])
+
+
+def test_label_components_batch_dtypes_and_strides():
+    rng = np.random.default_rng(3)
+    masks = random_mask(rng, (5, 40, 33), 0.5)
+    labels, areas = pp.label_components(masks.astype(np.float32) * 0.5)
+    assert labels.shape == masks.shape and len(areas) == 5
+    for i in range(5):
+        ref, k = scipy_label(masks[i], 8)
+        np.testing.assert_array_equal(labels[i], ref)
+        assert len(areas[i]) == k
+    lt, _ = pp.label_components(masks.transpose(0, 2, 1))
+    for i in range(5):
+        np.testing.assert_array_equal(lt[i], scipy_label(masks[i].T, 8)[0])
+
+
+def test_label_components_torch_in_torch_out():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    m = random_mask(rng, (2, 20, 30), 0.5)
+    labels, areas = pp.label_components(torch.from_numpy(m).bool())
+    assert isinstance(labels, torch.Tensor) and labels.dtype == torch.int32
+    np.testing.assert_array_equal(labels[1].numpy(), scipy_label(m[1], 8)[0])
+    labels, _ = pp.label_components(torch.from_numpy(m).to(torch.bfloat16))
+    np.testing.assert_array_equal(labels[0].numpy(), scipy_label(m[0], 8)[0])
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("min_area", [0, 1, 2, 5, 40])
+def test_remove_small_components(min_area, connectivity):
+    rng = np.random.default_rng(min_area)
+    masks = random_mask(rng, (4, 45, 38), 0.4)
+    out = pp.remove_small_components(masks, min_area, connectivity)
+    np.testing.assert_array_equal(out, ref_remove_small(masks, min_area, connectivity))
+    np.testing.assert_array_equal(pp.remove_small_components(masks[0], min_area, connectivity), out[0])
+
+
+@pytest.mark.parametrize("top, min_area, bottom", [(0.75, 20, 0.3), (0.5, 0, 0.5), (0.9, 500, 0.1), (1.0, 1, 0.0)])
+def test_triplet_threshold_against_reference(top, min_area, bottom):
+    rng = np.random.default_rng(7)
+    probs = rng.random((6, 30, 40)).astype(np.float32) ** 3
+    probs[2] = 0.99
+    out = pp.triplet_threshold(probs, top=top, min_area=min_area, bottom=bottom)
+    np.testing.assert_array_equal(out, ref_triplet(probs, top, min_area, bottom))
+
+
+def test_gate():
+    rng = np.random.default_rng(8)
+    masks = random_mask(rng, (4, 10, 12), 0.5)
+    out = pp.gate(masks, [0.9, 0.1, 0.5, 0.49], 0.5)
+    np.testing.assert_array_equal(out[0], masks[0])
+    assert out[1].sum() == 0 and out[3].sum() == 0
+    np.testing.assert_array_equal(out[2], masks[2])
+
+
+@pytest.mark.parametrize("from_logits", [False, True])
+@pytest.mark.parametrize("min_component_area", [0, 30])
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_postprocess_fused_equals_the_steps(from_logits, min_component_area, connectivity):
+    rng = np.random.default_rng(9)
+    probs = (rng.random((5, 48, 36)) ** 2).astype(np.float64)
+    probs[3] = 0.95
+    scores = np.array([0.9, 0.8, 0.2, 0.7, 0.6])
+    expected = ref_triplet(probs, 0.75, 40, 0.3)
+    expected[scores < 0.5] = 0
+    if min_component_area:
+        expected = ref_remove_small(expected, min_component_area, connectivity)
+    x = np.log(probs / (1 - probs)) if from_logits else probs
+    out = pp.postprocess(x, scores, from_logits=from_logits, top=0.75, min_area=40, bottom=0.3,
+                         gate_threshold=0.5, min_component_area=min_component_area, connectivity=connectivity)
+    np.testing.assert_array_equal(out, expected)
+    strings = pp.postprocess(x, scores, from_logits=from_logits, top=0.75, min_area=40, bottom=0.3,
+                             gate_threshold=0.5, min_component_area=min_component_area,
+                             connectivity=connectivity, to_rle=True)
+    assert strings == pneumoseg.rle.encode_batch(expected)
+
+
+def test_postprocess_without_triplet_or_scores():
+    rng = np.random.default_rng(10)
+    probs = rng.random((2, 20, 20)).astype(np.float32)
+    np.testing.assert_array_equal(pp.postprocess(probs, top=None, bottom=0.5), (probs > 0.5).astype(np.uint8))
+
+
+def test_postprocess_torch_half():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    probs = rng.random((3, 16, 18)).astype(np.float32)
+    for dtype in (torch.float16, torch.bfloat16):
+        t = torch.from_numpy(probs).to(dtype)
+        out = pp.postprocess(t, top=None, bottom=0.5)
+        assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8
+        np.testing.assert_array_equal(out.numpy(), (t.float().numpy() > 0.5).astype(np.uint8))
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: pp.label_components(np.zeros((2, 2, 2, 2))), r"\(H, W\) or \(N, H, W\)"),
+        (lambda: pp.label_components(np.zeros((3, 3)), connectivity=6), "connectivity must be 4 or 8"),
+        (lambda: pp.remove_small_components(np.zeros((3, 3)), -1), "min_area must be a non-negative integer"),
+        (lambda: pp.remove_small_components(np.zeros((3, 3)), 2.5), "min_area must be a non-negative integer"),
+        (lambda: pp.triplet_threshold(np.zeros((3, 3)), top=1.5), r"top must be a number in \[0, 1\]"),
+        (lambda: pp.triplet_threshold(np.zeros((3, 3)), bottom=-0.1), "bottom"),
+        (lambda: pp.gate(np.zeros((2, 3, 3)), [0.5], 0.5), "scores has 1 values for a batch of 2"),
+        (lambda: pp.gate(np.zeros((1, 3, 3)), [float("nan")], 0.5), "NaN"),
+        (lambda: pp.postprocess(np.zeros((2, 3, 3)), [0.1, 0.2, 0.3]), "scores has 3 values"),
+        (lambda: pp.postprocess(np.zeros((3, 3)), gate_threshold=2.0, scores=[1.0]), "gate_threshold"),
+        (lambda: pp.label_components(np.zeros((3, 3), np.complex64)), "unsupported dtype"),
+    ],
+)
+def test_bad_input(call, match):
+    with pytest.raises(pneumoseg.InvalidInputError, match=match) as info:
+        call()
+    assert isinstance(info.value, ValueError)
