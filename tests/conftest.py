@@ -3,9 +3,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import tempfile
+
 import pytest
 
 import pneumoseg
+
+# torch.compile caches compiled graphs across processes (in /tmp by default); a cache written by an
+# older build of our ops would be reused silently. Each test session compiles into its own folder.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pneumoseg-inductor-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -28,6 +28,7 @@ enum StateCol : int {
   kSumP,           // sum p
   kSumT,           // sum t
   kBadTargets,     // targets outside [0, 1] or NaN
+  kSumMismatch,    // sum p (1 - t) + (1 - p) t = sum p + sum t - 2 sum p t, without the cancellation
   kCoefBce,        // d loss / d bce_pixel
   kCoefFocal,      // d loss / d focal_pixel
   kCoefDiceT,      // d loss / d p = kCoefDiceT * t + kCoefDiceC

@@ -106,7 +106,8 @@ void forward_cpu(const TensorView& logits, const TensorView& target, const Combo
   check_forward_args(logits, target, p, state, loss, Device::CPU);
   const int64_t N = logits.shape[0], P = logits.shape[1];
   const int64_t chunks = (P + kChunk - 1) / kChunk;
-  std::vector<double> partial(N * chunks * 6, 0.0);
+  constexpr int kSumCount = kSumMismatch + 1;
+  std::vector<double> partial(N * chunks * kSumCount, 0.0);
   auto run = baseline::forward_pixels;
 #if defined(PNEUMOSEG_HAVE_AVX2_TU)
   if (cpu_has_avx2()) run = avx2::forward_pixels;
@@ -115,13 +116,13 @@ void forward_cpu(const TensorView& logits, const TensorView& target, const Combo
   parallel_for(N * chunks, 4, [&](int64_t task) {
     const int64_t n = task / chunks, c = task % chunks;
     run(logits.dtype, target.dtype, mode, logits.data, target.data, n * P + c * kChunk,
-        std::min(kChunk, P - c * kChunk), p.pos_weight, p.focal_gamma, &partial[task * 6]);
+        std::min(kChunk, P - c * kChunk), p.pos_weight, p.focal_gamma, &partial[task * kSumCount]);
   });
   auto* s = static_cast<double*>(state.data);
   for (int64_t n = 0; n < N; ++n) {
-    for (int col = 0; col < 6; ++col) {
+    for (int col = 0; col < kSumCount; ++col) {
       double sum = 0;
-      for (int64_t c = 0; c < chunks; ++c) sum += partial[(n * chunks + c) * 6 + col];
+      for (int64_t c = 0; c < chunks; ++c) sum += partial[(n * chunks + c) * kSumCount + col];
       s[n * kStateCols + col] = sum;
     }
   }

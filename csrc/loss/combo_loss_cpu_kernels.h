@@ -8,6 +8,7 @@
 
 #include "common/dispatch.h"
 #include "common/half.h"
+#include "loss/combo_loss.h"
 #include "loss/combo_loss_math.h"
 
 #ifndef PNEUMOSEG_LOSS_ISA
@@ -25,6 +26,7 @@ using VecF = float4v;
 constexpr int kW = Lanes<VecF>::kWidth;
 
 constexpr int kLanes = 16;  // independent float accumulators: lets the reduction vectorise
+constexpr int kSumCount = kSumMismatch + 1;  // the per-pixel sums: state columns 0..kSumMismatch
 
 // Work in blocks: convert inputs to the compute type, run the branch-free pixel math into arrays,
 // then reduce with lane accumulators. Each loop is a plain elementwise loop the compiler vectorises.
@@ -61,10 +63,10 @@ inline __attribute__((always_inline)) void store_lanes(float* dst, V v) {
 }
 
 template <typename L, typename T, int kMode>
-void forward_chunk(const L* x, const T* t, int64_t count, double w, double gamma, double out[6]) {
+void forward_chunk(const L* x, const T* t, int64_t count, double w, double gamma, double out[kSumCount]) {
   using C = typename FloatIO<L>::compute;
-  alignas(64) C xs[kBlock], ts[kBlock], bce[kBlock], focal[kBlock], p[kBlock], pt[kBlock], bad[kBlock];
-  double total[6] = {0, 0, 0, 0, 0, 0};
+  alignas(64) C xs[kBlock], ts[kBlock], bce[kBlock], focal[kBlock], p[kBlock], pt[kBlock], bad[kBlock], mis[kBlock];
+  double total[kSumCount] = {};
   for (int64_t i = 0; i < count; i += kBlock) {
     const int n = static_cast<int>(std::min<int64_t>(kBlock, count - i));
     load_block(x + i, n, xs);
@@ -80,6 +82,7 @@ void forward_chunk(const L* x, const T* t, int64_t count, double w, double gamma
         store_lanes(focal + j, r.focal);
         store_lanes(p + j, r.p);
         store_lanes(pt + j, r.p * tv);
+        store_lanes(mis + j, r.mismatch);
         // NaN fails both comparisons, so it counts as bad too.
         const auto ok = (tv >= 0.0f) & (tv <= 1.0f);
         store_lanes(bad + j, select(ok, Lanes<VecF>::splat(0.0), Lanes<VecF>::splat(1.0)));
@@ -91,6 +94,7 @@ void forward_chunk(const L* x, const T* t, int64_t count, double w, double gamma
         focal[j] = r.focal;
         p[j] = r.p;
         pt[j] = r.p * ts[j];
+        mis[j] = r.mismatch;
         bad[j] = (ts[j] >= C(0)) && (ts[j] <= C(1)) ? C(0) : C(1);
       }
     }
@@ -100,8 +104,9 @@ void forward_chunk(const L* x, const T* t, int64_t count, double w, double gamma
     add_lanes(p, n, &total[3]);
     add_lanes(ts, n, &total[4]);
     add_lanes(bad, n, &total[5]);
+    add_lanes(mis, n, &total[6]);
   }
-  for (int c = 0; c < 6; ++c) out[c] = total[c];
+  for (int c = 0; c < kSumCount; ++c) out[c] = total[c];
 }
 
 template <typename L, typename T, int kMode>
@@ -144,9 +149,9 @@ void with_mode(int mode, F&& f) {
 
 }  // namespace
 
-// Sums of pixels [begin, begin + count) into out[6].
+// Sums of pixels [begin, begin + count) into out[kSumCount].
 void forward_pixels(DType logits_dtype, DType target_dtype, int mode, const void* logits, const void* target,
-                    int64_t begin, int64_t count, double w, double gamma, double out[6]) {
+                    int64_t begin, int64_t count, double w, double gamma, double* out) {
   PNEUMOSEG_DISPATCH_FLOATING(logits_dtype, "logits", [&] {
     using L = scalar_t;
     PNEUMOSEG_DISPATCH_TARGET(target_dtype, "target", [&] {

@@ -18,7 +18,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kItemsPerThread = 32;  // elements each thread sums before the block reduction
-constexpr int kSums = 6;
+constexpr int kSums = kSumMismatch + 1;  // state columns 0..kSumMismatch
 
 struct Sums {
   double v[kSums];
@@ -41,6 +41,7 @@ __global__ void forward_partials_kernel(const L* logits, const T* target, int64_
   const T* t = target + image * pixels;
   const C wc = static_cast<C>(w);
   C acc[5] = {C(0), C(0), C(0), C(0), C(0)};
+  C mismatch = C(0);
   int bad = 0;
   for (int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x; i < pixels; i += int64_t(gridDim.x) * kThreads) {
     const C xv = FloatIO<L>::load(x[i]);
@@ -51,12 +52,14 @@ __global__ void forward_partials_kernel(const L* logits, const T* target, int64_
     acc[2] += r.p * tv;
     acc[3] += r.p;
     acc[4] += tv;
+    mismatch += r.mismatch;
     bad += !(tv >= C(0) && tv <= C(1));
   }
   Sums mine;
 #pragma unroll
   for (int c = 0; c < 5; ++c) mine.v[c] = static_cast<double>(acc[c]);
-  mine.v[5] = bad;
+  mine.v[kBadTargets] = bad;
+  mine.v[kSumMismatch] = static_cast<double>(mismatch);
   using Reduce = cub::BlockReduce<Sums, kThreads>;
   __shared__ typename Reduce::TempStorage temp;
   const Sums total = Reduce(temp).Reduce(mine, SumsOp());

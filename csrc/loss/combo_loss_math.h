@@ -143,7 +143,7 @@ PNEUMOSEG_HD V focal_modulator_slope(V m, double gamma) {
 
 template <typename V>
 struct PixelForward {
-  V bce, focal, p;
+  V bce, focal, p, mismatch;  // mismatch = p (1 - t) + (1 - p) t, Dice's numerator term
 };
 
 // p = sigmoid(x) and q = 1 - p from e = exp(-|x|), both without cancellation.
@@ -175,6 +175,7 @@ PNEUMOSEG_HD PixelForward<V> pixel_forward(V x, V t, V w, double gamma) {
   PixelForward<V> out;
   out.bce = bce_pixel(x, t, w, log1p_unit(s.e));
   out.p = s.p;
+  out.mismatch = s.p * (1.0f - t) + s.q * t;
   out.focal = Lanes<V>::splat(0.0);
   if (kMode != kNoFocal) out.focal = focal_modulator<kMode>(s.q * t + s.p * (1.0f - t), gamma) * out.bce;
   return out;
@@ -201,8 +202,10 @@ PNEUMOSEG_HD V pixel_gradient(V x, V t, V w, double gamma, V coef_bce, V coef_fo
 template <typename Get, typename Set>
 PNEUMOSEG_HD double finalize(int64_t n_images, int64_t pixels_per_image, double bce_w, double dice_w, double focal_w,
                              double smooth, bool per_image, Get&& sums, Set&& set) {
+  // Dice = 1 - (2I + s) / (P + T + s) = M / (P + T + s) with M = sum of per-pixel mismatches: the
+  // second form has no cancellation when predictions are good.
   const double total_pixels = static_cast<double>(n_images) * static_cast<double>(pixels_per_image);
-  double bce = 0, focal = 0, pt = 0, ps = 0, ts = 0, bad = 0, dice_mean = 0;
+  double bce = 0, focal = 0, pt = 0, ps = 0, ts = 0, bad = 0, mismatch = 0, dice_mean = 0;
   for (int64_t n = 0; n < n_images; ++n) {
     bce += sums(n, 0);
     focal += sums(n, 1);
@@ -210,12 +213,12 @@ PNEUMOSEG_HD double finalize(int64_t n_images, int64_t pixels_per_image, double 
     ps += sums(n, 3);
     ts += sums(n, 4);
     bad += sums(n, 5);
+    mismatch += sums(n, 6);
     if (per_image) {
       const double den = sums(n, 3) + sums(n, 4) + smooth;
-      const double num = 2.0 * sums(n, 2) + smooth;
-      dice_mean += 1.0 - num / den;
-      set(n, 8, dice_w / n_images * (-2.0 / den));
-      set(n, 9, dice_w / n_images * num / (den * den));
+      dice_mean += sums(n, 6) / den;
+      set(n, 9, dice_w / n_images * (-2.0 / den));
+      set(n, 10, dice_w / n_images * (2.0 * sums(n, 2) + smooth) / (den * den));
     }
   }
   double dice;
@@ -223,16 +226,15 @@ PNEUMOSEG_HD double finalize(int64_t n_images, int64_t pixels_per_image, double 
     dice = dice_mean / n_images;
   } else {
     const double den = ps + ts + smooth;
-    const double num = 2.0 * pt + smooth;
-    dice = 1.0 - num / den;
+    dice = mismatch / den;
     for (int64_t n = 0; n < n_images; ++n) {
-      set(n, 8, dice_w * (-2.0 / den));
-      set(n, 9, dice_w * num / (den * den));
+      set(n, 9, dice_w * (-2.0 / den));
+      set(n, 10, dice_w * (2.0 * pt + smooth) / (den * den));
     }
   }
   for (int64_t n = 0; n < n_images; ++n) {
-    set(n, 6, bce_w / total_pixels);
-    set(n, 7, focal_w / total_pixels);
+    set(n, 7, bce_w / total_pixels);
+    set(n, 8, focal_w / total_pixels);
   }
   const double loss = bce_w * bce / total_pixels + focal_w * focal / total_pixels + dice_w * dice;
   return bad > 0 ? NAN : loss;  // invalid targets never give a plausible number
