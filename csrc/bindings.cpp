@@ -197,11 +197,21 @@ void combo_loss_backward(const TensorView& grad_loss, const TensorView& logits, 
 }
 
 py::list label_components(const TensorView& input, bool use_threshold, double threshold, int connectivity,
-                          const TensorView& labels) {
+                          const TensorView& labels, uintptr_t stream) {
   std::vector<std::vector<int64_t>> areas;
   {
     py::gil_scoped_release release;
-    postprocess::label_cpu(input, postprocess::Foreground{use_threshold, threshold}, connectivity, labels, areas);
+    const postprocess::Foreground fg{use_threshold, threshold};
+    if (input.device == Device::CUDA) {
+#ifdef PNEUMOSEG_WITH_CUDA
+      postprocess::label_cuda(input, fg, connectivity, labels, areas, reinterpret_cast<void*>(stream));
+#else
+      (void)stream;
+      no_cuda();
+#endif
+    } else {
+      postprocess::label_cpu(input, fg, connectivity, labels, areas);
+    }
   }
   py::list out;
   for (const auto& a : areas) {
@@ -225,6 +235,29 @@ std::vector<uint8_t> postprocess_masks(const TensorView& input, bool mask_use_th
   p.connectivity = connectivity;
   py::gil_scoped_release release;
   return postprocess::postprocess_cpu(input, p, keep_image, out);
+}
+
+// keep_image_device: a device uint8 (N,) array's address, or 0 to keep every image.
+void postprocess_masks_cuda(const TensorView& input, bool mask_use_threshold, double mask_threshold, bool use_triplet,
+                            double triplet_top, int64_t triplet_min_area, int64_t min_component_area,
+                            int connectivity, uintptr_t keep_image_device, const TensorView& out, uintptr_t stream) {
+#ifdef PNEUMOSEG_WITH_CUDA
+  postprocess::PostprocessParams p;
+  p.mask = postprocess::Foreground{mask_use_threshold, mask_threshold};
+  p.use_triplet = use_triplet;
+  p.triplet_top = triplet_top;
+  p.triplet_min_area = triplet_min_area;
+  p.min_component_area = min_component_area;
+  p.connectivity = connectivity;
+  py::gil_scoped_release release;
+  postprocess::postprocess_cuda(input, p, reinterpret_cast<const uint8_t*>(keep_image_device), out,
+                                reinterpret_cast<void*>(stream));
+#else
+  (void)input, (void)mask_use_threshold, (void)mask_threshold, (void)use_triplet, (void)triplet_top;
+  (void)triplet_min_area, (void)min_component_area, (void)connectivity, (void)keep_image_device, (void)out;
+  (void)stream;
+  no_cuda();
+#endif
 }
 
 }  // namespace
@@ -266,7 +299,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("combo_loss_backward", &combo_loss_backward, py::arg("grad_loss"), py::arg("logits"), py::arg("target"),
         py::arg("state"), py::arg("grad_logits"), py::arg("params"), py::arg("stream") = 0);
   m.def("label_components", &label_components, py::arg("input"), py::arg("use_threshold"), py::arg("threshold"),
-        py::arg("connectivity"), py::arg("labels"));
+        py::arg("connectivity"), py::arg("labels"), py::arg("stream") = 0);
+  m.def("postprocess_masks_cuda", &postprocess_masks_cuda, py::arg("input"), py::arg("mask_use_threshold"),
+        py::arg("mask_threshold"), py::arg("use_triplet"), py::arg("triplet_top"), py::arg("triplet_min_area"),
+        py::arg("min_component_area"), py::arg("connectivity"), py::arg("keep_image_device"), py::arg("out"),
+        py::arg("stream") = 0);
   m.def("postprocess_masks", &postprocess_masks, py::arg("input"), py::arg("mask_use_threshold"),
         py::arg("mask_threshold"), py::arg("use_triplet"), py::arg("triplet_top"), py::arg("triplet_min_area"),
         py::arg("min_component_area"), py::arg("connectivity"), py::arg("keep_image"), py::arg("out"));

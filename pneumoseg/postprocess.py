@@ -1,10 +1,11 @@
 """Mask post-processing between the segmentation network and the RLE strings: connected components,
 small-component removal, the SIIM-ACR winners' "triplet" rule, classifier gating, and all of them fused.
 
-Every function takes (H, W) or (N, H, W) NumPy arrays or torch tensors and answers in kind. The
-labelling is native (a two-pass union-find whose first pass also counts component areas, so the area
-filter needs no second labelling). CUDA inputs are currently processed on the host and returned on
-their device: the CUDA kernels for this op are not written yet.
+Every function takes (H, W) or (N, H, W) NumPy arrays, torch tensors or CuPy arrays, on the CPU or on
+CUDA, and answers in kind on the same device. On the CPU the labelling is a two-pass union-find whose
+first pass also counts component areas, so the area filter needs no second labelling; on CUDA it is a
+union-find with atomic operations (Playne & Hawick 2018) that counts areas at the roots, and the fused
+``postprocess`` stays on the GPU, without host synchronisation, until the RLE strings are made.
 """
 
 from __future__ import annotations
@@ -41,43 +42,56 @@ def _check_connectivity(connectivity: Any) -> int:
 
 
 class _Batch:
-    """The input as a host (N, H, W) array plus how to answer in the caller's kind and device."""
+    """The input as an (N, H, W) native view, and how to answer in the caller's kind and device."""
 
     def __init__(self, x: Any, name: str):
         kind = _native.kind_of(x)
-        self.kind, self.device = kind, None
-        if kind == "torch":
-            self.device = x.device
-            if x.device.type not in ("cpu", "cuda"):
-                raise InvalidInputError(f"{name} is on {x.device}; pneumoseg runs on CPU and CUDA tensors")
-            if str(x.dtype) == "torch.bfloat16":  # NumPy has no bfloat16
-                x = x.float()
-            x = x.detach().cpu().numpy()
-        elif kind == "cupy":
-            self.device = x.device
-            x = x.get()
-        arr = np.asarray(x)
-        if arr.ndim not in (2, 3):
-            raise InvalidInputError(f"{name} must be (H, W) or (N, H, W), got shape {arr.shape}")
-        self.single = arr.ndim == 2
-        self.array = arr[None] if self.single else arr
+        if kind == "numpy":
+            x = np.asarray(x)
+        if len(x.shape) not in (2, 3):
+            raise InvalidInputError(f"{name} must be (H, W) or (N, H, W), got shape {tuple(x.shape)}")
+        self.single = len(x.shape) == 2
+        self.info = _native.as_view(x[None] if self.single else x, name)
+        self.kind = kind
+        self.cuda = self.info.device == _native.CUDA
+        if self.cuda:
+            _native.require_cuda_build(name)
 
     @property
     def n(self) -> int:
-        return self.array.shape[0]
+        return self.info.view.shape[0]
 
-    def answer(self, out: np.ndarray) -> Any:
-        out = out[0] if self.single else out
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.info.view.shape)
+
+    def empty(self, dtype: str) -> Any:
+        """An uninitialised output of the input's framework and device."""
         if self.kind == "torch":
             import torch
 
-            return torch.from_numpy(np.ascontiguousarray(out)).to(self.device)
+            return torch.empty(self.shape, dtype=getattr(torch, dtype), device=self.info.owner.device)
         if self.kind == "cupy":
             import cupy
 
-            with cupy.cuda.Device(self.device.id):
-                return cupy.asarray(out)
-        return out
+            with cupy.cuda.Device(self.info.device_index):
+                return cupy.empty(self.shape, dtype=dtype)
+        return np.empty(self.shape, dtype=dtype)
+
+    def areas(self, values: np.ndarray) -> Any:
+        if self.kind == "torch":
+            import torch
+
+            return torch.as_tensor(values, device=self.info.owner.device)
+        if self.kind == "cupy":
+            import cupy
+
+            with cupy.cuda.Device(self.info.device_index):
+                return cupy.asarray(values)
+        return values
+
+    def answer(self, out: Any) -> Any:
+        return out[0] if self.single else out
 
 
 def label_components(mask: Any, connectivity: int = 8) -> tuple[Any, Any]:
@@ -85,13 +99,15 @@ def label_components(mask: Any, connectivity: int = 8) -> tuple[Any, Any]:
 
     Returns ``(labels, areas)``: int32 labels 1..K in raster order of each component's first pixel
     (as ``scipy.ndimage.label``), 0 for background, and each component's pixel count: an int64 array
-    of K for one (H, W) mask, a list of N such arrays for an (N, H, W) batch.
+    of K for one (H, W) mask, a list of N such arrays for an (N, H, W) batch. On CUDA the labels are
+    computed on the GPU; reading the areas back costs one synchronisation.
     """
     connectivity = _check_connectivity(connectivity)
     batch = _Batch(mask, "mask")
-    labels = np.empty(batch.array.shape, dtype=np.int32)
-    view = _native.as_view(batch.array, "mask")
-    areas = _C.label_components(view.view, False, 0.0, connectivity, _native.as_view(labels, "labels").view)
+    labels = batch.empty("int32")
+    out = _native.as_view(labels, "labels")
+    areas = _C.label_components(batch.info.view, False, 0.0, connectivity, out.view, batch.info.stream)
+    areas = [batch.areas(a) for a in areas]
     return batch.answer(labels), (areas[0] if batch.single else areas)
 
 
@@ -103,8 +119,8 @@ def _run(
     triplet: Optional[tuple[float, int]] = None,
     min_component_area: int = 0,
     connectivity: int = 8,
-    keep: Optional[np.ndarray] = None,
-) -> np.ndarray:
+    keep: Any = None,
+) -> Any:
     def to_input_space(p: float) -> float:
         if not from_logits:
             return p
@@ -114,11 +130,11 @@ def _run(
             return math.inf
         return math.log(p / (1.0 - p))  # p > t  <=>  logit > logit(t)
 
-    out = np.empty(batch.array.shape, dtype=np.uint8)
-    keep_image = [1] * batch.n if keep is None else [int(k) for k in keep]
+    out = batch.empty("uint8")
+    out_view = _native.as_view(out, "out").view
     use_threshold = threshold is not None
-    _C.postprocess_masks(
-        _native.as_view(batch.array, "probs").view,
+    args = (
+        batch.info.view,
         use_threshold,
         to_input_space(threshold) if use_threshold else 0.0,
         triplet is not None,
@@ -126,10 +142,18 @@ def _run(
         triplet[1] if triplet else 0,
         min_component_area,
         connectivity,
-        keep_image,
-        _native.as_view(out, "out").view,
     )
+    if batch.cuda:
+        keep_ptr = 0 if keep is None else _device_ptr(keep)
+        _C.postprocess_masks_cuda(*args, keep_ptr, out_view, batch.info.stream)
+    else:
+        keep_image = [1] * batch.n if keep is None else [int(k) for k in np.asarray(keep).reshape(-1)]
+        _C.postprocess_masks(*args, keep_image, out_view)
     return out
+
+
+def _device_ptr(x: Any) -> int:
+    return x.data_ptr() if _native.kind_of(x) == "torch" else x.data.ptr
 
 
 def remove_small_components(mask: Any, min_area: int, connectivity: int = 8) -> Any:
@@ -149,27 +173,44 @@ def triplet_threshold(probs: Any, top: float = 0.75, min_area: int = 2000, botto
     return batch.answer(_run(batch, threshold=bottom, triplet=(top, min_area)))
 
 
-def _scores_keep(scores: Any, n: int, threshold: float) -> np.ndarray:
-    if _native.kind_of(scores) == "torch":
+def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
+    """Per-image keep flags (uint8, one per image) where the score reaches the threshold: on the
+    batch's device for CUDA batches (no synchronisation: a NaN score simply gates its image out),
+    else a NumPy array (NaN is an error)."""
+    if batch.cuda:
+        if batch.kind == "torch":
+            import torch
+
+            s = torch.as_tensor(scores, device=batch.info.owner.device).reshape(-1)
+            flags = (s >= threshold).to(torch.uint8).contiguous()
+        else:
+            import cupy
+
+            with cupy.cuda.Device(batch.info.device_index):
+                s = cupy.asarray(scores).reshape(-1)
+                flags = cupy.ascontiguousarray((s >= threshold).astype(cupy.uint8))
+        if flags.shape[0] != batch.n:
+            raise InvalidInputError(f"scores has {flags.shape[0]} values for a batch of {batch.n} images")
+        return flags
+    kind = _native.kind_of(scores)
+    if kind == "torch":
         scores = scores.detach().cpu().numpy()
-    elif _native.kind_of(scores) == "cupy":
+    elif kind == "cupy":
         scores = scores.get()
     s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if s.shape[0] != n:
-        raise InvalidInputError(f"scores has {s.shape[0]} values for a batch of {n} images")
+    if s.shape[0] != batch.n:
+        raise InvalidInputError(f"scores has {s.shape[0]} values for a batch of {batch.n} images")
     if np.isnan(s).any():
         raise InvalidInputError("scores contains NaN")
-    return s >= threshold
+    return (s >= threshold).astype(np.uint8)
 
 
 def gate(masks: Any, scores: Any, threshold: float) -> Any:
-    """Empty the masks of the images whose classifier score is below ``threshold``."""
+    """Empty the masks of the images whose classifier score is below ``threshold`` (uint8 0/1 out)."""
     threshold = _check_unit(threshold, "threshold")
     batch = _Batch(masks, "masks")
-    keep = _scores_keep(scores, batch.n, threshold)
-    out = (batch.array != 0).astype(np.uint8)
-    out[~keep] = 0
-    return batch.answer(out)
+    keep = _scores_keep(scores, batch, threshold)
+    return batch.answer(_run(batch, threshold=None, keep=keep))
 
 
 def postprocess(
@@ -198,11 +239,11 @@ def postprocess(
     batch = _Batch(probs, "probs")
     keep = None
     if scores is not None:
-        keep = _scores_keep(scores, batch.n, _check_unit(gate_threshold, "gate_threshold"))
+        keep = _scores_keep(scores, batch, _check_unit(gate_threshold, "gate_threshold"))
     out = _run(batch, threshold=bottom, from_logits=from_logits, triplet=triplet,
                min_component_area=min_component_area, connectivity=connectivity, keep=keep)
     if to_rle:
         from . import rle
 
-        return rle.encode_batch(out)
+        return rle.encode_batch(out)  # on CUDA: encoded on the GPU, one copy for the batch
     return batch.answer(out)

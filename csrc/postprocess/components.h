@@ -33,4 +33,15 @@ struct PostprocessParams {
 std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessParams& p,
                                      const std::vector<uint8_t>& keep_image, const TensorView& out);
 
+#ifdef PNEUMOSEG_WITH_CUDA
+// CUDA: labels as label_cpu; areas come back as one flat host vector in label order with the
+// number of labels per image (one small copy and one synchronisation, after all the work).
+void label_cuda(const TensorView& input, Foreground fg, int connectivity, const TensorView& labels,
+                std::vector<std::vector<int64_t>>& areas, void* stream);
+// CUDA: as postprocess_cpu, fully asynchronous; keep_image is a device uint8 (N,) array (or null
+// for all kept).
+void postprocess_cuda(const TensorView& input, const PostprocessParams& p, const uint8_t* keep_image_device,
+                      const TensorView& out, void* stream);
+#endif
+
 }  // namespace pneumoseg::postprocess

@@ -12,6 +12,7 @@
 #include "common/half.h"
 #include "common/parallel.h"
 #include "postprocess/components.h"
+#include "postprocess/foreground.h"
 
 namespace pneumoseg::postprocess {
 namespace {
@@ -70,19 +71,6 @@ class UnionFind {
  private:
   std::vector<int32_t> parent_;
   std::vector<int64_t> size_;
-};
-
-template <typename T>
-struct IsForeground {
-  bool use_threshold;
-  double threshold;
-  bool operator()(T v) const {
-    if constexpr (std::is_same_v<T, Half16> || std::is_same_v<T, BFloat16Raw>) {
-      return use_threshold ? static_cast<double>(load_as<T, float>(v)) > threshold : is_nonzero<T>(v);
-    } else {
-      return use_threshold ? static_cast<double>(v) > threshold : is_nonzero<T>(v);
-    }
-  }
 };
 
 // Pass 1 over one image: provisional labels into `lab` (H * W), union-find filled.
