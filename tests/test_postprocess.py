@@ -202,3 +202,66 @@ def test_bad_input(call, match):
     with pytest.raises(pneumoseg.InvalidInputError, match=match) as info:
         call()
     assert isinstance(info.value, ValueError)
+
+
+# --- CUDA (skipped without a GPU) ----------------------------------------------------------------------
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_cuda_label_components_matches_scipy(connectivity):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(20)
+    masks = np.stack([random_mask(rng, (97, 130), d) for d in (0.0, 0.3, 0.45, 0.59, 0.9, 1.0)])
+    masks = np.concatenate([masks, np.stack([np.pad(checkerboard(96, 129), ((0, 1), (0, 1)))])])
+    labels, areas = pp.label_components(torch.from_numpy(masks).cuda(), connectivity)
+    assert labels.is_cuda and labels.dtype == torch.int32
+    for i, m in enumerate(masks):
+        ref, k = scipy_label(m, connectivity)
+        np.testing.assert_array_equal(labels[i].cpu().numpy(), ref)
+        np.testing.assert_array_equal(areas[i].cpu().numpy(), np.bincount(ref.ravel(), minlength=k + 1)[1:])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("case", list(CASES))
+def test_cuda_structured_cases(case):
+    torch = pytest.importorskip("torch")
+    m = CASES[case]()
+    for connectivity in (4, 8):
+        labels, _ = pp.label_components(torch.from_numpy(m).cuda(), connectivity)
+        np.testing.assert_array_equal(labels.cpu().numpy(), scipy_label(m, connectivity)[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("min_component_area", [0, 30])
+def test_cuda_postprocess_matches_cpu_and_stays_on_device(min_component_area):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(21)
+    probs = (rng.random((6, 64, 80)) ** 2).astype(np.float32)
+    probs[4] = 0.97
+    scores = np.array([0.9, 0.8, 0.2, 0.7, 0.6, 0.55], dtype=np.float32)
+    kw = dict(top=0.75, min_area=40, bottom=0.3, gate_threshold=0.5, min_component_area=min_component_area)
+    cpu = pp.postprocess(probs, scores, **kw)
+    gpu = pp.postprocess(torch.from_numpy(probs).cuda(), torch.from_numpy(scores).cuda(), **kw)
+    assert gpu.is_cuda
+    np.testing.assert_array_equal(gpu.cpu().numpy(), cpu)
+    logits = torch.logit(torch.from_numpy(probs).double()).float().cuda()
+    np.testing.assert_array_equal(pp.postprocess(logits, scores, from_logits=True, **kw).cpu().numpy(), cpu)
+    strings = pp.postprocess(torch.from_numpy(probs).cuda(), scores, to_rle=True, **kw)
+    assert strings == pneumoseg.rle.encode_batch(cpu)
+    np.testing.assert_array_equal(pp.gate(torch.from_numpy(cpu).cuda(), scores, 0.5).cpu().numpy(),
+                                  pp.gate(cpu, scores, 0.5))
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("density", [0.2, 0.45, 0.59, 0.8])
+def test_large_single_images_are_labelled_in_stripes(density, connectivity):
+    """Images large enough to be split into row stripes on several threads (and joined again)."""
+    rng = np.random.default_rng(int(density * 100) + connectivity)
+    mask = random_mask(rng, (301, 257), density)
+    labels, areas = pp.label_components(mask, connectivity)
+    ref, k = scipy_label(mask, connectivity)
+    np.testing.assert_array_equal(labels, ref)
+    np.testing.assert_array_equal(areas, np.bincount(ref.ravel(), minlength=k + 1)[1:])
+    np.testing.assert_array_equal(pp.remove_small_components(mask, 3, connectivity),
+                                  ref_remove_small(mask[None], 3, connectivity)[0])

@@ -5,6 +5,7 @@
 // thus come out of the labelling itself: the area filter needs no second labelling.
 #include <algorithm>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/dispatch.h"
@@ -51,6 +52,14 @@ class UnionFind {
   }
   void count(int32_t l) { ++size_[l]; }
   size_t labels() const { return parent_.size(); }
+  // Appends another union-find's labels 1..n-1 as offset + l (a stripe joining the image's forest).
+  // Offsets grow with raster order, so parent <= label still holds.
+  void absorb(const UnionFind& stripe, int32_t offset) {
+    for (size_t l = 1; l < stripe.parent_.size(); ++l) {
+      parent_.push_back(stripe.parent_[l] + offset);
+      size_.push_back(stripe.size_[l]);
+    }
+  }
   // Final labels 1..K in order of first appearance, and their areas. parent[i] <= i always holds
   // (union by minimum), so one ascending sweep resolves everything.
   void resolve(std::vector<int32_t>& final_label, std::vector<int64_t>& areas) {
@@ -74,16 +83,42 @@ class UnionFind {
 };
 
 // Pass 1 over one image: provisional labels into `lab` (H * W), union-find filled.
+// Foreground bytes of one row, in a loop the compiler vectorises for the common layouts.
 template <typename T>
-void scan(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, IsForeground<T> fg, int connectivity,
-          int32_t* lab, UnionFind& uf) {
-  uf.reset(static_cast<size_t>(std::min<int64_t>(H * W / 2 + 2, int64_t(1) << 20)));
-  for (int64_t r = 0; r < H; ++r) {
-    const T* row = image + r * sh;
+void row_foreground(const T* row, int64_t W, int64_t sw, const IsForeground<T>& fg, uint8_t* out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (sw == 1 && fg.use_threshold) {
+      // float v > double t  <=>  v > f or v >= f, f = t rounded to float (no float lies between them).
+      const float f = static_cast<float>(fg.threshold);
+      if (static_cast<double>(f) > fg.threshold) {
+        for (int64_t c = 0; c < W; ++c) out[c] = row[c] >= f;
+      } else {
+        for (int64_t c = 0; c < W; ++c) out[c] = row[c] > f;
+      }
+      return;
+    }
+  }
+  if constexpr (std::is_same_v<T, uint8_t>) {
+    if (sw == 1 && !fg.use_threshold) {
+      for (int64_t c = 0; c < W; ++c) out[c] = row[c] != 0;
+      return;
+    }
+  }
+  for (int64_t c = 0; c < W; ++c) out[c] = fg(row[c * sw]);
+}
+
+// Rows [row0, row1) only: the stripe's first row looks at nothing above it.
+template <typename T>
+void scan(const T* image, int64_t row0, int64_t row1, int64_t W, int64_t sh, int64_t sw, IsForeground<T> fg,
+          int connectivity, int32_t* lab, UnionFind& uf) {
+  uf.reset(static_cast<size_t>(std::min<int64_t>((row1 - row0) * W / 2 + 2, int64_t(1) << 20)));
+  std::vector<uint8_t> on(W);
+  for (int64_t r = row0; r < row1; ++r) {
+    row_foreground(image + r * sh, W, sw, fg, on.data());
     int32_t* cur = lab + r * W;
-    const int32_t* up = r > 0 ? lab + (r - 1) * W : nullptr;
+    const int32_t* up = r > row0 ? lab + (r - 1) * W : nullptr;
     for (int64_t c = 0; c < W; ++c) {
-      if (!fg(row[c * sw])) {
+      if (!on[c]) {
         cur[c] = 0;
         continue;
       }
@@ -119,6 +154,68 @@ void scan(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, IsForegr
   }
 }
 
+// One image labelled by `stripes` row stripes in parallel, then joined: the stripes' forests are
+// concatenated and the components crossing each stripe boundary united. final[offset[s] + l] is the
+// final label (1..K, raster order) of stripe s's provisional label l; lab holds the local labels.
+struct ImageLabels {
+  std::vector<int32_t> final_label;
+  std::vector<int64_t> areas;
+  std::vector<int32_t> offset;
+  std::vector<int64_t> row0;
+};
+
+template <typename T>
+void label_image(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, IsForeground<T> fg, int connectivity,
+                 int32_t* lab, int stripes, ImageLabels& out) {
+  stripes = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(stripes, H)));
+  out.row0.assign(stripes + 1, 0);
+  for (int s = 0; s <= stripes; ++s) out.row0[s] = H * s / stripes;
+  std::vector<UnionFind> local(stripes);
+  parallel_for(stripes, 1, [&](int64_t s) {
+    scan(image, out.row0[s], out.row0[s + 1], W, sh, sw, fg, connectivity, lab, local[s]);
+  });
+  UnionFind joined;
+  joined.reset(1);
+  out.offset.assign(stripes, 0);
+  for (int s = 0; s < stripes; ++s) {
+    out.offset[s] = static_cast<int32_t>(joined.labels()) - 1;
+    joined.absorb(local[s], out.offset[s]);
+  }
+  for (int s = 1; s < stripes; ++s) {
+    const int64_t r = out.row0[s];
+    if (r >= out.row0[s + 1]) continue;
+    const int32_t* cur = lab + r * W;
+    const int32_t* up = lab + (r - 1) * W;
+    for (int64_t c = 0; c < W; ++c) {
+      if (!cur[c]) continue;
+      const int32_t me = cur[c] + out.offset[s];
+      const int32_t above = out.offset[s - 1];
+      if (up[c]) joined.merge(me, up[c] + above);
+      if (connectivity == 8) {
+        if (c > 0 && up[c - 1]) joined.merge(me, up[c - 1] + above);
+        if (c + 1 < W && up[c + 1]) joined.merge(me, up[c + 1] + above);
+      }
+    }
+  }
+  joined.resolve(out.final_label, out.areas);
+}
+
+// Stripes per image: the spare threads when a batch has fewer images than the machine has cores.
+int stripes_for(int64_t images, int64_t pixels) {
+  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  if (images >= hw || pixels < (int64_t(1) << 16)) return 1;
+  return static_cast<int>(std::max<int64_t>(1, hw / std::max<int64_t>(1, images)));
+}
+
+// For each pixel of stripe-labelled image: f(index, global provisional label).
+template <typename F>
+void for_each_stripe_pixel(const ImageLabels& il, int64_t W, const int32_t* lab, F&& f) {
+  const int stripes = static_cast<int>(il.offset.size());
+  parallel_for(stripes, 1, [&](int64_t s) {
+    for (int64_t i = il.row0[s] * W; i < il.row0[s + 1] * W; ++i) f(i, lab[i] ? lab[i] + il.offset[s] : 0);
+  });
+}
+
 void check_input(const TensorView& input, int connectivity) {
   check_ndim(input, 3, "mask");
   check_device(input, Device::CPU, "mask");
@@ -151,18 +248,18 @@ void label_cpu(const TensorView& input, Foreground fg, int connectivity, const T
   PNEUMOSEG_DISPATCH_ALL(input.dtype, "mask", [&] {
     const auto* base = static_cast<const scalar_t*>(input.data);
     const IsForeground<scalar_t> is_fg{fg.use_threshold, fg.threshold};
+    const int stripes = stripes_for(N, H * W);
     parallel_for(N, std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, H * W)), [&](int64_t n) {
-      UnionFind uf;
       int32_t* lab = static_cast<int32_t*>(labels.data) + n * H * W;
-      scan(base + n * input.strides[0], H, W, input.strides[1], input.strides[2], is_fg, connectivity, lab, uf);
-      std::vector<int32_t> final_label;
-      uf.resolve(final_label, areas[n]);
-      const auto limit = static_cast<int32_t>(final_label.size());
-      for (int64_t i = 0; i < H * W; ++i) {
-        const int32_t l = lab[i];
+      ImageLabels il;
+      label_image(base + n * input.strides[0], H, W, input.strides[1], input.strides[2], is_fg, connectivity, lab,
+                  stripes, il);
+      areas[n] = std::move(il.areas);
+      const auto limit = static_cast<int32_t>(il.final_label.size());
+      for_each_stripe_pixel(il, W, lab, [&](int64_t i, int32_t l) {
         if (l < 0 || l >= limit) throw NativeError("label_cpu: provisional label out of range");
-        lab[i] = final_label[l];
-      }
+        lab[i] = il.final_label[l];
+      });
     });
   });
 }
@@ -178,15 +275,18 @@ std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessP
     const auto* base = static_cast<const scalar_t*>(input.data);
     const IsForeground<scalar_t> mask_fg{p.mask.use_threshold, p.mask.threshold};
     const IsForeground<scalar_t> top_fg{true, p.triplet_top};
+    const int stripes = stripes_for(N, H * W);
     parallel_for(N, std::max<int64_t>(1, (int64_t(1) << 21) / std::max<int64_t>(1, H * W)), [&](int64_t n) {
       uint8_t* dst = static_cast<uint8_t*>(out.data) + n * H * W;
       const scalar_t* image = base + n * input.strides[0];
       const int64_t sh = input.strides[1], sw = input.strides[2];
       bool keep = keep_image[n] != 0;
+      std::vector<uint8_t> on(W);
       if (keep && p.use_triplet) {
         int64_t above = 0;
         for (int64_t r = 0; r < H; ++r) {
-          for (int64_t c = 0; c < W; ++c) above += top_fg(image[r * sh + c * sw]);
+          row_foreground(image + r * sh, W, sw, top_fg, on.data());
+          for (int64_t c = 0; c < W; ++c) above += on[c];
         }
         keep = above >= p.triplet_min_area;
       }
@@ -197,31 +297,29 @@ std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessP
       int64_t count = 0;
       if (p.min_component_area <= 0) {
         for (int64_t r = 0; r < H; ++r) {
-          for (int64_t c = 0; c < W; ++c) {
-            const uint8_t v = mask_fg(image[r * sh + c * sw]);
-            dst[r * W + c] = v;
-            count += v;
-          }
+          uint8_t* row = dst + r * W;
+          row_foreground(image + r * sh, W, sw, mask_fg, row);
+          for (int64_t c = 0; c < W; ++c) count += row[c];
         }
       } else {
-        std::vector<int32_t> lab(H * W);
-        UnionFind uf;
-        scan(image, H, W, sh, sw, mask_fg, p.connectivity, lab.data(), uf);
-        std::vector<int32_t> final_label;
-        std::vector<int64_t> areas;
-        uf.resolve(final_label, areas);
+        // Provisional labels: every pixel is written by the scan, so the buffer needs no zeroing,
+        // and reusing it per thread saves the page faults of a fresh 4-byte-per-pixel allocation.
+        thread_local std::vector<int32_t> scratch;
+        if (scratch.size() < static_cast<size_t>(H * W)) scratch.resize(H * W);
+        int32_t* lab = scratch.data();
+        ImageLabels il;
+        label_image(image, H, W, sh, sw, mask_fg, p.connectivity, lab, stripes, il);
         // keep[provisional label] so the write pass is one lookup per pixel.
-        std::vector<uint8_t> keep_label(final_label.size(), 0);
-        for (size_t l = 1; l < final_label.size(); ++l) {
-          keep_label[l] = areas[final_label[l] - 1] >= p.min_component_area;
+        std::vector<uint8_t> keep_label(il.final_label.size(), 0);
+        for (size_t l = 1; l < il.final_label.size(); ++l) {
+          keep_label[l] = il.areas[il.final_label[l] - 1] >= p.min_component_area;
         }
         const auto limit = static_cast<int32_t>(keep_label.size());
-        for (int64_t i = 0; i < H * W; ++i) {
-          const int32_t l = lab[i];
+        for_each_stripe_pixel(il, W, lab, [&](int64_t i, int32_t l) {
           if (l < 0 || l >= limit) throw NativeError("postprocess_cpu: provisional label out of range");
           dst[i] = keep_label[l];
-          count += keep_label[l];
-        }
+        });
+        for (int64_t a : il.areas) count += a >= p.min_component_area ? a : 0;
       }
       nonempty[n] = count > 0;
     });
