@@ -2,12 +2,12 @@
 
 from . import postprocess, rle
 from ._native import cuda_available
-from .errors import InvalidInputError, NativeError, PneumosegError, RLEError
+from .errors import DataFormatError, DicomError, InvalidInputError, NativeError, PneumosegError, RLEError
 
 __version__ = "0.1.0"
 
 # Modules that need torch load on first use, so `import pneumoseg` needs NumPy alone.
-_LAZY = {"losses"}
+_LAZY = {"losses", "data"}
 
 
 def __getattr__(name: str):
@@ -20,6 +20,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "losses",
+    "data",
     "postprocess",
     "__version__",
     "cuda_available",
@@ -28,4 +29,6 @@ __all__ = [
     "InvalidInputError",
     "RLEError",
     "NativeError",
+    "DataFormatError",
+    "DicomError",
 ]

@@ -37,6 +37,41 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _data_synth(args: argparse.Namespace) -> int:
+    from .data.synthetic import make_synthetic_siim
+
+    csv_path = make_synthetic_siim(args.out, n_images=args.n, size=args.size, positive_fraction=args.positive_fraction,
+                                   seed=args.seed, progress=True)
+    print(f"wrote {args.n} synthetic studies under {args.out} and {csv_path}")
+    return 0
+
+
+def _data_masks(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ._png import write_png
+    from .data.siim import find_dicoms, read_rle_csv
+    from .rle import decode_union
+
+    rles = read_rle_csv(args.csv)
+    shapes: dict[str, tuple[int, int]] = {}
+    if args.dicoms:
+        import pydicom
+
+        for image_id, path in find_dicoms(args.dicoms).items():
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            shapes[image_id] = (int(ds.Rows), int(ds.Columns))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    positives = 0
+    for image_id, strings in tqdm(rles.items(), desc="masks", unit="image"):
+        mask = decode_union(strings, shapes.get(image_id, tuple(args.shape)))
+        positives += bool(mask.any())
+        write_png(out / f"{image_id}.png", mask * 255)
+    print(f"wrote {len(rles)} masks ({positives} with pneumothorax) to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pneumoseg", description="Pneumothorax classification and segmentation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,12 +80,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="pneumoseg-demo", help="folder for the outputs ('' for none)")
     demo.set_defaults(func=_demo)
+
+    data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write a synthetic study set in the SIIM-ACR Kaggle layout")
+    synth.add_argument("--out", required=True, help="folder to write (dicom-images-train/ and train-rle.csv)")
+    synth.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    synth.add_argument("--size", type=int, default=1024, help="image size (default 1024)")
+    synth.add_argument("--positive-fraction", type=float, default=0.3)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(func=_data_synth)
+    masks = data.add_parser("masks", help="write one PNG mask per image of an RLE CSV (union of annotations)")
+    masks.add_argument("--csv", required=True, help="train-rle.csv or stage_2_train.csv")
+    masks.add_argument("--out", required=True, help="folder for <ImageId>.png")
+    masks.add_argument("--shape", type=int, nargs=2, default=(1024, 1024), metavar=("H", "W"),
+                       help="mask size when --dicoms is not given (default 1024 1024)")
+    masks.add_argument("--dicoms", help="a DICOM folder to take each image's size from")
+    masks.set_defaults(func=_data_masks)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .errors import PneumosegError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except PneumosegError as exc:  # bad input files: a clear message, not a traceback
+        print(f"pneumoseg: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,0 +1,27 @@
+"""Data: DICOM reading, the SIIM-ACR CSV and folder layouts, a synthetic study set, and (with torch)
+datasets, folds, samplers and augmentations."""
+
+from .dicom import DicomImage, read_dicom
+from .siim import find_dicoms, read_rle_csv, write_rle_csv
+from .synthetic import chest_phantom, make_synthetic_siim
+
+_TORCH_NAMES = {
+    "SIIMDataset": "datasets", "stratified_kfold": "datasets", "PositiveRatioSampler": "datasets",
+    "DataWarning": "datasets", "Augment": "transforms", "preprocess": "transforms", "chest_crop": "transforms",
+    "resize_mask": "transforms",
+}
+
+
+def __getattr__(name: str):
+    # The torch-based parts load on first use, so reading DICOMs and CSVs needs no torch.
+    if name in _TORCH_NAMES:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_TORCH_NAMES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "DicomImage", "read_dicom", "find_dicoms", "read_rle_csv", "write_rle_csv", "chest_phantom",
+    "make_synthetic_siim", *_TORCH_NAMES,
+]

@@ -1,0 +1,160 @@
+"""Image preparation and augmentation in plain torch, batched, on whatever device the batch is on."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InvalidInputError
+
+__all__ = ["preprocess", "chest_crop", "Augment", "NORMALISE_MEAN", "NORMALISE_STD"]
+
+# Network inputs are (x - 0.5) / 0.25 for x in [0, 1]: centred, unit-ish spread, the same for every
+# bit depth because x is the image scaled by its own range first.
+NORMALISE_MEAN, NORMALISE_STD = 0.5, 0.25
+
+
+def _as_batch(pixels: Any) -> torch.Tensor:
+    t = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+    if t.dim() == 2:
+        t = t[None]
+    if t.dim() == 3:
+        t = t[:, None]
+    if t.dim() != 4 or t.shape[1] != 1:
+        raise InvalidInputError(f"pixels must be (H, W), (N, H, W) or (N, 1, H, W), got {tuple(t.shape)}")
+    return t
+
+
+def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Tensor:
+    """(H, W) / (N, H, W) / (N, 1, H, W) images of any numeric dtype -> (N, 1, S, S) float32 network
+    input: each image scaled to [0, 1] by its own min and max, resized (bilinear, antialiased) and
+    normalised with NORMALISE_MEAN / NORMALISE_STD. Runs on the input's device."""
+    x = _as_batch(pixels).float()
+    if isinstance(size, int):
+        size = (size, size)
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    if tuple(x.shape[2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (x - NORMALISE_MEAN) / NORMALISE_STD
+
+
+def resize_mask(mask: Any, size: Union[int, tuple[int, int]]) -> torch.Tensor:
+    """(N, 1, H, W) or (H, W) 0/1 masks resized by nearest neighbour to float32 (N, 1, S, S)."""
+    m = _as_batch(mask).float()
+    if isinstance(size, int):
+        size = (size, size)
+    if tuple(m.shape[2:]) != tuple(size):
+        m = F.interpolate(m, size=size, mode="nearest")
+    return m
+
+
+def chest_crop(pixels: np.ndarray, margin: float = 0.02) -> tuple[int, int, int, int]:
+    """The bounding box (row0, row1, col0, col1) of the chest in a radiograph, dropping the empty
+    border around the body. Computed from the image itself: pixels brighter than an Otsu threshold of
+    the image are body; rows and columns where more than 5% of the pixels are body are kept, plus a
+    ``margin`` (fraction of the size) on every side. Falls back to the whole image when nothing is found."""
+    img = np.asarray(pixels, dtype=np.float64)
+    if img.ndim != 2 or img.size == 0:
+        raise InvalidInputError(f"pixels must be a non-empty (H, W) image, got shape {img.shape}")
+    h, w = img.shape
+    lo, hi = img.min(), img.max()
+    if hi <= lo:
+        return 0, h, 0, w
+    hist, edges = np.histogram(img, bins=256, range=(lo, hi))
+    p = hist / hist.sum()
+    omega = np.cumsum(p)
+    mu = np.cumsum(p * np.arange(256))
+    between = (mu[-1] * omega - mu) ** 2 / np.maximum(omega * (1 - omega), 1e-12)
+    threshold = edges[int(np.argmax(between)) + 1]
+    body = img > threshold
+    rows = np.nonzero(body.mean(axis=1) > 0.05)[0]
+    cols = np.nonzero(body.mean(axis=0) > 0.05)[0]
+    if rows.size == 0 or cols.size == 0:
+        return 0, h, 0, w
+    mr, mc = int(round(margin * h)), int(round(margin * w))
+    return max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr), max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)
+
+
+class Augment:
+    """Random augmentations applied identically to a batch of images and masks, on their device:
+    horizontal flip, shift-scale-rotate (one affine warp: bilinear for images, nearest for masks), and
+    brightness / contrast / gamma on the images only.
+
+    ``augment(images, masks)`` takes (N, 1, H, W) tensors (masks may be None) and returns both."""
+
+    def __init__(
+        self,
+        *,
+        hflip: float = 0.5,
+        shift: float = 0.0625,
+        scale: float = 0.1,
+        rotate_degrees: float = 10.0,
+        affine_p: float = 0.7,
+        brightness: float = 0.1,
+        contrast: float = 0.1,
+        gamma: tuple[float, float] = (0.8, 1.25),
+        intensity_p: float = 0.5,
+        seed: Optional[int] = None,
+    ) -> None:
+        for name, v in (("hflip", hflip), ("affine_p", affine_p), ("intensity_p", intensity_p)):
+            if not 0.0 <= v <= 1.0:
+                raise InvalidInputError(f"{name} must be a probability in [0, 1], got {v}")
+        if gamma[0] <= 0 or gamma[1] < gamma[0]:
+            raise InvalidInputError(f"gamma must be a range of positive numbers, got {gamma}")
+        self.hflip, self.shift, self.scale, self.rotate = hflip, shift, scale, rotate_degrees
+        self.affine_p, self.brightness, self.contrast, self.gamma = affine_p, brightness, contrast, gamma
+        self.intensity_p = intensity_p
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def _uniform(self, n: int, lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=self.generator, dtype=torch.float64)
+
+    def __call__(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None):
+        if images.dim() != 4 or images.shape[1] != 1:
+            raise InvalidInputError(f"images must be (N, 1, H, W), got {tuple(images.shape)}")
+        if masks is not None and masks.shape != images.shape:
+            raise InvalidInputError(f"masks shape {tuple(masks.shape)} differs from images {tuple(images.shape)}")
+        n, device = images.shape[0], images.device
+        # Random numbers come from a CPU generator so results do not depend on the device.
+        flip = (torch.rand(n, generator=self.generator) < self.hflip).to(device)
+        do_affine = torch.rand(n, generator=self.generator) < self.affine_p
+        angle = torch.where(do_affine, self._uniform(n, -self.rotate, self.rotate), torch.zeros(n, dtype=torch.float64))
+        zoom = torch.where(do_affine, self._uniform(n, 1 - self.scale, 1 + self.scale), torch.ones(n, dtype=torch.float64))
+        tx = torch.where(do_affine, self._uniform(n, -self.shift, self.shift), torch.zeros(n, dtype=torch.float64))
+        ty = torch.where(do_affine, self._uniform(n, -self.shift, self.shift), torch.zeros(n, dtype=torch.float64))
+        rad = angle * math.pi / 180
+        cos, sin = torch.cos(rad) / zoom, torch.sin(rad) / zoom
+        theta = torch.stack([torch.stack([cos, -sin, 2 * tx], 1), torch.stack([sin, cos, 2 * ty], 1)], 1)
+        theta = theta.to(device=device, dtype=torch.float32)
+        out = torch.where(flip[:, None, None, None], images.flip(-1), images).float()
+        if masks is not None:
+            masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks).float()
+        # Only the samples that drew an affine transform are resampled: the rest stay exact.
+        warp = do_affine.nonzero().flatten().to(device)
+        if warp.numel():
+            grid = F.affine_grid(theta[warp], [warp.numel(), *images.shape[1:]], align_corners=False)
+            out = out.clone()
+            out[warp] = F.grid_sample(out[warp], grid, mode="bilinear", padding_mode="border", align_corners=False)
+            if masks is not None:
+                masks = masks.clone()
+                masks[warp] = F.grid_sample(masks[warp], grid, mode="nearest", padding_mode="zeros", align_corners=False)
+        do_int = (torch.rand(n, generator=self.generator) < self.intensity_p)
+        b = torch.where(do_int, self._uniform(n, -self.brightness, self.brightness), torch.zeros(n, dtype=torch.float64))
+        c = torch.where(do_int, self._uniform(n, 1 - self.contrast, 1 + self.contrast), torch.ones(n, dtype=torch.float64))
+        g = torch.where(do_int, self._uniform(n, *self.gamma), torch.ones(n, dtype=torch.float64))
+        shape = (n, 1, 1, 1)
+        b, c, g = (v.to(device=device, dtype=torch.float32).view(shape) for v in (b, c, g))
+        lo = out.amin(dim=(2, 3), keepdim=True)
+        hi = out.amax(dim=(2, 3), keepdim=True)
+        span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        unit = ((out - lo) / span).clamp(0, 1) ** g  # gamma on the image's own [0, 1] scale
+        out = ((unit - 0.5) * c + 0.5 + b) * span + lo
+        return (out, masks) if masks is not None else out
