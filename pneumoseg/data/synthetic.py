@@ -71,7 +71,9 @@ def chest_phantom(size: int, rng: np.random.Generator, pneumothorax: bool) -> tu
         img[rib & body] += 45.0
     mediastinum = (np.abs(xx - 0.5) < 0.07 + 0.1 * np.clip(yy - 0.45, 0, 1)) & (yy > 0.12) & body
     img[mediastinum] = 175.0
-    img[(np.abs(xx - 0.5) < 0.025) & body] = 195.0  # spine
+    spine = (np.abs(xx - 0.5) < 0.025) & body
+    img[spine] = 195.0
+    mask[mediastinum | spine] = 0  # annotate only what the image shows: the mediastinum hides the rest
     img += 6.0 * rng.standard_normal((size, size))
     return np.clip(img, 0, 255).astype(np.uint8), mask
 
