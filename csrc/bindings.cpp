@@ -66,6 +66,26 @@ int cuda_device_count() { return 0; }
 }
 #endif
 
+// Runs the CUDA branch for CUDA arrays (a clear error in a CPU-only build), the CPU branch otherwise.
+#ifdef PNEUMOSEG_WITH_CUDA
+#define PNEUMOSEG_ON_DEVICE(view, cpu_call, cuda_call) \
+  do {                                                 \
+    if ((view).device == Device::CUDA) {               \
+      cuda_call;                                       \
+    } else {                                           \
+      cpu_call;                                        \
+    }                                                  \
+  } while (0)
+#else
+#define PNEUMOSEG_ON_DEVICE(view, cpu_call, cuda_call) \
+  do {                                                 \
+    if ((view).device == Device::CUDA) no_cuda();      \
+    cpu_call;                                          \
+  } while (0)
+#endif
+
+inline void* stream_of([[maybe_unused]] uintptr_t stream) { return reinterpret_cast<void*>(stream); }
+
 py::list to_str_list(const rle::EncodedBatch& batch) {
   const size_t n = batch.offsets.empty() ? 0 : batch.offsets.size() - 1;
   py::list out(n);
@@ -81,20 +101,12 @@ rle::Style to_style(int style) {
   return static_cast<rle::Style>(style);
 }
 
-py::list rle_encode(const TensorView& masks, int style, uintptr_t stream) {
+py::list rle_encode(const TensorView& masks, int style, [[maybe_unused]] uintptr_t stream) {
   rle::EncodedBatch batch;
   {
     py::gil_scoped_release release;
-    if (masks.device == Device::CUDA) {
-#ifdef PNEUMOSEG_WITH_CUDA
-      rle::encode_cuda(masks, to_style(style), reinterpret_cast<void*>(stream), batch);
-#else
-      (void)stream;
-      no_cuda();
-#endif
-    } else {
-      rle::encode_cpu(masks, to_style(style), batch);
-    }
+    PNEUMOSEG_ON_DEVICE(masks, rle::encode_cpu(masks, to_style(style), batch),
+                        rle::encode_cuda(masks, to_style(style), stream_of(stream), batch));
   }
   return to_str_list(batch);
 }
@@ -110,7 +122,7 @@ py::list rle_encode_units_cpu(const TensorView& masks, int style) {
 
 // texts[i] (str or bytes) paints into image images[i]; items[i] is its index in the caller's list.
 void rle_decode(const py::sequence& texts, const std::vector<int64_t>& images, const std::vector<int64_t>& items,
-                const TensorView& out, int style, uintptr_t stream) {
+                const TensorView& out, int style, [[maybe_unused]] uintptr_t stream) {
   const size_t n = py::len(texts);
   if (images.size() != n || items.size() != n) fail_value("rle_decode: texts, images and items differ in length");
   check_ndim(out, 3, "out");
@@ -140,16 +152,7 @@ void rle_decode(const py::sequence& texts, const std::vector<int64_t>& images, c
   py::gil_scoped_release release;
   std::vector<rle::Run> runs;
   rle::parse_runs(views, out.shape[1], out.shape[2], to_style(style), runs);
-  if (out.device == Device::CUDA) {
-#ifdef PNEUMOSEG_WITH_CUDA
-    rle::paint_runs_cuda(runs, out, reinterpret_cast<void*>(stream));
-#else
-    (void)stream;
-    no_cuda();
-#endif
-  } else {
-    rle::paint_runs_cpu(runs, out);
-  }
+  PNEUMOSEG_ON_DEVICE(out, rle::paint_runs_cpu(runs, out), rle::paint_runs_cuda(runs, out, stream_of(stream)));
 }
 
 loss::ComboParams combo_params(double bce_weight, double dice_weight, double focal_weight, double focal_gamma,
@@ -166,52 +169,28 @@ loss::ComboParams combo_params(double bce_weight, double dice_weight, double foc
 }
 
 void combo_loss_forward(const TensorView& logits, const TensorView& target, const TensorView& state,
-                        const TensorView& loss_out, const loss::ComboParams& p, uintptr_t stream) {
+                        const TensorView& loss_out, const loss::ComboParams& p, [[maybe_unused]] uintptr_t stream) {
   py::gil_scoped_release release;
-  if (logits.device == Device::CUDA) {
-#ifdef PNEUMOSEG_WITH_CUDA
-    loss::forward_cuda(logits, target, p, state, loss_out, reinterpret_cast<void*>(stream));
-#else
-    (void)stream;
-    no_cuda();
-#endif
-  } else {
-    loss::forward_cpu(logits, target, p, state, loss_out);
-  }
+  PNEUMOSEG_ON_DEVICE(logits, loss::forward_cpu(logits, target, p, state, loss_out),
+                      loss::forward_cuda(logits, target, p, state, loss_out, stream_of(stream)));
 }
 
 void combo_loss_backward(const TensorView& grad_loss, const TensorView& logits, const TensorView& target,
                          const TensorView& state, const TensorView& grad_logits, const loss::ComboParams& p,
-                         uintptr_t stream) {
+                         [[maybe_unused]] uintptr_t stream) {
   py::gil_scoped_release release;
-  if (logits.device == Device::CUDA) {
-#ifdef PNEUMOSEG_WITH_CUDA
-    loss::backward_cuda(grad_loss, logits, target, state, p, grad_logits, reinterpret_cast<void*>(stream));
-#else
-    (void)stream;
-    no_cuda();
-#endif
-  } else {
-    loss::backward_cpu(grad_loss, logits, target, state, p, grad_logits);
-  }
+  PNEUMOSEG_ON_DEVICE(logits, loss::backward_cpu(grad_loss, logits, target, state, p, grad_logits),
+                      loss::backward_cuda(grad_loss, logits, target, state, p, grad_logits, stream_of(stream)));
 }
 
 py::list label_components(const TensorView& input, bool use_threshold, double threshold, int connectivity,
-                          const TensorView& labels, uintptr_t stream) {
+                          const TensorView& labels, [[maybe_unused]] uintptr_t stream) {
   std::vector<std::vector<int64_t>> areas;
   {
     py::gil_scoped_release release;
     const postprocess::Foreground fg{use_threshold, threshold};
-    if (input.device == Device::CUDA) {
-#ifdef PNEUMOSEG_WITH_CUDA
-      postprocess::label_cuda(input, fg, connectivity, labels, areas, reinterpret_cast<void*>(stream));
-#else
-      (void)stream;
-      no_cuda();
-#endif
-    } else {
-      postprocess::label_cpu(input, fg, connectivity, labels, areas);
-    }
+    PNEUMOSEG_ON_DEVICE(input, postprocess::label_cpu(input, fg, connectivity, labels, areas),
+                        postprocess::label_cuda(input, fg, connectivity, labels, areas, stream_of(stream)));
   }
   py::list out;
   for (const auto& a : areas) {
@@ -240,7 +219,7 @@ std::vector<uint8_t> postprocess_masks(const TensorView& input, bool mask_use_th
 // keep_image_device: a device uint8 (N,) array's address, or 0 to keep every image.
 void postprocess_masks_cuda(const TensorView& input, bool mask_use_threshold, double mask_threshold, bool use_triplet,
                             double triplet_top, int64_t triplet_min_area, int64_t min_component_area,
-                            int connectivity, uintptr_t keep_image_device, const TensorView& out, uintptr_t stream) {
+                            int connectivity, uintptr_t keep_image_device, const TensorView& out, [[maybe_unused]] uintptr_t stream) {
 #ifdef PNEUMOSEG_WITH_CUDA
   postprocess::PostprocessParams p;
   p.mask = postprocess::Foreground{mask_use_threshold, mask_threshold};

@@ -147,7 +147,7 @@ def _cupy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
 def require_cuda_build(name: str, error: type[Exception] = InvalidInputError) -> None:
     if not _C.built_with_cuda():
         raise error(
-            f"{name} is on a CUDA device, but this pneumoseg was built without CUDA support "
+            f"{name}: CUDA was asked for, but this pneumoseg was built without CUDA support "
             "(rebuild with nvcc on PATH, or -Ccmake.define.PNEUMOSEG_CUDA=ON)"
         )
 

@@ -155,6 +155,8 @@ def decode_batch(
     is_cuda, index = _parse_device(device)
     if is_cuda:
         _native.require_cuda_build("device", RLEError)
+        if not _native.cuda_available():
+            raise RLEError(f"device={device!r}, but no CUDA device is available (pneumoseg.cuda_available() is False)")
         kind = "torch" if _torch_importable() else "cupy"
         out = _native.zeros_uint8(kind, (n, h, w), index, cuda=True)
     else:

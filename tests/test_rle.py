@@ -294,6 +294,13 @@ def test_errors_are_value_errors_and_name_the_argument():
         rle.decode_batch(["-1"], (2, 2), device="tpu")
 
 
+def test_cuda_device_without_a_gpu_is_a_clear_error():
+    if pneumoseg.cuda_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(pneumoseg.RLEError, match="no CUDA device is available|built without CUDA support"):
+        rle.decode_batch(["-1"], (2, 2), device="cuda:0")
+
+
 def test_cuda_array_with_cpu_only_build_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(_C, "built_with_cuda", lambda: False)
     with pytest.raises(pneumoseg.RLEError, match="built without CUDA support"):

@@ -48,11 +48,6 @@ void check_scalar(const TensorView& v, const char* name) {
   }
 }
 
-int focal_mode(const ComboParams& p) {
-  if (p.focal_weight == 0.0) return kNoFocal;
-  return p.focal_gamma == 2.0 ? kFocalSquare : kFocalPow;
-}
-
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
   // PNEUMOSEG_DISABLE_AVX2=1 forces the baseline loops (the tests check both builds agree).
@@ -112,7 +107,7 @@ void forward_cpu(const TensorView& logits, const TensorView& target, const Combo
 #if defined(PNEUMOSEG_HAVE_AVX2_TU)
   if (cpu_has_avx2()) run = avx2::forward_pixels;
 #endif
-  const int mode = focal_mode(p);
+  const int mode = focal_mode(p.focal_weight, p.focal_gamma);
   parallel_for(N * chunks, 4, [&](int64_t task) {
     const int64_t n = task / chunks, c = task % chunks;
     run(logits.dtype, target.dtype, mode, logits.data, target.data, n * P + c * kChunk,
@@ -149,7 +144,7 @@ void backward_cpu(const TensorView& grad_loss, const TensorView& logits, const T
 #if defined(PNEUMOSEG_HAVE_AVX2_TU)
   if (cpu_has_avx2()) run = avx2::backward_pixels;
 #endif
-  const int mode = focal_mode(p);
+  const int mode = focal_mode(p.focal_weight, p.focal_gamma);
   parallel_for(N * chunks, 4, [&](int64_t task) {
     const int64_t n = task / chunks, c = task % chunks;
     run(logits.dtype, target.dtype, mode, logits.data, target.data, n * P + c * kChunk,

@@ -138,15 +138,6 @@ void backward_chunk(const L* x, const T* t, int64_t count, double w, double gamm
   }
 }
 
-template <typename F>
-void with_mode(int mode, F&& f) {
-  switch (mode) {
-    case kNoFocal: f(std::integral_constant<int, kNoFocal>()); break;
-    case kFocalSquare: f(std::integral_constant<int, kFocalSquare>()); break;
-    default: f(std::integral_constant<int, kFocalPow>()); break;
-  }
-}
-
 }  // namespace
 
 // Sums of pixels [begin, begin + count) into out[kSumCount].
@@ -155,7 +146,7 @@ void forward_pixels(DType logits_dtype, DType target_dtype, int mode, const void
   PNEUMOSEG_DISPATCH_FLOATING(logits_dtype, "logits", [&] {
     using L = scalar_t;
     PNEUMOSEG_DISPATCH_TARGET(target_dtype, "target", [&] {
-      with_mode(mode, [&](auto m) {
+      with_focal_mode(mode, [&](auto m) {
         forward_chunk<L, target_t, decltype(m)::value>(static_cast<const L*>(logits) + begin,
                                                        static_cast<const target_t*>(target) + begin, count, w, gamma,
                                                        out);
@@ -171,7 +162,7 @@ void backward_pixels(DType logits_dtype, DType target_dtype, int mode, const voi
   PNEUMOSEG_DISPATCH_FLOATING(logits_dtype, "logits", [&] {
     using L = scalar_t;
     PNEUMOSEG_DISPATCH_TARGET(target_dtype, "target", [&] {
-      with_mode(mode, [&](auto m) {
+      with_focal_mode(mode, [&](auto m) {
         backward_chunk<L, target_t, decltype(m)::value>(static_cast<const L*>(logits) + begin,
                                                         static_cast<const target_t*>(target) + begin, count, w, gamma,
                                                         coef, grad_out, static_cast<L*>(grad) + begin);

@@ -121,20 +121,6 @@ __global__ void backward_kernel(const void* grad_loss, bool grad_is_double, cons
   }
 }
 
-int focal_mode(const ComboParams& p) {
-  if (p.focal_weight == 0.0) return kNoFocal;
-  return p.focal_gamma == 2.0 ? kFocalSquare : kFocalPow;
-}
-
-template <typename F>
-void with_focal_mode(int mode, F&& f) {
-  switch (mode) {
-    case kNoFocal: f(std::integral_constant<int, kNoFocal>()); break;
-    case kFocalSquare: f(std::integral_constant<int, kFocalSquare>()); break;
-    default: f(std::integral_constant<int, kFocalPow>()); break;
-  }
-}
-
 }  // namespace
 
 void forward_cuda(const TensorView& logits, const TensorView& target, const ComboParams& p, const TensorView& state,
@@ -150,7 +136,7 @@ void forward_cuda(const TensorView& logits, const TensorView& target, const Comb
   PNEUMOSEG_DISPATCH_FLOATING(logits.dtype, "logits", [&] {
     using L = scalar_t;
     PNEUMOSEG_DISPATCH_TARGET(target.dtype, "target", [&] {
-      with_focal_mode(focal_mode(p), [&](auto mode) {
+      with_focal_mode(focal_mode(p.focal_weight, p.focal_gamma), [&](auto mode) {
         forward_partials_kernel<L, target_t, decltype(mode)::value><<<dim3(blocks, N), kThreads, 0, stream>>>(
             static_cast<const L*>(logits.data), static_cast<const target_t*>(target.data), P, p.pos_weight,
             p.focal_gamma, partials.as<double>());
@@ -174,7 +160,7 @@ void backward_cuda(const TensorView& grad_loss, const TensorView& logits, const 
   PNEUMOSEG_DISPATCH_FLOATING(logits.dtype, "logits", [&] {
     using L = scalar_t;
     PNEUMOSEG_DISPATCH_TARGET(target.dtype, "target", [&] {
-      with_focal_mode(focal_mode(p), [&](auto mode) {
+      with_focal_mode(focal_mode(p.focal_weight, p.focal_gamma), [&](auto mode) {
         backward_kernel<L, target_t, decltype(mode)::value><<<std::max(grid, 1), kThreads, 0, stream>>>(
             grad_loss.data, grad_loss.dtype == DType::Float64, static_cast<const L*>(logits.data),
             static_cast<const target_t*>(target.data), static_cast<const double*>(state.data), N, P, p.pos_weight,

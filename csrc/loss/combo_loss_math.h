@@ -10,6 +10,7 @@
 // double uses the C library.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/half.h"
 #include "common/macros.h"
@@ -110,6 +111,21 @@ inline __attribute__((always_inline)) float8v log1p_unit(float8v e) { return log
 
 // How the focal term is computed: none, gamma == 2 (the usual choice, a square), or any gamma.
 enum FocalMode : int { kNoFocal = 0, kFocalSquare = 1, kFocalPow = 2 };
+
+inline int focal_mode(double focal_weight, double focal_gamma) {
+  if (focal_weight == 0.0) return kNoFocal;
+  return focal_gamma == 2.0 ? kFocalSquare : kFocalPow;
+}
+
+// Runtime focal mode -> a compile-time constant for the kernels' template parameter.
+template <typename F>
+void with_focal_mode(int mode, F&& f) {
+  switch (mode) {
+    case kNoFocal: f(std::integral_constant<int, kNoFocal>()); break;
+    case kFocalSquare: f(std::integral_constant<int, kFocalSquare>()); break;
+    default: f(std::integral_constant<int, kFocalPow>()); break;
+  }
+}
 
 template <typename V>
 PNEUMOSEG_HD V pow_lanes(V m, double gamma) {

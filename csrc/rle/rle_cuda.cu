@@ -111,39 +111,36 @@ __global__ void count_chars_kernel(const T* masks, int64_t sn, int64_t sh, int64
   }
 }
 
-// One block per image: chars -> first character of each unit within its image; image_len[n] = total.
-__global__ void scan_chars_kernel(int64_t units, int64_t* chars_to_first, int64_t* image_len) {
-  using Scan = cub::BlockScan<int64_t, kScanThreads>;
-  __shared__ typename Scan::TempStorage temp;
-  int64_t* chars = chars_to_first + blockIdx.x * units;
-  int64_t carry = 0;
-  for (int64_t base = 0; base < units; base += kScanThreads) {
-    const int64_t i = base + threadIdx.x;
-    const int64_t c = i < units ? chars[i] : 0;
-    int64_t excl, total;
-    Scan(temp).ExclusiveSum(c, excl, total);
-    __syncthreads();
-    if (i < units) chars[i] = carry + excl;
-    carry += total;
-  }
-  if (threadIdx.x == 0) image_len[blockIdx.x] = carry;
-}
-
-// One block: image_len -> image offsets, with the grand total in offsets[n].
-__global__ void scan_images_kernel(int64_t n, const int64_t* image_len, int64_t* offsets) {
+// In-place exclusive sum of data[0, n) by one block of kScanThreads threads; returns the total
+// (to every thread).
+__device__ int64_t block_exclusive_sum(int64_t* data, int64_t n) {
   using Scan = cub::BlockScan<int64_t, kScanThreads>;
   __shared__ typename Scan::TempStorage temp;
   int64_t carry = 0;
   for (int64_t base = 0; base < n; base += kScanThreads) {
     const int64_t i = base + threadIdx.x;
-    const int64_t c = i < n ? image_len[i] : 0;
+    const int64_t c = i < n ? data[i] : 0;
     int64_t excl, total;
     Scan(temp).ExclusiveSum(c, excl, total);
     __syncthreads();
-    if (i < n) offsets[i] = carry + excl;
+    if (i < n) data[i] = carry + excl;
     carry += total;
   }
-  if (threadIdx.x == 0) offsets[n] = carry;
+  return carry;
+}
+
+// One block per image: chars -> first character of each unit within its image; image_len[n] = total.
+__global__ void scan_chars_kernel(int64_t units, int64_t* chars_to_first, int64_t* image_len) {
+  const int64_t total = block_exclusive_sum(chars_to_first + blockIdx.x * units, units);
+  if (threadIdx.x == 0) image_len[blockIdx.x] = total;
+}
+
+// One block: image lengths -> image offsets, with the grand total in offsets[n].
+__global__ void scan_images_kernel(int64_t n, const int64_t* image_len, int64_t* offsets) {
+  for (int64_t i = threadIdx.x; i < n; i += kScanThreads) offsets[i] = image_len[i];
+  __syncthreads();
+  const int64_t total = block_exclusive_sum(offsets, n);
+  if (threadIdx.x == 0) offsets[n] = total;
 }
 
 template <typename T>
