@@ -201,10 +201,9 @@ py::list label_components(const TensorView& input, bool use_threshold, double th
   return out;
 }
 
-std::vector<uint8_t> postprocess_masks(const TensorView& input, bool mask_use_threshold, double mask_threshold,
-                                       bool use_triplet, double triplet_top, int64_t triplet_min_area,
-                                       int64_t min_component_area, int connectivity,
-                                       const std::vector<uint8_t>& keep_image, const TensorView& out) {
+postprocess::PostprocessParams postprocess_params(bool mask_use_threshold, double mask_threshold, bool use_triplet,
+                                                  double triplet_top, int64_t triplet_min_area,
+                                                  int64_t min_component_area, int connectivity) {
   postprocess::PostprocessParams p;
   p.mask = postprocess::Foreground{mask_use_threshold, mask_threshold};
   p.use_triplet = use_triplet;
@@ -212,31 +211,23 @@ std::vector<uint8_t> postprocess_masks(const TensorView& input, bool mask_use_th
   p.triplet_min_area = triplet_min_area;
   p.min_component_area = min_component_area;
   p.connectivity = connectivity;
+  return p;
+}
+
+std::vector<uint8_t> postprocess_masks(const TensorView& input, const postprocess::PostprocessParams& p,
+                                       const std::vector<uint8_t>& keep_image, const TensorView& out) {
   py::gil_scoped_release release;
   return postprocess::postprocess_cpu(input, p, keep_image, out);
 }
 
 // keep_image_device: a device uint8 (N,) array's address, or 0 to keep every image.
-void postprocess_masks_cuda(const TensorView& input, bool mask_use_threshold, double mask_threshold, bool use_triplet,
-                            double triplet_top, int64_t triplet_min_area, int64_t min_component_area,
-                            int connectivity, uintptr_t keep_image_device, const TensorView& out, [[maybe_unused]] uintptr_t stream) {
-#ifdef PNEUMOSEG_WITH_CUDA
-  postprocess::PostprocessParams p;
-  p.mask = postprocess::Foreground{mask_use_threshold, mask_threshold};
-  p.use_triplet = use_triplet;
-  p.triplet_top = triplet_top;
-  p.triplet_min_area = triplet_min_area;
-  p.min_component_area = min_component_area;
-  p.connectivity = connectivity;
+void postprocess_masks_cuda(const TensorView& input, const postprocess::PostprocessParams& p,
+                            [[maybe_unused]] uintptr_t keep_image_device, const TensorView& out,
+                            [[maybe_unused]] uintptr_t stream) {
   py::gil_scoped_release release;
-  postprocess::postprocess_cuda(input, p, reinterpret_cast<const uint8_t*>(keep_image_device), out,
-                                reinterpret_cast<void*>(stream));
-#else
-  (void)input, (void)mask_use_threshold, (void)mask_threshold, (void)use_triplet, (void)triplet_top;
-  (void)triplet_min_area, (void)min_component_area, (void)connectivity, (void)keep_image_device, (void)out;
-  (void)stream;
-  no_cuda();
-#endif
+  PNEUMOSEG_ON_DEVICE(input, fail_value("postprocess_masks_cuda takes CUDA arrays"),
+                      postprocess::postprocess_cuda(input, p, reinterpret_cast<const uint8_t*>(keep_image_device),
+                                                    out, stream_of(stream)));
 }
 
 }  // namespace
@@ -279,13 +270,14 @@ PYBIND11_MODULE(_C, m) {
         py::arg("state"), py::arg("grad_logits"), py::arg("params"), py::arg("stream") = 0);
   m.def("label_components", &label_components, py::arg("input"), py::arg("use_threshold"), py::arg("threshold"),
         py::arg("connectivity"), py::arg("labels"), py::arg("stream") = 0);
-  m.def("postprocess_masks_cuda", &postprocess_masks_cuda, py::arg("input"), py::arg("mask_use_threshold"),
-        py::arg("mask_threshold"), py::arg("use_triplet"), py::arg("triplet_top"), py::arg("triplet_min_area"),
-        py::arg("min_component_area"), py::arg("connectivity"), py::arg("keep_image_device"), py::arg("out"),
-        py::arg("stream") = 0);
-  m.def("postprocess_masks", &postprocess_masks, py::arg("input"), py::arg("mask_use_threshold"),
-        py::arg("mask_threshold"), py::arg("use_triplet"), py::arg("triplet_top"), py::arg("triplet_min_area"),
-        py::arg("min_component_area"), py::arg("connectivity"), py::arg("keep_image"), py::arg("out"));
+  m.def("postprocess_masks_cuda", &postprocess_masks_cuda, py::arg("input"), py::arg("params"),
+        py::arg("keep_image_device"), py::arg("out"), py::arg("stream") = 0);
+  py::class_<postprocess::PostprocessParams>(m, "PostprocessParams")
+      .def(py::init(&postprocess_params), py::arg("mask_use_threshold"), py::arg("mask_threshold"),
+           py::arg("use_triplet"), py::arg("triplet_top"), py::arg("triplet_min_area"),
+           py::arg("min_component_area"), py::arg("connectivity"));
+  m.def("postprocess_masks", &postprocess_masks, py::arg("input"), py::arg("params"), py::arg("keep_image"),
+        py::arg("out"));
   m.def("rle_decode", &rle_decode, py::arg("texts"), py::arg("images"), py::arg("items"), py::arg("out"),
         py::arg("style"), py::arg("stream") = 0);
 }

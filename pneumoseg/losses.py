@@ -135,6 +135,18 @@ def _number(value, name: str) -> float:
     return out
 
 
+def _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight) -> dict[str, float]:
+    """The loss's numeric arguments, validated (non-negative and finite) and as floats."""
+    return dict(
+        bce_weight=_number(bce_weight, "bce_weight"),
+        dice_weight=_number(dice_weight, "dice_weight"),
+        focal_weight=_number(focal_weight, "focal_weight"),
+        focal_gamma=_number(focal_gamma, "focal_gamma"),
+        smooth=_number(smooth, "smooth"),
+        pos_weight=1.0 if pos_weight is None else _number(pos_weight, "pos_weight"),
+    )
+
+
 def combo_loss(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -174,14 +186,7 @@ def combo_loss(
         raise InvalidInputError("logits is an empty batch")
     if logits[0].numel() == 0:
         raise InvalidInputError(f"logits has images with no pixels, shape {tuple(logits.shape)}")
-    weights = dict(
-        bce_weight=_number(bce_weight, "bce_weight"),
-        dice_weight=_number(dice_weight, "dice_weight"),
-        focal_weight=_number(focal_weight, "focal_weight"),
-        focal_gamma=_number(focal_gamma, "focal_gamma"),
-        smooth=_number(smooth, "smooth"),
-        pos_weight=1.0 if pos_weight is None else _number(pos_weight, "pos_weight"),
-    )
+    weights = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
     x = logits.reshape(n, -1).contiguous()
     t = target.reshape(n, -1).contiguous()
     loss, state = _combo_forward(
@@ -213,16 +218,9 @@ class ComboLoss(torch.nn.Module):
         validate: Optional[bool] = None,
     ) -> None:
         super().__init__()
-        self.kwargs = dict(
-            bce_weight=_number(bce_weight, "bce_weight"),
-            dice_weight=_number(dice_weight, "dice_weight"),
-            focal_weight=_number(focal_weight, "focal_weight"),
-            focal_gamma=_number(focal_gamma, "focal_gamma"),
-            per_image=bool(per_image),
-            smooth=_number(smooth, "smooth"),
-            pos_weight=None if pos_weight is None else _number(pos_weight, "pos_weight"),
-            validate=validate,
-        )
+        # Validated now, so a bad weight fails where the module is built, not at the first batch.
+        self.kwargs = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
+        self.kwargs.update(per_image=bool(per_image), validate=validate)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return combo_loss(logits, target, **self.kwargs)

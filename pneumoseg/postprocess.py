@@ -133,8 +133,7 @@ def _run(
     out = batch.empty("uint8")
     out_view = _native.as_view(out, "out").view
     use_threshold = threshold is not None
-    args = (
-        batch.info.view,
+    params = _C.PostprocessParams(
         use_threshold,
         to_input_space(threshold) if use_threshold else 0.0,
         triplet is not None,
@@ -145,10 +144,10 @@ def _run(
     )
     if batch.cuda:
         keep_ptr = 0 if keep is None else _device_ptr(keep)
-        _C.postprocess_masks_cuda(*args, keep_ptr, out_view, batch.info.stream)
+        _C.postprocess_masks_cuda(batch.info.view, params, keep_ptr, out_view, batch.info.stream)
     else:
         keep_image = [1] * batch.n if keep is None else [int(k) for k in np.asarray(keep).reshape(-1)]
-        _C.postprocess_masks(*args, keep_image, out_view)
+        _C.postprocess_masks(batch.info.view, params, keep_image, out_view)
     return out
 
 
