@@ -221,8 +221,8 @@ std::vector<uint8_t> postprocess_masks(const TensorView& input, const postproces
 }
 
 // keep_image_device: a device uint8 (N,) array's address, or 0 to keep every image.
-void postprocess_masks_cuda(const TensorView& input, const postprocess::PostprocessParams& p,
-                            [[maybe_unused]] uintptr_t keep_image_device, const TensorView& out,
+void postprocess_masks_cuda(const TensorView& input, [[maybe_unused]] const postprocess::PostprocessParams& p,
+                            [[maybe_unused]] uintptr_t keep_image_device, [[maybe_unused]] const TensorView& out,
                             [[maybe_unused]] uintptr_t stream) {
   py::gil_scoped_release release;
   PNEUMOSEG_ON_DEVICE(input, fail_value("postprocess_masks_cuda takes CUDA arrays"),
