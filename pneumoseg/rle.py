@@ -102,10 +102,6 @@ def _flatten(rles: Sequence[RleItem]) -> tuple[list[Any], list[int]]:
     return texts, images
 
 
-def _decode_into(out_info: _native.ArrayInfo, texts: list[Any], images: list[int], items: list[int], style: str) -> None:
-    _C.rle_decode(texts, images, items, out_info.view, _style_code(style), out_info.stream)
-
-
 def decode(rle: str, shape: tuple[int, int] = DEFAULT_SHAPE, *, style: Style = "siim") -> np.ndarray:
     """Decode one string to a (H, W) uint8 NumPy array of 0 and 1."""
     if not isinstance(rle, (str, bytes)):

@@ -15,7 +15,6 @@ from pneumoseg.data import (  # noqa: E402
     SIIMDataset,
     chest_crop,
     chest_phantom,
-    find_dicoms,
     make_synthetic_siim,
     preprocess,
     read_rle_csv,
