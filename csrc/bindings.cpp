@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "common/errors.h"
+#include "common/half.h"
 #include "common/tensor_view.h"
 #include "loss/combo_loss.h"
 #include "postprocess/components.h"
@@ -230,6 +231,16 @@ void postprocess_masks_cuda(const TensorView& input, [[maybe_unused]] const post
                                                     out, stream_of(stream)));
 }
 
+// Test hook: the float -> float16 / bfloat16 rounding the kernels use (also on the GPU).
+py::array_t<uint16_t> round_to_half_bits(const py::array_t<float, py::array::c_style | py::array::forcecast>& values,
+                                         bool bfloat16) {
+  py::array_t<uint16_t> out(values.size());
+  const float* in = values.data();
+  uint16_t* dst = out.mutable_data();
+  for (py::ssize_t i = 0; i < values.size(); ++i) dst[i] = bfloat16 ? float_to_bf16(in[i]) : float_to_half(in[i]);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -278,6 +289,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("min_component_area"), py::arg("connectivity"));
   m.def("postprocess_masks", &postprocess_masks, py::arg("input"), py::arg("params"), py::arg("keep_image"),
         py::arg("out"));
+  m.def("_round_to_half_bits", &round_to_half_bits, py::arg("values"), py::arg("bfloat16"));
   m.def("rle_decode", &rle_decode, py::arg("texts"), py::arg("images"), py::arg("items"), py::arg("out"),
         py::arg("style"), py::arg("stream") = 0);
 }

@@ -319,3 +319,30 @@ def test_baseline_and_avx2_builds_agree():
     env = dict(os.environ, PNEUMOSEG_DISABLE_AVX2="1")
     out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_half_rounding_matches_numpy_and_torch(bfloat16):
+    """The float -> float16 / bfloat16 conversion of the kernels (CPU and GPU share it): round to
+    nearest even, overflow to inf, subnormals, NaN kept."""
+    import numpy as np
+
+    from pneumoseg._native import _C
+
+    rng = np.random.default_rng(0)
+    bits = rng.integers(0, 2**32, 200_000, dtype=np.uint64).astype(np.uint32)
+    special = np.array([0.0, -0.0, 1.0, -1.0, 65504.0, 65520.0, 65519.99, 1e-8, 6e-8, 3e-8, 5.96e-8, 1e30,
+                        np.inf, -np.inf, np.nan, 1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8],
+                       dtype=np.float32)
+    values = np.concatenate([bits.view(np.float32), special])
+    ours = _C._round_to_half_bits(values, bfloat16)
+    if bfloat16:
+        expected = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    else:
+        with np.errstate(over="ignore"):
+            expected = values.astype(np.float16).view(np.uint16)
+    nan = np.isnan(values)
+    np.testing.assert_array_equal(ours[~nan], expected[~nan])
+    # NaN stays NaN (payloads may differ)
+    exp_mask, man_mask = (0x7F80, 0x007F) if bfloat16 else (0x7C00, 0x03FF)
+    assert ((ours[nan] & exp_mask) == exp_mask).all() and ((ours[nan] & man_mask) != 0).all()

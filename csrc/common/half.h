@@ -61,11 +61,12 @@ PNEUMOSEG_HD uint16_t float_to_half(float f) {
 
 PNEUMOSEG_HD float bf16_to_float(uint16_t b) { return bits_float(uint32_t(b) << 16); }
 
+// Round to nearest even; NaN stays a (quiet) NaN. Branch-free, so store loops vectorise.
 PNEUMOSEG_HD uint16_t float_to_bf16(float f) {
   const uint32_t x = float_bits(f);
-  if ((x & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((x >> 16) | 0x40u);  // quiet nan
-  const uint32_t rounding = 0x7fffu + ((x >> 16) & 1u);
-  return static_cast<uint16_t>((x + rounding) >> 16);
+  const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+  const uint32_t quiet_nan = (x >> 16) | 0x40u;
+  return static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 // Uniform load/store of any floating storage type as float (or double for double).
