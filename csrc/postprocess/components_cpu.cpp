@@ -207,12 +207,29 @@ int stripes_for(int64_t images, int64_t pixels) {
   return static_cast<int>(std::max<int64_t>(1, hw / std::max<int64_t>(1, images)));
 }
 
-// For each pixel of stripe-labelled image: f(index, global provisional label).
-template <typename F>
-void for_each_stripe_pixel(const ImageLabels& il, int64_t W, const int32_t* lab, F&& f) {
+// For each pixel of a stripe-labelled image: out[i] = table[global provisional label], stripes in
+// parallel. Everything the loop reads is a local: a store through a byte pointer may alias anything,
+// and the compiler would reload the bounds and table pointer on every pixel. Labels outside the
+// table read entry 0 and are reported after the loop, so no access is ever out of bounds.
+template <typename Out>
+void write_from_table(const ImageLabels& il, int64_t W, const int32_t* lab, const Out* table, int64_t table_size,
+                      Out* out, const char* where) {
   const int stripes = static_cast<int>(il.offset.size());
   parallel_for(stripes, 1, [&](int64_t s) {
-    for (int64_t i = il.row0[s] * W; i < il.row0[s + 1] * W; ++i) f(i, lab[i] ? lab[i] + il.offset[s] : 0);
+    const int64_t begin = il.row0[s] * W, end = il.row0[s + 1] * W;
+    const uint32_t offset = static_cast<uint32_t>(il.offset[s]), size = static_cast<uint32_t>(table_size);
+    const int32_t* src = lab;
+    const Out* t = table;
+    Out* dst = out;
+    uint32_t bad = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      const uint32_t l = static_cast<uint32_t>(src[i]);
+      const uint32_t g = l ? l + offset : 0u;
+      const uint32_t outside = g >= size;
+      bad |= outside;
+      dst[i] = t[outside ? 0u : g];
+    }
+    if (bad) throw NativeError(std::string(where) + ": provisional label out of range");
   });
 }
 
@@ -255,11 +272,8 @@ void label_cpu(const TensorView& input, Foreground fg, int connectivity, const T
       label_image(base + n * input.strides[0], H, W, input.strides[1], input.strides[2], is_fg, connectivity, lab,
                   stripes, il);
       areas[n] = std::move(il.areas);
-      const auto limit = static_cast<int32_t>(il.final_label.size());
-      for_each_stripe_pixel(il, W, lab, [&](int64_t i, int32_t l) {
-        if (l < 0 || l >= limit) throw NativeError("label_cpu: provisional label out of range");
-        lab[i] = il.final_label[l];
-      });
+      write_from_table(il, W, lab, il.final_label.data(), static_cast<int64_t>(il.final_label.size()), lab,
+                       "label_cpu");
     });
   });
 }
@@ -314,11 +328,8 @@ std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessP
         for (size_t l = 1; l < il.final_label.size(); ++l) {
           keep_label[l] = il.areas[il.final_label[l] - 1] >= p.min_component_area;
         }
-        const auto limit = static_cast<int32_t>(keep_label.size());
-        for_each_stripe_pixel(il, W, lab, [&](int64_t i, int32_t l) {
-          if (l < 0 || l >= limit) throw NativeError("postprocess_cpu: provisional label out of range");
-          dst[i] = keep_label[l];
-        });
+        write_from_table(il, W, lab, keep_label.data(), static_cast<int64_t>(keep_label.size()), dst,
+                         "postprocess_cpu");
         for (int64_t a : il.areas) count += a >= p.min_component_area ? a : 0;
       }
       nonempty[n] = count > 0;
