@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cstring>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -179,10 +180,11 @@ void format_transitions(const std::vector<int64_t>& t, Style style, std::string&
     if (style == Style::Siim) s = "-1";
     return;
   }
-  // Every number is at most as long as the pixel count, plus its separator.
+  // Every number is at most as long as the pixel count, plus its separator. The worst-case buffer
+  // is left uninitialised (every byte used is written), unlike std::string::resize.
   const int widest = decimal_digits(static_cast<uint64_t>(t.back()) + 1) + 1;
-  s.resize(t.size() * widest);
-  char* p = &s[0];
+  std::unique_ptr<char[]> buffer(new char[t.size() * widest]);
+  char* p = buffer.get();
   for (size_t j = 0; j < t.size(); ++j) {
     if (j > 0) *p++ = ' ';
     const uint64_t v = transition_number(style, static_cast<int64_t>(j), t[j], j > 0 ? t[j - 1] : -1);
@@ -190,7 +192,7 @@ void format_transitions(const std::vector<int64_t>& t, Style style, std::string&
     write_decimal(p, v, d);
     p += d;
   }
-  s.resize(p - s.data());
+  s.assign(buffer.get(), p);
 }
 
 void check_batch(const TensorView& masks) {
@@ -202,6 +204,11 @@ void check_batch(const TensorView& masks) {
 }
 
 void join(std::vector<std::string>& parts, EncodedBatch& out) {
+  if (parts.size() == 1) {  // the common single-mask call: no copy
+    out.chars = std::move(parts[0]);
+    out.offsets = {0, static_cast<int64_t>(out.chars.size())};
+    return;
+  }
   size_t total = 0;
   for (auto& p : parts) total += p.size();
   out.chars.clear();
