@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from collections import defaultdict
 
 
@@ -55,7 +56,7 @@ def main() -> None:
         ax.set_xscale("log")
         ax.set_yticks(range(len(rows)), labels, fontsize=7)
         ax.set_xlabel("speed-up of pneumoseg (baseline median / pneumoseg median), log scale")
-        ax.set_title(args.json)
+        ax.set_title(f"pneumoseg speed-ups, one run ({Path(args.json).name})")
         fig.tight_layout()
         fig.savefig(args.png, dpi=120)
         print(f"wrote {args.png}")
