@@ -60,10 +60,16 @@ def _encode_view(info: _native.ArrayInfo, style: str) -> list[str]:
 def encode(mask: Any, *, style: Style = "siim") -> str:
     """Encode one (H, W) mask of any dtype (nonzero is foreground). An empty mask gives ``"-1"``
     (``""`` in the absolute style)."""
-    info = _native.as_view(mask, "mask", RLEError)
-    if info.view.ndim != 2:
-        raise RLEError(f"mask must be 2-D (height, width), got shape {tuple(info.view.shape)}")
-    return encode_batch(info.owner[None], style=style)[0]
+    _style_code(style)
+    if _native.kind_of(mask) == "numpy":
+        try:
+            mask = np.asarray(mask)
+        except Exception as exc:  # ragged lists and the like
+            raise RLEError(f"mask could not be read as an array: {exc}") from exc
+    if len(mask.shape) != 2:
+        raise RLEError(f"mask must be 2-D (height, width), got shape {tuple(mask.shape)}")
+    # The shape is checked on the input itself, so only the batch-of-one view is converted.
+    return _encode_view(_native.as_view(mask[None], "mask", RLEError), style)[0]
 
 
 def encode_batch(masks: Any, *, style: Style = "siim") -> list[str]:
