@@ -1,0 +1,6 @@
+"""Networks (need torch): timm-named encoders, the stage-1 classifier, the stage-2 segmenters."""
+
+from .classifier import create_classifier
+from .encoders import ENCODERS, Encoder, create_encoder, list_encoders
+
+__all__ = ["Encoder", "ENCODERS", "create_encoder", "create_classifier", "list_encoders"]

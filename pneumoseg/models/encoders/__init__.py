@@ -1,0 +1,55 @@
+"""The encoder registry: names -> builders of timm-named networks (see ``_base.Encoder``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ...errors import InvalidInputError
+from . import resnet
+from ._base import Encoder
+
+__all__ = ["Encoder", "EncoderSpec", "ENCODERS", "register_encoder", "list_encoders", "create_encoder"]
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    builder: Callable[..., Encoder]
+    #: the timm model whose state_dict and function this encoder reproduces (None: pneumoseg's own)
+    timm_name: str | None
+    description: str
+
+
+ENCODERS: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(name: str, builder: Callable[..., Encoder], *, timm_name: str | None, description: str) -> None:
+    if name in ENCODERS:
+        raise ValueError(f"encoder {name!r} is registered twice")
+    ENCODERS[name] = EncoderSpec(name, builder, timm_name, description)
+
+
+def list_encoders() -> list[str]:
+    return sorted(ENCODERS)
+
+
+def create_encoder(name: str, *, in_channels: int = 3, num_classes: int = 0, features_only: bool = True) -> Encoder:
+    """Build encoder ``name`` (see ``list_encoders()``) with random weights."""
+    spec = ENCODERS.get(name) if isinstance(name, str) else None
+    if spec is None:
+        raise InvalidInputError(f"unknown encoder {name!r}; choose one of {', '.join(list_encoders())}")
+    for arg, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InvalidInputError(f"{arg} must be an integer >= {low}, got {value!r}")
+    model = spec.builder(in_channels=in_channels, num_classes=num_classes, features_only=features_only)
+    model.name = name
+    return model
+
+
+register_encoder("resnet34", resnet.resnet34, timm_name="resnet34", description="ResNet-34 (21.8 M parameters)")
+register_encoder("resnet50", resnet.resnet50, timm_name="resnet50", description="ResNet-50 (25.6 M)")
+register_encoder("seresnext50_32x4d", resnet.seresnext50_32x4d, timm_name="seresnext50_32x4d",
+                 description="SE-ResNeXt-50 32x4d (27.6 M)")
+register_encoder("resnet_tiny", resnet.resnet_tiny, timm_name=None,
+                 description="pneumoseg's small ResNet for the demo and tests (one block per stage, widths 16-128)")
