@@ -7,7 +7,7 @@ from .errors import DataFormatError, DicomError, InvalidInputError, NativeError,
 __version__ = "0.1.0"
 
 # Modules that need torch load on first use, so `import pneumoseg` needs NumPy alone.
-_LAZY = {"losses", "data"}
+_LAZY = {"losses", "data", "models"}
 
 
 def __getattr__(name: str):
@@ -21,6 +21,7 @@ def __getattr__(name: str):
 __all__ = [
     "losses",
     "data",
+    "models",
     "postprocess",
     "__version__",
     "cuda_available",

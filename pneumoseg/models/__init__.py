@@ -2,5 +2,8 @@
 
 from .classifier import create_classifier
 from .encoders import ENCODERS, Encoder, create_encoder, list_encoders
+from .segmenter import ARCHITECTURES, Segmenter, create_segmenter
+from .config import build_model
 
-__all__ = ["Encoder", "ENCODERS", "create_encoder", "create_classifier", "list_encoders"]
+__all__ = ["Encoder", "ENCODERS", "create_encoder", "create_classifier", "list_encoders",
+           "ARCHITECTURES", "Segmenter", "create_segmenter", "build_model"]

@@ -13,4 +13,7 @@ def create_classifier(name: str, num_classes: int = 1, in_channels: int = 3) -> 
     With ``num_classes=1000, in_channels=3`` it has exactly the parameter names and shapes of
     ``timm.create_model(name)`` and computes the same function. ``num_classes=0`` returns the pooled
     features (timm's ``num_classes=0``)."""
-    return create_encoder(name, in_channels=in_channels, num_classes=num_classes, features_only=False)
+    model = create_encoder(name, in_channels=in_channels, num_classes=num_classes, features_only=False)
+    # construction arguments, JSON-able, for pneumoseg.models.build_model
+    model.config = {"kind": "classifier", "encoder": name, "num_classes": num_classes, "in_channels": in_channels}
+    return model
