@@ -7,7 +7,7 @@ from .errors import DataFormatError, DicomError, InvalidInputError, NativeError,
 __version__ = "0.1.0"
 
 # Modules that need torch load on first use, so `import pneumoseg` needs NumPy alone.
-_LAZY = {"losses", "data", "models"}
+_LAZY = {"losses", "data", "models", "metrics"}
 
 
 def __getattr__(name: str):
@@ -22,6 +22,7 @@ __all__ = [
     "losses",
     "data",
     "models",
+    "metrics",
     "postprocess",
     "__version__",
     "cuda_available",

@@ -181,7 +181,7 @@ def binary_vector(x: Any, name: str) -> np.ndarray:
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise InvalidInputError(
-            f"{name} must hold only 0 and 1 (binary classification); {name}[{i}] is {arr[i]!r}"
+            f"{name} must hold only 0 and 1 (binary classification); {name}[{i}] is {arr[i].item()!r}"
             f" ({int(bad.sum())} such values)"
         )
     return arr != 0
@@ -194,7 +194,7 @@ def score_vector(x: Any, name: str) -> np.ndarray:
     if not finite.all():
         i = int(np.flatnonzero(~finite)[0])
         raise InvalidInputError(
-            f"{name} must be finite; {name}[{i}] is {arr[i]!r} ({int((~finite).sum())} non-finite values)"
+            f"{name} must be finite; {name}[{i}] is {arr[i].item()!r} ({int((~finite).sum())} non-finite values)"
         )
     return arr
 

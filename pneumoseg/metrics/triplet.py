@@ -36,7 +36,7 @@ DEFAULT_MIN_AREAS_1024 = (0, 250, 500, 1000, 2000, 3000, 4000)
 DEFAULT_GATE_THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq would compare the score arrays elementwise
 class TripletChoice:
     """The best grid point and the whole grid's scores.
 
