@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ...errors import InvalidInputError
-from . import resnet
+from . import densenet, efficientnet, resnet, xception
 from ._base import Encoder
 
 __all__ = ["Encoder", "EncoderSpec", "ENCODERS", "register_encoder", "list_encoders", "create_encoder"]
@@ -51,5 +51,17 @@ register_encoder("resnet34", resnet.resnet34, timm_name="resnet34", description=
 register_encoder("resnet50", resnet.resnet50, timm_name="resnet50", description="ResNet-50 (25.6 M)")
 register_encoder("seresnext50_32x4d", resnet.seresnext50_32x4d, timm_name="seresnext50_32x4d",
                  description="SE-ResNeXt-50 32x4d (27.6 M)")
+register_encoder("densenet121", densenet.densenet121, timm_name="densenet121",
+                 description="DenseNet-121, CheXNet's network (8.0 M)")
+for _variant, _params in (("b0", "5.3 M"), ("b1", "7.8 M"), ("b2", "9.1 M"), ("b3", "12.2 M"), ("b4", "19.3 M")):
+    register_encoder(f"efficientnet_{_variant}", getattr(efficientnet, f"efficientnet_{_variant}"),
+                     timm_name=f"efficientnet_{_variant}",
+                     description=f"EfficientNet-{_variant.upper()}, PyTorch padding ({_params})")
+    register_encoder(f"tf_efficientnet_{_variant}", getattr(efficientnet, f"tf_efficientnet_{_variant}"),
+                     timm_name=f"tf_efficientnet_{_variant}",
+                     description=f"EfficientNet-{_variant.upper()}, TensorFlow SAME padding and BN eps 1e-3 for "
+                                 f"Google's ported weights ({_params})")
+register_encoder("legacy_xception", xception.legacy_xception, timm_name="legacy_xception",
+                 description="Xception, Keras port (22.9 M)")
 register_encoder("resnet_tiny", resnet.resnet_tiny, timm_name=None,
                  description="pneumoseg's small ResNet for the demo and tests (one block per stage, widths 16-128)")

@@ -49,13 +49,17 @@ class Encoder(nn.Module):
     Class attributes a subclass sets:
       - ``stem_weights``: names of the parameters that see the input channels (the first convolution),
         adapted by ``load_pretrained`` when a 3-channel checkpoint meets ``in_channels != 3``;
-      - ``head_modules``: names of the modules of the classification head (skipped when features_only).
+      - ``head_modules``: names of the modules of the classification head (skipped when features_only);
+      - ``classifier_module``: the name of the final linear layer among them (its shape depends on
+        ``num_classes``; ``load_pretrained``'s ``head`` option decides about it). Defaults to the last
+        of ``head_modules``.
     Instance attributes: ``out_channels`` (5 ints), ``num_features`` (channels into the head),
     ``in_channels``, ``num_classes``, ``features_only``, ``name``.
     """
 
     stem_weights: tuple[str, ...] = ()
     head_modules: tuple[str, ...] = ()
+    classifier_module: str | None = None
 
     def __init__(self, *, in_channels: int, num_classes: int, features_only: bool) -> None:
         super().__init__()
