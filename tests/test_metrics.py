@@ -196,6 +196,16 @@ def test_mask_errors(pred, truth, kwargs, message):
         metrics.dice_per_image(pred, truth, **kwargs)
 
 
+def test_masked_and_sparse_inputs_are_refused():
+    mask = np.ma.masked_array(np.ones((2, 3, 3)), mask=np.zeros((2, 3, 3), bool))
+    with pytest.raises(InvalidInputError, match="masked array"):
+        metrics.dice_per_image(mask, np.ones((2, 3, 3)))
+    with pytest.raises(InvalidInputError, match="masked array"):
+        metrics.roc_auc(np.ma.masked_array([0, 1]), [0.2, 0.4])
+    with pytest.raises(InvalidInputError, match="to_dense"):
+        metrics.dice_per_image(torch.ones(2, 3, 3).to_sparse(), torch.ones(2, 3, 3))
+
+
 def test_invalid_float_image_named_in_large_batches():
     pred = np.zeros((3, 80, 80), np.float32)
     pred[2, 5, 5] = 0.4
@@ -490,6 +500,62 @@ def test_triplet_errors():
 
 
 # ------------------------------------------------------------------------------------------- CUDA
+
+
+@pytest.fixture
+def device_path_on_cpu(monkeypatch):
+    """Route CPU tensors through the batched torch code that CUDA input takes, so its arithmetic and
+    its NaN flags are checked on machines without a GPU too."""
+    from pneumoseg.metrics import _inputs, segmentation, triplet
+
+    def as_device_pair(pred, truth):
+        pair = _inputs.mask_pair(pred, truth)
+        p, t = torch.as_tensor(pair.pred), torch.as_tensor(pair.truth)
+        return _inputs.MaskPair(p, t, pair.single, True, True, p.device)
+
+    monkeypatch.setattr(segmentation, "mask_pair", as_device_pair)
+    monkeypatch.setattr(triplet, "mask_pair", as_device_pair)
+
+
+def test_device_path_arithmetic(device_path_on_cpu):
+    rng = np.random.default_rng(33)
+    probs = rng.random((5, 23, 17)).astype(np.float32)
+    truth = random_mask(rng, (5, 23, 17), 0.3)
+    truth[0], probs[0] = 0, 0.2  # both empty at threshold 0.5
+    dice = metrics.dice_per_image(probs, truth, threshold=0.5)
+    assert isinstance(dice, torch.Tensor) and dice.dtype == torch.float64
+    np.testing.assert_allclose(dice.numpy(), ref_dice(probs > 0.5, truth), atol=1e-15, rtol=0)
+    np.testing.assert_allclose(metrics.iou(probs, truth, threshold=0.5).numpy(), ref_iou(probs > 0.5, truth), atol=1e-15, rtol=0)
+    assert metrics.kaggle_dice(probs, truth, threshold=0.5).item() == pytest.approx(ref_dice(probs > 0.5, truth).mean(), abs=1e-15)
+    # invalid images are NaN there instead of an error (raising would synchronise)
+    bad = (probs > 0.5).astype(np.float32)
+    bad[1, 0, 0], bad[3, 2, 2] = 0.5, np.nan
+    got = metrics.dice_per_image(bad, truth).numpy()
+    assert np.isnan(got[[1, 3]]).all()
+    np.testing.assert_allclose(got[[0, 2, 4]], ref_dice(probs > 0.5, truth)[[0, 2, 4]], atol=1e-15, rtol=0)
+    nan_probs = probs.copy()
+    nan_probs[4, 1, 1] = np.nan
+    assert np.isnan(metrics.dice_per_image(nan_probs, truth, threshold=0.5).numpy()[4])
+    soft_truth = truth.astype(np.float32) * 0.9
+    assert np.isnan(metrics.dice_per_image(probs, soft_truth, threshold=0.5).numpy()[1:]).all()
+
+
+def test_device_path_triplet_search(device_path_on_cpu):
+    rng = np.random.default_rng(34)
+    probs, truths = network_like_batch(rng, 8, (26, 19))
+    scores = rng.random(8)
+    search = metrics.TripletSearch(**GRID)
+    search.update(probs[:5], truths[:5], scores[:5])
+    search.update(probs[5:].astype(np.float16), truths[5:], scores[5:])
+    expected = ref_triplet_grid(np.concatenate([probs[:5], probs[5:].astype(np.float16).astype(np.float32)]), truths,
+                                GRID["tops"], GRID["min_areas"], GRID["bottoms"], scores, metrics.triplet.DEFAULT_GATE_THRESHOLDS)
+    np.testing.assert_allclose(search.result().scores, expected, atol=1e-14, rtol=0)
+    probs[6, 3, 3] = np.nan
+    search = metrics.TripletSearch(**GRID)
+    search.update(probs, truths)
+    with pytest.raises(InvalidInputError, match="NaN in 1 images"):
+        search.result()
+
 
 
 @pytest.mark.cuda

@@ -93,7 +93,13 @@ def _as_images(x: Any, name: str) -> tuple[Any, bool]:
     raise InvalidInputError(f"{name} must be (H, W), (N, H, W) or (N, 1, H, W), got shape {shape}")
 
 
+def _refuse_masked(x: Any, name: str) -> None:
+    if isinstance(x, np.ma.MaskedArray):  # np.asarray would drop its mask without a word
+        raise InvalidInputError(f"{name} is a masked array; pass {name}.filled(0)")
+
+
 def _numpy_mask(x: Any, name: str) -> np.ndarray:
+    _refuse_masked(x, name)
     try:
         arr = np.asarray(x)
     except Exception as exc:  # ragged lists, CuPy arrays (which refuse implicit copies) and the like
@@ -109,6 +115,8 @@ def _torch_mask(x: Any, name: str) -> Any:
         raise InvalidInputError(f"{name} has dtype {x.dtype}; masks are bool, integer or float tensors")
     if x.device.type not in ("cpu", "cuda"):
         raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
+    if x.layout != torch.strided:
+        raise InvalidInputError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
     x = x.detach()
     if x.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every bfloat16 exactly
         x = x.float()
@@ -151,6 +159,7 @@ def mask_pair(pred: Any, truth: Any) -> MaskPair:
 def _vector(x: Any, name: str) -> np.ndarray:
     """``x`` as a 1-D NumPy array: a list, array or tensor (CUDA tensors are copied to the host)
     of shape (N,) or (N, 1)."""
+    _refuse_masked(x, name)
     if is_tensor(x):
         torch = torch_module()
         x = x.detach()
