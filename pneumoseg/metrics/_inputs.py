@@ -28,9 +28,15 @@ def is_tensor(x: Any) -> bool:
 
 
 def check_real(value: Any, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InvalidInputError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
+    try:
+        out = float(value)
+    except OverflowError:  # an int beyond float range
+        out = math.inf
+    if not math.isfinite(out):
         raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
+    return out
 
 
 def check_unit(value: Any, name: str) -> float:
@@ -41,7 +47,7 @@ def check_unit(value: Any, name: str) -> float:
 
 
 def check_count(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
         raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
     return int(value)
 

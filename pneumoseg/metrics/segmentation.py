@@ -118,7 +118,7 @@ def overlap_counts(pred: Any, truth: Any, *, threshold: Optional[float] = None) 
     """Per-image pixel counts ``(intersection, pred_area, truth_area)`` as int64 vectors of length N,
     from which Dice, IoU, precision and recall follow; on CUDA as tensors on the device (invalid input
     there is not flagged: use the metrics for that)."""
-    pair = _pair(pred, truth, threshold)
+    pair, threshold = _pair(pred, truth, threshold)
     if pair.cuda:
         inter, p, t, _ = _torch_counts(pair, threshold)
         return inter, p, t
@@ -129,14 +129,14 @@ def overlap_counts(pred: Any, truth: Any, *, threshold: Optional[float] = None) 
     return counts
 
 
-def _pair(pred: Any, truth: Any, threshold: Optional[float]) -> MaskPair:
+def _pair(pred: Any, truth: Any, threshold: Any) -> tuple[MaskPair, Optional[float]]:
     if threshold is not None:
         threshold = check_real(threshold, "threshold")
-    return mask_pair(pred, truth)
+    return mask_pair(pred, truth), threshold
 
 
 def _per_image(pred: Any, truth: Any, threshold: Optional[float], kind: str) -> tuple[Any, MaskPair]:
-    pair = _pair(pred, truth, threshold)
+    pair, threshold = _pair(pred, truth, threshold)
     if pair.cuda:
         torch = torch_module()
         inter, p, t, invalid = _torch_counts(pair, threshold)
