@@ -1,8 +1,11 @@
 """pneumoseg: pneumothorax classification and segmentation on chest radiographs, with a C++/CUDA core."""
 
-from . import postprocess, rle
+from . import limits, postprocess, rle
 from ._native import cuda_available
-from .errors import DataFormatError, DicomError, InvalidInputError, NativeError, PneumosegError, RLEError
+from .errors import (
+    DataFormatError, DataWarning, DicomError, InvalidInputError, LimitError, NativeError, OutputError, PneumosegError,
+    RLEError,
+)
 
 __version__ = "0.1.0"
 
@@ -33,4 +36,8 @@ __all__ = [
     "NativeError",
     "DataFormatError",
     "DicomError",
+    "LimitError",
+    "OutputError",
+    "DataWarning",
+    "limits",
 ]

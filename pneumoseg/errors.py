@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-__all__ = ["PneumosegError", "InvalidInputError", "RLEError", "NativeError", "DataFormatError", "DicomError"]
+__all__ = [
+    "PneumosegError", "InvalidInputError", "RLEError", "LimitError", "RLELimitError", "NativeError", "DataFormatError", "DicomError",
+    "OutputError", "DataWarning",
+]
 
 
 class PneumosegError(Exception):
@@ -10,11 +13,21 @@ class PneumosegError(Exception):
 
 
 class InvalidInputError(PneumosegError, ValueError):
-    """An argument has the wrong shape, dtype, device or value."""
+    """An argument has the wrong type, shape, dtype, device or value."""
 
 
 class RLEError(InvalidInputError):
     """A run-length encoding, or an argument of an RLE function, is malformed."""
+
+
+class LimitError(InvalidInputError):
+    """An input asks for more than a documented size limit allows (see :mod:`pneumoseg.limits`); the
+    message names the limit and how to raise it."""
+
+
+class RLELimitError(LimitError, RLEError):
+    """A size limit exceeded by an argument of an RLE function: both a :class:`LimitError` and an
+    :class:`RLEError`, so either ``except`` catches it."""
 
 
 class NativeError(PneumosegError, RuntimeError):
@@ -29,3 +42,14 @@ class DataFormatError(PneumosegError, ValueError):
 class DicomError(DataFormatError):
     """A DICOM file cannot be read: corrupt, truncated, without pixel data, or compressed with a
     transfer syntax whose decoder is not installed. The message names the file and the cause."""
+
+
+class OutputError(PneumosegError, ValueError):
+    """pneumoseg refuses to write where it was asked: the output folder is a file, not writable, or
+    holds someone else's files (pass ``overwrite=True`` / ``--force`` to write into it anyway), or a
+    name derived from the data (an ImageId) is not a safe file name."""
+
+
+class DataWarning(UserWarning):
+    """Something in a data folder deserves a look (images without labels, labels without images,
+    files that were skipped)."""
