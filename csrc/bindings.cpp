@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -87,12 +88,32 @@ int cuda_device_count() { return 0; }
 
 inline void* stream_of([[maybe_unused]] uintptr_t stream) { return reinterpret_cast<void*>(stream); }
 
-py::list to_str_list(const rle::EncodedBatch& batch) {
-  const size_t n = batch.offsets.empty() ? 0 : batch.offsets.size() - 1;
+// Each mask's pieces become one Python str; every piece is freed as soon as it is copied, so the
+// peak is about the text once in C++ and once in Python.
+py::list to_str_list(rle::EncodedBatch& batch) {
+  const size_t n = batch.first.empty() ? 0 : batch.first.size() - 1;
   py::list out(n);
   for (size_t i = 0; i < n; ++i) {
-    const int64_t a = batch.offsets[i], b = batch.offsets[i + 1];
-    out[i] = py::str(batch.chars.data() + a, static_cast<size_t>(b - a));
+    const int64_t a = batch.first[i], b = batch.first[i + 1];
+    if (a < 0 || b < a || b > static_cast<int64_t>(batch.pieces.size())) throw NativeError("rle: bad piece offsets");
+    if (b - a == 1) {
+      std::string& only = batch.pieces[a];
+      out[i] = py::str(only.data(), only.size());
+      std::string().swap(only);
+      continue;
+    }
+    size_t total = 0;
+    for (int64_t k = a; k < b; ++k) total += batch.pieces[k].size();
+    PyObject* text = PyUnicode_New(static_cast<Py_ssize_t>(total), 127);  // the encoder writes ASCII only
+    if (text == nullptr) throw py::error_already_set();
+    auto* dst = reinterpret_cast<char*>(PyUnicode_1BYTE_DATA(text));
+    for (int64_t k = a; k < b; ++k) {
+      std::string& piece = batch.pieces[k];
+      std::memcpy(dst, piece.data(), piece.size());
+      dst += piece.size();
+      std::string().swap(piece);
+    }
+    out[i] = py::reinterpret_steal<py::str>(text);
   }
   return out;
 }

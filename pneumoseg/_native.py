@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import check_array_object
 from .errors import InvalidInputError
 
 try:
@@ -84,6 +85,7 @@ def kind_of(x: Any) -> str:
 
 def as_view(x: Any, name: str, error: type[Exception] = InvalidInputError) -> ArrayInfo:
     """Describe ``x`` for the native core; raise ``error`` naming ``name`` for unsupported input."""
+    check_array_object(x, name, error=error)
     kind = kind_of(x)
     if kind == "torch":
         return _torch_view(x, name, error)

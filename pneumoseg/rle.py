@@ -17,15 +17,15 @@ on the caller's current stream.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
 import numpy as np
 
-from . import _native
+from . import _native, limits
+from ._checks import check_array_object, check_choice, check_image_shape, check_str_sequence, show
 from ._native import _C
-from .errors import RLEError
+from .errors import LimitError, RLEError, RLELimitError
 
 __all__ = ["encode", "encode_batch", "decode", "decode_union", "decode_batch", "Style"]
 
@@ -35,20 +35,29 @@ DEFAULT_SHAPE = (1024, 1024)
 
 
 def _style_code(style: str) -> int:
-    try:
-        return _STYLES[style]
-    except (KeyError, TypeError):
-        raise RLEError(f"style must be 'siim' or 'absolute', got {style!r}") from None
+    return _STYLES[check_choice(style, "style", tuple(_STYLES), error=RLEError)]
 
 
 def _check_shape(shape: Any) -> tuple[int, int]:
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)) or len(shape) != 2:
+        raise RLEError(f"shape must be a pair of non-negative integers (height, width), got {show(shape)}")
     try:
-        dims = tuple(operator.index(d) for d in shape)
-    except TypeError:
-        raise RLEError(f"shape must be a pair of non-negative integers (height, width), got {shape!r}") from None
-    if len(dims) != 2 or any(d < 0 for d in dims):
-        raise RLEError(f"shape must be a pair of non-negative integers (height, width), got {shape!r}")
-    return dims
+        return check_image_shape(shape, "shape", error=RLEError)
+    except LimitError as exc:
+        raise RLELimitError(str(exc)) from None
+
+
+def _check_limit(name: str, value: int, what: str) -> None:
+    try:
+        limits.check(name, value, what)
+    except LimitError as exc:
+        raise RLELimitError(str(exc)) from None
+
+
+def _check_text(text: Any, name: str) -> None:
+    if not isinstance(text, (str, bytes)):
+        raise RLEError(f"{name} must be a str, got {type(text).__name__}")
+    _check_limit("max_rle_chars", len(text), f"{name} of {len(text):,} characters")
 
 
 def _encode_view(info: _native.ArrayInfo, style: str) -> list[str]:
@@ -61,6 +70,7 @@ def encode(mask: Any, *, style: Style = "siim") -> str:
     """Encode one (H, W) mask of any dtype (nonzero is foreground). An empty mask gives ``"-1"``
     (``""`` in the absolute style)."""
     _style_code(style)
+    check_array_object(mask, "mask", error=RLEError)
     if _native.kind_of(mask) == "numpy":
         try:
             mask = np.asarray(mask)
@@ -80,6 +90,7 @@ def encode_batch(masks: Any, *, style: Style = "siim") -> list[str]:
     A list of 2-D masks of different shapes is also accepted.
     """
     _style_code(style)
+    check_array_object(masks, "masks", error=RLEError)
     if isinstance(masks, (list, tuple)) and masks and not np.isscalar(masks[0]):
         if all(hasattr(m, "shape") for m in masks) and len({tuple(m.shape) for m in masks}) > 1:
             return [encode(m, style=style) for m in masks]
@@ -92,20 +103,39 @@ def encode_batch(masks: Any, *, style: Style = "siim") -> list[str]:
 RleItem = Union[str, bytes, Sequence[str]]
 
 
-def _flatten(rles: Sequence[RleItem]) -> tuple[list[Any], list[int]]:
+def _flatten(items: list[Any]) -> tuple[list[Any], list[int]]:
     """Strings and their image indices; an item that is a list of strings is the union of them."""
     texts: list[Any] = []
     images: list[int] = []
-    for i, item in enumerate(rles):
+    for i, item in enumerate(items):
         if isinstance(item, (str, bytes)):
+            _check_text(item, f"rles[{i}]")
             texts.append(item)
             images.append(i)
-        elif isinstance(item, (list, tuple)):
-            texts.extend(item)
-            images.extend([i] * len(item))
-        else:
-            raise RLEError(f"rles[{i}] must be a str (or a list of str for a union), got {type(item).__name__}")
+            continue
+        union = check_str_sequence(item, f"rles[{i}]", allow_bytes=True, error=RLEError)
+        _check_limit("max_annotations", len(union), f"rles[{i}] with {len(union):,} strings")
+        for j, text in enumerate(union):
+            _check_text(text, f"rles[{i}][{j}]")
+        texts.extend(union)
+        images.extend([i] * len(union))
     return texts, images
+
+
+def check_str_sequence_or_unions(rles: Any) -> list[Any]:
+    """The items of decode_batch's ``rles``: a list (or tuple, or 1-D array) whose items are strings
+    or lists of strings; generators and None are refused with a hint."""
+    if isinstance(rles, (str, bytes)):
+        raise RLEError("rles must be a list of strings; use decode() for a single string")
+    if rles is None or not isinstance(rles, (Sequence, np.ndarray)):
+        kind = type(rles).__name__
+        hint = " (a one-shot iterator; pass list(...) of it)" if hasattr(rles, "__next__") else ""
+        raise RLEError(f"rles must be a list of strings (or of lists of strings), got {kind}{hint}")
+    items = rles.tolist() if isinstance(rles, np.ndarray) else list(rles)
+    for i, item in enumerate(items):
+        if not isinstance(item, (str, bytes, list, tuple)):
+            raise RLEError(f"rles[{i}] must be a str (or a list of str for a union), got {type(item).__name__}")
+    return items
 
 
 def decode(rle: str, shape: tuple[int, int] = DEFAULT_SHAPE, *, style: Style = "siim") -> np.ndarray:
@@ -114,6 +144,7 @@ def decode(rle: str, shape: tuple[int, int] = DEFAULT_SHAPE, *, style: Style = "
         raise RLEError(f"rle must be a str, got {type(rle).__name__}")
     h, w = _check_shape(shape)
     code = _style_code(style)
+    _check_text(rle, "rle")
     out = np.zeros((1, h, w), dtype=np.uint8)
     _C.rle_decode([rle], [0], [-1], _native.as_view(out, "out").view, code, 0)
     return out[0]
@@ -121,15 +152,16 @@ def decode(rle: str, shape: tuple[int, int] = DEFAULT_SHAPE, *, style: Style = "
 
 def decode_union(rles: Sequence[str], shape: tuple[int, int] = DEFAULT_SHAPE, *, style: Style = "siim") -> np.ndarray:
     """The union of several annotations of one image (train-rle.csv repeats an ImageId once per
-    annotation) as a (H, W) uint8 NumPy array."""
+    annotation) as a (H, W) uint8 NumPy array. Memory follows the size of the union, however many
+    annotations overlap."""
     if isinstance(rles, (str, bytes)):
         rles = [rles]
+    texts = check_str_sequence(rles, "rles", allow_bytes=True, error=RLEError)
+    _check_limit("max_annotations", len(texts), f"rles with {len(texts):,} strings")
     h, w = _check_shape(shape)
     code = _style_code(style)
-    texts = list(rles)
     for i, t in enumerate(texts):
-        if not isinstance(t, (str, bytes)):
-            raise RLEError(f"rles[{i}] must be a str, got {type(t).__name__}")
+        _check_text(t, f"rles[{i}]")
     out = np.zeros((1, h, w), dtype=np.uint8)
     _C.rle_decode(texts, [0] * len(texts), list(range(len(texts))), _native.as_view(out, "out").view, code, 0)
     return out[0]
@@ -148,12 +180,12 @@ def decode_batch(
     a torch tensor on it when torch is installed, else a CuPy array; the runs are parsed on the host
     and painted on the GPU. An item may be a list of strings: that image is their union.
     """
-    if isinstance(rles, (str, bytes)):
-        raise RLEError("rles must be a list of strings; use decode() for a single string")
+    items = check_str_sequence_or_unions(rles)
     h, w = _check_shape(shape)
     code = _style_code(style)
-    texts, images = _flatten(rles)
-    n = len(rles)
+    texts, images = _flatten(items)
+    n = len(items)
+    _check_limit("max_batch_bytes", n * h * w, f"a batch of {n:,} images of {h}x{w}")
     is_cuda, index = _parse_device(device)
     if is_cuda:
         _native.require_cuda_build("device", RLEError)

@@ -34,18 +34,26 @@ struct RleText {
   int64_t item;
 };
 
-// A batch of encoded strings: mask i is chars[offsets[i], offsets[i + 1]).
+// A batch of encoded strings: mask i's text is the concatenation of pieces[first[i], first[i + 1]).
+// Large masks are formatted a strip of columns at a time, so their text comes in several pieces and
+// is joined only once, into the Python string: memory stays close to the size of the text.
 struct EncodedBatch {
-  std::string chars;
-  std::vector<int64_t> offsets;
+  std::vector<std::string> pieces;
+  std::vector<int64_t> first;  // N + 1 entries
 };
 
 // Text <-> runs. Parsing validates everything (tokens, pairs, bounds) and throws InputError(Rle)
-// naming the string and token at fault; it appends to `runs`.
+// naming the string and token at fault. It appends to `runs` and leaves them normalised (see
+// normalize_runs), so many overlapping annotations cost memory for their union, not their sum.
 void parse_runs(const std::vector<RleText>& texts, int64_t height, int64_t width, Style style,
                 std::vector<Run>& runs);
 
-// Paint runs (already validated by parse_runs) as 1 into a zeroed uint8 (N, H, W) view.
+// Sorts runs by (image, start) and merges those of one image that overlap or touch: afterwards the
+// runs of an image are disjoint and at most half its pixels in number. Cheap on already-sorted runs.
+void normalize_runs(std::vector<Run>& runs);
+
+// Paint normalised runs as 1 into a zeroed uint8 (N, H, W) view. Every run is checked against the
+// view before anything is written.
 void paint_runs_cpu(const std::vector<Run>& runs, const TensorView& out);
 
 // Encode a (N, H, W) mask batch of any dtype (nonzero = foreground).

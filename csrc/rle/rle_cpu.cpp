@@ -29,89 +29,120 @@ std::string where(const RleText& t) {
   return t.item >= 0 ? "rles[" + std::to_string(t.item) + "]: " : std::string();
 }
 
-void parse_one(const RleText& text, int64_t height, int64_t width, Style style, std::vector<Run>& runs) {
-  const int64_t area = height * width;
+// The next whitespace-separated token at or after p (advancing p past it); false at the end.
+bool next_token(const char*& p, const char* end, const char*& token, size_t& size) {
+  while (p < end && is_space(*p)) ++p;
+  if (p == end) return false;
+  token = p;
+  while (p < end && !is_space(*p)) ++p;
+  size = static_cast<size_t>(p - token);
+  return true;
+}
+
+int64_t parse_value(const RleText& text, size_t index, const char* tp, size_t tn) {
+  const bool negative = tp[0] == '-' && tn > 1 &&
+                        std::all_of(tp + 1, tp + tn, [](char c) { return c >= '0' && c <= '9'; });
+  if (negative) {
+    fail_rle(where(text) + "token " + std::to_string(index) + " (" + quote_token(tp, tn) +
+             ") is negative; only a lone -1 (empty mask) may be negative");
+  }
+  int64_t v = 0;
+  for (size_t c = 0; c < tn; ++c) {
+    if (tp[c] < '0' || tp[c] > '9') {
+      fail_rle(where(text) + "token " + std::to_string(index) + " (" + quote_token(tp, tn) +
+               ") is not a non-negative integer");
+    }
+    if (v > (int64_t(1) << 58)) {
+      fail_rle(where(text) + "token " + std::to_string(index) + " (" + quote_token(tp, tn) + ") is too large");
+    }
+    v = v * 10 + (tp[c] - '0');
+  }
+  return v;
+}
+
+// One pass over the text, no token list: memory for the runs only.
+void parse_one(const RleText& text, int64_t height, int64_t width, int64_t area, Style style,
+               std::vector<Run>& runs) {
   const char* p = text.data;
   const char* const end = text.data + text.size;
-
-  // Collect token boundaries first: "-1" alone means an empty mask, anywhere else it is an error.
-  std::vector<std::pair<const char*, size_t>> tokens;
-  while (p < end) {
-    while (p < end && is_space(*p)) ++p;
-    const char* start = p;
-    while (p < end && !is_space(*p)) ++p;
-    if (p > start) tokens.emplace_back(start, static_cast<size_t>(p - start));
+  const char* tp = nullptr;
+  size_t tn = 0;
+  if (!next_token(p, end, tp, tn)) return;  // empty or blank: an empty mask
+  if (tn == 2 && std::memcmp(tp, "-1", 2) == 0) {
+    const char* q = p;
+    const char* other = nullptr;
+    size_t other_size = 0;
+    if (!next_token(q, end, other, other_size)) return;  // a lone -1: an empty mask
+    // Anything after it: parse_value reports token 0 as negative.
   }
-  if (tokens.empty()) return;
-  if (tokens.size() == 1 && tokens[0].second == 2 && std::memcmp(tokens[0].first, "-1", 2) == 0) return;
-
-  std::vector<int64_t> values(tokens.size());
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    const auto [tp, tn] = tokens[i];
-    const bool negative = tp[0] == '-' && tn > 1 &&
-                          std::all_of(tp + 1, tp + tn, [](char c) { return c >= '0' && c <= '9'; });
-    if (negative) {
-      fail_rle(where(text) + "token " + std::to_string(i) + " (" + quote_token(tp, tn) +
-               ") is negative; only a lone -1 (empty mask) may be negative");
-    }
-    int64_t v = 0;
-    for (size_t c = 0; c < tn; ++c) {
-      if (tp[c] < '0' || tp[c] > '9') {
-        fail_rle(where(text) + "token " + std::to_string(i) + " (" + quote_token(tp, tn) +
-                 ") is not a non-negative integer");
-      }
-      if (v > (int64_t(1) << 58)) {
-        fail_rle(where(text) + "token " + std::to_string(i) + " (" + quote_token(tp, tn) + ") is too large");
-      }
-      v = v * 10 + (tp[c] - '0');
-    }
-    values[i] = v;
-  }
-  if (values.size() % 2 != 0) {
-    fail_rle(where(text) + "odd number of values (" + std::to_string(values.size()) +
-             "); an RLE is start/length pairs");
-  }
-
   int64_t cursor = 0;  // end of the previous run (Siim style)
-  for (size_t i = 0; i < values.size(); i += 2) {
-    const int64_t a = values[i], len = values[i + 1];
+  for (size_t i = 0;; i += 2) {
+    const int64_t a = parse_value(text, i, tp, tn);
+    const char* lp = nullptr;
+    size_t ln = 0;
+    if (!next_token(p, end, lp, ln)) {
+      fail_rle(where(text) + "odd number of values (" + std::to_string(i + 1) + "); an RLE is start/length pairs");
+    }
+    const int64_t len = parse_value(text, i + 1, lp, ln);
     int64_t start;
     if (style == Style::Siim) {
       start = cursor + a;
     } else {
       if (a == 0) {
-        fail_rle(where(text) + "token " + std::to_string(i) +
-                 " is start 0, but absolute-style starts are 1-based");
+        fail_rle(where(text) + "token " + std::to_string(i) + " is start 0, but absolute-style starts are 1-based");
       }
       start = a - 1;
     }
-    // a and len are < 2^59 each, so the sums cannot overflow int64.
+    // a and len are < 2^59 and cursor <= area < 2^62, so the sums cannot overflow int64.
     if (start + len > area) {
       fail_rle(where(text) + "run " + std::to_string(i / 2) + " (tokens " + std::to_string(i) + "-" +
-               std::to_string(i + 1) + ": " + std::to_string(a) + " " + std::to_string(len) +
-               ") covers pixels [" + std::to_string(start) + ", " + std::to_string(start + len) +
-               ") and leaves the " + std::to_string(height) + "x" + std::to_string(width) + " image (" +
-               std::to_string(area) + " pixels)");
+               std::to_string(i + 1) + ": " + std::to_string(a) + " " + std::to_string(len) + ") covers pixels [" +
+               std::to_string(start) + ", " + std::to_string(start + len) + ") and leaves the " +
+               std::to_string(height) + "x" + std::to_string(width) + " image (" + std::to_string(area) + " pixels)");
     }
-    if (len > 0) runs.push_back(Run{text.image, start, start + len});
+    if (len > 0) {
+      // A run touching the previous one of the same string (a zero gap) extends it.
+      if (!runs.empty() && runs.back().image == text.image && runs.back().end == start) {
+        runs.back().end = start + len;
+      } else {
+        runs.push_back(Run{text.image, start, start + len});
+      }
+    }
     cursor = start + len;
+    if (!next_token(p, end, tp, tn)) break;
   }
 }
 
 // ---------------------------------------------------------------------------------------------
-// Fast CPU encoder: row-by-row differences (vectorisable, contiguous reads), then a counting sort
-// of the few transitions by column to put them in column-major order.
+// CPU encoder: row-by-row differences over a strip of columns (vectorisable, contiguous reads), then
+// a counting sort of the few transitions by column to put them in column-major order, formatted
+// straight away. A strip covers at most kStripPixels pixels, so the transition lists stay small
+// however large the mask; a 1024 x 1024 mask is a single strip.
 
+constexpr int64_t kStripPixels = int64_t(1) << 20;
+
+struct StripScratch {
+  std::vector<uint8_t> prev, diff;
+  std::vector<int32_t> hit_col;  // column within the strip
+  std::vector<int64_t> hit_row;  // transitions in row-major discovery order
+  std::vector<int64_t> first, fill, rows;
+};
+
+// Transitions of columns [c0, c1) in column-major order, appended to `out` (cleared first).
 template <typename T>
-void find_transitions(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, std::vector<int64_t>& out) {
-  std::vector<uint8_t> prev(W, 0), diff(W, 0);
-  std::vector<int32_t> hit_col, hit_row;  // transitions in row-major discovery order
-  hit_col.reserve(1024);
-  hit_row.reserve(1024);
+void strip_transitions(const T* image, int64_t H, int64_t sh, int64_t sw, int64_t c0, int64_t c1, StripScratch& s,
+                       std::vector<int64_t>& out) {
+  const int64_t W = c1 - c0;
+  s.prev.assign(W, 0);
+  s.diff.assign(W, 0);
+  s.hit_col.clear();
+  s.hit_row.clear();
   for (int64_t r = 0; r <= H; ++r) {
     uint8_t any = 0;
+    uint8_t* diff = s.diff.data();
+    uint8_t* prev = s.prev.data();
     if (r < H) {
-      const T* row = image + r * sh;
+      const T* row = image + r * sh + c0 * sw;
       if (sw == 1) {
         for (int64_t c = 0; c < W; ++c) {
           const uint8_t cur = is_nonzero<T>(row[c]);
@@ -127,105 +158,189 @@ void find_transitions(const T* image, int64_t H, int64_t W, int64_t sh, int64_t 
       }
       for (int64_t c = 0; c < W; ++c) any |= diff[c];
     } else {  // a virtual background row closes the runs that reach the bottom of their column
-      std::memcpy(diff.data(), prev.data(), W);
+      std::memcpy(diff, prev, W);
       for (int64_t c = 0; c < W; ++c) any |= diff[c];
     }
     if (!any) continue;
     int64_t c = 0;
     for (; c + 8 <= W; c += 8) {
       uint64_t word;
-      std::memcpy(&word, diff.data() + c, 8);
+      std::memcpy(&word, diff + c, 8);
       while (word) {
         const int byte = __builtin_ctzll(word) >> 3;
-        hit_col.push_back(static_cast<int32_t>(c + byte));
-        hit_row.push_back(static_cast<int32_t>(r));
+        s.hit_col.push_back(static_cast<int32_t>(c + byte));
+        s.hit_row.push_back(r);
         word &= word - 1;  // diff bytes are 0 or 1: this clears exactly the byte just taken
       }
     }
     for (; c < W; ++c) {
       if (diff[c]) {
-        hit_col.push_back(static_cast<int32_t>(c));
-        hit_row.push_back(static_cast<int32_t>(r));
+        s.hit_col.push_back(static_cast<int32_t>(c));
+        s.hit_row.push_back(r);
       }
     }
   }
 
   // Counting sort by column; rows stay ascending within a column because they were found in order.
-  std::vector<int64_t> first(W + 1, 0);
-  for (int32_t c : hit_col) ++first[c + 1];
-  for (int64_t c = 0; c < W; ++c) first[c + 1] += first[c];
-  std::vector<int32_t> rows(hit_row.size());
-  std::vector<int64_t> fill(first.begin(), first.end() - 1);
-  for (size_t i = 0; i < hit_col.size(); ++i) rows[fill[hit_col[i]]++] = hit_row[i];
-
+  s.first.assign(W + 1, 0);
+  for (int32_t c : s.hit_col) ++s.first[c + 1];
+  for (int64_t c = 0; c < W; ++c) s.first[c + 1] += s.first[c];
+  s.rows.resize(s.hit_row.size());
+  s.fill.assign(s.first.begin(), s.first.end() - 1);
+  for (size_t i = 0; i < s.hit_col.size(); ++i) s.rows[s.fill[s.hit_col[i]]++] = s.hit_row[i];
   out.clear();
-  out.reserve(rows.size());
+  out.reserve(s.rows.size());
   for (int64_t c = 0; c < W; ++c) {
-    for (int64_t i = first[c]; i < first[c + 1]; ++i) {
-      const int64_t k = c * H + rows[i];
-      // A run that reaches the bottom of column c-1 and goes on at the top of column c ends and
-      // restarts at the same k: in column-major order it is one run, so the two cancel.
-      if (!out.empty() && out.back() == k) {
-        out.pop_back();
-      } else {
-        out.push_back(k);
-      }
-    }
+    for (int64_t i = s.first[c]; i < s.first[c + 1]; ++i) out.push_back((c0 + c) * H + s.rows[i]);
   }
 }
 
-void format_transitions(const std::vector<int64_t>& t, Style style, std::string& s) {
-  s.clear();
-  if (t.empty()) {
-    if (style == Style::Siim) s = "-1";
-    return;
+// Turns column-major transitions into the RLE text, a strip at a time. A run that reaches the bottom
+// of column c-1 and goes on at the top of column c ends and restarts at the same k: in column-major
+// order it is one run, so the two transitions cancel. The last transition is therefore held back
+// until the next one (possibly in the next strip) shows whether it cancels.
+class TextWriter {
+ public:
+  TextWriter(Style style, int64_t pixels)
+      : style_(style), widest_(decimal_digits(static_cast<uint64_t>(pixels) + 1) + 1) {}
+
+  // Formats `t` (plus the held-back transition) as the next piece of the text.
+  void add(const std::vector<int64_t>& t, std::vector<std::string>& pieces) {
+    if (t.empty()) return;
+    const size_t need = (t.size() + 1) * static_cast<size_t>(widest_);
+    if (buffer_size_ < need) {
+      buffer_.reset(new char[need]);  // uninitialised: every byte used is written
+      buffer_size_ = need;
+    }
+    char* p = buffer_.get();
+    for (int64_t k : t) {
+      if (held_ && k == pending_) {
+        held_ = false;
+        continue;
+      }
+      if (held_) p = emit(p, pending_);
+      pending_ = k;
+      held_ = true;
+    }
+    if (p > buffer_.get()) {
+      // Room for the held-back number, so finish() never reallocates a large piece.
+      std::string piece;
+      piece.reserve(static_cast<size_t>(p - buffer_.get()) + widest_);
+      piece.assign(buffer_.get(), p);
+      pieces.push_back(std::move(piece));
+    }
   }
-  // Every number is at most as long as the pixel count, plus its separator. The worst-case buffer
-  // is left uninitialised (every byte used is written), unlike std::string::resize.
-  const int widest = decimal_digits(static_cast<uint64_t>(t.back()) + 1) + 1;
-  std::unique_ptr<char[]> buffer(new char[t.size() * widest]);
-  char* p = buffer.get();
-  for (size_t j = 0; j < t.size(); ++j) {
-    if (j > 0) *p++ = ' ';
-    const uint64_t v = transition_number(style, static_cast<int64_t>(j), t[j], j > 0 ? t[j - 1] : -1);
+
+  void finish(std::vector<std::string>& pieces) {
+    if (held_) {
+      char small[48];
+      char* p = emit(small, pending_);
+      held_ = false;
+      if (pieces.empty()) {
+        pieces.emplace_back(small, p);
+      } else {
+        pieces.back().append(small, p);
+      }
+    }
+    if (j_ == 0 && style_ == Style::Siim) pieces.emplace_back("-1");
+  }
+
+ private:
+  char* emit(char* p, int64_t k) {
+    if (j_ > 0) *p++ = ' ';
+    const uint64_t v = transition_number(style_, j_, k, prev_);
     const int d = decimal_digits(v);
     write_decimal(p, v, d);
-    p += d;
+    prev_ = k;
+    ++j_;
+    return p + d;
   }
-  s.assign(buffer.get(), p);
+
+  Style style_;
+  int widest_;
+  std::unique_ptr<char[]> buffer_;
+  size_t buffer_size_ = 0;
+  int64_t j_ = 0, prev_ = -1, pending_ = 0;
+  bool held_ = false;
+};
+
+template <typename T>
+void encode_image(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, Style style,
+                  std::vector<std::string>& pieces) {
+  TextWriter writer(style, H * W);
+  if (H > 0 && W > 0) {
+    const int64_t strip = std::max<int64_t>(1, std::min<int64_t>(W, kStripPixels / H));
+    StripScratch scratch;
+    std::vector<int64_t> t;
+    for (int64_t c0 = 0; c0 < W; c0 += strip) {
+      strip_transitions(image, H, sh, sw, c0, std::min(W, c0 + strip), scratch, t);
+      writer.add(t, pieces);
+    }
+  }
+  writer.finish(pieces);
 }
 
 void check_batch(const TensorView& masks) {
   check_ndim(masks, 3, "masks");
   check_device(masks, Device::CPU, "masks");
-  if (masks.shape[1] * masks.shape[2] >= (int64_t(1) << 31)) {
-    fail_value("masks: images of 2^31 pixels or more are not supported");
+  int64_t pixels = 0;
+  if (__builtin_mul_overflow(masks.shape[1], masks.shape[2], &pixels) || pixels > (int64_t(1) << 62)) {
+    fail_value("masks: images of 2^62 pixels or more are not supported");
   }
 }
 
-void join(std::vector<std::string>& parts, EncodedBatch& out) {
-  if (parts.size() == 1) {  // the common single-mask call: no copy
-    out.chars = std::move(parts[0]);
-    out.offsets = {0, static_cast<int64_t>(out.chars.size())};
-    return;
-  }
+// One piece list per image -> the batch layout.
+void join(std::vector<std::vector<std::string>>& parts, EncodedBatch& out) {
   size_t total = 0;
   for (auto& p : parts) total += p.size();
-  out.chars.clear();
-  out.chars.reserve(total);
-  out.offsets.assign(1, 0);
+  out.pieces.clear();
+  out.pieces.reserve(total);
+  out.first.assign(1, 0);
   for (auto& p : parts) {
-    out.chars += p;
-    out.offsets.push_back(static_cast<int64_t>(out.chars.size()));
+    for (auto& piece : p) out.pieces.push_back(std::move(piece));
+    out.first.push_back(static_cast<int64_t>(out.pieces.size()));
+    std::vector<std::string>().swap(p);
   }
 }
 
 }  // namespace
 
+void normalize_runs(std::vector<Run>& runs) {
+  const auto before = [](const Run& a, const Run& b) { return a.image != b.image ? a.image < b.image : a.start < b.start; };
+  bool ordered = true;
+  for (size_t i = 1; i < runs.size() && ordered; ++i) {
+    ordered = runs[i - 1].image < runs[i].image || (runs[i - 1].image == runs[i].image && runs[i - 1].end <= runs[i].start);
+  }
+  if (!ordered) std::sort(runs.begin(), runs.end(), before);
+  size_t kept = 0;
+  for (size_t i = 0; i < runs.size(); ++i) {
+    if (kept > 0 && runs[kept - 1].image == runs[i].image && runs[i].start <= runs[kept - 1].end) {
+      runs[kept - 1].end = std::max(runs[kept - 1].end, runs[i].end);
+    } else {
+      runs[kept++] = runs[i];
+    }
+  }
+  runs.resize(kept);
+}
+
 void parse_runs(const std::vector<RleText>& texts, int64_t height, int64_t width, Style style,
                 std::vector<Run>& runs) {
   if (height < 0 || width < 0) fail_rle("shape must be non-negative");
-  for (const auto& t : texts) parse_one(t, height, width, style, runs);
+  int64_t area = 0;
+  if (__builtin_mul_overflow(height, width, &area) || area > (int64_t(1) << 62)) {
+    fail_rle("shape " + std::to_string(height) + "x" + std::to_string(width) + " is too large");
+  }
+  // Unions of many overlapping annotations are merged as they come, so the run list stays about
+  // the size of the union (plus one string's runs) instead of growing with the number of strings.
+  size_t compact_at = size_t(1) << 20;
+  for (const auto& t : texts) {
+    parse_one(t, height, width, area, style, runs);
+    if (runs.size() > compact_at) {
+      normalize_runs(runs);
+      compact_at = std::max(compact_at, 2 * runs.size());
+    }
+  }
+  normalize_runs(runs);
 }
 
 void paint_runs_cpu(const std::vector<Run>& runs, const TensorView& out) {
@@ -233,95 +348,93 @@ void paint_runs_cpu(const std::vector<Run>& runs, const TensorView& out) {
   check_device(out, Device::CPU, "out");
   if (out.dtype != DType::UInt8) fail_value("out must be uint8");
   const int64_t N = out.shape[0], H = out.shape[1], W = out.shape[2];
-  for (const Run& run : runs) {
-    // Checked again here: this function writes, so it trusts no caller.
-    if (run.image < 0 || run.image >= N || run.start < 0 || run.end > H * W || run.start > run.end) {
+  int64_t area = 0;
+  if (__builtin_mul_overflow(H, W, &area)) fail_value("out: image size overflows");
+  // Checked here again, before anything is written: this function writes, so it trusts no caller.
+  for (size_t i = 0; i < runs.size(); ++i) {
+    const Run& run = runs[i];
+    if (run.image < 0 || run.image >= N || run.start < 0 || run.end > area || run.start >= run.end) {
       throw NativeError("paint_runs_cpu: run outside the output");
     }
+    if (i > 0 && (runs[i - 1].image > run.image || (runs[i - 1].image == run.image && runs[i - 1].end > run.start))) {
+      throw NativeError("paint_runs_cpu: runs are not normalised");
+    }
   }
+  if (runs.empty()) return;  // nothing is allocated for an empty answer, whatever its shape
   // Runs are column-major but the output is row-major: writing them pixel by pixel touches a new
   // cache line per pixel. Instead each column piece of a run becomes a +1 at its first row and a -1
-  // after its last, and rows are swept top to bottom with a per-column coverage count, writing
-  // contiguous rows. Overlapping annotations (a union) simply add up.
-  std::vector<int64_t> by_image(N + 1, 0);
-  for (const Run& run : runs) ++by_image[run.image + 1];
-  for (int64_t n = 0; n < N; ++n) by_image[n + 1] += by_image[n];
-  std::vector<const Run*> ordered(runs.size());
-  {
-    std::vector<int64_t> fill(by_image.begin(), by_image.end() - 1);
-    for (const Run& run : runs) ordered[fill[run.image]++] = &run;
-  }
-  std::vector<int64_t> row_first(H + 2);
-  std::vector<int32_t> event_col;
+  // after its last, and rows are swept top to bottom with a per-column coverage flag, writing
+  // contiguous rows. Runs are disjoint (normalised), so a column is covered at most once at a time.
+  // Scratch is sized by the rows and the span of columns the runs touch, never by the whole batch.
+  std::vector<int64_t> row_first;
+  std::vector<int64_t> event_col;
   std::vector<int8_t> event_delta;
-  std::vector<int32_t> coverage(W);
-  for (int64_t n = 0; n < N; ++n) {
-    if (by_image[n] == by_image[n + 1]) continue;
-    // Bucket the events by row (counting sort), remembering the columns they touch.
-    std::fill(row_first.begin(), row_first.end(), 0);
-    int64_t col_lo = W, col_hi = -1;
+  std::vector<int8_t> coverage;
+  std::vector<int64_t> fill;
+  size_t begin = 0;
+  while (begin < runs.size()) {
+    const int64_t n = runs[begin].image;
+    size_t end = begin;
+    while (end < runs.size() && runs[end].image == n) ++end;
     auto for_each_piece = [&](auto&& f) {
-      for (int64_t i = by_image[n]; i < by_image[n + 1]; ++i) {
-        for (int64_t k = ordered[i]->start; k < ordered[i]->end;) {
-          const int64_t c = k / H, r0 = k % H, r1 = std::min(H, r0 + (ordered[i]->end - k));
+      for (size_t i = begin; i < end; ++i) {
+        for (int64_t k = runs[i].start; k < runs[i].end;) {
+          const int64_t c = k / H, r0 = k % H, r1 = std::min(H, r0 + (runs[i].end - k));
           f(c, r0, r1);
           k += r1 - r0;
         }
       }
     };
-    for_each_piece([&](int64_t c, int64_t r0, int64_t r1) {
+    // Bucket the events by row (counting sort), remembering the columns they touch.
+    row_first.assign(H + 2, 0);
+    const int64_t col_lo = runs[begin].start / H, col_hi = (runs[end - 1].end - 1) / H;
+    for_each_piece([&](int64_t, int64_t r0, int64_t r1) {
       ++row_first[r0 + 1];
       ++row_first[r1 + 1];
-      col_lo = std::min(col_lo, c);
-      col_hi = std::max(col_hi, c);
     });
     for (int64_t r = 0; r <= H; ++r) row_first[r + 1] += row_first[r];
     event_col.resize(row_first[H + 1]);
     event_delta.resize(row_first[H + 1]);
-    std::vector<int64_t> fill(row_first.begin(), row_first.end() - 1);
+    fill.assign(row_first.begin(), row_first.end() - 1);
     for_each_piece([&](int64_t c, int64_t r0, int64_t r1) {
-      event_col[fill[r0]] = static_cast<int32_t>(c);
+      event_col[fill[r0]] = c - col_lo;
       event_delta[fill[r0]++] = 1;
-      event_col[fill[r1]] = static_cast<int32_t>(c);
+      event_col[fill[r1]] = c - col_lo;
       event_delta[fill[r1]++] = -1;
     });
 
-    std::fill(coverage.begin(), coverage.end(), 0);
-    int64_t covered = 0;  // columns with coverage > 0
+    const int64_t span = col_hi - col_lo + 1;
+    coverage.assign(span, 0);
+    int64_t covered = 0;  // columns covered in the current row
     uint8_t* image = static_cast<uint8_t*>(out.data) + n * out.strides[0];
     const int64_t sh = out.strides[1], sw = out.strides[2];
     for (int64_t r = 0; r < H; ++r) {
       for (int64_t e = row_first[r]; e < row_first[r + 1]; ++e) {
-        int32_t& cov = coverage[event_col[e]];
-        const bool was = cov > 0;
-        cov += event_delta[e];
-        covered += (cov > 0) - was;
+        coverage[event_col[e]] += event_delta[e];
+        covered += event_delta[e];
       }
       if (covered == 0) continue;
-      uint8_t* row = image + r * sh;
-      const int32_t* cov = coverage.data();
+      uint8_t* row = image + r * sh + col_lo * sw;
+      const int8_t* cov = coverage.data();
       if (sw == 1) {
-        for (int64_t c = col_lo; c <= col_hi; ++c) row[c] = cov[c] > 0;
+        for (int64_t c = 0; c < span; ++c) row[c] = static_cast<uint8_t>(cov[c]);
       } else {
-        for (int64_t c = col_lo; c <= col_hi; ++c) row[c * sw] = cov[c] > 0;
+        for (int64_t c = 0; c < span; ++c) row[c * sw] = static_cast<uint8_t>(cov[c]);
       }
     }
+    begin = end;
   }
 }
 
 void encode_cpu(const TensorView& masks, Style style, EncodedBatch& out) {
   check_batch(masks);
   const int64_t N = masks.shape[0], H = masks.shape[1], W = masks.shape[2];
-  std::vector<std::string> parts(N);
+  std::vector<std::vector<std::string>> parts(N);
   PNEUMOSEG_DISPATCH_ALL(masks.dtype, "masks", [&] {
     const auto* base = static_cast<const scalar_t*>(masks.data);
     // Threads pay off only when each gets a few megapixels.
     parallel_for(N, std::max<int64_t>(1, (int64_t(4) << 20) / std::max<int64_t>(1, H * W)), [&](int64_t n) {
-      std::vector<int64_t> t;
-      if (H > 0 && W > 0) {
-        find_transitions(base + n * masks.strides[0], H, W, masks.strides[1], masks.strides[2], t);
-      }
-      format_transitions(t, style, parts[n]);
+      encode_image(base + n * masks.strides[0], H, W, masks.strides[1], masks.strides[2], style, parts[n]);
     });
   });
   join(parts, out);
@@ -331,7 +444,7 @@ void encode_units_cpu(const TensorView& masks, Style style, EncodedBatch& out) {
   check_batch(masks);
   const int64_t N = masks.shape[0], H = masks.shape[1], W = masks.shape[2];
   const int64_t S = units_per_column(H), U = S * W;
-  std::vector<std::string> parts(N);
+  std::vector<std::vector<std::string>> parts(N);
   PNEUMOSEG_DISPATCH_ALL(masks.dtype, "masks", [&] {
     const auto* base = static_cast<const scalar_t*>(masks.data);
     for (int64_t n = 0; n < N; ++n) {
@@ -367,7 +480,8 @@ void encode_units_cpu(const TensorView& masks, Style style, EncodedBatch& out) {
         first_char[u] = total;
         total += chars[u];
       }
-      std::string& s = parts[n];
+      parts[n].emplace_back();
+      std::string& s = parts[n].back();
       if (total == 0) {
         s = style == Style::Siim ? "-1" : "";
         continue;

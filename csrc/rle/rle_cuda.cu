@@ -193,8 +193,8 @@ void encode_cuda(const TensorView& masks, Style style, void* stream_ptr, Encoded
   check_device(masks, Device::CUDA, "masks");
   const int64_t N = masks.shape[0], H = masks.shape[1], W = masks.shape[2];
   if (H * W >= (int64_t(1) << 31)) fail_value("masks: images of 2^31 pixels or more are not supported");
-  out.chars.clear();
-  out.offsets.assign(N + 1, 0);
+  out.pieces.clear();
+  out.first.assign(N + 1, 0);
   if (N == 0) return;
   std::vector<int64_t> image_offsets(N + 1, 0);
   std::string text;
@@ -264,16 +264,16 @@ void encode_cuda(const TensorView& masks, Style style, void* stream_ptr, Encoded
 
   // Empty masks have no text on the device; give them the style's empty string here.
   const char* empty = style == Style::Siim ? "-1" : "";
-  out.chars.reserve(text.size() + 2 * N);
+  out.pieces.reserve(N);
   for (int64_t i = 0; i < N; ++i) {
     const int64_t a = image_offsets[i], b = image_offsets[i + 1];
     if (a < 0 || b < a || b > static_cast<int64_t>(text.size())) throw NativeError("encode_cuda: bad offsets");
     if (a == b) {
-      out.chars += empty;
+      out.pieces.emplace_back(empty);
     } else {
-      out.chars.append(text, a, b - a);
+      out.pieces.emplace_back(text, a, b - a);
     }
-    out.offsets[i + 1] = static_cast<int64_t>(out.chars.size());
+    out.first[i + 1] = i + 1;
   }
 }
 

@@ -1,0 +1,63 @@
+"""Running a snippet of Python in its own process, for hostile-input tests where a crash is possible
+(a segfault must fail one test, not kill the run) or where memory is the point (an address-space limit
+set inside the child, above what it uses once its inputs exist)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+PRELUDE = '''
+import os, resource, sys
+
+def vm_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize")
+
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+def limit_memory(extra_mib):
+    """Cap the address space at what the process maps now plus extra_mib."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    cap = vm_bytes() + extra_mib * 2**20
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+'''
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        return f"exit code {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
+
+
+def run_isolated(code: str, *, env: Optional[dict[str, str]] = None, timeout: float = 120,
+                 cwd: Optional[Path] = None, user: Optional[int] = None) -> Result:
+    """Run PRELUDE + ``code`` with this interpreter in a fresh process; its environment is this one's
+    plus ``env`` (so the child finds the same pneumoseg)."""
+    full_env = dict(os.environ)
+    # Threads cost address space (stacks, malloc arenas); keep the children's small and predictable.
+    full_env.update({"OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"})
+    full_env.update(env or {})
+    program = PRELUDE + "\n" + textwrap.dedent(code)
+    proc = subprocess.run([sys.executable, "-c", program], env=full_env, capture_output=True, text=True,
+                          timeout=timeout, cwd=cwd, user=user)
+    return Result(proc.returncode, proc.stdout, proc.stderr)
