@@ -1,0 +1,378 @@
+"""Writing files safely: the one place that decides where pneumoseg may write and how.
+
+- :func:`safe_file_name` turns a name taken from the data (an ImageId) into a file name, or refuses
+  it: no path separators, ``..``, NUL or control characters, absolute paths, Windows-reserved names
+  or characters, and at most 255 bytes. :func:`safe_file_names` does a whole list at once and also
+  refuses two ids that would name the same file (also on case-insensitive file systems).
+- :class:`OutputFolder` (made by :func:`prepare_output_folder`) is a folder a command writes into. It
+  refuses a path that is a file or not writable, and a folder that holds anything pneumoseg did not
+  write there itself unless ``overwrite=True`` (the CLI's ``--force``), so nobody's labels are lost to
+  a mistyped ``--out``. Files are written atomically inside it and can never land outside it (checked
+  after resolving symbolic links). Each file written is listed in a manifest
+  (``.pneumoseg-manifest``, with its size and modification time), so running the same command again
+  on its own earlier output needs no ``--force``: that output, unchanged since, is replaced.
+- :func:`atomic_open` / :func:`atomic_write`: a temporary file in the target's folder, flushed and
+  fsync'ed, then renamed over the target; on any failure the temporary file is removed and the target
+  is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any, Union
+
+import numpy as np
+
+from ._checks import check_bool, check_path, show
+from .errors import InvalidInputError, OutputError
+
+__all__ = [
+    "MANIFEST_NAME", "safe_file_name", "safe_file_names", "OutputFolder", "prepare_output_folder", "atomic_open",
+    "atomic_write", "write_png",
+]
+
+MANIFEST_NAME = ".pneumoseg-manifest"
+_MANIFEST_HEADER = "# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path"
+_MAX_NAME_BYTES = 255
+# Characters Windows forbids in names, plus both separators; control characters are checked apart.
+_FORBIDDEN = set('/\\:*?"<>|')
+_RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def safe_file_name(name: Any, suffix: str = "", *, what: str = "ImageId") -> str:
+    """``name + suffix`` if that is a safe, portable file name, else :class:`pneumoseg.OutputError`
+    naming the problem. ``what`` says in the message what the name is (an ImageId, say)."""
+    if not isinstance(name, str):
+        raise OutputError(f"{what} must be a str to name a file, got {type(name).__name__} {show(name)}")
+    full = name + suffix
+    problem = None
+    if not name:
+        problem = "it is empty"
+    elif name in (".", "..") or full in (".", ".."):
+        problem = "it is a relative folder reference"
+    elif any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in full):
+        problem = "it contains a control or invisible formatting character (NUL, newline, ...)"
+    elif any(ch in _FORBIDDEN for ch in full):
+        bad = sorted({ch for ch in full if ch in _FORBIDDEN})
+        problem = f"it contains {' '.join(repr(ch) for ch in bad)} (path separators and characters Windows forbids)"
+    elif full != full.strip() or full.endswith("."):
+        problem = "it starts or ends with a space, or ends with a dot"
+    elif _RESERVED.match(full):
+        problem = "it is a name Windows reserves for a device"
+    elif len(full.encode("utf-8", "surrogatepass")) > _MAX_NAME_BYTES:
+        problem = f"it is longer than {_MAX_NAME_BYTES} bytes"
+    if problem:
+        raise OutputError(f"{what} {show(name)} cannot be used as a file name: {problem}")
+    return full
+
+
+def safe_file_names(names: Iterable[Any], suffix: str = "", *, what: str = "ImageId") -> dict[str, str]:
+    """name -> safe file name for every name, all checked before anything is written; two names that
+    differ only in case (one file on Windows and macOS) are refused too."""
+    out: dict[str, str] = {}
+    folded: dict[str, str] = {}
+    for name in names:
+        file_name = safe_file_name(name, suffix, what=what)
+        key = unicodedata.normalize("NFC", file_name).casefold()
+        if key in folded and folded[key] != name:
+            raise OutputError(f"{what}s {show(folded[key])} and {show(name)} would name the same file "
+                              "on a case-insensitive file system")
+        folded[key] = name
+        out[name] = file_name
+    return out
+
+
+@contextlib.contextmanager
+def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+    """Open ``path`` for writing through a temporary file beside it; on a clean exit of the ``with``
+    block the data is fsync'ed and renamed over ``path``, on an error the temporary file is removed
+    and ``path`` is untouched. ``mode`` is ``"wb"`` or ``"w"`` (UTF-8, ``\\n`` line ends)."""
+    if mode not in ("wb", "w"):
+        raise InvalidInputError(f"atomic_open mode must be 'wb' or 'w', got {mode!r}")
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"{target}: is a folder; cannot write a file there")
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:200]}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _FILE_MODE) if hasattr(os, "fchmod") else None
+        kwargs = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: PathLike, data: Union[bytes, str]) -> Path:
+    """Write ``data`` (bytes, or str as UTF-8) to ``path`` atomically (see :func:`atomic_open`)."""
+    with atomic_open(path, "wb") as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
+    return Path(path)
+
+
+def _png_array(image: Any) -> np.ndarray:
+    img = np.ascontiguousarray(image)
+    if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[2] not in (3, 4)):
+        raise InvalidInputError(
+            f"a PNG needs a (H, W), (H, W, 3) or (H, W, 4) uint8 array, got {img.dtype} {img.shape}")
+    if img.size == 0:
+        raise InvalidInputError(f"a PNG needs at least one pixel, got shape {img.shape}")
+    return img
+
+
+def write_png(path: PathLike, image: Any) -> Path:
+    """Write a (H, W) grey or (H, W, 3) RGB (or RGBA) uint8 array as a PNG with Pillow, atomically."""
+    from PIL import Image
+
+    img = _png_array(image)
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(img).save(f, format="PNG", compress_level=6)
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output folders
+
+
+def _read_manifest(folder: Path) -> dict[str, tuple[int, int]] | None:
+    """relative path -> (size, mtime_ns) from a folder's manifest; None when it has none or it is
+    unreadable or malformed (then the folder counts as someone else's)."""
+    path = folder / MANIFEST_NAME
+    if not path.is_file() or path.is_symlink():
+        return None
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not lines or lines[0] != _MANIFEST_HEADER:
+        return None
+    entries: dict[str, tuple[int, int]] = {}
+    for line in lines[1:]:
+        parts = line.split("\t")
+        if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
+            return None
+        rel = parts[2]
+        pieces = rel.split("/")
+        if rel.startswith("/") or any(p in ("", ".", "..") for p in pieces):
+            return None
+        entries[rel] = (int(parts[0]), int(parts[1]))
+    return entries
+
+
+def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
+    """(files pneumoseg wrote and that are unchanged since, everything else) under ``folder``,
+    symbolic links never followed. A sub-folder with its own manifest is judged by that manifest."""
+    manifest = _read_manifest(folder) or {}
+    ours: list[Path] = []
+    foreign: list[Path] = []
+
+    def walk(directory: Path, prefix: str) -> None:
+        try:
+            entries = sorted(os.scandir(directory), key=lambda e: e.name)
+        except OSError:
+            foreign.append(directory)
+            return
+        for entry in entries:
+            rel = prefix + entry.name
+            p = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                if (p / MANIFEST_NAME).is_file():
+                    sub_ours, sub_foreign = _ours(p)
+                    ours.extend(sub_ours)
+                    foreign.extend(sub_foreign)
+                else:
+                    walk(p, rel + "/")
+                continue
+            if rel == MANIFEST_NAME:
+                ours.append(p)
+                continue
+            recorded = manifest.get(rel)
+            if recorded is None or not entry.is_file(follow_symlinks=False):
+                foreign.append(p)
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if (st.st_size, st.st_mtime_ns) == recorded:
+                ours.append(p)
+            else:
+                foreign.append(p)  # changed since pneumoseg wrote it: someone's edit, keep it
+
+    walk(folder, "")
+    return ours, foreign
+
+
+class OutputFolder:
+    """A folder prepared for writing (see :func:`prepare_output_folder`). Every path it hands out is
+    inside it; every file written through it is atomic and listed in its manifest."""
+
+    def __init__(self, path: PathLike, *, overwrite: bool = False, what: str = "output folder",
+                 resume: bool = False) -> None:
+        self.path = check_path(path, what, error=OutputError)
+        overwrite = check_bool(overwrite, "overwrite")
+        self.what = what
+        if check_bool(resume, "resume"):
+            self._reopen()
+        else:
+            self._prepare(overwrite)
+
+    def _reopen(self) -> None:
+        """Continue writing into a folder of pneumoseg's own earlier output (a training run to
+        resume): nothing in it is removed, and files outside the manifest are left alone."""
+        p = self.path
+        if not p.is_dir():
+            raise OutputError(f"{self.what} {p} does not exist (or is not a folder): nothing to continue")
+        if _read_manifest(p) is None:
+            raise OutputError(f"{self.what} {p} holds no pneumoseg output to continue (no {MANIFEST_NAME})")
+        self._check_writable()
+
+    def _prepare(self, overwrite: bool) -> None:
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise OutputError(f"{self.what} {p} is a file, not a folder")
+        if not p.exists():
+            if p.is_symlink():
+                raise OutputError(f"{self.what} {p} is a broken symbolic link")
+            try:
+                p.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise OutputError(f"{self.what} {p} cannot be created: a file is in the way") from None
+            except NotADirectoryError:
+                raise OutputError(f"{self.what} {p} cannot be created: a parent of it is a file") from None
+            except PermissionError:
+                raise OutputError(f"{self.what} {p} cannot be created: permission denied") from None
+            except OSError as exc:
+                raise OutputError(f"{self.what} {p} cannot be created: {exc.strerror or exc}") from None
+        self._check_writable()
+        ours, foreign = _ours(p)
+        if foreign and not overwrite:
+            shown = ", ".join(str(f.relative_to(p)) if f != p else "." for f in foreign[:3])
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise OutputError(
+                f"{self.what} {p} is not empty ({shown}{more}) and pneumoseg did not write it; choose an empty "
+                "or new folder, or pass overwrite=True (--force on the command line) to write into it")
+        if not foreign:
+            # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it.
+            for f in ours:
+                with contextlib.suppress(FileNotFoundError):
+                    f.unlink()
+            self._remove_empty_folders()
+
+    def _check_writable(self) -> None:
+        try:
+            fd, probe = tempfile.mkstemp(dir=self.path, prefix=".pneumoseg-probe-")
+        except PermissionError:
+            raise OutputError(f"{self.what} {self.path} is not writable (permission denied)") from None
+        except OSError as exc:
+            raise OutputError(f"{self.what} {self.path} is not writable ({exc.strerror or exc})") from None
+        os.close(fd)
+        os.unlink(probe)
+
+    def _remove_empty_folders(self) -> None:
+        for directory, _, _ in sorted(os.walk(self.path, topdown=False), key=lambda t: -len(t[0])):
+            if Path(directory) != self.path:
+                with contextlib.suppress(OSError):
+                    os.rmdir(directory)  # fails, harmlessly, on a folder that is not empty
+
+    def file(self, *parts: str) -> Path:
+        """The path of ``parts`` joined under the folder (each part a safe name), its parent folders
+        created. Symbolic links inside the folder are never followed, so the path cannot lead out."""
+        if not parts:
+            raise InvalidInputError("OutputFolder.file needs at least one name")
+        for part in parts:
+            safe_file_name(part, what="file name")
+        current = self.path
+        for part in parts:
+            current = current / part
+            if current.is_symlink():
+                raise OutputError(f"{current} is a symbolic link; pneumoseg does not write through links "
+                                  f"inside the {self.what}")
+            if current != self.path.joinpath(*parts):
+                if current.exists() and not current.is_dir():
+                    raise OutputError(f"{current} is a file where a folder is needed")
+                current.mkdir(exist_ok=True)
+        return current
+
+    def subfolder(self, *parts: str, overwrite: bool = True) -> "OutputFolder":
+        """A folder inside this one, prepared as an :class:`OutputFolder` of its own."""
+        target = self.file(*parts)
+        return OutputFolder(target, overwrite=overwrite, what=self.what)
+
+    def record(self, *parts: str) -> Path:
+        """List a file written inside the folder by other means (a memory map filled in place, a
+        log another library wrote) in the manifest as this folder's own, as it is now."""
+        target = self.file(*parts)
+        if not target.is_file():
+            raise OutputError(f"{target}: no such file to record in the {self.what}'s manifest")
+        self._record(target)
+        return target
+
+    def _record(self, target: Path) -> None:
+        st = target.stat()
+        rel = target.relative_to(self.path).as_posix()
+        manifest = self.path / MANIFEST_NAME
+        new = not manifest.exists()
+        with open(manifest, "a", encoding="utf-8", newline="\n") as f:
+            if new:
+                f.write(_MANIFEST_HEADER + "\n")
+            f.write(f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n")
+
+    @contextlib.contextmanager
+    def open(self, *parts: str, mode: str = "wb") -> Iterator[IO[Any]]:
+        """:func:`atomic_open` on :meth:`file` ``(*parts)``, recorded in the manifest once written."""
+        target = self.file(*parts)
+        with atomic_open(target, mode) as f:
+            yield f
+        self._record(target)
+
+    def write_bytes(self, *parts: str, data: Union[bytes, str]) -> Path:
+        with self.open(*parts) as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        return self.path.joinpath(*parts)
+
+    def write_png(self, *parts: str, image: Any) -> Path:
+        from PIL import Image
+
+        img = _png_array(image)
+        with self.open(*parts) as f:
+            Image.fromarray(img).save(f, format="PNG", compress_level=6)
+        return self.path.joinpath(*parts)
+
+    def __repr__(self) -> str:
+        return f"OutputFolder({str(self.path)!r})"
+
+
+def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
+                          resume: bool = False) -> OutputFolder:
+    """Make ``path`` ready to write into and return it as an :class:`OutputFolder`.
+
+    Creates it if missing. Refuses (:class:`pneumoseg.OutputError`) a path that is a file, a folder
+    that is not writable, and a folder holding anything pneumoseg did not write there itself, unless
+    ``overwrite=True``: then files are written into it, replacing those with the same names and
+    leaving the rest. pneumoseg's own earlier output in it (listed in its manifest and unchanged
+    since) is removed first, so re-running a command never mixes two runs' files.
+
+    ``resume=True`` reopens a folder of pneumoseg's own output to continue it (``pneumoseg train
+    --resume``): it must exist with a manifest; nothing is removed.
+    """
+    return OutputFolder(path, overwrite=overwrite, what=what, resume=resume)
+
