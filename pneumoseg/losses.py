@@ -19,12 +19,12 @@ The ops are registered with ``torch.library.custom_op`` (with fake functions and
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 
 from . import _native
+from ._checks import check_array_object, check_bool, check_real
 from ._native import _C
 from .errors import InvalidInputError
 
@@ -122,17 +122,8 @@ _combo_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _number(value, name: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise InvalidInputError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        value = value.item()
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise InvalidInputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(out) or out < 0:
-        raise InvalidInputError(f"{name} must be a non-negative finite number, got {value!r}")
-    return out
+    """A non-negative finite weight: a real number or a one-element tensor, never a bool or a str."""
+    return check_real(value, name, low=0.0)
 
 
 def _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight) -> dict[str, float]:
@@ -169,6 +160,10 @@ def combo_loss(
     """
     if not isinstance(logits, torch.Tensor) or not isinstance(target, torch.Tensor):
         raise InvalidInputError("logits and target must be torch tensors")
+    check_array_object(logits, "logits")
+    check_array_object(target, "target")
+    per_image = check_bool(per_image, "per_image")
+    validate = check_bool(validate, "validate", allow_none=True)
     if logits.dtype not in _LOGIT_DTYPES:
         raise InvalidInputError(f"logits must be a floating tensor (float16/bfloat16/float32/float64), got {logits.dtype}")
     if target.dtype not in _TARGET_DTYPES:
@@ -191,9 +186,9 @@ def combo_loss(
     t = target.reshape(n, -1).contiguous()
     loss, state = _combo_forward(
         x, t, weights["bce_weight"], weights["dice_weight"], weights["focal_weight"], weights["focal_gamma"],
-        weights["smooth"], weights["pos_weight"], bool(per_image),
+        weights["smooth"], weights["pos_weight"], per_image,
     )
-    check = logits.device.type == "cpu" if validate is None else bool(validate)
+    check = logits.device.type == "cpu" if validate is None else validate
     if check and not torch.compiler.is_compiling():
         bad = int(state[:, _BAD_TARGETS].sum().item())
         if bad:
@@ -220,7 +215,8 @@ class ComboLoss(torch.nn.Module):
         super().__init__()
         # Validated now, so a bad weight fails where the module is built, not at the first batch.
         self.kwargs = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
-        self.kwargs.update(per_image=bool(per_image), validate=validate)
+        self.kwargs.update(per_image=check_bool(per_image, "per_image"),
+                           validate=check_bool(validate, "validate", allow_none=True))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return combo_loss(logits, target, **self.kwargs)

@@ -11,40 +11,32 @@ union-find with atomic operations (Playne & Hawick 2018) that counts areas at th
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Optional, Union
 
 import numpy as np
 
 from . import _native
+from ._checks import check_array_object, check_bool, check_choice, check_int, check_probability
 from ._native import _C
 from .errors import InvalidInputError
 
 __all__ = ["label_components", "remove_small_components", "triplet_threshold", "gate", "postprocess"]
 
 
-def _check_unit(value: Any, name: str) -> float:
-    if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
-        raise InvalidInputError(f"{name} must be a number in [0, 1], got {value!r}")
-    return float(value)
-
-
 def _check_area(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    # Any area above 2**63 - 1 means the same as 2**63 - 1: more pixels than any image has.
+    return check_int(value, name, low=0, saturate=True)
 
 
 def _check_connectivity(connectivity: Any) -> int:
-    if connectivity not in (4, 8):
-        raise InvalidInputError(f"connectivity must be 4 or 8, got {connectivity!r}")
-    return int(connectivity)
+    return check_choice(connectivity, "connectivity", (4, 8))
 
 
 class _Batch:
     """The input as an (N, H, W) native view, and how to answer in the caller's kind and device."""
 
     def __init__(self, x: Any, name: str):
+        check_array_object(x, name)
         kind = _native.kind_of(x)
         if kind == "numpy":
             x = np.asarray(x)
@@ -166,7 +158,7 @@ def remove_small_components(mask: Any, min_area: int, connectivity: int = 8) -> 
 def triplet_threshold(probs: Any, top: float = 0.75, min_area: int = 2000, bottom: float = 0.3) -> Any:
     """The SIIM-ACR winners' rule, per image: positive only if at least ``min_area`` pixels have
     probability above ``top``; a positive image's mask is ``probs > bottom``, a negative one is empty."""
-    top, bottom = _check_unit(top, "top"), _check_unit(bottom, "bottom")
+    top, bottom = check_probability(top, "top"), check_probability(bottom, "bottom")
     min_area = _check_area(min_area, "min_area")
     batch = _Batch(probs, "probs")
     return batch.answer(_run(batch, threshold=bottom, triplet=(top, min_area)))
@@ -176,11 +168,14 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
     """Per-image keep flags (uint8, one per image) where the score reaches the threshold: on the
     batch's device for CUDA batches (no synchronisation: a NaN score simply gates its image out),
     else a NumPy array (NaN is an error)."""
+    check_array_object(scores, "scores")
     if batch.cuda:
         if batch.kind == "torch":
             import torch
 
             s = torch.as_tensor(scores, device=batch.info.owner.device).reshape(-1)
+            if s.dtype == torch.bool or s.is_complex() or not (s.is_floating_point() or s.dtype.is_signed or s.dtype == torch.uint8):
+                raise InvalidInputError(f"scores must be real numbers, got {s.dtype}")
             flags = (s >= threshold).to(torch.uint8).contiguous()
         else:
             import cupy
@@ -196,7 +191,13 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
         scores = scores.detach().cpu().numpy()
     elif kind == "cupy":
         scores = scores.get()
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    try:
+        s = np.asarray(scores)
+    except Exception as exc:  # ragged lists and the like
+        raise InvalidInputError(f"scores could not be read as an array: {exc}") from exc
+    if s.dtype.kind not in "iuf":
+        raise InvalidInputError(f"scores must be real numbers, got dtype {s.dtype}")
+    s = s.astype(np.float64).reshape(-1)
     if s.shape[0] != batch.n:
         raise InvalidInputError(f"scores has {s.shape[0]} values for a batch of {batch.n} images")
     if np.isnan(s).any():
@@ -206,7 +207,7 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
 
 def gate(masks: Any, scores: Any, threshold: float) -> Any:
     """Empty the masks of the images whose classifier score is below ``threshold`` (uint8 0/1 out)."""
-    threshold = _check_unit(threshold, "threshold")
+    threshold = check_probability(threshold, "threshold")
     batch = _Batch(masks, "masks")
     keep = _scores_keep(scores, batch, threshold)
     return batch.answer(_run(batch, threshold=None, keep=keep))
@@ -229,16 +230,18 @@ def postprocess(
     (skipped with ``top=None``), ``probs > bottom``, and removal of components smaller than
     ``min_component_area``. ``from_logits=True`` compares logits against the thresholds' logits, so no
     sigmoid is computed. With ``to_rle=True`` it returns the SIIM RLE strings instead of masks."""
-    bottom = _check_unit(bottom, "bottom")
+    bottom = check_probability(bottom, "bottom")
     triplet = None
     if top is not None:
-        triplet = (_check_unit(top, "top"), _check_area(min_area, "min_area"))
+        triplet = (check_probability(top, "top"), _check_area(min_area, "min_area"))
     min_component_area = _check_area(min_component_area, "min_component_area")
     connectivity = _check_connectivity(connectivity)
     batch = _Batch(probs, "probs")
+    from_logits = check_bool(from_logits, "from_logits")
+    to_rle = check_bool(to_rle, "to_rle")
     keep = None
     if scores is not None:
-        keep = _scores_keep(scores, batch, _check_unit(gate_threshold, "gate_threshold"))
+        keep = _scores_keep(scores, batch, check_probability(gate_threshold, "gate_threshold"))
     out = _run(batch, threshold=bottom, from_logits=from_logits, triplet=triplet,
                min_component_area=min_component_area, connectivity=connectivity, keep=keep)
     if to_rle:
