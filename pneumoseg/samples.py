@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import limits
+from ._checks import check_int
+
 __all__ = ["pneumothorax_mask"]
 
 
@@ -11,8 +14,9 @@ def pneumothorax_mask(size: int = 1024, seed: int = 0) -> np.ndarray:
     """A pneumothorax-shaped (H, W) uint8 mask: a crescent along the apex and lateral edge of the
     right lung (the image's left half) with an irregular border. At 1024x1024 it has tens of
     thousands of foreground pixels in a few hundred runs, like the SIIM-ACR annotations."""
-    if size < 1:
-        raise ValueError(f"size must be positive, got {size}")
+    size = check_int(size, "size", low=1)
+    limits.check_image(size, size, f"size={size}")
+    seed = check_int(seed, "seed", low=0)
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     cy, cx, ry, rx = 0.45, 0.3, 0.3, 0.16

@@ -120,7 +120,7 @@ def test_positive_ratio_sampler_schedule():
     assert np.mean([labels[i] for i in constant]) == pytest.approx(0.25, abs=1e-3)
     with pytest.raises(pneumoseg.InvalidInputError, match="both positive and negative"):
         PositiveRatioSampler([1, 1, 1])
-    with pytest.raises(pneumoseg.InvalidInputError, match="positive ratio"):
+    with pytest.raises(pneumoseg.InvalidInputError, match=r"positive.ratio must be in \[0, 1\]"):
         PositiveRatioSampler(labels, 1.5)
 
 
@@ -152,7 +152,7 @@ def test_augment_intensity_changes_only_images():
     assert torch.isfinite(out_i).all()
     with pytest.raises(pneumoseg.InvalidInputError, match=r"\(N, 1, H, W\)"):
         aug(images[0], masks[0])
-    with pytest.raises(pneumoseg.InvalidInputError, match="probability"):
+    with pytest.raises(pneumoseg.InvalidInputError, match=r"hflip must be in \[0, 1\]"):
         Augment(hflip=2.0)
 
 

@@ -1,13 +1,14 @@
 """Data: DICOM reading, the SIIM-ACR CSV and folder layouts, a synthetic study set, and (with torch)
 datasets, folds, samplers and augmentations."""
 
-from .dicom import DicomImage, read_dicom
-from .siim import find_dicoms, read_rle_csv, write_rle_csv
+from ..errors import DataWarning
+from .dicom import DicomImage, read_dicom, read_dicom_shape
+from .siim import DicomIndex, find_dicoms, read_rle_csv, write_rle_csv
 from .synthetic import chest_phantom, make_synthetic_siim
 
 _TORCH_NAMES = {
     "SIIMDataset": "datasets", "stratified_kfold": "datasets", "PositiveRatioSampler": "datasets",
-    "DataWarning": "datasets", "Augment": "transforms", "preprocess": "transforms", "chest_crop": "transforms",
+    "Augment": "transforms", "preprocess": "transforms", "chest_crop": "transforms",
     "resize_mask": "transforms",
 }
 
@@ -22,6 +23,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DicomImage", "read_dicom", "find_dicoms", "read_rle_csv", "write_rle_csv", "chest_phantom",
-    "make_synthetic_siim", *_TORCH_NAMES,
+    "DicomImage", "read_dicom", "read_dicom_shape", "find_dicoms", "DicomIndex", "read_rle_csv", "write_rle_csv",
+    "chest_phantom", "make_synthetic_siim", "DataWarning", *_TORCH_NAMES,
 ]

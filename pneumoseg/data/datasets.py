@@ -9,17 +9,15 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..errors import DataFormatError, InvalidInputError
+from .. import limits
+from .._checks import check_choice, check_int, check_path, check_real, check_str_sequence
+from ..errors import DataFormatError, DataWarning, InvalidInputError
 from ..rle import decode_union
 from .dicom import read_dicom
 from .siim import find_dicoms, read_rle_csv
 from .transforms import preprocess, resize_mask
 
 __all__ = ["SIIMDataset", "stratified_kfold", "PositiveRatioSampler", "DataWarning"]
-
-
-class DataWarning(UserWarning):
-    """Something in a dataset folder deserves a look (images without labels, labels without images)."""
 
 
 class SIIMDataset(torch.utils.data.Dataset):
@@ -42,12 +40,18 @@ class SIIMDataset(torch.utils.data.Dataset):
         task: str = "segmentation",
         transforms: Optional[Callable] = None,
     ) -> None:
-        if task not in ("segmentation", "classification"):
-            raise InvalidInputError(f"task must be 'segmentation' or 'classification', got {task!r}")
-        if not isinstance(image_size, int) or image_size < 8:
-            raise InvalidInputError(f"image_size must be an integer >= 8, got {image_size!r}")
-        self.root, self.image_size, self.task, self.transforms = Path(root), image_size, task, transforms
+        task = check_choice(task, "task", ("segmentation", "classification"))
+        image_size = check_int(image_size, "image_size", low=8)
+        limits.check_image(image_size, image_size, f"image_size={image_size}")
+        if transforms is not None and not callable(transforms):
+            raise InvalidInputError(f"transforms must be callable, got {type(transforms).__name__}")
+        root = check_path(root, "root", error=DataFormatError)
+        self.root, self.image_size, self.task, self.transforms = root, image_size, task, transforms
         files = find_dicoms(self.root)
+        self.skipped = files.skipped
+        if files.skipped:
+            warnings.warn(f"{len(files.skipped)} entries under {self.root} were skipped (see .skipped), e.g. "
+                          f"{files.skipped[0][0]}: {files.skipped[0][1]}", DataWarning, stacklevel=2)
         if not files:
             raise DataFormatError(f"{self.root}: no *.dcm files found")
         self.rles: Optional[dict[str, list[str]]] = None
@@ -103,14 +107,39 @@ class SIIMDataset(torch.utils.data.Dataset):
         return item
 
 
+def _check_labels(labels: Any, *, binary: bool = True) -> list[int]:
+    """Integer class labels (0/1 with ``binary``) as a list of int; anything else is refused, since
+    a label 2 or 0.5 would otherwise fall silently into no class."""
+    if isinstance(labels, (str, bytes)) or labels is None:
+        raise InvalidInputError(f"labels must be a sequence of integers, got {type(labels).__name__}")
+    try:
+        arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
+    except Exception as exc:
+        raise InvalidInputError(f"labels could not be read as an array: {exc}") from exc
+    if arr.ndim != 1:
+        raise InvalidInputError(f"labels must be one-dimensional, got shape {arr.shape}")
+    if arr.size and arr.dtype.kind not in "biu":
+        if arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
+            arr = arr.astype(np.int64)
+        else:
+            raise InvalidInputError(f"labels must be integers, got dtype {arr.dtype} (e.g. {arr.tolist()[:3]})")
+    values = [int(v) for v in arr.tolist()]
+    if binary and any(v not in (0, 1) for v in values):
+        raise InvalidInputError(f"labels must be 0 or 1, got {sorted(set(values) - {0, 1})[:3]}")
+    return values
+
+
 def stratified_kfold(image_ids: Sequence[str], labels: Sequence[int], k: int = 5, seed: int = 0) -> list[tuple[list[str], list[str]]]:
     """k (train_ids, val_ids) splits with each class spread evenly over the folds (shuffled per class
     with ``seed``, then dealt round-robin), every id in exactly one validation fold."""
-    ids, labs = list(image_ids), list(labels)
+    ids = check_str_sequence(image_ids, "image_ids")
+    labs = _check_labels(labels, binary=False)
     if len(ids) != len(labs):
         raise InvalidInputError(f"{len(ids)} image_ids but {len(labs)} labels")
-    if not isinstance(k, int) or k < 2 or k > len(ids):
+    k = check_int(k, "k", low=2, high=max(2, len(ids)))
+    if k > len(ids):
         raise InvalidInputError(f"k must be an integer in [2, {len(ids)}], got {k!r}")
+    seed = check_int(seed, "seed", low=0)
     if len(set(ids)) != len(ids):
         raise InvalidInputError("image_ids contains duplicates")
     rng = np.random.default_rng(seed)
@@ -139,20 +168,28 @@ class PositiveRatioSampler(torch.utils.data.Sampler):
         epochs: int = 1,
         seed: int = 0,
     ) -> None:
-        lab = np.asarray(labels)
+        lab = np.asarray(_check_labels(labels), dtype=np.int64)
         self.positives = np.nonzero(lab == 1)[0]
         self.negatives = np.nonzero(lab == 0)[0]
         if len(self.positives) == 0 or len(self.negatives) == 0:
             raise InvalidInputError("PositiveRatioSampler needs both positive and negative images")
+        if isinstance(positive_ratio, (tuple, list)):
+            if len(positive_ratio) != 2:
+                raise InvalidInputError(f"positive_ratio as a schedule must be a (start, end) pair, got {positive_ratio!r}")
+            positive_ratio = tuple(check_real(v, f"positive_ratio[{i}]", low=0.0, high=1.0)
+                                   for i, v in enumerate(positive_ratio))
+        elif not callable(positive_ratio):
+            positive_ratio = check_real(positive_ratio, "positive_ratio", low=0.0, high=1.0)
         self.schedule = positive_ratio
-        self.num_samples = int(num_samples or len(lab))
-        self.epochs, self.seed, self.epoch = max(1, int(epochs)), seed, 0
+        self.num_samples = len(lab) if num_samples is None else check_int(num_samples, "num_samples", low=1, high=2**40)
+        self.epochs = check_int(epochs, "epochs", low=1)
+        self.seed, self.epoch = check_int(seed, "seed", low=0), 0
         self.ratio(0)  # validate now
 
     def ratio(self, epoch: int) -> float:
         s = self.schedule
         if callable(s):
-            r = float(s(epoch))
+            r = check_real(s(epoch), f"positive_ratio({epoch})")
         elif isinstance(s, (tuple, list)):
             a, b = s
             r = a + (b - a) * min(1.0, epoch / max(1, self.epochs - 1))
@@ -163,7 +200,7 @@ class PositiveRatioSampler(torch.utils.data.Sampler):
         return r
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self.epoch = check_int(epoch, "epoch", low=0)
 
     def __len__(self) -> int:
         return self.num_samples

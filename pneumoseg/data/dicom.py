@@ -3,16 +3,22 @@ other hospitals' 12-16 bit images (MONOCHROME1, rescale slope/intercept, VOI LUT
 
 from __future__ import annotations
 
+import math
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from ..errors import DicomError
+from .. import limits
+from .._checks import check_bool, check_path, check_real
+from ..errors import DicomError, LimitError
 
-__all__ = ["DicomImage", "read_dicom"]
+__all__ = ["DicomImage", "read_dicom", "read_dicom_shape"]
+
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 @dataclass
@@ -29,9 +35,13 @@ class DicomImage:
     def window(self, center: Optional[float] = None, width: Optional[float] = None) -> np.ndarray:
         """The image through its VOI LUT or window as float32 in [0, 1] (1 = bright). Without arguments
         the file's own VOI LUT / first window is used, or the full range when it has none."""
+        if (center is None) != (width is None):
+            raise DicomError("window needs both center and width, or neither")
         if center is not None and width is not None:
+            center = check_real(center, "window center", error=DicomError)
+            width = check_real(width, "window width", error=DicomError)
             if width <= 0:
-                raise ValueError(f"window width must be positive, got {width}")
+                raise DicomError(f"window width must be positive, got {width}")
             low, high = center - width / 2.0, center + width / 2.0
             img = np.clip((self.pixels.astype(np.float64) - low) / (high - low), 0.0, 1.0)
             return img.astype(np.float32)
@@ -49,11 +59,34 @@ class DicomImage:
         return ((img - low) / (high - low if high > low else 1.0)).astype(np.float32)
 
 
-def _number(value: Any) -> Optional[float]:
+def _finite(ds: Any, keyword: str, default: float, path: Path) -> float:
+    """A numeric attribute that must be a finite number when present (a NaN RescaleSlope would turn
+    the whole image into NaN)."""
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        return default
     try:
-        return float(value)
+        out = float(value)
     except (TypeError, ValueError):
-        return None
+        raise DicomError(f"{path}: {keyword} {value!r} is not a number") from None
+    if not math.isfinite(out):
+        raise DicomError(f"{path}: {keyword} is {value!r}; it must be a finite number")
+    return out
+
+
+def _positive_int(ds: Any, keyword: str, path: Path, default: Optional[int] = None) -> int:
+    value = ds.get(keyword, None)
+    if value is None or value == "":
+        if default is None:
+            raise DicomError(f"{path}: the file has no {keyword}, so its image size is unknown")
+        return default
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise DicomError(f"{path}: {keyword} {value!r} is not an integer") from None
+    if out < 1:
+        raise DicomError(f"{path}: {keyword} must be at least 1, got {out}")
+    return out
 
 
 def _age(value: Any) -> Optional[int]:
@@ -70,22 +103,62 @@ def _age(value: Any) -> Optional[int]:
     return {"Y": n, "M": n // 12, "W": n // 52, "D": n // 365}[unit]
 
 
-def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomImage:
-    """Read one DICOM file. Decodes uncompressed files and JPEG baseline (the SIIM files) with the
-    installed dependencies, JPEG 2000 / JPEG-LS where their pydicom handler is installed. Any failure
-    is a :class:`pneumoseg.DicomError` naming the file and the cause."""
-    path = Path(path)
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DicomError(f"{path}: no such file")
+    if path.is_dir():
+        raise DicomError(f"{path}: is a folder, not a DICOM file")
+    if not path.is_file():
+        raise DicomError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    try:
+        limits.check("max_dicom_bytes", size, f"{path}: a file of {size:,} bytes")
+    except LimitError as exc:
+        raise DicomError(str(exc)) from None
+
+
+def _check_deflated(path: Path) -> None:
+    """A deflated dataset is inflated whole by pydicom before anything in it can be read: inflate it
+    here first, in bounded steps, so a small file cannot expand past max_dicom_bytes."""
+    from pydicom.filereader import read_file_meta_info
+
+    meta = read_file_meta_info(path)
+    if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+        return
+    group_length = meta.get("FileMetaInformationGroupLength", None)
+    if group_length is None:
+        raise DicomError(f"{path}: a deflated file without FileMetaInformationGroupLength")
+    limit = limits.current().max_dicom_bytes
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    produced = 0
+    with open(path, "rb") as f:
+        # 128-byte preamble, "DICM", the group length element (12 bytes), then the rest of the meta.
+        f.seek(128 + 4 + 12 + int(group_length))
+        while True:
+            chunk = f.read(1 << 20)
+            pending = chunk
+            while pending:
+                produced += len(inflater.decompress(pending, 1 << 24))
+                if produced > limit:
+                    raise DicomError(f"{path}: the deflated data inflates past max_dicom_bytes ({limit:,} bytes); "
+                                     "raise it with pneumoseg.limits.set_limits(max_dicom_bytes=...) to read it")
+                pending = inflater.unconsumed_tail
+            if not chunk:
+                break
+
+
+def _read_dataset(path: Path, *, stop_before_pixels: bool):
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise DicomError(f"{path}: pydicom is not installed") from exc
-    if not path.is_file():
-        raise DicomError(f"{path}: no such file")
+    _check_file(path)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
+            _check_deflated(path)
+            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
         for w in caught:  # pydicom reads a cut-off file with a warning; for us it is an error
             if "end of file" in str(w.message).lower():
                 raise DicomError(f"{path}: the file is truncated ({w.message})")
@@ -93,13 +166,58 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
         raise
     except InvalidDicomError as exc:
         raise DicomError(f"{path}: not a DICOM file ({exc})") from exc
+    except zlib.error as exc:
+        raise DicomError(f"{path}: the deflated data is corrupt ({exc})") from exc
     except Exception as exc:  # truncated headers and the like
         raise DicomError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
+    return ds
+
+
+def _declared_shape(ds: Any, path: Path) -> tuple[int, int]:
+    """(rows, columns) from the header, checked against the limits before any pixel is decoded:
+    the image size, and the decoded bytes Rows x Columns x frames x samples x BitsAllocated / 8."""
+    rows = _positive_int(ds, "Rows", path)
+    columns = _positive_int(ds, "Columns", path)
+    frames = _positive_int(ds, "NumberOfFrames", path, default=1)
+    samples = _positive_int(ds, "SamplesPerPixel", path, default=1)
+    bits = _positive_int(ds, "BitsAllocated", path, default=8)
+    decoded = rows * columns * frames * samples * ((bits + 7) // 8)
+    try:
+        limits.check_image(rows, columns, f"{path}: an image of {rows}x{columns}")
+        limits.check("max_dicom_bytes", decoded,
+                     f"{path}: pixel data of {rows}x{columns}x{frames} frames x {samples} samples x {bits} bits")
+    except LimitError as exc:
+        raise DicomError(str(exc)) from None
+    if frames != 1:
+        raise DicomError(f"{path}: expected a single 2-D image, the file holds {frames} frames")
+    if samples != 1:
+        raise DicomError(f"{path}: expected a grey-level image, the file has {samples} samples per pixel")
+    return rows, columns
+
+
+def read_dicom_shape(path: Union[str, Path]) -> tuple[int, int]:
+    """(rows, columns) of a DICOM image from its header alone (no pixel data is read), with the same
+    checks as :func:`read_dicom`; any problem is a :class:`pneumoseg.DicomError` naming the file."""
+    path = check_path(path, "path", error=DicomError)
+    return _declared_shape(_read_dataset(path, stop_before_pixels=True), path)
+
+
+def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomImage:
+    """Read one DICOM file. Decodes uncompressed files and JPEG baseline (the SIIM files) with the
+    installed dependencies, JPEG 2000 / JPEG-LS where their pydicom handler is installed. The size
+    the header declares is checked against :mod:`pneumoseg.limits` before anything is decoded. Any
+    failure is a :class:`pneumoseg.DicomError` naming the file and the cause."""
+    path = check_path(path, "path", error=DicomError)
+    with_dataset = check_bool(with_dataset, "with_dataset")
+    ds = _read_dataset(path, stop_before_pixels=False)
     if "PixelData" not in ds:
         raise DicomError(f"{path}: the file has no pixel data")
+    rows, columns = _declared_shape(ds, path)
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown"))
     try:
-        raw = ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # decoder chatter; failures raise below
+            raw = ds.pixel_array
     except Exception as exc:
         # pydicom's message says whether a decoder plugin is missing or the data is damaged.
         first_line = (str(exc).splitlines() or [""])[0]
@@ -108,26 +226,48 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
         ) from exc
     if raw.ndim != 2:
         raise DicomError(f"{path}: expected a single 2-D image, got pixel data of shape {raw.shape}")
-    slope = _number(ds.get("RescaleSlope", 1.0)) or 1.0
-    intercept = _number(ds.get("RescaleIntercept", 0.0)) or 0.0
+    if raw.shape != (rows, columns):
+        raise DicomError(f"{path}: decoded pixel data is {raw.shape[0]}x{raw.shape[1]}, the header says {rows}x{columns}")
+    slope = _finite(ds, "RescaleSlope", 1.0, path)
+    intercept = _finite(ds, "RescaleIntercept", 0.0, path)
+    if slope == 0.0:
+        raise DicomError(f"{path}: RescaleSlope is 0, which would erase the image")
     pixels = raw
     if slope != 1.0 or intercept != 0.0:
         pixels = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        if not np.isfinite(pixels).all():
+            raise DicomError(f"{path}: RescaleSlope {slope} and RescaleIntercept {intercept} overflow float32")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "MONOCHROME1":  # stored inverted: make high values bright like MONOCHROME2
         pixels = pixels.max() + pixels.min() - pixels
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     meta = {
         "age": _age(ds.get("PatientAge")),
         "sex": str(ds.get("PatientSex", "")).strip() or None,
         "view_position": str(ds.get("ViewPosition", "")).strip() or None,
-        "pixel_spacing": tuple(float(v) for v in spacing) if spacing else None,
+        "pixel_spacing": _spacing(ds, path),
         "modality": str(ds.get("Modality", "")).strip() or None,
         "body_part": str(ds.get("BodyPartExamined", "")).strip() or None,
         "photometric_interpretation": photometric,
-        "bits_stored": int(ds.get("BitsStored", raw.dtype.itemsize * 8)),
+        "bits_stored": _positive_int(ds, "BitsStored", path, default=raw.dtype.itemsize * 8),
         "transfer_syntax": syntax,
         "rescale": (slope, intercept),
     }
     image_id = str(ds.get("SOPInstanceUID", "")) or path.stem
     return DicomImage(pixels=pixels, image_id=image_id, meta=meta, path=path, _dataset=ds if with_dataset else None)
+
+
+def _spacing(ds: Any, path: Path) -> Optional[tuple[float, float]]:
+    """PixelSpacing (or ImagerPixelSpacing) in mm as (row, column), or None when the file has none."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword, None)
+        if value is None or value == "":
+            continue
+        values = list(value) if not isinstance(value, (str, bytes)) else [value]
+        try:
+            numbers = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            raise DicomError(f"{path}: {keyword} {value!r} is not a pair of numbers") from None
+        if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
+            raise DicomError(f"{path}: {keyword} {value!r} must be two positive numbers (mm)")
+        return numbers
+    return None

@@ -2,84 +2,281 @@
 
 from __future__ import annotations
 
-import csv
-import io
-from collections import OrderedDict
+import os
+import re
+import stat
+import unicodedata
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Union
 
-from ..errors import DataFormatError
+from .. import limits
+from .._checks import check_path, check_str_sequence, show
+from .._fs import atomic_open
+from ..errors import DataFormatError, InvalidInputError, LimitError, OutputError
 
-__all__ = ["read_rle_csv", "write_rle_csv", "find_dicoms"]
+__all__ = ["read_rle_csv", "write_rle_csv", "find_dicoms", "DicomIndex"]
 
 _HEADERS = {("imageid", "encodedpixels")}
+# What the native decoder accepts, and nothing else: ASCII digits separated by ASCII whitespace,
+# or a lone -1. (str.isdigit and str.split would also take Arabic digits and no-break spaces.)
+_RLE_TEXT = re.compile(r"[ \t\n\r\f\v]*(?:-1|[0-9]+(?:[ \t\n\r\f\v]+[0-9]+)*)?[ \t\n\r\f\v]*", re.ASCII)
+_RLE_TOKEN = re.compile(r"[^ \t\n\r\f\v]+", re.ASCII)
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def _bad_id(image_id: str) -> str | None:
+    """Why an ImageId cannot be stored in the CSV layout, or None."""
+    if not image_id:
+        return "it is empty"
+    if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in image_id):
+        return "it contains a control character (newline, NUL, ...)"
+    if "," in image_id or '"' in image_id:
+        return "it contains a comma or a double quote"
+    if image_id != image_id.strip():
+        return "it starts or ends with whitespace"
+    return None
+
+
+def _rle_problem(text: str) -> str | None:
+    """Why ``text`` is not an EncodedPixels value the decoder accepts, or None."""
+    if _RLE_TEXT.fullmatch(text):
+        tokens = text.split()
+        if len(tokens) % 2 and tokens != ["-1"]:
+            return "EncodedPixels has an odd number of values"
+        return None
+    for token in _RLE_TOKEN.findall(text):
+        if not (token.isascii() and token.isdigit()) and token != "-1":
+            return f"EncodedPixels has a bad token {show(token, 30)}"
+        if token == "-1":
+            return "EncodedPixels has -1 among other values (-1 stands alone, for an empty mask)"
+    return "EncodedPixels has characters other than ASCII digits and spaces"  # e.g. a no-break space
+
+
+def _split_row(line: str, path: Path, line_no: int) -> list[str]:
+    """The cells of one CSV line: comma-separated, optionally double-quoted with "" for a quote."""
+    if '"' not in line:
+        return line.split(",")
+    cells: list[str] = []
+    i, n = 0, len(line)
+    while True:
+        while i < n and line[i] == " ":
+            i += 1
+        if i < n and line[i] == '"':
+            i += 1
+            value = []
+            while True:
+                j = line.find('"', i)
+                if j < 0:
+                    raise DataFormatError(f"{path}, line {line_no}: unterminated quoted field")
+                value.append(line[i:j])
+                if j + 1 < n and line[j + 1] == '"':
+                    value.append('"')
+                    i = j + 2
+                    continue
+                i = j + 1
+                break
+            cell = "".join(value)
+            j = line.find(",", i)
+            rest = line[i:] if j < 0 else line[i:j]
+            if rest.strip():
+                raise DataFormatError(f"{path}, line {line_no}: text after a closing quote")
+        else:
+            j = line.find(",", i)
+            cell = line[i:] if j < 0 else line[i:j]
+        cells.append(cell)
+        if j < 0:
+            return cells
+        i = j + 1
+
+
+def _read_text(path: Path) -> str:
+    if path.is_dir():
+        raise DataFormatError(f"{path}: is a folder, not a CSV file")
+    limit = limits.current().max_csv_bytes
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if stat.S_ISREG(st.st_mode):
+                limits.check("max_csv_bytes", st.st_size, f"{path}: a file of {st.st_size:,} bytes")
+            data = f.read(limit + 1)  # devices and pipes have no size: read at most the limit
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: no such file") from None
+    except PermissionError:
+        raise DataFormatError(f"{path}: permission denied") from None
+    except LimitError as exc:
+        raise DataFormatError(str(exc)) from None
+    except OSError as exc:
+        raise DataFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if len(data) > limit:
+        raise DataFormatError(f"{path}: longer than max_csv_bytes ({limit:,} bytes); raise it with "
+                              "pneumoseg.limits.set_limits(max_csv_bytes=...) if the file is right")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from None
 
 
 def read_rle_csv(path: Union[str, Path]) -> dict[str, list[str]]:
     """ImageId -> its RLE strings (one per annotation; ``["-1"]`` for a negative image), in file order.
 
     Reads ``train-rle.csv`` (header ``ImageId, EncodedPixels`` with leading spaces, `` -1``),
-    ``stage_2_train.csv`` (``ImageId,EncodedPixels``, ``-1``), either with a UTF-8 BOM, and the
-    header-less sample CSV. A malformed row is a :class:`pneumoseg.DataFormatError` naming its line.
+    ``stage_2_train.csv`` (``ImageId,EncodedPixels``, ``-1``), either with a UTF-8 BOM, any line
+    ends (``\\n``, ``\\r\\n``, ``\\r``), quoted cells, and the header-less sample CSV. EncodedPixels is
+    checked exactly as the decoder will read it. Anything malformed is a
+    :class:`pneumoseg.DataFormatError` naming the file and the line; files past
+    ``limits.max_csv_bytes`` are refused before they are read.
     """
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: no such file") from None
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from None
-    out: "OrderedDict[str, list[str]]" = OrderedDict()
-    reader = csv.reader(io.StringIO(text))
-    for line_no, row in enumerate(reader, start=1):
-        if not row or all(not cell.strip() for cell in row):
+    path = check_path(path, "path", error=DataFormatError)
+    text = _read_text(path)
+    max_chars = limits.current().max_rle_chars
+    out: dict[str, list[str]] = {}
+    for line_no, line in enumerate(_LINE_END.split(text), start=1):
+        if not line.strip():
             continue
-        cells = [cell.strip() for cell in row]
+        cells = [cell.strip() for cell in _split_row(line, path, line_no)]
         if line_no == 1 and tuple(c.lower().replace(" ", "") for c in cells) in _HEADERS:
             continue
         if len(cells) != 2:
             raise DataFormatError(f"{path}, line {line_no}: expected 2 columns (ImageId, EncodedPixels), got {len(cells)}")
         image_id, rle = cells
+        if line_no == 1 and image_id.lower().replace(" ", "") == "imageid":
+            raise DataFormatError(f"{path}, line 1: unexpected header {line!r}; expected ImageId, EncodedPixels")
         if not image_id:
             raise DataFormatError(f"{path}, line {line_no}: empty ImageId")
-        if line_no == 1 and image_id.lower().replace(" ", "") == "imageid":
-            raise DataFormatError(f"{path}, line 1: unexpected header {row!r}; expected ImageId, EncodedPixels")
-        tokens = rle.split()
-        if tokens != ["-1"] and not all(t.isdigit() for t in tokens):
-            bad = next(t for t in tokens if not t.isdigit())
-            raise DataFormatError(f"{path}, line {line_no}: EncodedPixels has a bad token {bad!r}")
-        if len(tokens) % 2 and tokens != ["-1"]:
-            raise DataFormatError(f"{path}, line {line_no}: EncodedPixels has an odd number of values")
+        problem = _bad_id(image_id)
+        if problem:
+            raise DataFormatError(f"{path}, line {line_no}: ImageId {show(image_id)} is not usable: {problem}")
+        if len(rle) > max_chars:
+            raise DataFormatError(f"{path}, line {line_no}: EncodedPixels of {len(rle):,} characters is past "
+                                  f"max_rle_chars ({max_chars:,})")
+        problem = _rle_problem(rle)
+        if problem:
+            raise DataFormatError(f"{path}, line {line_no}: {problem}")
         out.setdefault(image_id, []).append(rle if rle else "-1")
-    return dict(out)
+    return out
 
 
-def write_rle_csv(path: Union[str, Path], rles: dict[str, list[str]]) -> Path:
-    """Write in the original ``train-rle.csv`` layout (``ImageId, EncodedPixels``, values with a
-    leading space, one row per annotation, `` -1`` for negatives); atomically."""
-    path = Path(path)
+def _format_rle_csv(rles: Mapping[str, Union[str, list[str]]]) -> str:
+    """The text of an RLE CSV in the original layout, after checking every id and string."""
+    if not isinstance(rles, Mapping):
+        raise InvalidInputError(f"rles must be a dict ImageId -> list of RLE strings, got {type(rles).__name__}")
     lines = ["ImageId, EncodedPixels"]
     for image_id, strings in rles.items():
-        for s in strings or ["-1"]:
-            lines.append(f"{image_id}, {s}")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+        if not isinstance(image_id, str):
+            raise InvalidInputError(f"ImageId {show(image_id)} must be a str, got {type(image_id).__name__}")
+        problem = _bad_id(image_id)
+        if problem:
+            raise InvalidInputError(f"ImageId {show(image_id)} cannot be written to an RLE CSV: {problem}")
+        if isinstance(strings, str):
+            strings = [strings]
+        strings = check_str_sequence(strings, f"rles[{image_id!r}]")
+        for i, s in enumerate(strings or ["-1"]):
+            problem = _rle_problem(s)
+            if problem:
+                raise InvalidInputError(f"rles[{image_id!r}][{i}]: {problem}")
+            lines.append(f"{image_id}, {s.strip() or '-1'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_rle_csv(path: Union[str, Path], rles: Mapping[str, Union[str, list[str]]]) -> Path:
+    """Write in the original ``train-rle.csv`` layout (``ImageId, EncodedPixels``, values with a
+    leading space, one row per annotation, `` -1`` for negatives), atomically: the file is complete
+    or untouched. A value may be a list of strings (one row each) or one string. Ids and strings
+    are checked first so that what is written reads back unchanged with :func:`read_rle_csv`
+    (no commas, quotes or line breaks in ids; only what the decoder accepts in strings)."""
+    path = check_path(path, "path", error=InvalidInputError)
+    text = _format_rle_csv(rles)
+    if path.is_dir():
+        raise OutputError(f"{path}: is a folder; give the path of the CSV file to write")
+    with atomic_open(path, "w") as f:
+        f.write(text)
     return path
 
 
-def find_dicoms(root: Union[str, Path]) -> dict[str, Path]:
-    """ImageId -> path for every ``*.dcm`` under ``root``: the Kaggle nested layout
-    (``dicom-images-train/<study>/<series>/<ImageId>.dcm``) and flat folders alike. The ImageId is the
-    file name (Kaggle names files by SOPInstanceUID); two files with one ImageId are an error."""
-    root = Path(root)
+class DicomIndex(dict):
+    """ImageId -> path, as returned by :func:`find_dicoms`, plus ``skipped``: (path, reason) for
+    everything under the folder that looked like a DICOM but was not taken (unreadable folders,
+    symbolic-link loops, broken links, DICOM files without a ``.dcm`` suffix)."""
+
+    skipped: list[tuple[Path, str]]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped = []
+
+
+def _is_dicom_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def find_dicoms(root: Union[str, Path]) -> DicomIndex:
+    """ImageId -> path for every ``*.dcm`` file (any case: ``.DCM`` too) under ``root``: the Kaggle
+    nested layout (``dicom-images-train/<study>/<series>/<ImageId>.dcm``) and flat folders alike.
+
+    Symbolic links to folders are followed, each real folder visited once (so link loops end);
+    the ImageId is the file name without its suffix (Kaggle names files by SOPInstanceUID), and two
+    different files with one ImageId are an error. What was passed over is listed in the result's
+    ``skipped``: folders that could not be read, link loops and repeats, broken links, and files
+    that are DICOM (by their ``DICM`` preamble) but lack the ``.dcm`` suffix.
+    """
+    root = check_path(root, "root", error=DataFormatError)
     if not root.is_dir():
         raise DataFormatError(f"{root}: not a folder")
     found: dict[str, Path] = {}
-    for p in sorted(root.rglob("*.dcm")):
-        if p.is_file():
-            image_id = p.stem
-            if image_id in found:
-                raise DataFormatError(f"{root}: ImageId {image_id} appears twice: {found[image_id]} and {p}")
-            found[image_id] = p
-    return found
+    seen_files: dict[tuple[int, int], Path] = {}
+    index = DicomIndex()
+    visited: dict[tuple[int, int], Path] = {}
+
+    def visit(folder: Path) -> None:
+        try:
+            st = folder.stat()
+        except OSError as exc:
+            index.skipped.append((folder, f"cannot be read ({exc.strerror or exc})"))
+            return
+        key = (st.st_dev, st.st_ino)
+        if key in visited:
+            index.skipped.append((folder, f"the same folder as {visited[key]} (a symbolic link), scanned once"))
+            return
+        visited[key] = folder
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except OSError as exc:
+            index.skipped.append((folder, f"cannot be read ({exc.strerror or exc})"))
+            return
+        for entry in entries:
+            p = Path(entry.path)
+            try:
+                is_dir = entry.is_dir()  # follows links
+                is_file = entry.is_file()
+            except OSError as exc:
+                index.skipped.append((p, f"cannot be read ({exc.strerror or exc})"))
+                continue
+            if is_dir:
+                visit(p)
+            elif is_file:
+                if p.suffix.lower() == ".dcm":
+                    file_st = entry.stat()
+                    file_key = (file_st.st_dev, file_st.st_ino)
+                    if file_key in seen_files:
+                        index.skipped.append((p, f"the same file as {seen_files[file_key]} (a link)"))
+                        continue
+                    seen_files[file_key] = p
+                    image_id = p.stem
+                    if image_id in found:
+                        raise DataFormatError(f"{root}: ImageId {image_id} appears twice: {found[image_id]} and {p}")
+                    found[image_id] = p
+                elif not p.suffix and _is_dicom_file(p):
+                    index.skipped.append((p, "a DICOM file without the .dcm suffix"))
+            elif entry.is_symlink():
+                index.skipped.append((p, "a broken symbolic link"))
+
+    visit(root)
+    for image_id, p in sorted(found.items(), key=lambda item: item[1]):
+        index[image_id] = p
+    return index

@@ -16,8 +16,11 @@ from typing import Union
 
 import numpy as np
 
+from .. import limits
+from .._checks import check_bool, check_int, check_probability
+from .._fs import OutputFolder, prepare_output_folder
 from ..rle import encode
-from .siim import write_rle_csv
+from .siim import _format_rle_csv
 
 __all__ = ["make_synthetic_siim", "chest_phantom"]
 
@@ -38,6 +41,9 @@ def _smooth_noise(rng: np.random.Generator, size: int, scale: int) -> np.ndarray
 
 def chest_phantom(size: int, rng: np.random.Generator, pneumothorax: bool) -> tuple[np.ndarray, np.ndarray]:
     """One (size, size) uint8 chest-like image and its pneumothorax mask (empty when negative)."""
+    size = check_int(size, "size", low=8)
+    limits.check_image(size, size, f"size={size}")
+    pneumothorax = check_bool(pneumothorax, "pneumothorax")
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     jitter = lambda a: a + rng.uniform(-0.02, 0.02)  # noqa: E731
     img = np.full((size, size), 18.0)
@@ -86,7 +92,8 @@ def _jpeg_baseline(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_dicom(path: Path, pixels: np.ndarray, uids: dict[str, str], rng: np.random.Generator) -> None:
+def _write_dicom(folder: OutputFolder, parts: tuple[str, ...], pixels: np.ndarray, uids: dict[str, str],
+                 rng: np.random.Generator) -> None:
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.encaps import encapsulate
     from pydicom.uid import UID
@@ -122,10 +129,8 @@ def _write_dicom(path: Path, pixels: np.ndarray, uids: dict[str, str], rng: np.r
     ds.LossyImageCompressionMethod = "ISO_10918_1"
     ds.PixelData = encapsulate([_jpeg_baseline(pixels)])
     ds["PixelData"].VR = "OB"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    tmp.replace(path)
+    with folder.open(*parts) as f:
+        ds.save_as(f, enforce_file_format=True)
 
 
 def make_synthetic_siim(
@@ -135,17 +140,24 @@ def make_synthetic_siim(
     positive_fraction: float = 0.3,
     seed: int = 0,
     progress: bool = False,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``n_images`` synthetic studies under ``out_dir`` in the Kaggle layout; returns the path
-    of its ``train-rle.csv``. About a third of the positives are annotated as two regions (two rows)."""
+    of its ``train-rle.csv``. About a third of the positives are annotated as two regions (two rows).
+
+    ``out_dir`` must be new, empty, or hold only an earlier synthetic set (which is replaced);
+    anything else (someone's own ``train-rle.csv`` and DICOMs, say) is refused with
+    :class:`pneumoseg.OutputError` unless ``overwrite=True``."""
+    n_images = check_int(n_images, "n_images", low=1, high=10**7)
+    size = check_int(size, "size", low=32)
+    limits.check_image(size, size, f"size={size}")
+    positive_fraction = check_probability(positive_fraction, "positive_fraction")
+    seed = check_int(seed, "seed", low=0)
+    progress = check_bool(progress, "progress")
+    folder = prepare_output_folder(out_dir, overwrite=overwrite, what="synthetic data folder")
     from pydicom.uid import generate_uid
 
-    if n_images < 1 or size < 32:
-        raise ValueError(f"need n_images >= 1 and size >= 32, got {n_images} and {size}")
-    if not 0.0 <= positive_fraction <= 1.0:
-        raise ValueError(f"positive_fraction must be in [0, 1], got {positive_fraction}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     n_pos = int(round(n_images * positive_fraction))
     positive = np.zeros(n_images, bool)
@@ -162,7 +174,7 @@ def make_synthetic_siim(
         pixels, mask = chest_phantom(size, image_rng, bool(positive[i]))
         uids = {k: generate_uid(prefix=root, entropy_srcs=[str(seed), str(i), k]) for k in ("sop", "study", "series")}
         uids["patient"] = f"synthetic-{seed}-{i:05d}"
-        _write_dicom(out / "dicom-images-train" / uids["study"] / uids["series"] / f"{uids['sop']}.dcm",
+        _write_dicom(folder, ("dicom-images-train", uids["study"], uids["series"], f"{uids['sop']}.dcm"),
                      pixels, uids, image_rng)
         if mask.any() and image_rng.random() < 0.35:
             # Two annotations: split the region at a row through it, as two readers might.
@@ -174,4 +186,5 @@ def make_synthetic_siim(
             rles[uids["sop"]] = [encode(upper), encode(lower)]
         else:
             rles[uids["sop"]] = [encode(mask)]
-    return write_rle_csv(out / "train-rle.csv", rles)
+    folder.write_bytes("train-rle.csv", data=_format_rle_csv(rles))
+    return folder.path / "train-rle.csv"

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_array_object, check_image_size, check_int, check_probability, check_real
 from ..errors import InvalidInputError
 
 __all__ = ["preprocess", "chest_crop", "Augment", "NORMALISE_MEAN", "NORMALISE_STD"]
@@ -18,14 +19,26 @@ __all__ = ["preprocess", "chest_crop", "Augment", "NORMALISE_MEAN", "NORMALISE_S
 NORMALISE_MEAN, NORMALISE_STD = 0.5, 0.25
 
 
-def _as_batch(pixels: Any) -> torch.Tensor:
-    t = pixels if isinstance(pixels, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(pixels))
+def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:
+    check_array_object(pixels, name)
+    if isinstance(pixels, torch.Tensor):
+        t = pixels
+    else:
+        try:
+            arr = np.ascontiguousarray(pixels)
+        except Exception as exc:  # ragged lists and the like
+            raise InvalidInputError(f"{name} could not be read as an array: {exc}") from exc
+        if arr.dtype.kind not in "biuf":
+            raise InvalidInputError(f"{name} must be numeric, got dtype {arr.dtype}")
+        t = torch.from_numpy(arr)
+    if t.is_complex():
+        raise InvalidInputError(f"{name} must be real, got {t.dtype}")
     if t.dim() == 2:
         t = t[None]
     if t.dim() == 3:
         t = t[:, None]
     if t.dim() != 4 or t.shape[1] != 1:
-        raise InvalidInputError(f"pixels must be (H, W), (N, H, W) or (N, 1, H, W), got {tuple(t.shape)}")
+        raise InvalidInputError(f"{name} must be (H, W), (N, H, W) or (N, 1, H, W), got {tuple(t.shape)}")
     return t
 
 
@@ -33,9 +46,12 @@ def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Te
     """(H, W) / (N, H, W) / (N, 1, H, W) images of any numeric dtype -> (N, 1, S, S) float32 network
     input: each image scaled to [0, 1] by its own min and max, resized (bilinear, antialiased) and
     normalised with NORMALISE_MEAN / NORMALISE_STD. Runs on the input's device."""
+    size = check_image_size(size, "size")
     x = _as_batch(pixels).float()
-    if isinstance(size, int):
-        size = (size, size)
+    if x.numel() == 0:
+        raise InvalidInputError(f"pixels has no pixels, shape {tuple(x.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        raise InvalidInputError("pixels contains NaN or infinity (or values beyond float32)")
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
     x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
@@ -46,9 +62,10 @@ def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Te
 
 def resize_mask(mask: Any, size: Union[int, tuple[int, int]]) -> torch.Tensor:
     """(N, 1, H, W) or (H, W) 0/1 masks resized by nearest neighbour to float32 (N, 1, S, S)."""
-    m = _as_batch(mask).float()
-    if isinstance(size, int):
-        size = (size, size)
+    size = check_image_size(size, "size")
+    m = _as_batch(mask, "mask").float()
+    if m.numel() == 0:
+        raise InvalidInputError(f"mask has no pixels, shape {tuple(m.shape)}")
     if tuple(m.shape[2:]) != tuple(size):
         m = F.interpolate(m, size=size, mode="nearest")
     return m
@@ -59,9 +76,19 @@ def chest_crop(pixels: np.ndarray, margin: float = 0.02) -> tuple[int, int, int,
     border around the body. Computed from the image itself: pixels brighter than an Otsu threshold of
     the image are body; rows and columns where more than 5% of the pixels are body are kept, plus a
     ``margin`` (fraction of the size) on every side. Falls back to the whole image when nothing is found."""
-    img = np.asarray(pixels, dtype=np.float64)
+    margin = check_real(margin, "margin", low=0.0, high=0.5)
+    check_array_object(pixels, "pixels")
+    try:
+        img = np.asarray(pixels.cpu() if isinstance(pixels, torch.Tensor) else pixels)
+    except Exception as exc:
+        raise InvalidInputError(f"pixels could not be read as an array: {exc}") from exc
+    if img.dtype.kind not in "biuf":
+        raise InvalidInputError(f"pixels must be numeric, got dtype {img.dtype}")
+    img = img.astype(np.float64)
     if img.ndim != 2 or img.size == 0:
         raise InvalidInputError(f"pixels must be a non-empty (H, W) image, got shape {img.shape}")
+    if not np.isfinite(img).all():
+        raise InvalidInputError("pixels contains NaN or infinity")
     h, w = img.shape
     lo, hi = img.min(), img.max()
     if hi <= lo:
@@ -102,11 +129,21 @@ class Augment:
         intensity_p: float = 0.5,
         seed: Optional[int] = None,
     ) -> None:
-        for name, v in (("hflip", hflip), ("affine_p", affine_p), ("intensity_p", intensity_p)):
-            if not 0.0 <= v <= 1.0:
-                raise InvalidInputError(f"{name} must be a probability in [0, 1], got {v}")
-        if gamma[0] <= 0 or gamma[1] < gamma[0]:
-            raise InvalidInputError(f"gamma must be a range of positive numbers, got {gamma}")
+        hflip = check_probability(hflip, "hflip")
+        affine_p = check_probability(affine_p, "affine_p")
+        intensity_p = check_probability(intensity_p, "intensity_p")
+        shift = check_real(shift, "shift", low=0.0, high=1.0)
+        scale = check_real(scale, "scale", low=0.0, high=1.0, high_open=True)
+        rotate_degrees = check_real(rotate_degrees, "rotate_degrees", low=0.0, high=180.0)
+        brightness = check_real(brightness, "brightness", low=0.0, high=1.0)
+        contrast = check_real(contrast, "contrast", low=0.0, high=1.0)
+        if isinstance(gamma, (str, bytes)) or not isinstance(gamma, (tuple, list)) or len(gamma) != 2:
+            raise InvalidInputError(f"gamma must be a (low, high) range of positive numbers, got {gamma!r}")
+        gamma = tuple(check_real(g, f"gamma[{i}]", low=0.0, low_open=True) for i, g in enumerate(gamma))
+        if gamma[1] < gamma[0]:
+            raise InvalidInputError(f"gamma must be a range of positive numbers (low <= high), got {gamma}")
+        if seed is not None:
+            seed = check_int(seed, "seed", low=0)
         self.hflip, self.shift, self.scale, self.rotate = hflip, shift, scale, rotate_degrees
         self.affine_p, self.brightness, self.contrast, self.gamma = affine_p, brightness, contrast, gamma
         self.intensity_p = intensity_p
@@ -118,6 +155,13 @@ class Augment:
         return lo + (hi - lo) * torch.rand(n, generator=self.generator, dtype=torch.float64)
 
     def __call__(self, images: torch.Tensor, masks: Optional[torch.Tensor] = None):
+        if not isinstance(images, torch.Tensor):
+            raise InvalidInputError(f"images must be a torch tensor, got {type(images).__name__}")
+        check_array_object(images, "images")
+        if masks is not None:
+            if not isinstance(masks, torch.Tensor):
+                raise InvalidInputError(f"masks must be a torch tensor, got {type(masks).__name__}")
+            check_array_object(masks, "masks")
         if images.dim() != 4 or images.shape[1] != 1:
             raise InvalidInputError(f"images must be (N, 1, H, W), got {tuple(images.shape)}")
         if masks is not None and masks.shape != images.shape:
