@@ -14,6 +14,10 @@ _LAZY = {"losses", "data", "models", "metrics"}
 
 
 def __getattr__(name: str):
+    if name == "Predictor":
+        from .infer import Predictor
+
+        return Predictor
     if name in _LAZY:
         import importlib
 
@@ -22,6 +26,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Predictor",
     "losses",
     "data",
     "models",

@@ -1,0 +1,214 @@
+"""Backends: what runs the network parts (see :mod:`pneumoseg.export.parts`) for the Predictor.
+
+Every backend takes and returns torch tensors on the predictor's device (float32 images in, float32
+logits out; the encoder's features in the backend's own type) and is safe to call from several
+threads at once.
+
+- ``torch``: the networks themselves. On a CPU fp32 eager; on CUDA fp16 (or fp32) in channels_last,
+  each part captured as CUDA graphs, one per batch bucket, at load time (or ``torch.compile``).
+- ``onnxruntime``: the exported ONNX parts (``pneumoseg export``), one session per part, reused,
+  threads set for latency; ``precision="int8"`` runs the statically quantised parts.
+- ``tensorrt``: engines built from the ONNX parts (:mod:`pneumoseg.infer.tensorrt`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional, Sequence
+
+from ..errors import DataFormatError, InvalidInputError
+from ..export.parts import part_module, part_spec
+from ..export.sessions import import_onnxruntime, physical_cores, session_options
+from .buckets import BucketedRunner, CudaGraphRunner, make_buckets
+
+__all__ = ["Backend", "TorchBackend", "OnnxRuntimeBackend", "physical_cores", "session_options", "BACKENDS",
+           "PRECISIONS", "onnx_artefact_key"]
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def onnx_artefact_key(part: str, precision: str) -> str:
+    """The model-directory key of an exported ONNX part (``pneumoseg export`` writes them)."""
+    return f"{part}-onnx-{precision}"
+
+
+class Backend:
+    """Runs parts by name: ``run(part, *inputs) -> tuple of outputs`` (torch tensors)."""
+
+    name = "backend"
+
+    def __init__(self, device: Any, precision: str) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.precision = precision
+
+    def run(self, part: str, *inputs: Any) -> tuple:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": self.name, "device": str(self.device), "precision": self.precision}
+
+
+class TorchBackend(Backend):
+    """The model directory's networks in PyTorch."""
+
+    name = "torch"
+
+    def __init__(self, model_dir: Any, parts: Sequence[str], device: Any = "cpu", precision: str = "fp32", *,
+                 cuda_graphs: Optional[bool] = None, compile: bool = False, max_batch: int = 32,
+                 buckets: Optional[Sequence[int]] = None) -> None:
+        import torch
+
+        super().__init__(device, precision)
+        cuda = self.device.type == "cuda"
+        if precision == "int8":
+            raise InvalidInputError("the torch backend runs fp32 or fp16; for int8 use backend='onnxruntime' "
+                                    "(after `pneumoseg export DIR --format onnx --precision int8 --calibrate IMAGES`) "
+                                    "or backend='tensorrt'")
+        if precision == "fp16" and not cuda:
+            raise InvalidInputError("fp16 with the torch backend needs device='cuda' (CPU half-precision "
+                                    "convolutions are slower than fp32); use precision='fp32' on a CPU")
+        if cuda_graphs and not cuda:
+            raise InvalidInputError("cuda_graphs=True needs device='cuda'")
+        self.cuda_graphs = bool(cuda) if cuda_graphs is None else bool(cuda_graphs)
+        self.compiled = bool(compile)
+        self.buckets = make_buckets(max_batch, buckets)
+        dtype = torch.float16 if precision == "fp16" else None
+        networks: dict[str, Any] = {}
+        self._modules: dict[str, Any] = {}
+        for part in parts:
+            spec = part_spec(part)
+            if spec.network not in networks:
+                networks[spec.network] = model_dir.build(spec.network)  # weights checked against the config
+            module = part_module(part, networks[spec.network], dtype=dtype).to(self.device)
+            if cuda:
+                module = module.to(memory_format=torch.channels_last)
+            self._modules[part] = module
+        self.input_sizes = {part: tuple(model_dir.networks[part_spec(part).network].input_size) for part in parts}
+        self._runners: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self._build_runners(parts)
+
+    def _eager(self, part: str):
+        import torch
+
+        module = self._modules[part]
+        channels_last = self.device.type == "cuda"
+
+        def run(*inputs):
+            if channels_last:
+                inputs = [x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in inputs]
+            out = module(*inputs)
+            return out if isinstance(out, tuple) else (out,)
+
+        return run
+
+    def _example_inputs(self, part: str, rows: int) -> list:
+        import torch
+
+        h, w = self.input_sizes[part]
+        image = torch.zeros((rows, 1, h, w), device=self.device)
+        if part != "decoder":
+            return [image]
+        with torch.inference_mode():
+            encoded = self._eager("encoder")(image)
+        return [f.clone() for f in encoded[1:]]
+
+    def _build_runners(self, parts: Sequence[str]) -> None:
+        import torch
+
+        for part in parts:
+            fn = self._eager(part)
+            if self.compiled:
+                # Fixed shapes per bucket: one compiled specialisation each, made now rather than on
+                # the first request. On CUDA "reduce-overhead" also graphs the compiled code.
+                mode = "reduce-overhead" if self.device.type == "cuda" else "default"
+                compiled = torch.compile(fn, mode=mode, dynamic=False)
+                lock = self._lock
+
+                def run_compiled(*inputs, _compiled=compiled, _lock=lock):
+                    with _lock:  # compiled graphs (and their CUDA graph trees) are not re-entrant
+                        out = _compiled(*inputs)
+                        return tuple(o.clone() for o in out)
+
+                runner = BucketedRunner(run_compiled, self.buckets, pad=True)
+                with torch.inference_mode():
+                    for b in self.buckets:
+                        runner(*self._example_inputs(part, b))
+            elif self.cuda_graphs:
+                graphs = CudaGraphRunner(fn, lambda b, _p=part: self._example_inputs(_p, b), self.buckets, self.device)
+                runner = BucketedRunner(graphs, self.buckets, pad=False)
+            else:
+                runner = fn
+            self._runners[part] = runner
+
+    def run(self, part: str, *inputs: Any) -> tuple:
+        import torch
+
+        with torch.inference_mode():
+            return tuple(self._runners[part](*inputs))
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update(cuda_graphs=self.cuda_graphs, compile=self.compiled)
+        if self.cuda_graphs or self.compiled:
+            out["batch_buckets"] = list(self.buckets)
+        return out
+
+
+class OnnxRuntimeBackend(Backend):
+    """The exported ONNX parts in onnxruntime (CPU), one session per part, made once and reused
+    (``InferenceSession.run`` is thread-safe)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, model_dir: Any, parts: Sequence[str], device: Any = "cpu", precision: str = "fp32", *,
+                 threads: Optional[int] = None) -> None:
+        super().__init__(device, precision)
+        ort = import_onnxruntime()
+        if self.device.type != "cpu":
+            raise InvalidInputError("the onnxruntime backend runs on the CPU here; on a GPU use backend='torch' or "
+                                    "backend='tensorrt'")
+        if precision == "fp16":
+            raise InvalidInputError("onnxruntime on a CPU has no fast fp16 convolutions; use precision='fp32' or 'int8'")
+        options = session_options(threads)
+        self.threads = options.intra_op_num_threads
+        self._sessions: dict[str, Any] = {}
+        self.artefacts: dict[str, str] = {}
+        for part in parts:
+            key = onnx_artefact_key(part, precision)
+            if precision == "int8" and key not in model_dir.artefacts and part == "classifier":
+                key = onnx_artefact_key(part, "fp32")  # export keeps the classifier fp32 where int8 was slower
+            if key not in model_dir.artefacts:
+                flags = " --precision int8 --calibrate IMAGES" if precision == "int8" else ""
+                raise DataFormatError(f"{model_dir.path}: no exported {part} for onnxruntime {precision} (artefact "
+                                      f"{key!r}); run `pneumoseg export {model_dir.path} --format onnx{flags}` first")
+            path = model_dir.artefact_path(key)  # fingerprint checked
+            try:
+                session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            except Exception as exc:  # onnxruntime raises its own exception types for damaged models
+                raise DataFormatError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from None
+            spec = part_spec(part)
+            names = [i.name for i in session.get_inputs()]
+            outs = [o.name for o in session.get_outputs()]
+            if tuple(names) != spec.inputs or tuple(outs) != spec.outputs:
+                raise DataFormatError(f"{path}: inputs {names} / outputs {outs} are not those of the {part} part "
+                                      f"({list(spec.inputs)} / {list(spec.outputs)})")
+            self._sessions[part] = session
+            self.artefacts[part] = key
+
+    def run(self, part: str, *inputs: Any) -> tuple:
+        import numpy as np
+        import torch
+
+        session = self._sessions[part]
+        spec = part_spec(part)
+        feed = {name: np.ascontiguousarray(x.detach().numpy(), dtype=np.float32) for name, x in zip(spec.inputs, inputs)}
+        return tuple(torch.from_numpy(o) for o in session.run(list(spec.outputs), feed))
+
+    def describe(self) -> dict[str, Any]:
+        out = super().describe()
+        out.update(threads=self.threads, artefacts=dict(self.artefacts))
+        return out

@@ -1,0 +1,146 @@
+"""What ``Predictor.predict`` accepts, turned into a list of image sources before any work starts:
+DICOM files and folders (flat or the Kaggle nested layout), NumPy arrays and torch tensors, one or many.
+
+Paths are only listed here (and every ImageId checked for duplicates); pixels are read later, in
+background threads, one batch ahead of the networks. Nothing here ever writes to an input.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .._checks import check_array_object, check_str_sequence, show
+from ..errors import DataFormatError, InvalidInputError
+
+__all__ = ["ImageSource", "collect_inputs", "load_pixels"]
+
+
+@dataclass
+class ImageSource:
+    """One image to predict: a file to read, or pixels already in memory ((H, W) array or tensor)."""
+
+    image_id: str
+    path: Optional[Path] = None
+    pixels: Any = None
+
+
+def _is_tensor(x: Any) -> bool:
+    import sys
+
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def _array_images(x: Any, name: str) -> list[Any]:
+    """(H, W) -> [x]; (N, H, W) and (N, 1, H, W) -> N images, each (H, W), without copying."""
+    check_array_object(x, name)
+    if not _is_tensor(x):
+        x = np.asarray(x)
+        if x.dtype.kind not in "biuf":
+            raise InvalidInputError(f"{name} must hold numbers, got dtype {x.dtype}")
+    elif x.is_complex():
+        raise InvalidInputError(f"{name} must be real, got {x.dtype}")
+    shape = tuple(x.shape)
+    if len(shape) == 4 and shape[1] == 1:
+        x = x[:, 0]
+    elif len(shape) not in (2, 3):
+        raise InvalidInputError(f"{name} must be an image (H, W) or a batch (N, H, W) / (N, 1, H, W), got shape {shape}")
+    images = [x] if x.ndim == 2 else [x[i] for i in range(x.shape[0])]
+    for i, img in enumerate(images):
+        if img.shape[0] < 1 or img.shape[1] < 1:
+            raise InvalidInputError(f"{name}{'' if x.ndim == 2 else f'[{i}]'} has no pixels (shape {tuple(img.shape)})")
+    return images
+
+
+def collect_inputs(inputs: Any, image_ids: Optional[Sequence[str]] = None) -> tuple[list[ImageSource], list[tuple[str, str]]]:
+    """(sources, skipped) for ``inputs``: a path (str / PathLike) to a DICOM file or to a folder
+    searched recursively for ``*.dcm``, an array or tensor (one image or a batch), or a list/tuple of
+    these. ``image_ids`` names the in-memory images in order (default ``image-00000``, ...); files are
+    named by their file name without suffix (the Kaggle ImageId). ``skipped`` lists (path, reason)
+    for folders without DICOM files and what :func:`pneumoseg.data.find_dicoms` passed over.
+
+    Two different files or images with one ImageId are an error (a submission has one row per image);
+    the same file given twice is predicted once."""
+    from ..data.siim import find_dicoms
+
+    if isinstance(inputs, (list, tuple)):
+        items = list(inputs)
+        if not items:
+            raise InvalidInputError("inputs is an empty list: nothing to predict")
+    elif inputs is None:
+        raise InvalidInputError("inputs must be a path, a folder, an array or a tensor (or a list of them), got None")
+    else:
+        items = [inputs]
+    ids = None if image_ids is None else check_str_sequence(image_ids, "image_ids")
+
+    sources: list[ImageSource] = []
+    skipped: list[tuple[str, str]] = []
+    arrays: list[Any] = []
+    seen_paths: set[Path] = set()
+    for k, item in enumerate(items):
+        name = "inputs" if len(items) == 1 and not isinstance(inputs, (list, tuple)) else f"inputs[{k}]"
+        if isinstance(item, (str, os.PathLike)):
+            path = Path(os.fspath(item))
+            if not str(path) or "\x00" in str(path):
+                raise InvalidInputError(f"{name} is not a usable path: {show(item)}")
+            if path.is_dir():
+                found = find_dicoms(path)
+                skipped.extend((str(p), reason) for p, reason in found.skipped)
+                if not found:
+                    skipped.append((str(path), "a folder without .dcm files"))
+                files = list(found.items())
+            elif path.exists():
+                files = [(path.stem if path.suffix.lower() == ".dcm" else path.name, path)]
+            else:
+                raise InvalidInputError(f"{name}: {path} does not exist")
+            for image_id, file in files:
+                key = file.resolve()
+                if key in seen_paths:
+                    continue
+                seen_paths.add(key)
+                sources.append(ImageSource(image_id, path=file))
+        elif isinstance(item, bytes):
+            raise InvalidInputError(f"{name} is bytes; pass a path as str or pathlib.Path, or the pixels as an array")
+        else:
+            for img in _array_images(item, name):
+                arrays.append(img)
+                sources.append(ImageSource("", pixels=img))
+    if ids is not None and len(ids) != len(arrays):
+        raise InvalidInputError(f"image_ids has {len(ids)} names for {len(arrays)} in-memory image(s)")
+    k = 0
+    for src in sources:
+        if src.path is None:
+            src.image_id = ids[k] if ids is not None else f"image-{k:05d}"
+            k += 1
+    owners: dict[str, ImageSource] = {}
+    for src in sources:
+        if not src.image_id:
+            raise InvalidInputError("an ImageId is empty")
+        other = owners.get(src.image_id)
+        if other is not None:
+            where = lambda s: str(s.path) if s.path is not None else "an in-memory image"  # noqa: E731
+            raise DataFormatError(f"ImageId {show(src.image_id)} appears twice ({where(other)} and {where(src)}); "
+                                  "a submission has one row per image")
+        owners[src.image_id] = src
+    return sources, skipped
+
+
+def load_pixels(source: ImageSource) -> Any:
+    """The (H, W) pixels of a source: the DICOM read from disk (rescaled, MONOCHROME1 inverted), or the
+    in-memory array / tensor as it is. NumPy floats must be finite (tensors are checked on their device,
+    later, without a synchronisation)."""
+    from ..data.dicom import read_dicom
+
+    if source.path is not None:
+        pixels = read_dicom(source.path, with_dataset=False).pixels
+    else:
+        pixels = source.pixels
+    if isinstance(pixels, np.ndarray) and pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+        where = source.path if source.path is not None else f"image {source.image_id!r}"
+        raise InvalidInputError(f"{where}: the pixels contain NaN or infinity")
+    return pixels

@@ -1,0 +1,554 @@
+"""``pneumoseg.Predictor``: chest X-rays in, per image a pneumothorax probability, a mask at the
+original resolution and its SIIM RLE out.
+
+Per batch: preprocessing on the device (min-max scaling, the antialiased resize, normalisation) ->
+stage 1, the gate (the classifier, or the segmenter's own encoder + classification head) -> stage 2,
+the segmenter (only its decoder when it gates itself) on the images the gate lets through (or on all,
+``segment="all"``) -> optional horizontal-flip TTA -> the logits resized to each image's original size
+-> the native fused post-processing (triplet rule, small components, gate) -> the native RLE encoder.
+
+On CUDA everything stays on the GPU until the RLE strings are made (they are formatted on the GPU
+and fetched in one copy); the one exception is the gate's N yes/no decisions in ``segment="gated"``
+mode, which the host needs to size the stage-2 batch (``segment="all"`` avoids even that and gives
+the same answers: the fused post-processing then applies the gate).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .._checks import check_bool, check_choice, check_int, check_path
+from ..errors import InvalidInputError, PneumosegError
+from ..export.parts import parts_for
+from .backends import BACKENDS, PRECISIONS
+from .inputs import ImageSource, collect_inputs, load_pixels
+
+__all__ = ["Predictor", "Prediction", "Predictions", "PredictionStream", "STAGES"]
+
+#: the stages timed per batch, in pipeline order (``load`` is the DICOM decoding, on the host)
+STAGES = ("load", "preprocess", "classify", "segment", "postprocess", "rle")
+SEGMENT_MODES = ("gated", "all")
+
+
+@dataclass
+class Prediction:
+    """The answer for one image.
+
+    ``score`` is the pneumothorax probability from the gate (the classifier, or the segmenter's
+    classification head; without either, the largest pixel probability). ``rle`` is the SIIM RLE of
+    the final mask at the image's original ``shape`` (``"-1"`` when empty); ``mask`` is that mask as
+    a (H, W) uint8 array when asked for. ``segmented`` tells whether stage 2 ran for the image.
+    ``timings`` are the milliseconds each stage took for the image's whole batch (``batch_size``)."""
+
+    image_id: str
+    score: float
+    rle: str
+    n_components: int
+    shape: tuple[int, int]
+    segmented: bool
+    path: Optional[str] = None
+    mask: Optional[np.ndarray] = field(default=None, repr=False)
+    timings: dict[str, float] = field(default_factory=dict, repr=False)
+    batch_size: int = 1
+
+    @property
+    def positive(self) -> bool:
+        return self.rle != "-1"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("mask")
+        out["shape"] = list(self.shape)
+        return out
+
+
+class Predictions(list):
+    """A list of :class:`Prediction` plus ``skipped``: (path or ImageId, reason) for every input that
+    could not be read (with ``on_error="skip"``) or held no DICOM file."""
+
+    def __init__(self, items: Sequence[Prediction] = (), skipped: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(items)
+        self.skipped = list(skipped)
+
+    def timings(self) -> dict[str, dict[str, float]]:
+        """Per stage: milliseconds per image (the batch's time divided by its size), mean, p50, p95."""
+        return summarise_timings(self)
+
+
+def summarise_timings(predictions: Sequence[Prediction]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    per_batch: dict[int, Prediction] = {}
+    for p in predictions:  # one entry per batch: every image of a batch carries the same dict
+        per_batch.setdefault(id(p.timings), p)
+    stages = [s for s in (*STAGES, "total") if any(s in p.timings for p in per_batch.values())]
+    for stage in stages:
+        values = np.array([p.timings[stage] / p.batch_size for p in per_batch.values() if stage in p.timings])
+        if values.size:
+            out[stage] = {"mean_ms_per_image": float(values.mean()), "p50_ms_per_image": float(np.percentile(values, 50)),
+                          "p95_ms_per_image": float(np.percentile(values, 95)), "batches": int(values.size)}
+    return out
+
+
+class PredictionStream:
+    """An iterator over predictions as batches finish (see :meth:`Predictor.predict_iter`); ``total``
+    is the number of images to read, ``skipped`` fills up as unreadable inputs are met."""
+
+    def __init__(self, generator: Iterator[Prediction], total: int, skipped: list[tuple[str, str]]) -> None:
+        self._generator = generator
+        self.total = total
+        self.skipped = skipped
+
+    def __iter__(self) -> "PredictionStream":
+        return self
+
+    def __next__(self) -> Prediction:
+        return next(self._generator)
+
+    def close(self) -> None:
+        self._generator.close()
+
+
+class _StageTimer:
+    """Stage boundaries as host clock readings (CPU) or CUDA events (no synchronisation until read)."""
+
+    def __init__(self, device: Any) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            import torch
+
+            event = torch.cuda.Event(enable_timing=True)
+            event.record(torch.cuda.current_stream(self.device))
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def result(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.cuda and self.marks:
+            self.marks[-1][1].synchronize()
+        for (name, a), (_, b) in zip(self.marks, self.marks[1:]):
+            ms = a.elapsed_time(b) if self.cuda else (b - a) * 1e3
+            out[name] = out.get(name, 0.0) + float(ms)
+        return out
+
+
+def _host_array(pixels: np.ndarray) -> np.ndarray:
+    """NumPy pixels in a dtype torch handles everywhere (unsigned 16/32/64-bit become signed wider
+    or float; nothing is lost for image data)."""
+    if pixels.dtype in (np.uint16, np.uint32):
+        return pixels.astype(np.int64 if pixels.dtype == np.uint32 else np.int32)
+    if pixels.dtype == np.uint64 or pixels.dtype == np.float64 or pixels.dtype == np.float16:
+        return pixels.astype(np.float32)
+    if pixels.dtype == np.bool_:
+        return pixels.astype(np.uint8)
+    return np.ascontiguousarray(pixels)
+
+
+class Predictor:
+    """Two-stage inference over a model directory (see the module documentation).
+
+    Build it with :meth:`from_dir`; call :meth:`predict` (a list) or :meth:`predict_iter` (a stream).
+    ``predict`` may be called from several threads at once (each gets its own CUDA stream and, with
+    TensorRT, its own execution contexts) and gives the same answers as serial calls."""
+
+    def __init__(self, model_dir: Any, backend: Any, *, thresholds: Any = None, tta: bool = False,
+                 segment: str = "gated", batch_size: int = 8) -> None:
+        from ..models.model_dir import Thresholds
+
+        self.model_dir = model_dir
+        self.backend = backend
+        self.parts = parts_for(model_dir)
+        merged = asdict(model_dir.thresholds)
+        if thresholds is not None:
+            if isinstance(thresholds, Thresholds):
+                thresholds = asdict(thresholds)
+            if not isinstance(thresholds, Mapping):
+                raise InvalidInputError(f"thresholds must be a dict of overrides, got {type(thresholds).__name__}")
+            unknown = sorted(set(thresholds) - set(merged))
+            if unknown:
+                raise InvalidInputError(f"unknown threshold(s) {', '.join(unknown)}; known: {', '.join(merged)}")
+            merged.update(thresholds)
+        self.thresholds = Thresholds(**merged)
+        self.tta = check_bool(tta, "tta")
+        self.segment = check_choice(segment, "segment", SEGMENT_MODES)
+        self.batch_size = check_int(batch_size, "batch_size", low=1, high=1 << 16)
+        seg = model_dir.networks["segmenter"]
+        self.segmenter_size = tuple(seg.input_size)
+        gate_network = "classifier" if self.parts["gate"] == "classifier" else "segmenter"
+        self.gate_size = tuple(model_dir.networks[gate_network].input_size)
+        self.mean = float(model_dir.preprocessing.mean)
+        self.std = float(model_dir.preprocessing.std)
+        self._local = threading.local()
+
+    # ---------------------------------------------------------------------------------------------
+    @classmethod
+    def from_dir(
+        cls,
+        model_dir: Union[str, Path, Any],
+        backend: str = "torch",
+        device: str = "cpu",
+        precision: Optional[str] = None,
+        *,
+        tta: bool = False,
+        segment: str = "gated",
+        thresholds: Optional[Mapping[str, Any]] = None,
+        batch_size: int = 8,
+        cuda_graphs: Optional[bool] = None,
+        compile: bool = False,
+        max_batch: int = 32,
+        threads: Optional[int] = None,
+        batch_profile: Any = None,
+        engine_cache: Union[str, Path, None] = None,
+    ) -> "Predictor":
+        """A predictor over a model directory (``pneumoseg train`` writes one; ``pneumoseg export`` adds
+        the ONNX / TensorRT artefacts the other backends need).
+
+        - ``backend``: ``"torch"``, ``"onnxruntime"`` (CPU) or ``"tensorrt"`` (CUDA);
+        - ``device``: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``;
+        - ``precision``: ``"fp32"``, ``"fp16"`` or ``"int8"`` (default: fp16 on CUDA, fp32 on a CPU);
+        - ``tta``: also segment the horizontally flipped image and average the probabilities;
+        - ``segment``: ``"gated"`` (stage 2 only for images the gate passes) or ``"all"``;
+        - ``thresholds``: overrides of the model directory's (gate, top, min_area, bottom, min_component_area);
+        - torch on CUDA: ``cuda_graphs`` (default on) captures each part per batch bucket up to
+          ``max_batch`` at load time; ``compile=True`` uses ``torch.compile`` instead;
+        - onnxruntime: ``threads`` (default: the physical cores);
+        - tensorrt: ``batch_profile`` (MIN,OPT,MAX; default the exported engines' or 1,8,32) and
+          ``engine_cache`` (default ``<model dir>/tensorrt``).
+        """
+        import torch
+
+        from ..models.model_dir import ModelDir, load_model_dir
+
+        md = model_dir if isinstance(model_dir, ModelDir) else load_model_dir(check_path(model_dir, "model_dir"))
+        backend = check_choice(backend, "backend", BACKENDS)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+        if dev.type not in ("cpu", "cuda"):
+            raise InvalidInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise InvalidInputError(f"device={device!r}, but torch sees no CUDA device")
+        if precision is None:
+            precision = "fp16" if dev.type == "cuda" else "fp32"
+        precision = check_choice(precision, "precision", PRECISIONS)
+        parts = [p for p in parts_for(md).values() if p is not None]
+        if backend == "torch":
+            from .backends import TorchBackend
+
+            runner = TorchBackend(md, parts, dev, precision, cuda_graphs=cuda_graphs, compile=compile, max_batch=max_batch)
+        elif backend == "onnxruntime":
+            from .backends import OnnxRuntimeBackend
+
+            runner = OnnxRuntimeBackend(md, parts, dev, precision, threads=threads)
+        else:
+            from .tensorrt import TensorRTBackend
+
+            runner = TensorRTBackend(md, parts, dev, precision, batch_profile=batch_profile, engine_cache=engine_cache)
+        return cls(md, runner, thresholds=thresholds, tta=tta, segment=segment, batch_size=batch_size)
+
+    def describe(self) -> dict[str, Any]:
+        """What runs: backend, device, precision, parts, thresholds, options (JSON-able)."""
+        return {**self.backend.describe(), "model_dir": str(self.model_dir.path), "gate": self.parts["gate"],
+                "segment_part": self.parts["segment"], "segment": self.segment, "tta": self.tta,
+                "thresholds": asdict(self.thresholds), "input_size": list(self.segmenter_size)}
+
+    # ---------------------------------------------------------------------------------------------
+    def predict(self, inputs: Any, *, batch_size: Optional[int] = None, image_ids: Optional[Sequence[str]] = None,
+                return_masks: bool = False, on_error: str = "raise", progress: bool = False,
+                workers: Optional[int] = None) -> Predictions:
+        """Predict every image of ``inputs`` (DICOM files, folders searched recursively for ``*.dcm``,
+        (H, W) / (N, H, W) arrays or tensors, or a list of these); returns :class:`Predictions` in input
+        order. ``on_error="skip"`` reports unreadable files in ``.skipped`` instead of raising."""
+        stream = self.predict_iter(inputs, batch_size=batch_size, image_ids=image_ids, return_masks=return_masks,
+                                   on_error=on_error, progress=progress, workers=workers)
+        items = list(stream)
+        return Predictions(items, stream.skipped)
+
+    def predict_iter(self, inputs: Any, *, batch_size: Optional[int] = None, image_ids: Optional[Sequence[str]] = None,
+                     return_masks: bool = False, on_error: str = "raise", progress: bool = False,
+                     workers: Optional[int] = None) -> PredictionStream:
+        """As :meth:`predict`, as a stream: predictions come batch by batch (memory stays bounded for
+        any number of images; the next batch's files are read while the current one runs)."""
+        batch_size = self.batch_size if batch_size is None else check_int(batch_size, "batch_size", low=1, high=1 << 16)
+        return_masks = check_bool(return_masks, "return_masks")
+        on_error = check_choice(on_error, "on_error", ("raise", "skip"))
+        progress = check_bool(progress, "progress")
+        workers = 2 if workers is None else check_int(workers, "workers", low=1, high=256)
+        sources, skipped = collect_inputs(inputs, image_ids)
+        if not sources:
+            detail = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+            raise InvalidInputError(f"nothing to predict: no images in the inputs ({detail})" if detail
+                                    else "nothing to predict: no images in the inputs")
+        generator = self._generate(sources, skipped, batch_size, return_masks, on_error, progress, workers)
+        return PredictionStream(generator, len(sources), skipped)
+
+    def _generate(self, sources: list[ImageSource], skipped: list[tuple[str, str]], batch_size: int,
+                  return_masks: bool, on_error: str, progress: bool, workers: int) -> Iterator[Prediction]:
+        batches = [sources[i:i + batch_size] for i in range(0, len(sources), batch_size)]
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(sources), desc="predict", unit="image")
+        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoseg-read")
+
+        def timed_load(src: ImageSource) -> tuple[Any, float]:
+            start = time.perf_counter()
+            pixels = load_pixels(src)
+            return pixels, (time.perf_counter() - start) * 1e3
+
+        def submit(batch: list[ImageSource]) -> list:
+            return [executor.submit(timed_load, s) for s in batch]
+
+        try:
+            pending = submit(batches[0])
+            for b, batch in enumerate(batches):
+                upcoming = submit(batches[b + 1]) if b + 1 < len(batches) else None
+                loaded = []
+                for src, future in zip(batch, pending):
+                    try:
+                        pixels, ms = future.result()
+                    except (PneumosegError, OSError) as exc:
+                        if on_error == "raise":
+                            raise
+                        skipped.append((str(src.path) if src.path is not None else src.image_id,
+                                        _one_line(exc)))
+                        continue
+                    loaded.append((src, pixels, ms))
+                if loaded:
+                    yield from self._predict_batch(loaded, return_masks)
+                if bar is not None:
+                    bar.update(len(batch))
+                pending = upcoming
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
+            if bar is not None:
+                bar.close()
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run one batch of blank images, so that lazy initialisation (thread pools, kernel choices)
+        is not counted in the first real request."""
+        h, w = self.segmenter_size
+        images = [np.zeros((h, w), np.uint8) for _ in range(batch_size)]
+        for i, img in enumerate(images):
+            img[h // 4: h // 2, w // 4: w // 2] = 255 if i % 2 else 128
+        list(self._predict_batch([(ImageSource(f"warmup-{i}", pixels=img), img, 0.0) for i, img in enumerate(images)],
+                                 False))
+
+    # ---------------------------------------------------------------------------------------------
+    def _stream_context(self) -> Any:
+        """On CUDA a non-default stream per thread (TensorRT and concurrent callers need one), ordered
+        after the caller's current stream; on a CPU nothing."""
+        import contextlib
+
+        import torch
+
+        device = self.backend.device
+        if device.type != "cuda":
+            return contextlib.nullcontext()
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(device=device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        return torch.cuda.stream(stream)
+
+    def _to_device(self, pixels: Any) -> Any:
+        import torch
+
+        device = self.backend.device
+        if isinstance(pixels, torch.Tensor):
+            t = pixels.detach()
+            if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
+                t = t.to(torch.float32) if t.device.type == "cpu" else t.to(torch.float32)
+            if t.dtype == torch.bool:
+                t = t.to(torch.uint8)
+            return t.to(device, non_blocking=True)
+        t = torch.from_numpy(_host_array(np.asarray(pixels)))
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t
+
+    def _prepare(self, images: list, size: tuple[int, int], finite: list) -> Any:
+        """(N, 1, h, w) float32 network input: each image scaled to [0, 1] by its own min and max,
+        resized (bilinear, antialiased) and normalised, exactly as ``pneumoseg.data.preprocess``."""
+        import torch
+        import torch.nn.functional as F
+
+        device = self.backend.device
+        out = torch.empty((len(images), 1, *size), dtype=torch.float32, device=device)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            groups.setdefault(tuple(img.shape), []).append(i)
+        for shape, idx in groups.items():
+            x = torch.stack([images[i] for i in idx]).to(torch.float32)[:, None]
+            if finite is not None and any(images[i].is_floating_point() for i in idx):
+                finite.append((idx, torch.isfinite(x).flatten(1).all(1)))
+            lo = x.amin(dim=(2, 3), keepdim=True)
+            hi = x.amax(dim=(2, 3), keepdim=True)
+            x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+            if shape != tuple(size):
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+            x = (x - self.mean) / self.std
+            if len(idx) == len(images):
+                out = x.contiguous()
+            else:
+                out.index_copy_(0, torch.tensor(idx, device=device), x)
+        return out
+
+    def _segment(self, x: Any, features: Optional[tuple], rows: Any) -> tuple[Any, bool]:
+        """Stage 2 on the selected rows: (maps (k, 1, h, w), from_logits). With TTA the maps are the mean
+        of the image's and the flipped image's probabilities; without, the logits."""
+        import torch
+
+        run = self.backend.run
+        select = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
+        if self.parts["segment"] == "decoder":
+            logits = run("decoder", *[select(f) for f in features])[0]
+            if self.tta:
+                flipped = run("encoder", select(x).flip(-1))[1:]
+                mirrored = run("decoder", *flipped)[0].flip(-1)
+        else:
+            xs = select(x)
+            if self.tta:
+                both = run("segmenter", torch.cat([xs, xs.flip(-1)], 0))[0]
+                logits, mirrored = both[: xs.shape[0]], both[xs.shape[0]:].flip(-1)
+            else:
+                logits = run("segmenter", xs)[0]
+        logits = logits.float()
+        if self.tta:
+            return (logits.sigmoid() + mirrored.float().sigmoid()) * 0.5, False
+        return logits, True
+
+    def _predict_batch(self, loaded: list[tuple[ImageSource, Any, float]], return_masks: bool) -> list[Prediction]:
+        import torch
+
+        from .. import postprocess, rle
+
+        with self._stream_context(), torch.inference_mode():
+            return self._run_batch(loaded, return_masks, torch, postprocess, rle)
+
+    def _run_batch(self, loaded, return_masks, torch, postprocess, rle) -> list[Prediction]:
+        import torch.nn.functional as F
+
+        device = self.backend.device
+        cuda = device.type == "cuda"
+        timer = _StageTimer(device)
+        n = len(loaded)
+        t = self.thresholds
+        timer.mark("preprocess")
+        images = [self._to_device(pixels) for _, pixels, _ in loaded]
+        finite: list = []
+        x_seg = self._prepare(images, self.segmenter_size, finite)
+        x_gate = x_seg if self.gate_size == self.segmenter_size else None
+        if self.parts["gate"] == "classifier" and x_gate is None:
+            x_gate = self._prepare(images, self.gate_size, None)
+
+        timer.mark("classify")
+        scores = features = None
+        if self.parts["gate"] == "classifier":
+            scores = self.backend.run("classifier", x_gate)[0].float().reshape(-1).sigmoid()
+        elif self.parts["gate"] == "encoder":
+            encoded = self.backend.run("encoder", x_seg)
+            scores = encoded[0].float().reshape(-1).sigmoid()
+            features = encoded[1:]
+
+        timer.mark("segment")
+        rows = None
+        if scores is not None and self.segment == "gated":
+            keep = (scores >= t.gate).cpu() if cuda else scores >= t.gate  # the one sync: the stage-2 batch size
+            kept = torch.nonzero(keep).flatten()
+            segmented = kept.tolist()
+            rows = kept.to(device)
+        else:
+            segmented = list(range(n))
+        maps = from_logits = None
+        if segmented:
+            maps, from_logits = self._segment(x_seg, features, rows)
+        if scores is None:  # no gate: the image's score is its largest pixel probability
+            peak = maps.flatten(1).amax(1)
+            scores = peak.sigmoid() if from_logits else peak
+
+        timer.mark("postprocess")
+        h, w = self.segmenter_size
+        groups: dict[tuple[int, int], list[int]] = {}  # original shape -> positions in `segmented`
+        for j, i in enumerate(segmented):
+            groups.setdefault(tuple(images[i].shape), []).append(j)
+        group_masks: dict[tuple[int, int], Any] = {}
+        for shape, js in groups.items():
+            m = maps if len(js) == maps.shape[0] else maps.index_select(0, torch.tensor(js, device=device))
+            if shape != (h, w):
+                m = F.interpolate(m, size=shape, mode="bilinear", align_corners=False)
+            # areas are pixel counts at the network's input size: scale them to this image size
+            scale = shape[0] * shape[1] / (h * w)
+            gate_scores = None
+            if self.parts["gate"] is not None and self.segment == "all":
+                idx = torch.tensor([segmented[j] for j in js], device=scores.device)
+                gate_scores = scores.index_select(0, idx)
+            group_masks[shape] = postprocess.postprocess(
+                m[:, 0], gate_scores, from_logits=from_logits, top=t.top, min_area=int(round(t.min_area * scale)),
+                bottom=t.bottom, gate_threshold=t.gate, min_component_area=int(round(t.min_component_area * scale)))
+
+        timer.mark("rle")
+        strings = ["-1"] * n
+        for shape, js in groups.items():
+            for j, text in zip(js, rle.encode_batch(group_masks[shape])):
+                strings[segmented[j]] = text
+        timer.mark("end")
+
+        # Everything below reads results back to the host (the RLE strings are already there).
+        for idx, flags in finite:
+            bad = [i for i, ok in zip(idx, flags.tolist()) if not ok]
+            if bad:
+                src = loaded[bad[0]][0]
+                raise InvalidInputError(f"image {src.image_id!r}: the pixels contain NaN or infinity")
+        score_list = scores.float().cpu().tolist()
+        components = [0] * n
+        masks: list[Optional[np.ndarray]] = [None] * n
+        for shape, js in groups.items():
+            positive = [j for j in js if strings[segmented[j]] != "-1"]
+            if positive:
+                sub = group_masks[shape]
+                if len(positive) != sub.shape[0]:
+                    sub = sub.index_select(0, torch.tensor([js.index(j) for j in positive], device=sub.device))
+                _, areas = postprocess.label_components(sub)
+                for j, a in zip(positive, areas):
+                    components[segmented[j]] = int(len(a))
+            if return_masks:
+                host = group_masks[shape].cpu().numpy()
+                for k, j in enumerate(js):
+                    masks[segmented[j]] = host[k]
+        timings = timer.result()
+        load_ms = float(sum(ms for _, _, ms in loaded))
+        timings = {"load": load_ms, **timings}
+        timings["total"] = float(sum(timings.values()))
+        in_stage2 = set(segmented)
+        out = []
+        for i, (src, _, _) in enumerate(loaded):
+            shape = tuple(int(s) for s in images[i].shape)
+            mask = masks[i]
+            if return_masks and mask is None:
+                mask = np.zeros(shape, np.uint8)
+            out.append(Prediction(image_id=src.image_id, score=float(score_list[i]), rle=strings[i],
+                                  n_components=components[i], shape=shape, segmented=i in in_stage2,
+                                  path=str(src.path) if src.path is not None else None, mask=mask,
+                                  timings=timings, batch_size=n))
+        return out
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    return " ".join(text.split())
