@@ -97,12 +97,14 @@ def summarise_timings(predictions: Sequence[Prediction]) -> dict[str, dict[str, 
 
 
 class PredictionStream:
-    """An iterator over predictions as batches finish (see :meth:`Predictor.predict_iter`); ``total``
-    is the number of images to read, ``skipped`` fills up as unreadable inputs are met."""
+    """An iterator over predictions as batches finish (see :meth:`Predictor.predict_iter`). Nothing
+    is read before the first ``next``; ``sources`` (and ``total``) are the images to read, in order,
+    and ``skipped`` fills up as unreadable inputs are met."""
 
-    def __init__(self, generator: Iterator[Prediction], total: int, skipped: list[tuple[str, str]]) -> None:
+    def __init__(self, generator: Iterator[Prediction], sources: list[ImageSource], skipped: list[tuple[str, str]]) -> None:
         self._generator = generator
-        self.total = total
+        self.sources = sources
+        self.total = len(sources)
         self.skipped = skipped
 
     def __iter__(self) -> "PredictionStream":
@@ -292,7 +294,7 @@ class Predictor:
             raise InvalidInputError(f"nothing to predict: no images in the inputs ({detail})" if detail
                                     else "nothing to predict: no images in the inputs")
         generator = self._generate(sources, skipped, batch_size, return_masks, on_error, progress, workers)
-        return PredictionStream(generator, len(sources), skipped)
+        return PredictionStream(generator, sources, skipped)
 
     def _generate(self, sources: list[ImageSource], skipped: list[tuple[str, str]], batch_size: int,
                   return_masks: bool, on_error: str, progress: bool, workers: int) -> Iterator[Prediction]:
@@ -323,8 +325,11 @@ class Predictor:
                     except (PneumosegError, OSError) as exc:
                         if on_error == "raise":
                             raise
-                        skipped.append((str(src.path) if src.path is not None else src.image_id,
-                                        _one_line(exc)))
+                        where = str(src.path) if src.path is not None else src.image_id
+                        reason = _one_line(exc)
+                        if reason.startswith(f"{where}: "):  # DicomError names the file already
+                            reason = reason[len(where) + 2:]
+                        skipped.append((where, reason))
                         continue
                     loaded.append((src, pixels, ms))
                 if loaded:

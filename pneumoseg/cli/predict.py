@@ -1,0 +1,117 @@
+"""``pneumoseg predict``: a submission, overlays and a summary for DICOM files and folders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from .types import int_in, path
+
+SUBMISSION = "submission.csv"
+SCORES = "scores.csv"
+SUMMARY = "summary.json"
+OVERLAYS = "overlays"
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict", help="two-stage inference on DICOM files or folders: submission.csv, overlays, summary.json",
+        description="Predict every DICOM given (files, folders searched recursively, the Kaggle test layout). "
+                    "Writes submission.csv (ImageId,EncodedPixels; -1 when empty; one row per image), scores.csv, "
+                    "a PNG overlay per positive image and summary.json. Unreadable or non-DICOM files are "
+                    "reported and skipped.")
+    p.add_argument("inputs", nargs="+", type=path, metavar="INPUT", help="DICOM files or folders")
+    p.add_argument("--model", type=path, required=True, help="model directory (from `pneumoseg train`)")
+    p.add_argument("--out", type=path, required=True, help="output folder (new, or pneumoseg's own earlier output)")
+    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="default: fp16 on CUDA, fp32 on a CPU")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=8)
+    p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
+    p.add_argument("--segment", choices=("gated", "all"), default="gated",
+                   help="segment only the images the gate passes (default) or all (same answers)")
+    p.add_argument("--workers", type=int_in(1, 64), default=2, help="threads reading DICOMs (default 2)")
+    p.add_argument("--no-overlays", action="store_true", help="do not write the overlay pictures")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing submission.csv / write into a folder holding other files")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._fs import prepare_output_folder, safe_file_names
+    from ..errors import OutputError
+    from ..infer import Predictor
+    from ..infer.predictor import summarise_timings
+
+    # Refuse before any work: an existing submission is never replaced without --force (even one
+    # pneumoseg wrote: a submission is the thing people hand in).
+    if (args.out / SUBMISSION).exists() and not args.force:
+        raise OutputError(f"{args.out / SUBMISSION} already exists; pass --force to replace it, or choose another --out")
+    if args.out.exists() and not args.out.is_dir():
+        raise OutputError(f"--out {args.out} is a file, not a folder")
+    predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
+                                   tta=args.tta, segment=args.segment, batch_size=args.batch_size)
+    stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=not args.no_overlays, on_error="skip",
+                                    progress=True, workers=args.workers)
+    names = safe_file_names([s.image_id for s in stream.sources], ".png")  # checked before anything is written
+    folder = prepare_output_folder(args.out, overwrite=args.force, what="prediction output folder")
+    rows: list[tuple[str, str]] = []
+    scores: list[tuple[str, float]] = []
+    predictions = []
+    overlays = 0
+    start = time.perf_counter()
+    for pred in stream:
+        rows.append((pred.image_id, pred.rle))
+        scores.append((pred.image_id, pred.score))
+        if pred.positive and not args.no_overlays:
+            _write_overlay(folder, names[pred.image_id], pred)
+            overlays += 1
+        pred.mask = None
+        predictions.append(pred)
+    seconds = time.perf_counter() - start
+    for where, reason in stream.skipped:
+        print(f"pneumoseg: skipped {where}: {reason}", file=sys.stderr)
+    if not rows:
+        raise OutputError("no image could be read; nothing was predicted (see the messages above)")
+    with folder.open(SUBMISSION, mode="w") as f:
+        f.write("ImageId,EncodedPixels\n")
+        f.writelines(f"{image_id},{text}\n" for image_id, text in rows)
+    with folder.open(SCORES, mode="w") as f:
+        f.write("ImageId,Score\n")
+        f.writelines(f"{image_id},{score:.6f}\n" for image_id, score in scores)
+    positives = sum(1 for _, text in rows if text != "-1")
+    from .. import __version__
+
+    summary = {
+        "pneumoseg_version": __version__,
+        "images": len(rows),
+        "positives": positives,
+        "skipped": [{"path": where, "reason": reason} for where, reason in stream.skipped],
+        "seconds": round(seconds, 3),
+        "images_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
+        "predictor": predictor.describe(),
+        "timings_ms": summarise_timings(predictions),
+        "outputs": {"submission": SUBMISSION, "scores": SCORES, "overlays": OVERLAYS if overlays else None,
+                    "overlay_count": overlays},
+        "images_detail": [{k: v for k, v in p.to_dict().items() if k != "timings"} for p in predictions],
+    }
+    with folder.open(SUMMARY, mode="w") as f:
+        json.dump(summary, f, indent=2, allow_nan=False)
+        f.write("\n")
+    skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
+    print(f"predicted {len(rows)} images ({positives} with pneumothorax{skipped}) in {seconds:.1f} s "
+          f"({len(rows) / max(seconds, 1e-9):.1f} images/s) with {args.backend} on {args.device}")
+    print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {overlays} overlays in {OVERLAYS}/" if overlays else ""))
+    return 0
+
+
+def _write_overlay(folder, name: str, pred) -> None:
+    from ..data.dicom import read_dicom
+    from ..infer.overlay import display_pixels, overlay
+
+    image = read_dicom(pred.path)  # read again for display (its VOI LUT / window)
+    grey = display_pixels(image.window())
+    folder.write_png(OVERLAYS, name, image=overlay(grey, pred.mask))

@@ -1,0 +1,235 @@
+"""Scoring a submission against the truth, as the SIIM-ACR competition did, plus the classifier's view.
+
+Per image the Dice of the predicted and true masks (1 when both are empty), computed from the RLE
+strings themselves: a SIIM RLE numbers pixels in one fixed order, so the overlap of two strings does
+not depend on the image's shape, and no image size needs to be known. The Kaggle score is their mean.
+Classification: an image is positive when its true mask is not empty; its score is the predicted
+probability (``scores.csv`` from ``pneumoseg predict``) or, without one, 1 for a non-empty predicted
+mask and 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from .._checks import check_path, check_probability, show
+from ..errors import DataFormatError, InvalidInputError
+
+__all__ = ["Evaluation", "evaluate", "read_scores_csv", "rle_dice", "write_evaluation_plots", "SCORES_HEADER"]
+
+SCORES_HEADER = ("ImageId", "Score")
+# Column height used to lay out the flat pixel order; any height gives the same Dice.
+_LAYOUT_HEIGHT = 1024
+
+
+def _run_end(text: str) -> int:
+    """One past the last pixel a SIIM RLE string paints (the sum of its numbers; 0 for "-1")."""
+    tokens = text.split()
+    if not tokens or tokens == ["-1"]:
+        return 0
+    return int(sum(int(t) for t in tokens))
+
+
+def rle_dice(pred: Sequence[str], truth: Sequence[str]) -> float:
+    """Dice of the union of ``pred`` strings and the union of ``truth`` strings (1.0 when both empty)."""
+    from .. import rle
+
+    end = max([_run_end(s) for s in (*pred, *truth)] + [0])
+    if end == 0:
+        return 1.0
+    shape = (_LAYOUT_HEIGHT, -(-end // _LAYOUT_HEIGHT))
+    a = rle.decode_union(list(pred), shape)
+    b = rle.decode_union(list(truth), shape)
+    na, nb = int(a.sum()), int(b.sum())
+    if na + nb == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(a & b)) / (na + nb)
+
+
+def read_scores_csv(path: Union[str, Path]) -> dict[str, float]:
+    """ImageId -> score from ``ImageId,Score`` rows (a header line is optional); each score a finite number."""
+    path = check_path(path, "scores CSV", error=DataFormatError)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataFormatError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataFormatError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+    out: dict[str, float] = {}
+    for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or all(not c.strip() for c in row):
+            continue
+        cells = [c.strip() for c in row]
+        if line_no == 1 and [c.lower() for c in cells] == [h.lower() for h in SCORES_HEADER]:
+            continue
+        if len(cells) != 2:
+            raise DataFormatError(f"{path}, line {line_no}: expected 2 columns (ImageId, Score), got {len(cells)}")
+        try:
+            value = float(cells[1])
+        except ValueError:
+            raise DataFormatError(f"{path}, line {line_no}: score {show(cells[1])} is not a number") from None
+        if not math.isfinite(value):
+            raise DataFormatError(f"{path}, line {line_no}: score {cells[1]} is not finite")
+        if cells[0] in out:
+            raise DataFormatError(f"{path}, line {line_no}: ImageId {show(cells[0])} appears twice")
+        out[cells[0]] = value
+    return out
+
+
+@dataclass
+class Evaluation:
+    """The figures of :func:`evaluate` (``to_dict`` for JSON)."""
+
+    image_ids: list[str]
+    dice: np.ndarray  # per image
+    truth_positive: np.ndarray  # bool per image
+    pred_positive: np.ndarray  # bool per image
+    scores: np.ndarray  # per image (probabilities, or 0/1 from the masks)
+    scores_source: str  # "scores" or "masks"
+    threshold: float
+    not_predicted: list[str] = field(default_factory=list)  # truth ids without a prediction
+
+    @property
+    def kaggle_dice(self) -> float:
+        return float(self.dice.mean())
+
+    @property
+    def empty_submission_dice(self) -> float:
+        """What an all-empty submission would score on these images (the share of negatives)."""
+        return float((~self.truth_positive).mean())
+
+    def classification(self) -> dict[str, Any]:
+        from .. import metrics
+
+        y = self.truth_positive.astype(np.int64)
+        predicted = self.scores >= self.threshold if self.scores_source == "scores" else self.pred_positive
+        (tn, fp), (fn, tp) = metrics.confusion_matrix(y, predicted.astype(np.int64)).tolist()
+        out: dict[str, Any] = {"confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
+                               "threshold": self.threshold if self.scores_source == "scores" else None,
+                               "scores": self.scores_source}
+        out["sensitivity"] = tp / (tp + fn) if tp + fn else None
+        out["specificity"] = tn / (tn + fp) if tn + fp else None
+        out["accuracy"] = (tp + tn) / len(y) if len(y) else None
+        both = 0 < int(y.sum()) < len(y)
+        out["auc"] = metrics.roc_auc(y, self.scores) if both else None
+        out["average_precision"] = metrics.average_precision(y, self.scores) if both else None
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        pos = self.truth_positive
+        return {
+            "images": len(self.image_ids),
+            "positives": int(pos.sum()),
+            "kaggle_dice": self.kaggle_dice,
+            "empty_submission_dice": self.empty_submission_dice,
+            "dice_on_positives": float(self.dice[pos].mean()) if pos.any() else None,
+            "dice_on_negatives": float(self.dice[~pos].mean()) if (~pos).any() else None,
+            "classification": self.classification(),
+            "not_predicted": len(self.not_predicted),
+        }
+
+
+def evaluate(pred: Mapping[str, Sequence[str]], truth: Mapping[str, Sequence[str]], *,
+             scores: Optional[Mapping[str, float]] = None, threshold: float = 0.5) -> Evaluation:
+    """Score predicted RLEs (ImageId -> strings, as ``read_rle_csv`` gives) against the truth.
+
+    Every predicted ImageId must have a truth (else :class:`pneumoseg.DataFormatError` naming some);
+    truth ids without a prediction are left out and listed in ``not_predicted``. ``scores`` (ImageId ->
+    probability) must cover every predicted image when given."""
+    threshold = check_probability(threshold, "threshold")
+    if not pred:
+        raise InvalidInputError("the submission has no rows: nothing to evaluate")
+    missing = [i for i in pred if i not in truth]
+    if missing:
+        raise DataFormatError(f"{len(missing)} predicted ImageId(s) have no ground truth, e.g. "
+                              f"{', '.join(show(m, 70) for m in missing[:3])}")
+    if scores is not None:
+        lacking = [i for i in pred if i not in scores]
+        if lacking:
+            raise DataFormatError(f"{len(lacking)} predicted ImageId(s) have no score, e.g. {show(lacking[0], 70)}")
+    ids = list(pred)
+    dice = np.array([rle_dice(pred[i], truth[i]) for i in ids], dtype=np.float64)
+    truth_pos = np.array([any(s.strip() not in ("-1", "") for s in truth[i]) for i in ids], dtype=bool)
+    pred_pos = np.array([any(s.strip() not in ("-1", "") for s in pred[i]) for i in ids], dtype=bool)
+    if scores is not None:
+        score_values, source = np.array([float(scores[i]) for i in ids]), "scores"
+    else:
+        score_values, source = pred_pos.astype(np.float64), "masks"
+    return Evaluation(ids, dice, truth_pos, pred_pos, score_values, source, threshold,
+                      [i for i in truth if i not in pred])
+
+
+def write_evaluation_plots(ev: Evaluation, folder: Any) -> list[str]:
+    """PNG pictures of ``ev`` into an ``OutputFolder``: the per-image Dice histogram, the confusion
+    matrix and (with both classes present) the ROC and precision-recall curves. Returns the names
+    written; without matplotlib, none (the caller says so)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    from .. import metrics
+
+    written = []
+
+    def save(fig: Any, name: str) -> None:
+        with folder.open(name) as f:
+            fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        written.append(name)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = np.linspace(0, 1, 21)
+    pos = ev.truth_positive
+    ax.hist([ev.dice[pos], ev.dice[~pos]], bins=bins, stacked=True, label=["pneumothorax", "no pneumothorax"],
+            color=["#d62728", "#7f7f7f"])
+    ax.set_xlabel("per-image Dice")
+    ax.set_ylabel("images")
+    ax.set_title(f"Kaggle Dice {ev.kaggle_dice:.4f} (all-empty submission: {ev.empty_submission_dice:.4f})")
+    ax.legend()
+    save(fig, "dice_histogram.png")
+
+    cls = ev.classification()
+    cm = cls["confusion_matrix"]
+    matrix = np.array([[cm["tn"], cm["fp"]], [cm["fn"], cm["tp"]]])
+    fig, ax = plt.subplots(figsize=(4, 4))
+    ax.imshow(matrix, cmap="Blues")
+    for (r, c), v in np.ndenumerate(matrix):
+        ax.text(c, r, str(v), ha="center", va="center", color="black", fontsize=14)
+    ax.set_xticks([0, 1], ["negative", "positive"])
+    ax.set_yticks([0, 1], ["negative", "positive"])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title("confusion matrix")
+    save(fig, "confusion_matrix.png")
+
+    if cls["auc"] is not None:
+        y = ev.truth_positive.astype(np.int64)
+        fpr, tpr, _ = metrics.roc_curve(y, ev.scores)
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(fpr, tpr, color="#1f77b4", label=f"AUC {cls['auc']:.4f}")
+        ax.plot([0, 1], [0, 1], color="#bbbbbb", linestyle="--")
+        ax.set_xlabel("false positive rate")
+        ax.set_ylabel("true positive rate")
+        ax.set_title("ROC")
+        ax.legend(loc="lower right")
+        save(fig, "roc.png")
+        precision, recall, _ = metrics.precision_recall_curve(y, ev.scores)
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.plot(recall, precision, color="#2ca02c", label=f"AP {cls['average_precision']:.4f}")
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+        ax.set_ylim(0, 1.02)
+        ax.set_title("precision-recall")
+        ax.legend(loc="lower left")
+        save(fig, "precision_recall.png")
+    return written
