@@ -1,0 +1,366 @@
+"""The model directory: one self-describing folder that training writes, ``pneumoseg export`` adds to
+and ``pneumoseg.Predictor`` reads. Nothing in it is ever unpickled.
+
+    RUN/
+      pneumoseg.json            format version, pneumoseg version, networks, preprocessing,
+                                thresholds, metrics, training config, artefacts (see below)
+      segmenter.safetensors     the weights of each network, one file per network
+      classifier.safetensors    (optional: a segmenter with a classification head gates by itself)
+      onnx/segmenter.onnx ...   exported artefacts, each listed with its SHA-256 fingerprint
+
+``pneumoseg.json``::
+
+    {"format": "pneumoseg-model", "format_version": 1, "pneumoseg_version": "0.1.0",
+     "networks": {"segmenter": {"config": {...build_model config...}, "weights": "segmenter.safetensors",
+                                "sha256": "...", "input_size": [512, 512]},
+                  "classifier": {...}},
+     "preprocessing": {"scaling": "min-max", "mean": 0.5, "std": 0.25, "resize": "bilinear-antialias"},
+     "thresholds": {"gate": 0.5, "top": 0.75, "min_area": 2000, "bottom": 0.3, "min_component_area": 0},
+     "metrics": {...}, "training": {...},
+     "artefacts": {"segmenter-onnx-fp32": {"path": "onnx/segmenter.onnx", "format": "onnx",
+                   "network": "segmenter", "precision": "fp32", "sha256": "...", "meta": {...}}}}
+
+Thresholds are probabilities; ``min_area`` and ``min_component_area`` count pixels at the segmenter's
+``input_size`` (where post-processing runs). The gate comes from the classifier when there is one,
+else from the segmenter's classification head, else there is none (every image is segmented).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+from .. import __version__
+from .._checks import check_image_size, check_int, check_path, check_probability
+from .._fs import atomic_write, prepare_output_folder, safe_file_name
+from ..errors import DataFormatError, InvalidInputError
+
+__all__ = [
+    "FORMAT_VERSION", "CONFIG_NAME", "Thresholds", "Preprocessing", "NetworkEntry", "Artefact", "ModelDir",
+    "save_model_dir", "load_model_dir", "NETWORK_NAMES",
+]
+
+FORMAT = "pneumoseg-model"
+FORMAT_VERSION = 1
+CONFIG_NAME = "pneumoseg.json"
+#: the networks a model directory may hold
+NETWORK_NAMES = ("segmenter", "classifier")
+_MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+def sha256_of(data: Union[bytes, Path]) -> str:
+    if isinstance(data, Path):
+        h = hashlib.sha256()
+        with open(data, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class Thresholds:
+    """The decision rule after the networks: gate (classifier probability), the SIIM winners' triplet
+    (``top=None`` skips it) and the final small-component filter."""
+
+    gate: float = 0.5
+    top: Optional[float] = 0.75
+    min_area: int = 2000
+    bottom: float = 0.3
+    min_component_area: int = 0
+
+    def __post_init__(self) -> None:
+        self.gate = check_probability(self.gate, "thresholds.gate")
+        if self.top is not None:
+            self.top = check_probability(self.top, "thresholds.top")
+        self.min_area = check_int(self.min_area, "thresholds.min_area", low=0)
+        self.bottom = check_probability(self.bottom, "thresholds.bottom")
+        self.min_component_area = check_int(self.min_component_area, "thresholds.min_component_area", low=0)
+
+
+@dataclass
+class Preprocessing:
+    """How an image becomes a network input (``pneumoseg.data.preprocess``): scaled to [0, 1] by its
+    own min and max, resized (bilinear, antialiased) and normalised ``(x - mean) / std``."""
+
+    scaling: str = "min-max"
+    mean: float = 0.5
+    std: float = 0.25
+    resize: str = "bilinear-antialias"
+
+    def __post_init__(self) -> None:
+        if self.scaling != "min-max" or self.resize != "bilinear-antialias":
+            raise InvalidInputError(
+                f"preprocessing scaling={self.scaling!r}, resize={self.resize!r} is not one this pneumoseg knows "
+                "('min-max', 'bilinear-antialias')")
+
+
+@dataclass
+class NetworkEntry:
+    config: dict[str, Any]
+    weights: str
+    sha256: str
+    input_size: tuple[int, int]
+
+
+@dataclass
+class Artefact:
+    path: str  # relative to the model directory, '/'-separated
+    format: str  # "onnx", "tensorrt", ...
+    network: str
+    precision: str
+    sha256: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def _relative_parts(rel: str, what: str) -> list[str]:
+    parts = rel.split("/")
+    for part in parts:
+        safe_file_name(part, what=what)
+    return parts
+
+
+class ModelDir:
+    """A loaded model directory (see the module docstring). ``build(name)`` returns the network with
+    its weights, checked against the recorded fingerprint and the config's parameter names and shapes."""
+
+    def __init__(self, path: Path, raw: dict[str, Any]) -> None:
+        self.path = path
+        self._raw = raw
+        where = path / CONFIG_NAME
+        try:
+            self.format_version = int(raw["format_version"])
+            self.pneumoseg_version = str(raw.get("pneumoseg_version", "unknown"))
+            self.networks = {
+                name: NetworkEntry(dict(e["config"]), str(e["weights"]), str(e["sha256"]),
+                                   check_image_size(e["input_size"], f"networks.{name}.input_size", low=32))
+                for name, e in raw["networks"].items()
+            }
+            self.thresholds = Thresholds(**raw.get("thresholds", {}))
+            self.preprocessing = Preprocessing(**raw.get("preprocessing", {}))
+            self.artefacts = {key: Artefact(**a) for key, a in raw.get("artefacts", {}).items()}
+        except (KeyError, TypeError, ValueError) as exc:
+            detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise DataFormatError(f"{where}: malformed model description ({detail})") from None
+        unknown = sorted(set(self.networks) - set(NETWORK_NAMES))
+        if unknown or "segmenter" not in self.networks and "classifier" not in self.networks:
+            raise DataFormatError(f"{where}: networks must be among {', '.join(NETWORK_NAMES)}, got {sorted(self.networks)}")
+        self.metrics: dict[str, Any] = dict(raw.get("metrics", {}))
+        self.training: dict[str, Any] = dict(raw.get("training", {}))
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def gate_source(self) -> Optional[str]:
+        """"classifier", "segmenter" (its classification head) or None (no gate)."""
+        if "classifier" in self.networks:
+            return "classifier"
+        seg = self.networks.get("segmenter")
+        if seg is not None and seg.config.get("aux_classifier"):
+            return "segmenter"
+        return None
+
+    def weights_path(self, name: str) -> Path:
+        entry = self._entry(name)
+        return self.path.joinpath(*_relative_parts(entry.weights, "weights file name"))
+
+    def _entry(self, name: str) -> NetworkEntry:
+        if name not in self.networks:
+            raise InvalidInputError(f"{self.path}: the model directory has no {name!r} network "
+                                    f"(it has {', '.join(sorted(self.networks))})")
+        return self.networks[name]
+
+    def state_dict(self, name: str) -> dict[str, Any]:
+        """The network's weights as CPU tensors, after checking the file's SHA-256 fingerprint."""
+        from safetensors.torch import load as load_safetensors
+
+        path = self.weights_path(name)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DataFormatError(f"{path}: the {name} weights named in {CONFIG_NAME} are missing") from None
+        except OSError as exc:
+            raise DataFormatError(f"{path}: cannot read the {name} weights ({exc.strerror or exc})") from None
+        if sha256_of(data) != self._entry(name).sha256:
+            raise DataFormatError(f"{path}: the file does not match the fingerprint in {CONFIG_NAME} "
+                                  "(changed or damaged after it was written)")
+        try:
+            return load_safetensors(data)
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise DataFormatError(f"{path}: not a readable safetensors file ({exc})") from None
+
+    def build(self, name: str, *, device: Any = "cpu") -> Any:
+        """The network ``name`` built from its config with its weights, in eval mode, on ``device``."""
+        from .config import build_model
+
+        entry = self._entry(name)
+        try:
+            model = build_model(entry.config)
+        except InvalidInputError as exc:
+            raise DataFormatError(f"{self.path / CONFIG_NAME}: the {name} config cannot be built: {exc}") from None
+        state = self.state_dict(name)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
+                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            if wrong:
+                k, got, want = wrong[0]
+                parts.append(f"{len(wrong)} of another shape (e.g. {k}: {got} in the file, {want} in the config)")
+            raise DataFormatError(f"{self.weights_path(name)}: the weights do not match the {name} config in "
+                                  f"{CONFIG_NAME}: " + "; ".join(parts))
+        model.load_state_dict(state, strict=True)
+        return model.to(device).eval()
+
+    # ---------------------------------------------------------------------------------------------
+    def artefact_path(self, key: str, *, verify: bool = True) -> Path:
+        """The file of artefact ``key``; with ``verify`` its fingerprint is checked first."""
+        if key not in self.artefacts:
+            raise InvalidInputError(f"{self.path}: no artefact {key!r} (have: {', '.join(sorted(self.artefacts)) or 'none'})")
+        art = self.artefacts[key]
+        path = self.path.joinpath(*_relative_parts(art.path, "artefact path"))
+        if not path.is_file():
+            raise DataFormatError(f"{path}: artefact {key!r} listed in {CONFIG_NAME} is missing")
+        if verify and sha256_of(path) != art.sha256:
+            raise DataFormatError(f"{path}: artefact {key!r} does not match its fingerprint in {CONFIG_NAME}")
+        return path
+
+    def add_artefact(self, key: str, rel_path: str, data: bytes, *, format: str, network: str,
+                     precision: str, meta: Optional[Mapping[str, Any]] = None) -> Path:
+        """Write ``data`` to ``rel_path`` inside the directory (atomically) and list it, with its
+        fingerprint, in ``pneumoseg.json`` (rewritten atomically)."""
+        self._entry(network)
+        parts = _relative_parts(rel_path, "artefact path")
+        target = self.path.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(target, data)
+        self.artefacts[key] = Artefact("/".join(parts), format, network, precision, sha256_of(data), dict(meta or {}))
+        self.save()
+        return target
+
+    def to_json(self) -> dict[str, Any]:
+        raw = copy.deepcopy(self._raw)
+        raw.update(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            networks={k: {**asdict(v), "input_size": list(v.input_size)} for k, v in self.networks.items()},
+            thresholds=asdict(self.thresholds),
+            preprocessing=asdict(self.preprocessing),
+            metrics=self.metrics,
+            training=self.training,
+            artefacts={k: asdict(v) for k, v in self.artefacts.items()},
+        )
+        return raw
+
+    def save(self) -> Path:
+        """Rewrite ``pneumoseg.json`` (atomically) from this object's fields."""
+        text = json.dumps(self.to_json(), indent=2, sort_keys=False, allow_nan=False)
+        return atomic_write(self.path / CONFIG_NAME, text + "\n")
+
+    def __repr__(self) -> str:
+        return f"ModelDir({str(self.path)!r}, networks={sorted(self.networks)}, gate={self.gate_source})"
+
+
+def _json_safe(value: Any, what: str) -> Any:
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(f"{what} must be JSON-serialisable without NaN/inf: {exc}") from None
+
+
+def save_model_dir(
+    path: Union[str, Path],
+    networks: Mapping[str, Any],
+    *,
+    input_sizes: Mapping[str, Union[int, tuple[int, int]]],
+    thresholds: Optional[Union[Thresholds, Mapping[str, Any]]] = None,
+    preprocessing: Optional[Preprocessing] = None,
+    metrics: Optional[Mapping[str, Any]] = None,
+    training: Optional[Mapping[str, Any]] = None,
+    overwrite: bool = False,
+    prepare: bool = True,
+) -> ModelDir:
+    """Write a model directory: each network's weights as ``<name>.safetensors`` and ``pneumoseg.json``.
+
+    ``networks`` maps "segmenter" and/or "classifier" to models built by pneumoseg (they carry
+    ``model.config``); ``input_sizes`` gives each one's input (H, W) (an int for square). The folder
+    follows pneumoseg's output rules (``overwrite``); ``prepare=False`` writes into a folder the caller
+    has already prepared (a training run's folder that also holds its checkpoints and logs).
+    """
+    from safetensors.torch import save as save_safetensors
+
+    folder = prepare_output_folder(path, overwrite=overwrite, what="model directory").path if prepare \
+        else check_path(path, "model directory")
+    if not isinstance(networks, Mapping) or not networks:
+        raise InvalidInputError("networks must be a non-empty mapping of 'segmenter'/'classifier' to models")
+    entries: dict[str, dict[str, Any]] = {}
+    for name, model in networks.items():
+        if name not in NETWORK_NAMES:
+            raise InvalidInputError(f"network names must be among {', '.join(NETWORK_NAMES)}, got {name!r}")
+        config = getattr(model, "config", None)
+        if not isinstance(config, dict):
+            raise InvalidInputError(f"the {name} has no config dict (build it with pneumoseg.models)")
+        if name not in input_sizes:
+            raise InvalidInputError(f"input_sizes has no entry for the {name}")
+        size = check_image_size(input_sizes[name], f"input_sizes[{name!r}]", low=32)
+        if name == "segmenter" and (size[0] % 32 or size[1] % 32):
+            raise InvalidInputError(f"the segmenter's input size must be a multiple of 32, got {size}")
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        data = save_safetensors(tensors, metadata={"pneumoseg_version": __version__, "network": name})
+        weights = f"{name}.safetensors"
+        atomic_write(folder / weights, data)
+        entries[name] = {"config": _json_safe(config, f"the {name} config"), "weights": weights,
+                         "sha256": sha256_of(data), "input_size": list(size)}
+    if isinstance(thresholds, Mapping):
+        thresholds = Thresholds(**thresholds)
+    raw = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "pneumoseg_version": __version__,
+        "networks": entries,
+        "preprocessing": asdict(preprocessing or Preprocessing()),
+        "thresholds": asdict(thresholds or Thresholds()),
+        "metrics": _json_safe(dict(metrics or {}), "metrics"),
+        "training": _json_safe(dict(training or {}), "training"),
+        "artefacts": {},
+    }
+    model_dir = ModelDir(folder, raw)
+    model_dir.save()
+    return model_dir
+
+
+def load_model_dir(path: Union[str, Path]) -> ModelDir:
+    """Read a model directory's ``pneumoseg.json`` (weights are read by ``build``). A folder written by
+    a newer format, a missing or malformed description: :class:`pneumoseg.DataFormatError` naming it."""
+    folder = check_path(path, "model directory")
+    config = folder / CONFIG_NAME
+    if not folder.is_dir():
+        raise DataFormatError(f"{folder}: no such model directory")
+    if not config.is_file():
+        raise DataFormatError(f"{folder}: not a model directory (no {CONFIG_NAME}); train one with "
+                              "`pneumoseg train` or point at the folder a training run wrote")
+    if config.stat().st_size > _MAX_CONFIG_BYTES:
+        raise DataFormatError(f"{config}: larger than {_MAX_CONFIG_BYTES} bytes; not a pneumoseg model description")
+    try:
+        raw = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataFormatError(f"{config}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise DataFormatError(f"{config}: not a pneumoseg model description (format {raw.get('format') if isinstance(raw, dict) else None!r})")
+    version = raw.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise DataFormatError(f"{config}: format_version must be a positive integer, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise DataFormatError(f"{config}: written in model format {version} by pneumoseg "
+                              f"{raw.get('pneumoseg_version', '?')}; this pneumoseg {__version__} reads format "
+                              f"{FORMAT_VERSION} and older: upgrade pneumoseg")
+    return ModelDir(folder, raw)

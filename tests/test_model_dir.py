@@ -1,0 +1,127 @@
+"""The model directory: written, read back and rebuilt bit for bit; refused when newer, damaged,
+mismatched or incomplete; never unpickled."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pneumoseg.errors import DataFormatError, InvalidInputError, OutputError  # noqa: E402
+from pneumoseg.models import create_classifier, create_segmenter  # noqa: E402
+from pneumoseg.models.model_dir import (  # noqa: E402
+    CONFIG_NAME, FORMAT_VERSION, Thresholds, load_model_dir, save_model_dir,
+)
+
+
+@pytest.fixture
+def networks():
+    torch.manual_seed(0)
+    seg = create_segmenter("unet", "resnet_tiny", in_channels=1, decoder_channels=(32, 16, 16, 8, 8), aux_classifier=True)
+    cls = create_classifier("resnet_tiny", num_classes=1, in_channels=1)
+    for m in (seg, cls):  # non-trivial BN statistics, so a lost buffer would show
+        m.train()
+        with torch.no_grad():
+            m(torch.randn(2, 1, 64, 64))
+    return {"segmenter": seg.eval(), "classifier": cls.eval()}
+
+
+def test_round_trip_rebuilds_identical_networks(tmp_path, networks):
+    out = save_model_dir(tmp_path / "run", networks, input_sizes={"segmenter": 64, "classifier": (64, 96)},
+                         thresholds={"gate": 0.4, "top": 0.7, "min_area": 10, "bottom": 0.2}, metrics={"dice": 0.5})
+    loaded = load_model_dir(out.path)
+    assert loaded.thresholds == Thresholds(gate=0.4, top=0.7, min_area=10, bottom=0.2)
+    assert loaded.networks["classifier"].input_size == (64, 96)
+    assert loaded.gate_source == "classifier" and loaded.metrics == {"dice": 0.5}
+    x = torch.randn(3, 1, 64, 64)
+    for name, model in networks.items():
+        rebuilt = loaded.build(name)
+        assert not rebuilt.training
+        with torch.no_grad():
+            a, b = model(x), rebuilt(x)
+        for u, v in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_gate_source_follows_the_networks(tmp_path, networks):
+    only_seg = save_model_dir(tmp_path / "a", {"segmenter": networks["segmenter"]}, input_sizes={"segmenter": 64})
+    assert only_seg.gate_source == "segmenter"
+    plain = create_segmenter("unet", "resnet_tiny", decoder_channels=(32, 16, 16, 8, 8))
+    assert save_model_dir(tmp_path / "b", {"segmenter": plain}, input_sizes={"segmenter": 64}).gate_source is None
+
+
+def test_newer_format_is_refused(tmp_path, networks):
+    out = save_model_dir(tmp_path / "run", networks, input_sizes={"segmenter": 64, "classifier": 64})
+    raw = json.loads((out.path / CONFIG_NAME).read_text())
+    raw["format_version"] = FORMAT_VERSION + 1
+    (out.path / CONFIG_NAME).write_text(json.dumps(raw))
+    with pytest.raises(DataFormatError, match="upgrade pneumoseg"):
+        load_model_dir(out.path)
+
+
+@pytest.mark.parametrize("damage", ["flip", "missing", "swap"])
+def test_damaged_or_mismatched_weights_are_refused(tmp_path, networks, damage):
+    out = save_model_dir(tmp_path / "run", networks, input_sizes={"segmenter": 64, "classifier": 64})
+    weights = out.path / "segmenter.safetensors"
+    if damage == "flip":
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 1
+        weights.write_bytes(bytes(data))
+        match = "fingerprint"
+    elif damage == "missing":
+        weights.unlink()
+        match = "missing"
+    else:  # a classifier's weights under the segmenter's name, fingerprint updated: shapes must not match
+        raw = json.loads((out.path / CONFIG_NAME).read_text())
+        raw["networks"]["segmenter"]["weights"] = "classifier.safetensors"
+        raw["networks"]["segmenter"]["sha256"] = raw["networks"]["classifier"]["sha256"]
+        (out.path / CONFIG_NAME).write_text(json.dumps(raw))
+        match = "do not match the segmenter config"
+    with pytest.raises(DataFormatError, match=match):
+        load_model_dir(out.path).build("segmenter")
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"format": "other"}', '{"format": "pneumoseg-model", "format_version": 1}'])
+def test_malformed_descriptions_are_refused(tmp_path, content):
+    (tmp_path / CONFIG_NAME).write_text(content)
+    with pytest.raises(DataFormatError, match=CONFIG_NAME):
+        load_model_dir(tmp_path)
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(DataFormatError, match="not a model directory"):
+        load_model_dir(tmp_path)
+    with pytest.raises(DataFormatError, match="no such model directory"):
+        load_model_dir(tmp_path / "absent")
+
+
+def test_artefacts_are_fingerprinted(tmp_path, networks):
+    out = save_model_dir(tmp_path / "run", networks, input_sizes={"segmenter": 64, "classifier": 64})
+    path = out.add_artefact("segmenter-onnx", "onnx/segmenter.onnx", b"graph", format="onnx",
+                            network="segmenter", precision="fp32", meta={"opset": 18})
+    assert path.read_bytes() == b"graph"
+    again = load_model_dir(out.path)
+    assert again.artefact_path("segmenter-onnx") == path and again.artefacts["segmenter-onnx"].meta == {"opset": 18}
+    path.write_bytes(b"other")
+    with pytest.raises(DataFormatError, match="fingerprint"):
+        again.artefact_path("segmenter-onnx")
+    with pytest.raises(OutputError):
+        out.add_artefact("x", "../escape.onnx", b"", format="onnx", network="segmenter", precision="fp32")
+
+
+def test_bad_arguments(tmp_path, networks):
+    with pytest.raises(InvalidInputError, match="input_sizes has no entry"):
+        save_model_dir(tmp_path / "a", networks, input_sizes={"segmenter": 64})
+    with pytest.raises(InvalidInputError, match="multiple of 32"):
+        save_model_dir(tmp_path / "b", {"segmenter": networks["segmenter"]}, input_sizes={"segmenter": 48})
+    with pytest.raises(InvalidInputError, match="network names"):
+        save_model_dir(tmp_path / "c", {"decoder": networks["segmenter"]}, input_sizes={"decoder": 64})
+    with pytest.raises(InvalidInputError, match="thresholds.gate"):
+        save_model_dir(tmp_path / "d", networks, input_sizes={"segmenter": 64, "classifier": 64}, thresholds={"gate": True})
+    (tmp_path / "e").mkdir()
+    (tmp_path / "e" / "labels.csv").write_text("precious")
+    with pytest.raises(OutputError, match="not empty"):
+        save_model_dir(tmp_path / "e", networks, input_sizes={"segmenter": 64, "classifier": 64})
+    assert (tmp_path / "e" / "labels.csv").read_text() == "precious"
