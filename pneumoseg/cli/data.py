@@ -33,6 +33,16 @@ def add_parser(subparsers) -> None:
                        help="write into --out even if it holds files pneumoseg did not write")
     masks.set_defaults(run=run_masks)
 
+    cache = sub.add_parser("cache", help="decode every DICOM once into a memory-mapped uint8 cache for training")
+    cache.add_argument("--root", type=path, required=True, help="the DICOM folder (any nesting of *.dcm)")
+    cache.add_argument("--csv", type=path, help="the RLE CSV (then only its images, with their masks)")
+    cache.add_argument("--size", type=image_side(minimum=8), default=1024, help="cached image size (default 1024)")
+    cache.add_argument("--out", type=path, required=True, help="cache folder to write; new or empty")
+    cache.add_argument("--workers", type=int_in(1, 256), help="decoding threads (default: up to 8)")
+    cache.add_argument("--force", action="store_true",
+                       help="write into --out even if it holds files pneumoseg did not write")
+    cache.set_defaults(run=run_cache)
+
 
 def run_synth(args: argparse.Namespace) -> int:
     from ..data.synthetic import make_synthetic_siim
@@ -72,4 +82,13 @@ def run_masks(args: argparse.Namespace) -> int:
         positives += bool(mask.any())
         folder.write_png(names[image_id], image=mask * 255)
     print(f"wrote {len(rles)} masks ({positives} with pneumothorax) to {folder.path}")
+    return 0
+
+
+def run_cache(args: argparse.Namespace) -> int:
+    from ..data.cache import build_cache
+
+    index = build_cache(args.root, args.csv, size=args.size, out=args.out, workers=args.workers, overwrite=args.force)
+    print(f"wrote the cache {args.out} ({index.name} lists its images); train with --cache {args.out} "
+          "or data.cache in the config")
     return 0

@@ -1,0 +1,123 @@
+"""Training checkpoints: everything a run needs to continue exactly, in a file ``torch.load`` reads
+with ``weights_only=True`` (tensors and plain containers of numbers and strings only: nothing is
+unpickled), written atomically (temporary file, fsync, rename), so a process killed at any moment
+leaves the previous checkpoint intact.
+
+Contents: ``format``/``format_version``, ``pneumoseg_version``, ``config`` (the run's training config),
+``model_config`` (the network's construction arguments), ``model`` (state dict), ``ema``,
+``optimizer``, ``schedule``, ``scaler``, ``progress`` (stage, epoch, step), ``rng`` (torch, CUDA and
+augmentation generator states), ``sampler``, ``metrics`` (of the last validation), ``thresholds``
+(the best triplet so far), ``history`` (every epoch's log row) and ``top_k``.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+
+from .. import __version__
+from .._checks import check_path
+from .._fs import OutputFolder, atomic_write
+from ..errors import DataFormatError, InvalidInputError
+
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_same_model",
+           "checkpoint_state_dict", "checkpoint_to_safetensors"]
+
+CHECKPOINT_FORMAT = "pneumoseg-checkpoint"
+CHECKPOINT_VERSION = 1
+_PLAIN = (str, int, float, bool, type(None))
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Refuse anything ``torch.load(weights_only=True)`` would not read back (so the problem shows
+    when the checkpoint is written, not when a resume needs it)."""
+    if isinstance(obj, torch.Tensor) or isinstance(obj, _PLAIN):
+        return
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise InvalidInputError(f"checkpoint key {k!r} at {where} is not a str or int")
+            _check_plain(v, f"{where}.{k}")
+        return
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    raise InvalidInputError(f"checkpoint value at {where} is a {type(obj).__name__}, which weights_only loading refuses")
+
+
+def save_checkpoint(folder: OutputFolder, name: str, payload: Mapping[str, Any]) -> Path:
+    """Write ``payload`` (plus format and version) as ``folder/checkpoints/name`` atomically."""
+    data = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "pneumoseg_version": __version__,
+            **payload}
+    _check_plain(data, "checkpoint")
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    with folder.open("checkpoints", name) as f:
+        f.write(buf.getbuffer())
+    return folder.path / "checkpoints" / name
+
+
+def load_checkpoint(path: Union[str, Path], *, map_location: Any = "cpu") -> dict[str, Any]:
+    """A pneumoseg training checkpoint, read with ``weights_only=True``; anything else (a file of
+    another program, a newer format, a damaged file) is a :class:`pneumoseg.DataFormatError`."""
+    path = check_path(path, "checkpoint", error=DataFormatError)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: no such checkpoint")
+    try:
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ... for damaged files
+        first = (str(exc).splitlines() or [""])[0]
+        raise DataFormatError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
+    if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
+        raise DataFormatError(f"{path}: not a pneumoseg training checkpoint")
+    version = data.get("format_version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise DataFormatError(f"{path}: checkpoint format {version!r} written by pneumoseg "
+                              f"{data.get('pneumoseg_version', '?')}; this pneumoseg reads {CHECKPOINT_VERSION}")
+    for key in ("model", "model_config", "config"):
+        if key not in data:
+            raise DataFormatError(f"{path}: the checkpoint has no {key!r}")
+    return data
+
+
+def _describe(cfg: Mapping[str, Any]) -> str:
+    if cfg.get("kind") == "segmenter":
+        return f"{cfg.get('arch')} segmenter on {cfg.get('encoder')}" + (" with a classification head" if cfg.get("aux_classifier") else "")
+    return f"{cfg.get('kind')} on {cfg.get('encoder')}"
+
+
+def check_same_model(saved: Mapping[str, Any], current: Mapping[str, Any], where: Any) -> None:
+    """Refuse a checkpoint of another network than the config builds, naming both."""
+    if dict(saved) != dict(current):
+        diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        details = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} in the config" for k in diff[:3])
+        raise InvalidInputError(f"{where}: the checkpoint holds a {_describe(saved)}, but the config builds a "
+                                f"{_describe(current)} ({details})")
+
+
+def checkpoint_state_dict(checkpoint: Union[str, Path, Mapping[str, Any]], *, ema: Optional[bool] = None) -> dict[str, torch.Tensor]:
+    """The network weights of a checkpoint: the EMA weights when it has them (``ema=None``) or
+    when ``ema=True`` (then they must exist), else the trained weights."""
+    data = load_checkpoint(checkpoint) if not isinstance(checkpoint, Mapping) else checkpoint
+    has_ema = data.get("ema") is not None
+    if ema is True and not has_ema:
+        raise InvalidInputError("the checkpoint has no EMA weights (the run had ema: null)")
+    if (ema is None and has_ema) or ema is True:
+        return dict(data["ema"]["weights"])
+    return dict(data["model"])
+
+
+def checkpoint_to_safetensors(checkpoint: Union[str, Path], out: Union[str, Path], *, ema: Optional[bool] = None) -> Path:
+    """Export a checkpoint's weights as ``.safetensors`` (with its model config in the metadata)."""
+    import json
+
+    from safetensors.torch import save as save_safetensors
+
+    data = load_checkpoint(checkpoint)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in checkpoint_state_dict(data, ema=ema).items()}
+    meta = {"pneumoseg_version": __version__, "model_config": json.dumps(data["model_config"])}
+    return atomic_write(check_path(out, "out"), save_safetensors(tensors, metadata=meta))
