@@ -72,7 +72,7 @@ def safe_file_name(name: Any, suffix: str = "", *, what: str = "ImageId") -> str
     elif any(ch in _FORBIDDEN for ch in full):
         bad = sorted({ch for ch in full if ch in _FORBIDDEN})
         problem = f"it contains {' '.join(repr(ch) for ch in bad)} (path separators and characters Windows forbids)"
-    elif full != full.strip() or full.endswith("."):
+    elif name != name.strip() or full != full.strip() or name.endswith(".") or full.endswith("."):
         problem = "it starts or ends with a space, or ends with a dot"
     elif _RESERVED.match(full):
         problem = "it is a name Windows reserves for a device"

@@ -50,7 +50,7 @@ class Result:
 
 
 def run_isolated(code: str, *, env: Optional[dict[str, str]] = None, timeout: float = 120,
-                 cwd: Optional[Path] = None, user: Optional[int] = None) -> Result:
+                 cwd: Optional[Path] = None) -> Result:
     """Run PRELUDE + ``code`` with this interpreter in a fresh process; its environment is this one's
     plus ``env`` (so the child finds the same pneumoseg)."""
     full_env = dict(os.environ)
@@ -59,5 +59,5 @@ def run_isolated(code: str, *, env: Optional[dict[str, str]] = None, timeout: fl
     full_env.update(env or {})
     program = PRELUDE + "\n" + textwrap.dedent(code)
     proc = subprocess.run([sys.executable, "-c", program], env=full_env, capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd, user=user)
+                          timeout=timeout, cwd=cwd)
     return Result(proc.returncode, proc.stdout, proc.stderr)

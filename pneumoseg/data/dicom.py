@@ -199,7 +199,10 @@ def read_dicom_shape(path: Union[str, Path]) -> tuple[int, int]:
     """(rows, columns) of a DICOM image from its header alone (no pixel data is read), with the same
     checks as :func:`read_dicom`; any problem is a :class:`pneumoseg.DicomError` naming the file."""
     path = check_path(path, "path", error=DicomError)
-    return _declared_shape(_read_dataset(path, stop_before_pixels=True), path)
+    ds = _read_dataset(path, stop_before_pixels=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return _declared_shape(ds, path)
 
 
 def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomImage:
@@ -210,6 +213,14 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
     path = check_path(path, "path", error=DicomError)
     with_dataset = check_bool(with_dataset, "with_dataset")
     ds = _read_dataset(path, stop_before_pixels=False)
+    with warnings.catch_warnings():
+        # pydicom converts header values when first read and warns about odd ones (a DS of 'NaN');
+        # the values that matter here are checked below and refused with a DicomError instead.
+        warnings.simplefilter("ignore", UserWarning)
+        return _decode(ds, path, with_dataset)
+
+
+def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
     if "PixelData" not in ds:
         raise DicomError(f"{path}: the file has no pixel data")
     rows, columns = _declared_shape(ds, path)
@@ -239,7 +250,11 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
             raise DicomError(f"{path}: RescaleSlope {slope} and RescaleIntercept {intercept} overflow float32")
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     if photometric == "MONOCHROME1":  # stored inverted: make high values bright like MONOCHROME2
-        pixels = pixels.max() + pixels.min() - pixels
+        lo, hi = pixels.min(), pixels.max()
+        if pixels.dtype.kind in "iu":  # max + min overflows a 16-bit image: add in int64 (the result fits)
+            pixels = (int(hi) + int(lo) - pixels.astype(np.int64)).astype(pixels.dtype)
+        else:
+            pixels = hi + lo - pixels
     meta = {
         "age": _age(ds.get("PatientAge")),
         "sex": str(ds.get("PatientSex", "")).strip() or None,
@@ -258,11 +273,13 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
 
 def _spacing(ds: Any, path: Path) -> Optional[tuple[float, float]]:
     """PixelSpacing (or ImagerPixelSpacing) in mm as (row, column), or None when the file has none."""
+    from pydicom.multival import MultiValue
+
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = ds.get(keyword, None)
         if value is None or value == "":
             continue
-        values = list(value) if not isinstance(value, (str, bytes)) else [value]
+        values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
         try:
             numbers = tuple(float(v) for v in values)
         except (TypeError, ValueError):

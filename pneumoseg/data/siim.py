@@ -45,6 +45,9 @@ def _rle_problem(text: str) -> str | None:
         if len(tokens) % 2 and tokens != ["-1"]:
             return "EncodedPixels has an odd number of values"
         return None
+    odd_space = next((ch for ch in text if ch.isspace() and not ch.isascii()), None)
+    if odd_space is not None:  # str.split() would split on it, the decoder does not
+        return f"EncodedPixels has a non-ASCII space (U+{ord(odd_space):04X}); use plain spaces"
     for token in _RLE_TOKEN.findall(text):
         if not (token.isascii() and token.isdigit()) and token != "-1":
             return f"EncodedPixels has a bad token {show(token, 30)}"
@@ -175,7 +178,7 @@ def _format_rle_csv(rles: Mapping[str, Union[str, list[str]]]) -> str:
             problem = _rle_problem(s)
             if problem:
                 raise InvalidInputError(f"rles[{image_id!r}][{i}]: {problem}")
-            lines.append(f"{image_id}, {s.strip() or '-1'}")
+            lines.append(f"{image_id}, {' '.join(s.split()) or '-1'}")  # one line, whatever spaces it had
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,395 @@
+"""Hostile and careless files and folders: names taken from the data never write outside the output
+folder, nobody's files are overwritten without overwrite=True, writes are atomic, DICOM headers are
+checked against the limits before decoding, the CSV reader accepts exactly what the decoder accepts,
+and find_dicoms says what it skipped."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pneumoseg
+from pneumoseg import limits, rle
+from pneumoseg._fs import MANIFEST_NAME, atomic_open, atomic_write, prepare_output_folder, safe_file_name, safe_file_names
+from pneumoseg.data import find_dicoms, make_synthetic_siim, read_dicom, read_dicom_shape, read_rle_csv, write_rle_csv
+
+from isolated import run_isolated
+
+pydicom = pytest.importorskip("pydicom")
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under folder (relative path -> bytes), to show that nothing changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def write_dicom(path, raw=None, *, syntax=None, **attrs):
+    """An uncompressed (or deflated) 16-bit DICOM; attrs override or, as None, delete header fields."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    raw = np.arange(12, dtype=np.uint16).reshape(3, 4) if raw is None else raw
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = raw.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = raw.astype(np.uint16).tobytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid values these tests want
+        for key, value in attrs.items():
+            if value is None:
+                delattr(ds, key)
+            elif isinstance(value, tuple):  # (VR, value): stored as given, e.g. text where numbers belong
+                ds.add_new(tag_for_keyword(key), *value)
+            else:
+                setattr(ds, key, value)
+        ds.save_as(path, enforce_file_format=True)
+    return Path(path)
+
+
+# --- class 2: names from the data never lead outside the output folder ------------------------------------
+
+HOSTILE_IDS = [
+    "../victim/precious", "/abs/path/precious", "..", ".", "a/b", "a\\b", "C:evil", "a\x00b", "a\nb", "tab\there",
+    "CON", "nul", "com1.txt", "LPT9", "x" * 300, "", " lead", "trail ", "dot.", "a*b", 'q"uote', "a<b>", "pi|pe",
+    "a\u202eb",  # right-to-left override: hides the real suffix
+]
+
+
+@pytest.mark.parametrize("image_id", HOSTILE_IDS)
+def test_unsafe_ids_are_refused_as_file_names(image_id):
+    with pytest.raises(pneumoseg.OutputError, match="cannot be used as a file name"):
+        safe_file_name(image_id, ".png")
+
+
+@pytest.mark.parametrize("image_id", ["1.2.276.0.7230010.3.1.4.8323329.5597.1517875188.959090", "img_01-a", "größe",
+                                      "a b", "ID(3)"])
+def test_ordinary_ids_are_kept(image_id):
+    assert safe_file_name(image_id, ".png") == image_id + ".png"
+
+
+def test_ids_differing_only_in_case_are_refused():
+    with pytest.raises(pneumoseg.OutputError, match="same file"):
+        safe_file_names(["Study", "study"], ".png")
+
+
+@pytest.mark.parametrize("image_id", ["../victim/precious", "/ABS/precious", "sub/../../x"])
+def test_masks_command_never_writes_outside_out(tmp_path, capsys, image_id):
+    from pneumoseg.cli import main
+
+    image_id = image_id.replace("/ABS", str(tmp_path / "abs"))
+    csv = tmp_path / "in" / "rles.csv"
+    csv.parent.mkdir()
+    csv.write_text(f"ImageId,EncodedPixels\nfine,1 2\n{image_id},1 2\n")
+    before = tree(tmp_path)
+    assert main(["data", "masks", "--csv", str(csv), "--out", str(tmp_path / "out"), "--shape", "4", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pneumoseg: error: ImageId") and err.count("\n") == 1
+    assert tree(tmp_path) == before and not (tmp_path / "out").exists()  # refused before writing anything
+
+
+def test_output_folder_never_writes_through_links(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "link").symlink_to(outside, target_is_directory=True)
+    folder = prepare_output_folder(out, overwrite=True)
+    with pytest.raises(pneumoseg.OutputError, match="symbolic link"):
+        folder.write_bytes("link", "x.txt", data="x")
+    (out / "file-link").symlink_to(outside / "target.txt")
+    with pytest.raises(pneumoseg.OutputError, match="symbolic link"):
+        folder.write_bytes("file-link", data="x")
+    assert list(outside.iterdir()) == []
+    with pytest.raises(pneumoseg.OutputError, match="file name"):
+        folder.write_bytes("..", "escape.txt", data="x")
+
+
+# --- class 3: nobody's files are overwritten without overwrite=True --------------------------------------
+
+
+@pytest.fixture
+def users_folder(tmp_path):
+    """A folder holding someone's only copy of their labels and images."""
+    folder = tmp_path / "mine"
+    (folder / "dicom-images-train").mkdir(parents=True)
+    (folder / "train-rle.csv").write_text("ImageId, EncodedPixels\nreal-patient, 1 2\n")
+    write_dicom(folder / "dicom-images-train" / "real-patient.dcm")
+    return folder
+
+
+def test_synthetic_set_refuses_a_folder_with_someone_elses_files(users_folder):
+    before = tree(users_folder)
+    with pytest.raises(pneumoseg.OutputError, match=r"not empty \(dicom-images-train/real-patient.dcm, train-rle.csv\)"):
+        make_synthetic_siim(users_folder, n_images=2, size=32)
+    assert tree(users_folder) == before
+
+
+def test_synthetic_set_with_overwrite_writes_but_keeps_other_files(users_folder):
+    make_synthetic_siim(users_folder, n_images=2, size=32, overwrite=True)
+    assert (users_folder / "dicom-images-train" / "real-patient.dcm").is_file()
+    assert "real-patient" not in read_rle_csv(users_folder / "train-rle.csv")  # the CSV was asked to be replaced
+
+
+def test_rerunning_over_own_output_replaces_it_and_a_changed_file_is_kept(tmp_path):
+    out = tmp_path / "synthetic"
+    make_synthetic_siim(out, n_images=3, size=32, seed=1)
+    make_synthetic_siim(out, n_images=2, size=32, seed=2)
+    assert len(find_dicoms(out)) == 2 and len(read_rle_csv(out / "train-rle.csv")) == 2
+    (out / "train-rle.csv").write_text("ImageId, EncodedPixels\nmy-fix, 1 2\n")  # someone edited our output
+    with pytest.raises(pneumoseg.OutputError, match="train-rle.csv"):
+        make_synthetic_siim(out, n_images=2, size=32)
+    assert "my-fix" in read_rle_csv(out / "train-rle.csv")
+
+
+def test_output_folder_refuses_files_and_broken_manifests(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(pneumoseg.OutputError, match="is a file, not a folder"):
+        prepare_output_folder(tmp_path / "a-file")
+    with pytest.raises(pneumoseg.OutputError, match="a parent of it is a file"):
+        prepare_output_folder(tmp_path / "a-file" / "below")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.png").write_text("not ours")
+    (out / MANIFEST_NAME).write_text("# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path\n1\t2\t../x\n")
+    with pytest.raises(pneumoseg.OutputError, match="not empty"):
+        prepare_output_folder(out)
+    assert (out / "x.png").read_text() == "not ours"
+
+
+@pytest.fixture
+def unwritable_folder(tmp_path):
+    """A folder this process cannot write into: read-only for ordinary users, immutable (chattr +i)
+    for root, who may write anywhere else."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+        pytest.skip("running as root without chattr: no folder is unwritable")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+
+
+def test_unwritable_folder_is_refused(unwritable_folder, capsys):
+    from pneumoseg.cli import main
+
+    with pytest.raises(pneumoseg.OutputError, match="not writable"):
+        prepare_output_folder(unwritable_folder)
+    assert main(["data", "synth", "--out", str(unwritable_folder), "--n", "1", "--size", "32"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pneumoseg: error: synthetic data folder") and "not writable" in err and err.count("\n") == 1
+    assert main(["data", "synth", "--out", str(unwritable_folder / "below"), "--n", "1", "--size", "32"]) == 2
+    assert "cannot be created: permission denied" in capsys.readouterr().err
+    assert list(unwritable_folder.iterdir()) == []
+
+
+# --- atomic writes: complete or untouched, never a stray temporary file -------------------------------------
+
+
+def test_a_failed_write_leaves_the_target_and_no_temporary_file(tmp_path):
+    target = tmp_path / "labels.csv"
+    target.write_text("precious")
+    with pytest.raises(ZeroDivisionError):
+        with atomic_open(target, "w") as f:
+            f.write("half")
+            1 / 0
+    assert target.read_text() == "precious" and [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
+    atomic_write(target, "new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
+
+
+def test_write_rle_csv_to_a_folder_or_with_bad_ids_writes_nothing(tmp_path):
+    with pytest.raises(pneumoseg.OutputError, match="is a folder"):
+        write_rle_csv(tmp_path, {"a": ["-1"]})
+    target = tmp_path / "x.csv"
+    target.write_text("precious")
+    for rles, match in [({"a,b": ["-1"]}, "comma"), ({"a\nb, 1 2\nc": ["-1"]}, "control character"),
+                        ({"a": ["1 2", "x"]}, "bad token"), ({"a": ["1 ١"]}, "bad token"), ({7: ["-1"]}, "must be a str"),
+                        ({"a": [None]}, r"\[0\] must be a str"), ({"a": ["1 2 3"]}, "odd number")]:
+        with pytest.raises(pneumoseg.InvalidInputError, match=match):
+            write_rle_csv(target, rles)
+    assert target.read_text() == "precious" and sorted(p.name for p in tmp_path.iterdir()) == ["x.csv"]
+
+
+def test_write_rle_csv_takes_a_string_as_one_annotation_and_keeps_rows_on_one_line(tmp_path):
+    path = write_rle_csv(tmp_path / "x.csv", {"a": "1 2 3 4", "b": ["1\n2", "-1"], "c": []})
+    assert read_rle_csv(path) == {"a": ["1 2 3 4"], "b": ["1 2", "-1"], "c": ["-1"]}
+
+
+# --- class 6/7/8: the CSV reader accepts exactly what the decoder accepts -----------------------------------
+
+
+def test_a_megabyte_line_written_is_read_back(tmp_path):
+    mask = np.zeros((1024, 1024), np.uint8)
+    mask[::2] = 1  # ~1 M runs: a line of ~2.9 MB
+    text = rle.encode(mask)
+    assert len(text) > 2**20
+    path = write_rle_csv(tmp_path / "big.csv", {"a": [text]})
+    assert read_rle_csv(path) == {"a": [text]}
+
+
+@pytest.mark.parametrize("ending", ["\n", "\r\n", "\r"])
+def test_any_line_ending(tmp_path, ending):
+    (tmp_path / "x.csv").write_bytes(ending.join(["ImageId,EncodedPixels", "a,1 2", "b,-1", ""]).encode())
+    assert read_rle_csv(tmp_path / "x.csv") == {"a": ["1 2"], "b": ["-1"]}
+
+
+def test_quoted_cells(tmp_path):
+    (tmp_path / "x.csv").write_text('"ImageId","EncodedPixels"\n"a","1 2"\n"b", "-1"\n')
+    assert read_rle_csv(tmp_path / "x.csv") == {"a": ["1 2"], "b": ["-1"]}
+    (tmp_path / "y.csv").write_text('ImageId,EncodedPixels\n"a,1 2\n')
+    with pytest.raises(pneumoseg.DataFormatError, match="line 2: unterminated quoted field"):
+        read_rle_csv(tmp_path / "y.csv")
+
+
+@pytest.mark.parametrize("cell, match", [
+    ("\u0661 2", "bad token"),            # Arabic-Indic digit one: str.isdigit() says yes, the decoder no
+    ("\u00b9 2", "bad token"),            # superscript one
+    ("\uff11 2", "bad token"),            # full-width one
+    ("1\u00a02", r"non-ASCII space \(U\+00A0\)"),  # no-break space: str.split() splits on it, the decoder not
+    ("1\u20032", r"non-ASCII space \(U\+2003\)"),  # em space
+    ("1 2 -1 3", "-1 among other values"),
+    ("+1 2", "bad token"),
+])
+def test_rle_cells_the_decoder_would_reject_are_reported_with_the_line(tmp_path, cell, match):
+    (tmp_path / "x.csv").write_text(f"ImageId,EncodedPixels\nok,1 2\nbad,{cell}\n", encoding="utf-8")
+    with pytest.raises(pneumoseg.DataFormatError, match=f"line 3: .*{match}"):
+        read_rle_csv(tmp_path / "x.csv")
+
+
+def test_ids_with_control_characters_are_reported(tmp_path):
+    (tmp_path / "x.csv").write_bytes(b"ImageId,EncodedPixels\na\x00b,1 2\n")
+    with pytest.raises(pneumoseg.DataFormatError, match="line 2: ImageId .* control character"):
+        read_rle_csv(tmp_path / "x.csv")
+
+
+def test_csv_from_a_folder_a_device_or_past_the_limit(tmp_path):
+    with pytest.raises(pneumoseg.DataFormatError, match="is a folder"):
+        read_rle_csv(tmp_path)
+    with limits.override(max_csv_bytes=2**16):
+        with pytest.raises(pneumoseg.DataFormatError, match="max_csv_bytes"):
+            read_rle_csv("/dev/zero")  # no size to check: reading stops at the limit
+        (tmp_path / "big.csv").write_text("a,-1\n" * 20000)
+        with pytest.raises(pneumoseg.DataFormatError, match="max_csv_bytes"):
+            read_rle_csv(tmp_path / "big.csv")
+    with limits.override(max_rle_chars=10):
+        (tmp_path / "long.csv").write_text("a,1 2 3 4 5 6\n")
+        with pytest.raises(pneumoseg.DataFormatError, match="line 1: .*max_rle_chars"):
+            read_rle_csv(tmp_path / "long.csv")
+
+
+# --- class 4: DICOM sizes checked before decoding ----------------------------------------------------------
+
+
+def test_a_deflate_bomb_is_refused_in_bounded_memory(tmp_path):
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    path = write_dicom(tmp_path / "bomb.dcm", np.zeros((4096, 4096), np.uint16), syntax=DeflatedExplicitVRLittleEndian)
+    assert path.stat().st_size < 100_000  # 32 MiB of pixels in a few kilobytes
+    result = run_isolated(f"""
+        from pneumoseg import DicomError, limits
+        from pneumoseg.data import read_dicom
+        limits.set_limits(max_dicom_bytes=2**22)
+        limit_memory(64)
+        try:
+            read_dicom({str(path)!r})
+        except DicomError as exc:
+            assert "inflates past max_dicom_bytes" in str(exc), exc
+            print("OK")
+    """)
+    assert result.returncode == 0 and "OK" in result.stdout, result.describe()
+    assert read_dicom(path).pixels.shape == (4096, 4096)  # within the default limits it reads
+
+
+@pytest.mark.parametrize("attrs, match", [
+    (dict(NumberOfFrames=60000), "max_dicom_bytes"),
+    (dict(Rows=4000, Columns=4000), "max_image_pixels"),
+    (dict(Rows=5000), "max_image_side"),
+    (dict(NumberOfFrames=2), "holds 2 frames"),
+    (dict(SamplesPerPixel=3), "samples per pixel"),
+    (dict(Rows=None), "has no Rows"),
+    (dict(Columns=0), "Columns must be at least 1"),
+])
+def test_declared_sizes_are_checked_before_decoding(tmp_path, attrs, match):
+    path = write_dicom(tmp_path / "x.dcm", **attrs)
+    with limits.override(max_dicom_bytes=2**20, max_image_side=4096, max_image_pixels=2**22):
+        for read in (read_dicom, read_dicom_shape):
+            with pytest.raises(pneumoseg.DicomError, match=match) as info:
+                read(path)
+            assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("attrs, match", [
+    (dict(RescaleSlope="NaN", RescaleIntercept=0), "RescaleSlope is 'NaN'"),
+    (dict(RescaleSlope=1, RescaleIntercept="inf"), "RescaleIntercept"),
+    (dict(RescaleSlope=0, RescaleIntercept=0), "RescaleSlope is 0"),
+    (dict(PixelSpacing=("LO", "abc\\1")), r"PixelSpacing .*is not a pair of numbers"),
+    (dict(PixelSpacing=["0.1"]), "two positive numbers"),
+    (dict(PixelSpacing=["-1", "0.1"]), "two positive numbers"),
+])
+def test_bad_header_values_name_the_file(tmp_path, attrs, match):
+    path = write_dicom(tmp_path / "x.dcm", **attrs)
+    with pytest.raises(pneumoseg.DicomError, match=match) as info:
+        read_dicom(path)
+    assert str(path) in str(info.value)
+
+
+def test_read_dicom_on_a_folder(tmp_path):
+    with pytest.raises(pneumoseg.DicomError, match="is a folder"):
+        read_dicom(tmp_path)
+
+
+# --- class 9: find_dicoms finds what is there and says what it skipped ------------------------------------
+
+
+def test_find_dicoms_any_case_links_followed_once_and_skips_reported(tmp_path):
+    root = tmp_path / "root"
+    (root / "a").mkdir(parents=True)
+    write_dicom(root / "a" / "upper.DCM")
+    write_dicom(root / "a" / "mixed.Dcm")
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    write_dicom(other / "linked.dcm")
+    (root / "link").symlink_to(other, target_is_directory=True)
+    (root / "a" / "loop").symlink_to(root, target_is_directory=True)
+    (root / "again").symlink_to(other, target_is_directory=True)
+    (root / "broken").symlink_to(tmp_path / "nowhere")
+    write_dicom(root / "IM000001")  # a DICOM file without the suffix
+    (root / "notes.txt").write_text("not an image")
+    found = find_dicoms(root)
+    assert sorted(found) == ["linked", "mixed", "upper"]
+    reasons = {p.name: why for p, why in found.skipped}
+    assert "scanned once" in reasons["loop"] and "scanned once" in reasons["link"]  # "again" came first
+    assert "broken" in reasons["broken"] and ".dcm suffix" in reasons["IM000001"]
+    assert "notes.txt" not in reasons
+
+
+def test_dataset_warns_about_skipped_files(tmp_path):
+    pytest.importorskip("torch")
+    from pneumoseg.data import SIIMDataset
+
+    write_dicom(tmp_path / "a.dcm")
+    (tmp_path / "broken").symlink_to(tmp_path / "nowhere")
+    with pytest.warns(pneumoseg.DataWarning, match="skipped"):
+        ds = SIIMDataset(tmp_path, image_size=8)
+    assert len(ds) == 1 and ds.skipped[0][0].name == "broken"
