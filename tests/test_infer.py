@@ -1,0 +1,306 @@
+"""pneumoseg.Predictor on the CPU: against an independent reference of the pipeline, over every input
+kind, gate layout, option and backend that runs here; threads; bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import pneumoseg  # noqa: E402
+from pneumoseg import rle  # noqa: E402
+from pneumoseg.errors import DataFormatError, DicomError, InvalidInputError  # noqa: E402
+from pneumoseg.infer import Predictor  # noqa: E402
+from pneumoseg.infer.predictor import STAGES  # noqa: E402
+
+from infer_helpers import (  # noqa: E402
+    THRESHOLDS, copy_model_dir, exported_model_dir, file_digests, model_dir, phantom_images, reference_predict,
+)
+
+
+def assert_matches_reference(preds, refs, images):
+    assert len(preds) == len(refs)
+    for p, r, img in zip(preds, refs, images):
+        assert p.shape == img.shape
+        assert p.score == pytest.approx(r["score"], abs=1e-5)
+        assert p.mask.shape == img.shape and p.mask.dtype == np.uint8
+        # float32 logits against float64 probabilities: a pixel exactly on a threshold may differ
+        assert np.count_nonzero(p.mask != r["mask"]) <= max(2, img.size // 2000)
+        assert (p.rle == "-1") == (r["rle"] == "-1")
+        assert np.array_equal(rle.decode(p.rle, img.shape), p.mask)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "aux", "plain"])
+def test_torch_predictor_matches_the_reference_pipeline(kind):
+    images = phantom_images(6)
+    preds = Predictor.from_dir(model_dir(kind)).predict(images, return_masks=True, batch_size=4)
+    refs = reference_predict(model_dir(kind), images)
+    assert_matches_reference(preds, refs, images)
+    if kind != "plain":  # the tiny models are built so that the gate splits this set
+        gated = [p.segmented for p in preds]
+        assert any(gated) and not all(gated)
+        assert all(p.rle == "-1" and p.n_components == 0 for p in preds if not p.segmented)
+    assert any(p.positive for p in preds)
+    for p in preds:
+        assert p.n_components == (0 if p.rle == "-1" else int(len(pneumoseg.postprocess.label_components(p.mask)[1])))
+
+
+def test_tta_matches_the_reference():
+    images = phantom_images(4, seed=3)
+    preds = Predictor.from_dir(model_dir("classifier"), tta=True).predict(images, return_masks=True)
+    assert_matches_reference(preds, reference_predict(model_dir("classifier"), images, tta=True), images)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "aux"])
+def test_segmenting_all_gives_the_same_answers_as_gating(kind):
+    images = phantom_images(6, seed=1)
+    gated = Predictor.from_dir(model_dir(kind)).predict(images)
+    every = Predictor.from_dir(model_dir(kind), segment="all").predict(images)
+    assert [p.rle for p in gated] == [p.rle for p in every]
+    assert [p.score for p in gated] == pytest.approx([p.score for p in every], abs=1e-6)
+    assert all(p.segmented for p in every) and not all(p.segmented for p in gated)
+
+
+def test_threshold_overrides_are_used_and_checked():
+    images = phantom_images(4, seed=2)
+    overrides = {"gate": 0.0, "top": None, "bottom": 0.8, "min_component_area": 0}
+    preds = Predictor.from_dir(model_dir("aux"), thresholds=overrides).predict(images, return_masks=True)
+    assert all(p.segmented for p in preds)
+    assert_matches_reference(preds, reference_predict(model_dir("aux"), images, {**overrides, "top": 0.0, "min_area": 0}),
+                             images)
+    with pytest.raises(InvalidInputError, match="unknown threshold"):
+        Predictor.from_dir(model_dir("aux"), thresholds={"gates": 0.5})
+    with pytest.raises(InvalidInputError, match="thresholds.bottom"):
+        Predictor.from_dir(model_dir("aux"), thresholds={"bottom": 1.5})
+
+
+def test_inputs_of_every_kind_give_the_same_answers(tmp_path):
+    from pneumoseg.data import make_synthetic_siim
+    from pneumoseg.data.siim import find_dicoms
+
+    make_synthetic_siim(tmp_path / "siim", n_images=4, size=96, positive_fraction=0.5, seed=5)
+    files = find_dicoms(tmp_path / "siim")
+    from pneumoseg.data import read_dicom
+
+    pixels = [read_dicom(p).pixels for p in files.values()]
+    predictor = Predictor.from_dir(model_dir("classifier"))
+    by_folder = predictor.predict(tmp_path / "siim")
+    assert [p.image_id for p in by_folder] == list(files)  # the Kaggle ImageIds, from the nested layout
+    by_files = predictor.predict([str(p) for p in files.values()])
+    by_array = predictor.predict(np.stack(pixels), image_ids=list(files))
+    by_tensor = predictor.predict(torch.from_numpy(np.stack(pixels))[:, None], image_ids=list(files))
+    by_list = predictor.predict([pixels[0], torch.from_numpy(pixels[1]), *map(str, list(files.values())[2:])],
+                                image_ids=list(files)[:2])
+    one = predictor.predict(pixels[0])
+    for other in (by_files, by_array, by_tensor, by_list):
+        assert [p.image_id for p in other] == list(files)
+        assert [p.rle for p in other] == [p.rle for p in by_folder]
+        assert [p.score for p in other] == pytest.approx([p.score for p in by_folder], abs=1e-6)
+    assert one[0].image_id == "image-00000" and one[0].rle == by_folder[0].rle
+    assert by_folder[0].path == str(list(files.values())[0])
+    # the same file twice is predicted once; two images under one ImageId are refused
+    assert len(predictor.predict([str(tmp_path / "siim"), str(list(files.values())[0])])) == 4
+    with pytest.raises(DataFormatError, match="appears twice"):
+        predictor.predict([pixels[0], pixels[1]], image_ids=["a", "a"])
+    with pytest.raises(InvalidInputError, match="image_ids has 1 names for 2"):
+        predictor.predict([pixels[0], pixels[1]], image_ids=["a"])
+
+
+def test_timings_and_batches():
+    images = phantom_images(5)
+    preds = Predictor.from_dir(model_dir("classifier")).predict(images, batch_size=2)
+    assert [p.batch_size for p in preds] == [2, 2, 2, 2, 1]
+    for p in preds:
+        assert set(p.timings) == {*STAGES, "total"} and all(v >= 0 for v in p.timings.values())
+        assert p.timings["total"] == pytest.approx(sum(p.timings[s] for s in STAGES))
+    summary = preds.timings()
+    assert summary["total"]["batches"] == 3 and summary["segment"]["p95_ms_per_image"] >= summary["segment"]["p50_ms_per_image"]
+
+
+def test_predict_from_several_threads_equals_serial():
+    predictor = Predictor.from_dir(model_dir("aux"), batch_size=3)
+    sets = [phantom_images(5, seed=s) for s in range(4)]
+    serial = [[(p.rle, p.score) for p in predictor.predict(images)] for images in sets]
+    results: dict[int, list] = {}
+    errors = []
+
+    def work(k: int) -> None:
+        try:
+            for _ in range(2):
+                results.setdefault(k, []).append([(p.rle, p.score) for p in predictor.predict(sets[k])])
+        except Exception as exc:  # reported below, with the thread's own traceback lost otherwise
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(sets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k, runs in results.items():
+        assert runs == [serial[k], serial[k]]
+
+
+def test_preprocessing_equals_the_training_preprocessing():
+    from pneumoseg.data import preprocess
+
+    predictor = Predictor.from_dir(model_dir("plain"))
+    images = [np.random.default_rng(0).integers(0, 4096, (130, 70)).astype(np.uint16),
+              np.random.default_rng(1).random((64, 64)).astype(np.float64), np.full((40, 50), 7, np.int16)]
+    tensors = [predictor._to_device(img) for img in images]
+    got = predictor._prepare(tensors, (64, 64), [])
+    want = torch.cat([preprocess(img, 64) for img in images])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_onnxruntime_backend_matches_torch():
+    images = phantom_images(6, seed=4)
+    for kind in ("classifier", "aux"):
+        path = exported_model_dir(kind)
+        want = Predictor.from_dir(path).predict(images)
+        got = Predictor.from_dir(path, backend="onnxruntime", threads=1).predict(images)
+        assert [p.rle for p in got] == [p.rle for p in want]
+        assert [p.score for p in got] == pytest.approx([p.score for p in want], abs=1e-5)
+
+
+def test_backend_and_option_errors(tmp_path):
+    with pytest.raises(InvalidInputError, match="backend must be one of"):
+        Predictor.from_dir(model_dir("aux"), backend="tvm")
+    with pytest.raises(InvalidInputError, match="fp16 with the torch backend needs device='cuda'"):
+        Predictor.from_dir(model_dir("aux"), precision="fp16")
+    with pytest.raises(InvalidInputError, match="int8"):
+        Predictor.from_dir(model_dir("aux"), precision="int8")
+    with pytest.raises(InvalidInputError, match="cuda_graphs=True needs device='cuda'"):
+        Predictor.from_dir(model_dir("aux"), cuda_graphs=True)
+    with pytest.raises(InvalidInputError, match="device must be"):
+        Predictor.from_dir(model_dir("aux"), device="tpu")
+    with pytest.raises(InvalidInputError, match="segment must be one of"):
+        Predictor.from_dir(model_dir("aux"), segment="some")
+    with pytest.raises(DataFormatError, match="pneumoseg export .* --format onnx"):
+        Predictor.from_dir(model_dir("aux"), backend="onnxruntime")  # not exported
+    with pytest.raises(DataFormatError, match="--precision int8 --calibrate"):
+        Predictor.from_dir(exported_model_dir("aux"), backend="onnxruntime", precision="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(InvalidInputError, match="no CUDA device"):
+            Predictor.from_dir(model_dir("aux"), device="cuda")
+
+
+def test_model_directory_with_a_missing_or_damaged_file(tmp_path):
+    damaged = copy_model_dir("classifier", tmp_path / "m")
+    (damaged / "classifier.safetensors").unlink()
+    with pytest.raises(DataFormatError, match="classifier weights .* are missing"):
+        Predictor.from_dir(damaged)
+    exported = copy_model_dir("aux", tmp_path / "e", exported=True)
+    (exported / "onnx" / "decoder.fp32.onnx").unlink()
+    with pytest.raises(DataFormatError, match="decoder-onnx-fp32' listed in pneumoseg.json is missing"):
+        Predictor.from_dir(exported, backend="onnxruntime")
+    onnx_file = exported / "onnx" / "encoder.fp32.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:-10])
+    with pytest.raises(DataFormatError, match="fingerprint"):
+        Predictor.from_dir(exported, backend="onnxruntime")
+    with pytest.raises(DataFormatError, match="no such model directory"):
+        Predictor.from_dir(tmp_path / "nowhere")
+
+
+def _write_dicom(path, pixels, photometric="MONOCHROME2"):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated = bits
+    ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    ds.PixelData = pixels.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+
+
+def test_bad_files_are_errors_or_reported_skips_and_inputs_stay_untouched(tmp_path):
+    images = phantom_images(3, seed=6)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        _write_dicom(folder / f"good{i}.dcm", img)
+    (folder / "notes.dcm").write_text("not a DICOM file")
+    whole = (folder / "good0.dcm").read_bytes()
+    (folder / "cut.dcm").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "empty").mkdir()
+    before = file_digests(tmp_path)
+    predictor = Predictor.from_dir(model_dir("classifier"))
+    with pytest.raises(DicomError, match="cut.dcm"):
+        predictor.predict(folder)
+    out = predictor.predict([folder, tmp_path / "empty"], on_error="skip")
+    assert [p.image_id for p in out] == ["good0", "good1", "good2"]
+    reasons = dict(out.skipped)
+    assert "truncated" in reasons[str(folder / "cut.dcm")] or "could not be decoded" in reasons[str(folder / "cut.dcm")]
+    assert "not a DICOM file" in reasons[str(folder / "notes.dcm")]
+    assert reasons[str(tmp_path / "empty")] == "a folder without .dcm files"
+    assert [p.rle for p in out] == [p.rle for p in predictor.predict(images)]
+    with pytest.raises(InvalidInputError, match="nothing to predict.*without .dcm files"):
+        predictor.predict(tmp_path / "empty")
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        predictor.predict(tmp_path / "missing.dcm")
+    assert file_digests(tmp_path) == before  # no input file was modified
+
+
+def test_sixteen_bit_monochrome1_reads_as_its_eight_bit_image(tmp_path):
+    img = phantom_images(1, seed=8, shapes=((96, 80),))[0]
+    _write_dicom(tmp_path / "m2.dcm", img)
+    inverted = (65535 - img.astype(np.uint32) * 257).astype(np.uint16)  # 16-bit, bright = low values
+    _write_dicom(tmp_path / "m1.dcm", inverted, photometric="MONOCHROME1")
+    preds = Predictor.from_dir(model_dir("classifier")).predict([tmp_path / "m2.dcm", tmp_path / "m1.dcm"])
+    assert preds[0].rle == preds[1].rle and preds[0].score == pytest.approx(preds[1].score, abs=1e-5)
+
+
+def test_a_large_non_square_image_gets_a_mask_of_its_own_size():
+    big = np.kron(phantom_images(1, seed=1, shapes=((100, 125),))[0], np.ones((20, 20), np.uint8))  # 2000x2500
+    preds = Predictor.from_dir(model_dir("classifier"), thresholds={"gate": 0.0}).predict(big, return_masks=True)
+    p = preds[0]
+    assert p.shape == (2000, 2500) and p.mask.shape == (2000, 2500) and p.positive
+    assert np.array_equal(rle.decode(p.rle, (2000, 2500)), p.mask)
+    # areas are counted at the network's input size: scaled by (2000 * 2500) / (64 * 64) here
+    assert_matches_reference(preds, reference_predict(model_dir("classifier"), [big], {"gate": 0.0}), [big])
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.zeros((0, 5)), "has no pixels"),
+    (np.array([["a", "b"]]), "must hold numbers"),
+    (np.zeros((2, 3, 4, 5)), "must be an image"),
+    (None, "got None"),
+    ([], "empty list"),
+    (b"x.dcm", "bytes"),
+])
+def test_bad_arrays_are_clear_errors(bad, match):
+    with pytest.raises(InvalidInputError, match=match):
+        Predictor.from_dir(model_dir("plain")).predict(bad)
+
+
+def test_non_finite_pixels_are_an_error():
+    img = np.ones((64, 64), np.float32)
+    img[3, 4] = np.nan
+    predictor = Predictor.from_dir(model_dir("plain"))
+    with pytest.raises(InvalidInputError, match="NaN or infinity"):
+        predictor.predict(img)
+    with pytest.raises(InvalidInputError, match="NaN or infinity"):
+        predictor.predict(torch.from_numpy(img))
+
+
+def test_pneumoseg_predictor_is_the_public_name():
+    assert pneumoseg.Predictor is Predictor
+    d = Predictor.from_dir(model_dir("aux")).describe()
+    assert d["backend"] == "torch" and d["gate"] == "encoder" and d["segment_part"] == "decoder"
+    assert d["thresholds"] == THRESHOLDS and d["input_size"] == [64, 64]
