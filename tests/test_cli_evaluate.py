@@ -1,0 +1,119 @@
+"""`pneumoseg evaluate` and the evaluation it rests on: Dice straight from the RLEs, against masks."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pneumoseg import rle
+from pneumoseg.cli import main
+from pneumoseg.errors import DataFormatError
+from pneumoseg.infer.evaluation import evaluate, read_scores_csv, rle_dice
+
+from reference_metrics import ref_auc, ref_dice
+
+
+def _masks(seed: int, n: int, shape=(40, 56)):
+    rng = np.random.default_rng(seed)
+    masks = np.zeros((n, *shape), np.uint8)
+    for i in range(n):
+        if i % 3:
+            r, c = rng.integers(0, shape[0] - 10), rng.integers(0, shape[1] - 10)
+            masks[i, r:r + rng.integers(3, 10), c:c + rng.integers(3, 10)] = 1
+    return masks
+
+
+def test_rle_dice_equals_the_dice_of_the_masks():
+    truth, pred = _masks(0, 12), _masks(1, 12)
+    pred[4] = truth[4]
+    want = ref_dice(pred != 0, truth != 0)
+    got = [rle_dice([rle.encode(p)], [rle.encode(t)]) for p, t in zip(pred, truth)]
+    assert got == pytest.approx(want)
+    assert rle_dice(["-1"], ["-1"]) == 1.0 and rle_dice(["-1"], [rle.encode(truth[1])]) == 0.0
+    half1, half2 = truth[1].copy(), truth[1].copy()
+    half1[:20], half2[20:] = 0, 0  # two annotation rows of one image
+    assert rle_dice([rle.encode(truth[1])], [rle.encode(half1), rle.encode(half2)]) == 1.0
+
+
+def test_evaluate_scores_a_submission():
+    truth, pred = _masks(2, 9), _masks(3, 9)
+    ids = [f"id{i}" for i in range(9)]
+    t = {i: [rle.encode(m)] for i, m in zip(ids, truth)}
+    p = {i: [rle.encode(m)] for i, m in zip(ids[:8], pred)}  # one truth image not predicted
+    scores = {i: float(s) for i, s in zip(ids, np.linspace(0.1, 0.9, 9))}
+    ev = evaluate(p, t, scores=scores)
+    assert ev.kaggle_dice == pytest.approx(float(ref_dice(pred[:8] != 0, truth[:8] != 0).mean()))
+    labels = truth[:8].any((1, 2))
+    assert ev.empty_submission_dice == pytest.approx(float((~labels).mean()))
+    cls = ev.classification()
+    assert cls["auc"] == pytest.approx(ref_auc(labels.astype(int), np.linspace(0.1, 0.9, 9)[:8]))
+    cm = cls["confusion_matrix"]
+    predicted = np.linspace(0.1, 0.9, 9)[:8] >= 0.5
+    assert (cm["tp"], cm["fp"]) == (int((predicted & labels).sum()), int((predicted & ~labels).sum()))
+    assert ev.not_predicted == ["id8"]
+    assert evaluate(t, t).kaggle_dice == 1.0
+    with pytest.raises(DataFormatError, match="no ground truth"):
+        evaluate({"other": ["-1"]}, t)
+    with pytest.raises(DataFormatError, match="no score"):
+        evaluate(p, t, scores={"id0": 0.5})
+
+
+def write_csv(path, rows):
+    path.write_text("ImageId,EncodedPixels\n" + "".join(f"{i},{s}\n" for i, s in rows))
+
+
+def test_evaluate_command(tmp_path, capsys):
+    truth = _masks(4, 10)
+    ids = [f"1.2.3.{i}" for i in range(10)]
+    write_csv(tmp_path / "truth.csv", [(i, rle.encode(m)) for i, m in zip(ids, truth)])
+    write_csv(tmp_path / "empty.csv", [(i, "-1") for i in ids])
+    (tmp_path / "scores.csv").write_text("ImageId,Score\n" + "".join(f"{i},{0.9 if m.any() else 0.2}\n"
+                                                                     for i, m in zip(ids, truth)))
+    assert main(["evaluate", "--pred", str(tmp_path / "truth.csv"), "--truth", str(tmp_path / "truth.csv"),
+                 "--scores", str(tmp_path / "scores.csv"), "--out", str(tmp_path / "ev")]) == 0
+    out = capsys.readouterr().out
+    assert "Kaggle Dice 1.0000" in out and "AUC 1.0000" in out
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["kaggle_dice"] == 1.0 and report["classification"]["sensitivity"] == 1.0
+    pictures = {"dice_histogram.png", "confusion_matrix.png", "roc.png", "precision_recall.png"}
+    if report["pictures"] != "none: matplotlib is not installed (pip install matplotlib)":
+        assert set(report["pictures"]) == pictures
+        assert all((tmp_path / "ev" / name).stat().st_size > 1000 for name in pictures)
+    assert main(["evaluate", "--pred", str(tmp_path / "empty.csv"), "--truth", str(tmp_path / "truth.csv"),
+                 "--out", str(tmp_path / "ev2")]) == 0
+    report = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert report["kaggle_dice"] == pytest.approx(report["empty_submission_dice"]) == pytest.approx(
+        float((~truth.any((1, 2))).mean()))
+    assert report["classification"]["auc"] == 0.5 and report["classification"]["sensitivity"] == 0.0
+    per_image = (tmp_path / "ev2" / "per_image.csv").read_text().splitlines()
+    assert per_image[0] == "ImageId,Dice,TruthPositive,PredPositive,Score" and len(per_image) == 11
+
+
+def test_evaluate_errors_are_one_line(tmp_path, capsys):
+    write_csv(tmp_path / "truth.csv", [("a", "-1")])
+    write_csv(tmp_path / "pred.csv", [("b", "-1")])
+    (tmp_path / "scores.csv").write_text("a,not-a-number\n")
+    cases = [
+        (["--pred", str(tmp_path / "pred.csv"), "--truth", str(tmp_path / "truth.csv")], "no ground truth"),
+        (["--pred", str(tmp_path / "truth.csv"), "--truth", str(tmp_path / "truth.csv"), "--scores",
+          str(tmp_path / "scores.csv")], "is not a number"),
+        (["--pred", str(tmp_path / "nope.csv"), "--truth", str(tmp_path / "truth.csv")], "no such file"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["evaluate", *args, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+
+
+def test_scores_csv_reader(tmp_path):
+    (tmp_path / "s.csv").write_text("ImageId,Score\na,0.25\n\nb,1\n")
+    assert read_scores_csv(tmp_path / "s.csv") == {"a": 0.25, "b": 1.0}
+    (tmp_path / "d.csv").write_text("a,0.1\na,0.2\n")
+    with pytest.raises(DataFormatError, match="appears twice"):
+        read_scores_csv(tmp_path / "d.csv")
+    (tmp_path / "n.csv").write_text("a,nan\n")
+    with pytest.raises(DataFormatError, match="not finite"):
+        read_scores_csv(tmp_path / "n.csv")

@@ -1,0 +1,127 @@
+"""`pneumoseg predict`: submission, scores, overlays and summary; skips reported; safe outputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from pneumoseg import rle  # noqa: E402
+from pneumoseg.cli import main  # noqa: E402
+from pneumoseg.data import make_synthetic_siim, read_rle_csv  # noqa: E402
+from pneumoseg.data.siim import find_dicoms  # noqa: E402
+from pneumoseg.infer import Predictor  # noqa: E402
+
+from infer_helpers import file_digests, model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def study_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("siim")
+    make_synthetic_siim(root, n_images=6, size=80, positive_fraction=0.5, seed=3)
+    return root
+
+
+def read_png(path):
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return np.asarray(im)
+
+
+def test_predict_writes_a_submission_overlays_and_a_summary(study_set, tmp_path, capsys):
+    (study_set / "dicom-images-train" / "readme.dcm").write_text("not a DICOM")
+    try:
+        before = file_digests(study_set)
+        out = tmp_path / "pred"
+        assert main(["predict", str(study_set), "--model", str(model_dir("classifier")), "--out", str(out),
+                     "--batch-size", "4"]) == 0
+        captured = capsys.readouterr()
+        assert file_digests(study_set) == before  # inputs untouched
+    finally:
+        (study_set / "dicom-images-train" / "readme.dcm").unlink()
+    assert "skipped" in captured.err and "readme.dcm" in captured.err and "not a DICOM file" in captured.err
+    lines = (out / "submission.csv").read_text().splitlines()
+    assert lines[0] == "ImageId,EncodedPixels"
+    files = find_dicoms(study_set)
+    submission = read_rle_csv(out / "submission.csv")
+    assert list(submission) == list(files)  # one row per image, input order
+    want = Predictor.from_dir(model_dir("classifier")).predict(study_set, return_masks=True)
+    assert [submission[p.image_id] for p in want] == [[p.rle] for p in want]
+    assert any(p.rle == "-1" for p in want) and any(p.positive for p in want)
+    scores = dict(line.split(",") for line in (out / "scores.csv").read_text().splitlines()[1:])
+    assert {k: float(v) for k, v in scores.items()} == pytest.approx({p.image_id: p.score for p in want}, abs=1e-6)
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert overlays == sorted(f"{p.image_id}.png" for p in want if p.positive)
+    for p in want:
+        if p.positive:
+            picture = read_png(out / "overlays" / f"{p.image_id}.png")
+            assert picture.shape == (*p.shape, 3)
+            red = (picture[..., 0] == 255) & (picture[..., 1] == 40)
+            assert red.any() and not red[p.mask == 0].all()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["images"] == 6 and summary["positives"] == sum(p.positive for p in want)
+    assert summary["skipped"] == [{"path": str(study_set / "dicom-images-train" / "readme.dcm"),
+                                   "reason": summary["skipped"][0]["reason"]}]
+    assert summary["predictor"]["backend"] == "torch" and "total" in summary["timings_ms"]
+    assert [d["image_id"] for d in summary["images_detail"]] == list(files)
+    assert "predicted 6 images" in captured.out
+
+
+def test_predict_never_replaces_a_submission_without_force(study_set, tmp_path, capsys):
+    out = tmp_path / "pred"
+    args = ["predict", str(study_set), "--model", str(model_dir("aux")), "--out", str(out), "--no-overlays"]
+    assert main(args) == 0
+    first = (out / "submission.csv").read_text()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "submission.csv already exists" in err and "--force" in err
+    assert (out / "submission.csv").read_text() == first
+    assert main(args + ["--force", "--segment", "all"]) == 0  # same answers, replaced
+    assert (out / "submission.csv").read_text() == first
+    assert not (out / "overlays").exists()
+
+
+def test_predict_input_errors_are_one_line(study_set, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        (["predict", str(empty), "--model", str(model_dir("aux")), "--out", str(tmp_path / "a")], "nothing to predict"),
+        (["predict", str(study_set), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "b")], "no such model"),
+        (["predict", str(study_set), "--model", str(model_dir("aux")), "--out", str(tmp_path / "c"),
+          "--backend", "onnxruntime"], "pneumoseg export"),
+        (["predict", str(tmp_path / "missing.dcm"), "--model", str(model_dir("aux")), "--out", str(tmp_path / "d")],
+         "does not exist"),
+    ]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    only_bad = tmp_path / "bad"
+    only_bad.mkdir()
+    (only_bad / "x.dcm").write_bytes(b"\0" * 10)
+    assert main(["predict", str(only_bad), "--model", str(model_dir("aux")), "--out", str(tmp_path / "e")]) == 2
+    assert "no image could be read" in capsys.readouterr().err
+    assert not (tmp_path / "e" / "submission.csv").exists()
+
+
+def test_predict_refuses_someone_elses_folder(study_set, tmp_path, capsys):
+    out = tmp_path / "theirs"
+    out.mkdir()
+    (out / "labels.csv").write_text("precious")
+    assert main(["predict", str(study_set), "--model", str(model_dir("aux")), "--out", str(out)]) == 2
+    assert "labels.csv" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["labels.csv"]
+
+
+def test_submission_masks_decode_at_each_images_size(study_set, tmp_path):
+    out = tmp_path / "p"
+    assert main(["predict", str(study_set), "--model", str(model_dir("plain")), "--out", str(out), "--no-overlays"]) == 0
+    for image_id, strings in read_rle_csv(out / "submission.csv").items():
+        mask = rle.decode(strings[0], (80, 80))
+        assert mask.shape == (80, 80)
