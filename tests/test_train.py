@@ -275,12 +275,12 @@ def test_stacked_classifier():
     torch.manual_seed(0)
     members = [create_classifier("resnet_tiny", in_channels=1), create_classifier("resnet_tiny", in_channels=1)]
     frozen = [{k: v.clone() for k, v in m.state_dict().items()} for m in members]
-    stack = StackedClassifier(members, hidden=16, input_sizes=[32, None])
-    x = torch.randn(8, 1, 64, 64)
+    stack = StackedClassifier(members, hidden=16, input_sizes=[64, None])
+    x = torch.randn(8, 1, 32, 32)
     assert stack.features(x).shape == (8, 2 * members[0].num_features) and stack(x).shape == (8, 1)
     labels = (x.mean((1, 2, 3)) > 0).float()
     loader = [{"image": x, "label": labels}]
-    losses = fit_stacked_classifier(stack, loader, epochs=30, lr=1e-2)
+    losses = fit_stacked_classifier(stack, loader, epochs=10, lr=1e-2)
     assert losses[-1] < losses[0]
     for m, before in zip(members, frozen):  # members untouched, BatchNorm statistics included
         assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
