@@ -44,7 +44,6 @@ def run(args: argparse.Namespace) -> int:
     from .._fs import prepare_output_folder, safe_file_names
     from ..errors import OutputError
     from ..infer import Predictor
-    from ..infer.predictor import summarise_timings
 
     # Refuse before any work: an existing submission is never replaced without --force (even one
     # pneumoseg wrote: a submission is the thing people hand in).
@@ -58,40 +57,47 @@ def run(args: argparse.Namespace) -> int:
                                     progress=True, workers=args.workers)
     names = safe_file_names([s.image_id for s in stream.sources], ".png")  # checked before anything is written
     folder = prepare_output_folder(args.out, overwrite=args.force, what="prediction output folder")
-    rows: list[tuple[str, str]] = []
-    scores: list[tuple[str, float]] = []
+    start = time.perf_counter()
     predictions = []
     overlays = 0
-    start = time.perf_counter()
     for pred in stream:
-        rows.append((pred.image_id, pred.rle))
-        scores.append((pred.image_id, pred.score))
         if pred.positive and not args.no_overlays:
-            _write_overlay(folder, names[pred.image_id], pred)
+            write_overlay(folder, names[pred.image_id], pred)
             overlays += 1
-        pred.mask = None
+        pred.mask = None  # memory stays bounded: the mask is in its overlay and its RLE
         predictions.append(pred)
     seconds = time.perf_counter() - start
     for where, reason in stream.skipped:
         print(f"pneumoseg: skipped {where}: {reason}", file=sys.stderr)
-    if not rows:
+    if not predictions:
         raise OutputError("no image could be read; nothing was predicted (see the messages above)")
+    write_predictions(folder, predictions, stream.skipped, predictor, seconds, overlays)
+    positives = sum(p.positive for p in predictions)
+    skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
+    print(f"predicted {len(predictions)} images ({positives} with pneumothorax{skipped}) in {seconds:.1f} s "
+          f"({len(predictions) / max(seconds, 1e-9):.1f} images/s) with {args.backend} on {args.device}")
+    print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {overlays} overlays in {OVERLAYS}/" if overlays else ""))
+    return 0
+
+
+def write_predictions(folder, predictions, skipped, predictor, seconds: float, overlays: int) -> None:
+    """submission.csv (ImageId,EncodedPixels, one row per image in order), scores.csv and summary.json."""
+    from .. import __version__
+    from ..infer.predictor import summarise_timings
+
     with folder.open(SUBMISSION, mode="w") as f:
         f.write("ImageId,EncodedPixels\n")
-        f.writelines(f"{image_id},{text}\n" for image_id, text in rows)
+        f.writelines(f"{p.image_id},{p.rle}\n" for p in predictions)
     with folder.open(SCORES, mode="w") as f:
         f.write("ImageId,Score\n")
-        f.writelines(f"{image_id},{score:.6f}\n" for image_id, score in scores)
-    positives = sum(1 for _, text in rows if text != "-1")
-    from .. import __version__
-
+        f.writelines(f"{p.image_id},{p.score:.6f}\n" for p in predictions)
     summary = {
         "pneumoseg_version": __version__,
-        "images": len(rows),
-        "positives": positives,
-        "skipped": [{"path": where, "reason": reason} for where, reason in stream.skipped],
+        "images": len(predictions),
+        "positives": sum(p.positive for p in predictions),
+        "skipped": [{"path": where, "reason": reason} for where, reason in skipped],
         "seconds": round(seconds, 3),
-        "images_per_second": round(len(rows) / seconds, 3) if seconds > 0 else None,
+        "images_per_second": round(len(predictions) / seconds, 3) if seconds > 0 else None,
         "predictor": predictor.describe(),
         "timings_ms": summarise_timings(predictions),
         "outputs": {"submission": SUBMISSION, "scores": SCORES, "overlays": OVERLAYS if overlays else None,
@@ -101,14 +107,10 @@ def run(args: argparse.Namespace) -> int:
     with folder.open(SUMMARY, mode="w") as f:
         json.dump(summary, f, indent=2, allow_nan=False)
         f.write("\n")
-    skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
-    print(f"predicted {len(rows)} images ({positives} with pneumothorax{skipped}) in {seconds:.1f} s "
-          f"({len(rows) / max(seconds, 1e-9):.1f} images/s) with {args.backend} on {args.device}")
-    print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {overlays} overlays in {OVERLAYS}/" if overlays else ""))
-    return 0
 
 
-def _write_overlay(folder, name: str, pred) -> None:
+def write_overlay(folder, name: str, pred) -> None:
+    """overlays/<name>: the radiograph (through its own window / VOI LUT) with the mask in red."""
     from ..data.dicom import read_dicom
     from ..infer.overlay import display_pixels, overlay
 
