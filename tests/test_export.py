@@ -116,18 +116,23 @@ def test_compare_outputs_refuses_drift():
         compare_outputs("segmenter", [ref], [ref[0]], "fp32", (0.5,), "w")
 
 
-def test_fp16_graph_has_half_weights_and_float_io(tmp_path):
-    path = copy_model_dir("plain", tmp_path / "m")
+def test_fp16_graphs_have_half_weights_and_float_image_io(tmp_path):
+    path = copy_model_dir("aux", tmp_path / "m")
     written = export_onnx(path, "fp16")
     md = load_model_dir(path)
-    art = md.artefacts["segmenter-onnx-fp16"]
-    assert written["segmenter"] == md.artefact_path("segmenter-onnx-fp16")
-    model = onnx.load(str(written["segmenter"]))
-    assert [v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)] == [TensorProto.FLOAT] * 2
-    conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
-    kinds = {i.data_type for i in model.graph.initializer if i.name in conv_weights}
-    assert kinds == {TensorProto.FLOAT16}
-    assert art.meta["validation"]["mask_dice"] >= 0.97
+    for part in ("encoder", "decoder"):
+        art = md.artefacts[f"{part}-onnx-fp16"]
+        assert written[part] == md.artefact_path(f"{part}-onnx-fp16")
+        model = onnx.load(str(written[part]))
+        types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
+        # the image and the logits stay float32; the features between the parts travel in half precision
+        assert types.pop("image", TensorProto.FLOAT) == TensorProto.FLOAT
+        assert types.pop("class_logits", TensorProto.FLOAT) == types.pop("mask_logits", TensorProto.FLOAT) == TensorProto.FLOAT
+        assert set(types.values()) == {TensorProto.FLOAT16}
+        conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
+        assert {i.data_type for i in model.graph.initializer if i.name in conv_weights} == {TensorProto.FLOAT16}
+        assert {n.op_type for n in model.graph.node} <= TENSORRT_ONNX_OPS
+        assert art.meta["validation"].get("mask_dice", 1.0) >= 0.97
 
 
 def test_int8_needs_calibration_images(tmp_path):

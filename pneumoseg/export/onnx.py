@@ -255,6 +255,8 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
     reference_module = part_module(part, network)
     inputs = part_inputs(model_dir, networks, part, images)
     example = tuple(x[:2] if x.shape[0] >= 2 else torch.cat([x, x], 0)[:2] for x in inputs)  # batch 2: not specialised
+    if precision == "fp16" and part == "decoder":  # the features arrive from the fp16 encoder in half precision
+        example = tuple(x.half() for x in example)
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     start = time.perf_counter()
     with _quiet() as log:
@@ -275,7 +277,8 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
     ops = check_tensorrt_ops(model, where)
     input_shapes = _io_shapes(model, where)
     session = ort.InferenceSession(data, sess_options=session_options(), providers=["CPUExecutionProvider"])
-    feed = {name: x.numpy().astype(np.float32) for name, x in zip(spec.inputs, inputs)}
+    declared = {i.name: (np.float16 if i.type == "tensor(float16)" else np.float32) for i in session.get_inputs()}
+    feed = {name: x.float().numpy().astype(declared[name]) for name, x in zip(spec.inputs, inputs)}  # fp16 features
     candidate = session.run(list(spec.outputs), feed)
     reference = _torch_outputs(reference_module, inputs)
     t = model_dir.thresholds
