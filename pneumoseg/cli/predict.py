@@ -102,7 +102,8 @@ def write_predictions(folder, predictions, skipped, predictor, seconds: float, o
         "timings_ms": summarise_timings(predictions),
         "outputs": {"submission": SUBMISSION, "scores": SCORES, "overlays": OVERLAYS if overlays else None,
                     "overlay_count": overlays},
-        "images_detail": [{k: v for k, v in p.to_dict().items() if k != "timings"} for p in predictions],
+        # per image without its RLE (that is in the submission) and its batch's timings (summarised above)
+        "images_detail": [{k: v for k, v in p.to_dict().items() if k not in ("timings", "rle")} for p in predictions],
     }
     with folder.open(SUMMARY, mode="w") as f:
         json.dump(summary, f, indent=2, allow_nan=False)
