@@ -139,3 +139,12 @@ def test_rle_union_in_the_cache_matches_the_csv(synth, tmp_path):
     rles = read_rle_csv(csv)
     for row, image_id in zip(index["rows"], index["ids"]):
         assert np.array_equal(masks[row], rle.decode_union(rles[image_id], (80, 80)))
+
+
+def test_decoding_threads_leave_the_warning_filters_as_they_were(synth, tmp_path):
+    import warnings
+
+    root, csv = synth
+    before = list(warnings.filters)
+    build_cache(root, csv, size=32, out=tmp_path / "cache", workers=4, progress=False)
+    assert warnings.filters == before

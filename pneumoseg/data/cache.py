@@ -105,10 +105,15 @@ def decode_to_arrays(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for _ in pool.map(work, range(n)):
-                if bar is not None:
-                    bar.update(1)
+        # read_dicom silences decoder chatter with warnings.catch_warnings, which swaps the process-wide
+        # filter list: threads entering and leaving it out of order would leave "ignore" installed for
+        # good. Here every thread starts from "ignore", and the caller's filters come back afterwards.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                for _ in pool.map(work, range(n)):
+                    if bar is not None:
+                        bar.update(1)
     finally:
         torch.set_num_threads(threads)
         if bar is not None:

@@ -16,7 +16,6 @@ or a checkpoint to resume is reported before the folder is touched or a step is 
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import sys
 import time
