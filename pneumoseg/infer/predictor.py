@@ -343,14 +343,16 @@ class Predictor:
                 bar.close()
 
     def warmup(self, batch_size: int = 1) -> None:
-        """Run one batch of blank images, so that lazy initialisation (thread pools, kernel choices)
-        is not counted in the first real request."""
+        """Run one batch of ``batch_size`` synthetic images through both stages (whatever the gate
+        says), so that lazy initialisation (thread pools, kernel choices for these shapes) is not
+        counted in the first real request."""
+        batch_size = check_int(batch_size, "batch_size", low=1, high=1 << 16)
         h, w = self.segmenter_size
         images = [np.zeros((h, w), np.uint8) for _ in range(batch_size)]
         for i, img in enumerate(images):
             img[h // 4: h // 2, w // 4: w // 2] = 255 if i % 2 else 128
-        list(self._predict_batch([(ImageSource(f"warmup-{i}", pixels=img), img, 0.0) for i, img in enumerate(images)],
-                                 False))
+        loaded = [(ImageSource(f"warmup-{i}", pixels=img), img, 0.0) for i, img in enumerate(images)]
+        self._predict_batch(loaded, False, segment_all=True)
 
     # ---------------------------------------------------------------------------------------------
     def _stream_context(self) -> Any:
@@ -375,8 +377,8 @@ class Predictor:
         device = self.backend.device
         if isinstance(pixels, torch.Tensor):
             t = pixels.detach()
-            if t.dtype in (torch.uint16, torch.uint32, torch.uint64):
-                t = t.to(torch.float32) if t.device.type == "cpu" else t.to(torch.float32)
+            if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few torch kernels take unsigned wide types
+                t = t.to(torch.float32)
             if t.dtype == torch.bool:
                 t = t.to(torch.uint8)
             return t.to(device, non_blocking=True)
@@ -392,10 +394,10 @@ class Predictor:
         import torch.nn.functional as F
 
         device = self.backend.device
-        out = torch.empty((len(images), 1, *size), dtype=torch.float32, device=device)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault(tuple(img.shape), []).append(i)
+        out = None if len(groups) == 1 else torch.empty((len(images), 1, *size), dtype=torch.float32, device=device)
         for shape, idx in groups.items():
             x = torch.stack([images[i] for i in idx]).to(torch.float32)[:, None]
             if finite is not None and any(images[i].is_floating_point() for i in idx):
@@ -406,7 +408,7 @@ class Predictor:
             if shape != tuple(size):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
             x = (x - self.mean) / self.std
-            if len(idx) == len(images):
+            if out is None:
                 out = x.contiguous()
             else:
                 out.index_copy_(0, torch.tensor(idx, device=device), x)
@@ -436,15 +438,16 @@ class Predictor:
             return (logits.sigmoid() + mirrored.float().sigmoid()) * 0.5, False
         return logits, True
 
-    def _predict_batch(self, loaded: list[tuple[ImageSource, Any, float]], return_masks: bool) -> list[Prediction]:
+    def _predict_batch(self, loaded: list[tuple[ImageSource, Any, float]], return_masks: bool, *,
+                       segment_all: bool = False) -> list[Prediction]:
         import torch
 
         from .. import postprocess, rle
 
         with self._stream_context(), torch.inference_mode():
-            return self._run_batch(loaded, return_masks, torch, postprocess, rle)
+            return self._run_batch(loaded, return_masks, torch, postprocess, rle, segment_all or self.segment == "all")
 
-    def _run_batch(self, loaded, return_masks, torch, postprocess, rle) -> list[Prediction]:
+    def _run_batch(self, loaded, return_masks, torch, postprocess, rle, segment_all: bool) -> list[Prediction]:
         import torch.nn.functional as F
 
         device = self.backend.device
@@ -471,7 +474,7 @@ class Predictor:
 
         timer.mark("segment")
         rows = None
-        if scores is not None and self.segment == "gated":
+        if scores is not None and not segment_all:
             keep = (scores >= t.gate).cpu() if cuda else scores >= t.gate  # the one sync: the stage-2 batch size
             kept = torch.nonzero(keep).flatten()
             segmented = kept.tolist()
@@ -498,7 +501,7 @@ class Predictor:
             # areas are pixel counts at the network's input size: scale them to this image size
             scale = shape[0] * shape[1] / (h * w)
             gate_scores = None
-            if self.parts["gate"] is not None and self.segment == "all":
+            if self.parts["gate"] is not None and segment_all:
                 idx = torch.tensor([segmented[j] for j in js], device=scores.device)
                 gate_scores = scores.index_select(0, idx)
             group_masks[shape] = postprocess.postprocess(
