@@ -175,11 +175,13 @@ def _select_state_dict(obj, path: Path, use_ema: bool) -> tuple[dict[str, torch.
         raise DataFormatError(f"{path} holds a {type(obj).__name__}, not a state dict")
     state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     if not state:
-        raise DataFormatError(f"{path} holds no tensors where a state dict should be; its keys: {_preview(map(str, obj))}")
+        raise DataFormatError(
+            f"{path} holds no tensors where a state dict should be; its keys: {_preview(map(str, obj))}")
     return state, notes
 
 
-def read_state_dict(path: Union[str, os.PathLike], *, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
+def read_state_dict(path: Union[str, os.PathLike], *,
+                    use_ema: bool = False) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Read checkpoint ``path`` safely and return its state dict (wrapper prefixes removed) and the
     containers / prefixes removed, in words."""
     if not isinstance(path, (str, os.PathLike)):
