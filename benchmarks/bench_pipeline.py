@@ -261,14 +261,21 @@ def _table(rows: list[dict]) -> tuple[str, dict]:
     summary: dict = {"cases": {}}
     for case in dict.fromkeys(r["case"] for r in rows if "total_p50_ms" in r):
         by = {r["pipeline"]: r for r in rows if r["case"] == case}
-        lines.append(f"{case}")
-        lines.append(f"  {'pipeline':<40} {'total p50':>10} {'p95':>10} {'segment p50':>12} {'vs eager':>9} {'network vs eager':>17}")
+        lines.append(f"{case}  (ms per batch, p50/p95; network = classify + segment)")
+        lines.append(f"  {'pipeline':<38} {'total':>15} {'preprocess':>13} {'network':>15} {'postprocess':>11} "
+                     f"{'rle':>11} {'vs eager':>9} {'network vs eager':>17}")
         base = by.get(BASELINE)
+
+        def network(r: dict, q: str) -> float:
+            return r.get(f"segment_{q}", 0.0) + r.get(f"classify_{q}", 0.0)
+
         for name, r in by.items():
             ratio = base["total_p50_ms"] / r["total_p50_ms"] if base else float("nan")
-            net = base["segment_p50_ms"] / (r.get("segment_p50_ms", 0) + r.get("classify_p50_ms", 0)) if base else float("nan")
-            lines.append(f"  {name:<40} {r['total_p50_ms']:>8.1f}ms {r['total_p95_ms']:>8.1f}ms "
-                         f"{r.get('segment_p50_ms', float('nan')):>10.1f}ms {ratio:>8.2f}x {net:>16.2f}x")
+            net = network(base, "p50_ms") / network(r, "p50_ms") if base else float("nan")
+            pair = lambda k: f"{r.get(k + '_p50_ms', float('nan')):.0f}/{r.get(k + '_p95_ms', float('nan')):.0f}"  # noqa: E731
+            lines.append(f"  {name:<38} {pair('total'):>15} {pair('preprocess'):>13} "
+                         f"{network(r, 'p50_ms'):>7.0f}/{network(r, 'p95_ms'):<7.0f} {pair('postprocess'):>11} "
+                         f"{pair('rle'):>11} {ratio:>8.2f}x {net:>16.2f}x")
         fp32, int8, eager = by.get("pneumoseg onnxruntime fp32"), by.get("pneumoseg onnxruntime int8"), base
         entry = {"rows": by}
         if fp32 and eager:
