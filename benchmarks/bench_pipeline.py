@@ -21,12 +21,20 @@ a model trained with the ``demo`` recipe on the synthetic study set (Kaggle Dice
 and int8 pipelines on held-out studies). Targets on a CPU: onnxruntime fp32 >= 1.5x torch eager, int8
 >= 2x onnxruntime fp32 with Kaggle Dice within 0.01. A timed run writes its table to
 ``benchmarks/results/pipeline_cpu.{txt,json}``. The GPU targets are the ``cuda`` test at the end.
+
+On a shared machine torch's OpenMP pool degrades far more than onnxruntime's when other processes
+compete for the cores (measured here: the same U-Net 3x slower with 2 torch threads than with 1), which
+inflates every ratio against eager. ``PNEUMOSEG_BENCH_THREADS=1`` runs torch and onnxruntime on one
+thread each, the comparison least sensitive to that (results to ``pipeline_cpu_threads1.*``):
+
+    PNEUMOSEG_BENCH_THREADS=1 pytest benchmarks/bench_pipeline.py -k "512-b1-"
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -53,6 +61,9 @@ PIPELINES = (BASELINE, "pneumoseg torch", "pneumoseg onnxruntime fp32", "pneumos
 OURS = "pneumoseg onnxruntime fp32"
 POSITIVE_SHARE = 0.22
 _ROWS: list[dict] = []
+THREADS = int(os.environ.get("PNEUMOSEG_BENCH_THREADS", "0")) or None
+if THREADS:
+    torch.set_num_threads(THREADS)
 
 
 @dataclass(frozen=True)
@@ -114,11 +125,12 @@ def timing_model(encoder: str, size: int, original: int) -> Path:
 
 @functools.lru_cache(maxsize=None)
 def predictor(path: Path, backend: str, precision: str, gated: bool, original: int) -> Predictor:
-    p = Predictor.from_dir(path, backend=backend, precision=precision, segment="gated" if gated else "all")
+    threads = {"threads": THREADS} if backend == "onnxruntime" else {}
+    p = Predictor.from_dir(path, backend=backend, precision=precision, segment="gated" if gated else "all", **threads)
     if gated:  # a gate that passes 22% of the images, as SIIM's share of positives
         scores = [q.score for q in p.predict(list(images(original, 9)))]
         p = Predictor.from_dir(path, backend=backend, precision=precision,
-                               thresholds={"gate": float(np.quantile(scores, 1 - POSITIVE_SHARE))})
+                               thresholds={"gate": float(np.quantile(scores, 1 - POSITIVE_SHARE))}, **threads)
     p.warmup()
     return p
 
@@ -238,7 +250,7 @@ def test_int8_accuracy_on_a_trained_model(benchmark, request, precision):
     from pneumoseg.infer.evaluation import evaluate
 
     path, test = trained_model(_smoke(request.config))
-    p = Predictor.from_dir(path, backend="onnxruntime", precision=precision)
+    p = Predictor.from_dir(path, backend="onnxruntime", precision=precision, threads=THREADS)
     p.warmup()
     truth = read_rle_csv(test / "train-rle.csv")
     benchmark.group = "trained demo model (resnet_tiny U-Net 128), held-out synthetic studies, onnxruntime"
@@ -313,10 +325,12 @@ def _report(request):
     print("\n" + text)
     if not _smoke(request.config):
         RESULTS.mkdir(exist_ok=True)
+        name = "pipeline_cpu" + (f"_threads{THREADS}" if THREADS else "")
         header = (f"# bench_pipeline.py, one CPU run: {platform.processor() or platform.machine()}, "
-                  f"{torch.get_num_threads()} torch threads; shared machine, so the ratios are noisy\n")
-        (RESULTS / "pipeline_cpu.txt").write_text(header + text + "\n")
-        (RESULTS / "pipeline_cpu.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+                  f"{torch.get_num_threads()} torch threads, onnxruntime threads {THREADS or 'physical cores'}; "
+                  "shared machine, so the ratios are noisy\n")
+        (RESULTS / f"{name}.txt").write_text(header + text + "\n")
+        (RESULTS / f"{name}.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     shutil.rmtree(_ROOT, ignore_errors=True)
 
 
