@@ -42,5 +42,7 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     accepted = set(inspect.signature(builder).parameters)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
-        raise InvalidInputError(f"{kind} config has unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(accepted))}")
+        raise InvalidInputError(
+            f"{kind} config has unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(accepted))}"
+        )
     return builder(**kwargs)

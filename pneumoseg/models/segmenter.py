@@ -4,9 +4,20 @@ and gates, as the SIIM-ACR 4th place did).
 
 Names: ``encoder.*`` is ``create_encoder(name, features_only=True)``, i.e. the classifier's keys minus
 its head, so an ImageNet/CheXNet encoder checkpoint loads into ``model.encoder``. ``decoder.*``,
-``segmentation_head.*`` and ``classification_head.*`` have smp's keys and shapes (``smp.Unet`` /
-``smp.UnetPlusPlus`` with ``decoder_attention_type`` None or "scse" and ``aux_params=dict(classes=1)``)
-wherever our encoder's ``out_channels`` equal smp's for that encoder.
+``segmentation_head.*`` and ``classification_head.*`` have the keys of ``smp.Unet`` /
+``smp.UnetPlusPlus`` (``decoder_attention_type`` None or "scse", ``aux_params=dict(classes=1)``), and
+the same shapes wherever our encoder's five feature widths equal smp's for that encoder: resnet34,
+resnet50, seresnext50_32x4d, densenet121 and legacy_xception (smp's "xception") do; the EfficientNets
+do not (timm's stride-2 features, which we follow, come after the first block; smp taps the stem),
+so there the blocks that take the stride-2 features differ in width (U-Net: ``blocks.3``; U-Net++:
+``x_*_3``). smp's resnet encoders use torchvision's names, which are ours, so an
+``smp.Unet("resnet34")`` state dict loads here with ``strict=True`` and computes the same function
+(checked against smp's own decoder code: identical in float64). smp's other encoders name their
+weights their own way (pretrainedmodels, lukemelas); only their decoder and head keys carry over.
+
+Bad input sizes raise ``InvalidInputError`` (eager, or ``torch.compile`` without ``fullgraph``); under
+``torch.compile(fullgraph=True)`` dynamo cannot trace a ``raise`` and reports it as an unsupported
+graph break that quotes our message.
 """
 
 from __future__ import annotations
@@ -41,7 +52,8 @@ class ClassificationHead(nn.Sequential):
 
     def __init__(self, in_channels: int, classes: int, pooling: str = "avg", dropout: float = 0.2) -> None:
         pool = nn.AdaptiveAvgPool2d(1) if pooling == "avg" else nn.AdaptiveMaxPool2d(1)
-        super().__init__(pool, nn.Flatten(), nn.Dropout(dropout) if dropout else nn.Identity(), nn.Linear(in_channels, classes))
+        drop = nn.Dropout(dropout) if dropout else nn.Identity()
+        super().__init__(pool, nn.Flatten(), drop, nn.Linear(in_channels, classes))
 
 
 class Segmenter(nn.Module):
@@ -83,7 +95,9 @@ class Segmenter(nn.Module):
             raise InvalidInputError(f"segmenter input must be a 4-D tensor (N, C, H, W), got {shape}")
         n, c, h, w = x.shape
         if c != self.in_channels:
-            raise InvalidInputError(f"segmenter expects {self.in_channels} input channel(s), got {c} (input shape {tuple(x.shape)})")
+            raise InvalidInputError(
+                f"segmenter expects {self.in_channels} input channel(s), got {c} (input shape {tuple(x.shape)})"
+            )
         if h % OUTPUT_STRIDE or w % OUTPUT_STRIDE:
             ph, pw = -(-h // OUTPUT_STRIDE) * OUTPUT_STRIDE, -(-w // OUTPUT_STRIDE) * OUTPUT_STRIDE
             raise InvalidInputError(
@@ -144,8 +158,11 @@ def create_segmenter(
     if attention not in ATTENTIONS:
         raise InvalidInputError(f"unknown attention {attention!r}; choose None or 'scse'")
     _check_int("classes", classes, 1)
-    if isinstance(decoder_channels, (str, bytes)) or not isinstance(decoder_channels, Sequence) or len(decoder_channels) != 5:
-        raise InvalidInputError(f"decoder_channels must be 5 integers (one per decoder block), got {decoder_channels!r}")
+    if isinstance(decoder_channels, (str, bytes)) or not isinstance(decoder_channels, Sequence) \
+            or len(decoder_channels) != 5:
+        raise InvalidInputError(
+            f"decoder_channels must be 5 integers (one per decoder block), got {decoder_channels!r}"
+        )
     decoder_channels = [_check_int("decoder_channels entries", c, 1) for c in decoder_channels]
     if not isinstance(aux_classifier, bool):
         raise InvalidInputError(f"aux_classifier must be True or False, got {aux_classifier!r}")
@@ -156,7 +173,9 @@ def create_segmenter(
 
     enc = create_encoder(encoder, in_channels=in_channels, features_only=True)
     if len(enc.out_channels) != 5:
-        raise InvalidInputError(f"encoder {encoder!r} gives {len(enc.out_channels)} feature maps; a segmenter needs 5 (strides 2-32)")
+        raise InvalidInputError(
+            f"encoder {encoder!r} gives {len(enc.out_channels)} feature maps; a segmenter needs 5 (strides 2-32)"
+        )
     decoder = DECODERS[arch](enc.out_channels, decoder_channels, attention)
     head = SegmentationHead(decoder_channels[-1], classes)
     cls_head = ClassificationHead(enc.out_channels[-1], 1, aux_pooling, float(aux_dropout)) if aux_classifier else None

@@ -6,4 +6,5 @@ from .unetplusplus import UnetPlusPlusDecoder
 
 DECODERS = {"unet": UnetDecoder, "unet++": UnetPlusPlusDecoder}
 
-__all__ = ["ATTENTIONS", "DECODERS", "Attention", "Conv2dReLU", "DecoderBlock", "SCSEModule", "UnetDecoder", "UnetPlusPlusDecoder"]
+__all__ = ["ATTENTIONS", "DECODERS", "Attention", "Conv2dReLU", "DecoderBlock", "SCSEModule", "UnetDecoder",
+           "UnetPlusPlusDecoder"]

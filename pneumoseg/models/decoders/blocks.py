@@ -9,7 +9,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["ATTENTIONS", "Conv2dReLU", "SCSEModule", "Attention", "DecoderBlock", "initialize_decoder", "initialize_head"]
+__all__ = ["ATTENTIONS", "Conv2dReLU", "SCSEModule", "Attention", "DecoderBlock", "initialize_decoder",
+           "initialize_head"]
 
 ATTENTIONS = (None, "scse")
 
@@ -85,7 +86,8 @@ class DecoderBlock(nn.Module):
         return self.attention2(self.conv2(self.conv1(x)))
 
 
-def _drop_unused_attention1(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+def _drop_unused_attention1(module, state_dict, prefix, *args):
+    # load_state_dict pre-hook: (module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors)
     for key in [k for k in state_dict if k.startswith(prefix + "attention1.")]:
         del state_dict[key]
 

@@ -20,7 +20,8 @@ class UnetDecoder(nn.Module):
     Keys: ``blocks.{0..4}.{conv1,attention1,conv2,attention2}...`` as smp's (its ``center`` is an
     identity for every non-VGG encoder and has no parameters)."""
 
-    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int], attention: Optional[str] = None) -> None:
+    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int],
+                 attention: Optional[str] = None) -> None:
         super().__init__()
         deepest_first = list(encoder_channels)[::-1]
         in_channels = [deepest_first[0], *decoder_channels[:-1]]

@@ -19,7 +19,8 @@ __all__ = ["UnetPlusPlusDecoder"]
 class UnetPlusPlusDecoder(nn.Module):
     """Arguments as ``UnetDecoder``. Keys: ``blocks.x_{depth}_{layer}.*`` as smp's."""
 
-    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int], attention: Optional[str] = None) -> None:
+    def __init__(self, encoder_channels: Sequence[int], decoder_channels: Sequence[int],
+                 attention: Optional[str] = None) -> None:
         super().__init__()
         deepest_first = list(encoder_channels)[::-1]
         in_channels = [deepest_first[0], *decoder_channels[:-1]]
@@ -50,6 +51,7 @@ class UnetPlusPlusDecoder(nn.Module):
                     nodes[f"x_{depth}_{depth}"] = self.blocks[f"x_{depth}_{depth}"](feats[depth], feats[depth + 1])
                 else:
                     col = depth + layer
-                    skip = torch.cat([nodes[f"x_{i}_{col}"] for i in range(depth + 1, col + 1)] + [feats[col + 1]], dim=1)
+                    newer = [nodes[f"x_{i}_{col}"] for i in range(depth + 1, col + 1)]
+                    skip = torch.cat(newer + [feats[col + 1]], dim=1)
                     nodes[f"x_{depth}_{col}"] = self.blocks[f"x_{depth}_{col}"](nodes[f"x_{depth}_{col - 1}"], skip)
         return self.blocks[f"x_0_{self.depth}"](nodes[f"x_0_{self.depth - 1}"])
