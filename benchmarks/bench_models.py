@@ -1,0 +1,306 @@
+"""Segmenter throughput: forward (inference mode) and forward + backward (training step without the
+optimiser) images/s of ``create_segmenter(arch, encoder)`` at 512x512, batch 2, fp32, on the CPU; on a
+GPU at 1024x1024 in fp16 (autocast) + channels_last against the same network written the way a user
+would without pneumoseg: a ``timm.create_model(..., features_only=True)`` encoder and a plain U-Net
+decoder.
+
+    pytest benchmarks/bench_models.py --benchmark-json=models.json && python benchmarks/bench_models.py models.json
+
+The second command prints images/s per model (``extra_info["images_per_s"]``, from the median) and
+draws them to ``benchmarks/results/models_cpu.png``.
+
+CPU set: the U-Net on every encoder costs minutes per pass on two cores, so it runs on a subset that
+spans the registry's compute range and every encoder family: resnet_tiny, resnet34 (the default),
+resnet50, seresnext50_32x4d, densenet121, efficientnet_b0, efficientnet_b4, tf_efficientnet_b4,
+legacy_xception; U-Net++ (2-6x the decoder cost) on resnet_tiny, resnet34 and efficientnet_b0.
+efficientnet_b1..b3 lie between b0 and b4, and tf_efficientnet_bN is efficientnet_bN with TF "SAME"
+padding (the same convolutions). ``PNEUMOSEG_BENCH_ALL_MODELS=1`` runs every encoder x architecture.
+The CPU also compares resnet34's U-Net with the same network written as a plain decoder over the same
+encoder (the ratio shows what our smp-compatible module structure costs: nothing, ideally).
+
+With ``--benchmark-disable`` (CI's smoke run) the inputs shrink to 64x64 so every model still runs.
+On a shared machine torch's thread pool degrades under load; ``PNEUMOSEG_BENCH_THREADS=1`` runs torch
+on one thread for this module (as ``bench_pipeline.py``), the figure least sensitive to it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from pneumoseg.models import ARCHITECTURES, ENCODERS, create_segmenter, list_encoders  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+CPU_SIZE, CPU_BATCH = 512, 2
+GPU_SIZE, GPU_BATCH = 1024, 4
+SMOKE_SIZE = 64
+DECODER_CHANNELS = (256, 128, 64, 32, 16)
+
+CPU_UNET = ["resnet_tiny", "resnet34", "resnet50", "seresnext50_32x4d", "densenet121", "efficientnet_b0",
+            "efficientnet_b4", "tf_efficientnet_b4", "legacy_xception"]
+CPU_UNETPP = ["resnet_tiny", "resnet34", "efficientnet_b0"]
+if os.environ.get("PNEUMOSEG_BENCH_ALL_MODELS"):
+    CPU_CASES = [(e, a) for e in list_encoders() for a in ARCHITECTURES]
+else:
+    CPU_CASES = [(e, "unet") for e in CPU_UNET] + [(e, "unet++") for e in CPU_UNETPP]
+CPU_CASES = [(e, a) for e, a in CPU_CASES if e in ENCODERS]
+
+
+THREADS = int(os.environ.get("PNEUMOSEG_BENCH_THREADS", "0")) or None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    if THREADS:
+        torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------------
+# The baseline network: the same U-Net written plainly (no smp module structure), over any encoder
+# that returns the five feature maps at strides 2..32 (timm's features_only models do).
+
+
+class PlainUnet(nn.Module):
+    def __init__(self, encoder: nn.Module, encoder_channels, decoder_channels=DECODER_CHANNELS, classes=1):
+        super().__init__()
+        self.encoder = encoder
+        skips = list(encoder_channels)[::-1][1:] + [0]
+        ins = [list(encoder_channels)[-1], *decoder_channels[:-1]]
+
+        def conv_bn_relu(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+        self.blocks = nn.ModuleList(
+            nn.Sequential(*conv_bn_relu(i + s, o), *conv_bn_relu(o, o)) for i, s, o in zip(ins, skips, decoder_channels)
+        )
+        self.head = nn.Conv2d(decoder_channels[-1], classes, 3, padding=1)
+
+    def forward(self, x):
+        features = self.encoder(x)[::-1]
+        y = features[0]
+        for i, block in enumerate(self.blocks):
+            y = F.interpolate(y, scale_factor=2.0, mode="nearest")
+            if i + 1 < len(features):
+                y = torch.cat([y, features[i + 1]], dim=1)
+            y = block(y)
+        return self.head(y)
+
+
+def ours_as_plain(encoder: str) -> nn.Module:
+    enc = create_segmenter("unet", encoder).encoder
+    return PlainUnet(enc, enc.out_channels)
+
+
+def timm_plain_unet(encoder: str) -> nn.Module:
+    import timm
+
+    timm_name = ENCODERS[encoder].timm_name
+    enc = timm.create_model(timm_name, pretrained=False, features_only=True, in_chans=1)
+    return PlainUnet(enc, enc.feature_info.channels())
+
+
+# --------------------------------------------------------------------------------------------------
+# CPU
+
+
+def _forward(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _forward_backward(model, x):
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.float().mean().backward()
+    return out
+
+
+MODES = {"forward": (_forward, False), "forward+backward": (_forward_backward, True)}
+
+
+def _run(benchmark, model, mode, size, batch, rounds):
+    step, train = MODES[mode]
+    model.train(train)
+    x = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    step(model, x)  # warm-up (oneDNN primitive caches)
+    out = benchmark.pedantic(step, args=(model, x), rounds=rounds, iterations=1, warmup_rounds=0)
+    assert out.shape == (batch, 1, size, size) and torch.isfinite(out.float()).all()
+    if not benchmark.disabled:
+        benchmark.extra_info["images_per_s"] = batch / benchmark.stats.stats.median
+
+
+@functools.lru_cache(maxsize=1)
+def _segmenter(encoder, arch):
+    """The forward and forward+backward tests of one model run one after the other: build it once."""
+    torch.manual_seed(0)
+    return create_segmenter(arch, encoder)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("encoder, arch", [pytest.param(e, a, id=f"{e}-{a}") for e, a in CPU_CASES])
+def test_segmenter_cpu(benchmark, encoder, arch, mode):
+    size = SMOKE_SIZE if benchmark.disabled else CPU_SIZE
+    benchmark.group = f"segmenter {mode} {CPU_SIZE}x{CPU_SIZE} batch {CPU_BATCH} fp32 cpu"
+    benchmark.extra_info.update(impl=f"{arch} {encoder}", encoder=encoder, arch=arch, mode=mode, size=size,
+                                batch=CPU_BATCH, threads=torch.get_num_threads())
+    _run(benchmark, _segmenter(encoder, arch), mode, size, CPU_BATCH, rounds=3)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("impl", ["pneumoseg", "plain decoder"])
+def test_resnet34_unet_against_plain_decoder_cpu(benchmark, impl, mode):
+    size = SMOKE_SIZE if benchmark.disabled else CPU_SIZE
+    benchmark.group = f"resnet34 U-Net {mode} {CPU_SIZE}x{CPU_SIZE} batch {CPU_BATCH} fp32 cpu"
+    benchmark.extra_info.update(impl=impl, baseline=impl != "pneumoseg", mode=mode, size=size, batch=CPU_BATCH,
+                                threads=torch.get_num_threads())
+    torch.manual_seed(0)
+    model = create_segmenter("unet", "resnet34") if impl == "pneumoseg" else ours_as_plain("resnet34")
+    _run(benchmark, model, mode, size, CPU_BATCH, rounds=3)
+
+
+def test_plain_unet_is_the_same_network():
+    """The baseline computes what ours computes, given our weights (so the ratio compares like with like)."""
+    torch.manual_seed(0)
+    ours = create_segmenter("unet", "resnet_tiny").eval()
+    plain = PlainUnet(ours.encoder, ours.encoder.out_channels).eval()
+    plain_state = {}
+    for i, block in enumerate(ours.decoder.blocks):
+        for j, conv in enumerate((block.conv1, block.conv2)):
+            for k, name in ((0, "0"), (1, "1")):
+                for key, value in conv[k].state_dict().items():
+                    plain_state[f"blocks.{i}.{3 * j + k}.{key}"] = value
+    plain_state.update({f"head.{k}": v for k, v in ours.segmentation_head[0].state_dict().items()})
+    plain_state.update({f"encoder.{k}": v for k, v in ours.encoder.state_dict().items()})
+    plain.load_state_dict(plain_state, strict=True)
+    x = torch.randn(2, 1, 64, 96, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), ours(x))
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU: fp16 autocast + channels_last at 1024 against timm + the plain decoder.
+
+
+def _gpu_images_per_s(model, x, train, reps=10):
+    def step():
+        with torch.autocast("cuda", dtype=torch.float16):
+            if train:
+                model.zero_grad(set_to_none=True)
+                out = model(x)
+                out = out[0] if isinstance(out, tuple) else out
+                out.float().mean().backward()
+            else:
+                with torch.inference_mode():
+                    model(x)
+
+    model.train(train)
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        step()
+    stop.record()
+    stop.synchronize()
+    return x.shape[0] * reps / (start.elapsed_time(stop) / 1e3)
+
+
+@pytest.mark.cuda
+def test_segmenters_gpu_against_timm_plain_unet():
+    pytest.importorskip("timm")
+    torch.backends.cudnn.benchmark = True
+    x = torch.randn(GPU_BATCH, 1, GPU_SIZE, GPU_SIZE, device="cuda").contiguous(memory_format=torch.channels_last)
+    rows = []
+    for encoder in list_encoders():
+        timm_name = ENCODERS[encoder].timm_name
+        for arch in ARCHITECTURES:
+            models = {"pneumoseg": create_segmenter(arch, encoder)}
+            if arch == "unet" and timm_name is not None:
+                models["timm + plain decoder"] = timm_plain_unet(encoder)
+            for impl, model in models.items():
+                model = model.cuda().to(memory_format=torch.channels_last)
+                for mode, train in (("forward", False), ("forward+backward", True)):
+                    rows.append(dict(encoder=encoder, arch=arch, impl=impl, mode=mode,
+                                     images_per_s=_gpu_images_per_s(model, x, train)))
+                del model
+                torch.cuda.empty_cache()
+    ratios = {}
+    for r in rows:
+        if r["impl"] == "timm + plain decoder":
+            ours = next(o for o in rows if o["impl"] == "pneumoseg" and o["encoder"] == r["encoder"]
+                        and o["arch"] == r["arch"] and o["mode"] == r["mode"])
+            ratios[f"{r['encoder']} {r['arch']} {r['mode']}"] = ours["images_per_s"] / r["images_per_s"]
+    out = {"device": torch.cuda.get_device_name(), "size": GPU_SIZE, "batch": GPU_BATCH, "dtype": "float16 autocast",
+           "memory_format": "channels_last", "results": rows, "speedup_vs_timm_plain": ratios}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "models_gpu.json").write_text(json.dumps(out, indent=2) + "\n")
+    title = f"segmenters, {GPU_SIZE}x{GPU_SIZE} batch {GPU_BATCH}, fp16 + channels_last, {out['device']}"
+    draw(rows, RESULTS / "models_gpu.png", title)
+    print(json.dumps(out, indent=2))
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
+# --------------------------------------------------------------------------------------------------
+# Report: images/s from a pytest-benchmark JSON (python benchmarks/bench_models.py models.json).
+
+
+def draw(rows, path, title):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    fig, axes = plt.subplots(1, len(modes), figsize=(6 * len(modes), 0.3 * len(rows) / len(modes) + 1.8), squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sel = [r for r in rows if r["mode"] == mode]
+        labels = [f"{r['arch']} {r['encoder']}" + ("" if r["impl"] == "pneumoseg" else f" ({r['impl']})") for r in sel]
+        colors = ["tab:blue" if r["impl"] == "pneumoseg" else "tab:gray" for r in sel]
+        ax.barh(range(len(sel)), [r["images_per_s"] for r in sel], color=colors)
+        ax.set_yticks(range(len(sel)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("images/s (higher is better)")
+        ax.set_title(mode)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="images/s per segmenter from a pytest-benchmark JSON")
+    parser.add_argument("json")
+    parser.add_argument("--png", default=str(RESULTS / "models_cpu.png"))
+    args = parser.parse_args()
+    data = json.loads(Path(args.json).read_text())
+    rows = []
+    for b in data["benchmarks"]:
+        extra = b.get("extra_info", {})
+        if "images_per_s" in extra and "encoder" in extra:
+            rows.append(dict(encoder=extra["encoder"], arch=extra["arch"], impl="pneumoseg", mode=extra["mode"],
+                             images_per_s=extra["images_per_s"]))
+    for r in sorted(rows, key=lambda r: (r["mode"], r["arch"], -r["images_per_s"])):
+        print(f"{r['mode']:<17} {r['arch']:<7} {r['encoder']:<20} {r['images_per_s']:8.2f} images/s")
+    machine = data.get("machine_info", {})
+    draw(rows, args.png, f"segmenters, {CPU_SIZE}x{CPU_SIZE} batch {CPU_BATCH}, fp32, CPU "
+         f"({machine.get('cpu', {}).get('brand_raw', '?')}, one run: a shared, noisy machine)")
+    print(f"wrote {args.png}")
+
+
+if __name__ == "__main__":
+    main()
