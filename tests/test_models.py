@@ -454,6 +454,29 @@ def test_decoder_keys_are_smps():
     assert nodes == sorted([f"x_{d}_{layer}" for layer in range(4) for d in range(layer + 1)] + ["x_0_4"])
 
 
+def test_weight_init_is_smps():
+    """Decoder convolutions Kaiming-uniform (fan in, ReLU gain: bound sqrt(6 / fan_in)), BatchNorm 1/0,
+    head convolution and linear Xavier-uniform (bound sqrt(6 / (fan_in + fan_out))) with zero bias."""
+    torch.manual_seed(0)
+    model = create_segmenter("unet", SMALL_ENCODER, attention="scse", aux_classifier=True)
+
+    def check_uniform(w, bound):
+        assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound  # fills the interval
+        assert abs(w.std().item() - bound / 3**0.5) < 0.1 * bound / 3**0.5
+
+    for m in model.decoder.modules():
+        if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 1000:
+            check_uniform(m.weight, (6.0 / m.weight[0].numel()) ** 0.5)
+            assert m.bias is None or not m.bias.any()
+        elif isinstance(m, torch.nn.BatchNorm2d):
+            assert (m.weight == 1).all() and not m.bias.any()
+    for head in (model.segmentation_head[0], model.classification_head[3]):
+        fan_out, fan_in = head.weight.shape[0], head.weight[0].numel()
+        receptive = head.weight[0, 0].numel()
+        bound = (6.0 / (fan_in + fan_out * receptive)) ** 0.5
+        assert head.weight.abs().max() <= bound and not head.bias.any()
+
+
 def test_smp_checkpoint_unused_attention_keys_load_strictly():
     """smp builds an scSE before the last block's convolutions that it never calls; its keys in an smp
     checkpoint are dropped on loading, so the checkpoint loads with strict=True."""
