@@ -137,6 +137,7 @@ def test_union_of_disjoint_annotations_is_exact():
     """)
 
 
+@pytest.mark.slow
 def test_encoding_a_dense_mask_stays_near_the_size_of_its_text():
     # Every other row set: every pixel is a transition, the text is "1 1 1 ..." (2 bytes a pixel).
     # The whole encode must fit in 3x the text (the text once in C++ and once in Python, plus the

@@ -107,9 +107,10 @@ void row_foreground(const T* row, int64_t W, int64_t sw, const IsForeground<T>& 
   for (int64_t c = 0; c < W; ++c) out[c] = fg(row[c * sw]);
 }
 
-// Rows [row0, row1) only: the stripe's first row looks at nothing above it.
+// Rows [row0, row1) only: the stripe's first row looks at nothing above it. Not inlined: compiled on
+// its own, the per-pixel loop keeps its counters in registers whatever the caller looks like.
 template <typename T>
-void scan(const T* image, int64_t row0, int64_t row1, int64_t W, int64_t sh, int64_t sw, IsForeground<T> fg,
+__attribute__((noinline)) void scan(const T* image, int64_t row0, int64_t row1, int64_t W, int64_t sh, int64_t sw, IsForeground<T> fg,
           int connectivity, int32_t* lab, UnionFind& uf) {
   uf.reset(static_cast<size_t>(std::min<int64_t>((row1 - row0) * W / 2 + 2, int64_t(1) << 20)));
   std::vector<uint8_t> on(W);

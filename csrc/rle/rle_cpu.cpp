@@ -121,90 +121,124 @@ void parse_one(const RleText& text, int64_t height, int64_t width, int64_t area,
 
 constexpr int64_t kStripPixels = int64_t(1) << 20;
 
-struct StripScratch {
-  std::vector<uint8_t> prev, diff;
-  std::vector<int32_t> hit_col;  // column within the strip
-  std::vector<int64_t> hit_row;  // transitions in row-major discovery order
-  std::vector<int64_t> first, fill, rows;
+// A growable array of trivially copyable values with room handed out before it is filled: the loop
+// that fills it then calls nothing and keeps its counters in registers.
+template <typename V>
+class Appender {
+ public:
+  // Space for at least n more values after the current end.
+  V* room(size_t n) {
+    if (size_ + n > capacity_) {
+      const size_t capacity = std::max(size_ + n, 2 * capacity_ + 1024);
+      std::unique_ptr<V[]> grown(new V[capacity]);
+      if (size_) std::memcpy(grown.get(), data_.get(), size_ * sizeof(V));
+      data_ = std::move(grown);
+      capacity_ = capacity;
+    }
+    return data_.get() + size_;
+  }
+  void commit(size_t n) { size_ += n; }
+  size_t size() const { return size_; }
+  const V* data() const { return data_.get(); }
+
+ private:
+  std::unique_ptr<V[]> data_;
+  size_t size_ = 0, capacity_ = 0;
 };
 
-// Transitions of columns [c0, c1) in column-major order, appended to `out` (cleared first).
+// Transitions of columns [c0, c1) in column-major order, into `out`. Rows are held in 32 bits, half
+// the memory traffic of 64 (masks of 2^32 rows or more are refused).
 template <typename T>
-void strip_transitions(const T* image, int64_t H, int64_t sh, int64_t sw, int64_t c0, int64_t c1, StripScratch& s,
+void strip_transitions(const T* image, int64_t H, int64_t sh, int64_t sw, int64_t c0, int64_t c1,
                        std::vector<int64_t>& out) {
   const int64_t W = c1 - c0;
-  s.prev.assign(W, 0);
-  s.diff.assign(W, 0);
-  s.hit_col.clear();
-  s.hit_row.clear();
+  std::vector<uint8_t> prev(W, 0), diff(W, 0);
+  Appender<int32_t> hit_col;   // column within the strip
+  Appender<uint32_t> hit_row;  // transitions in row-major discovery order
   for (int64_t r = 0; r <= H; ++r) {
+    uint8_t* d = diff.data();
+    uint8_t* p = prev.data();
     uint8_t any = 0;
-    uint8_t* diff = s.diff.data();
-    uint8_t* prev = s.prev.data();
     if (r < H) {
       const T* row = image + r * sh + c0 * sw;
       if (sw == 1) {
         for (int64_t c = 0; c < W; ++c) {
           const uint8_t cur = is_nonzero<T>(row[c]);
-          diff[c] = cur ^ prev[c];
-          prev[c] = cur;
+          d[c] = cur ^ p[c];
+          p[c] = cur;
         }
       } else {
         for (int64_t c = 0; c < W; ++c) {
           const uint8_t cur = is_nonzero<T>(row[c * sw]);
-          diff[c] = cur ^ prev[c];
-          prev[c] = cur;
+          d[c] = cur ^ p[c];
+          p[c] = cur;
         }
       }
-      for (int64_t c = 0; c < W; ++c) any |= diff[c];
     } else {  // a virtual background row closes the runs that reach the bottom of their column
-      std::memcpy(diff, prev, W);
-      for (int64_t c = 0; c < W; ++c) any |= diff[c];
+      std::memcpy(d, p, W);
     }
+    for (int64_t c = 0; c < W; ++c) any |= d[c];
     if (!any) continue;
+    int32_t* const cols_begin = hit_col.room(W);
+    uint32_t* rows = hit_row.room(W);
+    int32_t* cols = cols_begin;
+    const uint32_t row_index = static_cast<uint32_t>(r);
     int64_t c = 0;
     for (; c + 8 <= W; c += 8) {
       uint64_t word;
-      std::memcpy(&word, diff + c, 8);
+      std::memcpy(&word, d + c, 8);
       while (word) {
         const int byte = __builtin_ctzll(word) >> 3;
-        s.hit_col.push_back(static_cast<int32_t>(c + byte));
-        s.hit_row.push_back(r);
+        *cols++ = static_cast<int32_t>(c + byte);
+        *rows++ = row_index;
         word &= word - 1;  // diff bytes are 0 or 1: this clears exactly the byte just taken
       }
     }
     for (; c < W; ++c) {
-      if (diff[c]) {
-        s.hit_col.push_back(static_cast<int32_t>(c));
-        s.hit_row.push_back(r);
+      if (d[c]) {
+        *cols++ = static_cast<int32_t>(c);
+        *rows++ = row_index;
       }
     }
+    hit_col.commit(cols - cols_begin);
+    hit_row.commit(cols - cols_begin);
   }
 
   // Counting sort by column; rows stay ascending within a column because they were found in order.
-  s.first.assign(W + 1, 0);
-  for (int32_t c : s.hit_col) ++s.first[c + 1];
-  for (int64_t c = 0; c < W; ++c) s.first[c + 1] += s.first[c];
-  s.rows.resize(s.hit_row.size());
-  s.fill.assign(s.first.begin(), s.first.end() - 1);
-  for (size_t i = 0; i < s.hit_col.size(); ++i) s.rows[s.fill[s.hit_col[i]]++] = s.hit_row[i];
+  const size_t n = hit_col.size();
+  const int32_t* hc = hit_col.data();
+  const uint32_t* hr = hit_row.data();
+  std::vector<int64_t> first(W + 1, 0);
+  for (size_t i = 0; i < n; ++i) ++first[hc[i] + 1];
+  for (int64_t c = 0; c < W; ++c) first[c + 1] += first[c];
+  std::vector<uint32_t> rows(n);
+  std::vector<int64_t> fill(first.begin(), first.end() - 1);
+  for (size_t i = 0; i < n; ++i) rows[fill[hc[i]]++] = hr[i];
   out.clear();
-  out.reserve(s.rows.size());
+  out.reserve(n);
   for (int64_t c = 0; c < W; ++c) {
-    for (int64_t i = s.first[c]; i < s.first[c + 1]; ++i) out.push_back((c0 + c) * H + s.rows[i]);
+    for (int64_t i = first[c]; i < first[c + 1]; ++i) {
+      const int64_t k = (c0 + c) * H + rows[i];
+      // A run that reaches the bottom of column c-1 and goes on at the top of column c ends and
+      // restarts at the same k: in column-major order it is one run, so the two cancel.
+      if (!out.empty() && out.back() == k) {
+        out.pop_back();
+      } else {
+        out.push_back(k);
+      }
+    }
   }
 }
 
-// Turns column-major transitions into the RLE text, a strip at a time. A run that reaches the bottom
-// of column c-1 and goes on at the top of column c ends and restarts at the same k: in column-major
-// order it is one run, so the two transitions cancel. The last transition is therefore held back
-// until the next one (possibly in the next strip) shows whether it cancels.
+// Turns column-major transitions into the RLE text, a strip at a time. Within a strip, runs that
+// continue from one column into the next were already joined (strip_transitions); across strips, the
+// last transition of a strip is held back until the next strip's first shows whether it cancels.
 class TextWriter {
  public:
   TextWriter(Style style, int64_t pixels)
       : style_(style), widest_(decimal_digits(static_cast<uint64_t>(pixels) + 1) + 1) {}
 
-  // Formats `t` (plus the held-back transition) as the next piece of the text.
+  // Formats `t` (after the held-back transition) as the next piece of the text.
   void add(const std::vector<int64_t>& t, std::vector<std::string>& pieces) {
     if (t.empty()) return;
     const size_t need = (t.size() + 1) * static_cast<size_t>(widest_);
@@ -212,21 +246,35 @@ class TextWriter {
       buffer_.reset(new char[need]);  // uninitialised: every byte used is written
       buffer_size_ = need;
     }
-    char* p = buffer_.get();
-    for (int64_t k : t) {
-      if (held_ && k == pending_) {
-        held_ = false;
-        continue;
-      }
-      if (held_) p = emit(p, pending_);
-      pending_ = k;
+    char* const begin = buffer_.get();
+    char* p = begin;
+    // The state lives in locals while formatting: stores through a char pointer may alias
+    // anything, so members would be reloaded and stored on every number.
+    const Style style = style_;
+    int64_t j = j_, prev = prev_;
+    size_t i = 0;
+    if (held_ && t[0] == pending_) {
+      i = 1;  // the held run end and this run start are the same pixel: one run goes on
+    } else if (held_) {
+      p = emit(p, style, j++, pending_, prev);
+      prev = pending_;
+    }
+    held_ = false;
+    const size_t last = t.size() - 1;
+    for (; i < last; ++i) {
+      p = emit(p, style, j++, t[i], prev);
+      prev = t[i];
+    }
+    if (i == last) {
+      pending_ = t[last];
       held_ = true;
     }
-    if (p > buffer_.get()) {
+    j_ = j, prev_ = prev;
+    if (p > begin) {
       // Room for the held-back number, so finish() never reallocates a large piece.
       std::string piece;
-      piece.reserve(static_cast<size_t>(p - buffer_.get()) + widest_);
-      piece.assign(buffer_.get(), p);
+      piece.reserve(static_cast<size_t>(p - begin) + widest_);
+      piece.assign(begin, p);
       pieces.push_back(std::move(piece));
     }
   }
@@ -234,7 +282,8 @@ class TextWriter {
   void finish(std::vector<std::string>& pieces) {
     if (held_) {
       char small[48];
-      char* p = emit(small, pending_);
+      char* p = emit(small, style_, j_, pending_, prev_);
+      ++j_;
       held_ = false;
       if (pieces.empty()) {
         pieces.emplace_back(small, p);
@@ -246,13 +295,12 @@ class TextWriter {
   }
 
  private:
-  char* emit(char* p, int64_t k) {
-    if (j_ > 0) *p++ = ' ';
-    const uint64_t v = transition_number(style_, j_, k, prev_);
+  // Writes the number of transition j at k (with its separating space); returns the new end.
+  static char* emit(char* p, Style style, int64_t j, int64_t k, int64_t prev) {
+    if (j > 0) *p++ = ' ';
+    const uint64_t v = transition_number(style, j, k, prev);
     const int d = decimal_digits(v);
     write_decimal(p, v, d);
-    prev_ = k;
-    ++j_;
     return p + d;
   }
 
@@ -270,10 +318,9 @@ void encode_image(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, 
   TextWriter writer(style, H * W);
   if (H > 0 && W > 0) {
     const int64_t strip = std::max<int64_t>(1, std::min<int64_t>(W, kStripPixels / H));
-    StripScratch scratch;
     std::vector<int64_t> t;
     for (int64_t c0 = 0; c0 < W; c0 += strip) {
-      strip_transitions(image, H, sh, sw, c0, std::min(W, c0 + strip), scratch, t);
+      strip_transitions(image, H, sh, sw, c0, std::min(W, c0 + strip), t);
       writer.add(t, pieces);
     }
   }
@@ -287,6 +334,7 @@ void check_batch(const TensorView& masks) {
   if (__builtin_mul_overflow(masks.shape[1], masks.shape[2], &pixels) || pixels > (int64_t(1) << 62)) {
     fail_value("masks: images of 2^62 pixels or more are not supported");
   }
+  if (masks.shape[1] >= (int64_t(1) << 32)) fail_value("masks: images of 2^32 rows or more are not supported");
 }
 
 // One piece list per image -> the batch layout.

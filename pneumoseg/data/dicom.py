@@ -134,17 +134,20 @@ def _check_deflated(path: Path) -> None:
     with open(path, "rb") as f:
         # 128-byte preamble, "DICM", the group length element (12 bytes), then the rest of the meta.
         f.seek(128 + 4 + 12 + int(group_length))
-        while True:
+        while not inflater.eof:
             chunk = f.read(1 << 20)
+            if not chunk:
+                break
             pending = chunk
-            while pending:
-                produced += len(inflater.decompress(pending, 1 << 24))
+            while pending and not inflater.eof:
+                out = inflater.decompress(pending, 1 << 24)
+                produced += len(out)
                 if produced > limit:
                     raise DicomError(f"{path}: the deflated data inflates past max_dicom_bytes ({limit:,} bytes); "
                                      "raise it with pneumoseg.limits.set_limits(max_dicom_bytes=...) to read it")
+                if not out and inflater.unconsumed_tail == pending:
+                    break  # no progress: zlib wants more input than this chunk has left
                 pending = inflater.unconsumed_tail
-            if not chunk:
-                break
 
 
 def _read_dataset(path: Path, *, stop_before_pixels: bool):
