@@ -288,16 +288,18 @@ def main() -> None:
     parser.add_argument("--png", default=str(RESULTS / "models_cpu.png"))
     args = parser.parse_args()
     data = json.loads(Path(args.json).read_text())
-    rows = []
+    rows, threads = [], set()
     for b in data["benchmarks"]:
         extra = b.get("extra_info", {})
+        threads.add(extra.get("threads"))
         if "images_per_s" in extra and "encoder" in extra:
             rows.append(dict(encoder=extra["encoder"], arch=extra["arch"], impl="pneumoseg", mode=extra["mode"],
                              images_per_s=extra["images_per_s"]))
     for r in sorted(rows, key=lambda r: (r["mode"], r["arch"], -r["images_per_s"])):
         print(f"{r['mode']:<17} {r['arch']:<7} {r['encoder']:<20} {r['images_per_s']:8.2f} images/s")
     machine = data.get("machine_info", {})
-    draw(rows, args.png, f"segmenters, {CPU_SIZE}x{CPU_SIZE} batch {CPU_BATCH}, fp32, CPU "
+    n_threads = "/".join(str(t) for t in sorted(threads, key=str))
+    draw(rows, args.png, f"segmenters, {CPU_SIZE}x{CPU_SIZE} batch {CPU_BATCH}, fp32, CPU, {n_threads} torch thread(s) "
          f"({machine.get('cpu', {}).get('brand_raw', '?')}, one run: a shared, noisy machine)")
     print(f"wrote {args.png}")
 
