@@ -221,7 +221,15 @@ def _gpu_images_per_s(model, x, train, reps=10):
 @pytest.mark.cuda
 def test_segmenters_gpu_against_timm_plain_unet():
     pytest.importorskip("timm")
+    cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
+    try:
+        _compare_with_timm_gpu()
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def _compare_with_timm_gpu():
     x = torch.randn(GPU_BATCH, 1, GPU_SIZE, GPU_SIZE, device="cuda").contiguous(memory_format=torch.channels_last)
     rows = []
     for encoder in list_encoders():
