@@ -19,6 +19,7 @@ The ops are registered with ``torch.library.custom_op`` (with fake functions and
 
 from __future__ import annotations
 
+import functools
 from typing import Optional, Union
 
 import torch
@@ -44,10 +45,61 @@ def _params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weig
     return _C.ComboParams(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image)
 
 
-def _view(t: torch.Tensor, name: str):
-    return _native.as_view(t, name)
+# The loss sits in every training step, so its host path is kept short: tensors reach the native
+# core as views built straight from torch's metadata (the inputs are contiguous, their dtypes
+# already checked), and the current CUDA stream is read without building a torch.cuda.Stream.
+_DTYPE_CODES = {
+    torch.bool: 0, torch.uint8: 2, torch.float16: 9, torch.bfloat16: 10, torch.float32: 11, torch.float64: 12,
+}
 
 
+def _raw_stream(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get_raw is not None:
+        return get_raw(index)
+    return torch.cuda.current_stream(device).cuda_stream  # pragma: no cover - older torch
+
+
+def _tensor_view(t: torch.Tensor):
+    device = t.device
+    if device.type == "cpu":
+        return _C.TensorView(t.data_ptr(), _DTYPE_CODES[t.dtype], _native.CPU, 0, list(t.shape), list(t.stride()))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _C.TensorView(t.data_ptr(), _DTYPE_CODES[t.dtype], _native.CUDA, index, list(t.shape), list(t.stride()))
+
+
+def _run_forward(logits: torch.Tensor, target: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
+    """The native forward on contiguous (N, P) tensors: (loss, state)."""
+    device = logits.device
+    state = torch.empty((logits.shape[0], _STATE_COLS), dtype=torch.float64, device=device)
+    loss = torch.empty((), dtype=_loss_dtype(logits.dtype), device=device)
+    stream = 0
+    if device.type == "cuda":
+        _native.require_cuda_build("logits")
+        stream = _raw_stream(device)
+    _C.combo_loss_forward(_tensor_view(logits), _tensor_view(target), _tensor_view(state), _tensor_view(loss),
+                          params, stream)
+    return loss, state
+
+
+def _run_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, state: torch.Tensor,
+                  params) -> torch.Tensor:
+    """The native backward: d loss / d logits from the forward's state and the incoming gradient."""
+    grad_logits = torch.empty_like(logits)
+    wanted = _loss_dtype(logits.dtype)
+    if grad_loss.dtype != wanted or grad_loss.device != logits.device:
+        grad_loss = grad_loss.to(device=logits.device, dtype=wanted)
+    grad_loss = grad_loss.contiguous()
+    stream = _raw_stream(logits.device) if logits.device.type == "cuda" else 0
+    _C.combo_loss_backward(_tensor_view(grad_loss), _tensor_view(logits), _tensor_view(target),
+                           _tensor_view(state), _tensor_view(grad_logits), params, stream)
+    return grad_logits
+
+
+# Under torch.compile the loss is a custom op (traceable, with a fake implementation); in eager mode
+# the same native calls run through a plain autograd.Function, which costs a fraction of the custom
+# op's dispatch (the per-call host time is what bounds small batches on a GPU).
 @torch.library.custom_op("pneumoseg::combo_loss_forward", mutates_args=())
 def _combo_forward(
     logits: torch.Tensor,
@@ -60,14 +112,8 @@ def _combo_forward(
     pos_weight: float,
     per_image: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    state = torch.empty((logits.shape[0], _STATE_COLS), dtype=torch.float64, device=logits.device)
-    loss = torch.empty((), dtype=_loss_dtype(logits.dtype), device=logits.device)
-    x, t = _view(logits, "logits"), _view(target, "target")
-    if x.device == _native.CUDA:
-        _native.require_cuda_build("logits")
     params = _params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image)
-    _C.combo_loss_forward(x.view, t.view, _view(state, "state").view, _view(loss, "loss").view, params, x.stream)
-    return loss, state
+    return _run_forward(logits, target, params)
 
 
 @_combo_forward.register_fake
@@ -86,16 +132,9 @@ def _combo_backward(
     focal_gamma: float,
     pos_weight: float,
 ) -> torch.Tensor:
-    grad_logits = torch.empty_like(logits)
-    g = grad_loss.to(_loss_dtype(logits.dtype)).contiguous()
-    x = _view(logits, "logits")
     # Only the focal weight and the pixel parameters matter here: the rest is in `state`.
     params = _params(1.0, 1.0, focal_weight, focal_gamma, 1.0, pos_weight, False)
-    _C.combo_loss_backward(
-        _view(g, "grad_loss").view, x.view, _view(target, "target").view, _view(state, "state").view,
-        _view(grad_logits, "grad_logits").view, params, x.stream,
-    )
-    return grad_logits
+    return _run_backward(grad_loss, logits, target, state, params)
 
 
 @_combo_backward.register_fake
@@ -121,6 +160,32 @@ def _backward(ctx, grad_loss, grad_state):
 _combo_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerComboLoss(torch.autograd.Function):
+    """The eager-mode path: the same native forward and backward as the custom ops."""
+
+    @staticmethod
+    def forward(ctx, logits, target, params):
+        loss, state = _run_forward(logits, target, params)
+        ctx.save_for_backward(logits, target, state)
+        ctx.params = params
+        ctx.mark_non_differentiable(state)
+        return loss, state
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_state):
+        logits, target, state = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = _run_backward(grad_loss, logits, target, state, ctx.params)
+        return grad_logits, None, None
+
+
+@functools.lru_cache(maxsize=64)
+def _params_cached(weights: tuple, per_image: bool):
+    bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight = weights
+    return _params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image)
+
+
 def _number(value, name: str) -> float:
     """A non-negative finite weight: a real number or a one-element tensor, never a bool or a str."""
     return check_real(value, name, low=0.0)
@@ -128,6 +193,20 @@ def _number(value, name: str) -> float:
 
 def _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight) -> dict[str, float]:
     """The loss's numeric arguments, validated (non-negative and finite) and as floats."""
+    plain = (bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
+    # bool is neither float nor int here: it goes to the full check. (Dynamo traces the check itself.)
+    if not torch.compiler.is_compiling() and all(type(v) in (float, int) or v is None for v in plain):
+        return dict(_checked_plain_weights(plain))
+    return _validate_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked_plain_weights(plain: tuple) -> tuple:
+    # Plain numbers validate the same way every time: cache the answer (errors are not cached).
+    return tuple(_validate_weights(*plain).items())
+
+
+def _validate_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight) -> dict[str, float]:
     return dict(
         bce_weight=_number(bce_weight, "bce_weight"),
         dice_weight=_number(dice_weight, "dice_weight"),
@@ -184,13 +263,17 @@ def combo_loss(
     weights = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
     x = logits.reshape(n, -1).contiguous()
     t = target.reshape(n, -1).contiguous()
-    loss, state = _combo_forward(
-        x, t, weights["bce_weight"], weights["dice_weight"], weights["focal_weight"], weights["focal_gamma"],
-        weights["smooth"], weights["pos_weight"], per_image,
-    )
+    if torch.compiler.is_compiling():
+        loss, state = _combo_forward(
+            x, t, weights["bce_weight"], weights["dice_weight"], weights["focal_weight"], weights["focal_gamma"],
+            weights["smooth"], weights["pos_weight"], per_image,
+        )
+    else:
+        loss, state = _EagerComboLoss.apply(x, t, _params_cached(tuple(weights.values()), per_image))
     check = logits.device.type == "cpu" if validate is None else validate
     if check and not torch.compiler.is_compiling():
-        bad = int(state[:, _BAD_TARGETS].sum().item())
+        column = state.numpy()[:, _BAD_TARGETS] if state.device.type == "cpu" else state[:, _BAD_TARGETS]
+        bad = int(column.sum())
         if bad:
             raise InvalidInputError(f"target has {bad} values outside [0, 1] (or NaN)")
     return loss

@@ -51,6 +51,25 @@ inline const char* dtype_name(DType t) {
   return "unknown";
 }
 
+inline int64_t dtype_size(DType t) {
+  switch (t) {
+    case DType::Bool:
+    case DType::Int8:
+    case DType::UInt8: return 1;
+    case DType::Int16:
+    case DType::UInt16:
+    case DType::Float16:
+    case DType::BFloat16: return 2;
+    case DType::Int32:
+    case DType::UInt32:
+    case DType::Float32: return 4;
+    case DType::Int64:
+    case DType::UInt64:
+    case DType::Float64: return 8;
+  }
+  return 1;
+}
+
 // Boundary checks, named so a message always says which argument was wrong.
 inline void check_ndim(const TensorView& v, int ndim, const char* name) {
   if (v.ndim != ndim) {

@@ -1,9 +1,14 @@
 // CUDA connected components: union-find with atomicMin (Playne & Hawick, "A new algorithm for
-// parallel connected-component labelling on GPUs", 2018). Every foreground pixel starts as its own
-// raster index; unions keep the smaller root, so each root is its component's first pixel in raster
-// order. Areas are counted at the roots with atomicAdd during the same pass over the pixels, and a
-// prefix sum of root flags numbers the components 1..K in scipy's order. Nothing synchronises with
-// the host except label_cuda's final copy of the per-image component counts.
+// parallel connected-component labelling on GPUs", 2018), done in two levels as in block-based
+// union-find (Allegretti et al., 2019):
+//   1. local: each block labels one 32x32 tile in shared memory (unions, compression and areas with
+//      shared-memory atomics) and writes, per pixel, the image-local raster index of its tile root;
+//   2. border: pixels on a tile's edge unite with their neighbours in other tiles, in global memory;
+//   3. resolve: each tile root finds its final root, points at it and adds its area there.
+// Unions keep the smaller index, so every root is its component's first pixel in raster order, and
+// a prefix sum of root flags numbers the components 1..K in scipy's order. Kernels index pixels by
+// a 3-D grid (column tile, row tile, image) in 32-bit arithmetic. Nothing synchronises with the host
+// except label_cuda's final copy of the per-image component counts.
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
@@ -18,18 +23,31 @@
 namespace pneumoseg::postprocess {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kTile = 32;                         // tile side: one warp per tile row
+constexpr int kRowsPerPass = 8;                   // block = kTile x kRowsPerPass threads
+constexpr int kTileThreads = kTile * kRowsPerPass;
+constexpr int kRowsPerThread = kTile / kRowsPerPass;
+constexpr int kThreads = 256;                     // flat kernels
+constexpr int kMaxGridZ = 65535;
 
-int grid_for(int64_t n) {
+struct Geometry {
+  int64_t n;
+  int32_t h, w;
+  int64_t sn, sh, sw;
+  PNEUMOSEG_HD int64_t hw() const { return int64_t(h) * w; }
+};
+
+dim3 tile_grid(const Geometry& g) {
+  return dim3(static_cast<unsigned>((g.w + kTile - 1) / kTile), static_cast<unsigned>((g.h + kTile - 1) / kTile),
+              static_cast<unsigned>(std::min<int64_t>(g.n, kMaxGridZ)));
+}
+
+int flat_grid(int64_t n) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 32)));
 }
 
-struct Geometry {
-  int64_t n, h, w, sn, sh, sw;
-  __device__ int64_t pixels() const { return n * h * w; }
-};
-
-__device__ __forceinline__ int32_t find_root(const int32_t* parent, int32_t x) {
+// Reads go through volatile pointers: other threads re-point parents while we walk.
+__device__ __forceinline__ int32_t find_root(const volatile int32_t* parent, int32_t x) {
   int32_t p = parent[x];
   while (p != x) {
     x = p;
@@ -38,7 +56,7 @@ __device__ __forceinline__ int32_t find_root(const int32_t* parent, int32_t x) {
   return x;
 }
 
-__device__ void unite(int32_t* parent, int32_t a, int32_t b) {
+__device__ __forceinline__ void unite(int32_t* parent, int32_t a, int32_t b) {
   while (true) {
     a = find_root(parent, a);
     b = find_root(parent, b);
@@ -54,98 +72,198 @@ __device__ void unite(int32_t* parent, int32_t a, int32_t b) {
   }
 }
 
-// parent[i] = local raster index for foreground pixels, -1 for background (or gated images).
+// Pass 1, one block per 32x32 tile. parent[k] (image-local raster index k) = raster index of the
+// pixel's root within its tile, -1 for background; tile_area[root] = that tile component's size.
+// With `count_above`, also counts each image's pixels above it (the triplet rule's test).
 template <typename T>
-__global__ void init_kernel(const T* input, Geometry g, IsForeground<T> fg, const uint8_t* keep_image,
-                            const int32_t* triplet_count, int64_t triplet_min, int32_t* parent) {
-  const int64_t hw = g.h * g.w;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < g.n * hw; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = i / hw, k = i % hw, r = k / g.w, c = k % g.w;
-    bool on = fg(input[n * g.sn + r * g.sh + c * g.sw]);
-    if (keep_image && !keep_image[n]) on = false;
-    if (triplet_count && triplet_count[n] < triplet_min) on = false;
-    parent[i] = on ? static_cast<int32_t>(k) : -1;
+// At least 4 resident blocks per multiprocessor: without the hint ptxas capped this kernel at 32
+// registers and spilled.
+__global__ void __launch_bounds__(kTileThreads, 4)
+    local_kernel(const T* __restrict__ input, Geometry g, IsForeground<T> fg, const uint8_t* __restrict__ keep_image,
+                 int connectivity, int32_t* __restrict__ parent, int32_t* __restrict__ tile_area,
+                 IsForeground<T> above, int32_t* __restrict__ count_above) {
+  __shared__ int32_t local[kTile * kTile];
+  __shared__ int32_t area[kTile * kTile];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int32_t r0 = blockIdx.y * kTile, c0 = blockIdx.x * kTile;
+  const int32_t c = c0 + tx;
+  for (int64_t n = blockIdx.z; n < g.n; n += gridDim.z) {
+    const bool keep = keep_image == nullptr || keep_image[n] != 0;
+    int above_count = 0;
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
+      const int32_t r = r0 + lr;
+      bool on = false;
+      if (r < g.h && c < g.w) {
+        const T v = input[n * g.sn + r * g.sh + c * g.sw];
+        on = keep && fg(v);
+        if (count_above) above_count += above(v) ? 1 : 0;
+      }
+      local[li] = on ? li : -1;
+      area[li] = 0;
+    }
+    if (count_above) {  // one atomic per warp that saw pixels above `top`
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) above_count += __shfl_down_sync(0xffffffffu, above_count, offset);
+      if (tx == 0 && above_count > 0) atomicAdd(&count_above[n], above_count);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
+      if (local[li] < 0) continue;
+      if (tx > 0 && local[li - 1] >= 0) unite(local, li, li - 1);
+      if (lr > 0) {
+        const int up = li - kTile;
+        if (local[up] >= 0) unite(local, li, up);
+        if (connectivity == 8) {
+          if (tx > 0 && local[up - 1] >= 0) unite(local, li, up - 1);
+          if (tx + 1 < kTile && local[up + 1] >= 0) unite(local, li, up + 1);
+        }
+      }
+    }
+    __syncthreads();
+    int32_t root[kRowsPerThread];
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int li = (ty + j * kRowsPerPass) * kTile + tx;
+      root[j] = local[li] < 0 ? -1 : find_root(local, li);
+      if (root[j] >= 0) atomicAdd(&area[root[j]], 1);
+    }
+    __syncthreads();
+    int32_t* p = parent + n * g.hw();
+    int32_t* a = tile_area + n * g.hw();
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
+      const int32_t r = r0 + lr;
+      if (r >= g.h || c >= g.w) continue;
+      const int32_t k = r * g.w + c;
+      if (root[j] < 0) {
+        p[k] = -1;
+      } else {
+        p[k] = (r0 + root[j] / kTile) * g.w + c0 + root[j] % kTile;
+        if (root[j] == li) a[k] = area[li];
+      }
+    }
+    __syncthreads();  // shared arrays are reused by the next image
   }
 }
 
-// Per-image parent arrays are addressed image-locally: parent + n * hw.
-__global__ void merge_kernel(Geometry g, int connectivity, int32_t* parent) {
-  const int64_t hw = g.h * g.w;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < g.n * hw; i += int64_t(gridDim.x) * blockDim.x) {
-    int32_t* p = parent + (i / hw) * hw;
-    const int64_t k = i % hw, r = k / g.w, c = k % g.w;
-    if (p[k] < 0) continue;
-    const int32_t me = static_cast<int32_t>(k);
-    if (c > 0 && p[k - 1] >= 0) unite(p, me, me - 1);
-    if (r > 0) {
-      const int64_t up = k - g.w;
-      if (p[up] >= 0) unite(p, me, static_cast<int32_t>(up));
-      if (connectivity == 8) {
-        if (c > 0 && p[up - 1] >= 0) unite(p, me, static_cast<int32_t>(up - 1));
-        if (c + 1 < g.w && p[up + 1] >= 0) unite(p, me, static_cast<int32_t>(up + 1));
+// Pass 2: pixels on a tile's edge unite with their backward neighbours (left, up, up-left,
+// up-right) that lie in another tile; the rest of the tile was joined in pass 1.
+__global__ void __launch_bounds__(kTileThreads) border_kernel(Geometry g, int connectivity, int32_t* parent) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int32_t r0 = blockIdx.y * kTile, c0 = blockIdx.x * kTile;
+  const int32_t c = c0 + tx;
+  if (c >= g.w) return;
+  const bool left_edge = tx == 0 && c > 0;
+  const bool right_edge = tx == kTile - 1 && c + 1 < g.w;
+  for (int64_t n = blockIdx.z; n < g.n; n += gridDim.z) {
+    int32_t* p = parent + n * g.hw();
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int lr = ty + j * kRowsPerPass;
+      const int32_t r = r0 + lr;
+      const bool top_edge = lr == 0 && r > 0;
+      if (r >= g.h || !(top_edge || left_edge || right_edge)) continue;
+      const int32_t k = r * g.w + c;
+      if (p[k] < 0) continue;
+      if (left_edge && p[k - 1] >= 0) unite(p, k, k - 1);
+      if (r > 0) {
+        const int32_t up = k - g.w;
+        if (top_edge && p[up] >= 0) unite(p, k, up);
+        if (connectivity == 8) {
+          if (c > 0 && (top_edge || left_edge) && p[up - 1] >= 0) unite(p, k, up - 1);
+          if (c + 1 < g.w && (top_edge || right_edge) && p[up + 1] >= 0) unite(p, k, up + 1);
+        }
       }
     }
   }
 }
 
-// parent[k] = root; area[root] += 1; is_root[i] = (root == k).
-__global__ void compress_count_kernel(Geometry g, int32_t* parent, int32_t* area, int32_t* is_root) {
-  const int64_t hw = g.h * g.w;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < g.n * hw; i += int64_t(gridDim.x) * blockDim.x) {
-    int32_t* p = parent + (i / hw) * hw;
-    const int64_t k = i % hw;
-    int32_t root = -1;
-    if (p[k] >= 0) {
-      root = find_root(p, static_cast<int32_t>(k));
-      // Roots no longer change after the merge pass, so pointing straight at one is always safe,
-      // even while other threads are still walking through this pixel.
-      p[k] = root;
-      atomicAdd(&area[(i / hw) * hw + root], 1);
-    }
-    if (is_root) is_root[i] = (root == static_cast<int32_t>(k)) ? 1 : 0;
-  }
-}
-
-// The roots are final once every compress thread is done, so read them again here.
-__global__ void write_labels_kernel(Geometry g, const int32_t* parent, const int32_t* rank, int32_t* labels) {
-  const int64_t hw = g.h * g.w;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < g.n * hw; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t base = (i / hw) * hw;
-    const int32_t root = parent[i];
-    // rank is the exclusive scan of root flags over the whole batch: subtract the image's start.
-    labels[i] = root < 0 ? 0 : rank[base + root] - rank[base] + 1;
-  }
-}
-
-__global__ void compact_areas_kernel(Geometry g, const int32_t* is_root, const int32_t* rank, const int32_t* area,
-                                     int64_t* areas_out, int32_t* per_image) {
-  const int64_t hw = g.h * g.w;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < g.n * hw; i += int64_t(gridDim.x) * blockDim.x) {
-    if (is_root[i]) areas_out[rank[i]] = area[i];
-    if (i % hw == hw - 1) {  // the last pixel of an image knows its image's component count
-      const int64_t base = i - (hw - 1);
-      per_image[i / hw] = rank[i] + is_root[i] - rank[base];
+// Pass 3, one thread per pixel: a tile root (parent[k] == k) finds its final root, points at it and
+// adds its tile area there. Final roots only receive additions and read their own tile area, so
+// the areas are exact whatever the order. is_root (optional) flags the final roots.
+__global__ void __launch_bounds__(kThreads)
+    resolve_kernel(Geometry g, int32_t* parent, int32_t* tile_area, int32_t* is_root) {
+  const int64_t hw = g.hw();
+  for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
+    int32_t* p = parent + n * hw;
+    int32_t* a = tile_area + n * hw;
+    for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
+      bool final_root = false;
+      if (p[k] == k) {
+        const int32_t root = find_root(p, static_cast<int32_t>(k));
+        if (root == k) {
+          final_root = true;
+        } else {
+          p[k] = root;
+          atomicAdd(&a[root], a[k]);
+        }
+      }
+      if (is_root) is_root[n * hw + k] = final_root ? 1 : 0;
     }
   }
 }
 
-template <typename T>
-__global__ void count_above_kernel(const T* input, Geometry g, IsForeground<T> above, int32_t* count) {
-  const int64_t hw = g.h * g.w;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < g.n * hw; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t n = i / hw, k = i % hw, r = k / g.w, c = k % g.w;
-    // A warp-aggregated atomic would be cheaper; one atomic per pixel above `top` is rare enough.
-    if (above(input[n * g.sn + r * g.sh + c * g.sw])) atomicAdd(&count[n], 1);
+// After pass 3 every pixel is at most two steps from its final root.
+__device__ __forceinline__ int32_t final_root(const int32_t* p, int64_t k) {
+  const int32_t tile_root = p[k];
+  return tile_root < 0 ? -1 : p[tile_root];
+}
+
+__global__ void __launch_bounds__(kThreads)
+    write_labels_kernel(Geometry g, const int32_t* parent, const int32_t* rank, int32_t* labels) {
+  const int64_t hw = g.hw();
+  for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
+    const int32_t* p = parent + n * hw;
+    const int32_t* rk = rank + n * hw;
+    for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
+      const int32_t root = final_root(p, k);
+      // rank is the exclusive scan of root flags over the whole batch: subtract the image's start.
+      labels[n * hw + k] = root < 0 ? 0 : rk[root] - rk[0] + 1;
+    }
   }
 }
 
-__global__ void write_mask_kernel(Geometry g, const int32_t* parent, const int32_t* area, int64_t min_area,
-                                  uint8_t* out) {
-  const int64_t hw = g.h * g.w;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < g.n * hw; i += int64_t(gridDim.x) * blockDim.x) {
-    const int32_t root = parent[i];
-    out[i] = root >= 0 && (min_area <= 0 || area[(i / hw) * hw + root] >= min_area) ? 1 : 0;
+__global__ void __launch_bounds__(kThreads)
+    compact_areas_kernel(Geometry g, const int32_t* is_root, const int32_t* rank, const int32_t* area,
+                         int64_t* areas_out, int32_t* per_image) {
+  const int64_t hw = g.hw();
+  for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
+    const int64_t base = n * hw;
+    for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
+      if (is_root[base + k]) areas_out[rank[base + k]] = area[base + k];
+      if (k == hw - 1) per_image[n] = rank[base + k] + is_root[base + k] - rank[base];
+    }
   }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    write_mask_kernel(Geometry g, const int32_t* parent, const int32_t* area, int64_t min_area,
+                      const int32_t* count_above, int64_t triplet_min, uint8_t* out) {
+  const int64_t hw = g.hw();
+  for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
+    const int32_t* p = parent + n * hw;
+    const int32_t* a = area + n * hw;
+    const bool kept = count_above == nullptr || count_above[n] >= triplet_min;
+    for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
+      bool on = false;
+      if (kept) {
+        const int32_t tile_root = p[k];
+        if (tile_root >= 0) on = min_area <= 0 || a[p[tile_root]] >= min_area;
+      }
+      out[n * hw + k] = on ? 1 : 0;
+    }
+  }
+}
+
+// Blocks for one image's pixels in the flat kernels, and images per launch in grid.y.
+dim3 flat_grid_2d(const Geometry& g) {
+  const int64_t per_image = std::max<int64_t>(1, std::min<int64_t>((g.hw() + kThreads - 1) / kThreads, 65535 * 32));
+  return dim3(static_cast<unsigned>(per_image), static_cast<unsigned>(std::min<int64_t>(g.n, kMaxGridZ)));
 }
 
 void check_args(const TensorView& input, int connectivity, const TensorView& out, DType out_dtype) {
@@ -153,6 +271,7 @@ void check_args(const TensorView& input, int connectivity, const TensorView& out
   check_device(input, Device::CUDA, "mask");
   check_ndim(out, 3, "out");
   check_device(out, Device::CUDA, "out");
+  if ((input.shape[1] + kTile - 1) / kTile > 65535) fail_value("mask: images of more than 2,097,120 rows");
   if (connectivity != 4 && connectivity != 8) fail_value("connectivity must be 4 or 8");
   if (out.dtype != out_dtype) fail_value("out has the wrong dtype");
   for (int i = 0; i < 3; ++i) {
@@ -167,7 +286,8 @@ void check_args(const TensorView& input, int connectivity, const TensorView& out
 }
 
 Geometry geometry(const TensorView& v) {
-  return Geometry{v.shape[0], v.shape[1], v.shape[2], v.strides[0], v.strides[1], v.strides[2]};
+  return Geometry{v.shape[0], static_cast<int32_t>(v.shape[1]), static_cast<int32_t>(v.shape[2]),
+                  v.strides[0], v.strides[1], v.strides[2]};
 }
 
 }  // namespace
@@ -181,33 +301,31 @@ void label_cuda(const TensorView& input, Foreground fg, int connectivity, const 
   cuda::DeviceGuard device(input.device_index);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const Geometry g = geometry(input);
-  const int grid = grid_for(total);
   // parent, area, is_root, rank: int32 each over the batch; areas_out int64; per-image counts.
   cuda::ScratchBuffer parent(sizeof(int32_t) * total, stream), area(sizeof(int32_t) * total, stream);
   cuda::ScratchBuffer is_root(sizeof(int32_t) * total, stream), rank(sizeof(int32_t) * total, stream);
   cuda::ScratchBuffer areas_out(sizeof(int64_t) * total, stream), per_image(sizeof(int32_t) * N, stream);
-  PNEUMOSEG_CUDA_CHECK(cudaMemsetAsync(area.as<int32_t>(), 0, sizeof(int32_t) * total, stream));
+  const dim3 tiles = tile_grid(g), block(kTile, kRowsPerPass), flat = flat_grid_2d(g);
   PNEUMOSEG_DISPATCH_ALL(input.dtype, "mask", [&] {
-    init_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(static_cast<const scalar_t*>(input.data), g,
-                                                         IsForeground<scalar_t>{fg.use_threshold, fg.threshold},
-                                                         nullptr, nullptr, 0, parent.as<int32_t>());
-    PNEUMOSEG_CHECK_LAUNCH("init_kernel");
+    local_kernel<scalar_t><<<tiles, block, 0, stream>>>(
+        static_cast<const scalar_t*>(input.data), g, IsForeground<scalar_t>{fg.use_threshold, fg.threshold}, nullptr,
+        connectivity, parent.as<int32_t>(), area.as<int32_t>(), IsForeground<scalar_t>{true, 0.0}, nullptr);
+    PNEUMOSEG_CHECK_LAUNCH("local_kernel");
   });
-  merge_kernel<<<grid, kThreads, 0, stream>>>(g, connectivity, parent.as<int32_t>());
-  PNEUMOSEG_CHECK_LAUNCH("merge_kernel");
-  compress_count_kernel<<<grid, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(),
-                                                       is_root.as<int32_t>());
-  PNEUMOSEG_CHECK_LAUNCH("compress_count_kernel");
+  border_kernel<<<tiles, block, 0, stream>>>(g, connectivity, parent.as<int32_t>());
+  PNEUMOSEG_CHECK_LAUNCH("border_kernel");
+  resolve_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(), is_root.as<int32_t>());
+  PNEUMOSEG_CHECK_LAUNCH("resolve_kernel");
   size_t temp_bytes = 0;
   PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, is_root.as<int32_t>(), rank.as<int32_t>(),
                                                      static_cast<int>(total), stream));
   cuda::ScratchBuffer temp(temp_bytes, stream);
   PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.as<void>(), temp_bytes, is_root.as<int32_t>(),
                                                      rank.as<int32_t>(), static_cast<int>(total), stream));
-  write_labels_kernel<<<grid, kThreads, 0, stream>>>(g, parent.as<int32_t>(), rank.as<int32_t>(),
+  write_labels_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), rank.as<int32_t>(),
                                                      static_cast<int32_t*>(labels.data));
   PNEUMOSEG_CHECK_LAUNCH("write_labels_kernel");
-  compact_areas_kernel<<<grid, kThreads, 0, stream>>>(g, is_root.as<int32_t>(), rank.as<int32_t>(),
+  compact_areas_kernel<<<flat, kThreads, 0, stream>>>(g, is_root.as<int32_t>(), rank.as<int32_t>(),
                                                       area.as<int32_t>(), areas_out.as<int64_t>(),
                                                       per_image.as<int32_t>());
   PNEUMOSEG_CHECK_LAUNCH("compact_areas_kernel");
@@ -221,15 +339,16 @@ void label_cuda(const TensorView& input, Foreground fg, int connectivity, const 
     if (c < 0) throw NativeError("label_cuda: negative component count");
     k_total += c;
   }
-  std::vector<int64_t> flat(k_total);
+  if (k_total > total) throw NativeError("label_cuda: more components than pixels");
+  std::vector<int64_t> flat_areas(k_total);
   if (k_total > 0) {
-    PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(flat.data(), areas_out.as<int64_t>(), sizeof(int64_t) * k_total,
+    PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(flat_areas.data(), areas_out.as<int64_t>(), sizeof(int64_t) * k_total,
                                          cudaMemcpyDeviceToHost, stream));
     PNEUMOSEG_CUDA_CHECK(cudaStreamSynchronize(stream));
   }
   int64_t at = 0;
   for (int64_t n = 0; n < N; ++n) {
-    areas[n].assign(flat.begin() + at, flat.begin() + at + counts[n]);
+    areas[n].assign(flat_areas.begin() + at, flat_areas.begin() + at + counts[n]);
     at += counts[n];
   }
 }
@@ -242,33 +361,28 @@ void postprocess_cuda(const TensorView& input, const PostprocessParams& p, const
   cuda::DeviceGuard device(input.device_index);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const Geometry g = geometry(input);
-  const int grid = grid_for(total);
-  cuda::ScratchBuffer parent(sizeof(int32_t) * total, stream);
-  cuda::ScratchBuffer counts(sizeof(int32_t) * N, stream);
   const bool components = p.min_component_area > 0;
-  cuda::ScratchBuffer area(components ? sizeof(int32_t) * total : 1, stream);
+  cuda::ScratchBuffer parent(sizeof(int32_t) * total, stream), area(sizeof(int32_t) * total, stream);
+  cuda::ScratchBuffer counts(sizeof(int32_t) * N, stream);
+  if (p.use_triplet) PNEUMOSEG_CUDA_CHECK(cudaMemsetAsync(counts.as<int32_t>(), 0, sizeof(int32_t) * N, stream));
+  const dim3 tiles = tile_grid(g), block(kTile, kRowsPerPass), flat = flat_grid_2d(g);
   PNEUMOSEG_DISPATCH_ALL(input.dtype, "probs", [&] {
-    const auto* data = static_cast<const scalar_t*>(input.data);
-    if (p.use_triplet) {
-      PNEUMOSEG_CUDA_CHECK(cudaMemsetAsync(counts.as<int32_t>(), 0, sizeof(int32_t) * N, stream));
-      count_above_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-          data, g, IsForeground<scalar_t>{true, p.triplet_top}, counts.as<int32_t>());
-      PNEUMOSEG_CHECK_LAUNCH("count_above_kernel");
-    }
-    init_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(
-        data, g, IsForeground<scalar_t>{p.mask.use_threshold, p.mask.threshold}, keep_image_device,
-        p.use_triplet ? counts.as<int32_t>() : nullptr, p.triplet_min_area, parent.as<int32_t>());
-    PNEUMOSEG_CHECK_LAUNCH("init_kernel");
+    local_kernel<scalar_t><<<tiles, block, 0, stream>>>(
+        static_cast<const scalar_t*>(input.data), g, IsForeground<scalar_t>{p.mask.use_threshold, p.mask.threshold},
+        keep_image_device, p.connectivity, parent.as<int32_t>(), area.as<int32_t>(),
+        IsForeground<scalar_t>{true, p.triplet_top}, p.use_triplet ? counts.as<int32_t>() : nullptr);
+    PNEUMOSEG_CHECK_LAUNCH("local_kernel");
   });
   if (components) {
-    PNEUMOSEG_CUDA_CHECK(cudaMemsetAsync(area.as<int32_t>(), 0, sizeof(int32_t) * total, stream));
-    merge_kernel<<<grid, kThreads, 0, stream>>>(g, p.connectivity, parent.as<int32_t>());
-    PNEUMOSEG_CHECK_LAUNCH("merge_kernel");
-    compress_count_kernel<<<grid, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(), nullptr);
-    PNEUMOSEG_CHECK_LAUNCH("compress_count_kernel");
+    border_kernel<<<tiles, block, 0, stream>>>(g, p.connectivity, parent.as<int32_t>());
+    PNEUMOSEG_CHECK_LAUNCH("border_kernel");
+    resolve_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(), nullptr);
+    PNEUMOSEG_CHECK_LAUNCH("resolve_kernel");
   }
-  write_mask_kernel<<<grid, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(),
-                                                   p.min_component_area, static_cast<uint8_t*>(out.data));
+  write_mask_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(),
+                                                   components ? p.min_component_area : 0,
+                                                   p.use_triplet ? counts.as<int32_t>() : nullptr,
+                                                   p.triplet_min_area, static_cast<uint8_t*>(out.data));
   PNEUMOSEG_CHECK_LAUNCH("write_mask_kernel");
 }
 

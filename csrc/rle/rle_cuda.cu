@@ -17,7 +17,9 @@ namespace pneumoseg::rle {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kScanThreads = 1024;
+// One block per image for the scans; 512 threads keep an int64 cub::BlockScan within the register
+// budget (1024 threads needed 90 registers each: more than 65536 / 1024, a launch failure).
+constexpr int kScanThreads = 512;
 // Bytes of formatted text per image fetched with the header in the first copy: a real SIIM mask
 // needs about 2 KB, so one copy suffices unless masks are dense noise.
 constexpr int64_t kSpeculativeBytesPerImage = 16 << 10;
@@ -51,7 +53,7 @@ __device__ __forceinline__ ColumnMajorMask<T> image_of(const T* base, int64_t st
 }
 
 template <typename T>
-__global__ void count_transitions_kernel(const T* masks, int64_t sn, int64_t sh, int64_t sw, UnitGrid g,
+__global__ void __launch_bounds__(kThreads) count_transitions_kernel(const T* masks, int64_t sn, int64_t sh, int64_t sw, UnitGrid g,
                                          int64_t* count, int64_t* last) {
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < g.threads();
        t += int64_t(gridDim.x) * blockDim.x) {
@@ -72,7 +74,7 @@ struct MaxOp {
 
 // One block per image: first_j = exclusive sum of counts, prev_k = exclusive max of last transitions
 // (transitions grow with the unit index, so the max is the last transition before the unit).
-__global__ void scan_units_kernel(int64_t units, int64_t* count_to_first_j, int64_t* last_to_prev_k) {
+__global__ void __launch_bounds__(kScanThreads) scan_units_kernel(int64_t units, int64_t* count_to_first_j, int64_t* last_to_prev_k) {
   using Scan = cub::BlockScan<int64_t, kScanThreads>;
   __shared__ typename Scan::TempStorage temp;
   int64_t* counts = count_to_first_j + blockIdx.x * units;
@@ -97,7 +99,7 @@ __global__ void scan_units_kernel(int64_t units, int64_t* count_to_first_j, int6
 }
 
 template <typename T>
-__global__ void count_chars_kernel(const T* masks, int64_t sn, int64_t sh, int64_t sw, UnitGrid g, Style style,
+__global__ void __launch_bounds__(kThreads) count_chars_kernel(const T* masks, int64_t sn, int64_t sh, int64_t sw, UnitGrid g, Style style,
                                    const int64_t* first_j, const int64_t* prev_k, int64_t* chars) {
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < g.threads();
        t += int64_t(gridDim.x) * blockDim.x) {
@@ -130,13 +132,13 @@ __device__ int64_t block_exclusive_sum(int64_t* data, int64_t n) {
 }
 
 // One block per image: chars -> first character of each unit within its image; image_len[n] = total.
-__global__ void scan_chars_kernel(int64_t units, int64_t* chars_to_first, int64_t* image_len) {
+__global__ void __launch_bounds__(kScanThreads) scan_chars_kernel(int64_t units, int64_t* chars_to_first, int64_t* image_len) {
   const int64_t total = block_exclusive_sum(chars_to_first + blockIdx.x * units, units);
   if (threadIdx.x == 0) image_len[blockIdx.x] = total;
 }
 
 // One block: image lengths -> image offsets, with the grand total in offsets[n].
-__global__ void scan_images_kernel(int64_t n, const int64_t* image_len, int64_t* offsets) {
+__global__ void __launch_bounds__(kScanThreads) scan_images_kernel(int64_t n, const int64_t* image_len, int64_t* offsets) {
   for (int64_t i = threadIdx.x; i < n; i += kScanThreads) offsets[i] = image_len[i];
   __syncthreads();
   const int64_t total = block_exclusive_sum(offsets, n);
@@ -144,7 +146,7 @@ __global__ void scan_images_kernel(int64_t n, const int64_t* image_len, int64_t*
 }
 
 template <typename T>
-__global__ void write_chars_kernel(const T* masks, int64_t sn, int64_t sh, int64_t sw, UnitGrid g, Style style,
+__global__ void __launch_bounds__(kThreads) write_chars_kernel(const T* masks, int64_t sn, int64_t sh, int64_t sw, UnitGrid g, Style style,
                                    const int64_t* first_j, const int64_t* prev_k, const int64_t* first_char,
                                    const int64_t* image_offsets, char* payload, int64_t capacity) {
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < g.threads();
@@ -168,7 +170,7 @@ __global__ void write_chars_kernel(const T* masks, int64_t sn, int64_t sh, int64
   }
 }
 
-__global__ void paint_runs_kernel(const Run* runs, int64_t n_runs, uint8_t* out, int64_t n, int64_t h, int64_t w,
+__global__ void __launch_bounds__(kThreads) paint_runs_kernel(const Run* runs, int64_t n_runs, uint8_t* out, int64_t n, int64_t h, int64_t w,
                                   int64_t sn, int64_t sh, int64_t sw) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = (blockIdx.x * int64_t(blockDim.x) + threadIdx.x) >> 5;
