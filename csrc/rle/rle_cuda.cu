@@ -20,6 +20,7 @@ constexpr int kThreads = 256;
 // One block per image for the scans; 512 threads keep an int64 cub::BlockScan within the register
 // budget (1024 threads needed 90 registers each: more than 65536 / 1024, a launch failure).
 constexpr int kScanThreads = 512;
+constexpr int kScanItems = 8;
 // Bytes of formatted text per image fetched with the header in the first copy: a real SIIM mask
 // needs about 2 KB, so one copy suffices unless masks are dense noise.
 constexpr int64_t kSpeculativeBytesPerImage = 16 << 10;
@@ -73,25 +74,36 @@ struct MaxOp {
 };
 
 // One block per image: first_j = exclusive sum of counts, prev_k = exclusive max of last transitions
-// (transitions grow with the unit index, so the max is the last transition before the unit).
-__global__ void __launch_bounds__(kScanThreads) scan_units_kernel(int64_t units, int64_t* count_to_first_j, int64_t* last_to_prev_k) {
+// (transitions grow with the unit index, so the max is the last transition before the unit). Each
+// thread scans kScanItems consecutive units, so a 1024x1024 image (32768 units) takes 8 rounds.
+__global__ void __launch_bounds__(kScanThreads)
+    scan_units_kernel(int64_t units, int64_t* count_to_first_j, int64_t* last_to_prev_k) {
   using Scan = cub::BlockScan<int64_t, kScanThreads>;
   __shared__ typename Scan::TempStorage temp;
   int64_t* counts = count_to_first_j + blockIdx.x * units;
   int64_t* lasts = last_to_prev_k + blockIdx.x * units;
   int64_t carry_sum = 0, carry_max = -1;
-  for (int64_t base = 0; base < units; base += kScanThreads) {
-    const int64_t i = base + threadIdx.x;
-    const int64_t c = i < units ? counts[i] : 0;
-    const int64_t l = i < units ? lasts[i] : -1;
-    int64_t sum_excl, sum_total, max_excl, max_total;
-    Scan(temp).ExclusiveSum(c, sum_excl, sum_total);
+  for (int64_t base = 0; base < units; base += int64_t(kScanThreads) * kScanItems) {
+    const int64_t first = base + int64_t(threadIdx.x) * kScanItems;
+    int64_t c[kScanItems], l[kScanItems];
+#pragma unroll
+    for (int k = 0; k < kScanItems; ++k) {
+      const int64_t i = first + k;
+      c[k] = i < units ? counts[i] : 0;
+      l[k] = i < units ? lasts[i] : -1;
+    }
+    int64_t sum_total, max_total;
+    Scan(temp).ExclusiveSum(c, c, sum_total);
     __syncthreads();
-    Scan(temp).ExclusiveScan(l, max_excl, int64_t(-1), MaxOp(), max_total);
+    Scan(temp).ExclusiveScan(l, l, int64_t(-1), MaxOp(), max_total);
     __syncthreads();
-    if (i < units) {
-      counts[i] = carry_sum + sum_excl;
-      lasts[i] = max_excl > carry_max ? max_excl : carry_max;
+#pragma unroll
+    for (int k = 0; k < kScanItems; ++k) {
+      const int64_t i = first + k;
+      if (i < units) {
+        counts[i] = carry_sum + c[k];
+        lasts[i] = l[k] > carry_max ? l[k] : carry_max;
+      }
     }
     carry_sum += sum_total;
     carry_max = max_total > carry_max ? max_total : carry_max;
@@ -113,19 +125,24 @@ __global__ void __launch_bounds__(kThreads) count_chars_kernel(const T* masks, i
   }
 }
 
-// In-place exclusive sum of data[0, n) by one block of kScanThreads threads; returns the total
-// (to every thread).
+// In-place exclusive sum of data[0, n) by one block of kScanThreads threads, kScanItems consecutive
+// values per thread; returns the total (to every thread).
 __device__ int64_t block_exclusive_sum(int64_t* data, int64_t n) {
   using Scan = cub::BlockScan<int64_t, kScanThreads>;
   __shared__ typename Scan::TempStorage temp;
   int64_t carry = 0;
-  for (int64_t base = 0; base < n; base += kScanThreads) {
-    const int64_t i = base + threadIdx.x;
-    const int64_t c = i < n ? data[i] : 0;
-    int64_t excl, total;
-    Scan(temp).ExclusiveSum(c, excl, total);
+  for (int64_t base = 0; base < n; base += int64_t(kScanThreads) * kScanItems) {
+    const int64_t first = base + int64_t(threadIdx.x) * kScanItems;
+    int64_t c[kScanItems];
+#pragma unroll
+    for (int k = 0; k < kScanItems; ++k) c[k] = first + k < n ? data[first + k] : 0;
+    int64_t total;
+    Scan(temp).ExclusiveSum(c, c, total);
     __syncthreads();
-    if (i < n) data[i] = carry + excl;
+#pragma unroll
+    for (int k = 0; k < kScanItems; ++k) {
+      if (first + k < n) data[first + k] = carry + c[k];
+    }
     carry += total;
   }
   return carry;
