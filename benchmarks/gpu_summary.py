@@ -1,0 +1,87 @@
+"""Key figures of the GPU benchmark JSON files (benchmarks/results/*gpu*.json) against issue 11's
+targets, as a few short tables. Missing files are named, never an error.
+
+    python benchmarks/gpu_summary.py [benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _load(folder: Path, name: str):
+    path = folder / name
+    if not path.is_file():
+        print(f"{name}: missing")
+        return None
+    return json.loads(path.read_text())
+
+
+def _mark(ok: bool) -> str:
+    return "ok" if ok else "BELOW TARGET"
+
+
+def loss(folder: Path) -> None:
+    data = _load(folder, "loss_gpu.json")
+    if not data:
+        return
+    print(f"loss fwd+bwd, weights {data['weights']} ({data['device']}); targets: >=5x eager, >=1.5x compile, <=2x floor at 16x1024")
+    print(f"  {'shape':8} {'dtype':9} {'fused ms':>9} {'eager ms':>9} {'compile ms':>10} {'x eager':>8} {'x compile':>9} {'x floor':>8}")
+    for r in data["results"]:
+        ok = r["speedup_vs_eager"] >= 5 and r["speedup_vs_compile"] >= 1.5
+        if r["shape"] == "16x1024":
+            ok = ok and r["fused_over_floor"] <= 2
+        print(f"  {r['shape']:8} {r['dtype']:9} {r['fused_s'] * 1e3:9.3f} {r['eager_s'] * 1e3:9.3f} {r['compiled_s'] * 1e3:10.3f} "
+              f"{r['speedup_vs_eager']:8.2f} {r['speedup_vs_compile']:9.2f} {r['fused_over_floor']:8.1f}  {_mark(ok)}")
+
+
+def batch64(folder: Path, name: str, title: str) -> None:
+    data = _load(folder, name)
+    if not data:
+        return
+    print(f"{title}, batch {data['batch']} x {data['shape']} ({data['device']}); target >=10x the cupyx loop")
+    for inp, r in data["inputs"].items():
+        print(f"  {inp:10} pneumoseg {r['pneumoseg_ms']:8.2f} ms ({r['pneumoseg_images_per_second']:8.0f} img/s)  "
+              f"cupyx loop {r['cupyx_loop_ms']:8.2f} ms  speed-up {r['speedup_vs_cupyx']:6.1f}x  {_mark(r['speedup_vs_cupyx'] >= 10)}")
+
+
+def batch1(folder: Path) -> None:
+    data = _load(folder, "postprocess_rle_batch1_gpu.json")
+    if not data:
+        return
+    ms = data["postprocess_and_rle_median_ms"]
+    print(f"postprocess + RLE of one 1024x1024 logit map ({data['device']}), median of {data['reps']}: {ms:.3f} ms "
+          f"(target < {data['target_ms']} ms: {_mark(ms < data['target_ms'])}); postprocess alone "
+          f"{data['postprocess_only_median_ms']:.3f} ms, encode alone {data['encode_only_median_ms']:.3f} ms")
+
+
+def rle(folder: Path) -> None:
+    data = _load(folder, "rle_gpu.json")
+    if not data:
+        return
+    print(f"rle.encode_batch, {data['batch']} masks ({data['device']}): {data['encode_batch_seconds'] * 1e3:.3f} ms, "
+          f"{data['masks_per_second']:.0f} masks/s, {data['encode_over_copy']:.2f}x one D2H copy of the masks, "
+          f"CPU same host {data['cpu_encode_batch_seconds_same_host'] * 1e3:.1f} ms")
+
+
+def main() -> None:
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
+    for section in (lambda: loss(folder),
+                    lambda: batch64(folder, "label_gpu.json", "label_components"),
+                    lambda: batch64(folder, "postprocess_gpu.json", "fused postprocess (threshold + label + area filter)"),
+                    lambda: batch1(folder),
+                    lambda: rle(folder)):
+        try:
+            section()
+        except (KeyError, TypeError, ValueError) as exc:  # a file from an older benchmark layout
+            print(f"  (could not read: {exc!r})")
+    known = {"loss_gpu.json", "label_gpu.json", "postprocess_gpu.json", "postprocess_rle_batch1_gpu.json", "rle_gpu.json"}
+    others = sorted(p.name for p in folder.glob("*gpu*.json") if p.name not in known)
+    if others:
+        print("other GPU results:", ", ".join(others))
+
+
+if __name__ == "__main__":
+    main()
