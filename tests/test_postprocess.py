@@ -245,6 +245,56 @@ def test_cuda_structured_cases(case):
         np.testing.assert_array_equal(labels.cpu().numpy(), scipy_label(m, connectivity)[0])
 
 
+# Shapes around the CUDA labeller's 32x32 tiles: one pixel wide or tall, one past a tile edge, one short
+# of it, several tiles, non-square; components that snake across many tile borders.
+TILE_SHAPES = [(1, 1), (1, 70), (70, 1), (31, 33), (32, 32), (33, 31), (64, 65), (97, 200), (129, 63)]
+
+
+def snake(h, w):
+    """One 1-pixel-wide path that turns at every other row: a single component crossing every tile."""
+    m = np.zeros((h, w), dtype=np.uint8)
+    m[::2] = 1
+    m[1::4, -1] = 1
+    m[3::4, 0] = 1
+    return m
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_cuda_labels_across_tile_borders_match_scipy(shape):
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(shape[0] * 1000 + shape[1])
+    masks = [random_mask(rng, shape, d) for d in (0.3, 0.5, 0.62, 0.8)]
+    masks += [np.ones(shape, np.uint8), np.zeros(shape, np.uint8), snake(*shape)]
+    last = np.zeros(shape, np.uint8)
+    last[-1, -1] = 1
+    masks.append(last)
+    batch = np.stack(masks)
+    for connectivity in (4, 8):
+        labels, areas = pp.label_components(torch.from_numpy(batch).cuda(), connectivity)
+        for i, m in enumerate(batch):
+            ref, k = scipy_label(m, connectivity)
+            np.testing.assert_array_equal(labels[i].cpu().numpy(), ref, err_msg=f"image {i}, {connectivity}-conn")
+            np.testing.assert_array_equal(areas[i].cpu().numpy(), np.bincount(ref.ravel(), minlength=k + 1)[1:])
+        # The fused post-processing (area filter over the same components) agrees with the CPU.
+        probs = torch.from_numpy(batch.astype(np.float32) * 0.9).cuda()
+        kw = dict(top=None, bottom=0.5, min_component_area=3, connectivity=connectivity)
+        np.testing.assert_array_equal(pp.postprocess(probs, **kw).cpu().numpy(),
+                                      pp.postprocess(batch.astype(np.float32) * 0.9, **kw))
+
+
+@pytest.mark.cuda
+def test_cuda_labels_of_strided_float_maps_match_scipy():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(5)
+    probs = torch.from_numpy(rng.random((3, 150, 90)).astype(np.float32)).cuda()
+    view = probs.transpose(1, 2)[:, ::2]  # non-contiguous, (3, 45, 150)
+    labels, _ = pp.label_components(view > 0.4, 8)
+    for i in range(3):
+        ref, _ = scipy_label((view[i] > 0.4).cpu().numpy().astype(np.uint8), 8)
+        np.testing.assert_array_equal(labels[i].cpu().numpy(), ref)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("min_component_area", [0, 30])
 def test_cuda_postprocess_matches_cpu_and_stays_on_device(min_component_area):
