@@ -4,6 +4,7 @@
     python benchmarks/ptxas_report.py                      # build csrc/*.cu for sm_90 into a temp dir
     python benchmarks/ptxas_report.py --arch "80;90" --all # every template instance, two arches
     python benchmarks/ptxas_report.py --log build.log      # tabulate an existing -Xptxas -v log
+    python benchmarks/ptxas_report.py --save-log ptxas.log # keep the raw build output too
 
 It configures the project with ``-DPNEUMOSEG_PTXAS_VERBOSE=ON`` (``-Xptxas -v``) in a scratch build
 directory (never the repo's ``build/``), compiles only the CUDA objects, and prints one row per kernel
@@ -194,7 +195,8 @@ def table(kernels: list[Kernel], bounds_known: bool) -> str:
             note = "no __launch_bounds__"
             if k.threads_registers_allow < MAX_THREADS_PER_BLOCK:
                 note += f": a launch above {k.threads_registers_allow} threads fails"
-        rows.append([k.name, k.arch, str(k.instances), str(k.registers), f"{k.spill_stores}/{k.spill_loads}",
+        name = k.name if len(k.name) <= 72 else k.name[:69] + "..."  # CUB's instances run to hundreds
+        rows.append([name, k.arch, str(k.instances), str(k.registers), f"{k.spill_stores}/{k.spill_loads}",
                      str(k.stack), str(k.smem), bound, str(k.threads_registers_allow), note])
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()
@@ -210,6 +212,7 @@ def main() -> int:
     parser.add_argument("--log", type=Path, help="read this -Xptxas -v build log instead of building")
     parser.add_argument("--all", action="store_true", help="one row per template instance")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+    parser.add_argument("--save-log", type=Path, help="also write the raw build output (with the ptxas lines) here")
     args = parser.parse_args()
 
     bounds: dict[str, int] = {}
@@ -224,6 +227,8 @@ def main() -> int:
         build_dir = args.build_dir or Path(tmp)
         try:
             log = build(args.source.resolve(), build_dir.resolve(), args.arch, args.jobs)
+            if args.save_log:
+                args.save_log.write_text(log)
             bounds = parse_ptx_launch_bounds(build_dir / "ptx")
         finally:
             if tmp:
