@@ -17,6 +17,7 @@ on the caller's current stream.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any, Literal, Union
 
@@ -58,6 +59,33 @@ def _check_text(text: Any, name: str) -> None:
     if not isinstance(text, (str, bytes)):
         raise RLEError(f"{name} must be a str, got {type(text).__name__}")
     _check_limit("max_rle_chars", len(text), f"{name} of {len(text):,} characters")
+
+
+_ASCII_SPACE = re.compile(rb"[ \t\n\r\f\v]+")
+
+
+def _non_ascii_error(texts: list[Any], slots: list[int]) -> RLEError:
+    """The error for the first string holding a non-ASCII token (no RLE token may), worded as the
+    native decoder words a bad token."""
+    for text, slot in zip(texts, slots):
+        data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else bytes(text)
+        if data.isascii():
+            continue
+        tokens = [t for t in _ASCII_SPACE.split(data) if t]
+        index, token = next((i, t) for i, t in enumerate(tokens) if not t.isascii())
+        shown = token[:24].decode("utf-8", "backslashreplace") + ("..." if len(token) > 24 else "")
+        where = f"rles[{slot}]: " if slot >= 0 else ""
+        return RLEError(f"{where}token {index} ('{shown}') is not a non-negative integer (it is not ASCII)")
+    return RLEError("an RLE string is not text the decoder can read")
+
+
+def _decode_into(texts: list[Any], images: list[int], slots: list[int], out: Any, code: int, stream: int) -> None:
+    try:
+        _C.rle_decode(texts, images, slots, out, code, stream)
+    except (UnicodeDecodeError, UnicodeEncodeError):
+        # A lone surrogate cannot be passed in, and a quoted token with bytes that are not UTF-8 cannot
+        # come back as a message: both are non-ASCII tokens, which the decoder refuses anyway.
+        raise _non_ascii_error(texts, slots) from None
 
 
 def _encode_view(info: _native.ArrayInfo, style: str) -> list[str]:
@@ -146,7 +174,7 @@ def decode(rle: str, shape: tuple[int, int] = DEFAULT_SHAPE, *, style: Style = "
     code = _style_code(style)
     _check_text(rle, "rle")
     out = np.zeros((1, h, w), dtype=np.uint8)
-    _C.rle_decode([rle], [0], [-1], _native.as_view(out, "out").view, code, 0)
+    _decode_into([rle], [0], [-1], _native.as_view(out, "out").view, code, 0)
     return out[0]
 
 
@@ -163,7 +191,7 @@ def decode_union(rles: Sequence[str], shape: tuple[int, int] = DEFAULT_SHAPE, *,
     for i, t in enumerate(texts):
         _check_text(t, f"rles[{i}]")
     out = np.zeros((1, h, w), dtype=np.uint8)
-    _C.rle_decode(texts, [0] * len(texts), list(range(len(texts))), _native.as_view(out, "out").view, code, 0)
+    _decode_into(texts, [0] * len(texts), list(range(len(texts))), _native.as_view(out, "out").view, code, 0)
     return out[0]
 
 
@@ -196,7 +224,7 @@ def decode_batch(
     else:
         out = np.zeros((n, h, w), dtype=np.uint8)
     info = _native.as_view(out, "out")
-    _C.rle_decode(texts, images, images, info.view, code, info.stream)
+    _decode_into(texts, images, images, info.view, code, info.stream)
     return out
 
 
