@@ -11,6 +11,8 @@
   after resolving symbolic links). Each file written is listed in a manifest
   (``.pneumoseg-manifest``, with its size and modification time), so running the same command again
   on its own earlier output needs no ``--force``: that output, unchanged since, is replaced.
+  :func:`check_output_folder` makes the same refusals without touching anything, for a command to
+  say so before long work.
 - :func:`atomic_open` / :func:`atomic_write`: a temporary file in the target's folder, flushed and
   fsync'ed, then renamed over the target; on any failure the temporary file is removed and the target
   is untouched.
@@ -33,7 +35,8 @@ from ._checks import check_bool, check_path, show
 from .errors import InvalidInputError, OutputError
 
 __all__ = [
-    "MANIFEST_NAME", "safe_file_name", "safe_file_names", "OutputFolder", "prepare_output_folder", "atomic_open",
+    "MANIFEST_NAME", "safe_file_name", "safe_file_names", "OutputFolder", "prepare_output_folder",
+    "check_output_folder", "atomic_open",
     "atomic_write", "write_png",
 ]
 
@@ -221,6 +224,58 @@ def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
     return ours, foreign
 
 
+def _refuse_non_folder(p: Path, what: str) -> None:
+    if p.exists() and not p.is_dir():
+        raise OutputError(f"{what} {p} is a file, not a folder")
+    if not p.exists() and p.is_symlink():
+        raise OutputError(f"{what} {p} is a broken symbolic link")
+
+
+def _refuse_reopening(p: Path, what: str) -> None:
+    if not p.is_dir():
+        raise OutputError(f"{what} {p} does not exist (or is not a folder): nothing to continue")
+    if _read_manifest(p) is None:
+        raise OutputError(f"{what} {p} holds no pneumoseg output to continue (no {MANIFEST_NAME})")
+
+
+def _not_empty(p: Path, foreign: list[Path], what: str) -> OutputError:
+    shown = ", ".join(str(f.relative_to(p)) if f != p else "." for f in foreign[:3])
+    more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    return OutputError(
+        f"{what} {p} is not empty ({shown}{more}) and pneumoseg did not write it; choose an empty "
+        "or new folder, or pass overwrite=True (--force on the command line) to write into it")
+
+
+def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
+                        resume: bool = False) -> Path:
+    """The refusals of :func:`prepare_output_folder` (a file, a folder that cannot be created or
+    written, someone else's files without ``overwrite``, nothing to resume), made without creating,
+    probing or removing anything: for a command to say so before long work (loading a data set,
+    training) and prepare the folder afterwards. Returns the path."""
+    p = check_path(path, what, error=OutputError)
+    overwrite = check_bool(overwrite, "overwrite")
+    if check_bool(resume, "resume"):
+        _refuse_reopening(p, what)
+    else:
+        _refuse_non_folder(p, what)
+    if not p.exists():
+        parent = p.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise OutputError(f"{what} {p} cannot be created: a parent of it is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputError(f"{what} {p} cannot be created: permission denied")
+        return p
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise OutputError(f"{what} {p} is not writable (permission denied)")
+    if not resume:
+        foreign = _ours(p)[1]
+        if foreign and not overwrite:
+            raise _not_empty(p, foreign, what)
+    return p
+
+
 class OutputFolder:
     """A folder prepared for writing (see :func:`prepare_output_folder`). Every path it hands out is
     inside it; every file written through it is atomic and listed in its manifest."""
@@ -238,20 +293,13 @@ class OutputFolder:
     def _reopen(self) -> None:
         """Continue writing into a folder of pneumoseg's own earlier output (a training run to
         resume): nothing in it is removed, and files outside the manifest are left alone."""
-        p = self.path
-        if not p.is_dir():
-            raise OutputError(f"{self.what} {p} does not exist (or is not a folder): nothing to continue")
-        if _read_manifest(p) is None:
-            raise OutputError(f"{self.what} {p} holds no pneumoseg output to continue (no {MANIFEST_NAME})")
+        _refuse_reopening(self.path, self.what)
         self._check_writable()
 
     def _prepare(self, overwrite: bool) -> None:
         p = self.path
-        if p.exists() and not p.is_dir():
-            raise OutputError(f"{self.what} {p} is a file, not a folder")
+        _refuse_non_folder(p, self.what)
         if not p.exists():
-            if p.is_symlink():
-                raise OutputError(f"{self.what} {p} is a broken symbolic link")
             try:
                 p.mkdir(parents=True, exist_ok=True)
             except FileExistsError:
@@ -265,11 +313,7 @@ class OutputFolder:
         self._check_writable()
         ours, foreign = _ours(p)
         if foreign and not overwrite:
-            shown = ", ".join(str(f.relative_to(p)) if f != p else "." for f in foreign[:3])
-            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
-            raise OutputError(
-                f"{self.what} {p} is not empty ({shown}{more}) and pneumoseg did not write it; choose an empty "
-                "or new folder, or pass overwrite=True (--force on the command line) to write into it")
+            raise _not_empty(p, foreign, self.what)
         if not foreign:
             # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it.
             for f in ours:
@@ -325,6 +369,21 @@ class OutputFolder:
             raise OutputError(f"{target}: no such file to record in the {self.what}'s manifest")
         self._record(target)
         return target
+
+    @contextlib.contextmanager
+    def filled_in_place(self, *parts: str) -> Iterator[Path]:
+        """The path of a file the ``with`` block fills by other means (a memory map): removed if the
+        block fails, so a failed or interrupted command leaves nothing that would make the next run
+        need ``--force``; listed in the manifest as this folder's own when the block succeeds."""
+        target = self.file(*parts)
+        try:
+            yield target
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if target.is_file() and not target.is_symlink():
+                    target.unlink()
+            raise
+        self._record(target)
 
     def _record(self, target: Path) -> None:
         st = target.stat()

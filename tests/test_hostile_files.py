@@ -6,6 +6,7 @@ and find_dicoms says what it skipped."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -102,6 +103,33 @@ def test_masks_command_never_writes_outside_out(tmp_path, capsys, image_id):
     assert tree(tmp_path) == before and not (tmp_path / "out").exists()  # refused before writing anything
 
 
+@pytest.mark.parametrize("names, match", [
+    (["a,b.dcm"], "its ImageId 'a,b' cannot be written to a CSV file: it contains a comma"),  # would add a column
+    (['q"x.dcm'], "cannot be written to a CSV file"),
+    (["a\nb.dcm"], "control character"),              # would start a new row
+    (["..dcm"], "relative folder reference"),        # ImageId "." names the overlays folder itself
+    (["CON.dcm"], "Windows reserves"),
+    (["Study.dcm", "study.dcm"], "same file on a case-insensitive file system"),
+])
+def test_predict_refuses_ids_that_cannot_be_csv_rows_or_file_names(tmp_path, capsys, names, match):
+    # ImageIds come from file names: they become rows of submission.csv and names of overlay PNGs.
+    pytest.importorskip("torch")
+    from infer_helpers import model_dir
+
+    from pneumoseg.cli import main
+
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i, name in enumerate(names):
+        write_dicom(inputs / name, np.full((8, 8), i, np.uint16))
+    before = tree(tmp_path)
+    out = tmp_path / "out"
+    assert main(["predict", str(inputs), "--model", str(model_dir("plain")), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert err[-1].startswith("pneumoseg: error: ") and re.search(match, err[-1]), err
+    assert tree(tmp_path) == before and not out.exists()  # refused before anything was written
+
+
 def test_output_folder_never_writes_through_links(tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -169,6 +197,41 @@ def test_output_folder_refuses_files_and_broken_manifests(tmp_path):
     with pytest.raises(pneumoseg.OutputError, match="not empty"):
         prepare_output_folder(out)
     assert (out / "x.png").read_text() == "not ours"
+
+
+def test_check_output_folder_refuses_like_prepare_and_touches_nothing(tmp_path, users_folder):
+    from pneumoseg._fs import check_output_folder
+
+    (tmp_path / "a-file").write_text("x")
+    cases = [(tmp_path / "a-file", {}, "is a file, not a folder"),
+             (tmp_path / "a-file" / "below", {}, "a parent of it is a file"),
+             (users_folder, {}, r"not empty \(dicom-images-train/real-patient.dcm, train-rle.csv\)"),
+             (tmp_path / "none", {"resume": True}, "nothing to continue"),
+             (users_folder, {"resume": True}, "no pneumoseg output to continue")]
+    before = tree(tmp_path)
+    for path, kwargs, match in cases:
+        with pytest.raises(pneumoseg.OutputError, match=match):
+            check_output_folder(path, **kwargs)
+        with pytest.raises(pneumoseg.OutputError, match=match):
+            prepare_output_folder(path, **kwargs)
+    assert check_output_folder(users_folder, overwrite=True) == users_folder
+    assert check_output_folder(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    assert tree(tmp_path) == before and not (tmp_path / "new").exists()
+
+
+def test_a_failed_cache_build_leaves_nothing_that_needs_force(tmp_path, capsys):
+    pytest.importorskip("torch")
+    from pneumoseg.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "img.dcm").write_bytes(np.random.default_rng(0).bytes(3000))
+    out = tmp_path / "cache"
+    for _ in range(2):  # the second run fails the same way, not with "not empty ... --force"
+        assert main(["data", "cache", "--root", str(tmp_path / "in"), "--out", str(out), "--size", "8"]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines()[-1].startswith("pneumoseg: error: ") and "none of the 1 DICOMs could be read" in err
+        assert "DataWarning" not in err and "--force" not in err
+        assert [p for p in out.rglob("*") if p.is_file()] == []
 
 
 @pytest.fixture
@@ -393,3 +456,64 @@ def test_dataset_warns_about_skipped_files(tmp_path):
     with pytest.warns(pneumoseg.DataWarning, match="skipped"):
         ds = SIIMDataset(tmp_path, image_size=8)
     assert len(ds) == 1 and ds.skipped[0][0].name == "broken"
+
+
+# --- reading DICOMs from threads never touches the process-wide warning state -----------------------------
+
+
+def test_reading_dicoms_in_threads_loses_and_leaks_no_other_warnings(tmp_path):
+    # warnings.catch_warnings swaps process-wide state: a reader thread inside it would swallow
+    # another thread's warnings (record=True) or drop them ("ignore"), and threads leaving it out of
+    # order would leave its filters installed for good. read_dicom must touch none of it.
+    import threading
+    import time
+
+    rng = np.random.default_rng(0)
+    raws = [rng.integers(0, 4096, (5 + i, 7), dtype=np.uint16) for i in range(6)]
+    good = [write_dicom(tmp_path / f"good{i}.dcm", raw) for i, raw in enumerate(raws)]
+    refused = [write_dicom(tmp_path / "nan-slope.dcm", RescaleSlope="NaN", RescaleIntercept=0),
+               write_dicom(tmp_path / "rowless.dcm", Rows=None)]
+    (tmp_path / "random.dcm").write_bytes(rng.bytes(3000))
+    refused.append(tmp_path / "random.dcm")
+    readers, rounds, problems = 8, 12, []
+    start = threading.Barrier(readers + 1)
+    done = threading.Event()
+    issued = []
+
+    def read_all() -> None:
+        start.wait()
+        for _ in range(rounds):
+            for path, raw in zip(good, raws):
+                if not np.array_equal(read_dicom(path, with_dataset=False).pixels, raw):
+                    problems.append(f"{path}: wrong pixels")
+                if read_dicom_shape(path) != raw.shape:
+                    problems.append(f"{path}: wrong shape")
+            for path in refused:
+                try:
+                    read_dicom(path)
+                    problems.append(f"{path}: read")
+                except pneumoseg.DicomError:
+                    pass
+
+    def warn_meanwhile() -> None:
+        start.wait()
+        while not done.is_set() or len(issued) < 200:
+            message = f"the caller's own warning {len(issued)}"
+            warnings.warn(message, pneumoseg.DataWarning)
+            issued.append(message)
+            time.sleep(0.0002)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        filters, show = list(warnings.filters), warnings.showwarning
+        threads = [threading.Thread(target=read_all) for _ in range(readers)]
+        warner = threading.Thread(target=warn_meanwhile)
+        for t in threads + [warner]:
+            t.start()
+        for t in threads:
+            t.join()
+        done.set()
+        warner.join()
+        assert warnings.filters == filters and warnings.showwarning is show  # nothing left installed
+    assert problems == []
+    assert [str(w.message) for w in caught] == issued  # every one of the caller's warnings, nothing else

@@ -41,7 +41,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._fs import prepare_output_folder, safe_file_names
+    from .._fs import check_output_folder, prepare_output_folder, safe_file_names
+    from ..data.siim import check_csv_image_ids
     from ..errors import OutputError
     from ..infer import Predictor
 
@@ -49,13 +50,15 @@ def run(args: argparse.Namespace) -> int:
     # pneumoseg wrote: a submission is the thing people hand in).
     if (args.out / SUBMISSION).exists() and not args.force:
         raise OutputError(f"{args.out / SUBMISSION} already exists; pass --force to replace it, or choose another --out")
-    if args.out.exists() and not args.out.is_dir():
-        raise OutputError(f"--out {args.out} is a file, not a folder")
+    check_output_folder(args.out, overwrite=args.force, what="prediction output folder")  # before the model loads
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                    tta=args.tta, segment=args.segment, batch_size=args.batch_size)
     stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=not args.no_overlays, on_error="skip",
                                     progress=True, workers=args.workers)
-    names = safe_file_names([s.image_id for s in stream.sources], ".png")  # checked before anything is written
+    # Every ImageId is checked before anything is written: it is a row of the CSVs and names an overlay.
+    for source in stream.sources:
+        check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")
+    names = safe_file_names([s.image_id for s in stream.sources], ".png")
     folder = prepare_output_folder(args.out, overwrite=args.force, what="prediction output folder")
     start = time.perf_counter()
     predictions = []

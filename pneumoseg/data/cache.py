@@ -17,6 +17,7 @@ rest of the cache is still written. The ``.npy`` files are plain NumPy arrays, r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -105,15 +106,11 @@ def decode_to_arrays(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        # read_dicom silences decoder chatter with warnings.catch_warnings, which swaps the process-wide
-        # filter list: threads entering and leaving it out of order would leave "ignore" installed for
-        # good. Here every thread starts from "ignore", and the caller's filters come back afterwards.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                for _ in pool.map(work, range(n)):
-                    if bar is not None:
-                        bar.update(1)
+        # read_dicom touches no process-wide warning state, so the threads need no filters of their own.
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(work, range(n)):
+                if bar is not None:
+                    bar.update(1)
     finally:
         torch.set_num_threads(threads)
         if bar is not None:
@@ -167,25 +164,28 @@ def build_cache(
     n = len(ids)
     limits.check("max_batch_bytes", n * size * size, f"a cache of {n} images at {size}x{size} (uint8)")
     folder = prepare_output_folder(out, overwrite=overwrite, what="cache folder")
-    images_path = folder.file(IMAGES_FILE)
-    images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, size, size))
-    masks = None
-    if rles is not None:
-        masks = np.lib.format.open_memmap(folder.file(MASKS_FILE), mode="w+", dtype=np.uint8, shape=(n, size, size))
-    shapes, failed = decode_to_arrays(paths, rles, size, images, masks, workers=workers, progress=progress,
-                                      desc="cache")
-    images.flush()
-    del images
-    if masks is not None:
-        masks.flush()
-        del masks
-    bad = {i for i, _ in failed}
+    # The arrays are filled in place; if anything fails they are removed, so a rerun needs no --force.
+    with contextlib.ExitStack() as files:
+        images_path = files.enter_context(folder.filled_in_place(IMAGES_FILE))
+        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, size, size))
+        masks = None
+        if rles is not None:
+            masks_path = files.enter_context(folder.filled_in_place(MASKS_FILE))
+            masks = np.lib.format.open_memmap(masks_path, mode="w+", dtype=np.uint8, shape=(n, size, size))
+        shapes, failed = decode_to_arrays(paths, rles, size, images, masks, workers=workers, progress=progress,
+                                          desc="cache")
+        images.flush()
+        del images
+        if masks is not None:
+            masks.flush()
+            del masks
+        bad = {i for i, _ in failed}
+        rows = [i for i in range(n) if i not in bad]
+        if not rows:
+            raise DataFormatError(f"{root}: none of the {n} DICOMs could be read, e.g. {failed[0][1]}")
     if failed:
         warnings.warn(f"{len(failed)} DICOMs could not be read and are left out of the cache (see 'skipped' in "
                       f"its {CACHE_INDEX}), e.g. {failed[0][1]}", DataWarning, stacklevel=2)
-    rows = [i for i in range(n) if i not in bad]
-    if not rows:
-        raise DataFormatError(f"{root}: none of the {n} DICOMs could be read, e.g. {failed[0][1]}")
     index = {
         "format": CACHE_FORMAT,
         "format_version": CACHE_VERSION,
@@ -200,8 +200,6 @@ def build_cache(
         "shapes": [list(shapes[i]) for i in rows],
         "skipped": [{"id": ids[i], "path": str(paths[i]), "reason": reason} for i, reason in failed],
     }
-    for name in (IMAGES_FILE,) + ((MASKS_FILE,) if rles is not None else ()):
-        folder.record(name)  # written in place as memory maps: listed as this folder's own output
     return folder.write_bytes(CACHE_INDEX, data=json.dumps(index, indent=1) + "\n")
 
 

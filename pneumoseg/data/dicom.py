@@ -1,10 +1,20 @@
 """Reading chest radiographs from DICOM: the SIIM-ACR files (8-bit, MONOCHROME2, JPEG baseline) and
-other hospitals' 12-16 bit images (MONOCHROME1, rescale slope/intercept, VOI LUT and windows)."""
+other hospitals' 12-16 bit images (MONOCHROME1, rescale slope/intercept, VOI LUT and windows).
+
+Safe from any number of threads: reading touches no process-wide state. In particular it never uses
+``warnings.catch_warnings`` (which swaps the process-wide filters: a reader thread inside it would
+swallow or drop other threads' warnings, and threads leaving it out of order would leave its filters
+installed). Instead the header values pneumoseg checks itself are read from the raw bytes, without
+pydicom's conversion and the validation warnings it issues, and a truncated file is recognised by
+its content. What pydicom still warns about (an odd file's pixel data, say) reaches the caller's
+warning filters like any library's warning; where those filters turn it into an error, the read
+fails with a :class:`pneumoseg.DicomError` naming the file.
+"""
 
 from __future__ import annotations
 
 import math
-import warnings
+import mmap
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,11 +69,54 @@ class DicomImage:
         return ((img - low) / (high - low if high > low else 1.0)).astype(np.float32)
 
 
+_BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
+
+
+def _header_value(ds: Any, keyword: str) -> Any:
+    """A header value without pydicom's validation: binary numbers (US, ...) converted, text values
+    (IS, DS, CS, UI, ...) as the stripped text of their raw bytes; None when absent or empty.
+
+    Converting a text value makes pydicom validate it and warn through the process-wide warnings
+    machinery (a DS of 'NaN', a UID with a leading zero), which under 'error' filters would fail the
+    read of a file pneumoseg can read. The values that matter are checked here instead."""
+    from pydicom.datadict import dictionary_VR
+
+    elem = ds.get_item(keyword)
+    if elem is None:
+        return None
+    vr = elem.VR
+    if vr is None:  # implicit VR: the dictionary's
+        try:
+            vr = dictionary_VR(keyword)
+        except KeyError:
+            vr = "UN"
+    if vr in _BINARY_VRS:
+        value = ds.get(keyword, None)
+        return None if value is None or value == "" else value
+    value = elem.value
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        text = bytes(value).decode("latin-1")  # header codes are ASCII; latin-1 never fails
+    elif isinstance(value, str):
+        text = value
+    elif hasattr(value, "__iter__"):  # already converted (a MultiValue)
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.strip(" \x00") or None
+
+
+def _header_text(ds: Any, keyword: str) -> Optional[str]:
+    value = _header_value(ds, keyword)
+    return None if value is None else str(value)
+
+
 def _finite(ds: Any, keyword: str, default: float, path: Path) -> float:
     """A numeric attribute that must be a finite number when present (a NaN RescaleSlope would turn
     the whole image into NaN)."""
-    value = ds.get(keyword, None)
-    if value is None or value == "":
+    value = _header_value(ds, keyword)
+    if value is None:
         return default
     try:
         out = float(value)
@@ -75,8 +128,8 @@ def _finite(ds: Any, keyword: str, default: float, path: Path) -> float:
 
 
 def _positive_int(ds: Any, keyword: str, path: Path, default: Optional[int] = None) -> int:
-    value = ds.get(keyword, None)
-    if value is None or value == "":
+    value = _header_value(ds, keyword)
+    if value is None:
         if default is None:
             raise DicomError(f"{path}: the file has no {keyword}, so its image size is unknown")
         return default
@@ -150,6 +203,14 @@ def _check_deflated(path: Path) -> None:
                 pending = inflater.unconsumed_tail
 
 
+def _warning_error(path: Path, warning: Warning) -> DicomError:
+    """The error for a pydicom warning that the caller's filters turned into an exception."""
+    text = str(warning)
+    if "end of file" in text.lower():
+        return DicomError(f"{path}: the file is truncated ({text})")
+    return DicomError(f"{path}: pydicom: {type(warning).__name__}: {text}")
+
+
 def _read_dataset(path: Path, *, stop_before_pixels: bool):
     try:
         import pydicom
@@ -158,22 +219,32 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool):
         raise DicomError(f"{path}: pydicom is not installed") from exc
     _check_file(path)
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _check_deflated(path)
-            ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-        for w in caught:  # pydicom reads a cut-off file with a warning; for us it is an error
-            if "end of file" in str(w.message).lower():
-                raise DicomError(f"{path}: the file is truncated ({w.message})")
+        _check_deflated(path)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
     except DicomError:
         raise
     except InvalidDicomError as exc:
         raise DicomError(f"{path}: not a DICOM file ({exc})") from exc
     except zlib.error as exc:
         raise DicomError(f"{path}: the deflated data is corrupt ({exc})") from exc
+    except Warning as exc:
+        raise _warning_error(path, exc) from exc
     except Exception as exc:  # truncated headers and the like
         raise DicomError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
     return ds
+
+
+_PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010), little and big endian
+
+
+def _holds_pixel_data_tag(path: Path) -> bool:
+    """Whether the file's bytes hold the Pixel Data tag: a dataset read without it was cut off inside
+    its pixel data (pydicom stops there, with at most a warning). Only on that error path."""
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return any(data.find(tag, 132) >= 0 for tag in _PIXEL_DATA_TAGS)
+    except (OSError, ValueError):
+        return False
 
 
 def _declared_shape(ds: Any, path: Path) -> tuple[int, int]:
@@ -203,9 +274,7 @@ def read_dicom_shape(path: Union[str, Path]) -> tuple[int, int]:
     checks as :func:`read_dicom`; any problem is a :class:`pneumoseg.DicomError` naming the file."""
     path = check_path(path, "path", error=DicomError)
     ds = _read_dataset(path, stop_before_pixels=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return _declared_shape(ds, path)
+    return _declared_shape(ds, path)
 
 
 def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomImage:
@@ -216,23 +285,23 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
     path = check_path(path, "path", error=DicomError)
     with_dataset = check_bool(with_dataset, "with_dataset")
     ds = _read_dataset(path, stop_before_pixels=False)
-    with warnings.catch_warnings():
-        # pydicom converts header values when first read and warns about odd ones (a DS of 'NaN');
-        # the values that matter here are checked below and refused with a DicomError instead.
-        warnings.simplefilter("ignore", UserWarning)
-        return _decode(ds, path, with_dataset)
+    return _decode(ds, path, with_dataset)
 
 
 def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
     if "PixelData" not in ds:
+        if _holds_pixel_data_tag(path):
+            raise DicomError(f"{path}: the file is truncated: it ends inside its pixel data")
         raise DicomError(f"{path}: the file has no pixel data")
     rows, columns = _declared_shape(ds, path)
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown"))
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # decoder chatter; failures raise below
-            raw = ds.pixel_array
-    except Exception as exc:
+        raw = ds.pixel_array
+    except Exception as exc:  # a Warning too, where the caller's filters make pydicom's warnings errors
+        short = _native_pixel_bytes_short(ds, rows, columns)
+        if short is not None:
+            raise DicomError(f"{path}: the file is truncated: its pixel data has {short[0]:,} of {short[1]:,} "
+                             "bytes") from exc
         # pydicom's message says whether a decoder plugin is missing or the data is damaged.
         first_line = (str(exc).splitlines() or [""])[0]
         raise DicomError(
@@ -251,7 +320,7 @@ def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
         pixels = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         if not np.isfinite(pixels).all():
             raise DicomError(f"{path}: RescaleSlope {slope} and RescaleIntercept {intercept} overflow float32")
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+    photometric = _header_text(ds, "PhotometricInterpretation") or "MONOCHROME2"
     if photometric == "MONOCHROME1":  # stored inverted: make high values bright like MONOCHROME2
         lo, hi = pixels.min(), pixels.max()
         if pixels.dtype.kind in "iu":  # max + min overflows a 16-bit image: add in int64 (the result fits)
@@ -259,35 +328,44 @@ def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
         else:
             pixels = hi + lo - pixels
     meta = {
-        "age": _age(ds.get("PatientAge")),
-        "sex": str(ds.get("PatientSex", "")).strip() or None,
-        "view_position": str(ds.get("ViewPosition", "")).strip() or None,
+        "age": _age(_header_text(ds, "PatientAge")),
+        "sex": _header_text(ds, "PatientSex"),
+        "view_position": _header_text(ds, "ViewPosition"),
         "pixel_spacing": _spacing(ds, path),
-        "modality": str(ds.get("Modality", "")).strip() or None,
-        "body_part": str(ds.get("BodyPartExamined", "")).strip() or None,
+        "modality": _header_text(ds, "Modality"),
+        "body_part": _header_text(ds, "BodyPartExamined"),
         "photometric_interpretation": photometric,
         "bits_stored": _positive_int(ds, "BitsStored", path, default=raw.dtype.itemsize * 8),
         "transfer_syntax": syntax,
         "rescale": (slope, intercept),
     }
-    image_id = str(ds.get("SOPInstanceUID", "")) or path.stem
+    image_id = _header_text(ds, "SOPInstanceUID") or path.stem
     return DicomImage(pixels=pixels, image_id=image_id, meta=meta, path=path, _dataset=ds if with_dataset else None)
+
+
+def _native_pixel_bytes_short(ds: Any, rows: int, columns: int) -> Optional[tuple[int, int]]:
+    """(bytes present, bytes needed) when uncompressed pixel data is shorter than its image, else None."""
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or getattr(syntax, "is_compressed", True):
+        return None
+    bits = _positive_int(ds, "BitsAllocated", Path(), default=8)
+    needed = (rows * columns * bits + 7) // 8
+    present = len(ds.PixelData)
+    return (present, needed) if present < needed else None
 
 
 def _spacing(ds: Any, path: Path) -> Optional[tuple[float, float]]:
     """PixelSpacing (or ImagerPixelSpacing) in mm as (row, column), or None when the file has none."""
-    from pydicom.multival import MultiValue
-
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = ds.get(keyword, None)
-        if value is None or value == "":
+        value = _header_text(ds, keyword)
+        if value is None:
             continue
-        values = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+        values = value.split("\\")
         try:
             numbers = tuple(float(v) for v in values)
         except (TypeError, ValueError):
-            raise DicomError(f"{path}: {keyword} {value!r} is not a pair of numbers") from None
+            raise DicomError(f"{path}: {keyword} {values!r} is not a pair of numbers") from None
         if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
-            raise DicomError(f"{path}: {keyword} {value!r} must be two positive numbers (mm)")
+            raise DicomError(f"{path}: {keyword} {values!r} must be two positive numbers (mm)")
         return numbers
     return None

@@ -6,7 +6,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -15,7 +15,7 @@ from .._checks import check_path, check_str_sequence, show
 from .._fs import atomic_open
 from ..errors import DataFormatError, InvalidInputError, LimitError, OutputError
 
-__all__ = ["read_rle_csv", "write_rle_csv", "find_dicoms", "DicomIndex"]
+__all__ = ["read_rle_csv", "write_rle_csv", "check_csv_image_ids", "find_dicoms", "DicomIndex"]
 
 _HEADERS = {("imageid", "encodedpixels")}
 # What the native decoder accepts, and nothing else: ASCII digits separated by ASCII whitespace,
@@ -36,6 +36,18 @@ def _bad_id(image_id: str) -> str | None:
     if image_id != image_id.strip():
         return "it starts or ends with whitespace"
     return None
+
+
+def check_csv_image_ids(ids: Sequence[str], *, what: str = "ImageId", error: type[Exception] = OutputError) -> None:
+    """Refuse, before anything is written, ids a CSV row cannot hold so that it reads back unchanged
+    (a comma or a quote would split or shift the row, a line break would start a new one): the rule
+    of :func:`write_rle_csv`, for every command that writes ImageIds into a CSV."""
+    for image_id in ids:
+        if not isinstance(image_id, str):
+            raise error(f"{what} {show(image_id)} must be a str, got {type(image_id).__name__}")
+        problem = _bad_id(image_id)
+        if problem:
+            raise error(f"{what} {show(image_id)} cannot be written to a CSV file: {problem}")
 
 
 def _rle_problem(text: str) -> str | None:
