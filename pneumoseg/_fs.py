@@ -185,42 +185,48 @@ def _read_manifest(folder: Path) -> dict[str, tuple[int, int]] | None:
 
 def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
     """(files pneumoseg wrote and that are unchanged since, everything else) under ``folder``,
-    symbolic links never followed. A sub-folder with its own manifest is judged by that manifest."""
-    manifest = _read_manifest(folder) or {}
+    symbolic links never followed. A sub-folder with its own manifest is judged by that manifest.
+    Walked with an explicit stack, in file-name order, however deep the folder goes."""
     ours: list[Path] = []
     foreign: list[Path] = []
+    # (entries left to look at, their path relative to the manifest's folder, that manifest)
+    stack: list[tuple[Iterator[os.DirEntry], str, dict[str, tuple[int, int]]]] = []
 
-    def walk(directory: Path, prefix: str) -> None:
+    def enter(directory: Path, prefix: str, manifest: dict[str, tuple[int, int]]) -> None:
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
             foreign.append(directory)
             return
-        for entry in entries:
-            rel = prefix + entry.name
-            p = Path(entry.path)
-            if entry.is_dir(follow_symlinks=False):
-                if (p / MANIFEST_NAME).is_file():
-                    sub_ours, sub_foreign = _ours(p)
-                    ours.extend(sub_ours)
-                    foreign.extend(sub_foreign)
-                else:
-                    walk(p, rel + "/")
-                continue
-            if rel == MANIFEST_NAME:
-                ours.append(p)
-                continue
-            recorded = manifest.get(rel)
-            if recorded is None or not entry.is_file(follow_symlinks=False):
-                foreign.append(p)
-                continue
-            st = entry.stat(follow_symlinks=False)
-            if (st.st_size, st.st_mtime_ns) == recorded:
-                ours.append(p)
-            else:
-                foreign.append(p)  # changed since pneumoseg wrote it: someone's edit, keep it
+        stack.append((iter(entries), prefix, manifest))
 
-    walk(folder, "")
+    enter(folder, "", _read_manifest(folder) or {})
+    while stack:
+        entries, prefix, manifest = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
+        rel = prefix + entry.name
+        p = Path(entry.path)
+        if entry.is_dir(follow_symlinks=False):
+            if (p / MANIFEST_NAME).is_file():
+                enter(p, "", _read_manifest(p) or {})
+            else:
+                enter(p, rel + "/", manifest)
+            continue
+        if rel == MANIFEST_NAME:
+            ours.append(p)
+            continue
+        recorded = manifest.get(rel)
+        if recorded is None or not entry.is_file(follow_symlinks=False):
+            foreign.append(p)
+            continue
+        st = entry.stat(follow_symlinks=False)
+        if (st.st_size, st.st_mtime_ns) == recorded:
+            ours.append(p)
+        else:
+            foreign.append(p)  # changed since pneumoseg wrote it: someone's edit, keep it
     return ours, foreign
 
 
@@ -332,10 +338,19 @@ class OutputFolder:
         os.unlink(probe)
 
     def _remove_empty_folders(self) -> None:
-        for directory, _, _ in sorted(os.walk(self.path, topdown=False), key=lambda t: -len(t[0])):
-            if Path(directory) != self.path:
-                with contextlib.suppress(OSError):
-                    os.rmdir(directory)  # fails, harmlessly, on a folder that is not empty
+        folders: list[str] = []
+        pending = [os.fspath(self.path)]
+        while pending:  # an explicit stack: os.walk recurses, and a deep folder would exhaust it
+            try:
+                with os.scandir(pending.pop()) as entries:
+                    found = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+            except OSError:
+                continue
+            folders.extend(found)
+            pending.extend(found)
+        for directory in sorted(folders, key=lambda d: -d.count(os.sep)):  # the deepest first
+            with contextlib.suppress(OSError):
+                os.rmdir(directory)  # fails, harmlessly, on a folder that is not empty
 
     def file(self, *parts: str) -> Path:
         """The path of ``parts`` joined under the folder (each part a safe name), its parent folders

@@ -417,6 +417,24 @@ def test_bad_header_values_name_the_file(tmp_path, attrs, match):
     assert str(path) in str(info.value)
 
 
+def test_pixel_data_holding_many_images_is_refused_before_decoding(tmp_path):
+    # 64 images of 256x256 where the header declares one: a few kilobytes deflated. pydicom would
+    # decode all 64 frames before the single-image check; the byte count refuses them up front.
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    path = write_dicom(tmp_path / "frames.dcm", np.zeros((64, 256, 256), np.uint16), syntax=DeflatedExplicitVRLittleEndian)
+    assert path.stat().st_size < 100_000
+    with pytest.raises(pneumoseg.DicomError, match="expected a single 2-D image, the pixel data holds 8,388,608 bytes, "
+                                                  "64 images of the declared 256x256"):
+        read_dicom(path)
+    cut = write_dicom(tmp_path / "cut.dcm", np.zeros((1, 8, 9), np.uint16))
+    data = cut.read_bytes()
+    marker = data.rindex(b"\xe0\x7f\x10\x00")  # the Pixel Data element: keep 100 of its 144 bytes
+    cut.write_bytes(data[:marker + 12 + 100])
+    with pytest.raises(pneumoseg.DicomError, match="truncated: its pixel data has 100 of 144 bytes"):
+        read_dicom(cut)
+
+
 def test_read_dicom_on_a_folder(tmp_path):
     with pytest.raises(pneumoseg.DicomError, match="is a folder"):
         read_dicom(tmp_path)
@@ -517,3 +535,39 @@ def test_reading_dicoms_in_threads_loses_and_leaks_no_other_warnings(tmp_path):
         assert warnings.filters == filters and warnings.showwarning is show  # nothing left installed
     assert problems == []
     assert [str(w.message) for w in caught] == issued  # every one of the caller's warnings, nothing else
+
+
+# --- folders nested deeper than Python's recursion limit ---------------------------------------------------
+
+
+def _nest(root: Path, depth: int) -> int:
+    """Make root/a/a/.../a (depth levels) with directory descriptors (no path gets near PATH_MAX
+    while making it); returns a descriptor of the deepest folder (the caller closes it)."""
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(depth):
+        os.mkdir("a", dir_fd=fd)
+        deeper = os.open("a", os.O_RDONLY, dir_fd=fd)
+        os.close(fd)
+        fd = deeper
+    return fd
+
+
+def test_deep_folders_are_walked_without_recursion(tmp_path):
+    # 1,500 levels of "a/" is a 3,000-character path: legal, and past the interpreter's recursion limit.
+    fd = _nest(tmp_path / "data", 1500)
+    try:
+        with open(os.open("deep.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:
+            f.write(write_dicom(tmp_path / "one.dcm").read_bytes())
+    finally:
+        os.close(fd)
+    os.mkfifo(tmp_path / "data" / "pipe.dcm")  # listed as skipped, never opened (it would block)
+    found = find_dicoms(tmp_path / "data")
+    assert list(found) == ["deep"] and len(found["deep"].parts) > 1500
+    assert [(p.name, why) for p, why in found.skipped] == [("pipe.dcm", "not a regular file (a pipe, socket or device)")]
+    with pytest.raises(pneumoseg.OutputError, match=r"not empty \(a/a/a/.*/deep.dcm, pipe.dcm\)"):
+        prepare_output_folder(tmp_path / "data")
+
+    os.close(_nest(tmp_path / "empty", 1500))  # only folders: nobody's files, so it is prepared and emptied
+    prepare_output_folder(tmp_path / "empty").write_bytes("x.txt", data="x")
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [MANIFEST_NAME, "x.txt"]

@@ -24,6 +24,7 @@ torch = pytest.importorskip("torch")
 
 from pneumoseg import losses  # noqa: E402  (needs torch)
 from pneumoseg.data import Augment, PositiveRatioSampler, SIIMDataset, chest_crop, preprocess, stratified_kfold  # noqa: E402
+from pneumoseg.data.transforms import resize_mask  # noqa: E402
 
 Z33 = np.zeros((3, 3), np.float32)
 T = torch.zeros(1, 1, 4, 4)
@@ -71,6 +72,7 @@ REFUSED = {
     "NaN gamma": (lambda: Augment(gamma=(float("nan"), 1.0)), pneumoseg.InvalidInputError, r"gamma\[0\] must be a finite"),
     "str gamma": (lambda: Augment(gamma="12"), pneumoseg.InvalidInputError, "gamma must be a"),
     "NaN preprocess input": (lambda: preprocess(np.full((4, 4), np.nan)), pneumoseg.InvalidInputError, "NaN"),
+    "NaN mask to resize": (lambda: resize_mask(np.full((4, 4), np.nan), 8), pneumoseg.InvalidInputError, "mask contains NaN"),
     "inf preprocess input": (lambda: preprocess(torch.tensor([[1.0, math.inf]])), pneumoseg.InvalidInputError, "infinity"),
     "str preprocess input": (lambda: preprocess(np.array([["a", "b"]])), pneumoseg.InvalidInputError, "numeric"),
     "bool preprocess size": (lambda: preprocess(np.zeros((4, 4)), size=True), pneumoseg.InvalidInputError, "size must be an integer"),

@@ -295,12 +295,17 @@ def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
         raise DicomError(f"{path}: the file has no pixel data")
     rows, columns = _declared_shape(ds, path)
     syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown"))
+    sizes = _native_pixel_bytes(ds, rows, columns)
+    if sizes is not None and sizes[0] >= 2 * sizes[1]:
+        # refused before decoding: pydicom would decode every whole extra frame (a small deflated
+        # file can hold hundreds of them) only for the single-image check below to refuse them
+        raise DicomError(f"{path}: expected a single 2-D image, the pixel data holds {sizes[0]:,} bytes, "
+                         f"{sizes[0] // sizes[1]} images of the declared {rows}x{columns}")
     try:
         raw = ds.pixel_array
     except Exception as exc:  # a Warning too, where the caller's filters make pydicom's warnings errors
-        short = _native_pixel_bytes_short(ds, rows, columns)
-        if short is not None:
-            raise DicomError(f"{path}: the file is truncated: its pixel data has {short[0]:,} of {short[1]:,} "
+        if sizes is not None and sizes[0] < sizes[1]:
+            raise DicomError(f"{path}: the file is truncated: its pixel data has {sizes[0]:,} of {sizes[1]:,} "
                              "bytes") from exc
         # pydicom's message says whether a decoder plugin is missing or the data is damaged.
         first_line = (str(exc).splitlines() or [""])[0]
@@ -343,15 +348,13 @@ def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
     return DicomImage(pixels=pixels, image_id=image_id, meta=meta, path=path, _dataset=ds if with_dataset else None)
 
 
-def _native_pixel_bytes_short(ds: Any, rows: int, columns: int) -> Optional[tuple[int, int]]:
-    """(bytes present, bytes needed) when uncompressed pixel data is shorter than its image, else None."""
+def _native_pixel_bytes(ds: Any, rows: int, columns: int) -> Optional[tuple[int, int]]:
+    """(bytes present, bytes one image needs) for uncompressed pixel data; None when compressed."""
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if syntax is None or getattr(syntax, "is_compressed", True):
+    if syntax is None or getattr(syntax, "is_compressed", True) or not isinstance(ds.PixelData, bytes):
         return None
     bits = _positive_int(ds, "BitsAllocated", Path(), default=8)
-    needed = (rows * columns * bits + 7) // 8
-    present = len(ds.PixelData)
-    return (present, needed) if present < needed else None
+    return len(ds.PixelData), max(1, (rows * columns * bits + 7) // 8)
 
 
 def _spacing(ds: Any, path: Path) -> Optional[tuple[float, float]]:

@@ -6,7 +6,7 @@ import os
 import re
 import stat
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
@@ -237,8 +237,9 @@ def find_dicoms(root: Union[str, Path]) -> DicomIndex:
     Symbolic links to folders are followed, each real folder visited once (so link loops end);
     the ImageId is the file name without its suffix (Kaggle names files by SOPInstanceUID), and two
     different files with one ImageId are an error. What was passed over is listed in the result's
-    ``skipped``: folders that could not be read, link loops and repeats, broken links, and files
-    that are DICOM (by their ``DICM`` preamble) but lack the ``.dcm`` suffix.
+    ``skipped``: folders that could not be read, link loops and repeats, broken links, ``*.dcm``
+    entries that are not regular files (pipes, sockets, devices), and files that are DICOM (by their
+    ``DICM`` preamble) but lack the ``.dcm`` suffix. Any depth of nesting is walked.
     """
     root = check_path(root, "root", error=DataFormatError)
     if not root.is_dir():
@@ -248,7 +249,9 @@ def find_dicoms(root: Union[str, Path]) -> DicomIndex:
     index = DicomIndex()
     visited: dict[tuple[int, int], Path] = {}
 
-    def visit(folder: Path) -> None:
+    stack: list[Iterator[os.DirEntry]] = []  # an explicit stack: a deep folder cannot exhaust recursion
+
+    def enter(folder: Path) -> None:
         try:
             st = folder.stat()
         except OSError as exc:
@@ -264,34 +267,41 @@ def find_dicoms(root: Union[str, Path]) -> DicomIndex:
         except OSError as exc:
             index.skipped.append((folder, f"cannot be read ({exc.strerror or exc})"))
             return
-        for entry in entries:
-            p = Path(entry.path)
-            try:
-                is_dir = entry.is_dir()  # follows links
-                is_file = entry.is_file()
-            except OSError as exc:
-                index.skipped.append((p, f"cannot be read ({exc.strerror or exc})"))
-                continue
-            if is_dir:
-                visit(p)
-            elif is_file:
-                if p.suffix.lower() == ".dcm":
-                    file_st = entry.stat()
-                    file_key = (file_st.st_dev, file_st.st_ino)
-                    if file_key in seen_files:
-                        index.skipped.append((p, f"the same file as {seen_files[file_key]} (a link)"))
-                        continue
-                    seen_files[file_key] = p
-                    image_id = p.stem
-                    if image_id in found:
-                        raise DataFormatError(f"{root}: ImageId {image_id} appears twice: {found[image_id]} and {p}")
-                    found[image_id] = p
-                elif not p.suffix and _is_dicom_file(p):
-                    index.skipped.append((p, "a DICOM file without the .dcm suffix"))
-            elif entry.is_symlink():
-                index.skipped.append((p, "a broken symbolic link"))
+        stack.append(iter(entries))
 
-    visit(root)
+    enter(root)
+    while stack:
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+            continue
+        p = Path(entry.path)
+        try:
+            is_dir = entry.is_dir()  # follows links
+            is_file = entry.is_file()
+        except OSError as exc:
+            index.skipped.append((p, f"cannot be read ({exc.strerror or exc})"))
+            continue
+        if is_dir:
+            enter(p)
+        elif is_file:
+            if p.suffix.lower() == ".dcm":
+                file_st = entry.stat()
+                file_key = (file_st.st_dev, file_st.st_ino)
+                if file_key in seen_files:
+                    index.skipped.append((p, f"the same file as {seen_files[file_key]} (a link)"))
+                    continue
+                seen_files[file_key] = p
+                image_id = p.stem
+                if image_id in found:
+                    raise DataFormatError(f"{root}: ImageId {image_id} appears twice: {found[image_id]} and {p}")
+                found[image_id] = p
+            elif not p.suffix and _is_dicom_file(p):
+                index.skipped.append((p, "a DICOM file without the .dcm suffix"))
+        elif entry.is_symlink() and not p.exists():
+            index.skipped.append((p, "a broken symbolic link"))
+        elif p.suffix.lower() == ".dcm":
+            index.skipped.append((p, "not a regular file (a pipe, socket or device)"))
     for image_id, p in sorted(found.items(), key=lambda item: item[1]):
         index[image_id] = p
     return index

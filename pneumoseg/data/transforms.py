@@ -63,9 +63,12 @@ def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Te
 def resize_mask(mask: Any, size: Union[int, tuple[int, int]]) -> torch.Tensor:
     """(N, 1, H, W) or (H, W) 0/1 masks resized by nearest neighbour to float32 (N, 1, S, S)."""
     size = check_image_size(size, "size")
-    m = _as_batch(mask, "mask").float()
+    m = _as_batch(mask, "mask")
     if m.numel() == 0:
         raise InvalidInputError(f"mask has no pixels, shape {tuple(m.shape)}")
+    if m.is_floating_point() and not bool(torch.isfinite(m).all()):  # integer and bool masks need no pass
+        raise InvalidInputError("mask contains NaN or infinity")
+    m = m.float()
     if tuple(m.shape[2:]) != tuple(size):
         m = F.interpolate(m, size=size, mode="nearest")
     return m
