@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -21,6 +23,25 @@ from reference_metrics import (
     ref_roc_points,
     ref_triplet_grid,
 )
+
+
+@contextlib.contextmanager
+def synchronisation_forbidden():
+    """torch's sync debug mode "error" for the block, always restored. Setting it warns that the mode is
+    a prototype; under ``filterwarnings = error`` that warning would escape with the mode left on and
+    fail every later CUDA test, so it is ignored here."""
+    import torch
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Synchronization debug mode", category=UserWarning)
+            torch.cuda.set_sync_debug_mode("error")
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Synchronization debug mode", category=UserWarning)
+            torch.cuda.set_sync_debug_mode("default")
+
 
 torch = pytest.importorskip("torch")
 
@@ -567,13 +588,10 @@ def test_cuda_dice_stays_on_device_without_sync():
     probs[0] = 0.1  # both empty
     p, t = torch.from_numpy(probs).cuda(), torch.from_numpy(truth).cuda()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with synchronisation_forbidden():
         dice = metrics.dice_per_image(p, t, threshold=0.5)
         mean = metrics.kaggle_dice(p[:, None], t.bool(), threshold=0.5)
         jaccard = metrics.iou(p, t.float(), threshold=0.5)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert dice.is_cuda and mean.is_cuda and jaccard.is_cuda and mean.shape == ()
     np.testing.assert_allclose(dice.cpu().numpy(), ref_dice(probs > 0.5, truth), atol=1e-15, rtol=0)
     np.testing.assert_allclose(jaccard.cpu().numpy(), ref_iou(probs > 0.5, truth), atol=1e-15, rtol=0)
@@ -602,12 +620,9 @@ def test_cuda_triplet_search_matches_cpu():
     t, s = torch.from_numpy(truths).cuda(), torch.from_numpy(scores).cuda()
     search = metrics.TripletSearch(**GRID)
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with synchronisation_forbidden():
         for batch in (slice(0, 5), slice(5, 8)):
             search.update(p16[batch], t[batch], s[batch])
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     cpu = metrics.best_triplet(p16.cpu().numpy(), truths, gate_scores=scores, **GRID)
     np.testing.assert_allclose(search.result().scores, cpu.scores, atol=1e-14, rtol=0)
     nan = torch.from_numpy(probs).cuda()

@@ -42,10 +42,6 @@ dim3 tile_grid(const Geometry& g) {
               static_cast<unsigned>(std::min<int64_t>(g.n, kMaxGridZ)));
 }
 
-int flat_grid(int64_t n) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 32)));
-}
-
 // Reads go through volatile pointers: other threads re-point parents while we walk.
 __device__ __forceinline__ int32_t find_root(const volatile int32_t* parent, int32_t x) {
   int32_t p = parent[x];
@@ -73,11 +69,12 @@ __device__ __forceinline__ void unite(int32_t* parent, int32_t a, int32_t b) {
 }
 
 // Pass 1, one block per 32x32 tile. parent[k] (image-local raster index k) = raster index of the
-// pixel's root within its tile, -1 for background; tile_area[root] = that tile component's size.
+// pixel's root within its tile, -1 for background; tile_area[k] = the tile component's size at its
+// root, 0 elsewhere.
 // With `count_above`, also counts each image's pixels above it (the triplet rule's test).
-template <typename T>
 // At least 4 resident blocks per multiprocessor: without the hint ptxas capped this kernel at 32
 // registers and spilled.
+template <typename T>
 __global__ void __launch_bounds__(kTileThreads, 4)
     local_kernel(const T* __restrict__ input, Geometry g, IsForeground<T> fg, const uint8_t* __restrict__ keep_image,
                  int connectivity, int32_t* __restrict__ parent, int32_t* __restrict__ tile_area,
@@ -140,12 +137,10 @@ __global__ void __launch_bounds__(kTileThreads, 4)
       const int32_t r = r0 + lr;
       if (r >= g.h || c >= g.w) continue;
       const int32_t k = r * g.w + c;
-      if (root[j] < 0) {
-        p[k] = -1;
-      } else {
-        p[k] = (r0 + root[j] / kTile) * g.w + c0 + root[j] % kTile;
-        if (root[j] == li) a[k] = area[li];
-      }
+      // tile_area is nonzero exactly at tile roots: pass 3 finds them by it (their parents change
+      // in pass 2, so parent[k] == k no longer tells).
+      p[k] = root[j] < 0 ? -1 : (r0 + root[j] / kTile) * g.w + c0 + root[j] % kTile;
+      a[k] = root[j] == li ? area[li] : 0;
     }
     __syncthreads();  // shared arrays are reused by the next image
   }
@@ -183,9 +178,10 @@ __global__ void __launch_bounds__(kTileThreads) border_kernel(Geometry g, int co
   }
 }
 
-// Pass 3, one thread per pixel: a tile root (parent[k] == k) finds its final root, points at it and
-// adds its tile area there. Final roots only receive additions and read their own tile area, so
-// the areas are exact whatever the order. is_root (optional) flags the final roots.
+// Pass 3, one thread per pixel: a tile root (tile_area[k] > 0) finds its final root, points at it and
+// adds its tile area there. Final roots only receive additions, and every other tile root reads
+// only its own area, so the areas are exact whatever the order. is_root (optional) flags the final
+// roots.
 __global__ void __launch_bounds__(kThreads)
     resolve_kernel(Geometry g, int32_t* parent, int32_t* tile_area, int32_t* is_root) {
   const int64_t hw = g.hw();
@@ -194,7 +190,7 @@ __global__ void __launch_bounds__(kThreads)
     int32_t* a = tile_area + n * hw;
     for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
       bool final_root = false;
-      if (p[k] == k) {
+      if (a[k] > 0) {
         const int32_t root = find_root(p, static_cast<int32_t>(k));
         if (root == k) {
           final_root = true;
