@@ -32,13 +32,15 @@ Raising a limit, in order of precedence:
 - from the environment, read once at first use: ``PNEUMOSEG_MAX_IMAGE_PIXELS=1073741824`` (the limit's
   name in capitals with a ``PNEUMOSEG_`` prefix; plain integers, ``_`` separators allowed).
 
-Limits are process-wide (one setting for all threads).
+Limits are process-wide (one setting for all threads, so worker threads see a block's limits too);
+``override`` blocks in several threads may end in any order and each removes only its own change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import threading
 from collections.abc import Iterator
@@ -73,7 +75,12 @@ class Limits:
 
 _NAMES = tuple(f.name for f in dataclasses.fields(Limits))
 _lock = threading.Lock()
-_current: Limits | None = None
+_base: Limits | None = None  # the defaults, the environment and set_limits
+# The override blocks now open, oldest first, each (token, changes): a block that ends removes its own
+# layer, so blocks in several threads may end in any order and still leave the right limits behind.
+_layers: list[tuple[int, dict[str, int]]] = []
+_tokens = itertools.count()
+_current: Limits | None = None  # _base with the layers applied
 
 
 def _from_environment() -> Limits:
@@ -92,50 +99,71 @@ def _from_environment() -> Limits:
     return Limits(**values)
 
 
+def _refresh_locked() -> Limits:
+    global _base, _current
+    if _base is None:
+        _base = _from_environment()
+    merged: dict[str, int] = {}
+    for _, changes in _layers:
+        merged.update(changes)
+    _current = dataclasses.replace(_base, **merged) if merged else _base
+    return _current
+
+
 def current() -> Limits:
     """The limits in force (the environment is read on the first call)."""
-    global _current
     limits = _current
     if limits is None:
         with _lock:
-            if _current is None:
-                _current = _from_environment()
-            limits = _current
+            limits = _current if _current is not None else _refresh_locked()
     return limits
+
+
+def _check_names(changes: dict[str, int]) -> None:
+    unknown = sorted(set(changes) - set(_NAMES))
+    if unknown:
+        raise InvalidInputError(f"unknown limit(s) {', '.join(unknown)}; the limits are {', '.join(_NAMES)}")
+    dataclasses.replace(Limits(), **changes)  # each value checked before anything changes
 
 
 def set_limits(**changes: int) -> Limits:
     """Change some limits for the whole process; returns the previous limits, so
-    ``set_limits(**dataclasses.asdict(previous))`` restores them."""
-    global _current
-    unknown = sorted(set(changes) - set(_NAMES))
-    if unknown:
-        raise InvalidInputError(f"unknown limit(s) {', '.join(unknown)}; the limits are {', '.join(_NAMES)}")
-    previous = current()
-    updated = dataclasses.replace(previous, **changes)
+    ``set_limits(**dataclasses.asdict(previous))`` restores them. An open :func:`override` block keeps
+    its own values until it ends."""
+    global _base
+    _check_names(changes)
     with _lock:
-        _current = updated
+        previous = _current if _current is not None else _refresh_locked()
+        _base = dataclasses.replace(_base, **changes)
+        _refresh_locked()
     return previous
 
 
 @contextlib.contextmanager
 def override(**changes: int) -> Iterator[Limits]:
-    """Change some limits inside a ``with`` block, restoring the previous ones after it."""
-    global _current
-    previous = set_limits(**changes)
+    """Change some limits inside a ``with`` block (for the whole process, worker threads included),
+    restoring them after it. Blocks may nest and may end in any order, in any thread: each ending
+    block removes only its own changes."""
+    _check_names(changes)
+    with _lock:
+        token = next(_tokens)
+        _layers.append((token, dict(changes)))
+        limits = _refresh_locked()
     try:
-        yield current()
+        yield limits
     finally:
         with _lock:
-            _current = previous
+            _layers[:] = [layer for layer in _layers if layer[0] != token]
+            _refresh_locked()
 
 
 def reset() -> Limits:
-    """Back to the defaults and the environment (re-read now); returns the new limits."""
-    global _current
+    """Back to the defaults and the environment (re-read now); returns the new limits. Open
+    :func:`override` blocks keep their values until they end."""
+    global _base
     with _lock:
-        _current = None
-    return current()
+        _base = None
+        return _refresh_locked()
 
 
 def exceeded(name: str, value: int, what: str) -> LimitError:

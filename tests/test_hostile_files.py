@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import warnings
 from pathlib import Path
@@ -553,8 +554,32 @@ def _nest(root: Path, depth: int) -> int:
     return fd
 
 
-def test_deep_folders_are_walked_without_recursion(tmp_path):
+def _remove_nested(root: Path) -> None:
+    """Remove a tree however deep (shutil.rmtree recurses: pytest could not clean these up): move
+    every folder up to the top, then remove a tree two levels deep."""
+    pending, count = [root], 0
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            folders = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        for folder in folders:
+            flat = root / f"flat-{count}"
+            count += 1
+            os.rename(folder, flat)
+            pending.append(flat)
+    shutil.rmtree(root)
+
+
+@pytest.fixture
+def deep_tmp(tmp_path):
+    yield tmp_path
+    for child in tmp_path.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            _remove_nested(child)
+
+
+def test_deep_folders_are_walked_without_recursion(deep_tmp):
     # 1,500 levels of "a/" is a 3,000-character path: legal, and past the interpreter's recursion limit.
+    tmp_path = deep_tmp
     fd = _nest(tmp_path / "data", 1500)
     try:
         with open(os.open("deep.dcm", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd), "wb") as f:

@@ -187,6 +187,40 @@ def test_limits_can_be_raised_and_restored():
     assert rle.decode("1 1 1 1", (4, 4)).sum() == 2
 
 
+def test_limit_overrides_in_threads_may_end_in_any_order():
+    # Restoring "the limits before my block" is wrong when blocks in two threads interleave: the
+    # first to end would undo the other's change, and the last would leave the first's in force.
+    import threading
+
+    entered = [threading.Event(), threading.Event()]
+    leave = [threading.Event(), threading.Event()]
+    left = [threading.Event(), threading.Event()]
+    seen = {}
+
+    def block(i: int, side: int) -> None:
+        with limits.override(max_image_side=side):
+            entered[i].set()
+            leave[i].wait(10)
+        left[i].set()
+
+    threads = [threading.Thread(target=block, args=(0, 100)), threading.Thread(target=block, args=(1, 200))]
+    threads[0].start()
+    entered[0].wait(10)
+    threads[1].start()
+    entered[1].wait(10)
+    seen["both open"] = limits.current().max_image_side
+    leave[0].set()
+    left[0].wait(10)
+    seen["the first ended"] = limits.current().max_image_side
+    with limits.override(max_rle_chars=7):
+        seen["nested"] = (limits.current().max_image_side, limits.current().max_rle_chars)
+    leave[1].set()
+    for t in threads:
+        t.join(10)
+    assert seen == {"both open": 200, "the first ended": 200, "nested": (200, 7)}
+    assert limits.current() == limits.Limits()
+
+
 def test_limits_from_the_environment(monkeypatch):
     monkeypatch.setenv("PNEUMOSEG_MAX_IMAGE_PIXELS", "1_000")
     try:
