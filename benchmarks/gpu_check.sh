@@ -124,9 +124,6 @@ rm -f benchmarks/results/*gpu*.json
 run_step "GPU benchmarks (pytest -m cuda)" 180 "$OUT/tests.log" \
   $PY -m pytest -m cuda $BENCHES -q -p no:cacheprovider -rfE --junitxml="$WORK/junit/benchmarks.xml"
 
-# ---- (e) loss profile ------------------------------------------------------------------------------
-run_step "loss profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_loss.py
-
 # ---- (f) compute-sanitizer over every CUDA op --------------------------------------------------------
 if [ -z "$SANITIZER" ]; then
   echo "compute-sanitizer not found" >>"$OUT/sanitize.log"
@@ -142,6 +139,10 @@ else
       env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" --tool $tool --error-exitcode 1 --print-limit 20 $PY benchmarks/gpu_sanitize.py
   done
 fi
+
+# ---- (e) loss profile ------------------------------------------------------------------------------
+run_step "loss profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_loss.py
+run_step "post-processing profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_postprocess.py
 
 # ---- (g) results and summary -----------------------------------------------------------------------
 mkdir -p "$WORK/pack/results"

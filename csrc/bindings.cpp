@@ -190,29 +190,73 @@ loss::ComboParams combo_params(double bce_weight, double dice_weight, double foc
   return p;
 }
 
-void combo_loss_forward(const TensorView& logits, const TensorView& target, const TensorView& state,
-                        const TensorView& loss_out, const loss::ComboParams& p, [[maybe_unused]] uintptr_t stream) {
-  py::gil_scoped_release release;
-  PNEUMOSEG_ON_DEVICE(logits, loss::forward_cpu(logits, target, p, state, loss_out),
-                      loss::forward_cuda(logits, target, p, state, loss_out, stream_of(stream)));
+// The loss runs in every training step, so its bindings take plain numbers: the address and dtype
+// code of contiguous (N, P) logits / target (and gradient), the float64 (N, kStateCols) state and
+// the 0-d loss or incoming gradient. Python builds no TensorView objects per step.
+TensorView rows_view(uintptr_t data, int dtype, int64_t n, int64_t p, int device, int device_index) {
+  return make_view(data, dtype, device, device_index, {n, p}, {p, 1});
+}
+TensorView state_view(uintptr_t data, int64_t n, int device, int device_index) {
+  return make_view(data, static_cast<int>(DType::Float64), device, device_index, {n, loss::kStateCols},
+                   {loss::kStateCols, 1});
+}
+TensorView scalar_view(uintptr_t data, bool is_double, int device, int device_index) {
+  return make_view(data, static_cast<int>(is_double ? DType::Float64 : DType::Float32), device, device_index, {}, {});
 }
 
-void combo_loss_backward(const TensorView& grad_loss, const TensorView& logits, const TensorView& target,
-                         const TensorView& state, const TensorView& grad_logits, const loss::ComboParams& p,
+void combo_loss_forward(uintptr_t logits_data, int logits_dtype, uintptr_t target_data, int target_dtype, int64_t n,
+                        int64_t p, int device, int device_index, uintptr_t state_data, uintptr_t loss_data,
+                        bool loss_is_double, const loss::ComboParams& params, [[maybe_unused]] uintptr_t stream) {
+  const TensorView logits = rows_view(logits_data, logits_dtype, n, p, device, device_index);
+  const TensorView target = rows_view(target_data, target_dtype, n, p, device, device_index);
+  const TensorView state = state_view(state_data, n, device, device_index);
+  const TensorView loss_out = scalar_view(loss_data, loss_is_double, device, device_index);
+  py::gil_scoped_release release;
+  PNEUMOSEG_ON_DEVICE(logits, loss::forward_cpu(logits, target, params, state, loss_out),
+                      loss::forward_cuda(logits, target, params, state, loss_out, stream_of(stream)));
+}
+
+void combo_loss_backward(uintptr_t grad_loss_data, bool grad_is_double, uintptr_t logits_data, int logits_dtype,
+                         uintptr_t target_data, int target_dtype, int64_t n, int64_t p, int device, int device_index,
+                         uintptr_t state_data, uintptr_t grad_logits_data, const loss::ComboParams& params,
                          [[maybe_unused]] uintptr_t stream) {
+  const TensorView grad_loss = scalar_view(grad_loss_data, grad_is_double, device, device_index);
+  const TensorView logits = rows_view(logits_data, logits_dtype, n, p, device, device_index);
+  const TensorView target = rows_view(target_data, target_dtype, n, p, device, device_index);
+  const TensorView state = state_view(state_data, n, device, device_index);
+  const TensorView grad_logits = rows_view(grad_logits_data, logits_dtype, n, p, device, device_index);
   py::gil_scoped_release release;
-  PNEUMOSEG_ON_DEVICE(logits, loss::backward_cpu(grad_loss, logits, target, state, p, grad_logits),
-                      loss::backward_cuda(grad_loss, logits, target, state, p, grad_logits, stream_of(stream)));
+  PNEUMOSEG_ON_DEVICE(logits, loss::backward_cpu(grad_loss, logits, target, state, params, grad_logits),
+                      loss::backward_cuda(grad_loss, logits, target, state, params, grad_logits, stream_of(stream)));
 }
 
-py::list label_components(const TensorView& input, bool use_threshold, double threshold, int connectivity,
-                          const TensorView& labels, [[maybe_unused]] uintptr_t stream) {
+// CPU: a list of N int64 arrays of areas. CUDA: the list of per-image label counts; the areas are
+// written into device memory that allocate_areas(K) (a Python callable) returns the address of.
+py::object label_components(const TensorView& input, bool use_threshold, double threshold, int connectivity,
+                            const TensorView& labels, [[maybe_unused]] uintptr_t stream,
+                            [[maybe_unused]] const py::object& allocate_areas) {
+  const postprocess::Foreground fg{use_threshold, threshold};
+  if (input.device == Device::CUDA) {
+#ifdef PNEUMOSEG_WITH_CUDA
+    if (allocate_areas.is_none()) fail_value("label_components on CUDA needs allocate_areas");
+    std::vector<int64_t> counts;
+    auto allocate = [&allocate_areas](int64_t k) -> int64_t* {
+      py::gil_scoped_acquire hold;
+      return reinterpret_cast<int64_t*>(allocate_areas(k).cast<uintptr_t>());
+    };
+    {
+      py::gil_scoped_release release;
+      postprocess::label_cuda(input, fg, connectivity, labels, allocate, counts, stream_of(stream));
+    }
+    return py::cast(counts);
+#else
+    no_cuda();
+#endif
+  }
   std::vector<std::vector<int64_t>> areas;
   {
     py::gil_scoped_release release;
-    const postprocess::Foreground fg{use_threshold, threshold};
-    PNEUMOSEG_ON_DEVICE(input, postprocess::label_cpu(input, fg, connectivity, labels, areas),
-                        postprocess::label_cuda(input, fg, connectivity, labels, areas, stream_of(stream)));
+    postprocess::label_cpu(input, fg, connectivity, labels, areas);
   }
   py::list out;
   for (const auto& a : areas) {
@@ -296,12 +340,15 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init(&combo_params), py::arg("bce_weight"), py::arg("dice_weight"), py::arg("focal_weight"),
            py::arg("focal_gamma"), py::arg("smooth"), py::arg("pos_weight"), py::arg("per_image"));
   m.attr("COMBO_STATE_COLS") = static_cast<int>(loss::kStateCols);
-  m.def("combo_loss_forward", &combo_loss_forward, py::arg("logits"), py::arg("target"), py::arg("state"),
-        py::arg("loss"), py::arg("params"), py::arg("stream") = 0);
-  m.def("combo_loss_backward", &combo_loss_backward, py::arg("grad_loss"), py::arg("logits"), py::arg("target"),
-        py::arg("state"), py::arg("grad_logits"), py::arg("params"), py::arg("stream") = 0);
+  m.def("combo_loss_forward", &combo_loss_forward, py::arg("logits"), py::arg("logits_dtype"), py::arg("target"),
+        py::arg("target_dtype"), py::arg("n"), py::arg("p"), py::arg("device"), py::arg("device_index"),
+        py::arg("state"), py::arg("loss"), py::arg("loss_is_double"), py::arg("params"), py::arg("stream"));
+  m.def("combo_loss_backward", &combo_loss_backward, py::arg("grad_loss"), py::arg("grad_is_double"),
+        py::arg("logits"), py::arg("logits_dtype"), py::arg("target"), py::arg("target_dtype"), py::arg("n"),
+        py::arg("p"), py::arg("device"), py::arg("device_index"), py::arg("state"), py::arg("grad_logits"),
+        py::arg("params"), py::arg("stream"));
   m.def("label_components", &label_components, py::arg("input"), py::arg("use_threshold"), py::arg("threshold"),
-        py::arg("connectivity"), py::arg("labels"), py::arg("stream") = 0);
+        py::arg("connectivity"), py::arg("labels"), py::arg("stream") = 0, py::arg("allocate_areas") = py::none());
   m.def("postprocess_masks_cuda", &postprocess_masks_cuda, py::arg("input"), py::arg("params"),
         py::arg("keep_image_device"), py::arg("out"), py::arg("stream") = 0);
   py::class_<postprocess::PostprocessParams>(m, "PostprocessParams")

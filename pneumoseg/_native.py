@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "built. Install it with `pip install -e .` (or `pip install .` and import it from elsewhere)."
     ) from exc
 
-__all__ = ["ArrayInfo", "as_view", "kind_of", "zeros_uint8", "require_cuda_build", "cuda_available"]
+__all__ = ["ArrayInfo", "as_view", "kind_of", "data_pointer", "zeros_uint8", "require_cuda_build", "cuda_available"]
 
 # Codes of pneumoseg::DType (csrc/common/tensor_view.h).
 _NUMPY_CODES = {
@@ -113,16 +113,38 @@ def _numpy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     return ArrayInfo(view, "numpy", CPU, 0, 0, arr)
 
 
+_TORCH_CODES: dict = {}  # torch.dtype -> code, filled on first use (torch is never imported here)
+
+
+def _torch_code(dtype: Any) -> Any:
+    code = _TORCH_CODES.get(dtype)
+    if code is None:
+        code = _TORCH_NAMES.get(str(dtype).replace("torch.", ""))
+        if code is not None:
+            _TORCH_CODES[dtype] = code
+    return code
+
+
+def torch_current_stream(index: int) -> int:
+    """The raw handle of torch's current CUDA stream on device ``index``, without building a
+    torch.cuda.Stream object (a measurable cost per call on small batches)."""
+    torch = _torch()
+    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+    if get_raw is not None:
+        return get_raw(index)
+    return torch.cuda.current_stream(index).cuda_stream  # pragma: no cover - older torch
+
+
 def _torch_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     torch = _torch()
-    code = _TORCH_NAMES.get(str(x.dtype).replace("torch.", ""))
+    code = _torch_code(x.dtype)
     if code is None:
         raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
     if x.device.type == "cpu":
         device, index, stream = CPU, 0, 0
     elif x.device.type == "cuda":
         device, index = CUDA, x.device.index if x.device.index is not None else torch.cuda.current_device()
-        stream = torch.cuda.current_stream(x.device).cuda_stream
+        stream = torch_current_stream(index)
     else:
         raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
     if x.is_conj() or x.is_neg():
@@ -144,6 +166,13 @@ def _cupy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
         x.data.ptr, code, CUDA, x.device.id, list(x.shape), [s // itemsize for s in x.strides]
     )
     return ArrayInfo(view, "cupy", CUDA, x.device.id, stream, x)
+
+
+def data_pointer(x: Any) -> int:
+    """The address of a torch tensor's or CuPy array's first element."""
+    if kind_of(x) == "torch":
+        return x.data_ptr()
+    return x.data.ptr
 
 
 def require_cuda_build(name: str, error: type[Exception] = InvalidInputError) -> None:

@@ -46,33 +46,20 @@ def _params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weig
 
 
 # The loss sits in every training step, so its host path is kept short: tensors reach the native
-# core as views built straight from torch's metadata (the inputs are contiguous, their dtypes
-# already checked), and the current CUDA stream is read without building a torch.cuda.Stream.
+# core as addresses and dtype codes (the inputs are contiguous, their dtypes already checked), and
+# the current CUDA stream is read without building a torch.cuda.Stream.
 _DTYPE_CODES = {
     torch.bool: 0, torch.uint8: 2, torch.float16: 9, torch.bfloat16: 10, torch.float32: 11, torch.float64: 12,
 }
 
 
-def _raw_stream(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if get_raw is not None:
-        return get_raw(index)
-    return torch.cuda.current_stream(device).cuda_stream  # pragma: no cover - older torch
-
-
-def _tensor_view(t: torch.Tensor, shape=None):
-    """A native view of contiguous ``t``; ``shape`` = (N, P) reads an (N, ...) tensor as N rows of P
-    pixels without a torch reshape (no view op, no extra autograd node)."""
+def _place(t: torch.Tensor) -> tuple[int, int, int]:
+    """(device code, device index, current stream) of a tensor, as the native core takes them."""
     device = t.device
-    if shape is None:
-        shape, strides = list(t.shape), list(t.stride())
-    else:
-        shape, strides = list(shape), [shape[1], 1]
     if device.type == "cpu":
-        return _C.TensorView(t.data_ptr(), _DTYPE_CODES[t.dtype], _native.CPU, 0, shape, strides)
+        return _native.CPU, 0, 0
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return _C.TensorView(t.data_ptr(), _DTYPE_CODES[t.dtype], _native.CUDA, index, shape, strides)
+    return _native.CUDA, index, _native.torch_current_stream(index)
 
 
 def _rows(t: torch.Tensor) -> tuple[int, int]:
@@ -81,17 +68,17 @@ def _rows(t: torch.Tensor) -> tuple[int, int]:
 
 
 def _run_forward(logits: torch.Tensor, target: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
-    """The native forward on contiguous (N, ...) tensors, read as (N, P): (loss, state)."""
+    """The native forward on contiguous (N, ...) tensors, read as (N, P) rows: (loss, state)."""
     device = logits.device
-    rows = _rows(logits)
-    state = torch.empty((rows[0], _STATE_COLS), dtype=torch.float64, device=device)
+    n, p = _rows(logits)
+    state = torch.empty((n, _STATE_COLS), dtype=torch.float64, device=device)
     loss = torch.empty((), dtype=_loss_dtype(logits.dtype), device=device)
-    stream = 0
-    if device.type == "cuda":
+    code, index, stream = _place(logits)
+    if code == _native.CUDA:
         _native.require_cuda_build("logits")
-        stream = _raw_stream(device)
-    _C.combo_loss_forward(_tensor_view(logits, rows), _tensor_view(target, rows), _tensor_view(state),
-                          _tensor_view(loss), params, stream)
+    _C.combo_loss_forward(logits.data_ptr(), _DTYPE_CODES[logits.dtype], target.data_ptr(),
+                          _DTYPE_CODES[target.dtype], n, p, code, index, state.data_ptr(), loss.data_ptr(),
+                          loss.dtype == torch.float64, params, stream)
     return loss, state
 
 
@@ -103,12 +90,11 @@ def _run_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.T
     wanted = _loss_dtype(logits.dtype)
     if grad_loss.dtype != wanted or grad_loss.device != logits.device:
         grad_loss = grad_loss.to(device=logits.device, dtype=wanted)
-    if not grad_loss.is_contiguous():
-        grad_loss = grad_loss.contiguous()
-    rows = _rows(logits)
-    stream = _raw_stream(logits.device) if logits.device.type == "cuda" else 0
-    _C.combo_loss_backward(_tensor_view(grad_loss), _tensor_view(logits, rows), _tensor_view(target, rows),
-                           _tensor_view(state), _tensor_view(grad_logits, rows), params, stream)
+    n, p = _rows(logits)
+    code, index, stream = _place(logits)
+    _C.combo_loss_backward(grad_loss.data_ptr(), wanted == torch.float64, logits.data_ptr(),
+                           _DTYPE_CODES[logits.dtype], target.data_ptr(), _DTYPE_CODES[target.dtype], n, p, code,
+                           index, state.data_ptr(), grad_logits.data_ptr(), params, stream)
     return grad_logits
 
 

@@ -70,17 +70,23 @@ class _Batch:
                 return cupy.empty(self.shape, dtype=dtype)
         return np.empty(self.shape, dtype=dtype)
 
-    def areas(self, values: np.ndarray) -> Any:
+    def device_array(self, dtype: str, length: int) -> Any:
+        """An uninitialised 1-D array of the (CUDA) input's framework and device."""
         if self.kind == "torch":
             import torch
 
-            return torch.as_tensor(values, device=self.info.owner.device)
-        if self.kind == "cupy":
-            import cupy
+            return torch.empty(length, dtype=getattr(torch, dtype), device=self.info.owner.device)
+        import cupy
 
-            with cupy.cuda.Device(self.info.device_index):
-                return cupy.asarray(values)
-        return values
+        with cupy.cuda.Device(self.info.device_index):
+            return cupy.empty(length, dtype=dtype)
+
+    def split(self, flat: Any, counts: list[int]) -> list[Any]:
+        """Consecutive pieces of ``flat`` with ``counts`` elements each, as views."""
+        if self.kind == "torch":
+            return list(flat.split(counts))
+        ends = np.cumsum(counts)
+        return [flat[end - count:end] for count, end in zip(counts, ends)]
 
     def answer(self, out: Any) -> Any:
         return out[0] if self.single else out
@@ -91,16 +97,29 @@ def label_components(mask: Any, connectivity: int = 8) -> tuple[Any, Any]:
 
     Returns ``(labels, areas)``: int32 labels 1..K in raster order of each component's first pixel
     (as ``scipy.ndimage.label``), 0 for background, and each component's pixel count: an int64 array
-    of K for one (H, W) mask, a list of N such arrays for an (N, H, W) batch. On CUDA the labels are
-    computed on the GPU; reading the areas back costs one synchronisation.
+    of K for one (H, W) mask, a list of N such arrays for an (N, H, W) batch. On CUDA everything stays on
+    the GPU (each image's areas are a view of one device array); learning the number of components
+    costs one synchronisation.
     """
     connectivity = _check_connectivity(connectivity)
     batch = _Batch(mask, "mask")
     labels = batch.empty("int32")
     out = _native.as_view(labels, "labels")
-    areas = _C.label_components(batch.info.view, False, 0.0, connectivity, out.view, batch.info.stream)
-    areas = [batch.areas(a) for a in areas]
-    return batch.answer(labels), (areas[0] if batch.single else areas)
+    if batch.cuda:
+        # The areas stay on the GPU: the native call asks for one flat device array once it knows the
+        # number of components, fills it, and each image's areas are a view of it.
+        flat: list = []
+
+        def allocate_areas(k: int) -> int:
+            flat.append(batch.device_array("int64", k))
+            return _native.data_pointer(flat[0])
+
+        counts = _C.label_components(batch.info.view, False, 0.0, connectivity, out.view, batch.info.stream,
+                                     allocate_areas)
+        areas = batch.split(flat[0], counts)
+    else:
+        areas = _C.label_components(batch.info.view, False, 0.0, connectivity, out.view, batch.info.stream)
+    return batch.answer(labels), (areas[0] if batch.single else list(areas))
 
 
 def _run(

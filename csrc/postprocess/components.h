@@ -2,6 +2,7 @@
 // Connected components and the post-processing built on them (thresholding, area filter, SIIM
 // "triplet" rule, classifier gating), over (N, H, W) batches of any dtype.
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "common/tensor_view.h"
@@ -34,10 +35,13 @@ std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessP
                                      const std::vector<uint8_t>& keep_image, const TensorView& out);
 
 #ifdef PNEUMOSEG_WITH_CUDA
-// CUDA: labels as label_cpu; areas come back as one flat host vector in label order with the
-// number of labels per image (one small copy and one synchronisation, after all the work).
+// CUDA: labels as label_cpu. The areas stay on the device: after all the work, one small copy (and
+// one synchronisation) brings back the number of labels per image into `counts`; then
+// allocate_areas(K) must return device memory for K int64 values, which receives every image's areas
+// in label order, one image after another (stream-ordered, no further synchronisation).
 void label_cuda(const TensorView& input, Foreground fg, int connectivity, const TensorView& labels,
-                std::vector<std::vector<int64_t>>& areas, void* stream);
+                const std::function<int64_t*(int64_t)>& allocate_areas, std::vector<int64_t>& counts,
+                void* stream);
 // CUDA: as postprocess_cpu, fully asynchronous; keep_image is a device uint8 (N,) array (or null
 // for all kept).
 void postprocess_cuda(const TensorView& input, const PostprocessParams& p, const uint8_t* keep_image_device,

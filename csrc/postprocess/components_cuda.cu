@@ -8,7 +8,7 @@
 // Unions keep the smaller index, so every root is its component's first pixel in raster order, and
 // a prefix sum of root flags numbers the components 1..K in scipy's order. Kernels index pixels by
 // a 3-D grid (column tile, row tile, image) in 32-bit arithmetic. Nothing synchronises with the host
-// except label_cuda's final copy of the per-image component counts.
+// except label_cuda's copy of the per-image component counts; the areas stay on the device.
 #include <cub/device/device_scan.cuh>
 
 #include <algorithm>
@@ -52,10 +52,27 @@ __device__ __forceinline__ int32_t find_root(const volatile int32_t* parent, int
   return x;
 }
 
+// find_root with path halving: each visited node is re-pointed at its grandparent, an ancestor, so
+// the store is safe while other threads walk or link (roots only ever gain a parent). Used while
+// pass 2 links tile roots, where the many tile roots of a large or noisy component form long chains.
+__device__ __forceinline__ int32_t find_root_halving(int32_t* parent, int32_t x) {
+  volatile int32_t* p = parent;
+  int32_t up = p[x];
+  while (up != x) {
+    const int32_t grand = p[up];
+    if (grand == up) return up;
+    p[x] = grand;
+    x = grand;
+    up = p[x];
+  }
+  return x;
+}
+
+template <bool kHalving>
 __device__ __forceinline__ void unite(int32_t* parent, int32_t a, int32_t b) {
   while (true) {
-    a = find_root(parent, a);
-    b = find_root(parent, b);
+    a = kHalving ? find_root_halving(parent, a) : find_root(parent, a);
+    b = kHalving ? find_root_halving(parent, b) : find_root(parent, b);
     if (a == b) return;
     if (a > b) {
       const int32_t t = a;
@@ -110,13 +127,13 @@ __global__ void __launch_bounds__(kTileThreads, 4)
     for (int j = 0; j < kRowsPerThread; ++j) {
       const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
       if (local[li] < 0) continue;
-      if (tx > 0 && local[li - 1] >= 0) unite(local, li, li - 1);
+      if (tx > 0 && local[li - 1] >= 0) unite<false>(local, li, li - 1);
       if (lr > 0) {
         const int up = li - kTile;
-        if (local[up] >= 0) unite(local, li, up);
+        if (local[up] >= 0) unite<false>(local, li, up);
         if (connectivity == 8) {
-          if (tx > 0 && local[up - 1] >= 0) unite(local, li, up - 1);
-          if (tx + 1 < kTile && local[up + 1] >= 0) unite(local, li, up + 1);
+          if (tx > 0 && local[up - 1] >= 0) unite<false>(local, li, up - 1);
+          if (tx + 1 < kTile && local[up + 1] >= 0) unite<false>(local, li, up + 1);
         }
       }
     }
@@ -165,13 +182,13 @@ __global__ void __launch_bounds__(kTileThreads) border_kernel(Geometry g, int co
       if (r >= g.h || !(top_edge || left_edge || right_edge)) continue;
       const int32_t k = r * g.w + c;
       if (p[k] < 0) continue;
-      if (left_edge && p[k - 1] >= 0) unite(p, k, k - 1);
+      if (left_edge && p[k - 1] >= 0) unite<true>(p, k, k - 1);
       if (r > 0) {
         const int32_t up = k - g.w;
-        if (top_edge && p[up] >= 0) unite(p, k, up);
+        if (top_edge && p[up] >= 0) unite<true>(p, k, up);
         if (connectivity == 8) {
-          if (c > 0 && (top_edge || left_edge) && p[up - 1] >= 0) unite(p, k, up - 1);
-          if (c + 1 < g.w && (top_edge || right_edge) && p[up + 1] >= 0) unite(p, k, up + 1);
+          if (c > 0 && (top_edge || left_edge) && p[up - 1] >= 0) unite<true>(p, k, up - 1);
+          if (c + 1 < g.w && (top_edge || right_edge) && p[up + 1] >= 0) unite<true>(p, k, up + 1);
         }
       }
     }
@@ -191,6 +208,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
       bool final_root = false;
       if (a[k] > 0) {
+        // A plain walk: a halving store here could land after a tile root's final store below and
+        // leave it pointing at a non-root, which final_root() relies on never happening.
         const int32_t root = find_root(p, static_cast<int32_t>(k));
         if (root == k) {
           final_root = true;
@@ -289,11 +308,15 @@ Geometry geometry(const TensorView& v) {
 }  // namespace
 
 void label_cuda(const TensorView& input, Foreground fg, int connectivity, const TensorView& labels,
-                std::vector<std::vector<int64_t>>& areas, void* stream_ptr) {
+                const std::function<int64_t*(int64_t)>& allocate_areas, std::vector<int64_t>& counts,
+                void* stream_ptr) {
   check_args(input, connectivity, labels, DType::Int32);
   const int64_t N = input.shape[0], total = input.numel();
-  areas.assign(N, {});
-  if (total == 0) return;
+  counts.assign(N, 0);
+  if (total == 0) {
+    allocate_areas(0);
+    return;
+  }
   cuda::DeviceGuard device(input.device_index);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const Geometry g = geometry(input);
@@ -326,26 +349,22 @@ void label_cuda(const TensorView& input, Foreground fg, int connectivity, const 
                                                       per_image.as<int32_t>());
   PNEUMOSEG_CHECK_LAUNCH("compact_areas_kernel");
 
-  std::vector<int32_t> counts(N);
-  PNEUMOSEG_CUDA_CHECK(
-      cudaMemcpyAsync(counts.data(), per_image.as<int32_t>(), sizeof(int32_t) * N, cudaMemcpyDeviceToHost, stream));
+  std::vector<int32_t> per_image_host(N);
+  PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(per_image_host.data(), per_image.as<int32_t>(), sizeof(int32_t) * N,
+                                       cudaMemcpyDeviceToHost, stream));
   PNEUMOSEG_CUDA_CHECK(cudaStreamSynchronize(stream));
   int64_t k_total = 0;
-  for (int32_t c : counts) {
-    if (c < 0) throw NativeError("label_cuda: negative component count");
-    k_total += c;
+  for (int64_t n = 0; n < N; ++n) {
+    if (per_image_host[n] < 0) throw NativeError("label_cuda: negative component count");
+    counts[n] = per_image_host[n];
+    k_total += per_image_host[n];
   }
   if (k_total > total) throw NativeError("label_cuda: more components than pixels");
-  std::vector<int64_t> flat_areas(k_total);
+  int64_t* areas_device = allocate_areas(k_total);
   if (k_total > 0) {
-    PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(flat_areas.data(), areas_out.as<int64_t>(), sizeof(int64_t) * k_total,
-                                         cudaMemcpyDeviceToHost, stream));
-    PNEUMOSEG_CUDA_CHECK(cudaStreamSynchronize(stream));
-  }
-  int64_t at = 0;
-  for (int64_t n = 0; n < N; ++n) {
-    areas[n].assign(flat_areas.begin() + at, flat_areas.begin() + at + counts[n]);
-    at += counts[n];
+    if (areas_device == nullptr) throw NativeError("label_cuda: no memory was given for the areas");
+    PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(areas_device, areas_out.as<int64_t>(), sizeof(int64_t) * k_total,
+                                         cudaMemcpyDeviceToDevice, stream));
   }
 }
 
