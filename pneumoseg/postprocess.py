@@ -81,6 +81,14 @@ class _Batch:
         with cupy.cuda.Device(self.info.device_index):
             return cupy.empty(length, dtype=dtype)
 
+    def in_kind(self, values: np.ndarray) -> Any:
+        """A host NumPy result as the (CPU) input's framework: a torch tensor for torch input."""
+        if self.kind == "torch":
+            import torch
+
+            return torch.from_numpy(values)
+        return values
+
     def split(self, flat: Any, counts: list[int]) -> list[Any]:
         """Consecutive pieces of ``flat`` with ``counts`` elements each, as views."""
         if self.kind == "torch":
@@ -118,7 +126,8 @@ def label_components(mask: Any, connectivity: int = 8) -> tuple[Any, Any]:
                                      allocate_areas)
         areas = batch.split(flat[0], counts)
     else:
-        areas = _C.label_components(batch.info.view, False, 0.0, connectivity, out.view, batch.info.stream)
+        areas = [batch.in_kind(a) for a in
+                 _C.label_components(batch.info.view, False, 0.0, connectivity, out.view, batch.info.stream)]
     return batch.answer(labels), (areas[0] if batch.single else list(areas))
 
 

@@ -329,3 +329,18 @@ def test_large_single_images_are_labelled_in_stripes(density, connectivity):
     np.testing.assert_array_equal(areas, np.bincount(ref.ravel(), minlength=k + 1)[1:])
     np.testing.assert_array_equal(pp.remove_small_components(mask, 3, connectivity),
                                   ref_remove_small(mask[None], 3, connectivity)[0])
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_label_components_answers_torch_input_with_torch_areas(single):
+    torch = pytest.importorskip("torch")
+    mask = np.zeros((2, 9, 11), np.uint8)
+    mask[0, 1:3, 1:3] = 1
+    mask[1, 5:, 7:] = 1
+    mask[1, 0, 0] = 1
+    x = torch.from_numpy(mask[0] if single else mask)
+    labels, areas = pp.label_components(x, 8)
+    assert isinstance(labels, torch.Tensor) and labels.dtype == torch.int32
+    for a, want in zip([areas] if single else areas, [[4]] if single else [[4], [1, 8]]):
+        assert isinstance(a, torch.Tensor) and a.dtype == torch.int64
+        assert a.tolist() == want
