@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cuda_timing import median_ms
 from factories import pneumothorax_blob
 from pneumoseg import postprocess as pp
 
@@ -109,23 +110,6 @@ def _host_probability_batches(n: int) -> dict:
 
 def gpu_probability_batches(torch, n: int = GPU_BATCH) -> dict:
     return {name: torch.from_numpy(maps).cuda() for name, maps in _host_probability_batches(n).items()}
-
-
-def median_ms(torch, fn, reps: int, warmup: int = 2) -> float:
-    """Median over `reps` of one call timed with CUDA events; a call that synchronises with the host
-    (the cupyx loop, a readback) is included whole, since the stop event is recorded after it returns."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop))
-    return float(np.median(times))
 
 
 def same_partition(cupy, ours, theirs) -> bool:

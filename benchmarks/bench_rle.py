@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cuda_timing import median_ms
 from factories import pneumothorax_blob, random_mask
 from pneumoseg import rle
 from reference import competition_mask2rle
@@ -117,17 +118,7 @@ def test_gpu_encode_batch_64_vs_one_copy():
     host = torch.empty(masks.shape, dtype=masks.dtype, pin_memory=True)
 
     def timed(fn, reps=20):
-        fn()
-        torch.cuda.synchronize()
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(reps):
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop) / 1e3)
-        return float(np.median(times))
+        return median_ms(torch, fn, reps, warmup=1) / 1e3
 
     encode_s = timed(lambda: rle.encode_batch(masks))
     copy_s = timed(lambda: host.copy_(masks, non_blocking=True))

@@ -14,6 +14,7 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from cuda_timing import per_call_us
 from pneumoseg.losses import combo_loss
 
 WEIGHTS = dict(bce_weight=3.0, dice_weight=1.0, focal_weight=4.0)
@@ -31,14 +32,7 @@ def host_overhead_us(calls: int = 200) -> dict[str, float]:
     t = (torch.rand(1, 1, 8, 8, device="cuda") > 0.5).float()
     out = {}
     for name, fn in (("forward", lambda: combo_loss(x, t, **WEIGHTS)), ("forward+backward", lambda: step(x, t))):
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        out[name] = (time.perf_counter() - t0) / calls * 1e6
+        out[name] = per_call_us(torch, fn, calls)
     # For scale: what the same step costs without our code in it.
     from pneumoseg import losses
 
@@ -67,14 +61,7 @@ def host_overhead_us(calls: int = 200) -> dict[str, float]:
         "one torch.mul": lambda: x.detach().mul(2.0),
     }
     for name, fn in references.items():
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-        out[f"{name} (reference)"] = (time.perf_counter() - t0) / calls * 1e6
+        out[f"{name} (reference)"] = per_call_us(torch, fn, calls)
     return out
 
 

@@ -9,7 +9,6 @@ host's share.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from bench_postprocess import realistic_probability_map  # noqa: E402
+from cuda_timing import per_call_us  # noqa: E402
 from pneumoseg import postprocess as pp  # noqa: E402
 
 
 def profiled(name: str, fn, reps: int) -> None:
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    torch.cuda.synchronize()
-    wall = (time.perf_counter() - t0) / reps
+    wall = per_call_us(torch, fn, reps, warmup=3) / 1e6
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):
             fn()
