@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "built. Install it with `pip install -e .` (or `pip install .` and import it from elsewhere)."
     ) from exc
 
-__all__ = ["ArrayInfo", "as_view", "kind_of", "data_pointer", "zeros_uint8", "require_cuda_build", "cuda_available"]
+__all__ = ["ArrayInfo", "as_view", "kind_of", "data_pointer", "torch_dtype_code", "torch_current_stream", "zeros_uint8", "require_cuda_build", "cuda_available"]
 
 # Codes of pneumoseg::DType (csrc/common/tensor_view.h).
 _NUMPY_CODES = {
@@ -116,7 +116,8 @@ def _numpy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
 _TORCH_CODES: dict = {}  # torch.dtype -> code, filled on first use (torch is never imported here)
 
 
-def _torch_code(dtype: Any) -> Any:
+def torch_dtype_code(dtype: Any) -> Any:
+    """The native dtype code of a torch dtype (None if unsupported)."""
     code = _TORCH_CODES.get(dtype)
     if code is None:
         code = _TORCH_NAMES.get(str(dtype).replace("torch.", ""))
@@ -137,7 +138,7 @@ def torch_current_stream(index: int) -> int:
 
 def _torch_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     torch = _torch()
-    code = _torch_code(x.dtype)
+    code = torch_dtype_code(x.dtype)
     if code is None:
         raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
     if x.device.type == "cpu":

@@ -48,9 +48,7 @@ def _params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weig
 # The loss sits in every training step, so its host path is kept short: tensors reach the native
 # core as addresses and dtype codes (the inputs are contiguous, their dtypes already checked), and
 # the current CUDA stream is read without building a torch.cuda.Stream.
-_DTYPE_CODES = {
-    torch.bool: 0, torch.uint8: 2, torch.float16: 9, torch.bfloat16: 10, torch.float32: 11, torch.float64: 12,
-}
+_code = _native.torch_dtype_code
 
 
 def _place(t: torch.Tensor) -> tuple[int, int, int]:
@@ -76,8 +74,8 @@ def _run_forward(logits: torch.Tensor, target: torch.Tensor, params) -> tuple[to
     code, index, stream = _place(logits)
     if code == _native.CUDA:
         _native.require_cuda_build("logits")
-    _C.combo_loss_forward(logits.data_ptr(), _DTYPE_CODES[logits.dtype], target.data_ptr(),
-                          _DTYPE_CODES[target.dtype], n, p, code, index, state.data_ptr(), loss.data_ptr(),
+    _C.combo_loss_forward(logits.data_ptr(), _code(logits.dtype), target.data_ptr(),
+                          _code(target.dtype), n, p, code, index, state.data_ptr(), loss.data_ptr(),
                           loss.dtype == torch.float64, params, stream)
     return loss, state
 
@@ -93,7 +91,7 @@ def _run_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.T
     n, p = _rows(logits)
     code, index, stream = _place(logits)
     _C.combo_loss_backward(grad_loss.data_ptr(), wanted == torch.float64, logits.data_ptr(),
-                           _DTYPE_CODES[logits.dtype], target.data_ptr(), _DTYPE_CODES[target.dtype], n, p, code,
+                           _code(logits.dtype), target.data_ptr(), _code(target.dtype), n, p, code,
                            index, state.data_ptr(), grad_logits.data_ptr(), params, stream)
     return grad_logits
 
