@@ -82,9 +82,9 @@ def _non_ascii_error(texts: list[Any], slots: list[int]) -> RLEError:
 def _decode_into(texts: list[Any], images: list[int], slots: list[int], out: Any, code: int, stream: int) -> None:
     try:
         _C.rle_decode(texts, images, slots, out, code, stream)
-    except (UnicodeDecodeError, UnicodeEncodeError):
-        # A lone surrogate cannot be passed in, and a quoted token with bytes that are not UTF-8 cannot
-        # come back as a message: both are non-ASCII tokens, which the decoder refuses anyway.
+    except UnicodeEncodeError:
+        # A str with a lone surrogate has no bytes to pass in; it is a non-ASCII token, which the
+        # decoder refuses anyway. (The decoder's own messages escape every non-printable byte.)
         raise _non_ascii_error(texts, slots) from None
 
 

@@ -92,7 +92,8 @@ REFUSED = {
     "decode(None)": (lambda: rle.decode(None), pneumoseg.RLEError, "rle must be a str, got NoneType"),
     # bytes that are not UTF-8 once came back as a UnicodeDecodeError (the native message quotes the token)
     "decode non-UTF-8 bytes": (lambda: rle.decode(b"1 2 \xff\xfe", (2, 2)), pneumoseg.RLEError, r"^token 2 \('\\xff\\xfe'\) is not a non-negative integer"),
-    "decode a character cut by the quote": (lambda: rle.decode("1 a" + "\u20ac" * 20, (4, 4)), pneumoseg.RLEError, "^token 1 .* not ASCII"),
+    "decode a character cut by the quote": (lambda: rle.decode("1 a" + "\u20ac" * 20, (4, 4)), pneumoseg.RLEError, r"^token 1 \('a\\xe2\\x82\\xac.*\.\.\.'\) is not a non-negative integer"),
+    "decode control and NUL bytes": (lambda: rle.decode("1 2\x00\x07", (2, 2)), pneumoseg.RLEError, r"^token 1 \('2\\x00\\x07'\)"),
     "decode_union lone surrogate": (lambda: rle.decode_union(["1 1", "1 \ud800"], (4, 4)), pneumoseg.RLEError, r"^rles\[1\]: token 1"),
     "decode_batch union non-UTF-8": (lambda: rle.decode_batch(["-1", ["1 1", b"\xff"]], (2, 2)), pneumoseg.RLEError, r"^rles\[1\]: token 0"),
     "sparse mask": (lambda: rle.encode(torch.zeros(3, 3).to_sparse()), pneumoseg.RLEError, "sparse_coo tensor; pass a dense one"),

@@ -18,11 +18,25 @@ namespace {
 
 bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 
+// A token for an error message: its first bytes, with every byte outside printable ASCII written as
+// \xHH, so the message is always valid text (a raw byte could be invalid UTF-8, a control character or
+// a NUL) and shows exactly what was given.
 std::string quote_token(const char* p, size_t n) {
   constexpr size_t kMax = 24;
-  std::string s(p, std::min(n, kMax));
+  static const char kHex[] = "0123456789abcdef";
+  std::string s = "'";
+  for (size_t i = 0; i < std::min(n, kMax); ++i) {
+    const auto byte = static_cast<unsigned char>(p[i]);
+    if (byte >= 0x20 && byte < 0x7f) {
+      s += static_cast<char>(byte);
+    } else {
+      s += "\\x";
+      s += kHex[byte >> 4];
+      s += kHex[byte & 15];
+    }
+  }
   if (n > kMax) s += "...";
-  return "'" + s + "'";
+  return s + "'";
 }
 
 std::string where(const RleText& t) {
