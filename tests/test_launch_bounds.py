@@ -77,20 +77,25 @@ def _split_top_level(args: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
+def _matching_open_angle(text: str, close: int) -> int:
+    """Index of the '<' that balances the '>' at ``close``, walking back; -1 if there is none."""
+    depth = 0
+    for i in range(close, -1, -1):
+        if text[i] == ">":
+            depth += 1
+        elif text[i] == "<":
+            depth -= 1
+            if depth == 0:
+                return i
+    return -1
+
+
 def _template_params_before(text: str, pos: int) -> set[str]:
     """Names of the template parameters of a `template <...>` that ends right before ``pos``."""
     head = text[:pos].rstrip()
     if not head.endswith(">"):
         return set()
-    depth, i = 0, len(head) - 1
-    while i >= 0:
-        if head[i] == ">":
-            depth += 1
-        elif head[i] == "<":
-            depth -= 1
-            if depth == 0:
-                break
-        i -= 1
+    i = _matching_open_angle(head, len(head) - 1)
     if not head[:i].rstrip().endswith("template"):
         return set()
     names = set()
@@ -149,16 +154,7 @@ def find_launches(text: str, file: str) -> list[Launch]:
         while j >= 0 and text[j].isspace():
             j -= 1
         if text[j] == ">":  # template arguments: walk back over the balanced <...>
-            depth = 0
-            while j >= 0:
-                if text[j] == ">":
-                    depth += 1
-                elif text[j] == "<":
-                    depth -= 1
-                    if depth == 0:
-                        break
-                j -= 1
-            j -= 1
+            j = _matching_open_angle(text, j) - 1
             while j >= 0 and text[j].isspace():
                 j -= 1
         end = j + 1
