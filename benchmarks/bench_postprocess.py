@@ -112,6 +112,16 @@ def gpu_probability_batches(torch, n: int = GPU_BATCH) -> dict:
     return {name: torch.from_numpy(maps).cuda() for name, maps in _host_probability_batches(n).items()}
 
 
+def timed_against_cupyx(torch, ours, cupyx_loop) -> dict:
+    """Median times of a batch of GPU_BATCH images, ours against the cupyx loop, and the ratio."""
+    ours_ms, cupyx_ms = median_ms(torch, ours, reps=7), median_ms(torch, cupyx_loop, reps=3, warmup=1)
+    return {
+        "pneumoseg_ms": ours_ms, "pneumoseg_images_per_second": GPU_BATCH / ours_ms * 1e3,
+        "cupyx_loop_ms": cupyx_ms, "cupyx_images_per_second": GPU_BATCH / cupyx_ms * 1e3,
+        "speedup_vs_cupyx": cupyx_ms / ours_ms,
+    }
+
+
 def same_partition(cupy, ours, theirs) -> bool:
     """Two labellings are the same up to label order: equal component count, and every (ours,
     theirs) label pair that occurs is one-to-one."""
@@ -156,13 +166,8 @@ def test_gpu_label_batch_64_against_cupyx_loop():
         for i in (0, GPU_BATCH - 1):
             assert same_partition(cupy, labels[i], theirs[i][0])
             assert sorted(areas[i].tolist()) == sorted(theirs[i][1].tolist())
-        ours_ms, cupyx_ms = median_ms(torch, ours, reps=7), median_ms(torch, cupyx_loop, reps=3, warmup=1)
-        result["inputs"][name] = {
-            "components_in_image_0": int(areas[0].numel()),
-            "pneumoseg_ms": ours_ms, "pneumoseg_images_per_second": GPU_BATCH / ours_ms * 1e3,
-            "cupyx_loop_ms": cupyx_ms, "cupyx_images_per_second": GPU_BATCH / cupyx_ms * 1e3,
-            "speedup_vs_cupyx": cupyx_ms / ours_ms,
-        }
+        result["inputs"][name] = {"components_in_image_0": int(areas[0].numel()),
+                                  **timed_against_cupyx(torch, ours, cupyx_loop)}
     write_result("label_gpu.json", result)
 
 
@@ -193,12 +198,7 @@ def test_gpu_postprocess_batch_64_against_cupyx_loop():
             return out
 
         np.testing.assert_array_equal(ours().cpu().numpy(), cupy.asnumpy(cupyx_loop()))
-        ours_ms, cupyx_ms = median_ms(torch, ours, reps=7), median_ms(torch, cupyx_loop, reps=3, warmup=1)
-        result["inputs"][name] = {
-            "pneumoseg_ms": ours_ms, "pneumoseg_images_per_second": GPU_BATCH / ours_ms * 1e3,
-            "cupyx_loop_ms": cupyx_ms, "cupyx_images_per_second": GPU_BATCH / cupyx_ms * 1e3,
-            "speedup_vs_cupyx": cupyx_ms / ours_ms,
-        }
+        result["inputs"][name] = timed_against_cupyx(torch, ours, cupyx_loop)
     write_result("postprocess_gpu.json", result)
 
 
