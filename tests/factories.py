@@ -25,3 +25,25 @@ def blocky_mask(rng: np.random.Generator, shape: tuple[int, int], blocks: int = 
 def pneumothorax_blob(size: int = 1024, seed: int = 0) -> np.ndarray:
     """A realistic pneumothorax-shaped mask (tens of thousands of pixels, ~300 runs at 1024x1024)."""
     return pneumothorax_mask(size, seed)
+
+
+def randomize_model(model, seed: int = 0):
+    """Random values in every floating parameter and BatchNorm statistic of a torch model (in place,
+    returned): He-scaled weights, BatchNorm scales near 1 and variances in [0.75, 1.25], so deep
+    networks keep bounded activations and a loaded model is told from a freshly built one."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point():
+                continue
+            if name.endswith("running_var"):
+                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * 0.5 + 0.75)
+            elif t.dim() > 1:
+                fan_in = t[0].numel()
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * (2.0 / fan_in) ** 0.5)
+            else:
+                centre = 1.0 if name.endswith("weight") else 0.0
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.2 + centre)
+    return model

@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 import torch.nn.functional as F  # noqa: E402
 
 import pneumoseg  # noqa: E402
+from factories import randomize_model  # noqa: E402
 from pneumoseg.errors import InvalidInputError  # noqa: E402
 from pneumoseg.models import (  # noqa: E402
     ARCHITECTURES, build_model, create_classifier, create_segmenter, list_encoders)
@@ -399,23 +400,6 @@ def _ref_segmenter_heads(decoded, deepest, sd, pooling):
     return masks, F.linear(pooled, sd["classification_head.3.weight"], sd["classification_head.3.bias"])
 
 
-def _randomize_all(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) * 0.5 + 0.75)
-            elif t.dim() > 1:
-                fan_in = t[0].numel()
-                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * (2.0 / fan_in) ** 0.5)
-            else:
-                centre = 1.0 if name.endswith("weight") else 0.0
-                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.2 + centre)
-    return model
-
-
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("attention", [None, "scse"])
 @pytest.mark.parametrize("pooling", ["avg", "max"])
@@ -423,7 +407,7 @@ def test_decoder_matches_float64_reference(arch, attention, pooling):
     torch.manual_seed(0)
     model = create_segmenter(arch, SMALL_ENCODER, in_channels=1, classes=2, aux_classifier=True, attention=attention,
                              decoder_channels=(48, 40, 24, 16, 8), aux_pooling=pooling)
-    model = _randomize_all(model.double(), seed=11).eval()
+    model = randomize_model(model.double(), seed=11).eval()
     sd = {k: v for k, v in model.state_dict().items()}
     x = _inputs((2, 1, 64, 96), seed=12, dtype=torch.float64)
     with torch.no_grad():

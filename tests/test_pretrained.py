@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from factories import randomize_model
 from pneumoseg.errors import DataFormatError, InvalidInputError
 from pneumoseg.models import adapt_input_conv, create_classifier, create_encoder, create_segmenter, load_pretrained
 
@@ -23,17 +24,7 @@ SMALL = "resnet_tiny"
 
 def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random values in every parameter and BatchNorm statistic, so a load is told from an init."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if not t.is_floating_point():
-                continue
-            if name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
-            else:
-                centre = 1.0 if t.ndim == 1 and name.endswith("weight") else 0.0  # BatchNorm scales near 1
-                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.1 + centre)
-    return model.eval()
+    return randomize_model(model, seed).eval()
 
 
 def run(model: nn.Module, x: torch.Tensor):
