@@ -35,6 +35,7 @@ _STATE_COLS = int(_C.COMBO_STATE_COLS)
 _BAD_TARGETS = 5
 _LOGIT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TARGET_DTYPES = _LOGIT_DTYPES + (torch.uint8, torch.bool)
+_BUILT_WITH_CUDA = bool(_C.built_with_cuda())
 
 
 def _loss_dtype(logits_dtype: torch.dtype) -> torch.dtype:
@@ -53,10 +54,9 @@ _code = _native.torch_dtype_code
 
 def _place(t: torch.Tensor) -> tuple[int, int, int]:
     """(device code, device index, current stream) of a tensor, as the native core takes them."""
-    device = t.device
-    if device.type == "cpu":
+    if not t.is_cuda:
         return _native.CPU, 0, 0
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    index = t.get_device()  # an int, without building a torch.device
     return _native.CUDA, index, _native.torch_current_stream(index)
 
 
@@ -72,7 +72,7 @@ def _run_forward(logits: torch.Tensor, target: torch.Tensor, params) -> tuple[to
     state = torch.empty((n, _STATE_COLS), dtype=torch.float64, device=device)
     loss = torch.empty((), dtype=_loss_dtype(logits.dtype), device=device)
     code, index, stream = _place(logits)
-    if code == _native.CUDA:
+    if code == _native.CUDA and not _BUILT_WITH_CUDA:
         _native.require_cuda_build("logits")
     _C.combo_loss_forward(logits.data_ptr(), _code(logits.dtype), target.data_ptr(),
                           _code(target.dtype), n, p, code, index, state.data_ptr(), loss.data_ptr(),
@@ -86,7 +86,7 @@ def _run_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.T
     incoming gradient."""
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
     wanted = _loss_dtype(logits.dtype)
-    if grad_loss.dtype != wanted or grad_loss.device != logits.device:
+    if grad_loss.dtype != wanted or grad_loss.get_device() != logits.get_device():
         grad_loss = grad_loss.to(device=logits.device, dtype=wanted)
     n, p = _rows(logits)
     code, index, stream = _place(logits)
@@ -168,21 +168,29 @@ class _EagerComboLoss(torch.autograd.Function):
         ctx.save_for_backward(logits, target, state)
         ctx.params = params
         ctx.mark_non_differentiable(state)
+        # Without this autograd would hand backward a zero-filled gradient for `state` on every step:
+        # one allocation and one fill kernel per step, for a tensor nobody differentiates.
+        ctx.set_materialize_grads(False)
         return loss, state
 
     @staticmethod
     def backward(ctx, grad_loss, grad_state):
         logits, target, state = ctx.saved_tensors
         grad_logits = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and grad_loss is not None:
             grad_logits = _run_backward(grad_loss, logits, target, state, ctx.params)
         return grad_logits, None, None
 
 
-@functools.lru_cache(maxsize=64)
-def _params_cached(weights: tuple, per_image: bool):
-    bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight = weights
-    return _params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image)
+_PLAIN_NUMBER_TYPES = frozenset((float, int, type(None)))
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _plain_params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image):
+    # Plain Python numbers validate the same way every time, so the validated native parameters are
+    # cached per argument tuple (typed: 1, 1.0 and True are different keys; errors are never cached).
+    weights = _validate_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
+    return _params(*weights.values(), check_bool(per_image, "per_image"))
 
 
 def _number(value, name: str) -> float:
@@ -194,14 +202,13 @@ def _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth,
     """The loss's numeric arguments, validated (non-negative and finite) and as floats."""
     plain = (bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
     # bool is neither float nor int here: it goes to the full check. (Dynamo traces the check itself.)
-    if not torch.compiler.is_compiling() and all(type(v) in (float, int) or v is None for v in plain):
+    if not torch.compiler.is_compiling() and all(type(v) in _PLAIN_NUMBER_TYPES for v in plain):
         return dict(_checked_plain_weights(plain))
     return _validate_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=64, typed=True)
 def _checked_plain_weights(plain: tuple) -> tuple:
-    # Plain numbers validate the same way every time: cache the answer (errors are not cached).
     return tuple(_validate_weights(*plain).items())
 
 
@@ -240,27 +247,37 @@ def combo_loss(
         raise InvalidInputError("logits and target must be torch tensors")
     check_array_object(logits, "logits")
     check_array_object(target, "target")
-    per_image = check_bool(per_image, "per_image")
-    validate = check_bool(validate, "validate", allow_none=True)
     if logits.dtype not in _LOGIT_DTYPES:
         raise InvalidInputError(f"logits must be a floating tensor (float16/bfloat16/float32/float64), got {logits.dtype}")
     if target.dtype not in _TARGET_DTYPES:
         raise InvalidInputError(f"target must be float, uint8 or bool, got {target.dtype}")
-    if logits.dim() == 4 and logits.shape[1] != 1:
-        raise InvalidInputError(f"logits must have one channel, got shape {tuple(logits.shape)}")
-    if logits.dim() not in (3, 4):
-        raise InvalidInputError(f"logits must be (N, 1, H, W) or (N, H, W), got shape {tuple(logits.shape)}")
-    if target.shape != logits.shape:
-        raise InvalidInputError(f"target shape {tuple(target.shape)} differs from logits shape {tuple(logits.shape)}")
-    if target.device != logits.device:
+    shape = logits.shape
+    if len(shape) == 4 and shape[1] != 1:
+        raise InvalidInputError(f"logits must have one channel, got shape {tuple(shape)}")
+    if len(shape) not in (3, 4):
+        raise InvalidInputError(f"logits must be (N, 1, H, W) or (N, H, W), got shape {tuple(shape)}")
+    if target.shape != shape:
+        raise InvalidInputError(f"target shape {tuple(target.shape)} differs from logits shape {tuple(shape)}")
+    if not (logits.is_cpu or logits.is_cuda):
+        raise InvalidInputError(f"logits is on device {logits.device}; pneumoseg runs on CPU and CUDA tensors")
+    if target.is_cuda != logits.is_cuda or target.get_device() != logits.get_device():
         raise InvalidInputError(f"target is on {target.device} but logits on {logits.device}")
-    n = logits.shape[0]
+    n = shape[0]
     if n == 0:
         raise InvalidInputError("logits is an empty batch")
     if logits.numel() == 0:
-        raise InvalidInputError(f"logits has images with no pixels, shape {tuple(logits.shape)}")
-    weights = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
-    if torch.compiler.is_compiling():
+        raise InvalidInputError(f"logits has images with no pixels, shape {tuple(shape)}")
+    validate = check_bool(validate, "validate", allow_none=True)
+    compiling = torch.compiler.is_compiling()
+    plain = (bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image)
+    if not compiling and all(type(v) in _PLAIN_NUMBER_TYPES for v in plain[:-1]) and type(per_image) is bool:
+        # The common eager call: weights are plain numbers, validated once and cached.
+        params = _plain_params(*plain)
+    else:
+        per_image = check_bool(per_image, "per_image")
+        weights = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
+        params = None if compiling else _params(*weights.values(), per_image)
+    if compiling:
         x = logits.reshape(n, -1).contiguous()
         t = target.reshape(n, -1).contiguous()
         loss, state = _combo_forward(
@@ -272,10 +289,10 @@ def combo_loss(
         # rows natively; every torch op saved here is host time saved in each training step.
         x = logits if logits.is_contiguous() else logits.contiguous()
         t = target if target.is_contiguous() else target.contiguous()
-        loss, state = _EagerComboLoss.apply(x, t, _params_cached(tuple(weights.values()), per_image))
-    check = logits.device.type == "cpu" if validate is None else validate
-    if check and not torch.compiler.is_compiling():
-        column = state.numpy()[:, _BAD_TARGETS] if state.device.type == "cpu" else state[:, _BAD_TARGETS]
+        loss, state = _EagerComboLoss.apply(x, t, params)
+    check = not logits.is_cuda if validate is None else validate
+    if check and not compiling:
+        column = state.numpy()[:, _BAD_TARGETS] if not state.is_cuda else state[:, _BAD_TARGETS]
         bad = int(column.sum())
         if bad:
             raise InvalidInputError(f"target has {bad} values outside [0, 1] (or NaN)")

@@ -142,6 +142,22 @@ def test_non_contiguous_logits_and_no_grad_target():
     assert rel_err(loss, ref) <= 1e-6
 
 
+def test_gradient_accumulation_pattern_scales_the_gradient():
+    """``loss /= accum_steps`` in place, and two losses summed: the upstream gradient reaches the
+    native backward (which reads it from memory) and scales the result exactly."""
+    logits, target = make((3, 1, 17, 9), "soft", seed=5)
+    x1 = logits.clone().requires_grad_()
+    loss = combo_loss(x1, target, focal_weight=2.0)
+    loss /= 4
+    loss.backward()
+    x2 = logits.clone().requires_grad_()
+    (combo_loss(x2, target, focal_weight=2.0) * 0.25).backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=0, atol=0)
+    x3 = logits.clone().requires_grad_()
+    (combo_loss(x3, target, focal_weight=2.0) + combo_loss(x3, target, focal_weight=2.0)).backward()
+    torch.testing.assert_close(x3.grad, 8 * x2.grad, rtol=1e-6, atol=0)
+
+
 def test_deterministic():
     logits, target = make((4, 1, 300, 301), "soft")
     a = loss_and_grad(combo_loss, logits, target, focal_weight=1.0)
