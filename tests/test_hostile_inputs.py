@@ -22,7 +22,7 @@ from pneumoseg.samples import pneumothorax_mask
 
 torch = pytest.importorskip("torch")
 
-from pneumoseg import losses  # noqa: E402  (needs torch)
+from pneumoseg import losses, metrics  # noqa: E402  (needs torch)
 from pneumoseg.data import Augment, PositiveRatioSampler, SIIMDataset, chest_crop, preprocess, stratified_kfold  # noqa: E402
 from pneumoseg.data.transforms import resize_mask  # noqa: E402
 
@@ -101,6 +101,8 @@ REFUSED = {
     "sparse probs": (lambda: pp.postprocess(torch.zeros(2, 3, 3).to_sparse()), pneumoseg.InvalidInputError, "sparse"),
     "sparse logits": (lambda: losses.combo_loss(T.to_sparse(), T), pneumoseg.InvalidInputError, "logits is a torch.sparse_coo"),
     "meta tensor": (lambda: pp.label_components(torch.zeros(3, 3, device="meta")), pneumoseg.InvalidInputError, "meta"),
+    "meta scores": (lambda: metrics.roc_auc(torch.zeros(4, device="meta"), torch.zeros(4, device="meta")), pneumoseg.InvalidInputError, "labels is on device meta"),
+    "sparse scores": (lambda: metrics.average_precision(torch.tensor([0.0, 1.0]), torch.tensor([0.2, 0.9]).to_sparse()), pneumoseg.InvalidInputError, "scores is a torch.sparse_coo tensor"),
     "meta logits": (lambda: losses.combo_loss(torch.zeros(1, 3, 3, device="meta"), torch.zeros(1, 3, 3, device="meta")), pneumoseg.InvalidInputError, "logits is on device meta"),
     "int 1 then bool True loss weight": (lambda: (losses.combo_loss(T, T, bce_weight=1), losses.combo_loss(T, T, bce_weight=True)), pneumoseg.InvalidInputError, "bce_weight must be a real number, got bool"),
     "bool per_image after a False": (lambda: (losses.combo_loss(T, T, per_image=False), losses.combo_loss(T, T, per_image=0)), pneumoseg.InvalidInputError, "per_image must be True or False"),

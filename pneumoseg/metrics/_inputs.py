@@ -168,6 +168,10 @@ def _vector(x: Any, name: str) -> np.ndarray:
     _refuse_masked(x, name)
     if is_tensor(x):
         torch = torch_module()
+        if x.device.type not in ("cpu", "cuda"):
+            raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
+        if x.layout != torch.strided:
+            raise InvalidInputError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
         x = x.detach()
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
