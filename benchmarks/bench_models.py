@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -196,9 +197,43 @@ def test_plain_unet_is_the_same_network():
 # GPU: fp16 autocast + channels_last at 1024 against timm + the plain decoder.
 
 
-def _gpu_images_per_s(model, x, train, reps=10):
+# U-Net on every encoder (the timm comparison is U-Net's), U-Net++ on the CPU set's three; every model
+# of the registry with PNEUMOSEG_BENCH_ALL_MODELS=1. A wall-clock budget (PNEUMOSEG_BENCH_GPU_SECONDS,
+# default 240) keeps the run inside a short GPU session: models past it are listed as not run.
+GPU_CASES = [(e, a) for e, a in (
+    [(e, a) for e in list_encoders() for a in ARCHITECTURES] if os.environ.get("PNEUMOSEG_BENCH_ALL_MODELS")
+    else [(e, "unet") for e in list_encoders()] + [(e, "unet++") for e in CPU_UNETPP])]
+GPU_SECONDS = float(os.environ.get("PNEUMOSEG_BENCH_GPU_SECONDS", "240"))
+
+
+@pytest.mark.cuda
+def test_segmenters_gpu_against_timm_plain_unet():
+    cudnn_benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        _compare_with_timm("cuda", GPU_SIZE, GPU_BATCH, GPU_CASES, GPU_SECONDS, RESULTS / "models_gpu")
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+
+
+def test_gpu_comparison_runs_on_the_cpu(tmp_path):
+    """The GPU comparison's own code, on the CPU at 64x64 with two small models: a GPU session's few
+    minutes are not spent discovering a bug in the benchmark."""
+    out = _compare_with_timm("cpu", SMOKE_SIZE, 2, [("resnet_tiny", "unet"), ("resnet34", "unet++")], 600,
+                             tmp_path / "models")
+    assert {(r["encoder"], r["arch"], r["mode"]) for r in out["results"] if r["impl"] == "pneumoseg"} == {
+        ("resnet_tiny", "unet", "forward"), ("resnet_tiny", "unet", "forward+backward"),
+        ("resnet34", "unet++", "forward"), ("resnet34", "unet++", "forward+backward")}
+    assert all(r["images_per_s"] > 0 for r in out["results"] if "images_per_s" in r)
+    assert (tmp_path / "models.json").is_file() and (tmp_path / "models.png").is_file()
+
+
+def _images_per_s(model, x, train, reps):
+    device = x.device.type
+    amp = torch.autocast(device, dtype=torch.float16 if device == "cuda" else torch.bfloat16)
+
     def step():
-        with torch.autocast("cuda", dtype=torch.float16):
+        with amp:
             if train:
                 model.zero_grad(set_to_none=True)
                 out = model(x)
@@ -211,57 +246,72 @@ def _gpu_images_per_s(model, x, train, reps=10):
     model.train(train)
     for _ in range(3):
         step()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
     for _ in range(reps):
         step()
-    stop.record()
-    stop.synchronize()
-    return x.shape[0] * reps / (start.elapsed_time(stop) / 1e3)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return x.shape[0] * reps / (time.perf_counter() - start)
 
 
-@pytest.mark.cuda
-def test_segmenters_gpu_against_timm_plain_unet():
-    pytest.importorskip("timm")
-    cudnn_benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = True
+def _timm_available() -> bool:
     try:
-        _compare_with_timm_gpu()
-    finally:
-        torch.backends.cudnn.benchmark = cudnn_benchmark
+        import timm  # noqa: F401
+    except Exception:  # not installed, or (on the CPU machines) torchvision failing to import under it
+        return False
+    return True
 
 
-def _compare_with_timm_gpu():
-    x = torch.randn(GPU_BATCH, 1, GPU_SIZE, GPU_SIZE, device="cuda").contiguous(memory_format=torch.channels_last)
-    rows = []
-    for encoder in list_encoders():
-        timm_name = ENCODERS[encoder].timm_name
-        for arch in ARCHITECTURES:
-            models = {"pneumoseg": create_segmenter(arch, encoder)}
-            if arch == "unet" and timm_name is not None:
-                models["timm + plain decoder"] = timm_plain_unet(encoder)
-            for impl, model in models.items():
-                model = model.cuda().to(memory_format=torch.channels_last)
+def _compare_with_timm(device, size, batch, cases, budget_s, stem: Path) -> dict:
+    """images/s of each (encoder, arch) in fp16 autocast (bf16 on a CPU) + channels_last, forward and
+    forward+backward, and of timm's encoder + the plain decoder for U-Nets where timm is installed.
+    One failing model is recorded with its error and the rest still run; so is the budget running out."""
+    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    reps = 10 if device == "cuda" else 1
+    with_timm = _timm_available()
+    rows, skipped, t_start = [], [], time.perf_counter()
+    for encoder, arch in cases:
+        if time.perf_counter() - t_start > budget_s:
+            skipped.append(f"{encoder} {arch}")
+            continue
+        builders = {"pneumoseg": lambda: create_segmenter(arch, encoder)}
+        if arch == "unet" and ENCODERS[encoder].timm_name is not None and with_timm:
+            builders["timm + plain decoder"] = lambda: timm_plain_unet(encoder)
+        for impl, build in builders.items():
+            try:
+                torch.manual_seed(0)
+                model = build().to(device).to(memory_format=torch.channels_last)
                 for mode, train in (("forward", False), ("forward+backward", True)):
                     rows.append(dict(encoder=encoder, arch=arch, impl=impl, mode=mode,
-                                     images_per_s=_gpu_images_per_s(model, x, train)))
-                del model
+                                     images_per_s=_images_per_s(model, x, train, reps)))
+            except Exception as exc:  # noqa: BLE001 - one model's failure is a finding, not the end of the run
+                rows.append(dict(encoder=encoder, arch=arch, impl=impl, error=f"{type(exc).__name__}: {exc}"[:300]))
+            model = None
+            if device == "cuda":
                 torch.cuda.empty_cache()
     ratios = {}
     for r in rows:
-        if r["impl"] == "timm + plain decoder":
-            ours = next(o for o in rows if o["impl"] == "pneumoseg" and o["encoder"] == r["encoder"]
-                        and o["arch"] == r["arch"] and o["mode"] == r["mode"])
-            ratios[f"{r['encoder']} {r['arch']} {r['mode']}"] = ours["images_per_s"] / r["images_per_s"]
-    out = {"device": torch.cuda.get_device_name(), "size": GPU_SIZE, "batch": GPU_BATCH, "dtype": "float16 autocast",
-           "memory_format": "channels_last", "results": rows, "speedup_vs_timm_plain": ratios}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "models_gpu.json").write_text(json.dumps(out, indent=2) + "\n")
-    title = f"segmenters, {GPU_SIZE}x{GPU_SIZE} batch {GPU_BATCH}, fp16 + channels_last, {out['device']}"
-    draw(rows, RESULTS / "models_gpu.png", title)
+        if r["impl"] == "timm + plain decoder" and "images_per_s" in r:
+            ours = [o for o in rows if o["impl"] == "pneumoseg" and "images_per_s" in o and o["encoder"] == r["encoder"]
+                    and o["arch"] == r["arch"] and o["mode"] == r["mode"]]
+            if ours:
+                ratios[f"{r['encoder']} {r['arch']} {r['mode']}"] = ours[0]["images_per_s"] / r["images_per_s"]
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    out = {"device": name, "size": size, "batch": batch,
+           "dtype": "float16 autocast" if device == "cuda" else "bfloat16 autocast",
+           "memory_format": "channels_last", "timm": with_timm, "results": rows, "speedup_vs_timm_plain": ratios,
+           "not_run_over_budget": skipped, "budget_s": budget_s}
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
+    timed_rows = [r for r in rows if "images_per_s" in r]
+    title = f"segmenters, {size}x{size} batch {batch}, {out['dtype']} + channels_last, {name}"
+    draw(timed_rows, stem.with_suffix(".png"), title)
     print(json.dumps(out, indent=2))
-    assert all(r["images_per_s"] > 0 for r in rows)
+    failed = [r for r in rows if "error" in r]
+    assert not failed, failed
+    return out
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,11 +11,19 @@
 # into the git-ignored .whl/), then run(command="bash benchmarks/gpu_check.sh", carry=[".whl"],
 # timeout_s=600). What comes back in $OUT (6 files): build.log (pip -v output with the ptxas lines and
 # the per-kernel table), tests.log (CUDA tests + GPU benchmarks), profile.log, sanitize.log,
-# results.tar.gz (benchmarks/results/*gpu*.json, junit XML, ptxas JSON) and summary.txt (the step
+# results.tar.gz (the benchmarks/results/*gpu* files this call wrote, junit XML, ptxas JSON) and summary.txt (the step
 # table, test counts, sanitizer summaries, the ptxas table and benchmarks/gpu_summary.py's figures).
 #
 # Knobs: GPU_CHECK_MAXFAIL (CUDA tests stop after this many failures; default 1, as -x),
-# GPU_CHECK_BENCHES (bench files; default loss, postprocess, rle), GPU_CHECK_DEADLINE, PYTHON.
+# GPU_CHECK_BENCHES (bench files; default loss, postprocess, rle), GPU_CHECK_BENCH_TIMEOUT (seconds for
+# the benchmark step; default 180), GPU_CHECK_STEPS (which of build,tests,benches,sanitize,profile to
+# run; default all: a second call on the same warm machine can run e.g. "build,benches" alone, the build
+# then being incremental), GPU_CHECK_DEADLINE, PYTHON.
+#
+# The models/training/pipeline benchmarks (issues 8, 9, 10) in one call after the kernel checks:
+#   GPU_CHECK_STEPS=build,benches GPU_CHECK_BENCH_TIMEOUT=500 PNEUMOSEG_BENCH_GPU_SECONDS=200 \
+#   GPU_CHECK_BENCHES="benchmarks/bench_models.py benchmarks/bench_train.py benchmarks/bench_pipeline.py" \
+#   bash benchmarks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +33,9 @@ PY=${PYTHON:-python3}
 DEADLINE=${GPU_CHECK_DEADLINE:-570}
 MAXFAIL=${GPU_CHECK_MAXFAIL:-1}
 BENCHES=${GPU_CHECK_BENCHES:-benchmarks/bench_loss.py benchmarks/bench_postprocess.py benchmarks/bench_rle.py}
+BENCH_TIMEOUT=${GPU_CHECK_BENCH_TIMEOUT:-180}
+STEPS=",${GPU_CHECK_STEPS:-build,tests,benches,sanitize,profile},"
+wanted() { [[ $STEPS == *",$1,"* ]]; }
 WORK=$(mktemp -d /tmp/gpu-check.XXXX)
 mkdir -p "$WORK/junit"
 export PYTHONUNBUFFERED=1
@@ -80,11 +91,13 @@ else
 fi
 
 # ---- (a) build, with -Xptxas -v --------------------------------------------------------------------
-run_step "build (pip -e, sm_90, ptxas -v)" 300 "$OUT/build.log" \
+wanted build && run_step "build (pip -e, sm_90, ptxas -v)" 300 "$OUT/build.log" \
   $PY -m pip install -v --no-build-isolation --no-deps -e . \
   -Ccmake.define.CMAKE_CUDA_ARCHITECTURES=90 -Ccmake.define.PNEUMOSEG_PTXAS_VERBOSE=ON
-$PY benchmarks/ptxas_report.py --log "$OUT/build.log" --json "$WORK/ptxas.json" >"$WORK/ptxas.txt" 2>&1
-cat "$WORK/ptxas.txt" >>"$OUT/build.log"
+if wanted build; then
+  $PY benchmarks/ptxas_report.py --log "$OUT/build.log" --json "$WORK/ptxas.json" >"$WORK/ptxas.txt" 2>&1
+  cat "$WORK/ptxas.txt" >>"$OUT/build.log"
+fi
 $PY - >>"$OUT/build.log" 2>&1 <<'EOF'
 import pneumoseg
 print("pneumoseg imported from", pneumoseg.__file__, "cuda_available:", pneumoseg.cuda_available())
@@ -114,18 +127,21 @@ SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sani
 
 # ---- (c) CUDA tests --------------------------------------------------------------------------------
 # The GPU benchmarks are cuda-marked tests too; they run in (d), once.
-run_step "CUDA tests (pytest -m cuda tests)" 180 "$OUT/tests.log" \
+wanted tests && run_step "CUDA tests (pytest -m cuda tests)" 180 "$OUT/tests.log" \
   $PY -m pytest -m cuda tests --maxfail="$MAXFAIL" -q -p no:cacheprovider -rfE \
   --junitxml="$WORK/junit/tests.xml"
 
 # ---- (d) GPU benchmarks (write benchmarks/results/*_gpu.json) ---------------------------------------
-rm -f benchmarks/results/*gpu*.json
+# Only what this call writes is packed and summarised (the committed results of earlier runs stay).
+touch "$WORK/benches-start"
 # shellcheck disable=SC2086
-run_step "GPU benchmarks (pytest -m cuda)" 180 "$OUT/tests.log" \
+wanted benches && run_step "GPU benchmarks (pytest -m cuda)" "$BENCH_TIMEOUT" "$OUT/tests.log" \
   $PY -m pytest -m cuda $BENCHES -q -p no:cacheprovider -rfE --junitxml="$WORK/junit/benchmarks.xml"
 
 # ---- (f) compute-sanitizer over every CUDA op --------------------------------------------------------
-if [ -z "$SANITIZER" ]; then
+if ! wanted sanitize; then
+  :
+elif [ -z "$SANITIZER" ]; then
   echo "compute-sanitizer not found" >>"$OUT/sanitize.log"
   record "compute-sanitizer" 1 0
 else
@@ -141,12 +157,12 @@ else
 fi
 
 # ---- (e) loss profile ------------------------------------------------------------------------------
-run_step "loss profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_loss.py
-run_step "post-processing profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_postprocess.py
+wanted profile && run_step "loss profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_loss.py
+wanted profile && run_step "post-processing profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_postprocess.py
 
 # ---- (g) results and summary -----------------------------------------------------------------------
 mkdir -p "$WORK/pack/results"
-cp benchmarks/results/*gpu*.json "$WORK/pack/results/" 2>/dev/null
+find benchmarks/results -maxdepth 1 -name '*gpu*' -newer "$WORK/benches-start" -exec cp {} "$WORK/pack/results/" \;
 cp "$WORK"/junit/*.xml "$WORK/ptxas.json" "$WORK/machine.txt" "$WORK/pack/" 2>/dev/null
 tar -czf "$OUT/results.tar.gz" -C "$WORK/pack" .
 
@@ -163,16 +179,16 @@ tar -czf "$OUT/results.tar.gz" -C "$WORK/pack" .
   grep -E "^(=+ )?[0-9]+ (passed|failed|error|skipped|deselected)|^FAILED|^ERROR" "$OUT/tests.log" | head -30
   echo
   echo "## sanitizers"
-  grep -E "^=== sanitizer|ERROR SUMMARY|RACECHECK SUMMARY|checks passed|^FAIL " "$OUT/sanitize.log" | head -30
+  grep -E "^=== sanitizer|ERROR SUMMARY|RACECHECK SUMMARY|checks passed|^FAIL " "$OUT/sanitize.log" 2>/dev/null | head -30
   echo
   echo "## ptxas (worst template instance per kernel)"
-  cat "$WORK/ptxas.txt"
+  cat "$WORK/ptxas.txt" 2>/dev/null || echo "(no build in this call)"
   echo
   echo "## loss profile"
-  grep -E "per step|host overhead" "$OUT/profile.log"
+  grep -E "per step|host overhead" "$OUT/profile.log" 2>/dev/null
   echo
   echo "## GPU benchmark figures"
-  $PY benchmarks/gpu_summary.py benchmarks/results 2>&1
+  $PY benchmarks/gpu_summary.py "$WORK/pack/results" 2>&1
 } >"$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
 

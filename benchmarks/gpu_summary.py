@@ -1,5 +1,5 @@
-"""Key figures of the GPU benchmark JSON files (benchmarks/results/*gpu*.json) against issue 11's
-targets, as a few short tables. Missing files are named, never an error.
+"""Key figures of the GPU benchmark JSON files (benchmarks/results/*gpu*.json) against the issues'
+targets (11: kernels; 8: models; 9: training; 10: pipeline), as a few short tables. Missing files are named, never an error.
 
     python benchmarks/gpu_summary.py [benchmarks/results]
 """
@@ -66,18 +66,70 @@ def rle(folder: Path) -> None:
           f"CPU same host {data['cpu_encode_batch_seconds_same_host'] * 1e3:.1f} ms")
 
 
+def models(folder: Path) -> None:
+    data = _load(folder, "models_gpu.json")
+    if not data:
+        return
+    print(f"segmenters {data['size']}x{data['size']} batch {data['batch']}, {data['dtype']} + {data['memory_format']} "
+          f"({data['device']}), images/s; ours / timm + plain decoder:")
+    for r in data["results"]:
+        if "error" in r:
+            print(f"  {r['arch']:7} {r['encoder']:20} {r['impl']:22} ERROR {r['error'][:120]}")
+    ratios = data["speedup_vs_timm_plain"]
+    for r in data["results"]:
+        if r["impl"] == "pneumoseg" and "images_per_s" in r:
+            ratio = ratios.get(f"{r['encoder']} {r['arch']} {r['mode']}")
+            print(f"  {r['arch']:7} {r['encoder']:20} {r['mode']:17} {r['images_per_s']:9.1f}"
+                  + ("" if ratio is None else f"   x timm {ratio:5.2f}"))
+    if data.get("not_run_over_budget"):
+        print(f"  not run (over the {data['budget_s']:.0f} s budget): {', '.join(data['not_run_over_budget'])}")
+
+
+def train(folder: Path) -> None:
+    data = _load(folder, "train_gpu.json")
+    if not data:
+        return
+    print(f"training images/s ({data['device']}); target: pneumoseg >= 1.5x the plain loop")
+    for r in data["results"]:
+        print(f"  {r['images_per_s']:9.1f}  {r['impl']}")
+    print(f"  speed-up {data['speedup']:.2f}x  {_mark(data['speedup'] >= 1.5)}")
+
+
+def pipeline(folder: Path) -> None:
+    data = _load(folder, "pipeline_gpu.json")
+    if not data:
+        return
+    print(f"pipeline, radiographs {data['original']}x{data['original']} on the GPU -> RLE, {data['precision']} "
+          f"({data['device']}); targets: batch 1 <= 3 ms and >= 7x eager, >= 1000 images/s at batch {data['pool']}")
+    for config, row in data.items():
+        if not isinstance(row, dict) or "eager_fp32_networks_ms" not in row:
+            continue
+        print(f"  {config}: eager fp32 networks {row['eager_fp32_networks_ms']:.2f} ms")
+        for backend, r in row.items():
+            if not isinstance(r, dict):
+                continue
+            ok = all(r["targets"].values())
+            print(f"    {backend:9} batch 1 all {r['batch1_all_p50_ms']:6.2f} ms (p95 {r['batch1_all_p95_ms']:.2f}), "
+                  f"gated walk {r['batch1_gated_walk_p50_ms']:6.2f} ms, x eager {r['speedup_vs_eager_fp32']:5.1f}, "
+                  f"batch {data['pool']} {r['batch_images_per_second']:7.0f} img/s ({r['batch_gated_in']} gated in)  {_mark(ok)}")
+
+
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
     for section in (lambda: loss(folder),
                     lambda: batch64(folder, "label_gpu.json", "label_components"),
                     lambda: batch64(folder, "postprocess_gpu.json", "fused postprocess (threshold + label + area filter)"),
                     lambda: batch1(folder),
-                    lambda: rle(folder)):
+                    lambda: rle(folder),
+                    lambda: models(folder),
+                    lambda: train(folder),
+                    lambda: pipeline(folder)):
         try:
             section()
         except (KeyError, TypeError, ValueError) as exc:  # a file from an older benchmark layout
             print(f"  (could not read: {exc!r})")
-    known = {"loss_gpu.json", "label_gpu.json", "postprocess_gpu.json", "postprocess_rle_batch1_gpu.json", "rle_gpu.json"}
+    known = {"loss_gpu.json", "label_gpu.json", "postprocess_gpu.json", "postprocess_rle_batch1_gpu.json", "rle_gpu.json",
+             "models_gpu.json", "train_gpu.json", "pipeline_gpu.json"}
     others = sorted(p.name for p in folder.glob("*gpu*.json") if p.name not in known)
     if others:
         print("other GPU results:", ", ".join(others))
