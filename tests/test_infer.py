@@ -299,6 +299,35 @@ def test_non_finite_pixels_are_an_error():
         predictor.predict(torch.from_numpy(img))
 
 
+def test_in_memory_images_are_loaded_inline_and_files_on_reader_threads(tmp_path, monkeypatch):
+    """Arrays and tensors need no reader thread (its start-up and hand-off cost more than the load);
+    files are read on the pool while the previous batch runs; a bad in-memory image in a mixed input is
+    skipped or raised in input order either way."""
+    from pneumoseg.infer import predictor as predictor_module
+
+    pools = []
+
+    class CountingPool(predictor_module.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "ThreadPoolExecutor", CountingPool)
+    images = phantom_images(3, seed=12)
+    predictor = Predictor.from_dir(model_dir("classifier"))
+    in_memory = predictor.predict(images + [torch.from_numpy(images[0])], batch_size=2)
+    assert pools == []
+    _write_dicom(tmp_path / "a.dcm", images[1])
+    bad = np.ones((64, 64), np.float32)
+    bad[0, 0] = np.inf
+    mixed = predictor.predict([images[0], tmp_path / "a.dcm", bad, images[2]], batch_size=2, on_error="skip")
+    assert len(pools) == 1
+    assert [p.rle for p in mixed] == [in_memory[0].rle, in_memory[1].rle, in_memory[2].rle]
+    assert mixed.skipped == [("image-00001", "the pixels contain NaN or infinity")]
+    with pytest.raises(InvalidInputError, match="NaN or infinity"):
+        predictor.predict([images[0], tmp_path / "a.dcm", bad], batch_size=1)
+
+
 def test_pneumoseg_predictor_is_the_public_name():
     assert pneumoseg.Predictor is Predictor
     d = Predictor.from_dir(model_dir("aux")).describe()

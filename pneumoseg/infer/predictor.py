@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -155,6 +155,25 @@ def _host_array(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype == np.bool_:
         return pixels.astype(np.uint8)
     return np.ascontiguousarray(pixels)
+
+
+class _Loaded:
+    """A load done on the calling thread, answering ``result()`` as a future does (raising its error
+    there, so ``on_error`` treats both kinds alike)."""
+
+    __slots__ = ("_value", "_error")
+
+    def __init__(self, load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> None:
+        self._value, self._error = None, None
+        try:
+            self._value = load(source)
+        except Exception as exc:  # noqa: BLE001 - re-raised by result(), where a future would raise it
+            self._error = exc
+
+    def result(self) -> tuple[Any, float]:
+        if self._error is not None:
+            raise self._error
+        return self._value
 
 
 class Predictor:
@@ -304,7 +323,7 @@ class Predictor:
             from tqdm import tqdm
 
             bar = tqdm(total=len(sources), desc="predict", unit="image")
-        executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoseg-read")
+        executor: Optional[ThreadPoolExecutor] = None
 
         def timed_load(src: ImageSource) -> tuple[Any, float]:
             start = time.perf_counter()
@@ -312,7 +331,19 @@ class Predictor:
             return pixels, (time.perf_counter() - start) * 1e3
 
         def submit(batch: list[ImageSource]) -> list:
-            return [executor.submit(timed_load, s) for s in batch]
+            # Files are read on worker threads while the previous batch runs; pixels already in memory
+            # are taken inline: a thread pool's start-up and hand-off would cost more than the "load"
+            # (a few hundred microseconds per call, much of a batch-1 request on a GPU).
+            nonlocal executor
+            futures = []
+            for src in batch:
+                if src.path is None:
+                    futures.append(_Loaded(timed_load, src))
+                    continue
+                if executor is None:
+                    executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoseg-read")
+                futures.append(executor.submit(timed_load, src))
+            return futures
 
         try:
             pending = submit(batches[0])
@@ -327,8 +358,9 @@ class Predictor:
                             raise
                         where = str(src.path) if src.path is not None else src.image_id
                         reason = _one_line(exc)
-                        if reason.startswith(f"{where}: "):  # DicomError names the file already
-                            reason = reason[len(where) + 2:]
+                        for named in (f"{where}: ", f"image {where!r}: "):  # the error names the input already
+                            if reason.startswith(named):
+                                reason = reason[len(named):]
                         skipped.append((where, reason))
                         continue
                     loaded.append((src, pixels, ms))
@@ -338,7 +370,8 @@ class Predictor:
                     bar.update(len(batch))
                 pending = upcoming
         finally:
-            executor.shutdown(wait=True, cancel_futures=True)
+            if executor is not None:
+                executor.shutdown(wait=True, cancel_futures=True)
             if bar is not None:
                 bar.close()
 
