@@ -269,6 +269,8 @@ def combo_loss(
         raise InvalidInputError(f"logits has images with no pixels, shape {tuple(shape)}")
     validate = check_bool(validate, "validate", allow_none=True)
     compiling = torch.compiler.is_compiling()
+    if not compiling and (logits.is_neg() or target.is_neg()):  # a lazily negated view: memory holds -x
+        logits, target = logits.resolve_neg(), target.resolve_neg()
     plain = (bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image)
     if not compiling and all(type(v) in _PLAIN_NUMBER_TYPES for v in plain[:-1]) and type(per_image) is bool:
         # The common eager call: weights are plain numbers, validated once and cached.

@@ -216,7 +216,7 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
         return flags
     kind = _native.kind_of(scores)
     if kind == "torch":
-        scores = scores.detach().cpu().numpy()
+        scores = scores.detach().resolve_neg().cpu().numpy()
     elif kind == "cupy":
         scores = scores.get()
     try:

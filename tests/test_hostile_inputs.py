@@ -138,6 +138,22 @@ def test_refused_with_a_value_error_naming_the_argument(name, tmp_path, monkeypa
 # --- class 6: valid input once rejected or mis-described -----------------------------------------------------
 
 
+def test_lazily_negated_tensor_views_are_read_as_their_values():
+    """torch's neg bit leaves -x in memory; .numpy() refuses such a tensor with a RuntimeError, and the
+    native core would read the raw bytes: every tensor entry point resolves it first."""
+    def neg(values):
+        return torch._neg_view(-torch.tensor(values))
+
+    assert metrics.roc_auc(neg([0.0, 1.0, 0.0]), neg([0.2, 0.9, 0.1])) == 1.0
+    assert metrics.average_precision(neg([0.0, 1.0]), neg([0.2, 0.9])) == 1.0
+    assert metrics.dice_per_image(neg([[[0.9, 0.1]]]), torch.tensor([[[1, 0]]]), threshold=0.5).tolist() == [1.0]
+    assert pp.gate(torch.ones(2, 2, 2), neg([0.9, 0.1]), 0.5)[:, 0, 0].tolist() == [1, 0]
+    probs = torch.rand(2, 16, 16, generator=torch.Generator().manual_seed(0))
+    expected = pp.postprocess(probs, to_rle=True, min_area=3)
+    assert "-1" not in expected
+    assert pp.postprocess(torch._neg_view(-probs), to_rle=True, min_area=3) == expected
+
+
 def test_empty_numpy_batches_go_through_every_postprocessing_function():
     for dtype in (np.uint8, np.float32, np.bool_):
         empty = np.zeros((0, 5, 7), dtype)

@@ -158,6 +158,20 @@ def test_gradient_accumulation_pattern_scales_the_gradient():
     torch.testing.assert_close(x3.grad, 8 * x2.grad, rtol=1e-6, atol=0)
 
 
+def test_lazily_negated_views_are_read_as_their_values():
+    """torch's neg bit (e.g. ``conj().imag`` of a complex tensor) leaves -x in memory: the native core
+    must not read the raw bytes (it silently gave another loss)."""
+    logits, target = make((2, 1, 9, 7), "soft", seed=4)
+    x = logits.clone().requires_grad_()
+    view = torch._neg_view(-x)
+    assert view.is_neg()
+    loss = combo_loss(view, torch._neg_view(-target), focal_weight=1.0)
+    ref, ref_grad = loss_and_grad(combo_loss, logits, target, focal_weight=1.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    torch.testing.assert_close(x.grad, ref_grad, rtol=1e-6, atol=0)
+
+
 def test_deterministic():
     logits, target = make((4, 1, 300, 301), "soft")
     a = loss_and_grad(combo_loss, logits, target, focal_weight=1.0)

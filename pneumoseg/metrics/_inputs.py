@@ -123,7 +123,7 @@ def _torch_mask(x: Any, name: str) -> Any:
         raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
     if x.layout != torch.strided:
         raise InvalidInputError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
-    x = x.detach()
+    x = x.detach().resolve_neg()  # a lazily negated view holds -x in memory
     if x.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every bfloat16 exactly
         x = x.float()
     return x
@@ -172,7 +172,7 @@ def _vector(x: Any, name: str) -> np.ndarray:
             raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
         if x.layout != torch.strided:
             raise InvalidInputError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
-        x = x.detach()
+        x = x.detach().resolve_neg()
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
         x = x.cpu().numpy()
