@@ -101,6 +101,8 @@ REFUSED = {
     "sparse probs": (lambda: pp.postprocess(torch.zeros(2, 3, 3).to_sparse()), pneumoseg.InvalidInputError, "sparse"),
     "sparse logits": (lambda: losses.combo_loss(T.to_sparse(), T), pneumoseg.InvalidInputError, "logits is a torch.sparse_coo"),
     "meta tensor": (lambda: pp.label_components(torch.zeros(3, 3, device="meta")), pneumoseg.InvalidInputError, "meta"),
+    "float8 mask metric": (lambda: metrics.kaggle_dice(torch.zeros(1, 2, 2).to(torch.float8_e5m2), torch.zeros(1, 2, 2)), pneumoseg.InvalidInputError, "pred has dtype torch.float8_e5m2"),
+    "float8 scores": (lambda: metrics.roc_auc(torch.tensor([0, 1]), torch.tensor([0.1, 0.9]).to(torch.float8_e4m3fn)), pneumoseg.InvalidInputError, "scores has dtype torch.float8_e4m3fn"),
     "meta scores": (lambda: metrics.roc_auc(torch.zeros(4, device="meta"), torch.zeros(4, device="meta")), pneumoseg.InvalidInputError, "labels is on device meta"),
     "sparse scores": (lambda: metrics.average_precision(torch.tensor([0.0, 1.0]), torch.tensor([0.2, 0.9]).to_sparse()), pneumoseg.InvalidInputError, "scores is a torch.sparse_coo tensor"),
     "meta logits": (lambda: losses.combo_loss(torch.zeros(1, 3, 3, device="meta"), torch.zeros(1, 3, 3, device="meta")), pneumoseg.InvalidInputError, "logits is on device meta"),

@@ -115,9 +115,19 @@ def _numpy_mask(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+_TORCH_NUMBER_DTYPES = ("bool", "uint8", "uint16", "uint32", "uint64", "int8", "int16", "int32", "int64",
+                        "float16", "bfloat16", "float32", "float64")
+
+
+def _torch_number_dtype(x: Any) -> bool:
+    """Whether a tensor's dtype is one NumPy (or float32, for bfloat16) can hold: not complex,
+    quantised or float8."""
+    return str(x.dtype).replace("torch.", "") in _TORCH_NUMBER_DTYPES
+
+
 def _torch_mask(x: Any, name: str) -> Any:
     torch = torch_module()
-    if x.is_complex() or x.dtype in (torch.qint8, torch.quint8, torch.qint32):
+    if not _torch_number_dtype(x):
         raise InvalidInputError(f"{name} has dtype {x.dtype}; masks are bool, integer or float tensors")
     if x.device.type not in ("cpu", "cuda"):
         raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
@@ -172,6 +182,8 @@ def _vector(x: Any, name: str) -> np.ndarray:
             raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
         if x.layout != torch.strided:
             raise InvalidInputError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
+        if not _torch_number_dtype(x):
+            raise InvalidInputError(f"{name} has dtype {x.dtype}; expected numbers")
         x = x.detach().resolve_neg()
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
