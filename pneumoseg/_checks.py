@@ -239,6 +239,17 @@ def check_path(value: Any, name: str, *, error: _Error = InvalidInputError) -> P
     return Path(text)
 
 
+def check_readable_tensor(x: Any, name: str, *, error: _Error = InvalidInputError) -> None:
+    """Refuse torch tensors whose values cannot be read as real numbers where they are: complex,
+    quantised, or on a device other than the CPU and CUDA (meta tensors have no data at all)."""
+    if x.is_complex():
+        raise error(f"{name} must be real, got {x.dtype}")
+    if x.is_quantized:
+        raise error(f"{name} is a quantized tensor ({x.dtype}); pass {name}.dequantize()")
+    if x.device.type not in ("cpu", "cuda"):
+        raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
+
+
 def check_array_object(x: Any, name: str, *, error: _Error = InvalidInputError) -> None:
     """Refuse array-likes the native core cannot read as dense memory, with a hint: sparse torch
     tensors and SciPy matrices, nested tensors, NumPy masked arrays, and None."""

@@ -35,6 +35,15 @@ def gen():
 
 
 # (call, expected error class, regex the message must match)
+def _quantized(*shape):
+    """A quint8 tensor (torch deprecates making them, with a warning this suite would raise)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.quantize_per_tensor(torch.rand(*shape), 0.1, 0, torch.quint8)
+
+
 REFUSED = {
     # --- class 7: wrong values once accepted silently
     "bool as top": (lambda: pp.triplet_threshold(Z33, top=True), pneumoseg.InvalidInputError, "top must be a real number, got bool"),
@@ -103,6 +112,11 @@ REFUSED = {
     "meta tensor": (lambda: pp.label_components(torch.zeros(3, 3, device="meta")), pneumoseg.InvalidInputError, "meta"),
     "float8 mask metric": (lambda: metrics.kaggle_dice(torch.zeros(1, 2, 2).to(torch.float8_e5m2), torch.zeros(1, 2, 2)), pneumoseg.InvalidInputError, "pred has dtype torch.float8_e5m2"),
     "float8 scores": (lambda: metrics.roc_auc(torch.tensor([0, 1]), torch.tensor([0.1, 0.9]).to(torch.float8_e4m3fn)), pneumoseg.InvalidInputError, "scores has dtype torch.float8_e4m3fn"),
+    "meta image to predict": (lambda: preprocess(torch.zeros(1, 8, 8, device="meta"), 8), pneumoseg.InvalidInputError, "pixels is on device meta"),
+    "quantized image": (lambda: preprocess(_quantized(1, 8, 8), 8), pneumoseg.InvalidInputError, r"quantized tensor \(torch.quint8\); pass pixels.dequantize\(\)"),
+    "quantized chest_crop": (lambda: chest_crop(_quantized(8, 8)), pneumoseg.InvalidInputError, "quantized tensor"),
+    "quantized augment": (lambda: Augment()(_quantized(1, 1, 8, 8)), pneumoseg.InvalidInputError, "images is a quantized tensor"),
+    "augment masks elsewhere": (lambda: Augment()(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8, device="meta")), pneumoseg.InvalidInputError, "masks is on device meta"),
     "meta scores": (lambda: metrics.roc_auc(torch.zeros(4, device="meta"), torch.zeros(4, device="meta")), pneumoseg.InvalidInputError, "labels is on device meta"),
     "sparse scores": (lambda: metrics.average_precision(torch.tensor([0.0, 1.0]), torch.tensor([0.2, 0.9]).to_sparse()), pneumoseg.InvalidInputError, "scores is a torch.sparse_coo tensor"),
     "meta logits": (lambda: losses.combo_loss(torch.zeros(1, 3, 3, device="meta"), torch.zeros(1, 3, 3, device="meta")), pneumoseg.InvalidInputError, "logits is on device meta"),

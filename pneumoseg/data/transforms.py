@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_array_object, check_image_size, check_int, check_probability, check_real
+from .._checks import check_array_object, check_image_size, check_readable_tensor, check_int, check_probability, check_real
 from ..errors import InvalidInputError
 
 __all__ = ["preprocess", "chest_crop", "Augment", "NORMALISE_MEAN", "NORMALISE_STD"]
@@ -31,8 +31,7 @@ def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:
         if arr.dtype.kind not in "biuf":
             raise InvalidInputError(f"{name} must be numeric, got dtype {arr.dtype}")
         t = torch.from_numpy(arr)
-    if t.is_complex():
-        raise InvalidInputError(f"{name} must be real, got {t.dtype}")
+    check_readable_tensor(t, name)
     if t.dim() == 2:
         t = t[None]
     if t.dim() == 3:
@@ -81,8 +80,13 @@ def chest_crop(pixels: np.ndarray, margin: float = 0.02) -> tuple[int, int, int,
     ``margin`` (fraction of the size) on every side. Falls back to the whole image when nothing is found."""
     margin = check_real(margin, "margin", low=0.0, high=0.5)
     check_array_object(pixels, "pixels")
+    if isinstance(pixels, torch.Tensor):
+        check_readable_tensor(pixels, "pixels")
+        pixels = pixels.detach().resolve_neg().cpu()
+        if pixels.dtype == torch.bfloat16:  # NumPy has no bfloat16
+            pixels = pixels.float()
     try:
-        img = np.asarray(pixels.cpu() if isinstance(pixels, torch.Tensor) else pixels)
+        img = np.asarray(pixels)
     except Exception as exc:
         raise InvalidInputError(f"pixels could not be read as an array: {exc}") from exc
     if img.dtype.kind not in "biuf":
@@ -161,10 +165,14 @@ class Augment:
         if not isinstance(images, torch.Tensor):
             raise InvalidInputError(f"images must be a torch tensor, got {type(images).__name__}")
         check_array_object(images, "images")
+        check_readable_tensor(images, "images")
         if masks is not None:
             if not isinstance(masks, torch.Tensor):
                 raise InvalidInputError(f"masks must be a torch tensor, got {type(masks).__name__}")
             check_array_object(masks, "masks")
+            check_readable_tensor(masks, "masks")
+            if masks.device != images.device:
+                raise InvalidInputError(f"masks are on {masks.device} but images on {images.device}")
         if images.dim() != 4 or images.shape[1] != 1:
             raise InvalidInputError(f"images must be (N, 1, H, W), got {tuple(images.shape)}")
         if masks is not None and masks.shape != images.shape:

@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._checks import check_array_object, check_str_sequence, show
+from .._checks import check_array_object, check_readable_tensor, check_str_sequence, show
 from ..errors import DataFormatError, InvalidInputError
 
 __all__ = ["ImageSource", "collect_inputs", "load_pixels"]
@@ -43,8 +43,8 @@ def _array_images(x: Any, name: str) -> list[Any]:
         x = np.asarray(x)
         if x.dtype.kind not in "biuf":
             raise InvalidInputError(f"{name} must hold numbers, got dtype {x.dtype}")
-    elif x.is_complex():
-        raise InvalidInputError(f"{name} must be real, got {x.dtype}")
+    else:
+        check_readable_tensor(x, name)
     shape = tuple(x.shape)
     if len(shape) == 4 and shape[1] == 1:
         x = x[:, 0]
