@@ -35,6 +35,13 @@ def loss(folder: Path) -> None:
             ok = ok and r["fused_over_floor"] <= 2
         print(f"  {r['shape']:8} {r['dtype']:9} {r['fused_s'] * 1e3:9.3f} {r['eager_s'] * 1e3:9.3f} {r['compiled_s'] * 1e3:10.3f} "
               f"{r['speedup_vs_eager']:8.2f} {r['speedup_vs_compile']:9.2f} {r['fused_over_floor']:8.1f}  {_mark(ok)}")
+        graphed = r.get("graphed_s")
+        if graphed:  # device time alone, from CUDA graph replay
+            shown = ", ".join(f"{k} {'-' if v is None else f'{v * 1e3:.3f} ms'}" for k, v in graphed.items())
+            over = r.get("fused_graphed_over_floor")
+            print(f"      graph replay: {shown}" + ("" if over is None else f"; fused {over:.1f}x the floor"))
+        for name, why in (r.get("graph_errors") or {}).items():
+            print(f"      {name} could not be captured: {why[:150]}")
 
 
 def batch64(folder: Path, name: str, title: str) -> None:

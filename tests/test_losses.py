@@ -321,6 +321,49 @@ def test_cuda_large_uint8_target_stream_and_compile():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_capture_replays_to_the_eager_answer(dtype):
+    """A training step captured in a CUDA graph (as users' own graphs and torch.compile's
+    "reduce-overhead" mode do) replays on new inputs to the eager answer: the native forward and
+    backward launch on the capturing stream, and their scratch memory is a graph allocation."""
+    logits, target = make((4, 1, 64, 48), "soft", dtype=dtype, seed=21)
+    x, t = logits.cuda().requires_grad_(), target.cuda()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the default stream, as torch.cuda.graph asks
+        for _ in range(2):
+            x.grad = None
+            combo_loss(x, t, focal_weight=2.0).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = combo_loss(x, t, focal_weight=2.0)
+        loss.backward()
+    for seed in (22, 23):
+        new_logits, new_target = make((4, 1, 64, 48), "soft", dtype=dtype, seed=seed)
+        with torch.no_grad():
+            x.copy_(new_logits)
+            t.copy_(new_target)
+        graph.replay()
+        ref_loss, ref_grad = loss_and_grad(combo_loss, new_logits.cuda(), new_target.cuda(), focal_weight=2.0)
+        assert loss.item() == ref_loss.item()
+        torch.testing.assert_close(x.grad, ref_grad, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_reduce_overhead_compile_matches_eager():
+    model = TinySegmenter().cuda()
+    x = make((2, 1, 32, 32), "soft", seed=24)[0].cuda()
+    t = (torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(25)) > 0.5).float().cuda()
+    eager = combo_loss(model(x), t, per_image=True)
+    step = torch.compile(lambda a, b: combo_loss(model(a), b, per_image=True), mode="reduce-overhead")
+    for _ in range(3):  # the third call replays the recorded graph
+        compiled = step(x, t)
+    assert rel_err(compiled.detach().cpu(), eager.detach().cpu()) <= 1e-6
+
+
+@pytest.mark.cuda
 def test_cuda_validate_true_raises():
     with pytest.raises(pneumoseg.InvalidInputError, match="outside"):
         combo_loss(torch.zeros(1, 1, 4, 4, device="cuda"), torch.full((1, 1, 4, 4), 3.0, device="cuda"), validate=True)
