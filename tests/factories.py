@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
+
 import numpy as np
 
 from pneumoseg.samples import pneumothorax_mask
@@ -47,3 +50,37 @@ def randomize_model(model, seed: int = 0):
                 centre = 1.0 if name.endswith("weight") else 0.0
                 t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype) * 0.2 + centre)
     return model
+
+
+def write_dicom(path, raw=None, *, syntax=None, **attrs):
+    """An uncompressed (or deflated) 16-bit DICOM; attrs override or, as None, delete header fields."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    raw = np.arange(12, dtype=np.uint16).reshape(3, 4) if raw is None else raw
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = raw.shape[-2:]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = raw.astype(np.uint16).tobytes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom warns about the invalid values these tests want
+        for key, value in attrs.items():
+            if value is None:
+                if key in ds:
+                    delattr(ds, key)
+            elif isinstance(value, tuple):  # (VR, value): stored as given, e.g. text where numbers belong
+                ds.add_new(tag_for_keyword(key), *value)
+            else:
+                setattr(ds, key, value)
+        ds.save_as(path, enforce_file_format=True)
+    return Path(path)

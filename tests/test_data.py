@@ -8,6 +8,7 @@ import pytest
 import pneumoseg
 from pneumoseg import rle
 from pneumoseg.data import chest_phantom, find_dicoms, make_synthetic_siim, read_dicom, read_rle_csv
+from factories import write_dicom
 from reference import ref_decode
 
 pydicom = pytest.importorskip("pydicom")
@@ -186,29 +187,10 @@ def test_find_dicoms_flat_and_duplicates(tmp_path, synth):
 
 
 def write_uncompressed(path, raw, photometric="MONOCHROME2", slope=None, intercept=None, window=None, pixel_data=True):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = raw.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if slope is not None:
-        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    if pixel_data:
-        ds.PixelData = raw.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return path
+    """A 12-bit (in 16) uncompressed DICOM of ``raw``, with the given rescale and window."""
+    window_center, window_width = window if window is not None else (None, None)
+    return write_dicom(path, raw, PhotometricInterpretation=photometric, RescaleSlope=slope, RescaleIntercept=intercept,
+                       WindowCenter=window_center, WindowWidth=window_width, PixelData=None if not pixel_data else raw.astype(np.uint16).tobytes())
 
 
 def test_twelve_bit_monochrome1_rescale_and_window(tmp_path):

@@ -20,6 +20,7 @@ from pneumoseg import limits, rle
 from pneumoseg._fs import MANIFEST_NAME, atomic_open, atomic_write, prepare_output_folder, safe_file_name, safe_file_names
 from pneumoseg.data import find_dicoms, make_synthetic_siim, read_dicom, read_dicom_shape, read_rle_csv, write_rle_csv
 
+from factories import write_dicom
 from isolated import run_isolated
 
 pydicom = pytest.importorskip("pydicom")
@@ -28,39 +29,6 @@ pydicom = pytest.importorskip("pydicom")
 def tree(folder: Path) -> dict[str, bytes]:
     """Every file under folder (relative path -> bytes), to show that nothing changed."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def write_dicom(path, raw=None, *, syntax=None, **attrs):
-    """An uncompressed (or deflated) 16-bit DICOM; attrs override or, as None, delete header fields."""
-    from pydicom.datadict import tag_for_keyword
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    raw = np.arange(12, dtype=np.uint16).reshape(3, 4) if raw is None else raw
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = syntax or ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = raw.shape[-2:]
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = raw.astype(np.uint16).tobytes()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # pydicom warns about the invalid values these tests want
-        for key, value in attrs.items():
-            if value is None:
-                delattr(ds, key)
-            elif isinstance(value, tuple):  # (VR, value): stored as given, e.g. text where numbers belong
-                ds.add_new(tag_for_keyword(key), *value)
-            else:
-                setattr(ds, key, value)
-        ds.save_as(path, enforce_file_format=True)
-    return Path(path)
 
 
 # --- class 2: names from the data never lead outside the output folder ------------------------------------

@@ -16,6 +16,7 @@ from pneumoseg.errors import DataFormatError, DicomError, InvalidInputError  # n
 from pneumoseg.infer import Predictor  # noqa: E402
 from pneumoseg.infer.predictor import STAGES  # noqa: E402
 
+from factories import write_dicom  # noqa: E402
 from infer_helpers import (  # noqa: E402
     THRESHOLDS, copy_model_dir, exported_model_dir, file_digests, model_dir, phantom_images, reference_predict,
 )
@@ -206,27 +207,9 @@ def test_model_directory_with_a_missing_or_damaged_file(tmp_path):
 
 
 def _write_dicom(path, pixels, photometric="MONOCHROME2"):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    bits = pixels.dtype.itemsize * 8
-    ds.BitsAllocated = bits
-    ds.BitsStored = bits
-    ds.HighBit = bits - 1
-    ds.PixelRepresentation = 0
-    ds.PixelData = pixels.tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    bits = pixels.dtype.itemsize * 8  # 8- or 16-bit, all bits stored
+    return write_dicom(path, pixels, PhotometricInterpretation=photometric, BitsAllocated=bits, BitsStored=bits,
+                       HighBit=bits - 1, PixelData=pixels.tobytes())
 
 
 def test_bad_files_are_errors_or_reported_skips_and_inputs_stay_untouched(tmp_path):
