@@ -19,6 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from cuda_timing import median_ms  # noqa: E402
 from pneumoseg.losses import combo_loss  # noqa: E402
 from reference import ref_combo_loss  # noqa: E402
 
@@ -109,37 +110,13 @@ def gpu_median_step_seconds(fn, sets) -> float:
     rotating the input sets) / steps."""
     for x, t in sets:  # warm-up (and compilation)
         step(fn, x, t)
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(GPU_REPS):
-        start.record()
+
+    def steps():
         for i in range(GPU_STEPS_PER_REP):
             x, t = sets[i % len(sets)]
             step(fn, x, t)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3 / GPU_STEPS_PER_REP)
-    times.sort()
-    return times[len(times) // 2]
 
-
-def d2d_bandwidth() -> float:
-    """Bytes/s of a device-to-device copy (read + write), median of 7: the floor's denominator."""
-    big = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(big)
-    dst.copy_(big)
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(7):
-        start.record()
-        dst.copy_(big)
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3)
-    times.sort()
-    return 2 * big.numel() / times[3]
+    return median_ms(torch, steps, GPU_REPS, warmup=0) / 1e3 / GPU_STEPS_PER_REP
 
 
 def graphed_step_seconds(fn, x, t, replays: int = 20):
@@ -160,19 +137,12 @@ def graphed_step_seconds(fn, x, t, replays: int = 20):
     except Exception as exc:  # noqa: BLE001 - reported in the results, the other figures still count
         torch.cuda.synchronize()
         return None, f"{type(exc).__name__}: {exc}"[:300]
-    graph.replay()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(GPU_REPS):
-        start.record()
+
+    def replay():
         for _ in range(replays):
             graph.replay()
-        stop.record()
-        stop.synchronize()
-        times.append(start.elapsed_time(stop) / 1e3 / replays)
-    times.sort()
-    return times[len(times) // 2], ""
+
+    return median_ms(torch, replay, GPU_REPS, warmup=1) / 1e3 / replays, ""
 
 
 @pytest.mark.cuda
