@@ -306,6 +306,38 @@ def test_shape_mismatch_is_refused_and_nothing_loads(tmp_path, source):
     assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
 
 
+@pytest.mark.parametrize("filename", ["bad.pth", "bad.safetensors"])
+@pytest.mark.parametrize("key, value, match", [
+    ("layer2.0.conv1.weight", lambda w: w.to(torch.complex64), "is torch.complex64 in the checkpoint"),
+    ("layer2.0.conv1.weight", lambda w: (w > 0), "is torch.bool in the checkpoint"),
+    ("layer2.0.conv1.weight", lambda w: w.to(torch.int32), "is torch.int32 in the checkpoint"),
+    ("layer2.0.conv1.weight", lambda w: w.index_fill(0, torch.tensor([3]), float("nan")), "holds NaN or infinity"),
+    ("bn1.running_var", lambda w: w.index_fill(0, torch.tensor([0]), float("inf")), "holds NaN or infinity"),
+])
+def test_weights_that_would_be_cast_or_are_not_finite_are_refused(tmp_path, source, filename, key, value, match):
+    """load_state_dict would cast them silently (complex to real, bool and integers to float) or load
+    NaN; the error names the file and the key, and nothing loads."""
+    model, _ = source
+    state = dict(model.state_dict())
+    state[key] = value(state[key])
+    path = save(state, tmp_path / filename)
+    fresh = create_classifier(SMALL, num_classes=1000)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(InvalidInputError, match=match) as err:
+        load_pretrained(fresh, path)
+    assert f"'{key}'" in str(err.value) and str(path) in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_low_precision_weights_and_counters_of_any_real_type_load(tmp_path, source):
+    model, x = source
+    state = {k: v.to(torch.float8_e4m3fn) if k == "fc.bias" else v for k, v in model.state_dict().items()}
+    state["bn1.num_batches_tracked"] = state["bn1.num_batches_tracked"].float()
+    fresh = create_classifier(SMALL, num_classes=1000)
+    load_pretrained(fresh, save(state, tmp_path / "w.pth"))
+    assert torch.equal(fresh.fc.bias, model.fc.bias.to(torch.float8_e4m3fn).float())
+
+
 def test_other_network_is_refused(tmp_path, source):
     model, _ = source
     path = save(model.state_dict(), tmp_path / "resnet.pth")

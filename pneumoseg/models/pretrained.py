@@ -291,6 +291,25 @@ def _resolve_target(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[n
     return encoder, "model.encoder", encoder, ""
 
 
+def _check_values(path: Path, key: str, value: torch.Tensor, want: torch.Tensor) -> None:
+    """A weight must come from a finite real floating-point tensor: load_state_dict would cast a complex,
+    bool or integer tensor into it, and NaN weights only show up as NaN predictions. (Integer counters
+    such as BatchNorm's num_batches_tracked take any real number: they do not change the outputs.)"""
+    if value.is_complex():
+        raise InvalidInputError(f"cannot load {path}: '{key}' is {value.dtype} in the checkpoint; the model's is "
+                                f"{want.dtype}")
+    if not want.is_floating_point():
+        return
+    if not value.is_floating_point():
+        raise InvalidInputError(f"cannot load {path}: '{key}' is {value.dtype} in the checkpoint; the model's "
+                                f"is {want.dtype} (a real floating-point weight)")
+    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        value = value.float()  # float8: isfinite has no kernel for it
+    if not bool(torch.isfinite(value).all()):
+        raise InvalidInputError(f"cannot load {path}: '{key}' holds NaN or infinity (a diverged or damaged "
+                                "checkpoint?)")
+
+
 def load_pretrained(
     model: nn.Module,
     path: Union[str, os.PathLike],
@@ -366,6 +385,7 @@ def load_pretrained(
                 raise InvalidInputError(
                     f"cannot load {path}: '{k}' has shape {tuple(v.shape)} in the checkpoint but "
                     f"{tuple(want.shape)} in the model{hint}")
+        _check_values(path, k, v, want)
         loaded[k] = v
     if not loaded:
         raise InvalidInputError(
