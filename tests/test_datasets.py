@@ -190,3 +190,26 @@ def test_augment_and_preprocess_on_cuda():
     gpu_i, gpu_m = aug(masks.cuda(), masks.cuda())
     assert gpu_i.is_cuda and (gpu_m.cpu() == cpu_m).float().mean() > 0.99
     assert preprocess(masks.cuda()[:, 0], 32).is_cuda
+
+
+@pytest.mark.cuda
+def test_augment_on_cuda_never_waits_for_the_gpu():
+    """Its random parameters travel in non-blocking copies (a blocking one per call would drain the
+    GPU's queue every training step), and it draws what the CPU draws."""
+    imgs = torch.rand(6, 1, 48, 40, generator=torch.Generator().manual_seed(0))
+    masks = (torch.rand(6, 1, 48, 40, generator=torch.Generator().manual_seed(1)) > 0.5).float()
+    kw = dict(seed=11, affine_p=0.5, intensity_p=1.0)
+    aug = Augment(**kw)
+    gpu_out, gpu_masks = aug(imgs.cuda(), masks.cuda())  # the first call also sets up pinned memory
+    cpu_out, cpu_masks = Augment(**kw)(imgs, masks)
+    torch.testing.assert_close(gpu_out.cpu(), cpu_out, rtol=1e-4, atol=1e-4)
+    assert (gpu_masks.cpu() == cpu_masks).float().mean() > 0.99
+    imgs, masks = imgs.cuda(), masks.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronisation now raises
+    try:
+        for _ in range(3):
+            out, out_masks = aug(imgs, masks)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.is_cuda and out_masks.is_cuda

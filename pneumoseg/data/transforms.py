@@ -115,6 +115,14 @@ def chest_crop(pixels: np.ndarray, margin: float = 0.02) -> tuple[int, int, int,
     return max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr), max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)
 
 
+def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor on ``device`` without waiting for the device: CUDA copies go from pinned
+    memory (torch's caching host allocator keeps the block until the copy has run)."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
+
+
 class Augment:
     """Random augmentations applied identically to a batch of images and masks, on their device:
     horizontal flip, shift-scale-rotate (one affine warp: bilinear for images, nearest for masks), and
@@ -178,8 +186,10 @@ class Augment:
         if masks is not None and masks.shape != images.shape:
             raise InvalidInputError(f"masks shape {tuple(masks.shape)} differs from images {tuple(images.shape)}")
         n, device = images.shape[0], images.device
-        # Random numbers come from a CPU generator so results do not depend on the device.
-        flip = (torch.rand(n, generator=self.generator) < self.hflip).to(device)
+        # Random numbers come from a CPU generator so results do not depend on the device. They are
+        # all drawn first and reach a CUDA device in one non-blocking copy from pinned memory: a
+        # plain copy of each (six per call) would wait for the GPU to finish every queued kernel.
+        flip = torch.rand(n, generator=self.generator) < self.hflip
         do_affine = torch.rand(n, generator=self.generator) < self.affine_p
         angle = torch.where(do_affine, self._uniform(n, -self.rotate, self.rotate), torch.zeros(n, dtype=torch.float64))
         zoom = torch.where(do_affine, self._uniform(n, 1 - self.scale, 1 + self.scale), torch.ones(n, dtype=torch.float64))
@@ -188,12 +198,19 @@ class Augment:
         rad = angle * math.pi / 180
         cos, sin = torch.cos(rad) / zoom, torch.sin(rad) / zoom
         theta = torch.stack([torch.stack([cos, -sin, 2 * tx], 1), torch.stack([sin, cos, 2 * ty], 1)], 1)
-        theta = theta.to(device=device, dtype=torch.float32)
+        do_int = (torch.rand(n, generator=self.generator) < self.intensity_p)
+        b = torch.where(do_int, self._uniform(n, -self.brightness, self.brightness), torch.zeros(n, dtype=torch.float64))
+        c = torch.where(do_int, self._uniform(n, 1 - self.contrast, 1 + self.contrast), torch.ones(n, dtype=torch.float64))
+        g = torch.where(do_int, self._uniform(n, *self.gamma), torch.ones(n, dtype=torch.float64))
+        # Only the samples that drew an affine transform are resampled: the rest stay exact.
+        warp = do_affine.nonzero().flatten()
+        params = torch.cat([flip[:, None].float(), theta.reshape(n, 6).float(), torch.stack([b, c, g], 1).float()], 1)
+        params, warp = _to_device(params, device), _to_device(warp, device)
+        flip, theta = params[:, 0] > 0.5, params[:, 1:7].reshape(n, 2, 3)
+        b, c, g = (params[:, i].view(n, 1, 1, 1) for i in (7, 8, 9))
         out = torch.where(flip[:, None, None, None], images.flip(-1), images).float()
         if masks is not None:
             masks = torch.where(flip[:, None, None, None], masks.flip(-1), masks).float()
-        # Only the samples that drew an affine transform are resampled: the rest stay exact.
-        warp = do_affine.nonzero().flatten().to(device)
         if warp.numel():
             grid = F.affine_grid(theta[warp], [warp.numel(), *images.shape[1:]], align_corners=False)
             out = out.clone()
@@ -201,12 +218,6 @@ class Augment:
             if masks is not None:
                 masks = masks.clone()
                 masks[warp] = F.grid_sample(masks[warp], grid, mode="nearest", padding_mode="zeros", align_corners=False)
-        do_int = (torch.rand(n, generator=self.generator) < self.intensity_p)
-        b = torch.where(do_int, self._uniform(n, -self.brightness, self.brightness), torch.zeros(n, dtype=torch.float64))
-        c = torch.where(do_int, self._uniform(n, 1 - self.contrast, 1 + self.contrast), torch.ones(n, dtype=torch.float64))
-        g = torch.where(do_int, self._uniform(n, *self.gamma), torch.ones(n, dtype=torch.float64))
-        shape = (n, 1, 1, 1)
-        b, c, g = (v.to(device=device, dtype=torch.float32).view(shape) for v in (b, c, g))
         lo = out.amin(dim=(2, 3), keepdim=True)
         hi = out.amax(dim=(2, 3), keepdim=True)
         span = torch.where(hi > lo, hi - lo, torch.ones_like(hi))

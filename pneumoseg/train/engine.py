@@ -150,6 +150,10 @@ class Gate:
 # Loss
 
 
+# Batches between reads of the summed training loss (each read waits for the GPU).
+LOSS_READ_EVERY = 10
+
+
 class TaskLoss:
     """Segmentation: ``combo_loss`` on the masks (+ ``aux_weight`` x BCE of a classification head);
     classification: BCE on the labels. Every term is a mean over images (batch Dice apart)."""
@@ -161,9 +165,15 @@ class TaskLoss:
                           per_image=lc.per_image_dice, smooth=lc.dice_smooth)
         self.aux_weight = lc.aux_weight
         self.pos_weight = lc.pos_weight
+        self._pos_weight_on: dict[torch.device, torch.Tensor] = {}
 
     def _bce(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pw = None if self.pos_weight is None else torch.tensor(self.pos_weight, device=logits.device)
+        pw = None
+        if self.pos_weight is not None:
+            # made once per device: a new CUDA scalar each step is a copy that waits for the GPU
+            pw = self._pos_weight_on.get(logits.device)
+            if pw is None:
+                pw = self._pos_weight_on[logits.device] = torch.tensor(self.pos_weight, device=logits.device)
         return F.binary_cross_entropy_with_logits(logits.float().reshape(-1), labels.float().reshape(-1), pos_weight=pw)
 
     def __call__(self, out: Any, masks: Optional[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -655,6 +665,15 @@ class Trainer:
         images_done = 0
         accumulate = cfg.accumulate
         optimizer.zero_grad(set_to_none=True)
+        # The loss is summed on the device and read (one synchronisation) every LOSS_READ_EVERY batches
+        # and before each checkpoint, at fixed batch indices, so an interrupted and resumed run adds
+        # the same partial sums in the same order as an uninterrupted one.
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+
+        def read_loss() -> None:
+            progress["loss_sum"] += float(loss_acc)
+            loss_acc.zero_()
+
         for b, batch in enumerate(loader, start=start_batch):
             images, masks, labels = self._inputs(batch)
             if augment is not None:
@@ -674,7 +693,7 @@ class Trainer:
                 loss = self.loss_fn(out, masks, labels)
                 scaled = loss / accumulate
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
-            progress["loss_sum"] += float(loss.detach()) * images.shape[0]
+            loss_acc += loss.detach().double() * images.shape[0]
             progress["loss_count"] += images.shape[0]
             images_done += images.shape[0] * info.world_size
             if boundary:
@@ -698,6 +717,7 @@ class Trainer:
                 progress["global_step"] += 1
                 every = cfg.checkpoint.every_steps
                 if every and progress["global_step"] % every == 0 and b + 1 < total:
+                    read_loss()
                     progress["batch"] = b + 1
                     if info.is_main:
                         save_checkpoint(folder, LAST, {
@@ -706,11 +726,15 @@ class Trainer:
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "scaler": None if scaler is None else scaler.state_dict(), "rng": self._rng_state(augment),
                             "history": [_plain_row(r) for r in history], "top_k": top_k})
+            if (b + 1) % LOSS_READ_EVERY == 0:
+                read_loss()
+                if bar is not None:
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix(loss=f"{progress['loss_sum'] / max(1, progress['loss_count']):.4f}",
+                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{images_done / elapsed:.1f}")
             if bar is not None:
-                elapsed = max(time.perf_counter() - t0, 1e-9)
-                bar.set_postfix(loss=f"{progress['loss_sum'] / max(1, progress['loss_count']):.4f}",
-                                lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{images_done / elapsed:.1f}")
                 bar.update(1)
+        read_loss()
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
