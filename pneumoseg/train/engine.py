@@ -325,10 +325,13 @@ class Trainer:
 
         cfg, v = self.cfg, self.cfg.validation
         model.eval()
-        loss_sum = dice_sum = 0.0
+        # Sums and per-image scores stay on the device until the fold is done: one synchronisation
+        # per validation, not several per batch.
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        dice_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         count = 0
-        scores: list[np.ndarray] = []
-        labels: list[np.ndarray] = []
+        score_parts: list[torch.Tensor] = []
+        label_parts: list[torch.Tensor] = []
         search = None
         gated = False
         for batch in self._val_loader():
@@ -337,11 +340,11 @@ class Trainer:
                 images = images.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 out = model(images)
-            loss_sum += float(self.loss_fn(out, masks, lab)) * images.shape[0]
+            loss_acc += self.loss_fn(out, masks, lab).detach().double() * images.shape[0]
             count += images.shape[0]
-            labels.append(lab.cpu().numpy())
+            label_parts.append(lab.detach())
             if not self.seg:
-                scores.append(torch.sigmoid(out.float())[:, 0].cpu().numpy())
+                score_parts.append(torch.sigmoid(out.float())[:, 0])
                 continue
             mask_logits, class_logits = out if isinstance(out, tuple) else (out, None)
             probs = torch.sigmoid(mask_logits.float())[:, 0]
@@ -358,9 +361,12 @@ class Trainer:
                     gates.append(float(self.gate.threshold))
                 search = TripletSearch(v.tops, v.min_areas, v.bottoms, sorted(gates) if gated else None)
             search.update(probs, truth, gate_scores)
-            dice_sum += float(dice_per_image(probs, truth, threshold=v.threshold).sum())
+            dice_acc += dice_per_image(probs, truth, threshold=v.threshold).double().sum()
             image_scores = gate_scores if gate_scores is not None else probs.flatten(1).amax(1)
-            scores.append(image_scores.float().cpu().numpy())
+            score_parts.append(image_scores.float())
+        scores = [torch.cat(score_parts).cpu().numpy()] if score_parts else []
+        labels = [torch.cat(label_parts).cpu().numpy()] if label_parts else []
+        loss_sum, dice_sum = float(loss_acc), float(dice_acc)
         loss_sum, dice_sum, count = D.all_reduce_sum([loss_sum, dice_sum, count], self.info)
         all_scores = np.concatenate([s for part in D.all_gather_objects(scores, self.info) for s in part])
         all_labels = np.concatenate([s for part in D.all_gather_objects(labels, self.info) for s in part]).astype(np.int64)
