@@ -100,6 +100,39 @@ def test_loss_default_weights_forward_backward_cpu(benchmark, impl):
     assert torch.isfinite(grad).all()
 
 
+class _SumOnly(torch.autograd.Function):
+    """The floor of any Python autograd function: one node, a sum forward and an expand backward."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.shape = x.shape
+        return x.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.expand(ctx.shape)
+
+
+HOST_IMPLS = {
+    "pneumoseg": (fused, False),
+    "eager composite": (composite, True),
+    "autograd.Function floor (x.sum)": (lambda x, t: _SumOnly.apply(x), True),
+}
+
+
+@pytest.mark.parametrize("impl", list(HOST_IMPLS))
+def test_loss_host_overhead_cpu(benchmark, impl):
+    """Forward + backward on 1x1x8x8, where the arithmetic costs next to nothing: what is left is the
+    host path (checks, autograd, allocations, the native call) that bounds small batches on a GPU."""
+    fn, is_baseline = HOST_IMPLS[impl]
+    benchmark.group = "loss host path fwd+bwd 1x1x8x8 float32 cpu (SIIM weights)"
+    benchmark.extra_info.update(impl=impl, baseline=is_baseline)
+    x, t = inputs((1, 1, 8, 8), torch.float32)
+    step(fn, x, t)
+    grad = benchmark.pedantic(step, args=(fn, x, t), rounds=200, iterations=20, warmup_rounds=5)
+    assert grad.shape == x.shape and torch.isfinite(grad).all()
+
+
 GPU_INPUT_SETS = 3  # rotated, so that at 8x512 (6 MB a set) the L2 does not keep the inputs hot
 GPU_STEPS_PER_REP = 10  # back-to-back steps per timed repetition: throughput, as a training loop runs
 GPU_REPS = 7
