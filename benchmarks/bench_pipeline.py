@@ -244,6 +244,52 @@ def trained_model(smoke: bool) -> tuple[Path, Path]:
     return path, test
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_two_stage() -> Path:
+    """A classifier + segmenter small enough (32 px, 8-channel decoder) that the networks cost about
+    as much as the pipeline around them."""
+    from pneumoseg.models import create_classifier, create_segmenter
+    from pneumoseg.models.model_dir import save_model_dir
+
+    torch.manual_seed(0)
+    networks = {"segmenter": create_segmenter("unet", "resnet_tiny", in_channels=1, decoder_channels=(8,) * 5).eval(),
+                "classifier": create_classifier("resnet_tiny", num_classes=1, in_channels=1).eval()}
+    return save_model_dir(_ROOT / "tiny-two-stage", networks, input_sizes={"segmenter": 32, "classifier": 32},
+                          thresholds={"gate": 0.0, "top": 0.75, "min_area": 20, "bottom": 0.3}).path
+
+
+@pytest.mark.parametrize("impl", ["pneumoseg torch, segment all", "the two networks alone"])
+def test_predictor_fixed_cost_batch1(benchmark, impl):
+    """Batch 1 from an in-memory 64x64 tensor with tiny networks: what the Predictor adds around the
+    networks (input handling, preprocessing, post-processing, RLE, bookkeeping) is what decides a
+    few-millisecond batch-1 latency on a GPU."""
+    path = tiny_two_stage()
+    image = torch.from_numpy(images(64, 1)[0])
+    benchmark.group = "predictor fixed cost, batch 1, tiny networks, cpu"
+    benchmark.extra_info.update(impl=impl, baseline=impl != "pneumoseg torch, segment all", threads=torch.get_num_threads())
+    if impl.startswith("pneumoseg"):
+        p = Predictor.from_dir(path, backend="torch", device="cpu", segment="all")
+        p.warmup(1)
+
+        def fn():
+            return p.predict(image, batch_size=1)[0].rle
+    else:
+        from pneumoseg.models.model_dir import load_model_dir
+
+        md = load_model_dir(path)
+        seg, cls = md.build("segmenter").eval(), md.build("classifier").eval()
+        x = torch.randn(1, 1, 32, 32)
+
+        def fn():
+            with torch.no_grad():
+                cls(x)
+                return seg(x)
+
+    fn()
+    out = benchmark.pedantic(fn, rounds=100, iterations=3, warmup_rounds=5)
+    assert out is not None
+
+
 @pytest.mark.parametrize("precision", ["fp32", "int8"])
 def test_int8_accuracy_on_a_trained_model(benchmark, request, precision):
     from pneumoseg.data import read_rle_csv
