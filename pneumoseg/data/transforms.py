@@ -9,7 +9,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_array_object, check_image_size, check_readable_tensor, check_int, check_probability, check_real
+from .._checks import (
+    check_array_object,
+    check_image_size,
+    check_int,
+    check_probability,
+    check_readable_tensor,
+    check_real,
+)
 from ..errors import InvalidInputError
 
 __all__ = ["preprocess", "chest_crop", "Augment", "NORMALISE_MEAN", "NORMALISE_STD"]
