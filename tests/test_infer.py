@@ -167,6 +167,22 @@ def test_onnxruntime_backend_matches_torch():
         assert [p.score for p in got] == pytest.approx([p.score for p in want], abs=1e-5)
 
 
+def test_automatic_backend_and_device():
+    """backend="auto" takes onnxruntime on a CPU only where the directory holds the export for the
+    precision, torch otherwise; device="auto" is CUDA only where pneumoseg's CUDA kernels can run."""
+    exported = Predictor.from_dir(exported_model_dir("classifier"), backend="auto", device="cpu")
+    assert exported.backend.name == "onnxruntime" and exported.backend.precision == "fp32"
+    images = phantom_images(2, seed=31)
+    torch_answers = Predictor.from_dir(exported_model_dir("classifier"), backend="torch").predict(images)
+    assert [p.rle for p in exported.predict(images)] == [p.rle for p in torch_answers]
+    plain = Predictor.from_dir(model_dir("classifier"), backend="auto", device="cpu")
+    assert plain.backend.name == "torch"
+    with pytest.raises(DataFormatError, match="pneumoseg export .* --precision int8"):  # int8 is onnxruntime's
+        Predictor.from_dir(exported_model_dir("classifier"), backend="auto", device="cpu", precision="int8")
+    chosen = Predictor.from_dir(model_dir("classifier"), device="auto").backend.device.type
+    assert chosen == ("cuda" if pneumoseg.cuda_available() and torch.cuda.is_available() else "cpu")
+
+
 def test_backend_and_option_errors(tmp_path):
     with pytest.raises(InvalidInputError, match="backend must be one of"):
         Predictor.from_dir(model_dir("aux"), backend="tvm")

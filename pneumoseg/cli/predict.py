@@ -25,8 +25,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("inputs", nargs="+", type=path, metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--model", type=path, required=True, help="model directory (from `pneumoseg train`)")
     p.add_argument("--out", type=path, required=True, help="output folder (new, or pneumoseg's own earlier output)")
-    p.add_argument("--backend", choices=("torch", "onnxruntime", "tensorrt"), default="torch")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"), default="auto",
+                   help="default auto: torch on CUDA; on a CPU onnxruntime when the model has been exported "
+                        "(`pneumoseg export MODEL --format onnx`), else torch")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
                    help="default: fp16 on CUDA, fp32 on a CPU")
     p.add_argument("--batch-size", type=int_in(1, 4096), default=8)
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     positives = sum(p.positive for p in predictions)
     skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
     print(f"predicted {len(predictions)} images ({positives} with pneumothorax{skipped}) in {seconds:.1f} s "
-          f"({len(predictions) / max(seconds, 1e-9):.1f} images/s) with {args.backend} on {args.device}")
+          f"({len(predictions) / max(seconds, 1e-9):.1f} images/s) with {predictor.backend.name} "
+          f"{predictor.backend.precision} on {predictor.backend.device}")
     print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {overlays} overlays in {OVERLAYS}/" if overlays else ""))
     return 0
 
