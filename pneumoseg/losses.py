@@ -189,7 +189,7 @@ _PLAIN_NUMBER_TYPES = frozenset((float, int, type(None)))
 def _plain_params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image):
     # Plain Python numbers validate the same way every time, so the validated native parameters are
     # cached per argument tuple (typed: 1, 1.0 and True are different keys; errors are never cached).
-    weights = _validate_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
+    weights = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
     return _params(*weights.values(), check_bool(per_image, "per_image"))
 
 
@@ -200,19 +200,6 @@ def _number(value, name: str) -> float:
 
 def _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight) -> dict[str, float]:
     """The loss's numeric arguments, validated (non-negative and finite) and as floats."""
-    plain = (bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
-    # bool is neither float nor int here: it goes to the full check. (Dynamo traces the check itself.)
-    if not torch.compiler.is_compiling() and all(type(v) in _PLAIN_NUMBER_TYPES for v in plain):
-        return dict(_checked_plain_weights(plain))
-    return _validate_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
-
-
-@functools.lru_cache(maxsize=64, typed=True)
-def _checked_plain_weights(plain: tuple) -> tuple:
-    return tuple(_validate_weights(*plain).items())
-
-
-def _validate_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight) -> dict[str, float]:
     return dict(
         bce_weight=_number(bce_weight, "bce_weight"),
         dice_weight=_number(dice_weight, "dice_weight"),
