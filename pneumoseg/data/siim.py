@@ -178,11 +178,7 @@ def _format_rle_csv(rles: Mapping[str, Union[str, list[str]]]) -> str:
         raise InvalidInputError(f"rles must be a dict ImageId -> list of RLE strings, got {type(rles).__name__}")
     lines = ["ImageId, EncodedPixels"]
     for image_id, strings in rles.items():
-        if not isinstance(image_id, str):
-            raise InvalidInputError(f"ImageId {show(image_id)} must be a str, got {type(image_id).__name__}")
-        problem = _bad_id(image_id)
-        if problem:
-            raise InvalidInputError(f"ImageId {show(image_id)} cannot be written to an RLE CSV: {problem}")
+        check_csv_image_ids([image_id], error=InvalidInputError)
         if isinstance(strings, str):
             strings = [strings]
         strings = check_str_sequence(strings, f"rles[{image_id!r}]")
