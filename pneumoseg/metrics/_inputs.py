@@ -125,15 +125,23 @@ def _torch_number_dtype(x: Any) -> bool:
     return str(x.dtype).replace("torch.", "") in _TORCH_NUMBER_DTYPES
 
 
-def _torch_mask(x: Any, name: str) -> Any:
+def _readable_tensor(x: Any, name: str, expected: str) -> Any:
+    """A tensor the metrics can read, detached: a NumPy-holdable dtype (else the error says
+    ``expected``), on the CPU or CUDA, dense, and with any lazy negation resolved (a negated view holds
+    -x in memory)."""
     torch = torch_module()
     if not _torch_number_dtype(x):
-        raise InvalidInputError(f"{name} has dtype {x.dtype}; masks are bool, integer or float tensors")
+        raise InvalidInputError(f"{name} has dtype {x.dtype}; {expected}")
     if x.device.type not in ("cpu", "cuda"):
         raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
     if x.layout != torch.strided:
         raise InvalidInputError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
-    x = x.detach().resolve_neg()  # a lazily negated view holds -x in memory
+    return x.detach().resolve_neg()
+
+
+def _torch_mask(x: Any, name: str) -> Any:
+    torch = torch_module()
+    x = _readable_tensor(x, name, "masks are bool, integer or float tensors")
     if x.dtype == torch.bfloat16:  # NumPy has no bfloat16; float32 holds every bfloat16 exactly
         x = x.float()
     return x
@@ -178,13 +186,7 @@ def _vector(x: Any, name: str) -> np.ndarray:
     _refuse_masked(x, name)
     if is_tensor(x):
         torch = torch_module()
-        if x.device.type not in ("cpu", "cuda"):
-            raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
-        if x.layout != torch.strided:
-            raise InvalidInputError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
-        if not _torch_number_dtype(x):
-            raise InvalidInputError(f"{name} has dtype {x.dtype}; expected numbers")
-        x = x.detach().resolve_neg()
+        x = _readable_tensor(x, name, "expected numbers")
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
         x = x.cpu().numpy()
