@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -157,23 +157,15 @@ def _host_array(pixels: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pixels)
 
 
-class _Loaded:
-    """A load done on the calling thread, answering ``result()`` as a future does (raising its error
-    there, so ``on_error`` treats both kinds alike)."""
-
-    __slots__ = ("_value", "_error")
-
-    def __init__(self, load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> None:
-        self._value, self._error = None, None
-        try:
-            self._value = load(source)
-        except Exception as exc:  # noqa: BLE001 - re-raised by result(), where a future would raise it
-            self._error = exc
-
-    def result(self) -> tuple[Any, float]:
-        if self._error is not None:
-            raise self._error
-        return self._value
+def _loaded_inline(load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> Future:
+    """A load done on the calling thread, as an already completed future (its error, if any, raised by
+    ``result()`` as a pool's would be, so ``on_error`` treats both kinds alike)."""
+    future: Future = Future()
+    try:
+        future.set_result(load(source))
+    except Exception as exc:  # noqa: BLE001 - re-raised by result()
+        future.set_exception(exc)
+    return future
 
 
 def _automatic_backend(md: Any, parts: Sequence[str], device: Any, precision: str) -> str:
@@ -366,7 +358,7 @@ class Predictor:
             futures = []
             for src in batch:
                 if src.path is None:
-                    futures.append(_Loaded(timed_load, src))
+                    futures.append(_loaded_inline(timed_load, src))
                     continue
                 if executor is None:
                     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoseg-read")
