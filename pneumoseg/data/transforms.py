@@ -122,7 +122,7 @@ def chest_crop(pixels: np.ndarray, margin: float = 0.02) -> tuple[int, int, int,
     return max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr), max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)
 
 
-def _to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A small CPU tensor on ``device`` without waiting for the device: CUDA copies go from pinned
     memory (torch's caching host allocator keeps the block until the copy has run)."""
     if device.type != "cuda":
@@ -212,7 +212,7 @@ class Augment:
         # Only the samples that drew an affine transform are resampled: the rest stay exact.
         warp = do_affine.nonzero().flatten()
         params = torch.cat([flip[:, None].float(), theta.reshape(n, 6).float(), torch.stack([b, c, g], 1).float()], 1)
-        params, warp = _to_device(params, device), _to_device(warp, device)
+        params, warp = to_device_async(params, device), to_device_async(warp, device)
         flip, theta = params[:, 0] > 0.5, params[:, 1:7].reshape(n, 2, 3)
         b, c, g = (params[:, i].view(n, 1, 1, 1) for i in (7, 8, 9))
         out = torch.where(flip[:, None, None, None], images.flip(-1), images).float()

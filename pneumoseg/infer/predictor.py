@@ -427,6 +427,8 @@ class Predictor:
     def _to_device(self, pixels: Any) -> Any:
         import torch
 
+        from ..data.transforms import to_device_async
+
         device = self.backend.device
         if isinstance(pixels, torch.Tensor):
             t = pixels.detach()
@@ -435,10 +437,7 @@ class Predictor:
             if t.dtype == torch.bool:
                 t = t.to(torch.uint8)
             return t.to(device, non_blocking=True)
-        t = torch.from_numpy(_host_array(np.asarray(pixels)))
-        if device.type == "cuda":
-            return t.pin_memory().to(device, non_blocking=True)
-        return t
+        return to_device_async(torch.from_numpy(_host_array(np.asarray(pixels))), device)
 
     def _prepare(self, images: list, size: tuple[int, int], finite: list) -> Any:
         """(N, 1, h, w) float32 network input: each image scaled to [0, 1] by its own min and max,
