@@ -23,10 +23,7 @@ def _mark(ok: bool) -> str:
     return "ok" if ok else "BELOW TARGET"
 
 
-def loss(folder: Path) -> None:
-    data = _load(folder, "loss_gpu.json")
-    if not data:
-        return
+def loss(data: dict) -> None:
     print(f"loss fwd+bwd, weights {data['weights']} ({data['device']}); targets: >=5x eager, >=1.5x compile, <=2x floor at 16x1024")
     print(f"  {'shape':8} {'dtype':9} {'fused ms':>9} {'eager ms':>9} {'compile ms':>10} {'x eager':>8} {'x compile':>9} {'x floor':>8}")
     for r in data["results"]:
@@ -44,39 +41,27 @@ def loss(folder: Path) -> None:
             print(f"      {name} could not be captured: {why[:150]}")
 
 
-def batch64(folder: Path, name: str, title: str) -> None:
-    data = _load(folder, name)
-    if not data:
-        return
+def batch64(data: dict, title: str) -> None:
     print(f"{title}, batch {data['batch']} x {data['shape']} ({data['device']}); target >=10x the cupyx loop")
     for inp, r in data["inputs"].items():
         print(f"  {inp:10} pneumoseg {r['pneumoseg_ms']:8.2f} ms ({r['pneumoseg_images_per_second']:8.0f} img/s)  "
               f"cupyx loop {r['cupyx_loop_ms']:8.2f} ms  speed-up {r['speedup_vs_cupyx']:6.1f}x  {_mark(r['speedup_vs_cupyx'] >= 10)}")
 
 
-def batch1(folder: Path) -> None:
-    data = _load(folder, "postprocess_rle_batch1_gpu.json")
-    if not data:
-        return
+def batch1(data: dict) -> None:
     ms = data["postprocess_and_rle_median_ms"]
     print(f"postprocess + RLE of one 1024x1024 logit map ({data['device']}), median of {data['reps']}: {ms:.3f} ms "
           f"(target < {data['target_ms']} ms: {_mark(ms < data['target_ms'])}); postprocess alone "
           f"{data['postprocess_only_median_ms']:.3f} ms, encode alone {data['encode_only_median_ms']:.3f} ms")
 
 
-def rle(folder: Path) -> None:
-    data = _load(folder, "rle_gpu.json")
-    if not data:
-        return
+def rle(data: dict) -> None:
     print(f"rle.encode_batch, {data['batch']} masks ({data['device']}): {data['encode_batch_seconds'] * 1e3:.3f} ms, "
           f"{data['masks_per_second']:.0f} masks/s, {data['encode_over_copy']:.2f}x one D2H copy of the masks, "
           f"CPU same host {data['cpu_encode_batch_seconds_same_host'] * 1e3:.1f} ms")
 
 
-def models(folder: Path) -> None:
-    data = _load(folder, "models_gpu.json")
-    if not data:
-        return
+def models(data: dict) -> None:
     print(f"segmenters {data['size']}x{data['size']} batch {data['batch']}, {data['dtype']} + {data['memory_format']} "
           f"({data['device']}), images/s; ours / timm + plain decoder:")
     for r in data["results"]:
@@ -92,20 +77,14 @@ def models(folder: Path) -> None:
         print(f"  not run (over the {data['budget_s']:.0f} s budget): {', '.join(data['not_run_over_budget'])}")
 
 
-def train(folder: Path) -> None:
-    data = _load(folder, "train_gpu.json")
-    if not data:
-        return
+def train(data: dict) -> None:
     print(f"training images/s ({data['device']}); target: pneumoseg >= 1.5x the plain loop")
     for r in data["results"]:
         print(f"  {r['images_per_s']:9.1f}  {r['impl']}")
     print(f"  speed-up {data['speedup']:.2f}x  {_mark(data['speedup'] >= 1.5)}")
 
 
-def pipeline(folder: Path) -> None:
-    data = _load(folder, "pipeline_gpu.json")
-    if not data:
-        return
+def pipeline(data: dict) -> None:
     print(f"pipeline, radiographs {data['original']}x{data['original']} on the GPU -> RLE, {data['precision']} "
           f"({data['device']}); targets: batch 1 <= 3 ms and >= 7x eager, >= 1000 images/s at batch {data['pool']}")
     for config, row in data.items():
@@ -121,23 +100,30 @@ def pipeline(folder: Path) -> None:
                   f"batch {data['pool']} {r['batch_images_per_second']:7.0f} img/s ({r['batch_gated_in']} gated in)  {_mark(ok)}")
 
 
+# Each results file and the section that prints it.
+SECTIONS = {
+    "loss_gpu.json": loss,
+    "label_gpu.json": lambda data: batch64(data, "label_components"),
+    "postprocess_gpu.json": lambda data: batch64(data, "fused postprocess (threshold + label + area filter)"),
+    "postprocess_rle_batch1_gpu.json": batch1,
+    "rle_gpu.json": rle,
+    "models_gpu.json": models,
+    "train_gpu.json": train,
+    "pipeline_gpu.json": pipeline,
+}
+
+
 def main() -> None:
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results")
-    for section in (lambda: loss(folder),
-                    lambda: batch64(folder, "label_gpu.json", "label_components"),
-                    lambda: batch64(folder, "postprocess_gpu.json", "fused postprocess (threshold + label + area filter)"),
-                    lambda: batch1(folder),
-                    lambda: rle(folder),
-                    lambda: models(folder),
-                    lambda: train(folder),
-                    lambda: pipeline(folder)):
+    for name, section in SECTIONS.items():
+        data = _load(folder, name)
+        if not data:
+            continue
         try:
-            section()
+            section(data)
         except (KeyError, TypeError, ValueError) as exc:  # a file from an older benchmark layout
             print(f"  (could not read: {exc!r})")
-    known = {"loss_gpu.json", "label_gpu.json", "postprocess_gpu.json", "postprocess_rle_batch1_gpu.json", "rle_gpu.json",
-             "models_gpu.json", "train_gpu.json", "pipeline_gpu.json"}
-    others = sorted(p.name for p in folder.glob("*gpu*.json") if p.name not in known)
+    others = sorted(p.name for p in folder.glob("*gpu*.json") if p.name not in SECTIONS)
     if others:
         print("other GPU results:", ", ".join(others))
 
