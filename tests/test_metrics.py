@@ -493,6 +493,15 @@ def test_triplet_default_grid_scales_min_areas():
     assert choice.score == choice.scores.max() and 0.0 <= choice.score <= 1.0
 
 
+def test_triplet_min_area_beyond_int64_saturates():
+    # An area above 2**63 - 1 means "never positive", as postprocess reads it; it overflowed int64.
+    probs, truths = np.full((2, 4, 4), 0.6, np.float32), np.zeros((2, 4, 4), np.uint8)
+    choice = metrics.best_triplet(probs, truths, min_areas=(2**70,), tops=(0.5,), bottoms=(0.5,))
+    assert choice.min_area == 2**63 - 1
+    assert choice.score == 1.0  # every prediction emptied, every truth empty
+    assert postprocess.postprocess(probs, **choice.postprocess_kwargs()).sum() == 0
+
+
 def test_triplet_errors():
     probs, truths = np.full((2, 4, 4), 0.6, np.float32), np.zeros((2, 4, 4), np.uint8)
     with pytest.raises(InvalidInputError, match="floating-point"):

@@ -46,10 +46,15 @@ def check_unit(value: Any, name: str) -> float:
     return value
 
 
+_INT64_MAX = 2**63 - 1
+
+
 def check_count(value: Any, name: str) -> int:
+    """A non-negative integer; values above 2**63 - 1 become 2**63 - 1 (a pixel count no image
+    reaches, so the same answer), since the counts are compared as int64."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
         raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return min(int(value), _INT64_MAX)
 
 
 def threshold_below(threshold: float, dtype: np.dtype) -> Any:
