@@ -16,7 +16,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from . import _native
-from ._checks import check_array_object, check_bool, check_choice, check_int, check_probability
+from ._checks import check_array_object, check_bool, check_choice, check_int, check_probability, check_readable_tensor
 from ._native import _C
 from .errors import InvalidInputError
 
@@ -197,6 +197,8 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
     batch's device for CUDA batches (no synchronisation: a NaN score simply gates its image out),
     else a NumPy array (NaN is an error)."""
     check_array_object(scores, "scores")
+    if _native.kind_of(scores) == "torch":
+        check_readable_tensor(scores, "scores")
     if batch.cuda:
         if batch.kind == "torch":
             import torch
@@ -216,7 +218,12 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
         return flags
     kind = _native.kind_of(scores)
     if kind == "torch":
-        scores = scores.detach().resolve_neg().cpu().numpy()
+        import torch
+
+        scores = scores.detach().resolve_neg().cpu()
+        if scores.is_floating_point() and scores.dtype not in (torch.float16, torch.float32, torch.float64):
+            scores = scores.float()  # bfloat16, float8: NumPy cannot hold them; float32 holds them exactly
+        scores = scores.numpy()
     elif kind == "cupy":
         scores = scores.get()
     try:

@@ -117,6 +117,8 @@ REFUSED = {
     "quantized chest_crop": (lambda: chest_crop(_quantized(8, 8)), pneumoseg.InvalidInputError, "quantized tensor"),
     "quantized augment": (lambda: Augment()(_quantized(1, 1, 8, 8)), pneumoseg.InvalidInputError, "images is a quantized tensor"),
     "augment masks elsewhere": (lambda: Augment()(torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8, device="meta")), pneumoseg.InvalidInputError, "masks is on device meta"),
+    "meta gate scores": (lambda: pp.gate(Z33, torch.zeros(1, device="meta"), 0.5), pneumoseg.InvalidInputError, "scores is on device meta"),
+    "quantized postprocess scores": (lambda: pp.postprocess(Z33, _quantized(1)), pneumoseg.InvalidInputError, "scores is a quantized tensor"),
     "meta scores": (lambda: metrics.roc_auc(torch.zeros(4, device="meta"), torch.zeros(4, device="meta")), pneumoseg.InvalidInputError, "labels is on device meta"),
     "sparse scores": (lambda: metrics.average_precision(torch.tensor([0.0, 1.0]), torch.tensor([0.2, 0.9]).to_sparse()), pneumoseg.InvalidInputError, "scores is a torch.sparse_coo tensor"),
     "meta logits": (lambda: losses.combo_loss(torch.zeros(1, 3, 3, device="meta"), torch.zeros(1, 3, 3, device="meta")), pneumoseg.InvalidInputError, "logits is on device meta"),

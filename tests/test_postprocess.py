@@ -217,6 +217,19 @@ def test_bad_input(call, match):
     assert isinstance(info.value, ValueError)
 
 
+
+def test_scores_as_bfloat16_and_float8_tensors_gate_like_float32():
+    # A classifier under bf16 autocast gives bf16 scores; NumPy cannot hold them, and .numpy() raised
+    # torch's TypeError.
+    torch = pytest.importorskip("torch")
+    probs = np.full((3, 4, 4), 0.9, np.float32)
+    scores = torch.tensor([0.75, 0.25, 0.5])
+    expected = pp.postprocess(probs, scores, top=None)
+    for dtype in (torch.bfloat16, torch.float8_e4m3fn):
+        np.testing.assert_array_equal(pp.postprocess(probs, scores.to(dtype), top=None), expected)
+        np.testing.assert_array_equal(pp.gate(probs, scores.to(dtype), 0.5), pp.gate(probs, scores, 0.5))
+
+
 # --- CUDA (skipped without a GPU) ----------------------------------------------------------------------
 
 
