@@ -158,6 +158,9 @@ fi
 
 # ---- (e) loss profile ------------------------------------------------------------------------------
 wanted profile && run_step "loss profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_loss.py
+# 16x1024 bf16: the shape whose fused time (0.232 ms) was above fp32's (0.177 ms) for half the bytes.
+wanted profile && run_step "loss profile, 16x1024 bf16" 90 "$OUT/profile.log" \
+  $PY benchmarks/gpu_profile_loss.py --shape 16,1,1024,1024 --dtype bfloat16 --steps 10
 wanted profile && run_step "post-processing profile (torch.profiler)" 90 "$OUT/profile.log" $PY benchmarks/gpu_profile_postprocess.py
 
 # ---- (g) results and summary -----------------------------------------------------------------------
