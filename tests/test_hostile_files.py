@@ -386,6 +386,47 @@ def test_bad_header_values_name_the_file(tmp_path, attrs, match):
     assert str(path) in str(info.value)
 
 
+
+def _voi_lut(descriptor, data):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    item = Dataset()
+    item.add_new(0x00283002, "US", descriptor)  # LUTDescriptor: entries, first mapped value, bits
+    item.add_new(0x00283006, "OW", np.asarray(data, np.uint16).tobytes())  # LUTData
+    return Sequence([item])
+
+
+@pytest.mark.parametrize("attrs, match", [
+    (dict(WindowCenter=5, WindowWidth=0), "Window Width"),
+    (dict(WindowCenter=5, WindowWidth=-3), "Window Width"),
+    (dict(WindowCenter=("DS", "NaN"), WindowWidth=100), "not finite"),
+    (dict(VOILUTSequence=_voi_lut([4096, 0, 16], [1, 2, 3])), "unpack"),
+    (dict(VOILUTSequence=_voi_lut([4096, 0], [1, 2])), "IndexError"),
+    (dict(VOILUTSequence=_voi_lut([4, 0, 40], [1, 2, 3, 4])), "bits per LUT entry"),
+])
+def test_a_broken_window_or_voi_lut_in_the_file_names_the_file(tmp_path, attrs, match):
+    # The pixels read fine; only the display transform is broken. window() raised pydicom's ValueError,
+    # struct.error, IndexError or NotImplementedError, or returned NaN, and `pneumoseg predict` died
+    # with a traceback while drawing an overlay.
+    path = write_dicom(tmp_path / "x.dcm", **attrs)
+    image = read_dicom(path)
+    with pytest.raises(pneumoseg.DicomError, match=match) as info:
+        image.window()
+    assert str(path) in str(info.value) and "window" in str(info.value)
+    manual = image.window(center=5, width=10)  # an explicit window needs nothing from the file
+    assert np.isfinite(manual).all()
+
+
+@pytest.mark.parametrize("slope", ["1e39", "3e38"])
+def test_a_rescale_slope_past_float32_is_a_dicom_error_under_strict_warnings(tmp_path, slope):
+    path = write_dicom(tmp_path / "x.dcm", RescaleSlope=("DS", slope))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NumPy's "overflow encountered in cast / multiply" escaped here
+        with pytest.raises(pneumoseg.DicomError, match="overflow float32") as info:
+            read_dicom(path)
+    assert str(path) in str(info.value)
+
 def test_pixel_data_holding_many_images_is_refused_before_decoding(tmp_path):
     # 64 images of 256x256 where the header declares one: a few kilobytes deflated. pydicom would
     # decode all 64 frames before the single-image check; the byte count refuses them up front.

@@ -57,16 +57,31 @@ class DicomImage:
             return img.astype(np.float32)
         ds = self._dataset
         if ds is not None and ("VOILUTSequence" in ds or "WindowCenter" in ds):
-            from pydicom.pixels import apply_voi_lut
-
-            raw = ds.pixel_array
-            img = apply_voi_lut(raw, ds).astype(np.float64)
+            img = self._file_voi(ds)
             if self.meta.get("photometric_interpretation") == "MONOCHROME1":
                 img = img.max() - img
         else:
             img = self.pixels.astype(np.float64)
         low, high = float(img.min()), float(img.max())
         return ((img - low) / (high - low if high > low else 1.0)).astype(np.float32)
+
+    def _file_voi(self, ds: Any) -> np.ndarray:
+        """The stored pixels through the file's own VOI LUT or window, as float64. A broken one (a
+        window width below 1, a LUT shorter than its descriptor says, a NaN centre) is a DicomError
+        naming the file: pydicom raises whatever its arithmetic met, or computes NaN."""
+        from pydicom.pixels import apply_voi_lut
+
+        where = self.path if self.path is not None else self.image_id
+        try:
+            img = apply_voi_lut(ds.pixel_array, ds).astype(np.float64)
+        except Exception as exc:  # a Warning too, where the caller's filters make pydicom's warnings errors
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise DicomError(f"{where}: the file's VOI LUT / window cannot be applied ({type(exc).__name__}: "
+                             f"{first_line}); pass window(center=..., width=...)") from exc
+        if not np.isfinite(img).all():
+            raise DicomError(f"{where}: the file's VOI LUT / window gives values that are not finite "
+                             "(WindowCenter or WindowWidth NaN or infinite?); pass window(center=..., width=...)")
+        return img
 
 
 _BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
@@ -322,7 +337,10 @@ def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
         raise DicomError(f"{path}: RescaleSlope is 0, which would erase the image")
     pixels = raw
     if slope != 1.0 or intercept != 0.0:
-        pixels = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
+        if max(abs(slope), abs(intercept)) > float(np.finfo(np.float32).max):  # np.float32() would warn
+            raise DicomError(f"{path}: RescaleSlope {slope} and RescaleIntercept {intercept} overflow float32")
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is the error below, not a warning
+            pixels = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         if not np.isfinite(pixels).all():
             raise DicomError(f"{path}: RescaleSlope {slope} and RescaleIntercept {intercept} overflow float32")
     photometric = _header_text(ds, "PhotometricInterpretation") or "MONOCHROME2"
