@@ -110,6 +110,28 @@ def test_predict_input_errors_are_one_line(study_set, tmp_path, capsys):
     assert not (tmp_path / "e" / "submission.csv").exists()
 
 
+
+def test_a_broken_display_window_costs_an_overlay_its_window_not_the_run(study_set, tmp_path, capsys):
+    # The overlays go through each file's own window; a WindowWidth of 0 made pydicom raise ValueError
+    # from inside the run: a traceback, and no submission for images that were all predicted.
+    import shutil
+
+    import pydicom
+
+    studies = tmp_path / "studies"
+    shutil.copytree(study_set, studies)
+    for path in find_dicoms(studies).values():
+        ds = pydicom.dcmread(path)
+        ds.WindowCenter, ds.WindowWidth = 100, 0
+        ds.save_as(path)
+    out = tmp_path / "pred"
+    assert main(["predict", str(studies), "--model", str(model_dir("classifier")), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    positives = [line.split(",")[0] for line in (out / "submission.csv").read_text().splitlines()[1:]
+                 if not line.endswith(",-1")]
+    assert positives and sorted(p.name for p in (out / "overlays").iterdir()) == sorted(f"{i}.png" for i in positives)
+    assert err.count("drawn over the full pixel range") == len(positives) and "Window Width" in err
+
 def test_predict_refuses_someone_elses_folder(study_set, tmp_path, capsys):
     out = tmp_path / "theirs"
     out.mkdir()

@@ -119,8 +119,13 @@ def write_predictions(folder, predictions, skipped, predictor, seconds: float, o
 def write_overlay(folder, name: str, pred) -> None:
     """overlays/<name>: the radiograph (through its own window / VOI LUT) with the mask in red."""
     from ..data.dicom import read_dicom
+    from ..errors import DicomError
     from ..infer.overlay import display_pixels, overlay
 
     image = read_dicom(pred.path)  # read again for display (its VOI LUT / window)
-    grey = display_pixels(image.window())
+    try:
+        grey = display_pixels(image.window())
+    except DicomError as exc:  # a broken display window must not cost the predictions: show the full range
+        print(f"pneumoseg: overlay of {pred.path} drawn over the full pixel range: {exc}", file=sys.stderr)
+        grey = display_pixels(image.pixels)
     folder.write_png(OVERLAYS, name, image=overlay(grey, pred.mask))
