@@ -288,6 +288,48 @@ def test_bad_arrays_are_clear_errors(bad, match):
         Predictor.from_dir(model_dir("plain")).predict(bad)
 
 
+
+@pytest.mark.parametrize("dtype", [">u2", ">i2", ">u4", ">f4", ">f8", ">f2", ">i8", ">u8", np.longdouble])
+def test_big_endian_and_long_double_arrays_predict_like_native_ones(dtype):
+    # torch.from_numpy refuses non-native byte order (a ValueError from inside the batch) and
+    # long double (a TypeError).
+    img = phantom_images(1)[0]
+    predictor = Predictor.from_dir(model_dir("classifier"))
+    want = predictor.predict(img.astype(np.dtype(dtype).newbyteorder("=")))[0]
+    got = predictor.predict(img.astype(dtype))[0]
+    assert (got.rle, got.score) == (want.rle, want.score)
+
+
+def test_read_only_arrays_predict_without_a_warning():
+    # torch.from_numpy of a read-only array warns (an error under strict filters)
+    img = phantom_images(1)[0].astype(np.float32)
+    frozen = img.copy()
+    frozen.flags.writeable = False
+    predictor = Predictor.from_dir(model_dir("plain"))
+    assert predictor.predict(frozen)[0].rle == predictor.predict(img)[0].rle
+
+
+def test_a_big_endian_dicom_predicts_like_its_little_endian_twin(tmp_path):
+    from pydicom.uid import ExplicitVRBigEndian
+
+    raw = phantom_images(1)[0].astype(np.uint16) * 16
+    little = write_dicom(tmp_path / "little.dcm", raw)
+    big = write_dicom(tmp_path / "big.dcm", raw, syntax=ExplicitVRBigEndian, PixelData=raw.astype(">u2").tobytes())
+    from pneumoseg.data import read_dicom
+
+    pixels = read_dicom(big).pixels
+    assert pixels.dtype.isnative and np.array_equal(pixels, raw)
+    predictor = Predictor.from_dir(model_dir("classifier"))
+    a, b = predictor.predict([str(little), str(big)], on_error="skip")
+    assert (a.rle, a.score) == (b.rle, b.score)
+
+
+def test_float64_pixels_beyond_float32_are_a_clear_error():
+    # cast to float32 they became infinities: NumPy warned, then "NaN or infinity" blamed the pixels
+    img = phantom_images(1)[0] * 1e300
+    with pytest.raises(InvalidInputError, match="beyond float32"):
+        Predictor.from_dir(model_dir("plain")).predict(img)
+
 def test_non_finite_pixels_are_an_error():
     img = np.ones((64, 64), np.float32)
     img[3, 4] = np.nan

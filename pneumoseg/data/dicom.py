@@ -331,6 +331,8 @@ def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
         raise DicomError(f"{path}: expected a single 2-D image, got pixel data of shape {raw.shape}")
     if raw.shape != (rows, columns):
         raise DicomError(f"{path}: decoded pixel data is {raw.shape[0]}x{raw.shape[1]}, the header says {rows}x{columns}")
+    if not raw.dtype.isnative:  # a big-endian file: torch and the native core read native byte order only
+        raw = raw.astype(raw.dtype.newbyteorder("="))
     slope = _finite(ds, "RescaleSlope", 1.0, path)
     intercept = _finite(ds, "RescaleIntercept", 0.0, path)
     if slope == 0.0:

@@ -19,6 +19,8 @@ from ..errors import DataFormatError, InvalidInputError
 
 __all__ = ["ImageSource", "collect_inputs", "load_pixels"]
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
 
 @dataclass
 class ImageSource:
@@ -140,7 +142,12 @@ def load_pixels(source: ImageSource) -> Any:
         pixels = read_dicom(source.path, with_dataset=False).pixels
     else:
         pixels = source.pixels
-    if isinstance(pixels, np.ndarray) and pixels.dtype.kind == "f" and not np.isfinite(pixels).all():
+    if isinstance(pixels, np.ndarray) and pixels.dtype.kind == "f":
         where = source.path if source.path is not None else f"image {source.image_id!r}"
-        raise InvalidInputError(f"{where}: the pixels contain NaN or infinity")
+        if not np.isfinite(pixels).all():
+            raise InvalidInputError(f"{where}: the pixels contain NaN or infinity")
+        if pixels.dtype.itemsize > 4 and pixels.size and np.abs(pixels).max() > _FLOAT32_MAX:
+            # the networks take float32: such values would become infinities there
+            raise InvalidInputError(f"{where}: pixel values reach {np.abs(pixels).max():.3g}, beyond float32 "
+                                    f"(at most {_FLOAT32_MAX:.3g}); rescale the image")
     return pixels
