@@ -21,6 +21,7 @@ from pneumoseg.data import (  # noqa: E402
     stratified_kfold,
 )
 from pneumoseg.data.siim import write_rle_csv  # noqa: E402
+from pneumoseg.data.transforms import resize_mask  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +170,27 @@ def test_preprocess_batches_and_normalises():
     with pytest.raises(pneumoseg.InvalidInputError, match="pixels must be"):
         preprocess(np.zeros((2, 3, 4, 5)), 8)
 
+
+
+@pytest.mark.parametrize("dtype", [">u2", ">i2", ">f4", ">f8", np.longdouble, "read-only"])
+def test_preprocess_and_resize_mask_take_any_byte_order_and_read_only_arrays(dtype):
+    # torch.from_numpy refused other byte orders (ValueError) and long double (TypeError), and warned
+    # about read-only arrays (an error under strict filters).
+    rng = np.random.default_rng(1)
+    img = rng.integers(0, 4096, (30, 20)).astype(np.float32)
+    mask = (rng.random((30, 20)) > 0.5).astype(np.float32)
+    if dtype == "read-only":
+        odd_img, odd_mask = img.copy(), mask.copy()
+        odd_img.flags.writeable = odd_mask.flags.writeable = False
+    else:
+        odd_img, odd_mask = img.astype(dtype), mask.astype(dtype)
+    torch.testing.assert_close(preprocess(odd_img, 16), preprocess(img, 16))
+    assert torch.equal(resize_mask(odd_mask, 16), resize_mask(mask, 16))
+
+
+def test_preprocess_of_a_single_number_names_it():
+    with pytest.raises(pneumoseg.InvalidInputError, match="got a single number"):
+        preprocess(np.array(3.0), 8)
 
 def test_chest_crop_drops_the_border():
     img, _ = chest_phantom(128, np.random.default_rng(4), False)

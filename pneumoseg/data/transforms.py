@@ -32,12 +32,21 @@ def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:
         t = pixels
     else:
         try:
-            arr = np.ascontiguousarray(pixels)
+            arr = np.asarray(pixels)
         except Exception as exc:  # ragged lists and the like
             raise InvalidInputError(f"{name} could not be read as an array: {exc}") from exc
         if arr.dtype.kind not in "biuf":
             raise InvalidInputError(f"{name} must be numeric, got dtype {arr.dtype}")
-        t = torch.from_numpy(arr)
+        if arr.ndim == 0:
+            raise InvalidInputError(f"{name} must be (H, W), (N, H, W) or (N, 1, H, W), got a single number")
+        # What torch.from_numpy refuses (another byte order, long double) or warns about (read-only)
+        if not arr.dtype.isnative:
+            arr = arr.astype(arr.dtype.newbyteorder("="))
+        if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+            arr = arr.astype(np.float64)
+        if not arr.flags.writeable:
+            arr = arr.copy()
+        t = torch.from_numpy(np.ascontiguousarray(arr))
     check_readable_tensor(t, name)
     if t.dim() == 2:
         t = t[None]
