@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -112,6 +113,15 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     target = Path(path)
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; cannot write a file there")
+    try:
+        mode_bits = target.stat().st_mode
+    except FileNotFoundError:
+        mode_bits = None
+    if mode_bits is not None and not stat.S_ISREG(mode_bits):
+        # the rename would put a regular file in place of a device, pipe or socket (/dev/null, as root)
+        raise OutputError(f"{target}: is not a regular file (a device, pipe or socket); give the path of a file")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target}: its folder {target.parent} does not exist")
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:200]}.", suffix=".tmp")
     try:
         os.fchmod(fd, _FILE_MODE) if hasattr(os, "fchmod") else None

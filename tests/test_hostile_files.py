@@ -250,6 +250,30 @@ def test_a_failed_write_leaves_the_target_and_no_temporary_file(tmp_path):
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["labels.csv"]
 
 
+
+def test_a_special_file_is_never_replaced_by_a_write(tmp_path):
+    # The rename put a regular file where a FIFO (or, run as root, /dev/null itself) had been.
+    import stat
+
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    link = tmp_path / "link.csv"
+    link.symlink_to(fifo)
+    for target in (fifo, link):
+        with pytest.raises(pneumoseg.OutputError, match="not a regular file"):
+            write_rle_csv(target, {"a": ["-1"]})
+        with pytest.raises(pneumoseg.OutputError, match="not a regular file"):
+            atomic_write(target, b"x")
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and link.is_symlink()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe.csv"]  # no temporary file left
+
+
+def test_a_write_into_a_missing_folder_names_the_folder(tmp_path):
+    # It raised FileNotFoundError naming a temporary file the user never asked for.
+    with pytest.raises(pneumoseg.OutputError, match=r"folder .*nope.* does not exist"):
+        write_rle_csv(tmp_path / "nope" / "x.csv", {"a": ["-1"]})
+    assert not (tmp_path / "nope").exists()
+
 def test_write_rle_csv_to_a_folder_or_with_bad_ids_writes_nothing(tmp_path):
     with pytest.raises(pneumoseg.OutputError, match="is a folder"):
         write_rle_csv(tmp_path, {"a": ["-1"]})
