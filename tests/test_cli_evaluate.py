@@ -60,6 +60,15 @@ def test_evaluate_scores_a_submission():
         evaluate(p, t, scores={"id0": 0.5})
 
 
+
+@pytest.mark.parametrize("text", ["0 99999999999", "99999999999999999999999 1"])
+def test_an_rle_past_any_image_names_the_image_and_the_pixel(text):
+    # The error spoke of an internal layout, "shape=(1024, 97656250) needs max_image_side" or
+    # "shape[1] must be at most ...", and named neither the image nor the pixel.
+    with pytest.raises(DataFormatError, match=r"ImageId 'b': .*paints pixel .* past the .* pixels") as info:
+        evaluate({"a": ["-1"], "b": [text]}, {"a": ["-1"], "b": ["1 2"]})
+    assert "shape" not in str(info.value)
+
 def write_csv(path, rows):
     path.write_text("ImageId,EncodedPixels\n" + "".join(f"{i},{s}\n" for i, s in rows))
 

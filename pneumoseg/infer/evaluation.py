@@ -19,8 +19,9 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from .. import limits
 from .._checks import check_path, check_probability, show
-from ..errors import DataFormatError, InvalidInputError
+from ..errors import DataFormatError, InvalidInputError, RLEError, RLELimitError
 
 __all__ = ["Evaluation", "evaluate", "read_scores_csv", "rle_dice", "write_evaluation_plots", "SCORES_HEADER"]
 
@@ -45,12 +46,24 @@ def rle_dice(pred: Sequence[str], truth: Sequence[str]) -> float:
     if end == 0:
         return 1.0
     shape = (_LAYOUT_HEIGHT, -(-end // _LAYOUT_HEIGHT))
+    most = _LAYOUT_HEIGHT * min(limits.current().max_image_side, limits.current().max_image_pixels // _LAYOUT_HEIGHT)
+    if shape[0] * shape[1] > most:
+        raise RLELimitError(f"the RLE paints pixel {end - 1:,}, past the {most:,} pixels a mask may have here (a "
+                            "SIIM image has 1,048,576; pneumoseg.limits.set_limits(max_image_side=..., "
+                            "max_image_pixels=...) raises it)")
     a = rle.decode_union(list(pred), shape)
     b = rle.decode_union(list(truth), shape)
     na, nb = int(a.sum()), int(b.sum())
     if na + nb == 0:
         return 1.0
     return 2.0 * int(np.count_nonzero(a & b)) / (na + nb)
+
+
+def _image_dice(image_id: str, pred: Sequence[str], truth: Sequence[str]) -> float:
+    try:
+        return rle_dice(pred, truth)
+    except RLEError as exc:
+        raise DataFormatError(f"ImageId {show(image_id, 70)}: {exc}") from None
 
 
 def read_scores_csv(path: Union[str, Path]) -> dict[str, float]:
@@ -155,7 +168,7 @@ def evaluate(pred: Mapping[str, Sequence[str]], truth: Mapping[str, Sequence[str
         if lacking:
             raise DataFormatError(f"{len(lacking)} predicted ImageId(s) have no score, e.g. {show(lacking[0], 70)}")
     ids = list(pred)
-    dice = np.array([rle_dice(pred[i], truth[i]) for i in ids], dtype=np.float64)
+    dice = np.array([_image_dice(i, pred[i], truth[i]) for i in ids], dtype=np.float64)
     truth_pos = np.array([any(s.strip() not in ("-1", "") for s in truth[i]) for i in ids], dtype=bool)
     pred_pos = np.array([any(s.strip() not in ("-1", "") for s in pred[i]) for i in ids], dtype=bool)
     if scores is not None:
