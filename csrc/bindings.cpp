@@ -280,20 +280,24 @@ postprocess::PostprocessParams postprocess_params(bool mask_use_threshold, doubl
   return p;
 }
 
+// components: the address of a host int32 (N,) array that receives each output mask's number of
+// components, or 0 for none.
 std::vector<uint8_t> postprocess_masks(const TensorView& input, const postprocess::PostprocessParams& p,
-                                       const std::vector<uint8_t>& keep_image, const TensorView& out) {
+                                       const std::vector<uint8_t>& keep_image, const TensorView& out,
+                                       uintptr_t components) {
   py::gil_scoped_release release;
-  return postprocess::postprocess_cpu(input, p, keep_image, out);
+  return postprocess::postprocess_cpu(input, p, keep_image, out, reinterpret_cast<int32_t*>(components));
 }
 
-// keep_image_device: a device uint8 (N,) array's address, or 0 to keep every image.
+// keep_image_device: a device uint8 (N,) array's address, or 0 to keep every image; components: a
+// device int32 (N,) array's address, or 0.
 void postprocess_masks_cuda(const TensorView& input, [[maybe_unused]] const postprocess::PostprocessParams& p,
                             [[maybe_unused]] uintptr_t keep_image_device, [[maybe_unused]] const TensorView& out,
-                            [[maybe_unused]] uintptr_t stream) {
+                            [[maybe_unused]] uintptr_t components, [[maybe_unused]] uintptr_t stream) {
   py::gil_scoped_release release;
   PNEUMOSEG_ON_DEVICE(input, fail_value("postprocess_masks_cuda takes CUDA arrays"),
                       postprocess::postprocess_cuda(input, p, reinterpret_cast<const uint8_t*>(keep_image_device),
-                                                    out, stream_of(stream)));
+                                                    out, reinterpret_cast<int32_t*>(components), stream_of(stream)));
 }
 
 // Test hook: the float -> float16 / bfloat16 rounding the kernels use (also on the GPU).
@@ -350,13 +354,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("label_components", &label_components, py::arg("input"), py::arg("use_threshold"), py::arg("threshold"),
         py::arg("connectivity"), py::arg("labels"), py::arg("stream") = 0, py::arg("allocate_areas") = py::none());
   m.def("postprocess_masks_cuda", &postprocess_masks_cuda, py::arg("input"), py::arg("params"),
-        py::arg("keep_image_device"), py::arg("out"), py::arg("stream") = 0);
+        py::arg("keep_image_device"), py::arg("out"), py::arg("components") = 0, py::arg("stream") = 0);
   py::class_<postprocess::PostprocessParams>(m, "PostprocessParams")
       .def(py::init(&postprocess_params), py::arg("mask_use_threshold"), py::arg("mask_threshold"),
            py::arg("use_triplet"), py::arg("triplet_top"), py::arg("triplet_min_area"),
            py::arg("min_component_area"), py::arg("connectivity"));
   m.def("postprocess_masks", &postprocess_masks, py::arg("input"), py::arg("params"), py::arg("keep_image"),
-        py::arg("out"));
+        py::arg("out"), py::arg("components") = 0);
   m.def("_round_to_half_bits", &round_to_half_bits, py::arg("values"), py::arg("bfloat16"));
   m.def("rle_decode", &rle_decode, py::arg("texts"), py::arg("images"), py::arg("items"), py::arg("out"),
         py::arg("style"), py::arg("stream") = 0);

@@ -140,7 +140,10 @@ def _run(
     min_component_area: int = 0,
     connectivity: int = 8,
     keep: Any = None,
+    components: bool = False,
 ) -> Any:
+    """The post-processed masks, and with ``components`` also (N,) int32 counts of the connected
+    components in each (on the input's device: no synchronisation on CUDA)."""
     def to_input_space(p: float) -> float:
         if not from_logits:
             return p
@@ -164,11 +167,15 @@ def _run(
     )
     if batch.cuda:
         keep_ptr = 0 if keep is None else _device_ptr(keep)
-        _C.postprocess_masks_cuda(batch.info.view, params, keep_ptr, out_view, batch.info.stream)
+        counts = batch.device_array("int32", batch.n) if components else None
+        _C.postprocess_masks_cuda(batch.info.view, params, keep_ptr, out_view,
+                                  0 if counts is None else _device_ptr(counts), batch.info.stream)
     else:
         keep_image = [1] * batch.n if keep is None else [int(k) for k in np.asarray(keep).reshape(-1)]
-        _C.postprocess_masks(batch.info.view, params, keep_image, out_view)
-    return out
+        counts = np.zeros(batch.n, np.int32) if components else None
+        _C.postprocess_masks(batch.info.view, params, keep_image, out_view, 0 if counts is None else counts.ctypes.data)
+        counts = None if counts is None else batch.in_kind(counts)
+    return (out, counts) if components else out
 
 
 def _device_ptr(x: Any) -> int:
@@ -260,11 +267,16 @@ def postprocess(
     min_component_area: int = 0,
     connectivity: int = 8,
     to_rle: bool = False,
-) -> Union[Any, list[str]]:
+    return_components: bool = False,
+) -> Any:
     """All of the above in one native pass per image: gating by ``scores`` (if given), the triplet rule
     (skipped with ``top=None``), ``probs > bottom``, and removal of components smaller than
     ``min_component_area``. ``from_logits=True`` compares logits against the thresholds' logits, so no
-    sigmoid is computed. With ``to_rle=True`` it returns the SIIM RLE strings instead of masks."""
+    sigmoid is computed. With ``to_rle=True`` it returns the SIIM RLE strings instead of masks.
+
+    ``return_components=True`` returns ``(result, n_components)``: the number of connected components
+    (at ``connectivity``) left in each output mask, an int32 array of the input's kind and device
+    (a scalar for one 2-D input), counted in the same pass, so the masks need no second labelling."""
     bottom = check_probability(bottom, "bottom")
     triplet = None
     if top is not None:
@@ -274,13 +286,18 @@ def postprocess(
     batch = _Batch(probs, "probs")
     from_logits = check_bool(from_logits, "from_logits")
     to_rle = check_bool(to_rle, "to_rle")
+    return_components = check_bool(return_components, "return_components")
     keep = None
     if scores is not None:
         keep = _scores_keep(scores, batch, check_probability(gate_threshold, "gate_threshold"))
-    out = _run(batch, threshold=bottom, from_logits=from_logits, triplet=triplet,
-               min_component_area=min_component_area, connectivity=connectivity, keep=keep)
+    ran = _run(batch, threshold=bottom, from_logits=from_logits, triplet=triplet,
+               min_component_area=min_component_area, connectivity=connectivity, keep=keep,
+               components=return_components)
+    out, components = ran if return_components else (ran, None)
     if to_rle:
         from . import rle
 
-        return rle.encode_batch(out)  # on CUDA: encoded on the GPU, one copy for the batch
-    return batch.answer(out)
+        result: Any = rle.encode_batch(out)  # on CUDA: encoded on the GPU, one copy for the batch
+    else:
+        result = batch.answer(out)
+    return (result, batch.answer(components)) if return_components else result

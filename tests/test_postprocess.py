@@ -178,6 +178,67 @@ def test_postprocess_fused_equals_the_steps(from_logits, min_component_area, con
     assert strings == pneumoseg.rle.encode_batch(expected)
 
 
+def scipy_component_counts(masks, connectivity):
+    return [scipy_label(m, connectivity)[1] for m in masks]
+
+
+@needs_scipy
+@pytest.mark.parametrize("min_component_area", [0, 1, 30])
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_postprocess_counts_the_components_it_leaves(min_component_area, connectivity):
+    # The count returned with the masks is what labelling the output again gives (scipy), with and
+    # without the area filter, for gated, triplet-emptied, full, empty and last-pixel images.
+    rng = np.random.default_rng(12)
+    probs = (rng.random((8, 37, 45)) ** 2).astype(np.float32)
+    probs[3] = 0.95  # one component covering everything
+    probs[4] = 0.0
+    probs[5] = 0.0
+    probs[5, -1, -1] = 0.99  # a lone last pixel, kept only without the area filter
+    probs[6] = pneumothorax_blob(64)[:37, :45] * 0.9
+    scores = np.array([0.9, 0.8, 0.2, 0.7, 0.6, 0.9, 0.9, 0.95])
+    for kw in (dict(top=None), dict(top=0.75, min_area=40)):
+        masks, counts = pp.postprocess(probs, scores, bottom=0.3, gate_threshold=0.5, connectivity=connectivity,
+                                       min_component_area=min_component_area, return_components=True, **kw)
+        assert counts.dtype == np.int32 and counts.shape == (8,)
+        assert counts.tolist() == scipy_component_counts(masks, connectivity)
+        np.testing.assert_array_equal(masks, pp.postprocess(probs, scores, bottom=0.3, connectivity=connectivity,
+                                                            min_component_area=min_component_area, **kw))
+        assert counts[2] == 0 and counts[4] == 0  # gated out; empty
+    strings, counts = pp.postprocess(probs, scores, top=None, min_component_area=min_component_area,
+                                     connectivity=connectivity, to_rle=True, return_components=True)
+    assert strings == pp.postprocess(probs, scores, top=None, min_component_area=min_component_area,
+                                     connectivity=connectivity, to_rle=True)
+    assert counts.tolist() == scipy_component_counts(
+        pp.postprocess(probs, scores, top=None, min_component_area=min_component_area, connectivity=connectivity),
+        connectivity)
+
+
+@needs_scipy
+@pytest.mark.parametrize("shape", [(1, 1), (1, 57), (31, 1), (64, 64), (65, 97)])
+def test_postprocess_component_counts_on_noise_and_odd_sizes(shape):
+    rng = np.random.default_rng(sum(shape))
+    probs = rng.random((3, *shape)).astype(np.float64)
+    for connectivity in (4, 8):
+        masks, counts = pp.postprocess(probs, top=None, bottom=0.5, connectivity=connectivity,
+                                       return_components=True)
+        assert counts.tolist() == scipy_component_counts(masks, connectivity)
+
+
+def test_postprocess_component_counts_kinds_and_empty_batches():
+    torch = pytest.importorskip("torch")
+    probs = np.zeros((2, 9, 9), np.float32)
+    probs[0, 1:3, 1:3] = probs[0, 6:8, 6:8] = 0.9
+    masks, counts = pp.postprocess(torch.from_numpy(probs), top=None, return_components=True)
+    assert isinstance(counts, torch.Tensor) and counts.dtype == torch.int32 and counts.tolist() == [2, 0]
+    mask, count = pp.postprocess(probs[0], top=None, return_components=True)  # one 2-D map: a scalar
+    assert mask.shape == (9, 9) and int(count) == 2
+    for empty in (np.zeros((0, 9, 9), np.float32), np.zeros((3, 0, 9), np.float32)):
+        masks, counts = pp.postprocess(empty, top=None, return_components=True)
+        assert masks.shape == empty.shape and counts.tolist() == [0] * empty.shape[0]
+    with pytest.raises(pneumoseg.InvalidInputError, match="return_components"):
+        pp.postprocess(probs, return_components="yes")
+
+
 def test_postprocess_without_triplet_or_scores():
     rng = np.random.default_rng(10)
     probs = rng.random((2, 20, 20)).astype(np.float32)
@@ -294,6 +355,13 @@ def test_cuda_labels_across_tile_borders_match_scipy(shape):
         kw = dict(top=None, bottom=0.5, min_component_area=3, connectivity=connectivity)
         np.testing.assert_array_equal(pp.postprocess(probs, **kw).cpu().numpy(),
                                       pp.postprocess(batch.astype(np.float32) * 0.9, **kw))
+        # Component counts from the final roots, with and without the area filter (0 forces passes 2-3).
+        for min_area in (0, 3):
+            kw = dict(top=None, bottom=0.5, min_component_area=min_area, connectivity=connectivity,
+                      return_components=True)
+            _, counts = pp.postprocess(probs, **kw)
+            _, cpu_counts = pp.postprocess(batch.astype(np.float32) * 0.9, **kw)
+            assert counts.cpu().tolist() == cpu_counts.tolist()
 
 
 @pytest.mark.cuda
@@ -325,6 +393,10 @@ def test_cuda_postprocess_matches_cpu_and_stays_on_device(min_component_area):
     np.testing.assert_array_equal(pp.postprocess(logits, scores, from_logits=True, **kw).cpu().numpy(), cpu)
     strings = pp.postprocess(torch.from_numpy(probs).cuda(), scores, to_rle=True, **kw)
     assert strings == pneumoseg.rle.encode_batch(cpu)
+    masks, counts = pp.postprocess(torch.from_numpy(probs).cuda(), scores, return_components=True, **kw)
+    assert counts.is_cuda and counts.dtype == torch.int32
+    _, cpu_counts = pp.postprocess(probs, scores, return_components=True, **kw)
+    assert counts.cpu().tolist() == cpu_counts.tolist() == [len(a) for a in pp.label_components(cpu)[1]]
     np.testing.assert_array_equal(pp.gate(torch.from_numpy(cpu).cuda(), scores, 0.5).cpu().numpy(),
                                   pp.gate(cpu, scores, 0.5))
 

@@ -30,9 +30,12 @@ struct PostprocessParams {
 };
 
 // out (uint8 (N, H, W)) = the post-processed masks; keep_image[n] == 0 empties image n (gating).
-// Returns, per image, whether it came out non-empty.
+// Returns, per image, whether it came out non-empty. With `components` (N int32, or null), also the
+// number of connected components in each output mask (what labelling it again would count), so a
+// caller that reports them does not label the result a second time.
 std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessParams& p,
-                                     const std::vector<uint8_t>& keep_image, const TensorView& out);
+                                     const std::vector<uint8_t>& keep_image, const TensorView& out,
+                                     int32_t* components = nullptr);
 
 #ifdef PNEUMOSEG_WITH_CUDA
 // CUDA: labels as label_cpu. The areas stay on the device: after all the work, one small copy (and
@@ -43,9 +46,9 @@ void label_cuda(const TensorView& input, Foreground fg, int connectivity, const 
                 const std::function<int64_t*(int64_t)>& allocate_areas, std::vector<int64_t>& counts,
                 void* stream);
 // CUDA: as postprocess_cpu, fully asynchronous; keep_image is a device uint8 (N,) array (or null
-// for all kept).
+// for all kept), components_device a device int32 (N,) array (or null).
 void postprocess_cuda(const TensorView& input, const PostprocessParams& p, const uint8_t* keep_image_device,
-                      const TensorView& out, void* stream);
+                      const TensorView& out, int32_t* components_device, void* stream);
 #endif
 
 }  // namespace pneumoseg::postprocess

@@ -286,12 +286,17 @@ void label_cpu(const TensorView& input, Foreground fg, int connectivity, const T
 }
 
 std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessParams& p,
-                                     const std::vector<uint8_t>& keep_image, const TensorView& out) {
+                                     const std::vector<uint8_t>& keep_image, const TensorView& out,
+                                     int32_t* components) {
   check_input(input, p.connectivity);
   check_output(out, input, DType::UInt8, "out");
   const int64_t N = input.shape[0], H = input.shape[1], W = input.shape[2];
   if (static_cast<int64_t>(keep_image.size()) != N) fail_value("scores: one per image expected");
   std::vector<uint8_t> nonempty(N, 0);
+  if (components != nullptr) std::fill(components, components + N, 0);
+  // Counting components needs the labelling even where no area filter asks for it; every component
+  // has at least one pixel, so a minimum of 1 keeps them all.
+  const int64_t min_area = components != nullptr ? std::max<int64_t>(1, p.min_component_area) : p.min_component_area;
   PNEUMOSEG_DISPATCH_ALL(input.dtype, "probs", [&] {
     const auto* base = static_cast<const scalar_t*>(input.data);
     const IsForeground<scalar_t> mask_fg{p.mask.use_threshold, p.mask.threshold};
@@ -316,7 +321,7 @@ std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessP
         return;
       }
       int64_t count = 0;
-      if (p.min_component_area <= 0) {
+      if (min_area <= 0) {
         for (int64_t r = 0; r < H; ++r) {
           uint8_t* row = dst + r * W;
           row_foreground(image + r * sh, W, sw, mask_fg, row);
@@ -335,11 +340,16 @@ std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessP
         // keep[provisional label] so the write pass is one lookup per pixel.
         std::vector<uint8_t> keep_label(il.final_label.size(), 0);
         for (size_t l = 1; l < il.final_label.size(); ++l) {
-          keep_label[l] = il.areas[il.final_label[l] - 1] >= p.min_component_area;
+          keep_label[l] = il.areas[il.final_label[l] - 1] >= min_area;
         }
         write_from_table(il, W, lab, keep_label.data(), static_cast<int64_t>(keep_label.size()), dst,
                          "postprocess_cpu");
-        for (int64_t a : il.areas) count += a >= p.min_component_area ? a : 0;
+        int32_t kept_components = 0;
+        for (int64_t a : il.areas) {
+          count += a >= min_area ? a : 0;
+          kept_components += a >= min_area ? 1 : 0;
+        }
+        if (components != nullptr) components[n] = kept_components;
       }
       nonempty[n] = count > 0;
     });

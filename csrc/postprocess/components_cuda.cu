@@ -256,21 +256,34 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// With `components`, also counts each image's kept components: a kept pixel that is its own parent
+// is a final root (pass 3 re-pointed every other tile root), one per component; one atomic per warp.
+// The loop runs per warp (its first pixel decides), so the ballot always has the whole warp.
 __global__ void __launch_bounds__(kThreads)
     write_mask_kernel(Geometry g, const int32_t* parent, const int32_t* area, int64_t min_area,
-                      const int32_t* count_above, int64_t triplet_min, uint8_t* out) {
+                      const int32_t* count_above, int64_t triplet_min, uint8_t* out, int32_t* components) {
   const int64_t hw = g.hw();
+  const int lane = threadIdx.x % 32;
   for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
     const int32_t* p = parent + n * hw;
     const int32_t* a = area + n * hw;
     const bool kept = count_above == nullptr || count_above[n] >= triplet_min;
-    for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
-      bool on = false;
-      if (kept) {
-        const int32_t tile_root = p[k];
-        if (tile_root >= 0) on = min_area <= 0 || a[p[tile_root]] >= min_area;
+    for (int64_t k0 = blockIdx.x * int64_t(kThreads) + threadIdx.x - lane; k0 < hw;
+         k0 += int64_t(gridDim.x) * kThreads) {
+      const int64_t k = k0 + lane;
+      bool on = false, root = false;
+      if (k < hw) {
+        if (kept) {
+          const int32_t tile_root = p[k];
+          if (tile_root >= 0) on = min_area <= 0 || a[p[tile_root]] >= min_area;
+          root = on && tile_root == k;
+        }
+        out[n * hw + k] = on ? 1 : 0;
       }
-      out[n * hw + k] = on ? 1 : 0;
+      if (components != nullptr) {
+        const unsigned roots = __ballot_sync(0xffffffffu, root);
+        if (lane == 0 && roots != 0) atomicAdd(&components[n], __popc(roots));
+      }
     }
   }
 }
@@ -369,14 +382,19 @@ void label_cuda(const TensorView& input, Foreground fg, int connectivity, const 
 }
 
 void postprocess_cuda(const TensorView& input, const PostprocessParams& p, const uint8_t* keep_image_device,
-                      const TensorView& out, void* stream_ptr) {
+                      const TensorView& out, int32_t* components_device, void* stream_ptr) {
   check_args(input, p.connectivity, out, DType::UInt8);
   const int64_t N = input.shape[0], total = input.numel();
-  if (total == 0) return;
+  if (N == 0) return;
   cuda::DeviceGuard device(input.device_index);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
+  if (components_device != nullptr) {
+    PNEUMOSEG_CUDA_CHECK(cudaMemsetAsync(components_device, 0, sizeof(int32_t) * N, stream));
+  }
+  if (total == 0) return;
   const Geometry g = geometry(input);
-  const bool components = p.min_component_area > 0;
+  // Counting components needs their final roots, so passes 2 and 3 run for it even without an area filter.
+  const bool components = p.min_component_area > 0 || components_device != nullptr;
   cuda::ScratchBuffer parent(sizeof(int32_t) * total, stream), area(sizeof(int32_t) * total, stream);
   cuda::ScratchBuffer counts(sizeof(int32_t) * N, stream);
   if (p.use_triplet) PNEUMOSEG_CUDA_CHECK(cudaMemsetAsync(counts.as<int32_t>(), 0, sizeof(int32_t) * N, stream));
@@ -395,9 +413,10 @@ void postprocess_cuda(const TensorView& input, const PostprocessParams& p, const
     PNEUMOSEG_CHECK_LAUNCH("resolve_kernel");
   }
   write_mask_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(),
-                                                   components ? p.min_component_area : 0,
+                                                   p.min_component_area > 0 ? p.min_component_area : 0,
                                                    p.use_triplet ? counts.as<int32_t>() : nullptr,
-                                                   p.triplet_min_area, static_cast<uint8_t*>(out.data));
+                                                   p.triplet_min_area, static_cast<uint8_t*>(out.data),
+                                                   components_device);
   PNEUMOSEG_CHECK_LAUNCH("write_mask_kernel");
 }
 

@@ -551,6 +551,7 @@ class Predictor:
         for j, i in enumerate(segmented):
             groups.setdefault(tuple(images[i].shape), []).append(j)
         group_masks: dict[tuple[int, int], Any] = {}
+        group_components: dict[tuple[int, int], Any] = {}  # per mask, counted by the post-processing
         for shape, js in groups.items():
             m = maps if len(js) == maps.shape[0] else maps.index_select(0, torch.tensor(js, device=device))
             if shape != (h, w):
@@ -561,9 +562,10 @@ class Predictor:
             if self.parts["gate"] is not None and segment_all:
                 idx = torch.tensor([segmented[j] for j in js], device=scores.device)
                 gate_scores = scores.index_select(0, idx)
-            group_masks[shape] = postprocess.postprocess(
+            group_masks[shape], group_components[shape] = postprocess.postprocess(
                 m[:, 0], gate_scores, from_logits=from_logits, top=t.top, min_area=int(round(t.min_area * scale)),
-                bottom=t.bottom, gate_threshold=t.gate, min_component_area=int(round(t.min_component_area * scale)))
+                bottom=t.bottom, gate_threshold=t.gate, min_component_area=int(round(t.min_component_area * scale)),
+                return_components=True)
 
         timer.mark("rle")
         strings = ["-1"] * n
@@ -582,14 +584,8 @@ class Predictor:
         components = [0] * n
         masks: list[Optional[np.ndarray]] = [None] * n
         for shape, js in groups.items():
-            positive = [j for j in js if strings[segmented[j]] != "-1"]
-            if positive:
-                sub = group_masks[shape]
-                if len(positive) != sub.shape[0]:
-                    sub = sub.index_select(0, torch.tensor([js.index(j) for j in positive], device=sub.device))
-                _, areas = postprocess.label_components(sub)
-                for j, a in zip(positive, areas):
-                    components[segmented[j]] = int(len(a))
+            for j, count in zip(js, group_components[shape].tolist()):
+                components[segmented[j]] = int(count)
             if return_masks:
                 host = group_masks[shape].cpu().numpy()
                 for k, j in enumerate(js):
