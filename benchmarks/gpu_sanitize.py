@@ -210,6 +210,9 @@ PP_CASES = {
     "gated + min area": dict(top=None, bottom=0.5, min_component_area=3, scores=scores),
     "everything, to_rle": dict(top=0.75, min_area=30, bottom=0.3, min_component_area=4, scores=scores, to_rle=True),
     "from logits, to_rle": dict(from_logits=True, top=0.75, min_area=30, bottom=0.3, min_component_area=4, to_rle=True),
+    "component counts, no area filter": dict(top=None, bottom=0.5, scores=scores, return_components=True),
+    "component counts, to_rle": dict(top=0.75, min_area=30, bottom=0.3, min_component_area=4, to_rle=True,
+                                     return_components=True),
 }
 for name, kw in PP_CASES.items():
 
@@ -221,6 +224,9 @@ for name, kw in PP_CASES.items():
         x = logits if kw.get("from_logits") else probs
         got = pp.postprocess(torch.from_numpy(x).to(DEVICE), **kw_gpu)
         want = pp.postprocess(x, **kw_cpu)
+        if kw.get("return_components"):
+            (got, got_counts), (want, want_counts) = got, want
+            assert got_counts.cpu().tolist() == want_counts.tolist()
         if kw.get("to_rle"):
             assert got == want
         else:
