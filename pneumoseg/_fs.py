@@ -262,8 +262,29 @@ def _not_empty(p: Path, foreign: list[Path], what: str) -> OutputError:
         "or new folder, or pass overwrite=True (--force on the command line) to write into it")
 
 
+def _refuse_removing_inputs(p: Path, ours: list[Path], inputs: Iterable[Any], what: str) -> None:
+    """Refuse to prepare ``p`` when the earlier output it would remove is (or holds) one of the
+    command's own inputs: ``--out`` given the folder of the study set, submission or CSV being read."""
+    folder = p.resolve()
+    removed = [f.resolve() for f in ours if f.name != MANIFEST_NAME]
+    if not removed:
+        return
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(os.fspath(item)).resolve()
+        if source != folder and folder not in source.parents:
+            continue
+        for f in removed:
+            if f == source or source in f.parents:
+                where = "is" if source == folder else "holds"
+                raise OutputError(
+                    f"{what} {p} {where} {item}, an input of this command (pneumoseg's own earlier output, "
+                    "which writing there would remove); choose another folder")
+
+
 def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
-                        resume: bool = False) -> Path:
+                        resume: bool = False, inputs: Iterable[Any] = ()) -> Path:
     """The refusals of :func:`prepare_output_folder` (a file, a folder that cannot be created or
     written, someone else's files without ``overwrite``, nothing to resume), made without creating,
     probing or removing anything: for a command to say so before long work (loading a data set,
@@ -286,9 +307,11 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
     if not os.access(p, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {p} is not writable (permission denied)")
     if not resume:
-        foreign = _ours(p)[1]
+        ours, foreign = _ours(p)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, what)
+        if not foreign:
+            _refuse_removing_inputs(p, ours, inputs, what)
     return p
 
 
@@ -297,14 +320,14 @@ class OutputFolder:
     inside it; every file written through it is atomic and listed in its manifest."""
 
     def __init__(self, path: PathLike, *, overwrite: bool = False, what: str = "output folder",
-                 resume: bool = False) -> None:
+                 resume: bool = False, inputs: Iterable[Any] = ()) -> None:
         self.path = check_path(path, what, error=OutputError)
         overwrite = check_bool(overwrite, "overwrite")
         self.what = what
         if check_bool(resume, "resume"):
             self._reopen()
         else:
-            self._prepare(overwrite)
+            self._prepare(overwrite, inputs)
 
     def _reopen(self) -> None:
         """Continue writing into a folder of pneumoseg's own earlier output (a training run to
@@ -312,7 +335,7 @@ class OutputFolder:
         _refuse_reopening(self.path, self.what)
         self._check_writable()
 
-    def _prepare(self, overwrite: bool) -> None:
+    def _prepare(self, overwrite: bool, inputs: Iterable[Any] = ()) -> None:
         p = self.path
         _refuse_non_folder(p, self.what)
         if not p.exists():
@@ -331,7 +354,9 @@ class OutputFolder:
         if foreign and not overwrite:
             raise _not_empty(p, foreign, self.what)
         if not foreign:
-            # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it.
+            # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it
+            # (unless the command reads from it).
+            _refuse_removing_inputs(p, ours, inputs, self.what)
             for f in ours:
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
@@ -446,7 +471,7 @@ class OutputFolder:
 
 
 def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
-                          resume: bool = False) -> OutputFolder:
+                          resume: bool = False, inputs: Iterable[Any] = ()) -> OutputFolder:
     """Make ``path`` ready to write into and return it as an :class:`OutputFolder`.
 
     Creates it if missing. Refuses (:class:`pneumoseg.OutputError`) a path that is a file, a folder
@@ -457,6 +482,10 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
 
     ``resume=True`` reopens a folder of pneumoseg's own output to continue it (``pneumoseg train
     --resume``): it must exist with a manifest; nothing is removed.
+
+    ``inputs`` are the paths the command reads (files or folders): a folder whose earlier output
+    would be removed is refused when that output is or holds one of them, so ``--out`` pointed at
+    the folder of the data being read never deletes it.
     """
-    return OutputFolder(path, overwrite=overwrite, what=what, resume=resume)
+    return OutputFolder(path, overwrite=overwrite, what=what, resume=resume, inputs=inputs)
 

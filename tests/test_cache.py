@@ -131,6 +131,18 @@ def test_cli_data_cache(synth, tmp_path):
     assert (tmp_path / "theirs" / "notes.txt").read_text() == "keep me"
 
 
+
+def test_a_cache_never_removes_the_study_set_it_reads(tmp_path):
+    # The study set is pneumoseg's own output; --out pointed at it removed every DICOM before reading them.
+    studies = tmp_path / "studies"
+    make_synthetic_siim(studies, n_images=2, size=32, seed=1)
+    before = sorted(p.relative_to(studies) for p in studies.rglob("*"))
+    with pytest.raises(pneumoseg.OutputError, match="is .*studies, an input of this command"):
+        build_cache(studies, size=16, out=studies, progress=False)
+    with pytest.raises(pneumoseg.OutputError, match="holds .*train-rle.csv, an input of this command"):
+        build_cache(tmp_path, studies / "train-rle.csv", size=16, out=studies, progress=False)
+    assert sorted(p.relative_to(studies) for p in studies.rglob("*")) == before
+
 def test_rle_union_in_the_cache_matches_the_csv(synth, tmp_path):
     root, csv = synth
     build_cache(root, csv, size=80, out=tmp_path / "full", progress=False)  # the original size: no resizing

@@ -153,6 +153,33 @@ def test_rerunning_over_own_output_replaces_it_and_a_changed_file_is_kept(tmp_pa
     assert "my-fix" in read_rle_csv(out / "train-rle.csv")
 
 
+
+def test_an_output_folder_never_removes_the_commands_own_inputs(tmp_path, capsys):
+    # A study set written by pneumoseg is "its own earlier output": --out pointed at it removed the
+    # DICOMs and the CSV the command was reading (data masks, data cache, evaluate, predict, train;
+    # data cache is in test_cache.py, where torch is already imported).
+    from pneumoseg.cli import main
+
+    studies = tmp_path / "studies"
+    make_synthetic_siim(studies, n_images=2, size=32, seed=1)
+    before = tree(studies)
+    csv = str(studies / "train-rle.csv")
+    for argv in (["data", "masks", "--csv", csv, "--out", str(studies), "--shape", "32", "32"],
+                 ["data", "masks", "--csv", csv, "--out", str(studies), "--shape", "32", "32", "--force"],
+                 ["evaluate", "--pred", csv, "--truth", csv, "--out", str(studies)],
+                 ["predict", str(studies), "--model", str(tmp_path / "no-model"), "--out", str(studies)]):
+        assert main(argv) == 2
+        assert "an input of this command" in capsys.readouterr().err
+        assert tree(studies) == before
+    with pytest.raises(pneumoseg.OutputError, match="holds .*train-rle.csv, an input"):
+        prepare_output_folder(studies, inputs=[studies / "dicom-images-train" / ".." / "train-rle.csv"])
+    assert tree(studies) == before
+    # inputs elsewhere: the earlier output is replaced as before
+    copy = tmp_path / "copy.csv"
+    copy.write_bytes((studies / "train-rle.csv").read_bytes())
+    assert main(["data", "masks", "--csv", str(copy), "--out", str(studies), "--shape", "32", "32"]) == 0
+    assert sorted(p.suffix for p in studies.iterdir()) == ["", ".png", ".png"]  # the manifest and two masks
+
 def test_output_folder_refuses_files_and_broken_manifests(tmp_path):
     (tmp_path / "a-file").write_text("x")
     with pytest.raises(pneumoseg.OutputError, match="is a file, not a folder"):

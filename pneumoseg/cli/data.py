@@ -75,7 +75,7 @@ def run_masks(args: argparse.Namespace) -> int:
         for image_id, dicom_path in files.items():
             if image_id in rles:
                 shapes[image_id] = read_dicom_shape(dicom_path)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what="mask folder")
+    folder = prepare_output_folder(args.out, overwrite=args.force, what="mask folder", inputs=(args.csv, args.dicoms))
     positives = 0
     for image_id, strings in tqdm(rles.items(), desc="masks", unit="image"):
         mask = decode_union(strings, shapes.get(image_id, (height, width)))

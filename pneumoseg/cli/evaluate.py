@@ -33,7 +33,8 @@ def run(args: argparse.Namespace) -> int:
     truth = read_rle_csv(args.truth)
     scores = read_scores_csv(args.scores) if args.scores is not None else None
     ev = evaluate(pred, truth, scores=scores, threshold=args.threshold)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what="evaluation folder")
+    folder = prepare_output_folder(args.out, overwrite=args.force, what="evaluation folder",
+                                   inputs=(args.pred, args.truth, args.scores))
     pictures = write_evaluation_plots(ev, folder)
     report = ev.to_dict()
     report["pictures"] = pictures or "none: matplotlib is not installed (pip install matplotlib)"

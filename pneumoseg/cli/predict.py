@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     # pneumoseg wrote: a submission is the thing people hand in).
     if (args.out / SUBMISSION).exists() and not args.force:
         raise OutputError(f"{args.out / SUBMISSION} already exists; pass --force to replace it, or choose another --out")
-    check_output_folder(args.out, overwrite=args.force, what="prediction output folder")  # before the model loads
+    inputs = (*args.inputs, args.model)
+    check_output_folder(args.out, overwrite=args.force, what="prediction output folder", inputs=inputs)  # before the model loads
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                    tta=args.tta, segment=args.segment, batch_size=args.batch_size)
     stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=not args.no_overlays, on_error="skip",
@@ -61,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     for source in stream.sources:
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")
     names = safe_file_names([s.image_id for s in stream.sources], ".png")
-    folder = prepare_output_folder(args.out, overwrite=args.force, what="prediction output folder")
+    folder = prepare_output_folder(args.out, overwrite=args.force, what="prediction output folder", inputs=inputs)
     start = time.perf_counter()
     predictions = []
     overlays = 0

@@ -163,7 +163,7 @@ def build_cache(
     ids, paths, rles = _labelled_items(root, csv_path)
     n = len(ids)
     limits.check("max_batch_bytes", n * size * size, f"a cache of {n} images at {size}x{size} (uint8)")
-    folder = prepare_output_folder(out, overwrite=overwrite, what="cache folder")
+    folder = prepare_output_folder(out, overwrite=overwrite, what="cache folder", inputs=(root, csv_path))
     # The arrays are filled in place; if anything fails they are removed, so a rerun needs no --force.
     with contextlib.ExitStack() as files:
         images_path = files.enter_context(folder.filled_in_place(IMAGES_FILE))
