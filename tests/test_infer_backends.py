@@ -285,6 +285,24 @@ def test_torch_cuda_fp16_graphs_agree_with_cpu_fp32(kind):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("cuda_graphs", [True, False])
+def test_torch_cuda_side_by_side_networks_equal_one_after_the_other(cuda_graphs):
+    # segment="all" with a classifier: the two networks run on two streams; the answers must be those
+    # of running them one after the other, and the stage times say where the networks went.
+    images = phantom_images(7, seed=4)
+    predictor = Predictor.from_dir(model_dir("classifier"), device="cuda", max_batch=4, segment="all",
+                                   cuda_graphs=cuda_graphs)
+    side = predictor.predict(images, batch_size=3, return_masks=True)
+    predictor.overlap_networks = False
+    serial = predictor.predict(images, batch_size=3, return_masks=True)
+    assert [p.rle for p in side] == [p.rle for p in serial]
+    assert [p.score for p in side] == [p.score for p in serial]
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(side, serial))
+    assert all(p.timings["segment"] < 0.5 * p.timings["classify"] for p in side)
+    assert all(p.timings["segment"] > 0 for p in serial)
+
+
+@pytest.mark.cuda
 def test_torch_cuda_threads_equal_serial():
     predictor = Predictor.from_dir(model_dir("aux"), device="cuda", max_batch=4)
     sets = [phantom_images(5, seed=s) for s in range(3)]
