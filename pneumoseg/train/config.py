@@ -421,6 +421,8 @@ def _validate(obj: Any, path: str, source: Optional[str]) -> None:
             return
         _need(v is not None and (v > 0 if strict else v >= 0), p(name),
               f"must be {'> 0' if strict else '>= 0'}, got {v!r}", source)
+        # counts and seeds end up in int64 (torch.manual_seed raised a ValueError past 2**64)
+        _need(not isinstance(v, int) or v <= 2**63 - 1, p(name), f"must be at most 2**63 - 1, got {v!r}", source)
 
     def unit(name: str) -> None:
         v = getattr(obj, name)
