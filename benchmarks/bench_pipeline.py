@@ -482,6 +482,12 @@ def _latency_and_throughput(device: str, precision: str, seg: tuple, cls: tuple,
             everything = Predictor.from_dir(md.path, backend=backend, device=device, precision=precision, segment="all")
             everything.warmup(1)
             all_p50, all_p95 = timed(lambda: everything.predict(pool[0], batch_size=1), reps)
+            serial = {}
+            if cuda and "classifier" in md.networks:  # the same with the networks one after the other
+                everything.overlap_networks = False
+                serial_p50, _ = timed(lambda: everything.predict(pool[0], batch_size=1), reps)
+                everything.overlap_networks = True
+                serial = {"batch1_all_networks_in_series_p50_ms": serial_p50 * 1e3}
             scores = [q.score for q in everything.predict(pool, batch_size=pool_size)]
             gate = float(np.quantile(scores, 1 - POSITIVE_SHARE))
             gated = Predictor.from_dir(md.path, backend=backend, device=device, precision=precision,
@@ -493,7 +499,7 @@ def _latency_and_throughput(device: str, precision: str, seg: tuple, cls: tuple,
             batch_s, _ = timed(lambda: gated.predict(pool, batch_size=pool_size), max(3, reps // 5))
             gated_in = sum(q.segmented for q in gated.predict(pool, batch_size=pool_size))
             row_of[backend] = {
-                "batch1_all_p50_ms": all_p50 * 1e3, "batch1_all_p95_ms": all_p95 * 1e3,
+                "batch1_all_p50_ms": all_p50 * 1e3, "batch1_all_p95_ms": all_p95 * 1e3, **serial,
                 "batch1_gated_walk_p50_ms": walk_p50 * 1e3, "batch1_gated_walk_p95_ms": walk_p95 * 1e3,
                 "speedup_vs_eager_fp32": eager_s / all_p50,
                 "batch_images_per_second": pool_size / batch_s, "batch_gated_in": gated_in,

@@ -98,6 +98,8 @@ def pipeline(data: dict) -> None:
             print(f"    {backend:9} batch 1 all {r['batch1_all_p50_ms']:6.2f} ms (p95 {r['batch1_all_p95_ms']:.2f}), "
                   f"gated walk {r['batch1_gated_walk_p50_ms']:6.2f} ms, x eager {r['speedup_vs_eager_fp32']:5.1f}, "
                   f"batch {data['pool']} {r['batch_images_per_second']:7.0f} img/s ({r['batch_gated_in']} gated in)  {_mark(ok)}")
+            if "batch1_all_networks_in_series_p50_ms" in r:
+                print(f"    {'':9} batch 1 all with the networks in series: {r['batch1_all_networks_in_series_p50_ms']:6.2f} ms")
 
 
 # Each results file and the section that prints it.
