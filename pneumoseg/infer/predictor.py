@@ -562,10 +562,10 @@ class Predictor:
         timer.mark("segment")
         rows = None
         if scores is not None and not segment_all:
-            keep = (scores >= t.gate).cpu() if cuda else scores >= t.gate  # the one sync: the stage-2 batch size
-            kept = torch.nonzero(keep).flatten()
-            segmented = kept.tolist()
-            rows = kept.to(device)
+            rows = torch.nonzero(scores >= t.gate).flatten()  # on CUDA the one sync: the stage-2 batch size
+            segmented = rows.tolist()
+            if len(segmented) == n:  # every image passes (always so at batch 1): no row selection
+                rows = None
         else:
             segmented = list(range(n))
         if segmented and maps is None:
