@@ -159,6 +159,11 @@ def check_str_sequence_or_unions(rles: Any) -> list[Any]:
         kind = type(rles).__name__
         hint = " (a one-shot iterator; pass list(...) of it)" if hasattr(rles, "__next__") else ""
         raise RLEError(f"rles must be a list of strings (or of lists of strings), got {kind}{hint}")
+    if isinstance(rles, np.ndarray) and rles.ndim != 1:
+        # tolist() of a table gives a list per row, which would silently read as unions, and of a
+        # 0-d array a single string, whose characters would read as images.
+        raise RLEError(f"rles must be a 1-D list of strings (or of lists of strings for unions), got an array of "
+                       f"shape {rles.shape}; pass rles.ravel() for one image per string, or a list of lists for unions")
     items = rles.tolist() if isinstance(rles, np.ndarray) else list(rles)
     for i, item in enumerate(items):
         if not isinstance(item, (str, bytes, list, tuple)):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -292,6 +293,29 @@ def test_errors_are_value_errors_and_name_the_argument():
         rle.encode(np.array([["a", "b"]]))
     with pytest.raises(pneumoseg.RLEError, match="device must be"):
         rle.decode_batch(["-1"], (2, 2), device="tpu")
+
+
+@pytest.mark.parametrize("rles", [
+    np.array([["1 1", "3 1"], ["-1", "-1"]]),      # a table: its rows were read as unions
+    np.array([["1 1"], ["2 1"]], dtype=object),
+    np.array("1 1"),                               # 0-d: its characters were read as images
+    np.zeros((2, 2, 1), dtype="S3"),
+])
+def test_decode_batch_refuses_arrays_that_are_not_one_dimensional(rles):
+    with pytest.raises(pneumoseg.RLEError, match=rf"rles must be a 1-D .*got an array of shape {re.escape(str(rles.shape))}"):
+        rle.decode_batch(rles, (2, 2))
+
+
+def test_decode_batch_refuses_unions_nested_deeper_than_one_list():
+    with pytest.raises(pneumoseg.RLEError, match=r"rles\[0\]\[0\] must be a str or bytes, got list"):
+        rle.decode_batch([[["1 1"]]], (2, 2))
+    with pytest.raises(pneumoseg.RLEError, match=r"rles\[1\] must be a str .*got ndarray"):
+        rle.decode_batch(["-1", np.array([["1 1"]])], (2, 2))
+    # A 1-D array of strings and a ragged object array of unions stay accepted.
+    assert rle.decode_batch(np.array(["1 1", "-1"]), (2, 2)).reshape(2, -1).sum(axis=1).tolist() == [1, 0]
+    ragged = np.empty(2, dtype=object)
+    ragged[:] = [["1 1", "3 1"], "-1"]
+    assert rle.decode_batch(ragged, (2, 2)).reshape(2, -1).sum(axis=1).tolist() == [2, 0]
 
 
 def test_cuda_device_without_a_gpu_is_a_clear_error():
