@@ -210,6 +210,36 @@ def test_twelve_bit_monochrome1_rescale_and_window(tmp_path):
         img.window(center=1, width=0)
 
 
+@pytest.mark.parametrize("photometric, attrs", [
+    ("PALETTE COLOR", {}),                                  # one sample per pixel: indices into a colour table
+    ("RGB", {}),                                            # a header that lies about its one sample
+    ("YBR_FULL", {}),
+    ("RGB", {"SamplesPerPixel": 3, "PlanarConfiguration": 0}),
+    ("YBR_FULL_422", {"SamplesPerPixel": 3, "PlanarConfiguration": 0}),
+    ("HSV", {}),
+])
+def test_colour_photometric_interpretations_are_refused_not_read_as_grey(tmp_path, photometric, attrs):
+    from pneumoseg.data import read_dicom_shape
+
+    samples = attrs.get("SamplesPerPixel", 1)
+    raw = np.arange(12 * samples, dtype=np.uint16).reshape(samples, 3, 4).transpose(1, 2, 0).reshape(3, 4 * samples)
+    path = write_dicom(tmp_path / "colour.dcm", raw, Columns=4, PhotometricInterpretation=photometric, **attrs)
+    expected = rf"{tmp_path / 'colour.dcm'}: PhotometricInterpretation '{photometric}' is not supported"
+    with pytest.raises(pneumoseg.DicomError, match=expected):
+        read_dicom(path)
+    with pytest.raises(pneumoseg.DicomError, match=expected):
+        read_dicom_shape(path)
+
+
+def test_missing_photometric_interpretation_is_named_by_the_shape_read_too(tmp_path):
+    from pneumoseg.data import read_dicom_shape
+
+    path = write_dicom(tmp_path / "none.dcm", PhotometricInterpretation=None)
+    for read in (read_dicom, read_dicom_shape):
+        with pytest.raises(pneumoseg.DicomError, match=r"none\.dcm: .*Photometric ?Interpretation"):
+            read(path)
+
+
 def test_monochrome2_uncompressed_plain(tmp_path):
     raw = np.arange(12, dtype=np.uint16).reshape(3, 4) * 100
     img = read_dicom(write_uncompressed(tmp_path / "m2.dcm", raw))

@@ -262,9 +262,27 @@ def _holds_pixel_data_tag(path: Path) -> bool:
         return False
 
 
+_GREY_PHOTOMETRICS = ("MONOCHROME1", "MONOCHROME2")
+
+
+def _check_photometric(ds: Any, path: Path) -> str:
+    """The PhotometricInterpretation, which must be a grey level one. Any other is refused before
+    decoding: PALETTE COLOR stores one index per pixel into a colour table, which would read as a grey
+    image that is not the picture, and a colour one (RGB, YBR_*) would too where its header claims one
+    sample per pixel."""
+    photometric = _header_text(ds, "PhotometricInterpretation")
+    if photometric is None:
+        raise DicomError(f"{path}: the file has no PhotometricInterpretation, so how to read its pixels is unknown")
+    if photometric not in _GREY_PHOTOMETRICS:
+        raise DicomError(f"{path}: PhotometricInterpretation {photometric!r} is not supported; pneumoseg reads grey "
+                         "level radiographs (MONOCHROME1 or MONOCHROME2)")
+    return photometric
+
+
 def _declared_shape(ds: Any, path: Path) -> tuple[int, int]:
     """(rows, columns) from the header, checked against the limits before any pixel is decoded:
     the image size, and the decoded bytes Rows x Columns x frames x samples x BitsAllocated / 8."""
+    _check_photometric(ds, path)
     rows = _positive_int(ds, "Rows", path)
     columns = _positive_int(ds, "Columns", path)
     frames = _positive_int(ds, "NumberOfFrames", path, default=1)
@@ -345,7 +363,7 @@ def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
             pixels = raw.astype(np.float32) * np.float32(slope) + np.float32(intercept)
         if not np.isfinite(pixels).all():
             raise DicomError(f"{path}: RescaleSlope {slope} and RescaleIntercept {intercept} overflow float32")
-    photometric = _header_text(ds, "PhotometricInterpretation") or "MONOCHROME2"
+    photometric = _check_photometric(ds, path)
     if photometric == "MONOCHROME1":  # stored inverted: make high values bright like MONOCHROME2
         lo, hi = pixels.min(), pixels.max()
         if pixels.dtype.kind in "iu":  # max + min overflows a 16-bit image: add in int64 (the result fits)
