@@ -15,12 +15,13 @@
   say so before long work.
 - :func:`atomic_open` / :func:`atomic_write`: a temporary file in the target's folder, flushed and
   fsync'ed, then renamed over the target; on any failure the temporary file is removed and the target
-  is untouched.
+  is untouched. A target that is a symbolic link is written where the link points, the link kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import stat
@@ -103,6 +104,26 @@ def safe_file_names(names: Iterable[Any], suffix: str = "", *, what: str = "Imag
     return out
 
 
+def _through_links(path: Path) -> Path:
+    """The file a write to ``path`` means: for a symbolic link (or a chain of them) the file it points
+    to, so that the rename replaces that file and keeps the link, as a plain ``open`` would. A dangling
+    link names the file to create; one whose folder is missing, or a loop, is an OutputError."""
+    if not path.is_symlink():
+        return path
+    try:
+        return path.resolve(strict=True)
+    except FileNotFoundError:
+        pass
+    except (RuntimeError, OSError) as exc:  # RuntimeError: a loop, before Python 3.13
+        if isinstance(exc, RuntimeError) or getattr(exc, "errno", None) == errno.ELOOP:
+            raise OutputError(f"{path}: a loop of symbolic links; give the path of a file") from None
+        raise OutputError(f"{path}: the symbolic link cannot be followed ({exc})") from None
+    target = path.resolve(strict=False)
+    if not target.parent.is_dir():
+        raise OutputError(f"{path}: a symbolic link to {target}, whose folder {target.parent} does not exist")
+    return target
+
+
 @contextlib.contextmanager
 def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     """Open ``path`` for writing through a temporary file beside it; on a clean exit of the ``with``
@@ -110,7 +131,7 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
     and ``path`` is untouched. ``mode`` is ``"wb"`` or ``"w"`` (UTF-8, ``\\n`` line ends)."""
     if mode not in ("wb", "w"):
         raise InvalidInputError(f"atomic_open mode must be 'wb' or 'w', got {mode!r}")
-    target = Path(path)
+    target = _through_links(Path(path))
     if target.is_dir():
         raise OutputError(f"{target}: is a folder; cannot write a file there")
     try:

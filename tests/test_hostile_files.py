@@ -295,6 +295,53 @@ def test_a_special_file_is_never_replaced_by_a_write(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.csv", "pipe.csv"]  # no temporary file left
 
 
+def test_a_write_to_a_symbolic_link_goes_to_its_target_and_keeps_the_link(tmp_path):
+    # The rename replaced the link itself with a regular file, leaving the file it pointed to stale.
+    (tmp_path / "real").mkdir()
+    real = tmp_path / "real" / "labels.csv"
+    real.write_text("old")
+    link = tmp_path / "labels.csv"
+    link.symlink_to(real)
+    chain = tmp_path / "chain.csv"
+    chain.symlink_to(link.name)  # relative, through the other link
+    write_rle_csv(link, {"a": ["-1"]})
+    assert link.is_symlink() and os.readlink(link) == str(real)
+    assert read_rle_csv(real) == {"a": ["-1"]}
+    atomic_write(chain, "via the chain")
+    assert chain.is_symlink() and link.is_symlink() and real.read_text() == "via the chain"
+    with atomic_open(link, "w") as f:
+        f.write("opened")
+    assert link.is_symlink() and real.read_text() == "opened"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chain.csv", "labels.csv", "real"]
+    assert [p.name for p in (tmp_path / "real").iterdir()] == ["labels.csv"]  # no temporary file left
+
+
+def test_a_dangling_link_is_written_through_when_its_folder_exists(tmp_path):
+    dangling = tmp_path / "out.csv"
+    dangling.symlink_to(tmp_path / "later.csv")
+    atomic_write(dangling, "new")
+    assert dangling.is_symlink() and (tmp_path / "later.csv").read_text() == "new"
+    nowhere = tmp_path / "nowhere.csv"
+    nowhere.symlink_to(tmp_path / "missing" / "x.csv")
+    with pytest.raises(pneumoseg.OutputError, match=r"nowhere\.csv: a symbolic link to .*missing.*x\.csv, whose folder .*missing does not exist"):
+        atomic_write(nowhere, "new")
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop.name)
+    with pytest.raises(pneumoseg.OutputError, match=r"loop\.csv: a loop of symbolic links"):
+        write_rle_csv(loop, {"a": ["-1"]})
+    assert nowhere.is_symlink() and loop.is_symlink() and not (tmp_path / "missing").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["later.csv", "loop.csv", "nowhere.csv", "out.csv"]
+
+
+def test_a_link_to_a_folder_is_refused_as_a_folder(tmp_path):
+    (tmp_path / "d").mkdir()
+    link = tmp_path / "to_d"
+    link.symlink_to(tmp_path / "d")
+    with pytest.raises(pneumoseg.OutputError, match="is a folder"):
+        atomic_write(link, "x")
+    assert link.is_symlink() and list((tmp_path / "d").iterdir()) == []
+
+
 def test_a_write_into_a_missing_folder_names_the_folder(tmp_path):
     # It raised FileNotFoundError naming a temporary file the user never asked for.
     with pytest.raises(pneumoseg.OutputError, match=r"folder .*nope.* does not exist"):
