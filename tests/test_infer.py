@@ -289,6 +289,37 @@ def test_bad_arrays_are_clear_errors(bad, match):
 
 
 
+def _generator(images):
+    yield from images
+
+
+@pytest.mark.parametrize("make, name, kind", [
+    (lambda imgs: _generator(imgs), "inputs", "generator"),
+    (lambda imgs: iter(imgs), "inputs", "list_iterator"),
+    (lambda imgs: map(np.asarray, imgs), "inputs", "map"),
+    (lambda imgs: [imgs[0], (i for i in imgs[1:])], r"inputs\[1\]", "generator"),
+])
+@pytest.mark.parametrize("method", ["predict", "predict_iter"])
+def test_a_generator_is_named_with_what_is_accepted(make, name, kind, method):
+    # It was read as an array of one Python object: "inputs must hold numbers, got dtype object".
+    images = phantom_images(3)
+    given = make(images)
+    with pytest.raises(InvalidInputError, match=rf"^{name} is a {kind} \(a one-shot iterator\); predict takes a path, "
+                                                 r"a folder, an array or tensor, or a list of them: pass list\(\.\.\.\)"):
+        getattr(Predictor.from_dir(model_dir("plain")), method)(given)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"a": np.zeros((4, 4))}, r"^inputs is a dict; predict takes a path, a folder, an array or tensor, or a list of them"),
+    ({np.zeros(3).tobytes()}, r"^inputs is a set; predict takes .* a list of them"),
+    (object(), r"^inputs is an object .*; predict takes a path, a folder, an array or tensor, or a list of them"),
+    ([["a.dcm", "b.dcm"]], r"^inputs\[0\] holds strings .*list of lists"),
+])
+def test_other_containers_are_named_with_what_is_accepted(bad, match):
+    with pytest.raises(InvalidInputError, match=match):
+        Predictor.from_dir(model_dir("plain")).predict(bad)
+
+
 @pytest.mark.parametrize("dtype", [">u2", ">i2", ">u4", ">f4", ">f8", ">f2", ">i8", ">u8", np.longdouble])
 def test_big_endian_and_long_double_arrays_predict_like_native_ones(dtype):
     # torch.from_numpy refuses non-native byte order (a ValueError from inside the batch) and
@@ -374,3 +405,27 @@ def test_pneumoseg_predictor_is_the_public_name():
     d = Predictor.from_dir(model_dir("aux")).describe()
     assert d["backend"] == "torch" and d["gate"] == "encoder" and d["segment_part"] == "decoder"
     assert d["thresholds"] == THRESHOLDS and d["input_size"] == [64, 64]
+
+
+@pytest.mark.parametrize("kind, network, which", [("classifier", "classifier", 0), ("classifier", "segmenter", 0),
+                                                  ("aux", "encoder", 0), ("aux", "segmenter", 0)])
+@pytest.mark.parametrize("segment", ["gated", "all"])
+def test_a_network_answering_nan_is_an_error_not_a_negative(kind, network, which, segment):
+    # NaN compares false with every threshold: unchecked, a NaN score or map reads as "no pneumothorax".
+    predictor = Predictor.from_dir(model_dir(kind), segment=segment, thresholds={"gate": 0.0})
+    parts = {"classifier": "classifier", "encoder": "encoder", "segmenter": "segmenter"}
+    run = predictor.backend.run
+
+    def poisoned(part, *inputs):
+        out = list(run(part, *inputs))
+        if part == parts[network] or (network == "segmenter" and part == "decoder"):
+            out[which] = out[which].clone()
+            out[which][-1] = float("nan")  # the batch's last image
+        return tuple(out)
+
+    predictor.backend.run = poisoned
+    images = phantom_images(3, seed=5)
+    with pytest.raises(pneumoseg.PneumosegError, match=r"image .*'2'.* NaN .*precision fp32"):
+        predictor.predict(images, image_ids=["0", "1", "2"])
+    predictor.backend.run = run
+    assert len(predictor.predict(images)) == 3

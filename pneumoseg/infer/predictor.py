@@ -502,6 +502,22 @@ class Predictor:
             return (logits.sigmoid() + mirrored.float().sigmoid()) * 0.5, False
         return logits, True
 
+    def _refuse_bad_values(self, finite: list, nan_outputs: list, loaded: list) -> None:
+        """Non-finite pixels (the input's fault, so named first), then NaN network outputs."""
+        for idx, flags in finite:
+            bad = [i for i, ok in zip(idx, flags.tolist()) if not ok]
+            if bad:
+                src = loaded[bad[0]][0]
+                raise InvalidInputError(f"image {src.image_id!r}: the pixels contain NaN or infinity")
+        for what, idx, flags in nan_outputs:
+            bad = [i for i, nan in zip(idx, flags.tolist()) if nan]
+            if bad:
+                src = loaded[bad[0]][0]
+                raise PneumosegError(
+                    f"image {src.image_id!r}: the network's {what} is NaN (backend {self.backend.name}, precision "
+                    f"{self.backend.precision}), which would read as no pneumothorax; check the model's weights, "
+                    "or try precision='fp32'")
+
     def _side_by_side(self, torch: Any, *calls: Callable[[], Any]) -> list[Any]:
         """Each call on its own stream (this thread's), all ordered after the current stream's work so
         far and before its next; the results' tensors are marked as used by the current stream."""
@@ -573,6 +589,13 @@ class Predictor:
         if scores is None:  # no gate: the image's score is its largest pixel probability
             peak = maps.flatten(1).amax(1)
             scores = peak.sigmoid() if from_logits else peak
+        # A network answering NaN (an fp16 overflow, broken weights) would read as "no pneumothorax"
+        # without a word: flagged here, read back on CUDA with the results (no extra synchronisation).
+        nan_outputs = [("score", list(range(n)), torch.isnan(scores))]
+        if maps is not None:
+            nan_outputs.append(("segmentation", segmented, torch.isnan(maps).flatten(1).any(1)))
+        if not cuda:
+            self._refuse_bad_values(finite, nan_outputs, loaded)
 
         timer.mark("postprocess")
         h, w = self.segmenter_size
@@ -604,11 +627,8 @@ class Predictor:
         timer.mark("end")
 
         # Everything below reads results back to the host (the RLE strings are already there).
-        for idx, flags in finite:
-            bad = [i for i, ok in zip(idx, flags.tolist()) if not ok]
-            if bad:
-                src = loaded[bad[0]][0]
-                raise InvalidInputError(f"image {src.image_id!r}: the pixels contain NaN or infinity")
+        if cuda:
+            self._refuse_bad_values(finite, nan_outputs, loaded)
         score_list = scores.float().cpu().tolist()
         components = [0] * n
         masks: list[Optional[np.ndarray]] = [None] * n
