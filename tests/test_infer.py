@@ -312,8 +312,8 @@ def test_a_generator_is_named_with_what_is_accepted(make, name, kind, method):
 @pytest.mark.parametrize("bad, match", [
     ({"a": np.zeros((4, 4))}, r"^inputs is a dict; predict takes a path, a folder, an array or tensor, or a list of them"),
     ({np.zeros(3).tobytes()}, r"^inputs is a set; predict takes .* a list of them"),
-    (object(), r"^inputs is an object .*; predict takes a path, a folder, an array or tensor, or a list of them"),
-    ([["a.dcm", "b.dcm"]], r"^inputs\[0\] holds strings .*list of lists"),
+    (object(), r"^inputs has type object \(<object .*\); predict takes a path, a folder, an array or tensor, or a list of them"),
+    ([["a.dcm", "b.dcm"]], r"^inputs\[0\] holds strings: .*not as a list of lists"),
 ])
 def test_other_containers_are_named_with_what_is_accepted(bad, match):
     with pytest.raises(InvalidInputError, match=match):

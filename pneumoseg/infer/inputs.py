@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator, Mapping, MappingView, Set as AbstractSet
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -38,11 +39,31 @@ def _is_tensor(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+_ACCEPTED = "predict takes a path, a folder, an array or tensor, or a list of them"
+
+
+def _refuse_non_array(x: Any, name: str) -> None:
+    """Refuse, naming what was given, the containers NumPy would read as an array of one Python
+    object (a generator, a dict, a set): its error would be about 'dtype object'."""
+    if isinstance(x, Iterator):
+        raise InvalidInputError(f"{name} is a {type(x).__name__} (a one-shot iterator); {_ACCEPTED}: "
+                                f"pass list(...) of it")
+    if isinstance(x, (Mapping, AbstractSet, MappingView)):
+        raise InvalidInputError(f"{name} is a {type(x).__name__}; {_ACCEPTED} (a list keeps the images' order)")
+
+
 def _array_images(x: Any, name: str) -> list[Any]:
     """(H, W) -> [x]; (N, H, W) and (N, 1, H, W) -> N images, each (H, W), without copying."""
+    _refuse_non_array(x, name)
     check_array_object(x, name)
     if not _is_tensor(x):
+        given = x
         x = np.asarray(x)
+        if x.dtype.kind in "US" and not isinstance(given, np.ndarray):
+            raise InvalidInputError(f"{name} holds strings: give paths directly in the inputs list, "
+                                    "not as a list of lists")
+        if x.dtype == object and x.ndim == 0:
+            raise InvalidInputError(f"{name} has type {type(given).__name__} ({show(given)}); {_ACCEPTED}")
         if x.dtype.kind not in "biuf":
             raise InvalidInputError(f"{name} must hold numbers, got dtype {x.dtype}")
     else:
