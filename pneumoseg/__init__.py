@@ -4,7 +4,7 @@ from . import limits, postprocess, rle
 from ._native import cuda_available
 from .errors import (
     DataFormatError, DataWarning, DicomError, InvalidInputError, LimitError, NativeError, OutputError, PneumosegError,
-    RLEError,
+    RLEError, TrainingError,
 )
 
 __version__ = "0.1.0"
@@ -43,6 +43,7 @@ __all__ = [
     "DicomError",
     "LimitError",
     "OutputError",
+    "TrainingError",
     "DataWarning",
     "limits",
 ]

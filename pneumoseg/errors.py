@@ -50,6 +50,11 @@ class OutputError(PneumosegError, ValueError):
     name derived from the data (an ImageId) is not a safe file name."""
 
 
+class TrainingError(PneumosegError, RuntimeError):
+    """Training cannot usefully go on: the loss became NaN or infinite (the run diverged, or the data
+    holds non-finite values). The message says where; the run folder keeps its last checkpoint."""
+
+
 class DataWarning(UserWarning):
     """Something in a data folder deserves a look (images without labels, labels without images,
     files that were skipped)."""

@@ -157,6 +157,28 @@ def test_bad_input_fails_before_any_step(synth, tmp_path):
         train(tiny(synth), tmp_path / "fresh", resume=True, progress=False)
 
 
+def test_a_diverging_run_stops_with_a_training_error(synth, tmp_path, monkeypatch):
+    # From the second batch on the loss is NaN (as a run whose weights blew up): training stops at the
+    # next loss read with a TrainingError saying where, instead of spreading NaN through the weights
+    # and writing a model directory of them.
+    from pneumoseg.train import ConfigError
+    from pneumoseg.train.engine import TaskLoss
+
+    forward, calls = TaskLoss.__call__, []
+
+    def nan_after_one(self, *args, **kwargs):
+        calls.append(1)
+        loss = forward(self, *args, **kwargs)
+        return loss if len(calls) == 1 else loss * float("nan")
+
+    monkeypatch.setattr(TaskLoss, "__call__", nan_after_one)
+    with pytest.raises(pneumoseg.TrainingError, match=r"loss became nan in epoch 1, batches 1-2 .*learning rate"):
+        train(tiny(synth, epochs=1), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "pneumoseg.json").exists()
+    with pytest.raises(ConfigError, match=r"optimizer.lr: must be at most 1000, got 1e\+20"):
+        tiny(synth, optimizer__lr=1e20)
+
+
 def test_cli_train_and_one_line_errors(synth, tmp_path):
     exe = [sys.executable, "-m", "pneumoseg"]
     out = tmp_path / "cli-run"

@@ -424,6 +424,12 @@ def _validate(obj: Any, path: str, source: Optional[str]) -> None:
         # counts and seeds end up in int64 (torch.manual_seed raised a ValueError past 2**64)
         _need(not isinstance(v, int) or v <= 2**63 - 1, p(name), f"must be at most 2**63 - 1, got {v!r}", source)
 
+    def rate(name: str, allow_none: bool = False) -> None:
+        positive(name, allow_none=allow_none)
+        v = getattr(obj, name)
+        # Past this a rate is a typo; near float32's range it overflowed inside Adam (a RuntimeError).
+        _need(v is None or v <= 1e3, p(name), f"must be at most 1000, got {v!r}", source)
+
     def unit(name: str) -> None:
         v = getattr(obj, name)
         _need(0.0 <= v <= 1.0, p(name), f"must be in [0, 1], got {v!r}", source)
@@ -463,7 +469,7 @@ def _validate(obj: Any, path: str, source: Optional[str]) -> None:
             positive(name, strict=False)
         positive("pos_weight", allow_none=True)
     elif isinstance(obj, OptimizerConfig):
-        positive("lr")
+        rate("lr")
         positive("weight_decay", strict=False)
         unit("momentum")
         numbers("betas", 2, high=0.999999)
@@ -486,7 +492,7 @@ def _validate(obj: Any, path: str, source: Optional[str]) -> None:
         _need(obj.gamma[0] <= obj.gamma[1], p("gamma"), f"must be a [low, high] range, got {obj.gamma}", source)
     elif isinstance(obj, StageConfig):
         positive("epochs", allow_none=True)
-        positive("lr", allow_none=True)
+        rate("lr", allow_none=True)
         positive("early_stopping", allow_none=True)
     elif isinstance(obj, ValidationConfig):
         positive("every")

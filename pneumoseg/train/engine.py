@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._fs import OutputFolder, prepare_output_folder
-from ..errors import DataFormatError, InvalidInputError, OutputError
+from ..errors import DataFormatError, InvalidInputError, OutputError, TrainingError
 from . import distributed as D
 from .checkpoint import check_same_model, load_checkpoint, save_checkpoint
 from .config import ConfigError, StageConfig, TrainConfig
@@ -675,10 +675,23 @@ class Trainer:
         # and before each checkpoint, at fixed batch indices, so an interrupted and resumed run adds
         # the same partial sums in the same order as an uninterrupted one.
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        window = [start_batch]  # first batch index of the sum not yet read
 
-        def read_loss() -> None:
-            progress["loss_sum"] += float(loss_acc)
+        def read_loss(end: int) -> None:
+            value = float(loss_acc)
+            # A NaN / infinite loss means the run diverged (or the data holds non-finite values): every
+            # later step would only spread NaN through the weights, so stop and say where. All
+            # processes decide together, or one would stop while the others wait in a collective.
+            if D.all_reduce_sum([0.0 if math.isfinite(value) else 1.0], info)[0] > 0:
+                what = f"became {value}" if not math.isfinite(value) else "became NaN or infinite on another process"
+                raise TrainingError(
+                    f"the training loss {what} in epoch {epoch + 1}, batches {window[0] + 1}-{end} (learning rate "
+                    f"{optimizer.param_groups[0]['lr']:.3g}): the run diverged or the data holds non-finite values; "
+                    "lower the learning rate, set clip_grad_norm, or check the data (the run folder keeps its last "
+                    "checkpoint)")
+            progress["loss_sum"] += value
             loss_acc.zero_()
+            window[0] = end
 
         for b, batch in enumerate(loader, start=start_batch):
             images, masks, labels = self._inputs(batch)
@@ -723,7 +736,7 @@ class Trainer:
                 progress["global_step"] += 1
                 every = cfg.checkpoint.every_steps
                 if every and progress["global_step"] % every == 0 and b + 1 < total:
-                    read_loss()
+                    read_loss(b + 1)
                     progress["batch"] = b + 1
                     if info.is_main:
                         save_checkpoint(folder, LAST, {
@@ -733,14 +746,14 @@ class Trainer:
                             "scaler": None if scaler is None else scaler.state_dict(), "rng": self._rng_state(augment),
                             "history": [_plain_row(r) for r in history], "top_k": top_k})
             if (b + 1) % LOSS_READ_EVERY == 0:
-                read_loss()
+                read_loss(b + 1)
                 if bar is not None:
                     elapsed = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{progress['loss_sum'] / max(1, progress['loss_count']):.4f}",
                                     lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{images_done / elapsed:.1f}")
             if bar is not None:
                 bar.update(1)
-        read_loss()
+        read_loss(total)
         if bar is not None:
             bar.close()
         seconds = time.perf_counter() - t0
