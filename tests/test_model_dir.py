@@ -125,3 +125,58 @@ def test_bad_arguments(tmp_path, networks):
     with pytest.raises(OutputError, match="not empty"):
         save_model_dir(tmp_path / "e", networks, input_sizes={"segmenter": 64, "classifier": 64})
     assert (tmp_path / "e" / "labels.csv").read_text() == "precious"
+
+
+# --- tampered descriptions: every field's type checked at load, a DataFormatError naming the field -----------
+
+def _artefact_of(raw, network):
+    return next(a for a in raw["artefacts"].values() if a["network"] == network)
+
+
+TAMPERED = {
+    # AttributeError / TypeError / ValueError tracebacks before
+    "networks a list": (lambda raw: raw.update(networks=[]), "networks must be a JSON object, got list"),
+    "artefacts null": (lambda raw: raw.update(artefacts=None), "artefacts must be a JSON object, got NoneType"),
+    "metrics a list": (lambda raw: raw.update(metrics=[1, 2]), "metrics must be a JSON object, got list"),
+    "training a string": (lambda raw: raw.update(training="abc"), "training must be a JSON object, got str"),
+    "artefact path a number": (lambda raw: _artefact_of(raw, "segmenter").update(path=3),
+                               r"artefacts\.segmenter-onnx-fp32\.path must be a non-empty string, got int 3"),
+    # accepted before, then failing late or answering wrongly
+    "std negative": (lambda raw: raw["preprocessing"].update(std=-1), r"preprocessing\.std must be in \(0, inf\), got -1"),
+    "std zero": (lambda raw: raw["preprocessing"].update(std=0), r"preprocessing\.std must be in \(0, inf\)"),
+    "mean text": (lambda raw: raw["preprocessing"].update(mean="x"), r"preprocessing\.mean must be a real number, got str"),
+    "thresholds missing": (lambda raw: raw.pop("thresholds"), "missing field 'thresholds'"),
+    "a threshold missing": (lambda raw: raw["thresholds"].pop("min_area"), "thresholds lacks 'min_area'"),
+    "weights outside": (lambda raw: raw["networks"]["segmenter"].update(weights="../other/segmenter.safetensors"),
+                        r"networks\.segmenter\.weights '\.\./other/segmenter\.safetensors' is not a path inside the model directory"),
+    "weights a number": (lambda raw: raw["networks"]["segmenter"].update(weights=5),
+                         r"networks\.segmenter\.weights must be a non-empty string, got int 5"),
+    "fingerprint a number": (lambda raw: raw["networks"]["classifier"].update(sha256=0),
+                             r"networks\.classifier\.sha256 must be a SHA-256 fingerprint"),
+    "artefact fingerprint short": (lambda raw: _artefact_of(raw, "classifier").update(sha256="abc"),
+                                   r"artefacts\.classifier-onnx-fp32\.sha256 must be a SHA-256 fingerprint"),
+    "segmenter size not a multiple of 32": (lambda raw: raw["networks"]["segmenter"].update(input_size=[48, 48]),
+                                            r"networks\.segmenter\.input_size must be a multiple of 32"),
+    "network entry unknown field": (lambda raw: raw["networks"]["segmenter"].update(wieghts="x"),
+                                    r"networks\.segmenter has unknown field\(s\) 'wieghts'"),
+    "artefact of no network": (lambda raw: _artefact_of(raw, "segmenter").update(network="decoder"),
+                               r"artefacts\.segmenter-onnx-fp32\.network is 'decoder', which is not one of"),
+    "artefact meta a list": (lambda raw: _artefact_of(raw, "classifier").update(meta=[1]),
+                             r"artefacts\.classifier-onnx-fp32\.meta must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", list(TAMPERED))
+def test_tampered_descriptions_are_refused_at_load_naming_the_field(tmp_path, name):
+    from pneumoseg.cli import main
+
+    from infer_helpers import copy_model_dir
+
+    tamper, match = TAMPERED[name]
+    folder = copy_model_dir("classifier", tmp_path / "model", exported=True)
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    tamper(raw)
+    (folder / CONFIG_NAME).write_text(json.dumps(raw))
+    with pytest.raises(DataFormatError, match=rf"{CONFIG_NAME}: malformed model description \(.*{match}"):
+        load_model_dir(folder)
+    assert main(["export", str(folder)]) == 2

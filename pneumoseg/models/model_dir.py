@@ -30,14 +30,15 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+import re
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 from .. import __version__
-from .._checks import check_image_size, check_int, check_path, check_probability
+from .._checks import check_image_size, check_int, check_path, check_probability, check_real, show
 from .._fs import atomic_write, prepare_output_folder, safe_file_name
-from ..errors import DataFormatError, InvalidInputError
+from ..errors import DataFormatError, InvalidInputError, OutputError
 
 __all__ = [
     "FORMAT_VERSION", "CONFIG_NAME", "Thresholds", "Preprocessing", "NetworkEntry", "Artefact", "ModelDir",
@@ -93,6 +94,8 @@ class Preprocessing:
     resize: str = "bilinear-antialias"
 
     def __post_init__(self) -> None:
+        self.mean = check_real(self.mean, "preprocessing.mean")
+        self.std = check_real(self.std, "preprocessing.std", low=0.0, low_open=True)
         if self.scaling != "min-max" or self.resize != "bilinear-antialias":
             raise InvalidInputError(
                 f"preprocessing scaling={self.scaling!r}, resize={self.resize!r} is not one this pneumoseg knows "
@@ -124,6 +127,86 @@ def _relative_parts(rel: str, what: str) -> list[str]:
     return parts
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _mapping(raw: Mapping[str, Any], key: str, *, required: bool = True, where: str = "") -> dict[str, Any]:
+    """``raw[key]`` as a dict of str keys; absent is an error when ``required``, else empty."""
+    if key not in raw:
+        if required:
+            raise KeyError(f"{where}{key}")
+        return {}
+    value = raw[key]
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{where}{key} must be a JSON object, got {type(value).__name__} {show(value)}")
+    return dict(value)
+
+
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string, got {type(value).__name__} {show(value)}")
+    return value
+
+
+def _fingerprint(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ValueError(f"{what} must be a SHA-256 fingerprint (64 lowercase hex digits), got {show(value)}")
+    return value
+
+
+def _relative_file(value: Any, what: str) -> str:
+    """A '/'-separated path inside the model directory: each part a safe file name (no '..', no
+    absolute path, no separators of another system)."""
+    text = _text(value, what)
+    try:
+        _relative_parts(text, what)
+    except OutputError as exc:
+        raise ValueError(f"{what} {show(text)} is not a path inside the model directory: {exc}") from None
+    return text
+
+
+def _keys_known(entry: Mapping[str, Any], known: set[str], what: str) -> None:
+    unknown = sorted(set(entry) - known)
+    if unknown:
+        raise ValueError(f"{what} has unknown field(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(known))}")
+
+
+def _network_entry(name: str, entry: Any) -> NetworkEntry:
+    what = f"networks.{name}"
+    entry = _mapping({what: entry}, what)
+    _keys_known(entry, {"config", "weights", "sha256", "input_size"}, what)
+    config = _mapping(entry, "config", where=f"{what}.")
+    size = check_image_size(entry["input_size"], f"{what}.input_size", low=32)
+    if name == "segmenter" and (size[0] % 32 or size[1] % 32):
+        raise ValueError(f"{what}.input_size must be a multiple of 32 (the U-Net halves it five times), got {list(size)}")
+    return NetworkEntry(config, _relative_file(entry["weights"], f"{what}.weights"),
+                        _fingerprint(entry["sha256"], f"{what}.sha256"), size)
+
+
+def _artefact(key: Any, entry: Any, networks: Mapping[str, NetworkEntry]) -> Artefact:
+    what = f"artefacts.{key}"
+    entry = _mapping({what: entry}, what)
+    _keys_known(entry, {f.name for f in fields(Artefact)}, what)
+    network = _text(entry["network"], f"{what}.network")
+    if network not in networks:
+        raise ValueError(f"{what}.network is {network!r}, which is not one of the directory's networks "
+                         f"({', '.join(sorted(networks))})")
+    return Artefact(path=_relative_file(entry["path"], f"{what}.path"), format=_text(entry["format"], f"{what}.format"),
+                    network=network, precision=_text(entry["precision"], f"{what}.precision"),
+                    sha256=_fingerprint(entry["sha256"], f"{what}.sha256"),
+                    meta=_mapping(entry, "meta", required=False, where=f"{what}."))
+
+
+def _complete(raw: Mapping[str, Any], key: str, cls: type) -> dict[str, Any]:
+    """``raw[key]`` with every field of ``cls``: a missing one would silently fall back to a default
+    that is not the one the model was tuned or trained with."""
+    values = _mapping(raw, key)
+    missing = [f.name for f in fields(cls) if f.name not in values]
+    if missing:
+        raise ValueError(f"{key} lacks {', '.join(map(repr, missing))}")
+    return values
+
+
 class ModelDir:
     """A loaded model directory (see the module docstring). ``build(name)`` returns the network with
     its weights, checked against the recorded fingerprint and the config's parameter names and shapes."""
@@ -135,22 +218,20 @@ class ModelDir:
         try:
             self.format_version = int(raw["format_version"])
             self.pneumoseg_version = str(raw.get("pneumoseg_version", "unknown"))
-            self.networks = {
-                name: NetworkEntry(dict(e["config"]), str(e["weights"]), str(e["sha256"]),
-                                   check_image_size(e["input_size"], f"networks.{name}.input_size", low=32))
-                for name, e in raw["networks"].items()
-            }
-            self.thresholds = Thresholds(**raw.get("thresholds", {}))
-            self.preprocessing = Preprocessing(**raw.get("preprocessing", {}))
-            self.artefacts = {key: Artefact(**a) for key, a in raw.get("artefacts", {}).items()}
+            networks = _mapping(raw, "networks")
+            self.networks = {name: _network_entry(name, e) for name, e in networks.items()}
+            self.thresholds = Thresholds(**_complete(raw, "thresholds", Thresholds))
+            self.preprocessing = Preprocessing(**_complete(raw, "preprocessing", Preprocessing))
+            artefacts = _mapping(raw, "artefacts", required=False)
+            self.artefacts = {str(key): _artefact(key, a, self.networks) for key, a in artefacts.items()}
+            self.metrics: dict[str, Any] = _mapping(raw, "metrics", required=False)
+            self.training: dict[str, Any] = _mapping(raw, "training", required=False)
         except (KeyError, TypeError, ValueError) as exc:
             detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise DataFormatError(f"{where}: malformed model description ({detail})") from None
         unknown = sorted(set(self.networks) - set(NETWORK_NAMES))
         if unknown or "segmenter" not in self.networks and "classifier" not in self.networks:
             raise DataFormatError(f"{where}: networks must be among {', '.join(NETWORK_NAMES)}, got {sorted(self.networks)}")
-        self.metrics: dict[str, Any] = dict(raw.get("metrics", {}))
-        self.training: dict[str, Any] = dict(raw.get("training", {}))
 
     # ---------------------------------------------------------------------------------------------
     @property
