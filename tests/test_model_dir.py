@@ -180,3 +180,70 @@ def test_tampered_descriptions_are_refused_at_load_naming_the_field(tmp_path, na
     with pytest.raises(DataFormatError, match=rf"{CONFIG_NAME}: malformed model description \(.*{match}"):
         load_model_dir(folder)
     assert main(["export", str(folder)]) == 2
+
+
+def _rewrite_weights(folder, name, change):
+    """Apply ``change`` to the weights of ``name`` and record the new file's fingerprint, as someone
+    who edits both would."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / f"{name}.safetensors"
+    tensors = change(load_file(weights))
+    save_file(tensors, weights)
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    raw["networks"][name]["sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    (folder / CONFIG_NAME).write_text(json.dumps(raw))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8, torch.complex64])
+def test_weights_of_another_kind_of_number_are_refused(tmp_path, dtype):
+    # load_state_dict cast them: bool weights loaded as 0/1, complex ones lost their imaginary part.
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("plain", tmp_path / "model")
+    _rewrite_weights(folder, "segmenter", lambda t: {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in t.items()})
+    with pytest.raises(DataFormatError, match=rf"of another kind of number \(e\.g\. .*: {dtype} in the file, torch\.float32"):
+        load_model_dir(folder).build("segmenter")
+
+
+def test_weights_in_another_float_precision_still_load(tmp_path):
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("plain", tmp_path / "model")
+    want = load_model_dir(folder).build("segmenter").state_dict()
+    _rewrite_weights(folder, "segmenter", lambda t: {k: (v.double() if v.is_floating_point() else v) for k, v in t.items()})
+    got = load_model_dir(folder).build("segmenter").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_that_are_not_finite_are_refused(tmp_path, value):
+    # An infinite weight saturates the sigmoid: every image would read as certain, without a word.
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("plain", tmp_path / "model")
+
+    def poison(tensors):
+        tensors["segmentation_head.0.weight"][0, 0, 0, 0] = value
+        return tensors
+
+    _rewrite_weights(folder, "segmenter", poison)
+    with pytest.raises(DataFormatError, match=r"1 weight tensor\(s\) hold NaN or infinity \(e\.g\. segmentation_head\.0\.weight\)"):
+        load_model_dir(folder).build("segmenter")
+
+
+def test_a_config_too_large_for_memory_is_a_format_error(tmp_path):
+    # torch's allocator raised RuntimeError (6.9 TB asked for) through Predictor.from_dir and the CLI.
+    from pneumoseg.cli import main
+
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("plain", tmp_path / "model")
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    raw["networks"]["segmenter"]["config"]["decoder_channels"] = [10**9] * 5
+    (folder / CONFIG_NAME).write_text(json.dumps(raw))
+    with pytest.raises(DataFormatError, match=r"the segmenter config cannot be built \(RuntimeError: .*do not fit in memory"):
+        load_model_dir(folder).build("segmenter")
+    assert main(["predict", str(tmp_path), "--model", str(folder), "--out", str(tmp_path / "out")]) == 2

@@ -278,17 +278,25 @@ class ModelDir:
         from .config import build_model
 
         entry = self._entry(name)
+        state = self.state_dict(name)  # the fingerprint first: a damaged file fails before anything is built
         try:
             model = build_model(entry.config)
         except InvalidInputError as exc:
             raise DataFormatError(f"{self.path / CONFIG_NAME}: the {name} config cannot be built: {exc}") from None
-        state = self.state_dict(name)
+        except (RuntimeError, MemoryError, OverflowError) as exc:  # sizes past memory: torch's allocator error
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise DataFormatError(f"{self.path / CONFIG_NAME}: the {name} config cannot be built ({type(exc).__name__}: "
+                                  f"{first_line}); its sizes do not fit in memory") from None
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
                  if k in state and tuple(state[k].shape) != tuple(v.shape)]
-        if missing or unexpected or wrong:
+        # load_state_dict casts: bool or integer weights would load as 0/1 or truncated values, complex
+        # ones would lose their imaginary part, and a float step counter would be truncated.
+        kinds = [(k, state[k].dtype, v.dtype) for k, v in expected.items()
+                 if k in state and (state[k].is_complex() or state[k].is_floating_point() != v.is_floating_point())]
+        if missing or unexpected or wrong or kinds:
             parts = []
             if missing:
                 parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
@@ -297,8 +305,17 @@ class ModelDir:
             if wrong:
                 k, got, want = wrong[0]
                 parts.append(f"{len(wrong)} of another shape (e.g. {k}: {got} in the file, {want} in the config)")
+            if kinds:
+                k, got, want = kinds[0]
+                parts.append(f"{len(kinds)} of another kind of number (e.g. {k}: {got} in the file, {want} in the config)")
             raise DataFormatError(f"{self.weights_path(name)}: the weights do not match the {name} config in "
                                   f"{CONFIG_NAME}: " + "; ".join(parts))
+        import torch
+
+        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        if broken:
+            raise DataFormatError(f"{self.weights_path(name)}: {len(broken)} weight tensor(s) hold NaN or infinity "
+                                  f"(e.g. {broken[0]}); the {name} would answer NaN or saturate")
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 
