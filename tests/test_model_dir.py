@@ -247,3 +247,26 @@ def test_a_config_too_large_for_memory_is_a_format_error(tmp_path):
     with pytest.raises(DataFormatError, match=r"the segmenter config cannot be built \(RuntimeError: .*do not fit in memory"):
         load_model_dir(folder).build("segmenter")
     assert main(["predict", str(tmp_path), "--model", str(folder), "--out", str(tmp_path / "out")]) == 2
+
+
+def test_weights_that_are_a_pipe_are_refused_without_reading(tmp_path):
+    # read_bytes() on a FIFO blocked until a writer came (Predictor.from_dir hung); on /dev/zero it never ended.
+    import os
+    import threading
+
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("plain", tmp_path / "model")
+    weights = folder / "segmenter.safetensors"
+    weights.unlink()
+    os.mkfifo(weights)
+    writer = threading.Thread(target=lambda: open(weights, "wb").close(), daemon=True)  # ends a blocked read
+    writer.start()
+    with pytest.raises(DataFormatError, match=r"segmenter\.safetensors: the segmenter weights .* not a regular file"):
+        load_model_dir(folder).build("segmenter")
+    os.close(os.open(weights, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open return
+    writer.join(5)
+    weights.unlink()
+    weights.symlink_to("/dev/zero")
+    with pytest.raises(DataFormatError, match="not a regular file"):
+        load_model_dir(folder).build("segmenter")

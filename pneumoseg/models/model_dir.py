@@ -31,6 +31,7 @@ import copy
 import hashlib
 import json
 import re
+import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
@@ -260,6 +261,9 @@ class ModelDir:
 
         path = self.weights_path(name)
         try:
+            if not stat.S_ISREG(path.stat().st_mode):  # a pipe would block the read forever, /dev/zero never end
+                raise DataFormatError(f"{path}: the {name} weights named in {CONFIG_NAME} are not a regular file "
+                                      "(a device, pipe or socket)")
             data = path.read_bytes()
         except FileNotFoundError:
             raise DataFormatError(f"{path}: the {name} weights named in {CONFIG_NAME} are missing") from None
@@ -326,8 +330,10 @@ class ModelDir:
             raise InvalidInputError(f"{self.path}: no artefact {key!r} (have: {', '.join(sorted(self.artefacts)) or 'none'})")
         art = self.artefacts[key]
         path = self.path.joinpath(*_relative_parts(art.path, "artefact path"))
-        if not path.is_file():
+        if not path.exists():
             raise DataFormatError(f"{path}: artefact {key!r} listed in {CONFIG_NAME} is missing")
+        if not path.is_file():
+            raise DataFormatError(f"{path}: artefact {key!r} listed in {CONFIG_NAME} is not a regular file")
         if verify and sha256_of(path) != art.sha256:
             raise DataFormatError(f"{path}: artefact {key!r} does not match its fingerprint in {CONFIG_NAME}")
         return path
