@@ -1,0 +1,283 @@
+#pragma once
+// CUDA connected components: union-find with atomicMin (Playne & Hawick, "A new algorithm for
+// parallel connected-component labelling on GPUs", 2018), done in two levels as in block-based
+// union-find (Allegretti et al., 2019):
+//   1. local: each block labels one 32x32 tile in shared memory (unions, compression and areas with
+//      shared-memory atomics) and writes, per pixel, the image-local raster index of its tile root;
+//   2. border: pixels on a tile's edge unite with their neighbours in other tiles, in global memory;
+//   3. resolve: each tile root finds its final root, points at it and adds its area there.
+// Unions keep the smaller index, so every root is its component's first pixel in raster order, and
+// a prefix sum of root flags numbers the components 1..K in scipy's order. Kernels index pixels by
+// a 3-D grid (column tile, row tile, image) in 32-bit arithmetic. Nothing synchronises with the host
+// except label_cuda's copy of the per-image component counts; the areas stay on the device.
+//
+// The kernels and their device helpers, without host code, so that the CUDA translation unit
+// (components_cuda.cu) and the CPU emulation of the kernels in tests/cuda_emu/ compile the same source.
+#include <cstdint>
+
+#include "common/macros.h"
+#include "postprocess/foreground.h"
+
+namespace pneumoseg::postprocess::kernels {
+
+constexpr int kTile = 32;                         // tile side: one warp per tile row
+constexpr int kRowsPerPass = 8;                   // block = kTile x kRowsPerPass threads
+constexpr int kTileThreads = kTile * kRowsPerPass;
+constexpr int kRowsPerThread = kTile / kRowsPerPass;
+constexpr int kThreads = 256;                     // flat kernels
+constexpr int kMaxGridZ = 65535;
+
+struct Geometry {
+  int64_t n;
+  int32_t h, w;
+  int64_t sn, sh, sw;
+  PNEUMOSEG_HD int64_t hw() const { return int64_t(h) * w; }
+};
+
+// Reads go through volatile pointers: other threads re-point parents while we walk.
+__device__ __forceinline__ int32_t find_root(const volatile int32_t* parent, int32_t x) {
+  int32_t p = parent[x];
+  while (p != x) {
+    x = p;
+    p = parent[x];
+  }
+  return x;
+}
+
+// find_root with path halving: each visited node is re-pointed at its grandparent, an ancestor, so
+// the store is safe while other threads walk or link (roots only ever gain a parent). Used while
+// pass 2 links tile roots, where the many tile roots of a large or noisy component form long chains.
+__device__ __forceinline__ int32_t find_root_halving(int32_t* parent, int32_t x) {
+  volatile int32_t* p = parent;
+  int32_t up = p[x];
+  while (up != x) {
+    const int32_t grand = p[up];
+    if (grand == up) return up;
+    p[x] = grand;
+    x = grand;
+    up = p[x];
+  }
+  return x;
+}
+
+template <bool kHalving>
+__device__ __forceinline__ void unite(int32_t* parent, int32_t a, int32_t b) {
+  while (true) {
+    a = kHalving ? find_root_halving(parent, a) : find_root(parent, a);
+    b = kHalving ? find_root_halving(parent, b) : find_root(parent, b);
+    if (a == b) return;
+    if (a > b) {
+      const int32_t t = a;
+      a = b;
+      b = t;
+    }
+    const int32_t old = atomicMin(&parent[b], a);  // b's root becomes a, unless someone got there first
+    if (old == b) return;
+    b = old;
+  }
+}
+
+// Pass 1, one block per 32x32 tile. parent[k] (image-local raster index k) = raster index of the
+// pixel's root within its tile, -1 for background; tile_area[k] = the tile component's size at its
+// root, 0 elsewhere.
+// With `count_above`, also counts each image's pixels above it (the triplet rule's test).
+// At least 4 resident blocks per multiprocessor: without the hint ptxas capped this kernel at 32
+// registers and spilled.
+template <typename T>
+__global__ void __launch_bounds__(kTileThreads, 4)
+    local_kernel(const T* __restrict__ input, Geometry g, IsForeground<T> fg, const uint8_t* __restrict__ keep_image,
+                 int connectivity, int32_t* __restrict__ parent, int32_t* __restrict__ tile_area,
+                 IsForeground<T> above, int32_t* __restrict__ count_above) {
+  __shared__ int32_t local[kTile * kTile];
+  __shared__ int32_t area[kTile * kTile];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int32_t r0 = blockIdx.y * kTile, c0 = blockIdx.x * kTile;
+  const int32_t c = c0 + tx;
+  for (int64_t n = blockIdx.z; n < g.n; n += gridDim.z) {
+    const bool keep = keep_image == nullptr || keep_image[n] != 0;
+    int above_count = 0;
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
+      const int32_t r = r0 + lr;
+      bool on = false;
+      if (r < g.h && c < g.w) {
+        const T v = input[n * g.sn + r * g.sh + c * g.sw];
+        on = keep && fg(v);
+        if (count_above) above_count += above(v) ? 1 : 0;
+      }
+      local[li] = on ? li : -1;
+      area[li] = 0;
+    }
+    if (count_above) {  // one atomic per warp that saw pixels above `top`
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) above_count += __shfl_down_sync(0xffffffffu, above_count, offset);
+      if (tx == 0 && above_count > 0) atomicAdd(&count_above[n], above_count);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
+      if (local[li] < 0) continue;
+      if (tx > 0 && local[li - 1] >= 0) unite<false>(local, li, li - 1);
+      if (lr > 0) {
+        const int up = li - kTile;
+        if (local[up] >= 0) unite<false>(local, li, up);
+        if (connectivity == 8) {
+          if (tx > 0 && local[up - 1] >= 0) unite<false>(local, li, up - 1);
+          if (tx + 1 < kTile && local[up + 1] >= 0) unite<false>(local, li, up + 1);
+        }
+      }
+    }
+    __syncthreads();
+    int32_t root[kRowsPerThread];
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int li = (ty + j * kRowsPerPass) * kTile + tx;
+      root[j] = local[li] < 0 ? -1 : find_root(local, li);
+      if (root[j] >= 0) atomicAdd(&area[root[j]], 1);
+    }
+    __syncthreads();
+    int32_t* p = parent + n * g.hw();
+    int32_t* a = tile_area + n * g.hw();
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
+      const int32_t r = r0 + lr;
+      if (r >= g.h || c >= g.w) continue;
+      const int32_t k = r * g.w + c;
+      // tile_area is nonzero exactly at tile roots: pass 3 finds them by it (their parents change
+      // in pass 2, so parent[k] == k no longer tells).
+      p[k] = root[j] < 0 ? -1 : (r0 + root[j] / kTile) * g.w + c0 + root[j] % kTile;
+      a[k] = root[j] == li ? area[li] : 0;
+    }
+    __syncthreads();  // shared arrays are reused by the next image
+  }
+}
+
+// Pass 2: pixels on a tile's edge unite with their backward neighbours (left, up, up-left,
+// up-right) that lie in another tile; the rest of the tile was joined in pass 1.
+__global__ void __launch_bounds__(kTileThreads) border_kernel(Geometry g, int connectivity, int32_t* parent) {
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int32_t r0 = blockIdx.y * kTile, c0 = blockIdx.x * kTile;
+  const int32_t c = c0 + tx;
+  if (c >= g.w) return;
+  const bool left_edge = tx == 0 && c > 0;
+  const bool right_edge = tx == kTile - 1 && c + 1 < g.w;
+  for (int64_t n = blockIdx.z; n < g.n; n += gridDim.z) {
+    int32_t* p = parent + n * g.hw();
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int lr = ty + j * kRowsPerPass;
+      const int32_t r = r0 + lr;
+      const bool top_edge = lr == 0 && r > 0;
+      if (r >= g.h || !(top_edge || left_edge || right_edge)) continue;
+      const int32_t k = r * g.w + c;
+      if (p[k] < 0) continue;
+      if (left_edge && p[k - 1] >= 0) unite<true>(p, k, k - 1);
+      if (r > 0) {
+        const int32_t up = k - g.w;
+        if (top_edge && p[up] >= 0) unite<true>(p, k, up);
+        if (connectivity == 8) {
+          if (c > 0 && (top_edge || left_edge) && p[up - 1] >= 0) unite<true>(p, k, up - 1);
+          if (c + 1 < g.w && (top_edge || right_edge) && p[up + 1] >= 0) unite<true>(p, k, up + 1);
+        }
+      }
+    }
+  }
+}
+
+// Pass 3, one thread per pixel: a tile root (tile_area[k] > 0) finds its final root, points at it and
+// adds its tile area there. Final roots only receive additions, and every other tile root reads
+// only its own area, so the areas are exact whatever the order. is_root (optional) flags the final
+// roots.
+__global__ void __launch_bounds__(kThreads)
+    resolve_kernel(Geometry g, int32_t* parent, int32_t* tile_area, int32_t* is_root) {
+  const int64_t hw = g.hw();
+  for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
+    int32_t* p = parent + n * hw;
+    int32_t* a = tile_area + n * hw;
+    for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
+      bool final_root = false;
+      if (a[k] > 0) {
+        // A plain walk: a halving store here could land after a tile root's final store below and
+        // leave it pointing at a non-root, which final_root() relies on never happening.
+        const int32_t root = find_root(p, static_cast<int32_t>(k));
+        if (root == k) {
+          final_root = true;
+        } else {
+          p[k] = root;
+          atomicAdd(&a[root], a[k]);
+        }
+      }
+      if (is_root) is_root[n * hw + k] = final_root ? 1 : 0;
+    }
+  }
+}
+
+// After pass 3 every pixel is at most two steps from its final root.
+__device__ __forceinline__ int32_t final_root(const int32_t* p, int64_t k) {
+  const int32_t tile_root = p[k];
+  return tile_root < 0 ? -1 : p[tile_root];
+}
+
+__global__ void __launch_bounds__(kThreads)
+    write_labels_kernel(Geometry g, const int32_t* parent, const int32_t* rank, int32_t* labels) {
+  const int64_t hw = g.hw();
+  for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
+    const int32_t* p = parent + n * hw;
+    const int32_t* rk = rank + n * hw;
+    for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
+      const int32_t root = final_root(p, k);
+      // rank is the exclusive scan of root flags over the whole batch: subtract the image's start.
+      labels[n * hw + k] = root < 0 ? 0 : rk[root] - rk[0] + 1;
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads)
+    compact_areas_kernel(Geometry g, const int32_t* is_root, const int32_t* rank, const int32_t* area,
+                         int64_t* areas_out, int32_t* per_image) {
+  const int64_t hw = g.hw();
+  for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
+    const int64_t base = n * hw;
+    for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
+      if (is_root[base + k]) areas_out[rank[base + k]] = area[base + k];
+      if (k == hw - 1) per_image[n] = rank[base + k] + is_root[base + k] - rank[base];
+    }
+  }
+}
+
+// With `components`, also counts each image's kept components: a kept pixel that is its own parent
+// is a final root (pass 3 re-pointed every other tile root), one per component; one atomic per warp.
+// The loop runs per warp (its first pixel decides), so the ballot always has the whole warp.
+__global__ void __launch_bounds__(kThreads)
+    write_mask_kernel(Geometry g, const int32_t* parent, const int32_t* area, int64_t min_area,
+                      const int32_t* count_above, int64_t triplet_min, uint8_t* out, int32_t* components) {
+  const int64_t hw = g.hw();
+  const int lane = threadIdx.x % 32;
+  for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
+    const int32_t* p = parent + n * hw;
+    const int32_t* a = area + n * hw;
+    const bool kept = count_above == nullptr || count_above[n] >= triplet_min;
+    for (int64_t k0 = blockIdx.x * int64_t(kThreads) + threadIdx.x - lane; k0 < hw;
+         k0 += int64_t(gridDim.x) * kThreads) {
+      const int64_t k = k0 + lane;
+      bool on = false, root = false;
+      if (k < hw) {
+        if (kept) {
+          const int32_t tile_root = p[k];
+          if (tile_root >= 0) on = min_area <= 0 || a[p[tile_root]] >= min_area;
+          root = on && tile_root == k;
+        }
+        out[n * hw + k] = on ? 1 : 0;
+      }
+      if (components != nullptr) {
+        const unsigned roots = __ballot_sync(0xffffffffu, root);
+        if (lane == 0 && roots != 0) atomicAdd(&components[n], __popc(roots));
+      }
+    }
+  }
+}
+
+}  // namespace pneumoseg::postprocess::kernels
