@@ -270,3 +270,29 @@ def test_weights_that_are_a_pipe_are_refused_without_reading(tmp_path):
     weights.symlink_to("/dev/zero")
     with pytest.raises(DataFormatError, match="not a regular file"):
         load_model_dir(folder).build("segmenter")
+
+
+@pytest.mark.parametrize("linked", ["onnx", CONFIG_NAME, "onnx/segmenter.fp32.onnx"])
+def test_export_never_writes_through_a_link_out_of_the_model_directory(tmp_path, linked):
+    # Atomic writes follow links: a model directory whose files or folders are links into a shared
+    # cache (or another run) would have them rewritten by export.
+    import shutil
+
+    from pneumoseg.cli import main
+
+    from infer_helpers import copy_model_dir, file_digests
+
+    folder = copy_model_dir("plain", tmp_path / "model", exported=True)
+    outside = tmp_path / "shared"
+    outside.mkdir()
+    inside = folder / linked
+    shutil.move(inside, outside / inside.name)
+    inside.symlink_to(outside / inside.name)
+    before = file_digests(outside)
+    md = load_model_dir(folder)  # reading through the link is fine: the fingerprints are checked
+    assert md.build("segmenter") is not None and md.artefact_path("segmenter-onnx-fp32").is_file()
+    with pytest.raises(OutputError, match=r"leads out of the model directory .*symbolic link to .*shared"):
+        md.add_artefact("segmenter-onnx-fp32", "onnx/segmenter.fp32.onnx", b"graph", format="onnx",
+                        network="segmenter", precision="fp32") if linked != CONFIG_NAME else md.save()
+    assert main(["export", str(folder)]) == 2
+    assert file_digests(outside) == before and inside.is_symlink()

@@ -336,6 +336,7 @@ def export_onnx(model_dir: Any, precision: str = "fp32", *, calibrate: Any = Non
     md = load_for_export(model_dir)
     precision = check_choice(precision, "precision", ONNX_PRECISIONS)
     parts = [p for p in parts_for(md).values() if p is not None]
+    md.check_writable(*(f"onnx/{part}.{p}.onnx" for part in parts for p in dict.fromkeys(("fp32", precision))))
     networks = {name: md.build(name) for name in dict.fromkeys(part_spec(p).network for p in parts)}
     if precision.startswith("int8"):
         if calibrate is None:

@@ -345,8 +345,8 @@ class ModelDir:
         self._entry(network)
         parts = _relative_parts(rel_path, "artefact path")
         target = self.path.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(target, data)
+        self._inside(target.parent).mkdir(parents=True, exist_ok=True)
+        atomic_write(self._inside(target), data)
         self.artefacts[key] = Artefact("/".join(parts), format, network, precision, sha256_of(data), dict(meta or {}))
         self.save()
         return target
@@ -368,7 +368,27 @@ class ModelDir:
     def save(self) -> Path:
         """Rewrite ``pneumoseg.json`` (atomically) from this object's fields."""
         text = json.dumps(self.to_json(), indent=2, sort_keys=False, allow_nan=False)
-        return atomic_write(self.path / CONFIG_NAME, text + "\n")
+        return atomic_write(self._inside(self.path / CONFIG_NAME), text + "\n")
+
+    def check_writable(self, *rel_paths: str) -> None:
+        """Refuse (OutputError), before any long work, to add files at ``rel_paths`` when they or the
+        description would be written through a symbolic link that leads out of the directory."""
+        self._inside(self.path / CONFIG_NAME)
+        for rel in rel_paths:
+            target = self.path.joinpath(*_relative_parts(rel, "artefact path"))
+            self._inside(target.parent)
+            self._inside(target)
+
+    def _inside(self, target: Path) -> Path:
+        """``target`` when it stays inside the directory once symbolic links are followed: a write
+        goes through a link, and one leading out (a shared cache's file, another run's) would change
+        what is not this directory's."""
+        folder = self.path.resolve()
+        real = target.resolve()
+        if real != folder and folder not in real.parents:
+            raise OutputError(f"{target} leads out of the model directory {self.path} (a symbolic link to {real}); "
+                              "pneumoseg writes only inside it: copy the directory without links (cp -rL) first")
+        return target
 
     def __repr__(self) -> str:
         return f"ModelDir({str(self.path)!r}, networks={sorted(self.networks)}, gate={self.gate_source})"
