@@ -429,3 +429,19 @@ def test_a_network_answering_nan_is_an_error_not_a_negative(kind, network, which
         predictor.predict(images, image_ids=["0", "1", "2"])
     predictor.backend.run = run
     assert len(predictor.predict(images)) == 3
+
+
+@pytest.mark.parametrize("network, size", [("classifier", [33, 97]), ("segmenter", [96, 64])])
+def test_an_onnx_graph_of_another_size_than_the_description_is_refused_at_load(tmp_path, network, size):
+    # onnxruntime refused every batch with its own InvalidArgument error (a traceback from pneumoseg predict).
+    import json
+
+    folder = copy_model_dir("classifier", tmp_path / "model", exported=True)
+    raw = json.loads((folder / "pneumoseg.json").read_text())
+    raw["networks"][network]["input_size"] = size
+    (folder / "pneumoseg.json").write_text(json.dumps(raw))
+    with pytest.raises(DataFormatError, match=rf"{network}\.fp32\.onnx: the {network} graph takes images of shape "
+                                              rf"\[.*, 1, \d+, \d+\], but pneumoseg\.json gives the network an input "
+                                              rf"size of \[{size[0]}, {size[1]}\]"):
+        Predictor.from_dir(folder, backend="onnxruntime")
+    assert len(Predictor.from_dir(folder, backend="torch").predict(phantom_images(1))) == 1

@@ -17,6 +17,7 @@ import threading
 from typing import Any, Optional, Sequence
 
 from ..errors import DataFormatError, InvalidInputError
+from ..models.model_dir import CONFIG_NAME
 from ..export.parts import part_module, part_spec
 from ..export.sessions import import_onnxruntime, physical_cores, session_options
 from .buckets import BucketedRunner, CudaGraphRunner, make_buckets
@@ -158,6 +159,20 @@ class TorchBackend(Backend):
         return out
 
 
+def _check_image_input(session: Any, path: Any, part: str, size: tuple[int, int]) -> None:
+    """The graph's fixed image size must be the one pneumoseg.json gives the network, which is what
+    the images are resized to: onnxruntime would refuse every batch (an exported graph of another
+    size, or a description edited after the export)."""
+    for value in session.get_inputs():
+        if value.name != "image":
+            continue
+        fixed = [d if isinstance(d, int) else None for d in value.shape[1:]]
+        want = [1, *size]
+        if len(fixed) != 3 or any(d is not None and d != w for d, w in zip(fixed, want)):
+            raise DataFormatError(f"{path}: the {part} graph takes images of shape {list(value.shape)}, but {CONFIG_NAME} gives "
+                                  f"the network an input size of {list(size)}; export the directory again")
+
+
 class OnnxRuntimeBackend(Backend):
     """The exported ONNX parts in onnxruntime (CPU), one session per part, made once and reused
     (``InferenceSession.run`` is thread-safe)."""
@@ -196,6 +211,7 @@ class OnnxRuntimeBackend(Backend):
             if tuple(names) != spec.inputs or tuple(outs) != spec.outputs:
                 raise DataFormatError(f"{path}: inputs {names} / outputs {outs} are not those of the {part} part "
                                       f"({list(spec.inputs)} / {list(spec.outputs)})")
+            _check_image_input(session, path, part, model_dir.networks[spec.network].input_size)
             self._sessions[part] = session
             self.artefacts[part] = key
 
