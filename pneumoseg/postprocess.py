@@ -272,7 +272,9 @@ def postprocess(
     """All of the above in one native pass per image: gating by ``scores`` (if given), the triplet rule
     (skipped with ``top=None``), ``probs > bottom``, and removal of components smaller than
     ``min_component_area``. ``from_logits=True`` compares logits against the thresholds' logits, so no
-    sigmoid is computed. With ``to_rle=True`` it returns the SIIM RLE strings instead of masks.
+    sigmoid is computed. With ``to_rle=True`` it returns the SIIM RLE strings instead of masks. A NaN
+    value is above no threshold, so its pixel is background (checking would cost a synchronisation on
+    CUDA; the Predictor checks its networks' outputs).
 
     ``return_components=True`` returns ``(result, n_components)``: the number of connected components
     (at ``connectivity``) left in each output mask, an int32 array of the input's kind and device
