@@ -32,6 +32,14 @@ def test_export_onnx_then_predict_with_onnxruntime(tmp_path, capsys):
     (["--precision", "int8"], "--calibrate DIR"),
     (["--batch", "1,8,32"], "--batch applies to --format tensorrt"),
     (["--format", "pdf"], "invalid choice"),
+    # a bad profile was reported only as 'TensorRT is not installed' where it is absent
+    (["--format", "tensorrt", "--batch", "0"], "batch profile opt must be at least 1, got 0"),
+    (["--format", "tensorrt", "--batch", "-1"], "batch profile must be MIN,OPT,MAX"),
+    (["--format", "tensorrt", "--batch", "1,,2"], "batch profile must be MIN,OPT,MAX (e.g. 1,8,32) or one size, got '1,,2'"),
+    (["--format", "tensorrt", "--batch", "4,2"], "batch profile must be MIN,OPT,MAX"),
+    (["--format", "tensorrt", "--batch", "8,4,32"], "needs min <= opt <= max, got 8, 4, 32"),
+    (["--format", "tensorrt", "--batch", "1,2,99999999999999999999"], "batch profile max must be at most 65536"),
+    (["--format", "tensorrt", "--batch", "1_0"], "batch profile must be MIN,OPT,MAX"),
 ])
 def test_export_usage_errors(args, message, capsys):
     assert main(["export", str(model_dir("aux")), *args]) == 2

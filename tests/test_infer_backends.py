@@ -109,6 +109,16 @@ def test_batch_profiles():
         profile.check(1, "e")
 
 
+def test_batch_profiles_take_plain_decimal_numbers_only():
+    # int() read '1_0' as 10 and Arabic-Indic digits as numbers; bytes were read as their character
+    # codes (b"8" made the profile 1,56,56) and a bare int raised TypeError.
+    for bad in ("1_0", "\u0663", "1,,2", " ", b"8", b"1,8,32", 8.0, True, {1, 8, 32}):
+        with pytest.raises(InvalidInputError, match="batch profile"):
+            parse_batch_profile(bad)
+    assert parse_batch_profile(16) == parse_batch_profile(" 16 ") == BatchProfile(1, 16, 16)
+    assert parse_batch_profile((1, 8, 32)) == parse_batch_profile(" 1, 8 ,32") == BatchProfile(1, 8, 32)
+
+
 def test_engine_key_covers_everything_an_engine_depends_on():
     base = engine_key_fields("ab" * 32, "fp16", BatchProfile(1, 8, 32), SHAPES, ENV)
     assert engine_key(base) == engine_key(json.loads(json.dumps(base)))  # stable, JSON round trip

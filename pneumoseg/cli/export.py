@@ -58,13 +58,14 @@ def run(args: argparse.Namespace) -> int:
                               max_calibration_images=args.max_calibration_images)
         key = lambda part: f"{part}-onnx-{precision}"  # noqa: E731
     else:
-        from ..export.tensorrt import export_tensorrt, tensorrt_artefact_key
+        from ..export.tensorrt import export_tensorrt, parse_batch_profile, tensorrt_artefact_key
 
+        profile = parse_batch_profile(args.batch)  # a typo is named here, not hidden behind a missing TensorRT
         precision = args.precision or "fp16"
         if precision == "int8" and args.calibrate is None and not any(
                 k.endswith("-onnx-int8-symmetric") for k in md.artefacts):
             raise InvalidInputError("--precision int8 needs --calibrate DIR (a folder of your own DICOMs)")
-        written = export_tensorrt(md, precision, batch=args.batch, calibrate=args.calibrate, device=args.device,
+        written = export_tensorrt(md, precision, batch=profile, calibrate=args.calibrate, device=args.device,
                                   engine_cache=args.engine_cache)
         key = lambda part: tensorrt_artefact_key(part, precision)  # noqa: E731
     md = load_model_dir(args.model)

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -82,18 +84,24 @@ def parse_batch_profile(value: Union[str, Sequence[int], BatchProfile, None]) ->
         return DEFAULT_PROFILE
     if isinstance(value, BatchProfile):
         return value
+    usage = f"batch profile must be MIN,OPT,MAX (e.g. 1,8,32) or one size, got {value!r}"
     if isinstance(value, str):
-        try:
-            numbers = [int(v) for v in value.split(",")]
-        except ValueError:
-            raise InvalidInputError(f"batch profile must be MIN,OPT,MAX (e.g. 1,8,32) or one size, got {value!r}") from None
+        # plain decimal digits: int() would also read '1_0' as 10 and other scripts' digits
+        fields = [v.strip() for v in value.split(",")]
+        if not all(re.fullmatch(r"[0-9]+", v, re.ASCII) for v in fields):
+            raise InvalidInputError(usage)
+        sizes = [int(v) for v in fields]
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        sizes = [value]
+    elif isinstance(value, (list, tuple)):  # not bytes: those would be read as character codes
+        sizes = list(value)
     else:
-        numbers = list(value)
-    if len(numbers) == 1:
-        return BatchProfile(1, numbers[0], numbers[0])
-    if len(numbers) != 3:
-        raise InvalidInputError(f"batch profile must be MIN,OPT,MAX (e.g. 1,8,32) or one size, got {value!r}")
-    return BatchProfile(*numbers)
+        raise InvalidInputError(usage)
+    if len(sizes) == 1:
+        return BatchProfile(1, sizes[0], sizes[0])
+    if len(sizes) != 3:
+        raise InvalidInputError(usage)
+    return BatchProfile(*sizes)
 
 
 def engine_key_fields(onnx_sha256: str, precision: str, profile: BatchProfile, input_shapes: dict[str, Sequence[int]],
