@@ -31,6 +31,9 @@ def test_export_onnx_then_predict_with_onnxruntime(tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--precision", "int8"], "--calibrate DIR"),
     (["--batch", "1,8,32"], "--batch applies to --format tensorrt"),
+    # options of the TensorRT export were silently ignored by the ONNX one
+    (["--device", "cuda:1"], "--device applies to --format tensorrt"),
+    (["--engine-cache", "cache"], "--engine-cache applies to --format tensorrt"),
     (["--format", "pdf"], "invalid choice"),
     # a bad profile was reported only as 'TensorRT is not installed' where it is absent
     (["--format", "tensorrt", "--batch", "0"], "batch profile opt must be at least 1, got 0"),
@@ -60,3 +63,19 @@ def test_export_tensorrt_without_tensorrt(capsys):
         assert "TensorRT is not installed" in capsys.readouterr().err
     else:
         pytest.skip("TensorRT is installed (the engine tests cover it)")
+
+
+def test_export_onnx_checks_against_the_calibration_images_when_given(tmp_path, capsys):
+    # --calibrate at fp32 was ignored (the export was checked on synthetic phantoms only)
+    import numpy as np
+
+    from factories import write_dicom
+
+    images = tmp_path / "mine"
+    images.mkdir()
+    for i, img in enumerate(phantom_images(5, seed=4)):
+        write_dicom(images / f"{i}.dcm", np.asarray(img).astype(np.uint16) * 16)
+    path = copy_model_dir("aux", tmp_path / "m")
+    assert main(["export", str(path), "--calibrate", str(images)]) == 0
+    md = load_model_dir(path)
+    assert {md.artefacts[k].meta["validation"]["images"] for k in ("encoder-onnx-fp32", "decoder-onnx-fp32")} == {5}

@@ -24,7 +24,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--calibrate", type=path, default=None, metavar="DIR",
                    help="DICOM folder to calibrate int8 with (and to check the export on)")
     p.add_argument("--max-calibration-images", type=int_in(1, 100_000), default=64)
-    p.add_argument("--device", default="cuda", help="CUDA device for TensorRT (default cuda)")
+    p.add_argument("--device", default=None, help="CUDA device for TensorRT (default cuda)")
     p.add_argument("--engine-cache", type=path, default=None, help="engine cache folder (default MODEL_DIR/tensorrt)")
     p.set_defaults(run=run)
 
@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
         if args.batch is not None:
             raise InvalidInputError("--batch applies to --format tensorrt (ONNX graphs take any batch)")
+        for option, value in (("--device", args.device), ("--engine-cache", args.engine_cache)):
+            if value is not None:
+                raise InvalidInputError(f"{option} applies to --format tensorrt (ONNX export runs on the CPU)")
         precision = args.precision or "fp32"
         if precision == "int8" and args.calibrate is None:
             raise InvalidInputError("--precision int8 needs --calibrate DIR (a folder of your own DICOMs)")
@@ -65,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
         if precision == "int8" and args.calibrate is None and not any(
                 k.endswith("-onnx-int8-symmetric") for k in md.artefacts):
             raise InvalidInputError("--precision int8 needs --calibrate DIR (a folder of your own DICOMs)")
-        written = export_tensorrt(md, precision, batch=profile, calibrate=args.calibrate, device=args.device,
+        written = export_tensorrt(md, precision, batch=profile, calibrate=args.calibrate, device=args.device or "cuda",
                                   engine_cache=args.engine_cache)
         key = lambda part: tensorrt_artefact_key(part, precision)  # noqa: E731
     md = load_model_dir(args.model)

@@ -329,7 +329,8 @@ def export_onnx(model_dir: Any, precision: str = "fp32", *, calibrate: Any = Non
       what TensorRT's strongly typed int8 needs.
 
     Each graph is checked (``onnx.checker``, TensorRT's operators, agreement with torch on
-    ``validation`` images or the calibration images or synthetic phantoms) before it is written;
+    ``validation`` images, else the ``calibrate`` images at any precision, else synthetic phantoms)
+    before it is written;
     a failed check raises :class:`ExportCheckError` and writes nothing for that part.
     """
     _require_onnx()
@@ -347,6 +348,8 @@ def export_onnx(model_dir: Any, precision: str = "fp32", *, calibrate: Any = Non
         images, _ = load_calibration_images(calibrate, max_calibration_images)
         return export_int8(md, networks, parts, images, symmetric=precision == "int8-symmetric",
                            validation=validation, min_dice=min_dice)
+    if validation is None and calibrate is not None:  # the user's own images check the export, not phantoms
+        validation, _ = load_calibration_images(calibrate, max_calibration_images)
     images = validation_images(md, validation)
     written = {}
     for part in parts:
