@@ -123,7 +123,7 @@ def reference_predict(path: Path, images: list, thresholds: dict | None = None, 
     import torch
     import torch.nn.functional as F
 
-    from pneumoseg.data import preprocess
+    from pneumoseg.data import chest_crop, preprocess
     from pneumoseg.models.model_dir import load_model_dir
 
     md = load_model_dir(path)
@@ -145,7 +145,13 @@ def reference_predict(path: Path, images: list, thresholds: dict | None = None, 
             else:
                 probs_small = torch.sigmoid(logits.double())
             if cls is not None:
-                score = float(torch.sigmoid(cls(preprocess(img, md.networks["classifier"].input_size)).double()))
+                cls_size = tuple(md.networks["classifier"].input_size)
+                xc = preprocess(img, cls_size)
+                if md.networks["classifier"].crop == "chest":  # the chest's box, resized back to the input size
+                    r0, r1, c0, c1 = chest_crop(xc[0, 0].numpy())
+                    xc = F.interpolate(xc[:, :, r0:r1, c0:c1], size=cls_size, mode="bilinear", align_corners=False,
+                                       antialias=True)
+                score = float(torch.sigmoid(cls(xc).double()))
             elif isinstance(seg_out, tuple):
                 score = float(torch.sigmoid(seg_out[1].double()))
             else:

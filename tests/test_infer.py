@@ -445,3 +445,22 @@ def test_an_onnx_graph_of_another_size_than_the_description_is_refused_at_load(t
                                               rf"size of \[{size[0]}, {size[1]}\]"):
         Predictor.from_dir(folder, backend="onnxruntime")
     assert len(Predictor.from_dir(folder, backend="torch").predict(phantom_images(1))) == 1
+
+
+def test_a_classifier_trained_on_chest_crops_is_given_chest_crops(tmp_path):
+    # The crop was recorded only in the training section, and the Predictor gave such a classifier
+    # whole images: scores from another input distribution than it was trained on, without a word.
+    import json
+
+    path = copy_model_dir("classifier", tmp_path / "m")
+    raw = json.loads((path / "pneumoseg.json").read_text())
+    raw["networks"]["classifier"]["crop"] = "chest"
+    (path / "pneumoseg.json").write_text(json.dumps(raw))
+    images = [np.pad(img, 40) for img in phantom_images(4, seed=6)]  # a wide empty border the crop removes
+    predictor = Predictor.from_dir(path)
+    assert predictor.describe()["gate_crop"] == "chest"
+    preds = predictor.predict(images)
+    refs = reference_predict(path, images)
+    assert [p.score for p in preds] == pytest.approx([r["score"] for r in refs], abs=1e-5)
+    uncropped = Predictor.from_dir(model_dir("classifier")).predict(images)
+    assert max(abs(a.score - b.score) for a, b in zip(preds, uncropped)) > 1e-3  # the crop changed the input

@@ -163,6 +163,10 @@ TAMPERED = {
                                r"artefacts\.segmenter-onnx-fp32\.network is 'decoder', which is not one of"),
     "artefact meta a list": (lambda raw: _artefact_of(raw, "classifier").update(meta=[1]),
                              r"artefacts\.classifier-onnx-fp32\.meta must be a JSON object"),
+    "crop unknown": (lambda raw: raw["networks"]["classifier"].update(crop="lungs"),
+                     r"networks\.classifier\.crop must be null or 'chest', got 'lungs'"),
+    "segmenter cropped": (lambda raw: raw["networks"]["segmenter"].update(crop="chest"),
+                          r"networks\.segmenter\.crop: only a classifier may be cropped"),
 }
 
 
@@ -296,3 +300,29 @@ def test_export_never_writes_through_a_link_out_of_the_model_directory(tmp_path,
                         network="segmenter", precision="fp32") if linked != CONFIG_NAME else md.save()
     assert main(["export", str(folder)]) == 2
     assert file_digests(outside) == before and inside.is_symlink()
+
+
+def test_a_classifier_crop_round_trips_and_old_classifier_runs_keep_theirs(tmp_path, networks):
+    out = save_model_dir(tmp_path / "run", networks, input_sizes={"segmenter": 64, "classifier": 64},
+                         crops={"classifier": "chest"})
+    raw = json.loads((out.path / CONFIG_NAME).read_text())
+    assert raw["networks"]["classifier"]["crop"] == "chest" and "crop" not in raw["networks"]["segmenter"]
+    assert load_model_dir(out.path).networks["classifier"].crop == "chest"
+    with pytest.raises(InvalidInputError, match="only a classifier may be cropped"):
+        save_model_dir(tmp_path / "bad", networks, input_sizes={"segmenter": 64, "classifier": 64},
+                       crops={"segmenter": "chest"})
+    with pytest.raises(InvalidInputError, match="crops names network"):
+        save_model_dir(tmp_path / "bad2", {"segmenter": networks["segmenter"]}, input_sizes={"segmenter": 64},
+                       crops={"classifier": "chest"})
+    assert not (tmp_path / "bad2" / "segmenter.safetensors").exists()  # refused before anything was written
+    # A classifier run of 0.1.0 recorded its crop only as training.chest_crop.
+    old = save_model_dir(tmp_path / "old", {"classifier": networks["classifier"]}, input_sizes={"classifier": 64},
+                         training={"chest_crop": True})
+    raw = json.loads((old.path / CONFIG_NAME).read_text())
+    del raw["networks"]["classifier"]["crop"]
+    (old.path / CONFIG_NAME).write_text(json.dumps(raw))
+    assert load_model_dir(old.path).networks["classifier"].crop == "chest"
+    raw["training"]["chest_crop"] = "yes"
+    (old.path / CONFIG_NAME).write_text(json.dumps(raw))
+    with pytest.raises(DataFormatError, match="training.chest_crop must be true or false"):
+        load_model_dir(old.path)

@@ -107,6 +107,7 @@ def test_classification_run_and_safetensors_export(synth, tmp_path):
     md = load_model_dir(tmp_path / "cls")
     assert set(md.networks) == {"classifier"} and md.gate_source == "classifier"
     assert 0.0 <= md.thresholds.gate <= 1.0 and "auc" in result.metrics and md.training["chest_crop"] is True
+    assert md.networks["classifier"].crop == "chest"  # what the Predictor applies
     st = checkpoint_to_safetensors(tmp_path / "cls" / "checkpoints" / "last.pt", tmp_path / "w.safetensors")
     from safetensors.torch import load_file
 

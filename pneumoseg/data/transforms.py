@@ -19,7 +19,7 @@ from .._checks import (
 )
 from ..errors import InvalidInputError
 
-__all__ = ["preprocess", "chest_crop", "Augment", "NORMALISE_MEAN", "NORMALISE_STD"]
+__all__ = ["preprocess", "chest_crop", "crop_to_chest", "Augment", "NORMALISE_MEAN", "NORMALISE_STD"]
 
 # Network inputs are (x - 0.5) / 0.25 for x in [0, 1]: centred, unit-ish spread, the same for every
 # bit depth because x is the image scaled by its own range first.
@@ -129,6 +129,19 @@ def chest_crop(pixels: np.ndarray, margin: float = 0.02) -> tuple[int, int, int,
         return 0, h, 0, w
     mr, mc = int(round(margin * h)), int(round(margin * w))
     return max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr), max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)
+
+
+def crop_to_chest(images: torch.Tensor, size: Union[int, tuple[int, int]]) -> torch.Tensor:
+    """Each image of an (N, C, H, W) batch cropped to its chest box (:func:`chest_crop` of its first
+    channel; reads the pixels on the host) and resized to ``size`` (bilinear, antialiased): the input of
+    a classifier trained with ``data.chest_crop``, the same at training, validation and inference."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    parts = []
+    for image in images:
+        r0, r1, c0, c1 = chest_crop(image[0])
+        parts.append(F.interpolate(image[None, :, r0:r1, c0:c1], size=size, mode="bilinear", align_corners=False,
+                                   antialias=True))
+    return torch.cat(parts) if parts else images.new_empty((0, images.shape[1], *size))
 
 
 def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -153,7 +153,7 @@ def validation_images(model_dir: Any, images: Optional[Sequence[Any]] = None, *,
 def _inputs_for(model_dir: Any, network: str, images: list) -> Any:
     import torch
 
-    from ..data.transforms import preprocess
+    from ..data.transforms import crop_to_chest, preprocess
 
     size = tuple(model_dir.networks[network].input_size)
     prep = model_dir.preprocessing
@@ -162,6 +162,8 @@ def _inputs_for(model_dir: Any, network: str, images: list) -> Any:
         x = preprocess(np.asarray(img), size)
         if (prep.mean, prep.std) != (0.5, 0.25):  # preprocess normalises with the defaults
             x = (x * 0.25 + 0.5 - prep.mean) / prep.std
+        if model_dir.networks[network].crop == "chest":  # what the network sees in the Predictor
+            x = crop_to_chest(x, size)
         batch.append(x)
     return torch.cat(batch, 0)
 

@@ -231,6 +231,8 @@ class Predictor:
         self.segmenter_size = tuple(seg.input_size)
         gate_network = "classifier" if self.parts["gate"] == "classifier" else "segmenter"
         self.gate_size = tuple(model_dir.networks[gate_network].input_size)
+        # A classifier trained on chest crops sees them here too (at the gate's input size, as in training).
+        self.gate_crop = model_dir.networks[gate_network].crop if gate_network == "classifier" else None
         self.mean = float(model_dir.preprocessing.mean)
         self.std = float(model_dir.preprocessing.std)
         self._local = threading.local()
@@ -315,7 +317,8 @@ class Predictor:
         """What runs: backend, device, precision, parts, thresholds, options (JSON-able)."""
         return {**self.backend.describe(), "model_dir": str(self.model_dir.path), "gate": self.parts["gate"],
                 "segment_part": self.parts["segment"], "segment": self.segment, "tta": self.tta,
-                "thresholds": asdict(self.thresholds), "input_size": list(self.segmenter_size)}
+                "thresholds": asdict(self.thresholds), "input_size": list(self.segmenter_size),
+                "gate_crop": self.gate_crop}
 
     # ---------------------------------------------------------------------------------------------
     def predict(self, inputs: Any, *, batch_size: Optional[int] = None, image_ids: Optional[Sequence[str]] = None,
@@ -561,6 +564,10 @@ class Predictor:
         x_gate = x_seg if self.gate_size == self.segmenter_size else None
         if self.parts["gate"] == "classifier" and x_gate is None:
             x_gate = self._prepare(images, self.gate_size, None)
+        if self.parts["gate"] == "classifier" and self.gate_crop == "chest":
+            from ..data.transforms import crop_to_chest
+
+            x_gate = crop_to_chest(x_gate, self.gate_size)  # reads the pixels on the host
 
         timer.mark("classify")
         scores = features = maps = from_logits = None

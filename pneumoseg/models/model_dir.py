@@ -103,12 +103,32 @@ class Preprocessing:
                 "('min-max', 'bilinear-antialias')")
 
 
+#: how a network's input is cropped before it is resized to ``input_size``: None (the whole image) or
+#: "chest" (the chest's box, ``pneumoseg.data.chest_crop``; classifiers trained with data.chest_crop)
+CROPS = (None, "chest")
+
+
 @dataclass
 class NetworkEntry:
     config: dict[str, Any]
     weights: str
     sha256: str
     input_size: tuple[int, int]
+    crop: Optional[str] = None
+
+    def to_json(self) -> dict[str, Any]:
+        out = {**asdict(self), "input_size": list(self.input_size)}
+        if self.crop is None:  # written only when set
+            del out["crop"]
+        return out
+
+
+def _check_crop(name: str, crop: Any, what: str, error: type[Exception]) -> Optional[str]:
+    if crop not in CROPS:
+        raise error(f"{what} must be null or 'chest', got {show(crop)}")
+    if crop is not None and name != "classifier":
+        raise error(f"{what}: only a classifier may be cropped (the segmenter's masks stay in image coordinates)")
+    return crop
 
 
 @dataclass
@@ -175,13 +195,14 @@ def _keys_known(entry: Mapping[str, Any], known: set[str], what: str) -> None:
 def _network_entry(name: str, entry: Any) -> NetworkEntry:
     what = f"networks.{name}"
     entry = _mapping({what: entry}, what)
-    _keys_known(entry, {"config", "weights", "sha256", "input_size"}, what)
+    _keys_known(entry, {"config", "weights", "sha256", "input_size", "crop"}, what)
     config = _mapping(entry, "config", where=f"{what}.")
     size = check_image_size(entry["input_size"], f"{what}.input_size", low=32)
     if name == "segmenter" and (size[0] % 32 or size[1] % 32):
         raise ValueError(f"{what}.input_size must be a multiple of 32 (the U-Net halves it five times), got {list(size)}")
     return NetworkEntry(config, _relative_file(entry["weights"], f"{what}.weights"),
-                        _fingerprint(entry["sha256"], f"{what}.sha256"), size)
+                        _fingerprint(entry["sha256"], f"{what}.sha256"), size,
+                        _check_crop(name, entry.get("crop"), f"{what}.crop", ValueError))
 
 
 def _artefact(key: Any, entry: Any, networks: Mapping[str, NetworkEntry]) -> Artefact:
@@ -227,6 +248,13 @@ class ModelDir:
             self.artefacts = {str(key): _artefact(key, a, self.networks) for key, a in artefacts.items()}
             self.metrics: dict[str, Any] = _mapping(raw, "metrics", required=False)
             self.training: dict[str, Any] = _mapping(raw, "training", required=False)
+            classifier = self.networks.get("classifier")
+            if classifier is not None and classifier.crop is None and set(self.networks) == {"classifier"}:
+                # Classifier runs of pneumoseg 0.1.0 recorded the crop only in their training section.
+                legacy = self.training.get("chest_crop", False)
+                if not isinstance(legacy, bool):
+                    raise ValueError(f"training.chest_crop must be true or false, got {show(legacy)}")
+                classifier.crop = "chest" if legacy else None
         except (KeyError, TypeError, ValueError) as exc:
             detail = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             raise DataFormatError(f"{where}: malformed model description ({detail})") from None
@@ -356,7 +384,7 @@ class ModelDir:
         raw.update(
             format=FORMAT,
             format_version=FORMAT_VERSION,
-            networks={k: {**asdict(v), "input_size": list(v.input_size)} for k, v in self.networks.items()},
+            networks={k: v.to_json() for k, v in self.networks.items()},
             thresholds=asdict(self.thresholds),
             preprocessing=asdict(self.preprocessing),
             metrics=self.metrics,
@@ -410,6 +438,7 @@ def save_model_dir(
     preprocessing: Optional[Preprocessing] = None,
     metrics: Optional[Mapping[str, Any]] = None,
     training: Optional[Mapping[str, Any]] = None,
+    crops: Optional[Mapping[str, Optional[str]]] = None,
     overwrite: bool = False,
     prepare: bool = True,
 ) -> ModelDir:
@@ -419,6 +448,8 @@ def save_model_dir(
     ``model.config``); ``input_sizes`` gives each one's input (H, W) (an int for square). The folder
     follows pneumoseg's output rules (``overwrite``); ``prepare=False`` writes into a folder the caller
     has already prepared (a training run's folder that also holds its checkpoints and logs).
+    ``crops`` gives a network's input crop (``{"classifier": "chest"}`` for a classifier trained with
+    ``data.chest_crop``), which every backend of the Predictor then applies.
     """
     from safetensors.torch import save as save_safetensors
 
@@ -426,6 +457,14 @@ def save_model_dir(
         else check_path(path, "model directory")
     if not isinstance(networks, Mapping) or not networks:
         raise InvalidInputError("networks must be a non-empty mapping of 'segmenter'/'classifier' to models")
+    if crops is not None and not isinstance(crops, Mapping):
+        raise InvalidInputError(f"crops must be a mapping of network name to crop, got {type(crops).__name__}")
+    crops = dict(crops or {})
+    unknown_crops = sorted(set(crops) - set(networks))
+    if unknown_crops:
+        raise InvalidInputError(f"crops names network(s) the directory does not have: {', '.join(map(str, unknown_crops))}")
+    for name, crop in crops.items():
+        _check_crop(name, crop, f"crops[{name!r}]", InvalidInputError)
     entries: dict[str, dict[str, Any]] = {}
     for name, model in networks.items():
         if name not in NETWORK_NAMES:
@@ -444,6 +483,8 @@ def save_model_dir(
         atomic_write(folder / weights, data)
         entries[name] = {"config": _json_safe(config, f"the {name} config"), "weights": weights,
                          "sha256": sha256_of(data), "input_size": list(size)}
+        if crops.get(name) is not None:
+            entries[name]["crop"] = crops[name]
     if isinstance(thresholds, Mapping):
         thresholds = Thresholds(**thresholds)
     raw = {

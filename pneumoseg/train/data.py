@@ -10,7 +10,6 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import DataFormatError, InvalidInputError
 from .config import ConfigError, TrainConfig
@@ -56,14 +55,11 @@ class ChestCrop(torch.utils.data.Dataset):
         return self.base.labels
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        from ..data.transforms import chest_crop
+        from ..data.transforms import crop_to_chest
 
         item = dict(self.base[index])
         image = item["image"]  # (1, S, S) float
-        r0, r1, c0, c1 = chest_crop(image[0].numpy())
-        crop = image[:, r0:r1, c0:c1][None]
-        item["image"] = F.interpolate(crop, size=tuple(image.shape[1:]), mode="bilinear", align_corners=False,
-                                      antialias=True)[0]
+        item["image"] = crop_to_chest(image[None], tuple(image.shape[1:]))[0]
         return item
 
 

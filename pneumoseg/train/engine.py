@@ -120,14 +120,9 @@ class Gate:
     def scores(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float()
         if self.chest_crop:
-            from ..data.transforms import chest_crop
+            from ..data.transforms import crop_to_chest
 
-            parts = []
-            for img in x:
-                r0, r1, c0, c1 = chest_crop(img[0].cpu().numpy())
-                parts.append(F.interpolate(img[None, :, r0:r1, c0:c1], size=self.input_size, mode="bilinear",
-                                           align_corners=False, antialias=True))
-            x = torch.cat(parts)
+            x = crop_to_chest(x, self.input_size)
         elif x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
         device = next(self.model.parameters()).device
@@ -142,8 +137,8 @@ class Gate:
             raise ConfigError(f"config field classifier_dir: {path} holds no classifier (it has "
                               f"{', '.join(sorted(md.networks))})")
         model = md.build("classifier", device=device)
-        crop = bool(md.training.get("config", {}).get("data", {}).get("chest_crop", False))
-        return cls(model, md.networks["classifier"].input_size[0], crop, md.thresholds.gate)
+        return cls(model, md.networks["classifier"].input_size[0], md.networks["classifier"].crop == "chest",
+                   md.thresholds.gate)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -816,14 +811,17 @@ class Trainer:
             name = "segmenter" if self.seg else "classifier"
             networks = {name: self.model if ema is None else ema.module}
             sizes = {name: cfg.data.image_size}
+            crops = {"classifier": "chest"} if not self.seg and cfg.data.chest_crop else {}
             if self.gate is not None:
                 networks["classifier"] = self.gate.model
                 sizes["classifier"] = self.gate.input_size
+                if self.gate.chest_crop:
+                    crops["classifier"] = "chest"
             training = {"config": cfg.to_dict(), "history": [_plain_row(r) for r in history],
                         "best_checkpoint": None if best_path is None else f"checkpoints/{best_path.name}",
                         "chest_crop": bool(cfg.data.chest_crop)}
             model_dir = save_model_dir(folder.path, networks, input_sizes=sizes, thresholds=thresholds,
-                                       metrics=metrics, training=training, prepare=False)
+                                       metrics=metrics, training=training, crops=crops, prepare=False)
             for net in networks:
                 folder.record(f"{net}.safetensors")
             folder.record("pneumoseg.json")
