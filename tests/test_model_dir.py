@@ -163,6 +163,10 @@ TAMPERED = {
                                r"artefacts\.segmenter-onnx-fp32\.network is 'decoder', which is not one of"),
     "artefact meta a list": (lambda raw: _artefact_of(raw, "classifier").update(meta=[1]),
                              r"artefacts\.classifier-onnx-fp32\.meta must be a JSON object"),
+    "three input channels": (lambda raw: raw["networks"]["classifier"]["config"].update(in_channels=3),
+                             r"networks\.classifier\.config: the classifier takes in_channels=3, but radiographs"),
+    "two classes": (lambda raw: raw["networks"]["classifier"]["config"].update(num_classes=2),
+                    r"the classifier has num_classes=2, but the pipeline reads one pneumothorax logit per image"),
     "crop unknown": (lambda raw: raw["networks"]["classifier"].update(crop="lungs"),
                      r"networks\.classifier\.crop must be null or 'chest', got 'lungs'"),
     "segmenter cropped": (lambda raw: raw["networks"]["segmenter"].update(crop="chest"),
@@ -326,3 +330,18 @@ def test_a_classifier_crop_round_trips_and_old_classifier_runs_keep_theirs(tmp_p
     (old.path / CONFIG_NAME).write_text(json.dumps(raw))
     with pytest.raises(DataFormatError, match="training.chest_crop must be true or false"):
         load_model_dir(old.path)
+
+
+@pytest.mark.parametrize("make, match", [
+    # a traceback (IndexError) or a shape error at the first batch before
+    (lambda: {"classifier": create_classifier("resnet_tiny", num_classes=2, in_channels=1)}, "num_classes=2"),
+    (lambda: {"segmenter": create_segmenter("unet", "resnet_tiny", classes=2, decoder_channels=(16, 16, 8, 8, 8))},
+     "classes=2, but the pipeline reads one pneumothorax logit per pixel"),
+    (lambda: {"segmenter": create_segmenter("unet", "resnet_tiny", in_channels=3, decoder_channels=(16, 16, 8, 8, 8))},
+     "in_channels=3, but radiographs are one grey channel"),
+])
+def test_networks_the_pipeline_cannot_feed_are_refused_before_writing(tmp_path, make, match):
+    networks = make()
+    with pytest.raises(InvalidInputError, match=match):
+        save_model_dir(tmp_path / "m", networks, input_sizes={name: 64 for name in networks})
+    assert not any((tmp_path / "m").glob("*.safetensors"))

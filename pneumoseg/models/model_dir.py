@@ -123,6 +123,21 @@ class NetworkEntry:
         return out
 
 
+def _check_io(name: str, config: Mapping[str, Any], what: str, error: type[Exception]) -> None:
+    """The pipeline feeds every network one grey channel and reads one pneumothorax logit (image or
+    pixel): refuse other networks here rather than with a shape error or a wrong row at the first batch."""
+    channels = config.get("in_channels", 1)
+    if channels != 1:
+        raise error(f"{what}: the {name} takes in_channels={show(channels)}, but radiographs are one grey channel: "
+                    "build it with in_channels=1 and load the 3-channel weights with load_pretrained (it sums the "
+                    "stem's RGB weights, as timm does)")
+    outputs_key = "num_classes" if name == "classifier" else "classes"
+    outputs = config.get(outputs_key, 1)
+    if outputs != 1:
+        raise error(f"{what}: the {name} has {outputs_key}={show(outputs)}, but the pipeline reads one pneumothorax "
+                    f"logit per {'image' if name == 'classifier' else 'pixel'} ({outputs_key}=1)")
+
+
 def _check_crop(name: str, crop: Any, what: str, error: type[Exception]) -> Optional[str]:
     if crop not in CROPS:
         raise error(f"{what} must be null or 'chest', got {show(crop)}")
@@ -197,6 +212,7 @@ def _network_entry(name: str, entry: Any) -> NetworkEntry:
     entry = _mapping({what: entry}, what)
     _keys_known(entry, {"config", "weights", "sha256", "input_size", "crop"}, what)
     config = _mapping(entry, "config", where=f"{what}.")
+    _check_io(name, config, f"{what}.config", ValueError)
     size = check_image_size(entry["input_size"], f"{what}.input_size", low=32)
     if name == "segmenter" and (size[0] % 32 or size[1] % 32):
         raise ValueError(f"{what}.input_size must be a multiple of 32 (the U-Net halves it five times), got {list(size)}")
@@ -465,18 +481,22 @@ def save_model_dir(
         raise InvalidInputError(f"crops names network(s) the directory does not have: {', '.join(map(str, unknown_crops))}")
     for name, crop in crops.items():
         _check_crop(name, crop, f"crops[{name!r}]", InvalidInputError)
-    entries: dict[str, dict[str, Any]] = {}
-    for name, model in networks.items():
+    sizes: dict[str, tuple[int, int]] = {}
+    for name, model in networks.items():  # every check before anything is written
         if name not in NETWORK_NAMES:
             raise InvalidInputError(f"network names must be among {', '.join(NETWORK_NAMES)}, got {name!r}")
         config = getattr(model, "config", None)
         if not isinstance(config, dict):
             raise InvalidInputError(f"the {name} has no config dict (build it with pneumoseg.models)")
+        _check_io(name, config, f"networks[{name!r}]", InvalidInputError)
         if name not in input_sizes:
             raise InvalidInputError(f"input_sizes has no entry for the {name}")
-        size = check_image_size(input_sizes[name], f"input_sizes[{name!r}]", low=32)
-        if name == "segmenter" and (size[0] % 32 or size[1] % 32):
-            raise InvalidInputError(f"the segmenter's input size must be a multiple of 32, got {size}")
+        sizes[name] = check_image_size(input_sizes[name], f"input_sizes[{name!r}]", low=32)
+        if name == "segmenter" and (sizes[name][0] % 32 or sizes[name][1] % 32):
+            raise InvalidInputError(f"the segmenter's input size must be a multiple of 32, got {sizes[name]}")
+    entries: dict[str, dict[str, Any]] = {}
+    for name, model in networks.items():
+        config, size = model.config, sizes[name]
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         data = save_safetensors(tensors, metadata={"pneumoseg_version": __version__, "network": name})
         weights = f"{name}.safetensors"
