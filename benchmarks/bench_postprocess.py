@@ -78,6 +78,47 @@ def test_threshold_label_filter(benchmark, name, impl):
     np.testing.assert_array_equal(out, ours(MAPS[name]))
 
 
+
+# Masks and their number of components (the Predictor's n_components): counted in the same native pass,
+# against labelling the result again (what the Predictor did before) and OpenCV's stats.
+def ours_with_count(probs):
+    mask, count = pp.postprocess(probs, top=None, bottom=THRESHOLD, min_component_area=MIN_AREA, return_components=True)
+    return mask, int(count)
+
+
+def ours_then_label_again(probs):
+    mask = ours(probs)
+    return mask, len(pp.label_components(mask)[1])
+
+
+def opencv_with_count(probs):
+    import cv2
+
+    mask = (probs > THRESHOLD).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= MIN_AREA
+    keep[0] = False
+    return keep[labels].astype(np.uint8), int(keep.sum())
+
+
+COUNT_IMPLS = {"pneumoseg, counted in the pass": (ours_with_count, False),
+               "pneumoseg, then labelled again": (ours_then_label_again, True),
+               "opencv stats + numpy filter": (opencv_with_count, True)}
+
+
+@pytest.mark.parametrize("impl", list(COUNT_IMPLS))
+@pytest.mark.parametrize("name", list(MAPS))
+def test_masks_with_component_counts(benchmark, name, impl):
+    fn, is_baseline = COUNT_IMPLS[impl]
+    if impl.startswith("opencv"):
+        pytest.importorskip("cv2")
+    benchmark.group = f"threshold+label+filter+count {name} 1024x1024"
+    benchmark.extra_info.update(impl=impl, baseline=is_baseline)
+    mask, count = benchmark(fn, MAPS[name])
+    want_mask, want_count = ours_then_label_again(MAPS[name])
+    np.testing.assert_array_equal(mask, want_mask)
+    assert count == want_count
+
 # GPU: figures to benchmarks/results/*_gpu.json. Baseline: cupyx.scipy.ndimage.label image by image,
 # which is what a CuPy user runs today (it has no batched labelling). Inputs: 50% noise (the worst
 # case for labelling: ~130k components per image) and realistic pneumothorax probability maps.
