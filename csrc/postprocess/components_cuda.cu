@@ -17,11 +17,6 @@ namespace {
 
 using namespace kernels;  // NOLINT: the kernels are this file's
 
-dim3 tile_grid(const Geometry& g) {
-  return dim3(static_cast<unsigned>((g.w + kTile - 1) / kTile), static_cast<unsigned>((g.h + kTile - 1) / kTile),
-              static_cast<unsigned>(std::min<int64_t>(g.n, kMaxGridZ)));
-}
-
 // Blocks for one image's pixels in the flat kernels, and images per launch in grid.y.
 dim3 flat_grid_2d(const Geometry& g) {
   const int64_t per_image = std::max<int64_t>(1, std::min<int64_t>((g.hw() + kThreads - 1) / kThreads, 65535 * 32));

@@ -34,6 +34,13 @@ struct Geometry {
   PNEUMOSEG_HD int64_t hw() const { return int64_t(h) * w; }
 };
 
+// The tile kernels' grid: one block per 32x32 tile, images along z (more loop in the kernels).
+inline dim3 tile_grid(const Geometry& g) {
+  const int64_t images = g.n < kMaxGridZ ? g.n : kMaxGridZ;
+  return dim3(static_cast<unsigned>((g.w + kTile - 1) / kTile), static_cast<unsigned>((g.h + kTile - 1) / kTile),
+              static_cast<unsigned>(images));
+}
+
 // Reads go through volatile pointers: other threads re-point parents while we walk.
 __device__ __forceinline__ int32_t find_root(const volatile int32_t* parent, int32_t x) {
   int32_t p = parent[x];

@@ -35,11 +35,6 @@ void write(std::ofstream& out, const std::vector<T>& v) {
   out.write(reinterpret_cast<const char*>(v.data()), static_cast<std::streamsize>(sizeof(T) * v.size()));
 }
 
-dim3 tile_grid(const Geometry& g) {
-  return dim3(static_cast<unsigned>((g.w + kTile - 1) / kTile), static_cast<unsigned>((g.h + kTile - 1) / kTile),
-              static_cast<unsigned>(std::min<int64_t>(g.n, kMaxGridZ)));
-}
-
 // As components_cuda.cu's, but at most 3 blocks per image: the flat kernels stride over the image, so
 // this runs the same code (several blocks, each looping) at a fraction of the emulation's cost.
 dim3 flat_grid_2d(const Geometry& g) {
