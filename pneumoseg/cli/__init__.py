@@ -9,14 +9,19 @@ Each command is a module of this package with two functions, registered in ``COM
 Adding a command is one module and one line in ``COMMANDS``. Expected errors (bad input files or
 arguments, ``pneumoseg.PneumosegError``; a path that cannot be read or written, ``OSError``; a usage
 error) end the program with one line ``pneumoseg: error: ...`` on stderr and exit code 2, without a
-traceback; anything else is a bug and keeps its traceback.
+traceback; anything else is a bug and keeps its traceback. Ctrl-C (SIGINT) and SIGTERM (``kill``, a
+job scheduler, a container stop) unwind the command the same way, so temporary files and partly
+filled outputs are removed, and end it with one line and exit code 130 or 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import signal
 import sys
+import threading
 from typing import NoReturn, Optional
 
 __all__ = ["main", "build_parser", "COMMANDS", "UsageError"]
@@ -26,6 +31,32 @@ COMMANDS = ["demo", "data", "train", "predict", "export", "evaluate"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as Ctrl-C raises KeyboardInterrupt. A subclass of it, so
+    that every cleanup written for an interrupt runs, and DataLoader worker processes (which inherit
+    the handler) end quietly as they do on Ctrl-C."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds():
+    """While a command runs, SIGTERM unwinds it like Ctrl-C. Its default action ends the process on
+    the spot: no ``finally`` or ``except`` runs, so temporary files and a partly filled cache were left
+    under the output folder, which the next run then refused as someone else's files."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class UsageError(Exception):
@@ -61,14 +92,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ..errors import PneumosegError
 
     try:
-        args = build_parser().parse_args(argv)
-        return int(args.run(args))
+        with _sigterm_unwinds():
+            args = build_parser().parse_args(argv)
+            return int(args.run(args))
     except UsageError as exc:
         message = str(exc)
     except PneumosegError as exc:  # bad input files or arguments: a clear message, not a traceback
         message = str(exc)
     except OSError as exc:  # permission denied, not a directory, disk full ... on the user's paths
         message = _describe_os_error(exc)
+    except _Terminated:
+        print("pneumoseg: terminated", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         print("pneumoseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

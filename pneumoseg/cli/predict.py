@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -66,12 +67,15 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     predictions = []
     overlays = 0
-    for pred in stream:
-        if pred.positive and not args.no_overlays:
-            write_overlay(folder, names[pred.image_id], pred)
-            overlays += 1
-        pred.mask = None  # memory stays bounded: the mask is in its overlay and its RLE
-        predictions.append(pred)
+    # closed however the loop ends (a failed write, Ctrl-C): the reader threads stop and the progress
+    # bar ends its line before the one-line message, instead of whenever the stream is collected
+    with contextlib.closing(stream):
+        for pred in stream:
+            if pred.positive and not args.no_overlays:
+                write_overlay(folder, names[pred.image_id], pred)
+                overlays += 1
+            pred.mask = None  # memory stays bounded: the mask is in its overlay and its RLE
+            predictions.append(pred)
     seconds = time.perf_counter() - start
     for where, reason in stream.skipped:
         print(f"pneumoseg: skipped {where}: {reason}", file=sys.stderr)

@@ -1,0 +1,119 @@
+"""Failures during work, not in the inputs: a command stopped by a signal, a write that hits a file-size
+limit or a full disk, an output folder that cannot be cleaned, two processes writing the same model
+directory. Each must end in one clear message, leave no half-written file under a final name, and
+leave the output folder in a state the same command accepts again."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+
+from pneumoseg.data import make_synthetic_siim  # noqa: E402
+
+from isolated import run_isolated  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def study_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("siim")
+    make_synthetic_siim(root, n_images=6, size=64, positive_fraction=0.5, seed=5)
+    return root
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+
+
+def _messages(text: str) -> list[str]:
+    """pneumoseg's own lines of stderr (a progress bar may share the terminal line, ended by a \r)."""
+    return [part for line in text.splitlines() for part in line.split("\r")[-1:] if part.startswith("pneumoseg:")]
+
+
+# ---------------------------------------------------------------------------------------------------
+# SIGTERM unwinds like Ctrl-C
+
+_TERMINATE_IN_CACHE = '''
+import signal, time
+import pneumoseg.data.cache as cache
+from pneumoseg.cli import main
+
+real = cache.decode_to_arrays
+
+def decode_then_terminate(*args, **kwargs):
+    result = real(*args, **kwargs)  # the memory-mapped arrays are filled, index.json not yet written
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(60)
+    return result
+
+cache.decode_to_arrays = decode_then_terminate
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def _cache_args(study_set, out):
+    return ["data", "cache", "--root", str(study_set), "--csv", str(study_set / "train-rle.csv"), "--size", "32",
+            "--out", str(out)]
+
+
+def test_sigterm_during_data_cache_removes_the_arrays(study_set, tmp_path):
+    """SIGTERM's default action ended the process on the spot: images.npy and masks.npy stayed under
+    their final names, half filled, and the rerun refused the folder as someone else's files."""
+    out = tmp_path / "cache"
+    code = "sys.argv[1:] = " + repr(_cache_args(study_set, out)) + "\n" + _TERMINATE_IN_CACHE
+    result = run_isolated(code, timeout=120)
+    assert result.returncode == 143, result.describe()
+    assert _messages(result.stderr) == ["pneumoseg: terminated"], result.describe()
+    assert "Traceback" not in result.stderr
+    assert _files(out) == [], result.describe()  # nothing half-filled left under a final name
+    again = run_isolated(f"from pneumoseg.cli import main\nsys.exit(main({_cache_args(study_set, out)!r}))",
+                         timeout=120)
+    assert again.returncode == 0, again.describe()
+    assert "index.json" in _files(out)
+
+
+_TERMINATE_IN_PREDICT = '''
+import signal
+import pneumoseg._fs as fs
+from pneumoseg.cli import main
+
+real_fsync = os.fsync
+calls = [0]
+
+def fsync_then_terminate(fd):
+    calls[0] += 1
+    if calls[0] == 2:  # inside atomic_open: the second overlay's temporary file exists
+        os.kill(os.getpid(), signal.SIGTERM)
+    return real_fsync(fd)
+
+fs.os.fsync = fsync_then_terminate
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_sigterm_while_writing_removes_the_temporary_file(study_set, tmp_path):
+    from infer_helpers import model_dir
+
+    out = tmp_path / "pred"
+    args = ["predict", str(study_set), "--model", str(model_dir("plain")), "--out", str(out), "--workers", "1"]
+    result = run_isolated("sys.argv[1:] = " + repr(args) + "\n" + _TERMINATE_IN_PREDICT, timeout=120)
+    assert result.returncode == 143, result.describe()
+    assert _messages(result.stderr) == ["pneumoseg: terminated"], result.describe()
+    assert "Traceback" not in result.stderr
+    assert not [f for f in _files(out) if f.endswith(".tmp")], _files(out)
+    assert "submission.csv" not in _files(out)
+    again = run_isolated(f"from pneumoseg.cli import main\nsys.exit(main({args!r}))", timeout=120)
+    assert again.returncode == 0, again.describe()
+
+
+def test_sigterm_handler_is_restored_after_main(study_set, tmp_path):
+    from pneumoseg.cli import main
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["data", "masks", "--csv", str(study_set / "train-rle.csv"), "--shape", "64", "64",
+                 "--out", str(tmp_path / "m")]) == 0
+    assert signal.getsignal(signal.SIGTERM) is before
