@@ -143,7 +143,11 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         raise OutputError(f"{target}: is not a regular file (a device, pipe or socket); give the path of a file")
     if not target.parent.is_dir():
         raise OutputError(f"{target}: its folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:200]}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:200]}.", suffix=".tmp")
+    except OSError as exc:
+        _name_target(exc, target, None)
+        raise
     try:
         os.fchmod(fd, _FILE_MODE) if hasattr(os, "fchmod") else None
         kwargs = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
@@ -152,10 +156,22 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        if isinstance(exc, OSError):
+            _name_target(exc, target, tmp)
         raise
+
+
+def _name_target(exc: OSError, target: Path, tmp: Any) -> None:
+    """Make an error of writing (a full disk, a file-size limit, a read-only file system) name the
+    file being written: the OS names no file for a failed write or fsync on a descriptor, and the
+    temporary file's name means nothing to the user. Errors naming another file are left alone."""
+    if exc.filename is None or (tmp is not None and os.fspath(exc.filename) == os.fspath(tmp)) \
+            or os.path.dirname(os.fspath(exc.filename)) == os.fspath(target.parent) and \
+            os.path.basename(os.fspath(exc.filename)).startswith(f".{target.name[:200]}."):
+        exc.filename = os.fspath(target)
 
 
 def atomic_write(path: PathLike, data: Union[bytes, str]) -> Path:
@@ -449,10 +465,12 @@ class OutputFolder:
         target = self.file(*parts)
         try:
             yield target
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 if target.is_file() and not target.is_symlink():
                     target.unlink()
+            if isinstance(exc, OSError):
+                _name_target(exc, target, None)
             raise
         self._record(target)
 

@@ -117,3 +117,76 @@ def test_sigterm_handler_is_restored_after_main(study_set, tmp_path):
     assert main(["data", "masks", "--csv", str(study_set / "train-rle.csv"), "--shape", "64", "64",
                  "--out", str(tmp_path / "m")]) == 0
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ---------------------------------------------------------------------------------------------------
+# A write that fails: the error names the file, nothing is left half-written
+
+_FILE_SIZE_LIMIT = '''
+import resource
+resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+'''
+
+
+def test_atomic_write_past_a_file_size_limit_names_the_file(tmp_path):
+    """A failed write or fsync raised OSError 'File too large' naming no file (or the temporary one):
+    pneumoseg's one-line CLI error then said only 'File too large'."""
+    target = tmp_path / "big.bin"
+    code = _FILE_SIZE_LIMIT.format(limit=4096) + f'''
+import errno
+from pneumoseg._fs import atomic_write
+try:
+    atomic_write({str(target)!r}, b"x" * 100_000)
+except OSError as exc:
+    assert exc.errno == errno.EFBIG, exc
+    print("NAMED", exc.filename)
+'''
+    result = run_isolated(code, timeout=60)
+    assert result.returncode == 0, result.describe()
+    assert f"NAMED {target}" in result.stdout, result.describe()
+    assert _files(tmp_path) == []  # the temporary file is removed, no target made
+
+
+def test_data_cache_past_a_file_size_limit_names_the_array(study_set, tmp_path):
+    out = tmp_path / "cache"
+    code = _FILE_SIZE_LIMIT.format(limit=20_000) + f'''
+from pneumoseg.cli import main
+sys.exit(main({_cache_args(study_set, out)[:-3] + ["64", "--out", str(out)]!r}))
+'''
+    result = run_isolated(code, timeout=120)
+    assert result.returncode == 2, result.describe()
+    assert _messages(result.stderr) == [f"pneumoseg: error: {out / 'images.npy'}: File too large"], result.describe()
+    assert _files(out) == []
+
+
+def _can_mount_tmpfs() -> bool:
+    import shutil
+    import subprocess
+
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and `unshare -m` to mount a small tmpfs privately")
+def test_data_cache_on_a_full_disk_is_an_error_not_a_bus_error(study_set, tmp_path):
+    """The cache's arrays were sparse memory maps: with no room left on the disk the first write to a
+    page killed the process with SIGBUS ('Bus error', no message), leaving images.npy behind."""
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    out = disk / "cache"
+    args = _cache_args(study_set, out)[:-3] + ["128", "--out", str(out)]  # 6 x 128 x 128 bytes: more than 64 KiB
+    program = f"import sys; from pneumoseg.cli import main; sys.exit(main({args!r}))"
+    # a tmpfs of 64 KiB in a mount namespace of its own: gone when the process ends, invisible outside
+    script = f'mount -t tmpfs -o size=64k tmpfs "{disk}" && {sys.executable} -c "$PROGRAM"; echo "rc=$?"; ls -A "{out}"'
+    result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, PROGRAM=program, OMP_NUM_THREADS="1"))
+    lines = result.stdout.splitlines()
+    assert "rc=2" in lines, result.stdout + result.stderr
+    assert lines[lines.index("rc=2") + 1:] == [], result.stdout  # nothing left in the cache folder
+    assert [m for m in _messages(result.stderr) if "No space left on device" in m and "images.npy" in m], result.stderr

@@ -18,6 +18,7 @@ rest of the cache is still written. The ``.npy`` files are plain NumPy arrays, r
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import warnings
@@ -136,6 +137,28 @@ def _labelled_items(root: Path, csv: Optional[Path]) -> tuple[list[str], list[Pa
     return ids, [files[i] for i in ids], [rles[i] for i in ids]
 
 
+def _open_reserved_memmap(path: Path, shape: tuple[int, int, int]) -> np.memmap:
+    """A new uint8 ``.npy`` memory map whose disk blocks are reserved before the first page is
+    touched. ``open_memmap`` makes a sparse file: on a disk without room for it the kernel answers a
+    write to a page with SIGBUS, killing the process with 'Bus error' and no message, and leaving
+    the file. Reserving the space first turns that into ENOSPC, an OSError naming the file."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+    if hasattr(os, "posix_fallocate"):
+        try:
+            fd = os.open(path, os.O_RDWR)
+            try:
+                os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # a file system without it: as before
+                return array
+            del array
+            raise OSError(exc.errno, f"{exc.strerror} (reserving {int(np.prod(shape))} bytes for the cache)",
+                          os.fspath(path)) from None
+    return array
+
+
 def build_cache(
     root: Union[str, Path],
     csv: Optional[Union[str, Path]] = None,
@@ -167,11 +190,11 @@ def build_cache(
     # The arrays are filled in place; if anything fails they are removed, so a rerun needs no --force.
     with contextlib.ExitStack() as files:
         images_path = files.enter_context(folder.filled_in_place(IMAGES_FILE))
-        images = np.lib.format.open_memmap(images_path, mode="w+", dtype=np.uint8, shape=(n, size, size))
+        images = _open_reserved_memmap(images_path, (n, size, size))
         masks = None
         if rles is not None:
             masks_path = files.enter_context(folder.filled_in_place(MASKS_FILE))
-            masks = np.lib.format.open_memmap(masks_path, mode="w+", dtype=np.uint8, shape=(n, size, size))
+            masks = _open_reserved_memmap(masks_path, (n, size, size))
         shapes, failed = decode_to_arrays(paths, rles, size, images, masks, workers=workers, progress=progress,
                                           desc="cache")
         images.flush()
