@@ -190,3 +190,61 @@ def test_data_cache_on_a_full_disk_is_an_error_not_a_bus_error(study_set, tmp_pa
     assert "rc=2" in lines, result.stdout + result.stderr
     assert lines[lines.index("rc=2") + 1:] == [], result.stdout  # nothing left in the cache folder
     assert [m for m in _messages(result.stderr) if "No space left on device" in m and "images.npy" in m], result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# Two processes exporting into one model directory
+
+
+def _copy_of_model_dir(tmp_path):
+    import shutil
+
+    from infer_helpers import model_dir
+
+    target = tmp_path / "model"
+    shutil.copytree(model_dir("plain"), target)
+    return target
+
+
+def test_exports_from_two_loads_of_a_model_dir_keep_both_artefacts(tmp_path):
+    """Two `pneumoseg export` runs at once (fp32 and fp16) each rewrote pneumoseg.json from what it
+    had loaded: both said they exported, and the directory listed only the last one's graph."""
+    from pneumoseg.models.model_dir import load_model_dir, sha256_of
+
+    folder = _copy_of_model_dir(tmp_path)
+    first, second = load_model_dir(folder), load_model_dir(folder)  # both loaded before either writes
+    first.add_artefact("segmenter-onnx-fp32", "onnx/segmenter.fp32.onnx", b"fp32 graph", format="onnx",
+                       network="segmenter", precision="fp32")
+    second.add_artefact("segmenter-onnx-fp16", "onnx/segmenter.fp16.onnx", b"fp16 graph", format="onnx",
+                        network="segmenter", precision="fp16")
+    md = load_model_dir(folder)
+    assert set(md.artefacts) == {"segmenter-onnx-fp32", "segmenter-onnx-fp16"}
+    for key in md.artefacts:
+        path = md.artefact_path(key)  # the fingerprint matches the bytes on disk
+        assert sha256_of(path) == md.artefacts[key].sha256
+
+
+def test_artefacts_added_from_threads_at_once_are_all_listed(tmp_path):
+    import threading
+
+    from pneumoseg.models.model_dir import load_model_dir
+
+    folder = _copy_of_model_dir(tmp_path)
+    dirs = [load_model_dir(folder) for _ in range(4)]
+    start = threading.Barrier(len(dirs))
+
+    def add(i, md):
+        start.wait()
+        for j in range(5):
+            md.add_artefact(f"segmenter-test-{i}-{j}", f"onnx/t{i}-{j}.bin", bytes([i, j]) * 100, format="onnx",
+                            network="segmenter", precision="fp32")
+
+    threads = [threading.Thread(target=add, args=(i, md)) for i, md in enumerate(dirs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    md = load_model_dir(folder)
+    assert set(md.artefacts) == {f"segmenter-test-{i}-{j}" for i in range(4) for j in range(5)}
+    for key in md.artefacts:
+        md.artefact_path(key)  # present, fingerprint checked

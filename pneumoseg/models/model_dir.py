@@ -27,14 +27,16 @@ else from the segmenter's classification head, else there is none (every image i
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import os
 import re
 import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 from .. import __version__
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, show
@@ -52,6 +54,23 @@ CONFIG_NAME = "pneumoseg.json"
 #: the networks a model directory may hold
 NETWORK_NAMES = ("segmenter", "classifier")
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def _directory_lock(folder: Path) -> Iterator[None]:
+    """An exclusive advisory lock on ``folder`` (flock on the folder itself, so no lock file is left
+    behind), held by one process at a time; a no-op where flock is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def sha256_of(data: Union[bytes, Path]) -> str:
@@ -390,10 +409,26 @@ class ModelDir:
         parts = _relative_parts(rel_path, "artefact path")
         target = self.path.joinpath(*parts)
         self._inside(target.parent).mkdir(parents=True, exist_ok=True)
-        atomic_write(self._inside(target), data)
-        self.artefacts[key] = Artefact("/".join(parts), format, network, precision, sha256_of(data), dict(meta or {}))
-        self.save()
+        # Two exports of one directory at once (fp32 and fp16, say) each rewrote pneumoseg.json from what
+        # it had read at the start: the last one dropped the other's artefact, and one that wrote the same
+        # file could leave the other's fingerprint beside its bytes. Under the lock the file and the
+        # description are written together, and artefacts another process added since are kept.
+        with _directory_lock(self.path):
+            atomic_write(self._inside(target), data)
+            self.artefacts = {**self.artefacts, **self._artefacts_on_disk()}
+            self.artefacts[key] = Artefact("/".join(parts), format, network, precision, sha256_of(data), dict(meta or {}))
+            self.save()
         return target
+
+    def _artefacts_on_disk(self) -> dict[str, Artefact]:
+        """The artefacts pneumoseg.json lists now (another process may have added some since this
+        object was loaded); none when it cannot be read, this object's own list then stands."""
+        try:
+            raw = json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
+            listed = raw.get("artefacts") or {}
+            return {str(k): _artefact(k, a, self.networks) for k, a in listed.items()}
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+            return {}
 
     def to_json(self) -> dict[str, Any]:
         raw = copy.deepcopy(self._raw)
