@@ -394,7 +394,9 @@ class OutputFolder:
             # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it
             # (unless the command reads from it).
             _refuse_removing_inputs(p, ours, inputs, self.what)
-            for f in ours:
+            # The manifests go last: if a file cannot be removed (a read-only sub-folder), what is left
+            # is still listed as pneumoseg's, and the next run accepts the folder without --force.
+            for f in sorted(ours, key=lambda f: f.name == MANIFEST_NAME):
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
             self._remove_empty_folders()

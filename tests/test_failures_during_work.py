@@ -9,6 +9,7 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -248,3 +249,34 @@ def test_artefacts_added_from_threads_at_once_are_all_listed(tmp_path):
     assert set(md.artefacts) == {f"segmenter-test-{i}-{j}" for i in range(4) for j in range(5)}
     for key in md.artefacts:
         md.artefact_path(key)  # present, fingerprint checked
+
+
+# ---------------------------------------------------------------------------------------------------
+# An earlier output that cannot be fully removed
+
+
+def test_a_failed_clean_up_keeps_the_manifest(tmp_path, monkeypatch):
+    """The manifest sorts first and was removed first: when a later file could not be removed (a
+    read-only sub-folder), the rest of the earlier output was left unlisted and the next run refused
+    the folder as someone else's files."""
+    from pneumoseg._fs import MANIFEST_NAME, prepare_output_folder
+
+    out = tmp_path / "out"
+    folder = prepare_output_folder(out)
+    folder.write_bytes("a.txt", data="a")
+    folder.write_png("overlays", "b.png", image=np.zeros((2, 2), np.uint8))
+    stuck = out / "overlays" / "b.png"
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self == stuck:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    with pytest.raises(PermissionError):
+        prepare_output_folder(out)
+    monkeypatch.undo()
+    assert (out / MANIFEST_NAME).is_file()
+    prepare_output_folder(out)  # still pneumoseg's own output: accepted without overwrite
+    assert _files(out) == []
