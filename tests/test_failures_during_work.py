@@ -280,3 +280,48 @@ def test_a_failed_clean_up_keeps_the_manifest(tmp_path, monkeypatch):
     assert (out / MANIFEST_NAME).is_file()
     prepare_output_folder(out)  # still pneumoseg's own output: accepted without overwrite
     assert _files(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ctrl-C from a terminal reaches the DataLoader workers too
+
+_INTERRUPT_TRAINING_GROUP = '''
+import signal, time
+os.setsid()  # its own process group, as a terminal's foreground job: the signal goes to every process in it
+from pneumoseg.cli import main
+from pneumoseg.train import engine
+
+real, calls = engine.TaskLoss.__call__, []
+
+def interrupting(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 2:  # the workers are running
+        # The group's signal reaches the workers well before the main process, which meanwhile asks
+        # them for more batches (the order a terminal leaves to chance).
+        import multiprocessing
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGINT)
+        time.sleep(1)
+    if len(calls) == 8:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(3)
+    return real(self, *args, **kwargs)
+
+engine.TaskLoss.__call__ = interrupting
+sys.exit(main(ARGS))
+'''
+
+
+def test_ctrl_c_to_the_process_group_during_training_with_workers(study_set, tmp_path):
+    """A worker killed by the group's SIGINT made the main process fail with 'DataLoader worker ...
+    exited unexpectedly' (a traceback, exit 1) whenever it asked for a batch before its own
+    KeyboardInterrupt, instead of exit 130: the workers now leave the signal to the main process."""
+    out = tmp_path / "run"
+    args = ["train", "--recipe", "demo", "--data", str(study_set), "--out", str(out), "--no-progress",
+            "--set", "classifier_dir=null", "--set", "classifier=null", "--set", "data.workers=1",
+            "--set", "data.preload=false", "--set", "epochs=1", "--set", "samples_per_epoch=32", "--set", "batch_size=2",
+            "--set", "data.image_size=64", "--set", "data.folds=2", "--set", "model.decoder_channels=[16,16,8,8,8]",
+            "--set", "log.plots=false", "--set", "threads=1"]
+    result = run_isolated(f"ARGS = {args!r}\n" + _INTERRUPT_TRAINING_GROUP, timeout=180)
+    assert result.returncode == 130, result.describe()
+    assert "Traceback" not in result.stderr and "exited unexpectedly" not in result.stderr, result.describe()

@@ -105,6 +105,16 @@ def _set_frozen_bn(model: nn.Module) -> None:
             module.eval()
 
 
+def _leave_signals_to_the_main_process(worker_id: int) -> None:
+    """DataLoader workers ignore Ctrl-C and SIGTERM: a terminal sends them to the whole process group,
+    and a worker that died of one made the main process fail with 'DataLoader worker exited
+    unexpectedly' (a traceback, exit 1) instead of unwinding; the main process stops them itself."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Gate:
     """A stage-1 classifier used as the gate: per-image probabilities for segmenter input images
     (resized to the classifier's input size, chest-cropped when it was trained so)."""
@@ -283,14 +293,15 @@ class Trainer:
             subset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.data.workers,
             pin_memory=self.device.type == "cuda", drop_last=True,
             generator=torch.Generator(),  # keeps DataLoader seeding off the global RNG (exact resume)
-            persistent_workers=False)
+            persistent_workers=False, worker_init_fn=_leave_signals_to_the_main_process)
 
     def _val_loader(self) -> torch.utils.data.DataLoader:
         shard = self.data.val_indices[self.info.rank::self.info.world_size]
         subset = torch.utils.data.Subset(self.data.dataset, shard)
         bs = self.cfg.validation.batch_size or 2 * self.cfg.batch_size
         return torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=False, num_workers=self.cfg.data.workers,
-                                           pin_memory=self.device.type == "cuda", generator=torch.Generator())
+                                           pin_memory=self.device.type == "cuda", generator=torch.Generator(),
+                                           worker_init_fn=_leave_signals_to_the_main_process)
 
     def _inputs(self, batch: dict[str, Any]) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
         from ..data.cache import CachedDataset
