@@ -27,7 +27,7 @@ import re
 import stat
 import tempfile
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Union
 
@@ -125,10 +125,12 @@ def _through_links(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
+def atomic_open(path: PathLike, mode: str = "wb", *,
+                before_rename: Callable[[Path], None] | None = None) -> Iterator[IO[Any]]:
     """Open ``path`` for writing through a temporary file beside it; on a clean exit of the ``with``
     block the data is fsync'ed and renamed over ``path``, on an error the temporary file is removed
-    and ``path`` is untouched. ``mode`` is ``"wb"`` or ``"w"`` (UTF-8, ``\\n`` line ends)."""
+    and ``path`` is untouched. ``mode`` is ``"wb"`` or ``"w"`` (UTF-8, ``\\n`` line ends).
+    ``before_rename(temporary_path)`` runs on the complete file just before the rename."""
     if mode not in ("wb", "w"):
         raise InvalidInputError(f"atomic_open mode must be 'wb' or 'w', got {mode!r}")
     target = _through_links(Path(path))
@@ -155,6 +157,8 @@ def atomic_open(path: PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename(Path(tmp))
         os.replace(tmp, target)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -205,9 +209,11 @@ def write_png(path: PathLike, image: Any) -> Path:
 # Output folders
 
 
-def _read_manifest(folder: Path) -> dict[str, tuple[int, int]] | None:
-    """relative path -> (size, mtime_ns) from a folder's manifest; None when it has none or it is
-    unreadable or malformed (then the folder counts as someone else's)."""
+def _read_manifest(folder: Path) -> dict[str, set[tuple[int, int]]] | None:
+    """relative path -> every (size, mtime_ns) recorded for it in a folder's manifest; None when it
+    has none or it is unreadable or malformed (then the folder counts as someone else's). A file is
+    recorded before it is renamed into place, so an interrupted rewrite leaves the earlier version's
+    line beside the new one's, and either version on disk counts as pneumoseg's."""
     path = folder / MANIFEST_NAME
     if not path.is_file() or path.is_symlink():
         return None
@@ -217,7 +223,7 @@ def _read_manifest(folder: Path) -> dict[str, tuple[int, int]] | None:
         return None
     if not lines or lines[0] != _MANIFEST_HEADER:
         return None
-    entries: dict[str, tuple[int, int]] = {}
+    entries: dict[str, set[tuple[int, int]]] = {}
     for line in lines[1:]:
         parts = line.split("\t")
         if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
@@ -226,7 +232,7 @@ def _read_manifest(folder: Path) -> dict[str, tuple[int, int]] | None:
         pieces = rel.split("/")
         if rel.startswith("/") or any(p in ("", ".", "..") for p in pieces):
             return None
-        entries[rel] = (int(parts[0]), int(parts[1]))
+        entries.setdefault(rel, set()).add((int(parts[0]), int(parts[1])))
     return entries
 
 
@@ -237,9 +243,9 @@ def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
     ours: list[Path] = []
     foreign: list[Path] = []
     # (entries left to look at, their path relative to the manifest's folder, that manifest)
-    stack: list[tuple[Iterator[os.DirEntry], str, dict[str, tuple[int, int]]]] = []
+    stack: list[tuple[Iterator[os.DirEntry], str, dict[str, set[tuple[int, int]]]]] = []
 
-    def enter(directory: Path, prefix: str, manifest: dict[str, tuple[int, int]]) -> None:
+    def enter(directory: Path, prefix: str, manifest: dict[str, set[tuple[int, int]]]) -> None:
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
@@ -270,7 +276,7 @@ def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
             foreign.append(p)
             continue
         st = entry.stat(follow_symlinks=False)
-        if (st.st_size, st.st_mtime_ns) == recorded:
+        if (st.st_size, st.st_mtime_ns) in recorded:
             ours.append(p)
         else:
             foreign.append(p)  # changed since pneumoseg wrote it: someone's edit, keep it
@@ -476,8 +482,9 @@ class OutputFolder:
             raise
         self._record(target)
 
-    def _record(self, target: Path) -> None:
-        st = target.stat()
+    def _record(self, target: Path, written: Path | None = None) -> None:
+        """List ``target`` in the manifest as the file ``written`` (default: ``target``) is now."""
+        st = (written or target).stat()
         rel = target.relative_to(self.path).as_posix()
         manifest = self.path / MANIFEST_NAME
         new = not manifest.exists()
@@ -490,9 +497,11 @@ class OutputFolder:
     def open(self, *parts: str, mode: str = "wb") -> Iterator[IO[Any]]:
         """:func:`atomic_open` on :meth:`file` ``(*parts)``, recorded in the manifest once written."""
         target = self.file(*parts)
-        with atomic_open(target, mode) as f:
+        # Recorded before the rename (which keeps the size and mtime): recorded after it, a Ctrl-C or
+        # SIGTERM landing between the two left a finished file unlisted, and the rerun refused the
+        # folder as someone else's files until given --force.
+        with atomic_open(target, mode, before_rename=lambda tmp: self._record(target, tmp)) as f:
             yield f
-        self._record(target)
 
     def write_bytes(self, *parts: str, data: Union[bytes, str]) -> Path:
         with self.open(*parts) as f:

@@ -325,3 +325,45 @@ def test_ctrl_c_to_the_process_group_during_training_with_workers(study_set, tmp
     result = run_isolated(f"ARGS = {args!r}\n" + _INTERRUPT_TRAINING_GROUP, timeout=180)
     assert result.returncode == 130, result.describe()
     assert "Traceback" not in result.stderr and "exited unexpectedly" not in result.stderr, result.describe()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A signal landing between a file's rename into place and its line in the manifest
+
+_SIGNAL_AFTER_THIRD_RENAME = '''
+import signal, time
+import pneumoseg._fs as fs
+from pneumoseg.cli import main
+
+real_replace, renames = os.replace, [0]
+
+def replace_then_signal(src, dst):
+    real_replace(src, dst)
+    renames[0] += 1
+    if renames[0] == 3:  # the third mask is in place under its final name
+        os.kill(os.getpid(), SIGNAL)
+        time.sleep(60)
+
+fs.os.replace = replace_then_signal
+sys.exit(main(ARGS))
+'''
+
+
+@pytest.mark.parametrize("signame, code, line", [("SIGINT", 130, "pneumoseg: interrupted"),
+                                                 ("SIGTERM", 143, "pneumoseg: terminated")])
+def test_signal_right_after_a_rename_leaves_the_file_listed(study_set, tmp_path, signame, code, line):
+    """A file was listed in the folder's manifest after its rename: Ctrl-C or SIGTERM landing between
+    the two left a finished mask unlisted, and rerunning `pneumoseg data masks` refused the folder as
+    files pneumoseg did not write (--force needed)."""
+    out = tmp_path / "masks"
+    args = ["data", "masks", "--csv", str(study_set / "train-rle.csv"), "--shape", "64", "64", "--out", str(out)]
+    program = f"import signal\nARGS = {args!r}\nSIGNAL = signal.{signame}\n" + _SIGNAL_AFTER_THIRD_RENAME
+    result = run_isolated(program, timeout=120)
+    assert result.returncode == code, result.describe()
+    assert _messages(result.stderr) == [line], result.describe()
+    assert "Traceback" not in result.stderr
+    assert len([f for f in _files(out) if f.endswith(".png")]) == 3, _files(out)
+    assert not [f for f in _files(out) if f.endswith(".tmp")], _files(out)
+    again = run_isolated(f"from pneumoseg.cli import main\nsys.exit(main({args!r}))", timeout=120)
+    assert again.returncode == 0, again.describe()
+    assert len([f for f in _files(out) if f.endswith(".png")]) == 6
