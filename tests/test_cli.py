@@ -36,3 +36,24 @@ def test_png_rejects_bad_arrays(tmp_path, bad):
 def test_sample_mask_rejects_bad_size():
     with pytest.raises(ValueError, match="size must be at least 1"):
         pneumothorax_mask(0)
+
+
+@pytest.mark.parametrize("stop, line", [(KeyboardInterrupt, "pneumoseg: interrupted"),
+                                        (pneumoseg.DataFormatError("bad file"), "pneumoseg: error: bad file")])
+def test_a_command_stopped_inside_a_progress_bar_prints_its_message_on_its_own_line(monkeypatch, capsys, stop, line):
+    # `pneumoseg demo` stopped during training printed '...9.67batch/s]pneumoseg: interrupted' on one line.
+    from tqdm import tqdm
+
+    from pneumoseg.cli import evaluate, main
+
+    def run(args):
+        bar = tqdm(total=10, desc="work", leave=False)
+        bar.update(3)
+        raise stop
+
+    monkeypatch.setattr(evaluate, "run", run)
+    code = main(["evaluate", "--pred", "p.csv", "--truth", "t.csv"])
+    assert code == (130 if stop is KeyboardInterrupt else 2)
+    err = capsys.readouterr().err
+    assert line in err.replace("\r", "\n").split("\n"), repr(err)  # a line (or a bar's \r-ended segment) of its own
+    assert not tqdm._instances  # the bar was closed before the message

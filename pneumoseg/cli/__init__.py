@@ -88,6 +88,15 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars the work left open when it stopped inside them: the message would
+    otherwise be printed on the end of a bar's line."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ()) or ()):
+        with contextlib.suppress(Exception):
+            bar.close()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from ..errors import PneumosegError
 
@@ -102,11 +111,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     except OSError as exc:  # permission denied, not a directory, disk full ... on the user's paths
         message = _describe_os_error(exc)
     except _Terminated:
+        _close_progress_bars()
         print("pneumoseg: terminated", file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("pneumoseg: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    _close_progress_bars()
     print(f"pneumoseg: error: {_one_line(message)}", file=sys.stderr)
     return EXIT_USAGE
 
