@@ -226,6 +226,24 @@ def test_weights_in_another_float_precision_still_load(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_float8_weights_load_instead_of_failing_the_finiteness_check(tmp_path):
+    # torch.isfinite has no float8 kernel: building the network ended in NotImplementedError.
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("plain", tmp_path / "model")
+    _rewrite_weights(folder, "segmenter",
+                     lambda t: {k: (v.to(torch.float8_e4m3fn) if v.is_floating_point() else v) for k, v in t.items()})
+    stored = {k: v.float() for k, v in _load_weights(folder, "segmenter").items()}
+    got = load_model_dir(folder).build("segmenter").state_dict()
+    assert all(torch.equal(got[k].float(), stored[k].float()) for k in got)
+
+
+def _load_weights(folder, name):
+    from safetensors.torch import load_file
+
+    return load_file(folder / f"{name}.safetensors")
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_weights_that_are_not_finite_are_refused(tmp_path, value):
     # An infinite weight saturates the sigmoid: every image would read as certain, without a word.

@@ -377,9 +377,9 @@ class ModelDir:
                 parts.append(f"{len(kinds)} of another kind of number (e.g. {k}: {got} in the file, {want} in the config)")
             raise DataFormatError(f"{self.weights_path(name)}: the weights do not match the {name} config in "
                                   f"{CONFIG_NAME}: " + "; ".join(parts))
-        import torch
+        from .pretrained import all_finite
 
-        broken = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+        broken = [k for k, v in state.items() if v.is_floating_point() and not all_finite(v)]
         if broken:
             raise DataFormatError(f"{self.weights_path(name)}: {len(broken)} weight tensor(s) hold NaN or infinity "
                                   f"(e.g. {broken[0]}); the {name} would answer NaN or saturate")

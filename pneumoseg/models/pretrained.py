@@ -291,6 +291,14 @@ def _resolve_target(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[n
     return encoder, "model.encoder", encoder, ""
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether a floating-point tensor holds no NaN or infinity (float8 too: isfinite has no kernel
+    for it, so it is checked in float32, which holds it exactly)."""
+    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        value = value.float()
+    return bool(torch.isfinite(value).all())
+
+
 def _check_values(path: Path, key: str, value: torch.Tensor, want: torch.Tensor) -> None:
     """A weight must come from a finite real floating-point tensor: load_state_dict would cast a complex,
     bool or integer tensor into it, and NaN weights only show up as NaN predictions. (Integer counters
@@ -303,9 +311,7 @@ def _check_values(path: Path, key: str, value: torch.Tensor, want: torch.Tensor)
     if not value.is_floating_point():
         raise InvalidInputError(f"cannot load {path}: '{key}' is {value.dtype} in the checkpoint; the model's "
                                 f"is {want.dtype} (a real floating-point weight)")
-    if value.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        value = value.float()  # float8: isfinite has no kernel for it
-    if not bool(torch.isfinite(value).all()):
+    if not all_finite(value):
         raise InvalidInputError(f"cannot load {path}: '{key}' holds NaN or infinity (a diverged or damaged "
                                 "checkpoint?)")
 
