@@ -26,6 +26,18 @@ __all__ = ["preprocess", "chest_crop", "crop_to_chest", "Augment", "NORMALISE_ME
 NORMALISE_MEAN, NORMALISE_STD = 0.5, 0.25
 
 
+def torch_ready(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as ``torch.from_numpy`` takes it: native byte order and at most float64 (it refuses
+    another byte order and long double), writable (it warns about read-only arrays), contiguous."""
+    if not arr.dtype.isnative:
+        arr = arr.astype(arr.dtype.newbyteorder("="))
+    if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
+        arr = arr.astype(np.float64)
+    if not arr.flags.writeable:
+        arr = arr.copy()
+    return np.ascontiguousarray(arr)
+
+
 def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:
     check_array_object(pixels, name)
     if isinstance(pixels, torch.Tensor):
@@ -39,14 +51,7 @@ def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:
             raise InvalidInputError(f"{name} must be numeric, got dtype {arr.dtype}")
         if arr.ndim == 0:
             raise InvalidInputError(f"{name} must be (H, W), (N, H, W) or (N, 1, H, W), got a single number")
-        # What torch.from_numpy refuses (another byte order, long double) or warns about (read-only)
-        if not arr.dtype.isnative:
-            arr = arr.astype(arr.dtype.newbyteorder("="))
-        if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
-            arr = arr.astype(np.float64)
-        if not arr.flags.writeable:
-            arr = arr.copy()
-        t = torch.from_numpy(np.ascontiguousarray(arr))
+        t = torch.from_numpy(torch_ready(arr))
     check_readable_tensor(t, name)
     if t.dim() == 2:
         t = t[None]

@@ -147,19 +147,16 @@ class _StageTimer:
 
 def _host_array(pixels: np.ndarray) -> np.ndarray:
     """NumPy pixels in a dtype torch handles everywhere (unsigned 16/32/64-bit become signed wider
-    or float; nothing is lost for image data), in native byte order and writable (torch.from_numpy
-    refuses the one and warns about the other)."""
-    if not pixels.dtype.isnative:
-        pixels = pixels.astype(pixels.dtype.newbyteorder("="))
-    if not pixels.flags.writeable:
-        pixels = pixels.copy()
+    or float; nothing is lost for image data), as torch.from_numpy takes them."""
+    from ..data.transforms import torch_ready
+
     if pixels.dtype in (np.uint16, np.uint32):
-        return pixels.astype(np.int64 if pixels.dtype == np.uint32 else np.int32)
-    if pixels.dtype == np.uint64 or (pixels.dtype.kind == "f" and pixels.dtype != np.float32):  # float16/64, longdouble
-        return pixels.astype(np.float32)
-    if pixels.dtype == np.bool_:
-        return pixels.astype(np.uint8)
-    return np.ascontiguousarray(pixels)
+        pixels = pixels.astype(np.int64 if pixels.dtype == np.uint32 else np.int32)
+    elif pixels.dtype == np.uint64 or (pixels.dtype.kind == "f" and pixels.dtype != np.float32):  # float16/64, longdouble
+        pixels = pixels.astype(np.float32)
+    elif pixels.dtype == np.bool_:
+        pixels = pixels.astype(np.uint8)
+    return torch_ready(pixels)
 
 
 def _loaded_inline(load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> Future:
