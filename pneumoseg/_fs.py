@@ -146,9 +146,9 @@ def atomic_open(path: PathLike, mode: str = "wb", *,
     if not target.parent.is_dir():
         raise OutputError(f"{target}: its folder {target.parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name[:200]}.", suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target), suffix=".tmp")
     except OSError as exc:
-        _name_target(exc, target, None)
+        _name_target(exc, target)
         raise
     try:
         os.fchmod(fd, _FILE_MODE) if hasattr(os, "fchmod") else None
@@ -164,17 +164,22 @@ def atomic_open(path: PathLike, mode: str = "wb", *,
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            _name_target(exc, target, tmp)
+            _name_target(exc, target)
         raise
 
 
-def _name_target(exc: OSError, target: Path, tmp: Any) -> None:
+def _temporary_prefix(target: Path) -> str:
+    """How the temporary files beside ``target`` begin (hidden, and named after it)."""
+    return f".{target.name[:200]}."
+
+
+def _name_target(exc: OSError, target: Path) -> None:
     """Make an error of writing (a full disk, a file-size limit, a read-only file system) name the
     file being written: the OS names no file for a failed write or fsync on a descriptor, and the
     temporary file's name means nothing to the user. Errors naming another file are left alone."""
-    if exc.filename is None or (tmp is not None and os.fspath(exc.filename) == os.fspath(tmp)) \
-            or os.path.dirname(os.fspath(exc.filename)) == os.fspath(target.parent) and \
-            os.path.basename(os.fspath(exc.filename)).startswith(f".{target.name[:200]}."):
+    named = None if exc.filename is None else os.fspath(exc.filename)
+    if named is None or (os.path.dirname(named) == os.fspath(target.parent)
+                         and os.path.basename(named).startswith(_temporary_prefix(target))):
         exc.filename = os.fspath(target)
 
 
@@ -478,7 +483,7 @@ class OutputFolder:
                 if target.is_file() and not target.is_symlink():
                     target.unlink()
             if isinstance(exc, OSError):
-                _name_target(exc, target, None)
+                _name_target(exc, target)
             raise
         self._record(target)
 
