@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         raise InvalidInputError("--out RUN is required: the folder the run writes")
     from .._fs import check_output_folder
-    from ..train.engine import _config_inputs, train
+    from ..train.engine import run_inputs, train
 
     # Said now, not after the data set has loaded: the folder is prepared once everything else is checked.
     check_output_folder(args.out, overwrite=args.force, what="training run folder", resume=args.resume,
-                        inputs=_config_inputs(cfg))
+                        inputs=run_inputs(cfg))
 
     result = train(cfg, args.out, resume=args.resume, overwrite=args.force, progress=not args.no_progress)
     if os.environ.get("RANK", "0") not in ("", "0"):

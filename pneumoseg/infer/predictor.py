@@ -561,7 +561,7 @@ class Predictor:
         x_gate = x_seg if self.gate_size == self.segmenter_size else None
         if self.parts["gate"] == "classifier" and x_gate is None:
             x_gate = self._prepare(images, self.gate_size, None)
-        if self.parts["gate"] == "classifier" and self.gate_crop == "chest":
+        if self.gate_crop == "chest":  # set for a classifier gate only
             from ..data.transforms import crop_to_chest
 
             x_gate = crop_to_chest(x_gate, self.gate_size)  # reads the pixels on the host

@@ -912,7 +912,7 @@ def _classifier_done(folder_path: Path) -> bool:
         return False
 
 
-def _config_inputs(config: TrainConfig) -> tuple:
+def run_inputs(config: TrainConfig) -> tuple:
     """The paths a run reads: a run folder that would remove them is refused."""
     return (config.data.root, config.data.csv, config.data.cache, config.classifier_dir, config.model.pretrained)
 
@@ -952,7 +952,7 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
         folder = None
         if info.is_main:
             folder = prepare_output_folder(out, overwrite=overwrite, what="training run folder", resume=resume,
-                                           inputs=_config_inputs(config))
+                                           inputs=run_inputs(config))
         D.barrier(info)
         cls_result = None
         if cls_cfg is not None:
