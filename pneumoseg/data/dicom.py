@@ -34,7 +34,7 @@ _DEFLATED = "1.2.840.10008.1.2.1.99"
 @dataclass
 class DicomImage:
     """One radiograph. ``pixels`` is (H, W): rescaled (slope/intercept) and, for MONOCHROME1, inverted
-    so that higher always means brighter (denser); ``raw`` holds the stored values for ``window``."""
+    so that higher always means brighter (denser); ``window`` turns it into a picture for display."""
 
     pixels: np.ndarray
     image_id: str
@@ -43,45 +43,68 @@ class DicomImage:
     _dataset: Any = field(default=None, repr=False)
 
     def window(self, center: Optional[float] = None, width: Optional[float] = None) -> np.ndarray:
-        """The image through its VOI LUT or window as float32 in [0, 1] (1 = bright). Without arguments
-        the file's own VOI LUT / first window is used, or the full range when it has none."""
+        """The image through a window or VOI LUT as float32 in [0, 1] (1 = bright), as DICOM displays
+        it: the window applies to the rescaled values (the units of the file's WindowCenter and
+        WindowWidth, before any MONOCHROME1 inversion) and maps its range onto [0, 1], values below it
+        to 0 (1 for MONOCHROME1) and above it to 1 (0). Without arguments the file's own VOI LUT or
+        first window is used, or the full range of the pixels when it has none."""
         if (center is None) != (width is None):
             raise DicomError("window needs both center and width, or neither")
+        inverted = self.meta.get("photometric_interpretation") == "MONOCHROME1"
         if center is not None and width is not None:
             center = check_real(center, "window center", error=DicomError)
             width = check_real(width, "window width", error=DicomError)
             if width <= 0:
                 raise DicomError(f"window width must be positive, got {width}")
             low, high = center - width / 2.0, center + width / 2.0
-            img = np.clip((self.pixels.astype(np.float64) - low) / (high - low), 0.0, 1.0)
-            return img.astype(np.float32)
-        ds = self._dataset
-        if ds is not None and ("VOILUTSequence" in ds or "WindowCenter" in ds):
-            img = self._file_voi(ds)
-            if self.meta.get("photometric_interpretation") == "MONOCHROME1":
-                img = img.max() - img
+            img = np.clip((self._rescaled() - low) / (high - low), 0.0, 1.0)
         else:
-            img = self.pixels.astype(np.float64)
-        low, high = float(img.min()), float(img.max())
-        return ((img - low) / (high - low if high > low else 1.0)).astype(np.float32)
+            ds = self._dataset
+            if ds is None or not ("VOILUTSequence" in ds or "WindowCenter" in ds):
+                img = self.pixels.astype(np.float64)
+                low, high = float(img.min()), float(img.max())
+                return ((img - low) / (high - low if high > low else 1.0)).astype(np.float32)
+            img = self._file_voi(ds)
+        return (1.0 - img if inverted else img).astype(np.float32)
+
+    def _rescaled(self) -> np.ndarray:
+        """The rescaled values as float64, MONOCHROME1's inversion (max + min - value) undone."""
+        values = self.pixels.astype(np.float64)
+        if self.meta.get("photometric_interpretation") == "MONOCHROME1":
+            values = values.max() + values.min() - values
+        return values
 
     def _file_voi(self, ds: Any) -> np.ndarray:
-        """The stored pixels through the file's own VOI LUT or window, as float64. A broken one (a
+        """The rescaled pixels through the file's own VOI LUT or window (pydicom's, which expects the
+        modality rescale applied first), scaled from its output range to [0, 1]. A broken one (a
         window width below 1, a LUT shorter than its descriptor says, a NaN centre) is a DicomError
         naming the file: pydicom raises whatever its arithmetic met, or computes NaN."""
         from pydicom.pixels import apply_voi_lut
 
         where = self.path if self.path is not None else self.image_id
+        values = self._rescaled()
         try:
-            img = apply_voi_lut(ds.pixel_array, ds).astype(np.float64)
+            if ds.get("VOILUTSequence"):  # pydicom prefers the LUT to a window; it indexes by integers
+                lut_entries, first_mapped = list(ds.VOILUTSequence[0].LUTDescriptor)[:2]
+                every_input = np.arange(first_mapped, first_mapped + (lut_entries or 2**16), dtype=np.int64)
+                # clipped to the table here: pydicom's uint16 index would wrap past 65535 entries
+                values = np.clip(np.rint(values), every_input[0], every_input[-1]).astype(np.int64)
+                img = apply_voi_lut(values, ds).astype(np.float64)
+                out_range = apply_voi_lut(every_input, ds).astype(np.float64)
+            else:  # a window maps [center - width / 2, center + width / 2] onto its output range
+                img = apply_voi_lut(values, ds).astype(np.float64)
+                center, width = (float(np.ravel(getattr(ds, k))[0]) for k in ("WindowCenter", "WindowWidth"))
+                far = 50.0 * abs(width) + 1.0  # where even a SIGMOID window is flat to float64
+                out_range = apply_voi_lut(np.array([center - far, center + far]), ds).astype(np.float64)
         except Exception as exc:  # a Warning too, where the caller's filters make pydicom's warnings errors
             first_line = (str(exc).splitlines() or [""])[0]
             raise DicomError(f"{where}: the file's VOI LUT / window cannot be applied ({type(exc).__name__}: "
                              f"{first_line}); pass window(center=..., width=...)") from exc
-        if not np.isfinite(img).all():
+        low, high = float(out_range.min()), float(out_range.max())
+        if not (np.isfinite(img).all() and math.isfinite(low) and math.isfinite(high)):
             raise DicomError(f"{where}: the file's VOI LUT / window gives values that are not finite "
                              "(WindowCenter or WindowWidth NaN or infinite?); pass window(center=..., width=...)")
-        return img
+        return np.clip((img - low) / (high - low if high > low else 1.0), 0.0, 1.0)
 
 
 _BINARY_VRS = frozenset({"US", "SS", "UL", "SL", "FL", "FD", "UV", "SV"})
