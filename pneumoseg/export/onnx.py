@@ -12,6 +12,9 @@ and width are the network's input size). Each graph is then
    of the masks the two give at the model's thresholds (a small logit error can still flip pixels);
 
 and only then written into the model directory as an artefact with its SHA-256 and these figures.
+Every graph also records in its ``metadata_props`` the network it was exported from (the weights'
+SHA-256 and the construction arguments, :mod:`pneumoseg.export.provenance`), which the backends check
+before they run it.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from .._checks import check_choice, check_int
 from ..errors import InvalidInputError, PneumosegError
 from .parts import part_module, part_spec, parts_for
+from .provenance import record_source
 from .sessions import session_options
 
 __all__ = ["OPSET", "TENSORRT_ONNX_OPS", "ExportCheckError", "export_onnx", "check_tensorrt_ops", "export_part",
@@ -271,6 +275,7 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
         model = program.model_proto
     seconds = time.perf_counter() - start
     model.producer_name = "pneumoseg"
+    source = record_source(model, model_dir, part, precision)  # what a backend checks before it runs the file
     data = model.SerializeToString()
     try:
         onnx.checker.check_model(onnx.load_from_string(data), full_check=True)
@@ -287,7 +292,7 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
     check = compare_outputs(part, reference, candidate, precision, (t.bottom, 0.5, *(() if t.top is None else (t.top,))),
                             where, min_dice=min_dice)
     meta = {"opset": OPSET, "inputs": list(spec.inputs), "outputs": list(spec.outputs), "input_shapes": input_shapes,
-            "ops": ops, "torch": torch.__version__, "export_seconds": round(seconds, 2),
+            "ops": ops, "torch": torch.__version__, "export_seconds": round(seconds, 2), "source": source,
             "validation": {"images": len(images), **check}}
     return data, meta
 

@@ -28,6 +28,7 @@ from .onnx import (
     ExportCheckError, _torch_outputs, check_tensorrt_ops, compare_outputs, export_part, onnx_key, part_inputs,
 )
 from .parts import part_module, part_spec
+from .provenance import StaleArtefactError, record_source, verified_onnx_artefact
 from .sessions import session_options
 
 __all__ = ["export_int8", "quantize_part", "CALIBRATION_BATCH"]
@@ -108,12 +109,17 @@ def _median_ms(session: Any, feed: dict[str, np.ndarray], repeats: int = 5) -> f
 
 
 def _fp32_bytes(md: Any, networks: dict[str, Any], part: str, images: list) -> bytes:
-    """The part's fp32 ONNX: the recorded artefact, or exported (and recorded) now."""
+    """The part's fp32 ONNX: the recorded artefact, or exported (and recorded) now where there is none
+    or the recorded one was exported from another network (it could serve no backend either)."""
     key = onnx_key(part, "fp32")
-    if key not in md.artefacts:
-        data, meta = export_part(md, networks, part, "fp32", images)
-        md.add_artefact(key, f"onnx/{part}.fp32.onnx", data, format="onnx", network=part_spec(part).network,
-                        precision="fp32", meta=meta)
+    if key in md.artefacts:
+        try:
+            return verified_onnx_artefact(md, key, part).read_bytes()
+        except StaleArtefactError:
+            pass
+    data, meta = export_part(md, networks, part, "fp32", images)
+    md.add_artefact(key, f"onnx/{part}.fp32.onnx", data, format="onnx", network=part_spec(part).network,
+                    precision="fp32", meta=meta)
     return md.artefact_path(key).read_bytes()
 
 
@@ -137,6 +143,8 @@ def export_int8(md: Any, networks: dict[str, Any], parts: Sequence[str], images:
         data = quantize_part(fp32, part, calibration, symmetric=symmetric)
         seconds = time.perf_counter() - start
         model = onnx.load_from_string(data)
+        source = record_source(model, md, part, precision)  # replaces the fp32 graph's record it inherited
+        data = model.SerializeToString()
         try:
             onnx.checker.check_model(model, full_check=True)
         except onnx.checker.ValidationError as exc:
@@ -154,6 +162,7 @@ def export_int8(md: Any, networks: dict[str, Any], parts: Sequence[str], images:
                                 "input_shapes": {name: list(x.shape[1:]) for name, x in zip(spec.inputs, inputs)},
                                 "calibration_images": len(images), "calibration": "MinMax, QDQ, per-channel weights",
                                 "activations": "int8 symmetric" if symmetric else "uint8", "quantise_seconds": round(seconds, 2),
+                                "source": source,
                                 "validation": {"images": len(check_images), **check}}
         if ops is not None:
             meta["ops"] = ops

@@ -7,7 +7,8 @@ from a graph with symmetric Q/DQ nodes (``pneumoseg export --format tensorrt --p
 Each engine has one optimisation profile: dynamic batch (min/opt/max), static height and width.
 
 An engine only runs on the GPU, TensorRT and CUDA it was built with. The cache key therefore holds
-the ONNX file's SHA-256, the precision, the profile, the TensorRT and CUDA versions, the GPU's name
+the ONNX file's SHA-256 (which covers the graph's record of the network it was exported from, checked
+before any build or lookup), the precision, the profile, the TensorRT and CUDA versions, the GPU's name
 and compute capability. Engines are written atomically under a file lock, with a sidecar JSON of the
 key's fields and the engine's SHA-256; on load an engine whose sidecar does not match, whose bytes
 do not match the sidecar, or that TensorRT cannot deserialise is rebuilt, never run. A timing cache
@@ -420,6 +421,21 @@ class ProfileRunner:
         return tuple(torch.cat([p[i] for p in pieces], 0) for i in range(len(pieces[0])))
 
 
+def _needs_onnx(md: Any, part: str, precision: str) -> bool:
+    """Whether the ONNX graph an engine of ``precision`` is built from must be exported (again): it is
+    missing, or was exported from another network than the directory's (a damaged file is an error)."""
+    from .provenance import StaleArtefactError, verified_onnx_artefact
+
+    key = tensorrt_onnx_key(part, precision)
+    if key not in md.artefacts:
+        return True
+    try:
+        verified_onnx_artefact(md, key, part, command_format="tensorrt")
+    except StaleArtefactError:
+        return True
+    return False
+
+
 def export_tensorrt(model_dir: Any, precision: str = "fp16", *, batch: Union[str, Sequence[int], BatchProfile, None] = None,
                     calibrate: Any = None, device: Any = "cuda", engine_cache: Union[str, Path, None] = None,
                     validation: Optional[Sequence[Any]] = None, min_dice: Optional[float] = None) -> dict[str, Path]:
@@ -428,13 +444,15 @@ def export_tensorrt(model_dir: Any, precision: str = "fp16", *, batch: Union[str
     and record them in the directory; returns part -> engine file.
 
     The ONNX graph each engine is built from (fp32, fp16 with fp32 I/O, or int8 with symmetric Q/DQ
-    calibrated on ``calibrate``) is exported first where the directory lacks it. ``batch`` is the
+    calibrated on ``calibrate``) is exported first where the directory lacks it or where the one it has
+    was exported from another network (:mod:`pneumoseg.export.provenance`). ``batch`` is the
     profile MIN,OPT,MAX (default 1,8,32); ``engine_cache`` defaults to ``<model dir>/tensorrt``."""
     import torch
 
     from .onnx import _torch_outputs, compare_outputs, export_onnx, load_calibration_images, load_for_export, \
         part_inputs, validation_images
     from .parts import part_module, part_spec, parts_for
+    from .provenance import verified_onnx_artefact
 
     import_tensorrt()
     md = load_for_export(model_dir)
@@ -448,7 +466,7 @@ def export_tensorrt(model_dir: Any, precision: str = "fp16", *, batch: Union[str
     dev = torch.device("cuda", index)
     parts = [p for p in parts_for(md).values() if p is not None]
     onnx_precision = "int8-symmetric" if precision == "int8" else precision
-    if any(tensorrt_onnx_key(p, precision) not in md.artefacts for p in parts):
+    if any(_needs_onnx(md, p, precision) for p in parts):
         export_onnx(md, onnx_precision, calibrate=calibrate, validation=validation, min_dice=min_dice)
     if validation is None and calibrate is not None:
         validation = load_calibration_images(calibrate, 16)[0]
@@ -461,7 +479,7 @@ def export_tensorrt(model_dir: Any, precision: str = "fp16", *, batch: Union[str
     for part in parts:
         spec = part_spec(part)
         key = tensorrt_onnx_key(part, precision)
-        onnx_path = md.artefact_path(key)
+        onnx_path = verified_onnx_artefact(md, key, part, command_format="tensorrt")
         art = md.artefacts[key]
         fields = engine_key_fields(art.sha256, precision, profile, art.meta["input_shapes"], env)
         with torch.cuda.device(dev):

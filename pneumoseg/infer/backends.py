@@ -7,7 +7,10 @@ threads at once.
 - ``torch``: the networks themselves. On a CPU fp32 eager; on CUDA fp16 (or fp32) in channels_last,
   each part captured as CUDA graphs, one per batch bucket, at load time (or ``torch.compile``).
 - ``onnxruntime``: the exported ONNX parts (``pneumoseg export``), one session per part, reused,
-  threads set for latency; ``precision="int8"`` runs the statically quantised parts.
+  threads set for latency; ``precision="int8"`` runs the statically quantised parts. Each part must
+  have been exported from the directory's own network (its weights' SHA-256 and construction
+  arguments, recorded in the graph: :mod:`pneumoseg.export.provenance`); parts exported by a pneumoseg
+  that did not record them yet still load, with an INFO log line.
 - ``tensorrt``: engines built from the ONNX parts (:mod:`pneumoseg.infer.tensorrt`).
 """
 
@@ -19,6 +22,7 @@ from typing import Any, Optional, Sequence
 from ..errors import DataFormatError, InvalidInputError
 from ..models.model_dir import CONFIG_NAME
 from ..export.parts import part_module, part_spec
+from ..export.provenance import check_source
 from ..export.sessions import import_onnxruntime, physical_cores, session_options
 from .buckets import BucketedRunner, CudaGraphRunner, make_buckets
 
@@ -205,6 +209,8 @@ class OnnxRuntimeBackend(Backend):
                 session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
             except Exception as exc:  # onnxruntime raises its own exception types for damaged models
                 raise DataFormatError(f"{path}: onnxruntime cannot load it ({type(exc).__name__}: {exc})") from None
+            # the graph's record of the network it was exported from, read from the session already open
+            check_source(model_dir, key, part, path, session.get_modelmeta().custom_metadata_map)
             spec = part_spec(part)
             names = [i.name for i in session.get_inputs()]
             outs = [o.name for o in session.get_outputs()]

@@ -5,6 +5,10 @@ Per call: ``set_input_shape`` for the batch, ``set_tensor_address`` for the inpu
 allocated outputs (a result never aliases the next call's), ``execute_async_v3`` on the caller's
 stream (the Predictor always runs on a non-default stream of its own). One execution context per
 thread, so threads never share a context's shapes or addresses.
+
+Before an engine is looked up or built, its ONNX part's record of the network it was exported from
+is checked against the model directory (:mod:`pneumoseg.export.provenance`), read without parsing
+the graph.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any, Optional, Sequence, Union
 
 from ..errors import DataFormatError, InvalidInputError
 from ..export.parts import part_spec
+from ..export.provenance import verified_onnx_artefact
 from ..export.tensorrt import (
     BatchProfile, EngineCache, EngineRunner, ProfileRunner, build_engine, deserialize_engine, engine_key_fields,
     environment, import_tensorrt, parse_batch_profile, tensorrt_artefact_key, tensorrt_onnx_key, timing_cache_path,
@@ -62,7 +67,9 @@ class TensorRTBackend(Backend):
                 flags = " --precision int8 --calibrate IMAGES" if precision == "int8" else f" --precision {precision}"
                 raise DataFormatError(f"{model_dir.path}: no ONNX {part} for a {precision} engine (artefact {onnx_key!r}); "
                                       f"run `pneumoseg export {model_dir.path} --format tensorrt{flags}` first")
-            onnx_path = model_dir.artefact_path(onnx_key)
+            # checked on every load, not only before a build: a shared engine cache holds the engine of
+            # whatever network an ONNX file of that hash came from
+            onnx_path = verified_onnx_artefact(model_dir, onnx_key, part, command_format="tensorrt")
             art = model_dir.artefacts[onnx_key]
             profile = batch_profile
             if profile is None:
