@@ -13,6 +13,15 @@
   on its own earlier output needs no ``--force``: that output, unchanged since, is replaced.
   :func:`check_output_folder` makes the same refusals without touching anything, for a command to
   say so before long work.
+- One writer per folder: an :class:`OutputFolder` holds an exclusive advisory lock (``flock``) on
+  the folder itself, no lock file, for as long as it is open (until :meth:`OutputFolder.close`, the
+  end of its ``with`` block, or its last reference going); the kernel drops it when the process ends,
+  however it ends. Another process preparing the same folder meanwhile gets an
+  :class:`pneumoseg.OutputError` at once, rather than removing this one's files and mixing its own
+  manifest in. Within one process the hold is shared: preparing a folder that is already held
+  (nested commands, a model directory's export into the run being trained) works.
+  :func:`folder_lock` takes the same lock for a ``with`` block. Without ``flock`` (Windows) or on a
+  file system that cannot lock a folder (NFS), folders are not guarded.
 - :func:`atomic_open` / :func:`atomic_write`: a temporary file in the target's folder, flushed and
   fsync'ed, then renamed over the target; on any failure the temporary file is removed and the target
   is untouched. A target that is a symbolic link is written where the link points, the link kept.
@@ -26,7 +35,10 @@ import os
 import re
 import stat
 import tempfile
+import threading
+import time
 import unicodedata
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any, Union
@@ -36,9 +48,14 @@ import numpy as np
 from ._checks import check_bool, check_path, show
 from .errors import InvalidInputError, OutputError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: folders are not locked
+    fcntl = None  # type: ignore[assignment]
+
 __all__ = [
     "MANIFEST_NAME", "safe_file_name", "safe_file_names", "OutputFolder", "prepare_output_folder",
-    "check_output_folder", "atomic_open",
+    "check_output_folder", "folder_lock", "atomic_open",
     "atomic_write", "write_png",
 ]
 
@@ -211,6 +228,149 @@ def write_png(path: PathLike, image: Any) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
+# One writer per folder
+
+
+class _FolderLock:
+    """This process's hold on one folder: an exclusive flock on an open descriptor of the folder
+    itself (so no lock file is left behind), shared by every user of the folder in this process and
+    released when the last one lets go. One descriptor per folder and process matters: flock locks of
+    two descriptors conflict even within one process, so a second one would refuse (or, blocking,
+    deadlock) the process's own nested use of a folder it holds."""
+
+    def __init__(self, fd: int, key: tuple[int, int]) -> None:
+        self.fd = fd
+        self.key = key
+        self.users = 1
+        # folder_lock's blocks exclude each other within the process too (threads adding artefacts to
+        # one model directory); re-entrant, and an OutputFolder's long hold does not take it.
+        self.writing = threading.RLock()
+
+
+_held: dict[tuple[int, int], _FolderLock] = {}
+# re-entrant: a garbage-collected OutputFolder's finalizer may release a hold while this thread holds it
+_held_guard = threading.RLock()
+
+
+def _forget_held_after_fork() -> None:
+    """In a forked child (a DataLoader worker): close the inherited descriptors. The lock belongs to
+    the open file, which the child shares: had it kept them, a worker outliving its killed parent for
+    a moment would still hold the folder, and ``--resume`` right after a SIGKILL would be refused."""
+    global _held_guard
+    _held_guard = threading.RLock()  # another thread of the parent may have held it at the fork
+    for lock in _held.values():
+        with contextlib.suppress(OSError):
+            os.close(lock.fd)
+        lock.fd = -1
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_held_after_fork)
+
+
+def _in_use(path: Path, what: str) -> OutputError:
+    return OutputError(f"{what} {path} is in use: another pneumoseg process is writing into it; wait for it "
+                       "to finish or choose another folder")
+
+
+def _open_folder(path: Path) -> int | None:
+    """A read-only descriptor of the folder to lock, or None where folders cannot be locked."""
+    if fcntl is None:
+        return None
+    try:
+        return os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # no read permission, gone: the folder's own checks then say what is wrong
+        return None
+
+
+def _hold_folder(path: Path, what: str, *, wait: float = 0.0) -> _FolderLock | None:
+    """Hold ``path`` (an existing folder) for this process; a folder another process holds is an
+    OutputError, after up to ``wait`` seconds of trying. None where folders cannot be locked."""
+    fd = _open_folder(path)
+    if fd is None:
+        return None
+    deadline = time.monotonic() + wait
+    try:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        while True:
+            with _held_guard:
+                lock = _held.get(key)
+                if lock is not None:
+                    lock.users += 1
+                    return lock
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    pass
+                except OSError:  # a file system that cannot lock a folder (NFS): not guarded
+                    return None
+                else:
+                    lock = _held[key] = _FolderLock(fd, key)
+                    fd = -1  # the lock owns it now
+                    return lock
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise _in_use(path, what)
+            time.sleep(min(0.05, left))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _release_folder(lock: _FolderLock) -> None:
+    with _held_guard:
+        lock.users -= 1
+        if lock.users > 0 or lock.fd < 0:
+            return
+        if _held.get(lock.key) is lock:
+            del _held[lock.key]
+        fd, lock.fd = lock.fd, -1
+    os.close(fd)  # releases the flock
+
+
+def _refuse_held_elsewhere(path: Path, what: str) -> None:
+    """Refuse a folder another process holds, without holding it: a shared lock, taken and dropped,
+    which two processes checking the same folder at once (ranks of one torchrun) both get."""
+    fd = _open_folder(path)
+    if fd is None:
+        return
+    try:
+        st = os.fstat(fd)
+        with _held_guard:
+            if (st.st_dev, st.st_ino) in _held:
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise _in_use(path, what) from None
+        except OSError:
+            return
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def folder_lock(path: PathLike, *, what: str = "output folder", wait: float = 0.0) -> Iterator[Path]:
+    """Hold the existing folder ``path`` for the ``with`` block, as an :class:`OutputFolder` holds
+    its own: shared with this process's other holds of it, an :class:`pneumoseg.OutputError` naming
+    the folder when another process holds it for longer than ``wait`` seconds. Two such blocks on
+    one folder in two threads run one after the other (one thread may nest them). A no-op where
+    folders cannot be locked (Windows, NFS). Yields the path."""
+    p = check_path(path, what, error=OutputError)
+    lock = _hold_folder(p, what, wait=wait)
+    if lock is None:
+        yield p
+        return
+    try:
+        with lock.writing:
+            yield p
+    finally:
+        _release_folder(lock)
+
+
+# ---------------------------------------------------------------------------------------------------
 # Output folders
 
 
@@ -334,9 +494,10 @@ def _refuse_removing_inputs(p: Path, ours: list[Path], inputs: Iterable[Any], wh
 def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
                         resume: bool = False, inputs: Iterable[Any] = ()) -> Path:
     """The refusals of :func:`prepare_output_folder` (a file, a folder that cannot be created or
-    written, someone else's files without ``overwrite``, nothing to resume), made without creating,
-    probing or removing anything: for a command to say so before long work (loading a data set,
-    training) and prepare the folder afterwards. Returns the path."""
+    written, someone else's files without ``overwrite``, nothing to resume, a folder another process
+    is writing into), made without creating, probing or removing anything: for a command to say so
+    before long work (loading a data set, training) and prepare the folder afterwards. Returns the
+    path."""
     p = check_path(path, what, error=OutputError)
     overwrite = check_bool(overwrite, "overwrite")
     if check_bool(resume, "resume"):
@@ -354,6 +515,7 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
         return p
     if not os.access(p, os.W_OK | os.X_OK):
         raise OutputError(f"{what} {p} is not writable (permission denied)")
+    _refuse_held_elsewhere(p, what)
     if not resume:
         ours, foreign = _ours(p)
         if foreign and not overwrite:
@@ -365,22 +527,48 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
 
 class OutputFolder:
     """A folder prepared for writing (see :func:`prepare_output_folder`). Every path it hands out is
-    inside it; every file written through it is atomic and listed in its manifest."""
+    inside it; every file written through it is atomic and listed in its manifest. It holds the
+    folder (no other process may prepare it) until :meth:`close`, the end of a ``with`` block, or
+    its last reference going."""
 
     def __init__(self, path: PathLike, *, overwrite: bool = False, what: str = "output folder",
                  resume: bool = False, inputs: Iterable[Any] = ()) -> None:
         self.path = check_path(path, what, error=OutputError)
         overwrite = check_bool(overwrite, "overwrite")
         self.what = what
-        if check_bool(resume, "resume"):
-            self._reopen()
-        else:
-            self._prepare(overwrite, inputs)
+        self._release: Callable[[], None] | None = None
+        try:
+            if check_bool(resume, "resume"):
+                self._reopen()
+            else:
+                self._prepare(overwrite, inputs)
+        except BaseException:
+            self.close()  # a refused folder is not held on by the traceback
+            raise
+
+    def _hold(self) -> None:
+        """Hold the folder before anything in it is removed or written."""
+        lock = _hold_folder(self.path, self.what)
+        if lock is not None:
+            self._release = weakref.finalize(self, _release_folder, lock)
+
+    def close(self) -> None:
+        """Let go of the folder: another process may prepare it from now on (this process's other
+        holds of it, if any, still count). Files may still be written through this object."""
+        if self._release is not None:
+            self._release()  # a weakref.finalize runs once
+
+    def __enter__(self) -> "OutputFolder":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def _reopen(self) -> None:
         """Continue writing into a folder of pneumoseg's own earlier output (a training run to
         resume): nothing in it is removed, and files outside the manifest are left alone."""
         _refuse_reopening(self.path, self.what)
+        self._hold()
         self._check_writable()
 
     def _prepare(self, overwrite: bool, inputs: Iterable[Any] = ()) -> None:
@@ -397,6 +585,7 @@ class OutputFolder:
                 raise OutputError(f"{self.what} {p} cannot be created: permission denied") from None
             except OSError as exc:
                 raise OutputError(f"{self.what} {p} cannot be created: {exc.strerror or exc}") from None
+        self._hold()
         self._check_writable()
         ours, foreign = _ours(p)
         if foreign and not overwrite:
@@ -541,6 +730,9 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     ``inputs`` are the paths the command reads (files or folders): a folder whose earlier output
     would be removed is refused when that output is or holds one of them, so ``--out`` pointed at
     the folder of the data being read never deletes it.
+
+    The folder is held for this process until the returned object is closed (``with`` block,
+    :meth:`OutputFolder.close`) or dropped; a folder another process holds is refused at once.
     """
     return OutputFolder(path, overwrite=overwrite, what=what, resume=resume, inputs=inputs)
 

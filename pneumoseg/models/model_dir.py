@@ -31,7 +31,6 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import re
 import stat
 from dataclasses import asdict, dataclass, field, fields
@@ -40,7 +39,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from .. import __version__
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, show
-from .._fs import atomic_write, prepare_output_folder, safe_file_name
+from .._fs import atomic_write, folder_lock, prepare_output_folder, safe_file_name
 from ..errors import DataFormatError, InvalidInputError, OutputError
 
 __all__ = [
@@ -54,23 +53,17 @@ CONFIG_NAME = "pneumoseg.json"
 #: the networks a model directory may hold
 NETWORK_NAMES = ("segmenter", "classifier")
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# how long an export waits for another process's write into the model directory
+_LOCK_WAIT_S = 60.0
 
 
 @contextlib.contextmanager
 def _directory_lock(folder: Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``folder`` (flock on the folder itself, so no lock file is left
-    behind), held by one process at a time; a no-op where flock is missing (Windows)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    """The output-folder lock of ``folder`` (``_fs.folder_lock``: flock on the folder itself, no lock
+    file), shared with this process's own hold of it, so an export into the run it trains cannot
+    deadlock; another export's write is waited for, a process writing there longer is an OutputError."""
+    with folder_lock(folder, what="model directory", wait=_LOCK_WAIT_S):
         yield
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def sha256_of(data: Union[bytes, Path]) -> str:
@@ -504,8 +497,8 @@ def save_model_dir(
     """
     from safetensors.torch import save as save_safetensors
 
-    folder = prepare_output_folder(path, overwrite=overwrite, what="model directory").path if prepare \
-        else check_path(path, "model directory")
+    prepared = prepare_output_folder(path, overwrite=overwrite, what="model directory") if prepare else None
+    folder = prepared.path if prepared is not None else check_path(path, "model directory")  # held while written
     if not isinstance(networks, Mapping) or not networks:
         raise InvalidInputError("networks must be a non-empty mapping of 'segmenter'/'classifier' to models")
     if crops is not None and not isinstance(crops, Mapping):

@@ -927,6 +927,8 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
     out = Path(out)
     info = D.init_distributed(_device_type(config))
     threads = torch.get_num_threads()
+    folder: Optional[OutputFolder] = None
+    cls_folder: Optional[OutputFolder] = None
     try:
         cls_cfg = config.classifier_config()
         check_model_config(config)
@@ -949,14 +951,12 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
         seg_resume = resume and (cls_cfg is None or (out / "checkpoints" / LAST).is_file())
         seg_trainer = Trainer(config, out, resume=seg_resume, progress=progress, gate=gate, info=info,
                               preloaded=preloaded)
-        folder = None
-        if info.is_main:
+        if info.is_main:  # held (no other process may write here) until the run ends
             folder = prepare_output_folder(out, overwrite=overwrite, what="training run folder", resume=resume,
                                            inputs=run_inputs(config))
         D.barrier(info)
         cls_result = None
         if cls_cfg is not None:
-            cls_folder = None
             if info.is_main:
                 cls_folder = OutputFolder(cls_out, what="classifier run folder",
                                           resume=resume and (cls_out / ".pneumoseg-manifest").is_file())
@@ -973,5 +973,8 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
         result.classifier = cls_result
         return result
     finally:
+        for held in (cls_folder, folder):
+            if held is not None:
+                held.close()  # at once, not whenever a traceback holding it is dropped
         torch.set_num_threads(threads)  # config.threads is for the run, not for the caller's process
         D.shutdown(info)
