@@ -248,6 +248,7 @@ class _FolderLock:
 
 
 _held: dict[tuple[int, int], _FolderLock] = {}
+_BRIEF_HOLD_S = 0.25
 # re-entrant: a garbage-collected OutputFolder's finalizer may release a hold while this thread holds it
 _held_guard = threading.RLock()
 
@@ -290,7 +291,9 @@ def _hold_folder(path: Path, what: str, *, wait: float = 0.0) -> _FolderLock | N
     fd = _open_folder(path)
     if fd is None:
         return None
-    deadline = time.monotonic() + wait
+    # at least a moment: another process's check_output_folder holds a shared lock for microseconds
+    # (ranks of one torchrun check the folder while rank 0 prepares it), which is not "in use"
+    deadline = time.monotonic() + max(wait, _BRIEF_HOLD_S)
     try:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino)

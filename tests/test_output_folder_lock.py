@@ -224,3 +224,26 @@ def test_pneumoseg_export_into_a_model_directory_this_process_holds(tmp_path, ca
     with prepare_output_folder(md, overwrite=True):
         assert main(["export", str(md), "--format", "onnx"]) == 0, capsys.readouterr().err
     assert {a.format for a in load_model_dir(md).artefacts.values()} == {"onnx"}
+
+
+def test_a_moment_of_shared_lock_from_another_check_is_not_in_use(tmp_path):
+    """Ranks of one torchrun run check_output_folder (a shared lock, taken and dropped) while rank 0
+    prepares the folder: a check in flight in another process must not read as "in use"."""
+    import fcntl
+    import threading
+
+    out = tmp_path / "run"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)  # another open file description: conflicts like another process's
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        releaser = threading.Timer(0.05, lambda: fcntl.flock(fd, fcntl.LOCK_UN))
+        releaser.start()
+        with prepare_output_folder(out) as folder:  # refused at once on the first try before
+            folder.write_bytes("ok.txt", data="ok\n")
+        releaser.join()
+        fcntl.flock(fd, fcntl.LOCK_SH)  # a hold that does not end is still refused
+        with pytest.raises(OutputError, match=IN_USE):
+            prepare_output_folder(out, overwrite=True)
+    finally:
+        os.close(fd)
