@@ -19,7 +19,8 @@ OVERLAYS = "overlays"
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "predict", help="two-stage inference on DICOM files or folders: submission.csv, overlays, summary.json",
-        description="Predict every DICOM given (files, folders searched recursively, the Kaggle test layout). "
+        description="Predict every DICOM given (files, folders searched recursively, the Kaggle test layout, PACS "
+                    "exports: files with or without the .dcm suffix; a DICOMDIR is skipped). "
                     "Writes submission.csv (ImageId,EncodedPixels; -1 when empty; one row per image), scores.csv, "
                     "a PNG overlay per positive image and summary.json. Unreadable or non-DICOM files are "
                     "reported and skipped.")
@@ -36,6 +37,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--segment", choices=("gated", "all"), default="gated",
                    help="segment only the images the gate passes (default) or all (same answers)")
+    p.add_argument("--name-by", choices=("file", "uid"), default="file",
+                   help="each image's ImageId: file, its file name without .dcm (default; the Kaggle layout, where "
+                        "the file name is the SOPInstanceUID), or uid, the SOPInstanceUID in its DICOM header (PACS "
+                        "exports and DICOM media, whose files are IM0001 ... in every series folder)")
     p.add_argument("--workers", type=int_in(1, 64), default=2, help="threads reading DICOMs (default 2)")
     p.add_argument("--no-overlays", action="store_true", help="do not write the overlay pictures")
     p.add_argument("--force", action="store_true",
@@ -58,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                    tta=args.tta, segment=args.segment, batch_size=args.batch_size)
     stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=not args.no_overlays, on_error="skip",
-                                    progress=True, workers=args.workers)
+                                    progress=True, workers=args.workers, name_by=args.name_by)
     # Every ImageId is checked before anything is written: it is a row of the CSVs and names an overlay.
     for source in stream.sources:
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")

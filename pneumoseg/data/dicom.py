@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ from .. import limits
 from .._checks import check_bool, check_path, check_real
 from ..errors import DicomError, LimitError
 
-__all__ = ["DicomImage", "read_dicom", "read_dicom_shape"]
+__all__ = ["DicomImage", "read_dicom", "read_dicom_shape", "read_sop_instance_uid"]
 
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
@@ -249,7 +250,7 @@ def _warning_error(path: Path, warning: Warning) -> DicomError:
     return DicomError(f"{path}: pydicom: {type(warning).__name__}: {text}")
 
 
-def _read_dataset(path: Path, *, stop_before_pixels: bool):
+def _read_dataset(path: Path, *, stop_before_pixels: bool, specific_tags: Optional[list] = None):
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
@@ -258,7 +259,7 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool):
     _check_file(path)
     try:
         _check_deflated(path)
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, specific_tags=specific_tags)
     except DicomError:
         raise
     except InvalidDicomError as exc:
@@ -331,6 +332,27 @@ def read_dicom_shape(path: Union[str, Path]) -> tuple[int, int]:
     path = check_path(path, "path", error=DicomError)
     ds = _read_dataset(path, stop_before_pixels=True)
     return _declared_shape(ds, path)
+
+
+# A UID as DICOM writes it (PS3.5 9.1): digits in dot-separated components, at most 64 characters.
+# Leading zeros, which the standard forbids but some devices write, are let through: the UID only
+# has to name the image, and must be safe as a CSV field and a file name.
+_UID_TEXT = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
+
+
+def read_sop_instance_uid(path: Union[str, Path]) -> str:
+    """The SOPInstanceUID in a DICOM file's header (the image's own name, whatever the file is
+    called), read without the pixel data. A file that cannot be read, or whose SOPInstanceUID is
+    missing, empty or not a UID, is a :class:`pneumoseg.DicomError` naming the file."""
+    path = check_path(path, "path", error=DicomError)
+    ds = _read_dataset(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    uid = _header_text(ds, "SOPInstanceUID")
+    if uid is None:
+        raise DicomError(f"{path}: the file has no SOPInstanceUID (or an empty one), so it cannot be named by it")
+    if len(uid) > 64 or not _UID_TEXT.fullmatch(uid):
+        raise DicomError(f"{path}: its SOPInstanceUID {uid[:80]!r} is not a UID (digits separated by dots, "
+                         "at most 64 characters)")
+    return uid
 
 
 def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomImage:

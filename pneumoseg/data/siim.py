@@ -5,17 +5,19 @@ from __future__ import annotations
 import os
 import re
 import stat
+import struct
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Union
 
 from .. import limits
-from .._checks import check_path, check_str_sequence, show
+from .._checks import check_bool, check_path, check_str_sequence, show
 from .._fs import atomic_open
 from ..errors import DataFormatError, InvalidInputError, LimitError, OutputError
 
-__all__ = ["read_rle_csv", "write_rle_csv", "check_csv_image_ids", "find_dicoms", "DicomIndex"]
+__all__ = ["read_rle_csv", "write_rle_csv", "check_csv_image_ids", "find_dicoms", "DicomIndex", "find_dicom_files",
+           "DicomFiles"]
 
 _HEADERS = {("imageid", "encodedpixels")}
 # What the native decoder accepts, and nothing else: ASCII digits separated by ASCII whitespace,
@@ -217,6 +219,17 @@ class DicomIndex(dict):
         self.skipped = []
 
 
+class DicomFiles(list):
+    """The DICOM files under a folder, in path order, as returned by :func:`find_dicom_files`, plus
+    ``skipped``: (path, reason) as in :class:`DicomIndex`."""
+
+    skipped: list[tuple[Path, str]]
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.skipped = []
+
+
 def _is_dicom_file(path: Path) -> bool:
     try:
         with open(path, "rb") as f:
@@ -226,23 +239,57 @@ def _is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-def find_dicoms(root: Union[str, Path]) -> DicomIndex:
-    """ImageId -> path for every ``*.dcm`` file (any case: ``.DCM`` too) under ``root``: the Kaggle
-    nested layout (``dicom-images-train/<study>/<series>/<ImageId>.dcm``) and flat folders alike.
+_MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+_DICOMDIR_REASON = "a DICOMDIR (the index of a DICOM medium's files), not an image"
+# explicit VRs whose value length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2); the others take 2
+_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
-    Symbolic links to folders are followed, each real folder visited once (so link loops end);
-    the ImageId is the file name without its suffix (Kaggle names files by SOPInstanceUID), and two
-    different files with one ImageId are an error. What was passed over is listed in the result's
-    ``skipped``: folders that could not be read, link loops and repeats, broken links, ``*.dcm``
-    entries that are not regular files (pipes, sockets, devices), and files that are DICOM (by their
-    ``DICM`` preamble) but lack the ``.dcm`` suffix. Any depth of nesting is walked.
-    """
+
+def _is_dicomdir(path: Path) -> bool:
+    """Whether a DICOM file not named DICOMDIR (the name PS3.10 gives it) is one all the same, by the
+    MediaStorageSOPClassUID (0002,0002) of its file meta group. That group is always explicit VR
+    little endian and comes first, so it is walked here in the file's first few kilobytes (pydicom's
+    read_file_meta_info takes twenty times as long, once for every file of a folder)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8192)
+    except OSError:
+        return False
+    at = 132
+    while at + 8 <= len(head):
+        group, element = struct.unpack_from("<HH", head, at)
+        if group != 0x0002:
+            return False
+        vr = head[at + 4: at + 6]
+        if vr in _LONG_LENGTH_VRS:
+            if at + 12 > len(head):
+                return False
+            length, at = struct.unpack_from("<I", head, at + 8)[0], at + 12
+        else:
+            length, at = struct.unpack_from("<H", head, at + 6)[0], at + 8
+        if element == 0x0002:
+            value = head[at: at + length].decode("latin-1").strip(" \x00")
+            return value == _MEDIA_DIRECTORY_STORAGE
+        at += length
+    return False
+
+
+def find_dicom_files(root: Union[str, Path], *, require_suffix: bool = True) -> DicomFiles:
+    """Every ``*.dcm`` file (any case: ``.DCM`` too) under ``root``, at any depth, in path order;
+    with ``require_suffix=False`` also every other file that is DICOM by its ``DICM`` preamble
+    (``IM0001``, ``00000001``, ``1.2.840....``: PACS exports and DICOM media name files so), except
+    a DICOMDIR, which is listed in ``skipped``. Files that are not DICOM are passed over in silence.
+
+    Symbolic links to folders are followed, each real folder visited once (so link loops end), and
+    each real file taken once. What was passed over is listed in the result's ``skipped``: folders
+    that could not be read, link loops and repeats, broken links, ``*.dcm`` entries that are not
+    regular files (pipes, sockets, devices) and, with ``require_suffix=True``, files that are DICOM
+    but lack the ``.dcm`` suffix."""
     root = check_path(root, "root", error=DataFormatError)
     if not root.is_dir():
         raise DataFormatError(f"{root}: not a folder")
-    found: dict[str, Path] = {}
+    files = DicomFiles()
     seen_files: dict[tuple[int, int], Path] = {}
-    index = DicomIndex()
     visited: dict[tuple[int, int], Path] = {}
 
     stack: list[Iterator[os.DirEntry]] = []  # an explicit stack: a deep folder cannot exhaust recursion
@@ -251,17 +298,17 @@ def find_dicoms(root: Union[str, Path]) -> DicomIndex:
         try:
             st = folder.stat()
         except OSError as exc:
-            index.skipped.append((folder, f"cannot be read ({exc.strerror or exc})"))
+            files.skipped.append((folder, f"cannot be read ({exc.strerror or exc})"))
             return
         key = (st.st_dev, st.st_ino)
         if key in visited:
-            index.skipped.append((folder, f"the same folder as {visited[key]} (a symbolic link), scanned once"))
+            files.skipped.append((folder, f"the same folder as {visited[key]} (a symbolic link), scanned once"))
             return
         visited[key] = folder
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            index.skipped.append((folder, f"cannot be read ({exc.strerror or exc})"))
+            files.skipped.append((folder, f"cannot be read ({exc.strerror or exc})"))
             return
         stack.append(iter(entries))
 
@@ -276,28 +323,57 @@ def find_dicoms(root: Union[str, Path]) -> DicomIndex:
             is_dir = entry.is_dir()  # follows links
             is_file = entry.is_file()
         except OSError as exc:
-            index.skipped.append((p, f"cannot be read ({exc.strerror or exc})"))
+            files.skipped.append((p, f"cannot be read ({exc.strerror or exc})"))
             continue
         if is_dir:
             enter(p)
         elif is_file:
-            if p.suffix.lower() == ".dcm":
-                file_st = entry.stat()
-                file_key = (file_st.st_dev, file_st.st_ino)
-                if file_key in seen_files:
-                    index.skipped.append((p, f"the same file as {seen_files[file_key]} (a link)"))
+            if p.suffix.lower() != ".dcm":
+                if (require_suffix and p.suffix) or not _is_dicom_file(p):
                     continue
-                seen_files[file_key] = p
-                image_id = p.stem
-                if image_id in found:
-                    raise DataFormatError(f"{root}: ImageId {image_id} appears twice: {found[image_id]} and {p}")
-                found[image_id] = p
-            elif not p.suffix and _is_dicom_file(p):
-                index.skipped.append((p, "a DICOM file without the .dcm suffix"))
+                if p.name.upper() == "DICOMDIR" or (not require_suffix and _is_dicomdir(p)):
+                    files.skipped.append((p, _DICOMDIR_REASON))
+                    continue
+                if require_suffix:
+                    files.skipped.append((p, "a DICOM file without the .dcm suffix"))
+                    continue
+            file_st = entry.stat()
+            file_key = (file_st.st_dev, file_st.st_ino)
+            if file_key in seen_files:
+                files.skipped.append((p, f"the same file as {seen_files[file_key]} (a link)"))
+                continue
+            seen_files[file_key] = p
+            files.append(p)
         elif entry.is_symlink() and not p.exists():
-            index.skipped.append((p, "a broken symbolic link"))
+            files.skipped.append((p, "a broken symbolic link"))
         elif p.suffix.lower() == ".dcm":
-            index.skipped.append((p, "not a regular file (a pipe, socket or device)"))
-    for image_id, p in sorted(found.items(), key=lambda item: item[1]):
+            files.skipped.append((p, "not a regular file (a pipe, socket or device)"))
+    files.sort()
+    return files
+
+
+def dicom_file_image_id(path: Path) -> str:
+    """The ImageId a DICOM file's name gives: without the ``.dcm`` suffix (Kaggle names files
+    ``<SOPInstanceUID>.dcm``), or the whole name of a file without it (``IM0001``)."""
+    return path.stem if path.suffix.lower() == ".dcm" else path.name
+
+
+def find_dicoms(root: Union[str, Path], *, require_suffix: bool = True) -> DicomIndex:
+    """ImageId -> path for every ``*.dcm`` file (any case: ``.DCM`` too) under ``root``: the Kaggle
+    nested layout (``dicom-images-train/<study>/<series>/<ImageId>.dcm``) and flat folders alike.
+
+    The ImageId is the file name without its suffix (Kaggle names files by SOPInstanceUID), and two
+    different files with one ImageId are an error. ``require_suffix=False`` also takes DICOM files
+    without the suffix, named by their whole file name. The folders are walked, and what was passed
+    over listed in ``skipped``, as :func:`find_dicom_files` does.
+    """
+    files = find_dicom_files(root, require_suffix=check_bool(require_suffix, "require_suffix"))
+    root = Path(os.fspath(root))
+    index = DicomIndex()
+    index.skipped = files.skipped
+    for p in files:
+        image_id = dicom_file_image_id(p)
+        if image_id in index:
+            raise DataFormatError(f"{root}: ImageId {image_id} appears twice: {index[image_id]} and {p}")
         index[image_id] = p
     return index

@@ -1,8 +1,11 @@
 """What ``Predictor.predict`` accepts, turned into a list of image sources before any work starts:
-DICOM files and folders (flat or the Kaggle nested layout), NumPy arrays and torch tensors, one or many.
+DICOM files and folders (flat, the Kaggle nested layout, or a PACS export's series folders, with or
+without the ``.dcm`` suffix), NumPy arrays and torch tensors, one or many.
 
 Paths are only listed here (and every ImageId checked for duplicates); pixels are read later, in
-background threads, one batch ahead of the networks. Nothing here ever writes to an input.
+background threads, one batch ahead of the networks. With ``name_by="uid"`` each file's header (not
+its pixels) is read here, as the duplicate check needs every name before any work starts. Nothing
+here ever writes to an input.
 """
 
 from __future__ import annotations
@@ -15,12 +18,16 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._checks import check_array_object, check_readable_tensor, check_str_sequence, show
-from ..errors import DataFormatError, InvalidInputError
+from .._checks import check_array_object, check_choice, check_readable_tensor, check_str_sequence, show
+from ..errors import DataFormatError, InvalidInputError, PneumosegError
 
-__all__ = ["ImageSource", "collect_inputs", "load_pixels"]
+__all__ = ["ImageSource", "collect_inputs", "load_pixels", "NAME_BY"]
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+# How a DICOM file's ImageId is found: "file", its file name (Kaggle names files <SOPInstanceUID>.dcm);
+# "uid", the SOPInstanceUID in its header (PACS exports name files IM0001 ... in every series folder).
+NAME_BY = ("file", "uid")
 
 
 @dataclass
@@ -87,17 +94,36 @@ def _array_images(x: Any, name: str) -> list[Any]:
     return images
 
 
-def collect_inputs(inputs: Any, image_ids: Optional[Sequence[str]] = None) -> tuple[list[ImageSource], list[tuple[str, str]]]:
+def _one_line(exc: BaseException, path: Path) -> str:
+    """The reason a file was skipped, without the path the error starts with (it is listed beside it)."""
+    text = f"{exc.filename}: {exc.strerror or exc}" if isinstance(exc, OSError) and exc.filename else str(exc)
+    text = " ".join((text or type(exc).__name__).split())
+    return text[len(f"{path}: "):] if text.startswith(f"{path}: ") else text
+
+
+def _where(source: ImageSource) -> str:
+    return str(source.path) if source.path is not None else "an in-memory image"
+
+
+def collect_inputs(inputs: Any, image_ids: Optional[Sequence[str]] = None, *, name_by: str = "file",
+                   on_error: str = "raise") -> tuple[list[ImageSource], list[tuple[str, str]]]:
     """(sources, skipped) for ``inputs``: a path (str / PathLike) to a DICOM file or to a folder
-    searched recursively for ``*.dcm``, an array or tensor (one image or a batch), or a list/tuple of
-    these. ``image_ids`` names the in-memory images in order (default ``image-00000``, ...); files are
-    named by their file name without suffix (the Kaggle ImageId). ``skipped`` lists (path, reason)
-    for folders without DICOM files and what :func:`pneumoseg.data.find_dicoms` passed over.
+    searched recursively for DICOM files (``*.dcm``, and files without that suffix that are DICOM by
+    their preamble; not a DICOMDIR), an array or tensor (one image or a batch), or a list/tuple of
+    these. ``image_ids`` names the in-memory images in order (default ``image-00000``, ...). Files are
+    named by ``name_by``: ``"file"``, the file name without its ``.dcm`` suffix (the Kaggle ImageId),
+    or ``"uid"``, the SOPInstanceUID in the file's header; a file whose header cannot be read or holds
+    no usable SOPInstanceUID is an error, or with ``on_error="skip"`` listed in ``skipped``.
+    ``skipped`` also lists (path, reason) for folders without DICOM files and what
+    :func:`pneumoseg.data.siim.find_dicom_files` passed over.
 
     Two different files or images with one ImageId are an error (a submission has one row per image);
     the same file given twice is predicted once."""
-    from ..data.siim import find_dicoms
+    from ..data.dicom import read_sop_instance_uid
+    from ..data.siim import dicom_file_image_id, find_dicom_files
 
+    name_by = check_choice(name_by, "name_by", NAME_BY)
+    on_error = check_choice(on_error, "on_error", ("raise", "skip"))
     if isinstance(inputs, (list, tuple)):
         items = list(inputs)
         if not items:
@@ -119,20 +145,30 @@ def collect_inputs(inputs: Any, image_ids: Optional[Sequence[str]] = None) -> tu
             if not str(path) or "\x00" in str(path):
                 raise InvalidInputError(f"{name} is not a usable path: {show(item)}")
             if path.is_dir():
-                found = find_dicoms(path)
+                found = find_dicom_files(path, require_suffix=False)
                 skipped.extend((str(p), reason) for p, reason in found.skipped)
                 if not found:
                     skipped.append((str(path), "a folder without .dcm files"))
-                files = list(found.items())
+                files = list(found)
             elif path.exists():
-                files = [(path.stem if path.suffix.lower() == ".dcm" else path.name, path)]
+                files = [path]
             else:
                 raise InvalidInputError(f"{name}: {path} does not exist")
-            for image_id, file in files:
+            for file in files:
                 key = file.resolve()
                 if key in seen_paths:
                     continue
                 seen_paths.add(key)
+                if name_by == "file":
+                    image_id = dicom_file_image_id(file)
+                else:
+                    try:
+                        image_id = read_sop_instance_uid(file)
+                    except (PneumosegError, OSError) as exc:
+                        if on_error == "raise":
+                            raise
+                        skipped.append((str(file), _one_line(exc, file)))
+                        continue
                 sources.append(ImageSource(image_id, path=file))
         elif isinstance(item, bytes):
             raise InvalidInputError(f"{name} is bytes; pass a path as str or pathlib.Path, or the pixels as an array")
@@ -153,9 +189,16 @@ def collect_inputs(inputs: Any, image_ids: Optional[Sequence[str]] = None) -> tu
             raise InvalidInputError("an ImageId is empty")
         other = owners.get(src.image_id)
         if other is not None:
-            where = lambda s: str(s.path) if s.path is not None else "an in-memory image"  # noqa: E731
-            raise DataFormatError(f"ImageId {show(src.image_id)} appears twice ({where(other)} and {where(src)}); "
-                                  "a submission has one row per image")
+            message = (f"ImageId {show(src.image_id)} appears twice ({_where(other)} and {_where(src)}); "
+                       "a submission has one row per image")
+            if other.path is not None and src.path is not None:
+                if name_by == "file":
+                    # a PACS export names files IM0001 ... in every series folder: the header names the image
+                    message += ("; to name each file by the SOPInstanceUID in its header instead, pass "
+                                "name_by='uid' (pneumoseg predict --name-by uid)")
+                else:
+                    message += " (two files hold the same SOPInstanceUID: copies of one image?)"
+            raise DataFormatError(message)
         owners[src.image_id] = src
     return sources, skipped
 

@@ -320,18 +320,21 @@ class Predictor:
     # ---------------------------------------------------------------------------------------------
     def predict(self, inputs: Any, *, batch_size: Optional[int] = None, image_ids: Optional[Sequence[str]] = None,
                 return_masks: bool = False, on_error: str = "raise", progress: bool = False,
-                workers: Optional[int] = None) -> Predictions:
-        """Predict every image of ``inputs`` (DICOM files, folders searched recursively for ``*.dcm``,
+                workers: Optional[int] = None, name_by: str = "file") -> Predictions:
+        """Predict every image of ``inputs`` (DICOM files, folders searched recursively for DICOM files,
         (H, W) / (N, H, W) arrays or tensors, or a list of these); returns :class:`Predictions` in input
-        order. ``on_error="skip"`` reports unreadable files in ``.skipped`` instead of raising."""
+        order. ``on_error="skip"`` reports unreadable files in ``.skipped`` instead of raising.
+        ``image_ids`` names the in-memory images; ``name_by`` names the files: ``"file"`` by file name
+        without ``.dcm`` (the Kaggle layout, where it is the SOPInstanceUID), ``"uid"`` by the
+        SOPInstanceUID in each header (PACS exports, whose files are IM0001 ... in every folder)."""
         stream = self.predict_iter(inputs, batch_size=batch_size, image_ids=image_ids, return_masks=return_masks,
-                                   on_error=on_error, progress=progress, workers=workers)
+                                   on_error=on_error, progress=progress, workers=workers, name_by=name_by)
         items = list(stream)
         return Predictions(items, stream.skipped)
 
     def predict_iter(self, inputs: Any, *, batch_size: Optional[int] = None, image_ids: Optional[Sequence[str]] = None,
                      return_masks: bool = False, on_error: str = "raise", progress: bool = False,
-                     workers: Optional[int] = None) -> PredictionStream:
+                     workers: Optional[int] = None, name_by: str = "file") -> PredictionStream:
         """As :meth:`predict`, as a stream: predictions come batch by batch (memory stays bounded for
         any number of images; the next batch's files are read while the current one runs)."""
         batch_size = self.batch_size if batch_size is None else check_int(batch_size, "batch_size", low=1, high=1 << 16)
@@ -339,7 +342,7 @@ class Predictor:
         on_error = check_choice(on_error, "on_error", ("raise", "skip"))
         progress = check_bool(progress, "progress")
         workers = 2 if workers is None else check_int(workers, "workers", low=1, high=256)
-        sources, skipped = collect_inputs(inputs, image_ids)
+        sources, skipped = collect_inputs(inputs, image_ids, name_by=name_by, on_error=on_error)
         if not sources:
             detail = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
             raise InvalidInputError(f"nothing to predict: no images in the inputs ({detail})" if detail
