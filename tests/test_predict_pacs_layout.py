@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import warnings
+from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytest.importorskip("torch")
@@ -19,6 +20,7 @@ from pneumoseg.data.dicom import read_sop_instance_uid  # noqa: E402
 from pneumoseg.data.siim import find_dicom_files  # noqa: E402
 from pneumoseg.errors import DataFormatError, DicomError, InvalidInputError  # noqa: E402
 from pneumoseg.infer import Predictor  # noqa: E402
+from pneumoseg.infer.inputs import collect_inputs  # noqa: E402
 
 from factories import write_dicom  # noqa: E402
 from infer_helpers import file_digests, model_dir, phantom_images  # noqa: E402
@@ -233,3 +235,17 @@ def test_cli_predict_takes_files_without_the_suffix_and_reports_a_bad_uid(tmp_pa
     assert main(["predict", str(folder), "--model", str(model_dir("classifier")), "--out", str(tmp_path / "x"),
                  "--name-by", "header"]) == 2
     assert "--name-by" in capsys.readouterr().err
+
+
+def test_on_the_kaggle_files_both_namings_agree_and_renamed_copies_get_their_uids_back(tmp_path):
+    sample = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim-sample"
+    if not sample.is_dir() or not any(sample.glob("*.dcm")):
+        pytest.skip("the SIIM sample (shared/data/siim-sample) is not here")
+    kaggle = list(find_dicoms(sample))
+    assert [s.image_id for s in collect_inputs(sample, name_by="uid")[0]] == kaggle
+    # exported from a PACS: IM0001 in a folder per image, no suffix
+    for i, uid in enumerate(kaggle):
+        (tmp_path / f"SE{i:02d}").mkdir()
+        shutil.copyfile(sample / f"{uid}.dcm", tmp_path / f"SE{i:02d}" / "IM0001")
+    sources, skipped = collect_inputs(tmp_path, name_by="uid")
+    assert [s.image_id for s in sources] == kaggle and skipped == []

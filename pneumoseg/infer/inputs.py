@@ -98,7 +98,7 @@ def _one_line(exc: BaseException, path: Path) -> str:
     """The reason a file was skipped, without the path the error starts with (it is listed beside it)."""
     text = f"{exc.filename}: {exc.strerror or exc}" if isinstance(exc, OSError) and exc.filename else str(exc)
     text = " ".join((text or type(exc).__name__).split())
-    return text[len(f"{path}: "):] if text.startswith(f"{path}: ") else text
+    return text.removeprefix(f"{path}: ")
 
 
 def _where(source: ImageSource) -> str:
