@@ -3,7 +3,7 @@ datasets, folds, samplers and augmentations."""
 
 from ..errors import DataWarning
 from .dicom import DicomImage, read_dicom, read_dicom_shape
-from .siim import DicomIndex, find_dicoms, read_rle_csv, write_rle_csv
+from .siim import DicomIndex, find_dicom_files, find_dicoms, read_rle_csv, write_rle_csv
 from .synthetic import chest_phantom, make_synthetic_siim
 
 _TORCH_NAMES = {
@@ -23,6 +23,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "DicomImage", "read_dicom", "read_dicom_shape", "find_dicoms", "DicomIndex", "read_rle_csv", "write_rle_csv",
+    "DicomImage", "read_dicom", "read_dicom_shape", "find_dicoms", "find_dicom_files", "DicomIndex", "read_rle_csv", "write_rle_csv",
     "chest_phantom", "make_synthetic_siim", "DataWarning", *_TORCH_NAMES,
 ]
