@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from cuda_timing import median_ms  # noqa: E402
+from cuda_timing import d2d_bandwidth, median_ms  # noqa: E402
 from pneumoseg.losses import combo_loss  # noqa: E402
 from reference import ref_combo_loss  # noqa: E402
 
@@ -180,7 +180,7 @@ def graphed_step_seconds(fn, x, t, replays: int = 20):
 
 @pytest.mark.cuda
 def test_loss_gpu_against_eager_compile_and_bandwidth_floor():
-    bandwidth = d2d_bandwidth()
+    bandwidth = d2d_bandwidth(torch)
     results = []
     for shape_name, shape in SHAPES.items():
         for dtype_name, dtype in DTYPES.items():

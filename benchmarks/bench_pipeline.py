@@ -471,7 +471,7 @@ def _latency_and_throughput(device: str, precision: str, seg: tuple, cls: tuple,
 
         eager_s, _ = timed(eager, max(5, reps // 2))
         row_of = {"eager_fp32_networks_ms": eager_s * 1e3}
-        del nets
+        nets.clear()  # frees the eager networks before the backends load theirs
         for backend in backends:
             if backend == "tensorrt":
                 from pneumoseg.export.onnx import export_onnx

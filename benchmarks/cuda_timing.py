@@ -37,3 +37,12 @@ def per_call_us(torch: Any, fn: Callable[[], Any], calls: int = 200, warmup: int
         fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) / calls * 1e6
+
+
+def d2d_bandwidth(torch: Any, nbytes: int = 256 << 20) -> float:
+    """Bytes/s of a device-to-device copy (read + write), median of 7: the denominator of a
+    bandwidth floor (bytes a kernel must move / this)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = median_ms(torch, lambda: dst.copy_(src), 7, warmup=1) / 1e3
+    return 2 * nbytes / seconds
