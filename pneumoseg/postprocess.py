@@ -11,7 +11,7 @@ union-find with atomic operations (Playne & Hawick 2018) that counts areas at th
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import numpy as np
 

@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
