@@ -134,6 +134,12 @@ def _labelled_items(root: Path, csv: Optional[Path]) -> tuple[list[str], list[Pa
     if missing:
         warnings.warn(f"{missing} ImageIds of {csv} have no DICOM under {root}; they are left out of the cache",
                       DataWarning, stacklevel=3)
+    # As SIIMDataset says: the Kaggle download has DICOMs without a train-rle.csv row, and a cache
+    # that dropped them without a word looked complete.
+    unlabelled = len(files) - len(ids)
+    if unlabelled:
+        warnings.warn(f"{unlabelled} DICOMs under {root} have no row in {csv}; they are left out of the cache",
+                      DataWarning, stacklevel=3)
     return ids, [files[i] for i in ids], [rles[i] for i in ids]
 
 
