@@ -9,6 +9,7 @@ import csv
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -16,7 +17,8 @@ pytest.importorskip("yaml")
 
 from pneumoseg.data import make_synthetic_siim  # noqa: E402
 from pneumoseg.errors import DataWarning  # noqa: E402
-from pneumoseg.train import config_from_dict  # noqa: E402
+from pneumoseg.metrics import TripletSearch  # noqa: E402
+from pneumoseg.train import config_from_dict, load_recipe  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim-sample"
 
@@ -70,3 +72,16 @@ def test_cache_says_which_dicoms_it_leaves_out_for_want_of_a_csv_row(synth, tmp_
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         build_cache(synth, synth / "train-rle.csv", size=32, out=tmp_path / "cache-full", progress=False)
+
+
+@pytest.mark.parametrize("size", [256, 512, 1024])
+def test_siim_1st_searches_the_winners_min_area_grid_at_any_image_size(size):
+    # The recipe listed the winners' min_areas (pixels at 1024) literally, while the field is in pixels
+    # at data.image_size: at 256 the search offered min_area 4000 of 65536 pixels (16x the winners').
+    cfg = load_recipe("siim-1st", [f"data.image_size={size}"])
+    v = cfg.validation
+    search = TripletSearch(v.tops, v.min_areas, v.bottoms)
+    search.update(np.zeros((1, size, size), np.float32), np.zeros((1, size, size), np.uint8))
+    scale = size * size / (1024 * 1024)
+    expected = tuple(dict.fromkeys(int(round(a * scale)) for a in (0, 250, 500, 1000, 2000, 3000, 4000)))
+    assert search.min_areas == expected
