@@ -18,7 +18,8 @@ pytest.importorskip("yaml")
 from pneumoseg.data import make_synthetic_siim  # noqa: E402
 from pneumoseg.errors import DataWarning  # noqa: E402
 from pneumoseg.metrics import TripletSearch  # noqa: E402
-from pneumoseg.train import config_from_dict, load_recipe  # noqa: E402
+from pneumoseg.train import ConfigError, config_from_dict, load_recipe  # noqa: E402
+from pneumoseg.train.engine import train  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim-sample"
 
@@ -85,3 +86,21 @@ def test_siim_1st_searches_the_winners_min_area_grid_at_any_image_size(size):
     scale = size * size / (1024 * 1024)
     expected = tuple(dict.fromkeys(int(round(a * scale)) for a in (0, 250, 500, 1000, 2000, 3000, 4000)))
     assert search.min_areas == expected
+
+
+def test_a_stage1_classifier_error_names_the_classifier_field(synth, tmp_path):
+    # The demo recipe's classifier section: errors named the segmenter's field (model.encoder), which
+    # the user had not touched.
+    out = tmp_path / "run"
+    cfg = tiny(synth, classifier={"model": {"encoder": "resnet_tinny"}})
+    with pytest.raises(ConfigError, match=r"config field classifier\.model\.encoder: unknown encoder 'resnet_tinny' "
+                                          r"\(did you mean 'resnet_tiny'\?\)"):
+        train(cfg, out, progress=False)
+    cfg = tiny(synth, classifier={"model": {"encoder": "resnet_tiny", "pretrained": str(tmp_path / "none.pth")}})
+    with pytest.raises(ConfigError, match=r"config field classifier\.model\.pretrained: .*none\.pth is not a file"):
+        train(cfg, out, progress=False)
+    # the segmenter's own fields are still named without a section
+    with pytest.raises(ConfigError, match=r"config field model\.encoder: unknown encoder 'resnet_tinny'"):
+        train(tiny(synth, model={"encoder": "resnet_tinny", "decoder_channels": [16, 16, 8, 8, 8]}), out,
+              progress=False)
+    assert not out.exists()

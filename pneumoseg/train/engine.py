@@ -63,8 +63,9 @@ class TrainResult:
 # Networks
 
 
-def check_model_config(cfg: TrainConfig) -> None:
-    """Refuse an unknown encoder (before any data is read)."""
+def check_model_config(cfg: TrainConfig, section: str = "") -> None:
+    """Refuse an unknown encoder (before any data is read). ``section`` is where ``cfg`` sits in the
+    config the user wrote (``"classifier."`` for the stage-1 classifier), so the error names that field."""
     from ..models import list_encoders
 
     m = cfg.model
@@ -73,15 +74,16 @@ def check_model_config(cfg: TrainConfig) -> None:
 
         close = difflib.get_close_matches(m.encoder, list(list_encoders()), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"config field model.encoder: unknown encoder {m.encoder!r}{hint}; known: "
+        raise ConfigError(f"config field {section}model.encoder: unknown encoder {m.encoder!r}{hint}; known: "
                           f"{', '.join(list_encoders())}")
 
 
-def build_network(cfg: TrainConfig) -> nn.Module:
-    """The network a config describes (random weights, or ``model.pretrained`` loaded)."""
+def build_network(cfg: TrainConfig, section: str = "") -> nn.Module:
+    """The network a config describes (random weights, or ``model.pretrained`` loaded); ``section``
+    as in :func:`check_model_config`."""
     from ..models import create_classifier, create_segmenter, load_pretrained
 
-    check_model_config(cfg)
+    check_model_config(cfg, section)
     m = cfg.model
     try:
         if cfg.task == "segmentation":
@@ -90,11 +92,11 @@ def build_network(cfg: TrainConfig) -> nn.Module:
         else:
             model = create_classifier(m.encoder, num_classes=1, in_channels=1)
     except InvalidInputError as exc:
-        raise ConfigError(f"config field model: {exc}") from None
+        raise ConfigError(f"config field {section}model: {exc}") from None
     if m.pretrained is not None:
         path = Path(m.pretrained)
         if not path.is_file():
-            raise ConfigError(f"config field model.pretrained: {path} is not a file")
+            raise ConfigError(f"config field {section}model.pretrained: {path} is not a file")
         load_pretrained(model, path)
     return model
 
@@ -235,11 +237,12 @@ def _to_float(x: Any) -> Optional[float]:
 class Trainer:
     """One training run of one network. Construction checks everything (config, data, network,
     the checkpoint to resume) and touches no file; ``fit(folder)`` trains into the prepared run
-    folder (``folder`` is None on ranks other than 0)."""
+    folder (``folder`` is None on ranks other than 0). ``section`` is the config's place in the run's
+    config (``"classifier."`` for a stage-1 classifier), named in its errors."""
 
     def __init__(self, cfg: TrainConfig, out: Union[str, Path], *, resume: bool = False, progress: bool = True,
                  gate: Optional[Gate] = None, info: Optional[D.DistInfo] = None,
-                 preloaded: Optional[dict] = None) -> None:
+                 preloaded: Optional[dict] = None, section: str = "") -> None:
         if not isinstance(cfg, TrainConfig):
             raise InvalidInputError(f"config must be a pneumoseg.train.TrainConfig, got {type(cfg).__name__}")
         self.cfg = cfg
@@ -253,15 +256,15 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.device = _resolve_device(cfg, self.info)
         if cfg.amp == "fp16" and self.device.type == "cpu":
-            raise ConfigError("config field amp: fp16 mixed precision needs CUDA; use bf16 on a CPU")
+            raise ConfigError(f"config field {section}amp: fp16 mixed precision needs CUDA; use bf16 on a CPU")
         if cfg.model.batchnorm == "sync" and self.device.type != "cuda":
-            raise ConfigError("config field model.batchnorm: sync BatchNorm needs CUDA devices")
+            raise ConfigError(f"config field {section}model.batchnorm: sync BatchNorm needs CUDA devices")
         # Data first: a missing folder, a bad CSV or an unusable fold is reported before anything else.
-        check_model_config(cfg)
+        check_model_config(cfg, section)
         self.data: RunData = build_data(cfg, world_size=self.info.world_size, progress=self.progress,
                                         preloaded=preloaded)
         torch.manual_seed(cfg.seed)
-        self.model = build_network(cfg).to(self.device)
+        self.model = build_network(cfg, section).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model_config = dict(self.model.config)
@@ -278,7 +281,7 @@ class Trainer:
         per_epoch = cfg.samples_per_epoch or len(self.data.train_indices)
         self.steps_per_epoch = per_epoch // (self.global_batch * cfg.accumulate)
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"config field samples_per_epoch: {per_epoch} samples per epoch hold no optimizer step of "
+            raise ConfigError(f"config field {section}samples_per_epoch: {per_epoch} samples per epoch hold no optimizer step of "
                               f"{self.global_batch * cfg.accumulate} images (batch_size x processes x accumulate)")
         self.samples_per_epoch = self.steps_per_epoch * self.global_batch * cfg.accumulate
         self.loss_fn = TaskLoss(cfg)
@@ -933,7 +936,7 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
         cls_cfg = config.classifier_config()
         check_model_config(config)
         if cls_cfg is not None:
-            check_model_config(cls_cfg)
+            check_model_config(cls_cfg, "classifier.")
         preloaded: dict = {}
         cls_trainer = None
         cls_out = out / "classifier"
@@ -942,7 +945,7 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
             cls_resume = resume and (cls_out / "checkpoints" / LAST).is_file() and not cls_done
             if not cls_done:
                 cls_trainer = Trainer(cls_cfg, cls_out, resume=cls_resume, progress=progress, info=info,
-                                      preloaded=preloaded)
+                                      preloaded=preloaded, section="classifier.")
         gate = None
         if config.classifier_dir is not None:
             gate = Gate.from_model_dir(config.classifier_dir, _resolve_device(config, info))
