@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import shutil
 import warnings
 from pathlib import Path
 
@@ -104,3 +105,108 @@ def test_a_stage1_classifier_error_names_the_classifier_field(synth, tmp_path):
         train(tiny(synth, model={"encoder": "resnet_tinny", "decoder_channels": [16, 16, 8, 8, 8]}), out,
               progress=False)
     assert not out.exists()
+
+
+def test_resume_under_another_config_is_refused_before_anything_changes(synth, tmp_path):
+    # `--resume --set epochs=2` on a finished 1-epoch run trained nothing and printed "1 epochs", yet
+    # rewrote the run's config.yaml to say 2; on an unfinished run it changed the schedule halfway.
+    run = tmp_path / "run"
+    train(tiny(synth), run, progress=False)
+    config_before = (run / "config.yaml").read_bytes()
+    last = (run / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(ConfigError, match=r"config field epochs: .*last\.pt was trained with another config "
+                                          r"\(epochs: 1 in the run, 2 now\); --resume continues a run"):
+        train(tiny(synth, epochs=2), run, resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"optimizer\.lr: 0\.002 in the run, 0\.001 now"):
+        train(tiny(synth, optimizer={"name": "adam", "lr": 1e-3}), run, resume=True, progress=False)
+    with pytest.raises(ConfigError, match=r"config field classifier: .*\(classifier: None in the run, \{'model'"):
+        train(tiny(synth, classifier={"model": {"encoder": "resnet_tiny"}, "batch_size": 4}), run, resume=True,
+              progress=False)
+    assert (run / "config.yaml").read_bytes() == config_before
+    assert not (run / "classifier").exists()
+    assert (run / "checkpoints" / "last.pt").read_bytes() == last
+    # where the data lives, how it is loaded and what is logged may change: the data moved
+    moved = tmp_path / "moved"
+    shutil.copytree(synth, moved)
+    raw = copy.deepcopy(TINY)
+    raw["data"].update(root=str(moved), preload=False, workers=0)
+    raw["log"]["plots"] = True
+    result = train(config_from_dict(raw), run, resume=True, progress=False)
+    assert result.metrics["epochs"] == 1
+
+
+def _rle2mask(rle: str, width: int, height: int) -> np.ndarray:
+    """The competition's rle2mask (mask_functions.py), transcribed: relative starts, column-major."""
+    mask = np.zeros(width * height)
+    if rle in (" -1", "-1"):
+        return mask.reshape(width, height)
+    array = np.asarray([int(x) for x in rle.split()])
+    position = 0
+    for start, length in zip(array[0::2], array[1::2]):
+        position += start
+        mask[position:position + length] = 255
+        position += length
+    return mask.reshape(width, height)
+
+
+@pytest.mark.skipif(not SAMPLE.is_dir(), reason="the real SIIM sample (shared/data/siim-sample) is absent")
+def test_real_dicoms_in_the_kaggle_layout_read_the_same_from_the_cache_and_the_folder(tmp_path):
+    # The four real DICOMs copied under new SOPInstanceUIDs into dicom-images-train/<study>/<series>/,
+    # with train-rle.csv rows as the real file writes them (", -1" and ", 1 2 ..." with the leading
+    # space), one positive split into three rows (two overlapping): items of SIIMDataset and of the
+    # cache must equal pydicom's pixels and the union of the rows decoded the competition's way.
+    import pydicom
+    import torch.nn.functional as F
+
+    from pneumoseg.data import SIIMDataset
+    from pneumoseg.data.cache import CachedDataset, build_cache
+
+    source = {}
+    with open(SAMPLE / "train-rle.csv") as f:
+        for line in f.read().splitlines()[1:]:
+            image_id, text = line.split(",", 1)
+            source.setdefault(image_id, []).append(text)
+    root = tmp_path / "siim" / "dicom-images-train"
+    lines, pixels, truth = ["ImageId, EncodedPixels"], {}, {}
+    for k, path in enumerate(sorted(SAMPLE.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        rows = source[ds.SOPInstanceUID]
+        uid = f"1.2.276.0.7230010.3.1.4.8323329.{9000 + k}.1517875165.{100000 + k}"
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = uid
+        folder = root / ds.StudyInstanceUID / ds.SeriesInstanceUID
+        folder.mkdir(parents=True)
+        ds.save_as(folder / f"{uid}.dcm")
+        pixels[uid] = ds.pixel_array.astype(np.float32)
+        mask = _rle2mask(rows[0], 1024, 1024).T > 0
+        if mask.any() and len(truth) % 2 == 0:  # split into column halves sharing 3 columns, plus a box
+            cols = np.nonzero(mask.any(0))[0]
+            middle = (cols.min() + cols.max()) // 2
+            left, right, box = mask.copy(), mask.copy(), np.zeros_like(mask)
+            left[:, middle:] = False
+            right[:, :middle - 3] = False
+            box[100:140, 600:660] = True
+            from pneumoseg.rle import encode
+
+            rows = [" " + encode(part.astype(np.uint8)) for part in (left, right, box)]
+            mask = left | right | box
+        truth[uid] = mask
+        lines += [f"{uid},{text}" for text in rows]
+    csv_path = tmp_path / "siim" / "train-rle.csv"
+    csv_path.write_text("\n".join(lines) + "\n")
+    assert sum(len(r) for r in source.values()) + 2 == len(lines) - 1  # one image became three rows
+
+    size = 128
+    folder_set = SIIMDataset(root, csv_path, image_size=size)
+    build_cache(root, csv_path, size=size, out=tmp_path / "cache", progress=False)
+    cached = CachedDataset(tmp_path / "cache")
+    assert sorted(folder_set.ids) == sorted(cached.ids) == sorted(truth)
+    for i, uid in enumerate(folder_set.ids):
+        px = torch.from_numpy(pixels[uid])
+        x = ((px - px.min()) / (px.max() - px.min()))[None, None]
+        x = (F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)[0] - 0.5) / 0.25
+        m = F.interpolate(torch.from_numpy(truth[uid].astype(np.float32))[None, None], size=size, mode="nearest")[0]
+        a, b = folder_set[i], cached[cached.ids.index(uid)]
+        assert a["label"].item() == b["label"].item() == float(truth[uid].any())
+        torch.testing.assert_close(a["image"], x, atol=1e-5, rtol=0)
+        torch.testing.assert_close(b["image"], x, atol=0.5 / 255 / 0.25 + 1e-5, rtol=0)  # uint8 rounding
+        assert torch.equal(a["mask"], m) and torch.equal(b["mask"], m)

@@ -19,12 +19,12 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from .. import __version__
-from .._checks import check_path
+from .._checks import check_path, show
 from .._fs import OutputFolder, atomic_write
 from ..errors import DataFormatError, InvalidInputError
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_same_model",
-           "checkpoint_state_dict", "checkpoint_to_safetensors"]
+           "check_same_config", "checkpoint_state_dict", "checkpoint_to_safetensors"]
 
 CHECKPOINT_FORMAT = "pneumoseg-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -97,6 +97,71 @@ def check_same_model(saved: Mapping[str, Any], current: Mapping[str, Any], where
         details = ", ".join(f"{k}: {saved.get(k)!r} in the checkpoint, {current.get(k)!r} in the config" for k in diff[:3])
         raise InvalidInputError(f"{where}: the checkpoint holds a {_describe(saved)}, but the config builds a "
                                 f"{_describe(current)} ({details})")
+
+
+# What a resumed run may read differently from the run it continues: where the data, the stage-1
+# classifier and the starting weights live (the checkpoint holds the weights), how data is loaded,
+# the machine, the logs. Everything else shapes the training itself.
+RESUME_MAY_CHANGE = ("data.root", "data.csv", "data.cache", "data.preload", "data.workers", "model.pretrained",
+                     "classifier_dir", "device", "threads", "compile", "log", "validation.batch_size",
+                     "checkpoint.every_steps")
+
+
+def _nested(config: Mapping[str, Any], key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = node[int(part)] if isinstance(node, (list, tuple)) else node[part]
+    return node
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    if isinstance(value, (list, tuple)) and any(isinstance(v, Mapping) for v in value):  # stages
+        out = {f"{prefix}length": len(value)}
+        for i, v in enumerate(value):
+            out.update(_flat(v, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+def _may_change(key: str) -> bool:
+    key = key[len("classifier."):] if key.startswith("classifier.") else key
+    return any(key == f or key.startswith(f + ".") for f in RESUME_MAY_CHANGE)
+
+
+def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], where: Any, section: str = "") -> None:
+    """Refuse to resume a run under a config that trains differently from the one in its checkpoint
+    (``--resume --set epochs=20`` on a finished 10-epoch run trained nothing, yet rewrote config.yaml
+    to say 20; on an unfinished run it changed the schedule halfway). Fields of ``RESUME_MAY_CHANGE``
+    and fields the checkpoint does not know (written by an older pneumoseg) are not compared."""
+    old, new = _flat(saved), _flat(current)
+
+    def leaf(flat: dict[str, Any], key: str) -> Optional[str]:
+        """``key``, or the leaf above it (a ``classifier: null`` that now has fields), if ``flat`` has it."""
+        parts = key.split(".")
+        return next((k for k in (".".join(parts[:i]) for i in range(len(parts), 0, -1)) if k in flat), None)
+
+    diff: dict[str, tuple[Any, Any]] = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = leaf(old, k), leaf(new, k)
+        if a is None or b is None or _may_change(k):  # a field this checkpoint's pneumoseg did not have
+            continue
+        if old[a] != new[b]:
+            shown = min(a, b, key=len)
+            diff.setdefault(shown, (old[a] if a == shown else _nested(saved, shown),
+                                    new[b] if b == shown else _nested(current, shown)))
+    if diff:
+        from .config import ConfigError
+
+        details = "; ".join(f"{section}{k}: {show(a)} in the run, {show(b)} now" for k, (a, b) in list(diff.items())[:3])
+        first = next(iter(diff))
+        more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise ConfigError(f"config field {section}{first}: {where} was trained with another config ({details}{more}); "
+                          "--resume continues a run as it was configured: train into a new run folder to change it")
 
 
 def checkpoint_state_dict(checkpoint: Union[str, Path, Mapping[str, Any]], *, ema: Optional[bool] = None) -> dict[str, torch.Tensor]:

@@ -31,7 +31,7 @@ from torch import nn
 from .._fs import OutputFolder, prepare_output_folder
 from ..errors import DataFormatError, InvalidInputError, OutputError, TrainingError
 from . import distributed as D
-from .checkpoint import check_same_model, load_checkpoint, save_checkpoint
+from .checkpoint import check_same_config, check_same_model, load_checkpoint, save_checkpoint
 from .config import ConfigError, StageConfig, TrainConfig
 from .data import RunData, build_data
 from .ema import ModelEMA
@@ -275,6 +275,7 @@ class Trainer:
                 raise OutputError(f"{self.out}: nothing to resume (no checkpoints/{LAST}); start the run without --resume")
             state = load_checkpoint(path)
             check_same_model(state["model_config"], self.model_config, path)
+            check_same_config(state["config"], cfg.to_dict(), path, section)
             self.resume_state = state
         self.stages = cfg.stage_list()
         self.global_batch = cfg.batch_size * self.info.world_size
