@@ -210,3 +210,17 @@ def test_real_dicoms_in_the_kaggle_layout_read_the_same_from_the_cache_and_the_f
         torch.testing.assert_close(a["image"], x, atol=1e-5, rtol=0)
         torch.testing.assert_close(b["image"], x, atol=0.5 / 255 / 0.25 + 1e-5, rtol=0)  # uint8 rounding
         assert torch.equal(a["mask"], m) and torch.equal(b["mask"], m)
+
+
+def test_training_larger_than_the_cache_is_refused(synth, tmp_path):
+    # A cache at 32 px trained at 64 px gave the network upsampled, blurred images, unlike the DICOMs
+    # resized from full resolution that it meets at prediction; nothing said so.
+    from pneumoseg.data.cache import build_cache
+
+    build_cache(synth, synth / "train-rle.csv", size=32, out=tmp_path / "cache", progress=False)
+    raw = copy.deepcopy(TINY)
+    raw["data"] = {"cache": str(tmp_path / "cache"), "image_size": 64, "folds": 2}
+    with pytest.raises(ConfigError, match=r"config field data.image_size: 64 is larger than the 32 px images of the "
+                                          r"cache .*; build a cache at --size 64 or more"):
+        train(config_from_dict(raw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

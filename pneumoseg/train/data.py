@@ -97,6 +97,11 @@ def build_data(cfg: TrainConfig, *, world_size: int = 1, progress: bool = True,
         index = load_cache_index(cache)  # a missing or broken cache is a DataFormatError naming it
         if index["labels"] is None:
             raise ConfigError(f"config field data.cache: {cache} was built without an RLE CSV; training needs labels")
+        if size > index["size"]:
+            # Upsampled cache rows are blurred versions of what the model meets at prediction, where
+            # each DICOM is resized from its full resolution to image_size.
+            raise ConfigError(f"config field data.image_size: {size} is larger than the {index['size']} px images of the "
+                              f"cache {cache}; build a cache at --size {size} or more (or train at {index['size']} or less)")
         raw = index["size"] == size and not crop
         dataset = CachedDataset(cache, task=task, image_size=size, raw=raw)
         source = f"cache {cache}"
