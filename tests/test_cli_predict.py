@@ -147,3 +147,15 @@ def test_submission_masks_decode_at_each_images_size(study_set, tmp_path):
     for image_id, strings in read_rle_csv(out / "submission.csv").items():
         mask = rle.decode(strings[0], (80, 80))
         assert mask.shape == (80, 80)
+
+
+@pytest.mark.parametrize("no_progress", [False, True])
+def test_no_progress_turns_the_bars_off(study_set, tmp_path, capsys, no_progress):
+    """`--no-progress` (as `train` has) for logs and scripts: tqdm otherwise draws to stderr whether or
+    not it is a terminal. The progress bar's "image/s" rate is its mark."""
+    flag = ["--no-progress"] if no_progress else []
+    assert main(["predict", str(study_set), "--model", str(model_dir("classifier")), "--out", str(tmp_path / "p"),
+                 "--no-overlays", *flag]) == 0
+    assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n", "2", "--size", "64", *flag]) == 0
+    err = capsys.readouterr().err
+    assert ("it/s" in err or "/s]" in err) != no_progress, err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .types import image_side, int_in, path, probability
+from .types import add_no_progress, image_side, int_in, path, probability
 
 
 def add_parser(subparsers) -> None:
@@ -21,6 +21,7 @@ def add_parser(subparsers) -> None:
     synth.add_argument("--seed", type=int_in(0), default=0)
     synth.add_argument("--force", action="store_true",
                        help="write into --out even if it holds files pneumoseg did not write")
+    add_no_progress(synth)
     synth.set_defaults(run=run_synth)
 
     masks = sub.add_parser("masks", help="write one PNG mask per image of an RLE CSV (union of annotations)")
@@ -31,6 +32,7 @@ def add_parser(subparsers) -> None:
     masks.add_argument("--dicoms", type=path, help="a DICOM folder to take each image's size from")
     masks.add_argument("--force", action="store_true",
                        help="write into --out even if it holds files pneumoseg did not write")
+    add_no_progress(masks)
     masks.set_defaults(run=run_masks)
 
     cache = sub.add_parser("cache", help="decode every DICOM once into a memory-mapped uint8 cache for training")
@@ -41,6 +43,7 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--workers", type=int_in(1, 256), help="decoding threads (default: up to 8)")
     cache.add_argument("--force", action="store_true",
                        help="write into --out even if it holds files pneumoseg did not write")
+    add_no_progress(cache)
     cache.set_defaults(run=run_cache)
 
 
@@ -48,7 +51,7 @@ def run_synth(args: argparse.Namespace) -> int:
     from ..data.synthetic import make_synthetic_siim
 
     csv_path = make_synthetic_siim(args.out, n_images=args.n, size=args.size, positive_fraction=args.positive_fraction,
-                                   seed=args.seed, progress=True, overwrite=args.force)
+                                   seed=args.seed, progress=not args.no_progress, overwrite=args.force)
     print(f"wrote {args.n} synthetic studies under {args.out} and {csv_path}")
     return 0
 
@@ -77,7 +80,7 @@ def run_masks(args: argparse.Namespace) -> int:
                 shapes[image_id] = read_dicom_shape(dicom_path)
     folder = prepare_output_folder(args.out, overwrite=args.force, what="mask folder", inputs=(args.csv, args.dicoms))
     positives = 0
-    for image_id, strings in tqdm(rles.items(), desc="masks", unit="image"):
+    for image_id, strings in tqdm(rles.items(), desc="masks", unit="image", disable=args.no_progress):
         mask = decode_union(strings, shapes.get(image_id, (height, width)))
         positives += bool(mask.any())
         folder.write_png(names[image_id], image=mask * 255)
@@ -88,7 +91,8 @@ def run_masks(args: argparse.Namespace) -> int:
 def run_cache(args: argparse.Namespace) -> int:
     from ..data.cache import build_cache
 
-    index = build_cache(args.root, args.csv, size=args.size, out=args.out, workers=args.workers, overwrite=args.force)
+    index = build_cache(args.root, args.csv, size=args.size, out=args.out, workers=args.workers, overwrite=args.force,
+                        progress=not args.no_progress)
     print(f"wrote the cache {args.out} ({index.name} lists its images); train with --cache {args.out} "
           "or data.cache in the config")
     return 0

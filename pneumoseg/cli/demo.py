@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .types import image_side, int_in, path
+from .types import add_no_progress, image_side, int_in, path
 
 #: how far above the all-empty submission's Kaggle Dice the demo's must be
 MARGIN = 0.05
@@ -37,6 +37,7 @@ def add_parser(subparsers) -> None:
     demo.add_argument("--out", type=path, default="pneumoseg-demo", help="output folder (default pneumoseg-demo)")
     demo.add_argument("--force", action="store_true",
                       help="write into --out even if it holds files pneumoseg did not write")
+    add_no_progress(demo)
     demo.set_defaults(run=run)
 
 
@@ -85,14 +86,15 @@ def run(args: argparse.Namespace) -> int:
     train_dir = folder.path / "siim-synthetic"
     test_dir = folder.path / "held-out"
     print(f"[1/5] synthesising {args.n} training and {args.held_out} held-out studies ({args.size}x{args.size})")
-    make_synthetic_siim(train_dir, n_images=args.n, size=args.size, seed=args.seed, progress=True, overwrite=args.force)
+    make_synthetic_siim(train_dir, n_images=args.n, size=args.size, seed=args.seed, progress=not args.no_progress,
+                       overwrite=args.force)
     truth_csv = make_synthetic_siim(test_dir, n_images=args.held_out, size=args.size, seed=args.seed + 1,
-                                    progress=True, overwrite=args.force)
+                                    progress=not args.no_progress, overwrite=args.force)
     t_data = time.perf_counter()
 
     print("[2/5] training the classifier and the segmenter (the demo recipe)")
     config = load_recipe("demo", [f"seed={args.seed}", *args.overrides], data={"root": train_dir})
-    model_dir = train(config, folder.path / "model", overwrite=args.force, progress=True).out
+    model_dir = train(config, folder.path / "model", overwrite=args.force, progress=not args.no_progress).out
     t_train = time.perf_counter()
 
     print("[3/5] exporting ONNX (checked against torch)")

@@ -8,7 +8,7 @@ import json
 import sys
 import time
 
-from .types import int_in, path
+from .types import add_no_progress, int_in, path
 
 SUBMISSION = "submission.csv"
 SCORES = "scores.csv"
@@ -45,6 +45,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-overlays", action="store_true", help="do not write the overlay pictures")
     p.add_argument("--force", action="store_true",
                    help="replace an existing submission.csv / write into a folder holding other files")
+    add_no_progress(p)
     p.set_defaults(run=run)
 
 
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                    tta=args.tta, segment=args.segment, batch_size=args.batch_size)
     stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=not args.no_overlays, on_error="skip",
-                                    progress=True, workers=args.workers, name_by=args.name_by)
+                                    progress=not args.no_progress, workers=args.workers, name_by=args.name_by)
     # Every ImageId is checked before anything is written: it is a row of the CSVs and names an overlay.
     for source in stream.sources:
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")

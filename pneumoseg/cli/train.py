@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from .types import path
+from .types import add_no_progress, path
 
 
 def add_parser(subparsers) -> None:
@@ -30,7 +30,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--list-recipes", action="store_true", help="print the built-in recipes and exit")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     p.add_argument("--fields", action="store_true", help="print every config field with its default and meaning, and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_no_progress(p)
     p.set_defaults(run=run)
 
 

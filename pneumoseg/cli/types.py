@@ -77,3 +77,9 @@ def image_side(minimum: int = 1) -> Callable[[str], int]:
 def path(text: str):
     """A non-empty path without NUL characters."""
     return _wrap(lambda: check_path(text, "the path"))
+
+
+def add_no_progress(parser: argparse.ArgumentParser) -> None:
+    """The ``--no-progress`` flag of every command that draws progress bars: none, for logs and scripts
+    (tqdm draws them to stderr whether or not it is a terminal)."""
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
