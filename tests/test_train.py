@@ -323,3 +323,20 @@ def test_demo_recipe_learns(tmp_path):
     assert result.classifier.metrics["auc"] >= 0.9, result.classifier.metrics
     print(f"demo: Kaggle Dice {m['kaggle_dice']:.4f} vs all-empty {m['empty_baseline']:.4f}; "
           f"classifier AUC {result.classifier.metrics['auc']:.4f}")
+
+
+def test_loader_workers_are_capped_at_the_usable_cpus(synth, tmp_path, monkeypatch):
+    """The classifier and siim-1st recipes ask for 4 DataLoader workers (a GPU server's need); on a
+    2-CPU machine torch warned mid-run that this may freeze it. They are capped, with a note, and the
+    run is the one an uncapped loader gives (workers only load)."""
+    from pneumoseg.train import engine
+
+    monkeypatch.setattr(engine, "_usable_cpus", lambda: 1)
+    assert engine.loader_workers(1) == (1, None)
+    capped, note = engine.loader_workers(64)
+    assert capped == 1 and "data.workers 64" in note and "1 CPUs" in note
+    result = train(tiny(synth, epochs=1, data__workers=64), tmp_path / "run", progress=False)  # warnings are errors
+    assert any("data.workers 64 capped" in n for n in result.notes)
+    reference = train(tiny(synth, epochs=1, data__workers=0), tmp_path / "ref", progress=False)
+    for key in ("val_loss", "kaggle_dice_at_threshold"):
+        assert result.metrics[key] == reference.metrics[key]

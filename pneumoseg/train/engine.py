@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -115,6 +116,23 @@ def _leave_signals_to_the_main_process(worker_id: int) -> None:
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # a container's or taskset's share, as torch counts it
+    except (AttributeError, OSError):  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def loader_workers(requested: int) -> tuple[int, Optional[str]]:
+    """``data.workers`` capped at the CPUs this process may use, and a note when capped. More workers
+    than CPUs only compete with the training step for them, and torch warns about it mid-run (the
+    classifier and siim-1st recipes ask for 4 for a GPU server); the count does not change the data."""
+    usable = _usable_cpus()
+    if requested <= usable:
+        return requested, None
+    return usable, f"data.workers {requested} capped at the {usable} CPUs this process may use"
 
 
 class Gate:
@@ -287,6 +305,9 @@ class Trainer:
         self.samples_per_epoch = self.steps_per_epoch * self.global_batch * cfg.accumulate
         self.loss_fn = TaskLoss(cfg)
         self.notes: list[str] = []
+        self.workers, note = loader_workers(cfg.data.workers)
+        if note:
+            self.notes.append(note)
 
     # -------------------------------------------------------------------------------------------
     # loaders
@@ -294,7 +315,7 @@ class Trainer:
     def _train_loader(self, sampler: D.DistributedRatioSampler) -> torch.utils.data.DataLoader:
         subset = torch.utils.data.Subset(self.data.dataset, self.data.train_indices)
         return torch.utils.data.DataLoader(
-            subset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.data.workers,
+            subset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", drop_last=True,
             generator=torch.Generator(),  # keeps DataLoader seeding off the global RNG (exact resume)
             persistent_workers=False, worker_init_fn=_leave_signals_to_the_main_process)
@@ -303,7 +324,7 @@ class Trainer:
         shard = self.data.val_indices[self.info.rank::self.info.world_size]
         subset = torch.utils.data.Subset(self.data.dataset, shard)
         bs = self.cfg.validation.batch_size or 2 * self.cfg.batch_size
-        return torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=False, num_workers=self.cfg.data.workers,
+        return torch.utils.data.DataLoader(subset, batch_size=bs, shuffle=False, num_workers=self.workers,
                                            pin_memory=self.device.type == "cuda", generator=torch.Generator(),
                                            worker_init_fn=_leave_signals_to_the_main_process)
 
