@@ -227,7 +227,8 @@ def check_source(model_dir: Any, key: str, part: str, path: Path, metadata: Mapp
                     "it (its fingerprint matches). Export it again to have it checked: `%s`", path, CONFIG_NAME, command)
         return
     version = metadata[_FORMAT_KEY]
-    if not version.isdigit() or int(version) < 1:
+    # isascii too: str.isdigit() also takes '²' and other digits int() rejects (a bare ValueError)
+    if not (version.isascii() and version.isdigit()) or int(version) < 1:
         raise StaleArtefactError(f"{path}: its source record {_FORMAT_KEY}={version!r} is malformed; export it again: `{command}`")
     if int(version) > PROVENANCE_FORMAT:
         raise StaleArtefactError(f"{path}: exported by pneumoseg {metadata.get(_PREFIX + 'version', '?')} with a newer "

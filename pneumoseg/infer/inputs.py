@@ -76,12 +76,13 @@ def _array_images(x: Any, name: str) -> list[Any]:
     else:
         check_readable_tensor(x, name)
     shape = tuple(x.shape)
-    if len(shape) == 3 and shape[2] in (3, 4) and min(shape[:2]) > 4:
-        # np.asarray(PIL.Image.open(png)) of a colour picture: read as (N, H, W) it would give one
-        # "image" per row, each 3 or 4 pixels wide, and a prediction for every one of them
+    if len(shape) == 3 and shape[2] in (2, 3, 4) and min(shape[:2]) > 4:
+        # np.asarray(PIL.Image.open(png)) of a colour (or grey + alpha, 'LA') picture: read as (N, H, W)
+        # it would give one "image" per row, each 2 to 4 pixels wide, and a prediction for every one
         raise InvalidInputError(
-            f"{name} has shape {shape}, a colour (H, W, {shape[2]}) picture, not {shape[0]} images {shape[2]} pixels "
-            "wide; pass the grey image (H, W) (Pillow: image.convert('L'); NumPy: x.mean(axis=-1)), or a batch of "
+            f"{name} has shape {shape}, a colour (H, W, {shape[2]}) picture{' (grey + alpha)' if shape[2] == 2 else ''}, "
+            f"not {shape[0]} images {shape[2]} pixels wide; pass the grey image (H, W) (Pillow: image.convert('L'); "
+            "NumPy: x.mean(axis=-1)), or a batch of "
             "narrow images as (N, 1, H, W)")
     if len(shape) == 4 and shape[1] == 1:
         x = x[:, 0]
