@@ -179,3 +179,16 @@ def test_every_field_is_documented():
     # the documented defaults are the dataclasses' defaults
     assert dict((n, d) for n, d, _ in rows)["optimizer.lr"] == repr(TrainConfig().optimizer.lr)
     assert len(rows) >= sum(1 for _ in dataclasses.fields(TrainConfig))
+
+
+def test_yaml_reads_exponents_without_a_dot_as_numbers(tmp_path):
+    """`lr: 1e-4` is how everyone writes a learning rate; PyYAML (YAML 1.1) read it as the string
+    '1e-4' and the config refused it as "must be a number"."""
+    path = tmp_path / "run.yaml"
+    path.write_text("optimizer:\n  lr: 1e-4\n  weight_decay: 5E-6\nvalidation:\n  tops: [.25, 5e-1]\n")
+    cfg = load_config(path, ["scheduler.eta_min=1e-7"])
+    assert cfg.optimizer.lr == 1e-4 and cfg.optimizer.weight_decay == 5e-6
+    assert list(cfg.validation.tops) == [0.25, 0.5]
+    path.write_text('optimizer:\n  lr: "1e-4"\n')  # quoted: a string, still refused by the number field
+    with pytest.raises(ConfigError, match="optimizer.lr"):
+        load_config(path)

@@ -589,6 +589,33 @@ def _field_at(path: Sequence[str], source: str) -> tuple[Any, Mapping[str, Any]]
     return hint, meta
 
 
+_YAML_LOADER: Any = None
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that reads ``1e-4`` as a number. PyYAML follows YAML 1.1, whose floats need a
+    dot (``1.0e-4``), so the way everyone writes a learning rate came back as the string '1e-4' and
+    was refused as "must be a number"; YAML 1.2, JSON and Python read it as a float."""
+    global _YAML_LOADER
+    import re
+
+    import yaml
+
+    if _YAML_LOADER is None:
+        class Loader(yaml.SafeLoader):
+            pass
+
+        # YAML 1.1's float forms, with the dot before an exponent made optional (YAML 1.2's rule)
+        Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"""^(?:
+            [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+           |[-+]?(?:[0-9][0-9_]*)[eE][-+]?[0-9]+
+           |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+           |[-+]?\.(?:inf|Inf|INF)
+           |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+        _YAML_LOADER = Loader
+    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader subclass
+
+
 def _parse_value(text: str, hint: Any, meta: Mapping[str, Any], key: str) -> Any:
     import yaml
 
@@ -624,7 +651,7 @@ def _parse_value(text: str, hint: Any, meta: Mapping[str, Any], key: str) -> Any
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError as exc:
         raise _fail(key, f"is not valid YAML: {' '.join(str(exc).split())}", "--set") from None
 
@@ -686,7 +713,7 @@ def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     if len(text) > 4 * 1024 * 1024:
         raise ConfigError(f"{path}: larger than 4 MiB; not a training config")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
     if raw is None:
@@ -741,9 +768,7 @@ def recipe_text(name: str) -> str:
 
 
 def recipe_mapping(name: str) -> dict[str, Any]:
-    import yaml
-
-    raw = yaml.safe_load(recipe_text(name)) or {}
+    raw = yaml_load(recipe_text(name)) or {}
     return dict(raw)
 
 
