@@ -57,3 +57,37 @@ def test_a_command_stopped_inside_a_progress_bar_prints_its_message_on_its_own_l
     err = capsys.readouterr().err
     assert line in err.replace("\r", "\n").split("\n"), repr(err)  # a line (or a bar's \r-ended segment) of its own
     assert not tqdm._instances  # the bar was closed before the message
+
+
+def test_data_warnings_print_as_one_line(tmp_path):
+    """pneumoseg's own DataWarnings (here: DICOMs without a CSV row, left out of a cache) read as
+    'pneumoseg: warning: ...' like its errors, not as Python's 'file.py:94: DataWarning:' followed by
+    the source line of the call."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    from pneumoseg.data import make_synthetic_siim
+
+    csv = make_synthetic_siim(tmp_path / "s", n_images=4, size=32, seed=0)
+    partial = tmp_path / "partial.csv"
+    partial.write_text("\n".join(csv.read_text().splitlines()[:-1]) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "pneumoseg", "data", "cache", "--root", str(tmp_path / "s"),
+                           "--csv", str(partial), "--size", "16", "--out", str(tmp_path / "c"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert lines == [f"pneumoseg: warning: 1 DICOMs under {tmp_path / 's'} have no row in {partial}; "
+                     "they are left out of the cache"], proc.stderr
+
+
+def test_not_a_dicom_message_names_no_pydicom_option(tmp_path):
+    """pydicom ends its message with 'Use force=True to force reading.', an option of pydicom's that
+    no pneumoseg command or function has."""
+    from pneumoseg.data import read_dicom
+
+    path = tmp_path / "x.dcm"
+    path.write_text("not a DICOM")
+    with pytest.raises(pneumoseg.DicomError, match="not a DICOM file") as info:
+        read_dicom(path)
+    assert "force" not in str(info.value)

@@ -340,3 +340,14 @@ def test_loader_workers_are_capped_at_the_usable_cpus(synth, tmp_path, monkeypat
     reference = train(tiny(synth, epochs=1, data__workers=0), tmp_path / "ref", progress=False)
     for key in ("val_loss", "kaggle_dice_at_threshold"):
         assert result.metrics[key] == reference.metrics[key]
+
+
+def test_a_fold_smaller_than_one_batch_names_batch_size(synth, tmp_path):
+    """With no samples_per_epoch set, a training fold smaller than one optimizer step was reported as
+    'config field samples_per_epoch: ...', a field the user never set; the way out is batch_size."""
+    from pneumoseg.train.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"config field batch_size: the training fold holds 15 images.*lower batch_size"):
+        train(tiny(synth, samples_per_epoch=None, batch_size=16), tmp_path / "run", progress=False)
+    with pytest.raises(ConfigError, match="config field samples_per_epoch: 8 samples per epoch"):
+        train(tiny(synth, batch_size=16), tmp_path / "run2", progress=False)

@@ -59,6 +59,30 @@ def _sigterm_unwinds():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def _data_warnings_on_one_line():
+    """pneumoseg's own DataWarnings (DICOMs without a CSV row, files skipped) read as one line,
+    ``pneumoseg: warning: ...``, like its errors, instead of Python's "file:line: DataWarning:" and
+    the source line that raised it. Only the formatting changes: filters and recorders see them as
+    before."""
+    import warnings
+
+    from ..errors import DataWarning
+
+    previous = warnings.formatwarning
+
+    def formatwarning(message, category, filename, lineno, line=None):
+        if isinstance(category, type) and issubclass(category, DataWarning):
+            return f"pneumoseg: warning: {_one_line(message)}\n"
+        return previous(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatwarning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
 class UsageError(Exception):
     """A command line argparse rejected; its message is one line."""
 
@@ -101,7 +125,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ..errors import PneumosegError
 
     try:
-        with _sigterm_unwinds():
+        with _sigterm_unwinds(), _data_warnings_on_one_line():
             args = build_parser().parse_args(argv)
             return int(args.run(args))
     except UsageError as exc:

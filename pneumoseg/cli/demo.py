@@ -1,4 +1,4 @@
-"""``pneumoseg demo``: the whole job on the built-in synthetic data, in a few minutes on two CPU cores.
+"""``pneumoseg demo``: the whole job on the built-in synthetic data, in one to two minutes on two CPU cores.
 
 Synthesise a SIIM-ACR study set (Kaggle layout) and a held-out one, train the classifier and the
 segmenter briefly (the ``demo`` recipe), export ONNX, run the two-stage inference on the held-out
@@ -24,7 +24,7 @@ BACKENDS = ("torch", "onnxruntime")
 
 def add_parser(subparsers) -> None:
     demo = subparsers.add_parser(
-        "demo", help="train, export and predict on built-in synthetic data (README's main job, a few minutes)",
+        "demo", help="train, export and predict on built-in synthetic data (README's main job, 1-2 minutes)",
         description="Synthesise a study set, train the classifier and segmenter briefly (the demo recipe), export "
                     "ONNX, predict held-out studies with torch and onnxruntime, and write submission.csv, overlays, "
                     "metrics and a latency table under --out. Prints the Kaggle Dice.")

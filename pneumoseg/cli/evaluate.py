@@ -18,8 +18,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--truth", type=path, required=True, help="train-rle.csv or stage_2_train.csv")
     p.add_argument("--scores", type=path, default=None,
                    help="scores.csv (ImageId,Score) from `pneumoseg predict`; default: the masks (empty or not)")
-    p.add_argument("--threshold", type=probability, default=0.5, help="score threshold for the confusion matrix")
-    p.add_argument("--out", type=path, default="pneumoseg-evaluation", help="folder for metrics.json and pictures")
+    p.add_argument("--threshold", type=probability, default=0.5, help="score threshold for the confusion matrix (default 0.5)")
+    p.add_argument("--out", type=path, default="pneumoseg-evaluation", help="folder for metrics.json, per_image.csv and pictures (default pneumoseg-evaluation)")
     p.add_argument("--force", action="store_true", help="write into --out even if it holds other files")
     p.set_defaults(run=run)
 

@@ -15,7 +15,8 @@ def add_parser(subparsers) -> None:
                     "thresholded masks' Dice) and against TensorRT's ONNX operators, and record it in the "
                     "directory with its fingerprint. int8 needs --calibrate: a folder of your own DICOMs.")
     p.add_argument("model", type=path, metavar="MODEL_DIR", help="model directory (from `pneumoseg train`)")
-    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx")
+    p.add_argument("--format", choices=("onnx", "tensorrt"), default="onnx",
+                   help="onnx (onnxruntime, CPU) or tensorrt (NVIDIA GPU engines) (default onnx)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
                    help="onnx: fp32 (default), fp16 or int8 (onnxruntime's CPU flavour); tensorrt: fp16 (default), "
                         "fp32 or int8")
@@ -23,7 +24,8 @@ def add_parser(subparsers) -> None:
                    help="TensorRT optimisation profile for the batch size (default 1,8,32)")
     p.add_argument("--calibrate", type=path, default=None, metavar="DIR",
                    help="DICOM folder to calibrate int8 with (and to check the export on)")
-    p.add_argument("--max-calibration-images", type=int_in(1, 100_000), default=64)
+    p.add_argument("--max-calibration-images", type=int_in(1, 100_000), default=64,
+                   help="at most this many --calibrate images are used (default 64)")
     p.add_argument("--device", default=None, help="CUDA device for TensorRT (default cuda)")
     p.add_argument("--engine-cache", type=path, default=None, help="engine cache folder (default MODEL_DIR/tensorrt)")
     p.set_defaults(run=run)

@@ -33,7 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
                    help="default: fp16 on CUDA, fp32 on a CPU")
-    p.add_argument("--batch-size", type=int_in(1, 4096), default=8)
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=8, help="images per network call (default 8)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--segment", choices=("gated", "all"), default="gated",
                    help="segment only the images the gate passes (default) or all (same answers)")
@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     write_predictions(folder, predictions, stream.skipped, predictor, seconds, overlays)
     positives = sum(p.positive for p in predictions)
     skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
-    print(f"predicted {len(predictions)} images ({positives} with pneumothorax{skipped}) in {seconds:.1f} s "
+    noun = "image" if len(predictions) == 1 else "images"
+    print(f"predicted {len(predictions)} {noun} ({positives} with pneumothorax{skipped}) in {seconds:.1f} s "
           f"({len(predictions) / max(seconds, 1e-9):.1f} images/s) with {predictor.backend.name} "
           f"{predictor.backend.precision} on {predictor.backend.device}")
     print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {overlays} overlays in {OVERLAYS}/" if overlays else ""))

@@ -263,7 +263,9 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool, specific_tags: Option
     except DicomError:
         raise
     except InvalidDicomError as exc:
-        raise DicomError(f"{path}: not a DICOM file ({exc})") from exc
+        # pydicom's advice to pass force=True names an option of its own, not one of pneumoseg's
+        reason = str(exc).replace(" Use force=True to force reading.", "").strip()
+        raise DicomError(f"{path}: not a DICOM file ({reason})") from exc
     except zlib.error as exc:
         raise DicomError(f"{path}: the deflated data is corrupt ({exc})") from exc
     except Warning as exc:

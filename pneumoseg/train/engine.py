@@ -300,8 +300,13 @@ class Trainer:
         per_epoch = cfg.samples_per_epoch or len(self.data.train_indices)
         self.steps_per_epoch = per_epoch // (self.global_batch * cfg.accumulate)
         if self.steps_per_epoch < 1:
-            raise ConfigError(f"config field {section}samples_per_epoch: {per_epoch} samples per epoch hold no optimizer step of "
-                              f"{self.global_batch * cfg.accumulate} images (batch_size x processes x accumulate)")
+            step = f"{self.global_batch * cfg.accumulate} images (batch_size x processes x accumulate)"
+            if cfg.samples_per_epoch:
+                raise ConfigError(f"config field {section}samples_per_epoch: {per_epoch} samples per epoch hold no "
+                                  f"optimizer step of {step}")
+            # the user set no samples_per_epoch: the training fold itself is smaller than one step
+            raise ConfigError(f"config field {section}batch_size: the training fold holds {per_epoch} images, fewer than "
+                              f"one optimizer step of {step}; lower batch_size (or accumulate), or train on more images")
         self.samples_per_epoch = self.steps_per_epoch * self.global_batch * cfg.accumulate
         self.loss_fn = TaskLoss(cfg)
         self.notes: list[str] = []
