@@ -39,6 +39,9 @@ def test_demo_learns_and_writes_everything(tmp_path, capsys):
     assert sorted(p.name for p in (out / "predictions" / "overlays").iterdir()) == sorted(f"{i}.png" for i in positives)
     assert {"dice_histogram.png", "roc.png", "precision_recall.png", "confusion_matrix.png"} <= {
         p.name for p in (out / "evaluation").iterdir()}
+    per_image = (out / "evaluation" / "per_image.csv").read_text().splitlines()  # as `pneumoseg evaluate` writes
+    dice = [float(line.split(",")[1]) for line in per_image[1:]]
+    assert len(dice) == 16 and np.mean(dice) == pytest.approx(metrics["kaggle_dice"], abs=1e-5)
     latency = json.loads((out / "latency.json").read_text())
     assert set(latency) == {"torch", "onnxruntime"}
     for row in latency.values():

@@ -75,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
     from ..data import find_dicoms, make_synthetic_siim, read_dicom, read_rle_csv
     from ..export.onnx import export_onnx
     from ..infer import Predictor
-    from ..infer.evaluation import evaluate, write_evaluation_plots
+    from ..infer.evaluation import evaluate
     from ..infer.predictor import summarise_timings
     from ..train import load_recipe, train
+    from .evaluate import write_evaluation
     from .predict import OVERLAYS, write_overlay, write_predictions
 
     start = time.perf_counter()
@@ -129,12 +130,7 @@ def run(args: argparse.Namespace) -> int:
     write_predictions(out, preds, [], predictor, seconds, overlays)
     ev = evaluate({p.image_id: [p.rle] for p in preds}, truth, scores={p.image_id: p.score for p in preds})
     evaluation = folder.subfolder("evaluation")
-    pictures = write_evaluation_plots(ev, evaluation)
-    report = ev.to_dict()
-    report["torch_onnxruntime_same_rle"] = f"{same}/{len(preds)}"
-    with evaluation.open("metrics.json", mode="w") as f:
-        json.dump(report, f, indent=2, allow_nan=False)
-        f.write("\n")
+    report, pictures = write_evaluation(ev, evaluation, {"torch_onnxruntime_same_rle": f"{same}/{len(preds)}"})
     table = _latency_table(latency)
     folder.write_bytes("latency.txt", data=table + "\n")
     folder.write_bytes("latency.json", data=json.dumps(latency, indent=2) + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Optional
 
 from .types import path, probability
 
@@ -24,20 +25,16 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from .._fs import prepare_output_folder
-    from ..data.siim import read_rle_csv
-    from ..infer.evaluation import evaluate, read_scores_csv, write_evaluation_plots
+def write_evaluation(ev, folder, extra: Optional[dict] = None) -> tuple[dict, list[str]]:
+    """An evaluation's files in ``folder`` (an OutputFolder): the pictures, ``metrics.json`` (with
+    ``extra`` entries) and ``per_image.csv``; returns the report and the pictures' names. Shared by
+    ``pneumoseg evaluate`` and ``pneumoseg demo``, so both write the same files."""
+    from ..infer.evaluation import write_evaluation_plots
 
-    pred = read_rle_csv(args.pred)
-    truth = read_rle_csv(args.truth)
-    scores = read_scores_csv(args.scores) if args.scores is not None else None
-    ev = evaluate(pred, truth, scores=scores, threshold=args.threshold)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what="evaluation folder",
-                                   inputs=(args.pred, args.truth, args.scores))
     pictures = write_evaluation_plots(ev, folder)
     report = ev.to_dict()
     report["pictures"] = pictures or "none: matplotlib is not installed (pip install matplotlib)"
+    report.update(extra or {})
     with folder.open("metrics.json", mode="w") as f:
         json.dump(report, f, indent=2, allow_nan=False)
         f.write("\n")
@@ -46,6 +43,21 @@ def run(args: argparse.Namespace) -> int:
         for i, image_id in enumerate(ev.image_ids):
             f.write(f"{image_id},{ev.dice[i]:.6f},{int(ev.truth_positive[i])},{int(ev.pred_positive[i])},"
                     f"{ev.scores[i]:.6f}\n")
+    return report, pictures
+
+
+def run(args: argparse.Namespace) -> int:
+    from .._fs import prepare_output_folder
+    from ..data.siim import read_rle_csv
+    from ..infer.evaluation import evaluate, read_scores_csv
+
+    pred = read_rle_csv(args.pred)
+    truth = read_rle_csv(args.truth)
+    scores = read_scores_csv(args.scores) if args.scores is not None else None
+    ev = evaluate(pred, truth, scores=scores, threshold=args.threshold)
+    folder = prepare_output_folder(args.out, overwrite=args.force, what="evaluation folder",
+                                   inputs=(args.pred, args.truth, args.scores))
+    report, pictures = write_evaluation(ev, folder)
     cls = report["classification"]
     cm = cls["confusion_matrix"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
