@@ -158,3 +158,33 @@ def test_dropped_onnxruntime_predictors_free_their_sessions(tmp_path):
     assert [r() for r in refs] == [None] * 5
     if threads:  # each session's intra-op pool is joined with it
         assert len(os.listdir("/proc/self/task")) <= threads
+
+
+def test_a_one_file_request_is_read_on_the_calling_thread(predictor, dicoms, monkeypatch):
+    """Batch-1 triage: one DICOM per request has nothing to overlap its read with, so no reader pool
+    is started for it (its start and hand-off cost about 0.8 ms against 2 ms for the read itself);
+    two files still get one."""
+    from pneumoseg.infer import predictor as predictor_module
+
+    pools = []
+    real = predictor_module.ThreadPoolExecutor
+
+    def counting(*args, **kwargs):
+        pools.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predictor_module, "ThreadPoolExecutor", counting)
+    one = predictor.predict(dicoms[0])
+    assert pools == [] and len(one) == 1
+    two = predictor.predict(dicoms[:2], batch_size=1)
+    assert pools == [1] and [p.rle for p in two][:1] == [one[0].rle] and two[0].score == one[0].score
+
+
+def test_a_stream_is_a_context_manager(predictor, dicoms):
+    """`with predictor.predict_iter(...) as stream:` stops the reader threads when the block ends,
+    even after leaving the loop early with the stream still referenced."""
+    with predictor.predict_iter(dicoms, batch_size=1) as stream:
+        first = next(stream)
+        assert reader_threads()
+    assert first.image_id and stream.total == len(dicoms)
+    assert reader_threads() == []

@@ -114,7 +114,14 @@ class PredictionStream:
         return next(self._generator)
 
     def close(self) -> None:
+        """Stop reading ahead: the reader threads end and the next batch's pixels are dropped."""
         self._generator.close()
+
+    def __enter__(self) -> "PredictionStream":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 class _StageTimer:
@@ -369,10 +376,12 @@ class Predictor:
             # Files are read on worker threads while the previous batch runs; pixels already in memory
             # are taken inline: a thread pool's start-up and hand-off would cost more than the "load"
             # (a few hundred microseconds per call, much of a batch-1 request on a GPU).
+            # A request of one file has nothing to overlap its read with: a pool would only add its start
+            # and hand-off (about 0.8 ms on a CPU against 2 ms for a SIIM DICOM's read).
             nonlocal executor
             futures = []
             for src in batch:
-                if src.path is None:
+                if src.path is None or len(sources) == 1:
                     futures.append(_loaded_inline(timed_load, src))
                     continue
                 if executor is None:
@@ -406,7 +415,10 @@ class Predictor:
                 pending = upcoming
         finally:
             if executor is not None:
-                executor.shutdown(wait=True, cancel_futures=True)
+                # a stream in a reference cycle may be collected on one of its own reader threads,
+                # which cannot join itself
+                own_thread = threading.current_thread().name.startswith("pneumoseg-read")
+                executor.shutdown(wait=not own_thread, cancel_futures=True)
             if bar is not None:
                 bar.close()
 
