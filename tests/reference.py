@@ -87,6 +87,22 @@ def competition_mask2rle(img: np.ndarray, width: int, height: int) -> str:
     return " ".join(rle)
 
 
+def competition_rle2mask(rle: str, width: int, height: int) -> np.ndarray:
+    """The SIIM-ACR organisers' ``rle2mask(rle, width, height)`` (mask_functions.py), transcribed:
+    relative starts, 255 inside, column-major (the caller transposes, as the competition's notebooks
+    did: ``rle2mask(rle, W, H).T``). ``"-1"`` (with or without the CSV's leading space) is empty."""
+    mask = np.zeros(width * height)
+    if rle.strip() == "-1":
+        return mask.reshape(width, height)
+    numbers = np.asarray([int(x) for x in rle.split()])
+    position = 0
+    for start, length in zip(numbers[0::2], numbers[1::2]):
+        position += start
+        mask[position:position + length] = 255
+        position += length
+    return mask.reshape(width, height)
+
+
 def ref_combo_loss(logits, target, *, bce_weight=1.0, dice_weight=1.0, focal_weight=0.0, focal_gamma=2.0,
                    per_image=False, smooth=1.0, pos_weight=None, dtype=None):
     """The combo loss in plain PyTorch, from its definition; float64 unless ``dtype`` says otherwise

@@ -21,6 +21,7 @@ from pneumoseg.errors import DataWarning  # noqa: E402
 from pneumoseg.metrics import TripletSearch  # noqa: E402
 from pneumoseg.train import ConfigError, config_from_dict, load_recipe  # noqa: E402
 from pneumoseg.train.engine import train  # noqa: E402
+from reference import competition_rle2mask  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim-sample"
 
@@ -135,20 +136,6 @@ def test_resume_under_another_config_is_refused_before_anything_changes(synth, t
     assert result.metrics["epochs"] == 1
 
 
-def _rle2mask(rle: str, width: int, height: int) -> np.ndarray:
-    """The competition's rle2mask (mask_functions.py), transcribed: relative starts, column-major."""
-    mask = np.zeros(width * height)
-    if rle in (" -1", "-1"):
-        return mask.reshape(width, height)
-    array = np.asarray([int(x) for x in rle.split()])
-    position = 0
-    for start, length in zip(array[0::2], array[1::2]):
-        position += start
-        mask[position:position + length] = 255
-        position += length
-    return mask.reshape(width, height)
-
-
 @pytest.mark.skipif(not SAMPLE.is_dir(), reason="the real SIIM sample (shared/data/siim-sample) is absent")
 def test_real_dicoms_in_the_kaggle_layout_read_the_same_from_the_cache_and_the_folder(tmp_path):
     # The four real DICOMs copied under new SOPInstanceUIDs into dicom-images-train/<study>/<series>/,
@@ -177,7 +164,7 @@ def test_real_dicoms_in_the_kaggle_layout_read_the_same_from_the_cache_and_the_f
         folder.mkdir(parents=True)
         ds.save_as(folder / f"{uid}.dcm")
         pixels[uid] = ds.pixel_array.astype(np.float32)
-        mask = _rle2mask(rows[0], 1024, 1024).T > 0
+        mask = competition_rle2mask(rows[0], 1024, 1024).T > 0
         if mask.any() and len(truth) % 2 == 0:  # split into column halves sharing 3 columns, plus a box
             cols = np.nonzero(mask.any(0))[0]
             middle = (cols.min() + cols.max()) // 2

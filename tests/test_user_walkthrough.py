@@ -11,6 +11,7 @@ import pytest
 
 import pneumoseg
 from pneumoseg.errors import InvalidInputError
+from reference import competition_rle2mask
 
 SIIM_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim-sample"
 
@@ -97,21 +98,6 @@ def test_a_voi_lut_applies_to_rescaled_values_and_is_scaled_by_its_own_range(tmp
 # --- the real SIIM-ACR files against the competition's own RLE code ---------------------------------
 
 
-def _competition_rle2mask(text, width, height):
-    """mask_functions.rle2mask of the SIIM-ACR competition, transcribed: relative starts, column-major
-    (the caller transposes, as the competition's notebooks did)."""
-    mask = np.zeros(width * height)
-    if text.strip() == "-1":
-        return mask.reshape(width, height)
-    numbers = np.asarray([int(x) for x in text.split()])
-    position = 0
-    for start, length in zip(numbers[0::2], numbers[1::2]):
-        position += start
-        mask[position:position + length] = 255
-        position += length
-    return mask.reshape(width, height)
-
-
 def _siim_rows():
     if not (SIIM_SAMPLE / "train-rle.csv").is_file():
         pytest.skip("the SIIM sample (shared/data/siim-sample) is not here")
@@ -132,7 +118,7 @@ def test_real_siim_rles_decode_as_the_competition_did_over_the_dicoms_own_pixels
     assert sum(text != "-1" for _, text in rows) == 2
     for image_id, text in rows:
         ds = pydicom.dcmread(files[image_id])
-        expected = (_competition_rle2mask(text, ds.Columns, ds.Rows).T > 0).astype(np.uint8)
+        expected = (competition_rle2mask(text, ds.Columns, ds.Rows).T > 0).astype(np.uint8)
         np.testing.assert_array_equal(rle.decode_union(csv_rows[image_id], (ds.Rows, ds.Columns)), expected)
         assert rle.encode(expected) == text
         image = pneumoseg.data.read_dicom(files[image_id])
@@ -154,5 +140,5 @@ def test_predictions_on_real_siim_dicoms_agree_with_their_own_rle_and_the_dicom_
     for p in preds:
         grid = pydicom.dcmread(p.path).pixel_array.shape
         assert p.shape == grid and p.mask.shape == grid and p.mask.dtype == np.uint8
-        decoded = (_competition_rle2mask(p.rle, grid[1], grid[0]).T > 0).astype(np.uint8)
+        decoded = (competition_rle2mask(p.rle, grid[1], grid[0]).T > 0).astype(np.uint8)
         np.testing.assert_array_equal(decoded, p.mask)
