@@ -84,3 +84,22 @@ def write_dicom(path, raw=None, *, syntax=None, **attrs):
                 setattr(ds, key, value)
         ds.save_as(path, enforce_file_format=True)
     return Path(path)
+
+
+def training_config(base: dict, root, **changes):
+    """A ``TrainConfig`` from the mapping ``base`` with ``data.root`` set to ``root`` and each change
+    applied: ``epochs=2`` sets a top-level field (a whole section when the value is a mapping),
+    ``data__image_size=48`` a nested one. ``base`` is not modified."""
+    import copy
+
+    from pneumoseg.train import config_from_dict
+
+    raw = copy.deepcopy(base)
+    raw["data"]["root"] = str(root)
+    for key, value in changes.items():
+        node = raw
+        parts = key.split("__")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return config_from_dict(raw)

@@ -17,10 +17,12 @@ pytest.importorskip("yaml")
 import pneumoseg  # noqa: E402
 from pneumoseg.data import make_synthetic_siim  # noqa: E402
 from pneumoseg.models.model_dir import load_model_dir  # noqa: E402
-from pneumoseg.train import config_from_dict, load_recipe  # noqa: E402
+from pneumoseg.train import load_recipe  # noqa: E402
 from pneumoseg.train.checkpoint import load_checkpoint  # noqa: E402
 from pneumoseg.train.distributed import DistributedRatioSampler  # noqa: E402
 from pneumoseg.train.engine import train  # noqa: E402
+
+from factories import training_config  # noqa: E402
 
 TINY = {
     "task": "segmentation",
@@ -38,17 +40,7 @@ TINY = {
 
 
 def tiny(root, **changes) -> "pneumoseg.train.TrainConfig":
-    import copy
-
-    raw = copy.deepcopy(TINY)
-    raw["data"]["root"] = str(root)
-    for key, value in changes.items():
-        node = raw
-        parts = key.split("__")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return config_from_dict(raw)
+    return training_config(TINY, root, **changes)
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ from pneumoseg.errors import DataWarning  # noqa: E402
 from pneumoseg.metrics import TripletSearch  # noqa: E402
 from pneumoseg.train import ConfigError, config_from_dict, load_recipe  # noqa: E402
 from pneumoseg.train.engine import train  # noqa: E402
+from factories import training_config  # noqa: E402
 from reference import competition_rle2mask  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim-sample"
@@ -40,10 +41,7 @@ TINY = {
 
 
 def tiny(root: Path, **top) -> "object":
-    raw = copy.deepcopy(TINY)
-    raw["data"]["root"] = str(root)
-    raw.update(top)
-    return config_from_dict(raw)
+    return training_config(TINY, root, **top)
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +127,8 @@ def test_resume_under_another_config_is_refused_before_anything_changes(synth, t
     # where the data lives, how it is loaded and what is logged may change: the data moved
     moved = tmp_path / "moved"
     shutil.copytree(synth, moved)
-    raw = copy.deepcopy(TINY)
-    raw["data"].update(root=str(moved), preload=False, workers=0)
-    raw["log"]["plots"] = True
-    result = train(config_from_dict(raw), run, resume=True, progress=False)
+    result = train(tiny(moved, data__preload=False, data__workers=0, log__plots=True), run, resume=True,
+                   progress=False)
     assert result.metrics["epochs"] == 1
 
 
