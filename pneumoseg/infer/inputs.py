@@ -95,11 +95,14 @@ def _array_images(x: Any, name: str) -> list[Any]:
     return images
 
 
-def _one_line(exc: BaseException, path: Path) -> str:
-    """The reason a file was skipped, without the path the error starts with (it is listed beside it)."""
+def skip_reason(exc: BaseException, where: str) -> str:
+    """The one-line reason an input was skipped, listed beside ``where`` (its path, or an in-memory
+    image's ImageId): without the ``where: `` or ``image 'where': `` the error already starts with."""
     text = f"{exc.filename}: {exc.strerror or exc}" if isinstance(exc, OSError) and exc.filename else str(exc)
     text = " ".join((text or type(exc).__name__).split())
-    return text.removeprefix(f"{path}: ")
+    for named in (f"{where}: ", f"image {where!r}: "):
+        text = text.removeprefix(named)
+    return text
 
 
 def _where(source: ImageSource) -> str:
@@ -168,7 +171,7 @@ def collect_inputs(inputs: Any, image_ids: Optional[Sequence[str]] = None, *, na
                     except (PneumosegError, OSError) as exc:
                         if on_error == "raise":
                             raise
-                        skipped.append((str(file), _one_line(exc, file)))
+                        skipped.append((str(file), skip_reason(exc, str(file))))
                         continue
                 sources.append(ImageSource(image_id, path=file))
         elif isinstance(item, bytes):

@@ -28,7 +28,7 @@ from .._checks import check_bool, check_choice, check_int, check_path
 from ..errors import InvalidInputError, PneumosegError
 from ..export.parts import parts_for
 from .backends import BACKENDS, PRECISIONS
-from .inputs import ImageSource, collect_inputs, load_pixels
+from .inputs import ImageSource, collect_inputs, load_pixels, skip_reason
 
 __all__ = ["Predictor", "Prediction", "Predictions", "PredictionStream", "STAGES"]
 
@@ -401,11 +401,7 @@ class Predictor:
                         if on_error == "raise":
                             raise
                         where = str(src.path) if src.path is not None else src.image_id
-                        reason = _one_line(exc)
-                        for named in (f"{where}: ", f"image {where!r}: "):  # the error names the input already
-                            if reason.startswith(named):
-                                reason = reason[len(named):]
-                        skipped.append((where, reason))
+                        skipped.append((where, skip_reason(exc, where)))
                         continue
                     loaded.append((src, pixels, ms))
                 if loaded:
@@ -683,10 +679,3 @@ def _tensors_in(value: Any, torch: Any) -> Iterator[Any]:
     elif isinstance(value, (tuple, list)):
         for item in value:
             yield from _tensors_in(item, torch)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.filename is not None:
-        text = f"{exc.filename}: {exc.strerror or exc}"
-    return " ".join(text.split())
