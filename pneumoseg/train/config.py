@@ -613,7 +613,44 @@ def yaml_load(text: str) -> Any:
            |[-+]?\.(?:inf|Inf|INF)
            |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
         _YAML_LOADER = Loader
-    return yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader subclass
+    value = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader subclass
+    _check_expanded_size(value, yaml.YAMLError)
+    return value
+
+
+_YAML_MAX_VALUES = 100_000
+
+
+def _check_expanded_size(value: Any, error: type) -> None:
+    """Refuse YAML whose aliases expand past :data:`_YAML_MAX_VALUES` values, or refer to themselves.
+    PyYAML shares an aliased node rather than copying it, so nine lines of nested aliases (the
+    "billion laughs") load in microseconds and then take tens of GB as soon as anything walks,
+    copies or prints the config. Sizes are memoised per shared object, so this check is linear in
+    the text."""
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+
+    def size(node: Any) -> int:
+        if not isinstance(node, (list, dict)):
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in in_progress:
+            raise error("an alias refers to the value that contains it (a recursive YAML value)")
+        in_progress.add(key)
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > _YAML_MAX_VALUES:
+                raise error(f"its aliases expand to more than {_YAML_MAX_VALUES:,} values; "
+                            "a training config has a few hundred")
+        in_progress.discard(key)
+        sizes[key] = total
+        return total
+
+    size(value)
 
 
 def _parse_value(text: str, hint: Any, meta: Mapping[str, Any], key: str) -> Any:
