@@ -245,6 +245,8 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
         raise DataFormatError(f"{path}: not a pneumoseg cache index")
     if index.get("format_version") != CACHE_VERSION:

@@ -196,7 +196,7 @@ def _short(value: str) -> str:
 def _config_difference(recorded: str, expected: str) -> str:
     try:
         got, want = json.loads(recorded), json.loads(expected)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "its construction arguments are unreadable"
     if not isinstance(got, dict) or not isinstance(want, dict):
         return "its construction arguments differ"

@@ -187,6 +187,8 @@ class EngineCache:
             sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             return None, f"unreadable sidecar ({exc})"
+        except RecursionError:
+            return None, "unreadable sidecar (nested too deeply)"
         if not isinstance(sidecar, dict) or sidecar.get("fields") != fields:
             return None, "stale (built for another ONNX, precision, profile, TensorRT, CUDA or GPU)"
         try:

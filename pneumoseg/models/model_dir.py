@@ -420,7 +420,7 @@ class ModelDir:
             raw = json.loads((self.path / CONFIG_NAME).read_text(encoding="utf-8"))
             listed = raw.get("artefacts") or {}
             return {str(k): _artefact(k, a, self.networks) for k, a in listed.items()}
-        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError):
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
             return {}
 
     def to_json(self) -> dict[str, Any]:
@@ -567,6 +567,8 @@ def load_model_dir(path: Union[str, Path]) -> ModelDir:
         raw = json.loads(config.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataFormatError(f"{config}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DataFormatError(f"{config}: not valid JSON (nested too deeply)") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise DataFormatError(f"{config}: not a pneumoseg model description (format {raw.get('format') if isinstance(raw, dict) else None!r})")
     version = raw.get("format_version")
