@@ -159,6 +159,13 @@ def test_a_dicomdir_is_skipped_by_its_name_or_its_sop_class(predictor, tmp_path,
     got = predictor.predict(media, name_by="uid")
     assert [p.image_id for p in got] == UIDS[:2] and [w for w, _ in got.skipped] == [str(media / "INDEX")]
     assert len(find_dicom_files(media, require_suffix=False)) == 2
+    # renamed to *.dcm it is listed as an image (by name alone), and reading it says what it is
+    (media / "INDEX").rename(media / "INDEX.dcm")
+    got = predictor.predict(media, name_by="uid", on_error="skip")
+    assert [p.image_id for p in got] == UIDS[:2] and [w for w, _ in got.skipped] == [str(media / "INDEX.dcm")]
+    assert got.skipped[0][1].startswith("a DICOMDIR")
+    with pytest.raises(DicomError, match="INDEX.dcm: a DICOMDIR"):
+        predictor.predict(media / "INDEX.dcm")
 
 
 @pytest.mark.parametrize("attrs, reason", [

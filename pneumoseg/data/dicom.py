@@ -29,6 +29,9 @@ from ..errors import DicomError, LimitError
 
 __all__ = ["DicomImage", "read_dicom", "read_dicom_shape", "read_sop_instance_uid"]
 
+MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
+DICOMDIR_REASON = "a DICOMDIR (the index of a DICOM medium's files), not an image"
+
 _DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
@@ -348,6 +351,7 @@ def read_sop_instance_uid(path: Union[str, Path]) -> str:
     missing, empty or not a UID, is a :class:`pneumoseg.DicomError` naming the file."""
     path = check_path(path, "path", error=DicomError)
     ds = _read_dataset(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    _refuse_dicomdir(ds, path)
     uid = _header_text(ds, "SOPInstanceUID")
     if uid is None:
         raise DicomError(f"{path}: the file has no SOPInstanceUID (or an empty one), so it cannot be named by it")
@@ -368,8 +372,16 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
     return _decode(ds, path, with_dataset)
 
 
+def _refuse_dicomdir(ds: Any, path: Path) -> None:
+    # A DICOMDIR renamed to *.dcm is listed as an image (telling it by its header would cost a read
+    # of every .dcm file while listing); here the header has been read anyway.
+    if str(getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY_STORAGE:
+        raise DicomError(f"{path}: {DICOMDIR_REASON}")
+
+
 def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
     if "PixelData" not in ds:
+        _refuse_dicomdir(ds, path)
         if _holds_pixel_data_tag(path):
             raise DicomError(f"{path}: the file is truncated: it ends inside its pixel data")
         raise DicomError(f"{path}: the file has no pixel data")

@@ -15,6 +15,7 @@ from .. import limits
 from .._checks import check_bool, check_path, check_str_sequence, show
 from .._fs import atomic_open
 from ..errors import DataFormatError, InvalidInputError, LimitError, OutputError
+from .dicom import DICOMDIR_REASON, MEDIA_DIRECTORY_STORAGE
 
 __all__ = ["read_rle_csv", "write_rle_csv", "check_csv_image_ids", "find_dicoms", "DicomIndex", "find_dicom_files",
            "DicomFiles"]
@@ -239,8 +240,6 @@ def _is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-_MEDIA_DIRECTORY_STORAGE = "1.2.840.10008.1.3.10"  # the SOP class of a DICOMDIR
-_DICOMDIR_REASON = "a DICOMDIR (the index of a DICOM medium's files), not an image"
 # explicit VRs whose value length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2); the others take 2
 _LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
 
@@ -269,7 +268,7 @@ def _is_dicomdir(path: Path) -> bool:
             length, at = struct.unpack_from("<H", head, at + 6)[0], at + 8
         if element == 0x0002:
             value = head[at: at + length].decode("latin-1").strip(" \x00")
-            return value == _MEDIA_DIRECTORY_STORAGE
+            return value == MEDIA_DIRECTORY_STORAGE
         at += length
     return False
 
@@ -332,7 +331,7 @@ def find_dicom_files(root: Union[str, Path], *, require_suffix: bool = True) -> 
                 if (require_suffix and p.suffix) or not _is_dicom_file(p):
                     continue
                 if p.name.upper() == "DICOMDIR" or (not require_suffix and _is_dicomdir(p)):
-                    files.skipped.append((p, _DICOMDIR_REASON))
+                    files.skipped.append((p, DICOMDIR_REASON))
                     continue
                 if require_suffix:
                     files.skipped.append((p, "a DICOM file without the .dcm suffix"))
