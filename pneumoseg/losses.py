@@ -178,8 +178,28 @@ class _EagerComboLoss(torch.autograd.Function):
         logits, target, state = ctx.saved_tensors
         grad_logits = None
         if ctx.needs_input_grad[0] and grad_loss is not None:
-            grad_logits = _run_backward(grad_loss, logits, target, state, ctx.params)
+            if torch.is_grad_enabled():  # create_graph=True: the gradient must not pass for a constant
+                grad_logits = _FirstOrderGradient.apply(grad_loss, logits, target, state, ctx.params)
+            else:
+                grad_logits = _run_backward(grad_loss, logits, target, state, ctx.params)
         return grad_logits, None, None
+
+
+class _FirstOrderGradient(torch.autograd.Function):
+    """The native gradient of the loss under ``create_graph=True``. It has no derivative of its own:
+    left untracked, a gradient penalty through the loss silently lost its second-order term (the
+    penalty's gradient was wrong by that term, without an error), so differentiating it raises."""
+
+    @staticmethod
+    def forward(ctx, grad_loss, logits, target, state, params):
+        return _run_backward(grad_loss, logits, target, state, params)
+
+    @staticmethod
+    def backward(ctx, grad_grad_logits):
+        raise NotImplementedError(
+            "pneumoseg's combo_loss is differentiable once: its gradient has no derivative (a double "
+            "backward, a gradient penalty through the loss, or a Hessian needs a loss written in torch ops)"
+        )
 
 
 _PLAIN_NUMBER_TYPES = frozenset((float, int, type(None)))
