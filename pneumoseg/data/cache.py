@@ -243,7 +243,7 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
                               "`pneumoseg data cache` leaves none: run it again)")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, or an integer of over 4300 digits
         raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
     except RecursionError:
         raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None

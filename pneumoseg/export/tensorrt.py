@@ -185,7 +185,7 @@ class EngineCache:
             return None, "not cached"
         try:
             sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, or an integer of over 4300 digits
             return None, f"unreadable sidecar ({exc})"
         except RecursionError:
             return None, "unreadable sidecar (nested too deeply)"

@@ -565,7 +565,7 @@ def load_model_dir(path: Union[str, Path]) -> ModelDir:
         raise DataFormatError(f"{config}: larger than {_MAX_CONFIG_BYTES} bytes; not a pneumoseg model description")
     try:
         raw = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, or an integer of over 4300 digits
         raise DataFormatError(f"{config}: not valid JSON ({exc})") from None
     except RecursionError:
         raise DataFormatError(f"{config}: not valid JSON (nested too deeply)") from None

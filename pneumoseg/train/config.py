@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import difflib
 import math
+import stat
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -613,7 +614,12 @@ def yaml_load(text: str) -> Any:
            |[-+]?\.(?:inf|Inf|INF)
            |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
         _YAML_LOADER = Loader
-    value = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader subclass
+    try:
+        value = yaml.load(text, Loader=_YAML_LOADER)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # PyYAML composes nested collections recursively: 100,000 '[' exhaust the stack
+        raise yaml.YAMLError("nested too deeply") from None
+    except ValueError as exc:  # a value the constructors refuse: an integer of over 4300 digits, 2020-13-45
+        raise yaml.YAMLError(" ".join(str(exc).split())) from None
     _check_expanded_size(value, yaml.YAMLError)
     return value
 
@@ -736,19 +742,31 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
 # Files and recipes
 
 
+_MAX_CONFIG_BYTES = 4 * 1024 * 1024
+
+
 def _read_yaml(path: Path, what: str) -> dict[str, Any]:
     import yaml
 
     try:
-        text = path.read_text(encoding="utf-8")
+        # Read no more than the limit: /dev/zero as the config was read until memory ran out (a
+        # MemoryError traceback), and a 300 MB file was read whole before its size was refused.
+        # A pipe is refused before open(), which would wait for a writer.
+        if path.exists() and not path.is_dir() and not stat.S_ISREG(path.stat().st_mode):
+            raise ConfigError(f"{path}: not a regular file (a device, pipe or socket); not a {what}")
+        with open(path, "rb") as f:
+            data = f.read(_MAX_CONFIG_BYTES + 1)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such {what}") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: is a folder, not a {what}") from None
     except UnicodeDecodeError:
+        if len(data) > _MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than 4 MiB; not a {what}") from None
         raise ConfigError(f"{path}: not a text (UTF-8) file") from None
-    if len(text) > 4 * 1024 * 1024:
-        raise ConfigError(f"{path}: larger than 4 MiB; not a training config")
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than 4 MiB; not a {what}")
     try:
         raw = yaml_load(text)
     except yaml.YAMLError as exc:
