@@ -78,3 +78,70 @@ def test_json_integers_of_thousands_of_digits_are_format_errors(tmp_path, capsys
         load_cache_index(tmp_path / "cache")
     _one_line_error(capsys, ["predict", tmp_path, "--model", tmp_path / "model", "--out", tmp_path / "out"],
                     "not valid JSON")
+
+
+# ------------------------------------------------------------------------------------ cache folder
+
+def _tiny_cache(folder, **changes):
+    import numpy as np
+
+    from pneumoseg.data.cache import CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, IMAGES_FILE, MASKS_FILE
+
+    folder.mkdir(exist_ok=True)
+    np.save(folder / IMAGES_FILE, np.zeros((2, 8, 8), np.uint8))
+    np.save(folder / MASKS_FILE, np.zeros((2, 8, 8), np.uint8))
+    index = {"format": CACHE_FORMAT, "format_version": CACHE_VERSION, "size": 8, "count": 2, "has_masks": True,
+             "ids": ["a", "b"], "rows": [0, 1], "labels": [0, 1], "shapes": [[8, 8], [8, 8]]}
+    index.update(changes)
+    for key in [k for k, v in changes.items() if v is KeyError]:
+        del index[key]
+    (folder / CACHE_INDEX).write_text(json.dumps(index))
+    return folder
+
+
+@pytest.mark.parametrize("changes, expected", [
+    ({"count": float("inf")}, "count must be an integer"),  # int(Infinity): OverflowError
+    ({"rows": [0, float("inf")]}, "a row must be an integer"),
+    ({"size": 0}, "size must be an integer >= 1"),
+    ({"size": "8"}, "size must be an integer"),
+    ({"rows": [True, 1]}, "a row must be an integer"),
+    ({"has_masks": KeyError}, "missing field 'has_masks'"),  # was a bare KeyError
+    ({"has_masks": "no"}, "has_masks must be true or false"),
+    ({"labels": ["x", 1]}, "a label must be an integer"),  # int('x') in CachedDataset: bare ValueError
+    ({"labels": [{}, 1]}, "a label must be an integer"),  # int({}): TypeError
+    ({"labels": [0, 7]}, "labels must be 0 or 1"),
+    ({"labels": 5}, "labels must be a list"),
+])
+def test_a_cache_index_with_wrong_values_is_a_format_error(tmp_path, changes, expected):
+    torch = pytest.importorskip("torch")  # noqa: F841 - the cache module needs it
+    from pneumoseg.data.cache import CachedDataset
+
+    assert len(CachedDataset(_tiny_cache(tmp_path / "good"))) == 2
+    with pytest.raises(pneumoseg.DataFormatError, match=f"index.json: malformed cache index.*{expected}"):
+        CachedDataset(_tiny_cache(tmp_path / "cache", **changes))
+
+
+def test_cache_arrays_whose_header_declares_another_or_overflowing_shape_are_refused_unread(tmp_path):
+    """A .npy header of shape (10**12, 10**6, 64): np.load's memory map warned of an int64 overflow
+    (an error under warnings-as-errors, not a DataFormatError) before refusing the file."""
+    np_format = pytest.importorskip("numpy").lib.format
+    from pneumoseg.data.cache import IMAGES_FILE, CachedDataset
+
+    folder = _tiny_cache(tmp_path / "cache")
+    with open(folder / IMAGES_FILE, "wb") as f:
+        np_format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (10**12, 10**6, 64)})
+    with pytest.raises(pneumoseg.DataFormatError, match=r"images.npy: expected a uint8 array of shape \(2, 8, 8\)"):
+        CachedDataset(folder)
+    (folder / IMAGES_FILE).write_bytes((folder / IMAGES_FILE).read_bytes()[:4])
+    with pytest.raises(pneumoseg.DataFormatError, match="images.npy: not a readable .npy array"):
+        CachedDataset(folder)
+
+
+def test_a_huge_cache_index_is_refused_unread(tmp_path):
+    from pneumoseg.data.cache import CACHE_INDEX, load_cache_index
+
+    folder = _tiny_cache(tmp_path / "cache")
+    with open(folder / CACHE_INDEX, "r+b") as f:
+        f.truncate(2**30)  # sparse
+    with pytest.raises(pneumoseg.DataFormatError, match="larger than 256 MiB"):
+        load_cache_index(folder)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import __version__, limits
-from .._checks import check_bool, check_choice, check_int, check_path
+from .._checks import check_bool, check_choice, check_int, check_path, show
 from .._fs import prepare_output_folder
 from ..errors import DataFormatError, DataWarning, DicomError, InvalidInputError
 from ..rle import decode_union
@@ -46,6 +46,7 @@ CACHE_VERSION = 1
 CACHE_INDEX = "index.json"
 IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
+_MAX_INDEX_BYTES = 256 * 2**20
 
 
 def _is_positive(strings: Sequence[str]) -> bool:
@@ -241,6 +242,8 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
     if not path.is_file():
         raise DataFormatError(f"{folder}: not a pneumoseg cache (no {CACHE_INDEX}; an interrupted "
                               "`pneumoseg data cache` leaves none: run it again)")
+    if path.stat().st_size > _MAX_INDEX_BYTES:  # about 100 bytes an image: millions of images
+        raise DataFormatError(f"{path}: larger than {_MAX_INDEX_BYTES >> 20} MiB; not a pneumoseg cache index")
     try:
         index = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, or an integer of over 4300 digits
@@ -253,31 +256,61 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
         raise DataFormatError(f"{path}: cache format {index.get('format_version')!r}; this pneumoseg reads "
                               f"version {CACHE_VERSION}: rebuild the cache")
     try:
-        size, count = int(index["size"]), int(index["count"])
-        ids, rows = list(index["ids"]), [int(r) for r in index["rows"]]
-        labels = index["labels"]
+        # JSON integers only: int() of Infinity raised OverflowError, of "x" or {} a bare ValueError or
+        # TypeError, and a missing has_masks a KeyError (tracebacks from `pneumoseg train`)
+        size, count = _whole(index["size"], "size", 1), _whole(index["count"], "count", 0)
+        ids, rows, labels = _list(index["ids"], "ids"), _list(index["rows"], "rows"), index["labels"]
+        rows = [_whole(r, "a row", 0) for r in rows]
+        if labels is not None:
+            labels = [_whole(v, "a label", 0) for v in _list(labels, "labels")]
+            if any(v > 1 for v in labels):
+                raise ValueError("labels must be 0 or 1")
+        if not isinstance(index["has_masks"], bool):
+            raise ValueError(f"has_masks must be true or false, got {show(index['has_masks'])}")
         if len(ids) != len(rows) or (labels is not None and len(labels) != len(ids)):
             raise ValueError("ids, rows and labels differ in length")
         if any(not isinstance(i, str) for i in ids) or len(set(ids)) != len(ids):
             raise ValueError("ids must be distinct strings")
         if any(not 0 <= r < count for r in rows):
             raise ValueError("a row is outside the arrays")
-    except (KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:
+        raise DataFormatError(f"{path}: malformed cache index (missing field {exc})") from None
+    except (TypeError, ValueError) as exc:
         raise DataFormatError(f"{path}: malformed cache index ({exc})") from None
-    index.update(size=size, count=count, ids=ids, rows=rows)
+    index.update(size=size, count=count, ids=ids, rows=rows, labels=labels)
     return index
+
+
+def _whole(value: Any, what: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {show(value)}")
+    return value
+
+
+def _list(value: Any, what: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list, got {show(value)}")
+    return value
 
 
 def _open_array(path: Path, count: int, size: int) -> np.ndarray:
     if not path.is_file():
         raise DataFormatError(f"{path}: missing from the cache folder")
     try:
+        # the header first: a shape whose size overflows int64 made np.load's memmap warn (an error
+        # under warnings-as-errors) before it refused the file
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read_header(f)
+        if dtype != np.uint8 or shape != (count, size, size):
+            raise DataFormatError(f"{path}: expected a uint8 array of shape {(count, size, size)}, got {dtype} "
+                                  f"{shape} (a damaged or mixed-up cache)")
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:
+        if isinstance(exc, DataFormatError):
+            raise
         raise DataFormatError(f"{path}: not a readable .npy array ({exc})") from None
-    if arr.dtype != np.uint8 or arr.shape != (count, size, size):
-        raise DataFormatError(f"{path}: expected a uint8 array of shape {(count, size, size)}, got {arr.dtype} "
-                              f"{arr.shape} (a damaged or mixed-up cache)")
     return arr
 
 
