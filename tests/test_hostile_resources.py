@@ -145,3 +145,49 @@ def test_a_huge_cache_index_is_refused_unread(tmp_path):
         f.truncate(2**30)  # sparse
     with pytest.raises(pneumoseg.DataFormatError, match="larger than 256 MiB"):
         load_cache_index(folder)
+
+
+# ------------------------------------------------------------------------------ torch.save archives
+
+def _zip_bomb_checkpoint(path, floats: int) -> None:
+    """A torch.save archive of one tensor whose pickle declares ``floats`` zeros, stored deflated: a
+    few kB that torch.load inflates to 4 * floats bytes (at 2**28 floats: 1 MB -> 1.3 GB, 6.8 s)."""
+    import io
+    import struct
+    import zipfile
+
+    torch = pytest.importorskip("torch")
+    seed = io.BytesIO()
+    torch.save({"w": torch.zeros(1000003)}, seed)
+    with zipfile.ZipFile(seed) as source, zipfile.ZipFile(path, "w") as out:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("/data.pkl"):
+                data = data.replace(b"J" + struct.pack("<i", 1000003), b"J" + struct.pack("<i", floats))
+            if info.filename.endswith("/data/0"):
+                record = zipfile.ZipInfo(info.filename)
+                record.compress_type = zipfile.ZIP_DEFLATED
+                with out.open(record, "w") as f:
+                    for _ in range(floats // 2**18):
+                        f.write(bytes(2**20))
+            else:
+                out.writestr(info, data)
+
+
+def test_a_zip_bomb_checkpoint_is_refused_before_torch_inflates_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    from pneumoseg.models import create_classifier, load_pretrained
+    from pneumoseg.train.checkpoint import load_checkpoint
+
+    bomb = tmp_path / "weights.pth"
+    _zip_bomb_checkpoint(bomb, 2**22)  # 16 MiB of zeros in about 16 kB
+    assert bomb.stat().st_size < 2**16
+    assert torch.load(bomb, weights_only=True)["w"].numel() == 2**22  # what torch would have built
+    model = create_classifier("resnet_tiny", num_classes=1, in_channels=1)
+    with pytest.raises(pneumoseg.DataFormatError, match="weights.pth: its records inflate to 16,7"):
+        load_pretrained(model, bomb)
+    with pytest.raises(pneumoseg.DataFormatError, match="zip bomb"):
+        load_checkpoint(bomb)
+    plain = tmp_path / "plain.pth"
+    torch.save(model.state_dict(), plain)
+    assert load_pretrained(model, plain).loaded_keys

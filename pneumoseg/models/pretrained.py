@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import warnings
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch import nn
 from ..errors import DataFormatError, InvalidInputError
 from .encoders import Encoder
 
-__all__ = ["load_pretrained", "read_state_dict", "adapt_input_conv", "LoadResult", "HEAD_POLICIES"]
+__all__ = ["load_pretrained", "read_state_dict", "adapt_input_conv", "LoadResult", "HEAD_POLICIES", "check_torch_archive"]
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,29 @@ def _unpickler_reason(error: Exception) -> str:
     return " ".join(reason.split())
 
 
+#: how much larger than the file a torch.save archive's records may declare themselves, in all
+_MAX_INFLATION = 2
+_INFLATION_SLACK = 1 << 20
+
+
+def check_torch_archive(path: Path) -> None:
+    """Refuse, before ``torch.load`` reads it, a zip archive whose records inflate to far more than the
+    file: ``torch.save`` stores records uncompressed, and torch's reader inflates deflated ones, so a
+    1 MB file declaring one 2**28-float tensor of zeros (deflated) took 1.3 GB (a zip bomb; the sum
+    over many tensors is unbounded). Other files (a legacy pickle, a damaged zip) are left to torch."""
+    try:
+        size = path.stat().st_size
+        with zipfile.ZipFile(path) as archive:
+            inflated = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return
+    if inflated > _MAX_INFLATION * size + _INFLATION_SLACK:
+        raise DataFormatError(f"{path}: its records inflate to {inflated:,} bytes from a {size:,}-byte file; torch.save "
+                              "stores them uncompressed, so this is not a checkpoint torch wrote (a zip bomb?)")
+
+
 def _read_torch(path: Path):
+    check_torch_archive(path)
     try:
         with warnings.catch_warnings():
             # a plain pickle (not torch.save's format) triggers a protocol warning; it is refused anyway

@@ -22,6 +22,7 @@ from .. import __version__
 from .._checks import check_path, show
 from .._fs import OutputFolder, atomic_write
 from ..errors import DataFormatError, InvalidInputError
+from ..models.pretrained import check_torch_archive
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_same_model",
            "check_same_config", "checkpoint_state_dict", "checkpoint_to_safetensors"]
@@ -67,6 +68,7 @@ def load_checkpoint(path: Union[str, Path], *, map_location: Any = "cpu") -> dic
     path = check_path(path, "checkpoint", error=DataFormatError)
     if not path.is_file():
         raise DataFormatError(f"{path}: no such checkpoint")
+    check_torch_archive(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError ... for damaged files
