@@ -47,3 +47,28 @@ def test_loss_create_graph_first_order_gradient_is_unchanged():
     (gb,) = torch.autograd.grad(ref_combo_loss(xb, t, focal_weight=2.0), xb)
     assert ga.requires_grad
     torch.testing.assert_close(ga.detach(), gb, rtol=1e-9, atol=1e-12)
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+@pytest.mark.parametrize("as_torch", [False, True])
+def test_best_triplet_refuses_a_non_binary_float_truth_as_kaggle_dice_does(as_torch):
+    # A bilinearly resized truth (0.5 at its edges) counted as foreground in the search, silently
+    # moving the chosen thresholds, while kaggle_dice on the same truth raised.
+    from pneumoseg import metrics
+    from pneumoseg.errors import InvalidInputError
+
+    rng = np.random.default_rng(0)
+    probs = rng.random((3, 16, 16)).astype(np.float32)
+    truths = (rng.random((3, 16, 16)) > 0.7).astype(np.float32)
+    truths[1, 0, :4] = 0.5
+    if as_torch:
+        probs, truths = torch.from_numpy(probs), torch.from_numpy(truths)
+    with pytest.raises(InvalidInputError, match="truth image 1 holds values other than 0 and 1"):
+        metrics.kaggle_dice(probs, truths, threshold=0.5)
+    with pytest.raises(InvalidInputError, match="truths image 1 of this batch holds values other than 0 and 1"):
+        metrics.best_triplet(probs, truths, tops=[0.5], min_areas=[0], bottoms=[0.4])
+    truths[1, 0, :4] = 1  # binary float truths are fine
+    choice = metrics.best_triplet(probs, truths, tops=[0.5], min_areas=[0], bottoms=[0.4])
+    assert choice.score == pytest.approx(metrics.kaggle_dice(probs, truths, threshold=0.4))

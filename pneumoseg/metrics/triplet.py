@@ -111,6 +111,7 @@ class TripletSearch:
         self._inside: list[Any] = []  # (n, len(bottom_cuts)) of them inside the truth
         self._truth_area: list[Any] = []
         self._nan: list[Any] = []  # CUDA only: per-image "probs holds NaN", checked in result()
+        self._bad_truth: list[Any] = []  # CUDA only: per-image "float truth not 0/1", checked in result()
         self._gate_scores: list[Any] = []
         # Both may still be settled by the first batch (its image area, whether it brings scores).
         self.min_areas: Optional[tuple[int, ...]] = self._given_min_areas
@@ -120,7 +121,8 @@ class TripletSearch:
     def update(self, probs: Any, truths: Any, gate_scores: Any = None) -> None:
         """Add a batch: probabilities and truth masks as the Dice metrics take them ((H, W),
         (N, H, W) or (N, 1, H, W); NumPy or torch, CPU or CUDA), and optionally the classifier's
-        per-image scores. NaN probabilities are an error (on CUDA, reported by ``result()``)."""
+        per-image scores. NaN probabilities and a float truth holding values other than 0 and 1 are
+        errors, as in the Dice metrics (on CUDA, reported by ``result()``)."""
         pair = mask_pair(probs, truths)
         dtype = pair.pred.dtype
         if not (dtype.kind == "f" if isinstance(dtype, np.dtype) else dtype.is_floating_point):
@@ -171,6 +173,11 @@ class TripletSearch:
             for k, cut in enumerate(cuts):
                 above[i, k] = np.count_nonzero(np.greater(p, cut, out=scratch))
             truth_area[i] = np.count_nonzero(t)
+            # A float truth of 0.5s (a bilinearly resized mask, say) would count as foreground and
+            # silently move the chosen thresholds; kaggle_dice refuses it, so the search does too.
+            if t.dtype.kind == "f" and truth_area[i] != np.count_nonzero(t == 1):
+                raise InvalidInputError(f"truths image {i} of this batch holds values other than 0 and 1; "
+                                        "a truth mask must be binary")
             if truth_area[i]:
                 # The truth is small: gather its pixels once, then count each bottom over them only.
                 p_inside = p[t != 0]
@@ -184,7 +191,10 @@ class TripletSearch:
         n = probs.shape[0]
         np_dtype = np.dtype(str(probs.dtype).replace("torch.", ""))
         probs = probs.reshape(n, -1)
-        truth = truths.reshape(n, -1) != 0
+        truths = truths.reshape(n, -1)
+        truth = truths != 0
+        if truths.is_floating_point():
+            self._bad_truth.append((truth & (truths != 1)).any(1))
         above = torch.stack([(probs > float(threshold_below(u, np_dtype))).sum(1) for u in self._cuts], 1)
         inside = torch.stack(
             [((probs > float(threshold_below(u, np_dtype))) & truth).sum(1) for u in self._bottom_cuts], 1
@@ -203,6 +213,10 @@ class TripletSearch:
         nan = host(self._nan) if self._nan else np.zeros(0, bool)
         if nan.any():
             raise InvalidInputError(f"probs holds NaN in {int(nan.sum())} images")
+        bad_truth = host(self._bad_truth) if self._bad_truth else np.zeros(0, bool)
+        if bad_truth.any():
+            raise InvalidInputError(f"truths holds values other than 0 and 1 in {int(bad_truth.sum())} images; "
+                                    "a truth mask must be binary")
         above, inside, truth_area = host(self._above), host(self._inside), host(self._truth_area)
         n = truth_area.shape[0]
         if n == 0:
