@@ -191,3 +191,52 @@ def test_a_zip_bomb_checkpoint_is_refused_before_torch_inflates_it(tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save(model.state_dict(), plain)
     assert load_pretrained(model, plain).loaded_keys
+
+
+# --------------------------------------------------------------------------------- model directory
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from pneumoseg.models import create_segmenter
+    from pneumoseg.models.model_dir import save_model_dir
+
+    torch.manual_seed(0)
+    seg = create_segmenter("unet", "resnet_tiny", in_channels=1, decoder_channels=(32, 16, 16, 8, 8), aux_classifier=True)
+    return save_model_dir(tmp_path / "model", {"segmenter": seg.eval()}, input_sizes={"segmenter": 64}).path
+
+
+def _edit_description(folder, edit) -> None:
+    from pneumoseg.models.model_dir import CONFIG_NAME
+
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    edit(raw)
+    (folder / CONFIG_NAME).write_text(json.dumps(raw))
+
+
+def test_a_config_asking_for_a_huge_network_is_refused_before_it_is_built(tiny_model_dir, monkeypatch):
+    """decoder_channels [20000, ...] beside the tiny weights: the network was built (14.4 GB
+    allocated and initialised; [6000, ...] took 1.5 GB and 9.5 s) before its shapes were found not to
+    match the weights. The config is now checked on the meta device, which allocates nothing."""
+    import pneumoseg.models.config as model_config
+    from pneumoseg.models.model_dir import load_model_dir
+
+    torch = pytest.importorskip("torch")
+    built_on = []
+    real_build = model_config.build_model
+
+    def recording_build(config):
+        built_on.append(torch.empty(0).device.type)  # the device the network's tensors go to
+        return real_build(config)
+
+    monkeypatch.setattr(model_config, "build_model", recording_build)
+    assert load_model_dir(tiny_model_dir).build("segmenter") is not None
+    assert built_on == ["meta", "cpu"]
+    built_on.clear()
+    _edit_description(tiny_model_dir, lambda raw: raw["networks"]["segmenter"]["config"].update(
+        decoder_channels=[20000, 16, 16, 8, 8]))
+    with pytest.raises(pneumoseg.DataFormatError, match=r"segmenter.safetensors: the weights do not match.*"
+                                                        r"\(32, 192, 3, 3\) in the file, \(20000, 192, 3, 3\) in the config"):
+        load_model_dir(tiny_model_dir).build("segmenter")
+    assert built_on == ["meta"]

@@ -335,19 +335,14 @@ class ModelDir:
 
     def build(self, name: str, *, device: Any = "cpu") -> Any:
         """The network ``name`` built from its config with its weights, in eval mode, on ``device``."""
-        from .config import build_model
+        import torch
 
         entry = self._entry(name)
         state = self.state_dict(name)  # the fingerprint first: a damaged file fails before anything is built
-        try:
-            model = build_model(entry.config)
-        except InvalidInputError as exc:
-            raise DataFormatError(f"{self.path / CONFIG_NAME}: the {name} config cannot be built: {exc}") from None
-        except (RuntimeError, MemoryError, OverflowError) as exc:  # sizes past memory: torch's allocator error
-            first_line = (str(exc).splitlines() or [""])[0]
-            raise DataFormatError(f"{self.path / CONFIG_NAME}: the {name} config cannot be built ({type(exc).__name__}: "
-                                  f"{first_line}); its sizes do not fit in memory") from None
-        expected = model.state_dict()
+        # The config's shapes are checked against the weights on a network without memory (the meta
+        # device): building it for real first, a config of decoder_channels [20000, ...] with small
+        # weights allocated and initialised 14.4 GB before the weights were found not to match.
+        expected = self._build_config(name, entry.config, torch.device("meta")).state_dict()
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
@@ -376,8 +371,22 @@ class ModelDir:
         if broken:
             raise DataFormatError(f"{self.weights_path(name)}: {len(broken)} weight tensor(s) hold NaN or infinity "
                                   f"(e.g. {broken[0]}); the {name} would answer NaN or saturate")
+        model = self._build_config(name, entry.config, torch.device("cpu"))
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
+
+    def _build_config(self, name: str, config: dict[str, Any], device: Any) -> Any:
+        from .config import build_model
+
+        try:
+            with device:
+                return build_model(config)
+        except InvalidInputError as exc:
+            raise DataFormatError(f"{self.path / CONFIG_NAME}: the {name} config cannot be built: {exc}") from None
+        except (RuntimeError, MemoryError, OverflowError) as exc:  # sizes past memory: torch's allocator error
+            first_line = (str(exc).splitlines() or [""])[0]
+            raise DataFormatError(f"{self.path / CONFIG_NAME}: the {name} config cannot be built ({type(exc).__name__}: "
+                                  f"{first_line}); its sizes do not fit in memory") from None
 
     # ---------------------------------------------------------------------------------------------
     def artefact_path(self, key: str, *, verify: bool = True) -> Path:
