@@ -159,18 +159,33 @@ def _backward(ctx, grad_loss, grad_state):
 _combo_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _checked_forward(logits, target, params, check):
+    loss, state = _run_forward(logits, target, params)
+    # Checked here, on the plain state tensor (under torch.func the op's output is a wrapper).
+    if check:
+        column = state.numpy()[:, _BAD_TARGETS] if not state.is_cuda else state[:, _BAD_TARGETS]
+        bad = int(column.sum())
+        if bad:
+            raise InvalidInputError(f"target has {bad} values outside [0, 1] (or NaN)")
+    return loss, state
+
+
+def _save_for_backward(ctx, logits, target, params, state):
+    ctx.save_for_backward(logits, target, state)
+    ctx.params = params
+    ctx.mark_non_differentiable(state)
+    # Without this autograd would hand backward a zero-filled gradient for `state` on every step:
+    # one allocation and one fill kernel per step, for a tensor nobody differentiates.
+    ctx.set_materialize_grads(False)
+
+
 class _EagerComboLoss(torch.autograd.Function):
     """The eager-mode path: the same native forward and backward as the custom ops."""
 
     @staticmethod
-    def forward(ctx, logits, target, params):
-        loss, state = _run_forward(logits, target, params)
-        ctx.save_for_backward(logits, target, state)
-        ctx.params = params
-        ctx.mark_non_differentiable(state)
-        # Without this autograd would hand backward a zero-filled gradient for `state` on every step:
-        # one allocation and one fill kernel per step, for a tensor nobody differentiates.
-        ctx.set_materialize_grads(False)
+    def forward(ctx, logits, target, params, check):
+        loss, state = _checked_forward(logits, target, params, check)
+        _save_for_backward(ctx, logits, target, params, state)
         return loss, state
 
     @staticmethod
@@ -182,7 +197,42 @@ class _EagerComboLoss(torch.autograd.Function):
                 grad_logits = _FirstOrderGradient.apply(grad_loss, logits, target, state, ctx.params)
             else:
                 grad_logits = _run_backward(grad_loss, logits, target, state, ctx.params)
-        return grad_logits, None, None
+        return grad_logits, None, None, None
+
+
+class _FunctorchComboLoss(torch.autograd.Function):
+    """The eager path under ``torch.func`` transforms, which need ``setup_context`` (``grad``,
+    ``grad_and_value``, ``functional_call`` then ``grad``); ``vmap`` has no rule (the native op reads
+    memory directly) and says so. Not the everyday path: with ``setup_context`` every ``apply`` binds
+    its arguments through ``inspect.signature`` (tens of microseconds per training step)."""
+
+    @staticmethod
+    def forward(logits, target, params, check):
+        return _checked_forward(logits, target, params, check)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        logits, target, params, _ = inputs
+        _save_for_backward(ctx, logits, target, params, output[1])
+
+    backward = _EagerComboLoss.backward
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, params, check):
+        raise _no_vmap()
+
+
+# torch's own test for "a torch.func transform is running" (what autograd.Function.apply asks); a
+# torch without it gets torch's error under torch.func instead.
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
+
+
+def _no_vmap() -> InvalidInputError:
+    return InvalidInputError(
+        "combo_loss does not support torch.func.vmap (nor jacrev / hessian, which vmap its gradient): "
+        "it already takes a batch (N, 1, H, W), so call it on the stacked batch (per_image=True for a "
+        "per-image Dice), and use torch.func.grad for its gradient"
+    )
 
 
 class _FirstOrderGradient(torch.autograd.Function):
@@ -191,8 +241,12 @@ class _FirstOrderGradient(torch.autograd.Function):
     penalty's gradient was wrong by that term, without an error), so differentiating it raises."""
 
     @staticmethod
-    def forward(ctx, grad_loss, logits, target, state, params):
+    def forward(grad_loss, logits, target, state, params):
         return _run_backward(grad_loss, logits, target, state, params)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, grad_grad_logits):
@@ -200,6 +254,10 @@ class _FirstOrderGradient(torch.autograd.Function):
             "pneumoseg's combo_loss is differentiable once: its gradient has no derivative (a double "
             "backward, a gradient penalty through the loss, or a Hessian needs a loss written in torch ops)"
         )
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        raise _no_vmap()
 
 
 _PLAIN_NUMBER_TYPES = frozenset((float, int, type(None)))
@@ -298,13 +356,9 @@ def combo_loss(
         # rows natively; every torch op saved here is host time saved in each training step.
         x = logits if logits.is_contiguous() else logits.contiguous()
         t = target if target.is_contiguous() else target.contiguous()
-        loss, state = _EagerComboLoss.apply(x, t, params)
-    check = not logits.is_cuda if validate is None else validate
-    if check and not compiling:
-        column = state.numpy()[:, _BAD_TARGETS] if not state.is_cuda else state[:, _BAD_TARGETS]
-        bad = int(column.sum())
-        if bad:
-            raise InvalidInputError(f"target has {bad} values outside [0, 1] (or NaN)")
+        check = not logits.is_cuda if validate is None else validate
+        function = _FunctorchComboLoss if _functorch_active() else _EagerComboLoss
+        loss, state = function.apply(x, t, params, check)
     return loss
 
 

@@ -49,6 +49,36 @@ def test_loss_create_graph_first_order_gradient_is_unchanged():
     torch.testing.assert_close(ga.detach(), gb, rtol=1e-9, atol=1e-12)
 
 
+def test_loss_under_torch_func_grad_matches_the_reference():
+    # torch.func.grad (functional_call-style training, meta-learning) stopped with torch's "must
+    # override the setup_context staticmethod", which names pneumoseg's internals, not the user's code.
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 1, 8, 6, generator=g, dtype=torch.float64)
+    t = torch.rand(3, 1, 8, 6, generator=g, dtype=torch.float64)
+    kw = dict(focal_weight=2.0, per_image=True, pos_weight=1.5)
+    got = torch.func.grad(lambda a: combo_loss(a, t, **kw))(x)
+    expected = torch.func.grad(lambda a: ref_combo_loss(a, t, **kw))(x)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12)
+    conv = torch.nn.Conv2d(1, 1, 3, padding=1).double()
+    params = dict(conv.named_parameters())
+    grads = torch.func.grad(lambda p: combo_loss(torch.func.functional_call(conv, p, (x,)), t))(params)
+    combo_loss(conv(x), t).backward()
+    for name, value in grads.items():
+        torch.testing.assert_close(value, params[name].grad, rtol=1e-9, atol=1e-12)
+
+
+def test_loss_under_torch_func_checks_targets_and_refuses_vmap_clearly():
+    from pneumoseg.errors import InvalidInputError
+
+    x = torch.randn(2, 1, 4, 4)
+    with pytest.raises(InvalidInputError, match="outside"):
+        torch.func.grad(lambda a: combo_loss(a, torch.full((2, 1, 4, 4), 2.0)))(x)
+    with pytest.raises(InvalidInputError, match="does not support torch.func.vmap"):
+        torch.func.vmap(lambda a, b: combo_loss(a, b))(x[:, None], torch.rand(2, 1, 1, 4, 4))
+    with pytest.raises(NotImplementedError, match="differentiable once"):
+        torch.func.grad(lambda a: torch.func.grad(lambda b: combo_loss(b, torch.rand(2, 1, 4, 4)))(a).sum())(x)
+
+
 # ------------------------------------------------------------------------------------------ metrics
 
 
