@@ -20,6 +20,10 @@ limit                      default                      what it bounds
 ``max_rle_chars``          2**28 (256 Mi characters)    one RLE string given to a decoder or read from a CSV
 ``max_csv_bytes``          2**30 (1 GiB)                an RLE CSV file (``read_rle_csv``)
 ``max_annotations``        2**20                        RLE strings painted into one image (a union)
+``max_network_pixels``     2**24 (4096 x 4096)          height x width of a network's input in a model
+                                                        directory (``input_size`` in ``pneumoseg.json``):
+                                                        every image is resized to it, and a U-Net's
+                                                        activations take hundreds of bytes per input pixel
 =========================  ===========================  =====================================================
 
 Arrays the caller already holds (a mask to encode, probabilities to post-process) are not limited:
@@ -65,6 +69,7 @@ class Limits:
     max_rle_chars: int = 2**28
     max_csv_bytes: int = 2**30
     max_annotations: int = 2**20
+    max_network_pixels: int = 2**24
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

@@ -240,3 +240,45 @@ def test_a_config_asking_for_a_huge_network_is_refused_before_it_is_built(tiny_m
                                                         r"\(32, 192, 3, 3\) in the file, \(20000, 192, 3, 3\) in the config"):
         load_model_dir(tiny_model_dir).build("segmenter")
     assert built_on == ["meta"]
+
+
+def test_a_network_input_size_past_the_limit_is_refused_on_loading(tiny_model_dir):
+    """input_size [16384, 16384] was within the image limits: `pneumoseg predict` resized every image
+    to it and the stem's convolution asked for tens of GB (a RuntimeError traceback under a 4 GB
+    ulimit, 3.4 GB used by then)."""
+    from pneumoseg import limits
+    from pneumoseg.models import create_segmenter
+    from pneumoseg.models.model_dir import load_model_dir, save_model_dir
+
+    _edit_description(tiny_model_dir, lambda raw: raw["networks"]["segmenter"].update(input_size=[16384, 16384]))
+    with pytest.raises(pneumoseg.DataFormatError, match=r"networks.segmenter.input_size=\[16384, 16384\] needs "
+                                                   "max_network_pixels >= 268,435,456"):
+        load_model_dir(tiny_model_dir)
+    with limits.override(max_network_pixels=2**28):
+        assert load_model_dir(tiny_model_dir).networks["segmenter"].input_size == (16384, 16384)
+    seg = create_segmenter("unet", "resnet_tiny", decoder_channels=(32, 16, 16, 8, 8))
+    with pytest.raises(pneumoseg.LimitError, match="max_network_pixels"):
+        save_model_dir(tiny_model_dir.parent / "other", {"segmenter": seg}, input_sizes={"segmenter": 8192})
+
+
+def test_running_out_of_memory_in_a_network_is_one_line_naming_the_batch(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """At an input size within the limit, a big batch can still exhaust memory: torch's allocator
+    error came out of a convolution as a traceback; now it is one line saying what to lower."""
+    from pneumoseg.infer.backends import TorchBackend
+
+    def exhausted(self, part, *inputs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 1342177280 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(TorchBackend, "run", exhausted)
+    predictor = pneumoseg.Predictor.from_dir(tiny_model_dir, backend="torch", device="cpu")
+    image = __import__("numpy").zeros((64, 64), "float32")
+    image[10:20, 10:20] = 1
+    with pytest.raises(pneumoseg.PneumosegError, match="out of memory predicting a batch of 1 image.*64x64 on cpu"):
+        predictor.predict([image])
+
+    from test_hostile_files import write_dicom
+
+    write_dicom(tmp_path / "a.dcm")
+    _one_line_error(capsys, ["predict", tmp_path / "a.dcm", "--model", tiny_model_dir, "--out", tmp_path / "out",
+                             "--backend", "torch", "--no-progress"], "lower the batch size")

@@ -554,8 +554,18 @@ class Predictor:
 
         from .. import postprocess, rle
 
-        with self._stream_context(), torch.inference_mode():
-            return self._run_batch(loaded, return_masks, torch, postprocess, rle, segment_all or self.segment == "all")
+        try:
+            with self._stream_context(), torch.inference_mode():
+                return self._run_batch(loaded, return_masks, torch, postprocess, rle, segment_all or self.segment == "all")
+        except Exception as exc:  # onnxruntime's errors are no RuntimeError
+            if isinstance(exc, PneumosegError) or not _out_of_memory(exc):
+                raise
+            # a traceback from deep inside a convolution told the user nothing they could change
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            h, w = self.segmenter_size
+            raise PneumosegError(f"out of memory predicting a batch of {len(loaded)} image(s) at the network input size "
+                                 f"{h}x{w} on {self.backend.device} ({first_line}); lower the batch size "
+                                 "(batch_size= / --batch-size) or use a machine with more memory") from None
 
     def _run_batch(self, loaded, return_masks, torch, postprocess, rle, segment_all: bool) -> list[Prediction]:
         import torch.nn.functional as F
@@ -670,6 +680,15 @@ class Predictor:
                                   path=str(src.path) if src.path is not None else None, mask=mask,
                                   timings=timings, batch_size=n))
         return out
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator's failure: Python's, torch's CPU or CUDA allocator's, or
+    onnxruntime's (exception types of its own)."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return any(s in text for s in ("can't allocate memory", "Failed to allocate memory", "CUDA out of memory"))
 
 
 def _tensors_in(value: Any, torch: Any) -> Iterator[Any]:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
-from .. import __version__
+from .. import __version__, limits
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, show
 from .._fs import atomic_write, folder_lock, prepare_output_folder, safe_file_name
 from ..errors import DataFormatError, InvalidInputError, OutputError
@@ -226,11 +226,19 @@ def _network_entry(name: str, entry: Any) -> NetworkEntry:
     config = _mapping(entry, "config", where=f"{what}.")
     _check_io(name, config, f"{what}.config", ValueError)
     size = check_image_size(entry["input_size"], f"{what}.input_size", low=32)
+    _check_network_pixels(size, f"{what}.input_size")
     if name == "segmenter" and (size[0] % 32 or size[1] % 32):
         raise ValueError(f"{what}.input_size must be a multiple of 32 (the U-Net halves it five times), got {list(size)}")
     return NetworkEntry(config, _relative_file(entry["weights"], f"{what}.weights"),
                         _fingerprint(entry["sha256"], f"{what}.sha256"), size,
                         _check_crop(name, entry.get("crop"), f"{what}.crop", ValueError))
+
+
+def _check_network_pixels(size: tuple[int, int], what: str) -> None:
+    # Every image is resized to the input size: an input_size of [16384, 16384] (within the image
+    # limits) made one prediction allocate tens of GB in the stem's activations, where the SIIM
+    # networks take 1024 x 1024.
+    limits.check("max_network_pixels", size[0] * size[1], f"{what}={list(size)}")
 
 
 def _artefact(key: Any, entry: Any, networks: Mapping[str, NetworkEntry]) -> Artefact:
@@ -529,6 +537,7 @@ def save_model_dir(
         if name not in input_sizes:
             raise InvalidInputError(f"input_sizes has no entry for the {name}")
         sizes[name] = check_image_size(input_sizes[name], f"input_sizes[{name!r}]", low=32)
+        _check_network_pixels(sizes[name], f"input_sizes[{name!r}]")
         if name == "segmenter" and (sizes[name][0] % 32 or sizes[name][1] % 32):
             raise InvalidInputError(f"the segmenter's input size must be a multiple of 32, got {sizes[name]}")
     entries: dict[str, dict[str, Any]] = {}
