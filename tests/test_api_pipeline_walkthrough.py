@@ -102,3 +102,27 @@ def test_best_triplet_refuses_a_non_binary_float_truth_as_kaggle_dice_does(as_to
     truths[1, 0, :4] = 1  # binary float truths are fine
     choice = metrics.best_triplet(probs, truths, tops=[0.5], min_areas=[0], bottoms=[0.4])
     assert choice.score == pytest.approx(metrics.kaggle_dice(probs, truths, threshold=0.4))
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def test_resized_masks_stay_on_their_image():
+    # resize_mask (SIIMDataset's masks, the cache's) used torch's plain "nearest", which samples each
+    # output pixel's top-left source pixel: at 1/4 scale the mask sat 1.5 source pixels up-left of the
+    # bilinearly resized image on average, and a perfect network's masks, upsampled back, lost about
+    # 1.2 points of Kaggle Dice at 256 px on the synthetic positives (0.9706 against 0.9824).
+    from pneumoseg.data import preprocess, resize_mask
+
+    errors = []
+    for r0 in range(20, 28):  # every phase of the 4:1 grid, for both edges
+        for length in range(20, 28):
+            mask = np.zeros((96, 96), np.uint8)
+            mask[r0:r0 + length, 40:60] = 1
+            small = resize_mask(mask, 24)[0, 0]
+            # where the image is: the same rectangle as a picture through preprocess's bilinear resize
+            image = preprocess(mask.astype(np.float32), 24)[0, 0] * 0.25 + 0.5
+            rows = torch.arange(24.0)[:, None]
+            errors.append(float((small * rows).sum() / small.sum() - (image * rows).sum() / image.sum()))
+    # centred sampling leaves a half source pixel (1/8 output pixel) of tie-breaking; "nearest" 3/8
+    assert abs(np.mean(errors)) < 0.2 and max(map(abs, errors)) <= 0.5 + 1e-6

@@ -43,8 +43,10 @@ def test_dataset_items(synth):
         assert item["label"].item() == ds.labels[i]
         assert bool(item["mask"].any()) == bool(item["label"].item())
         full = rle.decode_union(rles[item["image_id"]], (96, 96))
-        # nearest-neighbour resizing keeps the mask where it was
-        small = torch.nn.functional.interpolate(torch.from_numpy(full)[None, None].float(), size=(64, 64), mode="nearest")
+        # pixel-centred nearest neighbour: output pixel i takes source pixel floor((i + 0.5) * 96 / 64),
+        # the pixel under its centre, so the mask stays where the (bilinearly resized) image is
+        centre = np.floor((np.arange(64) + 0.5) * 96 / 64).astype(int)
+        small = torch.from_numpy(full[np.ix_(centre, centre)]).float()[None, None]
         assert torch.equal(item["mask"], small[0])
 
 

@@ -397,7 +397,7 @@ class CachedDataset(torch.utils.data.Dataset):
         if mask is not None:
             m = mask[None].float()
             if self.image_size != self.size:
-                m = F.interpolate(m, size=self.image_size, mode="nearest")
+                m = F.interpolate(m, size=self.image_size, mode="nearest-exact")  # as resize_mask
         if self.transforms is not None:
             if m is not None:
                 x, m = self.transforms(x, m)

@@ -81,7 +81,12 @@ def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Te
 
 
 def resize_mask(mask: Any, size: Union[int, tuple[int, int]]) -> torch.Tensor:
-    """(N, 1, H, W) or (H, W) 0/1 masks resized by nearest neighbour to float32 (N, 1, S, S)."""
+    """(N, 1, H, W) or (H, W) 0/1 masks resized by nearest neighbour to float32 (N, 1, S, S).
+
+    Pixel-centred (``nearest-exact``), as ``preprocess``'s bilinear resize of the image is: torch's
+    plain ``nearest`` samples each output pixel's top-left source pixel, which put the mask
+    (s - 1) / 2 source pixels up and left of its image for a resize by 1/s (1.5 px at 1024 -> 256),
+    an offset a network then learns and the bilinear upsampling of its output keeps."""
     size = check_image_size(size, "size")
     m = _as_batch(mask, "mask")
     if m.numel() == 0:
@@ -90,7 +95,7 @@ def resize_mask(mask: Any, size: Union[int, tuple[int, int]]) -> torch.Tensor:
         raise InvalidInputError("mask contains NaN or infinity")
     m = m.float()
     if tuple(m.shape[2:]) != tuple(size):
-        m = F.interpolate(m, size=size, mode="nearest")
+        m = F.interpolate(m, size=size, mode="nearest-exact")
     return m
 
 
