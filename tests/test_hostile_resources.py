@@ -282,3 +282,42 @@ def test_running_out_of_memory_in_a_network_is_one_line_naming_the_batch(tiny_mo
     write_dicom(tmp_path / "a.dcm")
     _one_line_error(capsys, ["predict", tmp_path / "a.dcm", "--model", tiny_model_dir, "--out", tmp_path / "out",
                              "--backend", "torch", "--no-progress"], "lower the batch size")
+
+
+# --------------------------------------------------------------------------- a run folder to resume
+
+def _resume_state(model):
+    return {"model": model.state_dict(), "ema": None,
+            "progress": {"stage": 0, "epoch": 1, "batch": 0, "global_step": 2, "global_epoch": 1,
+                         "stage_started": True, "stage_best": [0.5, -1.0], "bad_epochs": 0, "finished": False,
+                         "loss_sum": 0.0, "loss_count": 0},
+            "history": [{"epoch": 1}], "thresholds": None,
+            "top_k": [{"score": 0.5, "key": [0.5, -1.0], "epoch": 1, "file": "epoch-001.pt"}]}
+
+
+@pytest.mark.parametrize("change, expected", [
+    # a top-k entry is deleted when a better epoch replaces it: '../../victim.txt' deleted a file
+    # outside the run folder (seen with `pneumoseg train --resume`)
+    (lambda s: s["top_k"][0].update(file="../../victim.txt"), "its top_k is not a list"),
+    (lambda s: s["top_k"][0].update(file="/etc/hostname"), "its top_k is not a list"),
+    (lambda s: s["top_k"][0].pop("key"), "its top_k is not a list"),
+    (lambda s: s["model"].update({"encoder.conv1.weight": __import__("torch").zeros(3, 3, 3, 3)}),
+     r"its model weights do not fit the network: 1 of another shape \(e.g. encoder.conv1.weight: \(3, 3, 3, 3\) "
+     r"in the checkpoint"),  # load_state_dict's RuntimeError traceback
+    (lambda s: s["model"].pop("encoder.conv1.weight"), "its model weights do not fit the network: 1 missing"),
+    (lambda s: s.update(ema={"decay": 0.9, "updates": 2, "weights": {}}), "its EMA weights do not fit"),
+    (lambda s: s["progress"].update(stage="x"), "its progress field.s. stage are not"),  # TypeError in range()
+    (lambda s: s.update(progress="x"), "its progress is not a mapping"),  # ValueError from dict.update
+    (lambda s: s.update(history=[1, 2]), "its history is not a list of rows"),  # TypeError
+])
+def test_a_checkpoint_that_cannot_resume_the_run_is_refused_before_it_is_used(tmp_path, change, expected):
+    pytest.importorskip("torch")
+    from pneumoseg.models import create_segmenter
+    from pneumoseg.train.checkpoint import check_resume_state
+
+    model = create_segmenter("unet", "resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))
+    check_resume_state(_resume_state(model), model, tmp_path / "last.pt")  # what training writes
+    state = _resume_state(model)
+    change(state)
+    with pytest.raises(pneumoseg.DataFormatError, match=f"last.pt: the checkpoint cannot resume this run: {expected}"):
+        check_resume_state(state, model, tmp_path / "last.pt")

@@ -13,6 +13,8 @@ augmentation generator states), ``sampler``, ``metrics`` (of the last validation
 from __future__ import annotations
 
 import io
+import math
+import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
@@ -25,7 +27,7 @@ from ..errors import DataFormatError, InvalidInputError
 from ..models.pretrained import check_torch_archive
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_same_model",
-           "check_same_config", "checkpoint_state_dict", "checkpoint_to_safetensors"]
+           "check_same_config", "check_resume_state", "check_checkpoint_weights", "checkpoint_state_dict", "checkpoint_to_safetensors"]
 
 CHECKPOINT_FORMAT = "pneumoseg-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -164,6 +166,92 @@ def check_same_config(saved: Mapping[str, Any], current: Mapping[str, Any], wher
         more = f" and {len(diff) - 3} more" if len(diff) > 3 else ""
         raise ConfigError(f"config field {section}{first}: {where} was trained with another config ({details}{more}); "
                           "--resume continues a run as it was configured: train into a new run folder to change it")
+
+
+_TOP_K_FILE = re.compile(r"epoch-[0-9]{3,}\.pt")
+_PROGRESS_COUNTS = ("stage", "epoch", "batch", "global_step", "global_epoch", "bad_epochs", "loss_count")
+
+
+def _weights_fit(module: torch.nn.Module, weights: Any, what: str) -> str:
+    """'' when ``weights`` is a state dict of ``module``'s names and shapes, else what differs."""
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        return f"{what} is not a state dict of tensors"
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    wrong = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items()
+             if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k, got, want = wrong[0]
+        parts.append(f"{len(wrong)} of another shape (e.g. {k}: {got} in the checkpoint, {want} in the network)")
+    return f"{what} do not fit the network: " + "; ".join(parts) if parts else ""
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _weight_problems(state: Mapping[str, Any], model: torch.nn.Module) -> list[str]:
+    problems = [_weights_fit(model, state.get("model"), "its model weights")]
+    ema = state.get("ema")
+    if ema is not None:
+        if not isinstance(ema, Mapping) or not _number(ema.get("decay")) or not _whole(ema.get("updates")):
+            problems.append("its ema is not a mapping of decay, updates and weights")
+        else:
+            problems.append(_weights_fit(model, ema.get("weights"), "its EMA weights"))
+    return [p for p in problems if p]
+
+
+def check_checkpoint_weights(state: Mapping[str, Any], model: torch.nn.Module, where: Any) -> None:
+    """Refuse a checkpoint whose model (or EMA) weights do not fit ``model``, naming the first
+    difference (``load_state_dict`` raised a RuntimeError listing every key)."""
+    problems = _weight_problems(state, model)
+    if problems:
+        raise DataFormatError(f"{where}: the checkpoint does not fit this run: {'; '.join(problems)}")
+
+
+def check_resume_state(state: Mapping[str, Any], model: torch.nn.Module, where: Any) -> None:
+    """Refuse, before a resumed run uses it, a checkpoint whose weights do not fit ``model`` or whose
+    progress, history or top-k list are not what pneumoseg writes: these came out as RuntimeError,
+    TypeError or KeyError tracebacks, and a top-k entry naming '../../file' deleted that file outside
+    the run folder when a better epoch replaced it."""
+    problems = _weight_problems(state, model)
+    progress = state.get("progress")
+    if not isinstance(progress, Mapping) or not all(isinstance(k, str) for k in progress):
+        problems.append("its progress is not a mapping")
+    else:
+        bad = [k for k in _PROGRESS_COUNTS if k in progress and not _whole(progress[k])]
+        bad += [k for k in ("stage_started", "finished") if k in progress and not isinstance(progress[k], bool)]
+        bad += [k for k in ("loss_sum",) if k in progress and not _number(progress[k])]
+        best = progress.get("stage_best")
+        if best is not None and (not isinstance(best, list) or not all(_number(v) for v in best)):
+            bad.append("stage_best")
+        if bad:
+            problems.append(f"its progress field(s) {', '.join(bad)} are not counts, flags or numbers")
+    history = state.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(row, Mapping) for row in history):
+        problems.append("its history is not a list of rows")
+    top_k = state.get("top_k", [])
+    if not isinstance(top_k, list) or not all(
+            isinstance(e, Mapping) and isinstance(e.get("file"), str) and _TOP_K_FILE.fullmatch(e["file"])
+            and _whole(e.get("epoch")) and _number(e.get("score")) and isinstance(e.get("key"), list)
+            and all(_number(v) for v in e["key"]) for e in top_k):
+        problems.append("its top_k is not a list of {score, key, epoch, file: 'epoch-NNN.pt'} entries")
+    thresholds = state.get("thresholds")
+    if thresholds is not None and not isinstance(thresholds, Mapping):
+        problems.append("its thresholds are not a mapping")
+    problems = [p for p in problems if p]
+    if problems:
+        raise DataFormatError(f"{where}: the checkpoint cannot resume this run: {'; '.join(problems)}")
 
 
 def checkpoint_state_dict(checkpoint: Union[str, Path, Mapping[str, Any]], *, ema: Optional[bool] = None) -> dict[str, torch.Tensor]:

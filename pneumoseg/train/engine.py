@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._fs import OutputFolder, prepare_output_folder
-from ..errors import DataFormatError, InvalidInputError, OutputError, TrainingError
+from ..errors import DataFormatError, InvalidInputError, OutputError, PneumosegError, TrainingError
 from . import distributed as D
-from .checkpoint import check_same_config, check_same_model, load_checkpoint, save_checkpoint
+from .checkpoint import check_checkpoint_weights, check_resume_state, check_same_config, check_same_model, load_checkpoint, save_checkpoint
 from .config import ConfigError, StageConfig, TrainConfig
 from .data import RunData, build_data
 from .ema import ModelEMA
@@ -294,6 +294,7 @@ class Trainer:
             state = load_checkpoint(path)
             check_same_model(state["model_config"], self.model_config, path)
             check_same_config(state["config"], cfg.to_dict(), path, section)
+            check_resume_state(state, self.model, path)
             self.resume_state = state
         self.stages = cfg.stage_list()
         self.global_batch = cfg.batch_size * self.info.world_size
@@ -580,16 +581,25 @@ class Trainer:
             schedule = StageSchedule(optimizer, stage.scheduler, lr=lr, epochs=stage.epochs,
                                      steps_per_epoch=self.steps_per_epoch, maximize=self.maximize)
             if progress["stage_started"]:
-                optimizer.load_state_dict(st["optimizer"])
-                schedule.load_state_dict(st["schedule"])
-                if scaler is not None and st.get("scaler") is not None:
-                    scaler.load_state_dict(st["scaler"])
-                self._set_rng_state(st["rng"], augment)
+                try:
+                    optimizer.load_state_dict(st["optimizer"])
+                    schedule.load_state_dict(st["schedule"])
+                    if scaler is not None and st.get("scaler") is not None:
+                        scaler.load_state_dict(st["scaler"])
+                    self._set_rng_state(st["rng"], augment)
+                except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+                    if isinstance(exc, PneumosegError):
+                        raise
+                    # torch's own loaders raise these for a damaged or foreign optimizer or RNG state
+                    first = (str(exc).splitlines() or [""])[0]
+                    raise DataFormatError(f"{self.out / 'checkpoints' / LAST}: the checkpoint's optimizer, schedule "
+                                          f"or random state cannot be restored ({type(exc).__name__}: {first})") from None
             else:
                 if stage.init == "best" and s_idx > 0:
                     best_path = self.out / "checkpoints" / STAGE_BEST
                     if best_path.is_file():
                         best = load_checkpoint(best_path)
+                        check_checkpoint_weights(best, model, best_path)
                         model.load_state_dict(best["model"])
                         if ema is not None and best.get("ema") is not None:
                             ema.load_state_dict(best["ema"])
@@ -811,6 +821,7 @@ class Trainer:
             best_path = self.out / "checkpoints" / top_k[0]["file"]
             if top_k[0]["epoch"] != progress["global_epoch"] or self.resume_state is not None:
                 best = load_checkpoint(best_path)  # otherwise the weights in memory are the best epoch's
+                check_checkpoint_weights(best, self.model, best_path)
                 self.model.load_state_dict(best["model"])
                 if ema is not None and best.get("ema") is not None:
                     ema.load_state_dict(best["ema"])
