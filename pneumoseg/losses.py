@@ -20,6 +20,7 @@ The ops are registered with ``torch.library.custom_op`` (with fake functions and
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Union
 
 import torch
@@ -273,6 +274,14 @@ def _plain_params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, po
 
 def _number(value, name: str) -> float:
     """A non-negative finite weight: a real number or a one-element tensor, never a bool or a str."""
+    if type(value) in (float, int) and torch.compiler.is_compiling():
+        # Under torch.compile(dynamic=True) dynamo turns float arguments (the defaults too) into
+        # symbolic floats, and math.isnan on one breaks the graph: fullgraph=True failed on every
+        # call. One comparison checks the same (NaN fails it) and traces.
+        number = float(value)
+        if not 0.0 <= number < math.inf:
+            raise InvalidInputError(f"{name} must be a finite number >= 0, got {value!r}")
+        return number
     return check_real(value, name, low=0.0)
 
 

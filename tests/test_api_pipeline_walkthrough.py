@@ -79,6 +79,27 @@ def test_loss_under_torch_func_checks_targets_and_refuses_vmap_clearly():
         torch.func.grad(lambda a: torch.func.grad(lambda b: combo_loss(b, torch.rand(2, 1, 4, 4)))(a).sum())(x)
 
 
+@pytest.mark.slow  # dynamo's first trace in a process: about 7 s on 2 cores
+def test_loss_compiles_with_dynamic_shapes_in_one_graph():
+    # torch.compile(..., dynamic=True, fullgraph=True) failed on every call ("torch.* op returned
+    # non-Tensor": math.isnan on the symbolic float dynamo makes of a float argument or default).
+    from pneumoseg.losses import ComboLoss
+
+    criterion = ComboLoss(bce_weight=3, dice_weight=1, focal_weight=4, per_image=True)
+    # dynamo's tracing is what failed: the eager backend traces the same, without inductor's minutes
+    compiled = torch.compile(lambda x, t, w: criterion(x, t) + combo_loss(x, t, bce_weight=w), dynamic=True,
+                             fullgraph=True, backend="eager")
+    g = torch.Generator().manual_seed(3)
+    for n, h, w in [(2, 8, 8), (3, 16, 12)]:
+        x = torch.randn(n, 1, h, w, generator=g, requires_grad=True)
+        t = (torch.rand(n, 1, h, w, generator=g) > 0.5).float()
+        (got,) = torch.autograd.grad(loss := compiled(x, t, 2.5), x)
+        expected_loss = criterion(x, t) + combo_loss(x, t, bce_weight=2.5)
+        (expected,) = torch.autograd.grad(expected_loss, x)
+        torch.testing.assert_close(loss, expected_loss)
+        torch.testing.assert_close(got, expected)
+
+
 # ------------------------------------------------------------------------------------------ metrics
 
 
