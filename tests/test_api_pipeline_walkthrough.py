@@ -147,3 +147,40 @@ def test_resized_masks_stay_on_their_image():
             errors.append(float((small * rows).sum() / small.sum() - (image * rows).sum() / image.sum()))
     # centred sampling leaves a half source pixel (1/8 output pixel) of tie-breaking; "nearest" 3/8
     assert abs(np.mean(errors)) < 0.2 and max(map(abs, errors)) <= 0.5 + 1e-6
+
+
+class _AugmentedRamps(torch.utils.data.Dataset):
+    """A user's dataset with an Augment as its per-item transform."""
+
+    def __init__(self, seed):
+        from pneumoseg.data import Augment
+
+        self.augment = Augment(hflip=0.5, affine_p=1.0, seed=seed)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        return self.augment(torch.arange(64.0).reshape(1, 1, 8, 8))[0]
+
+
+def _epoch(loader):
+    return torch.cat(list(loader))
+
+
+def test_augment_draws_differently_in_each_dataloader_worker_and_epoch():
+    # Augment() started from torch.Generator()'s one fixed seed, and each DataLoader worker got a copy
+    # of it: both workers drew the same augmentations, and every epoch repeated the first.
+    from pneumoseg.data import Augment
+
+    x = torch.rand(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(Augment()(x), Augment()(x))  # seed=None: fresh entropy
+    assert torch.equal(Augment(seed=5)(x), Augment(seed=5)(x))
+    loader = torch.utils.data.DataLoader(_AugmentedRamps(seed=5), batch_size=1, num_workers=2,
+                                         generator=torch.Generator().manual_seed(1))
+    first, second = _epoch(loader), _epoch(loader)
+    assert not torch.equal(first[0::2], first[1::2])  # worker 0's items against worker 1's
+    assert not torch.equal(first, second)
+    again = torch.utils.data.DataLoader(_AugmentedRamps(seed=5), batch_size=1, num_workers=2,
+                                        generator=torch.Generator().manual_seed(1))
+    assert torch.equal(_epoch(again), first)  # reproducible from the loader's generator

@@ -167,7 +167,13 @@ class Augment:
     horizontal flip, shift-scale-rotate (one affine warp: bilinear for images, nearest for masks), and
     brightness / contrast / gamma on the images only.
 
-    ``augment(images, masks)`` takes (N, 1, H, W) tensors (masks may be None) and returns both."""
+    ``augment(images, masks)`` takes (N, 1, H, W) tensors (masks may be None) and returns both.
+
+    ``seed`` makes the draws reproducible; ``None`` seeds from fresh entropy (different every run).
+    Inside a DataLoader worker (an ``Augment`` used as a dataset's ``transforms``) each worker draws
+    from its own generator, seeded from the worker's torch seed and ``seed``: every worker and every
+    epoch gets different augmentations, reproducibly when the loader's ``generator`` (or torch's
+    global seed) is fixed."""
 
     def __init__(
         self,
@@ -201,9 +207,25 @@ class Augment:
         self.hflip, self.shift, self.scale, self.rotate = hflip, shift, scale, rotate_degrees
         self.affine_p, self.brightness, self.contrast, self.gamma = affine_p, brightness, contrast, gamma
         self.intensity_p = intensity_p
+        self.seed = seed
         self.generator = torch.Generator()
+        # torch.Generator() starts from one fixed seed: without this every Augment() drew the same
+        # augmentations in every run.
         if seed is not None:
             self.generator.manual_seed(seed)
+        else:
+            self.generator.seed()
+        self._worker_seed: Optional[int] = None
+
+    def _use_worker_generator(self) -> None:
+        """In a DataLoader worker, draw from a generator of the worker's own. The copy of the parent's
+        generator each worker got drew the same augmentations in all of them, and, as workers start
+        afresh each epoch, the same ones every epoch."""
+        info = torch.utils.data.get_worker_info()
+        if info is not None and info.seed != self._worker_seed:
+            self._worker_seed = info.seed
+            self.generator = torch.Generator()
+            self.generator.manual_seed(hash((info.seed, -1 if self.seed is None else self.seed)) % 2**63)
 
     def _uniform(self, n: int, lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=self.generator, dtype=torch.float64)
@@ -225,6 +247,7 @@ class Augment:
         if masks is not None and masks.shape != images.shape:
             raise InvalidInputError(f"masks shape {tuple(masks.shape)} differs from images {tuple(images.shape)}")
         n, device = images.shape[0], images.device
+        self._use_worker_generator()
         # Random numbers come from a CPU generator so results do not depend on the device. They are
         # all drawn first and reach a CUDA device in one non-blocking copy from pinned memory: a
         # plain copy of each (six per call) would wait for the GPU to finish every queued kernel.
