@@ -184,3 +184,24 @@ def test_augment_draws_differently_in_each_dataloader_worker_and_epoch():
     again = torch.utils.data.DataLoader(_AugmentedRamps(seed=5), batch_size=1, num_workers=2,
                                         generator=torch.Generator().manual_seed(1))
     assert torch.equal(_epoch(again), first)  # reproducible from the loader's generator
+
+
+def test_dataset_transforms_are_called_as_documented(tmp_path):
+    # The docstring said transforms(image, mask) with "mask may be None", but without a mask the
+    # dataset calls transforms(image) and takes one tensor back: a transform written to the docstring
+    # (two arguments, a pair back) failed with a TypeError on classification items.
+    pytest.importorskip("pydicom")
+    from pneumoseg.data import Augment, SIIMDataset, make_synthetic_siim
+
+    csv = make_synthetic_siim(tmp_path / "siim", n_images=2, size=32)
+    calls = []
+
+    def record(image, *mask):
+        calls.append(len(mask))
+        return (image, *mask) if mask else image
+
+    for task, arity in (("segmentation", 1), ("classification", 0)):
+        item = SIIMDataset(tmp_path / "siim", csv, image_size=32, task=task, transforms=record)[0]
+        assert calls[-1] == arity and item["image"].shape == (1, 32, 32)
+        SIIMDataset(tmp_path / "siim", csv, image_size=32, task=task, transforms=Augment(seed=0))[0]
+    assert SIIMDataset.__doc__.count("transforms(image)") == 1

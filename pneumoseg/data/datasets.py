@@ -28,7 +28,9 @@ class SIIMDataset(torch.utils.data.Dataset):
     ``task="classification"`` leaves the mask out. DICOMs absent from the CSV are not mixed in: they
     are listed in ``unlabelled`` and reported with a ``DataWarning``, as are CSV rows without a file
     (``missing_files``). Without a CSV (a test set) every DICOM is an item.
-    ``transforms(image, mask)`` receives and returns (1, 1, S, S) tensors (mask may be None).
+    ``transforms`` gets (1, 1, S, S) tensors: called ``transforms(image, mask)`` returning
+    ``(image, mask)`` when the item has a mask, and ``transforms(image)`` returning the image when it
+    has none (``task="classification"`` or no CSV), as ``Augment`` takes them.
     """
 
     def __init__(
