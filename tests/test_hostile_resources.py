@@ -321,3 +321,22 @@ def test_a_checkpoint_that_cannot_resume_the_run_is_refused_before_it_is_used(tm
     change(state)
     with pytest.raises(pneumoseg.DataFormatError, match=f"last.pt: the checkpoint cannot resume this run: {expected}"):
         check_resume_state(state, model, tmp_path / "last.pt")
+
+
+@pytest.mark.parametrize("shape, expected", [("shared", "holds more than 100,000 values"),
+                                             ("deep", "nests deeper than 100 levels")])
+def test_a_checkpoint_config_that_expands_or_nests_without_bound_is_refused_on_loading(tmp_path, shape, expected):
+    """The pickle's memo shares objects: a config holding one mapping twice per level, 22 levels deep
+    (4 million leaves in a 4 MB file), made --resume's config comparison run past a minute (20
+    levels: 48 s, 509 MB); 3000 levels raised RecursionError."""
+    torch = pytest.importorskip("torch")
+    from pneumoseg.train.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint
+
+    node: object = {"leaf": 1}
+    for _ in range(40 if shape == "shared" else 150):
+        node = {"a": node, "b": node} if shape == "shared" else {"a": node}
+    torch.save({"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "model": {}, "model_config": {},
+                "config": {"log": node}}, tmp_path / "last.pt")
+    assert (tmp_path / "last.pt").stat().st_size < 2**16
+    with pytest.raises(pneumoseg.DataFormatError, match=f"last.pt: not a checkpoint pneumoseg wrote .it {expected}"):
+        load_checkpoint(tmp_path / "last.pt")

@@ -64,6 +64,31 @@ def save_checkpoint(folder: OutputFolder, name: str, payload: Mapping[str, Any])
     return folder.path / "checkpoints" / name
 
 
+#: values (containers and leaves, shared ones counted each time they are reached) and nesting a
+#: checkpoint may hold: a real one has a few thousand, a few levels deep
+_MAX_VALUES = 100_000
+_MAX_DEPTH = 100
+
+
+def _check_bounded(data: Any, path: Path) -> None:
+    """Refuse a checkpoint whose containers are nested too deeply or, shared through the pickle's
+    memo, expand past :data:`_MAX_VALUES`: comparing such a config with the run's (--resume) raised
+    RecursionError at 3000 levels, and a 4 MB checkpoint whose config shares one mapping twice per
+    level, 22 levels deep (4 million leaves), ran past a minute. Iterative, and stops at the limit."""
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > _MAX_VALUES or depth > _MAX_DEPTH:
+            what = f"holds more than {_MAX_VALUES:,} values" if seen > _MAX_VALUES else f"nests deeper than {_MAX_DEPTH} levels"
+            raise DataFormatError(f"{path}: not a checkpoint pneumoseg wrote (it {what})")
+        if isinstance(node, Mapping):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def load_checkpoint(path: Union[str, Path], *, map_location: Any = "cpu") -> dict[str, Any]:
     """A pneumoseg training checkpoint, read with ``weights_only=True``; anything else (a file of
     another program, a newer format, a damaged file) is a :class:`pneumoseg.DataFormatError`."""
@@ -78,6 +103,7 @@ def load_checkpoint(path: Union[str, Path], *, map_location: Any = "cpu") -> dic
         raise DataFormatError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {first})") from None
     if not isinstance(data, dict) or data.get("format") != CHECKPOINT_FORMAT:
         raise DataFormatError(f"{path}: not a pneumoseg training checkpoint")
+    _check_bounded(data, path)
     version = data.get("format_version")
     if not isinstance(version, int) or version > CHECKPOINT_VERSION:
         raise DataFormatError(f"{path}: checkpoint format {version!r} written by pneumoseg "
