@@ -205,3 +205,16 @@ def test_dataset_transforms_are_called_as_documented(tmp_path):
         assert calls[-1] == arity and item["image"].shape == (1, 32, 32)
         SIIMDataset(tmp_path / "siim", csv, image_size=32, task=task, transforms=Augment(seed=0))[0]
     assert SIIMDataset.__doc__.count("transforms(image)") == 1
+
+
+def test_chest_crop_box_is_python_ints():
+    # Annotated tuple[int, int, int, int], it returned NumPy int64s for some sides: json.dumps of the
+    # box (a crop log) raised "Object of type int64 is not JSON serializable".
+    import json
+
+    from pneumoseg.data import chest_crop, chest_phantom
+
+    image, _ = chest_phantom(128, np.random.default_rng(0), False)
+    box = chest_crop(image)
+    assert all(type(v) is int for v in box) and json.loads(json.dumps(box)) == list(box)
+    assert box != (0, 128, 0, 128)  # the phantom's border was found, so the NumPy path ran

@@ -138,7 +138,9 @@ def chest_crop(pixels: np.ndarray, margin: float = 0.02) -> tuple[int, int, int,
     if rows.size == 0 or cols.size == 0:
         return 0, h, 0, w
     mr, mc = int(round(margin * h)), int(round(margin * w))
-    return max(0, rows[0] - mr), min(h, rows[-1] + 1 + mr), max(0, cols[0] - mc), min(w, cols[-1] + 1 + mc)
+    # Python ints, as annotated: NumPy's int64 from np.nonzero would not go into JSON (a crop log, a config)
+    return (int(max(0, rows[0] - mr)), int(min(h, rows[-1] + 1 + mr)), int(max(0, cols[0] - mc)),
+            int(min(w, cols[-1] + 1 + mc)))
 
 
 def crop_to_chest(images: torch.Tensor, size: Union[int, tuple[int, int]]) -> torch.Tensor:
