@@ -340,3 +340,16 @@ def test_a_checkpoint_config_that_expands_or_nests_without_bound_is_refused_on_l
     assert (tmp_path / "last.pt").stat().st_size < 2**16
     with pytest.raises(pneumoseg.DataFormatError, match=f"last.pt: not a checkpoint pneumoseg wrote .it {expected}"):
         load_checkpoint(tmp_path / "last.pt")
+
+
+def test_a_description_nested_hundreds_of_levels_deep_is_refused_on_loading(tiny_model_dir, capsys):
+    """900 nested lists in pneumoseg.json's free-form training section parse (json.loads goes to about
+    1000), but `pneumoseg export` then copied and rewrote the description and hit RecursionError."""
+    from pneumoseg.models.model_dir import load_model_dir
+
+    _edit_description(tiny_model_dir, lambda raw: raw["training"].update(x=json.loads("[" * 900 + "]" * 900)))
+    with pytest.raises(pneumoseg.DataFormatError, match="pneumoseg.json: .*nested deeper than 64 levels"):
+        load_model_dir(tiny_model_dir)
+    _one_line_error(capsys, ["export", tiny_model_dir], "nested deeper than 64 levels")
+    _edit_description(tiny_model_dir, lambda raw: raw["training"].update(x=json.loads("[" * 40 + "]" * 40)))
+    load_model_dir(tiny_model_dir).save()

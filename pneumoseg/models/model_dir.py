@@ -569,6 +569,24 @@ def save_model_dir(
     return model_dir
 
 
+_MAX_DEPTH = 64
+
+
+def _check_depth(raw: Any, where: Path) -> None:
+    """Refuse nesting deeper than :data:`_MAX_DEPTH`: json.loads reads up to about 1000 levels, but
+    rewriting the description (an export copies and writes it) recursed past Python's limit at 900
+    levels in a free-form section such as ``training`` (a RecursionError traceback)."""
+    stack = [(raw, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise DataFormatError(f"{where}: not a pneumoseg model description (nested deeper than {_MAX_DEPTH} levels)")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def load_model_dir(path: Union[str, Path]) -> ModelDir:
     """Read a model directory's ``pneumoseg.json`` (weights are read by ``build``). A folder written by
     a newer format, a missing or malformed description: :class:`pneumoseg.DataFormatError` naming it."""
@@ -589,6 +607,7 @@ def load_model_dir(path: Union[str, Path]) -> ModelDir:
         raise DataFormatError(f"{config}: not valid JSON (nested too deeply)") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise DataFormatError(f"{config}: not a pneumoseg model description (format {raw.get('format') if isinstance(raw, dict) else None!r})")
+    _check_depth(raw, config)
     version = raw.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise DataFormatError(f"{config}: format_version must be a positive integer, got {version!r}")
