@@ -254,15 +254,14 @@ class TestSegmenter:
 
 # The encoder is traced the same way in both architectures and U-Net++'s decoder uses every module
 # U-Net's does, so one compile per encoder (U-Net++) plus the small U-Net covers every code path.
-COMPILE_CASES = [pytest.param(e, "unet++", id=f"{e}-unet++", marks=_MARKS[e]) for e in ENCODERS] + [
-    pytest.param(SMALL_ENCODER, "unet", id=f"{SMALL_ENCODER}-unet")]
+# The cases are the ``seg`` fixture's own params (indirect), so pytest runs each compile in that
+# fixture's group and it reuses the model built there instead of building and calibrating it again.
+COMPILE_CASES = [p for p in SEGMENTER_CASES if p.values[0][1] == "unet++" or p.values[0][0] == SMALL_ENCODER]
 
 
-@pytest.mark.parametrize("encoder, arch", COMPILE_CASES)
-def test_segmenter_compiles_fullgraph(encoder, arch):
-    torch.manual_seed(0)
-    model = create_segmenter(arch, encoder, aux_classifier=True, attention="scse")
-    _check_compile_eager_fullgraph(Case(encoder, model, arch))
+@pytest.mark.parametrize("seg", COMPILE_CASES, indirect=True)
+def test_segmenter_compiles_fullgraph(seg):
+    _check_compile_eager_fullgraph(seg)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
