@@ -6,6 +6,7 @@ here allocates much: each hostile file is small, and what it would have cost is 
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import pytest
 
@@ -353,3 +354,40 @@ def test_a_description_nested_hundreds_of_levels_deep_is_refused_on_loading(tiny
     _one_line_error(capsys, ["export", tiny_model_dir], "nested deeper than 64 levels")
     _edit_description(tiny_model_dir, lambda raw: raw["training"].update(x=json.loads("[" * 40 + "]" * 40)))
     load_model_dir(tiny_model_dir).save()
+
+
+def _safetensors_file(path, declared: int, total: Optional[int] = None) -> None:
+    """A safetensors file listing one float tensor of ``declared`` bytes, zeros up to ``total`` bytes
+    (default: where the tensor ends); sparse, so nothing but the header is written."""
+    import struct
+
+    text = json.dumps({"w": {"dtype": "F32", "shape": [declared // 4], "data_offsets": [0, declared]}}).encode()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        f.truncate(total if total is not None else 8 + len(text) + declared)
+
+
+@pytest.mark.parametrize("declared, total, expected", [
+    # a small header padded to 1 GiB: the whole file was read into memory before the fingerprint
+    # and safetensors refused it (6 GB: a MemoryError traceback under a 4 GB ulimit)
+    (16, 2**30, r"not a readable safetensors file \(its header describes [0-9]+ bytes, the file has 1,073,741,824\)"),
+    # a header honestly listing one 1 GiB tensor the config does not have
+    (2**30, None, "the weights do not match the segmenter config in pneumoseg.json: 136 missing"),
+])
+def test_big_weights_files_are_refused_from_their_header_before_being_read(tiny_model_dir, monkeypatch,
+                                                                           declared, total, expected):
+    from pathlib import Path
+
+    from pneumoseg.models.model_dir import load_model_dir
+
+    weights = tiny_model_dir / "segmenter.safetensors"
+    _safetensors_file(weights, declared, total)
+    read_whole = Path.read_bytes
+
+    def refuse_to_read_the_weights(self):
+        assert self != weights, "the weights were read whole"
+        return read_whole(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_to_read_the_weights)
+    with pytest.raises(pneumoseg.DataFormatError, match=expected):
+        load_model_dir(tiny_model_dir).build("segmenter")

@@ -241,6 +241,39 @@ def _check_network_pixels(size: tuple[int, int], what: str) -> None:
     limits.check("max_network_pixels", size[0] * size[1], f"{what}={list(size)}")
 
 
+_SAFETENSORS_MAX_HEADER = 100 * 2**20  # safetensors' own limit
+
+
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """The tensor shapes a safetensors file's header lists, read without its data; a header that does
+    not describe exactly the file's bytes is a DataFormatError (safetensors refuses such a file too,
+    but only once the whole file is in memory)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= length <= min(_SAFETENSORS_MAX_HEADER, size - 8):
+            raise DataFormatError(f"{path}: not a readable safetensors file (header length {length} in a file of {size} bytes)")
+        text = f.read(length)
+    try:
+        header = json.loads(text)
+        end, shapes = 0, {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            shape, (begin, stop) = info["shape"], info["data_offsets"]
+            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, stop)):
+                raise ValueError(f"tensor {key!r} has a shape or offsets that are not counts")
+            shapes[key] = tuple(shape)
+            end = max(end, stop)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        raise DataFormatError(f"{path}: not a readable safetensors file (its header: {type(exc).__name__}: {exc})") from None
+    if 8 + length + end != size:
+        raise DataFormatError(f"{path}: not a readable safetensors file (its header describes {8 + length + end:,} "
+                              f"bytes, the file has {size:,})")
+    return shapes
+
+
 def _artefact(key: Any, entry: Any, networks: Mapping[str, NetworkEntry]) -> Artefact:
     what = f"artefacts.{key}"
     entry = _mapping({what: entry}, what)
@@ -319,8 +352,10 @@ class ModelDir:
                                     f"(it has {', '.join(sorted(self.networks))})")
         return self.networks[name]
 
-    def state_dict(self, name: str) -> dict[str, Any]:
-        """The network's weights as CPU tensors, after checking the file's SHA-256 fingerprint."""
+    def state_dict(self, name: str, *, expected: Optional[Mapping[str, tuple[int, ...]]] = None) -> dict[str, Any]:
+        """The network's weights as CPU tensors, after checking the file's SHA-256 fingerprint. With
+        ``expected`` (parameter name -> shape), a file whose header lists other names or shapes is
+        refused before its tensors are read."""
         from safetensors.torch import load as load_safetensors
 
         path = self.weights_path(name)
@@ -328,6 +363,11 @@ class ModelDir:
             if not stat.S_ISREG(path.stat().st_mode):  # a pipe would block the read forever, /dev/zero never end
                 raise DataFormatError(f"{path}: the {name} weights named in {CONFIG_NAME} are not a regular file "
                                       "(a device, pipe or socket)")
+            # The header first: the whole file is read into memory next, and a 6 GB (sparse) file
+            # behind a small header took 6 GB (a MemoryError traceback under a 4 GB ulimit).
+            shapes = _safetensors_shapes(path)
+            if expected is not None:
+                self._check_shapes(name, shapes, expected)
             data = path.read_bytes()
         except FileNotFoundError:
             raise DataFormatError(f"{path}: the {name} weights named in {CONFIG_NAME} are missing") from None
@@ -341,16 +381,32 @@ class ModelDir:
         except Exception as exc:  # safetensors raises its own error types for damaged headers
             raise DataFormatError(f"{path}: not a readable safetensors file ({exc})") from None
 
+    def _check_shapes(self, name: str, got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]]) -> None:
+        missing = sorted(set(want) - set(got))
+        unexpected = sorted(set(got) - set(want))
+        wrong = [(k, got[k], v) for k, v in want.items() if k in got and got[k] != v]
+        if missing or unexpected or wrong:
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+            if wrong:
+                k, g, w = wrong[0]
+                parts.append(f"{len(wrong)} of another shape (e.g. {k}: {g} in the file, {w} in the config)")
+            raise DataFormatError(f"{self.weights_path(name)}: the weights do not match the {name} config in "
+                                  f"{CONFIG_NAME}: " + "; ".join(parts))
+
     def build(self, name: str, *, device: Any = "cpu") -> Any:
         """The network ``name`` built from its config with its weights, in eval mode, on ``device``."""
         import torch
 
         entry = self._entry(name)
-        state = self.state_dict(name)  # the fingerprint first: a damaged file fails before anything is built
         # The config's shapes are checked against the weights on a network without memory (the meta
         # device): building it for real first, a config of decoder_channels [20000, ...] with small
         # weights allocated and initialised 14.4 GB before the weights were found not to match.
         expected = self._build_config(name, entry.config, torch.device("meta")).state_dict()
+        state = self.state_dict(name, expected={k: tuple(v.shape) for k, v in expected.items()})
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
