@@ -391,3 +391,32 @@ def test_big_weights_files_are_refused_from_their_header_before_being_read(tiny_
     monkeypatch.setattr(Path, "read_bytes", refuse_to_read_the_weights)
     with pytest.raises(pneumoseg.DataFormatError, match=expected):
         load_model_dir(tiny_model_dir).build("segmenter")
+
+
+# -------------------------------------------------------------------------------------- scores CSV
+
+def test_a_scores_csv_that_is_a_device_or_has_a_huge_cell_is_a_format_error(tmp_path, capsys):
+    """`pneumoseg evaluate --scores /dev/zero` was read until memory ran out (MemoryError traceback
+    after 2.3 GB under a 3 GB ulimit); it is now read like the RLE CSVs, up to max_csv_bytes. A
+    score cell past the csv module's 131,072-character field limit raised _csv.Error (a traceback);
+    a 5000-digit score was echoed whole."""
+    import os
+
+    from pneumoseg import limits
+    from pneumoseg.infer.evaluation import read_scores_csv
+
+    huge = tmp_path / "scores.csv"
+    huge.write_text("ImageId,Score\nimg1," + "1" * 200_000 + "\nimg2,0.1\n")
+    with pytest.raises(pneumoseg.DataFormatError, match=r"scores.csv, line 2: not a scores CSV row \(field larger"):
+        read_scores_csv(huge)
+    huge.write_text("ImageId,Score\nimg1,0.5\n\nimg2," + "9" * 5000 + "\n")
+    with pytest.raises(pneumoseg.DataFormatError, match=r"scores.csv, line 4: score '9{50,60}\.\.\. is not finite$"):
+        read_scores_csv(huge)
+    if os.path.exists("/dev/zero"):
+        with limits.override(max_csv_bytes=2**20):
+            with pytest.raises(pneumoseg.DataFormatError, match="/dev/zero: longer than max_csv_bytes"):
+                read_scores_csv("/dev/zero")
+    (tmp_path / "pred.csv").write_text("ImageId,EncodedPixels\nimg1,1 5\nimg2,-1\n")
+    huge.write_text("ImageId,Score\nimg1," + "1" * 200_000 + "\nimg2,0.1\n")
+    _one_line_error(capsys, ["evaluate", "--pred", tmp_path / "pred.csv", "--truth", tmp_path / "pred.csv",
+                             "--scores", huge, "--out", tmp_path / "out"], "not a scores CSV row")

@@ -68,15 +68,21 @@ def _image_dice(image_id: str, pred: Sequence[str], truth: Sequence[str]) -> flo
 
 def read_scores_csv(path: Union[str, Path]) -> dict[str, float]:
     """ImageId -> score from ``ImageId,Score`` rows (a header line is optional); each score a finite number."""
+    from ..data.siim import _read_text
+
     path = check_path(path, "scores CSV", error=DataFormatError)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataFormatError(f"{path}: cannot be read as UTF-8 text ({exc})") from None
+    # read as the RLE CSVs are (max_csv_bytes): `--scores /dev/zero` was read until memory ran out
+    text = _read_text(path)
     out: dict[str, float] = {}
-    for line_no, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+    rows = csv.reader(io.StringIO(text))
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # a cell past csv's 131,072-character field limit, a NUL byte
+            raise DataFormatError(f"{path}, line {rows.line_num}: not a scores CSV row ({exc})") from None
+        line_no = rows.line_num
         if not row or all(not c.strip() for c in row):
             continue
         cells = [c.strip() for c in row]
@@ -89,7 +95,7 @@ def read_scores_csv(path: Union[str, Path]) -> dict[str, float]:
         except ValueError:
             raise DataFormatError(f"{path}, line {line_no}: score {show(cells[1])} is not a number") from None
         if not math.isfinite(value):
-            raise DataFormatError(f"{path}, line {line_no}: score {cells[1]} is not finite")
+            raise DataFormatError(f"{path}, line {line_no}: score {show(cells[1])} is not finite")
         if cells[0] in out:
             raise DataFormatError(f"{path}, line {line_no}: ImageId {show(cells[0])} appears twice")
         out[cells[0]] = value
