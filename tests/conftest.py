@@ -24,6 +24,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch on one intra-op thread for a module of small-input checks: splitting a 64-200 px forward
+    across OpenMP threads saves little, and on two cores shared with other processes the threads'
+    barriers wait for each other (a float64 EfficientNet-B4 forward took 0.9 s on one thread and
+    14-69 s on two on a busy machine). Restored for the modules after it."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def shared_sample_dir() -> Path | None:
     """The four real SIIM-ACR files, where the checkout has ../shared beside it (never required)."""
     env = os.environ.get("PNEUMOSEG_SIIM_SAMPLE")
