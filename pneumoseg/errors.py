@@ -55,6 +55,15 @@ class TrainingError(PneumosegError, RuntimeError):
     holds non-finite values). The message says where; the run folder keeps its last checkpoint."""
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocator's failure: Python's, torch's CPU or CUDA allocator's, or
+    onnxruntime's (exception types of its own), for the commands that turn it into one line."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    text = str(exc)
+    return any(s in text for s in ("can't allocate memory", "Failed to allocate memory", "CUDA out of memory"))
+
+
 class DataWarning(UserWarning):
     """Something in a data folder deserves a look (images without labels, labels without images,
     files that were skipped)."""

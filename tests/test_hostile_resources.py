@@ -420,3 +420,27 @@ def test_a_scores_csv_that_is_a_device_or_has_a_huge_cell_is_a_format_error(tmp_
     huge.write_text("ImageId,Score\nimg1," + "1" * 200_000 + "\nimg2,0.1\n")
     _one_line_error(capsys, ["evaluate", "--pred", tmp_path / "pred.csv", "--truth", tmp_path / "pred.csv",
                              "--scores", huge, "--out", tmp_path / "out"], "not a scores CSV row")
+
+
+def test_running_out_of_memory_while_training_is_one_line(tmp_path, capsys, monkeypatch):
+    """The classifier recipe (DenseNet121 at 512, batch 16) under a 4 GB ulimit stopped with torch's
+    allocator error and a traceback from inside a convolution; now one line saying what to lower."""
+    pytest.importorskip("yaml")
+    import pneumoseg.train.engine as engine
+
+    def exhausted(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 201326592 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(engine, "train", exhausted)
+    (tmp_path / "data").mkdir()
+    _one_line_error(capsys, ["train", "--recipe", "demo", "--data", tmp_path / "data", "--out", tmp_path / "run",
+                             "--no-progress"], "out of memory training at batch_size")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")  # anything else keeps its traceback
+
+    monkeypatch.setattr(engine, "train", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["train", "--recipe", "demo", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run2"),
+              "--no-progress"])

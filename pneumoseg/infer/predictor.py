@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .._checks import check_bool, check_choice, check_int, check_path
-from ..errors import InvalidInputError, PneumosegError
+from ..errors import InvalidInputError, PneumosegError, is_out_of_memory
 from ..export.parts import parts_for
 from .backends import BACKENDS, PRECISIONS
 from .inputs import ImageSource, collect_inputs, load_pixels, skip_reason
@@ -558,7 +558,7 @@ class Predictor:
             with self._stream_context(), torch.inference_mode():
                 return self._run_batch(loaded, return_masks, torch, postprocess, rle, segment_all or self.segment == "all")
         except Exception as exc:  # onnxruntime's errors are no RuntimeError
-            if isinstance(exc, PneumosegError) or not _out_of_memory(exc):
+            if isinstance(exc, PneumosegError) or not is_out_of_memory(exc):
                 raise
             # a traceback from deep inside a convolution told the user nothing they could change
             first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -680,15 +680,6 @@ class Predictor:
                                   path=str(src.path) if src.path is not None else None, mask=mask,
                                   timings=timings, batch_size=n))
         return out
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocator's failure: Python's, torch's CPU or CUDA allocator's, or
-    onnxruntime's (exception types of its own)."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    text = str(exc)
-    return any(s in text for s in ("can't allocate memory", "Failed to allocate memory", "CUDA out of memory"))
 
 
 def _tensors_in(value: Any, torch: Any) -> Iterator[Any]:
