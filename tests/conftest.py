@@ -24,13 +24,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
-    """torch on one intra-op thread for a module of small-input checks: splitting a 64-200 px forward
-    across OpenMP threads saves little, and on two cores shared with other processes the threads'
-    barriers wait for each other (a float64 EfficientNet-B4 forward took 0.9 s on one thread and
-    14-69 s on two on a busy machine). Restored for the modules after it."""
-    torch = pytest.importorskip("torch")
+    """torch on one intra-op thread for the whole run: the tests' forwards are small (64-200 px, tiny
+    networks), splitting them across OpenMP threads saves little, and on two cores shared with other
+    processes the threads' barriers wait for each other (a float64 EfficientNet-B4 forward took 0.9 s
+    on one thread and 14-69 s on two on a busy machine; test_encoders_timm 91 -> 48 s, test_export,
+    test_infer, test_infer_backends and test_pretrained 115 -> 62 s). pneumoseg's native ops run on
+    their own std::thread pool and are not affected; child processes start with torch's default."""
+    try:
+        import torch
+    except ImportError:
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

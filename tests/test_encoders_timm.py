@@ -25,8 +25,6 @@ from pneumoseg.models.encoders.efficientnet import SCALING
 from pneumoseg.models.encoders.xception import Xception
 from timm_reference import formula_state_dict, load_reference, reference_input
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 TIMM_ENCODERS = sorted(name for name, spec in ENCODERS.items() if spec.timm_name is not None)
 
 #: parameter counts in millions, as timm's results/results-imagenet.csv lists them (param_count)

@@ -24,8 +24,6 @@ from pneumoseg.models.model_dir import load_model_dir  # noqa: E402
 
 from infer_helpers import copy_model_dir, exported_model_dir, phantom_images  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 @pytest.mark.parametrize("kind, parts", [("aux", {"encoder", "decoder"}), ("classifier", {"classifier", "segmenter"})])
 def test_exported_parts_are_checked_and_recorded(kind, parts):

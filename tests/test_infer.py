@@ -21,8 +21,6 @@ from infer_helpers import (  # noqa: E402
     THRESHOLDS, copy_model_dir, exported_model_dir, file_digests, model_dir, phantom_images, reference_predict,
 )
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def assert_matches_reference(preds, refs, images):
     assert len(preds) == len(refs)

@@ -23,8 +23,6 @@ from pneumoseg.infer.buckets import BucketedRunner, CudaGraphRunner, bucket_for,
 
 from infer_helpers import exported_model_dir, model_dir, phantom_images  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 
 def tensorrt_missing() -> str | None:
     try:

@@ -19,8 +19,6 @@ from factories import randomize_model
 from pneumoseg.errors import DataFormatError, InvalidInputError
 from pneumoseg.models import adapt_input_conv, create_classifier, create_encoder, create_segmenter, load_pretrained
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
 SMALL = "resnet_tiny"
 
 
