@@ -102,7 +102,9 @@ IMPLS = {"pneumoseg": False, "plain PyTorch loop": True}
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_training_throughput_cpu(benchmark, study_set, tmp_path, impl):
-    p = CPU
+    # Run once and untimed (--benchmark-disable: CI's smoke run), the same code at the smoke sizes:
+    # the full CPU sizes took 45 s a side there and measured nothing.
+    p = SMOKE if benchmark.disabled else CPU
     root = study_set(p["n_images"], p["source_size"])
     benchmark.group = f"train U-Net {p['encoder']} {p['image_size']}px batch {p['batch']} x {p['steps']} steps cpu"
     benchmark.extra_info.update(impl=impl, baseline=IMPLS[impl], images=p["steps"] * p["batch"])
