@@ -444,3 +444,21 @@ def test_running_out_of_memory_while_training_is_one_line(tmp_path, capsys, monk
     with pytest.raises(RuntimeError, match="a bug"):
         main(["train", "--recipe", "demo", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run2"),
               "--no-progress"])
+
+
+def test_a_training_config_asking_for_a_huge_decoder_is_refused_before_it_is_built(tmp_path):
+    """decoder_channels [20000, 16, 16, 8, 8] in a training config (or --set) made `pneumoseg train`
+    allocate and initialise 14.4 GB (stopped only by the allocator under a ulimit); the parameters
+    are now counted on the meta device first."""
+    pytest.importorskip("yaml")
+    from pneumoseg.train import ConfigError, config_from_dict
+    from pneumoseg.train.engine import check_model_config
+
+    def config(channels):
+        return config_from_dict({"task": "segmentation", "data": {"root": str(tmp_path)},
+                                 "model": {"encoder": "resnet_tiny", "decoder_channels": channels}})
+
+    check_model_config(config([256, 128, 64, 32, 16]))
+    with pytest.raises(ConfigError, match=r"model.decoder_channels: \[20000, 16, 16, 8, 8\] makes a network of "
+                                          r"3,6\d\d,\d{3},\d{3} parameters, more than 268,435,456"):
+        check_model_config(config([20000, 16, 16, 8, 8]))

@@ -77,6 +77,28 @@ def check_model_config(cfg: TrainConfig, section: str = "") -> None:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(f"config field {section}model.encoder: unknown encoder {m.encoder!r}{hint}; known: "
                           f"{', '.join(list_encoders())}")
+    if cfg.task == "segmentation":
+        # Counted on the meta device, which allocates nothing: decoder_channels [20000, ...] made the
+        # real build allocate and initialise 14.4 GB (stopped only by the allocator under a ulimit).
+        from ..models import create_segmenter
+
+        try:
+            with torch.device("meta"):
+                skeleton = create_segmenter(m.arch, m.encoder, in_channels=1, classes=1,
+                                            decoder_channels=list(m.decoder_channels), aux_classifier=m.aux_classifier,
+                                            attention=m.attention, aux_dropout=m.aux_dropout)
+        except InvalidInputError as exc:
+            raise ConfigError(f"config field {section}model: {exc}") from None
+        count = sum(p.numel() for p in skeleton.parameters())
+        if count > _MAX_PARAMETERS:
+            raise ConfigError(f"config field {section}model.decoder_channels: {list(m.decoder_channels)} makes a network "
+                              f"of {count:,} parameters, more than {_MAX_PARAMETERS:,} (the built-in networks have "
+                              "up to about 50 million)")
+
+
+#: the most parameters a network built from a training config may have: 5 times the largest built-in
+#: network (U-Net++ on seresnext50_32x4d, about 50 million); 1 GiB of float32 weights, 4 with Adam
+_MAX_PARAMETERS = 2**28
 
 
 def build_network(cfg: TrainConfig, section: str = "") -> nn.Module:
