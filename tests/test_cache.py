@@ -94,6 +94,10 @@ def test_broken_caches_are_refused(synth, tmp_path):
     (cache / "index.json").write_text(json.dumps(index))
     with pytest.raises(pneumoseg.DataFormatError, match="rebuild the cache"):
         CachedDataset(cache)
+    index["format_version"] = 1  # its masks were resized top-left ('nearest'), off their images
+    (cache / "index.json").write_text(json.dumps(index))
+    with pytest.raises(pneumoseg.DataFormatError, match="up and left of their images.*rebuild the cache"):
+        CachedDataset(cache)
     with pytest.raises(pneumoseg.DataFormatError, match="no such data folder"):
         build_cache(tmp_path / "missing", size=32, out=tmp_path / "c2")
 

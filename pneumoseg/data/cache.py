@@ -42,7 +42,8 @@ from .transforms import NORMALISE_MEAN, NORMALISE_STD, preprocess, resize_mask
 __all__ = ["build_cache", "CachedDataset", "decode_to_arrays", "CACHE_INDEX", "load_cache_index"]
 
 CACHE_FORMAT = "pneumoseg-cache"
-CACHE_VERSION = 1
+# 2: masks resized pixel-centred (nearest-exact); version 1's sat up to 1.5 source pixels up-left
+CACHE_VERSION = 2
 CACHE_INDEX = "index.json"
 IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
@@ -252,6 +253,9 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
         raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
         raise DataFormatError(f"{path}: not a pneumoseg cache index")
+    if index.get("format_version") == 1:
+        raise DataFormatError(f"{path}: written by an older pneumoseg whose masks sit up to 1.5 source pixels "
+                              "up and left of their images (torch's top-left 'nearest' resize): rebuild the cache")
     if index.get("format_version") != CACHE_VERSION:
         raise DataFormatError(f"{path}: cache format {index.get('format_version')!r}; this pneumoseg reads "
                               f"version {CACHE_VERSION}: rebuild the cache")
