@@ -738,6 +738,7 @@ class Trainer:
         t0 = time.perf_counter()
         images_done = 0
         accumulate = cfg.accumulate
+        step_lr = optimizer.param_groups[0]["lr"]
         optimizer.zero_grad(set_to_none=True)
         # The loss is summed on the device and read (one synchronisation) every LOSS_READ_EVERY batches
         # and before each checkpoint, at fixed batch indices, so an interrupted and resumed run adds
@@ -784,6 +785,9 @@ class Trainer:
             progress["loss_count"] += images.shape[0]
             images_done += images.shape[0] * info.world_size
             if boundary:
+                # the rate this step uses: a one-cycle schedule moves it after every step, so the
+                # rate read after the epoch would be the next epoch's first
+                step_lr = optimizer.param_groups[0]["lr"]
                 if scaler is not None:
                     scaler.unscale_(optimizer)
                 if cfg.clip_grad_norm is not None:
@@ -818,7 +822,7 @@ class Trainer:
                 if bar is not None:
                     elapsed = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{progress['loss_sum'] / max(1, progress['loss_count']):.4f}",
-                                    lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{images_done / elapsed:.1f}")
+                                    lr=f"{step_lr:.2e}", img_s=f"{images_done / elapsed:.1f}")
             if bar is not None:
                 bar.update(1)
         read_loss(total)
@@ -826,7 +830,7 @@ class Trainer:
             bar.close()
         seconds = time.perf_counter() - t0
         loss_sum, loss_count = D.all_reduce_sum([progress["loss_sum"], progress["loss_count"]], info)
-        return {"epoch": None, "stage": stage.name, "lr": optimizer.param_groups[0]["lr"],
+        return {"epoch": None, "stage": stage.name, "lr": step_lr,
                 "positive_ratio": sampler.ratio(epoch), "train_loss": loss_sum / max(1.0, loss_count),
                 "images_per_s": images_done / max(seconds, 1e-9), "seconds": seconds}
 
