@@ -322,9 +322,10 @@ class CachedDataset(torch.utils.data.Dataset):
     """Items of a cache folder (or of in-memory uint8 arrays), in the format of ``SIIMDataset``:
     ``image`` (1, S, S) float32 network input, ``mask`` (1, S, S) float32, ``label``, ``image_id``.
 
-    ``image_size`` other than the cache's resizes on the fly (bilinear antialiased images, nearest
-    masks). ``raw=True`` returns ``image`` as the uint8 (1, S, S) cache row (and ``mask`` as uint8),
-    for a training loop that normalises on its device (4x less to copy); ``normalise`` does it.
+    ``image_size`` other than the cache's resizes on the fly (bilinear antialiased images; masks
+    the same way, then 0/1 at one half). ``raw=True`` returns ``image`` as the uint8 (1, S, S) cache
+    row (and ``mask`` as uint8), for a training loop that normalises on its device (4x less to copy);
+    ``normalise`` does it.
     ``arrays=(images, masks, ids, labels)`` builds the dataset from arrays in memory instead."""
 
     def __init__(
@@ -401,7 +402,10 @@ class CachedDataset(torch.utils.data.Dataset):
         if mask is not None:
             m = mask[None].float()
             if self.image_size != self.size:
-                m = F.interpolate(m, size=self.image_size, mode="nearest-exact")  # as resize_mask
+                # As the image: a nearest pick of the cache's nearest-picked mask added its half-pixel
+                # offset to the cache's own (1.5 source pixels up-left for 1024 -> 512 -> 256)
+                m = F.interpolate(m, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
+                m = (m >= 0.5).float()
         if self.transforms is not None:
             if m is not None:
                 x, m = self.transforms(x, m)
