@@ -117,9 +117,10 @@ def file_digests(folder: Path) -> dict[str, tuple[str, int]]:
 
 def reference_predict(path: Path, images: list, thresholds: dict | None = None, tta: bool = False) -> list[dict]:
     """The two-stage pipeline from its definition, one image at a time, in float64 where it decides:
-    preprocess -> gate score -> (if it passes) segmenter logits resized bilinearly to the image ->
-    probabilities -> triplet rule and small-component removal (areas scaled from the input size) ->
-    RLE. Independent of pneumoseg.infer (the networks and the resize are torch's)."""
+    preprocess -> gate score -> (if it passes) segmenter logits (with TTA the log-odds of the mean of the
+    image's and the flipped image's probabilities) resized bilinearly to the image -> probabilities ->
+    triplet rule and small-component removal (areas scaled from the input size) -> RLE. Independent of
+    pneumoseg.infer (the networks and the resize are torch's)."""
     import torch
     import torch.nn.functional as F
 
@@ -161,11 +162,15 @@ def reference_predict(path: Path, images: list, thresholds: dict | None = None, 
             if gated_out:
                 mask = np.zeros((h, w), np.uint8)
             else:
+                # TTA's mean probability is resized as log-odds, as the logits are without TTA;
+                # log(p / (1 - p)) takes 1 - p from the sigmoids of -logits (p rounds to 1 past ~37)
                 if tta:
-                    probs = F.interpolate(probs_small.float(), size=(h, w), mode="bilinear", align_corners=False)
+                    rest = (torch.sigmoid(-logits.double()) + torch.sigmoid(-mirrored.double())) / 2
+                    small = (torch.log(probs_small) - torch.log(rest)).float()
                 else:
-                    up = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
-                    probs = torch.sigmoid(up.double())
+                    small = logits
+                up = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+                probs = torch.sigmoid(up.double())
                 p = probs[0, 0].double().numpy()
                 mask = ref_triplet(p[None], t["top"], int(round(t["min_area"] * scale)), t["bottom"])
                 mask = ref_remove_small(mask, int(round(t["min_component_area"] * scale)), 8)[0]

@@ -490,8 +490,8 @@ class Predictor:
         return out
 
     def _segment(self, x: Any, features: Optional[tuple], rows: Any) -> tuple[Any, bool]:
-        """Stage 2 on the selected rows: (maps (k, 1, h, w), from_logits). With TTA the maps are the mean
-        of the image's and the flipped image's probabilities; without, the logits."""
+        """Stage 2 on the selected rows: (logits (k, 1, h, w), True). With TTA the logits are the
+        log-odds of the mean of the image's and the flipped image's probabilities."""
         import torch
 
         run = self.backend.run
@@ -510,7 +510,7 @@ class Predictor:
                 logits = run("segmenter", xs)[0]
         logits = logits.float()
         if self.tta:
-            return (logits.sigmoid() + mirrored.float().sigmoid()) * 0.5, False
+            return _log_odds_of_mean_probability(logits, mirrored.float()), True
         return logits, True
 
     def _refuse_bad_values(self, finite: list, nan_outputs: list, loaded: list) -> None:
@@ -680,6 +680,20 @@ class Predictor:
                                   path=str(src.path) if src.path is not None else None, mask=mask,
                                   timings=timings, batch_size=n))
         return out
+
+
+def _log_odds_of_mean_probability(a: Any, b: Any) -> Any:
+    """log(p / (1 - p)) for p the mean of sigmoid(a) and sigmoid(b), without forming p (which rounds
+    to 1.0 in float32 past a logit of about 17): equals ``a`` where ``a == b``.
+
+    TTA's maps are resized to the original image as log-odds, like the logits without TTA: resizing
+    the probabilities instead put every edge at the midpoint between two network pixels whatever the
+    logits said, so a flip-symmetric network answered differently with TTA (a perfect network's
+    Kaggle Dice 0.9993 -> 0.9958 at 256 px for 1024 px images)."""
+    import torch
+    import torch.nn.functional as F
+
+    return (torch.logaddexp(F.logsigmoid(a), F.logsigmoid(b)) - torch.logaddexp(F.logsigmoid(-a), F.logsigmoid(-b)))
 
 
 def _tensors_in(value: Any, torch: Any) -> Iterator[Any]:
