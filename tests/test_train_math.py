@@ -208,3 +208,55 @@ def test_interrupted_run_resumes_to_the_same_weights_with_accumulation_ema_and_s
     timing = ("seconds", "images_per_s")
     assert [{k: v for k, v in r.items() if k not in timing} for r in straight.history] == \
            [{k: v for k, v in r.items() if k not in timing} for r in resumed.history]
+
+
+def test_epoch_of_every_positive_once_sizes_each_epoch_from_its_ratio(synth, tmp_path, monkeypatch):
+    from pneumoseg.train.distributed import DistributedRatioSampler
+
+    orders: list[list[int]] = []
+    deal = DistributedRatioSampler.__iter__
+
+    def recorded(self):
+        orders.append(list(deal(self)))
+        return iter(orders[-1])
+
+    monkeypatch.setattr(DistributedRatioSampler, "__iter__", recorded)
+    cfg = training_config(TINY, synth, epochs=3, batch_size=2, samples_per_epoch=None, positive_ratio=[0.8, 0.4],
+                          epoch_size="positives", scheduler={"name": "onecycle", "warmup": 0.2})
+    with _Recorder() as rec:
+        result = train(cfg, tmp_path / "once", progress=False)
+    labels = [int(v) for v in engine.Trainer(cfg, tmp_path / "x", progress=False).data.train_labels]
+    n_pos = sum(labels)
+    for order, ratio in zip(orders, (0.8, 0.6, 0.4)):
+        size = round(n_pos / ratio) // 2 * 2  # every positive once + negatives, in whole steps of 2
+        positives = [i for i in order if labels[i]]
+        assert len(order) == size and len(positives) == round(size * ratio)
+        assert len(set(positives)) == len(positives) >= n_pos - 1  # each positive at most once
+    assert result.steps == len(rec.lrs) == sum(len(o) for o in orders) // 2
+    assert rec.lrs[-1] == pytest.approx(TINY["optimizer"]["lr"] / 25 / 1e4)  # one-cycle over the stage's steps
+    assert [row["positive_ratio"] for row in result.history] == pytest.approx([0.8, 0.6, 0.4])
+
+
+def test_positives_once_sampler_deals_one_global_order_and_every_negative_before_repeats():
+    from pneumoseg.train.distributed import DistributedRatioSampler
+
+    labels = [1] * 10 + [0] * 37
+    kw = dict(num_samples=None, epochs=4, seed=1, positives_once=True, step=4)
+    one = DistributedRatioSampler(labels, [0.8, 0.4], batch_size=4, **kw)
+    parts = [DistributedRatioSampler(labels, [0.8, 0.4], batch_size=2, rank=r, world_size=2, **kw) for r in range(2)]
+    negatives = []
+    for epoch in range(4):
+        for s in (one, *parts):
+            s.set_epoch(epoch)
+        order, shards = list(one), [list(p) for p in parts]
+        ratio = 0.8 - 0.4 * epoch / 3
+        assert len(order) == round(10 / ratio) // 4 * 4 == len(one) and len(one) % 4 == 0
+        assert sum(labels[i] for i in order) == round(len(order) * ratio)
+        for b in range(len(order) // 4):
+            assert sorted(order[4 * b:4 * b + 4]) == sorted(shards[0][2 * b:2 * b + 2] + shards[1][2 * b:2 * b + 2])
+        negatives += [i for i in order if not labels[i]]
+    assert len(negatives) == 27 and len(set(negatives)) == 27  # no negative twice before all were seen
+    one.set_epoch(3, start_batch=2)
+    assert list(one) == one.global_order()[8:].tolist()
+    with pytest.raises(ValueError, match="fewer than one optimizer step"):
+        DistributedRatioSampler(labels, 1.0, batch_size=4, num_samples=None, positives_once=True, step=16)

@@ -209,6 +209,9 @@ class TrainConfig:
     batch_size: int = _f(8, "images per optimizer step per process (global batch = batch_size x processes x accumulate)")
     accumulate: int = _f(1, "gradient accumulation steps per optimizer step")
     samples_per_epoch: Optional[int] = _f(None, "images drawn per epoch over all processes (default: the training fold's size)")
+    epoch_size: str = _f("samples", "what an epoch is: samples (samples_per_epoch images) or positives (every positive "
+                                    "training image once plus negatives for the epoch's positive_ratio, as SIIM 1st's "
+                                    "sampler: the epoch's length follows the ratio)", choices=("samples", "positives"))
     positive_ratio: Ratio = _f(None, "share of positive images per epoch: null (the data's own), a number, or "
                                      "[start, end] interpolated linearly over a stage's epochs")
     early_stopping: Optional[int] = _f(None, "stop a stage after this many epochs without improvement")
@@ -538,6 +541,15 @@ def _validate(obj: Any, path: str, source: Optional[str]) -> None:
                   "auc needs a classification head (model.aux_classifier: true)", source)
         if obj.model.batchnorm == "sync":
             _need(dev != "cpu", p("model.batchnorm"), "sync BatchNorm needs CUDA (device cpu was chosen)", source)
+        if obj.epoch_size == "positives":
+            _need(obj.samples_per_epoch is None, p("samples_per_epoch"),
+                  "must be null with epoch_size positives (the positive ratio sizes each epoch)", source)
+            for i, st in enumerate(obj.stage_list()):
+                r = st.positive_ratio
+                ok = r is not None and all(float(v) > 0 for v in (r if isinstance(r, list) else [r]))
+                where = f"stages.{i}.positive_ratio" if obj.stages else "positive_ratio"
+                _need(ok, p(where), f"epoch_size positives needs a positive ratio above 0 in every stage, got {r!r}",
+                      source)
         for i, s in enumerate(obj.stages):
             if i == 0:
                 _need(s.init == "last", p("stages.0.init"), "the first stage has no previous stage to start from", source)

@@ -29,8 +29,8 @@ import torch.distributed as dist
 
 from ..errors import InvalidInputError
 
-__all__ = ["DistInfo", "init_distributed", "DistributedRatioSampler", "all_gather_objects", "all_reduce_sum",
-           "barrier"]
+__all__ = ["DistInfo", "init_distributed", "DistributedRatioSampler", "positives_epoch_samples", "all_gather_objects",
+           "all_reduce_sum", "barrier"]
 
 
 @dataclass
@@ -119,6 +119,14 @@ def broadcast_object(obj: Any, info: DistInfo) -> Any:
     return box[0]
 
 
+def positives_epoch_samples(n_positives: int, ratio: float, step: int) -> int:
+    """An epoch of every positive image once plus negatives for ``ratio`` (SIIM 1st's sampler:
+    ``n_positives / ratio`` images), rounded down to whole optimizer steps of ``step`` images."""
+    if not 0.0 < ratio <= 1.0:
+        raise InvalidInputError(f"an epoch of every positive once needs a positive ratio in (0, 1], got {ratio}")
+    return round(n_positives / ratio) // step * step
+
+
 class DistributedRatioSampler(torch.utils.data.Sampler):
     """The training sample order of one epoch, for one of ``world_size`` processes.
 
@@ -127,19 +135,27 @@ class DistributedRatioSampler(torch.utils.data.Sampler):
     for a plain shuffle without replacement of the labels' own share), the same on every process
     (seeded by ``(seed, epoch)``), rounded down to whole global batches; process ``rank`` takes
     every ``world_size``-th index starting at ``rank``. ``set_epoch(e, start_batch=b)`` skips the
-    first ``b`` batches of the epoch (resuming inside an epoch)."""
+    first ``b`` batches of the epoch (resuming inside an epoch).
+
+    ``positives_once`` (``num_samples`` None) sizes each epoch as SIIM 1st's sampler: every positive
+    image once plus negatives for the epoch's ratio, ``len(positives) / ratio`` images rounded down
+    to whole optimizer steps of ``step`` images (default one global batch; the rounding leaves out
+    fewer than ``step`` images, positives drawn at random). The negatives are dealt from endless
+    shuffled passes over them, so every negative is seen before any is seen again, across epochs."""
 
     def __init__(
         self,
         labels: Sequence[int],
         positive_ratio: Union[None, float, Sequence[float], Callable[[int], float]],
         *,
-        num_samples: int,
+        num_samples: Optional[int],
         batch_size: int,
         epochs: int = 1,
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        positives_once: bool = False,
+        step: Optional[int] = None,
     ) -> None:
         lab = np.asarray([int(v) for v in labels], dtype=np.int64)
         self.positives = np.nonzero(lab == 1)[0]
@@ -150,13 +166,31 @@ class DistributedRatioSampler(torch.utils.data.Sampler):
             raise InvalidInputError("a positive ratio needs both positive and negative training images")
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         global_batch = batch_size * world_size
-        self.batches = num_samples // global_batch
-        if self.batches == 0:
-            raise InvalidInputError(f"an epoch of {num_samples} samples holds no global batch of {global_batch} "
-                                    f"({batch_size} per process x {world_size} processes)")
-        self.num_samples = self.batches * global_batch
+        self.global_batch = global_batch
+        self.step = step or global_batch
+        if self.step % global_batch:
+            raise InvalidInputError(f"step ({self.step} images) must be whole global batches of {global_batch}")
         self.epochs, self.seed = max(1, epochs), seed
+        self.positives_once = bool(positives_once)
+        if self.positives_once:
+            if positive_ratio is None or num_samples is not None:
+                raise InvalidInputError("positives_once sizes the epoch from a positive ratio: give positive_ratio "
+                                        "and no num_samples")
+            for e in range(self.epochs):
+                if self.epoch_samples(e) < self.step:
+                    raise InvalidInputError(
+                        f"epoch {e + 1}: {len(self.positives)} positives at a positive ratio of {self.ratio(e):.3g} "
+                        f"make an epoch of fewer than one optimizer step of {self.step} images")
+        else:
+            if num_samples is None:
+                raise InvalidInputError("num_samples is needed unless positives_once")
+            self.batches = num_samples // global_batch
+            if self.batches == 0:
+                raise InvalidInputError(f"an epoch of {num_samples} samples holds no global batch of {global_batch} "
+                                        f"({batch_size} per process x {world_size} processes)")
+            self.num_samples = self.batches * global_batch
         self.epoch, self.start_batch = 0, 0
+        self.set_epoch(0)
 
     def ratio(self, epoch: int) -> Optional[float]:
         s = self.schedule
@@ -169,8 +203,32 @@ class DistributedRatioSampler(torch.utils.data.Sampler):
             return a + (b - a) * min(1.0, epoch / max(1, self.epochs - 1))
         return float(s)
 
+    def epoch_samples(self, epoch: int) -> int:
+        """Images in epoch ``epoch`` over all processes."""
+        if not self.positives_once:
+            return self.num_samples
+        return positives_epoch_samples(len(self.positives), self.ratio(epoch), self.step)
+
+    def _split(self, epoch: int) -> tuple[int, int]:
+        n = self.epoch_samples(epoch)
+        n_pos = round(n * self.ratio(epoch))
+        return n_pos, n - n_pos
+
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = int(epoch), int(start_batch)
+        if self.positives_once:
+            self.num_samples = self.epoch_samples(self.epoch)
+            self.batches = self.num_samples // self.global_batch
+
+    def _negative_passes(self, start: int, count: int) -> np.ndarray:
+        """``count`` negatives from position ``start`` of endless shuffled passes over them."""
+        n = len(self.negatives)
+        if count == 0:
+            return self.negatives[:0]
+        first, last = start // n, (start + count - 1) // n
+        stream = np.concatenate([np.random.default_rng([self.seed, k, 0x4E6]).permutation(self.negatives)
+                                 for k in range(first, last + 1)])
+        return stream[start - first * n: start - first * n + count]
 
     def global_order(self) -> np.ndarray:
         rng = np.random.default_rng([self.seed, self.epoch, 0x5A3])
@@ -179,6 +237,12 @@ class DistributedRatioSampler(torch.utils.data.Sampler):
             reps = -(-self.num_samples // self.n_items)
             picks = np.concatenate([rng.permutation(self.n_items) for _ in range(reps)])[: self.num_samples]
             return picks
+        if self.positives_once:
+            n_pos, n_neg = self._split(self.epoch)  # n_pos <= len(positives)
+            negatives_done = sum(self._split(e)[1] for e in range(self.epoch))  # this epoch goes on from there
+            picks = np.concatenate([rng.permutation(self.positives)[:n_pos],
+                                    self._negative_passes(negatives_done, n_neg)])
+            return rng.permutation(picks)
         n_pos = int(round(self.num_samples * r))
         picks = np.concatenate([
             rng.choice(self.positives, n_pos, replace=True),

@@ -322,6 +322,14 @@ class Trainer:
         self.global_batch = cfg.batch_size * self.info.world_size
         per_epoch = cfg.samples_per_epoch or len(self.data.train_indices)
         self.steps_per_epoch = per_epoch // (self.global_batch * cfg.accumulate)
+        if cfg.epoch_size == "positives":
+            # each epoch's length follows its positive ratio; the samplers check every epoch holds a step
+            self.steps_per_epoch = 1
+            for s_idx, stage in enumerate(self.stages):
+                try:
+                    self._sampler(s_idx, stage)
+                except InvalidInputError as exc:
+                    raise ConfigError(f"config field {section}epoch_size: stage {stage.name}: {exc}") from None
         if self.steps_per_epoch < 1:
             step = f"{self.global_batch * cfg.accumulate} images (batch_size x processes x accumulate)"
             if cfg.samples_per_epoch:
@@ -339,6 +347,20 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------------
     # loaders
+
+    def _sampler(self, s_idx: int, stage: StageConfig) -> D.DistributedRatioSampler:
+        """The training sample order of stage ``s_idx`` (``set_epoch`` picks the epoch)."""
+        cfg = self.cfg
+        once = cfg.epoch_size == "positives"
+        return D.DistributedRatioSampler(
+            self.data.train_labels, stage.positive_ratio, num_samples=None if once else self.samples_per_epoch,
+            batch_size=cfg.batch_size, epochs=stage.epochs, seed=cfg.seed + 1009 * s_idx, rank=self.info.rank,
+            world_size=self.info.world_size, positives_once=once, step=self.global_batch * cfg.accumulate)
+
+    def _stage_steps(self, sampler: D.DistributedRatioSampler, stage: StageConfig) -> int:
+        """Optimizer steps of a whole stage (its epochs may differ in length)."""
+        step = self.global_batch * self.cfg.accumulate
+        return sum(sampler.epoch_samples(e) // step for e in range(stage.epochs))
 
     def _train_loader(self, sampler: D.DistributedRatioSampler) -> torch.utils.data.DataLoader:
         subset = torch.utils.data.Subset(self.data.dataset, self.data.train_indices)
@@ -599,9 +621,11 @@ class Trainer:
                 progress.update(stage=s_idx, epoch=0, batch=0, stage_started=False, stage_best=None, bad_epochs=0,
                                 loss_sum=0.0, loss_count=0)
             lr = stage.lr
+            sampler = self._sampler(s_idx, stage)
             optimizer = build_optimizer(model.parameters(), cfg.optimizer, lr)
             schedule = StageSchedule(optimizer, stage.scheduler, lr=lr, epochs=stage.epochs,
-                                     steps_per_epoch=self.steps_per_epoch, maximize=self.maximize)
+                                     steps_per_epoch=self.steps_per_epoch, maximize=self.maximize,
+                                     total_steps=self._stage_steps(sampler, stage))
             if progress["stage_started"]:
                 try:
                     optimizer.load_state_dict(st["optimizer"])
@@ -630,10 +654,6 @@ class Trainer:
                     self._set_rng_state(st["rng"], augment)
                 progress["stage_started"] = True
             st = None  # resume state used once
-            sampler = D.DistributedRatioSampler(
-                self.data.train_labels, stage.positive_ratio, num_samples=self.samples_per_epoch,
-                batch_size=cfg.batch_size, epochs=stage.epochs, seed=cfg.seed + 1009 * s_idx,
-                rank=info.rank, world_size=info.world_size)
             stop = False
             for epoch in range(progress["epoch"], stage.epochs):
                 progress["epoch"] = epoch

@@ -28,8 +28,11 @@ class StageSchedule:
     ``none``."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, *, lr: float, epochs: int,
-                 steps_per_epoch: int, maximize: bool) -> None:
+                 steps_per_epoch: int, maximize: bool, total_steps: Optional[int] = None) -> None:
+        """``total_steps``: the stage's optimizer steps where epochs differ in length (default
+        ``epochs x steps_per_epoch``)."""
         self.name = cfg.name
+        total = epochs * steps_per_epoch if total_steps is None else int(total_steps)
         self.scheduler: Optional[Any] = None
         if cfg.name == "plateau":
             self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -40,10 +43,10 @@ class StageSchedule:
                 optimizer, T_max=cfg.t_max or epochs, eta_min=cfg.eta_min)
         elif cfg.name == "onecycle":
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=lr, total_steps=max(1, epochs * steps_per_epoch), pct_start=cfg.warmup,
+                optimizer, max_lr=lr, total_steps=max(1, total), pct_start=cfg.warmup,
                 div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, anneal_strategy="cos",
                 cycle_momentum=False)
-        self._total_steps = epochs * steps_per_epoch
+        self._total_steps = total
         self._steps = 0
 
     def after_step(self) -> None:
