@@ -382,18 +382,8 @@ class ModelDir:
             raise DataFormatError(f"{path}: not a readable safetensors file ({exc})") from None
 
     def _check_shapes(self, name: str, got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]]) -> None:
-        missing = sorted(set(want) - set(got))
-        unexpected = sorted(set(got) - set(want))
-        wrong = [(k, got[k], v) for k, v in want.items() if k in got and got[k] != v]
-        if missing or unexpected or wrong:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-            if wrong:
-                k, g, w = wrong[0]
-                parts.append(f"{len(wrong)} of another shape (e.g. {k}: {g} in the file, {w} in the config)")
+        parts = weight_mismatches(got, want, "the file", "the config")
+        if parts:
             raise DataFormatError(f"{self.weights_path(name)}: the weights do not match the {name} config in "
                                   f"{CONFIG_NAME}: " + "; ".join(parts))
 
@@ -407,23 +397,13 @@ class ModelDir:
         # weights allocated and initialised 14.4 GB before the weights were found not to match.
         expected = self._build_config(name, entry.config, torch.device("meta")).state_dict()
         state = self.state_dict(name, expected={k: tuple(v.shape) for k, v in expected.items()})
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        wrong = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in expected.items()
-                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
+        parts = weight_mismatches({k: tuple(v.shape) for k, v in state.items()},
+                                  {k: tuple(v.shape) for k, v in expected.items()}, "the file", "the config")
         # load_state_dict casts: bool or integer weights would load as 0/1 or truncated values, complex
         # ones would lose their imaginary part, and a float step counter would be truncated.
         kinds = [(k, state[k].dtype, v.dtype) for k, v in expected.items()
                  if k in state and (state[k].is_complex() or state[k].is_floating_point() != v.is_floating_point())]
-        if missing or unexpected or wrong or kinds:
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-            if wrong:
-                k, got, want = wrong[0]
-                parts.append(f"{len(wrong)} of another shape (e.g. {k}: {got} in the file, {want} in the config)")
+        if parts or kinds:
             if kinds:
                 k, got, want = kinds[0]
                 parts.append(f"{len(kinds)} of another kind of number (e.g. {k}: {got} in the file, {want} in the config)")
@@ -641,6 +621,24 @@ def _check_depth(raw: Any, where: Path) -> None:
             stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node)
+
+
+def weight_mismatches(got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]],
+                      got_in: str, want_in: str) -> list[str]:
+    """What differs between two state dicts' names and shapes, one phrase per kind (missing,
+    unexpected, of another shape) with an example; empty when they match."""
+    missing = sorted(set(want) - set(got))
+    unexpected = sorted(set(got) - set(want))
+    wrong = [(k, got[k], v) for k, v in want.items() if k in got and got[k] != v]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if wrong:
+        k, g, w = wrong[0]
+        parts.append(f"{len(wrong)} of another shape (e.g. {k}: {g} in {got_in}, {w} in {want_in})")
+    return parts
 
 
 def load_model_dir(path: Union[str, Path]) -> ModelDir:

@@ -24,6 +24,7 @@ from .. import __version__
 from .._checks import check_path, show
 from .._fs import OutputFolder, atomic_write
 from ..errors import DataFormatError, InvalidInputError
+from ..models.model_dir import weight_mismatches
 from ..models.pretrained import check_torch_archive
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint", "load_checkpoint", "check_same_model",
@@ -202,19 +203,8 @@ def _weights_fit(module: torch.nn.Module, weights: Any, what: str) -> str:
     """'' when ``weights`` is a state dict of ``module``'s names and shapes, else what differs."""
     if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         return f"{what} is not a state dict of tensors"
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(weights))
-    unexpected = sorted(set(weights) - set(expected))
-    wrong = [(k, tuple(weights[k].shape), tuple(v.shape)) for k, v in expected.items()
-             if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    if wrong:
-        k, got, want = wrong[0]
-        parts.append(f"{len(wrong)} of another shape (e.g. {k}: {got} in the checkpoint, {want} in the network)")
+    parts = weight_mismatches({k: tuple(v.shape) for k, v in weights.items()},
+                              {k: tuple(v.shape) for k, v in module.state_dict().items()}, "the checkpoint", "the network")
     return f"{what} do not fit the network: " + "; ".join(parts) if parts else ""
 
 
