@@ -207,7 +207,9 @@ class TrainConfig:
                       item=StageConfig)
     epochs: int = _f(10, "epochs (per stage unless the stage sets its own)")
     batch_size: int = _f(8, "images per optimizer step per process (global batch = batch_size x processes x accumulate)")
-    accumulate: int = _f(1, "gradient accumulation steps per optimizer step")
+    accumulate: int = _f(1, "gradient accumulation steps per optimizer step (each micro-batch's loss scaled by "
+                            "1/accumulate; with per-image losses the step equals one on the whole batch, but batch-wide "
+                            "Dice (loss.per_image_dice false) is a mean of each micro-batch's Dice, as across processes)")
     samples_per_epoch: Optional[int] = _f(None, "images drawn per epoch over all processes (default: the training fold's size)")
     epoch_size: str = _f("samples", "what an epoch is: samples (samples_per_epoch images) or positives (every positive "
                                     "training image once plus negatives for the epoch's positive_ratio, as SIIM 1st's "
