@@ -260,3 +260,23 @@ def test_positives_once_sampler_deals_one_global_order_and_every_negative_before
     assert list(one) == one.global_order()[8:].tolist()
     with pytest.raises(ValueError, match="fewer than one optimizer step"):
         DistributedRatioSampler(labels, 1.0, batch_size=4, num_samples=None, positives_once=True, step=16)
+
+
+@pytest.mark.parametrize(("every", "epochs_run"), [(1, 3), (2, 4)])
+def test_early_stopping_counts_epochs_without_improvement(synth, tmp_path, monkeypatch, every, epochs_run):
+    # scores only fall after the first validation: early_stopping 2 stops 2 epochs after the best,
+    # at the first validation there or after (validating every 2nd epoch it stopped 4 epochs after)
+    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
+    validate = engine.Trainer._validate
+
+    def scripted(self, model, final=False):
+        m = validate(self, model, final=final)
+        if not final:
+            m["val_triplet_dice"] = next(scores)
+        return m
+
+    monkeypatch.setattr(engine.Trainer, "_validate", scripted)
+    result = _run(synth, tmp_path / "stop", epochs=8, early_stopping=2, batch_size=4, samples_per_epoch=4,
+                  validation={"every": every, "min_areas": [0], "min_component_areas": [0]})
+    assert len(result.history) == epochs_run
+    assert result.metrics["best_epoch"] == every

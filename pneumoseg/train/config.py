@@ -120,7 +120,7 @@ class SchedulerConfig:
     name: str = _f("none", "none, plateau (ReduceLROnPlateau on the validation score), cosine or onecycle",
                    choices=("none", "plateau", "cosine", "onecycle"))
     factor: float = _f(0.1, "plateau: multiply the rate by this")
-    patience: int = _f(2, "plateau: epochs without improvement before reducing")
+    patience: int = _f(2, "plateau: validations without improvement before reducing (epochs, with validation.every 1)")
     threshold: float = _f(1e-7, "plateau: smallest change that counts as improvement")
     min_lr: float = _f(1e-7, "plateau: lowest rate")
     t_max: Optional[int] = _f(None, "cosine: epochs of a half period (default: the stage's epochs)")

@@ -675,11 +675,14 @@ class Trainer:
                 row["epoch"] = progress["global_epoch"]
                 history.append(row)
                 improved = key is not None and _better(key, progress["stage_best"])
+                # epochs, validated or not (validation.every > 1), count towards early stopping, which
+                # is decided after a validation
                 if improved:
                     progress["stage_best"], progress["bad_epochs"] = key, 0
-                elif key is not None:
+                else:
                     progress["bad_epochs"] += 1
-                if stage.early_stopping is not None and progress["bad_epochs"] >= stage.early_stopping:
+                if (key is not None and stage.early_stopping is not None
+                        and progress["bad_epochs"] >= stage.early_stopping):
                     stop = True
                 finished_stage = last_epoch or stop
                 progress.update(epoch=epoch + 1, batch=0, loss_sum=0.0, loss_count=0)
