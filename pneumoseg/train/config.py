@@ -210,7 +210,8 @@ class TrainConfig:
     accumulate: int = _f(1, "gradient accumulation steps per optimizer step (each micro-batch's loss scaled by "
                             "1/accumulate; with per-image losses the step equals one on the whole batch, but batch-wide "
                             "Dice (loss.per_image_dice false) is a mean of each micro-batch's Dice, as across processes)")
-    samples_per_epoch: Optional[int] = _f(None, "images drawn per epoch over all processes (default: the training fold's size)")
+    samples_per_epoch: Optional[int] = _f(None, "images drawn per epoch over all processes (default: the training fold's "
+                                                "size), rounded down to whole optimizer steps")
     epoch_size: str = _f("samples", "what an epoch is: samples (samples_per_epoch images) or positives (every positive "
                                     "training image once plus negatives for the epoch's positive_ratio, as SIIM 1st's "
                                     "sampler: the epoch's length follows the ratio)", choices=("samples", "positives"))
