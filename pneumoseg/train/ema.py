@@ -14,8 +14,9 @@ __all__ = ["ModelEMA"]
 class ModelEMA:
     """``ema = decay * ema + (1 - decay) * weights`` after every optimizer step, on floating-point
     parameters and buffers; integer buffers (BatchNorm's ``num_batches_tracked``) are copied. The
-    decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (as timm's
-    ``ModelEmaV2`` with warm-up), so an early average is not dominated by the random start."""
+    decay warms up as ``min(decay, (1 + n) / (10 + n))`` over the first updates (TensorFlow's
+    ``ExponentialMovingAverage`` with ``num_updates``; timm's ``ModelEmaV2`` has no warm-up and
+    ``ModelEmaV3``'s is another curve), so an early average is not dominated by the random start."""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         self.decay = float(decay)
