@@ -280,3 +280,26 @@ def test_early_stopping_counts_epochs_without_improvement(synth, tmp_path, monke
                   validation={"every": every, "min_areas": [0], "min_component_areas": [0]})
     assert len(result.history) == epochs_run
     assert result.metrics["best_epoch"] == every
+
+
+def test_recipe_losses_reach_the_loss_as_the_winners_wrote_them():
+    from pneumoseg.train import load_recipe
+    from pneumoseg.train.engine import TaskLoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 1, 24, 24, dtype=torch.float64) * 3
+    masks = (torch.rand(2, 1, 24, 24) < 0.1).double()
+    masks[1] = 0  # an empty image in the batch: batch-wide Dice
+    # SIIM 1st's ComboLoss (Losses.py): 3 x BCE + 1 x soft Dice over the batch (eps 1e-6) + 4 x focal (gamma 2)
+    p = torch.sigmoid(logits)
+    bce = (logits.clamp(min=0) - logits * masks + torch.log1p(torch.exp(-logits.abs()))).mean()
+    dice = 1 - (2 * (p * masks).sum() + 1e-6) / (p.sum() + masks.sum() + 1e-6)
+    pt = torch.where(masks > 0, p, 1 - p).clamp(1e-8, 1 - 1e-8)
+    focal = (-(1 - pt) ** 2 * pt.log()).mean()
+    got = TaskLoss(load_recipe("siim-1st"))(logits, masks, torch.tensor([1.0, 0.0]))
+    assert got.item() == pytest.approx((3 * bce + dice + 4 * focal).item(), rel=1e-6)
+    # the classifier recipe: BCE with positives weighted 2
+    scores, labels = torch.randn(6, 1, dtype=torch.float64), torch.tensor([1.0, 0, 0, 1, 0, 0])
+    s = torch.sigmoid(scores[:, 0])
+    want = -(2 * labels * s.log() + (1 - labels) * (1 - s).log()).mean()
+    assert TaskLoss(load_recipe("classifier"))(scores, None, labels).item() == pytest.approx(want.item(), rel=1e-6)
