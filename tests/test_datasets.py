@@ -43,10 +43,11 @@ def test_dataset_items(synth):
         assert item["label"].item() == ds.labels[i]
         assert bool(item["mask"].any()) == bool(item["label"].item())
         full = rle.decode_union(rles[item["image_id"]], (96, 96))
-        # pixel-centred nearest neighbour: output pixel i takes source pixel floor((i + 0.5) * 96 / 64),
-        # the pixel under its centre, so the mask stays where the (bilinearly resized) image is
-        centre = np.floor((np.arange(64) + 0.5) * 96 / 64).astype(int)
-        small = torch.from_numpy(full[np.ix_(centre, centre)]).float()[None, None]
+        # the mask resized as the image is (bilinear, antialiased, about pixel centres), then 0/1 at
+        # one half, so the mask stays where the image is
+        small = torch.nn.functional.interpolate(torch.from_numpy(full).float()[None, None], size=64, mode="bilinear",
+                                                align_corners=False, antialias=True)
+        small = (small >= 0.5).float()
         assert torch.equal(item["mask"], small[0])
 
 

@@ -189,3 +189,43 @@ def test_training_items_put_each_mask_on_its_image(tmp_path):
             offsets.append(centroid(mask) - centroid(shown))
         # in training pixels (measured within 0.11; the old top-left pick: 0.25-0.375 at these scales)
         assert np.all(np.abs(np.mean(offsets, axis=0)) < 0.2), (name, np.mean(offsets, axis=0))
+
+
+@pytest.mark.parametrize("source, size", [(96, 24), (96, 48), (90, 64)])
+def test_resize_mask_leaves_no_offset_at_any_phase(source, size):
+    # 'nearest-exact' picks the source pixel just below and right of each output pixel's centre: at
+    # even scales the mask sat half a source pixel up-left of its image in every phase (1/8 output
+    # pixel at 1/4 scale; a perfect network's Dice at 256 px 0.9942 against 0.9947)
+    from pneumoseg.data import preprocess, resize_mask
+
+    offsets = []
+    coords = torch.arange(float(size))
+    for r0 in range(source // 4, source // 4 + 8):  # every phase of the grid, for both edges
+        for length in range(source // 4, source // 4 + 8):
+            mask = np.zeros((source, source), np.uint8)
+            mask[r0:r0 + length, r0 // 2: r0 // 2 + length // 2] = 1
+            small = resize_mask(mask, size)[0, 0]
+            image = preprocess(mask.astype(np.float32), size)[0, 0] * 0.25 + 0.5  # where the image is
+            offsets.append([float((small * coords[:, None]).sum() / small.sum() - (image * coords[:, None]).sum() / image.sum()),
+                            float((small * coords).sum() / small.sum() - (image * coords).sum() / image.sum())])
+    assert np.all(np.abs(np.mean(offsets, axis=0)) < 0.03), np.mean(offsets, axis=0)
+
+
+def test_cache_format_3_is_written_and_format_2_still_read(tmp_path):
+    import json
+
+    from factories import write_dicom
+
+    from pneumoseg.data.cache import CachedDataset, build_cache
+    from pneumoseg.data.siim import write_rle_csv
+    from pneumoseg.rle import encode
+
+    truth = blob((40, 36), np.random.default_rng(4))
+    write_dicom(tmp_path / "a.dcm", truth.astype(np.uint16) * 4000, SOPInstanceUID="1.2.3")
+    csv = write_rle_csv(tmp_path / "train-rle.csv", {"a": encode(truth)})
+    index_path = build_cache(tmp_path, csv, size=16, out=tmp_path / "cache", progress=False)
+    index = json.loads(index_path.read_text())
+    assert index["format_version"] == 3
+    index["format_version"] = 2  # masks by the centred nearest pick: half a source pixel off, still usable
+    index_path.write_text(json.dumps(index))
+    assert CachedDataset(tmp_path / "cache")[0]["mask"].shape == (1, 16, 16)

@@ -187,7 +187,10 @@ def test_real_dicoms_in_the_kaggle_layout_read_the_same_from_the_cache_and_the_f
         px = torch.from_numpy(pixels[uid])
         x = ((px - px.min()) / (px.max() - px.min()))[None, None]
         x = (F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)[0] - 0.5) / 0.25
-        m = F.interpolate(torch.from_numpy(truth[uid].astype(np.float32))[None, None], size=size, mode="nearest-exact")[0]
+        # the mask resized as its image, then 0/1 at one half
+        m = F.interpolate(torch.from_numpy(truth[uid].astype(np.float32))[None, None], size=size, mode="bilinear",
+                          align_corners=False, antialias=True)[0]
+        m = (m >= 0.5).float()
         a, b = folder_set[i], cached[cached.ids.index(uid)]
         assert a["label"].item() == b["label"].item() == float(truth[uid].any())
         torch.testing.assert_close(a["image"], x, atol=1e-5, rtol=0)

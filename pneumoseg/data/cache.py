@@ -5,7 +5,8 @@ GPU). Written by ``pneumoseg data cache`` / :func:`build_cache`, read by :class:
     CACHE/
       images.npy     (N, S, S) uint8: each image scaled by its own min and max to 0..255 and resized
                      (bilinear, antialiased): exactly ``pneumoseg.data.preprocess`` before normalising
-      masks.npy      (N, S, S) uint8 0/1: the union of each image's annotations (with a CSV)
+      masks.npy      (N, S, S) uint8 0/1: the union of each image's annotations (with a CSV), resized
+                     as the image is, then 0/1 at one half (``pneumoseg.data.resize_mask``)
       index.json     format, version, size, and per row: ImageId, label, original height and width;
                      written last, so a cache whose build was interrupted has none and is refused
 
@@ -42,8 +43,12 @@ from .transforms import NORMALISE_MEAN, NORMALISE_STD, preprocess, resize_mask
 __all__ = ["build_cache", "CachedDataset", "decode_to_arrays", "CACHE_INDEX", "load_cache_index"]
 
 CACHE_FORMAT = "pneumoseg-cache"
-# 2: masks resized pixel-centred (nearest-exact); version 1's sat up to 1.5 source pixels up-left
-CACHE_VERSION = 2
+# 3: masks resized as their images (bilinear about pixel centres, then 0/1 at one half).
+# 2: by the pixel-centred nearest pick, half a source pixel up-left at even scales (a perfect
+#    network's Dice 0.05 points lower at 256 and 512 px): still read, as too small to force a rebuild.
+# 1: by torch's top-left nearest pick, up to 1.5 source pixels up-left: refused.
+CACHE_VERSION = 3
+_READABLE_VERSIONS = (2, 3)
 CACHE_INDEX = "index.json"
 IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
@@ -256,9 +261,9 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
     if index.get("format_version") == 1:
         raise DataFormatError(f"{path}: written by an older pneumoseg whose masks sit up to 1.5 source pixels "
                               "up and left of their images (torch's top-left 'nearest' resize): rebuild the cache")
-    if index.get("format_version") != CACHE_VERSION:
+    if index.get("format_version") not in _READABLE_VERSIONS:
         raise DataFormatError(f"{path}: cache format {index.get('format_version')!r}; this pneumoseg reads "
-                              f"version {CACHE_VERSION}: rebuild the cache")
+                              f"versions {' and '.join(map(str, _READABLE_VERSIONS))}: rebuild the cache")
     try:
         # JSON integers only: int() of Infinity raised OverflowError, of "x" or {} a bare ValueError or
         # TypeError, and a missing has_masks a KeyError (tracebacks from `pneumoseg train`)
@@ -402,10 +407,7 @@ class CachedDataset(torch.utils.data.Dataset):
         if mask is not None:
             m = mask[None].float()
             if self.image_size != self.size:
-                # As the image: a nearest pick of the cache's nearest-picked mask added its half-pixel
-                # offset to the cache's own (1.5 source pixels up-left for 1024 -> 512 -> 256)
-                m = F.interpolate(m, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
-                m = (m >= 0.5).float()
+                m = resize_mask(m, self.image_size)  # as the image, so a cache resized stays centred
         if self.transforms is not None:
             if m is not None:
                 x, m = self.transforms(x, m)
