@@ -144,7 +144,7 @@ def test_each_schedule_steps_as_documented_and_the_logged_rate_is_the_one_used(s
 
 
 def test_init_best_starts_from_the_previous_stages_best_epoch_and_top_k_keeps_the_best(synth, tmp_path, monkeypatch):
-    scores = iter([0.5, 0.9, 0.3, 0.2, 0.8, 0.95, 0.1])
+    scores = iter([0.5, 0.9, 0.3, 0.2, 0.8, 0.85, 0.95])
     validate = engine.Trainer._validate
 
     def scripted(self, model, final=False):
@@ -164,13 +164,17 @@ def test_init_best_starts_from_the_previous_stages_best_epoch_and_top_k_keeps_th
 
     monkeypatch.setattr(engine.Trainer, "_validate", scripted)
     monkeypatch.setattr(engine.Trainer, "_train_epoch", recorded)
-    stages = [{"name": "a", "epochs": 3}, {"name": "b", "epochs": 4, "init": "best"}]
+    stages = [{"name": "a", "epochs": 3}, {"name": "b", "epochs": 3, "init": "best"},
+              {"name": "c", "epochs": 1, "init": "best"}]
     result = _run(synth, tmp_path / "best", stages=stages, batch_size=2, checkpoint={"keep_top_k": 2})
     equal = lambda a, b: all(torch.equal(a[k], b[k]) for k in a)
     assert equal(starts[3], ends[1]) and not equal(starts[3], ends[2])  # stage a's best is epoch 2
+    # stage b (best 0.85) never beat epoch 2 (0.9): stage c starts from epoch 2, as SIIM 1st's
+    # best-checkpoint file, not from stage b's best
+    assert equal(starts[6], ends[1]) and not equal(starts[6], ends[5])
     kept = sorted(p.name for p in (tmp_path / "best" / "checkpoints").glob("epoch-*.pt"))
-    assert kept == ["epoch-002.pt", "epoch-006.pt"] and result.metrics["best_epoch"] == 6
-    assert equal(result.model.state_dict(), ends[5])  # the saved model is the best epoch's, not the last
+    assert kept == ["epoch-002.pt", "epoch-007.pt"] and result.metrics["best_epoch"] == 7
+    assert equal(result.model.state_dict(), ends[6])  # the saved model is the best epoch's
 
 
 class _Interrupted(BaseException):

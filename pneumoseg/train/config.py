@@ -158,7 +158,7 @@ class StageConfig:
     positive_ratio: Ratio = _f(None, "positive share of this stage (default: the run's positive_ratio)")
     early_stopping: Optional[int] = _f(None, "stop the stage after this many epochs without improvement")
     init: str = _f("last", "weights the stage starts from: last (where the previous stage ended) or best "
-                           "(the previous stage's best checkpoint, as SIIM 1st)", choices=("last", "best"))
+                           "(the best checkpoint of all earlier stages, as SIIM 1st)", choices=("last", "best"))
 
 
 @dataclass

@@ -642,14 +642,17 @@ class Trainer:
                                           f"or random state cannot be restored ({type(exc).__name__}: {first})") from None
             else:
                 if stage.init == "best" and s_idx > 0:
-                    best_path = self.out / "checkpoints" / STAGE_BEST
+                    # The best epoch of all earlier stages, as SIIM 1st (its best-checkpoint file is only
+                    # replaced by a better score): a stage that never beat the one before hands on the
+                    # earlier, better weights, not its own best.
+                    best_path = self.out / "checkpoints" / (top_k[0]["file"] if top_k else STAGE_BEST)
                     if best_path.is_file():
                         best = load_checkpoint(best_path)
                         check_checkpoint_weights(best, model, best_path)
                         model.load_state_dict(best["model"])
                         if ema is not None and best.get("ema") is not None:
                             ema.load_state_dict(best["ema"])
-                        self._say(f"stage {stage.name}: starting from the best weights of the previous stage")
+                        self._say(f"stage {stage.name}: starting from the best weights so far ({best_path.name})")
                 if st is not None and st.get("rng") is not None and progress["global_epoch"] > 0:
                     self._set_rng_state(st["rng"], augment)
                 progress["stage_started"] = True
