@@ -213,8 +213,10 @@ def test_resize_mask_leaves_no_offset_at_any_phase(source, size):
     assert np.all(np.abs(np.mean(offsets, axis=0)) < 0.03), np.mean(offsets, axis=0)
 
 
-def test_cache_format_3_is_written_and_format_2_still_read(tmp_path):
+def test_cache_format_3_is_written_and_older_formats_refused(tmp_path):
     import json
+
+    import pneumoseg
 
     from factories import write_dicom
 
@@ -228,6 +230,8 @@ def test_cache_format_3_is_written_and_format_2_still_read(tmp_path):
     index_path = build_cache(tmp_path, csv, size=16, out=tmp_path / "cache", progress=False)
     index = json.loads(index_path.read_text())
     assert index["format_version"] == 3
-    index["format_version"] = 2  # masks by the centred nearest pick: half a source pixel off, still usable
-    index_path.write_text(json.dumps(index))
     assert CachedDataset(tmp_path / "cache")[0]["mask"].shape == (1, 16, 16)
+    index["format_version"] = 2  # masks by the centred nearest pick: half a source pixel off
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(pneumoseg.DataFormatError, match="up and left of their images.*rebuild the cache"):
+        CachedDataset(tmp_path / "cache")

@@ -43,12 +43,10 @@ from .transforms import NORMALISE_MEAN, NORMALISE_STD, preprocess, resize_mask
 __all__ = ["build_cache", "CachedDataset", "decode_to_arrays", "CACHE_INDEX", "load_cache_index"]
 
 CACHE_FORMAT = "pneumoseg-cache"
-# 3: masks resized as their images (bilinear about pixel centres, then 0/1 at one half).
-# 2: by the pixel-centred nearest pick, half a source pixel up-left at even scales (a perfect
-#    network's Dice 0.05 points lower at 256 and 512 px): still read, as too small to force a rebuild.
-# 1: by torch's top-left nearest pick, up to 1.5 source pixels up-left: refused.
+# 3: masks resized as their images (bilinear about pixel centres, then 0/1 at one half). Earlier
+#    formats picked mask pixels by nearest neighbour, up to 1.5 source pixels up-left of the image
+#    (1: torch's top-left pick; 2, never released: the centred pick, half a pixel at even scales).
 CACHE_VERSION = 3
-_READABLE_VERSIONS = (2, 3)
 CACHE_INDEX = "index.json"
 IMAGES_FILE = "images.npy"
 MASKS_FILE = "masks.npy"
@@ -258,12 +256,12 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
         raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None
     if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
         raise DataFormatError(f"{path}: not a pneumoseg cache index")
-    if index.get("format_version") == 1:
+    if index.get("format_version") in (1, 2):
         raise DataFormatError(f"{path}: written by an older pneumoseg whose masks sit up to 1.5 source pixels "
-                              "up and left of their images (torch's top-left 'nearest' resize): rebuild the cache")
-    if index.get("format_version") not in _READABLE_VERSIONS:
+                              "up and left of their images (a nearest-neighbour resize): rebuild the cache")
+    if index.get("format_version") != CACHE_VERSION:
         raise DataFormatError(f"{path}: cache format {index.get('format_version')!r}; this pneumoseg reads "
-                              f"versions {' and '.join(map(str, _READABLE_VERSIONS))}: rebuild the cache")
+                              f"version {CACHE_VERSION}: rebuild the cache")
     try:
         # JSON integers only: int() of Infinity raised OverflowError, of "x" or {} a bare ValueError or
         # TypeError, and a missing has_masks a KeyError (tracebacks from `pneumoseg train`)
