@@ -235,3 +235,21 @@ def test_cache_format_3_is_written_and_older_formats_refused(tmp_path):
     index_path.write_text(json.dumps(index))
     with pytest.raises(pneumoseg.DataFormatError, match="up and left of their images.*rebuild the cache"):
         CachedDataset(tmp_path / "cache")
+
+
+@pytest.mark.parametrize("size", [(16, 16), (40, 24), (1, 1)])
+def test_resize_mask_of_a_batch_with_empty_and_full_masks_equals_the_whole_resize(size):
+    """Empty masks skip the antialiased resize (most SIIM images): a batch mixing empty, full and
+    drawn masks must equal resizing every mask, and an all-empty batch is all zeros."""
+    from pneumoseg.data import resize_mask
+
+    rng = np.random.default_rng(7)
+    masks = np.zeros((4, 1, 50, 40), np.uint8)
+    masks[1, 0] = blob((50, 40), rng)
+    masks[3] = 1
+    expect = (F.interpolate(torch.from_numpy(masks).float(), size=size, mode="bilinear", align_corners=False,
+                            antialias=True) >= 0.5).float()
+    got = resize_mask(torch.from_numpy(masks), size)
+    assert got.dtype == torch.float32 and torch.equal(got, expect)
+    assert got[3].min() == 1 and got[0].max() == 0
+    assert torch.equal(resize_mask(masks[0, 0], size), torch.zeros(1, 1, *size))
