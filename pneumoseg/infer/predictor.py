@@ -582,10 +582,10 @@ class Predictor:
         x_gate = x_seg if self.gate_size == self.segmenter_size else None
         if self.parts["gate"] == "classifier" and x_gate is None:
             x_gate = self._prepare(images, self.gate_size, None)
-        if self.gate_crop == "chest":  # set for a classifier gate only
-            from ..data.transforms import crop_to_chest
+        if self.parts["gate"] == "classifier":  # the same function makes segmenter validation's gate input
+            from ..data.classifier_input import classifier_input
 
-            x_gate = crop_to_chest(x_gate, self.gate_size)  # reads the pixels on the host
+            x_gate = classifier_input(x_gate, self.gate_size, self.gate_crop)
 
         timer.mark("classify")
         scores = features = maps = from_logits = None

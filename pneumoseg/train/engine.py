@@ -159,7 +159,9 @@ def loader_workers(requested: int) -> tuple[int, Optional[str]]:
 
 class Gate:
     """A stage-1 classifier used as the gate: per-image probabilities for segmenter input images
-    (resized to the classifier's input size, chest-cropped when it was trained so)."""
+    (resized to the classifier's input size, chest-cropped when it was trained so), made from them as
+    the Predictor makes them (``pneumoseg.data.classifier_input``), so the gate threshold chosen here
+    holds at prediction."""
 
     def __init__(self, model: nn.Module, input_size: int, chest_crop: bool = False,
                  threshold: Optional[float] = None) -> None:
@@ -170,13 +172,9 @@ class Gate:
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.float()
-        if self.chest_crop:
-            from ..data.transforms import crop_to_chest
+        from ..data.classifier_input import classifier_input
 
-            x = crop_to_chest(x, self.input_size)
-        elif x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        x = classifier_input(images.float(), self.input_size, "chest" if self.chest_crop else None)
         device = next(self.model.parameters()).device
         return torch.sigmoid(self.model(x.to(device)).float())[:, 0].to(images.device)
 
