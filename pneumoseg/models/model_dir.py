@@ -395,7 +395,8 @@ class ModelDir:
         # The config's shapes are checked against the weights on a network without memory (the meta
         # device): building it for real first, a config of decoder_channels [20000, ...] with small
         # weights allocated and initialised 14.4 GB before the weights were found not to match.
-        expected = self._build_config(name, entry.config, torch.device("meta")).state_dict()
+        skeleton = self._build_config(name, entry.config, torch.device("meta"))
+        expected = skeleton.state_dict()
         state = self.state_dict(name, expected={k: tuple(v.shape) for k, v in expected.items()})
         parts = weight_mismatches({k: tuple(v.shape) for k, v in state.items()},
                                   {k: tuple(v.shape) for k, v in expected.items()}, "the file", "the config")
@@ -415,7 +416,12 @@ class ModelDir:
         if broken:
             raise DataFormatError(f"{self.weights_path(name)}: {len(broken)} weight tensor(s) hold NaN or infinity "
                                   f"(e.g. {broken[0]}); the {name} would answer NaN or saturate")
-        model = self._build_config(name, entry.config, torch.device("cpu"))
+        if _holds_only_its_state_dict(skeleton):
+            # the checked skeleton takes the weights: a second build's random initialisation (on
+            # DenseNet121 most of its load time) would only be overwritten
+            model = skeleton.to_empty(device="cpu")
+        else:
+            model = self._build_config(name, entry.config, None)
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
 
@@ -423,7 +429,8 @@ class ModelDir:
         from .config import build_model
 
         try:
-            with device:
+            # only the meta device needs the device mode, which intercepts every torch call
+            with device if device is not None else contextlib.nullcontext():
                 return build_model(config)
         except InvalidInputError as exc:
             raise DataFormatError(f"{self.path / CONFIG_NAME}: the {name} config cannot be built: {exc}") from None
@@ -621,6 +628,16 @@ def _check_depth(raw: Any, where: Path) -> None:
             stack.extend((v, depth + 1) for v in node.values())
         elif isinstance(node, list):
             stack.extend((v, depth + 1) for v in node)
+
+
+def _holds_only_its_state_dict(network: Any) -> bool:
+    """Whether every tensor of ``network`` is in its state dict (no non-persistent buffers, no plain
+    tensor attributes), so that loading a state dict into it leaves nothing uninitialised."""
+    import torch
+
+    persistent = set(network.state_dict())
+    return (all(n in persistent for n, _ in network.named_buffers())
+            and not any(isinstance(v, torch.Tensor) for m in network.modules() for v in vars(m).values()))
 
 
 def weight_mismatches(got: Mapping[str, tuple[int, ...]], want: Mapping[str, tuple[int, ...]],
