@@ -253,3 +253,27 @@ def test_resize_mask_of_a_batch_with_empty_and_full_masks_equals_the_whole_resiz
     assert got.dtype == torch.float32 and torch.equal(got, expect)
     assert got[3].min() == 1 and got[0].max() == 0
     assert torch.equal(resize_mask(masks[0, 0], size), torch.zeros(1, 1, *size))
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_infinite_logits_resize_as_sharp_ones_without_holes(tta):
+    """A network answering +-inf (a saturated or fp16 one) resized its maps to NaN inside every
+    region (inf - inf in the interpolation), and lost those pixels silently; TTA's log-odds are
+    infinite wherever both views are (its old mean probabilities were not). The masks must be the
+    ones of finite logits of the same signs."""
+    rng = np.random.default_rng(5)
+    truths = [blob(s, rng) for s in SHAPES]
+    masks = {}
+    for height in (40.0, float("inf")):
+        pred = oracle_predictor(tta=tta)
+        run = pred.backend.run
+
+        def stepped(part, *inputs, run=run, height=height):
+            logits = run(part, *inputs)
+            return (torch.where(logits[0] > 0, height, -height), *logits[1:])
+
+        pred.backend.run = stepped
+        masks[height] = [p.mask for p in pred.predict([t * 255 for t in truths], return_masks=True)]
+    for finite, infinite, truth in zip(masks[40.0], masks[float("inf")], truths):
+        assert dice(finite, truth) > 0.95
+        assert np.array_equal(finite, infinite), (truth.shape, int((finite != infinite).sum()))

@@ -632,7 +632,10 @@ class Predictor:
         for shape, js in groups.items():
             m = maps if len(js) == maps.shape[0] else maps.index_select(0, torch.tensor(js, device=device))
             if shape != (h, w):
-                m = F.interpolate(m, size=shape, mode="bilinear", align_corners=False)
+                # +-inf logits (a saturated or fp16 network) resized to NaN holes (inf - inf inside the
+                # interpolation), and TTA's log-odds are infinite where both views are; +-1e4 decide
+                # every threshold in (0, 1) as they do
+                m = F.interpolate(m.clamp(-1e4, 1e4), size=shape, mode="bilinear", align_corners=False)
             # areas are pixel counts at the network's input size: scale them to this image size
             scale = shape[0] * shape[1] / (h * w)
             gate_scores = None
