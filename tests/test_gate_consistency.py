@@ -1,7 +1,7 @@
 """The gate threshold chosen in segmenter training's validation (``Gate.scores`` on the validation
 images) must hold at prediction: for the same images the Predictor's classifier gives the same
 probabilities, with and without the chest crop, whether the classifier's input size is below or above
-the segmenter's (both call ``pneumoseg.data.classifier_input``)."""
+the segmenter's (both call ``pneumoseg.data.transforms.classifier_input``)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pneumoseg.data import chest_phantom, chest_crop, preprocess  # noqa: E402
-from pneumoseg.data.classifier_input import classifier_input  # noqa: E402
+from pneumoseg.data.transforms import classifier_input  # noqa: E402
 from pneumoseg.infer import Predictor  # noqa: E402
 from pneumoseg.models.model_dir import save_model_dir  # noqa: E402
 from pneumoseg.train.engine import Gate  # noqa: E402

@@ -9,7 +9,7 @@ from .synthetic import chest_phantom, make_synthetic_siim
 _TORCH_NAMES = {
     "SIIMDataset": "datasets", "stratified_kfold": "datasets", "PositiveRatioSampler": "datasets",
     "Augment": "transforms", "preprocess": "transforms", "chest_crop": "transforms", "crop_to_chest": "transforms",
-    "resize_mask": "transforms",
+    "resize_mask": "transforms", "classifier_input": "transforms",
 }
 
 

@@ -583,7 +583,7 @@ class Predictor:
         if self.parts["gate"] == "classifier" and x_gate is None:
             x_gate = self._prepare(images, self.gate_size, None)
         if self.parts["gate"] == "classifier":  # the same function makes segmenter validation's gate input
-            from ..data.classifier_input import classifier_input
+            from ..data.transforms import classifier_input
 
             x_gate = classifier_input(x_gate, self.gate_size, self.gate_crop)
 

@@ -160,7 +160,7 @@ def loader_workers(requested: int) -> tuple[int, Optional[str]]:
 class Gate:
     """A stage-1 classifier used as the gate: per-image probabilities for segmenter input images
     (resized to the classifier's input size, chest-cropped when it was trained so), made from them as
-    the Predictor makes them (``pneumoseg.data.classifier_input``), so the gate threshold chosen here
+    the Predictor makes them (``pneumoseg.data.transforms.classifier_input``), so the gate threshold chosen here
     holds at prediction."""
 
     def __init__(self, model: nn.Module, input_size: int, chest_crop: bool = False,
@@ -172,7 +172,7 @@ class Gate:
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor) -> torch.Tensor:
-        from ..data.classifier_input import classifier_input
+        from ..data.transforms import classifier_input
 
         x = classifier_input(images.float(), self.input_size, "chest" if self.chest_crop else None)
         device = next(self.model.parameters()).device
