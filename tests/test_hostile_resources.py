@@ -61,23 +61,28 @@ def test_a_device_pipe_or_huge_file_as_training_config_is_refused_before_reading
 
 # ----------------------------------------------------------------------------- JSON descriptions
 
-def test_json_integers_of_thousands_of_digits_are_format_errors(tmp_path, capsys):
-    """Python's int() refuses integers of over 4300 digits with a bare ValueError, which json.loads
-    lets through: a pneumoseg.json or index.json holding one printed a traceback."""
+@pytest.mark.parametrize("text, expected", [
+    # Python's int() refuses integers of over 4300 digits with a bare ValueError, which json.loads
+    # lets through: a pneumoseg.json or index.json holding one printed a traceback
+    ('{"format": "pneumoseg-model", "format_version": ' + "9" * 5000 + "}", "not valid JSON"),
+    # 100,000 nested brackets raised RecursionError from the json module: a traceback from
+    # `pneumoseg predict --model` and no DataFormatError for callers
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+])
+def test_malformed_json_descriptions_are_format_errors(tmp_path, capsys, text, expected):
     from pneumoseg.data.cache import CACHE_INDEX, load_cache_index
     from pneumoseg.models.model_dir import CONFIG_NAME, load_model_dir
 
-    huge = '{"format": "pneumoseg-model", "format_version": ' + "9" * 5000 + "}"
     (tmp_path / "model").mkdir()
-    (tmp_path / "model" / CONFIG_NAME).write_text(huge)
+    (tmp_path / "model" / CONFIG_NAME).write_text(text)
     (tmp_path / "cache").mkdir()
-    (tmp_path / "cache" / CACHE_INDEX).write_text(huge)
-    with pytest.raises(pneumoseg.DataFormatError, match="not valid JSON"):
+    (tmp_path / "cache" / CACHE_INDEX).write_text(text)
+    with pytest.raises(pneumoseg.DataFormatError, match=expected):
         load_model_dir(tmp_path / "model")
-    with pytest.raises(pneumoseg.DataFormatError, match="not valid JSON"):
+    with pytest.raises(pneumoseg.DataFormatError, match=expected):
         load_cache_index(tmp_path / "cache")
     _one_line_error(capsys, ["predict", tmp_path, "--model", tmp_path / "model", "--out", tmp_path / "out"],
-                    "not valid JSON")
+                    expected)
 
 
 # ------------------------------------------------------------------------------------ cache folder

@@ -143,8 +143,10 @@ def test_each_schedule_steps_as_documented_and_the_logged_rate_is_the_one_used(s
     assert max(cycle) <= 4e-3 and cycle.index(max(cycle)) == 1
 
 
-def test_init_best_starts_from_the_previous_stages_best_epoch_and_top_k_keeps_the_best(synth, tmp_path, monkeypatch):
-    scores = iter([0.5, 0.9, 0.3, 0.2, 0.8, 0.85, 0.95])
+def _script_validation_scores(monkeypatch, scores) -> None:
+    """Each epoch's validation reports the next of ``scores`` as its triplet Dice (the final,
+    after-training validation keeps its own)."""
+    scores = iter(scores)
     validate = engine.Trainer._validate
 
     def scripted(self, model, final=False):
@@ -153,6 +155,11 @@ def test_init_best_starts_from_the_previous_stages_best_epoch_and_top_k_keeps_th
             m["val_triplet_dice"] = next(scores)
         return m
 
+    monkeypatch.setattr(engine.Trainer, "_validate", scripted)
+
+
+def test_init_best_starts_from_the_previous_stages_best_epoch_and_top_k_keeps_the_best(synth, tmp_path, monkeypatch):
+    _script_validation_scores(monkeypatch, [0.5, 0.9, 0.3, 0.2, 0.8, 0.85, 0.95])
     epoch_fn = engine.Trainer._train_epoch
     starts, ends = [], []
 
@@ -162,7 +169,6 @@ def test_init_best_starts_from_the_previous_stages_best_epoch_and_top_k_keeps_th
         ends.append({n: v.detach().clone() for n, v in self.model.state_dict().items()})
         return row
 
-    monkeypatch.setattr(engine.Trainer, "_validate", scripted)
     monkeypatch.setattr(engine.Trainer, "_train_epoch", recorded)
     stages = [{"name": "a", "epochs": 3}, {"name": "b", "epochs": 3, "init": "best"},
               {"name": "c", "epochs": 1, "init": "best"}]
@@ -270,16 +276,7 @@ def test_positives_once_sampler_deals_one_global_order_and_every_negative_before
 def test_early_stopping_counts_epochs_without_improvement(synth, tmp_path, monkeypatch, every, epochs_run):
     # scores only fall after the first validation: early_stopping 2 stops 2 epochs after the best,
     # at the first validation there or after (validating every 2nd epoch it stopped 4 epochs after)
-    scores = iter([0.5, 0.4, 0.3, 0.2, 0.1])
-    validate = engine.Trainer._validate
-
-    def scripted(self, model, final=False):
-        m = validate(self, model, final=final)
-        if not final:
-            m["val_triplet_dice"] = next(scores)
-        return m
-
-    monkeypatch.setattr(engine.Trainer, "_validate", scripted)
+    _script_validation_scores(monkeypatch, [0.5, 0.4, 0.3, 0.2, 0.1])
     result = _run(synth, tmp_path / "stop", epochs=8, early_stopping=2, batch_size=4, samples_per_epoch=4,
                   validation={"every": every, "min_areas": [0], "min_component_areas": [0]})
     assert len(result.history) == epochs_run
