@@ -489,9 +489,9 @@ class Predictor:
                 out.index_copy_(0, torch.tensor(idx, device=device), x)
         return out
 
-    def _segment(self, x: Any, features: Optional[tuple], rows: Any) -> tuple[Any, bool]:
-        """Stage 2 on the selected rows: (logits (k, 1, h, w), True). With TTA the logits are the
-        log-odds of the mean of the image's and the flipped image's probabilities."""
+    def _segment(self, x: Any, features: Optional[tuple], rows: Any) -> Any:
+        """Stage 2 on the selected rows: logits (k, 1, h, w). With TTA the logits are the log-odds of
+        the mean of the image's and the flipped image's probabilities."""
         import torch
 
         run = self.backend.run
@@ -510,8 +510,8 @@ class Predictor:
                 logits = run("segmenter", xs)[0]
         logits = logits.float()
         if self.tta:
-            return _log_odds_of_mean_probability(logits, mirrored.float()), True
-        return logits, True
+            return _log_odds_of_mean_probability(logits, mirrored.float())
+        return logits
 
     def _refuse_bad_values(self, finite: list, nan_outputs: list, loaded: list) -> None:
         """Non-finite pixels (the input's fault, so named first), then NaN network outputs."""
@@ -588,9 +588,9 @@ class Predictor:
             x_gate = classifier_input(x_gate, self.gate_size, self.gate_crop)
 
         timer.mark("classify")
-        scores = features = maps = from_logits = None
+        scores = features = maps = None
         if cuda and segment_all and self.parts["gate"] == "classifier" and self.overlap_networks:
-            classified, (maps, from_logits) = self._side_by_side(
+            classified, maps = self._side_by_side(
                 torch, lambda: self.backend.run("classifier", x_gate), lambda: self._segment(x_seg, None, None))
             scores = classified[0].float().reshape(-1).sigmoid()
         elif self.parts["gate"] == "classifier":
@@ -610,10 +610,10 @@ class Predictor:
         else:
             segmented = list(range(n))
         if segmented and maps is None:
-            maps, from_logits = self._segment(x_seg, features, rows)
+            maps = self._segment(x_seg, features, rows)
         if scores is None:  # no gate: the image's score is its largest pixel probability
             peak = maps.flatten(1).amax(1)
-            scores = peak.sigmoid() if from_logits else peak
+            scores = peak.sigmoid()
         # A network answering NaN (an fp16 overflow, broken weights) would read as "no pneumothorax"
         # without a word: flagged here, read back on CUDA with the results (no extra synchronisation).
         nan_outputs = [("score", list(range(n)), torch.isnan(scores))]
@@ -643,7 +643,7 @@ class Predictor:
                 idx = torch.tensor([segmented[j] for j in js], device=scores.device)
                 gate_scores = scores.index_select(0, idx)
             group_masks[shape], group_components[shape] = postprocess.postprocess(
-                m[:, 0], gate_scores, from_logits=from_logits, top=t.top, min_area=int(round(t.min_area * scale)),
+                m[:, 0], gate_scores, from_logits=True, top=t.top, min_area=int(round(t.min_area * scale)),
                 bottom=t.bottom, gate_threshold=t.gate, min_component_area=int(round(t.min_component_area * scale)),
                 return_components=True)
 
