@@ -24,7 +24,7 @@ import numbers
 import operator
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -266,3 +266,25 @@ def check_array_object(x: Any, name: str, *, error: _Error = InvalidInputError) 
         raise error(f"{name} is a masked array; pass {name}.filled(0) (its mask would be ignored)")
     if hasattr(x, "tocoo") and hasattr(x, "nnz"):
         raise error(f"{name} is a SciPy sparse matrix; pass a dense array ({name}.toarray())")
+
+
+def nesting_excess(value: Any, max_depth: int, max_values: float = math.inf) -> Optional[str]:
+    """Whether nested mappings, lists and tuples (a parsed description, an unpickled checkpoint) pass
+    a bound: ``"depth"`` when they nest deeper than ``max_depth``, ``"values"`` when they hold more
+    than ``max_values`` values (containers and leaves, a shared one counted each time it is reached,
+    so a structure sharing itself 2**20 ways is caught), else None. Iterative, and stops at the bound:
+    a recursive walk raised RecursionError at a few thousand levels."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    seen = 0
+    while stack:
+        node, depth = stack.pop()
+        seen += 1
+        if seen > max_values:
+            return "values"
+        if depth > max_depth:
+            return "depth"
+        if isinstance(node, Mapping):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend((v, depth + 1) for v in node)
+    return None

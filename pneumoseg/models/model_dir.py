@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Union
 
 from .. import __version__, limits
-from .._checks import check_image_size, check_int, check_path, check_probability, check_real, show
+from .._checks import check_image_size, check_int, check_path, check_probability, check_real, nesting_excess, show
 from .._fs import atomic_write, folder_lock, prepare_output_folder, safe_file_name
 from ..errors import DataFormatError, InvalidInputError, OutputError
 
@@ -397,19 +397,17 @@ class ModelDir:
         # weights allocated and initialised 14.4 GB before the weights were found not to match.
         skeleton = self._build_config(name, entry.config, torch.device("meta"))
         expected = skeleton.state_dict()
+        # names and shapes are checked in the file's header, before its tensors are read
         state = self.state_dict(name, expected={k: tuple(v.shape) for k, v in expected.items()})
-        parts = weight_mismatches({k: tuple(v.shape) for k, v in state.items()},
-                                  {k: tuple(v.shape) for k, v in expected.items()}, "the file", "the config")
         # load_state_dict casts: bool or integer weights would load as 0/1 or truncated values, complex
         # ones would lose their imaginary part, and a float step counter would be truncated.
         kinds = [(k, state[k].dtype, v.dtype) for k, v in expected.items()
-                 if k in state and (state[k].is_complex() or state[k].is_floating_point() != v.is_floating_point())]
-        if parts or kinds:
-            if kinds:
-                k, got, want = kinds[0]
-                parts.append(f"{len(kinds)} of another kind of number (e.g. {k}: {got} in the file, {want} in the config)")
+                 if state[k].is_complex() or state[k].is_floating_point() != v.is_floating_point()]
+        if kinds:
+            k, got, want = kinds[0]
             raise DataFormatError(f"{self.weights_path(name)}: the weights do not match the {name} config in "
-                                  f"{CONFIG_NAME}: " + "; ".join(parts))
+                                  f"{CONFIG_NAME}: {len(kinds)} of another kind of number (e.g. {k}: {got} in the "
+                                  f"file, {want} in the config)")
         from .pretrained import all_finite
 
         broken = [k for k, v in state.items() if v.is_floating_point() and not all_finite(v)]
@@ -619,15 +617,8 @@ def _check_depth(raw: Any, where: Path) -> None:
     """Refuse nesting deeper than :data:`_MAX_DEPTH`: json.loads reads up to about 1000 levels, but
     rewriting the description (an export copies and writes it) recursed past Python's limit at 900
     levels in a free-form section such as ``training`` (a RecursionError traceback)."""
-    stack = [(raw, 0)]
-    while stack:
-        node, depth = stack.pop()
-        if depth > _MAX_DEPTH:
-            raise DataFormatError(f"{where}: not a pneumoseg model description (nested deeper than {_MAX_DEPTH} levels)")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node)
+    if nesting_excess(raw, _MAX_DEPTH) is not None:
+        raise DataFormatError(f"{where}: not a pneumoseg model description (nested deeper than {_MAX_DEPTH} levels)")
 
 
 def _holds_only_its_state_dict(network: Any) -> bool:

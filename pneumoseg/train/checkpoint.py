@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Union
 import torch
 
 from .. import __version__
-from .._checks import check_path, show
+from .._checks import check_path, nesting_excess, show
 from .._fs import OutputFolder, atomic_write
 from ..errors import DataFormatError, InvalidInputError
 from ..models.model_dir import weight_mismatches
@@ -75,19 +75,11 @@ def _check_bounded(data: Any, path: Path) -> None:
     """Refuse a checkpoint whose containers are nested too deeply or, shared through the pickle's
     memo, expand past :data:`_MAX_VALUES`: comparing such a config with the run's (--resume) raised
     RecursionError at 3000 levels, and a 4 MB checkpoint whose config shares one mapping twice per
-    level, 22 levels deep (4 million leaves), ran past a minute. Iterative, and stops at the limit."""
-    stack: list[tuple[Any, int]] = [(data, 0)]
-    seen = 0
-    while stack:
-        node, depth = stack.pop()
-        seen += 1
-        if seen > _MAX_VALUES or depth > _MAX_DEPTH:
-            what = f"holds more than {_MAX_VALUES:,} values" if seen > _MAX_VALUES else f"nests deeper than {_MAX_DEPTH} levels"
-            raise DataFormatError(f"{path}: not a checkpoint pneumoseg wrote (it {what})")
-        if isinstance(node, Mapping):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend((v, depth + 1) for v in node)
+    level, 22 levels deep (4 million leaves), ran past a minute."""
+    excess = nesting_excess(data, _MAX_DEPTH, _MAX_VALUES)
+    if excess is not None:
+        what = f"holds more than {_MAX_VALUES:,} values" if excess == "values" else f"nests deeper than {_MAX_DEPTH} levels"
+        raise DataFormatError(f"{path}: not a checkpoint pneumoseg wrote (it {what})")
 
 
 def load_checkpoint(path: Union[str, Path], *, map_location: Any = "cpu") -> dict[str, Any]:
