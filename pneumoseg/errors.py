@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = [
     "PneumosegError", "InvalidInputError", "RLEError", "LimitError", "RLELimitError", "NativeError", "DataFormatError", "DicomError",
     "OutputError", "DataWarning",
@@ -55,13 +57,18 @@ class TrainingError(PneumosegError, RuntimeError):
     holds non-finite values). The message says where; the run folder keeps its last checkpoint."""
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    """Whether ``exc`` is an allocator's failure: Python's, torch's CPU or CUDA allocator's, or
-    onnxruntime's (exception types of its own), for the commands that turn it into one line."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
+def out_of_memory_line(exc: BaseException) -> Optional[str]:
+    """The first line of ``exc``'s message when it is an allocator's failure (Python's, torch's CPU or
+    CUDA allocator's, or onnxruntime's, which has exception types of its own), else None (pneumoseg's
+    own errors included): for the commands that turn a traceback from deep inside a convolution,
+    which told the user nothing they could change, into one line saying what to lower."""
+    if isinstance(exc, PneumosegError):
+        return None
     text = str(exc)
-    return any(s in text for s in ("can't allocate memory", "Failed to allocate memory", "CUDA out of memory"))
+    if not (isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError"
+            or any(s in text for s in ("can't allocate memory", "Failed to allocate memory", "CUDA out of memory"))):
+        return None
+    return (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
 class DataWarning(UserWarning):

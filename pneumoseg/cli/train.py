@@ -95,12 +95,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, args.out, resume=args.resume, overwrite=args.force, progress=not args.no_progress)
     except Exception as exc:
-        from ..errors import PneumosegError, is_out_of_memory
+        from ..errors import PneumosegError, out_of_memory_line
 
-        if isinstance(exc, PneumosegError) or not is_out_of_memory(exc):
+        first_line = out_of_memory_line(exc)
+        if first_line is None:
             raise
-        # a traceback from inside a convolution told the user nothing they could change
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise PneumosegError(f"out of memory training at batch_size {cfg.batch_size}, image size "
                              f"{cfg.data.image_size} ({first_line}); lower batch_size or data.image_size (--set), or "
                              f"train on a machine with more memory") from None

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .._checks import check_bool, check_choice, check_int, check_path
-from ..errors import InvalidInputError, PneumosegError, is_out_of_memory
+from ..errors import InvalidInputError, PneumosegError, out_of_memory_line
 from ..export.parts import parts_for
 from .backends import BACKENDS, PRECISIONS
 from .inputs import ImageSource, collect_inputs, load_pixels, skip_reason
@@ -558,10 +558,9 @@ class Predictor:
             with self._stream_context(), torch.inference_mode():
                 return self._run_batch(loaded, return_masks, torch, postprocess, rle, segment_all or self.segment == "all")
         except Exception as exc:  # onnxruntime's errors are no RuntimeError
-            if isinstance(exc, PneumosegError) or not is_out_of_memory(exc):
+            first_line = out_of_memory_line(exc)
+            if first_line is None:
                 raise
-            # a traceback from deep inside a convolution told the user nothing they could change
-            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             h, w = self.segmenter_size
             raise PneumosegError(f"out of memory predicting a batch of {len(loaded)} image(s) at the network input size "
                                  f"{h}x{w} on {self.backend.device} ({first_line}); lower the batch size "
