@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import stat
@@ -46,7 +47,7 @@ from typing import IO, Any, Union
 import numpy as np
 
 from ._checks import check_bool, check_path, show
-from .errors import InvalidInputError, OutputError
+from .errors import DataFormatError, InvalidInputError, OutputError
 
 try:
     import fcntl
@@ -739,3 +740,14 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     """
     return OutputFolder(path, overwrite=overwrite, what=what, resume=resume, inputs=inputs)
 
+
+def read_json(path: Path) -> Any:
+    """A UTF-8 JSON file's value; a file that is not one is a :class:`DataFormatError` naming it (json's
+    ValueError, an integer of over 4300 digits included, and the RecursionError of deep nesting, which
+    would otherwise come out as tracebacks). Callers check the file's size first."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, or an integer of over 4300 digits
+        raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import __version__, limits
 from .._checks import check_bool, check_choice, check_int, check_path, show
-from .._fs import prepare_output_folder
+from .._fs import prepare_output_folder, read_json
 from ..errors import DataFormatError, DataWarning, DicomError, InvalidInputError
 from ..rle import decode_union
 from .dicom import read_dicom
@@ -248,12 +248,7 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
                               "`pneumoseg data cache` leaves none: run it again)")
     if path.stat().st_size > _MAX_INDEX_BYTES:  # about 100 bytes an image: millions of images
         raise DataFormatError(f"{path}: larger than {_MAX_INDEX_BYTES >> 20} MiB; not a pneumoseg cache index")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, or an integer of over 4300 digits
-        raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None
+    index = read_json(path)
     if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT:
         raise DataFormatError(f"{path}: not a pneumoseg cache index")
     if index.get("format_version") in (1, 2):

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from .. import __version__, limits
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, nesting_excess, show
-from .._fs import atomic_write, folder_lock, prepare_output_folder, safe_file_name
+from .._fs import atomic_write, folder_lock, prepare_output_folder, read_json, safe_file_name
 from ..errors import DataFormatError, InvalidInputError, OutputError
 
 __all__ = [
@@ -661,12 +661,7 @@ def load_model_dir(path: Union[str, Path]) -> ModelDir:
                               "`pneumoseg train` or point at the folder a training run wrote")
     if config.stat().st_size > _MAX_CONFIG_BYTES:
         raise DataFormatError(f"{config}: larger than {_MAX_CONFIG_BYTES} bytes; not a pneumoseg model description")
-    try:
-        raw = json.loads(config.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, or an integer of over 4300 digits
-        raise DataFormatError(f"{config}: not valid JSON ({exc})") from None
-    except RecursionError:
-        raise DataFormatError(f"{config}: not valid JSON (nested too deeply)") from None
+    raw = read_json(config)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise DataFormatError(f"{config}: not a pneumoseg model description (format {raw.get('format') if isinstance(raw, dict) else None!r})")
     _check_depth(raw, config)
