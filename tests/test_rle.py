@@ -183,6 +183,26 @@ def test_encode_batch_equals_single(n, style):
     assert units_twin(masks, style) == expected
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (7, 1), (33, 20), (64, 3), (65, 2)])
+@pytest.mark.parametrize("style", STYLES)
+def test_batch_scans_restart_at_every_image(shape, style):
+    """The encoder scans the whole batch at once (CUDA, and the serial units twin that mirrors it):
+    transitions of one image must never count in the next. Neighbouring images here end and begin on
+    foreground, are full, empty or hold one pixel at either end."""
+    h, w = shape
+    full, empty = np.ones(shape, np.uint8), np.zeros(shape, np.uint8)
+    first, last = empty.copy(), empty.copy()
+    first[0, 0], last[-1, -1] = 1, 1
+    rng = np.random.default_rng(h * 100 + w)
+    masks = np.stack([full, full, last, first, empty, full, random_mask(rng, shape, 0.5), last, last, empty, first])
+    expected = [ref_encode(m, style) for m in masks]
+    assert units_twin(masks, style) == expected
+    assert rle.encode_batch(masks, style=style) == expected
+    if pneumoseg.cuda_available():
+        torch = pytest.importorskip("torch")
+        assert rle.encode_batch(torch.from_numpy(masks).cuda(), style=style) == expected
+
+
 def test_encode_batch_threads_on_large_batch():
     rng = np.random.default_rng(11)
     masks = random_mask(rng, (12, 512, 512), 0.01)  # big enough to be split across threads

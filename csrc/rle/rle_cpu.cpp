@@ -505,63 +505,68 @@ void encode_cpu(const TensorView& masks, Style style, EncodedBatch& out) {
 void encode_units_cpu(const TensorView& masks, Style style, EncodedBatch& out) {
   check_batch(masks);
   const int64_t N = masks.shape[0], H = masks.shape[1], W = masks.shape[2];
-  const int64_t S = units_per_column(H), U = S * W;
+  const int64_t S = units_per_column(H), U = S * W, HW = H * W, slots = N * U;
   std::vector<std::vector<std::string>> parts(N);
   PNEUMOSEG_DISPATCH_ALL(masks.dtype, "masks", [&] {
     const auto* base = static_cast<const scalar_t*>(masks.data);
+    auto mask_of = [&](int64_t n) {
+      return ColumnMajorMask<scalar_t>{base + n * masks.strides[0], H, W, masks.strides[1], masks.strides[2]};
+    };
+    // The CUDA encoder's steps, serially, over the whole batch at once (slot = n * U + u).
+    // Pass A: transitions per unit, and the last one as a batch key (image * HW + k, -1 for none).
+    std::vector<int64_t> count(slots, 0), last_key(slots, -1);
+    for (int64_t t = 0; t < slots; ++t) {
+      const int64_t n = t / U, u = t % U;
+      walk_unit(mask_of(n), u / S, u % S, [&](int64_t k) {
+        ++count[t];
+        last_key[t] = n * HW + k;
+      });
+    }
+    // Batch-wide exclusive scans: sum of counts and max of keys (see unit_start()).
+    std::vector<int64_t> first_j(slots), prev_key(slots);
+    int64_t run_j = 0, run_key = -1;
+    for (int64_t t = 0; t < slots; ++t) {
+      first_j[t] = run_j;
+      prev_key[t] = run_key;
+      run_j += count[t];
+      run_key = std::max(run_key, last_key[t]);
+    }
+    // Pass B: characters per unit; batch-wide exclusive sum = each unit's first character in the
+    // concatenated text; image offsets are the values at each image's first unit.
+    std::vector<int64_t> chars(slots, 0), first_char(slots);
+    for (int64_t t = 0; t < slots; ++t) {
+      const int64_t n = t / U, u = t % U;
+      UnitStart st = unit_start(first_j, prev_key, n, U, HW, t);
+      walk_unit(mask_of(n), u / S, u % S, [&](int64_t k) {
+        chars[t] += transition_chars(style, st.j++, k, st.prev);
+        st.prev = k;
+      });
+    }
+    int64_t total = 0;
+    for (int64_t t = 0; t < slots; ++t) {
+      first_char[t] = total;
+      total += chars[t];
+    }
+    std::string text(total, '?');
+    // Pass C: write.
+    for (int64_t t = 0; t < slots; ++t) {
+      const int64_t n = t / U, u = t % U;
+      UnitStart st = unit_start(first_j, prev_key, n, U, HW, t);
+      int64_t pos = first_char[t];
+      walk_unit(mask_of(n), u / S, u % S, [&](int64_t k) {
+        const uint64_t v = transition_number(style, st.j, k, st.prev);
+        const int d = decimal_digits(v);
+        if (pos + d + (st.j > 0) > total) throw NativeError("encode_units_cpu: write past the string");
+        if (st.j > 0) text[pos++] = ' ';
+        write_decimal(&text[pos], v, d);
+        pos += d;
+        st.prev = k;
+        ++st.j;
+      });
+    }
     for (int64_t n = 0; n < N; ++n) {
-      ColumnMajorMask<scalar_t> m{base + n * masks.strides[0], H, W, masks.strides[1], masks.strides[2]};
-      // Pass A: transitions per unit and the last one of each.
-      std::vector<int64_t> count(U, 0), last(U, -1);
-      for (int64_t u = 0; u < U; ++u) {
-        walk_unit(m, u / S, u % S, [&](int64_t k) {
-          ++count[u];
-          last[u] = k;
-        });
-      }
-      // Scans: where each unit's transitions fall in the string, and the transition before them.
-      std::vector<int64_t> first_j(U), prev_k(U);
-      int64_t run_j = 0, run_last = -1;
-      for (int64_t u = 0; u < U; ++u) {
-        first_j[u] = run_j;
-        prev_k[u] = run_last;
-        run_j += count[u];
-        run_last = std::max(run_last, last[u]);
-      }
-      // Pass B: characters per unit; scan; pass C: write.
-      std::vector<int64_t> chars(U, 0), first_char(U);
-      for (int64_t u = 0; u < U; ++u) {
-        int64_t j = first_j[u], prev = prev_k[u];
-        walk_unit(m, u / S, u % S, [&](int64_t k) {
-          chars[u] += transition_chars(style, j++, k, prev);
-          prev = k;
-        });
-      }
-      int64_t total = 0;
-      for (int64_t u = 0; u < U; ++u) {
-        first_char[u] = total;
-        total += chars[u];
-      }
-      parts[n].emplace_back();
-      std::string& s = parts[n].back();
-      if (total == 0) {
-        s = style == Style::Siim ? "-1" : "";
-        continue;
-      }
-      s.assign(total, '?');
-      for (int64_t u = 0; u < U; ++u) {
-        int64_t j = first_j[u], prev = prev_k[u], pos = first_char[u];
-        walk_unit(m, u / S, u % S, [&](int64_t k) {
-          const uint64_t v = transition_number(style, j, k, prev);
-          const int d = decimal_digits(v);
-          if (pos + d + (j > 0) > total) throw NativeError("encode_units_cpu: write past the string");
-          if (j > 0) s[pos++] = ' ';
-          write_decimal(&s[pos], v, d);
-          pos += d;
-          prev = k;
-          ++j;
-        });
-      }
+      const int64_t a = U > 0 ? first_char[n * U] : 0, b = n + 1 < N && U > 0 ? first_char[(n + 1) * U] : total;
+      parts[n].emplace_back(a == b ? std::string(style == Style::Siim ? "-1" : "") : text.substr(a, b - a));
     }
   });
   join(parts, out);

@@ -1,7 +1,7 @@
-// CUDA RLE: data-parallel encode (unit walks + block scans, see rle_units.h) with the strings
-// formatted on the device and fetched in one device-to-host copy per batch in the common case;
-// decode paints host-parsed runs with one warp per run piece.
-#include <cub/block/block_scan.cuh>
+// CUDA RLE: data-parallel encode (unit walks + batch-wide device scans, see rle_units.h) with the
+// strings formatted on the device and fetched in one device-to-host copy per batch in the common
+// case; decode paints host-parsed runs with one warp per run piece.
+#include <cub/device/device_scan.cuh>
 
 #include <algorithm>
 #include <cstring>
@@ -17,10 +17,6 @@ namespace pneumoseg::rle {
 namespace {
 
 constexpr int kThreads = 256;
-// One block per image for the scans; 512 threads keep an int64 cub::BlockScan within the register
-// budget (1024 threads needed 90 registers each: more than 65536 / 1024, a launch failure).
-constexpr int kScanThreads = 512;
-constexpr int kScanItems = 8;
 // Bytes of formatted text per image fetched with the header in the first copy: a real SIIM mask
 // needs about 2 KB, so one copy suffices unless masks are dense noise.
 constexpr int64_t kSpeculativeBytesPerImage = 16 << 10;
@@ -65,50 +61,13 @@ __global__ void __launch_bounds__(kThreads) count_transitions_kernel(const T* ma
       l = k;
     });
     count[uc.slot] = c;
-    last[uc.slot] = l;
+    last[uc.slot] = l < 0 ? -1 : uc.image * g.h * g.w + l;  // a batch key: see unit_start()
   }
 }
 
 struct MaxOp {
-  __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
+  __host__ __device__ __forceinline__ int64_t operator()(int64_t a, int64_t b) const { return a > b ? a : b; }
 };
-
-// One block per image: first_j = exclusive sum of counts, prev_k = exclusive max of last transitions
-// (transitions grow with the unit index, so the max is the last transition before the unit). Each
-// thread scans kScanItems consecutive units, so a 1024x1024 image (32768 units) takes 8 rounds.
-__global__ void __launch_bounds__(kScanThreads)
-    scan_units_kernel(int64_t units, int64_t* count_to_first_j, int64_t* last_to_prev_k) {
-  using Scan = cub::BlockScan<int64_t, kScanThreads>;
-  __shared__ typename Scan::TempStorage temp;
-  int64_t* counts = count_to_first_j + blockIdx.x * units;
-  int64_t* lasts = last_to_prev_k + blockIdx.x * units;
-  int64_t carry_sum = 0, carry_max = -1;
-  for (int64_t base = 0; base < units; base += int64_t(kScanThreads) * kScanItems) {
-    const int64_t first = base + int64_t(threadIdx.x) * kScanItems;
-    int64_t c[kScanItems], l[kScanItems];
-#pragma unroll
-    for (int k = 0; k < kScanItems; ++k) {
-      const int64_t i = first + k;
-      c[k] = i < units ? counts[i] : 0;
-      l[k] = i < units ? lasts[i] : -1;
-    }
-    int64_t sum_total, max_total;
-    Scan(temp).ExclusiveSum(c, c, sum_total);
-    __syncthreads();
-    Scan(temp).ExclusiveScan(l, l, int64_t(-1), MaxOp(), max_total);
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kScanItems; ++k) {
-      const int64_t i = first + k;
-      if (i < units) {
-        counts[i] = carry_sum + c[k];
-        lasts[i] = l[k] > carry_max ? l[k] : carry_max;
-      }
-    }
-    carry_sum += sum_total;
-    carry_max = max_total > carry_max ? max_total : carry_max;
-  }
-}
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) count_chars_kernel(const T* masks, int64_t sn, int64_t sh, int64_t sw, UnitGrid g, Style style,
@@ -116,73 +75,46 @@ __global__ void __launch_bounds__(kThreads) count_chars_kernel(const T* masks, i
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < g.threads();
        t += int64_t(gridDim.x) * blockDim.x) {
     const UnitCoords uc = unit_coords(g, t);
-    int64_t j = first_j[uc.slot], prev = prev_k[uc.slot], n = 0;
+    UnitStart st = unit_start(first_j, prev_k, uc.image, g.u, g.h * g.w, uc.slot);
+    int64_t n = 0;
     walk_unit(image_of(masks, sn, sh, sw, g, uc.image), uc.col, uc.seg, [&](int64_t k) {
-      n += transition_chars(style, j++, k, prev);
-      prev = k;
+      n += transition_chars(style, st.j++, k, st.prev);
+      st.prev = k;
     });
     chars[uc.slot] = n;
   }
 }
 
-// In-place exclusive sum of data[0, n) by one block of kScanThreads threads, kScanItems consecutive
-// values per thread; returns the total (to every thread).
-__device__ int64_t block_exclusive_sum(int64_t* data, int64_t n) {
-  using Scan = cub::BlockScan<int64_t, kScanThreads>;
-  __shared__ typename Scan::TempStorage temp;
-  int64_t carry = 0;
-  for (int64_t base = 0; base < n; base += int64_t(kScanThreads) * kScanItems) {
-    const int64_t first = base + int64_t(threadIdx.x) * kScanItems;
-    int64_t c[kScanItems];
-#pragma unroll
-    for (int k = 0; k < kScanItems; ++k) c[k] = first + k < n ? data[first + k] : 0;
-    int64_t total;
-    Scan(temp).ExclusiveSum(c, c, total);
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kScanItems; ++k) {
-      if (first + k < n) data[first + k] = carry + c[k];
-    }
-    carry += total;
+// offsets[i] = where image i's text starts in the batch's (its first unit's first character);
+// offsets[n] = the total length.
+__global__ void __launch_bounds__(kThreads)
+    image_offsets_kernel(int64_t n, int64_t units, const int64_t* first_char, const int64_t* chars, int64_t* offsets) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i <= n; i += int64_t(gridDim.x) * blockDim.x) {
+    offsets[i] = i < n ? first_char[i * units] : first_char[n * units - 1] + chars[n * units - 1];
   }
-  return carry;
-}
-
-// One block per image: chars -> first character of each unit within its image; image_len[n] = total.
-__global__ void __launch_bounds__(kScanThreads) scan_chars_kernel(int64_t units, int64_t* chars_to_first, int64_t* image_len) {
-  const int64_t total = block_exclusive_sum(chars_to_first + blockIdx.x * units, units);
-  if (threadIdx.x == 0) image_len[blockIdx.x] = total;
-}
-
-// One block: image lengths -> image offsets, with the grand total in offsets[n].
-__global__ void __launch_bounds__(kScanThreads) scan_images_kernel(int64_t n, const int64_t* image_len, int64_t* offsets) {
-  for (int64_t i = threadIdx.x; i < n; i += kScanThreads) offsets[i] = image_len[i];
-  __syncthreads();
-  const int64_t total = block_exclusive_sum(offsets, n);
-  if (threadIdx.x == 0) offsets[n] = total;
 }
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads) write_chars_kernel(const T* masks, int64_t sn, int64_t sh, int64_t sw, UnitGrid g, Style style,
                                    const int64_t* first_j, const int64_t* prev_k, const int64_t* first_char,
-                                   const int64_t* image_offsets, char* payload, int64_t capacity) {
+                                   char* payload, int64_t capacity) {
   for (int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; t < g.threads();
        t += int64_t(gridDim.x) * blockDim.x) {
     const UnitCoords uc = unit_coords(g, t);
-    int64_t j = first_j[uc.slot], prev = prev_k[uc.slot];
-    int64_t pos = image_offsets[uc.image] + first_char[uc.slot];
+    UnitStart st = unit_start(first_j, prev_k, uc.image, g.u, g.h * g.w, uc.slot);
+    int64_t pos = first_char[uc.slot];  // in the batch's text
     walk_unit(image_of(masks, sn, sh, sw, g, uc.image), uc.col, uc.seg, [&](int64_t k) {
-      const uint64_t v = transition_number(style, j, k, prev);
+      const uint64_t v = transition_number(style, st.j, k, st.prev);
       const int d = decimal_digits(v);
-      const int64_t need = d + (j > 0 ? 1 : 0);
+      const int64_t need = d + (st.j > 0 ? 1 : 0);
       if (pos >= 0 && pos + need <= capacity) {  // beyond the speculative window: written on the retry
         char* dst = payload + pos;
-        if (j > 0) *dst++ = ' ';
+        if (st.j > 0) *dst++ = ' ';
         write_decimal(dst, v, d);
       }
       pos += need;
-      prev = k;
-      ++j;
+      st.prev = k;
+      ++st.j;
     });
   }
 }
@@ -229,14 +161,25 @@ void encode_cuda(const TensorView& masks, Style style, void* stream_ptr, Encoded
     const size_t header_bytes = sizeof(int64_t) * (N + 1);
     const size_t payload_at = (header_bytes + 255) / 256 * 256;
     const size_t arrays_at = (payload_at + capacity + 255) / 256 * 256;
-    const size_t arrays_bytes = sizeof(int64_t) * (3 * slots + N);
-    cuda::ScratchBuffer scratch(arrays_at + arrays_bytes, stream);
+    const size_t arrays_bytes = sizeof(int64_t) * 4 * slots;
+    // Batch-wide scans (cub's single-pass device scan): the same temporary storage serves all three.
+    size_t scan_bytes = 0, need = 0;
+    PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, need, static_cast<int64_t*>(nullptr),
+                                                       static_cast<int64_t*>(nullptr), slots, stream));
+    scan_bytes = std::max(scan_bytes, need);
+    PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveScan(nullptr, need, static_cast<int64_t*>(nullptr),
+                                                        static_cast<int64_t*>(nullptr), MaxOp(), int64_t(-1), slots,
+                                                        stream));
+    scan_bytes = std::max(scan_bytes, need);
+    const size_t scan_at = (arrays_at + arrays_bytes + 255) / 256 * 256;
+    cuda::ScratchBuffer scratch(scan_at + scan_bytes, stream);
     auto* offsets_d = scratch.as<int64_t>(0);
     auto* payload_d = scratch.as<char>(payload_at);
-    auto* count = scratch.as<int64_t>(arrays_at);
-    int64_t* last = count + slots;
+    auto* count = scratch.as<int64_t>(arrays_at);  // scanned in place into first_j
+    int64_t* last = count + slots;                  // scanned in place into prev_key
     int64_t* chars = last + slots;
-    int64_t* image_len = chars + slots;
+    int64_t* first_char = chars + slots;
+    void* scan_temp = scratch.as<char>(scan_at);
 
     const int grid = grid_for(g.threads(), kThreads);
     PNEUMOSEG_DISPATCH_ALL(masks.dtype, "masks", [&] {
@@ -244,16 +187,19 @@ void encode_cuda(const TensorView& masks, Style style, void* stream_ptr, Encoded
       const int64_t sn = masks.strides[0], sh = masks.strides[1], sw = masks.strides[2];
       count_transitions_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(data, sn, sh, sw, g, count, last);
       PNEUMOSEG_CHECK_LAUNCH("count_transitions_kernel");
-      scan_units_kernel<<<N, kScanThreads, 0, stream>>>(g.u, count, last);
-      PNEUMOSEG_CHECK_LAUNCH("scan_units_kernel");
+      size_t temp_bytes = scan_bytes;
+      PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_temp, temp_bytes, count, count, slots, stream));
+      temp_bytes = scan_bytes;
+      PNEUMOSEG_CUDA_CHECK(
+          cub::DeviceScan::ExclusiveScan(scan_temp, temp_bytes, last, last, MaxOp(), int64_t(-1), slots, stream));
       count_chars_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(data, sn, sh, sw, g, style, count, last, chars);
       PNEUMOSEG_CHECK_LAUNCH("count_chars_kernel");
-      scan_chars_kernel<<<N, kScanThreads, 0, stream>>>(g.u, chars, image_len);
-      PNEUMOSEG_CHECK_LAUNCH("scan_chars_kernel");
-      scan_images_kernel<<<1, kScanThreads, 0, stream>>>(N, image_len, offsets_d);
-      PNEUMOSEG_CHECK_LAUNCH("scan_images_kernel");
-      write_chars_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(data, sn, sh, sw, g, style, count, last, chars,
-                                                                  offsets_d, payload_d, capacity);
+      temp_bytes = scan_bytes;
+      PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scan_temp, temp_bytes, chars, first_char, slots, stream));
+      image_offsets_kernel<<<grid_for(N + 1, kThreads), kThreads, 0, stream>>>(N, g.u, first_char, chars, offsets_d);
+      PNEUMOSEG_CHECK_LAUNCH("image_offsets_kernel");
+      write_chars_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(data, sn, sh, sw, g, style, count, last, first_char,
+                                                                  payload_d, capacity);
       PNEUMOSEG_CHECK_LAUNCH("write_chars_kernel");
 
       auto& pinned = cuda::pinned_staging();
@@ -270,8 +216,8 @@ void encode_cuda(const TensorView& masks, Style style, void* stream_ptr, Encoded
       } else {
         // Dense masks: the text did not fit the window; format again into an exact buffer.
         cuda::ScratchBuffer full(total, stream);
-        write_chars_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(data, sn, sh, sw, g, style, count, last, chars,
-                                                                    offsets_d, full.as<char>(), total);
+        write_chars_kernel<scalar_t><<<grid, kThreads, 0, stream>>>(data, sn, sh, sw, g, style, count, last,
+                                                                    first_char, full.as<char>(), total);
         PNEUMOSEG_CHECK_LAUNCH("write_chars_kernel (retry)");
         host = static_cast<char*>(pinned.reserve(total));
         PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(host, full.as<char>(), total, cudaMemcpyDeviceToHost, stream));

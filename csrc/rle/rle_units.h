@@ -46,6 +46,20 @@ PNEUMOSEG_HD int64_t transition_chars(Style style, int64_t j, int64_t k, int64_t
   return decimal_digits(transition_number(style, j, k, prev)) + (j > 0 ? 1 : 0);
 }
 
+// Where a unit's transitions start, image-local, from batch-wide exclusive scans over the slots
+// t = n * U + u of every image's units: first_j (sum of transition counts) and prev_key (max of
+// the last transitions' keys n * HW + k). Subtracting the image's first value makes j local; a key
+// below n * HW belongs to an earlier image, so the unit has no transition before it in its own.
+struct UnitStart {
+  int64_t j, prev;
+};
+template <typename Array>
+PNEUMOSEG_HD UnitStart unit_start(const Array& first_j, const Array& prev_key, int64_t image, int64_t units,
+                                  int64_t hw, int64_t slot) {
+  const int64_t key = prev_key[slot];
+  return UnitStart{first_j[slot] - first_j[image * units], key >= image * hw ? key - image * hw : -1};
+}
+
 // Reads foreground flags of one image of a strided (N, H, W) batch in column-major order.
 template <typename T>
 struct ColumnMajorMask {
