@@ -2,9 +2,10 @@
 // CUDA connected components: union-find with atomicMin (Playne & Hawick, "A new algorithm for
 // parallel connected-component labelling on GPUs", 2018), done in two levels as in block-based
 // union-find (Allegretti et al., 2019):
-//   1. local: each block labels one 32x32 tile in shared memory (unions, compression and areas with
-//      shared-memory atomics) and writes, per pixel, the image-local raster index of its tile root;
-//   2. border: pixels on a tile's edge unite with their neighbours in other tiles, in global memory;
+//   1. local: each block labels one 32x32 tile in shared memory, one warp per tile row: pixels start
+//      at their row run's first pixel, runs unite with the runs above by the run rule (run_unions),
+//      and writes, per pixel, the image-local raster index of its tile root, areas at the roots;
+//   2. border: tiles unite with their neighbours in global memory (run rule on each top row);
 //   3. resolve: each tile root finds its final root, points at it and adds its area there.
 // Unions keep the smaller index, so every root is its component's first pixel in raster order, and
 // a prefix sum of root flags numbers the components 1..K in scipy's order. Kernels index pixels by
@@ -84,9 +85,49 @@ __device__ __forceinline__ void unite(int32_t* parent, int32_t a, int32_t b) {
   }
 }
 
-// Pass 1, one block per 32x32 tile. parent[k] (image-local raster index k) = raster index of the
-// pixel's root within its tile, -1 for background; tile_area[k] = the tile component's size at its
-// root, 0 elsewhere.
+// Bit helpers over one tile row held as a 32-bit mask (bit tx = column tx is foreground).
+__device__ __forceinline__ bool bit(unsigned bits, int i) { return i >= 0 && i < 32 && ((bits >> i) & 1u); }
+
+// First column of the run of set bits that contains column tx (tx's bit must be set).
+__device__ __forceinline__ int run_start_of(unsigned bits, int tx) {
+  const unsigned zeros_below = ~bits & ((1u << tx) - 1u);
+  return zeros_below ? 32 - __clz(zeros_below) : 0;
+}
+
+// Length of the run of set bits starting at column s.
+__device__ __forceinline__ int run_length_from(unsigned bits, int s) {
+  const unsigned rest = ~bits >> s;
+  return rest == 0 ? 32 - s : __ffs(rest) - 1;
+}
+
+// The unions that join one row's runs to the runs of the row above, in run terms: of all the
+// foreground pixels of a run that touch one run above, only one does the union.
+//   4-connectivity: a pixel unites with the pixel above when that pixel is foreground and either it
+//     starts its own run or the pixel above-left is background (a new run above begins here).
+//   8-connectivity: a run's first pixel unites with its above-left neighbour, else with the pixel
+//     above; any pixel unites with its above-right neighbour when that starts a new run above (the
+//     pixel above is background).
+// Each run above that touches the run is found exactly once (its leftmost pixel in the run's
+// window), so the partition is the per-pixel one with ~run-many atomics instead of ~pixel-many.
+// Returns a bit set: 1 = up-left, 2 = up, 4 = up-right.
+__device__ __forceinline__ unsigned run_unions(unsigned above, bool run_first, bool left_exists, bool right_exists,
+                                               int tx, int connectivity, bool above_left, bool above_right) {
+  const bool up = bit(above, tx);
+  if (connectivity == 4) return up && (run_first || !above_left) ? 2u : 0u;
+  unsigned which = 0;
+  if (run_first) {
+    if (left_exists && above_left) which |= 1u;
+    else if (up) which |= 2u;
+  }
+  if (right_exists && above_right && !up) which |= 4u;
+  return which;
+}
+
+// Pass 1, one block per 32x32 tile, one warp per tile row. parent[k] (image-local raster index k) =
+// raster index of the pixel's root within its tile, -1 for background; tile_area[k] = the tile
+// component's size at its root, 0 elsewhere. Each pixel starts at its row run's first pixel (one
+// ballot), runs are joined to the runs above (run_unions), and only a run's first pixel walks to the
+// root and adds the run's length to the area; the others take the root from it by a shuffle.
 // With `count_above`, also counts each image's pixels above it (the triplet rule's test).
 // At least 4 resident blocks per multiprocessor: without the hint ptxas capped this kernel at 32
 // registers and spilled.
@@ -97,6 +138,7 @@ __global__ void __launch_bounds__(kTileThreads, 4)
                  IsForeground<T> above, int32_t* __restrict__ count_above) {
   __shared__ int32_t local[kTile * kTile];
   __shared__ int32_t area[kTile * kTile];
+  __shared__ unsigned row_bits[kTile];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int32_t r0 = blockIdx.y * kTile, c0 = blockIdx.x * kTile;
   const int32_t c = c0 + tx;
@@ -113,7 +155,9 @@ __global__ void __launch_bounds__(kTileThreads, 4)
         on = keep && fg(v);
         if (count_above) above_count += above(v) ? 1 : 0;
       }
-      local[li] = on ? li : -1;
+      const unsigned bits = __ballot_sync(0xffffffffu, on);
+      if (tx == 0) row_bits[lr] = bits;
+      local[li] = on ? lr * kTile + run_start_of(bits, tx) : -1;
       area[li] = 0;
     }
     if (count_above) {  // one atomic per warp that saw pixels above `top`
@@ -125,24 +169,34 @@ __global__ void __launch_bounds__(kTileThreads, 4)
 #pragma unroll
     for (int j = 0; j < kRowsPerThread; ++j) {
       const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
-      if (local[li] < 0) continue;
-      if (tx > 0 && local[li - 1] >= 0) unite<false>(local, li, li - 1);
-      if (lr > 0) {
-        const int up = li - kTile;
-        if (local[up] >= 0) unite<false>(local, li, up);
-        if (connectivity == 8) {
-          if (tx > 0 && local[up - 1] >= 0) unite<false>(local, li, up - 1);
-          if (tx + 1 < kTile && local[up + 1] >= 0) unite<false>(local, li, up + 1);
-        }
-      }
+      if (lr == 0) continue;
+      const unsigned bits = row_bits[lr], up_bits = row_bits[lr - 1];
+      if (!bit(bits, tx)) continue;
+      // Path halving in shared memory keeps the trees of a large or noisy tile shallow; it only
+      // ever re-points a node at an ancestor.
+      const unsigned which = run_unions(up_bits, !bit(bits, tx - 1), tx > 0, tx + 1 < kTile, tx, connectivity,
+                                        bit(up_bits, tx - 1), bit(up_bits, tx + 1));
+      if (which & 1u) unite<true>(local, li, li - kTile - 1);
+      if (which & 2u) unite<true>(local, li, li - kTile);
+      if (which & 4u) unite<true>(local, li, li - kTile + 1);
     }
     __syncthreads();
     int32_t root[kRowsPerThread];
 #pragma unroll
     for (int j = 0; j < kRowsPerThread; ++j) {
-      const int li = (ty + j * kRowsPerPass) * kTile + tx;
-      root[j] = local[li] < 0 ? -1 : find_root(local, li);
-      if (root[j] >= 0) atomicAdd(&area[root[j]], 1);
+      const int lr = ty + j * kRowsPerPass, li = lr * kTile + tx;
+      const unsigned bits = row_bits[lr];
+      const bool on = bit(bits, tx);
+      const int start = on ? run_start_of(bits, tx) : tx;
+      const bool first = on && start == tx;
+      int32_t run_root = -1;
+      if (first) {
+        run_root = find_root_halving(local, li);
+        atomicAdd(&area[run_root], run_length_from(bits, tx));
+      }
+      // Every lane of the warp (one tile row) takes part; background lanes read their own -1.
+      run_root = __shfl_sync(0xffffffffu, run_root, start);
+      root[j] = on ? run_root : -1;
     }
     __syncthreads();
     int32_t* p = parent + n * g.hw();
@@ -162,33 +216,48 @@ __global__ void __launch_bounds__(kTileThreads, 4)
   }
 }
 
-// Pass 2: pixels on a tile's edge unite with their backward neighbours (left, up, up-left,
-// up-right) that lie in another tile; the rest of the tile was joined in pass 1.
-__global__ void __launch_bounds__(kTileThreads) border_kernel(Geometry g, int connectivity, int32_t* parent) {
+// Pass 2: unions across tile borders; the rest of each tile was joined in pass 1. A tile's top row
+// joins the last row of the tiles above by the run rule (one warp: ballots of the two rows, the
+// above-left/right neighbours of the row's end pixels read beside them); the tile's first and last
+// columns join their left neighbour and, with 8-connectivity, their diagonal neighbours in the
+// tiles beside (the top row's diagonals were joined with its row).
+__global__ void __launch_bounds__(kTileThreads, 4) border_kernel(Geometry g, int connectivity, int32_t* parent) {
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int32_t r0 = blockIdx.y * kTile, c0 = blockIdx.x * kTile;
   const int32_t c = c0 + tx;
-  if (c >= g.w) return;
-  const bool left_edge = tx == 0 && c > 0;
+  const bool in_width = c < g.w;
+  const bool left_edge = tx == 0 && c > 0 && in_width;
   const bool right_edge = tx == kTile - 1 && c + 1 < g.w;
   for (int64_t n = blockIdx.z; n < g.n; n += gridDim.z) {
     int32_t* p = parent + n * g.hw();
+    if (ty == 0 && r0 > 0 && r0 < g.h) {  // the whole warp, so the ballots see every lane
+      const int32_t k = r0 * g.w + c, up = k - g.w;
+      const bool on = in_width && p[k] >= 0;
+      const unsigned bits = __ballot_sync(0xffffffffu, on);
+      const unsigned up_bits = __ballot_sync(0xffffffffu, in_width && p[up] >= 0);
+      if (on) {
+        const bool above_left = tx > 0 ? bit(up_bits, tx - 1) : c > 0 && p[up - 1] >= 0;
+        const bool above_right = tx + 1 < kTile ? bit(up_bits, tx + 1) : c + 1 < g.w && p[up + 1] >= 0;
+        const unsigned which = run_unions(up_bits, !bit(bits, tx - 1), c > 0, c + 1 < g.w, tx, connectivity,
+                                          above_left, above_right);
+        if (which & 1u) unite<true>(p, k, up - 1);
+        if (which & 2u) unite<true>(p, k, up);
+        if (which & 4u) unite<true>(p, k, up + 1);
+      }
+    }
+    if (!(left_edge || right_edge)) continue;
 #pragma unroll
     for (int j = 0; j < kRowsPerThread; ++j) {
       const int lr = ty + j * kRowsPerPass;
       const int32_t r = r0 + lr;
-      const bool top_edge = lr == 0 && r > 0;
-      if (r >= g.h || !(top_edge || left_edge || right_edge)) continue;
+      if (r >= g.h) continue;
       const int32_t k = r * g.w + c;
       if (p[k] < 0) continue;
       if (left_edge && p[k - 1] >= 0) unite<true>(p, k, k - 1);
-      if (r > 0) {
+      if (connectivity == 8 && lr > 0) {
         const int32_t up = k - g.w;
-        if (top_edge && p[up] >= 0) unite<true>(p, k, up);
-        if (connectivity == 8) {
-          if (c > 0 && (top_edge || left_edge) && p[up - 1] >= 0) unite<true>(p, k, up - 1);
-          if (c + 1 < g.w && (top_edge || right_edge) && p[up + 1] >= 0) unite<true>(p, k, up + 1);
-        }
+        if (left_edge && p[up - 1] >= 0) unite<true>(p, k, up - 1);
+        if (right_edge && p[up + 1] >= 0) unite<true>(p, k, up + 1);
       }
     }
   }
