@@ -24,6 +24,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+@pytest.fixture(autouse=True)
+def sync_debug_mode_restored(request):
+    """A CUDA test that left torch's sync debug mode on would fail every CUDA test after it."""
+    yield
+    if "cuda" in request.keywords:
+        from cuda_sync import reset_sync_debug_mode
+
+        reset_sync_debug_mode()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """torch on one intra-op thread for the whole run: the tests' forwards are small (64-200 px, tiny

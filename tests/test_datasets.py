@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from cuda_sync import synchronisation_forbidden
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("pydicom")
@@ -231,10 +232,7 @@ def test_augment_on_cuda_never_waits_for_the_gpu():
     assert (gpu_masks.cpu() == cpu_masks).float().mean() > 0.99
     imgs, masks = imgs.cuda(), masks.cuda()
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")  # any synchronisation now raises
-    try:
+    with synchronisation_forbidden():  # any synchronisation now raises
         for _ in range(3):
             out, out_masks = aug(imgs, masks)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert out.is_cuda and out_masks.is_cuda

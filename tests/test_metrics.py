@@ -1,15 +1,14 @@
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cuda_sync import synchronisation_forbidden
 from factories import blocky_mask, random_mask
 from pneumoseg import metrics, postprocess
 from pneumoseg.errors import InvalidInputError
@@ -23,24 +22,6 @@ from reference_metrics import (
     ref_roc_points,
     ref_triplet_grid,
 )
-
-
-@contextlib.contextmanager
-def synchronisation_forbidden():
-    """torch's sync debug mode "error" for the block, always restored. Setting it warns that the mode is
-    a prototype; under ``filterwarnings = error`` that warning would escape with the mode left on and
-    fail every later CUDA test, so it is ignored here."""
-    import torch
-
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Synchronization debug mode", category=UserWarning)
-            torch.cuda.set_sync_debug_mode("error")
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Synchronization debug mode", category=UserWarning)
-            torch.cuda.set_sync_debug_mode("default")
 
 
 torch = pytest.importorskip("torch")
