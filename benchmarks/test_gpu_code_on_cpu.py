@@ -150,12 +150,25 @@ def test_gpu_sanitize_cpu_dry_run():
     assert re.search(r"^(\d+)/\1 checks passed$", run.stdout, re.M), run.stdout[-2000:]
 
 
-def test_gpu_check_script_parses_and_names_existing_files():
-    script = HERE / "gpu_check.sh"
+@pytest.mark.parametrize("name, expected", [
+    ("gpu_check.sh", {"benchmarks/bench_loss.py", "benchmarks/gpu_sanitize.py", "benchmarks/gpu_summary.py"}),
+    ("gpu_session.sh", {"benchmarks/gpu_check.sh", "benchmarks/gpu_profile_pipeline.py",
+                        "benchmarks/bench_pipeline.py", "benchmarks/bench_train.py", "benchmarks/bench_models.py"}),
+])
+def test_gpu_scripts_parse_and_name_existing_files(name, expected):
+    script = HERE / name
     run = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     text = script.read_text()
     named = set(re.findall(r"benchmarks/[\w.]+\.(?:py|sh)", text))
-    assert {"benchmarks/bench_loss.py", "benchmarks/gpu_sanitize.py", "benchmarks/gpu_summary.py"} <= named
+    assert expected <= named
     missing = sorted(n for n in named if not (ROOT / n).is_file())
-    assert not missing, f"gpu_check.sh names files that do not exist: {missing}"
+    assert not missing, f"{name} names files that do not exist: {missing}"
+
+
+def test_gpu_profile_pipeline_runs_on_the_cpu():
+    """The pipeline profile's own code, small, on the CPU (its torch.profiler part is GPU-only)."""
+    run = subprocess.run([sys.executable, str(HERE / "gpu_profile_pipeline.py"), "--device", "cpu", "--small",
+                          "--reps", "2"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert run.stdout.count("stage timings") == 2 and "part segmenter alone" in run.stdout, run.stdout

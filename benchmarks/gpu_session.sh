@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# A whole GPU session's checks in ONE device call (about 9 minutes), packed so that they come back:
+# the device tool returns at most 8 files from $OUT, and two gpu_check.sh runs write 12 (the H200
+# session of 2026-11-27 lost its training and pipeline JSONs that way).
+#   1. benchmarks/gpu_check.sh, every step: build, CUDA tests, kernel benchmarks, compute-sanitizer,
+#      the loss and post-processing profiles (GPU_SESSION_KERNEL_SECONDS, default 270);
+#   2. benchmarks/gpu_profile_pipeline.py: where the Predictor's batch-1 time goes (80 s at most);
+#   3. gpu_check.sh's benchmark step over the pipeline, training and model benchmarks (issues 8-10),
+#      with what is left of GPU_SESSION_SECONDS (default 560); bench_models gets the time the other two
+#      leave (PNEUMOSEG_BENCH_GPU_SECONDS) and lists the models it did not reach.
+# Comes back in $OUT: summary.txt (both summaries and the pipeline profile's headline) and
+# gpu_session.tar.gz (every log, results tarball and profile).
+#
+# Here, first: `bash benchmarks/gpu_wheels.sh` (pydicom and pycocotools wheels into the ignored .whl/).
+# Then: run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=600).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+FINAL=${OUT:-$(mktemp -d /tmp/gpu-session-out.XXXX)}
+mkdir -p "$FINAL"
+WORK=$(mktemp -d /tmp/gpu-session.XXXX)
+BUDGET=${GPU_SESSION_SECONDS:-560}
+START=$SECONDS
+
+OUT=$WORK/kernels GPU_CHECK_MAXFAIL=${GPU_CHECK_MAXFAIL:-40} GPU_CHECK_DEADLINE=${GPU_SESSION_KERNEL_SECONDS:-270} \
+  bash benchmarks/gpu_check.sh >"$WORK/kernels.out" 2>&1
+echo "gpu_check.sh (kernels): exit $? after $((SECONDS - START)) s"
+
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+timeout --kill-after=5 80 python3 benchmarks/gpu_profile_pipeline.py --reps 30 >"$WORK/pipeline_profile.log" 2>&1
+echo "gpu_profile_pipeline.py: exit $? after $((SECONDS - START)) s"
+
+left=$((BUDGET - (SECONDS - START)))
+if ((left > 120)); then
+  OUT=$WORK/apps GPU_CHECK_STEPS=benches GPU_CHECK_DEADLINE=$left GPU_CHECK_BENCH_TIMEOUT=$((left - 20)) \
+    PNEUMOSEG_BENCH_GPU_SECONDS=$((left - 170 > 60 ? left - 170 : 60)) \
+    GPU_CHECK_BENCHES="benchmarks/bench_pipeline.py benchmarks/bench_train.py benchmarks/bench_models.py" \
+    bash benchmarks/gpu_check.sh >"$WORK/apps.out" 2>&1
+  echo "gpu_check.sh (pipeline, training, models): exit $? after $((SECONDS - START)) s"
+else
+  echo "pipeline, training and model benchmarks skipped: ${left}s left" | tee "$WORK/apps.out"
+fi
+
+{
+  cat "$WORK/kernels/summary.txt" 2>/dev/null || tail -40 "$WORK/kernels.out"
+  echo
+  echo "# ---- pipeline profile (benchmarks/gpu_profile_pipeline.py)"
+  grep -E "^==|stage timings|part |device time" "$WORK/pipeline_profile.log"
+  echo
+  echo "# ---- pipeline, training and model benchmarks"
+  sed -n '/## pytest/,/## sanitizers/p;/## GPU benchmark figures/,$p' "$WORK/apps/summary.txt" 2>/dev/null \
+    || tail -20 "$WORK/apps.out"
+} >"$FINAL/summary.txt"
+tar -czf "$FINAL/gpu_session.tar.gz" -C "$WORK" .
+cat "$FINAL/summary.txt"
+rm -rf "$WORK"
