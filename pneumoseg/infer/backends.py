@@ -5,7 +5,9 @@ logits out; the encoder's features in the backend's own type) and is safe to cal
 threads at once.
 
 - ``torch``: the networks themselves. On a CPU fp32 eager; on CUDA fp16 (or fp32) in channels_last,
-  each part captured as CUDA graphs, one per batch bucket, at load time (or ``torch.compile``).
+  each part captured as CUDA graphs, one per batch bucket, at load time (or ``torch.compile``). By
+  default each eval-mode BatchNorm that directly follows a convolution is first folded into it
+  (:mod:`pneumoseg.models.fuse`; on the backend's own copy of the networks, never the saved weights).
 - ``onnxruntime``: the exported ONNX parts (``pneumoseg export``), one session per part, reused,
   threads set for latency; ``precision="int8"`` runs the statically quantised parts. Each part must
   have been exported from the directory's own network (its weights' SHA-256 and construction
@@ -63,8 +65,10 @@ class TorchBackend(Backend):
 
     def __init__(self, model_dir: Any, parts: Sequence[str], device: Any = "cpu", precision: str = "fp32", *,
                  cuda_graphs: Optional[bool] = None, compile: bool = False, max_batch: int = 32,
-                 buckets: Optional[Sequence[int]] = None) -> None:
+                 buckets: Optional[Sequence[int]] = None, fuse_batchnorm: bool = True) -> None:
         import torch
+
+        from ..models.fuse import fuse_batchnorm as fold_batchnorm
 
         super().__init__(device, precision)
         cuda = self.device.type == "cuda"
@@ -77,8 +81,13 @@ class TorchBackend(Backend):
                                     "convolutions are slower than fp32); use precision='fp32' on a CPU")
         if cuda_graphs and not cuda:
             raise InvalidInputError("cuda_graphs=True needs device='cuda'")
+        if not isinstance(fuse_batchnorm, bool):
+            raise InvalidInputError(f"fuse_batchnorm must be True or False, got {fuse_batchnorm!r}")
         self.cuda_graphs = bool(cuda) if cuda_graphs is None else bool(cuda_graphs)
         self.compiled = bool(compile)
+        self.fuse_batchnorm = fuse_batchnorm
+        #: network -> number of BatchNorms folded into their convolutions
+        self.batchnorms_folded: dict[str, int] = {}
         self.buckets = make_buckets(max_batch, buckets)
         dtype = torch.float16 if precision == "fp16" else None
         networks: dict[str, Any] = {}
@@ -86,7 +95,12 @@ class TorchBackend(Backend):
         for part in parts:
             spec = part_spec(part)
             if spec.network not in networks:
-                networks[spec.network] = model_dir.build(spec.network)  # weights checked against the config
+                network = model_dir.build(spec.network)  # weights checked against the config
+                if fuse_batchnorm:
+                    # before the fp16 cast and the graph capture / compile, which must see the folded weights
+                    folded = fold_batchnorm(network, inplace=True, dtype=dtype).folded
+                    self.batchnorms_folded[spec.network] = len(folded)
+                networks[spec.network] = network
             module = part_module(part, networks[spec.network], dtype=dtype).to(self.device)
             if cuda:
                 module = module.to(memory_format=torch.channels_last)
@@ -157,7 +171,9 @@ class TorchBackend(Backend):
 
     def describe(self) -> dict[str, Any]:
         out = super().describe()
-        out.update(cuda_graphs=self.cuda_graphs, compile=self.compiled)
+        out.update(cuda_graphs=self.cuda_graphs, compile=self.compiled, fuse_batchnorm=self.fuse_batchnorm)
+        if self.fuse_batchnorm:
+            out["batchnorms_folded"] = dict(self.batchnorms_folded)
         if self.cuda_graphs or self.compiled:
             out["batch_buckets"] = list(self.buckets)
         return out

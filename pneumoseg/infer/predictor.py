@@ -257,6 +257,7 @@ class Predictor:
         cuda_graphs: Optional[bool] = None,
         compile: bool = False,
         max_batch: int = 32,
+        fuse_batchnorm: bool = True,
         threads: Optional[int] = None,
         batch_profile: Any = None,
         engine_cache: Union[str, Path, None] = None,
@@ -275,6 +276,9 @@ class Predictor:
         - ``thresholds``: overrides of the model directory's (gate, top, min_area, bottom, min_component_area);
         - torch on CUDA: ``cuda_graphs`` (default on) captures each part per batch bucket up to
           ``max_batch`` at load time; ``compile=True`` uses ``torch.compile`` instead;
+        - torch: ``fuse_batchnorm`` (default on) folds each eval-mode BatchNorm that directly follows a
+          convolution into it, on the backend's own copy of the networks (``False`` runs them as saved,
+          to compare); the other backends ignore it;
         - onnxruntime: ``threads`` (default: the physical cores);
         - tensorrt: ``batch_profile`` (MIN,OPT,MAX; default the exported engines' or 1,8,32) and
           ``engine_cache`` (default ``<model dir>/tensorrt``).
@@ -306,7 +310,8 @@ class Predictor:
         if backend == "torch":
             from .backends import TorchBackend
 
-            runner = TorchBackend(md, parts, dev, precision, cuda_graphs=cuda_graphs, compile=compile, max_batch=max_batch)
+            runner = TorchBackend(md, parts, dev, precision, cuda_graphs=cuda_graphs, compile=compile, max_batch=max_batch,
+                                  fuse_batchnorm=fuse_batchnorm)
         elif backend == "onnxruntime":
             from .backends import OnnxRuntimeBackend
 
