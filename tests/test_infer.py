@@ -351,7 +351,8 @@ def test_a_big_endian_dicom_predicts_like_its_little_endian_twin(tmp_path):
     pixels = read_dicom(big).pixels
     assert pixels.dtype.isnative and np.array_equal(pixels, raw)
     predictor = Predictor.from_dir(model_dir("classifier"))
-    a, b = predictor.predict([str(little), str(big)], on_error="skip")
+    # one image per batch: torch's CPU Linear may round two identical rows of one batch 1 ulp apart
+    a, b = predictor.predict([str(little), str(big)], on_error="skip", batch_size=1)
     assert (a.rle, a.score) == (b.rle, b.score)
 
 
