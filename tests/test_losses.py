@@ -172,6 +172,30 @@ def test_lazily_negated_views_are_read_as_their_values():
     torch.testing.assert_close(x.grad, ref_grad, rtol=1e-6, atol=0)
 
 
+def test_tensor_left_over_from_a_torch_func_transform_is_read_as_its_value():
+    """A tensor kept from inside a finished ``torch.func.grad`` is a dead functorch wrapper: the eager
+    path (which calls torch's C ``apply`` itself) unwraps it as ``autograd.Function.apply`` does."""
+    logits, target = make((2, 1, 8, 8), "soft", seed=6)
+    kept = []
+    torch.func.grad(lambda a: (kept.append(a), combo_loss(a, target))[1])(logits)
+    assert torch._C._functorch.is_functorch_wrapped_tensor(kept[0])
+    assert combo_loss(kept[0], target).item() == combo_loss(logits, target).item()
+
+
+def test_backward_twice_needs_retain_graph_like_any_torch_op():
+    logits, target = make((2, 1, 8, 8), "hard", seed=7)
+    x = logits.clone().requires_grad_()
+    loss = combo_loss(x, target, focal_weight=1.0)
+    loss.backward(retain_graph=True)
+    once = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * once, rtol=0, atol=0)
+    loss = combo_loss(x, target, focal_weight=1.0)
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+
 def test_deterministic():
     logits, target = make((4, 1, 300, 301), "soft")
     a = loss_and_grad(combo_loss, logits, target, focal_weight=1.0)
