@@ -50,7 +50,15 @@ def _params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weig
 # The loss sits in every training step, so its host path is kept short: tensors reach the native
 # core as addresses and dtype codes (the inputs are contiguous, their dtypes already checked), and
 # the current CUDA stream is read without building a torch.cuda.Stream.
-_code = _native.torch_dtype_code
+class _DtypeCodes(dict):
+    """torch dtype -> native dtype code: the loss's own dtypes by one dict lookup, any other (a custom
+    op called directly) through the bridge, and the native core then names it in its error."""
+
+    def __missing__(self, dtype: torch.dtype) -> Optional[int]:
+        return _native.torch_dtype_code(dtype)
+
+
+_CODE = _DtypeCodes((dtype, _native.torch_dtype_code(dtype)) for dtype in _TARGET_DTYPES)
 
 
 # torch's raw current-stream query, looked up once (the bridge's torch_current_stream looks it up on
@@ -77,13 +85,14 @@ def _run_forward(logits: torch.Tensor, target: torch.Tensor, params) -> tuple[to
     n, p = _rows(logits)
     # Sizes as separate arguments: torch parses them about 1 us faster than a tuple.
     state = torch.empty(n, _STATE_COLS, dtype=torch.float64, device=device)
-    loss = torch.empty((), dtype=_loss_dtype(logits.dtype), device=device)
+    dtype = logits.dtype
+    loss_is_double = dtype == torch.float64  # _loss_dtype, inline
+    loss = torch.empty((), dtype=torch.float64 if loss_is_double else torch.float32, device=device)
     code, index, stream = _place(logits)
     if code == _native.CUDA and not _BUILT_WITH_CUDA:
         _native.require_cuda_build("logits")
-    _C.combo_loss_forward(logits.data_ptr(), _code(logits.dtype), target.data_ptr(),
-                          _code(target.dtype), n, p, code, index, state.data_ptr(), loss.data_ptr(),
-                          loss.dtype == torch.float64, params, stream)
+    _C.combo_loss_forward(logits.data_ptr(), _CODE[dtype], target.data_ptr(), _CODE[target.dtype], n, p, code,
+                          index, state.data_ptr(), loss.data_ptr(), loss_is_double, params, stream)
     return loss, state
 
 
@@ -92,14 +101,15 @@ def _run_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.T
     """The native backward: d loss / d logits (logits' shape) from the forward's state and the
     incoming gradient."""
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    wanted = _loss_dtype(logits.dtype)
+    dtype = logits.dtype
+    wanted = _loss_dtype(dtype)
     if grad_loss.dtype != wanted or grad_loss.get_device() != logits.get_device():
         grad_loss = grad_loss.to(device=logits.device, dtype=wanted)
     n, p = _rows(logits)
     code, index, stream = _place(logits)
-    _C.combo_loss_backward(grad_loss.data_ptr(), wanted == torch.float64, logits.data_ptr(),
-                           _code(logits.dtype), target.data_ptr(), _code(target.dtype), n, p, code,
-                           index, state.data_ptr(), grad_logits.data_ptr(), params, stream)
+    _C.combo_loss_backward(grad_loss.data_ptr(), wanted == torch.float64, logits.data_ptr(), _CODE[dtype],
+                           target.data_ptr(), _CODE[target.dtype], n, p, code, index, state.data_ptr(),
+                           grad_logits.data_ptr(), params, stream)
     return grad_logits
 
 
