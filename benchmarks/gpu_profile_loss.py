@@ -4,6 +4,9 @@ tiny input, where the kernels cost next to nothing and what remains is Python, d
 launches and any synchronisation.
 
     python3 benchmarks/gpu_profile_loss.py [--steps 20] [--shape 8,1,512,512] [--dtype float32]
+
+The host part runs the same Python as on the CPU, so ``cpu_profile_loss.py`` (its CPU twin, with a
+before/after mode against a git revision) measures changes to it without a GPU.
 """
 
 from __future__ import annotations
