@@ -252,23 +252,6 @@ class _FunctorchComboLoss(torch.autograd.Function):
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
-def _eager_apply_function():
-    """``_EagerComboLoss.apply`` without its Python layer. With no torch.func transform active (the
-    only case it is called in) and no ``setup_context``, ``autograd.Function.apply`` does exactly
-    two things: unwrap tensors left over from a finished transform, then call torch's C ``apply``;
-    doing those here saves ~2 us per step. Falls back to ``apply`` on a torch without the pieces."""
-    unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
-    c_apply = getattr(super(torch.autograd.Function, _EagerComboLoss), "apply", None)
-    if unwrap_if_dead is None or c_apply is None:
-        return _EagerComboLoss.apply
-
-    def apply(logits, target, params, check):
-        return c_apply(unwrap_if_dead(logits), unwrap_if_dead(target), params, check)
-
-    return apply
-
-
-_eager_apply = _eager_apply_function()
 
 
 def _no_vmap() -> InvalidInputError:
@@ -417,7 +400,7 @@ def combo_loss(
         if _functorch_active():
             loss, _ = _FunctorchComboLoss.apply(x, t, params, check)
         else:
-            loss = _eager_apply(x, t, params, check)
+            loss = _EagerComboLoss.apply(x, t, params, check)
     return loss
 
 
