@@ -186,6 +186,10 @@ def _check_config_round_trip(case):
 # Segmenters (every encoder x every architecture; scSE and the gate head on, so every module runs).
 
 
+UNET_CASES = [p for p in SEGMENTER_CASES if p.values[0][1] == "unet"]
+SMALL_ENCODER_CASES = [p for p in SEGMENTER_CASES if p.values[0][0] == SMALL_ENCODER and p.values[0][1] != "unet"]
+
+
 @pytest.fixture(scope="module", params=SEGMENTER_CASES)
 def seg(request):
     encoder, arch = request.param
@@ -237,9 +241,14 @@ class TestSegmenter:
         with pytest.raises(InvalidInputError, match="4-D"):
             seg.model(torch.zeros(1, 64, 64))
 
+    # build_model reads the architecture's fields and the encoder's name: every architecture (on the
+    # small encoder) and every encoder (in one architecture) once.
+    @pytest.mark.parametrize("seg", UNET_CASES + SMALL_ENCODER_CASES, indirect=True)
     def test_config_round_trips_through_build_model(self, seg):
         _check_config_round_trip(seg)
 
+    # The encoder is the same module in both architectures: one check per encoder.
+    @pytest.mark.parametrize("seg", UNET_CASES, indirect=True)
     def test_encoder_keys_are_the_classifiers_minus_its_head(self, seg):
         classifier = create_classifier(seg.encoder, num_classes=1, in_channels=1)
         head = tuple(f"{m}." for m in classifier.head_modules)
