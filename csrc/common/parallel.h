@@ -8,9 +8,16 @@
 
 namespace pneumoseg {
 
+// Read once: glibc answers hardware_concurrency() by reading a /sys file on every call, about 2.5 us,
+// which was a tenth of a small loss step's host time on the CPU.
+inline int64_t hardware_threads() {
+  static const int64_t threads = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  return threads;
+}
+
 template <typename F>
 void parallel_for(int64_t n, int64_t min_per_thread, F&& body) {
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t hw = hardware_threads();
   const int64_t threads = std::min<int64_t>(hw, std::max<int64_t>(1, n / std::max<int64_t>(1, min_per_thread)));
   if (threads <= 1) {
     for (int64_t i = 0; i < n; ++i) body(i);

@@ -203,7 +203,7 @@ void label_image(const T* image, int64_t H, int64_t W, int64_t sh, int64_t sw, I
 
 // Stripes per image: the spare threads when a batch has fewer images than the machine has cores.
 int stripes_for(int64_t images, int64_t pixels) {
-  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  const int64_t hw = hardware_threads();
   if (images >= hw || pixels < (int64_t(1) << 16)) return 1;
   return static_cast<int>(std::max<int64_t>(1, hw / std::max<int64_t>(1, images)));
 }
