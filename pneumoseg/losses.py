@@ -86,8 +86,8 @@ def _run_forward(logits: torch.Tensor, target: torch.Tensor, params) -> tuple[to
     # Sizes as separate arguments: torch parses them about 1 us faster than a tuple.
     state = torch.empty(n, _STATE_COLS, dtype=torch.float64, device=device)
     dtype = logits.dtype
-    loss_is_double = dtype == torch.float64  # _loss_dtype, inline
-    loss = torch.empty((), dtype=torch.float64 if loss_is_double else torch.float32, device=device)
+    loss = torch.empty((), dtype=_loss_dtype(dtype), device=device)
+    loss_is_double = loss.dtype == torch.float64
     code, index, stream = _place(logits)
     if code == _native.CUDA and not _BUILT_WITH_CUDA:
         _native.require_cuda_build("logits")
@@ -189,6 +189,12 @@ def _checked_forward(logits, target, params, check):
     return loss, state
 
 
+def _save_for_backward(ctx, logits, target, params, state):
+    ctx.save_for_backward(logits, target, state)
+    ctx.params = params
+    ctx.set_materialize_grads(False)  # a missing gradient stays None: no zero tensor is built
+
+
 def _gradient(ctx, grad_loss):
     """The eager backward: d loss / d logits from the saved inputs and state (None where no gradient
     is asked for or none arrives)."""
@@ -208,9 +214,7 @@ class _EagerComboLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, params, check):
         loss, state = _checked_forward(logits, target, params, check)
-        ctx.save_for_backward(logits, target, state)
-        ctx.params = params
-        ctx.set_materialize_grads(False)  # a missing gradient stays None: no zero tensor is built
+        _save_for_backward(ctx, logits, target, params, state)
         return loss
 
     @staticmethod
@@ -232,11 +236,8 @@ class _FunctorchComboLoss(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         logits, target, params, _ = inputs
         state = output[1]
-        ctx.save_for_backward(logits, target, state)
-        ctx.params = params
         ctx.mark_non_differentiable(state)
-        # Without this autograd would hand backward a zero-filled gradient for `state` on every step.
-        ctx.set_materialize_grads(False)
+        _save_for_backward(ctx, logits, target, params, state)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_state):
@@ -250,8 +251,6 @@ class _FunctorchComboLoss(torch.autograd.Function):
 # torch's own test for "a torch.func transform is running" (what autograd.Function.apply asks); a
 # torch without it gets torch's error under torch.func instead.
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
-
-
 
 
 def _no_vmap() -> InvalidInputError:

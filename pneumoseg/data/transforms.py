@@ -101,12 +101,15 @@ def resize_mask(mask: Any, size: Union[int, tuple[int, int]]) -> torch.Tensor:
         return m.float()
     # empty masks (most SIIM images) stay empty: skip their antialiased resize, 8x a nearest pick's cost
     nonempty = m.flatten(1).any(dim=1).bool()  # uint8 for uint8 masks
-    out = torch.zeros((m.shape[0], 1, *size), dtype=torch.float32, device=m.device)
+
+    def resized(rows: torch.Tensor) -> torch.Tensor:
+        return (F.interpolate(rows.float(), size=size, mode="bilinear", align_corners=False, antialias=True) >= 0.5).float()
+
     if bool(nonempty.all()):
-        return (F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False, antialias=True) >= 0.5).float()
+        return resized(m)
+    out = torch.zeros((m.shape[0], 1, *size), dtype=torch.float32, device=m.device)
     if bool(nonempty.any()):
-        resized = F.interpolate(m[nonempty].float(), size=size, mode="bilinear", align_corners=False, antialias=True)
-        out[nonempty] = (resized >= 0.5).float()
+        out[nonempty] = resized(m[nonempty])
     return out
 
 

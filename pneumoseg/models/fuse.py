@@ -134,14 +134,18 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return unique
 
 
+def _bn_scale(bn: nn.Module) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps) in float64: what folding multiplies each output channel by."""
+    scale = bn.running_var.double().add(bn.eps).rsqrt()
+    return scale * bn.weight.double() if bn.weight is not None else scale
+
+
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold eval-mode ``bn`` into ``conv``'s weight and bias, in place (float64 arithmetic, cast back
     to the convolution's dtype). The caller replaces ``bn`` afterwards."""
     dtype = conv.weight.dtype
-    scale = bn.running_var.double().add(bn.eps).rsqrt()
-    if bn.weight is not None:
-        scale = scale * bn.weight.double()
+    scale = _bn_scale(bn)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
     bias = (bias - bn.running_mean.double()) * scale
     if bn.bias is not None:
@@ -164,9 +168,7 @@ def _why_not(conv: nn.Module, bn: nn.Module, dtype: Optional[torch.dtype]) -> Op
         return f"{bn.num_features} features after a convolution of {conv.out_channels} channels"
     if dtype is not None and dtype != torch.float64:
         # The folded weight must stay finite where the network will run (fp16 tops out at 65504).
-        scale = bn.running_var.double().add(bn.eps).rsqrt()
-        if bn.weight is not None:
-            scale = scale * bn.weight.double()
+        scale = _bn_scale(bn)
         top = torch.finfo(dtype).max
         peak = conv.weight.double().abs().flatten(1).amax(1).mul(scale.abs()).max()
         if not bool(torch.isfinite(peak)) or float(peak) > top:
