@@ -36,10 +36,9 @@ from typing import Callable
 
 import torch
 
-from pneumoseg import losses
+from gpu_profile_loss import WEIGHTS, AutogradFloor, reference_probes
 from pneumoseg.losses import combo_loss
 
-WEIGHTS = dict(bce_weight=3.0, dice_weight=1.0, focal_weight=4.0)
 SHAPES = ((1, 1, 8, 8), (2, 1, 32, 32))
 DTYPES = (torch.float32, torch.bfloat16)
 TARGETS = ("float", "bool", "uint8")
@@ -103,29 +102,9 @@ def case_fns(shape, dtype, per_image, target_kind, loss_fn=combo_loss):
 def references(calls: int, rounds: int) -> dict[str, float]:
     """For scale, at 1x1x8x8 fp32: what the same call costs with less or none of our code in it."""
     x, t = inputs((1, 1, 8, 8), torch.float32, "float")
-
-    class Minimal(torch.autograd.Function):  # the autograd floor: one Python node, one output each way
-        @staticmethod
-        def forward(ctx, a):
-            return a.sum()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g.expand(1, 1, 8, 8)
-
-    def minimal_step():
-        x.grad = None
-        Minimal.apply(x).backward()
-
-    params = losses._params(3.0, 1.0, 4.0, 2.0, 1.0, 1.0, False)
-    xd = x.detach()
-    fns = {
-        "native forward alone (no autograd, no checks)": lambda: losses._run_forward(xd, t, params),
-        "minimal autograd.Function fwd (x.sum)": lambda: Minimal.apply(x),
-        "minimal autograd.Function fwd+bwd (x.sum)": minimal_step,
-        "one torch.mul": lambda: xd.mul(2.0),
-        "one torch.empty(())": lambda: torch.empty(()),
-    }
+    fns = reference_probes(x, t)
+    fns["minimal autograd.Function fwd (x.sum)"] = lambda: AutogradFloor.apply(x)
+    fns["one torch.empty(())"] = lambda: torch.empty(())
     return {name: per_call_us(fn, calls, rounds) for name, fn in fns.items()}
 
 

@@ -28,6 +28,37 @@ def step(x: torch.Tensor, t: torch.Tensor) -> None:
     combo_loss(x, t, **WEIGHTS).backward()
 
 
+class AutogradFloor(torch.autograd.Function):
+    """The autograd floor: one Python node, one output each way (x.sum and its gradient)."""
+
+    @staticmethod
+    def forward(ctx, a):
+        ctx.shape = a.shape
+        return a.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.expand(ctx.shape)
+
+
+def reference_probes(x: torch.Tensor, t: torch.Tensor) -> dict:
+    """Calls that show the scale of a loss call's host cost on ``x``, ``t`` (1x1x8x8): the native forward
+    without autograd or checks, the cheapest Python autograd function, one torch op."""
+    from pneumoseg import losses
+
+    params = losses._params(3.0, 1.0, 4.0, 2.0, 1.0, 1.0, False)
+
+    def minimal_step():
+        x.grad = None
+        AutogradFloor.apply(x).backward()
+
+    return {
+        "native forward alone (no autograd, no checks)": lambda: losses._run_forward(x.detach(), t, params),
+        "minimal autograd.Function fwd+bwd (x.sum)": minimal_step,
+        "one torch.mul": lambda: x.detach().mul(2.0),
+    }
+
+
 def host_overhead_us(calls: int = 200) -> dict[str, float]:
     """Microseconds per call on a 1x1x8x8 CUDA tensor: `calls` calls back to back, one synchronisation
     at the end (kernels that small take a few microseconds, so this is the host's cost per call)."""
@@ -36,33 +67,12 @@ def host_overhead_us(calls: int = 200) -> dict[str, float]:
     out = {}
     for name, fn in (("forward", lambda: combo_loss(x, t, **WEIGHTS)), ("forward+backward", lambda: step(x, t))):
         out[name] = per_call_us(torch, fn, calls)
-    # For scale: what the same step costs without our code in it.
-    from pneumoseg import losses
-
-    class Minimal(torch.autograd.Function):  # the autograd floor: one Python node, one output each way
-        @staticmethod
-        def forward(ctx, a):
-            return a.sum()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g.expand(1, 1, 8, 8)
-
-    def minimal_step():
-        x.grad = None
-        Minimal.apply(x).backward()
-
     def eager_step():
         x.grad = None
         composite(x, t).backward()
 
-    params = losses._params(3.0, 1.0, 4.0, 2.0, 1.0, 1.0, False)
-    references = {
-        "native forward alone (no autograd, no checks)": lambda: losses._run_forward(x.detach(), t, params),
-        "minimal autograd.Function fwd+bwd (x.sum)": minimal_step,
-        "eager composite fwd+bwd": eager_step,
-        "one torch.mul": lambda: x.detach().mul(2.0),
-    }
+    references = reference_probes(x, t)  # for scale: the same step with less or none of our code in it
+    references["eager composite fwd+bwd"] = eager_step
     for name, fn in references.items():
         out[f"{name} (reference)"] = per_call_us(torch, fn, calls)
     return out
