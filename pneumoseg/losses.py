@@ -91,7 +91,11 @@ def _run_forward(logits: torch.Tensor, target: torch.Tensor, params) -> tuple[to
     code, index, stream = _place(logits)
     if code == _native.CUDA and not _BUILT_WITH_CUDA:
         _native.require_cuda_build("logits")
-    _C.combo_loss_forward(logits.data_ptr(), _CODE[dtype], target.data_ptr(), _CODE[target.dtype], n, p, code,
+    logits_ptr, target_ptr = logits.data_ptr(), target.data_ptr()
+    if not logits_ptr or not target_ptr:  # the native core would read through a null pointer (a segfault)
+        raise InvalidInputError("logits or target has no data (a FakeTensor outside its FakeTensorMode, or "
+                                "freed storage); pass tensors that hold their values")
+    _C.combo_loss_forward(logits_ptr, _CODE[dtype], target_ptr, _CODE[target.dtype], n, p, code,
                           index, state.data_ptr(), loss.data_ptr(), loss_is_double, params, stream)
     return loss, state
 
@@ -288,6 +292,13 @@ class _FirstOrderGradient(torch.autograd.Function):
 
 _PLAIN_NUMBER_TYPES = frozenset((float, int, type(None)))
 _STRIDED = torch.strided
+_PLAIN_TENSOR_TYPES = frozenset((torch.Tensor, torch.nn.Parameter))
+_fake_tensor_test = getattr(getattr(torch._subclasses, "fake_tensor", None), "is_fake", None)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (or a functional wrapper of one): metadata without data."""
+    return _fake_tensor_test is not None and bool(_fake_tensor_test(t))
 
 
 @functools.lru_cache(maxsize=64, typed=True)
@@ -300,6 +311,11 @@ def _plain_params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, po
 
 def _number(value, name: str) -> float:
     """A non-negative finite weight: a real number or a one-element tensor, never a bool or a str."""
+    if isinstance(value, torch.Tensor) and value.requires_grad:
+        # read as a constant: a learnable weight would silently get no gradient
+        raise InvalidInputError(f"{name} is a tensor that requires grad, but combo_loss reads its weights as "
+                                f"constants (no gradient reaches them): pass {name}.detach() or a float, or "
+                                f"weight the loss terms yourself")
     if type(value) in (float, int) and torch.compiler.is_compiling():
         # Under torch.compile(dynamic=True) dynamo turns float arguments (the defaults too) into
         # symbolic floats, and math.isnan on one breaks the graph: fullgraph=True failed on every
@@ -361,7 +377,8 @@ def combo_loss(
         raise InvalidInputError(f"target shape {tuple(target.shape)} differs from logits shape {tuple(shape)}")
     if not (logits.is_cpu or logits.is_cuda):
         raise InvalidInputError(f"logits is on device {logits.device}; pneumoseg runs on CPU and CUDA tensors")
-    if target.is_cuda != logits.is_cuda or target.get_device() != logits.get_device():
+    # is_cpu too: a meta target beside CPU logits has the same get_device() (-1) and no memory
+    if target.is_cpu != logits.is_cpu or target.is_cuda != logits.is_cuda or target.get_device() != logits.get_device():
         raise InvalidInputError(f"target is on {target.device} but logits on {logits.device}")
     n = shape[0]
     if n == 0:
@@ -370,7 +387,11 @@ def combo_loss(
         raise InvalidInputError(f"logits has images with no pixels, shape {tuple(shape)}")
     if validate is not None and validate is not True and validate is not False:
         validate = check_bool(validate, "validate", allow_none=True)
-    compiling = torch.compiler.is_compiling()
+    # FakeTensors (FakeTensorMode, make_fx) hold no data: they go through the custom op, whose fake
+    # implementation answers, as under torch.compile (the native core would read a null pointer).
+    compiling = torch.compiler.is_compiling() or (
+        (type(logits) not in _PLAIN_TENSOR_TYPES or type(target) not in _PLAIN_TENSOR_TYPES)
+        and (_is_fake(logits) or _is_fake(target)))
     if not compiling and (logits.is_neg() or target.is_neg()):  # a lazily negated view: memory holds -x
         logits, target = logits.resolve_neg(), target.resolve_neg()
     plain = _PLAIN_NUMBER_TYPES
