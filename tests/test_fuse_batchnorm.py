@@ -239,3 +239,93 @@ def test_predictor_results_equal_with_folding_on_and_off(kind):
 def test_fuse_batchnorm_option_must_be_a_bool():
     with pytest.raises(InvalidInputError, match="fuse_batchnorm"):
         Predictor.from_dir(model_dir("plain"), fuse_batchnorm="yes")
+
+
+# --- hostile structures: folding must leave them alone, never change what they compute -----------------
+def test_a_shared_or_aliased_convolution_is_not_folded():
+    # folding writes the convolution's weight in place: every other use of it would get the BatchNorm too
+    conv = nn.Conv2d(2, 2, 3, padding=1)
+    shared = nn.Sequential(conv, nn.BatchNorm2d(2), nn.ReLU(), conv, nn.BatchNorm2d(2))
+
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tap = nn.Conv2d(2, 2, 3, padding=1)
+            self.seq = nn.Sequential(self.tap, nn.BatchNorm2d(2))
+
+        def forward(self, x):
+            return self.seq(x) + self.tap(x)
+
+    tied = nn.Sequential(nn.Conv2d(2, 2, 1), nn.BatchNorm2d(2), nn.Conv2d(2, 2, 1))
+    tied[2].weight = tied[0].weight  # tied weights, two modules
+    x = torch.randn(1, 2, 9, 9, dtype=torch.float64)
+    for model in (shared, Aliased(), tied):
+        model = random_eval(model)
+        result = fuse_batchnorm(model)
+        assert result.folded == [] and any("shared" in why for why in result.kept.values()), result.kept
+        assert_same_function(model, result.model, x)
+
+
+def test_a_batchnorm_shared_by_two_convolutions_stays_right():
+    # folding never writes the BatchNorm, so its other use still normalises (named_children lists a
+    # shared child once: that one is folded, the other left as it was)
+    bn = nn.BatchNorm2d(2)
+    model = random_eval(nn.Sequential(nn.Conv2d(2, 2, 1), bn, nn.ReLU(), nn.Conv2d(2, 2, 1), bn))
+    result = fuse_batchnorm(model)
+    assert result.folded == [("0", "1")] and isinstance(result.model[4], nn.BatchNorm2d)
+    assert_same_function(model, result.model, torch.randn(1, 2, 5, 5, dtype=torch.float64))
+
+
+@pytest.mark.filterwarnings("ignore:.*torch.nn.utils.weight_norm. is deprecated:FutureWarning")
+def test_modules_with_hooks_are_not_folded():
+    # the old weight_norm recomputes conv.weight in a forward pre-hook (the fold was lost, the BN removed);
+    # a hook on the BatchNorm would be dropped with it; one on the convolution would see other values
+    weight_normed = nn.utils.weight_norm(nn.Conv2d(2, 2, 3, padding=1))
+    hooked_bn = nn.BatchNorm2d(2)
+    hooked_bn.register_forward_hook(lambda module, args, out: out * 3)
+    seen = []
+    hooked_conv = nn.Conv2d(2, 2, 1)
+    hooked_conv.register_forward_hook(lambda module, args, out: seen.append(out.detach().clone()))
+    x = torch.randn(1, 2, 7, 7, dtype=torch.float64)
+    for model in (nn.Sequential(weight_normed, nn.BatchNorm2d(2)), nn.Sequential(nn.Conv2d(2, 2, 1), hooked_bn),
+                  nn.Sequential(hooked_conv, nn.BatchNorm2d(2))):
+        model = random_eval(model)
+        if model[0] is weight_normed:  # its computed weight (before a no_grad forward) cannot be deep-copied
+            with pytest.raises(InvalidInputError, match="inplace=True"):
+                fuse_batchnorm(model)
+        before = outputs(model, x)[0]
+        result = fuse_batchnorm(model, inplace=True)
+        assert result.folded == [] and "hook" in result.kept["1"], result.kept
+        assert torch.equal(outputs(model, x)[0], before)
+    assert torch.equal(seen[0], seen[1])  # the convolution's hook saw the same output before and after
+
+
+def _overflowing_block(weight=100.0, mean=0.0, gamma=1000.0):
+    block = nn.Sequential(nn.Conv2d(1, 2, 1, bias=False), nn.BatchNorm2d(2)).eval()
+    with torch.no_grad():
+        block[0].weight.fill_(weight)
+        block[1].running_mean.fill_(mean)
+        block[1].running_var.fill_(0.0)
+        block[1].weight.fill_(gamma)
+    return block
+
+
+def test_a_half_precision_model_is_checked_for_overflow_without_a_dtype():
+    # the fold is cast back to the convolution's own dtype: a float16 model overflowed to inf silently
+    block = _overflowing_block().half()
+    result = fuse_batchnorm(block)
+    assert result.folded == [] and "float16" in result.kept["1"]
+    assert torch.isfinite(result.model[0].weight).all()
+
+
+def test_a_folded_bias_that_would_overflow_float16_is_kept():
+    # weights fine (1e-3 x 1 / sqrt(1e-5)), bias -mean x scale = -3e7: -inf in float16
+    block = _overflowing_block(weight=1e-3, mean=1e5, gamma=1.0)
+    assert "float16" in fuse_batchnorm(block, dtype=torch.float16).kept["1"]
+    assert fuse_batchnorm(block, dtype=torch.bfloat16).folded == [("0", "1")]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.complex64, "float16", 16])
+def test_the_run_dtype_must_be_a_floating_dtype(dtype):
+    with pytest.raises(InvalidInputError, match="dtype"):
+        fuse_batchnorm(_overflowing_block(), dtype=dtype)

@@ -141,38 +141,71 @@ def _bn_scale(bn: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold eval-mode ``bn`` into ``conv``'s weight and bias, in place (float64 arithmetic, cast back
-    to the convolution's dtype). The caller replaces ``bn`` afterwards."""
-    dtype = conv.weight.dtype
+def _folded(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The folded (weight, bias) in float64."""
     scale = _bn_scale(bn)
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
     bias = (bias - bn.running_mean.double()) * scale
     if bn.bias is not None:
         bias = bias + bn.bias.double()
     shape = (-1,) + (1,) * (conv.weight.dim() - 1)
-    conv.weight.copy_((conv.weight.double() * scale.view(shape)).to(dtype))
+    return conv.weight.double() * scale.view(shape), bias
+
+
+@torch.no_grad()
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold eval-mode ``bn`` into ``conv``'s weight and bias, in place (float64 arithmetic, cast back
+    to the convolution's dtype). The caller replaces ``bn`` afterwards."""
+    dtype = conv.weight.dtype
+    weight, bias = _folded(conv, bn)
+    conv.weight.copy_(weight.to(dtype))
     if conv.bias is None:
         conv.bias = nn.Parameter(bias.to(dtype), requires_grad=conv.weight.requires_grad)
     else:
         conv.bias.copy_(bias.to(dtype))
 
 
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _hooked(module: nn.Module) -> bool:
+    # the old weight_norm / spectral_norm recompute the weight in a forward pre-hook (a fold would be
+    # overwritten); a user's hook would see other values or be dropped with the BatchNorm
+    return any(getattr(module, hooks, None) for hooks in _HOOKS)
+
+
+def _use_counts(model: nn.Module) -> dict[int, int]:
+    """How many places of ``model`` hold each module and parameter (by id): folding writes a
+    convolution's weight in place, so one used elsewhere too must be left alone."""
+    counts: dict[int, int] = {}
+    for _, item in [*model.named_modules(remove_duplicate=False), *model.named_parameters(remove_duplicate=False)]:
+        counts[id(item)] = counts.get(id(item), 0) + 1
+    return counts
+
+
 @torch.no_grad()
-def _why_not(conv: nn.Module, bn: nn.Module, dtype: Optional[torch.dtype]) -> Optional[str]:
+def _why_not(conv: nn.Module, bn: nn.Module, dtype: Optional[torch.dtype], uses: dict[int, int]) -> Optional[str]:
     if conv.training or bn.training:
         return "in training mode (batch statistics cannot be folded)"
     if bn.running_mean is None or bn.running_var is None:
         return "no running statistics (track_running_stats=False)"
     if bn.num_features != conv.out_channels:
         return f"{bn.num_features} features after a convolution of {conv.out_channels} channels"
-    if dtype is not None and dtype != torch.float64:
-        # The folded weight must stay finite where the network will run (fp16 tops out at 65504).
-        scale = _bn_scale(bn)
-        top = torch.finfo(dtype).max
-        peak = conv.weight.double().abs().flatten(1).amax(1).mul(scale.abs()).max()
-        if not bool(torch.isfinite(peak)) or float(peak) > top:
-            return f"the folded weights would overflow {dtype}"
+    if uses.get(id(conv), 0) > 1 or any(uses.get(id(p), 0) > 1 for p in (conv.weight, conv.bias) if p is not None):
+        return "the convolution or its weight is shared with another part of the model (folding would change it too)"
+    if _hooked(conv) or _hooked(bn):
+        return "the convolution or the BatchNorm has hooks (weight_norm, spectral_norm or your own) folding would bypass"
+    # The folded weight and bias must stay finite in the convolution's own dtype (the fold is cast back
+    # into it) and where the network will run: float16 tops out at 65504.
+    weight, bias = _folded(conv, bn)
+    for run in {conv.weight.dtype, dtype or conv.weight.dtype}:
+        top = torch.finfo(run).max
+        for folded in (weight, bias):
+            peak = folded.abs().max()
+            if not bool(torch.isfinite(peak)):
+                return "the folded weights are not finite (NaN or infinite BatchNorm statistics or weights)"
+            if float(peak) > top:
+                return f"the folded weights would overflow {run} (largest {float(peak):.3g})"
     return None
 
 
@@ -195,18 +228,27 @@ def fuse_batchnorm(model: nn.Module, *, inplace: bool = False, dtype: Optional[t
     in training mode inside an eval model is left alone and reported in ``kept``."""
     if not isinstance(model, nn.Module):
         raise InvalidInputError(f"fuse_batchnorm needs a torch.nn.Module, got {type(model).__name__}")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point
+                                  and not dtype.is_complex):
+        raise InvalidInputError(f"fuse_batchnorm's dtype must be None or a floating torch dtype (torch.float16), "
+                                f"got {dtype!r}")
     if model.training:
         raise InvalidInputError("fuse_batchnorm folds eval-mode BatchNorm (running statistics); the model is in "
                                 "training mode: call model.eval() first")
     if not inplace:
         import copy
 
-        model = copy.deepcopy(model)
+        try:
+            model = copy.deepcopy(model)
+        except (RuntimeError, TypeError) as exc:  # e.g. the old weight_norm's computed weight
+            raise InvalidInputError(f"fuse_batchnorm could not copy the model to fold it ({exc}); "
+                                    "fold it in place with inplace=True") from exc
     modules = dict(model.named_modules())
+    uses = _use_counts(model)
     result = FuseResult(model)
     for conv_name, bn_name in conv_bn_pairs(model):
         conv, bn = modules[conv_name], modules[bn_name]
-        reason = _why_not(conv, bn, dtype)
+        reason = _why_not(conv, bn, dtype, uses)
         if reason is not None:
             result.kept[bn_name] = reason
             continue
