@@ -107,7 +107,10 @@ class DecoderBlock(nn.Module):
         if skip is not None and not isinstance(self.attention1.attention, nn.Identity):
             return False
         conv = self.conv1[0]
-        return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+        # conv1's module is not called on this path: a hook on it (the old weight_norm sets the weight
+        # in a pre-hook) must run, so such a block keeps the reference path too
+        hooked = conv._forward_pre_hooks or conv._forward_hooks or conv._backward_hooks or conv._backward_pre_hooks
+        return (type(conv) is nn.Conv2d and not hooked and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
                 and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
                 and conv.padding_mode == "zeros")
 
@@ -139,7 +142,10 @@ def upsample_conv3x3(x: torch.Tensor, skip: Optional[torch.Tensor], weight: torc
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
         # functional ops that export (DepthToSpace, Slice, Add) and that inductor fuses into one pass
         out = F.pixel_shuffle(phases, 2)[:, :, 1:-1, 1:-1]
-        return out if skip is None else F.conv2d(skip, weight[:, channels:], bias, padding=1) + out
+        if skip is None:
+            # not a view: an in-place op after it (a folded block's ReLU) would export as ScatterND
+            return out.contiguous(memory_format=_memory_format(phases))
+        return F.conv2d(skip, weight[:, channels:], bias, padding=1) + out
     # Eager: each phase is added into (or copied to) its pixels of the output once, with no interleaved
     # copy of the phases in between (1.1-1.5x less time than pixel_shuffle + add on a CPU).
     n, _, height, width = x.shape
