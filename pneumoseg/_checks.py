@@ -36,7 +36,7 @@ from .errors import InvalidInputError
 __all__ = [
     "INT64_MAX", "show", "check_real", "check_probability", "check_int", "check_bool", "check_choice",
     "check_shape", "check_image_shape", "check_image_size", "check_str_sequence", "check_path",
-    "check_array_object",
+    "check_array_object", "check_tensor_memory",
 ]
 
 INT64_MAX = 2**63 - 1
@@ -248,6 +248,30 @@ def check_readable_tensor(x: Any, name: str, *, error: _Error = InvalidInputErro
         raise error(f"{name} is a quantized tensor ({x.dtype}); pass {name}.dequantize()")
     if x.device.type not in ("cpu", "cuda"):
         raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
+
+
+def check_tensor_memory(x: Any, name: str, *, error: _Error = InvalidInputError) -> None:
+    """Refuse a torch tensor whose elements are not all in memory it owns, before anything reads
+    them through its data pointer (the native core, or NumPy through ``.numpy()``): a FakeTensor
+    (FakeTensorMode, make_fx, torch.compile's tracing: a shape without data, its pointer null) and
+    a tensor whose storage is smaller than its shape and strides reach (a storage resized to 0, as
+    FSDP frees parameters, or an ``as_strided`` view past its end). Either was a segfault or a read
+    of freed memory."""
+    fake = sys.modules.get("torch._subclasses.fake_tensor")
+    if fake is not None and fake.is_fake(x):
+        raise error(f"{name} is a FakeTensor (FakeTensorMode, make_fx or torch.compile tracing) and holds no "
+                    "data; pass a real CPU or CUDA tensor")
+    if x.numel() == 0:
+        return
+    reach = x.storage_offset() + 1 + sum((size - 1) * stride for size, stride in zip(x.shape, x.stride()))
+    try:
+        have = x.untyped_storage().nbytes()
+        pointer = x.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError) as exc:  # tensor subclasses without a storage
+        raise error(f"{name} has no storage pneumoseg can read ({type(x).__name__}: {exc})") from None
+    if not pointer or have < reach * x.element_size():
+        raise error(f"{name} reaches {reach * x.element_size():,} bytes of a storage of {have:,} bytes (a storage "
+                    "freed or resized, e.g. by FSDP, or a view past its end); pass a tensor with its data")
 
 
 def check_array_object(x: Any, name: str, *, error: _Error = InvalidInputError) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_array_object
+from ._checks import check_array_object, check_tensor_memory
 from .errors import InvalidInputError
 
 try:
@@ -148,6 +148,7 @@ def _torch_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
         stream = torch_current_stream(index)
     else:
         raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
+    check_tensor_memory(x, name, error=error)
     if x.is_conj() or x.is_neg():
         x = x.resolve_conj().resolve_neg()
     view = _C.TensorView(x.data_ptr(), code, device, index, list(x.shape), list(x.stride()))

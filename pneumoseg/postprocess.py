@@ -16,7 +16,15 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _native
-from ._checks import check_array_object, check_bool, check_choice, check_int, check_probability, check_readable_tensor
+from ._checks import (
+    check_array_object,
+    check_bool,
+    check_choice,
+    check_int,
+    check_probability,
+    check_readable_tensor,
+    check_tensor_memory,
+)
 from ._native import _C
 from .errors import InvalidInputError
 
@@ -40,6 +48,8 @@ class _Batch:
         kind = _native.kind_of(x)
         if kind == "numpy":
             x = np.asarray(x)
+        elif kind == "torch" and x.device.type in ("cpu", "cuda"):
+            check_tensor_memory(x, name)  # before x[None], which torch refuses unclearly
         if len(x.shape) not in (2, 3):
             raise InvalidInputError(f"{name} must be (H, W) or (N, H, W), got shape {tuple(x.shape)}")
         self.single = len(x.shape) == 2
@@ -206,6 +216,7 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
     check_array_object(scores, "scores")
     if _native.kind_of(scores) == "torch":
         check_readable_tensor(scores, "scores")
+        check_tensor_memory(scores, "scores")
     if batch.cuda:
         if batch.kind == "torch":
             import torch

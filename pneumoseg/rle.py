@@ -24,7 +24,14 @@ from typing import Any, Literal, Union
 import numpy as np
 
 from . import _native, limits
-from ._checks import check_array_object, check_choice, check_image_shape, check_str_sequence, show
+from ._checks import (
+    check_array_object,
+    check_choice,
+    check_image_shape,
+    check_str_sequence,
+    check_tensor_memory,
+    show,
+)
 from ._native import _C
 from .errors import LimitError, RLEError, RLELimitError
 
@@ -99,11 +106,14 @@ def encode(mask: Any, *, style: Style = "siim") -> str:
     (``""`` in the absolute style)."""
     _style_code(style)
     check_array_object(mask, "mask", error=RLEError)
-    if _native.kind_of(mask) == "numpy":
+    kind = _native.kind_of(mask)
+    if kind == "numpy":
         try:
             mask = np.asarray(mask)
         except Exception as exc:  # ragged lists and the like
             raise RLEError(f"mask could not be read as an array: {exc}") from exc
+    elif kind == "torch" and mask.device.type in ("cpu", "cuda"):
+        check_tensor_memory(mask, "mask", error=RLEError)  # before mask[None], which torch refuses unclearly
     if len(mask.shape) != 2:
         raise RLEError(f"mask must be 2-D (height, width), got shape {tuple(mask.shape)}")
     # The shape is checked on the input itself, so only the batch-of-one view is converted.

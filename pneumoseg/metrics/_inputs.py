@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .._checks import check_tensor_memory
 from ..errors import InvalidInputError
 
 
@@ -141,6 +142,7 @@ def _readable_tensor(x: Any, name: str, expected: str) -> Any:
         raise InvalidInputError(f"{name} is on device {x.device}; the metrics run on CPU and CUDA tensors")
     if x.layout != torch.strided:
         raise InvalidInputError(f"{name} is a {x.layout} tensor; pass a dense one ({name}.to_dense())")
+    check_tensor_memory(x, name)
     return x.detach().resolve_neg()
 
 
