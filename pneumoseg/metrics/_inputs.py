@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from .. import _checks
 from .._checks import check_tensor_memory
 from ..errors import InvalidInputError
 
@@ -29,15 +30,8 @@ def is_tensor(x: Any) -> bool:
 
 
 def check_real(value: Any, name: str) -> float:
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise InvalidInputError(f"{name} must be a finite number, got {type(value).__name__} {value!r}")
-    try:
-        out = float(value)
-    except OverflowError:  # an int beyond float range
-        out = math.inf
-    if not math.isfinite(out):
-        raise InvalidInputError(f"{name} must be a finite number, got {value!r}")
-    return out
+    """A finite real number (also a 0-d array or one-element tensor, as the post-processing takes)."""
+    return _checks.check_real(value, name)
 
 
 def check_unit(value: Any, name: str) -> float:
@@ -239,12 +233,35 @@ def score_vector(x: Any, name: str) -> np.ndarray:
     return arr
 
 
+def ranking_vector(x: Any, name: str) -> np.ndarray:
+    """Finite numbers to rank or threshold: floats as float64 (longer floats as they are), integers
+    as int64 or uint64, never as float64, which merges integers above 2**53 into ties."""
+    arr = _vector(x, name)
+    if arr.dtype.kind == "b":
+        return arr.astype(np.uint8)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.uint64 if arr.dtype.kind == "u" else np.int64, copy=False)
+    return score_vector(arr if arr.dtype.itemsize > 8 else arr.astype(np.float64, copy=False), name)
+
+
 def labels_and_scores(labels: Any, scores: Any, scores_name: str = "scores") -> tuple[np.ndarray, np.ndarray]:
     y = binary_vector(labels, "labels")
-    s = score_vector(scores, scores_name)
+    s = ranking_vector(scores, scores_name)
     if y.shape != s.shape:
         raise InvalidInputError(f"labels has {y.shape[0]} values but {scores_name} has {s.shape[0]}")
     return y, s
+
+
+def _at_least(s: np.ndarray, threshold: Any) -> np.ndarray:
+    """``s >= threshold``, exactly for integer scores (an int threshold kept whole, a float one
+    rounded up to the next integer) where float64 would round both."""
+    if s.dtype.kind not in "iu":
+        return s >= float(threshold)
+    cut = threshold if isinstance(threshold, int) else math.ceil(threshold)
+    info = np.iinfo(s.dtype)
+    if cut > info.max:
+        return np.zeros(s.shape, bool)
+    return s >= s.dtype.type(max(cut, info.min))
 
 
 def predictions(labels: Any, predicted: Any, threshold: Optional[float]) -> tuple[np.ndarray, np.ndarray]:
@@ -259,6 +276,9 @@ def predictions(labels: Any, predicted: Any, threshold: Optional[float]) -> tupl
         if y.shape != p.shape:
             raise InvalidInputError(f"labels has {y.shape[0]} values but predictions has {p.shape[0]}")
         return y, p
-    threshold = check_real(threshold, "threshold")
+    cut = _checks._scalar_of(threshold, "threshold", InvalidInputError)
+    whole = isinstance(cut, numbers.Integral) and not isinstance(cut, (bool, np.bool_))
     y, s = labels_and_scores(labels, predicted, "predictions")
-    return y, s >= threshold
+    if whole and s.dtype.kind in "iu":
+        return y, _at_least(s, int(cut))
+    return y, _at_least(s, check_real(cut, "threshold"))

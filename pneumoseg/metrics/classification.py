@@ -45,9 +45,11 @@ def _require_both_classes(y: np.ndarray, metric: str) -> tuple[int, int]:
 def _counts_at_thresholds(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """True and false positives (int64, cumulative) when predicting ``score >= threshold`` for each
     distinct score taken as the threshold, in decreasing order of threshold."""
-    order = np.argsort(-s, kind="stable")
+    # Descending by reversing an ascending sort: -s wraps for unsigned and the int64 minimum. The
+    # order within a tie does not matter, as only each tie's last cumulative count is read.
+    order = np.argsort(s, kind="stable")[::-1]
     s_sorted = s[order]
-    last_of_tie = np.r_[np.flatnonzero(np.diff(s_sorted)), s.size - 1]
+    last_of_tie = np.r_[np.flatnonzero(s_sorted[1:] != s_sorted[:-1]), s.size - 1]
     tps = np.cumsum(y[order], dtype=np.int64)[last_of_tie]
     fps = (last_of_tie + 1) - tps
     return tps, fps, s_sorted[last_of_tie]
