@@ -283,7 +283,8 @@ def postprocess(
     """All of the above in one native pass per image: gating by ``scores`` (if given), the triplet rule
     (skipped with ``top=None``), ``probs > bottom``, and removal of components smaller than
     ``min_component_area``. ``from_logits=True`` compares logits against the thresholds' logits, so no
-    sigmoid is computed. With ``to_rle=True`` it returns the SIIM RLE strings instead of masks. A NaN
+    sigmoid is computed. With ``to_rle=True`` it returns the SIIM RLE strings instead of masks (a list
+    for an (N, H, W) batch, one string for one (H, W) image). A NaN
     value is above no threshold, so its pixel is background (checking would cost a synchronisation on
     CUDA; the Predictor checks its networks' outputs).
 
@@ -310,7 +311,7 @@ def postprocess(
     if to_rle:
         from . import rle
 
-        result: Any = rle.encode_batch(out)  # on CUDA: encoded on the GPU, one copy for the batch
+        result: Any = batch.answer(rle.encode_batch(out))  # on CUDA: encoded on the GPU, one copy for the batch
     else:
         result = batch.answer(out)
     return (result, batch.answer(components)) if return_components else result
