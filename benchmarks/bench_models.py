@@ -18,6 +18,20 @@ padding (the same convolutions). ``PNEUMOSEG_BENCH_ALL_MODELS=1`` runs every enc
 The CPU also compares resnet34's U-Net with the same network written as a plain decoder over the same
 encoder (the ratio shows what our smp-compatible module structure costs: nothing, ideally).
 
+Sub-pixel decoder blocks (``DecoderBlock``'s default: the upsample-concatenate-convolve step as one
+sub-pixel convolution) against the reference formulation (``set_subpixel_decoding(model, False)``):
+``test_subpixel_decoder_cpu`` times the demo recipe's segmenter (resnet_tiny, decoder 64-8) and the
+resnet34 U-Net at 512, batch 1 and 2, 1 and 2 threads, forward and forward+backward. Each round runs
+the reference step (timed in the round's setup) and then the sub-pixel step on the same model and
+input, so both see the same load on a shared machine; ``extra_info`` holds both medians and
+``subpixel_speedup`` (reference median / sub-pixel median). Only these:
+
+    pytest benchmarks/bench_models.py -k subpixel --benchmark-json=subpixel.json
+    python benchmarks/bench_models.py subpixel.json --png /tmp/subpixel.png   # prints the ratios
+
+The GPU comparison times both formulations of the recipes' encoders' segmenters too
+(``subpixel_speedup`` in ``models_gpu.json``).
+
 With ``--benchmark-disable`` (CI's smoke run) the inputs shrink to 64x64 so every model still runs.
 On a shared machine torch's thread pool degrades under load; ``PNEUMOSEG_BENCH_THREADS=1`` runs torch
 on one thread for this module (as ``bench_pipeline.py``), the figure least sensitive to it.
@@ -38,6 +52,7 @@ from torch import nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from pneumoseg.models import ARCHITECTURES, ENCODERS, create_segmenter, list_encoders  # noqa: E402
+from pneumoseg.models.decoders import set_subpixel_decoding  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CPU_SIZE, CPU_BATCH = 512, 2
@@ -174,6 +189,67 @@ def test_resnet34_unet_against_plain_decoder_cpu(benchmark, impl, mode):
     _run(benchmark, model, mode, size, CPU_BATCH, rounds=3)
 
 
+# The demo recipe's segmenter (pneumoseg/train/recipes/demo.yaml) and the default U-Net.
+SUBPIXEL_MODELS = {"demo resnet_tiny": dict(arch="unet", encoder="resnet_tiny", decoder_channels=(64, 32, 16, 16, 8)),
+                   "resnet34": dict(arch="unet", encoder="resnet34")}
+SUBPIXEL_ROUNDS = 5
+
+
+@functools.lru_cache(maxsize=1)
+def _subpixel_model(name):
+    torch.manual_seed(0)
+    return create_segmenter(**SUBPIXEL_MODELS[name])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("name", list(SUBPIXEL_MODELS))
+def test_subpixel_decoder_cpu(benchmark, name, mode, batch, threads):
+    """Sub-pixel decoder blocks against the reference formulation, interleaved round by round."""
+    size = SMOKE_SIZE if benchmark.disabled else CPU_SIZE
+    if benchmark.disabled and (batch, threads) != (1, 1):
+        pytest.skip("the smoke run checks each model and mode once")
+    step, train = MODES[mode]
+    model = _subpixel_model(name).train(train)
+    x = torch.randn(batch, 1, size, size, generator=torch.Generator().manual_seed(0))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    reference_s = []
+
+    def reference_round():
+        set_subpixel_decoding(model, False)
+        start = time.perf_counter()
+        step(model, x)
+        reference_s.append(time.perf_counter() - start)
+        set_subpixel_decoding(model, True)
+
+    try:
+        with torch.no_grad():
+            set_subpixel_decoding(model, False)
+            want = model.eval()(x)
+            set_subpixel_decoding(model, True)
+            got = model(x)
+        model.train(train)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # the same network either way
+        for formulation in (False, True):  # warm-up: oneDNN primitive caches for both
+            set_subpixel_decoding(model, formulation)
+            step(model, x)
+        benchmark.group = f"sub-pixel decoder: {name} U-Net {mode} {CPU_SIZE}x{CPU_SIZE} fp32 cpu"
+        benchmark.extra_info.update(impl=f"{name} sub-pixel", model=name, mode=mode, size=size, batch=batch,
+                                    threads=threads)
+        out = benchmark.pedantic(step, args=(model, x), setup=reference_round, rounds=SUBPIXEL_ROUNDS, iterations=1,
+                                 warmup_rounds=0)
+    finally:
+        set_subpixel_decoding(model, True)
+        torch.set_num_threads(before)
+    assert out.shape == (batch, 1, size, size)
+    if not benchmark.disabled:
+        reference = sorted(reference_s)[len(reference_s) // 2]
+        benchmark.extra_info.update(reference_median_s=reference, subpixel_median_s=benchmark.stats.stats.median,
+                                    subpixel_speedup=reference / benchmark.stats.stats.median)
+
+
 def test_plain_unet_is_the_same_network():
     """The baseline computes what ours computes, given our weights (so the ratio compares like with like)."""
     torch.manual_seed(0)
@@ -207,6 +283,10 @@ GPU_CASES = [(e, a) for e, a in (
 GPU_FIRST = ("resnet34", "efficientnet_b4", "densenet121", "seresnext50_32x4d", "resnet50")
 GPU_CASES.sort(key=lambda case: (GPU_FIRST.index(case[0]) if case[0] in GPU_FIRST else len(GPU_FIRST), case[1] != "unet"))
 GPU_SECONDS = float(os.environ.get("PNEUMOSEG_BENCH_GPU_SECONDS", "240"))
+# Segmenters also timed with the reference decoder formulation (sub-pixel blocks off): the ratio is
+# ``subpixel_speedup`` (images/s sub-pixel / reference) in models_gpu.json.
+SUBPIXEL_GPU_ENCODERS = GPU_FIRST
+REFERENCE_DECODER = "pneumoseg, reference decoder"
 
 
 @pytest.mark.cuda
@@ -219,7 +299,7 @@ def test_segmenters_gpu_against_timm_plain_unet():
         torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
-def test_gpu_comparison_runs_on_the_cpu(tmp_path):
+def test_gpu_comparison_runs_on_the_cpu(tmp_path, capsys):
     """The GPU comparison's own code, on the CPU at 64x64 with two small models: a GPU session's few
     minutes are not spent discovering a bug in the benchmark."""
     out = _compare_with_timm("cpu", SMOKE_SIZE, 2, [("resnet_tiny", "unet"), ("resnet34", "unet++")], 600,
@@ -227,6 +307,11 @@ def test_gpu_comparison_runs_on_the_cpu(tmp_path):
     assert {(r["encoder"], r["arch"], r["mode"]) for r in out["results"] if r["impl"] == "pneumoseg"} == {
         ("resnet_tiny", "unet", "forward"), ("resnet_tiny", "unet", "forward+backward"),
         ("resnet34", "unet++", "forward"), ("resnet34", "unet++", "forward+backward")}
+    assert set(out["subpixel_speedup"]) == {"resnet34 unet++ forward", "resnet34 unet++ forward+backward"}
+    import gpu_summary  # the GPU session's summary reads this file
+
+    gpu_summary.models(json.loads((tmp_path / "models.json").read_text()))
+    assert "sub-pixel decoder speed-up resnet34 unet++ forward" in capsys.readouterr().out
     assert all(r["images_per_s"] > 0 for r in out["results"] if "images_per_s" in r)
     assert (tmp_path / "models.json").is_file() and (tmp_path / "models.png").is_file()
 
@@ -289,6 +374,12 @@ def _compare_with_timm(device, size, batch, cases, budget_s, stem: Path) -> dict
                 for mode, train in (("forward", False), ("forward+backward", True)):
                     rows.append(dict(encoder=encoder, arch=arch, impl=impl, mode=mode,
                                      images_per_s=_images_per_s(model, x, train, reps)))
+                    if impl == "pneumoseg" and encoder in SUBPIXEL_GPU_ENCODERS:
+                        # the same model on the reference decoder formulation, timed right after
+                        set_subpixel_decoding(model, False)
+                        rows.append(dict(encoder=encoder, arch=arch, impl=REFERENCE_DECODER, mode=mode,
+                                         images_per_s=_images_per_s(model, x, train, reps)))
+                        set_subpixel_decoding(model, True)
             except Exception as exc:  # noqa: BLE001 - one model's failure is a finding, not the end of the run
                 rows.append(dict(encoder=encoder, arch=arch, impl=impl, error=f"{type(exc).__name__}: {exc}"[:300]))
             model = None
@@ -301,11 +392,18 @@ def _compare_with_timm(device, size, batch, cases, budget_s, stem: Path) -> dict
                     and o["arch"] == r["arch"] and o["mode"] == r["mode"]]
             if ours:
                 ratios[f"{r['encoder']} {r['arch']} {r['mode']}"] = ours[0]["images_per_s"] / r["images_per_s"]
+    subpixel = {}
+    for r in rows:
+        if r["impl"] == REFERENCE_DECODER and "images_per_s" in r:
+            ours = [o for o in rows if o["impl"] == "pneumoseg" and "images_per_s" in o and o["encoder"] == r["encoder"]
+                    and o["arch"] == r["arch"] and o["mode"] == r["mode"]]
+            if ours:
+                subpixel[f"{r['encoder']} {r['arch']} {r['mode']}"] = ours[0]["images_per_s"] / r["images_per_s"]
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     out = {"device": name, "size": size, "batch": batch,
            "dtype": "float16 autocast" if device == "cuda" else "bfloat16 autocast",
            "memory_format": "channels_last", "timm": with_timm, "results": rows, "speedup_vs_timm_plain": ratios,
-           "not_run_over_budget": skipped, "budget_s": budget_s}
+           "subpixel_speedup": subpixel, "not_run_over_budget": skipped, "budget_s": budget_s}
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
     timed_rows = [r for r in rows if "images_per_s" in r]
@@ -332,7 +430,7 @@ def draw(rows, path, title):
     for ax, mode in zip(axes[0], modes):
         sel = [r for r in rows if r["mode"] == mode]
         labels = [f"{r['arch']} {r['encoder']}" + ("" if r["impl"] == "pneumoseg" else f" ({r['impl']})") for r in sel]
-        colors = ["tab:blue" if r["impl"] == "pneumoseg" else "tab:gray" for r in sel]
+        colors = [{"pneumoseg": "tab:blue", REFERENCE_DECODER: "tab:cyan"}.get(r["impl"], "tab:gray") for r in sel]
         ax.barh(range(len(sel)), [r["images_per_s"] for r in sel], color=colors)
         ax.set_yticks(range(len(sel)), labels, fontsize=7)
         ax.invert_yaxis()
@@ -361,6 +459,15 @@ def main() -> None:
                              images_per_s=extra["images_per_s"]))
     for r in sorted(rows, key=lambda r: (r["mode"], r["arch"], -r["images_per_s"])):
         print(f"{r['mode']:<17} {r['arch']:<7} {r['encoder']:<20} {r['images_per_s']:8.2f} images/s")
+    subpixel = [b["extra_info"] for b in data["benchmarks"] if "subpixel_speedup" in b.get("extra_info", {})]
+    if subpixel:
+        print("sub-pixel decoder blocks against upsample + concatenate + 3x3 conv (medians, interleaved rounds):")
+    for e in sorted(subpixel, key=lambda e: (e["model"], e["mode"], e["batch"], e["threads"])):
+        print(f"  {e['model']:<17} {e['mode']:<17} batch {e['batch']} threads {e['threads']}: reference "
+              f"{e['reference_median_s'] * 1e3:8.1f} ms, sub-pixel {e['subpixel_median_s'] * 1e3:8.1f} ms, "
+              f"speed-up {e['subpixel_speedup']:.2f}x")
+    if not rows:
+        return
     machine = data.get("machine_info", {})
     n_threads = "/".join(str(t) for t in sorted(threads, key=str))
     draw(rows, args.png, f"segmenters, {CPU_SIZE}x{CPU_SIZE} batch {CPU_BATCH}, fp32, CPU, {n_threads} torch thread(s) "

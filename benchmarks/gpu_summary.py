@@ -73,6 +73,8 @@ def models(data: dict) -> None:
             ratio = ratios.get(f"{r['encoder']} {r['arch']} {r['mode']}")
             print(f"  {r['arch']:7} {r['encoder']:20} {r['mode']:17} {r['images_per_s']:9.1f}"
                   + ("" if ratio is None else f"   x timm {ratio:5.2f}"))
+    for key, ratio in data.get("subpixel_speedup", {}).items():  # sub-pixel decoder blocks / the reference formulation
+        print(f"  sub-pixel decoder speed-up {key}: {ratio:.2f}x")
     if data.get("not_run_over_budget"):
         print(f"  not run (over the {data['budget_s']:.0f} s budget): {', '.join(data['not_run_over_budget'])}")
 
