@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
     # Every ImageId is checked before anything is written: it is a row of the CSVs and names an overlay.
     for source in stream.sources:
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")
+        _check_utf8_image_id(source)
     names = safe_file_names([s.image_id for s in stream.sources], ".png")
     folder = prepare_output_folder(args.out, overwrite=args.force, what="prediction output folder", inputs=inputs)
     start = time.perf_counter()
@@ -96,6 +97,20 @@ def run(args: argparse.Namespace) -> int:
           f"{predictor.backend.precision} on {predictor.backend.device}")
     print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {overlays} overlays in {OVERLAYS}/" if overlays else ""))
     return 0
+
+
+def _check_utf8_image_id(source) -> None:
+    """A file name that is not UTF-8 (an old Latin-1 archive) comes from the file system as surrogate
+    escapes: the CSVs, written as UTF-8, failed on it with a traceback after every image was predicted."""
+    from ..errors import OutputError
+
+    try:
+        source.image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        where = ascii(str(source.path)) if source.path is not None else "an in-memory image"
+        raise OutputError(f"{where}: its ImageId {ascii(source.image_id)} is not valid UTF-8 text (a file name in "
+                          "another encoding), so it cannot be written to submission.csv; rename the file, or name "
+                          "the images by their DICOM header with --name-by uid") from None
 
 
 def write_predictions(folder, predictions, skipped, predictor, seconds: float, overlays: int) -> None:

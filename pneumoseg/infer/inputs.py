@@ -18,7 +18,8 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .._checks import check_array_object, check_choice, check_readable_tensor, check_str_sequence, show
+from .._checks import (check_array_object, check_choice, check_readable_tensor, check_str_sequence, check_tensor_memory,
+                       show)
 from ..errors import DataFormatError, InvalidInputError, PneumosegError
 
 __all__ = ["ImageSource", "collect_inputs", "load_pixels", "NAME_BY"]
@@ -75,12 +76,17 @@ def _array_images(x: Any, name: str) -> list[Any]:
             raise InvalidInputError(f"{name} must hold numbers, got dtype {x.dtype}")
     else:
         check_readable_tensor(x, name)
+        # a FakeTensor reached the networks (an AssertionError from FakeTensorMode), and a freed
+        # storage (FSDP, resize_(0)) was read by the native post-processing: a segfault
+        check_tensor_memory(x, name)
     shape = tuple(x.shape)
-    if len(shape) == 3 and shape[2] in (2, 3, 4) and min(shape[:2]) > 4:
-        # np.asarray(PIL.Image.open(png)) of a colour (or grey + alpha, 'LA') picture: read as (N, H, W)
-        # it would give one "image" per row, each 2 to 4 pixels wide, and a prediction for every one
+    if len(shape) == 3 and shape[2] in (1, 2, 3, 4) and min(shape[:2]) > 4:
+        # np.asarray(PIL.Image.open(png)) of a colour (or grey + alpha, 'LA') picture, or a grey one with
+        # its channel last (OpenCV, Keras): read as (N, H, W) it would give one "image" per row, each 1 to
+        # 4 pixels wide, and a prediction for every one
+        kind = {1: "a grey (H, W, 1) picture with its channel last", 2: "a colour (H, W, 2) picture (grey + alpha)"}
         raise InvalidInputError(
-            f"{name} has shape {shape}, a colour (H, W, {shape[2]}) picture{' (grey + alpha)' if shape[2] == 2 else ''}, "
+            f"{name} has shape {shape}, {kind.get(shape[2], f'a colour (H, W, {shape[2]}) picture')}, "
             f"not {shape[0]} images {shape[2]} pixels wide; pass the grey image (H, W) (Pillow: image.convert('L'); "
             "NumPy: x.mean(axis=-1)), or a batch of "
             "narrow images as (N, 1, H, W)")

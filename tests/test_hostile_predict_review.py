@@ -1,0 +1,108 @@
+"""Hostile and unlucky inputs to inference and the predict / evaluate / export commands, found in a
+review that attacked them as a user, a radiology-IT engineer and a numerical reviewer. Each test is a
+reproducer that failed before its fix (crash cases run in a child process: tests/isolated.py)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pneumoseg
+from pneumoseg.cli import main
+from pneumoseg.errors import InvalidInputError
+
+from factories import write_dicom
+from infer_helpers import model_dir, phantom_images
+from isolated import run_isolated
+
+TESTS = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def plain_predictor():
+    return pneumoseg.Predictor.from_dir(model_dir("plain"))
+
+
+def _answers(predictions):
+    return [(p.score, p.rle, p.n_components, p.shape) for p in predictions]
+
+
+@pytest.mark.parametrize("make", ["fake", "freed", "freed_batch"])
+def test_tensors_without_data_are_refused_before_the_networks(make):
+    # A FakeTensor reached the networks (an AssertionError from inside FakeTensorMode); a tensor whose
+    # storage was freed (resize_(0), as FSDP frees parameters) reached the native post-processing:
+    # a segfault. Both are now an InvalidInputError naming the input.
+    code = f"""
+    import sys
+    sys.path.insert(0, {str(TESTS)!r})
+    import torch
+    import pneumoseg
+    from infer_helpers import model_dir
+    predictor = pneumoseg.Predictor.from_dir(model_dir("plain"))
+    make = {make!r}
+    if make == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        with FakeTensorMode():
+            x = torch.zeros(64, 64)
+    else:
+        x = torch.rand(3, 64, 64) if make == "freed_batch" else torch.rand(64, 64)
+        x.untyped_storage().resize_(0)
+    try:
+        predictor.predict(x)
+    except pneumoseg.errors.InvalidInputError as exc:
+        print("REFUSED", exc)
+    """
+    result = run_isolated(code, timeout=300)
+    assert result.returncode == 0, result.describe()
+    assert "REFUSED inputs" in result.stdout, result.describe()
+    assert ("FakeTensor" if make == "fake" else "storage") in result.stdout
+
+
+@pytest.mark.parametrize("kind", ["numpy", "tensor"])
+def test_float32_pixels_spanning_more_than_float32_allows_predict_as_the_same_image(plain_predictor, kind):
+    # Finite float32 pixels from -3e38 to 3e38: max - min overflowed to inf in the min-max scaling, the
+    # image became NaN, and the error blamed the network's weights ("the network's score is NaN").
+    import torch
+
+    image = phantom_images(1)[0].astype(np.float32)
+    wide = (image / 255 * 2 - 1) * np.float32(3e38)
+    with np.errstate(over="ignore"):
+        assert np.isfinite(wide).all() and not np.isfinite(wide.max() - wide.min())
+    wide = torch.from_numpy(wide) if kind == "tensor" else wide
+    assert _answers(plain_predictor.predict(wide)) == _answers(plain_predictor.predict(image))
+
+
+def test_a_grey_picture_with_its_channel_last_is_refused_not_read_as_one_pixel_wide_images(plain_predictor):
+    # (H, W, 1), as OpenCV's IMREAD_UNCHANGED of some PNGs or a Keras-style array gives it, was read as
+    # H images one pixel wide: 80 predictions for one radiograph, without a word.
+    image = phantom_images(1)[0]
+    with pytest.raises(InvalidInputError, match=r"\(80, 96, 1\), a grey \(H, W, 1\) picture.*pass the grey image"):
+        plain_predictor.predict(image[:, :, None])
+    # a batch of narrow images given as (N, 1, H, W) is still taken
+    assert len(plain_predictor.predict(image[:, None, :, None])) == 80
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="needs a file system taking any bytes as a file name")
+def test_a_file_name_that_is_not_utf8_is_one_line_before_any_work(tmp_path, capsys):
+    # A Latin-1 file name reaches Python as surrogate escapes: every image was predicted, then writing
+    # submission.csv (UTF-8) raised UnicodeEncodeError with a traceback.
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    raw = (phantom_images(1)[0].astype(np.uint16) * 16)
+    write_dicom(os.fsdecode(os.fsencode(folder) + b"/caf\xe9.dcm"), raw)
+    write_dicom(folder / "plain.dcm", raw)
+    out = tmp_path / "out"
+    code = main(["predict", str(folder), "--model", str(model_dir("plain")), "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and "is not valid UTF-8" in err and "--name-by uid" in err, err
+    assert not out.exists()
+    # named by their headers, the same files predict
+    code = main(["predict", str(folder), "--model", str(model_dir("plain")), "--out", str(out), "--no-progress",
+                 "--name-by", "uid"])
+    assert code == 0
+    assert len((out / "submission.csv").read_text().splitlines()) == 3
