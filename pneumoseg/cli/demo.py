@@ -19,6 +19,8 @@ from .types import add_no_progress, image_side, int_in, path
 
 #: how far above the all-empty submission's Kaggle Dice the demo's must be
 MARGIN = 0.05
+#: share of synthetic studies with a pneumothorax
+POSITIVE_FRACTION = 0.3
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -68,6 +70,27 @@ def _studies_picture(predictions, truth: dict, images: dict) -> np.ndarray:
     return np.concatenate(tiles, axis=1)
 
 
+def _split(n: int) -> tuple[int, int]:
+    positives = int(round(n * POSITIVE_FRACTION))  # as make_synthetic_siim counts them
+    return positives, n - positives
+
+
+def _check_study_count(n: int, config) -> None:
+    """Refuse, before anything is written, a study count whose positives or negatives cannot fill
+    every fold of the recipe (and its classifier's): training stopped after the study sets were
+    written, with an error about 'the CSV' and data.folds, which the user never wrote."""
+    from ..errors import InvalidInputError
+
+    cls = config.classifier_config()
+    folds = max(config.data.folds, cls.data.folds if cls is not None else 0)
+    if min(_split(n)) >= folds:
+        return
+    enough = next(m for m in range(n, n + 100 * folds) if min(_split(m)) >= folds)
+    positives, negatives = _split(n)
+    raise InvalidInputError(f"--n {n} gives {positives} studies with pneumothorax and {negatives} without; training's "
+                            f"{folds} folds (data.folds) need at least one of each in every fold: use --n {enough} or more")
+
+
 def run(args: argparse.Namespace) -> int:
     """The built-in pipeline on the built-in data (see the module documentation)."""
     from .. import cuda_available
@@ -83,14 +106,15 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     config = load_recipe("demo", [f"seed={args.seed}", *args.overrides])  # a bad --set fails before any work
+    _check_study_count(args.n, config)
     folder = prepare_output_folder(args.out, overwrite=args.force, what="demo output folder")
     train_dir = folder.path / "siim-synthetic"
     test_dir = folder.path / "held-out"
     print(f"[1/5] synthesising {args.n} training and {args.held_out} held-out studies ({args.size}x{args.size})")
-    make_synthetic_siim(train_dir, n_images=args.n, size=args.size, seed=args.seed, progress=not args.no_progress,
-                       overwrite=args.force)
-    truth_csv = make_synthetic_siim(test_dir, n_images=args.held_out, size=args.size, seed=args.seed + 1,
-                                    progress=not args.no_progress, overwrite=args.force)
+    make_synthetic_siim(train_dir, n_images=args.n, size=args.size, positive_fraction=POSITIVE_FRACTION, seed=args.seed,
+                        progress=not args.no_progress, overwrite=args.force)
+    truth_csv = make_synthetic_siim(test_dir, n_images=args.held_out, size=args.size, positive_fraction=POSITIVE_FRACTION,
+                                    seed=args.seed + 1, progress=not args.no_progress, overwrite=args.force)
     t_data = time.perf_counter()
 
     print("[2/5] training the classifier and the segmenter (the demo recipe)")

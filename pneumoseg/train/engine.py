@@ -94,6 +94,47 @@ def check_model_config(cfg: TrainConfig, section: str = "") -> None:
             raise ConfigError(f"config field {section}model.decoder_channels: {list(m.decoder_channels)} makes a network "
                               f"of {count:,} parameters, more than {_MAX_PARAMETERS:,} (the built-in networks have "
                               "up to about 50 million)")
+    # A batch of one image whose deepest feature map is 1x1 gives BatchNorm one value per channel in
+    # training mode, which torch refuses in the first step, after the run folder was written. Every
+    # encoder's stride-32 map is larger than 1x1 from 64 px up, so only small images are looked at.
+    if cfg.batch_size == 1 and m.batchnorm == "batch" and cfg.data.image_size < 64:
+        shape = _single_value_batchnorm(cfg)
+        if shape is not None:
+            raise ConfigError(
+                f"config field {section}batch_size: a batch of 1 image at data.image_size {cfg.data.image_size} leaves "
+                f"BatchNorm 1 value per channel in training (a {shape} feature map), which torch cannot normalise; "
+                f"use batch_size 2 or more, a data.image_size of 64 or more, or model.batchnorm: frozen")
+
+
+def _single_value_batchnorm(cfg: TrainConfig) -> Optional[str]:
+    """The shape of the first BatchNorm input with one value per channel when the network trains on
+    a batch of ``cfg.batch_size`` images, or None; found by a forward pass on the meta device (no
+    memory, no arithmetic)."""
+    from ..models import create_classifier, create_segmenter
+
+    m = cfg.model
+    found: list[str] = []
+
+    def look(module: nn.Module, args: tuple) -> None:
+        x = args[0] if args else None
+        if not found and isinstance(x, torch.Tensor) and x.dim() >= 2 and x.numel() // max(1, x.shape[1]) <= 1:
+            found.append("x".join(str(v) for v in x.shape))
+
+    with torch.device("meta"):
+        if cfg.task == "segmentation":
+            net = create_segmenter(m.arch, m.encoder, in_channels=1, classes=1, decoder_channels=list(m.decoder_channels),
+                                   aux_classifier=m.aux_classifier, attention=m.attention, aux_dropout=m.aux_dropout)
+        else:
+            net = create_classifier(m.encoder, num_classes=1, in_channels=1)
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(look)
+        size = cfg.data.image_size
+        try:
+            net.train()(torch.empty(cfg.batch_size, 1, size, size))
+        except ValueError:  # torch's own refusal, after the hook has seen the input
+            pass
+    return found[0] if found else None
 
 
 #: the most parameters a network built from a training config may have: 5 times the largest built-in
@@ -812,23 +853,8 @@ class Trainer:
                 # the rate this step uses: a one-cycle schedule moves it after every step, so the
                 # rate read after the epoch would be the next epoch's first
                 step_lr = optimizer.param_groups[0]["lr"]
-                if scaler is not None:
-                    scaler.unscale_(optimizer)
-                if cfg.clip_grad_norm is not None:
-                    nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad_norm)
-                stepped = True
-                if scaler is not None:
-                    scale = scaler.get_scale()
-                    scaler.step(optimizer)
-                    scaler.update()
-                    stepped = scaler.get_scale() >= scale  # a lowered scale means inf/NaN gradients: step skipped
-                else:
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(self.model)
-                if stepped:
-                    schedule.after_step()
+                optimizer_step(optimizer, self.model, scaler=scaler, clip_grad_norm=cfg.clip_grad_norm,
+                               schedule=schedule, ema=ema)
                 progress["global_step"] += 1
                 every = cfg.checkpoint.every_steps
                 if every and progress["global_step"] % every == 0 and b + 1 < total:
@@ -951,6 +977,33 @@ class Trainer:
                            predictions=predictions, curve_key=curve,
                            curve_label="validation Kaggle Dice (best triplet)" if self.seg else "validation AUC",
                            baseline=baseline if self.seg else None)
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, *, scaler: Optional[Any],
+                   clip_grad_norm: Optional[float], schedule: StageSchedule, ema: Optional[ModelEMA]) -> bool:
+    """One optimizer step on the accumulated gradients: unscaled (fp16) before the norm clip, then
+    the schedule and the EMA follow it. Returns False when the gradient scaler skipped the step
+    (inf/NaN gradients): the weights did not change, so neither do the schedule and the EMA (which
+    counted a skipped step as an update, pulling the average towards the unchanged weights and
+    advancing its warm-up)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip_grad_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
+    stepped = True
+    if scaler is not None:
+        scale = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        stepped = scaler.get_scale() >= scale  # a lowered scale means inf/NaN gradients: step skipped
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if stepped:
+        schedule.after_step()
+        if ema is not None:
+            ema.update(model)
+    return stepped
 
 
 def _youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:

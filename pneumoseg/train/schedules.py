@@ -42,8 +42,14 @@ class StageSchedule:
             self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
                 optimizer, T_max=cfg.t_max or epochs, eta_min=cfg.eta_min)
         elif cfg.name == "onecycle":
+            warmup = cfg.warmup
+            if float(warmup * max(1, total)) - 1 == 0:
+                # A warm-up of exactly one step ends at step 0, where it starts: OneCycleLR divided by
+                # its zero length (ZeroDivisionError with warmup 0.1 over 10 steps, 0.2 over 5 ...).
+                # A billionth more keeps the one step at the initial rate, then the peak.
+                warmup *= 1 + 1e-9
             self.scheduler = torch.optim.lr_scheduler.OneCycleLR(
-                optimizer, max_lr=lr, total_steps=max(1, total), pct_start=cfg.warmup,
+                optimizer, max_lr=lr, total_steps=max(1, total), pct_start=warmup,
                 div_factor=cfg.div_factor, final_div_factor=cfg.final_div_factor, anneal_strategy="cos",
                 cycle_momentum=False)
         self._total_steps = total
