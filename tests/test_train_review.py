@@ -156,3 +156,33 @@ def test_a_one_cycle_warm_up_of_exactly_one_step(steps, warmup):
         assert used[1] == pytest.approx(low + (0.1 - low) * (1 + math.cos(math.pi / (steps - 1))) / 2, rel=1e-6)
         assert all(a >= b for a, b in zip(used[1:], used[2:]))  # then annealed down
     assert used[-1] == pytest.approx(0.1 / 25 / 1e4) or steps == 2
+
+
+def test_resume_on_data_whose_split_differs_is_refused(synth, tmp_path):
+    # data.root / data.csv may change on --resume (the data moved, or a cache of it is used), but a
+    # CSV with other labels or other images gave another fold split: images the run had validated on
+    # were trained on from then on, and its thresholds were searched on a mix, without a word
+    import shutil
+
+    from pneumoseg.data import read_rle_csv
+
+    changes = dict(epochs=2)
+    run = tmp_path / "run"
+    train(training_config(TINY, synth, **changes), run, progress=False)
+    last = run / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    moved = tmp_path / "moved"
+    shutil.copytree(synth, moved)
+    # the same data elsewhere resumes (the finished run writes its model directory again)
+    train(training_config(TINY, moved, **changes), run, resume=True, progress=False)
+    # one negative relabelled positive (its mask painted): another split
+    rles = read_rle_csv(moved / "train-rle.csv")
+    negative = next(i for i, r in rles.items() if r == ["-1"])
+    lines = (moved / "train-rle.csv").read_text().splitlines()
+    lines = [f"{negative}, 1 10" if line.startswith(negative) else line for line in lines]
+    (moved / "train-rle.csv").write_text("\n".join(lines) + "\n")
+    assert read_rle_csv(moved / "train-rle.csv")[negative] == ["1 10"]
+    before = last.read_bytes()
+    with pytest.raises(ConfigError, match=r"data.*other images or labels.*new run folder"):
+        train(training_config(TINY, moved, **changes), run, resume=True, progress=False)
+    assert last.read_bytes() == before

@@ -39,6 +39,16 @@ class RunData:
     def val_ids(self) -> list[str]:
         return [self.dataset.ids[i] for i in self.val_indices]
 
+    def split_fingerprint(self) -> str:
+        """SHA-256 of the training and validation folds' image ids and labels (in id order), saved in
+        checkpoints: a resumed run must split its data as the run did, wherever the data now lives."""
+        import hashlib
+        import json
+
+        parts = [sorted((str(self.dataset.ids[i]), int(self.labels[i])) for i in idx)
+                 for idx in (self.train_indices, self.val_indices)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+
 
 class ChestCrop(torch.utils.data.Dataset):
     """Each image cropped to its chest (``pneumoseg.data.chest_crop``) and resized back (classification)."""

@@ -356,6 +356,13 @@ class Trainer:
             check_same_model(state["model_config"], self.model_config, path)
             check_same_config(state["config"], cfg.to_dict(), path, section)
             check_resume_state(state, self.model, path)
+            saved_split = state.get("split")  # absent in checkpoints of older pneumoseg versions
+            if saved_split is not None and saved_split != self.data.split_fingerprint():
+                raise ConfigError(
+                    f"config field {section}data: {path} was trained on other images or labels ({self.data.source} "
+                    "splits into other training and validation folds): resuming would train on images the run "
+                    "validated on; point data.root / data.csv / data.cache at the run's data, or train into a new "
+                    "run folder")
             self.resume_state = state
         self.stages = cfg.stage_list()
         self.global_batch = cfg.batch_size * self.info.world_size
@@ -733,7 +740,8 @@ class Trainer:
                 if main:
                     weights = self._weights_payload(ema)
                     common = {"config": cfg.to_dict(), "model_config": self.model_config, "metrics": _plain_row(row),
-                              "thresholds": thresholds, "progress": dict(progress)}
+                              "thresholds": thresholds, "progress": dict(progress),
+                              "split": self.data.split_fingerprint()}
                     if improved:
                         save_checkpoint(folder, STAGE_BEST, {**common, **weights})
                     if key is not None:
@@ -863,7 +871,8 @@ class Trainer:
                     if info.is_main:
                         save_checkpoint(folder, LAST, {
                             "config": cfg.to_dict(), "model_config": self.model_config, "metrics": {},
-                            "thresholds": thresholds, "progress": dict(progress), **self._weights_payload(ema),
+                            "thresholds": thresholds, "progress": dict(progress),
+                            "split": self.data.split_fingerprint(), **self._weights_payload(ema),
                             "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
                             "scaler": None if scaler is None else scaler.state_dict(), "rng": self._rng_state(augment),
                             "history": [_plain_row(r) for r in history], "top_k": top_k})
