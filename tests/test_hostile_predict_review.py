@@ -106,3 +106,40 @@ def test_a_file_name_that_is_not_utf8_is_one_line_before_any_work(tmp_path, caps
                  "--name-by", "uid"])
     assert code == 0
     assert len((out / "submission.csv").read_text().splitlines()) == 3
+
+
+def test_int8_calibration_reads_a_pacs_export_as_predict_does(tmp_path):
+    # A PACS export (IM0001 in every series folder, no .dcm suffix) predicts with `pneumoseg predict`, but
+    # `pneumoseg export --precision int8 --calibrate` on it said "no readable DICOM images to calibrate
+    # with" (suffix-less files were passed over) and, with suffixes, refused the repeated file names.
+    from pneumoseg.export.onnx import load_calibration_images
+
+    images = phantom_images(2)
+    for series, image in zip(("s1", "s2"), images):
+        (tmp_path / series).mkdir()
+        write_dicom(tmp_path / series / "IM0001", image.astype(np.uint16))
+    got, skipped = load_calibration_images(tmp_path)
+    assert [g.shape for g in got] == [i.shape for i in images] and skipped == []
+
+
+def test_int8_calibration_without_readable_images_says_why(tmp_path):
+    from pneumoseg.export.onnx import load_calibration_images
+
+    (tmp_path / "notes.dcm").write_text("not a DICOM")
+    with pytest.raises(InvalidInputError, match=r"no readable DICOM images to calibrate with \(.*notes\.dcm: "):
+        load_calibration_images(tmp_path)
+
+
+@pytest.mark.parametrize("images, match", [
+    ([], "the list is empty"),
+    (["a.dcm", "b.dcm"], r"calibration image 0 must be a grey \(H, W\) array of numbers.*<U5"),
+    ([np.zeros((64, 64)), np.zeros((64, 64, 3))], r"calibration image 1 .* shape \(64, 64, 3\)"),
+    ([np.zeros((0, 64))], r"calibration image 0 .* shape \(0, 64\)"),
+])
+def test_int8_calibration_images_given_as_a_list_are_checked(images, match):
+    # A list was taken as it came: [] calibrated on nothing, and strings or colour pictures failed deep
+    # inside the export.
+    from pneumoseg.export.onnx import load_calibration_images
+
+    with pytest.raises(InvalidInputError, match=match):
+        load_calibration_images(images)

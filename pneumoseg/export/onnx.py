@@ -298,27 +298,42 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
 
 
 def load_calibration_images(source: Any, max_images: int = 64) -> tuple[list, list[tuple[str, str]]]:
-    """(images, skipped) from a folder of DICOMs (searched recursively; at most ``max_images``, spread
-    evenly over the sorted files) or a list of arrays. Unreadable files are skipped and listed."""
+    """(images, skipped) from a folder of DICOMs (searched recursively, with or without the ``.dcm``
+    suffix as ``pneumoseg predict`` takes them; at most ``max_images``, spread evenly over the sorted
+    files) or a list of (H, W) arrays. Unreadable files are skipped and listed."""
     from ..data.dicom import read_dicom
-    from ..data.siim import find_dicoms
+    from ..data.siim import find_dicom_files
 
     max_images = check_int(max_images, "max_images", low=1, high=100_000)
     if isinstance(source, (list, tuple)):
-        return [np.asarray(x) for x in source[:max_images]], []
-    found = find_dicoms(source)
+        # a list was taken as it came: [] calibrated on nothing, strings and colour pictures went on
+        # to fail deep inside the export
+        if not source:
+            raise InvalidInputError("calibration images: the list is empty; pass a few dozen of your own radiographs")
+        images = []
+        for i, item in enumerate(source[:max_images]):
+            x = np.asarray(item)
+            if x.ndim != 2 or x.dtype.kind not in "biuf" or 0 in x.shape:
+                raise InvalidInputError(f"calibration image {i} must be a grey (H, W) array of numbers, got "
+                                        f"shape {x.shape} and dtype {x.dtype}")
+            images.append(x)
+        return images, []
+    # A PACS export names its files IM0001 ... without a suffix: find_dicoms skipped them (and refused
+    # the repeated names), so a folder `pneumoseg predict` reads held "no readable DICOM images".
+    found = find_dicom_files(source, require_suffix=False)
     skipped = [(str(p), reason) for p, reason in found.skipped]
-    paths = [found[k] for k in sorted(found, key=lambda k: str(found[k]))]
+    paths = sorted(found, key=str)
     if len(paths) > max_images:
         paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, max_images)]
     images = []
     for path in paths:
         try:
             images.append(read_dicom(path, with_dataset=False).pixels)
-        except PneumosegError as exc:
+        except (PneumosegError, OSError) as exc:
             skipped.append((str(path), str(exc)))
     if not images:
-        raise InvalidInputError(f"{source}: no readable DICOM images to calibrate with")
+        detail = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+        raise InvalidInputError(f"{source}: no readable DICOM images to calibrate with" + (f" ({detail})" if detail else ""))
     return images, skipped
 
 
