@@ -186,3 +186,23 @@ def test_resume_on_data_whose_split_differs_is_refused(synth, tmp_path):
     with pytest.raises(ConfigError, match=r"data.*other images or labels.*new run folder"):
         train(training_config(TINY, moved, **changes), run, resume=True, progress=False)
     assert last.read_bytes() == before
+
+
+def test_average_checkpoints_refuses_weights_of_another_shape(synth, tmp_path):
+    # Only the model config and key names were compared: a later checkpoint holding a (1,) tensor
+    # under a key of shape (C,) was broadcast into the running sum, a silently wrong average
+    from pneumoseg.errors import DataFormatError
+    from pneumoseg.train import average_checkpoints
+
+    run = tmp_path / "run"
+    train(training_config(TINY, synth), run, progress=False)
+    good = run / "checkpoints" / "last.pt"
+    data = torch.load(good, weights_only=True)
+    key = "encoder.bn1.weight"
+    assert data["model"][key].numel() > 1
+    data["model"][key] = data["model"][key][:1].clone()
+    bad = tmp_path / "bad.pt"
+    torch.save(data, bad)
+    for order in ([good, bad], [bad, good]):
+        with pytest.raises(DataFormatError, match=r"bad\.pt.*encoder\.bn1\.weight"):
+            average_checkpoints(order)

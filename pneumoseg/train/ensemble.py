@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InvalidInputError
-from .checkpoint import check_same_model, checkpoint_state_dict, load_checkpoint
+from .checkpoint import check_checkpoint_weights, check_same_model, checkpoint_state_dict, load_checkpoint
 
 __all__ = ["average_checkpoints", "recompute_batchnorm", "StackedClassifier", "fit_stacked_classifier"]
 
@@ -91,11 +91,14 @@ def average_checkpoints(
         raise InvalidInputError("checkpoints must be a non-empty list of checkpoint paths")
     first = load_checkpoint(checkpoints[0])
     config = dict(first["model_config"])
+    model = build_model(config)
     total: dict[str, torch.Tensor] = {}
     n = 0
     for path in checkpoints:
         data = first if n == 0 else load_checkpoint(path)
         check_same_model(data["model_config"], config, path)
+        # names and shapes against the network: a smaller tensor would broadcast into the sum
+        check_checkpoint_weights(data, model, path)
         state = checkpoint_state_dict(data, ema=ema)
         if n == 0:
             total = {k: (v.double().clone() if v.dtype.is_floating_point else v.clone()) for k, v in state.items()}
@@ -106,7 +109,6 @@ def average_checkpoints(
                 if v.dtype.is_floating_point:
                     total[k] += v.double()
         n += 1
-    model = build_model(config)
     reference = model.state_dict()
     averaged = {k: (v / n).to(reference[k].dtype) if v.dtype.is_floating_point else v for k, v in total.items()}
     model.load_state_dict(averaged)
