@@ -143,3 +143,14 @@ def test_int8_calibration_images_given_as_a_list_are_checked(images, match):
 
     with pytest.raises(InvalidInputError, match=match):
         load_calibration_images(images)
+
+
+@pytest.mark.parametrize("flip", ["rows", "columns"])
+def test_a_flipped_view_of_a_one_pixel_high_or_wide_image_predicts(plain_predictor, flip):
+    # x[::-1] of a (1, W) image (or x[:, ::-1] of an (H, 1) one) keeps its negative step: NumPy calls
+    # the view contiguous, as a length-1 axis's step does not count, and torch.from_numpy refused it
+    # with a bare ValueError ("At least one stride in the given numpy array is negative").
+    line = np.arange(40, dtype=np.uint8).reshape((1, 40) if flip == "rows" else (40, 1)).copy()
+    view = np.flipud(line) if flip == "rows" else np.fliplr(line)
+    assert min(view.strides) < 0
+    assert _answers(plain_predictor.predict(view)) == _answers(plain_predictor.predict(line.copy()))
