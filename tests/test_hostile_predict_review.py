@@ -154,3 +154,25 @@ def test_a_flipped_view_of_a_one_pixel_high_or_wide_image_predicts(plain_predict
     view = np.flipud(line) if flip == "rows" else np.fliplr(line)
     assert min(view.strides) < 0
     assert _answers(plain_predictor.predict(view)) == _answers(plain_predictor.predict(line.copy()))
+
+
+@pytest.mark.parametrize("field, value", [("std", 1e-300), ("std", 1e-39), ("std", 1e300), ("mean", 1e300),
+                                          ("mean", -1e39)])
+def test_normalisation_outside_float32_is_a_format_error_not_a_network_blamed_for_nan(tmp_path, field, value):
+    # A hand-edited std of 1e-300 is 0 in float32: every image became inf / NaN and the error said "the
+    # network's score is NaN ... check the model's weights"; a mean of 1e300 did the same.
+    import json
+
+    from pneumoseg.models.model_dir import Preprocessing
+    from pneumoseg.errors import DataFormatError
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("plain", tmp_path / "model")
+    raw = json.loads((folder / "pneumoseg.json").read_text())
+    raw["preprocessing"][field] = value
+    (folder / "pneumoseg.json").write_text(json.dumps(raw))
+    with pytest.raises(DataFormatError, match=rf"preprocessing\.{field} .*float32"):
+        pneumoseg.Predictor.from_dir(folder)
+    # ordinary normalisations, small and large, still load
+    for mean, std in ((0.5, 0.25), (0.0, 1e-6), (-1e6, 1e3)):
+        Preprocessing(mean=mean, std=std)

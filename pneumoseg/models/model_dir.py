@@ -109,10 +109,23 @@ class Preprocessing:
     def __post_init__(self) -> None:
         self.mean = check_real(self.mean, "preprocessing.mean")
         self.std = check_real(self.std, "preprocessing.std", low=0.0, low_open=True)
+        # The networks take float32: a hand-edited std of 1e-300 is 0 there, a mean of 1e300 infinite,
+        # and every image became inf / NaN, reported as a network answering NaN.
+        for name, value in (("mean", self.mean), ("std", self.std)):
+            if not _FLOAT32_TINY <= abs(value) <= _FLOAT32_MAX and not (name == "mean" and value == 0):
+                raise InvalidInputError(f"preprocessing.{name} is {value!r}, outside float32's range (the networks "
+                                        "run in float32)")
+        if max(abs(self.mean), abs(1 - self.mean)) / self.std > _FLOAT32_MAX:
+            raise InvalidInputError(f"preprocessing.std {self.std!r} with mean {self.mean!r} normalises pixels in [0, 1] "
+                                    "past float32's range (the networks run in float32)")
         if self.scaling != "min-max" or self.resize != "bilinear-antialias":
             raise InvalidInputError(
                 f"preprocessing scaling={self.scaling!r}, resize={self.resize!r} is not one this pneumoseg knows "
                 "('min-max', 'bilinear-antialias')")
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_TINY = 1.1754943508222875e-38  # the smallest normal float32
 
 
 #: how a network's input is cropped before it is resized to ``input_size``: None (the whole image) or
