@@ -176,3 +176,41 @@ def test_normalisation_outside_float32_is_a_format_error_not_a_network_blamed_fo
     # ordinary normalisations, small and large, still load
     for mean, std in ((0.5, 0.25), (0.0, 1e-6), (-1e6, 1e3)):
         Preprocessing(mean=mean, std=std)
+
+
+@pytest.mark.parametrize("change", ["deleted", "replaced"])
+def test_a_file_that_changes_after_its_prediction_costs_its_overlay_not_the_run(tmp_path, capsys, monkeypatch,
+                                                                                 change):
+    # The overlay reads the DICOM again (for its display window). A file deleted while the run went on
+    # (a PACS export being cleaned up) was an OSError there: exit 2 and no submission for any image,
+    # though every image had been predicted; one replaced by an image of another size was an
+    # IndexError traceback in the overlay.
+    from pneumoseg.infer.predictor import Predictor
+
+    folder = tmp_path / "dicoms"
+    folder.mkdir()
+    for i, image in enumerate(phantom_images(4)):
+        write_dicom(folder / f"img{i}.dcm", image.astype(np.uint16) * 16)
+    run_batch = Predictor._predict_batch
+
+    def predict_then_delete(self, loaded, *args, **kwargs):
+        out = run_batch(self, loaded, *args, **kwargs)
+        for source, _, _ in loaded:
+            source.path.unlink()
+            if change == "replaced":
+                write_dicom(source.path, np.zeros((50, 70), np.uint16))
+        return out
+
+    monkeypatch.setattr(Predictor, "_predict_batch", predict_then_delete)
+    out = tmp_path / "out"
+    # a model with no gate and sharp logits: every phantom has a mask, so every image wants an overlay
+    code = main(["predict", str(folder), "--model", str(model_dir("plain")), "--out", str(out), "--no-progress",
+                 "--batch-size", "2"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    rows = (out / "submission.csv").read_text().splitlines()
+    assert len(rows) == 5 and all(not row.endswith(",-1") for row in rows[1:])
+    assert err.count("no overlay for") == 4
+    assert ("no such file" if change == "deleted" else "the file changed since it was predicted") in err.lower()
+    summary = __import__("json").loads((out / "summary.json").read_text())
+    assert summary["outputs"]["overlay_count"] == 0

@@ -79,8 +79,7 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.closing(stream):
         for pred in stream:
             if pred.positive and not args.no_overlays:
-                write_overlay(folder, names[pred.image_id], pred)
-                overlays += 1
+                overlays += write_overlay(folder, names[pred.image_id], pred)
             pred.mask = None  # memory stays bounded: the mask is in its overlay and its RLE
             predictions.append(pred)
     seconds = time.perf_counter() - start
@@ -143,16 +142,29 @@ def write_predictions(folder, predictions, skipped, predictor, seconds: float, o
         f.write("\n")
 
 
-def write_overlay(folder, name: str, pred) -> None:
-    """overlays/<name>: the radiograph (through its own window / VOI LUT) with the mask in red."""
+def write_overlay(folder, name: str, pred) -> bool:
+    """overlays/<name>: the radiograph (through its own window / VOI LUT) with the mask in red; False
+    when the file can no longer be read."""
     from ..data.dicom import read_dicom
-    from ..errors import DicomError
+    from ..errors import DicomError, PneumosegError
+    from ..infer.inputs import skip_reason
     from ..infer.overlay import display_pixels, overlay
 
-    image = read_dicom(pred.path)  # read again for display (its VOI LUT / window)
+    try:
+        image = read_dicom(pred.path)  # read again for display (its VOI LUT / window)
+    except (PneumosegError, OSError) as exc:
+        # deleted or replaced since its pixels were read (an export being cleaned up while the run went
+        # on): the prediction stands, only its picture is lost
+        print(f"pneumoseg: no overlay for {pred.path}: {skip_reason(exc, str(pred.path))}", file=sys.stderr)
+        return False
+    if tuple(image.pixels.shape) != tuple(pred.shape):
+        print(f"pneumoseg: no overlay for {pred.path}: the file changed since it was predicted (now "
+              f"{image.pixels.shape[0]}x{image.pixels.shape[1]} pixels)", file=sys.stderr)
+        return False
     try:
         grey = display_pixels(image.window())
     except DicomError as exc:  # a broken display window must not cost the predictions: show the full range
         print(f"pneumoseg: overlay of {pred.path} drawn over the full pixel range: {exc}", file=sys.stderr)
         grey = display_pixels(image.pixels)
     folder.write_png(OVERLAYS, name, image=overlay(grey, pred.mask))
+    return True
