@@ -393,14 +393,28 @@ def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
         # file can hold hundreds of them) only for the single-image check below to refuse them
         raise DicomError(f"{path}: expected a single 2-D image, the pixel data holds {sizes[0]:,} bytes, "
                          f"{sizes[0] // sizes[1]} images of the declared {rows}x{columns}")
+    if sizes is not None and sizes[0] > sizes[1] + 1 and any(memoryview(ds.PixelData)[sizes[1]:]):
+        # Data beyond the image that is not zero padding: the header lies about its size. pydicom
+        # warned of "excess padding" and cut the data to the header's size, giving a cropped or
+        # sheared image (an error only where the caller's filters made its warning one).
+        raise DicomError(f"{path}: the pixel data holds {sizes[0]:,} bytes, {sizes[0] - sizes[1]:,} more than the "
+                         f"declared {rows}x{columns} image needs, and they are not padding: its Rows, Columns or "
+                         "BitsAllocated do not describe it")
     try:
         raw = ds.pixel_array
     except Exception as exc:  # a Warning too, where the caller's filters make pydicom's warnings errors
         if sizes is not None and sizes[0] < sizes[1]:
             raise DicomError(f"{path}: the file is truncated: its pixel data has {sizes[0]:,} of {sizes[1]:,} "
                              "bytes") from exc
-        # pydicom's message says whether a decoder plugin is missing or the data is damaged.
-        first_line = (str(exc).splitlines() or [""])[0]
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        if lines and "missing dependencies" in lines[0]:
+            # pydicom lists what each decoder plugin needs on the lines after its first
+            raise DicomError(
+                f"{path}: pixel data could not be decoded (transfer syntax {syntax}): no decoder for it is installed: "
+                f"pip install 'pneumoseg[dicom-codecs]' (pydicom's plugins: {'; '.join(lines[1:]) or 'none listed'})"
+            ) from exc
+        # pydicom's message says whether the data is damaged.
+        first_line = (lines or [""])[0]
         raise DicomError(
             f"{path}: pixel data could not be decoded (transfer syntax {syntax}): {type(exc).__name__}: {first_line}"
         ) from exc
