@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from .. import __version__, limits
 from .._checks import check_bool, check_choice, check_int, check_path, show
 from .._fs import prepare_output_folder, read_json
-from ..errors import DataFormatError, DataWarning, DicomError, InvalidInputError
-from ..rle import decode_union
+from ..errors import DataFormatError, DataWarning, InvalidInputError
+from .datasets import annotation_mask
 from .dicom import read_dicom
-from .siim import find_dicoms, read_rle_csv
+from .siim import dicom_file_image_id, find_dicoms, read_rle_csv
 from .transforms import NORMALISE_MEAN, NORMALISE_STD, preprocess, resize_mask
 
 __all__ = ["build_cache", "CachedDataset", "decode_to_arrays", "CACHE_INDEX", "load_cache_index"]
@@ -68,7 +68,8 @@ def _decode_one(path: Path, strings: Optional[Sequence[str]], size: int) -> tupl
     image = _encode_image(dicom.pixels, size)
     mask = None
     if strings is not None:
-        full = decode_union(list(strings), dicom.pixels.shape)
+        # an annotation that does not fit its image skips the image as an unreadable DICOM does
+        full = annotation_mask(list(strings), dicom.pixels.shape, dicom_file_image_id(path), path, None)
         mask = (resize_mask(full, size)[0, 0] > 0.5).to(torch.uint8).numpy()
     return image, mask, tuple(int(v) for v in dicom.pixels.shape)
 
@@ -95,7 +96,7 @@ def decode_to_arrays(
     def work(i: int) -> None:
         try:
             image, mask, shape = _decode_one(paths[i], None if rles is None else rles[i], size)
-        except DicomError as exc:
+        except DataFormatError as exc:  # an unreadable DICOM, an annotation that does not fit it
             failed.append((i, str(exc)))
             return
         images[i] = image
@@ -275,6 +276,10 @@ def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:
             raise ValueError("ids must be distinct strings")
         if any(not 0 <= r < count for r in rows):
             raise ValueError("a row is outside the arrays")
+        if len(set(rows)) != len(rows):  # two ids reading one row's image and mask
+            raise ValueError("rows must be distinct")
+        if index["has_masks"] and labels is None:  # build_cache writes both from a CSV, or neither
+            raise ValueError("has_masks is true but labels is null")
     except KeyError as exc:
         raise DataFormatError(f"{path}: malformed cache index (missing field {exc})") from None
     except (TypeError, ValueError) as exc:

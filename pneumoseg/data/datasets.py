@@ -11,7 +11,7 @@ import torch
 
 from .. import limits
 from .._checks import check_choice, check_int, check_path, check_real, check_str_sequence
-from ..errors import DataFormatError, DataWarning, InvalidInputError
+from ..errors import DataFormatError, DataWarning, InvalidInputError, RLEError
 from ..rle import decode_union
 from .dicom import read_dicom
 from .siim import find_dicoms, read_rle_csv
@@ -57,12 +57,14 @@ class SIIMDataset(torch.utils.data.Dataset):
         if not files:
             raise DataFormatError(f"{self.root}: no *.dcm files found")
         self.rles: Optional[dict[str, list[str]]] = None
+        self.rle_csv: Optional[Path] = None
         self.unlabelled: list[str] = []
         self.missing_files: list[str] = []
         if rle_csv is None:
             self.ids = sorted(files)
         else:
             self.rles = read_rle_csv(rle_csv)
+            self.rle_csv = Path(rle_csv)
             self.ids = [i for i in self.rles if i in files]
             self.unlabelled = sorted(set(files) - set(self.rles))
             self.missing_files = [i for i in self.rles if i not in files]
@@ -97,7 +99,8 @@ class SIIMDataset(torch.utils.data.Dataset):
             label = int(any(s.strip() != "-1" for s in strings))
             item["label"] = torch.tensor(label, dtype=torch.float32)
             if self.task == "segmentation":
-                mask = resize_mask(decode_union(strings, dicom.pixels.shape), self.image_size)
+                mask = resize_mask(annotation_mask(strings, dicom.pixels.shape, image_id, self.files[image_id],
+                                                   self.rle_csv), self.image_size)
         if self.transforms is not None:
             if mask is not None:
                 image, mask = self.transforms(image, mask)
@@ -107,6 +110,19 @@ class SIIMDataset(torch.utils.data.Dataset):
         if mask is not None:
             item["mask"] = mask[0]
         return item
+
+
+def annotation_mask(strings: Sequence[str], shape: tuple[int, int], image_id: str, path: Path,
+                    csv: Optional[Path]) -> np.ndarray:
+    """The union of an image's annotations at its DICOM's size; one that does not fit the image (an
+    RLE of another size) is a DataFormatError naming the image, its file and the CSV, instead of the
+    RLE decoder's 'rles[0]: ...', which says nothing of which of thousands of images it was."""
+    try:
+        return decode_union(strings, shape)
+    except RLEError as exc:
+        source = f" in {csv}" if csv is not None else ""
+        raise DataFormatError(f"{path}: the annotation of ImageId {image_id}{source} does not fit its "
+                              f"{shape[0]}x{shape[1]} DICOM: {exc}") from None
 
 
 def _check_labels(labels: Any, *, binary: bool = True) -> list[int]:

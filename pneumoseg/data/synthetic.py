@@ -176,9 +176,11 @@ def make_synthetic_siim(
         uids["patient"] = f"synthetic-{seed}-{i:05d}"
         _write_dicom(folder, ("dicom-images-train", uids["study"], uids["series"], f"{uids['sop']}.dcm"),
                      pixels, uids, image_rng)
-        if mask.any() and image_rng.random() < 0.35:
+        rows = np.nonzero(mask.any(axis=1))[0]
+        # A region one row high cannot be split: its upper part would be an empty "-1" annotation of a
+        # positive image, which Kaggle's files never have.
+        if mask.any() and image_rng.random() < 0.35 and len(rows) > 1:
             # Two annotations: split the region at a row through it, as two readers might.
-            rows = np.nonzero(mask.any(axis=1))[0]
             cut = int(rows[len(rows) // 2])
             upper, lower = mask.copy(), mask.copy()
             upper[cut:] = 0

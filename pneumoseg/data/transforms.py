@@ -74,6 +74,10 @@ def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Te
         raise InvalidInputError("pixels contains NaN or infinity (or values beyond float32)")
     lo = x.amin(dim=(2, 3), keepdim=True)
     hi = x.amax(dim=(2, 3), keepdim=True)
+    # float32 pixels from -3e38 to 3e38 are finite, but hi - lo is not: the image became NaN. Halving
+    # such images first is exact, as the Predictor does; other images are scaled by 1.
+    half = torch.where(torch.isfinite(hi - lo), torch.ones_like(hi), torch.full_like(hi, 0.5))
+    x, lo, hi = x * half, lo * half, hi * half
     x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
     if tuple(x.shape[2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -277,6 +281,8 @@ class Augment:
                 raise InvalidInputError(f"masks are on {masks.device} but images on {images.device}")
         if images.dim() != 4 or images.shape[1] != 1:
             raise InvalidInputError(f"images must be (N, 1, H, W), got {tuple(images.shape)}")
+        if images.shape[2] == 0 or images.shape[3] == 0:  # torch's resampling and reductions refuse them unclearly
+            raise InvalidInputError(f"images has no pixels, shape {tuple(images.shape)}")
         if masks is not None and masks.shape != images.shape:
             raise InvalidInputError(f"masks shape {tuple(masks.shape)} differs from images {tuple(images.shape)}")
         n, device = images.shape[0], images.device
