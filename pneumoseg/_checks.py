@@ -288,6 +288,12 @@ def check_array_object(x: Any, name: str, *, error: _Error = InvalidInputError) 
         return
     if isinstance(x, np.ma.MaskedArray):
         raise error(f"{name} is a masked array; pass {name}.filled(0) (its mask would be ignored)")
+    cupy = sys.modules.get("cupy")
+    if hasattr(x, "__cuda_array_interface__") and not (cupy is not None and isinstance(x, cupy.ndarray)):
+        # NumPy wraps such an object (Numba, PyCUDA, JAX) as one Python object: "got shape ()" followed
+        raise error(f"{name} is a GPU array of type {type(x).__name__} (the CUDA array interface), which pneumoseg "
+                    f"reads from torch and CuPy only: pass torch.as_tensor({name}, device='cuda') or "
+                    f"cupy.asarray({name})")
     if hasattr(x, "tocoo") and hasattr(x, "nnz"):
         raise error(f"{name} is a SciPy sparse matrix; pass a dense array ({name}.toarray())")
 

@@ -94,6 +94,14 @@ def as_view(x: Any, name: str, error: type[Exception] = InvalidInputError) -> Ar
     return _numpy_view(x, name, error)
 
 
+_MAX_DIMS = 4  # kMaxDims of csrc/common/tensor_view.h
+
+
+def _check_ndim(ndim: int, name: str, error: type[Exception]) -> None:
+    if ndim > _MAX_DIMS:  # the native view's own message named no argument
+        raise error(f"{name} has {ndim} dimensions; pneumoseg's native ops take at most {_MAX_DIMS}")
+
+
 def _numpy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     try:
         arr = np.asarray(x)
@@ -104,6 +112,7 @@ def _numpy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     code = _NUMPY_CODES.get(arr.dtype)
     if code is None:
         raise error(f"{name} has unsupported dtype {arr.dtype}; use bool, an integer or a float type")
+    _check_ndim(arr.ndim, name, error)
     itemsize = arr.dtype.itemsize
     if any(s % itemsize for s in arr.strides):
         arr = np.ascontiguousarray(arr)
@@ -148,6 +157,7 @@ def _torch_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
         stream = torch_current_stream(index)
     else:
         raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
+    _check_ndim(x.dim(), name, error)
     check_tensor_memory(x, name, error=error)
     if x.is_conj() or x.is_neg():
         x = x.resolve_conj().resolve_neg()
@@ -160,6 +170,7 @@ def _cupy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     code = _NUMPY_CODES.get(np.dtype(x.dtype))
     if code is None:
         raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
+    _check_ndim(x.ndim, name, error)
     itemsize = x.dtype.itemsize
     if any(s % itemsize for s in x.strides):
         x = cupy.ascontiguousarray(x)
