@@ -220,7 +220,7 @@ def read_state_dict(path: Union[str, os.PathLike], *,
     state, notes = _select_state_dict(obj, path, use_ema)
     for prefix in _WRAPPER_PREFIXES:
         if any(k.startswith(prefix) for k in state):
-            state = {_strip(k, prefix): v for k, v in state.items()}
+            state = _renamed(state, {k: _strip(k, prefix) for k in state}, path, f"removing the '{prefix}' prefix")
             notes.append(f"'{prefix}' prefix")
     return state, notes
 
@@ -231,17 +231,35 @@ def _strip(key: str, prefix: str) -> str:
     return key
 
 
+def _renamed(state: dict[str, torch.Tensor], names: Mapping[str, str], path: Path,
+             why: str) -> dict[str, torch.Tensor]:
+    """``state`` with keys renamed by ``names`` (old -> new; others kept). Two checkpoint tensors that
+    end up under one name (``module.conv1.weight`` beside ``conv1.weight``, ``norm.1`` beside ``norm1``)
+    are refused: keeping either one would be a silent guess."""
+    out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    for k, v in state.items():
+        new = names.get(k, k)
+        if new in out:
+            raise DataFormatError(f"{path}: '{source[new]}' and '{k}' both become '{new}' after {why}; the "
+                                  "checkpoint holds two tensors for one weight, so neither is loaded (keep one "
+                                  "of them, or pass prefix= to choose)")
+        out[new], source[new] = v, k
+    return out
+
+
 # ------------------------------------------------------------------------------------------ naming
 
 def _rename(state: dict[str, torch.Tensor], target_keys: set[str], encoder: Optional[Encoder],
-            extra_prefix: Optional[str]) -> tuple[dict[str, torch.Tensor], list[str]]:
+            extra_prefix: Optional[str], path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     notes = []
 
     def matches(s) -> int:
         return sum(k in target_keys for k in s)
 
     if extra_prefix:
-        state = {k[len(extra_prefix):] if k.startswith(extra_prefix) else k: v for k, v in state.items()}
+        state = _renamed(state, {k: k[len(extra_prefix):] for k in state if k.startswith(extra_prefix)}, path,
+                         f"removing the '{extra_prefix}' prefix")
         notes.append(f"'{extra_prefix}' prefix")
     improved = True
     while improved:  # peel nested prefixes (model.encoder....) while each peel adds matches
@@ -260,7 +278,7 @@ def _rename(state: dict[str, torch.Tensor], target_keys: set[str], encoder: Opti
         if m and k not in target_keys:
             renamed[k] = m.group(1) + m.group(2)
     if renamed:
-        state = {renamed.get(k, k): v for k, v in state.items()}
+        state = _renamed(state, renamed, path, "converting old torchvision DenseNet keys (norm.1 -> norm1)")
         notes.append("old torchvision DenseNet keys (norm.1 -> norm1)")
 
     if encoder is not None:
@@ -268,7 +286,8 @@ def _rename(state: dict[str, torch.Tensor], target_keys: set[str], encoder: Opti
         head_aliases = {f"{classifier}.0.": f"{classifier}.", "last_linear.": f"{classifier}."}
         for old, new in head_aliases.items():
             if any(k.startswith(old) and k not in target_keys for k in state):
-                state = {(new + k[len(old):]) if k.startswith(old) else k: v for k, v in state.items()}
+                state = _renamed(state, {k: new + k[len(old):] for k in state if k.startswith(old)}, path,
+                                 f"renaming the head '{old[:-1]}' to '{new[:-1]}'")
                 notes.append(f"head '{old[:-1]}' -> '{new[:-1]}'")
     return state, notes
 
@@ -288,12 +307,17 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
         raise InvalidInputError(f"adapt_input_conv needs a (out, 3, kh, kw) weight, got {tuple(weight.shape)}")
     if in_channels < 1:
         raise InvalidInputError(f"in_channels must be >= 1, got {in_channels}")
-    w = weight.to(torch.float64)
+    if weight.layout != torch.strided:
+        raise InvalidInputError(f"adapt_input_conv needs a dense weight, got a {weight.layout} tensor")
+    # timm's arithmetic, so the adapted stem is bit for bit timm's: float32 sums and scaling (a float64
+    # weight keeps float64; timm would round it to float32)
+    w = weight.to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
     if in_channels == 1:
         w = w.sum(dim=1, keepdim=True)
     elif in_channels != 3:
         repeats = -(-in_channels // 3)
-        w = w.repeat(1, repeats, 1, 1)[:, :in_channels] * (3.0 / in_channels)
+        w = w.repeat(1, repeats, 1, 1)[:, :in_channels]
+        w *= 3 / float(in_channels)
     return w.to(weight.dtype)
 
 
@@ -330,6 +354,9 @@ def _check_values(path: Path, key: str, value: torch.Tensor, want: torch.Tensor)
         raise InvalidInputError(f"cannot load {path}: '{key}' is {value.dtype} in the checkpoint; the model's is "
                                 f"{want.dtype}")
     if not want.is_floating_point():
+        # a float NaN cast into an integer counter is -2**63
+        if value.is_floating_point() and not all_finite(value):
+            raise InvalidInputError(f"cannot load {path}: '{key}' holds NaN or infinity (an integer counter)")
         return
     if not value.is_floating_point():
         raise InvalidInputError(f"cannot load {path}: '{key}' is {value.dtype} in the checkpoint; the model's "
@@ -337,6 +364,10 @@ def _check_values(path: Path, key: str, value: torch.Tensor, want: torch.Tensor)
     if not all_finite(value):
         raise InvalidInputError(f"cannot load {path}: '{key}' holds NaN or infinity (a diverged or damaged "
                                 "checkpoint?)")
+    if key.endswith("running_var") and bool((value < 0).any()):
+        # BatchNorm divides by sqrt(running_var + eps): every output would be NaN
+        raise InvalidInputError(f"cannot load {path}: '{key}' holds negative variances (min "
+                                f"{value.min().item():.4g}); a damaged checkpoint?")
 
 
 def load_pretrained(
@@ -375,7 +406,7 @@ def load_pretrained(
     path = Path(path)
     target, target_name, encoder, enc_prefix = _resolve_target(model, state)
     target_sd = target.state_dict()
-    state, renames = _rename(state, set(target_sd), encoder if enc_prefix == "" else None, prefix)
+    state, renames = _rename(state, set(target_sd), encoder if enc_prefix == "" else None, prefix, path)
     notes += renames
 
     classifier = enc_prefix + _classifier_name(encoder) + "."
@@ -385,15 +416,21 @@ def load_pretrained(
 
     # The classifier loads as a whole or not at all.
     ckpt_classifier = {k: v for k, v in state.items() if k.startswith(classifier)}
+    model_classifier = [k for k in target_sd if k.startswith(classifier)]
     classifier_fits = bool(ckpt_classifier) and all(
         k in target_sd and v.shape == target_sd[k].shape for k, v in ckpt_classifier.items())
+    # a weight without its bias (or the reverse) would leave a half-initialised head
+    classifier_whole = all(k in ckpt_classifier for k in model_classifier)
     if head == "load":
         if not model_has_classifier:
             raise InvalidInputError(f"head='load' but the model has no classifier layer to load {path}'s head into "
                                     "(a features_only encoder or num_classes=0)")
         if not ckpt_classifier:
             raise InvalidInputError(f"head='load' but {path} has no '{classifier[:-1]}' weights")
-    load_classifier = classifier_fits and head != "drop"
+        if not classifier_whole:
+            absent = [k for k in model_classifier if k not in ckpt_classifier]
+            raise InvalidInputError(f"head='load' but {path} lacks {', '.join(absent)} of the classifier layer")
+    load_classifier = classifier_fits and classifier_whole and head != "drop"
 
     loaded, adapted, skipped, unexpected = {}, [], [], []
     for k, v in state.items():
@@ -404,6 +441,9 @@ def load_pretrained(
             (skipped if k.startswith(head_prefixes) else unexpected).append(k)
             continue
         want = target_sd[k]
+        if v.layout != torch.strided:  # before any arithmetic on it (a sparse stem is adapted below)
+            raise InvalidInputError(f"cannot load {path}: '{k}' is a {v.layout} tensor in the checkpoint (sparse or "
+                                    "another layout); the model's weights are dense: save it with .to_dense()")
         if v.shape != want.shape:
             if (k in stem_keys and v.ndim == 4 and v.shape[1] == 3 and want.ndim == 4
                     and (v.shape[0], *v.shape[2:]) == (want.shape[0], *want.shape[2:])):
