@@ -251,16 +251,12 @@ def _renamed(state: dict[str, torch.Tensor], names: Mapping[str, str], path: Pat
 # ------------------------------------------------------------------------------------------ naming
 
 def _rename(state: dict[str, torch.Tensor], target_keys: set[str], encoder: Optional[Encoder],
-            extra_prefix: Optional[str], path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
+            path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     notes = []
 
     def matches(s) -> int:
         return sum(k in target_keys for k in s)
 
-    if extra_prefix:
-        state = _renamed(state, {k: k[len(extra_prefix):] for k in state if k.startswith(extra_prefix)}, path,
-                         f"removing the '{extra_prefix}' prefix")
-        notes.append(f"'{extra_prefix}' prefix")
     improved = True
     while improved:  # peel nested prefixes (model.encoder....) while each peel adds matches
         improved = False
@@ -333,7 +329,7 @@ def _resolve_target(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[n
     # A checkpoint that has the model's own keys outside the encoder (decoder, heads) is a whole-model
     # checkpoint (a trained segmenter); anything else is an encoder / classifier checkpoint.
     own = {k for k in model.state_dict() if not k.startswith("encoder.")}
-    if any(_strip(k, "model.") in own for k in state):
+    if any(k in own or any(k.startswith(p) and _strip(k, p) in own for p in _MODEL_PREFIXES) for k in state):
         return model, "model", encoder, "encoder."
     return encoder, "model.encoder", encoder, ""
 
@@ -404,9 +400,13 @@ def load_pretrained(
         raise InvalidInputError(f"prefix must be a non-empty string, got {prefix!r}")
     state, notes = read_state_dict(path, use_ema=use_ema)
     path = Path(path)
+    if prefix:  # before deciding what the checkpoint is: a whole segmenter under a Lightning attribute
+        state = _renamed(state, {k: k[len(prefix):] for k in state if k.startswith(prefix)}, path,
+                         f"removing the '{prefix}' prefix")
+        notes.append(f"'{prefix}' prefix")
     target, target_name, encoder, enc_prefix = _resolve_target(model, state)
     target_sd = target.state_dict()
-    state, renames = _rename(state, set(target_sd), encoder if enc_prefix == "" else None, prefix, path)
+    state, renames = _rename(state, set(target_sd), encoder if enc_prefix == "" else None, path)
     notes += renames
 
     classifier = enc_prefix + _classifier_name(encoder) + "."
