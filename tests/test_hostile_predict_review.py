@@ -214,3 +214,13 @@ def test_a_file_that_changes_after_its_prediction_costs_its_overlay_not_the_run(
     assert ("no such file" if change == "deleted" else "the file changed since it was predicted") in err.lower()
     summary = __import__("json").loads((out / "summary.json").read_text())
     assert summary["outputs"]["overlay_count"] == 0
+
+
+@pytest.mark.parametrize("threads, match", [(-3, "must be at least 0"), ("4", "must be an integer"), (2.5, "must be an integer"),
+                                            (True, "must be an integer"), (10**6, "must be at most 1024")])
+def test_onnxruntime_thread_counts_are_checked_before_a_session_exists(threads, match):
+    # threads=-3 was accepted and reported as -3, "4" and 2.5 were a TypeError from onnxruntime's
+    # bindings, True was one thread, and 10**6 made onnxruntime allocate 20 GB before anything ran.
+    pytest.importorskip("onnxruntime")
+    with pytest.raises(InvalidInputError, match=rf"threads {match}"):
+        pneumoseg.Predictor.from_dir(model_dir("plain"), backend="onnxruntime", threads=threads)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from .._checks import check_int
 from ..errors import InvalidInputError
 
 __all__ = ["physical_cores", "session_options", "import_onnxruntime"]
+
+_MAX_THREADS = 1024
 
 
 def physical_cores() -> int:
@@ -54,6 +57,9 @@ def session_options(threads: Optional[int] = None) -> Any:
     """onnxruntime session options for latency: intra-op threads = physical cores (or ``threads``),
     one inter-op thread, sequential execution, every graph optimisation."""
     ort = import_onnxruntime()
+    if threads is not None:
+        # onnxruntime took -3 as given, "4" as a TypeError, and 10**6 by allocating 20 GB of thread pool
+        threads = check_int(threads, "threads", low=0, high=_MAX_THREADS)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1
