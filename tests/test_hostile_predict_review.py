@@ -224,3 +224,31 @@ def test_onnxruntime_thread_counts_are_checked_before_a_session_exists(threads, 
     pytest.importorskip("onnxruntime")
     with pytest.raises(InvalidInputError, match=rf"threads {match}"):
         pneumoseg.Predictor.from_dir(model_dir("plain"), backend="onnxruntime", threads=threads)
+
+
+def test_scores_csv_keeps_every_score_exactly(tmp_path):
+    # scores.csv held 6 decimals: the gate's 0.49999997 (it rejected the image) was written as 0.500000,
+    # which `pneumoseg evaluate --scores` at --threshold 0.5 counted as a positive call, and scores of a
+    # confident classifier (0.9999996, 0.9999999) became ties, changing its AUC.
+    from pneumoseg._fs import prepare_output_folder
+    from pneumoseg.cli.predict import write_predictions
+    from pneumoseg.infer.evaluation import read_scores_csv
+    from pneumoseg.infer.predictor import Prediction
+
+    below_gate = float(np.nextafter(np.float32(0.5), np.float32(0)))
+    scores = {"a": below_gate, "b": float(np.float32(0.9999996)), "c": float(np.float32(0.9999999)), "d": 1e-30}
+    predictions = [Prediction(image_id=k, score=v, rle="-1", n_components=0, shape=(4, 4), segmented=False)
+                   for k, v in scores.items()]
+
+    class _Backend:
+        name, precision, device = "torch", "fp32", "cpu"
+
+    class _Predictor:
+        backend = _Backend()
+
+        def describe(self):
+            return {}
+
+    with prepare_output_folder(tmp_path / "out", what="prediction output folder") as folder:
+        write_predictions(folder, predictions, [], _Predictor(), 1.0, 0)
+    assert read_scores_csv(tmp_path / "out" / "scores.csv") == scores

@@ -122,7 +122,9 @@ def write_predictions(folder, predictions, skipped, predictor, seconds: float, o
         f.writelines(f"{p.image_id},{p.rle}\n" for p in predictions)
     with folder.open(SCORES, mode="w") as f:
         f.write("ImageId,Score\n")
-        f.writelines(f"{p.image_id},{p.score:.6f}\n" for p in predictions)
+        # every digit (repr round-trips): 6 decimals wrote the gate's 0.49999997 as 0.500000 and tied
+        # a confident classifier's 0.9999996 and 0.9999999
+        f.writelines(f"{p.image_id},{float(p.score)!r}\n" for p in predictions)
     summary = {
         "pneumoseg_version": __version__,
         "images": len(predictions),
