@@ -252,3 +252,21 @@ def test_scores_csv_keeps_every_score_exactly(tmp_path):
     with prepare_output_folder(tmp_path / "out", what="prediction output folder") as folder:
         write_predictions(folder, predictions, [], _Predictor(), 1.0, 0)
     assert read_scores_csv(tmp_path / "out" / "scores.csv") == scores
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_a_tensor_with_nan_pixels_is_skipped_like_an_array_with_them(plain_predictor, batch_size):
+    # With on_error="skip" a NumPy image holding NaN was a reported skip, but the same pixels as a
+    # tensor (checked on the device, after the networks) raised, and the other images of its batch
+    # were lost with it.
+    import torch
+
+    images = phantom_images(3)
+    bad = torch.full((20, 20), float("nan"))
+    got = plain_predictor.predict([images[0], bad, images[1], bad.clone()], on_error="skip", batch_size=batch_size)
+    assert [p.image_id for p in got] == ["image-00000", "image-00002"]
+    assert _answers(got) == _answers(plain_predictor.predict([images[0], images[1]]))
+    assert got.skipped == [("image-00001", "the pixels contain NaN or infinity"),
+                           ("image-00003", "the pixels contain NaN or infinity")]
+    with pytest.raises(InvalidInputError, match="image 'image-00001': the pixels contain NaN"):
+        plain_predictor.predict([images[0], bad], batch_size=batch_size)

@@ -415,7 +415,7 @@ class Predictor:
                         continue
                     loaded.append((src, pixels, ms))
                 if loaded:
-                    yield from self._predict_batch(loaded, return_masks)
+                    yield from self._predict_skipping(loaded, return_masks, on_error, skipped)
                 if bar is not None:
                     bar.update(len(batch))
                 pending = upcoming
@@ -427,6 +427,22 @@ class Predictor:
                 executor.shutdown(wait=not own_thread, cancel_futures=True)
             if bar is not None:
                 bar.close()
+
+    def _predict_skipping(self, loaded: list, return_masks: bool, on_error: str,
+                          skipped: list[tuple[str, str]]) -> list[Prediction]:
+        """The batch's predictions; with ``on_error="skip"`` an image whose pixels turn out not to be
+        finite (tensors are checked on their device, after the networks) is listed in ``skipped`` and
+        the batch runs again without it, as a NumPy image with NaN is skipped when it is loaded."""
+        while loaded:
+            try:
+                return self._predict_batch(loaded, return_masks)
+            except _NonFinitePixels as exc:
+                if on_error == "raise":
+                    raise
+                src = loaded.pop(exc.position)[0]
+                where = str(src.path) if src.path is not None else src.image_id
+                skipped.append((where, skip_reason(exc, where)))
+        return []
 
     def warmup(self, batch_size: int = 1) -> None:
         """Run one batch of ``batch_size`` synthetic images through both stages (whatever the gate
@@ -533,7 +549,7 @@ class Predictor:
             bad = [i for i, ok in zip(idx, flags.tolist()) if not ok]
             if bad:
                 src = loaded[bad[0]][0]
-                raise InvalidInputError(f"image {src.image_id!r}: the pixels contain NaN or infinity")
+                raise _NonFinitePixels(f"image {src.image_id!r}: the pixels contain NaN or infinity", bad[0])
         for what, idx, flags in nan_outputs:
             bad = [i for i, nan in zip(idx, flags.tolist()) if nan]
             if bad:
@@ -696,6 +712,14 @@ class Predictor:
                                   path=str(src.path) if src.path is not None else None, mask=mask,
                                   timings=timings, batch_size=n))
         return out
+
+
+class _NonFinitePixels(InvalidInputError):
+    """An image of a batch holds NaN or infinity; ``position`` is its place in the batch."""
+
+    def __init__(self, message: str, position: int = 0) -> None:  # the default: unpickling passes the message only
+        super().__init__(message)
+        self.position = position
 
 
 def _log_odds_of_mean_probability(a: Any, b: Any) -> Any:
