@@ -98,11 +98,28 @@ class Segmenter(nn.Module):
             raise InvalidInputError(
                 f"segmenter expects {self.in_channels} input channel(s), got {c} (input shape {tuple(x.shape)})"
             )
-        if h % OUTPUT_STRIDE or w % OUTPUT_STRIDE:
-            ph, pw = -(-h // OUTPUT_STRIDE) * OUTPUT_STRIDE, -(-w // OUTPUT_STRIDE) * OUTPUT_STRIDE
+        if h % OUTPUT_STRIDE or w % OUTPUT_STRIDE or not h or not w:
+            ph, pw = (max(OUTPUT_STRIDE, -(-s // OUTPUT_STRIDE) * OUTPUT_STRIDE) for s in (h, w))
             raise InvalidInputError(
-                f"input height and width must be multiples of {OUTPUT_STRIDE}, got {h}x{w}; pad or resize to {ph}x{pw}"
+                f"input height and width must be positive multiples of {OUTPUT_STRIDE}, got {h}x{w}; pad or resize "
+                f"to {ph}x{pw}"
             )
+        weight = self._stem_weight()
+        if not x.is_floating_point():
+            want = weight.dtype if weight is not None else "floating point"
+            raise InvalidInputError(f"segmenter input must be {want} as its weights, got {x.dtype} (convert an "
+                                    "image with .float() and scale it as in training)")
+        if weight is not None and x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # torch's own message ("expected scalar type Double but found Float") names neither side
+            raise InvalidInputError(f"segmenter input is {x.dtype} but its weights are {weight.dtype}; convert the "
+                                    "input (or the model) or run under torch.autocast")
+
+    def _stem_weight(self) -> Optional[torch.Tensor]:
+        # attribute lookup, not get_parameter: torch.func.functional_call substitutes plain tensors
+        if not self.encoder.stem_weights:
+            return None
+        module_name, _, attr = self.encoder.stem_weights[0].rpartition(".")
+        return getattr(self.encoder.get_submodule(module_name), attr)
 
     def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The encoder's features at strides 2, 4, 8, 16, 32."""
@@ -153,9 +170,9 @@ def create_segmenter(
     - ``aux_classifier``: add a classification head (1 logit) on the stride-32 features, pooled with
       ``aux_pooling`` (``"avg"``/``"max"``), with dropout ``aux_dropout`` (smp's default 0.2).
     """
-    if arch not in DECODERS:
+    if not isinstance(arch, str) or arch not in DECODERS:
         raise InvalidInputError(f"unknown segmenter architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    if attention not in ATTENTIONS:
+    if not (attention is None or isinstance(attention, str)) or attention not in ATTENTIONS:
         raise InvalidInputError(f"unknown attention {attention!r}; choose None or 'scse'")
     _check_int("classes", classes, 1)
     if isinstance(decoder_channels, (str, bytes)) or not isinstance(decoder_channels, Sequence) \
@@ -166,7 +183,7 @@ def create_segmenter(
     decoder_channels = [_check_int("decoder_channels entries", c, 1) for c in decoder_channels]
     if not isinstance(aux_classifier, bool):
         raise InvalidInputError(f"aux_classifier must be True or False, got {aux_classifier!r}")
-    if aux_pooling not in _POOLINGS:
+    if not isinstance(aux_pooling, str) or aux_pooling not in _POOLINGS:
         raise InvalidInputError(f"aux_pooling must be 'avg' or 'max', got {aux_pooling!r}")
     if isinstance(aux_dropout, bool) or not isinstance(aux_dropout, (int, float)) or not 0.0 <= aux_dropout < 1.0:
         raise InvalidInputError(f"aux_dropout must be a number in [0, 1), got {aux_dropout!r}")

@@ -107,12 +107,33 @@ class DecoderBlock(nn.Module):
         if skip is not None and not isinstance(self.attention1.attention, nn.Identity):
             return False
         conv = self.conv1[0]
-        # conv1's module is not called on this path: a hook on it (the old weight_norm sets the weight
-        # in a pre-hook) must run, so such a block keeps the reference path too
-        hooked = conv._forward_pre_hooks or conv._forward_hooks or conv._backward_hooks or conv._backward_pre_hooks
-        return (type(conv) is nn.Conv2d and not hooked and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+        # conv1, its convolution and attention1 are not called on this path: a hook on any of them (the
+        # old weight_norm sets the weight in a pre-hook; Grad-CAM and feature extractors hook conv1), or a
+        # global module hook, must run, so such a block keeps the reference path too
+        skipped = (self.conv1, conv) if skip is None else (self.conv1, conv, self.attention1, self.attention1.attention)
+        if _global_hooks() or any(_has_hooks(m) for m in skipped):
+            return False
+        return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
                 and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
                 and conv.padding_mode == "zeros")
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_pre_hooks or module._forward_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_pre_hooks or module._global_forward_hooks or module._global_backward_hooks
+                or module._global_backward_pre_hooks)
+
+
+def _is_functorch(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a tensor is wrapped by a torch.func transform (vmap, grad, jvp): those refuse memory-format
+    queries and in-place copies of a batched tensor into an unbatched one."""
+    return any(t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
 
 
 def upsample_conv3x3(x: torch.Tensor, skip: Optional[torch.Tensor], weight: torch.Tensor,
@@ -139,9 +160,12 @@ def upsample_conv3x3(x: torch.Tensor, skip: Optional[torch.Tensor], weight: torc
                          f"{tuple(x.shape[2:])} (must be twice its size)")
     phase_bias = bias.repeat_interleave(4) if bias is not None and skip is None else None
     phases = F.conv2d(x, _subpixel_weight(weight[:, :channels]), phase_bias, padding=1)  # (N, 4 O, H+1, W+1)
-    if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    functorch = not torch.compiler.is_compiling() and _is_functorch(x, skip, weight, bias)
+    if torch.compiler.is_compiling() or torch.compiler.is_exporting() or functorch:
         # functional ops that export (DepthToSpace, Slice, Add) and that inductor fuses into one pass
         out = F.pixel_shuffle(phases, 2)[:, :, 1:-1, 1:-1]
+        if skip is None and functorch:
+            return out.contiguous()
         if skip is None:
             # not a view: an in-place op after it (a folded block's ReLU) would export as ScatterND
             return out.contiguous(memory_format=_memory_format(phases))

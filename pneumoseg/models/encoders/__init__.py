@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -34,11 +35,21 @@ def list_encoders() -> list[str]:
     return sorted(ENCODERS)
 
 
+def _suggest(name) -> str:
+    """"did you mean ...; " for smp's and typed spellings ("efficientnet-b0", "densenet_121")."""
+    if not isinstance(name, str):
+        return ""
+    folded = {n.replace("_", ""): n for n in ENCODERS}
+    key = name.strip().lower().replace("-", "_").removeprefix("timm_").removeprefix("tu_").replace("_", "")
+    close = difflib.get_close_matches(key, list(folded), n=1, cutoff=0.8)
+    return f"did you mean {folded[close[0]]!r}? " if close else ""
+
+
 def create_encoder(name: str, *, in_channels: int = 3, num_classes: int = 0, features_only: bool = True) -> Encoder:
     """Build encoder ``name`` (see ``list_encoders()``) with random weights."""
     spec = ENCODERS.get(name) if isinstance(name, str) else None
     if spec is None:
-        raise InvalidInputError(f"unknown encoder {name!r}; choose one of {', '.join(list_encoders())}")
+        raise InvalidInputError(f"unknown encoder {name!r}; {_suggest(name)}choose one of {', '.join(list_encoders())}")
     for arg, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise InvalidInputError(f"{arg} must be an integer >= {low}, got {value!r}")
