@@ -506,9 +506,12 @@ class Predictor:
             lo = x.amin(dim=(2, 3), keepdim=True)
             hi = x.amax(dim=(2, 3), keepdim=True)
             # float32 pixels from -3e38 to 3e38 are finite, but hi - lo is not: the image became NaN and
-            # was blamed on the network. Halving such images first is exact; other images are scaled by 1.
-            half = torch.where(torch.isfinite(hi - lo), torch.ones_like(hi), torch.full_like(hi, 0.5))
-            x, lo, hi = x * half, lo * half, hi * half
+            # was blamed on the network. Such images are halved first (exact), the others scaled by 1: on
+            # CUDA always (a host check would synchronise), on a CPU only when a batch holds one.
+            span_finite = torch.isfinite(hi - lo)
+            if x.is_cuda or not bool(span_finite.all()):
+                half = torch.where(span_finite, torch.ones_like(hi), torch.full_like(hi, 0.5))
+                x, lo, hi = x * half, lo * half, hi * half
             x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
             if shape != tuple(size):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
