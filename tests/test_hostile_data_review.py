@@ -117,6 +117,16 @@ def test_preprocess_of_pixels_spanning_past_float32s_range_is_finite(dtype):
     np.testing.assert_allclose(out.numpy(), (reference - 0.5) / 0.25, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("flip", [np.flipud, np.fliplr])
+def test_preprocess_of_a_flipped_one_pixel_wide_image(flip):
+    # np.fliplr of an (H, 1) image (flipud of a (1, W) one) is a view NumPy calls contiguous with a
+    # negative step, which torch.from_numpy refused with a bare ValueError (the Predictor copied it)
+    line = np.arange(40, dtype=np.float32).reshape((40, 1) if flip is np.fliplr else (1, 40))
+    view = flip(line)
+    assert any(step < 0 for step in view.strides)
+    np.testing.assert_array_equal(preprocess(view, 64).numpy(), preprocess(view.copy(), 64).numpy())
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 0, 4), (2, 1, 4, 0)])
 def test_augment_of_images_without_pixels_is_a_clear_error(shape):
     # torch's "Expected non-zero, positive output size" or a reduction error came out

@@ -28,14 +28,20 @@ NORMALISE_MEAN, NORMALISE_STD = 0.5, 0.25
 
 def torch_ready(arr: np.ndarray) -> np.ndarray:
     """``arr`` as ``torch.from_numpy`` takes it: native byte order and at most float64 (it refuses
-    another byte order and long double), writable (it warns about read-only arrays), contiguous."""
+    another byte order and long double), writable (it warns about read-only arrays), contiguous with
+    no negative step."""
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     if arr.dtype.kind == "f" and arr.dtype.itemsize > 8:
         arr = arr.astype(np.float64)
     if not arr.flags.writeable:
         arr = arr.copy()
-    return np.ascontiguousarray(arr)
+    arr = np.ascontiguousarray(arr)
+    if any(step < 0 for step in arr.strides):
+        # x[::-1] of a one-row image: NumPy calls it contiguous (a length-1 axis's step does not count)
+        # and keeps the negative step, which torch.from_numpy refuses with a bare ValueError
+        arr = arr.copy()
+    return arr
 
 
 def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:

@@ -163,12 +163,7 @@ def _host_array(pixels: np.ndarray) -> np.ndarray:
         pixels = pixels.astype(np.float32)
     elif pixels.dtype == np.bool_:
         pixels = pixels.astype(np.uint8)
-    pixels = torch_ready(pixels)
-    if any(step < 0 for step in pixels.strides):
-        # x[::-1] of a one-row image: NumPy calls it contiguous (a length-1 axis's step does not count)
-        # and keeps the negative step, which torch.from_numpy refuses with a bare ValueError
-        pixels = pixels.copy()
-    return pixels
+    return torch_ready(pixels)
 
 
 def _loaded_inline(load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> Future:
