@@ -270,3 +270,22 @@ def test_a_tensor_with_nan_pixels_is_skipped_like_an_array_with_them(plain_predi
                            ("image-00003", "the pixels contain NaN or infinity")]
     with pytest.raises(InvalidInputError, match="image 'image-00001': the pixels contain NaN"):
         plain_predictor.predict([images[0], bad], batch_size=batch_size)
+
+
+@pytest.mark.parametrize("profile, match", [
+    ({"min": 1, "opt": 8, "max": 32, "extra": 1}, "must have min, opt and max"),
+    ({"min": 1, "opt": 8}, "must have min, opt and max"),
+    ({"min": 4, "opt": 2, "max": 1}, "min <= opt <= max"),
+    ({"min": "1", "opt": 8, "max": 32}, "batch profile min"),
+])
+def test_a_hand_edited_engine_profile_is_a_data_format_error(profile, match):
+    # The TensorRT backend rebuilt the recorded profile with BatchProfile(**profile): an unknown or
+    # missing field was a bare TypeError (reasoned here; TensorRT itself cannot run on this machine)
+    from pneumoseg.errors import DataFormatError
+    from pneumoseg.export.tensorrt import BatchProfile
+    from pneumoseg.infer.tensorrt import _recorded_profile
+
+    with pytest.raises(DataFormatError, match=match):
+        _recorded_profile(profile, "model", "tensorrt/segmenter-fp16")
+    assert _recorded_profile({"min": 1, "opt": 8, "max": 32}, "model", "k") == BatchProfile(1, 8, 32)
+    assert _recorded_profile(None, "model", "k") is None

@@ -75,7 +75,7 @@ class TensorRTBackend(Backend):
             if profile is None:
                 built = model_dir.artefacts.get(tensorrt_artefact_key(part, precision))
                 profile = built.meta.get("profile") if built is not None else None
-                profile = BatchProfile(**profile) if isinstance(profile, dict) else None
+                profile = _recorded_profile(profile, model_dir.path, tensorrt_artefact_key(part, precision))
             profile = parse_batch_profile(profile)
             shapes = art.meta.get("input_shapes")
             if not isinstance(shapes, dict):
@@ -109,3 +109,17 @@ def available() -> Optional[str]:
     except InvalidInputError as exc:
         return str(exc)
     return None
+
+
+def _recorded_profile(profile: Any, where: Any, key: str) -> Optional[BatchProfile]:
+    """The batch profile recorded in an engine artefact's metadata (None when there is none); a
+    hand-edited one is a DataFormatError naming the artefact, not a TypeError from the dataclass."""
+    if not isinstance(profile, dict):
+        return None
+    if set(profile) != {"min", "opt", "max"}:
+        raise DataFormatError(f"{where}: artefact {key!r} records a batch profile with fields "
+                              f"{sorted(map(str, profile))}; it must have min, opt and max")
+    try:
+        return BatchProfile(**profile)
+    except InvalidInputError as exc:
+        raise DataFormatError(f"{where}: artefact {key!r}: {exc}") from None
