@@ -279,3 +279,16 @@ def test_awkward_numpy_layouts_read_as_their_values(make):
         print("OK")
     """)
     assert result.returncode == 0 and "OK" in result.stdout, result.describe()
+
+
+def test_write_rle_csv_refuses_an_id_that_is_not_utf8_before_writing(tmp_path):
+    # os.fsdecode of a Latin-1 file name holds surrogate escapes: the write raised a
+    # UnicodeEncodeError that named neither the id nor the rule (the file itself was left untouched)
+    from pneumoseg.data import write_rle_csv
+
+    target = tmp_path / "out.csv"
+    target.write_text("ImageId, EncodedPixels\nold, -1\n")
+    with pytest.raises(pneumoseg.errors.InvalidInputError, match="not valid UTF-8"):
+        write_rle_csv(target, {"ok": "-1", "scan\udce9": "-1"})
+    assert target.read_text() == "ImageId, EncodedPixels\nold, -1\n"
+

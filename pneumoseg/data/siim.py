@@ -36,6 +36,8 @@ def _bad_id(image_id: str) -> str | None:
         return "it contains a control character (newline, NUL, ...)"
     if "," in image_id or '"' in image_id:
         return "it contains a comma or a double quote"
+    if any(unicodedata.category(ch) == "Cs" for ch in image_id):  # os.fsdecode's escapes of undecodable bytes
+        return "it is not valid UTF-8 text (a file name with undecodable bytes?)"
     if image_id != image_id.strip():
         return "it starts or ends with whitespace"
     return None
