@@ -5,6 +5,8 @@ torch.profiler over whole predict calls, by device time and by host time.
     python3 benchmarks/gpu_profile_pipeline.py                    # the GPU case: U-Net ResNet34 at 1024,
                                                                   # EfficientNet-B4 classifier at 512
     python3 benchmarks/gpu_profile_pipeline.py --device cpu --small   # the same code, small, on a CPU
+    python3 benchmarks/gpu_profile_pipeline.py --ablate           # BatchNorm folding / sub-pixel decoder
+                                                                  # off and on, latency of each
 """
 
 from __future__ import annotations
@@ -82,6 +84,42 @@ def profile_dir(name: str, path: Path, device: str, precision: str, image, reps:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=25))
 
 
+def ablate_dir(name: str, path: Path, device: str, precision: str, image, reps: int) -> None:
+    """Batch-1 predict latency with each inference rewrite off and on, measured in one process so the
+    ratios compare like with like: BatchNorm folding (``fuse_batchnorm``) and the sub-pixel decoder
+    blocks (``DecoderBlock.subpixel``, read when the backend captures its graphs, hence set before
+    loading). Rows run interleaved, ``rounds`` times, and report the median of each row's medians."""
+    from pneumoseg.models.decoders.blocks import DecoderBlock
+
+    cuda = device == "cuda"
+    variants = {"plain": (False, False), "+ BatchNorm folding": (True, False), "+ sub-pixel decoder": (False, True),
+                "+ both (the default)": (True, True)}
+    predictors = {}
+    default = DecoderBlock.subpixel
+    try:
+        for label, (fuse, subpixel) in variants.items():
+            DecoderBlock.subpixel = subpixel
+            pred = Predictor.from_dir(path, device=device, precision=precision, segment="all", fuse_batchnorm=fuse)
+            pred.warmup(1)
+            predictors[label] = pred
+    finally:
+        DecoderBlock.subpixel = default
+    reference = {label: pred.predict(image, batch_size=1)[0] for label, pred in predictors.items()}
+    masks = {label: p.rle for label, p in reference.items()}
+    rounds, per_round = 3, max(3, reps // 3)
+    medians: dict[str, list[float]] = {label: [] for label in predictors}
+    for _ in range(rounds):
+        for label, pred in predictors.items():
+            medians[label].append(wall_ms(lambda: pred.predict(image, batch_size=1), per_round, cuda))
+    plain = statistics.median(medians["plain"])
+    print(f"\n== {name}: inference rewrites, predict batch 1, {device} {precision} "
+          f"(median of {rounds} interleaved rounds of {per_round})")
+    for label in predictors:
+        ms = statistics.median(medians[label])
+        same = "same RLE" if masks[label] == masks["plain"] else "RLE DIFFERS from plain"
+        print(f"   {label:<24} {ms:8.3f} ms  {plain / ms:5.2f}x plain  score {reference[label].score:.4f}  {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda")
@@ -91,6 +129,8 @@ def main() -> None:
                     "on CUDA) instead of its CUDA graphs: issue 10's 3 ms target needs compiled networks")
     ap.add_argument("--only", choices=("two", "own"), help="one model directory: classifier + segmenter, or the "
                     "segmenter gating on its own encoder")
+    ap.add_argument("--ablate", action="store_true", help="instead of the profile: batch-1 latency with BatchNorm "
+                    "folding and the sub-pixel decoder each off and on, in one process")
     args = ap.parse_args()
     precision = "fp16" if args.device == "cuda" else "fp32"
     seg, cls, original = (("resnet_tiny", 64), ("resnet_tiny", 64), 96) if args.small else (
@@ -113,7 +153,10 @@ def main() -> None:
     keys = {"two": "classifier + segmenter", "own": "segmenter with its own gate"}
     for name, path in dirs.items():
         if args.only is None or keys[args.only] == name:
-            profile_dir(name, path, args.device, precision, image, args.reps, args.compile)
+            if args.ablate:
+                ablate_dir(name, path, args.device, precision, image, args.reps)
+            else:
+                profile_dir(name, path, args.device, precision, image, args.reps, args.compile)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,18 @@
 # session of 2026-11-27 lost its training and pipeline JSONs that way).
 #   1. benchmarks/gpu_check.sh, every step: build, CUDA tests, kernel benchmarks, compute-sanitizer,
 #      the loss and post-processing profiles (GPU_SESSION_KERNEL_SECONDS, default 270);
-#   2. benchmarks/gpu_profile_pipeline.py: where the Predictor's batch-1 time goes (70 s at most);
+#   2. benchmarks/gpu_profile_pipeline.py: where the Predictor's batch-1 time goes (70 s at most),
+#      then its --ablate table: batch-1 latency with BatchNorm folding and the sub-pixel decoder each
+#      off and on, in one process (60 s at most; both rewrites came after the last GPU run);
 #   3. the same with the backend's torch.compile option, classifier + segmenter only (150 s at most):
 #      issue 10's 3 ms target needs compiled networks (the CUDA-graph path measured 5.67 ms on an H200);
 #   4. gpu_check.sh's benchmark step over GPU_SESSION_BENCHES (default the pipeline and model
 #      benchmarks, issues 10 and 8; add benchmarks/bench_train.py for issue 9's) with what is left of
 #      GPU_SESSION_SECONDS (default 585); bench_models gets the time the pipeline leaves
 #      (PNEUMOSEG_BENCH_GPU_SECONDS) and lists the models it did not reach.
-# GPU_SESSION_STEPS picks steps (default kernels,profile,compile,apps).
+# GPU_SESSION_STEPS picks steps (default kernels,profile,ablate,compile,apps). Each step stops at its
+# limit, so the benchmarks get what the others leave; where summary.txt says they were skipped, a
+# second call with GPU_SESSION_STEPS=apps (it rebuilds first: about 2 minutes) runs them.
 # Comes back in $OUT: summary.txt (both summaries and the pipeline profile's headline) and
 # gpu_session.tar.gz (every log, results tarball and profile).
 #
@@ -24,7 +28,7 @@ FINAL=${OUT:-$(mktemp -d /tmp/gpu-session-out.XXXX)}
 mkdir -p "$FINAL"
 WORK=$(mktemp -d /tmp/gpu-session.XXXX)
 BUDGET=${GPU_SESSION_SECONDS:-585}
-STEPS=",${GPU_SESSION_STEPS:-kernels,profile,compile,apps},"
+STEPS=",${GPU_SESSION_STEPS:-kernels,profile,ablate,compile,apps},"
 wanted() { [[ $STEPS == *",$1,"* ]]; }
 BENCHES=${GPU_SESSION_BENCHES:-benchmarks/bench_pipeline.py benchmarks/bench_models.py}
 START=$SECONDS
@@ -41,6 +45,11 @@ fi
 if wanted profile; then
   timeout --kill-after=5 70 python3 benchmarks/gpu_profile_pipeline.py --reps 30 >"$WORK/pipeline_profile.log" 2>&1
   echo "gpu_profile_pipeline.py: exit $? after $((SECONDS - START)) s"
+fi
+if wanted ablate; then
+  timeout --kill-after=5 60 python3 benchmarks/gpu_profile_pipeline.py --reps 30 --ablate \
+    >>"$WORK/pipeline_profile.log" 2>&1
+  echo "gpu_profile_pipeline.py --ablate: exit $? after $((SECONDS - START)) s"
 fi
 if wanted compile; then
   timeout --kill-after=5 150 python3 benchmarks/gpu_profile_pipeline.py --reps 30 --compile --only two \
@@ -64,7 +73,7 @@ fi
   cat "$WORK/kernels/summary.txt" 2>/dev/null || tail -40 "$WORK/kernels.out"
   echo
   echo "# ---- pipeline profile (benchmarks/gpu_profile_pipeline.py)"
-  grep -E "^==|stage timings|part |device time|compiled for" "$WORK/pipeline_profile.log" 2>/dev/null
+  grep -E "^==|stage timings|part |device time|compiled for|x plain" "$WORK/pipeline_profile.log" 2>/dev/null
   echo
   echo "# ---- pipeline, training and model benchmarks"
   sed -n '/## pytest/,/## sanitizers/p;/## GPU benchmark figures/,$p' "$WORK/apps/summary.txt" 2>/dev/null \

@@ -172,3 +172,13 @@ def test_gpu_profile_pipeline_runs_on_the_cpu():
                           "--reps", "2"], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert run.stdout.count("stage timings") == 2 and "part segmenter alone" in run.stdout, run.stdout
+
+
+def test_gpu_profile_pipeline_ablation_runs_on_the_cpu():
+    """The rewrites' A/B table, small, on the CPU: four rows per model directory, and every rewrite
+    gives the plain pipeline's RLE."""
+    run = subprocess.run([sys.executable, str(HERE / "gpu_profile_pipeline.py"), "--device", "cpu", "--small",
+                          "--reps", "3", "--ablate", "--only", "own"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line for line in run.stdout.splitlines() if "x plain" in line]
+    assert len(rows) == 4 and all("same RLE" in row for row in rows), run.stdout
