@@ -17,6 +17,7 @@ import torch.nn.functional as F  # noqa: E402
 from factories import randomize_model  # noqa: E402
 from pneumoseg.models import create_segmenter  # noqa: E402
 from pneumoseg.models.decoders import DecoderBlock, set_subpixel_decoding, subpixel_decoding, upsample_conv3x3  # noqa: E402
+from pneumoseg.models.decoders.blocks import freeze_subpixel_weights, unfreeze_subpixel_weights  # noqa: E402
 from pneumoseg.models.fuse import fuse_batchnorm  # noqa: E402
 
 TINY_DECODER = (16, 12, 8, 8, 4)
@@ -295,3 +296,148 @@ def test_a_hook_on_conv1_keeps_the_reference_path():
             want = block(x, skip)
     torch.testing.assert_close(hooked, want, rtol=0, atol=0)
     assert not torch.allclose(hooked, plain)
+
+
+# --------------------------------------------------------------------------------------------------
+# Frozen inference weights (freeze_subpixel_weights): computed once, the same outputs bit for bit
+
+
+def _folded_float_segmenter(arch, attention=None, seed=0, memory_format=torch.contiguous_format):
+    model = randomize_model(create_segmenter(arch, "resnet_tiny", attention=attention, decoder_channels=TINY_DECODER),
+                            seed).eval()
+    return fuse_batchnorm(model, inplace=True).model.to(memory_format=memory_format)
+
+
+def _outputs(model, x):
+    with torch.inference_mode():
+        with unfreezing(model):
+            plain = model(x)
+        frozen = model(x)
+    return plain, frozen
+
+
+class unfreezing:
+    """Runs a frozen model unfrozen inside the block and freezes it again after (same weights)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __enter__(self):
+        unfreeze_subpixel_weights(self.model)
+
+    def __exit__(self, *exc):
+        freeze_subpixel_weights(self.model)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("arch,attention", [("unet", None), ("unet", "scse"), ("unet++", None)])
+def test_frozen_weights_give_bit_identical_outputs(arch, attention, memory_format):
+    model = _folded_float_segmenter(arch, attention, memory_format=memory_format)
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks, subpixel = _subpixel_blocks(model)
+    assert freeze_subpixel_weights(model) == len(subpixel) > 0
+    assert all((b._frozen_phase_weight is not None) == (b in subpixel) for b in blocks)
+    assert all(b._frozen_skip_weight.is_contiguous(memory_format=memory_format) for b in subpixel if b.has_skip)
+    x = _randn(2, 1, 64, 96, seed=4, dtype=torch.float32).contiguous(memory_format=memory_format)
+    plain, frozen = _outputs(model, x)
+    torch.testing.assert_close(frozen, plain, rtol=0, atol=0)
+    state = model.state_dict()  # non-persistent buffers: the state dict is the same
+    assert state.keys() == keys.keys() and all(torch.equal(state[k], v) for k, v in keys.items())
+
+
+def test_frozen_half_precision_weights_are_bit_identical():
+    """Frozen after the cast (as the backend does): the taps are summed in float32 and cast, as on
+    every unfrozen forward; freezing before the cast would fall back to computing."""
+    model = _folded_float_segmenter("unet")
+    freeze_subpixel_weights(model)
+    model.half()
+    x = _randn(1, 1, 32, 64, seed=5, dtype=torch.float16)
+    blocks, subpixel = _subpixel_blocks(model)
+    assert all(not b._frozen_weights_apply(b.has_skip) for b in subpixel)  # the cast replaced the weights
+    assert freeze_subpixel_weights(model) == len(subpixel)
+    assert all(b._frozen_phase_weight.dtype == torch.float16 for b in subpixel)
+    plain, frozen = _outputs(model, x)
+    torch.testing.assert_close(frozen, plain, rtol=0, atol=0)
+
+
+def test_frozen_weights_are_never_stale():
+    """A changed weight (in place, loaded, trained) is used, not what was frozen from the old one."""
+    model = _folded_float_segmenter("unet")
+    other = _folded_float_segmenter("unet", seed=7)
+    x = _randn(1, 1, 32, 64, seed=6, dtype=torch.float32)
+    block = [b for b in model.modules() if isinstance(b, DecoderBlock)][0]
+    assert freeze_subpixel_weights(model) == 5
+
+    def unfrozen_output():
+        with torch.no_grad(), unfreezing(model):
+            return model(x)
+
+    with torch.no_grad():
+        block.conv1[0].weight.mul_(1.5)  # in place: the version counter moves
+        torch.testing.assert_close(model(x), unfrozen_output(), rtol=0, atol=0)
+        block.conv1[0].bias.add_(0.25)
+        torch.testing.assert_close(model(x), unfrozen_output(), rtol=0, atol=0)
+    freeze_subpixel_weights(model)
+    model.load_state_dict(other.state_dict())  # drops the frozen weights
+    assert unfreeze_subpixel_weights(model) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x), rtol=0, atol=0)
+
+    # eval mode with weight gradients (fine-tuning with frozen BatchNorm statistics): conv1 gets them
+    freeze_subpixel_weights(model)
+    model.zero_grad()
+    model(x).sum().backward()
+    assert block.conv1[0].weight.grad is not None and block.conv1[0].weight.grad.abs().sum() > 0
+    # training mode ignores them too, and an optimizer step is seen afterwards in eval mode
+    model.train()
+    out = model(x)
+    out.sum().backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p.sub_(1e-3 * p.grad)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), unfrozen_output(), rtol=0, atol=0)
+
+
+def test_frozen_weights_follow_functional_call_and_copies():
+    model = _folded_float_segmenter("unet")
+    freeze_subpixel_weights(model)
+    x = _randn(1, 1, 32, 64, seed=8, dtype=torch.float32)
+    copy_ = copy.deepcopy(model)  # its weights are new tensors: it computes until frozen itself
+    params = {k: v * 0.5 for k, v in model.named_parameters()}
+    with torch.no_grad():
+        torch.testing.assert_close(copy_(x), model(x), rtol=0, atol=0)
+        got = torch.func.functional_call(model, params, (x,))
+        with unfreezing(model):
+            want = torch.func.functional_call(model, params, (x,))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not torch.equal(got, model(x).detach())
+
+
+def test_frozen_weights_under_compile_fullgraph():
+    model = _folded_float_segmenter("unet", memory_format=torch.channels_last)
+    freeze_subpixel_weights(model)
+    x = _randn(1, 1, 32, 64, seed=9, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        want = model(x)
+        got = torch.compile(model, backend="eager", fullgraph=True)(x)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_weights_frozen_under_inference_mode_serve_an_input_gradient():
+    """Frozen inside inference_mode, used for a saliency map (gradient of the input, weights fixed)."""
+    model = _folded_float_segmenter("unet").requires_grad_(False)
+    with torch.inference_mode():
+        assert freeze_subpixel_weights(model) == 5
+    blocks = [b for b in model.modules() if isinstance(b, DecoderBlock)]
+    assert not any(b._frozen_phase_weight.is_inference() or b._frozen_phase_weight.requires_grad for b in blocks)
+    x = _randn(1, 1, 32, 64, seed=10, dtype=torch.float32).requires_grad_(True)
+    assert all(b._frozen_weights_apply(b.has_skip) for b in blocks)
+    model(x).sum().backward()
+    frozen_grad = x.grad.clone()
+    x.grad = None
+    with unfreezing(model):
+        model(x).sum().backward()
+    torch.testing.assert_close(frozen_grad, x.grad, rtol=0, atol=0)

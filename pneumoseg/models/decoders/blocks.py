@@ -14,7 +14,8 @@ from torch import nn
 import torch.nn.functional as F
 
 __all__ = ["ATTENTIONS", "Conv2dReLU", "SCSEModule", "Attention", "DecoderBlock", "initialize_decoder",
-           "initialize_head", "upsample_conv3x3", "set_subpixel_decoding", "subpixel_decoding"]
+           "initialize_head", "upsample_conv3x3", "set_subpixel_decoding", "subpixel_decoding",
+           "freeze_subpixel_weights", "unfreeze_subpixel_weights"]
 
 ATTENTIONS = (None, "scse")
 
@@ -82,6 +83,12 @@ class DecoderBlock(nn.Module):
             self.register_load_state_dict_pre_hook(_drop_unused_attention1)
         self.conv2 = Conv2dReLU(out_channels, out_channels)
         self.attention2 = Attention(attention, out_channels)
+        self.upsampled_channels = in_channels
+        # freeze_subpixel_weights' precomputed weights: not in the state dict, dropped by load_state_dict
+        for name in _FROZEN:
+            self.register_buffer(name, None, persistent=False)
+        self._frozen_key: Optional[tuple] = None
+        self.register_load_state_dict_post_hook(_unfreeze_after_loading)
 
     #: run the upsampling, concatenation and ``conv1``'s convolution as one sub-pixel convolution where
     #: that is the same function (no scSE before ``conv1``); ``False`` (per block, or for a whole model
@@ -89,9 +96,13 @@ class DecoderBlock(nn.Module):
     subpixel: bool = True
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self.subpixel and self._subpixel_is_exact(skip):
+        if self.subpixel and self._subpixel_is_exact(skip is not None):
             conv = self.conv1[0]
-            x = upsample_conv3x3(x, skip, conv.weight, conv.bias)
+            if self._frozen_weights_apply(skip is not None):
+                x = _upsample_conv3x3_phases(x, skip, self._frozen_phase_weight, self._frozen_phase_bias,
+                                             self._frozen_skip_weight, conv.bias, conv.out_channels)
+            else:
+                x = upsample_conv3x3(x, skip, conv.weight, conv.bias)
             for i, layer in enumerate(self.conv1):  # conv1's BatchNorm (or, folded, Identity) and ReLU
                 if i:
                     x = layer(x)
@@ -101,21 +112,110 @@ class DecoderBlock(nn.Module):
             x = self.attention1(torch.cat([x, skip], dim=1))
         return self.attention2(self.conv2(self.conv1(x)))
 
-    def _subpixel_is_exact(self, skip: Optional[torch.Tensor]) -> bool:
+    def _subpixel_is_exact(self, has_skip: bool) -> bool:
         # scSE's spatial gate weighs the concatenated map pixel by pixel at full resolution: no
         # low-resolution convolution computes that, so such blocks keep the reference path.
-        if skip is not None and not isinstance(self.attention1.attention, nn.Identity):
+        if has_skip and not isinstance(self.attention1.attention, nn.Identity):
             return False
         conv = self.conv1[0]
         # conv1, its convolution and attention1 are not called on this path: a hook on any of them (the
         # old weight_norm sets the weight in a pre-hook; Grad-CAM and feature extractors hook conv1), or a
         # global module hook, must run, so such a block keeps the reference path too
-        skipped = (self.conv1, conv) if skip is None else (self.conv1, conv, self.attention1, self.attention1.attention)
+        skipped = (self.conv1, conv, self.attention1, self.attention1.attention) if has_skip else (self.conv1, conv)
         if _global_hooks() or any(_has_hooks(m) for m in skipped):
             return False
         return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
                 and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
                 and conv.padding_mode == "zeros")
+
+
+    def _freeze_subpixel(self) -> bool:
+        """Precompute the sub-pixel weights from conv1's current weight and bias; False (and nothing
+        stored) for a block that does not take the sub-pixel path."""
+        self._unfreeze_subpixel()
+        if not (self.subpixel and self._subpixel_is_exact(self.has_skip)):
+            return False
+        conv = self.conv1[0]
+        weight, bias = conv.weight, conv.bias
+        channels = self.upsampled_channels
+        if _is_functorch(weight, bias) or (weight.shape[1] > channels) != self.has_skip:
+            return False
+        # plain tensors even when called under inference_mode (an eval-mode forward with autograd on
+        # must be able to use them); the same arithmetic as upsample_conv3x3's
+        with torch.inference_mode(False), torch.no_grad():
+            self._frozen_phase_weight = _subpixel_weight(weight[:, :channels])
+            if self.has_skip:
+                # dense, in the memory format conv2d would pick for the slice
+                self._frozen_skip_weight = weight[:, channels:].clone(memory_format=torch.preserve_format)
+            elif bias is not None:
+                self._frozen_phase_bias = bias.repeat_interleave(4)
+        self._frozen_key = (self.has_skip, *_tensor_key(weight), *_tensor_key(bias))
+        return True
+
+    def _unfreeze_subpixel(self) -> bool:
+        frozen = self._frozen_phase_weight is not None
+        for name in _FROZEN:
+            setattr(self, name, None)
+        self._frozen_key = None
+        return frozen
+
+    def _frozen_weights_apply(self, has_skip: bool) -> bool:
+        """Whether forward may use the frozen weights: eval mode, no gradient wanted for conv1's
+        weight, and (in eager runs, where it can be read) conv1's weight and bias still the very
+        tensors, unmodified, that they were computed from."""
+        if self._frozen_phase_weight is None or self.training:
+            return False
+        conv = self.conv1[0]
+        weight, bias = conv.weight, conv.bias
+        if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            return False
+        key = self._frozen_key
+        if torch.compiler.is_compiling():
+            # versions and data pointers cannot be traced: what a trace can see (and guards on)
+            return (key[0] == has_skip and key[1] == weight.dtype and key[2] == weight.device
+                    and (bias is None) == (key[5] is None))
+        if _is_functorch(weight, bias):
+            return False
+        return key == (has_skip, *_tensor_key(weight), *_tensor_key(bias))
+
+
+_FROZEN = ("_frozen_phase_weight", "_frozen_phase_bias", "_frozen_skip_weight")
+
+
+def _tensor_key(t: Optional[torch.Tensor]) -> tuple:
+    """What changes when a weight is replaced (``load_state_dict`` copies in place, ``.to()`` swaps
+    the data, an optimizer steps in place): dtype, device, data pointer and version counter."""
+    if t is None:
+        return (None, None, None)
+    return (t.dtype, t.device, t.data_ptr(), t._version)
+
+
+def _unfreeze_after_loading(module: nn.Module, incompatible_keys) -> None:
+    module._unfreeze_subpixel()
+
+
+def freeze_subpixel_weights(model: nn.Module) -> int:
+    """Precompute, once, the weights every sub-pixel :class:`DecoderBlock` in ``model`` derives from its
+    ``conv1`` on each forward (the ``(4 O, C, 2, 2)`` phase weight, the skip features' part of the
+    3x3 weight, the phase bias), from the current weights; returns how many blocks it froze.
+
+    For a model that will no longer change: an inference copy, after BatchNorm folding, the dtype
+    cast, the move to its device and memory format, and before CUDA-graph capture,
+    ``torch.compile`` or export. Exactly the arithmetic of the unfrozen path (same outputs, bit for
+    bit). The precomputed weights are non-persistent buffers: the state dict is unchanged. Blocks
+    fall back to computing them, never to stale values, in training mode, when a gradient for
+    ``conv1``'s weight is wanted, after ``load_state_dict`` (which drops them), and in eager runs when
+    ``conv1``'s weight or bias was modified in place (an optimizer step, ``copy_``) or replaced
+    (``.to()``, ``.half()``, a deep copy): call this again afterwards. A compiled or exported trace
+    cannot read the weights' version counters: there, an in-place change after freezing is not
+    seen; freeze (again) before compiling. Blocks that do not take the sub-pixel path (scSE before
+    ``conv1``, hooks, ``subpixel=False``) are left as they are."""
+    return sum(m._freeze_subpixel() for m in model.modules() if isinstance(m, DecoderBlock))
+
+
+def unfreeze_subpixel_weights(model: nn.Module) -> int:
+    """Drop what :func:`freeze_subpixel_weights` stored; returns how many blocks were frozen."""
+    return sum(m._unfreeze_subpixel() for m in model.modules() if isinstance(m, DecoderBlock))
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -155,12 +255,20 @@ def upsample_conv3x3(x: torch.Tensor, skip: Optional[torch.Tensor], weight: torc
     if weight.dim() != 4 or weight.shape[1] != channels + skip_channels or weight.shape[2:] != (3, 3):
         raise ValueError(f"upsample_conv3x3: a 3x3 weight over {channels} + {skip_channels} input channels, "
                          f"got weight shape {tuple(weight.shape)}")
+    phase_bias = bias.repeat_interleave(4) if bias is not None and skip is None else None
+    return _upsample_conv3x3_phases(x, skip, _subpixel_weight(weight[:, :channels]), phase_bias,
+                                    weight[:, channels:], bias, weight.shape[0])
+
+
+def _upsample_conv3x3_phases(x: torch.Tensor, skip: Optional[torch.Tensor], phase_weight: torch.Tensor,
+                             phase_bias: Optional[torch.Tensor], skip_weight: Optional[torch.Tensor],
+                             bias: Optional[torch.Tensor], out_channels: int) -> torch.Tensor:
+    """:func:`upsample_conv3x3` from its derived weights (``phase_bias`` only without ``skip``)."""
     if skip is not None and skip.shape[2:] != (2 * x.shape[2], 2 * x.shape[3]):
         raise ValueError(f"upsample_conv3x3: skip features of size {tuple(skip.shape[2:])} for an input of "
                          f"{tuple(x.shape[2:])} (must be twice its size)")
-    phase_bias = bias.repeat_interleave(4) if bias is not None and skip is None else None
-    phases = F.conv2d(x, _subpixel_weight(weight[:, :channels]), phase_bias, padding=1)  # (N, 4 O, H+1, W+1)
-    functorch = not torch.compiler.is_compiling() and _is_functorch(x, skip, weight, bias)
+    phases = F.conv2d(x, phase_weight, phase_bias, padding=1)  # (N, 4 O, H+1, W+1)
+    functorch = not torch.compiler.is_compiling() and _is_functorch(x, skip, phase_weight, bias)
     if torch.compiler.is_compiling() or torch.compiler.is_exporting() or functorch:
         # functional ops that export (DepthToSpace, Slice, Add) and that inductor fuses into one pass
         out = F.pixel_shuffle(phases, 2)[:, :, 1:-1, 1:-1]
@@ -169,16 +277,15 @@ def upsample_conv3x3(x: torch.Tensor, skip: Optional[torch.Tensor], weight: torc
         if skip is None:
             # not a view: an in-place op after it (a folded block's ReLU) would export as ScatterND
             return out.contiguous(memory_format=_memory_format(phases))
-        return F.conv2d(skip, weight[:, channels:], bias, padding=1) + out
+        return F.conv2d(skip, skip_weight, bias, padding=1) + out
     # Eager: each phase is added into (or copied to) its pixels of the output once, with no interleaved
     # copy of the phases in between (1.1-1.5x less time than pixel_shuffle + add on a CPU).
     n, _, height, width = x.shape
-    out_channels = weight.shape[0]
     if skip is None:
         out = torch.empty((n, out_channels, 2 * height, 2 * width), dtype=phases.dtype, device=phases.device,
                           memory_format=_memory_format(phases))
     else:
-        out = F.conv2d(skip, weight[:, channels:], bias, padding=1)
+        out = F.conv2d(skip, skip_weight, bias, padding=1)
     pixels = out.view(n, out_channels, height, 2, width, 2)
     phases = phases.view(n, out_channels, 2, 2, height + 1, width + 1)
     for a in (0, 1):
