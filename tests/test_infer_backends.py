@@ -355,3 +355,35 @@ def test_tensorrt_engines_agree_with_torch_and_are_cached(tmp_path, precision):
     assert "built" in {e["status"] for e in rebuilt.backend.engines.values()}
     assert [p.rle for p in rebuilt.predict(images)] == [p.rle for p in predictor.predict(images)]
     assert np.isfinite([p.score for p in got]).all()
+
+
+@pytest.mark.parametrize("kind", ["segmenter", "classifier"])
+def test_torch_backend_freezes_the_subpixel_weights_and_masks_are_identical(kind):
+    """The backend's own copy of the decoder computes its sub-pixel phase weights once; masks and
+    scores are the same, bit for bit, as with them computed on every forward."""
+    from pneumoseg.infer.backends import TorchBackend
+    from pneumoseg.models.decoders import DecoderBlock
+    from pneumoseg.models.decoders.blocks import unfreeze_subpixel_weights
+
+    images = phantom_images(4, seed=5)
+    frozen = Predictor.from_dir(model_dir(kind))
+    plain = Predictor.from_dir(model_dir(kind))
+    segment = plain.parts["segment"]
+    assert unfreeze_subpixel_weights(plain.backend._modules[segment]) == 5  # CPU: eager runners use the modules
+    blocks = [m for m in frozen.backend._modules[segment].modules() if isinstance(m, DecoderBlock)]
+    with torch.inference_mode():  # as the backend runs them
+        assert len(blocks) == 5 and all(b._frozen_weights_apply(b.has_skip) for b in blocks)
+    a = frozen.predict(images, return_masks=True, batch_size=2)
+    b = plain.predict(images, return_masks=True, batch_size=2)
+    for p, q in zip(a, b, strict=True):
+        assert p.score == q.score and np.array_equal(p.mask, q.mask) and p.rle == q.rle
+    assert any(p.rle != "-1" for p in a)
+    d = frozen.describe()
+    assert d["freeze_subpixel"] is True and d["subpixel_blocks_frozen"]["segmenter"] == 5
+    assert "classifier" not in d["subpixel_blocks_frozen"] or d["subpixel_blocks_frozen"]["classifier"] == 0
+    off = TorchBackend(frozen.model_dir, [segment], freeze_subpixel=False)
+    assert off.describe()["freeze_subpixel"] is False and "subpixel_blocks_frozen" not in off.describe()
+    assert not any(m._frozen_phase_weight is not None for m in off._modules[segment].modules()
+                   if isinstance(m, DecoderBlock))
+    with pytest.raises(InvalidInputError, match="freeze_subpixel"):
+        TorchBackend(frozen.model_dir, [segment], freeze_subpixel=1)

@@ -7,7 +7,9 @@ threads at once.
 - ``torch``: the networks themselves. On a CPU fp32 eager; on CUDA fp16 (or fp32) in channels_last,
   each part captured as CUDA graphs, one per batch bucket, at load time (or ``torch.compile``). By
   default each eval-mode BatchNorm that directly follows a convolution is first folded into it
-  (:mod:`pneumoseg.models.fuse`; on the backend's own copy of the networks, never the saved weights).
+  (:mod:`pneumoseg.models.fuse`; on the backend's own copy of the networks, never the saved weights),
+  and the sub-pixel decoder blocks' derived weights are computed once
+  (:func:`pneumoseg.models.decoders.blocks.freeze_subpixel_weights`), not on every forward.
 - ``onnxruntime``: the exported ONNX parts (``pneumoseg export``), one session per part, reused,
   threads set for latency; ``precision="int8"`` runs the statically quantised parts. Each part must
   have been exported from the directory's own network (its weights' SHA-256 and construction
@@ -65,9 +67,11 @@ class TorchBackend(Backend):
 
     def __init__(self, model_dir: Any, parts: Sequence[str], device: Any = "cpu", precision: str = "fp32", *,
                  cuda_graphs: Optional[bool] = None, compile: bool = False, max_batch: int = 32,
-                 buckets: Optional[Sequence[int]] = None, fuse_batchnorm: bool = True) -> None:
+                 buckets: Optional[Sequence[int]] = None, fuse_batchnorm: bool = True,
+                 freeze_subpixel: bool = True) -> None:
         import torch
 
+        from ..models.decoders.blocks import freeze_subpixel_weights
         from ..models.fuse import fuse_batchnorm as fold_batchnorm
 
         super().__init__(device, precision)
@@ -83,11 +87,16 @@ class TorchBackend(Backend):
             raise InvalidInputError("cuda_graphs=True needs device='cuda'")
         if not isinstance(fuse_batchnorm, bool):
             raise InvalidInputError(f"fuse_batchnorm must be True or False, got {fuse_batchnorm!r}")
+        if not isinstance(freeze_subpixel, bool):
+            raise InvalidInputError(f"freeze_subpixel must be True or False, got {freeze_subpixel!r}")
         self.cuda_graphs = bool(cuda) if cuda_graphs is None else bool(cuda_graphs)
         self.compiled = bool(compile)
         self.fuse_batchnorm = fuse_batchnorm
         #: network -> number of BatchNorms folded into their convolutions
         self.batchnorms_folded: dict[str, int] = {}
+        self.freeze_subpixel = freeze_subpixel
+        #: network -> number of sub-pixel decoder blocks whose derived weights were precomputed
+        self.subpixel_blocks_frozen: dict[str, int] = {}
         self.buckets = make_buckets(max_batch, buckets)
         dtype = torch.float16 if precision == "fp16" else None
         networks: dict[str, Any] = {}
@@ -105,6 +114,11 @@ class TorchBackend(Backend):
             if cuda:
                 module = module.to(memory_format=torch.channels_last)
             self._modules[part] = module
+        if freeze_subpixel:
+            # after folding, the cast, the move and channels_last of every part (each replaces conv1's
+            # weight: freezing before would fall back to computing) and before the graph capture / compile
+            for name, network in networks.items():
+                self.subpixel_blocks_frozen[name] = freeze_subpixel_weights(network)
         self.input_sizes = {part: tuple(model_dir.networks[part_spec(part).network].input_size) for part in parts}
         self._runners: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -174,6 +188,9 @@ class TorchBackend(Backend):
         out.update(cuda_graphs=self.cuda_graphs, compile=self.compiled, fuse_batchnorm=self.fuse_batchnorm)
         if self.fuse_batchnorm:
             out["batchnorms_folded"] = dict(self.batchnorms_folded)
+        out["freeze_subpixel"] = self.freeze_subpixel
+        if self.freeze_subpixel:
+            out["subpixel_blocks_frozen"] = dict(self.subpixel_blocks_frozen)
         if self.cuda_graphs or self.compiled:
             out["batch_buckets"] = list(self.buckets)
         return out
