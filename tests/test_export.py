@@ -39,6 +39,7 @@ def test_exported_parts_are_checked_and_recorded(kind, parts):
         onnx.checker.check_model(model, full_check=True)
         assert {o.version for o in model.opset_import if o.domain in ("", "ai.onnx")} == {OPSET}
         assert {n.op_type for n in model.graph.node} <= TENSORRT_ONNX_OPS
+        _assert_plain_conv_weights(model)
         for value in model.graph.input:  # only the batch is dynamic
             dims = value.type.tensor_type.shape.dim
             assert dims[0].dim_param and all(d.dim_value > 0 for d in dims[1:])
@@ -47,6 +48,14 @@ def test_exported_parts_are_checked_and_recorded(kind, parts):
         assert max(v["max_abs"].values()) < 1e-4
         if "mask_dice" in v:
             assert v["mask_dice"] >= 0.99
+
+
+def _assert_plain_conv_weights(model):
+    """The sub-pixel decoder blocks were exported frozen: every convolution's weight is an initializer
+    (no MatMul/Reshape/Transpose chain deriving the phase weights at run time)."""
+    assert not any(n.op_type == "MatMul" for n in model.graph.node)
+    initializers = {i.name for i in model.graph.initializer}
+    assert all(n.input[1] in initializers for n in model.graph.node if n.op_type == "Conv")
 
 
 def test_exported_graphs_take_any_batch_and_equal_torch():
@@ -131,6 +140,7 @@ def test_fp16_graphs_have_half_weights_and_float_image_io(tmp_path):
         assert set(types.values()) == {TensorProto.FLOAT16}
         conv_weights = {n.input[1] for n in model.graph.node if n.op_type == "Conv"}
         assert {i.data_type for i in model.graph.initializer if i.name in conv_weights} == {TensorProto.FLOAT16}
+        _assert_plain_conv_weights(model)
         assert {n.op_type for n in model.graph.node} <= TENSORRT_ONNX_OPS
         assert art.meta["validation"].get("mask_dice", 1.0) >= 0.97
 
@@ -150,6 +160,7 @@ def test_int8_export_for_onnxruntime_and_for_tensorrt(tmp_path):
     assert "segmenter" in written and seg.meta["calibration_images"] == 8 and seg.meta["validation"]["mask_dice"] >= 0.8
     model = onnx.load(str(md.artefact_path("segmenter-onnx-int8")))
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
+    assert not any(n.op_type == "MatMul" for n in model.graph.node)  # the phase weights are quantised initializers
     # the classifier is int8 only where that measured faster; the backend falls back to fp32 otherwise
     predictor = Predictor.from_dir(path, backend="onnxruntime", precision="int8")
     used = predictor.describe()["artefacts"]

@@ -252,12 +252,17 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
     import onnxruntime as ort
     import torch
 
+    from ..models.decoders.blocks import freeze_subpixel_weights
+
     onnx = _require_onnx()
     spec = part_spec(part)
     network = networks[spec.network]
     where = f"{part} ({precision})"
     exported_network = copy.deepcopy(network) if precision == "fp16" else network
     module = part_module(part, exported_network, dtype=torch.float16 if precision == "fp16" else None)
+    # a fixed network: the sub-pixel blocks' phase weights become plain Conv initializers, not a
+    # MatMul/Reshape/Transpose chain on every weight that the optimizer leaves in the graph
+    freeze_subpixel_weights(exported_network)
     reference_module = part_module(part, network)
     inputs = part_inputs(model_dir, networks, part, images)
     example = tuple(x[:2] if x.shape[0] >= 2 else torch.cat([x, x], 0)[:2] for x in inputs)  # batch 2: not specialised
@@ -265,7 +270,7 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
         example = tuple(x.half() for x in example)
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     start = time.perf_counter()
-    with _quiet() as log:
+    with _quiet() as log, torch.no_grad():  # no weight gradients: the frozen weights apply
         try:
             program = torch.onnx.export(module, example, dynamo=True, opset_version=OPSET, input_names=list(spec.inputs),
                                         output_names=list(spec.outputs),
