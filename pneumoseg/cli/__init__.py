@@ -109,7 +109,9 @@ def _describe_os_error(exc: OSError) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    # a file name's undecodable bytes (surrogate escapes) printed as \udcXX: a stream that encodes
+    # strictly (pytest's capture, a redirected stderr under some locales) would raise on them
+    return " ".join(str(text).split()).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _close_progress_bars() -> None:

@@ -67,8 +67,8 @@ def run(args: argparse.Namespace) -> int:
                                     progress=not args.no_progress, workers=args.workers, name_by=args.name_by)
     # Every ImageId is checked before anything is written: it is a row of the CSVs and names an overlay.
     for source in stream.sources:
+        _check_utf8_image_id(source)  # first: its message says what to do in this command
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")
-        _check_utf8_image_id(source)
     names = safe_file_names([s.image_id for s in stream.sources], ".png")
     folder = prepare_output_folder(args.out, overwrite=args.force, what="prediction output folder", inputs=inputs)
     start = time.perf_counter()
