@@ -424,6 +424,15 @@ def test_frozen_weights_under_compile_fullgraph():
         want = model(x)
         got = torch.compile(model, backend="eager", fullgraph=True)(x)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # the trace reads the frozen buffers (not a recomputation): a marked phase weight shows in its output
+    block = [b for b in model.modules() if isinstance(b, DecoderBlock)][0]
+    with torch.inference_mode():
+        block._frozen_phase_weight.mul_(0.5)
+        marked = model(x)
+        torch._dynamo.reset()
+        got = torch.compile(model, backend="eager", fullgraph=True)(x)
+    assert not torch.allclose(marked, want)
+    torch.testing.assert_close(got, marked, rtol=1e-6, atol=1e-6)
 
 
 def test_weights_frozen_under_inference_mode_serve_an_input_gradient():
