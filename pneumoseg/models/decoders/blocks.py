@@ -2,7 +2,9 @@
 (``segmentation_models_pytorch/base/modules.py``), so an smp decoder's state-dict keys and shapes are ours.
 
 A block's "nearest x2 upsample, concatenate the skip features, 3x3 convolution" runs as a sub-pixel
-convolution (:func:`upsample_conv3x3`): the same function, without the upsampled or concatenated map."""
+convolution (:func:`upsample_conv3x3`): the same function, without the upsampled or concatenated map.
+For inference, :func:`freeze_subpixel_weights` computes that convolution's weights once instead of on
+every forward."""
 
 from __future__ import annotations
 
@@ -127,7 +129,6 @@ class DecoderBlock(nn.Module):
         return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
                 and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
                 and conv.padding_mode == "zeros")
-
 
     def _freeze_subpixel(self) -> bool:
         """Precompute the sub-pixel weights from conv1's current weight and bias; False (and nothing
