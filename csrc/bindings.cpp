@@ -32,6 +32,12 @@ TensorView make_view(uintptr_t data, int dtype, int device, int device_index, co
   }
   if (dtype < 0 || dtype > static_cast<int>(DType::Float64)) fail_value("TensorView: unknown dtype code");
   if (device != 0 && device != 1) fail_value("TensorView: unknown device code");
+  // Kernels read through typed pointers: a misaligned one is undefined behaviour (UBSan reports it,
+  // vectorised loops may assume alignment). pneumoseg/_native.py copies such arrays first.
+  if (data % static_cast<uintptr_t>(dtype_size(static_cast<DType>(dtype))) != 0) {
+    fail_value(std::string("TensorView: the data address is not aligned to its dtype (") +
+               dtype_name(static_cast<DType>(dtype)) + "); pass a copy of the array");
+  }
   TensorView v;
   v.data = reinterpret_cast<void*>(data);
   v.dtype = static_cast<DType>(dtype);

@@ -116,6 +116,8 @@ def _numpy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     itemsize = arr.dtype.itemsize
     if any(s % itemsize for s in arr.strides):
         arr = np.ascontiguousarray(arr)
+    if not arr.flags.aligned:  # np.frombuffer(..., offset=1): the kernels read typed, aligned memory
+        arr = arr.copy(order="C")
     view = _C.TensorView(
         arr.__array_interface__["data"][0], code, CPU, 0, list(arr.shape), [s // itemsize for s in arr.strides]
     )
@@ -161,6 +163,8 @@ def _torch_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     check_tensor_memory(x, name, error=error)
     if x.is_conj() or x.is_neg():
         x = x.resolve_conj().resolve_neg()
+    if x.data_ptr() % x.element_size():  # torch.frombuffer(..., offset=1): see _numpy_view
+        x = x.clone(memory_format=torch.contiguous_format)
     view = _C.TensorView(x.data_ptr(), code, device, index, list(x.shape), list(x.stride()))
     return ArrayInfo(view, "torch", device, index, stream, x)
 
