@@ -166,6 +166,18 @@ def test_gpu_scripts_parse_and_name_existing_files(name, expected):
     assert not missing, f"{name} names files that do not exist: {missing}"
 
 
+def test_cpu_sanitize_script_parses_and_names_existing_tests():
+    # benchmarks/cpu_sanitize.sh (ASan + UBSan build of the CPU kernels) is too slow for CI: check
+    # that it parses and that every test file it runs still exists.
+    script = HERE / "cpu_sanitize.sh"
+    run = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    named = set(re.findall(r"tests/[\w.]+\.py", script.read_text()))
+    assert "tests/test_rle.py" in named
+    missing = sorted(n for n in named if not (ROOT / n).is_file())
+    assert not missing, f"cpu_sanitize.sh names test files that do not exist: {missing}"
+
+
 def test_gpu_profile_pipeline_runs_on_the_cpu():
     """The pipeline profile's own code, small, on the CPU (its torch.profiler part is GPU-only)."""
     run = subprocess.run([sys.executable, str(HERE / "gpu_profile_pipeline.py"), "--device", "cpu", "--small",
