@@ -79,8 +79,15 @@ def _rows(t: torch.Tensor) -> tuple[int, int]:
     return n, (t.numel() // n if n else 0)
 
 
+def _aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an aligned copy of it: the kernels read through typed pointers, and the native view
+    refuses an address that is not a multiple of the element size (``torch.frombuffer(..., offset=1)``)."""
+    return t.clone() if t.data_ptr() % t.element_size() else t
+
+
 def _run_forward(logits: torch.Tensor, target: torch.Tensor, params) -> tuple[torch.Tensor, torch.Tensor]:
     """The native forward on contiguous (N, ...) tensors, read as (N, P) rows: (loss, state)."""
+    logits, target = _aligned(logits), _aligned(target)
     device = logits.device
     n, p = _rows(logits)
     # Sizes as separate arguments: torch parses them about 1 us faster than a tuple.
@@ -104,11 +111,13 @@ def _run_backward(grad_loss: torch.Tensor, logits: torch.Tensor, target: torch.T
                   params) -> torch.Tensor:
     """The native backward: d loss / d logits (logits' shape) from the forward's state and the
     incoming gradient."""
+    logits, target = _aligned(logits), _aligned(target)
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
     dtype = logits.dtype
     wanted = _loss_dtype(dtype)
     if grad_loss.dtype != wanted or grad_loss.get_device() != logits.get_device():
         grad_loss = grad_loss.to(device=logits.device, dtype=wanted)
+    grad_loss = _aligned(grad_loss)
     n, p = _rows(logits)
     code, index, stream = _place(logits)
     _C.combo_loss_backward(grad_loss.data_ptr(), wanted == torch.float64, logits.data_ptr(), _CODE[dtype],

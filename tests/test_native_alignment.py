@@ -55,3 +55,31 @@ def test_the_native_view_refuses_a_misaligned_address():
     with pytest.raises(InvalidInputError, match="not aligned"):
         _native._C.TensorView(address + 1, 11, 0, 0, [4], [1])
     _native._C.TensorView(address + 1, 2, 0, 0, [4], [1])  # uint8 has no alignment to keep
+
+
+def test_the_loss_reads_misaligned_tensors_through_an_aligned_copy():
+    # combo_loss hands torch data pointers to the core itself: a misaligned logits or target (or
+    # both) was the native view's "not aligned" error; it now equals the loss of aligned copies,
+    # gradient included
+    torch = pytest.importorskip("torch")
+    from pneumoseg.losses import combo_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 5, 7, generator=gen)
+    target = (torch.rand(2, 1, 5, 7, generator=gen) > 0.5).float()
+
+    def misaligned(t):
+        out = torch.frombuffer(bytearray(b"x" + t.numpy().tobytes()), dtype=t.dtype, offset=1).reshape(t.shape)
+        assert out.data_ptr() % t.element_size() != 0
+        return out
+
+    reference = logits.clone().requires_grad_(True)
+    expected = combo_loss(reference, target, focal_weight=1.0)
+    expected.backward()
+    for x, t in ((misaligned(logits), target), (logits.clone(), misaligned(target)),
+                 (misaligned(logits), misaligned(target))):
+        x.requires_grad_(True)
+        loss = combo_loss(x, t, focal_weight=1.0)
+        loss.backward()
+        assert torch.equal(loss, expected)
+        assert torch.equal(x.grad, reference.grad)
