@@ -86,6 +86,23 @@ def write_dicom(path, raw=None, *, syntax=None, **attrs):
     return Path(path)
 
 
+#: A tiny segmentation run whose every step is reproducible: plain SGD, no augmentation, one thread
+#: (the training-math and training-review tests compare runs step by step).
+TINY_DETERMINISTIC_TRAINING = {
+    "task": "segmentation",
+    "data": {"image_size": 64, "folds": 4, "preload": True},
+    "model": {"encoder": "resnet_tiny", "decoder_channels": [16, 16, 8, 8, 8]},
+    "loss": {"bce": 1.0, "dice": 1.0, "focal": 1.0, "dice_smooth": 1.0},
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0},
+    "epochs": 1, "batch_size": 4, "samples_per_epoch": 8, "positive_ratio": 0.5,
+    "augment": {"enabled": False},
+    "validation": {"min_areas": [0, 10, 40], "min_component_areas": [0, 8]},
+    "checkpoint": {"keep_top_k": 1},
+    "log": {"progress": False, "tensorboard": False, "plots": False},
+    "threads": 1,
+}
+
+
 def training_config(base: dict, root, **changes):
     """A ``TrainConfig`` from the mapping ``base`` with ``data.root`` set to ``root`` and each change
     applied: ``epochs=2`` sets a top-level field (a whole section when the value is a mapping),

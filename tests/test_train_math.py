@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("yaml")
 
-from factories import training_config
+from factories import TINY_DETERMINISTIC_TRAINING, training_config
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -21,19 +21,7 @@ from pneumoseg.data import make_synthetic_siim
 from pneumoseg.train import engine
 from pneumoseg.train.engine import train
 
-TINY = {
-    "task": "segmentation",
-    "data": {"image_size": 64, "folds": 4, "preload": True},
-    "model": {"encoder": "resnet_tiny", "decoder_channels": [16, 16, 8, 8, 8]},
-    "loss": {"bce": 1.0, "dice": 1.0, "focal": 1.0, "dice_smooth": 1.0},
-    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.0},
-    "epochs": 1, "batch_size": 4, "samples_per_epoch": 8, "positive_ratio": 0.5,
-    "augment": {"enabled": False},
-    "validation": {"min_areas": [0, 10, 40], "min_component_areas": [0, 8]},
-    "checkpoint": {"keep_top_k": 1},
-    "log": {"progress": False, "tensorboard": False, "plots": False},
-    "threads": 1,
-}
+TINY = TINY_DETERMINISTIC_TRAINING
 
 
 @pytest.fixture(scope="module")
