@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("yaml")
 
-from factories import TINY_DETERMINISTIC_TRAINING, training_config
+from factories import TINY_DETERMINISTIC_TRAINING as TINY, training_config
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -20,8 +20,6 @@ from torch.optim.optimizer import (
 from pneumoseg.data import make_synthetic_siim
 from pneumoseg.train import engine
 from pneumoseg.train.engine import train
-
-TINY = TINY_DETERMINISTIC_TRAINING
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("yaml")
 
-from factories import TINY_DETERMINISTIC_TRAINING, training_config
+from factories import TINY_DETERMINISTIC_TRAINING as TINY, training_config
 
 from pneumoseg.data import make_synthetic_siim
 from pneumoseg.train import ConfigError, engine
 from pneumoseg.train.engine import train
-
-TINY = TINY_DETERMINISTIC_TRAINING
 
 
 @pytest.fixture(scope="module")

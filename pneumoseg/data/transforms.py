@@ -68,6 +68,21 @@ def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:
     return t
 
 
+def scale_to_unit(x: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) float32 images, each scaled to [0, 1] by its own min and max (a constant image to 0):
+    the scaling of :func:`preprocess` and of the Predictor."""
+    lo = x.amin(dim=(2, 3), keepdim=True)
+    hi = x.amax(dim=(2, 3), keepdim=True)
+    # float32 pixels from -3e38 to 3e38 are finite, but hi - lo is not: the image became NaN. Such
+    # images are halved first (exact), the others scaled by 1: on CUDA always (a host check would
+    # synchronise), on a CPU only when a batch holds one.
+    span_finite = torch.isfinite(hi - lo)
+    if x.is_cuda or not bool(span_finite.all()):
+        half = torch.where(span_finite, torch.ones_like(hi), torch.full_like(hi, 0.5))
+        x, lo, hi = x * half, lo * half, hi * half
+    return (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+
+
 def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Tensor:
     """(H, W) / (N, H, W) / (N, 1, H, W) images of any numeric dtype -> (N, 1, S, S) float32 network
     input: each image scaled to [0, 1] by its own min and max, resized (bilinear, antialiased) and
@@ -78,13 +93,7 @@ def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Te
         raise InvalidInputError(f"pixels has no pixels, shape {tuple(x.shape)}")
     if not bool(torch.isfinite(x).all()):
         raise InvalidInputError("pixels contains NaN or infinity (or values beyond float32)")
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
-    # float32 pixels from -3e38 to 3e38 are finite, but hi - lo is not: the image became NaN. Halving
-    # such images first is exact, as the Predictor does; other images are scaled by 1.
-    half = torch.where(torch.isfinite(hi - lo), torch.ones_like(hi), torch.full_like(hi, 0.5))
-    x, lo, hi = x * half, lo * half, hi * half
-    x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    x = scale_to_unit(x)
     if tuple(x.shape[2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
     return (x - NORMALISE_MEAN) / NORMALISE_STD

@@ -489,6 +489,8 @@ class Predictor:
         import torch
         import torch.nn.functional as F
 
+        from ..data.transforms import scale_to_unit
+
         device = self.backend.device
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
@@ -498,16 +500,7 @@ class Predictor:
             x = torch.stack([images[i] for i in idx]).to(torch.float32)[:, None]
             if finite is not None and any(images[i].is_floating_point() for i in idx):
                 finite.append((idx, torch.isfinite(x).flatten(1).all(1)))
-            lo = x.amin(dim=(2, 3), keepdim=True)
-            hi = x.amax(dim=(2, 3), keepdim=True)
-            # float32 pixels from -3e38 to 3e38 are finite, but hi - lo is not: the image became NaN and
-            # was blamed on the network. Such images are halved first (exact), the others scaled by 1: on
-            # CUDA always (a host check would synchronise), on a CPU only when a batch holds one.
-            span_finite = torch.isfinite(hi - lo)
-            if x.is_cuda or not bool(span_finite.all()):
-                half = torch.where(span_finite, torch.ones_like(hi), torch.full_like(hi, 0.5))
-                x, lo, hi = x * half, lo * half, hi * half
-            x = (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+            x = scale_to_unit(x)  # pixels spanning past float32's range halved first, not NaN
             if shape != tuple(size):
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
             x = (x - self.mean) / self.std
