@@ -13,6 +13,7 @@ from typing import Iterator, Optional
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 import torch.nn.functional as F
 
 __all__ = ["ATTENTIONS", "Conv2dReLU", "SCSEModule", "Attention", "DecoderBlock", "initialize_decoder",
@@ -90,6 +91,9 @@ class DecoderBlock(nn.Module):
         for name in _FROZEN:
             self.register_buffer(name, None, persistent=False)
         self._frozen_key: Optional[tuple] = None
+        # aliases of the tensors the frozen weights came from: while they live, no other tensor can be
+        # allocated at their address, so a data pointer in _frozen_key names one tensor's storage
+        self._frozen_sources: Optional[tuple] = None
         self.register_load_state_dict_post_hook(_unfreeze_after_loading)
 
     #: run the upsampling, concatenation and ``conv1``'s convolution as one sub-pixel convolution where
@@ -98,11 +102,18 @@ class DecoderBlock(nn.Module):
     subpixel: bool = True
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        conv = self.conv1[0]
+        if (self._frozen_phase_weight is not None and _wants_gradient(conv.weight, conv.bias)
+                and not torch.compiler.is_compiling()):
+            # conv1 is being differentiated, so probably trained, and a fused optimizer's step moves no
+            # version counter: the frozen weights end here (a trace cannot change the module)
+            self._unfreeze_subpixel()
         if self.subpixel and self._subpixel_is_exact(skip is not None):
-            conv = self.conv1[0]
-            if self._frozen_weights_apply(skip is not None):
-                x = _upsample_conv3x3_phases(x, skip, self._frozen_phase_weight, self._frozen_phase_bias,
-                                             self._frozen_skip_weight, conv.bias, conv.out_channels)
+            # read once: another thread's unfreeze between the check and the use must not reach here
+            phase_weight, phase_bias, skip_weight = (getattr(self, name) for name in _FROZEN)
+            if phase_weight is not None and self._frozen_weights_apply(skip is not None):
+                x = _upsample_conv3x3_phases(x, skip, phase_weight, phase_bias, skip_weight, conv.bias,
+                                             conv.out_channels)
             else:
                 x = upsample_conv3x3(x, skip, conv.weight, conv.bias)
             for i, layer in enumerate(self.conv1):  # conv1's BatchNorm (or, folded, Identity) and ReLU
@@ -150,7 +161,8 @@ class DecoderBlock(nn.Module):
                 self._frozen_skip_weight = weight[:, channels:].clone(memory_format=torch.preserve_format)
             elif bias is not None:
                 self._frozen_phase_bias = bias.repeat_interleave(4)
-        self._frozen_key = (self.has_skip, *_tensor_key(weight), *_tensor_key(bias))
+        self._frozen_key = (self.has_skip, _tensor_key(weight), _tensor_key(bias))
+        self._frozen_sources = tuple(None if t is None else t.detach() for t in (weight, bias))
         return True
 
     def _unfreeze_subpixel(self) -> bool:
@@ -158,7 +170,28 @@ class DecoderBlock(nn.Module):
         for name in _FROZEN:
             setattr(self, name, None)
         self._frozen_key = None
+        self._frozen_sources = None
         return frozen
+
+    def train(self, mode: bool = True) -> "DecoderBlock":
+        # A model put in training mode is about to change, and not every change moves a version counter
+        # (fused optimizers, writes through .data): the frozen weights end here. (A compiled trace
+        # guards on them being None, so it retraces instead of serving old weights.)
+        if mode:
+            self._unfreeze_subpixel()
+        return super().train(mode)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to() / .half() / share_memory(): a conversion that replaced conv1's weight or the frozen
+        # weights themselves (cast, moved) ends them, rather than keeping unused copies beside the
+        # new weights; a conversion that changed nothing (a no-op .to()) keeps them
+        before = [getattr(self, name) for name in _FROZEN]
+        out = super()._apply(fn, recurse)
+        if before[0] is not None and (any(getattr(self, n) is not b for n, b in zip(_FROZEN, before))
+                                      or not _frozen_from(self._frozen_key, self._frozen_sources,
+                                                          self.conv1[0].weight, self.conv1[0].bias)):
+            self._unfreeze_subpixel()
+        return out
 
     def _frozen_weights_apply(self, has_skip: bool) -> bool:
         """Whether forward may use the frozen weights: eval mode, no gradient wanted for conv1's
@@ -168,16 +201,18 @@ class DecoderBlock(nn.Module):
             return False
         conv = self.conv1[0]
         weight, bias = conv.weight, conv.bias
-        if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        if _wants_gradient(weight, bias):
             return False
-        key = self._frozen_key
+        key, sources = self._frozen_key, self._frozen_sources
+        if key is None or sources is None:
+            return False
         if torch.compiler.is_compiling():
             # versions and data pointers cannot be traced: what a trace can see (and guards on)
-            return (key[0] == has_skip and key[1] == weight.dtype and key[2] == weight.device
-                    and (bias is None) == (key[5] is None))
-        if _is_functorch(weight, bias):
+            return (key[0] == has_skip and key[1][:2] == (weight.dtype, weight.device)
+                    and (bias is None) == (key[2][0] is None))
+        if _is_functorch(weight, bias) or _has_tangent(weight, bias):
             return False
-        return key == (has_skip, *_tensor_key(weight), *_tensor_key(bias))
+        return key[0] == has_skip and _frozen_from(key, sources, weight, bias)
 
 
 _FROZEN = ("_frozen_phase_weight", "_frozen_phase_bias", "_frozen_skip_weight")
@@ -185,10 +220,20 @@ _FROZEN = ("_frozen_phase_weight", "_frozen_phase_bias", "_frozen_skip_weight")
 
 def _tensor_key(t: Optional[torch.Tensor]) -> tuple:
     """What changes when a weight is replaced (``load_state_dict`` copies in place, ``.to()`` swaps
-    the data, an optimizer steps in place): dtype, device, data pointer and version counter."""
+    the data, an optimizer steps in place): dtype, device, data pointer, version counter, shape and
+    strides."""
     if t is None:
-        return (None, None, None)
-    return (t.dtype, t.device, t.data_ptr(), t._version)
+        return (None, None, None, None, None, None)
+    return (t.dtype, t.device, t.data_ptr(), t._version, tuple(t.shape), t.stride())
+
+
+def _frozen_from(key: tuple, sources: tuple, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """``weight`` and ``bias`` are, unmodified, the tensors the frozen weights came from, in the storage
+    they came from (a deep copy's or an unpickled model's recorded pointers name another model's or
+    another process's memory)."""
+    return (key[1:] == (_tensor_key(weight), _tensor_key(bias))
+            and all((t is None) == (s is None) and (t is None or t.data_ptr() == s.data_ptr())
+                    for t, s in zip((weight, bias), sources)))
 
 
 def _unfreeze_after_loading(module: nn.Module, incompatible_keys) -> None:
@@ -203,14 +248,21 @@ def freeze_subpixel_weights(model: nn.Module) -> int:
     For a model that will no longer change: an inference copy, after BatchNorm folding, the dtype
     cast, the move to its device and memory format, and before CUDA-graph capture,
     ``torch.compile`` or export. Exactly the arithmetic of the unfrozen path (same outputs, bit for
-    bit). The precomputed weights are non-persistent buffers: the state dict is unchanged. Blocks
-    fall back to computing them, never to stale values, in training mode, when a gradient for
-    ``conv1``'s weight is wanted, after ``load_state_dict`` (which drops them), and in eager runs when
-    ``conv1``'s weight or bias was modified in place (an optimizer step, ``copy_``) or replaced
-    (``.to()``, ``.half()``, a deep copy): call this again afterwards. A compiled or exported trace
-    cannot read the weights' version counters: there, an in-place change after freezing is not
-    seen; freeze (again) before compiling. Blocks that do not take the sub-pixel path (scSE before
-    ``conv1``, hooks, ``subpixel=False``) are left as they are."""
+    bit). The precomputed weights are non-persistent buffers: the state dict is unchanged.
+
+    Frozen weights end (dropped: blocks compute again until this is called again) with
+    ``model.train()``, a forward that wants a gradient for ``conv1``'s weight or bias (fused
+    optimizers step without moving version counters, so any training ends them),
+    ``load_state_dict``, and a ``.to()`` / ``.half()`` / ``share_memory()`` that replaced the weights.
+    They are not used, but kept, in an eager forward where ``conv1``'s weight or bias was modified in
+    place (an optimizer step, ``copy_``) or replaced (``param.data = ...``, a deep copy, a
+    ``functional_call`` with other tensors, forward-mode dual weights).
+
+    Not seen, so never freeze a model that will still change this way: writes that bypass the
+    weights' version counters while the model stays in eval mode without gradients (``p.data.copy_``,
+    NumPy views, the storage), and, in a compiled or exported trace (which cannot read version
+    counters), any in-place change after compiling. Blocks that do not take the sub-pixel path (scSE
+    before ``conv1``, hooks, ``subpixel=False``) are left as they are."""
     return sum(m._freeze_subpixel() for m in model.modules() if isinstance(m, DecoderBlock))
 
 
@@ -229,6 +281,18 @@ def _global_hooks() -> bool:
 
     return bool(module._global_forward_pre_hooks or module._global_forward_hooks or module._global_backward_hooks
                 or module._global_backward_pre_hooks)
+
+
+def _wants_gradient(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _has_tangent(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether a tensor is a forward-mode AD dual tensor (``torch.autograd.forward_ad.make_dual``): a
+    frozen weight holds no tangent."""
+    if forward_ad._current_level < 0:  # no dual level entered: nothing can carry a tangent
+        return False
+    return any(t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def _is_functorch(*tensors: Optional[torch.Tensor]) -> bool:
