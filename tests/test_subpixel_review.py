@@ -190,3 +190,27 @@ def test_a_conversion_drops_the_frozen_weights(convert):
         with torch.no_grad():
             torch.testing.assert_close(model(x), _unfrozen_output(model, x), rtol=0, atol=0)
     assert freeze_subpixel_weights(model) == 5
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_carries_no_dead_frozen_weights(how):
+    """A copy's weights are new tensors, so frozen weights copied with it would never apply there: it
+    is not frozen (nothing held twice), it computes the same outputs, and it can be frozen itself."""
+    import io
+
+    model, x = _frozen_segmenter(), _input()
+    if how == "deepcopy":
+        clone = copy.deepcopy(model)
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)  # our own object, written just above
+    assert all(b._frozen_phase_weight is not None for b in _blocks(model))  # the original stays frozen
+    assert unfreeze_subpixel_weights(clone) == 0
+    assert all(b._frozen_sources is None for b in _blocks(clone))
+    with torch.no_grad():
+        want = model(x)
+        torch.testing.assert_close(clone(x), want, rtol=0, atol=0)
+        assert freeze_subpixel_weights(clone) == 5
+        torch.testing.assert_close(clone(x), want, rtol=0, atol=0)

@@ -181,6 +181,15 @@ class DecoderBlock(nn.Module):
             self._unfreeze_subpixel()
         return super().train(mode)
 
+    def __getstate__(self) -> dict:
+        # deepcopy, pickle, torch.save: the copy's weights are new tensors, so its frozen weights (and
+        # the aliases of the originals) could never apply there, only take memory
+        state = super().__getstate__()
+        if self._frozen_phase_weight is not None:
+            state["_buffers"] = {k: None if k in _FROZEN else v for k, v in state["_buffers"].items()}
+            state["_frozen_key"] = state["_frozen_sources"] = None
+        return state
+
     def _apply(self, fn, recurse: bool = True):
         # .to() / .half() / share_memory(): a conversion that replaced conv1's weight or the frozen
         # weights themselves (cast, moved) ends them, rather than keeping unused copies beside the
