@@ -109,6 +109,15 @@ LABEL_CASES = {
                                                         _points((33, 65), (32, 64))]),
     "one row, one column, one pixel": lambda rng: [np.ones((1, 1, 77), bool), np.ones((1, 45, 1), bool),
                                                    np.ones((1, 1, 1), bool)],
+    # label_cuda sizes the areas by the counts it reads back: no components at all (nothing to compact),
+    # components only in the last image or only in the first (ranks starting past 0, counts read at an
+    # image's last pixel), and a batch of one-pixel images (every image's first pixel is its last).
+    "no components in the batch": lambda rng: np.zeros((3, 40, 33), bool),
+    "components only in the last image": lambda rng: np.concatenate([np.zeros((2, 37, 70), bool),
+                                                                     rng.random((1, 37, 70)) < 0.4]),
+    "components only in the first image": lambda rng: np.concatenate([rng.random((1, 37, 70)) < 0.4,
+                                                                      np.zeros((2, 37, 70), bool)]),
+    "batch of one-pixel images": lambda rng: np.array([0, 1, 1, 0, 1], bool).reshape(5, 1, 1),
 }
 
 

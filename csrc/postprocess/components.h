@@ -38,10 +38,11 @@ std::vector<uint8_t> postprocess_cpu(const TensorView& input, const PostprocessP
                                      int32_t* components = nullptr);
 
 #ifdef PNEUMOSEG_WITH_CUDA
-// CUDA: labels as label_cpu. The areas stay on the device: after all the work, one small copy (and
-// one synchronisation) brings back the number of labels per image into `counts`; then
+// CUDA: labels as label_cpu. The areas stay on the device: once the components are found, one small
+// copy (and one synchronisation) brings back the number of labels per image into `counts`; then
 // allocate_areas(K) must return device memory for K int64 values, which receives every image's areas
-// in label order, one image after another (stream-ordered, no further synchronisation).
+// in label order, one image after another, while the labels are written (both stream-ordered after
+// allocate_areas returns, no further synchronisation). Scratch: 8 bytes per pixel of the batch.
 void label_cuda(const TensorView& input, Foreground fg, int connectivity, const TensorView& labels,
                 const std::function<int64_t*(int64_t)>& allocate_areas, std::vector<int64_t>& counts,
                 void* stream);

@@ -42,6 +42,23 @@ void check_args(const TensorView& input, int connectivity, const TensorView& out
   if (input.numel() >= (int64_t(1) << 31)) fail_value("batches of 2^31 pixels or more: split the batch");
 }
 
+// One scratch allocation per call: parent and area (int32 over the batch), per-image int32 counts and
+// the scan's temporary storage, each at a 256-byte boundary.
+struct ScratchLayout {
+  size_t parent_at = 0, area_at, counts_at, scan_at, bytes;
+  ScratchLayout(int64_t total, int64_t images, size_t scan_bytes) {
+    const auto aligned = [](size_t b) { return (b + 255) / 256 * 256; };
+    area_at = aligned(sizeof(int32_t) * total);
+    counts_at = area_at + aligned(sizeof(int32_t) * total);
+    scan_at = counts_at + aligned(sizeof(int32_t) * images);
+    bytes = scan_at + scan_bytes;
+  }
+};
+
+unsigned grid_for(int64_t items) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, 65535)));
+}
+
 Geometry geometry(const TensorView& v) {
   return Geometry{v.shape[0], static_cast<int32_t>(v.shape[1]), static_cast<int32_t>(v.shape[2]),
                   v.strides[0], v.strides[1], v.strides[2]};
@@ -62,38 +79,42 @@ void label_cuda(const TensorView& input, Foreground fg, int connectivity, const 
   cuda::DeviceGuard device(input.device_index);
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const Geometry g = geometry(input);
-  // parent, area, is_root, rank: int32 each over the batch; areas_out int64; per-image counts.
-  cuda::ScratchBuffer parent(sizeof(int32_t) * total, stream), area(sizeof(int32_t) * total, stream);
-  cuda::ScratchBuffer is_root(sizeof(int32_t) * total, stream), rank(sizeof(int32_t) * total, stream);
-  cuda::ScratchBuffer areas_out(sizeof(int64_t) * total, stream), per_image(sizeof(int32_t) * N, stream);
+  int32_t* const out = static_cast<int32_t*>(labels.data);
+  // Scratch: parent and area (int32 over the batch), the per-image counts and the scan's temporary
+  // storage, in one allocation. The root flags and their ranks live in `out` (contiguous int32 of the
+  // batch's size, checked above) until write_labels_kernel overwrites them; the areas go straight into
+  // the caller's array once the counts are known. 8 bytes per pixel (was 24: is_root, rank and an int64
+  // areas array of the batch's size as well).
+  size_t scan_bytes = 0;
+  PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, scan_bytes, out, out, static_cast<int>(total), stream));
+  const ScratchLayout layout(total, N, scan_bytes);
+  cuda::ScratchBuffer scratch(layout.bytes, stream);
+  int32_t* const parent = scratch.as<int32_t>(layout.parent_at);
+  int32_t* const area = scratch.as<int32_t>(layout.area_at);
+  int32_t* const per_image = scratch.as<int32_t>(layout.counts_at);
   const dim3 tiles = tile_grid(g), block(kTile, kRowsPerPass), flat = flat_grid_2d(g);
   PNEUMOSEG_DISPATCH_ALL(input.dtype, "mask", [&] {
     local_kernel<scalar_t><<<tiles, block, 0, stream>>>(
         static_cast<const scalar_t*>(input.data), g, IsForeground<scalar_t>{fg.use_threshold, fg.threshold}, nullptr,
-        connectivity, parent.as<int32_t>(), area.as<int32_t>(), IsForeground<scalar_t>{true, 0.0}, nullptr);
+        connectivity, parent, area, IsForeground<scalar_t>{true, 0.0}, nullptr);
     PNEUMOSEG_CHECK_LAUNCH("local_kernel");
   });
-  border_kernel<<<tiles, block, 0, stream>>>(g, connectivity, parent.as<int32_t>());
+  border_kernel<<<tiles, block, 0, stream>>>(g, connectivity, parent);
   PNEUMOSEG_CHECK_LAUNCH("border_kernel");
-  resolve_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(), is_root.as<int32_t>());
+  resolve_kernel<<<flat, kThreads, 0, stream>>>(g, parent, area, out);
   PNEUMOSEG_CHECK_LAUNCH("resolve_kernel");
-  size_t temp_bytes = 0;
-  PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(nullptr, temp_bytes, is_root.as<int32_t>(), rank.as<int32_t>(),
+  // In place: out[i] = final roots before flat pixel i. int32 input, so CUB accumulates in int32
+  // (enough: total < 2^31 is checked above).
+  PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(scratch.as<void>(layout.scan_at), scan_bytes, out, out,
                                                      static_cast<int>(total), stream));
-  cuda::ScratchBuffer temp(temp_bytes, stream);
-  PNEUMOSEG_CUDA_CHECK(cub::DeviceScan::ExclusiveSum(temp.as<void>(), temp_bytes, is_root.as<int32_t>(),
-                                                     rank.as<int32_t>(), static_cast<int>(total), stream));
-  write_labels_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), rank.as<int32_t>(),
-                                                     static_cast<int32_t*>(labels.data));
-  PNEUMOSEG_CHECK_LAUNCH("write_labels_kernel");
-  compact_areas_kernel<<<flat, kThreads, 0, stream>>>(g, is_root.as<int32_t>(), rank.as<int32_t>(),
-                                                      area.as<int32_t>(), areas_out.as<int64_t>(),
-                                                      per_image.as<int32_t>());
-  PNEUMOSEG_CHECK_LAUNCH("compact_areas_kernel");
+  image_counts_kernel<<<grid_for(N), kThreads, 0, stream>>>(g, parent, out, per_image);
+  PNEUMOSEG_CHECK_LAUNCH("image_counts_kernel");
 
+  // Pageable memory on purpose: the shared pinned staging buffer would serialise concurrent callers
+  // on its lock for the whole synchronisation, to save microseconds.
   std::vector<int32_t> per_image_host(N);
-  PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(per_image_host.data(), per_image.as<int32_t>(), sizeof(int32_t) * N,
-                                       cudaMemcpyDeviceToHost, stream));
+  PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(per_image_host.data(), per_image, sizeof(int32_t) * N, cudaMemcpyDeviceToHost,
+                                       stream));
   PNEUMOSEG_CUDA_CHECK(cudaStreamSynchronize(stream));
   int64_t k_total = 0;
   for (int64_t n = 0; n < N; ++n) {
@@ -105,9 +126,12 @@ void label_cuda(const TensorView& input, Foreground fg, int connectivity, const 
   int64_t* areas_device = allocate_areas(k_total);
   if (k_total > 0) {
     if (areas_device == nullptr) throw NativeError("label_cuda: no memory was given for the areas");
-    PNEUMOSEG_CUDA_CHECK(cudaMemcpyAsync(areas_device, areas_out.as<int64_t>(), sizeof(int64_t) * k_total,
-                                         cudaMemcpyDeviceToDevice, stream));
+    compact_areas_kernel<<<flat, kThreads, 0, stream>>>(g, parent, out, area, areas_device);
+    PNEUMOSEG_CHECK_LAUNCH("compact_areas_kernel");
   }
+  // Without components every parent is -1 and nothing reads the areas.
+  write_labels_kernel<<<flat, kThreads, 0, stream>>>(g, parent, area, out);
+  PNEUMOSEG_CHECK_LAUNCH("write_labels_kernel");
 }
 
 void postprocess_cuda(const TensorView& input, const PostprocessParams& p, const uint8_t* keep_image_device,
@@ -124,26 +148,30 @@ void postprocess_cuda(const TensorView& input, const PostprocessParams& p, const
   const Geometry g = geometry(input);
   // Counting components needs their final roots, so passes 2 and 3 run for it even without an area filter.
   const bool components = p.min_component_area > 0 || components_device != nullptr;
-  cuda::ScratchBuffer parent(sizeof(int32_t) * total, stream), area(sizeof(int32_t) * total, stream);
-  cuda::ScratchBuffer counts(sizeof(int32_t) * N, stream);
-  if (p.use_triplet) PNEUMOSEG_CUDA_CHECK(cudaMemsetAsync(counts.as<int32_t>(), 0, sizeof(int32_t) * N, stream));
+  // Scratch: parent and area (int32 over the batch) and the per-image counts above `top`, one allocation.
+  const ScratchLayout layout(total, N, 0);
+  cuda::ScratchBuffer scratch(layout.bytes, stream);
+  int32_t* const parent = scratch.as<int32_t>(layout.parent_at);
+  int32_t* const area = scratch.as<int32_t>(layout.area_at);
+  int32_t* const counts = scratch.as<int32_t>(layout.counts_at);
+  if (p.use_triplet) PNEUMOSEG_CUDA_CHECK(cudaMemsetAsync(counts, 0, sizeof(int32_t) * N, stream));
   const dim3 tiles = tile_grid(g), block(kTile, kRowsPerPass), flat = flat_grid_2d(g);
   PNEUMOSEG_DISPATCH_ALL(input.dtype, "probs", [&] {
     local_kernel<scalar_t><<<tiles, block, 0, stream>>>(
         static_cast<const scalar_t*>(input.data), g, IsForeground<scalar_t>{p.mask.use_threshold, p.mask.threshold},
-        keep_image_device, p.connectivity, parent.as<int32_t>(), area.as<int32_t>(),
-        IsForeground<scalar_t>{true, p.triplet_top}, p.use_triplet ? counts.as<int32_t>() : nullptr);
+        keep_image_device, p.connectivity, parent, area,
+        IsForeground<scalar_t>{true, p.triplet_top}, p.use_triplet ? counts : nullptr);
     PNEUMOSEG_CHECK_LAUNCH("local_kernel");
   });
   if (components) {
-    border_kernel<<<tiles, block, 0, stream>>>(g, p.connectivity, parent.as<int32_t>());
+    border_kernel<<<tiles, block, 0, stream>>>(g, p.connectivity, parent);
     PNEUMOSEG_CHECK_LAUNCH("border_kernel");
-    resolve_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(), nullptr);
+    resolve_kernel<<<flat, kThreads, 0, stream>>>(g, parent, area, nullptr);
     PNEUMOSEG_CHECK_LAUNCH("resolve_kernel");
   }
-  write_mask_kernel<<<flat, kThreads, 0, stream>>>(g, parent.as<int32_t>(), area.as<int32_t>(),
+  write_mask_kernel<<<flat, kThreads, 0, stream>>>(g, parent, area,
                                                    p.min_component_area > 0 ? p.min_component_area : 0,
-                                                   p.use_triplet ? counts.as<int32_t>() : nullptr,
+                                                   p.use_triplet ? counts : nullptr,
                                                    p.triplet_min_area, static_cast<uint8_t*>(out.data),
                                                    components_device);
   PNEUMOSEG_CHECK_LAUNCH("write_mask_kernel");

@@ -11,6 +11,8 @@
 // a prefix sum of root flags numbers the components 1..K in scipy's order. Kernels index pixels by
 // a 3-D grid (column tile, row tile, image) in 32-bit arithmetic. Nothing synchronises with the host
 // except label_cuda's copy of the per-image component counts; the areas stay on the device.
+// label_cuda needs only two int32 scratch arrays of the batch's size (parent, area): the root flags
+// and their ranks live in its labels output until the last pass overwrites them with the labels.
 //
 // The kernels and their device helpers, without host code, so that the CUDA translation unit
 // (components_cuda.cu) and the CPU emulation of the kernels in tests/cuda_emu/ compile the same source.
@@ -268,10 +270,11 @@ __global__ void __launch_bounds__(kTileThreads, 4) border_kernel(Geometry g, int
 
 // Pass 3, one thread per pixel: a tile root (tile_area[k] > 0) finds its final root, points at it and
 // adds its tile area there. Final roots only receive additions, and every other tile root reads
-// only its own area, so the areas are exact whatever the order. is_root (optional) flags the final
-// roots.
+// only its own area, so the areas are exact whatever the order. root_flags (optional, batch-flat)
+// receives 1 at final roots, 0 elsewhere: label_cuda writes them into its labels output, where the
+// in-place prefix sum turns them into component ranks.
 __global__ void __launch_bounds__(kThreads)
-    resolve_kernel(Geometry g, int32_t* parent, int32_t* tile_area, int32_t* is_root) {
+    resolve_kernel(Geometry g, int32_t* parent, int32_t* tile_area, int32_t* root_flags) {
   const int64_t hw = g.hw();
   for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
     int32_t* p = parent + n * hw;
@@ -289,40 +292,61 @@ __global__ void __launch_bounds__(kThreads)
           atomicAdd(&a[root], a[k]);
         }
       }
-      if (is_root) is_root[n * hw + k] = final_root ? 1 : 0;
+      if (root_flags) root_flags[n * hw + k] = final_root ? 1 : 0;
     }
   }
 }
 
-// After pass 3 every pixel is at most two steps from its final root.
+// After pass 3 every pixel is at most two steps from its final root, and a pixel is a final root
+// exactly when it is its own parent (pass 3 re-pointed every other tile root; background is -1).
 __device__ __forceinline__ int32_t final_root(const int32_t* p, int64_t k) {
   const int32_t tile_root = p[k];
   return tile_root < 0 ? -1 : p[tile_root];
 }
 
+__device__ __forceinline__ bool is_final_root(const int32_t* p, int64_t k) { return p[k] == k; }
+
+// label_cuda, after the in-place exclusive scan of the root flags over the whole batch (rank[i] =
+// final roots before flat pixel i): each image's number of components, one thread per image.
 __global__ void __launch_bounds__(kThreads)
-    write_labels_kernel(Geometry g, const int32_t* parent, const int32_t* rank, int32_t* labels) {
+    image_counts_kernel(Geometry g, const int32_t* parent, const int32_t* rank, int32_t* per_image) {
+  const int64_t hw = g.hw();
+  for (int64_t n = blockIdx.x * int64_t(kThreads) + threadIdx.x; n < g.n; n += int64_t(gridDim.x) * kThreads) {
+    const int64_t base = n * hw, last = hw - 1;
+    per_image[n] = rank[base + last] + (is_final_root(parent + base, last) ? 1 : 0) - rank[base];
+  }
+}
+
+// label_cuda, once the host has allocated `areas_out` (one int64 per component of the batch): each
+// final root writes its area at its batch-wide rank and replaces its area by its image-local label
+// (rank - the image's first rank + 1), which write_labels_kernel then spreads. Only a root's own
+// thread touches its area, and rank is only read here, so nothing races.
+__global__ void __launch_bounds__(kThreads)
+    compact_areas_kernel(Geometry g, const int32_t* parent, const int32_t* rank, int32_t* area, int64_t* areas_out) {
   const int64_t hw = g.hw();
   for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
-    const int32_t* p = parent + n * hw;
-    const int32_t* rk = rank + n * hw;
+    const int64_t base = n * hw;
+    const int32_t* p = parent + base;
     for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
-      const int32_t root = final_root(p, k);
-      // rank is the exclusive scan of root flags over the whole batch: subtract the image's start.
-      labels[n * hw + k] = root < 0 ? 0 : rk[root] - rk[0] + 1;
+      if (!is_final_root(p, k)) continue;
+      const int32_t r = rank[base + k];
+      areas_out[r] = area[base + k];
+      area[base + k] = r - rank[base] + 1;
     }
   }
 }
 
+// The last pass of label_cuda: every pixel takes its final root's label (compact_areas_kernel left it
+// in the root's area slot), overwriting the ranks that were kept in `labels` until now.
 __global__ void __launch_bounds__(kThreads)
-    compact_areas_kernel(Geometry g, const int32_t* is_root, const int32_t* rank, const int32_t* area,
-                         int64_t* areas_out, int32_t* per_image) {
+    write_labels_kernel(Geometry g, const int32_t* parent, const int32_t* root_label, int32_t* labels) {
   const int64_t hw = g.hw();
   for (int64_t n = blockIdx.y; n < g.n; n += gridDim.y) {
-    const int64_t base = n * hw;
+    const int32_t* p = parent + n * hw;
+    const int32_t* l = root_label + n * hw;
     for (int64_t k = blockIdx.x * int64_t(kThreads) + threadIdx.x; k < hw; k += int64_t(gridDim.x) * kThreads) {
-      if (is_root[base + k]) areas_out[rank[base + k]] = area[base + k];
-      if (k == hw - 1) per_image[n] = rank[base + k] + is_root[base + k] - rank[base];
+      const int32_t root = final_root(p, k);
+      labels[n * hw + k] = root < 0 ? 0 : l[root];
     }
   }
 }

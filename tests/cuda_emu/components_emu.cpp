@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <fstream>
+#include <memory>
 #include <numeric>
 
 using namespace pneumoseg::postprocess;
@@ -42,6 +43,11 @@ dim3 flat_grid_2d(const Geometry& g) {
   return dim3(static_cast<unsigned>(per_image), static_cast<unsigned>(std::min<int64_t>(g.n, kMaxGridZ)));
 }
 
+// components_cuda.cu's grid for one thread per image.
+unsigned grid_for(int64_t items) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((items + kThreads - 1) / kThreads, 65535)));
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -68,26 +74,38 @@ int main(int argc, char** argv) {
   std::vector<int32_t> parent(total, 123456789), area(total, 123456789);  // garbage, as fresh device memory
   const IsForeground<float> fg{true, thresholds[0]}, top{true, thresholds[1]};
 
-  if (mode == 0) {  // label_cuda
-    std::vector<int32_t> is_root(total), rank(total), labels(total), per_image(n);
-    std::vector<int64_t> areas_out(total);
+  if (mode == 0) {  // label_cuda: root flags, then ranks, live in the labels output until the last pass
+    std::vector<int32_t> labels(total, 987654321), per_image(n, -5);  // garbage, as a fresh torch.empty
     emu::launch(tiles, block, [&] {
       local_kernel<float>(values.data(), g, fg, nullptr, conn, parent.data(), area.data(), IsForeground<float>{true, 0.0},
                           nullptr);
     });
     emu::launch(tiles, block, [&] { border_kernel(g, conn, parent.data()); });
-    emu::launch(flat, dim3(kThreads), [&] { resolve_kernel(g, parent.data(), area.data(), is_root.data()); });
-    std::exclusive_scan(is_root.begin(), is_root.end(), rank.begin(), 0);
-    emu::launch(flat, dim3(kThreads), [&] { write_labels_kernel(g, parent.data(), rank.data(), labels.data()); });
-    emu::launch(flat, dim3(kThreads), [&] {
-      compact_areas_kernel(g, is_root.data(), rank.data(), area.data(), areas_out.data(), per_image.data());
+    emu::launch(flat, dim3(kThreads), [&] { resolve_kernel(g, parent.data(), area.data(), labels.data()); });
+    std::exclusive_scan(labels.begin(), labels.end(), labels.begin(), 0);  // CUB's in-place ExclusiveSum
+    emu::launch(dim3(grid_for(n)), dim3(kThreads), [&] {
+      image_counts_kernel(g, parent.data(), labels.data(), per_image.data());
     });
-    std::vector<int64_t> counts(per_image.begin(), per_image.end());
-    const int64_t k = std::accumulate(counts.begin(), counts.end(), int64_t(0));
-    areas_out.resize(k);
+    std::vector<int64_t> counts(per_image.begin(), per_image.end());  // the copy to the host
+    int64_t k_total = 0;
+    for (int64_t c : counts) {
+      if (c < 0) {
+        std::fprintf(stderr, "components_emu: negative component count\n");
+        return 1;
+      }
+      k_total += c;
+    }
+    // allocate_areas(k_total): exactly k_total values, so ASan catches a write past them.
+    auto areas = std::make_unique<int64_t[]>(static_cast<size_t>(std::max<int64_t>(k_total, 1)));
+    if (k_total > 0) {
+      emu::launch(flat, dim3(kThreads), [&] {
+        compact_areas_kernel(g, parent.data(), labels.data(), area.data(), areas.get());
+      });
+    }
+    emu::launch(flat, dim3(kThreads), [&] { write_labels_kernel(g, parent.data(), area.data(), labels.data()); });
     write(out, labels);
     write(out, counts);
-    write(out, areas_out);
+    write(out, std::vector<int64_t>(areas.get(), areas.get() + k_total));
     return 0;
   }
 
