@@ -32,6 +32,14 @@ input, so both see the same load on a shared machine; ``extra_info`` holds both 
 The GPU comparison times both formulations of the recipes' encoders' segmenters too
 (``subpixel_speedup`` in ``models_gpu.json``).
 
+GPU figures accumulate across sessions: a GPU run (``pytest -m cuda benchmarks/bench_models.py``)
+measures only the cases ``benchmarks/results/models_gpu.json`` lacks for its GPU model, the missing
+ones first, within ``PNEUMOSEG_BENCH_GPU_SECONDS``, and merges its records into that file after every
+model (see the GPU section below). What the next run on a GPU would measure, and about how long it
+would take:
+
+    python benchmarks/bench_models.py --gpu-plan ["NVIDIA H100 80GB HBM3"]
+
 With ``--benchmark-disable`` (CI's smoke run) the inputs shrink to 64x64 so every model still runs.
 On a shared machine torch's thread pool degrades under load; ``PNEUMOSEG_BENCH_THREADS=1`` runs torch
 on one thread for this module (as ``bench_pipeline.py``), the figure least sensitive to it.
@@ -40,9 +48,12 @@ on one thread for this module (as ``bench_pipeline.py``), the figure least sensi
 from __future__ import annotations
 
 import functools
+import gc
 import json
 import os
+import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -271,22 +282,169 @@ def test_plain_unet_is_the_same_network():
 
 # --------------------------------------------------------------------------------------------------
 # GPU: fp16 autocast + channels_last at 1024 against timm + the plain decoder.
+#
+# GPU sessions are rare and short (one device call after the kernel checks), so the figures accumulate in
+# models_gpu.json across sessions instead of being measured again each time. Every record carries its
+# device (torch.cuda.get_device_name()), size, batch, date and run; a run measures only the (encoder,
+# arch, impl, mode) cases that the file lacks for its own GPU model at its size and batch (a record from
+# another GPU counts for nothing here), the missing ones first, and merges its records into the file after
+# every model, so a run stopped at its time limit keeps what it measured. Ratios (ours / timm, sub-pixel /
+# reference decoder) only ever divide figures of one run. PNEUMOSEG_BENCH_GPU_RESULTS names another file
+# (read and merged into); PNEUMOSEG_BENCH_GPU_REMEASURE=1 measures every case again (after a change to
+# the networks), still keeping the other devices' records.
 
-
+OURS, TIMM_PLAIN, REFERENCE_DECODER = "pneumoseg", "timm + plain decoder", "pneumoseg, reference decoder"
 # U-Net on every encoder (the timm comparison is U-Net's), U-Net++ on the CPU set's three; every model
-# of the registry with PNEUMOSEG_BENCH_ALL_MODELS=1. A wall-clock budget (PNEUMOSEG_BENCH_GPU_SECONDS,
-# default 240) keeps the run inside a short GPU session: models past it are listed as not run.
+# of the registry with PNEUMOSEG_BENCH_ALL_MODELS=1. All U-Nets come before the U-Net++s (issue 8 asks
+# for every encoder against timm), the recipes' encoders first, then the registry's order.
 GPU_CASES = [(e, a) for e, a in (
     [(e, a) for e in list_encoders() for a in ARCHITECTURES] if os.environ.get("PNEUMOSEG_BENCH_ALL_MODELS")
     else [(e, "unet") for e in list_encoders()] + [(e, "unet++") for e in CPU_UNETPP])]
-# The recipes' encoders first, so a short budget still measures the models people train.
 GPU_FIRST = ("resnet34", "efficientnet_b4", "densenet121", "seresnext50_32x4d", "resnet50")
-GPU_CASES.sort(key=lambda case: (GPU_FIRST.index(case[0]) if case[0] in GPU_FIRST else len(GPU_FIRST), case[1] != "unet"))
-GPU_SECONDS = float(os.environ.get("PNEUMOSEG_BENCH_GPU_SECONDS", "240"))
-# Segmenters also timed with the reference decoder formulation (sub-pixel blocks off): the ratio is
-# ``subpixel_speedup`` (images/s sub-pixel / reference) in models_gpu.json.
+GPU_CASES.sort(key=lambda case: (case[1] != "unet", GPU_FIRST.index(case[0]) if case[0] in GPU_FIRST else len(GPU_FIRST)))
+# Segmenters of these encoders are also timed with the reference decoder formulation (sub-pixel blocks
+# off) right after the sub-pixel one, on the same model: ``subpixel_speedup`` in models_gpu.json.
 SUBPIXEL_GPU_ENCODERS = GPU_FIRST
-REFERENCE_DECODER = "pneumoseg, reference decoder"
+SUBPIXEL_FIRST = ("resnet34", "unet")  # the default segmenter's speed-up comes before anything else
+# Wall-clock budget of one run: a model that would end past it (at the mean seconds per model so far)
+# is not started, and is listed in ``not_run_over_budget``.
+GPU_SECONDS = float(os.environ.get("PNEUMOSEG_BENCH_GPU_SECONDS", "240"))
+GPU_WARMUP, GPU_REPS = 3, 10  # per mode: the first warm-up step autotunes cuDNN (cudnn.benchmark)
+# Seconds per model (build, cuDNN autotuning, 2 x 13 steps) until the file holds timings of this GPU
+# model (``model_s``). From the H200 runs, which checked their budget before each case: with 85 s, 5
+# models ended inside it and 7 past it (12.1-17 s per model: resnet34 U-Net and U-Net++,
+# efficientnet_b4, densenet121, each with its timm twin but the U-Net++); with 90 s, 8 inside and 10
+# past it (9.0-11.3 s: densenet121, efficientnet_b0..b3 and their twins).
+MODEL_SECONDS_GUESS = 12.0
+
+
+def gpu_results_stem() -> Path:
+    path = os.environ.get("PNEUMOSEG_BENCH_GPU_RESULTS")
+    return Path(path).with_suffix("") if path else RESULTS / "models_gpu"
+
+
+def has_timm_twin(encoder: str, arch: str) -> bool:
+    """Whether the case has a timm + plain decoder network to compare with (U-Nets of timm's encoders)."""
+    return arch == "unet" and ENCODERS[encoder].timm_name is not None
+
+
+@dataclass
+class GpuCase:
+    """One (encoder, arch) and the modes still to measure for each implementation. ``reference`` is
+    timed on the pneumoseg model (sub-pixel blocks off) right after its sub-pixel formulation."""
+
+    encoder: str
+    arch: str
+    ours: tuple = ()
+    reference: tuple = ()
+    timm: tuple = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.encoder} {self.arch}"
+
+    @property
+    def short(self) -> str:
+        """The label, naming what is missing where pneumoseg's own figures are not (e.g. the reference decoder)."""
+        if self.ours:
+            return self.label
+        return f"{self.label} ({', '.join(i for i, m in ((REFERENCE_DECODER, self.reference), (TIMM_PLAIN, self.timm)) if m)})"
+
+    @property
+    def models(self) -> int:
+        return int(bool(self.ours or self.reference)) + int(bool(self.timm))
+
+    def describe(self) -> str:
+        parts = [f"{impl} {'/'.join(modes)}" for impl, modes in
+                 ((OURS, self.ours), (REFERENCE_DECODER, self.reference), (TIMM_PLAIN, self.timm)) if modes]
+        return f"{self.label}: " + "; ".join(parts)
+
+
+def load_gpu_records(path: Path) -> list[dict]:
+    """Every record of a models_gpu.json (this device's and the others'), each with its device, size,
+    batch and run: files written before records carried them hold them once, at the top level."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    defaults = {key: data.get(key) for key in ("device", "size", "batch")}
+    defaults["run"] = data.get("run", f"{data.get('device')} (run not recorded)")
+    return [{**defaults, **r} for r in [*data.get("results", []), *data.get("other_records", [])]]
+
+
+def _same_setup(record: dict, device: str, size: int, batch: int) -> bool:
+    return (record.get("device"), record.get("size"), record.get("batch")) == (device, size, batch)
+
+
+def _measured(record: dict) -> bool:
+    if "images_per_s" not in record:
+        return False
+    return record["impl"] != REFERENCE_DECODER or "subpixel_images_per_s" in record
+
+
+def recorded_cases(records: list[dict], device: str, size: int, batch: int) -> set:
+    """(encoder, arch, impl, mode) measured on this GPU model at this size and batch."""
+    return {(r["encoder"], r["arch"], r["impl"], r["mode"]) for r in records
+            if _same_setup(r, device, size, batch) and _measured(r)}
+
+
+def plan_gpu_cases(cases, done: set, timm_twin=has_timm_twin, elsewhere: set = frozenset()) -> list[GpuCase]:
+    """What each case still lacks, in the order to measure it: ``SUBPIXEL_FIRST``, then the cases with
+    nothing recorded on any GPU, then those recorded only on another GPU (``elsewhere``: their
+    (encoder, arch) pairs), then those partly recorded here; ``cases``' order within each."""
+    modes = list(MODES)
+    plan = []
+    for encoder, arch in cases:
+        def missing(impl):
+            return tuple(m for m in modes if (encoder, arch, impl, m) not in done)
+
+        timm = missing(TIMM_PLAIN) if timm_twin(encoder, arch) else ()
+        # ours is timed again where timm's figure is missing: a ratio divides one run's figures
+        ours = tuple(m for m in modes if m in timm or (encoder, arch, OURS, m) not in done)
+        reference = missing(REFERENCE_DECODER) if encoder in SUBPIXEL_GPU_ENCODERS else ()
+        if ours or reference or timm:
+            plan.append(GpuCase(encoder, arch, ours, reference, timm))
+
+    def tier(case: GpuCase) -> int:
+        if (case.encoder, case.arch) == SUBPIXEL_FIRST:
+            return 0
+        if any(key[:2] == (case.encoder, case.arch) for key in done):
+            return 3
+        return 2 if (case.encoder, case.arch) in elsewhere else 1
+
+    return sorted(plan, key=tier)
+
+
+def model_seconds_estimate(records: list[dict], device: str) -> float:
+    """Mean seconds per model of this GPU model's earlier runs (``model_s``), else the guess."""
+    per_model = {(r["run"], r["encoder"], r["arch"], r["impl"] == TIMM_PLAIN): r["model_s"]
+                 for r in records if r.get("device") == device and "model_s" in r}
+    return statistics.mean(per_model.values()) if per_model else MODEL_SECONDS_GUESS
+
+
+def merge_gpu_records(previous: list[dict], new: list[dict]) -> list[dict]:
+    """``previous`` with ``new`` added: a new record replaces only the record of the same device, size,
+    batch, case, impl and mode (and an earlier error of an impl tried again); nothing else is lost."""
+    def key(r):
+        return r["device"], r["size"], r["batch"], r["encoder"], r["arch"], r["impl"], r.get("mode")
+
+    replaced = {key(r) for r in new}
+    retried = {key(r)[:6] for r in new}
+    kept = [r for r in previous if key(r) not in replaced and not ("error" in r and key(r)[:6] in retried)]
+    return kept + new
+
+
+def gpu_ratios(records: list[dict], device: str, size: int, batch: int) -> tuple[dict, dict]:
+    """ours / timm (each pair from one run) and sub-pixel / reference decoder, keyed 'encoder arch mode'."""
+    mine = [r for r in records if _same_setup(r, device, size, batch) and _measured(r)]
+    ours = {(r["run"], r["encoder"], r["arch"], r["mode"]): r["images_per_s"] for r in mine if r["impl"] == OURS}
+    timm, subpixel = {}, {}
+    for r in mine:
+        key = f"{r['encoder']} {r['arch']} {r['mode']}"
+        if r["impl"] == TIMM_PLAIN and (r["run"], r["encoder"], r["arch"], r["mode"]) in ours:
+            timm[key] = ours[r["run"], r["encoder"], r["arch"], r["mode"]] / r["images_per_s"]
+        elif r["impl"] == REFERENCE_DECODER:
+            subpixel[key] = r["subpixel_images_per_s"] / r["images_per_s"]
+    return timm, subpixel
 
 
 @pytest.mark.cuda
@@ -294,17 +452,19 @@ def test_segmenters_gpu_against_timm_plain_unet():
     cudnn_benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = True
     try:
-        _compare_with_timm("cuda", GPU_SIZE, GPU_BATCH, GPU_CASES, GPU_SECONDS, RESULTS / "models_gpu")
+        _compare_with_timm("cuda", GPU_SIZE, GPU_BATCH, GPU_CASES, GPU_SECONDS, gpu_results_stem(),
+                           remeasure=bool(os.environ.get("PNEUMOSEG_BENCH_GPU_REMEASURE")))
     finally:
         torch.backends.cudnn.benchmark = cudnn_benchmark
 
 
 def test_gpu_comparison_runs_on_the_cpu(tmp_path, capsys):
     """The GPU comparison's own code, on the CPU at 64x64 with two small models: a GPU session's few
-    minutes are not spent discovering a bug in the benchmark."""
+    minutes are not spent discovering a bug in the benchmark (test_gpu_code_on_cpu.py checks the
+    records it keeps, skips and merges)."""
     out = _compare_with_timm("cpu", SMOKE_SIZE, 2, [("resnet_tiny", "unet"), ("resnet34", "unet++")], 600,
                              tmp_path / "models")
-    assert {(r["encoder"], r["arch"], r["mode"]) for r in out["results"] if r["impl"] == "pneumoseg"} == {
+    assert {(r["encoder"], r["arch"], r["mode"]) for r in out["results"] if r["impl"] == OURS} == {
         ("resnet_tiny", "unet", "forward"), ("resnet_tiny", "unet", "forward+backward"),
         ("resnet34", "unet++", "forward"), ("resnet34", "unet++", "forward+backward")}
     assert set(out["subpixel_speedup"]) == {"resnet34 unet++ forward", "resnet34 unet++ forward+backward"}
@@ -332,7 +492,7 @@ def _images_per_s(model, x, train, reps):
                     model(x)
 
     model.train(train)
-    for _ in range(3):
+    for _ in range(GPU_WARMUP):
         step()
     if device == "cuda":
         torch.cuda.synchronize()
@@ -352,65 +512,141 @@ def _timm_available() -> bool:
     return True
 
 
-def _compare_with_timm(device, size, batch, cases, budget_s, stem: Path) -> dict:
-    """images/s of each (encoder, arch) in fp16 autocast (bf16 on a CPU) + channels_last, forward and
-    forward+backward, and of timm's encoder + the plain decoder for U-Nets where timm is installed.
-    One failing model is recorded with its error and the rest still run; so is the budget running out."""
-    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    reps = 10 if device == "cuda" else 1
-    with_timm = _timm_available()
-    rows, skipped, t_start = [], [], time.perf_counter()
-    for encoder, arch in cases:
-        if time.perf_counter() - t_start > budget_s:
-            skipped.append(f"{encoder} {arch}")
+def _build_on(device: str, build) -> nn.Module:
+    """The network made on the device itself where its builder allows (no CPU initialisation and
+    host-to-device copy of ~100 MB per model), else made on the CPU and moved."""
+    if device != "cpu":
+        try:
+            with torch.device(device):
+                return build().to(device).to(memory_format=torch.channels_last)
+        except Exception:  # noqa: BLE001 - a builder that insists on CPU tensors: the slower way below
+            pass
+    return build().to(device).to(memory_format=torch.channels_last)
+
+
+def _free(device: str) -> None:
+    """The last model's weights, gradients and cached blocks go back before the next model is built."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _measure_case(case: GpuCase, device: str, x, reps: int, common: dict, over_budget, model_seconds: list):
+    """Yields the records of each model of one case: the pneumoseg model (sub-pixel, then the reference
+    formulation on the same model), then timm's; each is built once for both modes, and not built when
+    ``over_budget()`` (one record with ``not_run``)."""
+    jobs = []
+    if case.ours or case.reference:
+        jobs.append((OURS, lambda: create_segmenter(case.arch, case.encoder), case.ours + case.reference))
+    if case.timm:
+        jobs.append((TIMM_PLAIN, lambda: timm_plain_unet(case.encoder), case.timm))
+    for kind, build, wanted in jobs:
+        if over_budget():
+            yield [dict(common, impl=kind, not_run="over budget")]
             continue
-        builders = {"pneumoseg": lambda: create_segmenter(arch, encoder)}
-        if arch == "unet" and ENCODERS[encoder].timm_name is not None and with_timm:
-            builders["timm + plain decoder"] = lambda: timm_plain_unet(encoder)
-        for impl, build in builders.items():
-            try:
-                torch.manual_seed(0)
-                model = build().to(device).to(memory_format=torch.channels_last)
-                for mode, train in (("forward", False), ("forward+backward", True)):
-                    rows.append(dict(encoder=encoder, arch=arch, impl=impl, mode=mode,
-                                     images_per_s=_images_per_s(model, x, train, reps)))
-                    if impl == "pneumoseg" and encoder in SUBPIXEL_GPU_ENCODERS:
-                        # the same model on the reference decoder formulation, timed right after
-                        set_subpixel_decoding(model, False)
-                        rows.append(dict(encoder=encoder, arch=arch, impl=REFERENCE_DECODER, mode=mode,
-                                         images_per_s=_images_per_s(model, x, train, reps)))
+        start, model, rows, impl, build_s = time.perf_counter(), None, [], kind, None
+        try:
+            torch.manual_seed(0)
+            model = _build_on(device, build)
+            build_s = time.perf_counter() - start
+            for mode, (_, train) in MODES.items():
+                if mode not in wanted:
+                    continue
+                impl = kind
+                images_per_s = _images_per_s(model, x, train, reps)
+                if kind == TIMM_PLAIN or mode in case.ours:
+                    rows.append(dict(common, impl=kind, mode=mode, images_per_s=images_per_s))
+                if kind == OURS and mode in case.reference:
+                    impl = REFERENCE_DECODER
+                    set_subpixel_decoding(model, False)
+                    try:
+                        reference = _images_per_s(model, x, train, reps)
+                    finally:
                         set_subpixel_decoding(model, True)
-            except Exception as exc:  # noqa: BLE001 - one model's failure is a finding, not the end of the run
-                rows.append(dict(encoder=encoder, arch=arch, impl=impl, error=f"{type(exc).__name__}: {exc}"[:300]))
+                    rows.append(dict(common, impl=REFERENCE_DECODER, mode=mode, images_per_s=reference,
+                                     subpixel_images_per_s=images_per_s))
+        except Exception as exc:  # noqa: BLE001 - one model's failure is a finding, not the end of the run
+            rows.append(dict(common, impl=impl, error=f"{type(exc).__name__}: {exc}"[:300]))
+        finally:
             model = None
-            if device == "cuda":
-                torch.cuda.empty_cache()
-    ratios = {}
-    for r in rows:
-        if r["impl"] == "timm + plain decoder" and "images_per_s" in r:
-            ours = [o for o in rows if o["impl"] == "pneumoseg" and "images_per_s" in o and o["encoder"] == r["encoder"]
-                    and o["arch"] == r["arch"] and o["mode"] == r["mode"]]
-            if ours:
-                ratios[f"{r['encoder']} {r['arch']} {r['mode']}"] = ours[0]["images_per_s"] / r["images_per_s"]
-    subpixel = {}
-    for r in rows:
-        if r["impl"] == REFERENCE_DECODER and "images_per_s" in r:
-            ours = [o for o in rows if o["impl"] == "pneumoseg" and "images_per_s" in o and o["encoder"] == r["encoder"]
-                    and o["arch"] == r["arch"] and o["mode"] == r["mode"]]
-            if ours:
-                subpixel[f"{r['encoder']} {r['arch']} {r['mode']}"] = ours[0]["images_per_s"] / r["images_per_s"]
+            _free(device)
+        seconds = time.perf_counter() - start
+        model_seconds.append(seconds)
+        date = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for r in rows:
+            r.update(date=date, model_s=round(seconds, 2))
+            if build_s is not None and "error" not in r:
+                r["build_s"] = round(build_s, 2)
+        yield rows
+
+
+def _compare_with_timm(device, size, batch, cases, budget_s, stem: Path, remeasure: bool = False) -> dict:
+    """images/s of each (encoder, arch) in fp16 autocast (bf16 on a CPU) + channels_last, forward and
+    forward+backward, and of timm's encoder + the plain decoder for U-Nets where timm is installed: the
+    cases ``stem``.json lacks for this device (all of them with ``remeasure``), merged into it after each
+    model. One failing model is recorded with its error and the rest still run; so is the budget running out."""
+    path = stem.with_suffix(".json")
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    out = {"device": name, "size": size, "batch": batch,
-           "dtype": "float16 autocast" if device == "cuda" else "bfloat16 autocast",
-           "memory_format": "channels_last", "timm": with_timm, "results": rows, "speedup_vs_timm_plain": ratios,
-           "subpixel_speedup": subpixel, "not_run_over_budget": skipped, "budget_s": budget_s}
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(out, indent=2) + "\n")
-    timed_rows = [r for r in rows if "images_per_s" in r]
-    title = f"segmenters, {size}x{size} batch {batch}, {out['dtype']} + channels_last, {name}"
-    draw(timed_rows, stem.with_suffix(".png"), title)
-    print(json.dumps(out, indent=2))
-    failed = [r for r in rows if "error" in r]
+    run = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    previous = load_gpu_records(path)
+    done = set() if remeasure else recorded_cases(previous, name, size, batch)
+    elsewhere = {(r["encoder"], r["arch"]) for r in previous if r.get("device") != name and _measured(r)}
+    work = plan_gpu_cases(cases, done, has_timm_twin, elsewhere)
+    with_timm = _timm_available() if any(c.timm for c in work) else None  # None: not needed (or not asked)
+    if with_timm is False:
+        work = plan_gpu_cases(cases, done, lambda e, a: False, elsewhere)
+    estimate = model_seconds_estimate(previous, name)
+    print(f"models_gpu ({name}): {len({(e, a) for e, a, *_ in done})} case(s) recorded before, "
+          f"{sum(c.models for c in work)} model(s) to build, about {estimate * sum(c.models for c in work):.0f} s "
+          f"at {estimate:.1f} s per model (budget {budget_s:.0f} s):")
+    for case in work:
+        print(f"  {case.describe()}")
+
+    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    reps = GPU_REPS if device == "cuda" else 1
+    model_seconds, new, t_start = [], [], time.perf_counter()
+
+    def over_budget() -> bool:
+        per_model = statistics.mean(model_seconds) if model_seconds else estimate
+        return time.perf_counter() - t_start + per_model > budget_s
+
+    def write() -> dict:
+        records = merge_gpu_records(previous, [r for r in new if "not_run" not in r])
+        here = [r for r in records if _same_setup(r, name, size, batch)]
+        timm_ratios, subpixel = gpu_ratios(records, name, size, batch)
+        still_missing = plan_gpu_cases(cases, recorded_cases(records, name, size, batch),
+                                       has_timm_twin if with_timm is not False else (lambda e, a: False))
+        out = {"device": name, "size": size, "batch": batch,
+               "dtype": "float16 autocast" if device == "cuda" else "bfloat16 autocast",
+               "memory_format": "channels_last", "timm": with_timm, "run": run, "results": here,
+               "other_records": [r for r in records if not _same_setup(r, name, size, batch)],
+               "speedup_vs_timm_plain": timm_ratios, "subpixel_speedup": subpixel,
+               "not_run_over_budget": [c.short for c in still_missing],
+               "still_to_measure": [c.describe() for c in still_missing],
+               "budget_s": budget_s, "models_this_run": len(model_seconds),
+               "model_s_this_run": [round(s, 2) for s in model_seconds]}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(out, indent=2) + "\n")
+        partial.replace(path)  # atomic: a run killed mid-write leaves the last whole file
+        return out
+
+    for case in work:
+        common = dict(encoder=case.encoder, arch=case.arch, device=name, size=size, batch=batch, run=run,
+                      torch=torch.__version__)
+        for model_rows in _measure_case(case, device, x, reps, common, over_budget, model_seconds):
+            new += model_rows
+            write()
+    out = write()  # also when nothing was left to measure: the file in this run's layout
+    this_run = [r for r in new if "not_run" not in r]
+    timed_rows = [r for r in out["results"] if "images_per_s" in r]
+    if timed_rows:
+        title = f"segmenters, {size}x{size} batch {batch}, {out['dtype']} + channels_last, {name} (all runs)"
+        draw(timed_rows, stem.with_suffix(".png"), title)
+    print(json.dumps({"this_run": this_run, "speedup_vs_timm_plain": out["speedup_vs_timm_plain"],
+                      "subpixel_speedup": out["subpixel_speedup"], "still_to_measure": out["still_to_measure"],
+                      "model_s_this_run": out["model_s_this_run"]}, indent=2))
+    failed = [r for r in this_run if "error" in r]
     assert not failed, failed
     return out
 
@@ -442,13 +678,39 @@ def draw(rows, path, title):
     plt.close(fig)
 
 
+def gpu_plan(path: Path, device: str | None = None) -> list[GpuCase]:
+    """Prints what a GPU run on ``device`` (default: the file's last) would measure, in order, and
+    about how long it would take, from what ``path`` (a models_gpu.json) holds."""
+    records = load_gpu_records(path)
+    device = device or (json.loads(path.read_text()).get("device") if path.is_file() else None)
+    done = recorded_cases(records, device, GPU_SIZE, GPU_BATCH)
+    elsewhere = {(r["encoder"], r["arch"]) for r in records if r.get("device") != device and _measured(r)}
+    work = plan_gpu_cases(GPU_CASES, done, has_timm_twin, elsewhere)
+    estimate = model_seconds_estimate(records, device)
+    models = sum(c.models for c in work)
+    print(f"{path} on {device}: {len(done)} figures recorded at {GPU_SIZE}x{GPU_SIZE} batch {GPU_BATCH}; "
+          f"{len(work)} case(s) still to measure, {models} model(s), about {models * estimate:.0f} s at "
+          f"{estimate:.1f} s per model (plus about 15 s to start):")
+    for case in work:
+        print(f"  {case.describe()}")
+    return work
+
+
 def main() -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="images/s per segmenter from a pytest-benchmark JSON")
-    parser.add_argument("json")
+    parser = argparse.ArgumentParser(description="images/s per segmenter from a pytest-benchmark JSON; with "
+                                     "--gpu-plan, what the GPU run would measure next")
+    parser.add_argument("json", nargs="?", help="pytest-benchmark JSON (with --gpu-plan: a models_gpu.json)")
     parser.add_argument("--png", default=str(RESULTS / "models_cpu.png"))
+    parser.add_argument("--gpu-plan", nargs="?", const="", metavar="DEVICE",
+                        help="GPU model name as torch.cuda.get_device_name() gives it (default: the file's device)")
     args = parser.parse_args()
+    if args.gpu_plan is not None:
+        gpu_plan(Path(args.json) if args.json else gpu_results_stem().with_suffix(".json"), args.gpu_plan or None)
+        return
+    if not args.json:
+        parser.error("the pytest-benchmark JSON is required")
     data = json.loads(Path(args.json).read_text())
     rows, threads = [], set()
     for b in data["benchmarks"]:
