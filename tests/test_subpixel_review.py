@@ -214,3 +214,22 @@ def test_a_copy_carries_no_dead_frozen_weights(how):
         torch.testing.assert_close(clone(x), want, rtol=0, atol=0)
         assert freeze_subpixel_weights(clone) == 5
         torch.testing.assert_close(clone(x), want, rtol=0, atol=0)
+
+
+def test_functional_call_with_another_models_frozen_buffers():
+    """The frozen weights are buffers, so ``named_buffers()`` lists them and ``functional_call`` swaps in
+    another frozen model's: they must not be used with this model's conv1 weights."""
+    model, other, x = _frozen_segmenter(), _frozen_segmenter(seed=7), _input()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        want = model(x)
+        # another model's buffers (its BatchNorm statistics, folded here: only its frozen weights)
+        torch.testing.assert_close(torch.func.functional_call(model, dict(other.named_buffers()), (x,)), want,
+                                   rtol=0, atol=0)
+        # every tensor of the other model: its function, whatever this model froze
+        both = {**dict(other.named_parameters()), **dict(other.named_buffers())}
+        torch.testing.assert_close(torch.func.functional_call(model, both, (x,)), other(x), rtol=0, atol=0)
+        # this model's own tensors, frozen ones included: still frozen, same function
+        own = {**params, **dict(model.named_buffers())}
+        torch.testing.assert_close(torch.func.functional_call(model, own, (x,)), want, rtol=0, atol=0)
+        assert all(b._frozen_weights_apply(b.has_skip) for b in _blocks(model))

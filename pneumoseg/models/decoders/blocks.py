@@ -110,8 +110,9 @@ class DecoderBlock(nn.Module):
             self._unfreeze_subpixel()
         if self.subpixel and self._subpixel_is_exact(skip is not None):
             # read once: another thread's unfreeze between the check and the use must not reach here
-            phase_weight, phase_bias, skip_weight = (getattr(self, name) for name in _FROZEN)
-            if phase_weight is not None and self._frozen_weights_apply(skip is not None):
+            frozen = self._frozen_buffers()
+            if self._frozen_weights_apply(skip is not None, frozen):
+                phase_weight, phase_bias, skip_weight = frozen
                 x = _upsample_conv3x3_phases(x, skip, phase_weight, phase_bias, skip_weight, conv.bias,
                                              conv.out_channels)
             else:
@@ -162,7 +163,9 @@ class DecoderBlock(nn.Module):
             elif bias is not None:
                 self._frozen_phase_bias = bias.repeat_interleave(4)
         self._frozen_key = (self.has_skip, _tensor_key(weight), _tensor_key(bias))
-        self._frozen_sources = tuple(None if t is None else t.detach() for t in (weight, bias))
+        # (conv1's weight, its bias, the frozen weights as stored): what the eager check compares with
+        self._frozen_sources = (weight.detach(), None if bias is None else bias.detach(),
+                                tuple(getattr(self, name) for name in _FROZEN))
         return True
 
     def _unfreeze_subpixel(self) -> bool:
@@ -194,26 +197,27 @@ class DecoderBlock(nn.Module):
         # .to() / .half() / share_memory(): a conversion that replaced conv1's weight or the frozen
         # weights themselves (cast, moved) ends them, rather than keeping unused copies beside the
         # new weights; a conversion that changed nothing (a no-op .to()) keeps them
-        before = [getattr(self, name) for name in _FROZEN]
         out = super()._apply(fn, recurse)
-        if before[0] is not None and (any(getattr(self, n) is not b for n, b in zip(_FROZEN, before))
-                                      or not _frozen_from(self._frozen_key, self._frozen_sources,
-                                                          self.conv1[0].weight, self.conv1[0].bias)):
+        if self._frozen_phase_weight is not None and not self._frozen_match(self._frozen_buffers()):
             self._unfreeze_subpixel()
         return out
 
-    def _frozen_weights_apply(self, has_skip: bool) -> bool:
-        """Whether forward may use the frozen weights: eval mode, no gradient wanted for conv1's
-        weight, and (in eager runs, where it can be read) conv1's weight and bias still the very
-        tensors, unmodified, that they were computed from."""
-        if self._frozen_phase_weight is None or self.training:
+    def _frozen_buffers(self) -> tuple:
+        return tuple(getattr(self, name) for name in _FROZEN)
+
+    def _frozen_weights_apply(self, has_skip: bool, frozen: Optional[tuple] = None) -> bool:
+        """Whether forward may use the frozen weights (``frozen``: the block's, read by the caller):
+        eval mode, no gradient wanted for conv1's weight, and (in eager runs, where it can be read)
+        conv1's weight and bias still the very tensors, unmodified, that they were computed from."""
+        frozen = self._frozen_buffers() if frozen is None else frozen
+        if frozen[0] is None or self.training:
             return False
         conv = self.conv1[0]
         weight, bias = conv.weight, conv.bias
         if _wants_gradient(weight, bias):
             return False
-        key, sources = self._frozen_key, self._frozen_sources
-        if key is None or sources is None:
+        key = self._frozen_key
+        if key is None:
             return False
         if torch.compiler.is_compiling():
             # versions and data pointers cannot be traced: what a trace can see (and guards on)
@@ -221,7 +225,21 @@ class DecoderBlock(nn.Module):
                     and (bias is None) == (key[2][0] is None))
         if _is_functorch(weight, bias) or _has_tangent(weight, bias):
             return False
-        return key[0] == has_skip and _frozen_from(key, sources, weight, bias)
+        return key[0] == has_skip and self._frozen_match(frozen)
+
+    def _frozen_match(self, frozen: tuple) -> bool:
+        """``frozen`` are the weights freezing stored (not, say, another model's, passed to
+        ``functional_call`` as buffers), and conv1's weight and bias are, unmodified, the tensors they
+        came from, in the storage they came from (a recorded pointer of a copied or unpickled model
+        names another model's or another process's memory)."""
+        key, sources = self._frozen_key, self._frozen_sources
+        if key is None or sources is None or any(a is not b for a, b in zip(frozen, sources[2])):
+            return False
+        conv = self.conv1[0]
+        weight, bias = conv.weight, conv.bias
+        return (key[1:] == (_tensor_key(weight), _tensor_key(bias))
+                and all((t is None) == (s is None) and (t is None or t.data_ptr() == s.data_ptr())
+                        for t, s in zip((weight, bias), sources[:2])))
 
 
 _FROZEN = ("_frozen_phase_weight", "_frozen_phase_bias", "_frozen_skip_weight")
@@ -234,15 +252,6 @@ def _tensor_key(t: Optional[torch.Tensor]) -> tuple:
     if t is None:
         return (None, None, None, None, None, None)
     return (t.dtype, t.device, t.data_ptr(), t._version, tuple(t.shape), t.stride())
-
-
-def _frozen_from(key: tuple, sources: tuple, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
-    """``weight`` and ``bias`` are, unmodified, the tensors the frozen weights came from, in the storage
-    they came from (a deep copy's or an unpickled model's recorded pointers name another model's or
-    another process's memory)."""
-    return (key[1:] == (_tensor_key(weight), _tensor_key(bias))
-            and all((t is None) == (s is None) and (t is None or t.data_ptr() == s.data_ptr())
-                    for t, s in zip((weight, bias), sources)))
 
 
 def _unfreeze_after_loading(module: nn.Module, incompatible_keys) -> None:
