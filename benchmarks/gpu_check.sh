@@ -24,6 +24,9 @@
 #   GPU_CHECK_STEPS=build,benches GPU_CHECK_BENCH_TIMEOUT=500 PNEUMOSEG_BENCH_GPU_SECONDS=200 \
 #   GPU_CHECK_BENCHES="benchmarks/bench_models.py benchmarks/bench_train.py benchmarks/bench_pipeline.py" \
 #   bash benchmarks/gpu_check.sh
+# (bench_models.py measures only what benchmarks/results/models_gpu.json lacks for this GPU model and
+# merges into that file, so repeated calls go on where the last stopped; gpu_session.sh gives it a step
+# of its own right after the kernel checks.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
