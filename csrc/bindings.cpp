@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "common/cuda_memory.h"
 #include "common/errors.h"
 #include "common/half.h"
 #include "common/tensor_view.h"
@@ -62,9 +63,17 @@ int cuda_device_count() {
   }
   return n;
 }
+// The native scratch pools (common/cuda_memory.h): bytes held, and giving the cached part back.
+uint64_t cuda_scratch_reserved_bytes() { return cuda::reserved_bytes(); }
+uint64_t cuda_release_scratch() {
+  py::gil_scoped_release release;
+  return cuda::release_cached();
+}
 #else
 constexpr bool kBuiltWithCuda = false;
 int cuda_device_count() { return 0; }
+uint64_t cuda_scratch_reserved_bytes() { return 0; }
+uint64_t cuda_release_scratch() { return 0; }
 #endif
 
 #ifndef PNEUMOSEG_WITH_CUDA
@@ -344,6 +353,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("built_with_cuda", [] { return kBuiltWithCuda; });
   m.def("cuda_device_count", &cuda_device_count);
+  m.def("cuda_scratch_reserved_bytes", &cuda_scratch_reserved_bytes);
+  m.def("cuda_release_scratch", &cuda_release_scratch);
   m.def("rle_encode", &rle_encode, py::arg("masks"), py::arg("style"), py::arg("stream") = 0);
   m.def("rle_encode_units_cpu", &rle_encode_units_cpu, py::arg("masks"), py::arg("style"));
   py::class_<loss::ComboParams>(m, "ComboParams")

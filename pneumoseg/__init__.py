@@ -1,7 +1,7 @@
 """pneumoseg: pneumothorax classification and segmentation on chest radiographs, with a C++/CUDA core."""
 
 from . import limits, postprocess, rle
-from ._native import cuda_available
+from ._native import cuda_available, cuda_memory_reserved, release_cuda_memory
 from .errors import (
     DataFormatError, DataWarning, DicomError, InvalidInputError, LimitError, NativeError, OutputError, PneumosegError,
     RLEError, TrainingError,
@@ -34,6 +34,8 @@ __all__ = [
     "postprocess",
     "__version__",
     "cuda_available",
+    "cuda_memory_reserved",
+    "release_cuda_memory",
     "rle",
     "PneumosegError",
     "InvalidInputError",

@@ -1,3 +1,5 @@
+#include <algorithm>
+#include <cstdint>
 #include <mutex>
 #include <vector>
 
@@ -20,6 +22,20 @@ namespace {
 std::mutex pools_lock;
 std::vector<cudaMemPool_t> pools;  // index = device
 
+// How much freed scratch the pool keeps across synchronisations (the release threshold): an eighth of
+// the device's memory, at most 2 GiB. A pool only keeps what calls actually used, so this bounds the
+// cache of large batches and costs nothing to batch-1 inference. It covers a batch of 64 1024x1024
+// images (label_components and postprocess need 8 bytes of scratch per pixel: 512 MiB) on any card of
+// 4 GiB or more, which would otherwise map ~0.5 GB of fresh device memory on every call. It stays well
+// below what PyTorch's or CuPy's caching allocators keep (everything, until empty_cache() /
+// free_all_blocks()), since this pool is invisible to them: memory it holds is memory they cannot use.
+// release_cached() gives it all back.
+uint64_t release_threshold() {
+  size_t free_bytes = 0, total_bytes = 0;
+  PNEUMOSEG_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return std::min<uint64_t>(total_bytes / 8, uint64_t(2) << 30);
+}
+
 cudaMemPool_t pool_for_current_device() {
   int device = 0;
   PNEUMOSEG_CUDA_CHECK(cudaGetDevice(&device));
@@ -32,14 +48,46 @@ cudaMemPool_t pool_for_current_device() {
     props.location.id = device;
     cudaMemPool_t pool;
     PNEUMOSEG_CUDA_CHECK(cudaMemPoolCreate(&pool, &props));
-    // Keep up to 256 MiB cached across synchronisations so repeated batches allocate for free.
-    uint64_t keep = uint64_t(256) << 20;
+    uint64_t keep = release_threshold();  // of the current device
     PNEUMOSEG_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
     pools[device] = pool;
   }
   return pools[device];
 }
+
+uint64_t pool_reserved(cudaMemPool_t pool) {
+  uint64_t bytes = 0;
+  PNEUMOSEG_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &bytes));
+  return bytes;
+}
 }  // namespace
+
+uint64_t reserved_bytes() {
+  std::lock_guard<std::mutex> guard(pools_lock);
+  uint64_t bytes = 0;
+  for (cudaMemPool_t pool : pools) {
+    if (pool) bytes += pool_reserved(pool);
+  }
+  return bytes;
+}
+
+uint64_t release_cached() {
+  std::lock_guard<std::mutex> guard(pools_lock);
+  uint64_t released = 0;
+  for (int device = 0; device < static_cast<int>(pools.size()); ++device) {
+    if (!pools[device]) continue;
+    const uint64_t before = pool_reserved(pools[device]);
+    {
+      // A scratch buffer freed on a stream counts as in use until the host has seen that free.
+      DeviceGuard on(device);
+      PNEUMOSEG_CUDA_CHECK(cudaDeviceSynchronize());
+    }
+    PNEUMOSEG_CUDA_CHECK(cudaMemPoolTrimTo(pools[device], 0));
+    const uint64_t after = pool_reserved(pools[device]);
+    released += before > after ? before - after : 0;
+  }
+  return released;
+}
 
 void* alloc_async(size_t bytes, cudaStream_t stream) {
   void* ptr = nullptr;

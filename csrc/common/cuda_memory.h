@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <cstdint>
 #include <mutex>
 
 namespace pneumoseg::cuda {
@@ -25,6 +26,12 @@ class DeviceGuard {
 // Stream-ordered allocation from pneumoseg's pool on the current device; freed on the same stream.
 void* alloc_async(size_t bytes, cudaStream_t stream);
 void free_async(void* ptr, cudaStream_t stream);
+
+// Bytes the pools of all devices hold (in use or cached for reuse), and giving back to the driver
+// every cached byte (after synchronising each device with a pool); returns the bytes given back.
+// The pool keeps freed scratch up to a threshold (cuda_memory.cu says which and why).
+uint64_t reserved_bytes();
+uint64_t release_cached();
 
 // RAII for alloc_async.
 class ScratchBuffer {
