@@ -5,13 +5,17 @@
 
 On a GPU the CUDA tests time labelling and fused post-processing of a batch of 64 against a cupyx loop,
 and post-processing + RLE of one logit map, and write benchmarks/results/{label,postprocess,
-postprocess_rle_batch1}_gpu.json.
+postprocess_rle_batch1}_gpu.json; and where labelling's time goes (per-kernel device time, the pool's
+share), into benchmarks/results/label_breakdown_gpu.json:
+
+    pytest -m cuda benchmarks/bench_postprocess.py -k breakdown -q
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -273,3 +277,81 @@ def test_gpu_postprocess_and_rle_one_logit_map():
         "target_ms": 0.2,
     }
     write_result("postprocess_rle_batch1_gpu.json", result)
+
+
+# Where labelling's time goes, for the case furthest from its target (issue 11: 64 noise masks at 7.6x
+# the cupyx loop). A few seconds of GPU time.
+
+def short_kernel_name(name: str) -> str:
+    """'void pneumoseg::postprocess::kernels::local_kernel<unsigned char>(...)' -> 'local_kernel';
+    'Memcpy DtoH (Device -> Pinned)' -> 'Memcpy DtoH'."""
+    name = re.sub(r"^void ", "", name.strip())
+    name = re.split(r"[<(]", name, maxsplit=1)[0].strip()
+    return name.rsplit("::", 1)[-1] or name
+
+
+def device_time_table(averages, calls: int, is_device_event) -> list[dict]:
+    """Per kernel (and copy/set) name: device microseconds and launches per labelling call, largest
+    first, from torch.profiler's key_averages() over `calls` calls."""
+    table: dict[str, dict] = {}
+    for event in averages:
+        if not is_device_event(event) or event.self_device_time_total <= 0:
+            continue
+        row = table.setdefault(short_kernel_name(event.key), {"name": short_kernel_name(event.key),
+                                                               "device_us_per_call": 0.0, "launches_per_call": 0.0})
+        row["device_us_per_call"] += event.self_device_time_total / calls
+        row["launches_per_call"] += event.count / calls
+    return sorted(table.values(), key=lambda r: -r["device_us_per_call"])
+
+
+def label_time_breakdown(torch, masks, calls: int = 5, activities=None) -> dict:
+    """One batch's labelling: warm median (the pool keeps its scratch), cold median (the pool gave its
+    memory back before each call: what every call paid while scratch exceeded the release threshold),
+    the scratch the pool holds after a call, and per-kernel device time under torch.profiler."""
+    import pneumoseg
+    from torch.profiler import ProfilerActivity, profile
+
+    pp.label_components(masks)
+    torch.cuda.synchronize()
+    pneumoseg.release_cuda_memory()
+    labels, areas = pp.label_components(masks)
+    torch.cuda.synchronize()
+    scratch_bytes = pneumoseg.cuda_memory_reserved()
+    warm_ms = median_ms(torch, lambda: pp.label_components(masks), reps=calls)
+    cold = []
+    for _ in range(calls):
+        pneumoseg.release_cuda_memory()
+        cold.append(median_ms(torch, lambda: pp.label_components(masks), reps=1, warmup=0))
+    if activities is None:
+        activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA]
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            pp.label_components(masks)
+        torch.cuda.synchronize()
+    device_type = torch.autograd.DeviceType.CUDA
+    kernels = device_time_table(prof.key_averages(), calls, lambda e: getattr(e, "device_type", None) == device_type)
+    device_ms = sum(k["device_us_per_call"] for k in kernels) / 1e3
+    return {
+        "components": int(sum(int(a.numel()) for a in areas)),
+        "labels_max_image_0": int(labels[0].max()),
+        "warm_pool_ms": warm_ms,
+        "cold_pool_ms": float(np.median(cold)),
+        "pool_bytes_after_one_call": int(scratch_bytes),
+        "scratch_bytes_per_pixel": scratch_bytes / masks.numel(),
+        "profiled_calls": calls,
+        "device_ms_per_call": device_ms,
+        "host_and_gaps_ms": warm_ms - device_ms,
+        "kernels": kernels,
+    }
+
+
+@pytest.mark.cuda
+def test_gpu_label_time_breakdown():
+    """Per-kernel device time of label_components on 64 1024x1024 masks (noise and realistic), the
+    host's and the pool's share; writes benchmarks/results/label_breakdown_gpu.json."""
+    torch = pytest.importorskip("torch")
+    result = {"device": torch.cuda.get_device_name(), "batch": GPU_BATCH, "shape": [1024, 1024], "connectivity": 8,
+              "inputs": {}}
+    for name, probs in gpu_probability_batches(torch).items():
+        result["inputs"][name] = label_time_breakdown(torch, (probs > THRESHOLD).to(torch.uint8))
+    write_result("label_breakdown_gpu.json", result)
