@@ -233,3 +233,19 @@ def test_functional_call_with_another_models_frozen_buffers():
         own = {**params, **dict(model.named_buffers())}
         torch.testing.assert_close(torch.func.functional_call(model, own, (x,)), want, rtol=0, atol=0)
         assert all(b._frozen_weights_apply(b.has_skip) for b in _blocks(model))
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["computed", "frozen"])
+def test_wrong_channel_counts_are_a_clear_error_on_both_paths(frozen):
+    """Frozen weights reach the convolution without upsample_conv3x3's check: a wrong input or skip
+    width must still be a ValueError naming the channels, not conv2d's message about a derived
+    (4 O, C, 2, 2) weight the user never made."""
+    block = DecoderBlock(8, 4, 6, None).eval()
+    if frozen:
+        assert freeze_subpixel_weights(block) == 1
+    generator = torch.Generator().manual_seed(0)
+    for x_channels, skip_channels in [(8, 5), (7, 4), (8, 3)]:
+        x = torch.randn((1, x_channels, 4, 4), generator=generator)
+        skip = torch.randn((1, skip_channels, 8, 8), generator=generator)
+        with torch.no_grad(), pytest.raises(ValueError, match=f"{x_channels} \\+ {skip_channels}"):
+            block(x, skip)

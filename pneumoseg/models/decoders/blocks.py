@@ -347,6 +347,12 @@ def _upsample_conv3x3_phases(x: torch.Tensor, skip: Optional[torch.Tensor], phas
                              phase_bias: Optional[torch.Tensor], skip_weight: Optional[torch.Tensor],
                              bias: Optional[torch.Tensor], out_channels: int) -> torch.Tensor:
     """:func:`upsample_conv3x3` from its derived weights (``phase_bias`` only without ``skip``)."""
+    # frozen weights reach here unchecked: name the block's channels, not a derived weight's shape
+    skip_channels = 0 if skip is None else skip.shape[1]
+    want_skip = 0 if skip is None or skip_weight is None else skip_weight.shape[1]
+    if x.shape[1] != phase_weight.shape[1] or skip_channels != want_skip:
+        raise ValueError(f"upsample_conv3x3: inputs of {x.shape[1]} + {skip_channels} channels for a 3x3 weight over "
+                         f"{phase_weight.shape[1]} + {want_skip} input channels")
     if skip is not None and skip.shape[2:] != (2 * x.shape[2], 2 * x.shape[3]):
         raise ValueError(f"upsample_conv3x3: skip features of size {tuple(skip.shape[2:])} for an input of "
                          f"{tuple(x.shape[2:])} (must be twice its size)")
