@@ -602,7 +602,7 @@ def _compare_with_timm(device, size, batch, cases, budget_s, stem: Path, remeasu
     for case in work:
         print(f"  {case.describe()}")
 
-    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 1, size, size, device=device).contiguous(memory_format=torch.channels_last) if work else None
     reps = GPU_REPS if device == "cuda" else 1
     model_seconds, new, t_start = [], [], time.perf_counter()
 

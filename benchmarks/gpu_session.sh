@@ -147,6 +147,7 @@ EOF
     echo
     echo "# ---- left for a second call (skipped for time: ${SKIPPED[*]:-none}; segmenter cases still to measure: $still)."
     echo "# On the same warm machine, after copying models_gpu.json from \$OUT into benchmarks/results/:"
+    echo "# (GPU_SESSION_SECONDS: the call's timeout_s less 15, when less device time than a full call is left)"
     echo "#   run(command=\"GPU_SESSION_STEPS=$(IFS=,; echo "${AGAIN[*]}" | sed 's/build,\?//') bash benchmarks/gpu_session.sh\", carry=[\".whl\"], timeout_s=...)"
   fi
 } >"$FINAL/summary.txt"
