@@ -23,6 +23,7 @@ import pytest
 
 from cuda_timing import median_ms
 from factories import pneumothorax_blob
+import pneumoseg
 from pneumoseg import postprocess as pp
 
 THRESHOLD, MIN_AREA = 0.5, 64
@@ -308,7 +309,6 @@ def label_time_breakdown(torch, masks, calls: int = 5, activities=None) -> dict:
     """One batch's labelling: warm median (the pool keeps its scratch), cold median (the pool gave its
     memory back before each call: what every call paid while scratch exceeded the release threshold),
     the scratch the pool holds after a call, and per-kernel device time under torch.profiler."""
-    import pneumoseg
     from torch.profiler import ProfilerActivity, profile
 
     pp.label_components(masks)

@@ -12,9 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from fake_cuda import DEVICE_NAME, fake_cuda  # noqa: E402
-
-import bench_postprocess as bench  # noqa: E402
+import bench_postprocess as bench
+from fake_cuda import DEVICE_NAME, fake_cuda
 
 
 def test_short_kernel_names():

@@ -21,7 +21,7 @@ def test_memory_functions_need_no_torch_and_give_nothing_back_without_a_pool():
             "assert isinstance(held, int) and isinstance(released, int), (held, released)\n"
             "assert (held, released) == (0, 0), (held, released)  # no CUDA op ran: no pool exists\n"
             "assert 'torch' not in sys.modules and 'cupy' not in sys.modules\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
