@@ -294,16 +294,38 @@ def build_engine(onnx_path: Union[str, Path], profile: BatchProfile, *, timing_c
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         cache_lock = FileLock(str(timing_cache) + ".lock", timeout=3600)
         with cache_lock:
-            blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=True)  # a foreign cache is ignored, not fatal
+            saved = _load_timing_cache(config, timing_cache)
+        # ignore_mismatch=False: a cache timed on another device is refused (TensorRT warns that using
+        # one "may lead to functional/performance bugs"); a refused or unreadable one is timed afresh
+        if saved is None or not config.set_timing_cache(saved, ignore_mismatch=False):
+            config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise NativeError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
     if timing_cache is not None and cache_lock is not None:
         with cache_lock:
-            atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+            ours = config.get_timing_cache()
+            if ours is not None:
+                on_disk = _load_timing_cache(config, timing_cache)
+                if on_disk is not None:  # keep what other builds saved while this one ran
+                    ours.combine(on_disk, ignore_mismatch=False)
+                atomic_write(timing_cache, bytes(ours.serialize()))
     return bytes(serialized)
+
+
+def _load_timing_cache(config: Any, path: Path) -> Any:
+    """The timing cache saved at ``path``; None when there is none or TensorRT cannot read it (a
+    damaged file must not fail every build on this GPU: it is replaced by the next one's)."""
+    try:
+        blob = path.read_bytes() if path.is_file() else b""
+    except OSError:
+        return None
+    if not blob:
+        return None
+    try:
+        return config.create_timing_cache(blob)
+    except Exception:  # TensorRT reports an unreadable blob by a null cache or an exception
+        return None
 
 
 def timing_cache_path(folder: Path, env: dict[str, Any]) -> Path:
@@ -377,6 +399,8 @@ class EngineRunner:
         held = []  # the inputs as bound, alive until the call returns (later work is stream-ordered)
         for name, x in zip(self.spec.inputs, inputs):
             x = x.to(device=self.device, dtype=self.dtypes[name]).contiguous()
+            if x.data_ptr() % 256:  # TensorRT needs 256-byte aligned addresses; a view into a batch may lack it
+                x = x.clone()
             if not context.set_input_shape(name, tuple(x.shape)):
                 raise InvalidInputError(f"the {self.spec.name} engine refused input {name} of shape {tuple(x.shape)}")
             context.set_tensor_address(name, x.data_ptr())
