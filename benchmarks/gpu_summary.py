@@ -104,10 +104,21 @@ def pipeline(data: dict) -> None:
                 print(f"    {'':9} batch 1 all with the networks in series: {r['batch1_all_networks_in_series_p50_ms']:6.2f} ms")
 
 
+def label_breakdown(data: dict) -> None:
+    print(f"label_components time breakdown, batch {data.get('batch', '?')} x {data.get('shape', '?')} ({data['device']}):")
+    for inp, r in data["inputs"].items():
+        print(f"  {inp:10} warm pool {r['warm_pool_ms']:.2f} ms, cold pool {r['cold_pool_ms']:.2f} ms, device "
+              f"{r['device_ms_per_call']:.2f} ms, host + gaps {r['host_and_gaps_ms']:.2f} ms, pool holds "
+              f"{r['pool_bytes_after_one_call'] / 2**20:.0f} MiB")
+        for k in r["kernels"][:6]:
+            print(f"      {k['device_us_per_call']:9.1f} us  x{k['launches_per_call']:.0f}  {k['name'][:80]}")
+
+
 # Each results file and the section that prints it.
 SECTIONS = {
     "loss_gpu.json": loss,
     "label_gpu.json": lambda data: batch64(data, "label_components"),
+    "label_breakdown_gpu.json": label_breakdown,
     "postprocess_gpu.json": lambda data: batch64(data, "fused postprocess (threshold + label + area filter)"),
     "postprocess_rle_batch1_gpu.json": batch1,
     "rle_gpu.json": rle,

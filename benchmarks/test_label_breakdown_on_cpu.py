@@ -39,7 +39,7 @@ def test_device_time_table_sums_template_instances_per_call():
                      {"name": "Memcpy DtoH", "device_us_per_call": 2.0, "launches_per_call": 1.0}]
 
 
-def test_label_time_breakdown_runs_under_fake_cuda(monkeypatch, tmp_path):
+def test_label_time_breakdown_runs_under_fake_cuda(monkeypatch, tmp_path, capsys):
     from torch.profiler import ProfilerActivity
 
     with fake_cuda(monkeypatch):
@@ -53,3 +53,7 @@ def test_label_time_breakdown_runs_under_fake_cuda(monkeypatch, tmp_path):
     assert row["components"] > 0 and row["profiled_calls"] == 2
     assert {"warm_pool_ms", "cold_pool_ms", "device_ms_per_call", "host_and_gaps_ms", "kernels",
             "pool_bytes_after_one_call", "scratch_bytes_per_pixel"} <= set(row)
+    import gpu_summary  # the session summary reads what the benchmark wrote
+
+    gpu_summary.label_breakdown(written)
+    assert "label_components time breakdown" in capsys.readouterr().out
