@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "built. Install it with `pip install -e .` (or `pip install .` and import it from elsewhere)."
     ) from exc
 
-__all__ = ["ArrayInfo", "as_view", "kind_of", "data_pointer", "torch_dtype_code", "torch_current_stream", "zeros_uint8", "require_cuda_build", "cuda_available",
+__all__ = ["ArrayInfo", "as_view", "kind_of", "data_pointer", "torch_dtype_code", "torch_current_stream", "torch_names", "zeros_uint8", "require_cuda_build", "cuda_available",
            "cuda_memory_reserved", "release_cuda_memory"]
 
 # Codes of pneumoseg::DType (csrc/common/tensor_view.h).
@@ -106,15 +106,24 @@ def kind_of(x: Any) -> str:
     return "numpy"
 
 
-def as_view(x: Any, name: str, error: type[Exception] = InvalidInputError) -> ArrayInfo:
-    """Describe ``x`` for the native core; raise ``error`` naming ``name`` for unsupported input."""
+def as_view(x: Any, name: str, error: type[Exception] = InvalidInputError, *, batch_of_one: bool = False) -> ArrayInfo:
+    """Describe ``x`` for the native core; raise ``error`` naming ``name`` for unsupported input.
+    ``batch_of_one=True`` describes ``x`` with a leading dimension of size 1, as ``x[None]`` would,
+    without making that view."""
+    torch = _TorchNames.ready()
+    if torch is not None and type(x) is torch.tensor:  # the common case: check_array_object's torch part inline
+        if x.layout is not torch.strided or x.is_nested:
+            check_array_object(x, name, error=error)
+        return _torch_view(x, name, error, batch_of_one)
+    if type(x) is np.ndarray:  # nothing check_array_object refuses is an exact ndarray
+        return _numpy_view(x, name, error, batch_of_one)
     check_array_object(x, name, error=error)
     kind = kind_of(x)
     if kind == "torch":
-        return _torch_view(x, name, error)
+        return _torch_view(x, name, error, batch_of_one)
     if kind == "cupy":
-        return _cupy_view(x, name, error)
-    return _numpy_view(x, name, error)
+        return _cupy_view(x, name, error, batch_of_one)
+    return _numpy_view(x, name, error, batch_of_one)
 
 
 _MAX_DIMS = 4  # kMaxDims of csrc/common/tensor_view.h
@@ -125,7 +134,7 @@ def _check_ndim(ndim: int, name: str, error: type[Exception]) -> None:
         raise error(f"{name} has {ndim} dimensions; pneumoseg's native ops take at most {_MAX_DIMS}")
 
 
-def _numpy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
+def _numpy_view(x: Any, name: str, error: type[Exception], batch_of_one: bool = False) -> ArrayInfo:
     try:
         arr = np.asarray(x)
     except Exception as exc:  # ragged lists and the like
@@ -135,16 +144,26 @@ def _numpy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
     code = _NUMPY_CODES.get(arr.dtype)
     if code is None:
         raise error(f"{name} has unsupported dtype {arr.dtype}; use bool, an integer or a float type")
-    _check_ndim(arr.ndim, name, error)
-    itemsize = arr.dtype.itemsize
-    if any(s % itemsize for s in arr.strides):
+    _check_ndim(arr.ndim + int(batch_of_one), name, error)
+    itemsize = arr.itemsize
+    flags = arr.flags
+    if not flags.c_contiguous and any(s % itemsize for s in arr.strides):
         arr = np.ascontiguousarray(arr)
-    if not arr.flags.aligned:  # np.frombuffer(..., offset=1): the kernels read typed, aligned memory
+        flags = arr.flags
+    if not flags.aligned:  # np.frombuffer(..., offset=1): the kernels read typed, aligned memory
         arr = arr.copy(order="C")
-    view = _C.TensorView(
-        arr.__array_interface__["data"][0], code, CPU, 0, list(arr.shape), [s // itemsize for s in arr.strides]
-    )
+    shape, strides = list(arr.shape), [s // itemsize for s in arr.strides]
+    if batch_of_one:
+        _prepend_unit_dim(shape, strides)
+    view = _C.TensorView(arr.ctypes.data, code, CPU, 0, shape, strides)  # the address, faster than __array_interface__
     return ArrayInfo(view, "numpy", CPU, 0, 0, arr)
+
+
+def _prepend_unit_dim(shape: list[int], strides: list[int]) -> None:
+    """A leading dimension of size 1, with the stride torch's ``x[None]`` gives it (the next
+    dimension's extent: what the native core expects of a contiguous output)."""
+    strides.insert(0, shape[0] * strides[0] if shape else 1)
+    shape.insert(0, 1)
 
 
 _TORCH_CODES: dict = {}  # torch.dtype -> code, filled on first use (torch is never imported here)
@@ -170,41 +189,74 @@ def torch_current_stream(index: int) -> int:
     return torch.cuda.current_stream(index).cuda_stream  # pragma: no cover - older torch
 
 
-def _torch_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
-    torch = _torch()
-    code = torch_dtype_code(x.dtype)
+class _TorchNames:
+    """What the bridge asks of torch on every call, looked up once torch has been imported (by the
+    caller: never here), as pneumoseg/losses.py does: the tensor type, the strided layout and the
+    raw current-stream query."""
+
+    tensor: Any = None
+    strided: Any = None
+    current_stream: Any = None
+
+    @classmethod
+    def ready(cls) -> Any:
+        """This class once torch is imported, else None."""
+        if cls.tensor is None:
+            torch = _torch()
+            if torch is None:
+                return None
+            cls.strided = torch.strided
+            cls.current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or torch_current_stream
+            cls.tensor = torch.Tensor
+        return cls
+
+
+def torch_names() -> Any:
+    """torch's per-call names (``.tensor``: ``torch.Tensor``, ``.strided``, ``.current_stream(index)``)
+    once torch is imported, else None."""
+    return _TorchNames.ready()
+
+
+def _torch_view(x: Any, name: str, error: type[Exception], batch_of_one: bool = False) -> ArrayInfo:
+    code = _TORCH_CODES.get(x.dtype)
     if code is None:
-        raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
-    if x.device.type == "cpu":
+        code = torch_dtype_code(x.dtype)
+        if code is None:
+            raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
+    if x.is_cuda:
+        device, index = CUDA, x.get_device()  # an int, without building a torch.device
+        stream = _TorchNames.ready().current_stream(index)
+    elif x.is_cpu:
         device, index, stream = CPU, 0, 0
-    elif x.device.type == "cuda":
-        device, index = CUDA, x.device.index if x.device.index is not None else torch.cuda.current_device()
-        stream = torch_current_stream(index)
     else:
         raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
-    _check_ndim(x.dim(), name, error)
+    _check_ndim(x.dim() + int(batch_of_one), name, error)
     check_tensor_memory(x, name, error=error)
-    if x.is_conj() or x.is_neg():
+    if x.is_neg() or x.is_conj():
         x = x.resolve_conj().resolve_neg()
     if x.data_ptr() % x.element_size():  # torch.frombuffer(..., offset=1): see _numpy_view
-        x = x.clone(memory_format=torch.contiguous_format)
-    view = _C.TensorView(x.data_ptr(), code, device, index, list(x.shape), list(x.stride()))
+        x = x.clone(memory_format=_torch().contiguous_format)
+    shape, strides = list(x.shape), list(x.stride())
+    if batch_of_one:
+        _prepend_unit_dim(shape, strides)
+    view = _C.TensorView(x.data_ptr(), code, device, index, shape, strides)
     return ArrayInfo(view, "torch", device, index, stream, x)
 
 
-def _cupy_view(x: Any, name: str, error: type[Exception]) -> ArrayInfo:
+def _cupy_view(x: Any, name: str, error: type[Exception], batch_of_one: bool = False) -> ArrayInfo:
     cupy = _cupy()
     code = _NUMPY_CODES.get(np.dtype(x.dtype))
     if code is None:
         raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
-    _check_ndim(x.ndim, name, error)
+    _check_ndim(x.ndim + int(batch_of_one), name, error)
     itemsize = x.dtype.itemsize
     if any(s % itemsize for s in x.strides):
         x = cupy.ascontiguousarray(x)
     stream = cupy.cuda.get_current_stream().ptr
-    view = _C.TensorView(
-        x.data.ptr, code, CUDA, x.device.id, list(x.shape), [s // itemsize for s in x.strides]
-    )
+    shape, strides = list(x.shape), [s // itemsize for s in x.strides]
+    if batch_of_one:
+        _prepend_unit_dim(shape, strides)
+    view = _C.TensorView(x.data.ptr, code, CUDA, x.device.id, shape, strides)
     return ArrayInfo(view, "cupy", CUDA, x.device.id, stream, x)
 
 

@@ -10,12 +10,13 @@ union-find with atomic operations (Playne & Hawick 2018) that counts areas at th
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Optional
 
 import numpy as np
 
-from . import _native
+from . import _native, rle
 from ._checks import (
     check_array_object,
     check_bool,
@@ -30,6 +31,12 @@ from .errors import InvalidInputError
 
 __all__ = ["label_components", "remove_small_components", "triplet_threshold", "gate", "postprocess"]
 
+# The fused post-processing runs once per image batch, after the networks; at batch 1 on a GPU its
+# kernels are a few tiny launches and the host path is most of what a call costs. So arrays are
+# described to the native core once each (the bridge checks a plain torch.Tensor without
+# FakeTensor's walk), validated numeric arguments are cached per argument tuple, and a few gate
+# scores are compared in Python rather than through NumPy's ufuncs.
+
 
 def _check_area(value: Any, name: str) -> int:
     # Any area above 2**63 - 1 means the same as 2**63 - 1: more pixels than any image has.
@@ -41,44 +48,48 @@ def _check_connectivity(connectivity: Any) -> int:
 
 
 class _Batch:
-    """The input as an (N, H, W) native view, and how to answer in the caller's kind and device."""
+    """The input as an (N, H, W) native view, and how to answer in the caller's kind and device.
+    Outputs are made in the input's own shape, (H, W) or (N, H, W), and described to the native core
+    as a batch of one for an (H, W) input, so nothing is indexed to answer."""
 
     def __init__(self, x: Any, name: str):
-        check_array_object(x, name)
-        kind = _native.kind_of(x)
-        if kind == "numpy":
-            x = np.asarray(x)
-        elif kind == "torch" and x.device.type in ("cpu", "cuda"):
-            check_tensor_memory(x, name)  # before x[None], which torch refuses unclearly
-        if len(x.shape) not in (2, 3):
+        torch = _native.torch_names()
+        if torch is not None and type(x) is torch.tensor:
+            if x.layout is not torch.strided or x.is_nested:  # their shape is unreadable or misleading
+                check_array_object(x, name)
+            kind = "torch"
+        elif type(x) is np.ndarray:
+            kind = "numpy"
+        else:
+            check_array_object(x, name)
+            kind = _native.kind_of(x)
+            if kind == "numpy":
+                x = np.asarray(x)
+        ndim = len(x.shape)
+        if ndim != 2 and ndim != 3:
             raise InvalidInputError(f"{name} must be (H, W) or (N, H, W), got shape {tuple(x.shape)}")
-        self.single = len(x.shape) == 2
-        self.info = _native.as_view(x[None] if self.single else x, name)
+        self.single = ndim == 2
+        self.info = info = _native.as_view(x, name, batch_of_one=self.single)
         self.kind = kind
-        self.cuda = self.info.device == _native.CUDA
+        self.cuda = info.device == _native.CUDA
         if self.cuda:
             _native.require_cuda_build(name)
+        self.shape = tuple(x.shape)  # the caller's: (H, W) or (N, H, W)
+        self.n = 1 if self.single else self.shape[0]
 
-    @property
-    def n(self) -> int:
-        return self.info.view.shape[0]
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.info.view.shape)
-
-    def empty(self, dtype: str) -> Any:
-        """An uninitialised output of the input's framework and device."""
+    def empty(self, dtype: str, shape: Optional[tuple[int, ...]] = None) -> Any:
+        """An uninitialised output of the input's framework and device, of the input's shape by default."""
+        shape = self.shape if shape is None else shape
         if self.kind == "torch":
             import torch
 
-            return torch.empty(self.shape, dtype=getattr(torch, dtype), device=self.info.owner.device)
+            return torch.empty(shape, dtype=getattr(torch, dtype), device=self.info.owner.device)
         if self.kind == "cupy":
             import cupy
 
             with cupy.cuda.Device(self.info.device_index):
-                return cupy.empty(self.shape, dtype=dtype)
-        return np.empty(self.shape, dtype=dtype)
+                return cupy.empty(shape, dtype=dtype)
+        return np.empty(shape, dtype=dtype)
 
     def device_array(self, dtype: str, length: int) -> Any:
         """An uninitialised 1-D array of the (CUDA) input's framework and device."""
@@ -106,9 +117,6 @@ class _Batch:
         ends = np.cumsum(counts)
         return [flat[end - count:end] for count, end in zip(counts, ends)]
 
-    def answer(self, out: Any) -> Any:
-        return out[0] if self.single else out
-
 
 def label_components(mask: Any, connectivity: int = 8) -> tuple[Any, Any]:
     """Label the connected components of a mask (nonzero is foreground).
@@ -122,7 +130,7 @@ def label_components(mask: Any, connectivity: int = 8) -> tuple[Any, Any]:
     connectivity = _check_connectivity(connectivity)
     batch = _Batch(mask, "mask")
     labels = batch.empty("int32")
-    out = _native.as_view(labels, "labels")
+    out = _native.as_view(labels, "labels", batch_of_one=batch.single)
     if batch.cuda:
         # The areas stay on the GPU: the native call asks for one flat device array once it knows the
         # number of components, fills it, and each image's areas are a view of it.
@@ -138,54 +146,67 @@ def label_components(mask: Any, connectivity: int = 8) -> tuple[Any, Any]:
     else:
         areas = [batch.in_kind(a) for a in
                  _C.label_components(batch.info.view, False, 0.0, connectivity, out.view, batch.info.stream)]
-    return batch.answer(labels), (areas[0] if batch.single else list(areas))
+    return labels, (areas[0] if batch.single else list(areas))
 
 
-def _run(
-    batch: _Batch,
-    *,
-    threshold: Optional[float],
-    from_logits: bool = False,
-    triplet: Optional[tuple[float, int]] = None,
-    min_component_area: int = 0,
-    connectivity: int = 8,
-    keep: Any = None,
-    components: bool = False,
-) -> Any:
-    """The post-processed masks, and with ``components`` also (N,) int32 counts of the connected
-    components in each (on the input's device: no synchronisation on CUDA)."""
-    def to_input_space(p: float) -> float:
-        if not from_logits:
-            return p
-        if p <= 0.0:
-            return -math.inf
-        if p >= 1.0:
-            return math.inf
-        return math.log(p / (1.0 - p))  # p > t  <=>  logit > logit(t)
+def _to_input_space(p: float, from_logits: bool) -> float:
+    """A probability threshold in the input's space: itself, or its logit (p > t <=> logit > logit(t))."""
+    if not from_logits:
+        return p
+    if p <= 0.0:
+        return -math.inf
+    if p >= 1.0:
+        return math.inf
+    return math.log(p / (1.0 - p))
 
-    out = batch.empty("uint8")
-    out_view = _native.as_view(out, "out").view
+
+@functools.lru_cache(maxsize=256)
+def _native_params(threshold: Optional[float], from_logits: bool, triplet: Optional[tuple[float, int]],
+                   min_component_area: int, connectivity: int) -> Any:
+    """The native parameters of one validated setting (immutable, so shared between calls)."""
     use_threshold = threshold is not None
-    params = _C.PostprocessParams(
+    return _C.PostprocessParams(
         use_threshold,
-        to_input_space(threshold) if use_threshold else 0.0,
+        _to_input_space(threshold, from_logits) if use_threshold else 0.0,
         triplet is not None,
-        to_input_space(triplet[0]) if triplet else 0.0,
+        _to_input_space(triplet[0], from_logits) if triplet else 0.0,
         triplet[1] if triplet else 0,
         min_component_area,
         connectivity,
     )
+
+
+def _run(batch: _Batch, params: Any, keep: Any = None, components: bool = False) -> tuple[Any, Any, Any]:
+    """``(masks, native view of the masks, counts)``: the post-processed masks in the input's shape, and
+    with ``components`` the number of connected components in each (an int32 array of the input's kind
+    and device, a 0-d one for one 2-D input; no synchronisation on CUDA), else None. ``keep`` is None
+    (keep every image), a list of 0/1 per image on the CPU, or a device uint8/bool array on CUDA."""
+    out = batch.empty("uint8")
+    out_info = _native.as_view(out, "out", batch_of_one=batch.single)
+    counts = None
+    count_shape = () if batch.single else (batch.n,)
     if batch.cuda:
         keep_ptr = 0 if keep is None else _device_ptr(keep)
-        counts = batch.device_array("int32", batch.n) if components else None
-        _C.postprocess_masks_cuda(batch.info.view, params, keep_ptr, out_view,
+        if components:
+            counts = batch.empty("int32", count_shape)
+        _C.postprocess_masks_cuda(batch.info.view, params, keep_ptr, out_info.view,
                                   0 if counts is None else _device_ptr(counts), batch.info.stream)
+        return out, out_info, counts
+    keep_image = [1] * batch.n if keep is None else keep
+    if not components:
+        _C.postprocess_masks(batch.info.view, params, keep_image, out_info.view, 0)
+    elif batch.kind == "torch":
+        import torch
+
+        # The device always named: under torch.set_default_device / a device context a tensor made
+        # without one lands there, and the CPU kernel would write through a pointer it cannot use.
+        counts = torch.zeros(count_shape, dtype=torch.int32, device=batch.info.owner.device)
+        _C.postprocess_masks(batch.info.view, params, keep_image, out_info.view, counts.data_ptr())
     else:
-        keep_image = [1] * batch.n if keep is None else [int(k) for k in np.asarray(keep).reshape(-1)]
-        counts = np.zeros(batch.n, np.int32) if components else None
-        _C.postprocess_masks(batch.info.view, params, keep_image, out_view, 0 if counts is None else counts.ctypes.data)
-        counts = None if counts is None else batch.in_kind(counts)
-    return (out, counts) if components else out
+        host = np.zeros(batch.n, np.int32)
+        _C.postprocess_masks(batch.info.view, params, keep_image, out_info.view, host.ctypes.data)
+        counts = host[0] if batch.single else host  # a NumPy scalar for one 2-D input, as before
+    return out, out_info, counts
 
 
 def _device_ptr(x: Any) -> int:
@@ -197,7 +218,7 @@ def remove_small_components(mask: Any, min_area: int, connectivity: int = 8) -> 
     min_area = _check_area(min_area, "min_area")
     connectivity = _check_connectivity(connectivity)
     batch = _Batch(mask, "mask")
-    return batch.answer(_run(batch, threshold=None, min_component_area=min_area, connectivity=connectivity))
+    return _run(batch, _native_params(None, False, None, min_area, connectivity))[0]
 
 
 def triplet_threshold(probs: Any, top: float = 0.75, min_area: int = 2000, bottom: float = 0.3) -> Any:
@@ -206,15 +227,16 @@ def triplet_threshold(probs: Any, top: float = 0.75, min_area: int = 2000, botto
     top, bottom = check_probability(top, "top"), check_probability(bottom, "bottom")
     min_area = _check_area(min_area, "min_area")
     batch = _Batch(probs, "probs")
-    return batch.answer(_run(batch, threshold=bottom, triplet=(top, min_area)))
+    return _run(batch, _native_params(bottom, False, (top, min_area), 0, 8))[0]
 
 
 def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
-    """Per-image keep flags (uint8, one per image) where the score reaches the threshold: on the
-    batch's device for CUDA batches (no synchronisation: a NaN score simply gates its image out),
-    else a NumPy array (NaN is an error)."""
+    """Per-image keep flags where the score reaches the threshold: on the batch's device for CUDA
+    batches (one byte per image, no synchronisation: a NaN score simply gates its image out), else
+    a list of 0/1 (NaN is an error)."""
     check_array_object(scores, "scores")
-    if _native.kind_of(scores) == "torch":
+    is_tensor = _native.kind_of(scores) == "torch"
+    if is_tensor:
         check_readable_tensor(scores, "scores")
         check_tensor_memory(scores, "scores")
     if batch.cuda:
@@ -224,7 +246,9 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
             s = torch.as_tensor(scores, device=batch.info.owner.device).reshape(-1)
             if s.dtype == torch.bool or s.is_complex() or not (s.is_floating_point() or s.dtype.is_signed or s.dtype == torch.uint8):
                 raise InvalidInputError(f"scores must be real numbers, got {s.dtype}")
-            flags = (s >= threshold).to(torch.uint8).contiguous()
+            # A fresh bool tensor is one byte of 0 or 1 per image: the uint8 flags the kernel reads,
+            # without a second kernel to convert them.
+            flags = torch.ge(s, threshold)
         else:
             import cupy
 
@@ -234,28 +258,30 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
         if flags.shape[0] != batch.n:
             raise InvalidInputError(f"scores has {flags.shape[0]} values for a batch of {batch.n} images")
         return flags
-    kind = _native.kind_of(scores)
-    if kind == "torch":
+    if is_tensor:
         import torch
 
-        scores = scores.detach().resolve_neg().cpu()
-        if scores.is_floating_point() and scores.dtype not in (torch.float16, torch.float32, torch.float64):
-            scores = scores.float()  # bfloat16, float8: NumPy cannot hold them; float32 holds them exactly
-        scores = scores.numpy()
-    elif kind == "cupy":
-        scores = scores.get()
-    try:
-        s = np.asarray(scores)
-    except Exception as exc:  # ragged lists and the like
-        raise InvalidInputError(f"scores could not be read as an array: {exc}") from exc
-    if s.dtype.kind not in "iuf":
-        raise InvalidInputError(f"scores must be real numbers, got dtype {s.dtype}")
-    s = s.astype(np.float64).reshape(-1)
-    if s.shape[0] != batch.n:
-        raise InvalidInputError(f"scores has {s.shape[0]} values for a batch of {batch.n} images")
-    if np.isnan(s).any():
+        if scores.dtype == torch.bool:
+            raise InvalidInputError("scores must be real numbers, got dtype bool")
+        # tolist reads the values as Python numbers (bfloat16 and float8 exactly, a negated view as
+        # its values), without NumPy's small-array overhead.
+        values = (scores if scores.dim() == 1 else scores.reshape(-1)).tolist()
+    else:
+        if _native.kind_of(scores) == "cupy":
+            scores = scores.get()
+        try:
+            s = np.asarray(scores)
+        except Exception as exc:  # ragged lists and the like
+            raise InvalidInputError(f"scores could not be read as an array: {exc}") from exc
+        if s.dtype.kind not in "iuf":
+            raise InvalidInputError(f"scores must be real numbers, got dtype {s.dtype}")
+        values = s.reshape(-1).tolist()
+    if len(values) != batch.n:
+        raise InvalidInputError(f"scores has {len(values)} values for a batch of {batch.n} images")
+    keep = [1 if v >= threshold else 0 for v in values]
+    if any(map(math.isnan, values)):
         raise InvalidInputError("scores contains NaN")
-    return (s >= threshold).astype(np.uint8)
+    return keep
 
 
 def gate(masks: Any, scores: Any, threshold: float) -> Any:
@@ -263,7 +289,28 @@ def gate(masks: Any, scores: Any, threshold: float) -> Any:
     threshold = check_probability(threshold, "threshold")
     batch = _Batch(masks, "masks")
     keep = _scores_keep(scores, batch, threshold)
-    return batch.answer(_run(batch, threshold=None, keep=keep))
+    return _run(batch, _native_params(None, False, None, 0, 8), keep)[0]
+
+
+def _checked_settings(from_logits: Any, top: Any, min_area: Any, bottom: Any, min_component_area: Any,
+                      connectivity: Any) -> Any:
+    """postprocess's numeric settings, validated, as native parameters."""
+    bottom = check_probability(bottom, "bottom")
+    triplet = None
+    if top is not None:
+        triplet = (check_probability(top, "top"), _check_area(min_area, "min_area"))
+    min_component_area = _check_area(min_component_area, "min_component_area")
+    connectivity = _check_connectivity(connectivity)
+    return _native_params(bottom, from_logits, triplet, min_component_area, connectivity)
+
+
+# Plain Python numbers validate the same way every time, so their validated settings are cached per
+# argument tuple (typed: 1, 1.0 and True are different keys; errors are never cached).
+_cached_settings = functools.lru_cache(maxsize=256, typed=True)(_checked_settings)
+_cached_gate_threshold = functools.lru_cache(maxsize=64, typed=True)(
+    lambda value: check_probability(value, "gate_threshold"))
+_PLAIN_PROBABILITY = frozenset((float, int))
+_PLAIN_OPTIONAL_PROBABILITY = frozenset((float, int, type(None)))
 
 
 def postprocess(
@@ -291,27 +338,32 @@ def postprocess(
     ``return_components=True`` returns ``(result, n_components)``: the number of connected components
     (at ``connectivity``) left in each output mask, an int32 array of the input's kind and device
     (a scalar for one 2-D input), counted in the same pass, so the masks need no second labelling."""
-    bottom = check_probability(bottom, "bottom")
-    triplet = None
-    if top is not None:
-        triplet = (check_probability(top, "top"), _check_area(min_area, "min_area"))
-    min_component_area = _check_area(min_component_area, "min_component_area")
-    connectivity = _check_connectivity(connectivity)
-    batch = _Batch(probs, "probs")
-    from_logits = check_bool(from_logits, "from_logits")
-    to_rle = check_bool(to_rle, "to_rle")
-    return_components = check_bool(return_components, "return_components")
+    if (type(from_logits) is bool and type(bottom) in _PLAIN_PROBABILITY and type(top) in _PLAIN_OPTIONAL_PROBABILITY
+            and type(min_area) is int and type(min_component_area) is int and type(connectivity) is int):
+        params = _cached_settings(from_logits, top, min_area, bottom, min_component_area, connectivity)
+        batch = _Batch(probs, "probs")
+    else:
+        # The order of the checks, and so which of several bad arguments is named, as always.
+        settings = (top, min_area, bottom, min_component_area, connectivity)
+        _checked_settings(False, *settings)
+        batch = _Batch(probs, "probs")
+        params = _checked_settings(check_bool(from_logits, "from_logits"), *settings)
+    if type(to_rle) is not bool:
+        to_rle = check_bool(to_rle, "to_rle")
+    if type(return_components) is not bool:
+        return_components = check_bool(return_components, "return_components")
     keep = None
     if scores is not None:
-        keep = _scores_keep(scores, batch, check_probability(gate_threshold, "gate_threshold"))
-    ran = _run(batch, threshold=bottom, from_logits=from_logits, triplet=triplet,
-               min_component_area=min_component_area, connectivity=connectivity, keep=keep,
-               components=return_components)
-    out, components = ran if return_components else (ran, None)
+        if type(gate_threshold) in _PLAIN_PROBABILITY:
+            threshold = _cached_gate_threshold(gate_threshold)
+        else:
+            threshold = check_probability(gate_threshold, "gate_threshold")
+        keep = _scores_keep(scores, batch, threshold)
+    out, out_info, components = _run(batch, params, keep, return_components)
     if to_rle:
-        from . import rle
-
-        result: Any = batch.answer(rle.encode_batch(out))  # on CUDA: encoded on the GPU, one copy for the batch
+        # Encoded from the view already made (on CUDA: on the GPU, one copy for the batch).
+        strings = rle._encode_view(out_info)
+        result: Any = strings[0] if batch.single else strings
     else:
-        result = batch.answer(out)
-    return (result, batch.answer(components)) if return_components else result
+        result = out
+    return (result, components) if return_components else result

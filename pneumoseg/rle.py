@@ -25,11 +25,11 @@ import numpy as np
 
 from . import _native, limits
 from ._checks import (
+    INT64_MAX,
     check_array_object,
     check_choice,
     check_image_shape,
     check_str_sequence,
-    check_tensor_memory,
     show,
 )
 from ._native import _C
@@ -43,10 +43,20 @@ DEFAULT_SHAPE = (1024, 1024)
 
 
 def _style_code(style: str) -> int:
+    if type(style) is str:  # the common call, by one lookup
+        code = _STYLES.get(style)
+        if code is not None:
+            return code
     return _STYLES[check_choice(style, "style", tuple(_STYLES), error=RLEError)]
 
 
 def _check_shape(shape: Any) -> tuple[int, int]:
+    if type(shape) is tuple and len(shape) == 2:  # the common call: a pair of plain ints within the limits
+        h, w = shape
+        if type(h) is int and type(w) is int and 0 <= h <= INT64_MAX and 0 <= w <= INT64_MAX:
+            current = limits.current()
+            if max(h, w) <= current.max_image_side and h * w <= current.max_image_pixels:
+                return h, w
     if isinstance(shape, (str, bytes)) or not isinstance(shape, (Sequence, np.ndarray)) or len(shape) != 2:
         raise RLEError(f"shape must be a pair of non-negative integers (height, width), got {show(shape)}")
     try:
@@ -66,6 +76,12 @@ def _check_text(text: Any, name: str) -> None:
     if not isinstance(text, (str, bytes)):
         raise RLEError(f"{name} must be a str, got {type(text).__name__}")
     _check_limit("max_rle_chars", len(text), f"{name} of {len(text):,} characters")
+
+
+def _check_item_text(text: Any, i: int, max_chars: int) -> None:
+    """decode_batch's check of item ``i``, a str or bytes: its message is only made when it fails."""
+    if len(text) > max_chars:
+        _check_text(text, f"rles[{i}]")
 
 
 _ASCII_SPACE = re.compile(rb"[ \t\n\r\f\v]+")
@@ -95,29 +111,27 @@ def _decode_into(texts: list[Any], images: list[int], slots: list[int], out: Any
         raise _non_ascii_error(texts, slots) from None
 
 
-def _encode_view(info: _native.ArrayInfo, style: str) -> list[str]:
+def _encode_view(info: _native.ArrayInfo, code: int = 0) -> list[str]:
+    """The strings of an (N, H, W) native view (also postprocess's ``to_rle``, on its own output)."""
     if info.device == _native.CUDA:
         _native.require_cuda_build("masks", RLEError)
-    return _C.rle_encode(info.view, _style_code(style), info.stream)
+    return _C.rle_encode(info.view, code, info.stream)
 
 
 def encode(mask: Any, *, style: Style = "siim") -> str:
     """Encode one (H, W) mask of any dtype (nonzero is foreground). An empty mask gives ``"-1"``
     (``""`` in the absolute style)."""
-    _style_code(style)
+    code = _style_code(style)
     check_array_object(mask, "mask", error=RLEError)
-    kind = _native.kind_of(mask)
-    if kind == "numpy":
+    if _native.kind_of(mask) == "numpy":
         try:
             mask = np.asarray(mask)
         except Exception as exc:  # ragged lists and the like
             raise RLEError(f"mask could not be read as an array: {exc}") from exc
-    elif kind == "torch" and mask.device.type in ("cpu", "cuda"):
-        check_tensor_memory(mask, "mask", error=RLEError)  # before mask[None], which torch refuses unclearly
     if len(mask.shape) != 2:
         raise RLEError(f"mask must be 2-D (height, width), got shape {tuple(mask.shape)}")
-    # The shape is checked on the input itself, so only the batch-of-one view is converted.
-    return _encode_view(_native.as_view(mask[None], "mask", RLEError), style)[0]
+    # The shape is checked on the input itself, and the view describes it as a batch of one.
+    return _encode_view(_native.as_view(mask, "mask", RLEError, batch_of_one=True), code)[0]
 
 
 def encode_batch(masks: Any, *, style: Style = "siim") -> list[str]:
@@ -127,15 +141,14 @@ def encode_batch(masks: Any, *, style: Style = "siim") -> list[str]:
     device-to-host copy for the batch (a second one only when the text outgrows 16 KB per mask).
     A list of 2-D masks of different shapes is also accepted.
     """
-    _style_code(style)
-    check_array_object(masks, "masks", error=RLEError)
-    if isinstance(masks, (list, tuple)) and masks and not np.isscalar(masks[0]):
-        if all(hasattr(m, "shape") for m in masks) and len({tuple(m.shape) for m in masks}) > 1:
-            return [encode(m, style=style) for m in masks]
-    info = _native.as_view(masks, "masks", RLEError)
+    code = _style_code(style)
+    if (isinstance(masks, (list, tuple)) and masks and not np.isscalar(masks[0])
+            and all(hasattr(m, "shape") for m in masks) and len({tuple(m.shape) for m in masks}) > 1):
+        return [encode(m, style=style) for m in masks]
+    info = _native.as_view(masks, "masks", RLEError)  # refuses what check_array_object refuses
     if info.view.ndim != 3:
         raise RLEError(f"masks must be 3-D (batch, height, width), got shape {tuple(info.view.shape)}")
-    return _encode_view(info, style)
+    return _encode_view(info, code)
 
 
 RleItem = Union[str, bytes, Sequence[str]]
@@ -145,9 +158,10 @@ def _flatten(items: list[Any]) -> tuple[list[Any], list[int]]:
     """Strings and their image indices; an item that is a list of strings is the union of them."""
     texts: list[Any] = []
     images: list[int] = []
+    max_chars = limits.current().max_rle_chars
     for i, item in enumerate(items):
         if isinstance(item, (str, bytes)):
-            _check_text(item, f"rles[{i}]")
+            _check_item_text(item, i, max_chars)
             texts.append(item)
             images.append(i)
             continue
@@ -228,7 +242,8 @@ def decode_batch(
     code = _style_code(style)
     texts, images = _flatten(items)
     n = len(items)
-    _check_limit("max_batch_bytes", n * h * w, f"a batch of {n:,} images of {h}x{w}")
+    if n * h * w > limits.current().max_batch_bytes:
+        _check_limit("max_batch_bytes", n * h * w, f"a batch of {n:,} images of {h}x{w}")
     is_cuda, index = _parse_device(device)
     if is_cuda:
         _native.require_cuda_build("device", RLEError)
