@@ -246,7 +246,7 @@ def check_readable_tensor(x: Any, name: str, *, error: _Error = InvalidInputErro
         raise error(f"{name} must be real, got {x.dtype}")
     if x.is_quantized:
         raise error(f"{name} is a quantized tensor ({x.dtype}); pass {name}.dequantize()")
-    if x.device.type not in ("cpu", "cuda"):
+    if not (x.is_cpu or x.is_cuda):  # what x.device.type says, without building a torch.device
         raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
 
 
