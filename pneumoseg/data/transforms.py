@@ -71,16 +71,20 @@ def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:
 def scale_to_unit(x: torch.Tensor) -> torch.Tensor:
     """(N, 1, H, W) float32 images, each scaled to [0, 1] by its own min and max (a constant image to 0):
     the scaling of :func:`preprocess` and of the Predictor."""
-    lo = x.amin(dim=(2, 3), keepdim=True)
-    hi = x.amax(dim=(2, 3), keepdim=True)
+    # one pass over the pixels for both extremes, and few ops on the (N, 1, 1, 1) ones: on CUDA each
+    # is a kernel launch of a batch-1 request
+    lo, hi = torch.aminmax(x.flatten(1), dim=1)
+    lo, hi = lo.view(-1, 1, 1, 1), hi.view(-1, 1, 1, 1)
+    span = hi - lo
     # float32 pixels from -3e38 to 3e38 are finite, but hi - lo is not: the image became NaN. Such
     # images are halved first (exact), the others scaled by 1: on CUDA always (a host check would
     # synchronise), on a CPU only when a batch holds one.
-    span_finite = torch.isfinite(hi - lo)
+    span_finite = torch.isfinite(span)
     if x.is_cuda or not bool(span_finite.all()):
-        half = torch.where(span_finite, torch.ones_like(hi), torch.full_like(hi, 0.5))
+        half = torch.where(span_finite, 1.0, 0.5).to(x.dtype)
         x, lo, hi = x * half, lo * half, hi * half
-    return (x - lo) / torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+        span = hi - lo
+    return (x - lo) / torch.where(hi > lo, span, 1.0)
 
 
 def preprocess(pixels: Any, size: Union[int, tuple[int, int]] = 512) -> torch.Tensor:

@@ -90,9 +90,11 @@ class BucketedRunner:
         n = inputs[0].shape[0]
         if n == 0:
             raise InvalidInputError("a network part was called with an empty batch")
+        if n <= self.max_batch and not self.pad:  # one chunk, run as it is (no slicing: a batch-1 request)
+            return tuple(self.run_bucket(*inputs))
         pieces = []
         for start, stop in chunk_bounds(n, self.max_batch):
-            chunk = [x[start:stop] for x in inputs]
+            chunk = list(inputs) if stop - start == n else [x[start:stop] for x in inputs]
             rows = stop - start
             if self.pad:
                 size = bucket_for(rows, self.buckets)
@@ -157,12 +159,13 @@ class CudaGraphRunner:
         with self._lock:
             self._stream.wait_stream(caller)
             with torch.cuda.stream(self._stream):
+                full = rows == bucket  # then no slices (host time only, but a batch-1 request pays it per tensor)
                 for dst, src in zip(static_inputs, inputs):
-                    dst[:rows].copy_(src, non_blocking=True)
-                    if rows < bucket:
+                    (dst if full else dst[:rows]).copy_(src, non_blocking=True)
+                    if not full:
                         dst[rows:].zero_()
                 graph.replay()
-                outputs = tuple(o[:rows].clone() for o in static_outputs)
+                outputs = tuple((o if full else o[:rows]).clone() for o in static_outputs)
             caller.wait_stream(self._stream)
         for o in outputs:
             o.record_stream(caller)  # allocated on the graph stream, consumed on the caller's

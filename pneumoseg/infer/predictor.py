@@ -15,9 +15,11 @@ the same answers: the fused post-processing then applies the gate).
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
@@ -125,19 +127,28 @@ class PredictionStream:
 
 
 class _StageTimer:
-    """Stage boundaries as host clock readings (CPU) or CUDA events (no synchronisation until read)."""
+    """Stage boundaries as host clock readings (CPU) or CUDA events recorded on the current stream (no
+    synchronisation until read). On CUDA ``events`` is this thread's list of events, reused from batch
+    to batch (the marks of a batch are read before its predictions are returned), so a batch creates
+    none. ``result()`` waits for the last mark: the batch's one wait for the GPU besides the RLE copy."""
 
-    def __init__(self, device: Any) -> None:
+    def __init__(self, device: Any, events: Optional[list] = None) -> None:
         self.cuda = device.type == "cuda"
-        self.device = device
         self.marks: list[tuple[str, Any]] = []
-
-    def mark(self, name: str) -> None:
         if self.cuda:
             import torch
 
-            event = torch.cuda.Event(enable_timing=True)
-            event.record(torch.cuda.current_stream(self.device))
+            self._torch = torch
+            self._stream = torch.cuda.current_stream(device)
+            self._events = [] if events is None else events
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            k = len(self.marks)
+            if k == len(self._events):
+                self._events.append(self._torch.cuda.Event(enable_timing=True))
+            event = self._events[k]
+            event.record(self._stream)
             self.marks.append((name, event))
         else:
             self.marks.append((name, time.perf_counter()))
@@ -166,15 +177,32 @@ def _host_array(pixels: np.ndarray) -> np.ndarray:
     return torch_ready(pixels)
 
 
-def _loaded_inline(load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> Future:
-    """A load done on the calling thread, as an already completed future (its error, if any, raised by
-    ``result()`` as a pool's would be, so ``on_error`` treats both kinds alike)."""
-    future: Future = Future()
-    try:
-        future.set_result(load(source))
-    except Exception as exc:  # noqa: BLE001 - re-raised by result()
-        future.set_exception(exc)
-    return future
+class _LoadedInline:
+    """A load done on the calling thread, answering one ``result()`` as a pool's future would (its
+    error, if any, raised there, so ``on_error`` treats both kinds alike); lighter than a completed
+    ``Future``, whose condition variable a batch-1 request paid for on every call."""
+
+    __slots__ = ("_error", "_value")
+
+    def __init__(self, load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> None:
+        self._value = self._error = None
+        try:
+            self._value = load(source)
+        except Exception as exc:  # noqa: BLE001 - re-raised by result()
+            self._error = exc
+
+    def result(self) -> Any:
+        if self._error is None:
+            return self._value
+        raise self._take_error()  # held by no local here: no reference cycle through the traceback
+
+    def _take_error(self) -> BaseException:
+        error, self._error = self._error, None
+        return error
+
+
+def _loaded_inline(load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> _LoadedInline:
+    return _LoadedInline(load, source)
 
 
 def _automatic_backend(md: Any, parts: Sequence[str], device: Any, precision: str) -> str:
@@ -455,8 +483,6 @@ class Predictor:
     def _stream_context(self) -> Any:
         """On CUDA a non-default stream per thread (TensorRT and concurrent callers need one), ordered
         after the caller's current stream; on a CPU nothing."""
-        import contextlib
-
         import torch
 
         device = self.backend.device
@@ -475,7 +501,7 @@ class Predictor:
 
         device = self.backend.device
         if isinstance(pixels, torch.Tensor):
-            t = pixels.detach()
+            t = pixels.detach() if pixels.requires_grad else pixels
             if t.dtype in (torch.uint16, torch.uint32, torch.uint64):  # few torch kernels take unsigned wide types
                 t = t.to(torch.float32)
             if t.dtype == torch.bool:
@@ -483,9 +509,15 @@ class Predictor:
             return t.to(device, non_blocking=True)
         return to_device_async(torch.from_numpy(_host_array(np.asarray(pixels))), device)
 
-    def _prepare(self, images: list, size: tuple[int, int], finite: list) -> Any:
+    def _prepare(self, images: list, size: tuple[int, int], finite: Optional[list]) -> Any:
         """(N, 1, h, w) float32 network input: each image scaled to [0, 1] by its own min and max,
         resized (bilinear, antialiased) and normalised, exactly as ``pneumoseg.data.preprocess``."""
+        return self._prepare_sizes(images, (tuple(size),), finite)[tuple(size)]
+
+    def _prepare_sizes(self, images: list, sizes: Sequence[tuple[int, int]], finite: Optional[list]) -> dict:
+        """:meth:`_prepare` at each of ``sizes`` (the segmenter's and the classifier's), the scaling to
+        [0, 1] done once per image for all of them. Appends to ``finite`` (when given) the per-image
+        all-finite flags of float images, left on the device."""
         import torch
         import torch.nn.functional as F
 
@@ -495,19 +527,25 @@ class Predictor:
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):
             groups.setdefault(tuple(img.shape), []).append(i)
-        out = None if len(groups) == 1 else torch.empty((len(images), 1, *size), dtype=torch.float32, device=device)
+        out: dict[tuple[int, int], Any] = dict.fromkeys(sizes)
+        if len(groups) > 1:
+            out = {size: torch.empty((len(images), 1, *size), dtype=torch.float32, device=device) for size in out}
         for shape, idx in groups.items():
-            x = torch.stack([images[i] for i in idx]).to(torch.float32)[:, None]
+            x = images[idx[0]][None] if len(idx) == 1 else torch.stack([images[i] for i in idx])
+            x = x.to(torch.float32, memory_format=torch.contiguous_format)[:, None]
             if finite is not None and any(images[i].is_floating_point() for i in idx):
                 finite.append((idx, torch.isfinite(x).flatten(1).all(1)))
-            x = scale_to_unit(x)  # pixels spanning past float32's range halved first, not NaN
-            if shape != tuple(size):
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-            x = (x - self.mean) / self.std
-            if out is None:
-                out = x.contiguous()
-            else:
-                out.index_copy_(0, torch.tensor(idx, device=device), x)
+            unit = scale_to_unit(x)  # pixels spanning past float32's range halved first, not NaN
+            rows = None if len(groups) == 1 else _index_on(device, idx)
+            for size in out:
+                y = unit
+                if shape != size:
+                    y = F.interpolate(unit, size=size, mode="bilinear", align_corners=False, antialias=True)
+                y = (y - self.mean).div_(self.std)  # unit may serve another size: a new tensor first
+                if rows is None:
+                    out[size] = y
+                else:
+                    out[size].index_copy_(0, rows, y)
         return out
 
     def _segment(self, x: Any, features: Optional[tuple], rows: Any) -> Any:
@@ -535,14 +573,16 @@ class Predictor:
         return logits
 
     def _refuse_bad_values(self, finite: list, nan_outputs: list, loaded: list) -> None:
-        """Non-finite pixels (the input's fault, so named first), then NaN network outputs."""
+        """Non-finite pixels (the input's fault, so named first: ``finite`` holds per-image all-finite
+        flags), then NaN network outputs (``nan_outputs``: per image a value that is NaN if its output
+        holds one)."""
         for idx, flags in finite:
             bad = [i for i, ok in zip(idx, flags.tolist()) if not ok]
             if bad:
                 src = loaded[bad[0]][0]
                 raise _NonFinitePixels(f"image {src.image_id!r}: the pixels contain NaN or infinity", bad[0])
-        for what, idx, flags in nan_outputs:
-            bad = [i for i, nan in zip(idx, flags.tolist()) if nan]
+        for what, idx, values in nan_outputs:
+            bad = [i for i, value in zip(idx, values.tolist()) if math.isnan(value)]
             if bad:
                 src = loaded[bad[0]][0]
                 raise PneumosegError(
@@ -592,30 +632,38 @@ class Predictor:
 
         device = self.backend.device
         cuda = device.type == "cuda"
-        timer = _StageTimer(device)
+        events = None
+        if cuda:
+            events = getattr(self._local, "timer_events", None)
+            if events is None:
+                events = self._local.timer_events = []
+        timer = _StageTimer(device, events)
         n = len(loaded)
         t = self.thresholds
+        gate = self.parts["gate"]
         timer.mark("preprocess")
         images = [self._to_device(pixels) for _, pixels, _ in loaded]
         finite: list = []
-        x_seg = self._prepare(images, self.segmenter_size, finite)
-        x_gate = x_seg if self.gate_size == self.segmenter_size else None
-        if self.parts["gate"] == "classifier" and x_gate is None:
-            x_gate = self._prepare(images, self.gate_size, None)
-        if self.parts["gate"] == "classifier":  # the same function makes segmenter validation's gate input
+        sizes = [self.segmenter_size]
+        if gate == "classifier":
+            sizes.append(self.gate_size)
+        prepared = self._prepare_sizes(images, sizes, finite)
+        x_seg = prepared[self.segmenter_size]
+        x_gate = None
+        if gate == "classifier":  # the same function makes segmenter validation's gate input
             from ..data.transforms import classifier_input
 
-            x_gate = classifier_input(x_gate, self.gate_size, self.gate_crop)
+            x_gate = classifier_input(prepared[self.gate_size], self.gate_size, self.gate_crop)
 
         timer.mark("classify")
         scores = features = maps = None
-        if cuda and segment_all and self.parts["gate"] == "classifier" and self.overlap_networks:
+        if cuda and segment_all and gate == "classifier" and self.overlap_networks:
             classified, maps = self._side_by_side(
                 torch, lambda: self.backend.run("classifier", x_gate), lambda: self._segment(x_seg, None, None))
             scores = classified[0].float().reshape(-1).sigmoid()
-        elif self.parts["gate"] == "classifier":
+        elif gate == "classifier":
             scores = self.backend.run("classifier", x_gate)[0].float().reshape(-1).sigmoid()
-        elif self.parts["gate"] == "encoder":
+        elif gate == "encoder":
             encoded = self.backend.run("encoder", x_seg)
             scores = encoded[0].float().reshape(-1).sigmoid()
             features = encoded[1:]
@@ -623,22 +671,24 @@ class Predictor:
         timer.mark("segment")
         rows = None
         if scores is not None and not segment_all:
-            rows = torch.nonzero(scores >= t.gate).flatten()  # on CUDA the one sync: the stage-2 batch size
-            segmented = rows.tolist()
-            if len(segmented) == n:  # every image passes (always so at batch 1): no row selection
-                rows = None
+            # on CUDA the one sync: the stage-2 batch size (the decisions, not torch.nonzero's size and
+            # then its rows: two waits)
+            segmented = [i for i, passed in enumerate((scores >= t.gate).tolist()) if passed]
+            if segmented and len(segmented) < n:  # every image passes (always so at batch 1): no row selection
+                rows = _index_on(device, segmented)
         else:
             segmented = list(range(n))
         if segmented and maps is None:
             maps = self._segment(x_seg, features, rows)
+        peaks = None if maps is None else maps.flatten(1).amax(1)  # NaN wherever a map holds one
         if scores is None:  # no gate: the image's score is its largest pixel probability
-            peak = maps.flatten(1).amax(1)
-            scores = peak.sigmoid()
+            scores = peaks.sigmoid()
         # A network answering NaN (an fp16 overflow, broken weights) would read as "no pneumothorax"
-        # without a word: flagged here, read back on CUDA with the results (no extra synchronisation).
-        nan_outputs = [("score", list(range(n)), torch.isnan(scores))]
+        # without a word: the scores and the maps' peaks (NaN where the map holds one) are checked on
+        # the host, on CUDA with the results (no extra synchronisation, no kernel).
+        nan_outputs = [("score", list(range(n)), scores)]
         if maps is not None:
-            nan_outputs.append(("segmentation", segmented, torch.isnan(maps).flatten(1).any(1)))
+            nan_outputs.append(("segmentation", segmented, peaks))
         if not cuda:
             self._refuse_bad_values(finite, nan_outputs, loaded)
 
@@ -650,7 +700,7 @@ class Predictor:
         group_masks: dict[tuple[int, int], Any] = {}
         group_components: dict[tuple[int, int], Any] = {}  # per mask, counted by the post-processing
         for shape, js in groups.items():
-            m = maps if len(js) == maps.shape[0] else maps.index_select(0, torch.tensor(js, device=device))
+            m = maps if len(js) == maps.shape[0] else maps.index_select(0, _index_on(device, js))
             if shape != (h, w):
                 # +-inf logits (a saturated or fp16 network) resized to NaN holes (inf - inf inside the
                 # interpolation), and TTA's log-odds are infinite where both views are; +-1e4 decide
@@ -659,13 +709,22 @@ class Predictor:
             # areas are pixel counts at the network's input size: scale them to this image size
             scale = shape[0] * shape[1] / (h * w)
             gate_scores = None
-            if self.parts["gate"] is not None and segment_all:
-                idx = torch.tensor([segmented[j] for j in js], device=scores.device)
-                gate_scores = scores.index_select(0, idx)
+            if gate is not None and segment_all:  # segmented is range(n): js are the images themselves
+                gate_scores = scores if len(js) == n else scores.index_select(0, _index_on(device, js))
             group_masks[shape], group_components[shape] = postprocess.postprocess(
                 m[:, 0], gate_scores, from_logits=True, top=t.top, min_area=int(round(t.min_area * scale)),
                 bottom=t.bottom, gate_threshold=t.gate, min_component_area=int(round(t.min_component_area * scale)),
                 return_components=True)
+        if cuda:
+            # What the host reads back, copied now without waiting: the RLE strings' copy below waits
+            # for the stream anyway, and the end mark's synchronisation covers these copies.
+            def fetch(x):
+                return x.to("cpu", non_blocking=True)
+
+            finite = [(idx, fetch(flags)) for idx, flags in finite]
+            nan_outputs = [(what, idx, fetch(values)) for what, idx, values in nan_outputs]
+            scores = nan_outputs[0][2]
+            group_components = {shape: fetch(c) for shape, c in group_components.items()}
 
         timer.mark("rle")
         strings = ["-1"] * n
@@ -673,11 +732,12 @@ class Predictor:
             for j, text in zip(js, rle.encode_batch(group_masks[shape])):
                 strings[segmented[j]] = text
         timer.mark("end")
+        timings = timer.result()  # on CUDA waits for the end mark: every copy above has landed
 
         # Everything below reads results back to the host (the RLE strings are already there).
         if cuda:
             self._refuse_bad_values(finite, nan_outputs, loaded)
-        score_list = scores.float().cpu().tolist()
+        score_list = scores.tolist()
         components = [0] * n
         masks: list[Optional[np.ndarray]] = [None] * n
         for shape, js in groups.items():
@@ -687,7 +747,6 @@ class Predictor:
                 host = group_masks[shape].cpu().numpy()
                 for k, j in enumerate(js):
                     masks[segmented[j]] = host[k]
-        timings = timer.result()
         load_ms = float(sum(ms for _, _, ms in loaded))
         timings = {"load": load_ms, **timings}
         timings["total"] = float(sum(timings.values()))
@@ -725,6 +784,16 @@ def _log_odds_of_mean_probability(a: Any, b: Any) -> Any:
     import torch.nn.functional as F
 
     return (torch.logaddexp(F.logsigmoid(a), F.logsigmoid(b)) - torch.logaddexp(F.logsigmoid(-a), F.logsigmoid(-b)))
+
+
+def _index_on(device: Any, values: Sequence[int]) -> Any:
+    """Row numbers as an int64 tensor on ``device``, without waiting for it: ``torch.tensor(values,
+    device="cuda")`` copies from pageable memory, which waits for the stream's work so far."""
+    import torch
+
+    from ..data.transforms import to_device_async
+
+    return to_device_async(torch.tensor(values, dtype=torch.int64), device)
 
 
 def _tensors_in(value: Any, torch: Any) -> Iterator[Any]:
