@@ -258,11 +258,14 @@ def tiny_two_stage() -> Path:
                           thresholds={"gate": 0.0, "top": 0.75, "min_area": 20, "bottom": 0.3}).path
 
 
-@pytest.mark.parametrize("impl", ["pneumoseg torch, segment all", "the two networks alone"])
+@pytest.mark.parametrize("impl", ["pneumoseg torch, segment all", "the two networks alone",
+                                  "pneumoseg around the networks (their outputs stored)"])
 def test_predictor_fixed_cost_batch1(benchmark, impl):
     """Batch 1 from an in-memory 64x64 tensor with tiny networks: what the Predictor adds around the
     networks (input handling, preprocessing, post-processing, RLE, bookkeeping) is what decides a
-    few-millisecond batch-1 latency on a GPU."""
+    few-millisecond batch-1 latency on a GPU. The third case measures that directly, each network
+    part answering with its stored outputs (``cpu_profile_predictor.py`` does the same, in thread
+    time and against a git revision)."""
     path = tiny_two_stage()
     image = torch.from_numpy(images(64, 1)[0])
     benchmark.group = "predictor fixed cost, batch 1, tiny networks, cpu"
@@ -270,6 +273,10 @@ def test_predictor_fixed_cost_batch1(benchmark, impl):
     if impl.startswith("pneumoseg"):
         p = Predictor.from_dir(path, backend="torch", device="cpu", segment="all")
         p.warmup(1)
+        if "stored" in impl:
+            from cpu_profile_predictor import _StoredOutputs
+
+            p.backend.run = _StoredOutputs(p.backend.run)
 
         def fn():
             return p.predict(image, batch_size=1)[0].rle

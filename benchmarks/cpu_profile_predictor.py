@@ -254,7 +254,9 @@ def _fake_cuda_if(device: str):
     from fake_cuda import fake_cuda
 
     reads: Counter = Counter()
-    fetched = weakref.WeakSet()  # host copies made without waiting: reading them waits for nothing more
+    # host copies made without waiting: reading them waits for nothing more (keyed by id: a WeakSet
+    # would compare tensors with ==, ops of its own in the count)
+    fetched: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
     class CountHostReads(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -264,7 +266,7 @@ def _fake_cuda_if(device: str):
             if os.sep.join(("pneumoseg", "infer", "")) not in caller:
                 pass  # the ops' own code takes its CPU path here (the tensors are on the CPU)
             elif name in _SYNC_METHODS:
-                if not (args and isinstance(args[0], torch.Tensor) and args[0] in fetched):
+                if not (args and fetched.get(id(args[0])) is args[0]):
                     reads[f"Tensor.{name}"] += 1
             elif name == "to" and args and any(
                     (a == "cpu" or getattr(a, "type", None) == "cpu") for a in (*args[1:], kwargs.get("device"))):
@@ -272,7 +274,7 @@ def _fake_cuda_if(device: str):
                     reads["Tensor.to(cpu)"] += 1
                 else:
                     result = func(*args, **kwargs)
-                    fetched.add(result)
+                    fetched[id(result)] = result
                     return result
             elif name == "tensor" and kwargs.get("device") is not None:  # a blocking copy to the GPU there
                 reads["torch.tensor(list, device=cuda)"] += 1
