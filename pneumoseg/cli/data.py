@@ -13,7 +13,8 @@ def add_parser(subparsers) -> None:
     sub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     synth = sub.add_parser("synth", help="write a synthetic study set in the SIIM-ACR Kaggle layout")
     synth.add_argument("--out", type=path, required=True,
-                       help="folder to write (dicom-images-train/ and train-rle.csv); new or empty")
+                       help="folder to write (dicom-images-train/ and train-rle.csv); new, empty or pneumoseg's "
+                       "own earlier output")
     synth.add_argument("--n", type=int_in(1, 10**7), default=64, help="number of images (default 64)")
     synth.add_argument("--size", type=image_side(minimum=32), default=1024, help="image size (default 1024)")
     synth.add_argument("--positive-fraction", type=probability, default=0.3,
@@ -26,7 +27,8 @@ def add_parser(subparsers) -> None:
 
     masks = sub.add_parser("masks", help="write one PNG mask per image of an RLE CSV (union of annotations)")
     masks.add_argument("--csv", type=path, required=True, help="train-rle.csv or stage_2_train.csv")
-    masks.add_argument("--out", type=path, required=True, help="folder for <ImageId>.png; new or empty")
+    masks.add_argument("--out", type=path, required=True,
+                       help="folder for <ImageId>.png; new, empty or pneumoseg's own earlier output")
     masks.add_argument("--shape", type=image_side(), nargs=2, default=(1024, 1024), metavar=("H", "W"),
                        help="mask size when --dicoms is not given (default 1024 1024)")
     masks.add_argument("--dicoms", type=path, help="a DICOM folder to take each image's size from")
@@ -39,7 +41,8 @@ def add_parser(subparsers) -> None:
     cache.add_argument("--root", type=path, required=True, help="the DICOM folder (any nesting of *.dcm)")
     cache.add_argument("--csv", type=path, help="the RLE CSV (then only its images, with their masks)")
     cache.add_argument("--size", type=image_side(minimum=8), default=1024, help="cached image size (default 1024)")
-    cache.add_argument("--out", type=path, required=True, help="cache folder to write; new or empty")
+    cache.add_argument("--out", type=path, required=True,
+                       help="cache folder to write; new, empty or pneumoseg's own earlier output")
     cache.add_argument("--workers", type=int_in(1, 256), help="decoding threads (default: up to 8)")
     cache.add_argument("--force", action="store_true",
                        help="write into --out even if it holds files pneumoseg did not write")

@@ -21,7 +21,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--data", type=path, metavar="DIR", help="the DICOM folder (sets data.root)")
     p.add_argument("--csv", type=path, metavar="FILE", help="the RLE CSV (sets data.csv; default DIR/train-rle.csv)")
     p.add_argument("--cache", type=path, metavar="DIR", help="a `pneumoseg data cache` folder (sets data.cache)")
-    p.add_argument("--out", type=path, metavar="RUN", help="the run folder (new or empty, or with --resume)")
+    p.add_argument("--out", type=path, metavar="RUN",
+                   help="the run folder: new, empty or pneumoseg's earlier output (with --resume: the run to continue)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set optimizer.lr=3e-4 --set stages.0.epochs=2 (repeatable)")
     p.add_argument("--resume", action="store_true",
