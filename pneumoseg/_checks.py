@@ -260,6 +260,7 @@ class _TorchProbes:
         functorch = getattr(torch._C, "_functorch", None)
         cls.is_functional = getattr(torch, "_is_functional_tensor", None)
         cls.is_functorch_wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+        cls.is_compiling = torch.compiler.is_compiling
         cls.tensor = torch.Tensor
 
 
@@ -276,6 +277,8 @@ def is_plain_tensor(x: Any) -> bool:
             return False
         probes.load(torch)
     if type(x) is not probes.tensor or probes.is_functional is None or probes.is_functorch_wrapped is None:
+        return False
+    if probes.is_compiling():  # Dynamo's tensors are fake, and it cannot trace the probes (a graph break)
         return False
     return not probes.is_functional(x) and not probes.is_functorch_wrapped(x)
 

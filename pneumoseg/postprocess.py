@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from typing import Any, Optional
 
 import numpy as np
@@ -160,9 +161,15 @@ def _to_input_space(p: float, from_logits: bool) -> float:
     return math.log(p / (1.0 - p))
 
 
-@functools.lru_cache(maxsize=256)
-def _native_params(threshold: Optional[float], from_logits: bool, triplet: Optional[tuple[float, int]],
-                   min_component_area: int, connectivity: int) -> Any:
+def _compiling() -> bool:
+    """Whether Dynamo is tracing: it warns on every lru_cache-wrapped call and traces the wrapped
+    function anyway, so the caches below are bypassed while it traces."""
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
+def _make_native_params(threshold: Optional[float], from_logits: bool, triplet: Optional[tuple[float, int]],
+                        min_component_area: int, connectivity: int) -> Any:
     """The native parameters of one validated setting (immutable, so shared between calls)."""
     use_threshold = threshold is not None
     return _C.PostprocessParams(
@@ -174,6 +181,15 @@ def _native_params(threshold: Optional[float], from_logits: bool, triplet: Optio
         min_component_area,
         connectivity,
     )
+
+
+_native_params_cached = functools.lru_cache(maxsize=256)(_make_native_params)
+
+
+def _native_params(threshold: Optional[float], from_logits: bool, triplet: Optional[tuple[float, int]],
+                   min_component_area: int, connectivity: int) -> Any:
+    args = (threshold, from_logits, triplet, min_component_area, connectivity)
+    return _make_native_params(*args) if _compiling() else _native_params_cached(*args)
 
 
 def _run(batch: _Batch, params: Any, keep: Any = None, components: bool = False) -> tuple[Any, Any, Any]:
@@ -307,8 +323,11 @@ def _checked_settings(from_logits: Any, top: Any, min_area: Any, bottom: Any, mi
 # Plain Python numbers validate the same way every time, so their validated settings are cached per
 # argument tuple (typed: 1, 1.0 and True are different keys; errors are never cached).
 _cached_settings = functools.lru_cache(maxsize=256, typed=True)(_checked_settings)
-_cached_gate_threshold = functools.lru_cache(maxsize=64, typed=True)(
-    lambda value: check_probability(value, "gate_threshold"))
+def _check_gate_threshold(value: Any) -> float:
+    return check_probability(value, "gate_threshold")
+
+
+_cached_gate_threshold = functools.lru_cache(maxsize=64, typed=True)(_check_gate_threshold)
 _PLAIN_PROBABILITY = frozenset((float, int))
 _PLAIN_OPTIONAL_PROBABILITY = frozenset((float, int, type(None)))
 
@@ -340,7 +359,8 @@ def postprocess(
     (a scalar for one 2-D input), counted in the same pass, so the masks need no second labelling."""
     if (type(from_logits) is bool and type(bottom) in _PLAIN_PROBABILITY and type(top) in _PLAIN_OPTIONAL_PROBABILITY
             and type(min_area) is int and type(min_component_area) is int and type(connectivity) is int):
-        params = _cached_settings(from_logits, top, min_area, bottom, min_component_area, connectivity)
+        settings = _checked_settings if _compiling() else _cached_settings
+        params = settings(from_logits, top, min_area, bottom, min_component_area, connectivity)
         batch = _Batch(probs, "probs")
     else:
         # The order of the checks, and so which of several bad arguments is named, as always.
@@ -355,7 +375,7 @@ def postprocess(
     keep = None
     if scores is not None:
         if type(gate_threshold) in _PLAIN_PROBABILITY:
-            threshold = _cached_gate_threshold(gate_threshold)
+            threshold = (_check_gate_threshold if _compiling() else _cached_gate_threshold)(gate_threshold)
         else:
             threshold = check_probability(gate_threshold, "gate_threshold")
         keep = _scores_keep(scores, batch, threshold)

@@ -227,3 +227,26 @@ def test_decode_batch_limits_still_apply_on_the_quick_shape_check():
     for shape in ((8, -1), (8, 4.0), (True, 4), [8, 4, 1]):
         with pytest.raises(RLEError, match="shape"):
             rle.decode_batch(["-1"], shape)
+
+
+def test_compiling_a_caller_adds_no_cache_warnings_and_keeps_the_answer():
+    # Dynamo warned on every lru_cache-wrapped call (the cached settings) and could not trace the plain
+    # tensor probes; while it traces, both are bypassed and only the native call breaks the graph
+    import warnings
+
+    import torch
+
+    def caller(x):
+        return pp.postprocess(torch.sigmoid(x), torch.full((1,), 0.9), gate_threshold=0.5, top=0.75, min_area=3,
+                              bottom=0.3, min_component_area=2, return_components=True)
+
+    torch._dynamo.reset()
+    x = torch.randn(1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = torch.compile(caller, backend="eager")(x)
+    expected = caller(x)
+    assert torch.equal(compiled[0], expected[0]) and torch.equal(compiled[1], expected[1])
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "lru_cache" in m], messages
+    assert not [m for m in messages if "functorch_wrapped" in m or "_is_functional_tensor" in m], messages
