@@ -175,3 +175,20 @@ def test_every_dotted_pneumoseg_name_in_readme_resolves():
                 assert hasattr(obj, attr), f"README names {name}, but {attr!r} is not there"
                 obj = getattr(obj, attr)
             break
+
+
+def test_a_command_that_needs_torch_says_so_in_one_line_where_torch_is_missing(tmp_path):
+    """README: torch is not a dependency of the core package, and a user error is one line and exit 2.
+    Without torch, `pneumoseg evaluate` (and predict, demo, data cache ...) ended in a traceback."""
+    import subprocess
+    import sys
+
+    (tmp_path / "sub.csv").write_text("ImageId,EncodedPixels\na,-1\n")
+    (tmp_path / "truth.csv").write_text("ImageId,EncodedPixels\na,-1\n")
+    script = ("import sys; sys.modules['torch'] = None; from pneumoseg.cli import main; "
+              "sys.exit(main(['evaluate', '--pred', 'sub.csv', '--truth', 'truth.csv', '--out', 'ev']))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pneumoseg: error: ") and "torch" in lines[0], done.stderr

@@ -123,6 +123,18 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
+# Optional packages a command may need, and how to get them: a missing one is a setup error with one
+# line, not a traceback (torch is deliberately not a dependency of the core package).
+_OPTIONAL_PACKAGES = {
+    "torch": "install the torch build you want first (pip install torch), as README's Quick start does",
+    "onnx": "pip install 'pneumoseg[onnx]'",
+    "onnxscript": "pip install 'pneumoseg[onnx]'",
+    "onnxruntime": "pip install 'pneumoseg[onnx]'",
+    "matplotlib": "pip install 'pneumoseg[train]'",
+    "cupy": "pip install 'pneumoseg[cuda]'",
+}
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from ..errors import PneumosegError
 
@@ -134,6 +146,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         message = str(exc)
     except PneumosegError as exc:  # bad input files or arguments: a clear message, not a traceback
         message = str(exc)
+    except ModuleNotFoundError as exc:
+        package = (exc.name or "").split(".")[0]
+        if package not in _OPTIONAL_PACKAGES:
+            raise
+        message = f"this command needs {package}, which is not installed: {_OPTIONAL_PACKAGES[package]}"
     except OSError as exc:  # permission denied, not a directory, disk full ... on the user's paths
         message = _describe_os_error(exc)
     except _Terminated:
