@@ -16,15 +16,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from infer_helpers import model_dir, phantom_images
+
 import pneumoseg
 from pneumoseg import postprocess as pp
 from pneumoseg import rle
 from pneumoseg.errors import InvalidInputError, RLEError
 
-from infer_helpers import model_dir, phantom_images
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from fake_cuda import fake_cuda  # noqa: E402  (the Predictor's CUDA branch, run on the CPU)
+from fake_cuda import fake_cuda  # the Predictor's CUDA branch, run on the CPU
 
 _RNG = np.random.default_rng(7)
 _PROBS = _RNG.random((17, 23)).astype(np.float32)
@@ -95,7 +95,7 @@ def test_hostile_layouts_answer_as_their_contiguous_copy(layout, tmp_path):
     x = LAYOUTS[layout](tmp_path)
     plain = _as_plain(x)
     kind = torch.Tensor if isinstance(x, torch.Tensor) else np.ndarray
-    settings = dict(top=0.6, min_area=5, bottom=0.3, min_component_area=3)
+    settings = {"top": 0.6, "min_area": 5, "bottom": 0.3, "min_component_area": 3}
 
     masks, counts = pp.postprocess(x, return_components=True, **settings)
     want_masks, want_counts = pp.postprocess(plain, return_components=True, **settings)
