@@ -23,7 +23,7 @@ from pneumoseg import postprocess as pp
 from pneumoseg import rle
 from pneumoseg.errors import InvalidInputError, RLEError
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "benchmarks"))  # last: never shadows a tests/ module
 from fake_cuda import fake_cuda  # the Predictor's CUDA branch, run on the CPU
 
 _RNG = np.random.default_rng(7)
