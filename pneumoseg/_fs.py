@@ -12,7 +12,10 @@
   (``.pneumoseg-manifest``, with its size and modification time), so running the same command again
   on its own earlier output needs no ``--force``: that output, unchanged since, is replaced.
   :func:`check_output_folder` makes the same refusals without touching anything, for a command to
-  say so before long work.
+  say so before long work. A command that adds to another's output (``pneumoseg export`` writing
+  artefacts into a training run's model directory) lists its files there with
+  :func:`record_in_manifest`; the files a model directory's TensorRT engine cache writes (also at
+  prediction time, so no manifest can list them as they are) count as pneumoseg's by their names.
 - One writer per folder: an :class:`OutputFolder` holds an exclusive advisory lock (``flock``) on
   the folder itself, no lock file, for as long as it is open (until :meth:`OutputFolder.close`, the
   end of its ``with`` block, or its last reference going); the kernel drops it when the process ends,
@@ -56,13 +59,19 @@ except ImportError:  # pragma: no cover - Windows: folders are not locked
 
 __all__ = [
     "MANIFEST_NAME", "safe_file_name", "safe_file_names", "OutputFolder", "prepare_output_folder",
-    "check_output_folder", "folder_lock", "atomic_open",
+    "check_output_folder", "record_in_manifest", "folder_lock", "atomic_open",
     "atomic_write", "write_png",
 ]
 
 MANIFEST_NAME = ".pneumoseg-manifest"
 _MANIFEST_HEADER = "# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path"
 _MAX_NAME_BYTES = 255
+# What pneumoseg.export.tensorrt.EngineCache keeps in a model directory's engine cache (MODEL_DIR/tensorrt):
+# <key>.engine, its <key>.json sidecar and <key>.lock, and the timing cache with its lock. The TensorRT
+# backend fills it at prediction time too and filelock rewrites the locks, so these are pneumoseg's by
+# name, and only in a model directory pneumoseg wrote (its manifest lists pneumoseg.json).
+_ENGINE_CACHE_FILE = re.compile(r"tensorrt/(?:[0-9a-f]{32}\.(?:engine|json|lock)|timing-[0-9a-f]{16}\.cache(?:\.lock)?)")
+_MODEL_DESCRIPTION = "pneumoseg.json"
 # Characters Windows forbids in names, plus both separators; control characters are checked apart.
 _FORBIDDEN = set('/\\:*?"<>|')
 _RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
@@ -441,6 +450,10 @@ def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
             ours.append(p)
             continue
         recorded = manifest.get(rel)
+        if (recorded is None and _MODEL_DESCRIPTION in manifest and _ENGINE_CACHE_FILE.fullmatch(rel)
+                and entry.is_file(follow_symlinks=False)):
+            ours.append(p)
+            continue
         if recorded is None or not entry.is_file(follow_symlinks=False):
             foreign.append(p)
             continue
@@ -682,14 +695,7 @@ class OutputFolder:
 
     def _record(self, target: Path, written: Path | None = None) -> None:
         """List ``target`` in the manifest as the file ``written`` (default: ``target``) is now."""
-        st = (written or target).stat()
-        rel = target.relative_to(self.path).as_posix()
-        manifest = self.path / MANIFEST_NAME
-        new = not manifest.exists()
-        with open(manifest, "a", encoding="utf-8", newline="\n") as f:
-            if new:
-                f.write(_MANIFEST_HEADER + "\n")
-            f.write(f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n")
+        _append_to_manifest(self.path, target.relative_to(self.path).as_posix(), (written or target).stat())
 
     @contextlib.contextmanager
     def open(self, *parts: str, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -716,6 +722,38 @@ class OutputFolder:
 
     def __repr__(self) -> str:
         return f"OutputFolder({str(self.path)!r})"
+
+
+def _append_to_manifest(folder: Path, rel: str, st: os.stat_result) -> None:
+    manifest = folder / MANIFEST_NAME
+    new = not manifest.exists()
+    with open(manifest, "a", encoding="utf-8", newline="\n") as f:
+        if new:
+            f.write(_MANIFEST_HEADER + "\n")
+        f.write(f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n")
+
+
+def record_in_manifest(folder: PathLike, *paths: PathLike) -> bool:
+    """List files that a command wrote into ``folder``, another command's output, in its manifest as
+    they are now: ``pneumoseg export`` adding artefacts to a training run's model directory (and
+    rewriting its ``pneumoseg.json``), so the folder stays pneumoseg's own output and a new run into
+    it needs no ``--force``. Only a folder that already has a valid manifest (one pneumoseg prepared)
+    is changed; elsewhere nothing is written and False is returned. A path outside the folder, or
+    reached through a symbolic link, is not listed (it stays someone else's, as the folder's own
+    rules count it). The caller holds the folder (:func:`folder_lock`)."""
+    root = Path(folder)
+    if _read_manifest(root) is None:
+        return False
+    for path in paths:
+        target = Path(path)
+        try:
+            rel = target.relative_to(root)
+        except ValueError:
+            continue
+        if not rel.parts or any(root.joinpath(*rel.parts[:i + 1]).is_symlink() for i in range(len(rel.parts))):
+            continue
+        _append_to_manifest(root, rel.as_posix(), target.stat())
+    return True
 
 
 def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",

@@ -39,7 +39,7 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from .. import __version__, limits
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, nesting_excess, show
-from .._fs import atomic_write, folder_lock, prepare_output_folder, read_json, safe_file_name
+from .._fs import atomic_write, folder_lock, prepare_output_folder, read_json, record_in_manifest, safe_file_name
 from ..errors import DataFormatError, InvalidInputError, OutputError
 
 __all__ = [
@@ -318,6 +318,9 @@ class ModelDir:
     def __init__(self, path: Path, raw: dict[str, Any]) -> None:
         self.path = path
         self._raw = raw
+        #: artefacts the folder's earlier description listed that :func:`save_model_dir` dropped, as
+        #: they were exported from networks it no longer holds (key -> Artefact); empty otherwise
+        self.removed_artefacts: dict[str, Artefact] = {}
         where = path / CONFIG_NAME
         try:
             self.format_version = int(raw["format_version"])
@@ -468,7 +471,9 @@ class ModelDir:
     def add_artefact(self, key: str, rel_path: str, data: bytes, *, format: str, network: str,
                      precision: str, meta: Optional[Mapping[str, Any]] = None) -> Path:
         """Write ``data`` to ``rel_path`` inside the directory (atomically) and list it, with its
-        fingerprint, in ``pneumoseg.json`` (rewritten atomically)."""
+        fingerprint, in ``pneumoseg.json`` (rewritten atomically). In a folder of pneumoseg's output (a
+        training run), both are listed in its manifest as pneumoseg's own, so a new run into it needs
+        no ``--force``."""
         self._entry(network)
         parts = _relative_parts(rel_path, "artefact path")
         target = self.path.joinpath(*parts)
@@ -482,6 +487,7 @@ class ModelDir:
             self.artefacts = {**self.artefacts, **self._artefacts_on_disk()}
             self.artefacts[key] = Artefact("/".join(parts), format, network, precision, sha256_of(data), dict(meta or {}))
             self.save()
+            record_in_manifest(self.path, target, self.path / CONFIG_NAME)
         return target
 
     def _artefacts_on_disk(self) -> dict[str, Artefact]:
@@ -565,6 +571,13 @@ def save_model_dir(
     has already prepared (a training run's folder that also holds its checkpoints and logs).
     ``crops`` gives a network's input crop (``{"classifier": "chest"}`` for a classifier trained with
     ``data.chest_crop``), which every backend of the Predictor then applies.
+
+    Written over an earlier model directory (``prepare=False``, or ``overwrite=True`` beside others'
+    files; a finished run's ``--resume``), the artefacts ``pneumoseg export`` added stay listed when
+    their network is written unchanged (same weights, construction arguments, input size and crop;
+    same preprocessing); those of a changed or absent network are dropped from ``pneumoseg.json`` and
+    their files removed (a file changed since export is left, unlisted), as they would answer with
+    the earlier weights. The returned ``ModelDir.removed_artefacts`` names them.
     """
     from safetensors.torch import save as save_safetensors
 
@@ -598,7 +611,8 @@ def save_model_dir(
     for name, model in networks.items():
         config, size = model.config, sizes[name]
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        data = save_safetensors(tensors, metadata={"pneumoseg_version": __version__, "network": name})
+        data = _canonical_safetensors(save_safetensors(tensors, metadata={"pneumoseg_version": __version__,
+                                                                          "network": name}))
         weights = f"{name}.safetensors"
         atomic_write(folder / weights, data)
         entries[name] = {"config": _json_safe(config, f"the {name} config"), "weights": weights,
@@ -618,9 +632,70 @@ def save_model_dir(
         "training": _json_safe(dict(training or {}), "training"),
         "artefacts": {},
     }
+    earlier = _earlier_description(folder)
+    kept, stale = _still_valid_artefacts(earlier, raw) if earlier is not None else ({}, {})
+    raw["artefacts"] = {k: asdict(a) for k, a in kept.items()}
     model_dir = ModelDir(folder, raw)
-    model_dir.save()
+    model_dir.save()  # before the stale files go: a crash in between leaves them unlisted, not listed and gone
+    for art in stale.values():
+        _remove_artefact_file(model_dir, art)
+    model_dir.removed_artefacts = stale
     return model_dir
+
+
+def _canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its header's metadata in sorted key order. safetensors
+    writes the metadata in a hash map's order, which changes from call to call: the same weights made
+    files with other bytes, hence another fingerprint, and whatever had been exported from them
+    (whose source record names that fingerprint) looked stale after a finished run's --resume."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    if isinstance(header.get("__metadata__"), dict):
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors pads it
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
+def _earlier_description(folder: Path) -> Optional[ModelDir]:
+    """The model directory ``folder`` described before it is written again; None where there is none
+    or it cannot be read (then no artefact of it is kept, and none of its files is touched)."""
+    if not (folder / CONFIG_NAME).is_file():
+        return None
+    try:
+        return load_model_dir(folder)
+    except (DataFormatError, InvalidInputError, OSError):
+        return None
+
+
+def _still_valid_artefacts(earlier: ModelDir, raw: Mapping[str, Any]) -> tuple[dict[str, Artefact], dict[str, Artefact]]:
+    """(the earlier description's artefacts still made from the networks ``raw`` describes, the
+    others). An artefact is cut from one network, given the preprocessing: it holds exactly while
+    that network's entry (weights fingerprint, config, input size, crop) and the preprocessing do."""
+    old_entries = {name: entry.to_json() for name, entry in earlier.networks.items()}
+    same_preprocessing = asdict(earlier.preprocessing) == raw["preprocessing"]
+    kept: dict[str, Artefact] = {}
+    stale: dict[str, Artefact] = {}
+    for key, art in earlier.artefacts.items():
+        new_entry = raw["networks"].get(art.network)
+        if same_preprocessing and new_entry is not None and old_entries.get(art.network) == new_entry:
+            kept[key] = art
+        else:
+            stale[key] = art
+    return kept, stale
+
+
+def _remove_artefact_file(model_dir: ModelDir, art: Artefact) -> None:
+    """Remove a dropped artefact's file when it is still the one export wrote (its fingerprint
+    matches); a file changed since is someone's, and is left (unlisted, nothing loads it)."""
+    try:
+        path = model_dir._inside(model_dir.path.joinpath(*_relative_parts(art.path, "artefact path")))
+        if path.is_file() and not path.is_symlink() and sha256_of(path) == art.sha256:
+            path.unlink()
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # an onnx/ folder left empty
+    except (OSError, OutputError):
+        pass
 
 
 _MAX_DEPTH = 64

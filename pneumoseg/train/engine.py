@@ -962,6 +962,10 @@ class Trainer:
             for net in networks:
                 folder.record(f"{net}.safetensors")
             folder.record("pneumoseg.json")
+            note = _artefacts_note(self.out, bool(progress.get("finished")), sorted(model_dir.artefacts),
+                                   sorted(model_dir.removed_artefacts))
+            if note:
+                self.notes.append(note)
             written, note = ([], None)
             if cfg.log.plots:
                 written, note = self._plots(folder, history, labels, scores, score_name, predictions,
@@ -1013,6 +1017,21 @@ def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, *, scaler
         if ema is not None:
             ema.update(model)
     return stepped
+
+
+def _artefacts_note(out: Path, finished_before: bool, kept: list[str], removed: list[str]) -> Optional[str]:
+    """What writing the model directory again did to what `pneumoseg export` had added to it."""
+    parts = []
+    if kept:
+        what = ("the run was already finished: its model directory was written again from the same weights, and "
+                "the exported artefacts made from them were kept" if finished_before else
+                "its model directory was written again; the exported artefacts of its unchanged networks were kept")
+        parts.append(f"{out}: {what} ({', '.join(kept)})")
+    if removed:
+        parts.append(f"{out}: removed the exported artefacts made from networks that have changed since "
+                     f"({', '.join(removed)}), as they would answer with the earlier weights; export again: "
+                     f"`pneumoseg export {out}`")
+    return "; ".join(parts) or None
 
 
 def _youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
