@@ -283,6 +283,16 @@ def is_plain_tensor(x: Any) -> bool:
     return not probes.is_functional(x) and not probes.is_functorch_wrapped(x)
 
 
+def _wrapped_by_a_transform(x: Any) -> bool:
+    probes = _TorchProbes
+    if probes.tensor is None or probes.is_functional is None or probes.is_functorch_wrapped is None:
+        return False
+    try:
+        return bool(probes.is_functional(x) or probes.is_functorch_wrapped(x))
+    except (RuntimeError, TypeError):  # not a tensor these probes understand
+        return False
+
+
 def check_tensor_memory(x: Any, name: str, *, error: _Error = InvalidInputError) -> None:
     """Refuse a torch tensor whose elements are not all in memory it owns, before anything reads
     them through its data pointer (the native core, or NumPy through ``.numpy()``): a FakeTensor
@@ -295,6 +305,9 @@ def check_tensor_memory(x: Any, name: str, *, error: _Error = InvalidInputError)
         if fake is not None and fake.is_fake(x):
             raise error(f"{name} is a FakeTensor (FakeTensorMode, make_fx or torch.compile tracing) and holds no "
                         "data; pass a real CPU or CUDA tensor")
+        if _wrapped_by_a_transform(x):  # its own storage is a placeholder: the data is in the tensor it wraps
+            raise error(f"{name} is a tensor inside a torch.func transform (functionalize, vmap, grad, jvp), whose "
+                        "data pneumoseg's native ops cannot read; call them outside the transform")
     numel = x.numel()
     if numel == 0:
         return
