@@ -86,6 +86,21 @@ def write_dicom(path, raw=None, *, syntax=None, **attrs):
     return Path(path)
 
 
+#: The smallest segmentation run the training walkthrough and the train/export tests use: 64 px,
+#: resnet_tiny, one 4-image step (Adam, BCE + Dice).
+TINY_TRAINING = {
+    "task": "segmentation",
+    "data": {"image_size": 64, "folds": 2, "preload": True},
+    "model": {"encoder": "resnet_tiny", "decoder_channels": [16, 16, 8, 8, 8]},
+    "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "dice_smooth": 1.0},
+    "optimizer": {"name": "adam", "lr": 2e-3},
+    "epochs": 1, "batch_size": 4, "samples_per_epoch": 4, "positive_ratio": 0.5,
+    "validation": {"min_areas": [0, 10], "min_component_areas": [0]},
+    "checkpoint": {"keep_top_k": 1},
+    "log": {"progress": False, "tensorboard": False, "plots": False},
+    "threads": 1,
+}
+
 #: A tiny segmentation run whose every step is reproducible: plain SGD, no augmentation, one thread
 #: (the training-math and training-review tests compare runs step by step).
 TINY_DETERMINISTIC_TRAINING = {

@@ -25,20 +25,8 @@ from pneumoseg.errors import OutputError  # noqa: E402
 from pneumoseg.models import create_classifier, create_segmenter  # noqa: E402
 from pneumoseg.models.model_dir import load_model_dir, save_model_dir  # noqa: E402
 from pneumoseg.train.engine import train  # noqa: E402
-from factories import training_config  # noqa: E402
+from factories import TINY_TRAINING as TINY, training_config  # noqa: E402
 
-TINY = {
-    "task": "segmentation",
-    "data": {"image_size": 64, "folds": 2, "preload": True},
-    "model": {"encoder": "resnet_tiny", "decoder_channels": [16, 16, 8, 8, 8]},
-    "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "dice_smooth": 1.0},
-    "optimizer": {"name": "adam", "lr": 2e-3},
-    "epochs": 1, "batch_size": 4, "samples_per_epoch": 4, "positive_ratio": 0.5,
-    "validation": {"min_areas": [0, 10], "min_component_areas": [0]},
-    "checkpoint": {"keep_top_k": 1},
-    "log": {"progress": False, "tensorboard": False, "plots": False},
-    "threads": 1,
-}
 WHAT = "training run folder"
 # the names pneumoseg.export.tensorrt.EngineCache gives an engine, its sidecar and locks, and the timing cache
 ENGINE_CACHE_FILES = ("tensorrt/" + "ab12" * 8 + ".engine", "tensorrt/" + "ab12" * 8 + ".json",

@@ -21,23 +21,10 @@ from pneumoseg.errors import DataWarning  # noqa: E402
 from pneumoseg.metrics import TripletSearch  # noqa: E402
 from pneumoseg.train import ConfigError, config_from_dict, load_recipe  # noqa: E402
 from pneumoseg.train.engine import train  # noqa: E402
-from factories import training_config  # noqa: E402
+from factories import TINY_TRAINING as TINY, training_config  # noqa: E402
 from reference import competition_rle2mask  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim-sample"
-
-TINY = {
-    "task": "segmentation",
-    "data": {"image_size": 64, "folds": 2, "preload": True},
-    "model": {"encoder": "resnet_tiny", "decoder_channels": [16, 16, 8, 8, 8]},
-    "loss": {"bce": 1.0, "dice": 1.0, "focal": 0.0, "dice_smooth": 1.0},
-    "optimizer": {"name": "adam", "lr": 2e-3},
-    "epochs": 1, "batch_size": 4, "samples_per_epoch": 4, "positive_ratio": 0.5,
-    "validation": {"min_areas": [0, 10], "min_component_areas": [0]},
-    "checkpoint": {"keep_top_k": 1},
-    "log": {"progress": False, "tensorboard": False, "plots": False},
-    "threads": 1,
-}
 
 
 def tiny(root: Path, **top) -> "object":
