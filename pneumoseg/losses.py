@@ -61,9 +61,9 @@ class _DtypeCodes(dict):
 _CODE = _DtypeCodes((dtype, _native.torch_dtype_code(dtype)) for dtype in _TARGET_DTYPES)
 
 
-# torch's raw current-stream query, looked up once (the bridge's torch_current_stream looks it up on
-# every call); on a torch without it, the bridge's function and its fallback answer.
-_raw_current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or _native.torch_current_stream
+# torch's raw current-stream query, looked up once by the bridge (on a torch without it, the bridge's
+# torch_current_stream and its fallback answer).
+_raw_current_stream = _native.torch_names().current_stream
 
 
 def _place(t: torch.Tensor) -> tuple[int, int, int]:
