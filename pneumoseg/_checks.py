@@ -36,7 +36,7 @@ from .errors import InvalidInputError
 __all__ = [
     "INT64_MAX", "show", "check_real", "check_probability", "check_int", "check_bool", "check_choice",
     "check_shape", "check_image_shape", "check_image_size", "check_str_sequence", "check_path",
-    "check_array_object", "check_tensor_memory", "is_plain_tensor",
+    "check_array_object", "check_tensor_memory", "is_plain_tensor", "torch_names",
 ]
 
 INT64_MAX = 2**63 - 1
@@ -250,18 +250,41 @@ def check_readable_tensor(x: Any, name: str, *, error: _Error = InvalidInputErro
         raise error(f"{name} is on device {x.device}; pneumoseg runs on CPU and CUDA tensors")
 
 
-class _TorchProbes:
-    """torch's cheap type tests, looked up once (torch is imported by the caller, never here)."""
+class _TorchNames:
+    """What pneumoseg asks of torch on every call, looked up once torch has been imported (by the
+    caller: never here): the tensor type and strided layout (the bridge's dispatch), the raw
+    current-stream query (the bridge and the loss), and the cheap type tests of ``is_plain_tensor``."""
 
     tensor: Any = None
+    strided: Any = None
+    current_stream: Any = None
+    is_functional: Any = None
+    is_functorch_wrapped: Any = None
+    is_compiling: Any = None
 
     @classmethod
-    def load(cls, torch: Any) -> None:
-        functorch = getattr(torch._C, "_functorch", None)
-        cls.is_functional = getattr(torch, "_is_functional_tensor", None)
-        cls.is_functorch_wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
-        cls.is_compiling = torch.compiler.is_compiling
-        cls.tensor = torch.Tensor
+    def ready(cls) -> Any:
+        """This class once torch is imported, else None: torch's per-call names (``.tensor``:
+        ``torch.Tensor``, ``.strided``, ``.current_stream(index)``, the type tests)."""
+        if cls.tensor is None:
+            torch = sys.modules.get("torch")
+            if torch is None:
+                return None
+            functorch = getattr(torch._C, "_functorch", None)
+            cls.strided = torch.strided
+            # the raw handle, without building a torch.cuda.Stream (a measurable cost per call on small
+            # batches); an older torch without the query builds one
+            raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+            cls.current_stream = raw_stream or (lambda index: torch.cuda.current_stream(index).cuda_stream)
+            cls.is_functional = getattr(torch, "_is_functional_tensor", None)
+            cls.is_functorch_wrapped = getattr(functorch, "is_functorch_wrapped_tensor", None)
+            cls.is_compiling = torch.compiler.is_compiling
+            cls.tensor = torch.Tensor  # last: a set tensor means every name is set
+        return cls
+
+
+# one call on the hot path (a function around ready() would be two)
+torch_names = _TorchNames.ready
 
 
 def is_plain_tensor(x: Any) -> bool:
@@ -270,25 +293,22 @@ def is_plain_tensor(x: Any) -> bool:
     wrapper subclasses) and for the functionalization and torch.func wrappers, which are plain
     ``torch.Tensor`` objects around another tensor: those take ``is_fake``'s full walk. About a
     tenth of the cost of ``is_fake`` on a plain tensor."""
-    probes = _TorchProbes
-    if probes.tensor is None:
-        torch = sys.modules.get("torch")
-        if torch is None:
-            return False
-        probes.load(torch)
-    if type(x) is not probes.tensor or probes.is_functional is None or probes.is_functorch_wrapped is None:
+    names = _TorchNames
+    if names.tensor is None and names.ready() is None:
         return False
-    if probes.is_compiling():  # Dynamo's tensors are fake, and it cannot trace the probes (a graph break)
+    if type(x) is not names.tensor or names.is_functional is None or names.is_functorch_wrapped is None:
         return False
-    return not probes.is_functional(x) and not probes.is_functorch_wrapped(x)
+    if names.is_compiling():  # Dynamo's tensors are fake, and it cannot trace the probes (a graph break)
+        return False
+    return not names.is_functional(x) and not names.is_functorch_wrapped(x)
 
 
 def _wrapped_by_a_transform(x: Any) -> bool:
-    probes = _TorchProbes
-    if probes.tensor is None or probes.is_functional is None or probes.is_functorch_wrapped is None:
+    names = _TorchNames.ready()
+    if names is None or names.is_functional is None or names.is_functorch_wrapped is None:
         return False
     try:
-        return bool(probes.is_functional(x) or probes.is_functorch_wrapped(x))
+        return bool(names.is_functional(x) or names.is_functorch_wrapped(x))
     except (RuntimeError, TypeError):  # not a tensor these probes understand
         return False
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_array_object, check_tensor_memory
+from ._checks import check_array_object, check_tensor_memory, torch_names
 from .errors import InvalidInputError
 
 try:
@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "built. Install it with `pip install -e .` (or `pip install .` and import it from elsewhere)."
     ) from exc
 
-__all__ = ["ArrayInfo", "as_view", "kind_of", "data_pointer", "torch_dtype_code", "torch_current_stream", "torch_names", "zeros_uint8", "require_cuda_build", "cuda_available",
+__all__ = ["ArrayInfo", "as_view", "kind_of", "data_pointer", "torch_dtype_code", "torch_names", "zeros_uint8", "require_cuda_build", "cuda_available",
            "cuda_memory_reserved", "release_cuda_memory"]
 
 # Codes of pneumoseg::DType (csrc/common/tensor_view.h).
@@ -110,7 +110,7 @@ def as_view(x: Any, name: str, error: type[Exception] = InvalidInputError, *, ba
     """Describe ``x`` for the native core; raise ``error`` naming ``name`` for unsupported input.
     ``batch_of_one=True`` describes ``x`` with a leading dimension of size 1, as ``x[None]`` would,
     without making that view."""
-    torch = _TorchNames.ready()
+    torch = torch_names()
     if torch is not None and type(x) is torch.tensor:  # the common case: check_array_object's torch part inline
         if x.layout is not torch.strided or x.is_nested:
             check_array_object(x, name, error=error)
@@ -179,44 +179,6 @@ def torch_dtype_code(dtype: Any) -> Any:
     return code
 
 
-def torch_current_stream(index: int) -> int:
-    """The raw handle of torch's current CUDA stream on device ``index``, without building a
-    torch.cuda.Stream object (a measurable cost per call on small batches)."""
-    torch = _torch()
-    get_raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)
-    if get_raw is not None:
-        return get_raw(index)
-    return torch.cuda.current_stream(index).cuda_stream  # pragma: no cover - older torch
-
-
-class _TorchNames:
-    """What the bridge asks of torch on every call, looked up once torch has been imported (by the
-    caller: never here), as pneumoseg/losses.py does: the tensor type, the strided layout and the
-    raw current-stream query."""
-
-    tensor: Any = None
-    strided: Any = None
-    current_stream: Any = None
-
-    @classmethod
-    def ready(cls) -> Any:
-        """This class once torch is imported, else None."""
-        if cls.tensor is None:
-            torch = _torch()
-            if torch is None:
-                return None
-            cls.strided = torch.strided
-            cls.current_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or torch_current_stream
-            cls.tensor = torch.Tensor
-        return cls
-
-
-def torch_names() -> Any:
-    """torch's per-call names (``.tensor``: ``torch.Tensor``, ``.strided``, ``.current_stream(index)``)
-    once torch is imported, else None."""
-    return _TorchNames.ready()
-
-
 def _torch_view(x: Any, name: str, error: type[Exception], batch_of_one: bool = False) -> ArrayInfo:
     code = _TORCH_CODES.get(x.dtype)
     if code is None:
@@ -225,7 +187,7 @@ def _torch_view(x: Any, name: str, error: type[Exception], batch_of_one: bool = 
             raise error(f"{name} has unsupported dtype {x.dtype}; use bool, an integer or a float type")
     if x.is_cuda:
         device, index = CUDA, x.get_device()  # an int, without building a torch.device
-        stream = _TorchNames.ready().current_stream(index)
+        stream = torch_names().current_stream(index)
     elif x.is_cpu:
         device, index, stream = CPU, 0, 0
     else:

@@ -61,8 +61,8 @@ class _DtypeCodes(dict):
 _CODE = _DtypeCodes((dtype, _native.torch_dtype_code(dtype)) for dtype in _TARGET_DTYPES)
 
 
-# torch's raw current-stream query, looked up once by the bridge (on a torch without it, the bridge's
-# torch_current_stream and its fallback answer).
+# torch's raw current-stream query, looked up once (on a torch without it, a fallback that builds a
+# torch.cuda.Stream answers).
 _raw_current_stream = _native.torch_names().current_stream
 
 
