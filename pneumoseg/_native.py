@@ -24,7 +24,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
         "built. Install it with `pip install -e .` (or `pip install .` and import it from elsewhere)."
     ) from exc
 
-__all__ = ["ArrayInfo", "as_view", "kind_of", "data_pointer", "torch_dtype_code", "torch_names", "zeros_uint8", "require_cuda_build", "cuda_available",
+__all__ = ["ArrayInfo", "as_view", "read_array", "view_of", "kind_of", "data_pointer", "torch_dtype_code", "torch_names", "zeros_uint8", "require_cuda_build", "cuda_available",
            "cuda_memory_reserved", "release_cuda_memory"]
 
 # Codes of pneumoseg::DType (csrc/common/tensor_view.h).
@@ -106,24 +106,41 @@ def kind_of(x: Any) -> str:
     return "numpy"
 
 
-def as_view(x: Any, name: str, error: type[Exception] = InvalidInputError, *, batch_of_one: bool = False) -> ArrayInfo:
-    """Describe ``x`` for the native core; raise ``error`` naming ``name`` for unsupported input.
-    ``batch_of_one=True`` describes ``x`` with a leading dimension of size 1, as ``x[None]`` would,
-    without making that view."""
+def read_array(x: Any, name: str, error: type[Exception] = InvalidInputError) -> tuple[str, Any]:
+    """``(kind, x)``: the framework of ``x`` ("torch", "numpy" or "cupy") and ``x`` itself, as a NumPy
+    array when it is anything else NumPy reads (a list); raise ``error`` naming ``name`` for what the
+    native core cannot read (:func:`check_array_object`). Callers that need the shape before
+    describing ``x`` (postprocess's batches, RLE's encode) classify it here once, then call
+    :func:`view_of`."""
     torch = torch_names()
     if torch is not None and type(x) is torch.tensor:  # the common case: check_array_object's torch part inline
         if x.layout is not torch.strided or x.is_nested:
             check_array_object(x, name, error=error)
-        return _torch_view(x, name, error, batch_of_one)
+        return "torch", x
     if type(x) is np.ndarray:  # nothing check_array_object refuses is an exact ndarray
-        return _numpy_view(x, name, error, batch_of_one)
+        return "numpy", x
     check_array_object(x, name, error=error)
     kind = kind_of(x)
-    if kind == "torch":
-        return _torch_view(x, name, error, batch_of_one)
-    if kind == "cupy":
-        return _cupy_view(x, name, error, batch_of_one)
-    return _numpy_view(x, name, error, batch_of_one)
+    if kind == "numpy":
+        try:
+            x = np.asarray(x)
+        except Exception as exc:  # ragged lists and the like
+            raise error(f"{name} could not be read as an array: {exc}") from exc
+    return kind, x
+
+
+def view_of(kind: str, x: Any, name: str, error: type[Exception] = InvalidInputError, *,
+            batch_of_one: bool = False) -> ArrayInfo:
+    """:func:`as_view` of what :func:`read_array` returned."""
+    return _VIEWS[kind](x, name, error, batch_of_one)
+
+
+def as_view(x: Any, name: str, error: type[Exception] = InvalidInputError, *, batch_of_one: bool = False) -> ArrayInfo:
+    """Describe ``x`` for the native core; raise ``error`` naming ``name`` for unsupported input.
+    ``batch_of_one=True`` describes ``x`` with a leading dimension of size 1, as ``x[None]`` would,
+    without making that view."""
+    kind, x = read_array(x, name, error)
+    return _VIEWS[kind](x, name, error, batch_of_one)
 
 
 _MAX_DIMS = 4  # kMaxDims of csrc/common/tensor_view.h
@@ -134,11 +151,7 @@ def _check_ndim(ndim: int, name: str, error: type[Exception]) -> None:
         raise error(f"{name} has {ndim} dimensions; pneumoseg's native ops take at most {_MAX_DIMS}")
 
 
-def _numpy_view(x: Any, name: str, error: type[Exception], batch_of_one: bool = False) -> ArrayInfo:
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # ragged lists and the like
-        raise error(f"{name} could not be read as an array: {exc}") from exc
+def _numpy_view(arr: np.ndarray, name: str, error: type[Exception], batch_of_one: bool = False) -> ArrayInfo:
     if not arr.dtype.isnative:
         arr = arr.astype(arr.dtype.newbyteorder("="))
     code = _NUMPY_CODES.get(arr.dtype)
@@ -220,6 +233,9 @@ def _cupy_view(x: Any, name: str, error: type[Exception], batch_of_one: bool = F
         _prepend_unit_dim(shape, strides)
     view = _C.TensorView(x.data.ptr, code, CUDA, x.device.id, shape, strides)
     return ArrayInfo(view, "cupy", CUDA, x.device.id, stream, x)
+
+
+_VIEWS = {"torch": _torch_view, "numpy": _numpy_view, "cupy": _cupy_view}
 
 
 def data_pointer(x: Any) -> int:

@@ -54,23 +54,12 @@ class _Batch:
     as a batch of one for an (H, W) input, so nothing is indexed to answer."""
 
     def __init__(self, x: Any, name: str):
-        torch = _native.torch_names()
-        if torch is not None and type(x) is torch.tensor:
-            if x.layout is not torch.strided or x.is_nested:  # their shape is unreadable or misleading
-                check_array_object(x, name)
-            kind = "torch"
-        elif type(x) is np.ndarray:
-            kind = "numpy"
-        else:
-            check_array_object(x, name)
-            kind = _native.kind_of(x)
-            if kind == "numpy":
-                x = np.asarray(x)
+        kind, x = _native.read_array(x, name)  # classified once: the shape is read before the view is made
         ndim = len(x.shape)
         if ndim != 2 and ndim != 3:
             raise InvalidInputError(f"{name} must be (H, W) or (N, H, W), got shape {tuple(x.shape)}")
         self.single = ndim == 2
-        self.info = info = _native.as_view(x, name, batch_of_one=self.single)
+        self.info = info = _native.view_of(kind, x, name, batch_of_one=self.single)
         self.kind = kind
         self.cuda = info.device == _native.CUDA
         if self.cuda:

@@ -26,7 +26,6 @@ import numpy as np
 from . import _native, limits
 from ._checks import (
     INT64_MAX,
-    check_array_object,
     check_choice,
     check_image_shape,
     check_str_sequence,
@@ -122,16 +121,11 @@ def encode(mask: Any, *, style: Style = "siim") -> str:
     """Encode one (H, W) mask of any dtype (nonzero is foreground). An empty mask gives ``"-1"``
     (``""`` in the absolute style)."""
     code = _style_code(style)
-    check_array_object(mask, "mask", error=RLEError)
-    if _native.kind_of(mask) == "numpy":
-        try:
-            mask = np.asarray(mask)
-        except Exception as exc:  # ragged lists and the like
-            raise RLEError(f"mask could not be read as an array: {exc}") from exc
+    kind, mask = _native.read_array(mask, "mask", RLEError)
     if len(mask.shape) != 2:
         raise RLEError(f"mask must be 2-D (height, width), got shape {tuple(mask.shape)}")
     # The shape is checked on the input itself, and the view describes it as a batch of one.
-    return _encode_view(_native.as_view(mask, "mask", RLEError, batch_of_one=True), code)[0]
+    return _encode_view(_native.view_of(kind, mask, "mask", RLEError, batch_of_one=True), code)[0]
 
 
 def encode_batch(masks: Any, *, style: Style = "siim") -> list[str]:
