@@ -127,6 +127,8 @@ REFUSED = {
     "masked array": (lambda: rle.encode(np.ma.masked_array(np.ones((2, 2)), mask=[[1, 0], [0, 0]])), pneumoseg.RLEError, "masked array"),
     "None mask": (lambda: rle.encode(None), pneumoseg.RLEError, "mask must be an array, got None"),
     "ragged mask list": (lambda: rle.encode([[1, 0], [1]]), pneumoseg.RLEError, "could not be read as an array"),
+    # postprocess's batches read a list's shape before the bridge did: NumPy's own ValueError escaped
+    "ragged probs list": (lambda: pp.postprocess([[0.1], [0.2, 0.3]]), pneumoseg.InvalidInputError, "probs could not be read as an array"),
     "object mask": (lambda: pp.label_components(np.array([[None, 1]])), pneumoseg.InvalidInputError, "unsupported dtype"),
     "read_dicom(None)": (lambda: read_dicom(None), pneumoseg.DicomError, "path must be a path"),
     "read_dicom(b'x.dcm')": (lambda: read_dicom(b"x.dcm"), pneumoseg.DicomError, "path must be a path"),
