@@ -146,15 +146,24 @@ def test_predict_from_several_threads_equals_serial():
 
 
 def test_preprocessing_equals_the_training_preprocessing():
+    """What predict hands the segmenter is pneumoseg.data.preprocess of each image, for one batch of
+    images of different shapes and dtypes."""
     from pneumoseg.data import preprocess
 
     predictor = Predictor.from_dir(model_dir("plain"))
+    run, seen = predictor.backend.run, []
+
+    def recording_run(part, *inputs):
+        seen.append((part, inputs[0].clone()))
+        return run(part, *inputs)
+
+    predictor.backend.run = recording_run
     images = [np.random.default_rng(0).integers(0, 4096, (130, 70)).astype(np.uint16),
               np.random.default_rng(1).random((64, 64)).astype(np.float64), np.full((40, 50), 7, np.int16)]
-    tensors = [predictor._to_device(img) for img in images]
-    got = predictor._prepare(tensors, (64, 64), [])
+    predictor.predict(images, batch_size=3)
     want = torch.cat([preprocess(img, 64) for img in images])
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0][1], want, rtol=0, atol=1e-6)
 
 
 def test_onnxruntime_backend_matches_torch():

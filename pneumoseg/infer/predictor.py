@@ -201,10 +201,6 @@ class _LoadedInline:
         return error
 
 
-def _loaded_inline(load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> _LoadedInline:
-    return _LoadedInline(load, source)
-
-
 def _automatic_backend(md: Any, parts: Sequence[str], device: Any, precision: str) -> str:
     """backend="auto": torch on CUDA (fp16 CUDA graphs; TensorRT engines take minutes to build on first
     use, so they are asked for by name); on a CPU the exported ONNX in onnxruntime when every part has
@@ -415,7 +411,7 @@ class Predictor:
             futures = []
             for src in batch:
                 if src.path is None or len(sources) == 1:
-                    futures.append(_loaded_inline(timed_load, src))
+                    futures.append(_LoadedInline(timed_load, src))
                     continue
                 if executor is None:
                     executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="pneumoseg-read")
@@ -509,15 +505,11 @@ class Predictor:
             return t.to(device, non_blocking=True)
         return to_device_async(torch.from_numpy(_host_array(np.asarray(pixels))), device)
 
-    def _prepare(self, images: list, size: tuple[int, int], finite: Optional[list]) -> Any:
-        """(N, 1, h, w) float32 network input: each image scaled to [0, 1] by its own min and max,
-        resized (bilinear, antialiased) and normalised, exactly as ``pneumoseg.data.preprocess``."""
-        return self._prepare_sizes(images, (tuple(size),), finite)[tuple(size)]
-
     def _prepare_sizes(self, images: list, sizes: Sequence[tuple[int, int]], finite: Optional[list]) -> dict:
-        """:meth:`_prepare` at each of ``sizes`` (the segmenter's and the classifier's), the scaling to
-        [0, 1] done once per image for all of them. Appends to ``finite`` (when given) the per-image
-        all-finite flags of float images, left on the device."""
+        """size -> (N, 1, h, w) float32 network input at each of ``sizes`` (the segmenter's and the
+        classifier's): each image scaled to [0, 1] by its own min and max (once for all sizes), resized
+        (bilinear, antialiased) and normalised, exactly as ``pneumoseg.data.preprocess``. Appends to
+        ``finite`` (when given) the per-image all-finite flags of float images, left on the device."""
         import torch
         import torch.nn.functional as F
 
