@@ -140,6 +140,27 @@ def test_a_weight_replaced_through_data_is_seen_even_at_a_reused_address():
         freeze_subpixel_weights(model)
 
 
+def test_a_weight_replaced_after_its_storage_was_freed_in_place_is_seen():
+    """FSDP frees a parameter's memory in place (``untyped_storage().resize_(0)``), which also moves the
+    alias freezing keeps; a new tensor then put in through ``.data`` at the freed address has the
+    recorded data pointer, version, shape and strides: only the alias, no longer at that address,
+    tells it apart from the frozen-from weight."""
+    model, x = _frozen_segmenter(), _input()
+    generator = torch.Generator().manual_seed(6)
+    for _ in range(8):
+        for block in _blocks(model):
+            weight = block.conv1[0].weight
+            shape = weight.shape
+            weight.untyped_storage().resize_(0)
+            new = torch.empty(shape)
+            new.normal_(generator=generator).mul_(0.1)
+            weight.data = new
+            del new
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), _unfrozen_output(model, x), rtol=0, atol=0)
+        freeze_subpixel_weights(model)
+
+
 # torch's forward AD loads its JIT-scripted decompositions on first use
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_forward_mode_ad_through_the_weights():
