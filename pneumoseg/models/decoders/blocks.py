@@ -237,9 +237,11 @@ class DecoderBlock(nn.Module):
             return False
         conv = self.conv1[0]
         weight, bias = conv.weight, conv.bias
+        # Two pointer tests, each needed: the recorded one catches a storage moved in place (share_memory,
+        # which moves the alias too); the alias's catches a new tensor at the recorded address once the
+        # old storage was freed in place (FSDP's resize_(0)). Equal keys mean the same bias is None.
         return (key[1:] == (_tensor_key(weight), _tensor_key(bias))
-                and all((t is None) == (s is None) and (t is None or t.data_ptr() == s.data_ptr())
-                        for t, s in zip((weight, bias), sources[:2])))
+                and all(t is None or t.data_ptr() == s.data_ptr() for t, s in zip((weight, bias), sources[:2])))
 
 
 _FROZEN = ("_frozen_phase_weight", "_frozen_phase_bias", "_frozen_skip_weight")
