@@ -121,37 +121,27 @@ def test_a_compiled_frozen_model_sees_a_training_step():
     torch.testing.assert_close(second, want, rtol=1e-6, atol=1e-6)
 
 
-def test_a_weight_replaced_through_data_is_seen_even_at_a_reused_address():
+# How the old weight's memory goes before a new tensor is put in through ``.data``.
+_LET_GO = {
+    # the storage is dropped by the parameter (freezing's alias still holds it)
+    "replaced": lambda weight: setattr(weight, "data", torch.empty(0)),
+    # FSDP frees a parameter's memory in place, which also moves freezing's alias
+    "freed in place": lambda weight: weight.untyped_storage().resize_(0),
+}
+
+
+@pytest.mark.parametrize("let_go", list(_LET_GO))
+def test_a_weight_replaced_through_data_is_seen_even_at_a_reused_address(let_go):
     """``param.data = new`` keeps the parameter's version counter; a new tensor allocated where the old
-    one was freed then has the same data pointer and version: that must not pass for the old weight."""
+    one was freed then has the same data pointer, version, shape and strides: that must not pass for
+    the old weight. After a free in place only the alias, no longer at that address, tells them apart."""
     model, x = _frozen_segmenter(), _input()
     generator = torch.Generator().manual_seed(5)
     for _ in range(8):
         for block in _blocks(model):
             weight = block.conv1[0].weight
             shape = weight.shape
-            weight.data = torch.empty(0)  # frees the old storage (nothing else holds it)
-            new = torch.empty(shape)
-            new.normal_(generator=generator).mul_(0.1)
-            weight.data = new
-            del new
-        with torch.no_grad():
-            torch.testing.assert_close(model(x), _unfrozen_output(model, x), rtol=0, atol=0)
-        freeze_subpixel_weights(model)
-
-
-def test_a_weight_replaced_after_its_storage_was_freed_in_place_is_seen():
-    """FSDP frees a parameter's memory in place (``untyped_storage().resize_(0)``), which also moves the
-    alias freezing keeps; a new tensor then put in through ``.data`` at the freed address has the
-    recorded data pointer, version, shape and strides: only the alias, no longer at that address,
-    tells it apart from the frozen-from weight."""
-    model, x = _frozen_segmenter(), _input()
-    generator = torch.Generator().manual_seed(6)
-    for _ in range(8):
-        for block in _blocks(model):
-            weight = block.conv1[0].weight
-            shape = weight.shape
-            weight.untyped_storage().resize_(0)
+            _LET_GO[let_go](weight)
             new = torch.empty(shape)
             new.normal_(generator=generator).mul_(0.1)
             weight.data = new
