@@ -22,21 +22,15 @@ timed in CI: absolute times depend on the host.
 
 from __future__ import annotations
 
-import argparse
-import cProfile
-import itertools
-import json
 import importlib.util
-import pstats
-import subprocess
+import itertools
 import sys
-from pathlib import Path
-import time
 from typing import Callable
 
 import torch
 
 from gpu_profile_loss import WEIGHTS, AutogradFloor, reference_probes
+from host_profile import options, profile_text, rounds_us, source_at, write_json
 from pneumoseg.losses import combo_loss
 
 SHAPES = ((1, 1, 8, 8), (2, 1, 32, 32))
@@ -50,25 +44,12 @@ def per_call_us(fn: Callable[[], object], calls: int, rounds: int, warmup: int =
 
 def per_call_us_each(fns: list[Callable[[], object]], calls: int, rounds: int, warmup: int = 50) -> list[float]:
     """Best-round microseconds per call of each function, the functions taking turns round by round."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    best = [float("inf")] * len(fns)
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.thread_time()
-            for _ in range(calls):
-                fn()
-            best[i] = min(best[i], (time.thread_time() - t0) / calls * 1e6)
-    return best
+    return [min(times) for times in rounds_us(fns, calls, rounds, warmup)]
 
 
 def load_losses_at(rev: str):
     """pneumoseg.losses as it was at git revision ``rev``, as a second module beside the current one."""
-    root = Path(__file__).resolve().parents[1]
-    source = subprocess.run(["git", "show", f"{rev}:pneumoseg/losses.py"], cwd=root, check=True,
-                            capture_output=True, text=True).stdout
-    source = source.replace('"pneumoseg::', '"pneumoseg_baseline::')  # its own custom-op names
+    source = source_at(rev, "pneumoseg/losses.py").replace('"pneumoseg::', '"pneumoseg_baseline::')  # its own op names
     name = "pneumoseg._losses_baseline"
     spec = importlib.util.spec_from_loader(name, loader=None)
     module = importlib.util.module_from_spec(spec)
@@ -134,22 +115,12 @@ def run_cases(calls: int, rounds: int, baseline=None) -> dict[str, float]:
 
 def profile_one(calls: int) -> None:
     forward, step = case_fns((1, 1, 8, 8), torch.float32, False, "float")
-    for _ in range(100):
-        step()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        step()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    print(profile_text(step, calls, warmup=100))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=500)
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--json", help="also write the figures (us per call) here")
-    parser.add_argument("--baseline", metavar="REV", help="also time pneumoseg/losses.py as of this git revision")
+    parser = options(__doc__, calls=500, rounds=20,
+                     baseline_help="also time pneumoseg/losses.py as of this git revision")
     parser.add_argument("--profile", action="store_true", help="cProfile forward+backward at 1x1x8x8 fp32 instead")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny inputs: a thread pool would only add noise
@@ -164,9 +135,7 @@ def main() -> None:
     for name, us in references(args.calls, args.rounds).items():
         out[f"{name} (reference)"] = us
         print(f"reference, 1x1x8x8 fp32: {name}: {us:.1f} us")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

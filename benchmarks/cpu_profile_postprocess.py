@@ -26,26 +26,19 @@ timed in CI: absolute times depend on the host.
 
 from __future__ import annotations
 
-import argparse
-import cProfile
-import json
-import pstats
 import statistics
-import subprocess
 import sys
-import time
 import types
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
 import pneumoseg
+from host_profile import ROOT, options, profile_text, rounds_us, source_at, write_json
 from pneumoseg import postprocess as current_postprocess
 from pneumoseg import rle as current_rle
 
-ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from factories import pneumothorax_blob
 
@@ -54,21 +47,6 @@ SIZES = (32, 1024)
 SETTINGS = {"from_logits": True, "top": 0.75, "min_area": 64, "bottom": 0.3, "gate_threshold": 0.5,
             "min_component_area": 16}
 BASELINE_MODULES = ("_checks", "_native", "rle", "postprocess")
-
-
-def rounds_us(fns: list[Callable[[], object]], calls: int, rounds: int, warmup: int = 20) -> list[list[float]]:
-    """Microseconds per call of each function in each round, the functions taking turns round by round."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times: list[list[float]] = [[] for _ in fns]
-    for _ in range(rounds):
-        for i, fn in enumerate(fns):
-            t0 = time.thread_time()
-            for _ in range(calls):
-                fn()
-            times[i].append((time.thread_time() - t0) / calls * 1e6)
-    return times
 
 
 def load_baseline(rev: str) -> types.ModuleType:
@@ -84,8 +62,7 @@ def load_baseline(rev: str) -> types.ModuleType:
         sys.modules[f"{name}.{shared}"] = module
         setattr(package, shared, module)
     for module_name in BASELINE_MODULES:
-        source = subprocess.run(["git", "show", f"{rev}:pneumoseg/{module_name}.py"], cwd=ROOT, check=True,
-                                capture_output=True, text=True).stdout
+        source = source_at(rev, f"pneumoseg/{module_name}.py")
         module = types.ModuleType(f"{name}.{module_name}")
         module.__package__ = name
         module.__file__ = f"{rev}:pneumoseg/{module_name}.py"
@@ -169,23 +146,13 @@ def references(calls: int, rounds: int) -> dict[str, float]:
 
 def profile_one(name: str, calls: int) -> None:
     fn, _ = cases(current_postprocess, current_rle, name)[name]
-    for _ in range(50):
-        fn()
-    prof = cProfile.Profile()
-    prof.enable()
-    for _ in range(calls):
-        fn()
-    prof.disable()
-    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    print(profile_text(fn, calls))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=400, help="calls per round at 1x32x32 (a tenth at 1024)")
-    parser.add_argument("--rounds", type=int, default=15)
+    parser = options(__doc__, calls=400, rounds=15, calls_help="calls per round at 1x32x32 (a tenth at 1024)",
+                     baseline_help="also time the modules as of this git revision")
     parser.add_argument("-k", dest="only", default="", help="only the cases whose name contains this")
-    parser.add_argument("--json", help="also write the figures (us per call) here")
-    parser.add_argument("--baseline", metavar="REV", help="also time the modules as of this git revision")
     parser.add_argument("--profile", nargs="?", const="postprocess torch 1x32x32 scores components",
                         metavar="CASE", help="cProfile one case instead (default: %(const)s)")
     args = parser.parse_args(argv)
@@ -201,9 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, us in references(args.calls, args.rounds).items():
         out[f"{name} (reference)"] = {"median_us": us}
         print(f"reference, 1x32x32 float32: {name}: {us:.1f} us")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=1)
+    write_json(args.json, out)
 
 
 if __name__ == "__main__":

@@ -42,23 +42,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
 import hashlib
 import importlib.util
 import json
 import os
-import pstats
 import subprocess
 import sys
 import tempfile
-import time
 import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
+from host_profile import ROOT, mean_us, options, profile_text, write_json
+
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 
 #: name -> (model layout, segment mode, input kind)
 CASES = {
@@ -167,11 +165,7 @@ class Worker:
         return self.calls[key]
 
     def time(self, case: str, stub: bool, calls: int) -> float:
-        fn = self.call(case, stub)
-        t0 = time.thread_time()
-        for _ in range(calls):
-            fn()
-        return (time.thread_time() - t0) / calls * 1e6
+        return mean_us(self.call(case, stub), calls)
 
     def aten_ops(self, case: str, device: str) -> dict:
         """aten ops per predict around the networks, and on the CUDA path the host reads."""
@@ -196,17 +190,7 @@ class Worker:
         return out
 
     def profile(self, case: str, stub: bool, calls: int) -> str:
-        import io
-
-        fn = self.call(case, stub)
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(calls):
-            fn()
-        prof.disable()
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-        return text.getvalue()
+        return profile_text(self.call(case, stub), calls, warmup=0, top=30)  # call() has warmed it up
 
     def answers(self) -> dict:
         """Predictions of phantoms over every layout and option, as comparable text."""
@@ -354,11 +338,8 @@ def timings(workers: dict[str, WorkerProcess], calls: int, rounds: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=300)
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--json", help="also write the figures here")
-    parser.add_argument("--baseline", metavar="REV", help="also run pneumoseg/ as of this git revision")
+    parser = options(__doc__, calls=300, rounds=10, json_help="also write the figures here",
+                     baseline_help="also run pneumoseg/ as of this git revision")
     parser.add_argument("--check", metavar="REV", help="compare the answers with those of this git revision")
     parser.add_argument("--profile", action="store_true", help="cProfile the first case around the networks")
     parser.add_argument("--overlay", nargs="+", metavar="PATH",
@@ -433,9 +414,7 @@ def report(workers: dict[str, WorkerProcess], args: argparse.Namespace) -> None:
             reads = ", ".join(f"{k} {v:g}" for k, v in cuda["host_reads"].items() if v) or "none"
             print(f"  {case:<{width - 2}} {n:>10}: {cpu['aten_ops']:6.1f} / {cuda['aten_ops']:6.1f}   "
                   f"host reads {sum(cuda['host_reads'].values()):g} ({reads})")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"us_per_predict": figures, "aten_ops": ops}, f, indent=1)
+    write_json(args.json, {"us_per_predict": figures, "aten_ops": ops})
 
 
 if __name__ == "__main__":
