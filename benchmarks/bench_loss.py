@@ -20,11 +20,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from cuda_timing import d2d_bandwidth, median_ms  # noqa: E402
+from gpu_profile_loss import WEIGHTS, AutogradFloor  # noqa: E402
 from pneumoseg.losses import combo_loss  # noqa: E402
 from reference import ref_combo_loss  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-WEIGHTS = dict(bce_weight=3.0, dice_weight=1.0, focal_weight=4.0)
 SHAPES = {"8x512": (8, 1, 512, 512), "16x1024": (16, 1, 1024, 1024)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -100,23 +100,10 @@ def test_loss_default_weights_forward_backward_cpu(benchmark, impl):
     assert torch.isfinite(grad).all()
 
 
-class _SumOnly(torch.autograd.Function):
-    """The floor of any Python autograd function: one node, a sum forward and an expand backward."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.shape = x.shape
-        return x.sum()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.expand(ctx.shape)
-
-
 HOST_IMPLS = {
     "pneumoseg": (fused, False),
     "eager composite": (composite, True),
-    "autograd.Function floor (x.sum)": (lambda x, t: _SumOnly.apply(x), True),
+    "autograd.Function floor (x.sum)": (lambda x, t: AutogradFloor.apply(x), True),
 }
 
 
