@@ -36,7 +36,7 @@ from .errors import InvalidInputError
 __all__ = [
     "INT64_MAX", "show", "check_real", "check_probability", "check_int", "check_bool", "check_choice",
     "check_shape", "check_image_shape", "check_image_size", "check_str_sequence", "check_path",
-    "check_array_object", "check_tensor_memory", "is_plain_tensor", "torch_names",
+    "check_array_object", "check_tensor_memory", "is_plain_tensor", "torch_names", "as_numpy_array",
 ]
 
 INT64_MAX = 2**63 - 1
@@ -237,6 +237,16 @@ def check_path(value: Any, name: str, *, error: _Error = InvalidInputError) -> P
     if "\x00" in text:
         raise error(f"{name} contains a NUL character: {show(text)}")
     return Path(text)
+
+
+def as_numpy_array(value: Any, name: str, *, what: str = "an array", error: _Error = InvalidInputError) -> np.ndarray:
+    """``np.asarray(value)``, or ``error`` saying that ``name`` could not be read as ``what`` where
+    NumPy cannot read it (a ragged list, a CuPy array, which refuses implicit copies) instead of
+    NumPy's own ValueError or TypeError."""
+    try:
+        return np.asarray(value)
+    except Exception as exc:  # noqa: BLE001 - whatever NumPy raises, named after the argument
+        raise error(f"{name} could not be read as {what}: {exc}") from exc
 
 
 def check_readable_tensor(x: Any, name: str, *, error: _Error = InvalidInputError) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import check_array_object, check_tensor_memory, torch_names
+from ._checks import as_numpy_array, check_array_object, check_tensor_memory, torch_names
 from .errors import InvalidInputError
 
 try:
@@ -122,10 +122,7 @@ def read_array(x: Any, name: str, error: type[Exception] = InvalidInputError) ->
     check_array_object(x, name, error=error)
     kind = kind_of(x)
     if kind == "numpy":
-        try:
-            x = np.asarray(x)
-        except Exception as exc:  # ragged lists and the like
-            raise error(f"{name} could not be read as an array: {exc}") from exc
+        x = as_numpy_array(x, name, error=error)
     return kind, x
 
 

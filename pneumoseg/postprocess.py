@@ -19,6 +19,7 @@ import numpy as np
 
 from . import _native, rle
 from ._checks import (
+    as_numpy_array,
     check_array_object,
     check_bool,
     check_choice,
@@ -274,10 +275,7 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
     else:
         if _native.kind_of(scores) == "cupy":
             scores = scores.get()
-        try:
-            s = np.asarray(scores)
-        except Exception as exc:  # ragged lists and the like
-            raise InvalidInputError(f"scores could not be read as an array: {exc}") from exc
+        s = as_numpy_array(scores, "scores")
         if s.dtype.kind not in "iuf":
             raise InvalidInputError(f"scores must be real numbers, got dtype {s.dtype}")
         values = s.reshape(-1).tolist()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .. import limits
-from .._checks import check_choice, check_int, check_path, check_real, check_str_sequence
+from .._checks import as_numpy_array, check_choice, check_int, check_path, check_real, check_str_sequence
 from ..errors import DataFormatError, DataWarning, InvalidInputError, RLEError
 from ..rle import decode_union
 from .dicom import read_dicom
@@ -130,10 +130,7 @@ def _check_labels(labels: Any, *, binary: bool = True) -> list[int]:
     a label 2 or 0.5 would otherwise fall silently into no class."""
     if isinstance(labels, (str, bytes)) or labels is None:
         raise InvalidInputError(f"labels must be a sequence of integers, got {type(labels).__name__}")
-    try:
-        arr = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels)
-    except Exception as exc:
-        raise InvalidInputError(f"labels could not be read as an array: {exc}") from exc
+    arr = as_numpy_array(labels.cpu() if isinstance(labels, torch.Tensor) else labels, "labels")
     if arr.ndim != 1:
         raise InvalidInputError(f"labels must be one-dimensional, got shape {arr.shape}")
     if arr.size and arr.dtype.kind not in "biu":

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import (
+    as_numpy_array,
     check_array_object,
     check_image_size,
     check_int,
@@ -49,10 +50,7 @@ def _as_batch(pixels: Any, name: str = "pixels") -> torch.Tensor:
     if isinstance(pixels, torch.Tensor):
         t = pixels
     else:
-        try:
-            arr = np.asarray(pixels)
-        except Exception as exc:  # ragged lists and the like
-            raise InvalidInputError(f"{name} could not be read as an array: {exc}") from exc
+        arr = as_numpy_array(pixels, name)
         if arr.dtype.kind not in "biuf":
             raise InvalidInputError(f"{name} must be numeric, got dtype {arr.dtype}")
         if arr.ndim == 0:
@@ -148,10 +146,7 @@ def chest_crop(pixels: np.ndarray, margin: float = 0.02) -> tuple[int, int, int,
         pixels = pixels.detach().resolve_neg().cpu()
         if pixels.dtype == torch.bfloat16:  # NumPy has no bfloat16
             pixels = pixels.float()
-    try:
-        img = np.asarray(pixels)
-    except Exception as exc:
-        raise InvalidInputError(f"pixels could not be read as an array: {exc}") from exc
+    img = as_numpy_array(pixels, "pixels")
     if img.dtype.kind not in "biuf":
         raise InvalidInputError(f"pixels must be numeric, got dtype {img.dtype}")
     img = img.astype(np.float64)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 import numpy as np
 
 from .. import _checks
-from .._checks import check_tensor_memory
+from .._checks import as_numpy_array, check_tensor_memory
 from ..errors import InvalidInputError
 
 
@@ -106,10 +106,7 @@ def _refuse_masked(x: Any, name: str) -> None:
 
 def _numpy_mask(x: Any, name: str) -> np.ndarray:
     _refuse_masked(x, name)
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:  # ragged lists, CuPy arrays (which refuse implicit copies) and the like
-        raise InvalidInputError(f"{name} could not be read as a NumPy array or torch tensor: {exc}") from exc
+    arr = as_numpy_array(x, name, what="a NumPy array or torch tensor")
     if arr.dtype.kind not in _MASK_KINDS:
         raise InvalidInputError(f"{name} has dtype {arr.dtype}; masks are bool, integer or float arrays")
     return arr
@@ -191,10 +188,7 @@ def _vector(x: Any, name: str) -> np.ndarray:
         if x.dtype in (torch.bfloat16, torch.float16):
             x = x.float()
         x = x.cpu().numpy()
-    try:
-        arr = np.asarray(x)
-    except Exception as exc:
-        raise InvalidInputError(f"{name} could not be read as a 1-D array: {exc}") from exc
+    arr = as_numpy_array(x, name, what="a 1-D array")
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]
     if arr.ndim != 1:
