@@ -53,8 +53,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Blocks per image: enough for about 8 resident blocks per multiprocessor over the whole batch, and
-// no more than one vector per thread.
-int blocks_per_image(int64_t images, int64_t pixels, int device) {
+// no more than one vector (of `width` pixels) per thread.
+int blocks_per_image(int64_t images, int64_t pixels, int width, int device) {
   static std::atomic<int> cached_sms[64];
   int sms = device >= 0 && device < 64 ? cached_sms[device].load(std::memory_order_relaxed) : 0;
   if (sms == 0) {
@@ -62,7 +62,7 @@ int blocks_per_image(int64_t images, int64_t pixels, int device) {
     if (device >= 0 && device < 64) cached_sms[device].store(sms, std::memory_order_relaxed);
   }
   const int64_t wanted = (int64_t(sms) * 8 + images - 1) / images;
-  const int64_t useful = (pixels + int64_t(kThreads) * kVec - 1) / (int64_t(kThreads) * kVec);
+  const int64_t useful = (pixels + int64_t(kThreads) * width - 1) / (int64_t(kThreads) * width);
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, useful, 65535})));
 }
 
@@ -75,7 +75,7 @@ void forward_cuda(const TensorView& logits, const TensorView& target, const Comb
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t N = logits.shape[0], P = logits.shape[1];
   if (N > 65535) fail_value("logits: at most 65535 images per call on CUDA");
-  const int blocks = blocks_per_image(N, P, logits.device_index);
+  const int blocks = blocks_per_image(N, P, vector_width(logits.dtype), logits.device_index);
   cuda::ScratchBuffer partials(sizeof(double) * kSums * N * blocks, stream);
   PNEUMOSEG_DISPATCH_FLOATING(logits.dtype, "logits",
                               [&] { launch_forward<scalar_t>(logits, target, p, blocks, partials.as<double>(), stream); });
@@ -91,7 +91,7 @@ void backward_cuda(const TensorView& grad_loss, const TensorView& logits, const 
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   const int64_t N = logits.shape[0], P = logits.shape[1];
   if (N > 65535) fail_value("logits: at most 65535 images per call on CUDA");
-  const int blocks = blocks_per_image(N, P, logits.device_index);
+  const int blocks = blocks_per_image(N, P, vector_width(logits.dtype), logits.device_index);
   PNEUMOSEG_DISPATCH_FLOATING(logits.dtype, "logits", [&] {
     launch_backward<scalar_t>(grad_loss, logits, target, state, p, grad_logits, blocks, stream);
   });

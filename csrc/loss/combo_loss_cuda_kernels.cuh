@@ -2,110 +2,222 @@
 // The CUDA combo-loss kernels, templated on the logits type L. Each L is instantiated in its own
 // translation unit (combo_loss_cuda_<type>.cu), so the 240 kernel variants compile in parallel;
 // combo_loss_cuda.cu holds the entry points, the finalize kernel and the dispatch.
-#include <cub/block/block_reduce.cuh>
-
+// Float compute runs the device formulas of combo_loss_device_math.h; double the shared ones.
+// benchmarks/sass_loss_report.py counts the SASS instructions per pixel of the hot loops.
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "common/cuda_check.h"
 #include "common/dispatch.h"
 #include "common/half.h"
 #include "loss/combo_loss.h"
+#include "loss/combo_loss_device_math.h"
 #include "loss/combo_loss_math.h"
 
 namespace pneumoseg::loss::cuda_detail {
 
 inline constexpr int kThreads = 256;
-inline constexpr int kVec = 4;                  // elements per vector access (16 bytes of float32 logits)
 inline constexpr int kSums = kSumMismatch + 1;  // state columns 0..kSumMismatch
 
-template <typename T>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
+// Elements per vector access: 16 bytes of 2-byte logits (8), otherwise 4 (16 bytes of float32).
+template <typename L>
+inline constexpr int kVec = sizeof(L) == 2 ? 8 : 4;
+inline int vector_width(DType logits) { return dtype_size(logits) == 2 ? 8 : 4; }
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Vec {
+  T v[N];
 };
 
-struct Sums {
-  double v[kSums];
-};
-struct SumsOp {
-  __device__ __forceinline__ Sums operator()(const Sums& a, const Sums& b) const {
-    Sums r;
+// Loads and stores in the compute type. The half types use the hardware conversions (sm_80+):
+// common/half.h's portable bit-twiddling takes 5-20 instructions a value, branches included, for
+// the same results (NaN payloads aside: cvt writes the canonical NaN).
+template <typename C, typename T>
+__device__ __forceinline__ C to_compute(T v) {
+  return load_as<T, C>(v);
+}
+template <>
+__device__ __forceinline__ float to_compute<float, Half16>(Half16 v) {
+  float r;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(v.bits));
+  return r;
+}
+
+template <typename C, typename T, int N>
+__device__ __forceinline__ void to_compute(const Vec<T, N>& in, C (&out)[N]) {
+  if constexpr (std::is_same_v<T, BFloat16Raw> && std::is_same_v<C, float> && N % 2 == 0) {
+    uint32_t w[N / 2];  // two bfloat16 a word: one shift or mask each
+    memcpy(w, in.v, sizeof(w));
 #pragma unroll
-    for (int i = 0; i < kSums; ++i) r.v[i] = a.v[i] + b.v[i];
-    return r;
+    for (int k = 0; k < N / 2; ++k) {
+      out[2 * k] = __uint_as_float(w[k] << 16);
+      out[2 * k + 1] = __uint_as_float(w[k] & 0xffff0000u);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = to_compute<C>(in.v[k]);
   }
-};
+}
+
+template <typename L, typename C>
+__device__ __forceinline__ L from_compute(C v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same_v<L, BFloat16Raw>) {
+    uint16_t h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return BFloat16Raw{h};
+  } else if constexpr (std::is_same_v<L, Half16>) {
+    uint16_t h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    return Half16{h};
+  } else
+#endif
+  {
+    return FloatIO<L>::store(v);
+  }
+}
+
+template <typename L, typename C, int N>
+__device__ __forceinline__ Vec<L, N> from_compute(const C (&in)[N]) {
+  Vec<L, N> out;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr ((std::is_same_v<L, BFloat16Raw> || std::is_same_v<L, Half16>) && N % 2 == 0) {
+    uint32_t w[N / 2];  // cvt.rn.{bf16,f16}x2 packs two values in one instruction: a high, b low
+#pragma unroll
+    for (int k = 0; k < N / 2; ++k) {
+      if constexpr (std::is_same_v<L, BFloat16Raw>) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w[k]) : "f"(in[2 * k + 1]), "f"(in[2 * k]));
+      } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(w[k]) : "f"(in[2 * k + 1]), "f"(in[2 * k]));
+      }
+    }
+    memcpy(out.v, w, sizeof(w));
+  } else
+#endif
+  {
+#pragma unroll
+    for (int k = 0; k < N; ++k) out.v[k] = from_compute<L>(in[k]);
+  }
+  return out;
+}
+
+// v, computed once: without this the compiler re-derives an image's offset from the kernel
+// arguments in every loop iteration (uniform IMAD, shifts and adds, then MOVs).
+__device__ __forceinline__ int64_t opaque(int64_t v) {
+  asm("" : "+l"(v));
+  return v;
+}
+
+// Grid-stride walk over an image's vectors, two per thread per iteration (loads in flight
+// together), with 32-bit indices: one IMAD.WIDE an address instead of 64-bit shifts and adds.
+// f(i, logits vector, target vector) handles vector i.
+template <typename L, typename T, int N, typename F>
+__device__ __forceinline__ void for_each_vector(const Vec<L, N>* __restrict__ x, const Vec<T, N>* __restrict__ t,
+                                                int64_t first, int64_t stride, int64_t vectors, F&& f) {
+  if (vectors + 2 * stride <= INT32_MAX) {
+    int32_t i = static_cast<int32_t>(first);
+    const int32_t s = static_cast<int32_t>(stride), n = static_cast<int32_t>(vectors);
+    for (; i + s < n; i += 2 * s) {
+      const Vec<L, N> a0 = x[i], a1 = x[i + s];
+      const Vec<T, N> b0 = t[i], b1 = t[i + s];
+      f(i, a0, b0);
+      f(i + s, a1, b1);
+    }
+    for (; i < n; i += s) {  // at most once
+      const Vec<L, N> a = x[i];  // copies: one vector load each (a reference would be read bytewise)
+      const Vec<T, N> b = t[i];
+      f(i, a, b);
+    }
+  } else {  // an image of 2^31 vectors or more: 64-bit indices, one vector at a time
+    for (int64_t i = first; i < vectors; i += stride) {
+      const Vec<L, N> a = x[i];
+      const Vec<T, N> b = t[i];
+      f(i, a, b);
+    }
+  }
+}
 
 template <typename C>
 struct Accumulator {
   C bce = C(0), focal = C(0), pt = C(0), p = C(0), t = C(0), mismatch = C(0);
-  int bad = 0;
+  C t_lo = C(1), t_hi = C(0);  // the targets' range; a NaN target shows as a NaN sum t
+  __device__ __forceinline__ bool bad() const { return !(t_lo >= C(0) && t_hi <= C(1) && t == t); }
 };
 
-template <typename L, typename T, int kMode, typename C>
-__device__ __forceinline__ void accumulate(L xl, T tl, C wc, double gamma, Accumulator<C>& a) {
-  const C xv = FloatIO<L>::load(xl);
-  const C tv = load_as<T, C>(tl);
-  const PixelForward<C> r = pixel_forward<C, kMode>(xv, tv, wc, gamma);
+template <int kMode, typename C>
+__device__ __forceinline__ void accumulate(C xv, C tv, C w, C w_minus_1, double gamma, Accumulator<C>& a) {
+  PixelForward<C> r;
+  if constexpr (std::is_same_v<C, float>) {
+    r = device_math::pixel_forward<kMode>(xv, tv, w_minus_1, gamma);
+  } else {
+    r = pixel_forward<C, kMode>(xv, tv, w, gamma);
+  }
   a.bce += r.bce;
   a.focal += r.focal;
   a.pt += r.p * tv;
   a.p += r.p;
   a.t += tv;
   a.mismatch += r.mismatch;
-  a.bad += !(tv >= C(0) && tv <= C(1));
+  a.t_lo = fmin(a.t_lo, tv);  // one FMNMX each; a NaN is dropped here but not from a.t
+  a.t_hi = fmax(a.t_hi, tv);
 }
 
-// grid = (blocks per image, images). With kVectorised every image starts 16-byte aligned and holds
-// a whole number of vectors; two vectors per thread per iteration keep loads in flight.
+// grid = (blocks per image, images). With kVectorised every image starts aligned to its vectors and
+// holds a whole number of them (vectorisable).
 template <typename L, typename T, int kMode, bool kVectorised>
 __global__ void __launch_bounds__(kThreads)
-    forward_partials_kernel(const L* __restrict__ logits, const T* __restrict__ target, int64_t pixels, double w,
-                            double gamma, double* __restrict__ partials) {
+    forward_partials_kernel(const L* __restrict__ logits, const T* __restrict__ target, int64_t pixels,
+                            typename FloatIO<L>::compute wc, typename FloatIO<L>::compute w_minus_1, double gamma,
+                            double* __restrict__ partials) {
   using C = typename FloatIO<L>::compute;
   const int64_t image = blockIdx.y;
-  const L* x = logits + image * pixels;
-  const T* t = target + image * pixels;
-  const C wc = static_cast<C>(w);
+  const int64_t offset = opaque(image * pixels);
+  const L* x = logits + offset;
+  const T* t = target + offset;
   Accumulator<C> acc;
   const int64_t stride = int64_t(gridDim.x) * kThreads;
-  int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  const int64_t first = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   if constexpr (kVectorised) {
-    const auto* xv = reinterpret_cast<const Vec<L>*>(x);
-    const auto* tv = reinterpret_cast<const Vec<T>*>(t);
-    const int64_t vectors = pixels / kVec;
-    for (; i + stride < vectors; i += 2 * stride) {
-      const Vec<L> a0 = xv[i], a1 = xv[i + stride];
-      const Vec<T> b0 = tv[i], b1 = tv[i + stride];
+    constexpr int N = kVec<L>;
+    for_each_vector(reinterpret_cast<const Vec<L, N>*>(x), reinterpret_cast<const Vec<T, N>*>(t), first, stride,
+                    pixels / N, [&](auto, const Vec<L, N>& a, const Vec<T, N>& b) {
+                      C xs[N], ts[N];
+                      to_compute(a, xs);
+                      to_compute(b, ts);
 #pragma unroll
-      for (int k = 0; k < kVec; ++k) accumulate<L, T, kMode>(a0.v[k], b0.v[k], wc, gamma, acc);
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) accumulate<L, T, kMode>(a1.v[k], b1.v[k], wc, gamma, acc);
-    }
-    for (; i < vectors; i += stride) {
-      const Vec<L> a0 = xv[i];
-      const Vec<T> b0 = tv[i];
-#pragma unroll
-      for (int k = 0; k < kVec; ++k) accumulate<L, T, kMode>(a0.v[k], b0.v[k], wc, gamma, acc);
-    }
+                      for (int k = 0; k < N; ++k) accumulate<kMode>(xs[k], ts[k], wc, w_minus_1, gamma, acc);
+                    });
   } else {
-    for (; i < pixels; i += stride) accumulate<L, T, kMode>(x[i], t[i], wc, gamma, acc);
+    for (int64_t i = first; i < pixels; i += stride) {
+      accumulate<kMode>(to_compute<C>(x[i]), to_compute<C>(t[i]), wc, w_minus_1, gamma, acc);
+    }
   }
-  Sums mine;
-  mine.v[kSumBce] = static_cast<double>(acc.bce);
-  mine.v[kSumFocal] = static_cast<double>(acc.focal);
-  mine.v[kSumPT] = static_cast<double>(acc.pt);
-  mine.v[kSumP] = static_cast<double>(acc.p);
-  mine.v[kSumT] = static_cast<double>(acc.t);
-  mine.v[kBadTargets] = acc.bad;
-  mine.v[kSumMismatch] = static_cast<double>(acc.mismatch);
-  using Reduce = cub::BlockReduce<Sums, kThreads>;
-  __shared__ typename Reduce::TempStorage temp;
-  const Sums total = Reduce(temp).Reduce(mine, SumsOp());
-  if (threadIdx.x == 0) {
-    double* out = partials + (image * gridDim.x + blockIdx.x) * kSums;
+  // Block sums in a fixed order (deterministic): a shuffle tree per warp, then one thread per column
+  // adds the warps' results. The bad-target flag rides on the barrier (__syncthreads_or).
+  const double mine[kSums] = {static_cast<double>(acc.bce), static_cast<double>(acc.focal),
+                              static_cast<double>(acc.pt),  static_cast<double>(acc.p),
+                              static_cast<double>(acc.t),   0.0,
+                              static_cast<double>(acc.mismatch)};
+  static_assert(kSumBce == 0 && kSumFocal == 1 && kSumPT == 2 && kSumP == 3 && kSumT == 4 && kBadTargets == 5 &&
+                kSumMismatch == 6, "column order of `mine`");
+  __shared__ double warp_sums[kThreads / 32][kSums];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-    for (int c = 0; c < kSums; ++c) out[c] = total.v[c];
+  for (int c = 0; c < kSums; ++c) {
+    if (c == kBadTargets) continue;
+    double v = mine[c];
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    if (lane == 0) warp_sums[warp][c] = v;
+  }
+  const bool bad = __syncthreads_or(acc.bad());  // also the barrier after the warp_sums writes
+  if (threadIdx.x < kSums) {
+    const int c = threadIdx.x;
+    double total = 0.0;
+#pragma unroll
+    for (int k = 0; k < kThreads / 32; ++k) total += warp_sums[k][c];
+    partials[(image * gridDim.x + blockIdx.x) * kSums + c] = c == kBadTargets ? (bad ? 1.0 : 0.0) : total;
   }
 }
 
@@ -114,65 +226,68 @@ struct Coefficients {
   C bce, focal, dice_t, dice_c;
 };
 
-template <typename L, typename T, int kMode, typename C>
-__device__ __forceinline__ L gradient(L xl, T tl, C wc, double gamma, const Coefficients<C>& k) {
-  const C v = pixel_gradient<C, kMode>(FloatIO<L>::load(xl), load_as<T, C>(tl), wc, gamma, k.bce, k.focal,
-                                       k.dice_t, k.dice_c);
-  return FloatIO<L>::store(v);
+template <int kMode, typename C, typename K>
+__device__ __forceinline__ C gradient(C x, C t, C w, C w_minus_1, double gamma, const K& k) {
+  if constexpr (std::is_same_v<C, float>) {
+    return device_math::pixel_gradient<kMode>(x, t, w, w_minus_1, gamma, k);
+  } else {
+    return pixel_gradient<C, kMode>(x, t, w, gamma, k.bce, k.focal, k.dice_t, k.dice_c);
+  }
 }
 
 // grid = (blocks per image, images), as the forward pass.
 template <typename L, typename T, int kMode, bool kVectorised>
 __global__ void __launch_bounds__(kThreads)
     backward_kernel(const void* grad_loss, bool grad_is_double, const L* __restrict__ logits,
-                    const T* __restrict__ target, const double* __restrict__ state, int64_t pixels, double w,
-                    double gamma, L* __restrict__ grad) {
+                    const T* __restrict__ target, const double* __restrict__ state, int64_t pixels,
+                    typename FloatIO<L>::compute wc, typename FloatIO<L>::compute w_minus_1, double gamma,
+                    L* __restrict__ grad) {
   using C = typename FloatIO<L>::compute;
   const int64_t image = blockIdx.y;
   const double g = grad_is_double ? *static_cast<const double*>(grad_loss) : *static_cast<const float*>(grad_loss);
   const double* coef = state + image * kStateCols;
-  const Coefficients<C> k{static_cast<C>(g * coef[kCoefBce]), static_cast<C>(g * coef[kCoefFocal]),
-                          static_cast<C>(g * coef[kCoefDiceT]), static_cast<C>(g * coef[kCoefDiceC])};
-  const C wc = static_cast<C>(w);
-  const L* x = logits + image * pixels;
-  const T* t = target + image * pixels;
-  L* out = grad + image * pixels;
+  const C focal = static_cast<C>(g * coef[kCoefFocal]);
+  using K = std::conditional_t<std::is_same_v<C, float>, device_math::GradientCoefficients, Coefficients<C>>;
+  K k;
+  k.bce = static_cast<C>(g * coef[kCoefBce]);
+  k.focal = focal;
+  k.dice_t = static_cast<C>(g * coef[kCoefDiceT]);
+  k.dice_c = static_cast<C>(g * coef[kCoefDiceC]);
+  if constexpr (std::is_same_v<C, float>) {
+    k.focal_2 = 2.0f * focal;  // exact scalings
+    k.focal_minus_4 = -4.0f * focal;
+  }
+  const int64_t offset = opaque(image * pixels);
+  const L* x = logits + offset;
+  const T* t = target + offset;
+  L* out = grad + offset;
   const int64_t stride = int64_t(gridDim.x) * kThreads;
-  int64_t i = blockIdx.x * int64_t(kThreads) + threadIdx.x;
+  const int64_t first = blockIdx.x * int64_t(kThreads) + threadIdx.x;
   if constexpr (kVectorised) {
-    const auto* xv = reinterpret_cast<const Vec<L>*>(x);
-    const auto* tv = reinterpret_cast<const Vec<T>*>(t);
-    auto* ov = reinterpret_cast<Vec<L>*>(out);
-    const int64_t vectors = pixels / kVec;
-    for (; i + stride < vectors; i += 2 * stride) {
-      const Vec<L> a0 = xv[i], a1 = xv[i + stride];
-      const Vec<T> b0 = tv[i], b1 = tv[i + stride];
-      Vec<L> r0, r1;
+    constexpr int N = kVec<L>;
+    auto* ov = reinterpret_cast<Vec<L, N>*>(out);
+    for_each_vector(reinterpret_cast<const Vec<L, N>*>(x), reinterpret_cast<const Vec<T, N>*>(t), first, stride,
+                    pixels / N, [&](auto i, const Vec<L, N>& a, const Vec<T, N>& b) {
+                      C xs[N], ts[N], gs[N];
+                      to_compute(a, xs);
+                      to_compute(b, ts);
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) r0.v[e] = gradient<L, T, kMode>(a0.v[e], b0.v[e], wc, gamma, k);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) r1.v[e] = gradient<L, T, kMode>(a1.v[e], b1.v[e], wc, gamma, k);
-      ov[i] = r0;
-      ov[i + stride] = r1;
-    }
-    for (; i < vectors; i += stride) {
-      const Vec<L> a0 = xv[i];
-      const Vec<T> b0 = tv[i];
-      Vec<L> r0;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) r0.v[e] = gradient<L, T, kMode>(a0.v[e], b0.v[e], wc, gamma, k);
-      ov[i] = r0;
-    }
+                      for (int e = 0; e < N; ++e) gs[e] = gradient<kMode>(xs[e], ts[e], wc, w_minus_1, gamma, k);
+                      ov[i] = from_compute<L>(gs);
+                    });
   } else {
-    for (; i < pixels; i += stride) out[i] = gradient<L, T, kMode>(x[i], t[i], wc, gamma, k);
+    for (int64_t i = first; i < pixels; i += stride) {
+      out[i] = from_compute<L>(gradient<kMode>(to_compute<C>(x[i]), to_compute<C>(t[i]), wc, w_minus_1, gamma, k));
+    }
   }
 }
 
 inline bool vectorisable(const TensorView& logits, const TensorView& target, const TensorView* grad, int64_t pixels) {
-  auto aligned = [](const TensorView& v) {
-    return reinterpret_cast<uintptr_t>(v.data) % (dtype_size(v.dtype) * kVec) == 0;
+  const int width = vector_width(logits.dtype);
+  auto aligned = [&](const TensorView& v) {
+    return reinterpret_cast<uintptr_t>(v.data) % (dtype_size(v.dtype) * width) == 0;
   };
-  return pixels % kVec == 0 && aligned(logits) && aligned(target) && (grad == nullptr || aligned(*grad));
+  return pixels % width == 0 && aligned(logits) && aligned(target) && (grad == nullptr || aligned(*grad));
 }
 
 template <typename F>
@@ -184,6 +299,12 @@ inline void with_vectorised(bool vectorised, F&& f) {
   }
 }
 
+// pos_weight in the compute type, as the kernels use it (w - 1 is formed from this rounded value).
+template <typename L>
+typename FloatIO<L>::compute weight(const ComboParams& p) {
+  return static_cast<typename FloatIO<L>::compute>(p.pos_weight);
+}
+
 template <typename L>
 void launch_forward(const TensorView& logits, const TensorView& target, const ComboParams& p, int blocks,
                     double* partials, cudaStream_t stream) {
@@ -193,8 +314,8 @@ void launch_forward(const TensorView& logits, const TensorView& target, const Co
       with_vectorised(vectorisable(logits, target, nullptr, P), [&](auto vec) {
         forward_partials_kernel<L, target_t, decltype(mode)::value, decltype(vec)::value>
             <<<dim3(blocks, N), kThreads, 0, stream>>>(static_cast<const L*>(logits.data),
-                                                       static_cast<const target_t*>(target.data), P, p.pos_weight,
-                                                       p.focal_gamma, partials);
+                                                       static_cast<const target_t*>(target.data), P, weight<L>(p),
+                                                       weight<L>(p) - 1, p.focal_gamma, partials);
         PNEUMOSEG_CHECK_LAUNCH("forward_partials_kernel");
       });
     });
@@ -212,8 +333,8 @@ void launch_backward(const TensorView& grad_loss, const TensorView& logits, cons
         backward_kernel<L, target_t, decltype(mode)::value, decltype(vec)::value>
             <<<dim3(blocks, N), kThreads, 0, stream>>>(
                 grad_loss.data, grad_loss.dtype == DType::Float64, static_cast<const L*>(logits.data),
-                static_cast<const target_t*>(target.data), static_cast<const double*>(state.data), P, p.pos_weight,
-                p.focal_gamma, static_cast<L*>(grad_logits.data));
+                static_cast<const target_t*>(target.data), static_cast<const double*>(state.data), P, weight<L>(p),
+                weight<L>(p) - 1, p.focal_gamma, static_cast<L*>(grad_logits.data));
         PNEUMOSEG_CHECK_LAUNCH("backward_kernel");
       });
     });
