@@ -39,9 +39,13 @@ __device__ __forceinline__ C to_compute(T v) {
 }
 template <>
 __device__ __forceinline__ float to_compute<float, Half16>(Half16 v) {
+#if defined(__CUDA_ARCH__)
   float r;
   asm("cvt.f32.f16 %0, %1;" : "=f"(r) : "h"(v.bits));
   return r;
+#else  // the CPU build of these kernels (tests/cuda_emu/loss_emu.cpp): the same value
+  return half_to_float(v.bits);
+#endif
 }
 
 template <typename C, typename T, int N>
@@ -105,7 +109,9 @@ __device__ __forceinline__ Vec<L, N> from_compute(const C (&in)[N]) {
 // v, computed once: without this the compiler re-derives an image's offset from the kernel
 // arguments in every loop iteration (uniform IMAD, shifts and adds, then MOVs).
 __device__ __forceinline__ int64_t opaque(int64_t v) {
+#if defined(__CUDA_ARCH__)
   asm("" : "+l"(v));
+#endif
   return v;
 }
 
@@ -305,6 +311,9 @@ typename FloatIO<L>::compute weight(const ComboParams& p) {
   return static_cast<typename FloatIO<L>::compute>(p.pos_weight);
 }
 
+// The launches, for nvcc only: tests/cuda_emu/loss_emu.cpp compiles everything above for the CPU and
+// runs the kernels with its own copy of this launch sequence (keep the two in step).
+#if defined(__CUDACC__)
 template <typename L>
 void launch_forward(const TensorView& logits, const TensorView& target, const ComboParams& p, int blocks,
                     double* partials, cudaStream_t stream) {
@@ -352,5 +361,6 @@ PNEUMOSEG_COMBO_LOSS_INSTANTIATE(extern, ::pneumoseg::Half16)
 PNEUMOSEG_COMBO_LOSS_INSTANTIATE(extern, ::pneumoseg::BFloat16Raw)
 PNEUMOSEG_COMBO_LOSS_INSTANTIATE(extern, float)
 PNEUMOSEG_COMBO_LOSS_INSTANTIATE(extern, double)
+#endif  // __CUDACC__
 
 }  // namespace pneumoseg::loss::cuda_detail

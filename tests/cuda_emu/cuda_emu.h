@@ -1,10 +1,10 @@
 #pragma once
-// A CPU emulation of the parts of the CUDA execution model that pneumoseg's labelling kernels use,
-// so their very source (csrc/postprocess/components_kernels.cuh) runs on a machine without a GPU:
-// each block's threads are real threads (so atomics and shared-memory unions interleave as the
-// scheduler pleases), __shared__ arrays are shared by the block, __syncthreads and the warp
-// collectives (__ballot_sync, __shfl_sync, __shfl_down_sync) are rendezvous of the block's or the
-// warp's threads. What it checks beyond the results: every thread of a warp reaches the same
+// A CPU emulation of the parts of the CUDA execution model that pneumoseg's labelling and loss kernels
+// use, so their very source (csrc/postprocess/components_kernels.cuh, csrc/loss/combo_loss_cuda_*.cuh)
+// runs on a machine without a GPU: each block's threads are real threads (so atomics and shared-memory
+// unions interleave as the scheduler pleases), __shared__ arrays are shared by the block,
+// __syncthreads, __syncthreads_or and the warp collectives (__ballot_sync, __shfl_sync,
+// __shfl_down_sync, __shfl_xor_sync) are rendezvous of the block's or the warp's threads. What it checks beyond the results: every thread of a warp reaches the same
 // collective (and no exited lane is in its mask), every thread of a block the same __syncthreads,
 // nothing waits forever (a 10 s timeout), and, built with AddressSanitizer, every index.
 // It does not model the GPU's weaker memory ordering or its scheduling; compute-sanitizer's
@@ -26,6 +26,7 @@
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __launch_bounds__(...)
 // One block runs at a time, so a function-static array is exactly one block's shared memory.
 #define __shared__ static
@@ -48,7 +49,9 @@ namespace emu {
 }
 
 // A barrier whose participants may leave (a thread that returned), which checks that everyone
-// arrives at the same source line and times out instead of hanging.
+// arrives at the same source line and times out instead of hanging. A waiting thread first yields a
+// few times before it sleeps: with a block's threads on a few cores, most barriers are met within
+// those yields, and that is several times faster than a sleep and wake-up every time.
 class Barrier {
  public:
   explicit Barrier(int n) : expected_(n) {}
@@ -59,12 +62,18 @@ class Barrier {
     } else if (site != site_) {
       fail("threads of one warp or block met at different barriers or collectives", site);
     }
-    const long generation = generation_;
+    const long generation = generation_.load(std::memory_order_relaxed);
     if (++arrived_ == expected_) {
       release();
       return;
     }
-    if (!cv_.wait_for(lock, std::chrono::seconds(10), [&] { return generation_ != generation; })) {
+    lock.unlock();
+    for (int spin = 0; spin < 64; ++spin) {
+      if (generation_.load(std::memory_order_acquire) != generation) return;
+      std::this_thread::yield();
+    }
+    lock.lock();
+    if (!cv_.wait_for(lock, std::chrono::seconds(10), [&] { return generation_.load() != generation; })) {
       fail("timed out at a barrier or collective: some thread never reached it", site);
     }
   }
@@ -75,15 +84,15 @@ class Barrier {
   }
 
  private:
-  void release() {
+  void release() {  // under the lock
     arrived_ = 0;
-    ++generation_;
+    generation_.fetch_add(1, std::memory_order_release);
     cv_.notify_all();
   }
   std::mutex m_;
   std::condition_variable cv_;
   int expected_, arrived_ = 0, site_ = -1;
-  long generation_ = 0;
+  std::atomic<long> generation_{0};
 };
 
 struct Warp {
@@ -95,12 +104,13 @@ struct Warp {
 };
 
 struct Block {
-  explicit Block(int threads) : bar(threads) {
+  explicit Block(int threads) : bar(threads), votes(threads) {
     warps.reserve((threads + 31) / 32);
     for (int t = 0; t < threads; t += 32) warps.push_back(std::make_unique<Warp>(std::min(32, threads - t)));
   }
   Barrier bar;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<uint8_t> votes;  // __syncthreads_or's predicates, one per thread; 0 outside a call
 };
 
 inline Block* g_block = nullptr;
@@ -155,6 +165,24 @@ T shfl_down(unsigned mask, T value, unsigned delta, int site) {
   return exchange(mask, value, src < warp().size ? src : -1, site);
 }
 
+template <typename T>
+T shfl_xor(unsigned mask, T value, int lane_mask, int site) {
+  return exchange(mask, value, lane() ^ lane_mask, site);
+}
+
+// A block barrier that also returns whether any thread still in the block passed a nonzero predicate
+// (threads that have exited are not counted, as on the GPU).
+inline bool syncthreads_or(bool pred, int site) {
+  Block& b = *g_block;
+  b.votes[t_linear] = pred ? 1 : 0;
+  b.bar.arrive_and_wait(site);
+  bool any = false;
+  for (uint8_t v : b.votes) any = any || v != 0;
+  b.bar.arrive_and_wait(site);  // everyone has read before a vote changes
+  b.votes[t_linear] = 0;        // an exited thread's vote must not count at a later call
+  return any;
+}
+
 // Runs `body` as a kernel over `grid` x `block`: one OS thread per CUDA thread, blocks in turn.
 template <typename Body>
 void launch(dim3 grid, dim3 block, Body body) {
@@ -200,6 +228,11 @@ void launch(dim3 grid, dim3 block, Body body) {
 #define __ballot_sync(mask, pred) ::emu::ballot((mask), (pred), __LINE__)
 #define __shfl_sync(mask, value, src) ::emu::shfl((mask), (value), (src), __LINE__)
 #define __shfl_down_sync(mask, value, delta) ::emu::shfl_down((mask), (value), (delta), __LINE__)
+#define __shfl_xor_sync(mask, value, lane_mask) ::emu::shfl_xor((mask), (value), (lane_mask), __LINE__)
+#define __syncthreads_or(pred) ::emu::syncthreads_or((pred), __LINE__)
+
+inline float __uint_as_float(unsigned u) { return __builtin_bit_cast(float, u); }
+inline unsigned __float_as_uint(float f) { return __builtin_bit_cast(unsigned, f); }
 
 inline int __clz(int x) { return x == 0 ? 32 : __builtin_clz(static_cast<unsigned>(x)); }
 inline int __ffs(int x) { return __builtin_ffs(x); }
