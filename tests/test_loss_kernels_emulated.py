@@ -251,9 +251,9 @@ BAD = [2.0, float("nan"), -0.5, float("inf")]
     (F16, F32, (3, 1, 17, 31)),  # scalar
     (BF16, BF16, (2, 1, 53, 200)),  # vectorised 8 a vector, bfloat16 NaN
 ])
-def test_bad_targets_give_nan(emulators, tmp_path, logits_dtype, target_dtype, shape):
-    """As on the CPU: the loss is NaN, and the state flags each image holding a target outside [0, 1]
-    or NaN."""
+def test_bad_targets_give_nan_and_are_counted_per_image(emulators, tmp_path, logits_dtype, target_dtype, shape):
+    """As on the CPU: the loss is NaN and the state counts each image's targets outside [0, 1] or NaN
+    (losses.py's validate=True reports that count)."""
     logits, target = make(shape, logits_dtype, target_dtype, soft=True, seed=9)
     flat = target.view(shape[0], -1)
     pixels = flat.shape[1]
@@ -261,7 +261,10 @@ def test_bad_targets_give_nan(emulators, tmp_path, logits_dtype, target_dtype, s
     flat[-1, [3, pixels - 5]] = torch.tensor(BAD[1:3] if target_dtype == BF16 else BAD[2:], dtype=target_dtype)
     got = emulate(emulators, tmp_path, logits, target, focal_weight=1.0, per_image=True)
     assert torch.isnan(got.loss)
-    assert (got.state[:, BAD_TARGETS] > 0).tolist() == [True] + [False] * (shape[0] - 2) + [True]
+    with pytest.raises(ValueError, match=r"target has 5 values outside"):
+        combo_loss(logits, target, focal_weight=1.0, per_image=True)
+    expected = [3] + [0] * (shape[0] - 2) + [2]
+    assert got.state[:, BAD_TARGETS].tolist() == expected
 
 
 @pytest.mark.parametrize("dtype, focal, nan", [(d, f, False) for d in LOGIT_DTYPES for f in (0.0, 4.0)]

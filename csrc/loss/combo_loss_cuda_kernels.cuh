@@ -169,6 +169,26 @@ __device__ __forceinline__ void accumulate(C xv, C tv, C w, C w_minus_1, double 
   a.t_hi = fmax(a.t_hi, tv);
 }
 
+// How many of this thread's targets lie outside [0, 1] or are NaN: the pixels of the vectors (of kPer
+// pixels; 1 on the scalar path) first, first + stride, ..., as forward_partials_kernel's loops visit
+// them. Not inlined, and it finds its image, first vector and stride itself, so that nothing this
+// rare pass needs is kept live across the hot loops (inlined, it cost them 2-3 instructions an
+// iteration in benchmarks/sass_loss_report.py's counts).
+template <typename C, int kPer, typename T>
+__device__ __noinline__ long long count_bad_targets(const T* __restrict__ target, int64_t pixels) {
+  const T* t = target + int64_t(blockIdx.y) * pixels;
+  const int64_t stride = int64_t(gridDim.x) * kThreads;
+  long long bad = 0;
+  for (int64_t v = blockIdx.x * int64_t(kThreads) + threadIdx.x; v < pixels / kPer; v += stride) {
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const C tv = to_compute<C>(t[v * kPer + k]);
+      bad += !(tv >= C(0) && tv <= C(1));
+    }
+  }
+  return bad;
+}
+
 // grid = (blocks per image, images). With kVectorised every image starts aligned to its vectors and
 // holds a whole number of them (vectorisable).
 template <typename L, typename T, int kMode, bool kVectorised>
@@ -200,7 +220,10 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   // Block sums in a fixed order (deterministic): a shuffle tree per warp, then one thread per column
-  // adds the warps' results. The bad-target flag rides on the barrier (__syncthreads_or).
+  // adds the warps' results. Whether the block saw a bad target rides on the barrier
+  // (__syncthreads_or); only then does it count them (a second pass over its targets), so the hot
+  // loops keep their two FMNMX a pixel and the state still holds a count, as the CPU's does
+  // (losses.py's validate=True reports it).
   const double mine[kSums] = {static_cast<double>(acc.bce), static_cast<double>(acc.focal),
                               static_cast<double>(acc.pt),  static_cast<double>(acc.p),
                               static_cast<double>(acc.t),   0.0,
@@ -218,12 +241,21 @@ __global__ void __launch_bounds__(kThreads)
     if (lane == 0) warp_sums[warp][c] = v;
   }
   const bool bad = __syncthreads_or(acc.bad());  // also the barrier after the warp_sums writes
+  if (bad) {  // the same for the whole block, so the barrier below is reached by all of it
+    long long count = count_bad_targets<C, kVectorised ? kVec<L> : 1>(target, pixels);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) count += __shfl_down_sync(0xffffffffu, count, offset);
+    if (lane == 0) warp_sums[warp][kBadTargets] = count;
+    __syncthreads();
+  }
   if (threadIdx.x < kSums) {
     const int c = threadIdx.x;
     double total = 0.0;
+    if (c != kBadTargets || bad) {  // without bad targets their column was never written
 #pragma unroll
-    for (int k = 0; k < kThreads / 32; ++k) total += warp_sums[k][c];
-    partials[(image * gridDim.x + blockIdx.x) * kSums + c] = c == kBadTargets ? (bad ? 1.0 : 0.0) : total;
+      for (int k = 0; k < kThreads / 32; ++k) total += warp_sums[k][c];
+    }
+    partials[(image * gridDim.x + blockIdx.x) * kSums + c] = total;
   }
 }
 
