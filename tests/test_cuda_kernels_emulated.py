@@ -12,7 +12,6 @@ run the same kernels on one.
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from pathlib import Path
@@ -22,28 +21,17 @@ import pytest
 
 ndi = pytest.importorskip("scipy.ndimage")
 
+from emulation import EMU, ROOT, emulation_compiler  # noqa: E402
 from pneumoseg import postprocess as pp  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = Path(__file__).resolve().parent / "cuda_emu"
-
-
-def _compiler() -> str | None:
-    return shutil.which("g++") or shutil.which("c++")
 
 
 @pytest.fixture(scope="module")
 def emulator(tmp_path_factory) -> Path:
-    cxx = _compiler()
-    if cxx is None or not (ROOT / "csrc" / "postprocess" / "components_kernels.cuh").exists():
-        pytest.skip("needs a C++ compiler and the csrc/ sources")
     work = tmp_path_factory.mktemp("cuda-emu")
-    probe = work / "probe.cpp"
-    probe.write_text("#include <atomic>\nint main() { int x = 0; std::atomic_ref<int>(x).fetch_add(1); return x - 1; }\n")
-    if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(work / "probe")], capture_output=True).returncode:
-        pytest.skip(f"{cxx} has no C++20 std::atomic_ref")
+    cxx = emulation_compiler(work, "postprocess/components_kernels.cuh")
     exe = work / "components_emu"
     flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fno-omit-frame-pointer"]
     sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
@@ -163,9 +151,7 @@ def test_emulated_postprocess_kernels_equal_the_cpu_with_component_counts(emulat
 def test_the_emulator_catches_a_lane_that_skips_a_ballot(tmp_path):
     """The emulation's own check, on a made-up kernel: a ballot that one lane never reaches fails
     (on a GPU it is undefined behaviour that often goes unnoticed)."""
-    cxx = _compiler()
-    if cxx is None:
-        pytest.skip("needs a C++ compiler")
+    cxx = emulation_compiler(tmp_path, "postprocess/components_kernels.cuh")
     src = tmp_path / "bad.cpp"
     src.write_text('#include "cuda_emu.h"\n'
                    "int main() {\n"

@@ -22,11 +22,9 @@ conversions; tests/test_loss_device_math.py bounds the formulas at rcp.approx's 
 
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -35,12 +33,11 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pneumoseg.losses import combo_loss  # noqa: E402
+from emulation import EMU, ROOT, emulation_compiler  # noqa: E402
 from reference import ref_combo_loss  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = Path(__file__).resolve().parent / "cuda_emu"
 # pneumoseg::DType values (csrc/common/tensor_view.h)
 DTYPE_CODES = {torch.bool: 0, torch.uint8: 2, torch.float16: 9, torch.bfloat16: 10, torch.float32: 11,
                torch.float64: 12}
@@ -54,14 +51,8 @@ GRAD_IN = 0.75  # the incoming gradient, read by the backward kernel from memory
 @pytest.fixture(scope="module")
 def emulators(tmp_path_factory) -> dict:
     """One executable per logits dtype (a quarter of the kernel variants each), built in parallel."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None or not (ROOT / "csrc" / "loss" / "combo_loss_cuda_kernels.cuh").exists():
-        pytest.skip("needs a C++ compiler and the csrc/ sources")
     work = tmp_path_factory.mktemp("loss-emu")
-    probe = work / "probe.cpp"
-    probe.write_text("#include <atomic>\nint main() { int x = 0; std::atomic_ref<int>(x).fetch_add(1); return x - 1; }\n")
-    if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(work / "probe")], capture_output=True).returncode:
-        pytest.skip(f"{cxx} has no C++20 std::atomic_ref")
+    cxx = emulation_compiler(work, "loss/combo_loss_cuda_kernels.cuh")
     # -O0: the emulation's cost is its barriers, not the arithmetic, and -O1 takes 3x longer to build
     flags = ["-std=c++20", "-O0", "-g1", "-pthread", "-fno-omit-frame-pointer", "-Wno-psabi"]
     sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
