@@ -3,6 +3,7 @@
 // tests/cuda_emu/loss_emu.cpp runs this very source on the CPU. Only combo_loss_cuda.cu includes it.
 #include <cstdint>
 
+#include "common/warp.cuh"
 #include "loss/combo_loss.h"
 #include "loss/combo_loss_cuda_kernels.cuh"
 #include "loss/combo_loss_math.h"
@@ -21,8 +22,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int c = 0; c < kSums; ++c) {
       double s = 0.0;
       for (int b = lane; b < blocks_per_image; b += 32) s += partials[(n * blocks_per_image + b) * kSums + c];
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_down_sync(0xffffffffu, s, offset);
+      s = warp_sum(s);
       if (lane == 0) state[n * kStateCols + c] = s;
     }
   }

@@ -11,6 +11,7 @@
 #include "common/cuda_check.h"
 #include "common/dispatch.h"
 #include "common/half.h"
+#include "common/warp.cuh"
 #include "loss/combo_loss.h"
 #include "loss/combo_loss_device_math.h"
 #include "loss/combo_loss_math.h"
@@ -20,10 +21,12 @@ namespace pneumoseg::loss::cuda_detail {
 inline constexpr int kThreads = 256;
 inline constexpr int kSums = kSumMismatch + 1;  // state columns 0..kSumMismatch
 
-// Elements per vector access: 16 bytes of 2-byte logits (8), otherwise 4 (16 bytes of float32).
+// Elements per vector access: 16 bytes of 2-byte logits (8), otherwise 4 (16 bytes of float32); the
+// kernels' compile-time width and the launches' run-time one come from this one rule.
+inline constexpr int vector_width(int64_t logit_bytes) { return logit_bytes == 2 ? 8 : 4; }
+inline int vector_width(DType logits) { return vector_width(dtype_size(logits)); }
 template <typename L>
-inline constexpr int kVec = sizeof(L) == 2 ? 8 : 4;
-inline int vector_width(DType logits) { return dtype_size(logits) == 2 ? 8 : 4; }
+inline constexpr int kVec = vector_width(static_cast<int64_t>(sizeof(L)));
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -235,16 +238,12 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int c = 0; c < kSums; ++c) {
     if (c == kBadTargets) continue;
-    double v = mine[c];
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+    const double v = warp_sum(mine[c]);
     if (lane == 0) warp_sums[warp][c] = v;
   }
   const bool bad = __syncthreads_or(acc.bad());  // also the barrier after the warp_sums writes
   if (bad) {  // the same for the whole block, so the barrier below is reached by all of it
-    long long count = count_bad_targets<C, kVectorised ? kVec<L> : 1>(target, pixels);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) count += __shfl_down_sync(0xffffffffu, count, offset);
+    const long long count = warp_sum(count_bad_targets<C, kVectorised ? kVec<L> : 1>(target, pixels));
     if (lane == 0) warp_sums[warp][kBadTargets] = count;
     __syncthreads();
   }

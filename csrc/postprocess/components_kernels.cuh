@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "common/macros.h"
+#include "common/warp.cuh"
 #include "postprocess/foreground.h"
 
 namespace pneumoseg::postprocess::kernels {
@@ -166,8 +167,7 @@ __global__ void __launch_bounds__(kTileThreads, 4)
       area[li] = 0;
     }
     if (count_above) {  // one atomic per warp that saw pixels above `top`
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) above_count += __shfl_down_sync(0xffffffffu, above_count, offset);
+      above_count = warp_sum(above_count);
       if (tx == 0 && above_count > 0) atomicAdd(&count_above[n], above_count);
     }
     __syncthreads();
