@@ -23,17 +23,8 @@ using namespace pneumoseg::postprocess::kernels;
 namespace {
 
 template <typename T>
-void read(std::ifstream& in, T* data, size_t count) {
-  in.read(reinterpret_cast<char*>(data), static_cast<std::streamsize>(sizeof(T) * count));
-  if (!in) {
-    std::fprintf(stderr, "components_emu: short input\n");
-    std::exit(2);
-  }
-}
-
-template <typename T>
 void write(std::ofstream& out, const std::vector<T>& v) {
-  out.write(reinterpret_cast<const char*>(v.data()), static_cast<std::streamsize>(sizeof(T) * v.size()));
+  emu::write(out, v.data(), v.size());
 }
 
 // As components_cuda.cu's, but at most 3 blocks per image: the flat kernels stride over the image, so
@@ -58,14 +49,14 @@ int main(int argc, char** argv) {
   std::ifstream in(argv[1], std::ios::binary);
   int64_t head[10];
   double thresholds[2];
-  read(in, head, 10);
-  read(in, thresholds, 2);
+  emu::read(in, head, 10);
+  emu::read(in, thresholds, 2);
   const auto [mode, n, h, w, connectivity, use_triplet, triplet_min, min_area, want_components, use_keep] = head;
   std::vector<uint8_t> keep(n);
-  read(in, keep.data(), keep.size());
+  emu::read(in, keep.data(), keep.size());
   const int64_t total = n * h * w;
   std::vector<float> values(total);
-  read(in, values.data(), values.size());
+  emu::read(in, values.data(), values.size());
   std::ofstream out(argv[2], std::ios::binary);
 
   const Geometry g{n, static_cast<int32_t>(h), static_cast<int32_t>(w), h * w, w, 1};

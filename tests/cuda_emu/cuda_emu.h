@@ -17,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -220,6 +221,22 @@ void launch(dim3 grid, dim3 block, Body body) {
   }
   for (auto& th : pool) th.join();
   g_block = nullptr;
+}
+
+// The emulator programs' file I/O: exactly `count` values read (a short file exits with status 2) or
+// written.
+template <typename T>
+void read(std::ifstream& in, T* data, size_t count) {
+  in.read(reinterpret_cast<char*>(data), static_cast<std::streamsize>(sizeof(T) * count));
+  if (!in) {
+    std::fprintf(stderr, "cuda_emu: short input\n");
+    std::exit(2);
+  }
+}
+
+template <typename T>
+void write(std::ofstream& out, const T* data, size_t count) {
+  out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(sizeof(T) * count));
 }
 
 }  // namespace emu

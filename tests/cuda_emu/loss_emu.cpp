@@ -60,20 +60,6 @@ using namespace pneumoseg::loss::cuda_detail;
 
 namespace {
 
-template <typename T>
-void read(std::ifstream& in, T* data, size_t count) {
-  in.read(reinterpret_cast<char*>(data), static_cast<std::streamsize>(sizeof(T) * count));
-  if (!in) {
-    std::fprintf(stderr, "loss_emu: short input\n");
-    std::exit(2);
-  }
-}
-
-template <typename T>
-void write(std::ofstream& out, const T* data, size_t count) {
-  out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(sizeof(T) * count));
-}
-
 // Device memory: `bytes` at `offset` past a 256-byte boundary (cudaMalloc's alignment), allocated to
 // the byte so AddressSanitizer catches an access past the end, with the whole 8-byte granules before
 // the data poisoned and the rest of the gap filled with a canary checked at the end.
@@ -208,8 +194,8 @@ int main(int argc, char** argv) {
   std::ifstream in(argv[1], std::ios::binary);
   int64_t head[13];
   double params[7];
-  read(in, head, 13);
-  read(in, params, 7);
+  emu::read(in, head, 13);
+  emu::read(in, params, 7);
   const auto [n, pixels, logits_dtype, target_dtype, per_image, loss_is_double, grad_is_double, logits_offset,
               target_offset, grad_offset, sms, cap, index_limit] = head;
   if (index_limit > 0) emu::g_int32_max = index_limit;
@@ -218,8 +204,8 @@ int main(int argc, char** argv) {
   const size_t logits_bytes = total * dtype_size(ld), target_bytes = total * dtype_size(td);
 
   Buffer logits(logits_bytes, logits_offset, 0), target(target_bytes, target_offset, 0);
-  read(in, logits.data(), logits_bytes);
-  read(in, target.data(), target_bytes);
+  emu::read(in, logits.data(), logits_bytes);
+  emu::read(in, target.data(), target_bytes);
   ComboParams p;
   p.bce_weight = params[0];
   p.dice_weight = params[1];
@@ -281,9 +267,9 @@ int main(int argc, char** argv) {
     loss_value = f;
   }
   std::ofstream out(argv[2], std::ios::binary);
-  write(out, info, 4);
-  write(out, &loss_value, 1);
-  write(out, reinterpret_cast<const double*>(state.data()), static_cast<size_t>(n * kStateCols));
-  write(out, grad.data(), logits_bytes);
+  emu::write(out, info, 4);
+  emu::write(out, &loss_value, 1);
+  emu::write(out, reinterpret_cast<const double*>(state.data()), static_cast<size_t>(n * kStateCols));
+  emu::write(out, grad.data(), logits_bytes);
   return out ? 0 : 1;
 }
