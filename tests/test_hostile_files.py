@@ -484,6 +484,28 @@ def test_bad_header_values_name_the_file(tmp_path, attrs, match):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("reader, find, replace", [
+    # Columns' two bytes said to be three: pydicom's BytesLengthException from read_dicom_shape
+    ("read_dicom_shape", b"\x28\x00\x11\x00US\x02\x00", b"\x28\x00\x11\x00US\x03\x00"),
+    # a TransferSyntaxUID that is a UID but no transfer syntax: ValueError from read_dicom
+    ("read_dicom", b"1.2.840.10008.1.2.1\x00", b"1.2.840.10008.1.2.9\x00"),
+    # MediaStorageSOPClassUID with an unknown VR: NotImplementedError from read_sop_instance_uid
+    ("read_sop_instance_uid", b"\x02\x00\x02\x00UI", b"\x02\x00\x02\x00Uz"),
+], ids=["columns-length", "not-a-transfer-syntax", "unknown-vr"])
+def test_a_header_element_damaged_past_dcmread_is_a_dicom_error(tmp_path, reader, find, replace):
+    # pydicom converts an element when it is first read, after dcmread returned: found by flipping
+    # bytes of a SIIM file's header, each of these escaped as pydicom's own exception type, so one
+    # damaged file stopped `pneumoseg predict` instead of being skipped.
+    from pneumoseg.data import dicom
+
+    data = write_dicom(tmp_path / "x.dcm").read_bytes()
+    assert data.count(find) == 1
+    path = tmp_path / "damaged.dcm"
+    path.write_bytes(data.replace(find, replace))
+    with pytest.raises(pneumoseg.DicomError, match="unreadable DICOM header") as info:
+        getattr(dicom, reader)(path)
+    assert str(path) in str(info.value)
+
 
 def _voi_lut(descriptor, data):
     from pydicom.dataset import Dataset

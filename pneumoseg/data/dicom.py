@@ -13,10 +13,12 @@ fails with a :class:`pneumoseg.DicomError` naming the file.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import mmap
 import re
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -25,7 +27,7 @@ import numpy as np
 
 from .. import limits
 from .._checks import check_bool, check_path, check_real
-from ..errors import DicomError, LimitError
+from ..errors import DicomError, LimitError, PneumosegError
 
 __all__ = ["DicomImage", "read_dicom", "read_dicom_shape", "read_sop_instance_uid"]
 
@@ -278,6 +280,21 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool, specific_tags: Option
     return ds
 
 
+@contextlib.contextmanager
+def _damaged_header_errors(path: Path) -> Iterator[None]:
+    """pydicom converts a header element only when it is first read, so a damaged one (a length that
+    does not fit its VR, an unknown VR, a TransferSyntaxUID that is not a transfer syntax) fails
+    after dcmread has returned, with pydicom's own error types: they become a DicomError naming the
+    file, as damage found by dcmread itself does."""
+    try:
+        yield
+    except (PneumosegError, MemoryError):
+        raise
+    except Exception as exc:  # a Warning too, where the caller's filters make pydicom's warnings errors
+        first_line = (str(exc).splitlines() or [""])[0][:200]
+        raise DicomError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {first_line})") from exc
+
+
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010), little and big endian
 
 
@@ -336,7 +353,8 @@ def read_dicom_shape(path: Union[str, Path]) -> tuple[int, int]:
     checks as :func:`read_dicom`; any problem is a :class:`pneumoseg.DicomError` naming the file."""
     path = check_path(path, "path", error=DicomError)
     ds = _read_dataset(path, stop_before_pixels=True)
-    return _declared_shape(ds, path)
+    with _damaged_header_errors(path):
+        return _declared_shape(ds, path)
 
 
 # A UID as DICOM writes it (PS3.5 9.1): digits in dot-separated components, at most 64 characters.
@@ -351,8 +369,9 @@ def read_sop_instance_uid(path: Union[str, Path]) -> str:
     missing, empty or not a UID, is a :class:`pneumoseg.DicomError` naming the file."""
     path = check_path(path, "path", error=DicomError)
     ds = _read_dataset(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
-    _refuse_dicomdir(ds, path)
-    uid = _header_text(ds, "SOPInstanceUID")
+    with _damaged_header_errors(path):
+        _refuse_dicomdir(ds, path)
+        uid = _header_text(ds, "SOPInstanceUID")
     if uid is None:
         raise DicomError(f"{path}: the file has no SOPInstanceUID (or an empty one), so it cannot be named by it")
     if len(uid) > 64 or not _UID_TEXT.fullmatch(uid):
@@ -369,7 +388,8 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
     path = check_path(path, "path", error=DicomError)
     with_dataset = check_bool(with_dataset, "with_dataset")
     ds = _read_dataset(path, stop_before_pixels=False)
-    return _decode(ds, path, with_dataset)
+    with _damaged_header_errors(path):
+        return _decode(ds, path, with_dataset)
 
 
 def _refuse_dicomdir(ds: Any, path: Path) -> None:
