@@ -45,7 +45,12 @@ _Error = type[Exception]
 
 def show(value: Any, limit: int = 60) -> str:
     """``repr(value)`` cut to ``limit`` characters, for error messages about arbitrary input."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's digit limit for str() (sys.get_int_max_str_digits), or holding one
+        if isinstance(value, int):
+            return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length():,} bits"
+        return f"<a {_type_name(value)} too large to print>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 

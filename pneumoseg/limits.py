@@ -75,7 +75,9 @@ class Limits:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT64_MAX:
-                raise InvalidInputError(f"limit {f.name} must be an integer in [1, 2**63 - 1], got {value!r}")
+                from ._checks import show  # _checks imports this module
+
+                raise InvalidInputError(f"limit {f.name} must be an integer in [1, 2**63 - 1], got {show(value)}")
 
 
 _NAMES = tuple(f.name for f in dataclasses.fields(Limits))

@@ -294,6 +294,24 @@ def test_check_int_refuses(value):
         check_int(value, "n", low=0)
 
 
+HUGE = 10**5000  # past Python's 4300-digit limit on str(int): repr() of it raises ValueError
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: rle.decode("-1", (HUGE, 4)), pneumoseg.RLEError, "shape.0. must be at most .*, got an integer of 16,610 bits"),
+    (lambda: rle.decode_batch(["-1"], (4, -HUGE)), pneumoseg.RLEError, "got a negative integer of 16,610 bits"),
+    (lambda: limits.set_limits(max_image_side=HUGE), pneumoseg.InvalidInputError, "max_image_side .* got an integer of"),
+    (lambda: metrics.best_triplet(np.zeros((1, 8, 8)), np.zeros((1, 8, 8)), min_areas=[-HUGE]),
+     pneumoseg.InvalidInputError, "min_areas value must be a non-negative integer, got a negative integer of"),
+    (lambda: check_shape([(HUGE,), 4], "s"), pneumoseg.InvalidInputError, "too large to print"),
+])
+def test_an_integer_too_long_to_print_is_described_in_the_error(call, error, match):
+    # The error message itself raised Python's ValueError ("Exceeds the limit (4300 digits) for
+    # integer string conversion") instead of the error naming the argument.
+    with pytest.raises(error, match=match):
+        call()
+
+
 def test_checks_accept_and_normalise():
     assert check_real(np.float32(0.25), "x") == 0.25 and type(check_real(1, "x")) is float
     assert check_int(np.uint8(7), "n") == 7 and check_int(torch.tensor(7), "n") == 7

@@ -48,7 +48,7 @@ def check_count(value: Any, name: str) -> int:
     """A non-negative integer; values above 2**63 - 1 become 2**63 - 1 (a pixel count no image
     reaches, so the same answer), since the counts are compared as int64."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 0:
-        raise InvalidInputError(f"{name} must be a non-negative integer, got {value!r}")
+        raise InvalidInputError(f"{name} must be a non-negative integer, got {_checks.show(value)}")
     return min(int(value), _INT64_MAX)
 
 
