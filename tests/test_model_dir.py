@@ -275,6 +275,27 @@ def test_a_config_too_large_for_memory_is_a_format_error(tmp_path):
     assert main(["predict", str(tmp_path), "--model", str(folder), "--out", str(tmp_path / "out")]) == 2
 
 
+@pytest.mark.parametrize("network, edit, match", [
+    # the builder's own TypeError ("missing 1 required positional argument") escaped the CLI as a traceback
+    ("classifier", lambda config: config.pop("encoder"), r"classifier config lacks required key\(s\) 'encoder'"),
+    # past int64: torch's TypeError ("Overflow when unpacking long long") while building on the meta device
+    ("segmenter", lambda config: config.update(decoder_channels=[2**70, 16, 16, 8, 8]),
+     r"decoder_channels entries must be an integer >= 1 \(and at most 2\*\*63 - 1\), got 1180591620717411303424"),
+])
+def test_a_config_the_builder_cannot_take_is_a_format_error(tmp_path, network, edit, match):
+    from pneumoseg.cli import main
+
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("classifier", tmp_path / "model")
+    raw = json.loads((folder / CONFIG_NAME).read_text())
+    edit(raw["networks"][network]["config"])
+    (folder / CONFIG_NAME).write_text(json.dumps(raw))
+    with pytest.raises(DataFormatError, match=rf"the {network} config cannot be built: {match}"):
+        load_model_dir(folder).build(network)
+    assert main(["predict", str(tmp_path), "--model", str(folder), "--out", str(tmp_path / "out")]) == 2
+
+
 def test_weights_that_are_a_pipe_are_refused_without_reading(tmp_path):
     # read_bytes() on a FIFO blocked until a writer came (Predictor.from_dir hung); on /dev/zero it never ended.
     import os

@@ -39,10 +39,15 @@ def build_model(config: Mapping[str, Any]) -> nn.Module:
     if builder is None:
         raise InvalidInputError(f"model config 'kind' must be one of {', '.join(MODEL_KINDS)}, got {kind!r}")
     kwargs = {k: v for k, v in config.items() if k != "kind"}
-    accepted = set(inspect.signature(builder).parameters)
+    parameters = inspect.signature(builder).parameters
+    accepted = set(parameters)
     unknown = sorted(set(kwargs) - accepted)
     if unknown:
         raise InvalidInputError(
             f"{kind} config has unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(sorted(accepted))}"
         )
+    # a key the builder cannot default (a classifier's encoder) was the builder's TypeError
+    missing = [name for name, p in parameters.items() if p.default is p.empty and name not in kwargs]
+    if missing:
+        raise InvalidInputError(f"{kind} config lacks required key(s) {', '.join(map(repr, missing))}")
     return builder(**kwargs)

@@ -27,6 +27,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._checks import INT64_MAX, show
 from ..errors import InvalidInputError
 from .decoders import ATTENTIONS, DECODERS
 from .decoders.blocks import initialize_decoder, initialize_head
@@ -145,8 +146,9 @@ class Segmenter(nn.Module):
 
 
 def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise InvalidInputError(f"{name} must be an integer >= {low}, got {value!r}")
+    # the upper bound: torch takes sizes as int64, and a larger one was its TypeError, not this error
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
+        raise InvalidInputError(f"{name} must be an integer >= {low} (and at most 2**63 - 1), got {show(value)}")
     return value
 
 
@@ -178,7 +180,7 @@ def create_segmenter(
     if isinstance(decoder_channels, (str, bytes)) or not isinstance(decoder_channels, Sequence) \
             or len(decoder_channels) != 5:
         raise InvalidInputError(
-            f"decoder_channels must be 5 integers (one per decoder block), got {decoder_channels!r}"
+            f"decoder_channels must be 5 integers (one per decoder block), got {show(decoder_channels)}"
         )
     decoder_channels = [_check_int("decoder_channels entries", c, 1) for c in decoder_channels]
     if not isinstance(aux_classifier, bool):

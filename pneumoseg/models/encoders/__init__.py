@@ -6,6 +6,7 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
+from ..._checks import INT64_MAX, show
 from ...errors import InvalidInputError
 from . import densenet, efficientnet, resnet, xception
 from ._base import Encoder
@@ -51,8 +52,9 @@ def create_encoder(name: str, *, in_channels: int = 3, num_classes: int = 0, fea
     if spec is None:
         raise InvalidInputError(f"unknown encoder {name!r}; {_suggest(name)}choose one of {', '.join(list_encoders())}")
     for arg, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise InvalidInputError(f"{arg} must be an integer >= {low}, got {value!r}")
+        # the upper bound: torch takes sizes as int64, and a larger one was its TypeError, not this error
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
+            raise InvalidInputError(f"{arg} must be an integer >= {low} (and at most 2**63 - 1), got {show(value)}")
     model = spec.builder(in_channels=in_channels, num_classes=num_classes, features_only=features_only)
     model.name = name
     return model
