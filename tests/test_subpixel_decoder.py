@@ -338,6 +338,8 @@ def test_frozen_weights_give_bit_identical_outputs(arch, attention, memory_forma
     assert freeze_subpixel_weights(model) == len(subpixel) > 0
     assert all((b._frozen_phase_weight is not None) == (b in subpixel) for b in blocks)
     assert all(b._frozen_skip_weight.is_contiguous(memory_format=memory_format) for b in subpixel if b.has_skip)
+    # the phase weight too: conv2d would convert a weight of the other format on every call
+    assert all(b._frozen_phase_weight.is_contiguous(memory_format=memory_format) for b in subpixel)
     x = _randn(2, 1, 64, 96, seed=4, dtype=torch.float32).contiguous(memory_format=memory_format)
     plain, frozen = _outputs(model, x)
     torch.testing.assert_close(frozen, plain, rtol=0, atol=0)

@@ -156,7 +156,10 @@ class DecoderBlock(nn.Module):
         # plain tensors even when called under inference_mode (an eval-mode forward with autograd on
         # must be able to use them); the same arithmetic as upsample_conv3x3's
         with torch.inference_mode(False), torch.no_grad():
-            self._frozen_phase_weight = _subpixel_weight(weight[:, :channels])
+            # in conv1's memory format: conv2d would otherwise convert a channels_last block's phase
+            # weight on every call (26 ms of a 296 ms U-Net ResNet50 forward at 256 px on a CPU)
+            self._frozen_phase_weight = _subpixel_weight(weight[:, :channels]).contiguous(
+                memory_format=_memory_format(weight))
             if self.has_skip:
                 # dense, in the memory format conv2d would pick for the slice
                 self._frozen_skip_weight = weight[:, channels:].clone(memory_format=torch.preserve_format)
