@@ -387,3 +387,28 @@ def test_torch_backend_freezes_the_subpixel_weights_and_masks_are_identical(kind
                    if isinstance(m, DecoderBlock))
     with pytest.raises(InvalidInputError, match="freeze_subpixel"):
         TorchBackend(frozen.model_dir, [segment], freeze_subpixel=1)
+
+
+@pytest.mark.parametrize("kind", ["classifier", "aux", "plain"])
+def test_torch_backend_runs_channels_last_on_the_cpu_with_the_results_of_nchw(kind):
+    """On a CPU the torch backend's networks are channels_last by default (oneDNN's layout); NCHW
+    (``channels_last=False``) gives the same masks and RLE, gated rows, TTA and batch padding included."""
+    from pneumoseg.infer.backends import TorchBackend
+
+    images = phantom_images(5, seed=11)
+    nhwc = Predictor.from_dir(model_dir(kind), tta=True)
+    nchw = Predictor.from_dir(model_dir(kind), tta=True, channels_last=False)
+    assert nhwc.describe()["channels_last"] is True and nchw.describe()["channels_last"] is False
+    for predictor, layout in ((nhwc, torch.channels_last), (nchw, torch.contiguous_format)):
+        weights = [p for m in predictor.backend._modules.values() for p in m.parameters() if p.dim() == 4]
+        assert weights and all(w.is_contiguous(memory_format=layout) for w in weights)
+    a = nhwc.predict(images, return_masks=True, batch_size=3)
+    b = nchw.predict(images, return_masks=True, batch_size=3)
+    for p, q in zip(a, b, strict=True):
+        assert p.score == pytest.approx(q.score, abs=1e-5) and p.segmented == q.segmented
+        assert np.array_equal(p.mask, q.mask) and p.rle == q.rle
+    assert any(p.rle != "-1" for p in a)
+    if kind != "plain":  # a gate: both outcomes are compared
+        assert any(not p.segmented for p in a) and any(p.rle == "-1" for p in a)
+    with pytest.raises(InvalidInputError, match="channels_last"):
+        TorchBackend(nhwc.model_dir, [nhwc.parts["segment"]], channels_last="yes")

@@ -282,6 +282,7 @@ class Predictor:
         compile: bool = False,
         max_batch: int = 32,
         fuse_batchnorm: bool = True,
+        channels_last: bool = True,
         threads: Optional[int] = None,
         batch_profile: Any = None,
         engine_cache: Union[str, Path, None] = None,
@@ -303,6 +304,8 @@ class Predictor:
         - torch: ``fuse_batchnorm`` (default on) folds each eval-mode BatchNorm that directly follows a
           convolution into it, on the backend's own copy of the networks (``False`` runs them as saved,
           to compare); the other backends ignore it;
+        - torch: ``channels_last`` (default on, on a CPU too) runs the networks in channels_last memory
+          format, the layout oneDNN's and cuDNN's convolutions work in (``False`` keeps NCHW, to compare);
         - onnxruntime: ``threads`` (default: the physical cores);
         - tensorrt: ``batch_profile`` (MIN,OPT,MAX; default the exported engines' or 1,8,32) and
           ``engine_cache`` (default ``<model dir>/tensorrt``).
@@ -335,7 +338,7 @@ class Predictor:
             from .backends import TorchBackend
 
             runner = TorchBackend(md, parts, dev, precision, cuda_graphs=cuda_graphs, compile=compile, max_batch=max_batch,
-                                  fuse_batchnorm=fuse_batchnorm)
+                                  fuse_batchnorm=fuse_batchnorm, channels_last=channels_last)
         elif backend == "onnxruntime":
             from .backends import OnnxRuntimeBackend
 
