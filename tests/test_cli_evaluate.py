@@ -32,9 +32,17 @@ def test_rle_dice_equals_the_dice_of_the_masks():
     got = [rle_dice([rle.encode(p)], [rle.encode(t)]) for p, t in zip(pred, truth)]
     assert got == pytest.approx(want)
     assert rle_dice(["-1"], ["-1"]) == 1.0 and rle_dice(["-1"], [rle.encode(truth[1])]) == 0.0
+    # two annotation rows of one image, split through the block's middle row so that each holds part
+    rows = np.flatnonzero(truth[1].any(1))
+    middle = (rows[0] + rows[-1] + 1) // 2
     half1, half2 = truth[1].copy(), truth[1].copy()
-    half1[:20], half2[20:] = 0, 0  # two annotation rows of one image
-    assert rle_dice([rle.encode(truth[1])], [rle.encode(half1), rle.encode(half2)]) == 1.0
+    half1[:middle], half2[middle:] = 0, 0
+    assert half1.any() and half2.any()
+    halves = [rle.encode(half1), rle.encode(half2)]
+    assert rle_dice([rle.encode(truth[1])], halves) == 1.0 and rle_dice(halves, [rle.encode(truth[1])]) == 1.0
+    # the union against a mask that overlaps both rows: Dice of the union, not of either row alone
+    shifted = np.roll(truth[1], 1, axis=1)
+    assert rle_dice(halves, [rle.encode(shifted)]) == pytest.approx(float(ref_dice(truth[1:2] != 0, shifted[None] != 0)[0]))
 
 
 def test_evaluate_scores_a_submission():
@@ -126,3 +134,21 @@ def test_scores_csv_reader(tmp_path):
     (tmp_path / "n.csv").write_text("a,nan\n")
     with pytest.raises(DataFormatError, match="not finite"):
         read_scores_csv(tmp_path / "n.csv")
+
+
+def test_evaluation_summary_splits_dice_by_truth_class():
+    # Two positives (one found exactly: 1, one missed: 0) and three negatives (one with a false mask:
+    # 0, two left empty: 1), so positives average 1/2 and negatives 2/3, and the mean is 3/5; an
+    # all-empty submission would score the negatives' share, 3/5 too.
+    block = np.zeros((6, 5), np.uint8)
+    block[1:4, 2:4] = 1
+    hit = rle.encode(block)
+    truth = {"p1": [hit], "p2": [hit], "n1": ["-1"], "n2": ["-1"], "n3": ["-1"]}
+    pred = {"p1": [hit], "p2": ["-1"], "n1": [hit], "n2": ["-1"], "n3": ["-1"]}
+    summary = evaluate(pred, truth).to_dict()
+    assert (summary["images"], summary["positives"]) == (5, 2)
+    assert summary["dice_on_positives"] == pytest.approx(1 / 2)
+    assert summary["dice_on_negatives"] == pytest.approx(2 / 3)
+    assert summary["kaggle_dice"] == pytest.approx(3 / 5) and summary["empty_submission_dice"] == pytest.approx(3 / 5)
+    # without scores each image's score is its mask's emptiness: TP p1, FN p2, FP n1, TN n2 and n3
+    assert summary["classification"]["confusion_matrix"] == {"tn": 2, "fp": 1, "fn": 1, "tp": 1}
