@@ -58,7 +58,7 @@ def test_dataset_classification_test_set_and_transforms(synth):
     assert "mask" not in cls[0] and "label" in cls[0]
     test = SIIMDataset(root, image_size=32)
     assert len(test) == 10 and set(test[0]) == {"image", "image_id"}
-    with pytest.raises(pneumoseg.InvalidInputError):
+    with pytest.raises(pneumoseg.InvalidInputError, match="without an RLE CSV has no labels"):
         _ = test.labels
     seen = []
     flipped = SIIMDataset(root, csv_path, image_size=32, transforms=lambda im, m: (seen.append(1) or im.flip(-1), m.flip(-1)))
@@ -203,7 +203,7 @@ def test_chest_crop_drops_the_border():
     assert 15 <= r0 and r1 <= padded.shape[0] - 25 and 35 <= c0 and c1 <= padded.shape[1] - 5
     assert r1 - r0 >= 100 and c1 - c0 >= 90  # the chest itself is kept
     assert chest_crop(np.zeros((5, 5))) == (0, 5, 0, 5)
-    with pytest.raises(pneumoseg.InvalidInputError):
+    with pytest.raises(pneumoseg.InvalidInputError, match=r"\(H, W\) image, got shape \(2, 2, 2\)"):
         chest_crop(np.zeros((2, 2, 2)))
 
 

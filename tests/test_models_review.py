@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -131,11 +132,14 @@ def test_stem_adaptation_is_bit_identical_to_timms(dtype, channels):
 
 # ------------------------------------------------------------------------------- building, inputs
 
-@pytest.mark.parametrize("kwargs", [{"arch": ["unet"]}, {"aux_pooling": ["avg"]}, {"attention": {"scse": 1}}])
-def test_unhashable_arguments_are_a_clear_error(kwargs):
-    with pytest.raises(InvalidInputError):
+@pytest.mark.parametrize("kwargs, words", [({"arch": ["unet"]}, "architecture ['unet']"),
+                                           ({"aux_pooling": ["avg"]}, "aux_pooling must be"),
+                                           ({"attention": {"scse": 1}}, "attention {'scse': 1}")])
+def test_unhashable_arguments_are_a_clear_error(kwargs, words):
+    # a clear error names the argument and shows the value, not a TypeError from a set lookup
+    with pytest.raises(InvalidInputError, match=re.escape(words)):
         create_segmenter(encoder=SMALL, **kwargs)
-    with pytest.raises(InvalidInputError):
+    with pytest.raises(InvalidInputError, match=re.escape(words)):
         build_model({"kind": "segmenter", "encoder": SMALL, **kwargs})
 
 
