@@ -779,12 +779,20 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     return OutputFolder(path, overwrite=overwrite, what=what, resume=resume, inputs=inputs)
 
 
+def _refuse_json_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which are not JSON and which pneumoseg never writes (it
+    # dumps with allow_nan=False): a NaN in a model config reached export's provenance check, whose
+    # json.dumps(allow_nan=False) raised a bare ValueError.
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def read_json(path: Path) -> Any:
     """A UTF-8 JSON file's value; a file that is not one is a :class:`DataFormatError` naming it (json's
-    ValueError, an integer of over 4300 digits included, and the RecursionError of deep nesting, which
-    would otherwise come out as tracebacks). Callers check the file's size first."""
+    ValueError, an integer of over 4300 digits included, NaN and Infinity, which JSON does not have, and
+    the RecursionError of deep nesting, which would otherwise come out as tracebacks). Callers check the
+    file's size first."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_json_constant)
     except (UnicodeDecodeError, ValueError) as exc:  # ValueError: JSONDecodeError, or an integer of over 4300 digits
         raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
     except RecursionError:

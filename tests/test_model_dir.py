@@ -296,6 +296,20 @@ def test_a_config_the_builder_cannot_take_is_a_format_error(tmp_path, network, e
     assert main(["predict", str(tmp_path), "--model", str(folder), "--out", str(tmp_path / "out")]) == 2
 
 
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_or_infinity_in_the_description_is_not_json(tmp_path, constant):
+    # Python's json read them; a NaN segmenter 'kind' reached the onnxruntime backend's provenance
+    # check, whose json.dumps(allow_nan=False) raised a bare ValueError through Predictor.from_dir.
+    from infer_helpers import copy_model_dir
+
+    folder = copy_model_dir("classifier", tmp_path / "model", exported=True)
+    text = (folder / CONFIG_NAME).read_text()
+    assert text.count('"kind": "segmenter"') == 1
+    (folder / CONFIG_NAME).write_text(text.replace('"kind": "segmenter"', f'"kind": {constant}'))
+    with pytest.raises(DataFormatError, match=rf"{CONFIG_NAME}: not valid JSON \({constant} is not a JSON value\)"):
+        load_model_dir(folder)
+
+
 def test_weights_that_are_a_pipe_are_refused_without_reading(tmp_path):
     # read_bytes() on a FIFO blocked until a writer came (Predictor.from_dir hung); on /dev/zero it never ended.
     import os
