@@ -151,4 +151,7 @@ def test_evaluation_summary_splits_dice_by_truth_class():
     assert summary["dice_on_negatives"] == pytest.approx(2 / 3)
     assert summary["kaggle_dice"] == pytest.approx(3 / 5) and summary["empty_submission_dice"] == pytest.approx(3 / 5)
     # without scores each image's score is its mask's emptiness: TP p1, FN p2, FP n1, TN n2 and n3
-    assert summary["classification"]["confusion_matrix"] == {"tn": 2, "fp": 1, "fn": 1, "tp": 1}
+    cls = summary["classification"]
+    assert cls["confusion_matrix"] == {"tn": 2, "fp": 1, "fn": 1, "tp": 1}
+    # sensitivity 1 / (1 + 1), specificity 2 / (2 + 1), accuracy (1 + 2) / 5
+    assert (cls["sensitivity"], cls["specificity"], cls["accuracy"]) == pytest.approx((1 / 2, 2 / 3, 3 / 5))

@@ -117,3 +117,17 @@ def test_triplet_with_a_repeated_bottom_scores_both_copies_alike():
     grid = {"tops": (0.9,), "min_areas": (0, 5), "bottoms": (0.7, 0.3, 0.7)}
     choice = metrics.best_triplet(probs, truths, **grid)
     np.testing.assert_allclose(choice.scores, ref_triplet_grid(probs, truths, *grid.values()), atol=1e-14, rtol=0)
+
+
+def test_triplet_choice_of_gate_zero_is_passed_on_to_postprocess():
+    from pneumoseg import postprocess
+
+    probs, truths = _two_images()
+    scores = np.array([0.3, 0.2])
+    # Gate 0 keeps both images (Dice 1 each at min_area 1); gate .5 drops image 0 (0.5). The best is
+    # gate 0, and postprocess_kwargs must say so: left out, postprocess's default gate of .5 applies.
+    choice = metrics.best_triplet(probs, truths, tops=(0.5,), min_areas=(1,), bottoms=(0.3,),
+                                  gate_scores=scores, gate_thresholds=(0.0, 0.5))
+    assert choice.postprocess_kwargs() == {"top": 0.5, "min_area": 1, "bottom": 0.3, "gate_threshold": 0.0}
+    masks = postprocess.postprocess(probs, scores, **choice.postprocess_kwargs())
+    assert metrics.kaggle_dice(masks, truths) == choice.score == 1.0
