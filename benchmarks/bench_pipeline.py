@@ -135,15 +135,18 @@ def predictor(path: Path, backend: str, precision: str, gated: bool, original: i
     return p
 
 
-def eager_baseline(path: Path):
-    """What a user would otherwise run, with the same network."""
+def eager_baseline(path: Path, subpixel: bool = True):
+    """What a user would otherwise run, with the same network (``subpixel=False``: its decoder blocks
+    upsample, concatenate and convolve, as segmentation_models_pytorch's do)."""
     import torch.nn.functional as F
 
     from pneumoseg.data import preprocess
+    from pneumoseg.models.decoders.blocks import set_subpixel_decoding
     from pneumoseg.models.model_dir import load_model_dir
 
     md = load_model_dir(path)
     net = md.build("segmenter")
+    set_subpixel_decoding(net, subpixel)
     size = md.networks["segmenter"].input_size
 
     def run(batch, stages):
