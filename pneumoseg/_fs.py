@@ -9,8 +9,11 @@
   write there itself unless ``overwrite=True`` (the CLI's ``--force``), so nobody's labels are lost to
   a mistyped ``--out``. Files are written atomically inside it and can never land outside it (checked
   after resolving symbolic links). Each file written is listed in a manifest
-  (``.pneumoseg-manifest``, with its size and modification time), so running the same command again
-  on its own earlier output needs no ``--force``: that output, unchanged since, is replaced.
+  (``.pneumoseg-manifest``, with its size and modification time, under the folder's kind: the
+  command's ``what``), so running the same command again on its own earlier output needs no
+  ``--force``: that output, unchanged since, is replaced. Another command's output is not its to
+  replace (``predict --out`` at a training run or a study set is refused without ``--force``, and
+  with it nothing there is removed).
   :func:`check_output_folder` makes the same refusals without touching anything, for a command to
   say so before long work. A command that adds to another's output (``pneumoseg export`` writing
   artefacts into a training run's model directory) lists its files there with
@@ -45,7 +48,7 @@ import unicodedata
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import IO, Any, Union
+from typing import IO, Any, NamedTuple, Union
 
 import numpy as np
 
@@ -64,7 +67,11 @@ __all__ = [
 ]
 
 MANIFEST_NAME = ".pneumoseg-manifest"
-_MANIFEST_HEADER = "# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path"
+_MANIFEST_HEADER = "# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relative path"
+# v2's second line names the kind of folder (the command's ``what``): one command's output is not
+# another's to replace. v1 manifests (no kind) still count as any command's, as they always did.
+_MANIFEST_HEADER_V1 = "# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path"
+_KIND_PREFIX = "# kind: "
 _MAX_NAME_BYTES = 255
 # What pneumoseg.export.tensorrt.EngineCache keeps in a model directory's engine cache (MODEL_DIR/tensorrt):
 # <key>.engine, its <key>.json sidecar and <key>.lock, and the timing cache with its lock. The TensorRT
@@ -387,11 +394,19 @@ def folder_lock(path: PathLike, *, what: str = "output folder", wait: float = 0.
 # Output folders
 
 
-def _read_manifest(folder: Path) -> dict[str, set[tuple[int, int]]] | None:
-    """relative path -> every (size, mtime_ns) recorded for it in a folder's manifest; None when it
-    has none or it is unreadable or malformed (then the folder counts as someone else's). A file is
-    recorded before it is renamed into place, so an interrupted rewrite leaves the earlier version's
-    line beside the new one's, and either version on disk counts as pneumoseg's."""
+class _Manifest(NamedTuple):
+    kind: str | None  # the folder's kind (the ``what`` of the command that prepared it); None: a v1 manifest
+    entries: dict[str, set[tuple[int, int]]]
+
+    def belongs_to(self, kind: str | None) -> bool:
+        return kind is None or self.kind is None or self.kind == kind
+
+
+def _read_manifest(folder: Path) -> _Manifest | None:
+    """A folder's manifest: its kind, and relative path -> every (size, mtime_ns) recorded for it;
+    None when it has none or it is unreadable or malformed (then the folder counts as someone else's).
+    A file is recorded before it is renamed into place, so an interrupted rewrite leaves the earlier
+    version's line beside the new one's, and either version on disk counts as pneumoseg's."""
     path = folder / MANIFEST_NAME
     if not path.is_file() or path.is_symlink():
         return None
@@ -399,10 +414,19 @@ def _read_manifest(folder: Path) -> dict[str, set[tuple[int, int]]] | None:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
-    if not lines or lines[0] != _MANIFEST_HEADER:
+    if not lines:
+        return None
+    if lines[0] == _MANIFEST_HEADER:
+        if len(lines) < 2 or not lines[1].startswith(_KIND_PREFIX) or not lines[1][len(_KIND_PREFIX):]:
+            return None
+        kind: str | None = lines[1][len(_KIND_PREFIX):]
+        body = lines[2:]
+    elif lines[0] == _MANIFEST_HEADER_V1:
+        kind, body = None, lines[1:]
+    else:
         return None
     entries: dict[str, set[tuple[int, int]]] = {}
-    for line in lines[1:]:
+    for line in body:
         parts = line.split("\t")
         if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit():
             return None
@@ -411,13 +435,20 @@ def _read_manifest(folder: Path) -> dict[str, set[tuple[int, int]]] | None:
         if rel.startswith("/") or any(p in ("", ".", "..") for p in pieces):
             return None
         entries.setdefault(rel, set()).add((int(parts[0]), int(parts[1])))
-    return entries
+    return _Manifest(kind, entries)
 
 
-def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(files pneumoseg wrote and that are unchanged since, everything else) under ``folder``,
-    symbolic links never followed. A sub-folder with its own manifest is judged by that manifest.
-    Walked with an explicit stack, in file-name order, however deep the folder goes."""
+def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path], str | None]:
+    """(files pneumoseg wrote and that are unchanged since, everything else, the other kind) under
+    ``folder``, symbolic links never followed. A folder whose manifest is of another ``kind`` (another
+    command's output: a training run's checkpoints under ``predict --out``) is all someone else's, and
+    its kind is returned third (else None). A sub-folder with its own manifest is judged by that
+    manifest (a training run's model directory is of its own kind). Walked with an explicit stack, in
+    file-name order, however deep the folder goes."""
+    top = _read_manifest(folder)
+    other_kind = None
+    if top is not None and not top.belongs_to(kind):
+        other_kind, top = top.kind, None
     ours: list[Path] = []
     foreign: list[Path] = []
     # (entries left to look at, their path relative to the manifest's folder, that manifest)
@@ -431,7 +462,7 @@ def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
             return
         stack.append((iter(entries), prefix, manifest))
 
-    enter(folder, "", _read_manifest(folder) or {})
+    enter(folder, "", top.entries if top is not None else {})
     while stack:
         entries, prefix, manifest = stack[-1]
         entry = next(entries, None)
@@ -442,12 +473,13 @@ def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
         p = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
             if (p / MANIFEST_NAME).is_file():
-                enter(p, "", _read_manifest(p) or {})
+                nested = _read_manifest(p)
+                enter(p, "", nested.entries if nested is not None else {})
             else:
                 enter(p, rel + "/", manifest)
             continue
         if rel == MANIFEST_NAME:
-            ours.append(p)
+            (foreign if other_kind is not None and p.parent == folder else ours).append(p)
             continue
         recorded = manifest.get(rel)
         if (recorded is None and _MODEL_DESCRIPTION in manifest and _ENGINE_CACHE_FILE.fullmatch(rel)
@@ -462,7 +494,7 @@ def _ours(folder: Path) -> tuple[list[Path], list[Path]]:
             ours.append(p)
         else:
             foreign.append(p)  # changed since pneumoseg wrote it: someone's edit, keep it
-    return ours, foreign
+    return ours, foreign, other_kind
 
 
 def _refuse_non_folder(p: Path, what: str) -> None:
@@ -475,15 +507,21 @@ def _refuse_non_folder(p: Path, what: str) -> None:
 def _refuse_reopening(p: Path, what: str) -> None:
     if not p.is_dir():
         raise OutputError(f"{what} {p} does not exist (or is not a folder): nothing to continue")
-    if _read_manifest(p) is None:
+    manifest = _read_manifest(p)
+    if manifest is None:
         raise OutputError(f"{what} {p} holds no pneumoseg output to continue (no {MANIFEST_NAME})")
+    if not manifest.belongs_to(what):
+        raise OutputError(f"{what} {p} holds another pneumoseg command's output (a {manifest.kind}), "
+                          "nothing to continue")
 
 
-def _not_empty(p: Path, foreign: list[Path], what: str) -> OutputError:
+def _not_empty(p: Path, foreign: list[Path], what: str, other_kind: str | None = None) -> OutputError:
     shown = ", ".join(str(f.relative_to(p)) if f != p else "." for f in foreign[:3])
     more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+    whose = ("another pneumoseg command wrote it (it is a " + other_kind + ")" if other_kind is not None
+             else "pneumoseg did not write it")
     return OutputError(
-        f"{what} {p} is not empty ({shown}{more}) and pneumoseg did not write it; choose an empty "
+        f"{what} {p} is not empty ({shown}{more}) and {whose}; choose an empty "
         "or new folder, or pass overwrite=True (--force on the command line) to write into it")
 
 
@@ -534,9 +572,9 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
         raise OutputError(f"{what} {p} is not writable (permission denied)")
     _refuse_held_elsewhere(p, what)
     if not resume:
-        ours, foreign = _ours(p)
+        ours, foreign, other_kind = _ours(p, what)
         if foreign and not overwrite:
-            raise _not_empty(p, foreign, what)
+            raise _not_empty(p, foreign, what, other_kind)
         if not foreign:
             _refuse_removing_inputs(p, ours, inputs, what)
     return p
@@ -604,9 +642,13 @@ class OutputFolder:
                 raise OutputError(f"{self.what} {p} cannot be created: {exc.strerror or exc}") from None
         self._hold()
         self._check_writable()
-        ours, foreign = _ours(p)
+        ours, foreign, other_kind = _ours(p, self.what)
         if foreign and not overwrite:
-            raise _not_empty(p, foreign, self.what)
+            raise _not_empty(p, foreign, self.what, other_kind)
+        if other_kind is not None:
+            # Forced into another command's output: its files stay, unlisted (no later run of either
+            # command replaces them unasked), and this command's manifest starts afresh.
+            atomic_write(p / MANIFEST_NAME, _manifest_start(self.what))
         if not foreign:
             # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it
             # (unless the command reads from it).
@@ -695,7 +737,8 @@ class OutputFolder:
 
     def _record(self, target: Path, written: Path | None = None) -> None:
         """List ``target`` in the manifest as the file ``written`` (default: ``target``) is now."""
-        _append_to_manifest(self.path, target.relative_to(self.path).as_posix(), (written or target).stat())
+        _append_to_manifest(self.path, target.relative_to(self.path).as_posix(), (written or target).stat(),
+                            kind=self.what)
 
     @contextlib.contextmanager
     def open(self, *parts: str, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -724,12 +767,21 @@ class OutputFolder:
         return f"OutputFolder({str(self.path)!r})"
 
 
-def _append_to_manifest(folder: Path, rel: str, st: os.stat_result) -> None:
+def _manifest_start(kind: str) -> str:
+    if not kind or "\n" in kind or "\r" in kind:
+        raise InvalidInputError(f"an output folder's kind must be one line of text, got {kind!r}")
+    return f"{_MANIFEST_HEADER}\n{_KIND_PREFIX}{kind}\n"
+
+
+def _append_to_manifest(folder: Path, rel: str, st: os.stat_result, *, kind: str | None = None) -> None:
+    """Add a line for ``rel``; a manifest not yet there is started as one of ``kind``'s folders."""
     manifest = folder / MANIFEST_NAME
     new = not manifest.exists()
+    if new and kind is None:
+        raise OutputError(f"{folder} has no {MANIFEST_NAME} to list {rel} in")
     with open(manifest, "a", encoding="utf-8", newline="\n") as f:
         if new:
-            f.write(_MANIFEST_HEADER + "\n")
+            f.write(_manifest_start(kind))
         f.write(f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n")
 
 

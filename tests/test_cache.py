@@ -4,6 +4,7 @@ normalisation, rounded to uint8), the index describes them, broken caches are re
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -141,11 +142,20 @@ def test_a_cache_never_removes_the_study_set_it_reads(tmp_path):
     studies = tmp_path / "studies"
     make_synthetic_siim(studies, n_images=2, size=32, seed=1)
     before = sorted(p.relative_to(studies) for p in studies.rglob("*"))
-    with pytest.raises(pneumoseg.OutputError, match="is .*studies, an input of this command"):
+    # another command's output is refused as such (the manifest names its kind) ...
+    with pytest.raises(pneumoseg.OutputError, match="another pneumoseg command wrote it .*synthetic data folder"):
         build_cache(studies, size=16, out=studies, progress=False)
-    with pytest.raises(pneumoseg.OutputError, match="holds .*train-rle.csv, an input of this command"):
-        build_cache(tmp_path, studies / "train-rle.csv", size=16, out=studies, progress=False)
     assert sorted(p.relative_to(studies) for p in studies.rglob("*")) == before
+    # ... and a cache folder that also holds what the cache reads is refused as an input
+    cache = tmp_path / "cache"
+    build_cache(studies, size=16, out=cache, progress=False)
+    shutil.move(studies, cache / "studies")  # with its manifest: pneumoseg's own output inside the cache
+    cached = sorted(p.relative_to(cache) for p in cache.rglob("*"))
+    with pytest.raises(pneumoseg.OutputError, match="holds .*studies, an input of this command"):
+        build_cache(cache / "studies", size=16, out=cache, progress=False)
+    with pytest.raises(pneumoseg.OutputError, match="holds .*train-rle.csv, an input of this command"):
+        build_cache(tmp_path, cache / "studies" / "train-rle.csv", size=16, out=cache, progress=False)
+    assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == cached
 
 def test_rle_union_in_the_cache_matches_the_csv(synth, tmp_path):
     root, csv = synth

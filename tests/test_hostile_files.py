@@ -157,7 +157,9 @@ def test_rerunning_over_own_output_replaces_it_and_a_changed_file_is_kept(tmp_pa
 def test_an_output_folder_never_removes_the_commands_own_inputs(tmp_path, capsys):
     # A study set written by pneumoseg is "its own earlier output": --out pointed at it removed the
     # DICOMs and the CSV the command was reading (data masks, data cache, evaluate, predict, train;
-    # data cache is in test_cache.py, where torch is already imported).
+    # data cache is in test_cache.py, where torch is already imported). Another command's output is
+    # refused first (test_one_commands_output_is_not_anothers_to_replace); the inputs rule still
+    # guards a command rerun over its own kind of folder.
     from pneumoseg.cli import main
 
     studies = tmp_path / "studies"
@@ -165,20 +167,84 @@ def test_an_output_folder_never_removes_the_commands_own_inputs(tmp_path, capsys
     before = tree(studies)
     csv = str(studies / "train-rle.csv")
     for argv in (["data", "masks", "--csv", csv, "--out", str(studies), "--shape", "32", "32"],
-                 ["data", "masks", "--csv", csv, "--out", str(studies), "--shape", "32", "32", "--force"],
                  ["evaluate", "--pred", csv, "--truth", csv, "--out", str(studies)],
                  ["predict", str(studies), "--model", str(tmp_path / "no-model"), "--out", str(studies)]):
         assert main(argv) == 2
-        assert "an input of this command" in capsys.readouterr().err
+        assert "another pneumoseg command wrote it (it is a synthetic data folder)" in capsys.readouterr().err
         assert tree(studies) == before
+    # --force writes beside another command's files and removes none of them
+    assert main(["data", "masks", "--csv", csv, "--out", str(studies), "--shape", "32", "32", "--force"]) == 0
+    after = tree(studies)
+    assert {k: after[k] for k in before if k != MANIFEST_NAME} == {k: v for k, v in before.items() if k != MANIFEST_NAME}
+    assert sum(k.endswith(".png") for k in after) == 2
+    # the study set's files are nobody's now: neither command's rerun replaces them unasked
+    with pytest.raises(pneumoseg.OutputError, match="not empty"):
+        make_synthetic_siim(studies, n_images=2, size=32, seed=1)
+    shutil.rmtree(studies)
+
+    make_synthetic_siim(studies, n_images=2, size=32, seed=1)
+    before = tree(studies)
     with pytest.raises(pneumoseg.OutputError, match="holds .*train-rle.csv, an input"):
-        prepare_output_folder(studies, inputs=[studies / "dicom-images-train" / ".." / "train-rle.csv"])
+        prepare_output_folder(studies, what="synthetic data folder",
+                              inputs=[studies / "dicom-images-train" / ".." / "train-rle.csv"])
     assert tree(studies) == before
-    # inputs elsewhere: the earlier output is replaced as before
-    copy = tmp_path / "copy.csv"
-    copy.write_bytes((studies / "train-rle.csv").read_bytes())
-    assert main(["data", "masks", "--csv", str(copy), "--out", str(studies), "--shape", "32", "32"]) == 0
-    assert sorted(p.suffix for p in studies.iterdir()) == ["", ".png", ".png"]  # the manifest and two masks
+    # inputs elsewhere: the earlier output of the same kind is replaced as before
+    prepare_output_folder(studies, what="synthetic data folder", inputs=[tmp_path / "elsewhere.csv"]).close()
+    assert list(studies.iterdir()) == []  # a manifest starts with the first file written
+
+
+def test_one_commands_output_is_not_anothers_to_replace(tmp_path, capsys):
+    # Manifests listed files without saying which command wrote them, so `data synth --out` over a
+    # predict folder deleted its submission, and `predict --out` over a study set deleted the DICOMs.
+    from pneumoseg.cli import main
+
+    studies = tmp_path / "studies"
+    make_synthetic_siim(studies, n_images=2, size=32, seed=1)
+    masks = tmp_path / "masks"
+    assert main(["data", "masks", "--csv", str(studies / "train-rle.csv"), "--out", str(masks),
+                 "--shape", "32", "32"]) == 0
+    made = tree(masks)
+    with pytest.raises(pneumoseg.OutputError, match="another pneumoseg command wrote it .*a mask folder"):
+        make_synthetic_siim(masks, n_images=2, size=32)
+    assert tree(masks) == made
+    assert main(["data", "synth", "--out", str(masks), "--n", "2", "--size", "32"]) == 2
+    assert "another pneumoseg command wrote it" in capsys.readouterr().err
+    assert tree(masks) == made
+    # resuming is refused as well: nothing of this kind to continue
+    with pytest.raises(pneumoseg.OutputError, match=r"another pneumoseg command's output \(a mask folder\)"):
+        prepare_output_folder(masks, what="training run folder", resume=True)
+    # the same command again replaces its own output, as before
+    assert main(["data", "masks", "--csv", str(studies / "train-rle.csv"), "--out", str(masks),
+                 "--shape", "32", "32"]) == 0
+    assert tree(masks).keys() == made.keys()
+
+
+def test_a_version_1_manifest_without_a_kind_is_any_commands(tmp_path):
+    # Folders written before manifests named their kind keep working without --force.
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "old.txt").write_text("from an earlier pneumoseg")
+    st = (out / "old.txt").stat()
+    (out / MANIFEST_NAME).write_text("# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path\n"
+                                     f"{st.st_size}\t{st.st_mtime_ns}\told.txt\n")
+    with prepare_output_folder(out, what="prediction output folder") as folder:
+        folder.write_bytes("new.txt", data="x")
+    assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "new.txt"]
+    assert (out / MANIFEST_NAME).read_text().splitlines()[:2] == [
+        "# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relative path", "# kind: prediction output folder"]
+
+
+def test_a_v2_manifest_without_its_kind_line_is_not_pneumosegs(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "x.txt").write_text("x")
+    st = (out / "x.txt").stat()
+    (out / MANIFEST_NAME).write_text("# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relative path\n"
+                                     f"{st.st_size}\t{st.st_mtime_ns}\tx.txt\n")
+    with pytest.raises(pneumoseg.OutputError, match="pneumoseg did not write it"):
+        prepare_output_folder(out)
+    assert (out / "x.txt").read_text() == "x"
+
 
 def test_output_folder_refuses_files_and_broken_manifests(tmp_path):
     (tmp_path / "a-file").write_text("x")
