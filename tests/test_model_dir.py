@@ -107,7 +107,7 @@ def test_artefacts_are_fingerprinted(tmp_path, networks):
     path.write_bytes(b"other")
     with pytest.raises(DataFormatError, match="fingerprint"):
         again.artefact_path("segmenter-onnx")
-    with pytest.raises(OutputError):
+    with pytest.raises(OutputError, match="artefact path '..' cannot be used as a file name"):
         out.add_artefact("x", "../escape.onnx", b"", format="onnx", network="segmenter", precision="fp32")
 
 

@@ -100,7 +100,7 @@ def test_failed_calls_leave_the_predictor_as_a_fresh_one(predictor, dicoms, answ
     nan[4, 4] = np.nan
     with pytest.raises(PneumosegError, match="NaN"):
         predictor.predict([images[0], nan], batch_size=2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         predictor.predict(dicoms, batch_size=0)
     assert reader_threads() == []
     assert answer(predictor, images, dicoms) == answers
