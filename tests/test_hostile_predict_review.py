@@ -289,3 +289,18 @@ def test_a_hand_edited_engine_profile_is_a_data_format_error(profile, match):
         _recorded_profile(profile, "model", "tensorrt/segmenter-fp16")
     assert _recorded_profile({"min": 1, "opt": 8, "max": 32}, "model", "k") == BatchProfile(1, 8, 32)
     assert _recorded_profile(None, "model", "k") is None
+
+
+def test_an_int8_classifier_missing_names_both_artefacts_it_would_take(tmp_path):
+    # With no int8 classifier the backend takes the fp32 one (export keeps it fp32 where int8 was
+    # slower); with neither, the message named only 'classifier-onnx-fp32' though int8 was asked for.
+    pytest.importorskip("onnxruntime")
+    from pneumoseg.infer.backends import OnnxRuntimeBackend
+    from pneumoseg.models.model_dir import load_model_dir
+
+    md = load_model_dir(model_dir("plain"))
+    with pytest.raises(pneumoseg.DataFormatError,
+                       match=r"no exported classifier for onnxruntime int8 \(artefact 'classifier-onnx-int8', or "
+                             r"'classifier-onnx-fp32' where export kept it fp32\); run `pneumoseg export .* "
+                             r"--precision int8 --calibrate IMAGES` first"):
+        OnnxRuntimeBackend(md, ["classifier"], precision="int8")

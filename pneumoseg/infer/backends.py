@@ -238,13 +238,14 @@ class OnnxRuntimeBackend(Backend):
         self._sessions: dict[str, Any] = {}
         self.artefacts: dict[str, str] = {}
         for part in parts:
-            key = onnx_artefact_key(part, precision)
+            key = wanted = onnx_artefact_key(part, precision)
             if precision == "int8" and key not in model_dir.artefacts and part == "classifier":
                 key = onnx_artefact_key(part, "fp32")  # export keeps the classifier fp32 where int8 was slower
             if key not in model_dir.artefacts:
                 flags = " --precision int8 --calibrate IMAGES" if precision == "int8" else ""
+                named = repr(key) if key == wanted else f"{wanted!r}, or {key!r} where export kept it fp32"
                 raise DataFormatError(f"{model_dir.path}: no exported {part} for onnxruntime {precision} (artefact "
-                                      f"{key!r}); run `pneumoseg export {model_dir.path} --format onnx{flags}` first")
+                                      f"{named}); run `pneumoseg export {model_dir.path} --format onnx{flags}` first")
             path = model_dir.artefact_path(key)  # fingerprint checked
             try:
                 session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
