@@ -13,7 +13,8 @@
   command's ``what``), so running the same command again on its own earlier output needs no
   ``--force``: that output, unchanged since, is replaced. Another command's output is not its to
   replace (``predict --out`` at a training run or a study set is refused without ``--force``, and
-  with it nothing there is removed).
+  with it nothing there is removed), nor is pneumoseg output nested where it does not belong (``--out
+  runs`` of a ``runs/exp1`` training run). The manifest is written when the folder is prepared.
   :func:`check_output_folder` makes the same refusals without touching anything, for a command to
   say so before long work. A command that adds to another's output (``pneumoseg export`` writing
   artefacts into a training run's model directory) lists its files there with
@@ -438,23 +439,41 @@ def _read_manifest(folder: Path) -> _Manifest | None:
     return _Manifest(kind, entries)
 
 
+# Which other kinds of pneumoseg output a folder of a kind holds as its own (a sub-folder with its own
+# manifest): the demo's study sets and training run, a training run's stage-1 classifier run. A kind
+# always holds its own (OutputFolder.subfolder); anything else nested in it is not its to replace.
+_NESTED_KINDS: dict[str, frozenset[str]] = {
+    "demo output folder": frozenset({"synthetic data folder", "training run folder"}),
+    "training run folder": frozenset({"classifier run folder"}),
+}
+
+
+def _may_hold(outer: str | None, inner: str | None) -> bool:
+    """Whether a folder of kind ``outer`` holds a nested output folder of kind ``inner`` as its own
+    (None, a v1 manifest's missing kind: yes, as before kinds were recorded)."""
+    return outer is None or inner is None or inner == outer or inner in _NESTED_KINDS.get(outer, ())
+
+
 def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path], str | None]:
     """(files pneumoseg wrote and that are unchanged since, everything else, the other kind) under
     ``folder``, symbolic links never followed. A folder whose manifest is of another ``kind`` (another
     command's output: a training run's checkpoints under ``predict --out``) is all someone else's, and
-    its kind is returned third (else None). A sub-folder with its own manifest is judged by that
-    manifest (a training run's model directory is of its own kind). Walked with an explicit stack, in
+    its kind is returned third (else None); an empty manifest of another kind (a command that stopped
+    before writing anything) loses nothing and counts as this one's. A sub-folder with its own manifest
+    is judged by that manifest when its kind is one the folder around it holds (a demo's training run);
+    pneumoseg output in a folder pneumoseg did not prepare (``--out runs`` of a ``runs/exp1`` training
+    run), or of a kind its surroundings do not hold, is someone else's. Walked with an explicit stack, in
     file-name order, however deep the folder goes."""
     top = _read_manifest(folder)
     other_kind = None
-    if top is not None and not top.belongs_to(kind):
+    if top is not None and not top.belongs_to(kind) and top.entries:
         other_kind, top = top.kind, None
     ours: list[Path] = []
     foreign: list[Path] = []
-    # (entries left to look at, their path relative to the manifest's folder, that manifest)
-    stack: list[tuple[Iterator[os.DirEntry], str, dict[str, set[tuple[int, int]]]]] = []
+    # (entries left to look at, their path relative to the manifest's folder, that manifest or None)
+    stack: list[tuple[Iterator[os.DirEntry], str, _Manifest | None]] = []
 
-    def enter(directory: Path, prefix: str, manifest: dict[str, set[tuple[int, int]]]) -> None:
+    def enter(directory: Path, prefix: str, manifest: _Manifest | None) -> None:
         try:
             entries = sorted(os.scandir(directory), key=lambda e: e.name)
         except OSError:
@@ -462,9 +481,9 @@ def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path]
             return
         stack.append((iter(entries), prefix, manifest))
 
-    enter(folder, "", top.entries if top is not None else {})
+    enter(folder, "", top)
     while stack:
-        entries, prefix, manifest = stack[-1]
+        entries, prefix, around = stack[-1]
         entry = next(entries, None)
         if entry is None:
             stack.pop()
@@ -474,13 +493,16 @@ def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path]
         if entry.is_dir(follow_symlinks=False):
             if (p / MANIFEST_NAME).is_file():
                 nested = _read_manifest(p)
-                enter(p, "", nested.entries if nested is not None else {})
+                if nested is not None and (around is None or not _may_hold(around.kind, nested.kind)):
+                    nested = None
+                enter(p, "", nested)
             else:
-                enter(p, rel + "/", manifest)
+                enter(p, rel + "/", around)
             continue
         if rel == MANIFEST_NAME:
-            (foreign if other_kind is not None and p.parent == folder else ours).append(p)
+            (ours if around is not None else foreign).append(p)
             continue
+        manifest = around.entries if around is not None else {}
         recorded = manifest.get(rel)
         if (recorded is None and _MODEL_DESCRIPTION in manifest and _ENGINE_CACHE_FILE.fullmatch(rel)
                 and entry.is_file(follow_symlinks=False)):
@@ -645,10 +667,6 @@ class OutputFolder:
         ours, foreign, other_kind = _ours(p, self.what)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, self.what, other_kind)
-        if other_kind is not None:
-            # Forced into another command's output: its files stay, unlisted (no later run of either
-            # command replaces them unasked), and this command's manifest starts afresh.
-            atomic_write(p / MANIFEST_NAME, _manifest_start(self.what))
         if not foreign:
             # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it
             # (unless the command reads from it).
@@ -659,6 +677,16 @@ class OutputFolder:
                 with contextlib.suppress(FileNotFoundError):
                     f.unlink()
             self._remove_empty_folders()
+        manifest = _read_manifest(p)
+        if manifest is None or not manifest.belongs_to(self.what):
+            # The manifest is written now, not with the first file: the folder is this command's from
+            # here on, so a run that stops before writing anything is still rerun without --force and
+            # what other commands leave inside it later is not taken for its own. Forced into another
+            # command's output, that command's files stay, unlisted: no later run of either replaces
+            # them unasked. A link in the manifest's place is replaced, never written through.
+            if (p / MANIFEST_NAME).is_symlink():
+                (p / MANIFEST_NAME).unlink()
+            atomic_write(p / MANIFEST_NAME, _manifest_start(self.what))
 
     def _check_writable(self) -> None:
         try:

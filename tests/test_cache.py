@@ -146,15 +146,15 @@ def test_a_cache_never_removes_the_study_set_it_reads(tmp_path):
     with pytest.raises(pneumoseg.OutputError, match="another pneumoseg command wrote it .*synthetic data folder"):
         build_cache(studies, size=16, out=studies, progress=False)
     assert sorted(p.relative_to(studies) for p in studies.rglob("*")) == before
-    # ... and a cache folder that also holds what the cache reads is refused as an input
+    # ... and a cache folder's own file given to it as an input is refused as such
     cache = tmp_path / "cache"
     build_cache(studies, size=16, out=cache, progress=False)
-    shutil.move(studies, cache / "studies")  # with its manifest: pneumoseg's own output inside the cache
+    shutil.copy2(studies / "train-rle.csv", cache / "labels.csv")
+    from pneumoseg._fs import record_in_manifest
+    assert record_in_manifest(cache, cache / "labels.csv")
     cached = sorted(p.relative_to(cache) for p in cache.rglob("*"))
-    with pytest.raises(pneumoseg.OutputError, match="holds .*studies, an input of this command"):
-        build_cache(cache / "studies", size=16, out=cache, progress=False)
-    with pytest.raises(pneumoseg.OutputError, match="holds .*train-rle.csv, an input of this command"):
-        build_cache(tmp_path, cache / "studies" / "train-rle.csv", size=16, out=cache, progress=False)
+    with pytest.raises(pneumoseg.OutputError, match="holds .*labels.csv, an input of this command"):
+        build_cache(studies, cache / "labels.csv", size=16, out=cache, progress=False)
     assert sorted(p.relative_to(cache) for p in cache.rglob("*")) == cached
 
 def test_rle_union_in_the_cache_matches_the_csv(synth, tmp_path):

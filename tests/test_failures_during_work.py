@@ -27,7 +27,14 @@ def study_set(tmp_path_factory):
 
 
 def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    """The files under ``folder``, less a manifest that lists nothing: written when the folder was
+    prepared, it names the command's kind only and needs no --force from anyone."""
+    from pneumoseg._fs import MANIFEST_NAME
+
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    if MANIFEST_NAME in files and len((folder / MANIFEST_NAME).read_text().splitlines()) == 2:
+        files.remove(MANIFEST_NAME)
+    return files
 
 
 def _messages(text: str) -> list[str]:
@@ -184,12 +191,14 @@ def test_data_cache_on_a_full_disk_is_an_error_not_a_bus_error(study_set, tmp_pa
     args = _cache_args(study_set, out)[:-3] + ["128", "--out", str(out)]  # 6 x 128 x 128 bytes: more than 64 KiB
     program = f"import sys; from pneumoseg.cli import main; sys.exit(main({args!r}))"
     # a tmpfs of 64 KiB in a mount namespace of its own: gone when the process ends, invisible outside
-    script = f'mount -t tmpfs -o size=64k tmpfs "{disk}" && {sys.executable} -c "$PROGRAM"; echo "rc=$?"; ls -A "{out}"'
+    script = (f'mount -t tmpfs -o size=64k tmpfs "{disk}" && {sys.executable} -c "$PROGRAM"; echo "rc=$?"; '
+              f'ls -A "{out}"; tail -n +2 "{out}/.pneumoseg-manifest"')
     result = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=120,
                             env=dict(os.environ, PROGRAM=program, OMP_NUM_THREADS="1"))
     lines = result.stdout.splitlines()
     assert "rc=2" in lines, result.stdout + result.stderr
-    assert lines[lines.index("rc=2") + 1:] == [], result.stdout  # nothing left in the cache folder
+    # nothing left in the cache folder but its manifest, which lists nothing
+    assert lines[lines.index("rc=2") + 1:] == [".pneumoseg-manifest", "# kind: cache folder"], result.stdout
     assert [m for m in _messages(result.stderr) if "No space left on device" in m and "images.npy" in m], result.stderr
 
 
@@ -339,7 +348,7 @@ real_replace, renames = os.replace, [0]
 
 def replace_then_signal(src, dst):
     real_replace(src, dst)
-    renames[0] += 1
+    renames[0] += str(dst).endswith(".png")  # the manifest, written when the folder is prepared, is renamed too
     if renames[0] == 3:  # the third mask is in place under its final name
         os.kill(os.getpid(), SIGNAL)
         time.sleep(60)

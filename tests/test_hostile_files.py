@@ -190,7 +190,7 @@ def test_an_output_folder_never_removes_the_commands_own_inputs(tmp_path, capsys
     assert tree(studies) == before
     # inputs elsewhere: the earlier output of the same kind is replaced as before
     prepare_output_folder(studies, what="synthetic data folder", inputs=[tmp_path / "elsewhere.csv"]).close()
-    assert list(studies.iterdir()) == []  # a manifest starts with the first file written
+    assert [p.name for p in studies.iterdir()] == [MANIFEST_NAME]  # written at once: the folder is this command's
 
 
 def test_one_commands_output_is_not_anothers_to_replace(tmp_path, capsys):
@@ -217,6 +217,80 @@ def test_one_commands_output_is_not_anothers_to_replace(tmp_path, capsys):
     assert main(["data", "masks", "--csv", str(studies / "train-rle.csv"), "--out", str(masks),
                  "--shape", "32", "32"]) == 0
     assert tree(masks).keys() == made.keys()
+
+
+def _output(folder, what, *names):
+    with prepare_output_folder(folder, what=what) as out:
+        for name in names:
+            out.write_bytes(*name.split("/"), data=name)
+    return tree(folder)
+
+
+def test_pneumoseg_output_inside_a_folder_it_does_not_belong_to_is_not_replaced(tmp_path):
+    # A nested folder with its own manifest was always judged by that manifest alone, so `--out runs`
+    # of a `runs/exp1` training run (runs/ itself no output folder) removed the run's checkpoints, and
+    # a training run put inside a prediction folder went with the prediction's rerun.
+    runs = tmp_path / "runs"
+    run = _output(runs / "exp1", "training run folder", "checkpoints/last.pt", "pneumoseg.json")
+    with pytest.raises(pneumoseg.OutputError, match=r"not empty \(exp1/.pneumoseg-manifest, exp1/checkpoints/last.pt"):
+        prepare_output_folder(runs, what="prediction output folder")
+    with pytest.raises(pneumoseg.OutputError, match="not empty"):
+        prepare_output_folder(runs, what="training run folder")  # the same kind too: runs/ is nobody's output
+    assert tree(runs / "exp1") == run
+
+    predictions = tmp_path / "predictions"
+    _output(predictions, "prediction output folder", "submission.csv")
+    run = _output(predictions / "exp2", "training run folder", "checkpoints/last.pt")
+    with pytest.raises(pneumoseg.OutputError, match="exp2/"):
+        prepare_output_folder(predictions, what="prediction output folder")
+    assert tree(predictions / "exp2") == run
+    with prepare_output_folder(predictions, what="prediction output folder", overwrite=True):
+        pass  # --force: writes beside it, removes nothing of it
+    assert tree(predictions / "exp2") == run
+
+
+def test_the_kinds_a_folder_holds_are_still_replaced_with_it(tmp_path):
+    # The demo's study sets and training run, a run's stage-1 classifier run and a folder's own
+    # sub-folders are its output: a rerun replaces them without --force, as before.
+    demo = tmp_path / "demo"
+    with prepare_output_folder(demo, what="demo output folder") as folder:
+        folder.write_bytes("latency.txt", data="x")
+        folder.subfolder("predictions").write_bytes("submission.csv", data="x")
+    _output(demo / "siim-synthetic", "synthetic data folder", "train-rle.csv")
+    _output(demo / "model", "training run folder", "pneumoseg.json")
+    _output(demo / "model" / "classifier", "classifier run folder", "pneumoseg.json")
+    with prepare_output_folder(demo, what="demo output folder"):
+        pass
+    assert [p.name for p in demo.iterdir()] == [MANIFEST_NAME]
+    # but a classifier run is the training run's, not a demo's to hold directly
+    _output(demo, "demo output folder", "latency.txt")
+    cls = _output(demo / "classifier", "classifier run folder", "pneumoseg.json")
+    with pytest.raises(pneumoseg.OutputError, match="classifier/"):
+        prepare_output_folder(demo, what="demo output folder")
+    assert tree(demo / "classifier") == cls
+
+
+def test_a_command_that_stopped_before_writing_leaves_its_folder_to_any_command(tmp_path):
+    # The manifest is written when the folder is prepared; an empty one of another kind loses nothing.
+    out = tmp_path / "out"
+    prepare_output_folder(out, what="prediction output folder").close()
+    with prepare_output_folder(out, what="synthetic data folder") as folder:
+        folder.write_bytes("train-rle.csv", data="ImageId,EncodedPixels\n")
+    assert (out / MANIFEST_NAME).read_text().splitlines()[1] == "# kind: synthetic data folder"
+
+
+def test_a_link_in_the_manifests_place_is_replaced_not_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST_NAME).symlink_to(victim)
+    with pytest.raises(pneumoseg.OutputError, match="not empty"):
+        prepare_output_folder(out)
+    with prepare_output_folder(out, overwrite=True) as folder:
+        folder.write_bytes("x.txt", data="x")
+    assert victim.read_text() == "precious"
+    assert not (out / MANIFEST_NAME).is_symlink() and "x.txt" in (out / MANIFEST_NAME).read_text()
 
 
 def test_a_version_1_manifest_without_a_kind_is_any_commands(tmp_path):
@@ -293,7 +367,9 @@ def test_a_failed_cache_build_leaves_nothing_that_needs_force(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.splitlines()[-1].startswith("pneumoseg: error: ") and "none of the 1 DICOMs could be read" in err
         assert "DataWarning" not in err and "--force" not in err
-        assert [p for p in out.rglob("*") if p.is_file()] == []
+        # only the manifest, listing nothing: any command may use the folder without --force
+        assert [p for p in out.rglob("*") if p.is_file()] == [out / MANIFEST_NAME]
+        assert len((out / MANIFEST_NAME).read_text().splitlines()) == 2
 
 
 @pytest.fixture
