@@ -27,11 +27,11 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .._checks import INT64_MAX, show
+from .._checks import show
 from ..errors import InvalidInputError
 from .decoders import ATTENTIONS, DECODERS
 from .decoders.blocks import initialize_decoder, initialize_head
-from .encoders import Encoder, create_encoder
+from .encoders import Encoder, check_size, create_encoder
 
 __all__ = ["Segmenter", "SegmentationHead", "ClassificationHead", "create_segmenter", "ARCHITECTURES", "OUTPUT_STRIDE"]
 
@@ -145,13 +145,6 @@ class Segmenter(nn.Module):
         return masks, self.classify(features)
 
 
-def _check_int(name: str, value, low: int) -> int:
-    # the upper bound: torch takes sizes as int64, and a larger one was its TypeError, not this error
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
-        raise InvalidInputError(f"{name} must be an integer >= {low} (and at most 2**63 - 1), got {show(value)}")
-    return value
-
-
 def create_segmenter(
     arch: str = "unet",
     encoder: str = "resnet34",
@@ -176,13 +169,13 @@ def create_segmenter(
         raise InvalidInputError(f"unknown segmenter architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
     if not (attention is None or isinstance(attention, str)) or attention not in ATTENTIONS:
         raise InvalidInputError(f"unknown attention {attention!r}; choose None or 'scse'")
-    _check_int("classes", classes, 1)
+    check_size(classes, "classes", 1)
     if isinstance(decoder_channels, (str, bytes)) or not isinstance(decoder_channels, Sequence) \
             or len(decoder_channels) != 5:
         raise InvalidInputError(
             f"decoder_channels must be 5 integers (one per decoder block), got {show(decoder_channels)}"
         )
-    decoder_channels = [_check_int("decoder_channels entries", c, 1) for c in decoder_channels]
+    decoder_channels = [check_size(c, "decoder_channels entries", 1) for c in decoder_channels]
     if not isinstance(aux_classifier, bool):
         raise InvalidInputError(f"aux_classifier must be True or False, got {aux_classifier!r}")
     if not isinstance(aux_pooling, str) or aux_pooling not in _POOLINGS:

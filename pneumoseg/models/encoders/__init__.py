@@ -46,15 +46,21 @@ def _suggest(name) -> str:
     return f"did you mean {folded[close[0]]!r}? " if close else ""
 
 
+def check_size(value, name: str, low: int) -> int:
+    """A channel or class count for a network builder: a Python int in [low, 2**63 - 1] (torch takes
+    sizes as int64, and a larger one was its TypeError, not this error)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
+        raise InvalidInputError(f"{name} must be an integer >= {low} (and at most 2**63 - 1), got {show(value)}")
+    return value
+
+
 def create_encoder(name: str, *, in_channels: int = 3, num_classes: int = 0, features_only: bool = True) -> Encoder:
     """Build encoder ``name`` (see ``list_encoders()``) with random weights."""
     spec = ENCODERS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise InvalidInputError(f"unknown encoder {name!r}; {_suggest(name)}choose one of {', '.join(list_encoders())}")
-    for arg, value, low in (("in_channels", in_channels, 1), ("num_classes", num_classes, 0)):
-        # the upper bound: torch takes sizes as int64, and a larger one was its TypeError, not this error
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= INT64_MAX:
-            raise InvalidInputError(f"{arg} must be an integer >= {low} (and at most 2**63 - 1), got {show(value)}")
+    check_size(in_channels, "in_channels", 1)
+    check_size(num_classes, "num_classes", 0)
     model = spec.builder(in_channels=in_channels, num_classes=num_classes, features_only=features_only)
     model.name = name
     return model
