@@ -21,7 +21,7 @@ import pytest
 
 ndi = pytest.importorskip("scipy.ndimage")
 
-from emulation import EMU, ROOT, emulation_compiler  # noqa: E402
+from emulation import EMU, ROOT, SANITIZER_FLAGS, emulation_compiler  # noqa: E402
 from pneumoseg import postprocess as pp  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -34,7 +34,7 @@ def emulator(tmp_path_factory) -> Path:
     cxx = emulation_compiler(work, "postprocess/components_kernels.cuh")
     exe = work / "components_emu"
     flags = ["-std=c++20", "-O1", "-g", "-pthread", "-fno-omit-frame-pointer"]
-    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    sanitizers = list(SANITIZER_FLAGS)
     cmd = [cxx, *flags, *sanitizers, f"-I{ROOT / 'csrc'}", f"-I{EMU}", str(EMU / "components_emu.cpp"), "-o", str(exe)]
     built = subprocess.run(cmd, capture_output=True, text=True)
     if built.returncode and "sanitize" in built.stderr:  # a toolchain without the sanitizer runtimes

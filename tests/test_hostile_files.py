@@ -293,14 +293,19 @@ def test_a_link_in_the_manifests_place_is_replaced_not_written_through(tmp_path)
     assert not (out / MANIFEST_NAME).is_symlink() and "x.txt" in (out / MANIFEST_NAME).read_text()
 
 
+def _listed_by_hand(out, header, name, text):
+    """A folder holding file ``name`` (``text``) and a manifest of ``header`` listing it."""
+    out.mkdir()
+    (out / name).write_text(text)
+    st = (out / name).stat()
+    (out / MANIFEST_NAME).write_text(f"{header}\n{st.st_size}\t{st.st_mtime_ns}\t{name}\n")
+    return out
+
+
 def test_a_version_1_manifest_without_a_kind_is_any_commands(tmp_path):
     # Folders written before manifests named their kind keep working without --force.
-    out = tmp_path / "old"
-    out.mkdir()
-    (out / "old.txt").write_text("from an earlier pneumoseg")
-    st = (out / "old.txt").stat()
-    (out / MANIFEST_NAME).write_text("# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path\n"
-                                     f"{st.st_size}\t{st.st_mtime_ns}\told.txt\n")
+    out = _listed_by_hand(tmp_path / "old", "# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path",
+                          "old.txt", "from an earlier pneumoseg")
     with prepare_output_folder(out, what="prediction output folder") as folder:
         folder.write_bytes("new.txt", data="x")
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "new.txt"]
@@ -309,12 +314,8 @@ def test_a_version_1_manifest_without_a_kind_is_any_commands(tmp_path):
 
 
 def test_a_v2_manifest_without_its_kind_line_is_not_pneumosegs(tmp_path):
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "x.txt").write_text("x")
-    st = (out / "x.txt").stat()
-    (out / MANIFEST_NAME).write_text("# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relative path\n"
-                                     f"{st.st_size}\t{st.st_mtime_ns}\tx.txt\n")
+    out = _listed_by_hand(tmp_path / "out", "# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relative path",
+                          "x.txt", "x")
     with pytest.raises(pneumoseg.OutputError, match="pneumoseg did not write it"):
         prepare_output_folder(out)
     assert (out / "x.txt").read_text() == "x"

@@ -33,7 +33,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pneumoseg.losses import combo_loss  # noqa: E402
-from emulation import EMU, ROOT, emulation_compiler  # noqa: E402
+from emulation import EMU, ROOT, SANITIZER_FLAGS, emulation_compiler  # noqa: E402
 from reference import ref_combo_loss  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def emulators(tmp_path_factory) -> dict:
     cxx = emulation_compiler(work, "loss/combo_loss_cuda_kernels.cuh")
     # -O0: the emulation's cost is its barriers, not the arithmetic, and -O1 takes 3x longer to build
     flags = ["-std=c++20", "-O0", "-g1", "-pthread", "-fno-omit-frame-pointer", "-Wno-psabi"]
-    sanitizers = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    sanitizers = list(SANITIZER_FLAGS)
 
     def command(dtype, with_sanitizers):
         return [cxx, *flags, *(sanitizers if with_sanitizers else []), f"-DLOSS_EMU_LOGITS={DTYPE_CODES[dtype]}",
