@@ -439,12 +439,27 @@ def _read_manifest(folder: Path) -> _Manifest | None:
     return _Manifest(kind, entries)
 
 
+class OutputKind:
+    """The kinds of output folder, as each command names its own (``what=``) and its manifest records
+    them. One spelling, so a renamed label cannot silently detach the nested outputs below."""
+
+    DEMO = "demo output folder"
+    SYNTHETIC_DATA = "synthetic data folder"
+    TRAINING_RUN = "training run folder"
+    CLASSIFIER_RUN = "classifier run folder"
+    PREDICTION = "prediction output folder"
+    EVALUATION = "evaluation folder"
+    MASKS = "mask folder"
+    CACHE = "cache folder"
+    MODEL_DIR = "model directory"
+
+
 # Which other kinds of pneumoseg output a folder of a kind holds as its own (a sub-folder with its own
 # manifest): the demo's study sets and training run, a training run's stage-1 classifier run. A kind
 # always holds its own (OutputFolder.subfolder); anything else nested in it is not its to replace.
 _NESTED_KINDS: dict[str, frozenset[str]] = {
-    "demo output folder": frozenset({"synthetic data folder", "training run folder"}),
-    "training run folder": frozenset({"classifier run folder"}),
+    OutputKind.DEMO: frozenset({OutputKind.SYNTHETIC_DATA, OutputKind.TRAINING_RUN}),
+    OutputKind.TRAINING_RUN: frozenset({OutputKind.CLASSIFIER_RUN}),
 }
 
 

@@ -63,7 +63,7 @@ def run_masks(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .. import limits
-    from .._fs import prepare_output_folder, safe_file_names
+    from .._fs import OutputKind, prepare_output_folder, safe_file_names
     from ..data.dicom import read_dicom_shape
     from ..data.siim import find_dicoms, read_rle_csv
     from ..rle import decode_union
@@ -81,7 +81,8 @@ def run_masks(args: argparse.Namespace) -> int:
         for image_id, dicom_path in files.items():
             if image_id in rles:
                 shapes[image_id] = read_dicom_shape(dicom_path)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what="mask folder", inputs=(args.csv, args.dicoms))
+    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.MASKS,
+                                   inputs=(args.csv, args.dicoms))
     positives = 0
     for image_id, strings in tqdm(rles.items(), desc="masks", unit="image", disable=args.no_progress):
         mask = decode_union(strings, shapes.get(image_id, (height, width)))

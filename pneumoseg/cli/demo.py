@@ -94,7 +94,7 @@ def _check_study_count(n: int, config) -> None:
 def run(args: argparse.Namespace) -> int:
     """The built-in pipeline on the built-in data (see the module documentation)."""
     from .. import cuda_available
-    from .._fs import prepare_output_folder, safe_file_names
+    from .._fs import OutputKind, prepare_output_folder, safe_file_names
     from ..data import find_dicoms, make_synthetic_siim, read_dicom, read_rle_csv
     from ..export.onnx import export_onnx
     from ..infer import Predictor
@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = load_recipe("demo", [f"seed={args.seed}", *args.overrides])  # a bad --set fails before any work
     _check_study_count(args.n, config)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what="demo output folder")
+    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.DEMO)
     train_dir = folder.path / "siim-synthetic"
     test_dir = folder.path / "held-out"
     print(f"[1/5] synthesising {args.n} training and {args.held_out} held-out studies ({args.size}x{args.size})")

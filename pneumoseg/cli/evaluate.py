@@ -47,7 +47,7 @@ def write_evaluation(ev, folder, extra: Optional[dict] = None) -> tuple[dict, li
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._fs import prepare_output_folder
+    from .._fs import OutputKind, prepare_output_folder
     from ..data.siim import read_rle_csv
     from ..infer.evaluation import evaluate, read_scores_csv
 
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
     truth = read_rle_csv(args.truth)
     scores = read_scores_csv(args.scores) if args.scores is not None else None
     ev = evaluate(pred, truth, scores=scores, threshold=args.threshold)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what="evaluation folder",
+    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.EVALUATION,
                                    inputs=(args.pred, args.truth, args.scores))
     report, pictures = write_evaluation(ev, folder)
     cls = report["classification"]

@@ -50,7 +50,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .._fs import check_output_folder, prepare_output_folder, safe_file_names
+    from .._fs import OutputKind, check_output_folder, prepare_output_folder, safe_file_names
     from ..data.siim import check_csv_image_ids
     from ..errors import OutputError
     from ..infer import Predictor
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.out / SUBMISSION).exists() and not args.force:
         raise OutputError(f"{args.out / SUBMISSION} already exists; pass --force to replace it, or choose another --out")
     inputs = (*args.inputs, args.model)
-    check_output_folder(args.out, overwrite=args.force, what="prediction output folder", inputs=inputs)  # before the model loads
+    # before the model loads
+    check_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs)
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                    tta=args.tta, segment=args.segment, batch_size=args.batch_size)
     stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=not args.no_overlays, on_error="skip",
@@ -70,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         _check_utf8_image_id(source)  # first: its message says what to do in this command
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")
     names = safe_file_names([s.image_id for s in stream.sources], ".png")
-    folder = prepare_output_folder(args.out, overwrite=args.force, what="prediction output folder", inputs=inputs)
+    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs)
     start = time.perf_counter()
     predictions = []
     overlays = 0

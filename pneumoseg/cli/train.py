@@ -86,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.out is None:
         raise InvalidInputError("--out RUN is required: the folder the run writes")
-    from .._fs import check_output_folder
+    from .._fs import OutputKind, check_output_folder
     from ..train.engine import run_inputs, train
 
     # Said now, not after the data set has loaded: the folder is prepared once everything else is checked.
-    check_output_folder(args.out, overwrite=args.force, what="training run folder", resume=args.resume,
+    check_output_folder(args.out, overwrite=args.force, what=OutputKind.TRAINING_RUN, resume=args.resume,
                         inputs=run_inputs(cfg))
 
     try:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .. import __version__, limits
 from .._checks import check_bool, check_choice, check_int, check_path, show
-from .._fs import prepare_output_folder, read_json
+from .._fs import OutputKind, prepare_output_folder, read_json
 from ..errors import DataFormatError, DataWarning, InvalidInputError
 from .datasets import annotation_mask
 from .dicom import read_dicom
@@ -198,7 +198,7 @@ def build_cache(
     ids, paths, rles = _labelled_items(root, csv_path)
     n = len(ids)
     limits.check("max_batch_bytes", n * size * size, f"a cache of {n} images at {size}x{size} (uint8)")
-    folder = prepare_output_folder(out, overwrite=overwrite, what="cache folder", inputs=(root, csv_path))
+    folder = prepare_output_folder(out, overwrite=overwrite, what=OutputKind.CACHE, inputs=(root, csv_path))
     # The arrays are filled in place; if anything fails they are removed, so a rerun needs no --force.
     with contextlib.ExitStack() as files:
         images_path = files.enter_context(folder.filled_in_place(IMAGES_FILE))

@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import limits
 from .._checks import check_bool, check_int, check_probability
-from .._fs import OutputFolder, prepare_output_folder
+from .._fs import OutputFolder, OutputKind, prepare_output_folder
 from ..rle import encode
 from .siim import _format_rle_csv
 
@@ -155,7 +155,7 @@ def make_synthetic_siim(
     positive_fraction = check_probability(positive_fraction, "positive_fraction")
     seed = check_int(seed, "seed", low=0)
     progress = check_bool(progress, "progress")
-    folder = prepare_output_folder(out_dir, overwrite=overwrite, what="synthetic data folder")
+    folder = prepare_output_folder(out_dir, overwrite=overwrite, what=OutputKind.SYNTHETIC_DATA)
     from pydicom.uid import generate_uid
 
     rng = np.random.default_rng(seed)

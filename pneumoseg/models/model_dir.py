@@ -39,7 +39,8 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 from .. import __version__, limits
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, nesting_excess, show
-from .._fs import atomic_write, folder_lock, prepare_output_folder, read_json, record_in_manifest, safe_file_name
+from .._fs import (OutputKind, atomic_write, folder_lock, prepare_output_folder, read_json, record_in_manifest,
+                   safe_file_name)
 from ..errors import DataFormatError, InvalidInputError, OutputError
 
 __all__ = [
@@ -62,7 +63,7 @@ def _directory_lock(folder: Path) -> Iterator[None]:
     """The output-folder lock of ``folder`` (``_fs.folder_lock``: flock on the folder itself, no lock
     file), shared with this process's own hold of it, so an export into the run it trains cannot
     deadlock; another export's write is waited for, a process writing there longer is an OutputError."""
-    with folder_lock(folder, what="model directory", wait=_LOCK_WAIT_S):
+    with folder_lock(folder, what=OutputKind.MODEL_DIR, wait=_LOCK_WAIT_S):
         yield
 
 
@@ -581,7 +582,7 @@ def save_model_dir(
     """
     from safetensors.torch import save as save_safetensors
 
-    prepared = prepare_output_folder(path, overwrite=overwrite, what="model directory") if prepare else None
+    prepared = prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) if prepare else None
     folder = prepared.path if prepared is not None else check_path(path, "model directory")  # held while written
     if not isinstance(networks, Mapping) or not networks:
         raise InvalidInputError("networks must be a non-empty mapping of 'segmenter'/'classifier' to models")

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._fs import OutputFolder, prepare_output_folder
+from .._fs import OutputFolder, OutputKind, prepare_output_folder
 from ..errors import DataFormatError, InvalidInputError, OutputError, PneumosegError, TrainingError
 from . import distributed as D
 from .checkpoint import check_checkpoint_weights, check_resume_state, check_same_config, check_same_model, load_checkpoint, save_checkpoint
@@ -1124,13 +1124,13 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
         seg_trainer = Trainer(config, out, resume=seg_resume, progress=progress, gate=gate, info=info,
                               preloaded=preloaded)
         if info.is_main:  # held (no other process may write here) until the run ends
-            folder = prepare_output_folder(out, overwrite=overwrite, what="training run folder", resume=resume,
+            folder = prepare_output_folder(out, overwrite=overwrite, what=OutputKind.TRAINING_RUN, resume=resume,
                                            inputs=run_inputs(config))
         D.barrier(info)
         cls_result = None
         if cls_cfg is not None:
             if info.is_main:
-                cls_folder = OutputFolder(cls_out, what="classifier run folder",
+                cls_folder = OutputFolder(cls_out, what=OutputKind.CLASSIFIER_RUN,
                                           resume=resume and (cls_out / ".pneumoseg-manifest").is_file())
             if cls_trainer is not None:
                 cls_result = cls_trainer.fit(cls_folder)
