@@ -226,6 +226,16 @@ def test_onnxruntime_thread_counts_are_checked_before_a_session_exists(threads, 
         pneumoseg.Predictor.from_dir(model_dir("plain"), backend="onnxruntime", threads=threads)
 
 
+@pytest.mark.parametrize("threads, match", [(-1, "must be at least 0"), (1025, "must be at most 1024"),
+                                            (2.5, "must be an integer"), (True, "must be an integer")])
+def test_thread_counts_are_checked_for_the_torch_backend_too(threads, match):
+    # the torch backend does not use threads, and took -1, 1025, 2.5 and True without a word: a caller
+    # switching backends by a flag learned of the bad value only once onnxruntime ran
+    with pytest.raises(InvalidInputError, match=rf"threads {match}"):
+        pneumoseg.Predictor.from_dir(model_dir("plain"), backend="torch", threads=threads)
+    assert pneumoseg.Predictor.from_dir(model_dir("plain"), backend="torch", threads=0).backend.name == "torch"
+
+
 def test_scores_csv_keeps_every_score_exactly(tmp_path):
     # scores.csv held 6 decimals: the gate's 0.49999997 (it rejected the image) was written as 0.500000,
     # which `pneumoseg evaluate --scores` at --threshold 0.5 counted as a positive call, and scores of a

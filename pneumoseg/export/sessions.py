@@ -10,7 +10,7 @@ from ..errors import InvalidInputError
 
 __all__ = ["physical_cores", "session_options", "import_onnxruntime"]
 
-_MAX_THREADS = 1024
+MAX_THREADS = 1024
 
 
 def physical_cores() -> int:
@@ -59,7 +59,7 @@ def session_options(threads: Optional[int] = None) -> Any:
     ort = import_onnxruntime()
     if threads is not None:
         # onnxruntime took -3 as given, "4" as a TypeError, and 10**6 by allocating 20 GB of thread pool
-        threads = check_int(threads, "threads", low=0, high=_MAX_THREADS)
+        threads = check_int(threads, "threads", low=0, high=MAX_THREADS)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or physical_cores()
     options.inter_op_num_threads = 1

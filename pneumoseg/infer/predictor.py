@@ -29,6 +29,7 @@ import numpy as np
 from .._checks import check_bool, check_choice, check_int, check_path
 from ..errors import InvalidInputError, PneumosegError, out_of_memory_line
 from ..export.parts import parts_for
+from ..export.sessions import MAX_THREADS
 from .backends import BACKENDS, PRECISIONS
 from .inputs import ImageSource, collect_inputs, load_pixels, skip_reason
 
@@ -306,7 +307,8 @@ class Predictor:
           to compare); the other backends ignore it;
         - torch: ``channels_last`` (default on, on a CPU too) runs the networks in channels_last memory
           format, the layout oneDNN's and cuDNN's convolutions work in (``False`` keeps NCHW, to compare);
-        - onnxruntime: ``threads`` (default: the physical cores);
+        - onnxruntime: ``threads`` (0 or default: the physical cores); checked whatever the backend, but
+          torch runs on its own process-wide pool (``torch.set_num_threads``) and TensorRT on the GPU;
         - tensorrt: ``batch_profile`` (MIN,OPT,MAX; default the exported engines' or 1,8,32) and
           ``engine_cache`` (default ``<model dir>/tensorrt``).
         """
@@ -331,6 +333,9 @@ class Predictor:
         if precision is None:
             precision = "fp16" if dev.type == "cuda" else "fp32"
         precision = check_choice(precision, "precision", PRECISIONS)
+        if threads is not None:
+            # only onnxruntime uses it, but a bad value is a mistake whichever backend runs
+            threads = check_int(threads, "threads", low=0, high=MAX_THREADS)
         parts = [p for p in parts_for(md).values() if p is not None]
         if backend == "auto":
             backend = _automatic_backend(md, parts, dev, precision)
