@@ -19,7 +19,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("config", nargs="?", type=path, metavar="CONFIG.yaml", help="a training config (YAML)")
     p.add_argument("--recipe", metavar="NAME", help="a built-in recipe instead of a config (see --list-recipes)")
     p.add_argument("--data", type=path, metavar="DIR", help="the DICOM folder (sets data.root)")
-    p.add_argument("--csv", type=path, metavar="FILE", help="the RLE CSV (sets data.csv; default DIR/train-rle.csv)")
+    p.add_argument("--csv", type=path, metavar="FILE", help="the RLE CSV (sets data.csv; default DIR/train-rle.csv, else DIR/stage_2_train.csv)")
     p.add_argument("--cache", type=path, metavar="DIR", help="a `pneumoseg data cache` folder (sets data.cache)")
     p.add_argument("--out", type=path, metavar="RUN",
                    help="the run folder: new, empty or pneumoseg's earlier output (with --resume: the run to continue)")

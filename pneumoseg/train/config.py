@@ -61,7 +61,7 @@ class DataConfig:
     """Where the images and labels come from and how they are split."""
 
     root: Optional[str] = _f(None, "folder with the DICOMs (any nesting of *.dcm, the Kaggle layout)")
-    csv: Optional[str] = _f(None, "the RLE CSV (train-rle.csv / stage_2_train.csv); default: ROOT/train-rle.csv")
+    csv: Optional[str] = _f(None, "the RLE CSV (train-rle.csv / stage_2_train.csv); default: ROOT/train-rle.csv, else ROOT/stage_2_train.csv")
     cache: Optional[str] = _f(None, "a folder written by `pneumoseg data cache` (used instead of root/csv)")
     image_size: int = _f(512, "network input side in pixels (a multiple of 32 for segmenters)")
     folds: int = _f(5, "number of stratified folds")
