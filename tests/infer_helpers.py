@@ -88,6 +88,15 @@ def exported_model_dir(kind: str) -> Path:
     return target
 
 
+def assert_latency_session_options(predictor, threads):
+    """Every onnxruntime session of ``predictor`` runs with the latency options (pool threads that do not
+    spin after a run: they would take the cores the torch pre- and post-processing needs next)."""
+    for session in predictor.backend._sessions.values():
+        options = session.get_session_options()
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert (options.intra_op_num_threads, options.inter_op_num_threads) == (threads, 1)
+
+
 def copy_model_dir(kind: str, dest: Path, *, exported: bool = False) -> Path:
     source = exported_model_dir(kind) if exported else model_dir(kind)
     shutil.copytree(source, dest)

@@ -22,7 +22,7 @@ from pneumoseg.export.onnx import (  # noqa: E402
 from pneumoseg.infer import Predictor  # noqa: E402
 from pneumoseg.models.model_dir import load_model_dir  # noqa: E402
 
-from infer_helpers import copy_model_dir, exported_model_dir, phantom_images  # noqa: E402
+from infer_helpers import assert_latency_session_options, copy_model_dir, exported_model_dir, phantom_images  # noqa: E402
 
 
 @pytest.mark.parametrize("kind, parts", [("aux", {"encoder", "decoder"}), ("classifier", {"classifier", "segmenter"})])
@@ -162,7 +162,8 @@ def test_int8_export_for_onnxruntime_and_for_tensorrt(tmp_path):
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
     assert not any(n.op_type == "MatMul" for n in model.graph.node)  # the phase weights are quantised initializers
     # the classifier is int8 only where that measured faster; the backend falls back to fp32 otherwise
-    predictor = Predictor.from_dir(path, backend="onnxruntime", precision="int8")
+    predictor = Predictor.from_dir(path, backend="onnxruntime", precision="int8", threads=2)
+    assert_latency_session_options(predictor, 2)  # the int8 sessions' pool threads do not spin either
     used = predictor.describe()["artefacts"]
     assert used["segmenter"] == "segmenter-onnx-int8"
     assert used["classifier"] == ("classifier-onnx-int8" if "classifier" in written else "classifier-onnx-fp32")

@@ -47,6 +47,8 @@ class Backend:
     """Runs parts by name: ``run(part, *inputs) -> tuple of outputs`` (torch tensors)."""
 
     name = "backend"
+    #: batches of a new size that :meth:`pneumoseg.Predictor.warmup` runs before that size costs what it will
+    warmup_runs = 1
 
     def __init__(self, device: Any, precision: str) -> None:
         import torch
@@ -223,6 +225,10 @@ class OnnxRuntimeBackend(Backend):
     (``InferenceSession.run`` is thread-safe)."""
 
     name = "onnxruntime"
+    # A session plans its memory on the first run at an input shape and allocates that plan on the
+    # second: one warm-up batch left about 1 GB of fresh pages (U-Net ResNet34 512, batch 16, fp32 and
+    # int8) and a second or more to the first real batch of that size.
+    warmup_runs = 2
 
     def __init__(self, model_dir: Any, parts: Sequence[str], device: Any = "cpu", precision: str = "fp32", *,
                  threads: Optional[int] = None) -> None:

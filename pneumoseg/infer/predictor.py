@@ -474,14 +474,16 @@ class Predictor:
     def warmup(self, batch_size: int = 1) -> None:
         """Run one batch of ``batch_size`` synthetic images through both stages (whatever the gate
         says), so that lazy initialisation (thread pools, kernel choices for these shapes) is not
-        counted in the first real request."""
+        counted in the first real request; with onnxruntime two batches (its sessions allocate a
+        shape's memory plan on its second run)."""
         batch_size = check_int(batch_size, "batch_size", low=1, high=1 << 16)
         h, w = self.segmenter_size
         images = [np.zeros((h, w), np.uint8) for _ in range(batch_size)]
         for i, img in enumerate(images):
             img[h // 4: h // 2, w // 4: w // 2] = 255 if i % 2 else 128
         loaded = [(ImageSource(f"warmup-{i}", pixels=img), img, 0.0) for i, img in enumerate(images)]
-        self._predict_batch(loaded, False, segment_all=True)
+        for _ in range(self.backend.warmup_runs):
+            self._predict_batch(loaded, False, segment_all=True)
 
     # ---------------------------------------------------------------------------------------------
     def _stream_context(self) -> Any:
