@@ -32,15 +32,19 @@
 - :func:`atomic_open` / :func:`atomic_write`: a temporary file in the target's folder, flushed and
   fsync'ed, then renamed over the target; on any failure the temporary file is removed and the target
   is untouched. A target that is a symbolic link is written where the link points, the link kept.
+- :func:`open_for_reading`: a file the user named (a CSV), opened without waiting forever on a named
+  pipe that nothing writes to (an error after a short wait); pipes with a writer read as ever.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
+import select
 import stat
 import tempfile
 import threading
@@ -64,7 +68,7 @@ except ImportError:  # pragma: no cover - Windows: folders are not locked
 __all__ = [
     "MANIFEST_NAME", "safe_file_name", "safe_file_names", "OutputFolder", "prepare_output_folder",
     "check_output_folder", "record_in_manifest", "folder_lock", "atomic_open",
-    "atomic_write", "write_png",
+    "atomic_write", "write_png", "open_for_reading",
 ]
 
 MANIFEST_NAME = ".pneumoseg-manifest"
@@ -73,6 +77,8 @@ _MANIFEST_HEADER = "# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relati
 # another's to replace. v1 manifests (no kind) still count as any command's, as they always did.
 _MANIFEST_HEADER_V1 = "# pneumoseg output manifest v1: size<TAB>mtime_ns<TAB>relative path"
 _KIND_PREFIX = "# kind: "
+# A line is the size, time and relative path of one file (under 300 bytes): 200,000 files' worth.
+_MAX_MANIFEST_BYTES = 64 * 2**20
 _MAX_NAME_BYTES = 255
 # What pneumoseg.export.tensorrt.EngineCache keeps in a model directory's engine cache (MODEL_DIR/tensorrt):
 # <key>.engine, its <key>.json sidecar and <key>.lock, and the timing cache with its lock. The TensorRT
@@ -199,8 +205,21 @@ def atomic_open(path: PathLike, mode: str = "wb", *,
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            _name_target(exc, target)
+            reason = _with_reason(exc)
+            _name_target(reason, target)
+            if reason is not exc:
+                raise reason from None
         raise
+
+
+def _with_reason(exc: OSError) -> OSError:
+    """The error that says why a write failed: pydicom re-raises an OSError from its writer as
+    ``type(exc)(message)``, without the errno, so a full disk under ``pneumoseg data synth`` read
+    "[Errno None] None: <file>"; the OSError it came from says "No space left on device"."""
+    cause: BaseException | None = exc
+    while isinstance(cause, OSError) and cause.errno is None:
+        cause = cause.__cause__
+    return cause if isinstance(cause, OSError) else exc
 
 
 def _temporary_prefix(target: Path) -> str:
@@ -409,10 +428,17 @@ def _read_manifest(folder: Path) -> _Manifest | None:
     A file is recorded before it is renamed into place, so an interrupted rewrite leaves the earlier
     version's line beside the new one's, and either version on disk counts as pneumoseg's."""
     path = folder / MANIFEST_NAME
-    if not path.is_file() or path.is_symlink():
-        return None
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        if not path.is_file() or path.is_symlink():
+            return None
+        with open(path, "rb") as f:
+            # bounded: a huge (sparse) manifest was read whole, a MemoryError traceback
+            if os.fstat(f.fileno()).st_size > _MAX_MANIFEST_BYTES:
+                return None
+            data = f.read(_MAX_MANIFEST_BYTES + 1)
+        if len(data) > _MAX_MANIFEST_BYTES:
+            return None
+        lines = data.decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError):
         return None
     if not lines:
@@ -892,3 +918,92 @@ def read_json(path: Path) -> Any:
         raise DataFormatError(f"{path}: not valid JSON ({exc})") from None
     except RecursionError:
         raise DataFormatError(f"{path}: not valid JSON (nested too deeply)") from None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a file the user named, which may be a pipe
+
+# How long a named pipe nobody has opened for writing is waited for: long enough for
+# `pneumoseg evaluate --truth pipe & zcat ... > pipe`, whose writer starts just after the reader.
+_PIPE_WRITER_WAIT_S = 10.0
+
+
+def _wait_readable(fd: int, timeout: float | None) -> bool:
+    """Whether ``fd`` has data or its writer hung up within ``timeout`` seconds (None: no limit)."""
+    if hasattr(select, "poll"):  # select.select refuses descriptors past FD_SETSIZE
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        return bool(poller.poll(None if timeout is None else int(timeout * 1000)))
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+class _NamedPipe(io.RawIOBase):
+    """A named pipe (FIFO) opened without waiting for a writer. ``open()`` of a pipe nobody writes to
+    waits for a writer forever (`pneumoseg evaluate --truth a-fifo` hung), so the pipe is opened
+    non-blocking, and a first read that finds no writer waits :data:`_PIPE_WRITER_WAIT_S` for one
+    before it is an error. A writer that is there is waited for as long as it takes, as a plain read
+    would (it is the user's program; Ctrl-C stops the wait)."""
+
+    def __init__(self, fd: int, path: Path, error: type[Exception]) -> None:
+        super().__init__()
+        self._fd, self._path, self._error = fd, path, error
+        self._writer_seen = False
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def readinto(self, buffer: Any) -> int:
+        waited = False
+        while True:
+            try:
+                n = os.readv(self._fd, [buffer])
+            except BlockingIOError:  # a writer is connected and has not written yet
+                self._writer_seen = True
+                _wait_readable(self._fd, None)
+                continue
+            if n or self._writer_seen:
+                self._writer_seen = True
+                return n
+            # End of file before any writer: nobody has the pipe open for writing yet. A writer that
+            # comes and writes, or goes without writing (an empty pipe), ends the wait; one that comes
+            # and stays silent is found by the read after it (EAGAIN), and waited for.
+            if waited:
+                raise self._error(f"{self._path}: a named pipe (FIFO) that no program writes to (waited "
+                                  f"{_PIPE_WRITER_WAIT_S:g} s); start the program that writes to it, or give a file")
+            waited = True
+            if _wait_readable(self._fd, _PIPE_WRITER_WAIT_S):
+                self._writer_seen = True
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+def open_for_reading(path: Path, *, error: type[Exception] = DataFormatError) -> IO[bytes]:
+    """``path`` opened for binary reading, or ``error`` naming it: missing, a folder, not readable. A
+    named pipe never blocks the open (see :class:`_NamedPipe`); a device such as ``/dev/zero`` is
+    opened, so the caller must bound what it reads (``os.fstat`` tells a regular file's size)."""
+    if os.path.isdir(path):
+        raise error(f"{path}: is a folder, not a file")
+    try:
+        # O_NONBLOCK: an open of a pipe returns at once instead of waiting for a writer; it is taken
+        # off again for anything but a pipe (a terminal's reads would otherwise fail with EAGAIN).
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise error(f"{path}: no such file") from None
+    except PermissionError:
+        raise error(f"{path}: permission denied") from None
+    except OSError as exc:  # a link loop, a socket (ENXIO), ...
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    try:
+        pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+        if not pipe:
+            os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return io.BufferedReader(_NamedPipe(fd, path, error)) if pipe else os.fdopen(fd, "rb")

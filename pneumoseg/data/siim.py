@@ -13,7 +13,7 @@ from typing import Union
 
 from .. import limits
 from .._checks import check_bool, check_path, check_str_sequence, show
-from .._fs import atomic_open
+from .._fs import atomic_open, open_for_reading
 from ..errors import DataFormatError, InvalidInputError, LimitError, OutputError
 from .dicom import DICOMDIR_REASON, MEDIA_DIRECTORY_STORAGE
 
@@ -120,15 +120,7 @@ def _read_chunks(path: Path) -> Iterator[str]:
     if path.is_dir():
         raise DataFormatError(f"{path}: is a folder, not a CSV file")
     limit = limits.current().max_csv_bytes
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise DataFormatError(f"{path}: no such file") from None
-    except PermissionError:
-        raise DataFormatError(f"{path}: permission denied") from None
-    except OSError as exc:
-        raise DataFormatError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    with f:
+    with open_for_reading(path) as f:  # a named pipe without a writer is an error, not a wait forever
         st = os.fstat(f.fileno())
         if stat.S_ISREG(st.st_mode):
             try:

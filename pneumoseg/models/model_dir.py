@@ -54,6 +54,9 @@ CONFIG_NAME = "pneumoseg.json"
 #: the networks a model directory may hold
 NETWORK_NAMES = ("segmenter", "classifier")
 _MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# An ONNX file is one protobuf message, which cannot pass 2 GiB; a TensorRT engine of any network
+# pneumoseg builds within limits.max_network_pixels is far below 8 GiB.
+_MAX_ARTEFACT_BYTES = {"onnx": 2**31, "other": 8 * 2**30}
 # how long an export waits for another process's write into the model directory
 _LOCK_WAIT_S = 60.0
 
@@ -465,6 +468,12 @@ class ModelDir:
             raise DataFormatError(f"{path}: artefact {key!r} listed in {CONFIG_NAME} is missing")
         if not path.is_file():
             raise DataFormatError(f"{path}: artefact {key!r} listed in {CONFIG_NAME} is not a regular file")
+        # Before the fingerprint, which reads the whole file: a 100 GB (sparse) file in an artefact's
+        # place kept `pneumoseg predict` hashing zeros for over a minute before anything was said.
+        size, most = path.stat().st_size, _MAX_ARTEFACT_BYTES.get(art.format, _MAX_ARTEFACT_BYTES["other"])
+        if size > most:
+            raise DataFormatError(f"{path}: artefact {key!r} is a file of {size:,} bytes, larger than any {art.format} "
+                                  f"artefact pneumoseg writes ({most:,} bytes at most); export it again")
         if verify and sha256_of(path) != art.sha256:
             raise DataFormatError(f"{path}: artefact {key!r} does not match its fingerprint in {CONFIG_NAME}")
         return path
