@@ -495,6 +495,15 @@ def _may_hold(outer: str | None, inner: str | None) -> bool:
     return outer is None or inner is None or inner == outer or inner in _NESTED_KINDS.get(outer, ())
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where it cannot be told: in a sub-folder that may not be searched
+    (EACCES), which then counts as someone else's, rather than a PermissionError out of the check."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path], str | None]:
     """(files pneumoseg wrote and that are unchanged since, everything else, the other kind) under
     ``folder``, symbolic links never followed. A folder whose manifest is of another ``kind`` (another
@@ -532,7 +541,7 @@ def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path]
         rel = prefix + entry.name
         p = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
-            if (p / MANIFEST_NAME).is_file():
+            if _is_file(p / MANIFEST_NAME):
                 nested = _read_manifest(p)
                 if nested is not None and (around is None or not _may_hold(around.kind, nested.kind)):
                     nested = None

@@ -206,16 +206,25 @@ print("WRITTEN", (out / "a.txt").read_text())
     assert "WRITTEN ok" in result.stdout, result.describe()
 
 
+def _tiny_model_dir(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    from pneumoseg.models import create_segmenter
+    from pneumoseg.models.model_dir import save_model_dir
+
+    seg = create_segmenter("unet", "resnet_tiny", in_channels=1, decoder_channels=(32, 16, 16, 8, 8))
+    return save_model_dir(tmp_path / "model", {"segmenter": seg.eval()}, input_sizes={"segmenter": 64})
+
+
 def test_an_artefact_past_its_formats_size_is_refused_before_its_fingerprint(tmp_path, monkeypatch):
     """A 100 GiB (sparse) file in an ONNX artefact's place kept `pneumoseg predict --backend onnxruntime`
     hashing zeros for minutes before it said the fingerprint did not match."""
     pytest.importorskip("torch")
     pytest.importorskip("safetensors")
-    from pneumoseg.models import create_segmenter, model_dir
-    from pneumoseg.models.model_dir import load_model_dir, save_model_dir
+    from pneumoseg.models import model_dir
+    from pneumoseg.models.model_dir import load_model_dir
 
-    seg = create_segmenter("unet", "resnet_tiny", in_channels=1, decoder_channels=(32, 16, 16, 8, 8))
-    md = save_model_dir(tmp_path / "model", {"segmenter": seg.eval()}, input_sizes={"segmenter": 64})
+    md = _tiny_model_dir(tmp_path)
     path = md.add_artefact("segmenter-onnx-fp32", "onnx/segmenter.fp32.onnx", b"graph", format="onnx",
                            network="segmenter", precision="fp32")
     try:
@@ -250,3 +259,59 @@ sys.exit(main(["data", "synth", "--n", "2", "--size", "256", "--no-progress", "-
     assert len(lines) == 1 and lines[0].startswith(f"pneumoseg: error: {out}/dicom-images-train/"), result.describe()
     assert lines[0].endswith(".dcm: File too large"), result.describe()
     assert not [p for p in out.rglob("*") if p.is_file() and p.name != _fs.MANIFEST_NAME]  # no partial DICOM
+
+
+def test_a_sub_folder_that_cannot_be_searched_is_someone_elses_not_a_permission_error(tmp_path, monkeypatch):
+    """Checking an --out folder looked for a manifest in each sub-folder with Path.is_file, whose
+    PermissionError (a sub-folder without search permission; /proc/1/fdinfo even as root) came out of
+    check_output_folder as a bare OSError: `predict --out /proc` said '/proc/1/fdinfo/.pneumoseg-manifest:
+    Permission denied'."""
+    import pathlib
+
+    from pneumoseg._fs import MANIFEST_NAME, check_output_folder
+
+    out = tmp_path / "out"
+    (out / "locked").mkdir(parents=True)
+    (out / "locked" / "theirs.txt").write_text("x")
+    locked = out / "locked" / MANIFEST_NAME
+    real_is_file = pathlib.Path.is_file
+
+    def is_file(self):
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(pathlib.Path, "is_file", is_file)
+    with pytest.raises(pneumoseg.OutputError, match=r"is not empty \(locked/theirs\.txt\)"):
+        check_output_folder(out, what="prediction output folder")
+
+
+@pytest.mark.parametrize("kind", ["pipe", "folder", "link loop"])
+def test_a_model_description_that_is_not_a_file_is_called_so(tmp_path, kind):
+    """A pipe or folder in pneumoseg.json's place was reported as 'not a model directory (no
+    pneumoseg.json)', sending the user looking for a file that is there."""
+    from pneumoseg.models.model_dir import CONFIG_NAME, load_model_dir
+
+    md = _tiny_model_dir(tmp_path)
+    config = md.path / CONFIG_NAME
+    config.unlink()
+    if kind == "pipe":
+        if not hasattr(os, "mkfifo"):
+            pytest.skip("needs os.mkfifo")
+        os.mkfifo(config)
+    elif kind == "folder":
+        config.mkdir()
+    else:
+        config.symlink_to(CONFIG_NAME)
+    with pytest.raises(pneumoseg.DataFormatError, match=f"{CONFIG_NAME}: not a regular file"):
+        load_model_dir(md.path)
+
+
+def test_a_file_where_an_artefact_folder_goes_is_named(tmp_path):
+    """`pneumoseg export` with a file named onnx in the model directory said only 'onnx: File exists'."""
+    md = _tiny_model_dir(tmp_path)
+    (md.path / "onnx").write_text("someone's notes")
+    with pytest.raises(pneumoseg.OutputError, match="onnx: a file is where the model directory's onnx folder goes"):
+        md.add_artefact("segmenter-onnx-fp32", "onnx/segmenter.fp32.onnx", b"graph", format="onnx",
+                        network="segmenter", precision="fp32")
+    assert (md.path / "onnx").read_text() == "someone's notes"

@@ -487,7 +487,11 @@ class ModelDir:
         self._entry(network)
         parts = _relative_parts(rel_path, "artefact path")
         target = self.path.joinpath(*parts)
-        self._inside(target.parent).mkdir(parents=True, exist_ok=True)
+        try:
+            self._inside(target.parent).mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):  # said only "onnx: File exists"
+            raise OutputError(f"{target.parent}: a file is where the model directory's {parts[0]} folder "
+                              "goes; move it away") from None
         # Two exports of one directory at once (fp32 and fp16, say) each rewrote pneumoseg.json from what
         # it had read at the start: the last one dropped the other's artefact, and one that wrote the same
         # file could leave the other's fingerprint beside its bytes. Under the lock the file and the
@@ -755,6 +759,9 @@ def load_model_dir(path: Union[str, Path]) -> ModelDir:
     if not folder.is_dir():
         raise DataFormatError(f"{folder}: no such model directory")
     if not config.is_file():
+        if config.exists() or config.is_symlink():  # a pipe, a folder or a broken link was called 'no pneumoseg.json'
+            raise DataFormatError(f"{config}: not a regular file (a folder, device, pipe or broken link); a model "
+                                  f"directory's {CONFIG_NAME} is the file `pneumoseg train` writes")
         raise DataFormatError(f"{folder}: not a model directory (no {CONFIG_NAME}); train one with "
                               "`pneumoseg train` or point at the folder a training run wrote")
     if config.stat().st_size > _MAX_CONFIG_BYTES:
