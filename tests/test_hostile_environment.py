@@ -315,3 +315,39 @@ def test_a_file_where_an_artefact_folder_goes_is_named(tmp_path):
         md.add_artefact("segmenter-onnx-fp32", "onnx/segmenter.fp32.onnx", b"graph", format="onnx",
                         network="segmenter", precision="fp32")
     assert (md.path / "onnx").read_text() == "someone's notes"
+
+
+@pytest.mark.parametrize("huge", ["engine", "sidecar"])
+def test_a_huge_cached_engine_or_sidecar_is_rebuilt_not_read(tmp_path, huge):
+    """A TensorRT engine cache's <key>.engine (or its .json sidecar) grown to 100 GiB (sparse) was read
+    whole before its fingerprint was checked: a MemoryError out of `pneumoseg predict --backend
+    tensorrt`. The engine's size is checked against the sidecar's first, the sidecar's against a bound."""
+    code = f'''
+from pathlib import Path
+from pneumoseg.export.tensorrt import EngineCache, engine_key
+
+cache = EngineCache(Path({str(tmp_path)!r}))
+fields = {{"onnx_sha256": "ab" * 32, "precision": "fp16"}}
+made = []
+def build():
+    made.append(b"engine #%d" % len(made))
+    return made[-1]
+def deserialize(data):
+    return ("engine", data) if data in made else None
+cache.get(fields, build, deserialize)
+engine, sidecar, _ = cache.paths(engine_key(fields))
+try:
+    os.truncate({{"engine": engine, "sidecar": sidecar}}[{huge!r}], 100 * 2**30)
+except OSError:
+    print("NO SPARSE FILES"); sys.exit(0)
+limit_memory(200)
+result = cache.get(fields, build, deserialize)
+print("STATUS", result.status, "|", result.reason, "|", engine.read_bytes())
+'''
+    result = run_isolated(code, timeout=120)
+    assert result.returncode == 0, result.describe()
+    if "NO SPARSE FILES" in result.stdout:
+        pytest.skip("this file system makes no sparse files")
+    reason = {"engine": "damaged (its size is not the sidecar's)",
+              "sidecar": "unreadable sidecar (larger than any pneumoseg writes)"}[huge]
+    assert f"STATUS built | {reason} | b'engine #1'" in result.stdout, result.describe()

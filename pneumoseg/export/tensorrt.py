@@ -155,6 +155,10 @@ class CacheResult:
     seconds: float
 
 
+# A sidecar is the engine's key fields, its SHA-256 and size: a few kilobytes.
+_MAX_SIDECAR_BYTES = 2**20
+
+
 class EngineCache:
     """A folder of engines keyed by :func:`engine_key`: ``<key>.engine`` + ``<key>.json`` + ``<key>.lock``.
 
@@ -184,6 +188,9 @@ class EngineCache:
         if not engine_path.is_file() or not sidecar_path.is_file():
             return None, "not cached"
         try:
+            # sizes before reading: a huge (sparse) sidecar or engine was read whole, a MemoryError
+            if sidecar_path.stat().st_size > _MAX_SIDECAR_BYTES:
+                return None, "unreadable sidecar (larger than any pneumoseg writes)"
             sidecar = json.loads(sidecar_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:  # ValueError: bad UTF-8 or JSON, or an integer of over 4300 digits
             return None, f"unreadable sidecar ({exc})"
@@ -192,6 +199,8 @@ class EngineCache:
         if not isinstance(sidecar, dict) or sidecar.get("fields") != fields:
             return None, "stale (built for another ONNX, precision, profile, TensorRT, CUDA or GPU)"
         try:
+            if engine_path.stat().st_size != sidecar.get("bytes"):
+                return None, "damaged (its size is not the sidecar's)"
             data = engine_path.read_bytes()
         except OSError as exc:
             return None, f"unreadable engine ({exc.strerror or exc})"
