@@ -659,7 +659,7 @@ class OutputFolder:
     its last reference going."""
 
     def __init__(self, path: PathLike, *, overwrite: bool = False, what: str = "output folder",
-                 resume: bool = False, inputs: Iterable[Any] = ()) -> None:
+                 resume: bool = False, inputs: Iterable[Any] = (), never_replace: Iterable[str] = ()) -> None:
         self.path = check_path(path, what, error=OutputError)
         overwrite = check_bool(overwrite, "overwrite")
         self.what = what
@@ -668,7 +668,7 @@ class OutputFolder:
             if check_bool(resume, "resume"):
                 self._reopen()
             else:
-                self._prepare(overwrite, inputs)
+                self._prepare(overwrite, inputs, tuple(never_replace))
         except BaseException:
             self.close()  # a refused folder is not held on by the traceback
             raise
@@ -698,7 +698,7 @@ class OutputFolder:
         self._hold()
         self._check_writable()
 
-    def _prepare(self, overwrite: bool, inputs: Iterable[Any] = ()) -> None:
+    def _prepare(self, overwrite: bool, inputs: Iterable[Any] = (), never_replace: tuple[str, ...] = ()) -> None:
         p = self.path
         _refuse_non_folder(p, self.what)
         if not p.exists():
@@ -714,6 +714,10 @@ class OutputFolder:
                 raise OutputError(f"{self.what} {p} cannot be created: {exc.strerror or exc}") from None
         self._hold()
         self._check_writable()
+        if not overwrite:
+            for name in never_replace:
+                if os.path.lexists(p / name):
+                    raise OutputError(f"{p / name} already exists; pass --force to replace it, or choose another --out")
         ours, foreign, other_kind = _ours(p, self.what)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, self.what, other_kind)
@@ -887,7 +891,8 @@ def record_in_manifest(folder: PathLike, *paths: PathLike) -> bool:
 
 
 def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
-                          resume: bool = False, inputs: Iterable[Any] = ()) -> OutputFolder:
+                          resume: bool = False, inputs: Iterable[Any] = (),
+                          never_replace: Iterable[str] = ()) -> OutputFolder:
     """Make ``path`` ready to write into and return it as an :class:`OutputFolder`.
 
     Creates it if missing. Refuses (:class:`pneumoseg.OutputError`) a path that is a file, a folder
@@ -903,10 +908,15 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     would be removed is refused when that output is or holds one of them, so ``--out`` pointed at
     the folder of the data being read never deletes it.
 
+    ``never_replace`` names files (relative to the folder) that are refused without ``overwrite``
+    even when pneumoseg wrote them (a submission is the thing people hand in); checked once the
+    folder is held, so a run that finished while this one started cannot slip past the check.
+
     The folder is held for this process until the returned object is closed (``with`` block,
     :meth:`OutputFolder.close`) or dropped; a folder another process holds is refused at once.
     """
-    return OutputFolder(path, overwrite=overwrite, what=what, resume=resume, inputs=inputs)
+    return OutputFolder(path, overwrite=overwrite, what=what, resume=resume, inputs=inputs,
+                        never_replace=never_replace)
 
 
 def _refuse_json_constant(name: str) -> Any:

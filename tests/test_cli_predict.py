@@ -86,6 +86,28 @@ def test_predict_never_replaces_a_submission_without_force(study_set, tmp_path, 
     assert not (out / "overlays").exists()
 
 
+def test_a_submission_written_while_the_model_loads_is_not_replaced(study_set, tmp_path, capsys, monkeypatch):
+    # The submission was checked only before the model loaded, and the folder taken after: a second
+    # predict started while a first was still running replaced the first's submission, no --force.
+    out = tmp_path / "pred"
+    args = ["predict", str(study_set), "--model", str(model_dir("aux")), "--out", str(out), "--no-overlays"]
+    load = Predictor.from_dir.__func__
+
+    def finish_another_run_first(cls, *a, **kw):
+        monkeypatch.setattr(Predictor, "from_dir", classmethod(load))
+        assert main(args) == 0  # the other run, over before this one holds the folder
+        other_run.append((out / "submission.csv").stat())
+        return load(cls, *a, **kw)
+
+    other_run = []
+    monkeypatch.setattr(Predictor, "from_dir", classmethod(finish_another_run_first))
+    assert main(args) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "submission.csv already exists" in err[-1] and "--force" in err[-1]
+    now = (out / "submission.csv").stat()  # the same file, never replaced (a replacement is a new inode)
+    assert (now.st_ino, now.st_mtime_ns) == (other_run[0].st_ino, other_run[0].st_mtime_ns)
+
+
 def test_predict_input_errors_are_one_line(study_set, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -71,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
         _check_utf8_image_id(source)  # first: its message says what to do in this command
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")
     names = safe_file_names([s.image_id for s in stream.sources], ".png")
-    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs)
+    # the submission is checked again once the folder is held: another predict into it may have
+    # finished while this one loaded the model
+    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs,
+                                   never_replace=(SUBMISSION,))
     start = time.perf_counter()
     predictions = []
     overlays = 0
