@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import cuda_available
     from .._fs import OutputKind, prepare_output_folder, safe_file_names
     from ..data import find_dicoms, make_synthetic_siim, read_dicom, read_rle_csv
-    from ..export.onnx import export_onnx
+    from ..export.onnx import _require_onnx, export_onnx
     from ..infer import Predictor
     from ..infer.evaluation import evaluate
     from ..infer.predictor import summarise_timings
@@ -104,6 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from .evaluate import write_evaluation
     from .predict import OVERLAYS, write_overlay, write_predictions
 
+    # step 3 exports ONNX and step 4 runs onnxruntime: without the onnx extra (a plain `pip install
+    # pneumoseg`) the demo otherwise failed only after writing the studies and training for a minute
+    _require_onnx()
     start = time.perf_counter()
     config = load_recipe("demo", [f"seed={args.seed}", *args.overrides])  # a bad --set fails before any work
     _check_study_count(args.n, config)
