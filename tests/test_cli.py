@@ -91,3 +91,12 @@ def test_not_a_dicom_message_names_no_pydicom_option(tmp_path):
     with pytest.raises(pneumoseg.DicomError, match="not a DICOM file") as info:
         read_dicom(path)
     assert "force" not in str(info.value)
+
+
+def test_version_prints_the_package_version(capsys):
+    from pneumoseg.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out.strip() == f"pneumoseg {pneumoseg.__version__}"
