@@ -76,3 +76,32 @@ def test_a_resumed_one_cycle_schedule_continues_its_step_count():
         later.append(opt_c.param_groups[0]["lr"])
     assert later == rates[6:]
     assert resumed.state_dict()["steps"] == 12
+
+
+def _rank_key(monitor: str, **metrics):
+    """Trainer._rank_key for a run monitoring ``monitor`` (only the config field it reads)."""
+    from types import SimpleNamespace
+
+    from pneumoseg.train.engine import Trainer
+
+    trainer = SimpleNamespace(cfg=SimpleNamespace(monitor=monitor), maximize=monitor != "loss")
+    trainer._monitor_value = lambda m: Trainer._monitor_value(trainer, m)
+    return Trainer._rank_key(trainer, metrics)
+
+
+def test_epochs_rank_by_the_monitored_score_then_the_lower_loss_and_a_tie_is_no_improvement():
+    from pneumoseg.train.engine import _better
+
+    # monitoring the loss: the lower loss is the better epoch
+    assert _better(_rank_key("loss", val_loss=0.2), _rank_key("loss", val_loss=0.3))
+    assert not _better(_rank_key("loss", val_loss=0.3), _rank_key("loss", val_loss=0.2))
+    # monitoring a score: the higher score, and at equal scores the lower loss
+    assert _better(_rank_key("kaggle_dice", val_kaggle_dice=0.8, val_loss=0.5),
+                   _rank_key("kaggle_dice", val_kaggle_dice=0.7, val_loss=0.1))
+    assert _better(_rank_key("kaggle_dice", val_kaggle_dice=0.8, val_loss=0.1),
+                   _rank_key("kaggle_dice", val_kaggle_dice=0.8, val_loss=0.2))
+    # an epoch that only equals the best is not an improvement (early stopping keeps counting, the
+    # best checkpoint is kept)
+    same = _rank_key("kaggle_dice", val_kaggle_dice=0.8, val_loss=0.1)
+    assert not _better(same, list(same))
+    assert _better(same, None)
