@@ -105,3 +105,24 @@ def test_epochs_rank_by_the_monitored_score_then_the_lower_loss_and_a_tie_is_no_
     same = _rank_key("kaggle_dice", val_kaggle_dice=0.8, val_loss=0.1)
     assert not _better(same, list(same))
     assert _better(same, None)
+
+
+def test_a_top_k_entry_must_name_a_file_in_the_checkpoint_folder():
+    # top-k files are 'epoch-NNN.pt' in checkpoints/: one replaced by a better epoch is deleted, so an
+    # entry that only starts like one ('epoch-001.pt/../../x') would delete a file outside the run.
+    import pytest
+
+    from pneumoseg.errors import DataFormatError
+    from pneumoseg.train.checkpoint import check_resume_state
+
+    model = nn.Linear(2, 1)
+
+    def state(file: str) -> dict:
+        return {"model": model.state_dict(), "progress": {"epoch": 1},
+                "top_k": [{"score": 0.5, "key": [0.5, 0.0], "epoch": 1, "file": file}]}
+
+    check_resume_state(state("epoch-001.pt"), model, "last.pt")
+    check_resume_state(state("epoch-1234.pt"), model, "last.pt")
+    for bad in ("epoch-001.pt/../../victim", "epoch-001.pt.bak", "../epoch-001.pt", "epoch-01.pt"):
+        with pytest.raises(DataFormatError, match="top_k"):
+            check_resume_state(state(bad), model, "last.pt")
