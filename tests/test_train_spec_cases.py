@@ -126,3 +126,22 @@ def test_a_top_k_entry_must_name_a_file_in_the_checkpoint_folder():
     for bad in ("epoch-001.pt/../../victim", "epoch-001.pt.bak", "../epoch-001.pt", "epoch-01.pt"):
         with pytest.raises(DataFormatError, match="top_k"):
             check_resume_state(state(bad), model, "last.pt")
+
+
+def test_checkpoint_weights_are_the_ema_ones_when_the_run_kept_an_ema():
+    # "the EMA weights when it has them (ema=None) or when ema=True (then they must exist), else the
+    # trained weights"
+    import pytest
+
+    from pneumoseg.errors import InvalidInputError
+    from pneumoseg.train.checkpoint import checkpoint_state_dict
+
+    trained, averaged = {"w": torch.zeros(2)}, {"w": torch.ones(2)}
+    with_ema = {"model": trained, "ema": {"decay": 0.9, "updates": 3, "weights": averaged}}
+    without = {"model": trained, "ema": None}
+    assert checkpoint_state_dict(with_ema)["w"].tolist() == [1.0, 1.0]
+    assert checkpoint_state_dict(with_ema, ema=True)["w"].tolist() == [1.0, 1.0]
+    assert checkpoint_state_dict(with_ema, ema=False)["w"].tolist() == [0.0, 0.0]
+    assert checkpoint_state_dict(without)["w"].tolist() == [0.0, 0.0]
+    with pytest.raises(InvalidInputError, match="no EMA"):
+        checkpoint_state_dict(without, ema=True)
