@@ -38,3 +38,10 @@ def test_the_annotation_limit_holds_for_a_union_in_a_batch():
         rle.decode_batch([["1 1", "3 1", "5 1"]], (4, 4))
         with pytest.raises(RLELimitError, match="max_annotations"):
             rle.decode_batch([["1 1", "3 1", "5 1", "7 1"]], (4, 4))
+
+
+def test_the_string_length_limit_holds_for_each_item_of_a_batch():
+    with limits.override(max_rle_chars=5):
+        rle.decode_batch(["11 12", "-1"], (8, 8))  # 5 characters: at the limit
+        with pytest.raises(RLELimitError, match="max_rle_chars"):
+            rle.decode_batch(["-1", "11 123"], (8, 8))  # 6 characters
