@@ -43,3 +43,23 @@ def test_a_field_written_twice_reads_as_its_last_value(tmp_path):
     parsed = onnx.load_from_string(data)
     assert [(p.key, p.value) for p in parsed.metadata_props] == [("pneumoseg.part", "decoder")]
     assert read_onnx_metadata(path) == {"pneumoseg.part": "decoder"}
+
+
+def test_recording_the_source_replaces_an_earlier_record_and_keeps_other_entries():
+    # an int8 graph quantised from the fp32 one carries the fp32 record: recording the int8 source
+    # must leave one entry per key (no fp32 precision beside the int8 one) and keep foreign entries
+    import pytest
+
+    onnx = pytest.importorskip("onnx")
+    from pneumoseg.export.provenance import record_source
+
+    model = onnx.ModelProto()
+    for key, value in [("pneumoseg.precision", "fp32"), ("pneumoseg.part", "segmenter"), ("author", "me")]:
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    record_source(model, _model_dir({"arch": "unet"}), "segmenter", "int8")
+    keys = [p.key for p in model.metadata_props]
+    assert len(keys) == len(set(keys))
+    props = {p.key: p.value for p in model.metadata_props}
+    assert props["pneumoseg.precision"] == "int8"
+    assert props["author"] == "me"
