@@ -587,6 +587,14 @@ def _refuse_reopening(p: Path, what: str) -> None:
                           "nothing to continue")
 
 
+def _refuse_replacing(p: Path, never_replace: Iterable[str], overwrite: bool) -> None:
+    """``never_replace``: files refused without ``overwrite`` even when pneumoseg wrote them."""
+    if not overwrite:
+        for name in never_replace:
+            if os.path.lexists(p / name):
+                raise OutputError(f"{p / name} already exists; pass --force to replace it, or choose another --out")
+
+
 def _not_empty(p: Path, foreign: list[Path], what: str, other_kind: str | None = None) -> OutputError:
     shown = ", ".join(str(f.relative_to(p)) if f != p else "." for f in foreign[:3])
     more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
@@ -619,12 +627,12 @@ def _refuse_removing_inputs(p: Path, ours: list[Path], inputs: Iterable[Any], wh
 
 
 def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
-                        resume: bool = False, inputs: Iterable[Any] = ()) -> Path:
+                        resume: bool = False, inputs: Iterable[Any] = (), never_replace: Iterable[str] = ()) -> Path:
     """The refusals of :func:`prepare_output_folder` (a file, a folder that cannot be created or
-    written, someone else's files without ``overwrite``, nothing to resume, a folder another process
-    is writing into), made without creating, probing or removing anything: for a command to say so
-    before long work (loading a data set, training) and prepare the folder afterwards. Returns the
-    path."""
+    written, someone else's files without ``overwrite``, a ``never_replace`` file, nothing to resume,
+    a folder another process is writing into), made without creating, probing or removing anything:
+    for a command to say so before long work (loading a data set, training) and prepare the folder
+    afterwards. Returns the path."""
     p = check_path(path, what, error=OutputError)
     overwrite = check_bool(overwrite, "overwrite")
     if check_bool(resume, "resume"):
@@ -644,6 +652,7 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
         raise OutputError(f"{what} {p} is not writable (permission denied)")
     _refuse_held_elsewhere(p, what)
     if not resume:
+        _refuse_replacing(p, never_replace, overwrite)
         ours, foreign, other_kind = _ours(p, what)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, what, other_kind)
@@ -714,10 +723,7 @@ class OutputFolder:
                 raise OutputError(f"{self.what} {p} cannot be created: {exc.strerror or exc}") from None
         self._hold()
         self._check_writable()
-        if not overwrite:
-            for name in never_replace:
-                if os.path.lexists(p / name):
-                    raise OutputError(f"{p / name} already exists; pass --force to replace it, or choose another --out")
+        _refuse_replacing(p, never_replace, overwrite)
         ours, foreign, other_kind = _ours(p, self.what)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, self.what, other_kind)

@@ -55,13 +55,11 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import OutputError
     from ..infer import Predictor
 
-    # Refuse before any work: an existing submission is never replaced without --force (even one
+    # Refused before any work: an existing submission is never replaced without --force (even one
     # pneumoseg wrote: a submission is the thing people hand in).
-    if (args.out / SUBMISSION).exists() and not args.force:
-        raise OutputError(f"{args.out / SUBMISSION} already exists; pass --force to replace it, or choose another --out")
     inputs = (*args.inputs, args.model)
-    # before the model loads
-    check_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs)
+    check_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs,
+                        never_replace=(SUBMISSION,))
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                    tta=args.tta, segment=args.segment, batch_size=args.batch_size)
     stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=not args.no_overlays, on_error="skip",
