@@ -16,12 +16,14 @@ from __future__ import annotations
 import contextlib
 import math
 import mmap
+import os
 import re
+import stat
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, BinaryIO, Optional, Union
 
 import numpy as np
 
@@ -203,23 +205,56 @@ def _age(value: Any) -> Optional[int]:
 def _check_file(path: Path) -> None:
     if not path.exists():
         raise DicomError(f"{path}: no such file")
-    if path.is_dir():
+    _check_kind_and_size(path.stat(), path)
+
+
+def _check_kind_and_size(st: os.stat_result, path: Path) -> None:
+    if stat.S_ISDIR(st.st_mode):
         raise DicomError(f"{path}: is a folder, not a DICOM file")
-    if not path.is_file():
+    if not stat.S_ISREG(st.st_mode):
         raise DicomError(f"{path}: not a regular file")
-    size = path.stat().st_size
     try:
-        limits.check("max_dicom_bytes", size, f"{path}: a file of {size:,} bytes")
+        limits.check("max_dicom_bytes", st.st_size, f"{path}: a file of {st.st_size:,} bytes")
     except LimitError as exc:
         raise DicomError(str(exc)) from None
 
 
-def _check_deflated(path: Path) -> None:
+@contextlib.contextmanager
+def _open_dicom(path: Path) -> Iterator[BinaryIO]:
+    """``path`` opened once for everything read from it, its checks made on what was opened. Checked
+    by name and then opened by name, a named pipe put in the file's place between the two made
+    pydicom's open wait for a writer forever. A non-blocking open returns at once even for a pipe,
+    and ``fstat`` of the descriptor then refuses it, as the check by name refuses one that is
+    already there. (``_fs.open_for_reading`` waits for a pipe's writer: a DICOM file is never one.)"""
+    _check_file(path)  # by name first, so a device or a pipe already there is never opened at all
+    nonblock = getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise DicomError(f"{path}: no such file") from None
+    except OSError as exc:  # permission denied: the message pydicom's own open of the path gave
+        raise DicomError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
+    try:
+        _check_kind_and_size(os.fstat(fd), path)
+        if nonblock:  # a regular file never blocks; cleared all the same, as pydicom expects
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
+
+
+def _check_deflated(f: BinaryIO, path: Path) -> None:
     """A deflated dataset is inflated whole by pydicom before anything in it can be read: inflate it
     here first, in bounded steps, so a small file cannot expand past max_dicom_bytes."""
-    from pydicom.filereader import read_file_meta_info
+    # read_file_meta_info's two steps on the open file (it takes only a name, to open again)
+    from pydicom.filereader import _read_file_meta_info, read_preamble
 
-    meta = read_file_meta_info(path)
+    f.seek(0)
+    read_preamble(f, False)  # InvalidDicomError without the 128-byte preamble and "DICM"
+    meta = _read_file_meta_info(f)
     if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
         return
     group_length = meta.get("FileMetaInformationGroupLength", None)
@@ -228,23 +263,22 @@ def _check_deflated(path: Path) -> None:
     limit = limits.current().max_dicom_bytes
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     produced = 0
-    with open(path, "rb") as f:
-        # 128-byte preamble, "DICM", the group length element (12 bytes), then the rest of the meta.
-        f.seek(128 + 4 + 12 + int(group_length))
-        while not inflater.eof:
-            chunk = f.read(1 << 20)
-            if not chunk:
-                break
-            pending = chunk
-            while pending and not inflater.eof:
-                out = inflater.decompress(pending, 1 << 24)
-                produced += len(out)
-                if produced > limit:
-                    raise DicomError(f"{path}: the deflated data inflates past max_dicom_bytes ({limit:,} bytes); "
-                                     "raise it with pneumoseg.limits.set_limits(max_dicom_bytes=...) to read it")
-                if not out and inflater.unconsumed_tail == pending:
-                    break  # no progress: zlib wants more input than this chunk has left
-                pending = inflater.unconsumed_tail
+    # 128-byte preamble, "DICM", the group length element (12 bytes), then the rest of the meta.
+    f.seek(128 + 4 + 12 + int(group_length))
+    while not inflater.eof:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            break
+        pending = chunk
+        while pending and not inflater.eof:
+            out = inflater.decompress(pending, 1 << 24)
+            produced += len(out)
+            if produced > limit:
+                raise DicomError(f"{path}: the deflated data inflates past max_dicom_bytes ({limit:,} bytes); "
+                                 "raise it with pneumoseg.limits.set_limits(max_dicom_bytes=...) to read it")
+            if not out and inflater.unconsumed_tail == pending:
+                break  # no progress: zlib wants more input than this chunk has left
+            pending = inflater.unconsumed_tail
 
 
 def _warning_error(path: Path, warning: Warning) -> DicomError:
@@ -255,16 +289,18 @@ def _warning_error(path: Path, warning: Warning) -> DicomError:
     return DicomError(f"{path}: pydicom: {type(warning).__name__}: {text}")
 
 
-def _read_dataset(path: Path, *, stop_before_pixels: bool, specific_tags: Optional[list] = None):
+def _read_dataset(f: BinaryIO, path: Path, *, stop_before_pixels: bool, specific_tags: Optional[list] = None):
+    """The dataset in ``f``, opened from ``path`` by :func:`_open_dicom`."""
     try:
         import pydicom
         from pydicom.errors import InvalidDicomError
     except ImportError as exc:  # pragma: no cover - a declared dependency
         raise DicomError(f"{path}: pydicom is not installed") from exc
-    _check_file(path)
     try:
-        _check_deflated(path)
-        ds = pydicom.dcmread(path, stop_before_pixels=stop_before_pixels, specific_tags=specific_tags)
+        _check_deflated(f, path)
+        f.seek(0)
+        ds = pydicom.dcmread(f, stop_before_pixels=stop_before_pixels, specific_tags=specific_tags)
+        ds.filename = os.fspath(path)  # the name, as when pydicom opened it, not the descriptor's number
     except DicomError:
         raise
     except InvalidDicomError as exc:
@@ -298,11 +334,11 @@ def _damaged_header_errors(path: Path) -> Iterator[None]:
 _PIXEL_DATA_TAGS = (b"\xe0\x7f\x10\x00", b"\x7f\xe0\x00\x10")  # (7FE0,0010), little and big endian
 
 
-def _holds_pixel_data_tag(path: Path) -> bool:
+def _holds_pixel_data_tag(f: BinaryIO) -> bool:
     """Whether the file's bytes hold the Pixel Data tag: a dataset read without it was cut off inside
     its pixel data (pydicom stops there, with at most a warning). Only on that error path."""
     try:
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return any(data.find(tag, 132) >= 0 for tag in _PIXEL_DATA_TAGS)
     except (OSError, ValueError):
         return False
@@ -352,7 +388,8 @@ def read_dicom_shape(path: Union[str, Path]) -> tuple[int, int]:
     """(rows, columns) of a DICOM image from its header alone (no pixel data is read), with the same
     checks as :func:`read_dicom`; any problem is a :class:`pneumoseg.DicomError` naming the file."""
     path = check_path(path, "path", error=DicomError)
-    ds = _read_dataset(path, stop_before_pixels=True)
+    with _open_dicom(path) as f:
+        ds = _read_dataset(f, path, stop_before_pixels=True)
     with _damaged_header_errors(path):
         return _declared_shape(ds, path)
 
@@ -368,7 +405,8 @@ def read_sop_instance_uid(path: Union[str, Path]) -> str:
     called), read without the pixel data. A file that cannot be read, or whose SOPInstanceUID is
     missing, empty or not a UID, is a :class:`pneumoseg.DicomError` naming the file."""
     path = check_path(path, "path", error=DicomError)
-    ds = _read_dataset(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+    with _open_dicom(path) as f:
+        ds = _read_dataset(f, path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
     with _damaged_header_errors(path):
         _refuse_dicomdir(ds, path)
         uid = _header_text(ds, "SOPInstanceUID")
@@ -387,9 +425,10 @@ def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomIma
     failure is a :class:`pneumoseg.DicomError` naming the file and the cause."""
     path = check_path(path, "path", error=DicomError)
     with_dataset = check_bool(with_dataset, "with_dataset")
-    ds = _read_dataset(path, stop_before_pixels=False)
-    with _damaged_header_errors(path):
-        return _decode(ds, path, with_dataset)
+    with _open_dicom(path) as f:  # open while decoding: a file cut off in its pixel data is told from it
+        ds = _read_dataset(f, path, stop_before_pixels=False)
+        with _damaged_header_errors(path):
+            return _decode(ds, path, with_dataset, f)
 
 
 def _refuse_dicomdir(ds: Any, path: Path) -> None:
@@ -399,10 +438,10 @@ def _refuse_dicomdir(ds: Any, path: Path) -> None:
         raise DicomError(f"{path}: {DICOMDIR_REASON}")
 
 
-def _decode(ds: Any, path: Path, with_dataset: bool) -> DicomImage:
+def _decode(ds: Any, path: Path, with_dataset: bool, f: BinaryIO) -> DicomImage:
     if "PixelData" not in ds:
         _refuse_dicomdir(ds, path)
-        if _holds_pixel_data_tag(path):
+        if _holds_pixel_data_tag(f):
             raise DicomError(f"{path}: the file is truncated: it ends inside its pixel data")
         raise DicomError(f"{path}: the file has no pixel data")
     rows, columns = _declared_shape(ds, path)

@@ -1,0 +1,139 @@
+"""A DICOM file swapped for something else between the check of its path and its read. The readers
+checked the path (a regular file, not too big) and then let pydicom open it by name: a named pipe
+put in its place in between made the open wait for a writer forever. Now the file is opened once,
+without blocking, and the checks are made on what was opened. The swap is planted by wrapping the
+check by name; every read that could hang runs in a thread with a time limit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import pneumoseg
+from pneumoseg import limits
+from pneumoseg.data import dicom
+
+from factories import write_dicom
+
+needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (os.mkfifo)")
+
+READERS = {"read_dicom": dicom.read_dicom, "read_dicom_shape": dicom.read_dicom_shape,
+           "read_sop_instance_uid": dicom.read_sop_instance_uid}
+
+
+def _swap_after_check(monkeypatch, swap) -> None:
+    """The check by name passes on the real file; then ``swap(path)`` replaces it."""
+    check_by_name = dicom._check_file
+
+    def check_then_swap(path: Path) -> None:
+        check_by_name(path)
+        swap(path)
+
+    monkeypatch.setattr(dicom, "_check_file", check_then_swap)
+
+
+def _to_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _release(fifo: Path) -> None:
+    """Open and close the pipe's writing end, so a reader stuck waiting for a writer (the bug) ends."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: no reader is waiting
+        pass
+
+
+def _call_with_limit(fn, fifo: Path, limit: float = 20.0):
+    """fn() in a thread: the exception it raised (None if it returned); still waiting after ``limit``
+    seconds fails the test, and the pipe is released so the thread ends."""
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        _release(fifo)
+        thread.join(5)
+        pytest.fail(f"reading {fifo} was still waiting after {limit:g} s (a pipe swapped in after the check)")
+    return result.get("error")
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@needs_fifo
+@pytest.mark.parametrize("reader", sorted(READERS))
+def test_a_pipe_swapped_in_after_the_check_is_refused_not_waited_on(tmp_path, monkeypatch, reader):
+    path = write_dicom(tmp_path / "img.dcm", np.zeros((8, 8), np.uint16))
+    _swap_after_check(monkeypatch, _to_fifo)
+    started = time.monotonic()
+    error = _call_with_limit(lambda: READERS[reader](path), path)
+    assert isinstance(error, pneumoseg.DicomError), error
+    assert isinstance(error, ValueError)
+    assert str(error) == f"{path}: not a regular file"
+    assert time.monotonic() - started < 10
+
+
+def test_a_folder_swapped_in_after_the_check_is_refused_and_nothing_left_open(tmp_path, monkeypatch):
+    path = write_dicom(tmp_path / "img.dcm", np.zeros((8, 8), np.uint16))
+
+    def to_folder(p: Path) -> None:
+        p.unlink()
+        p.mkdir()
+
+    _swap_after_check(monkeypatch, to_folder)
+    before = _open_fds() if os.path.isdir("/proc/self/fd") else None
+    with pytest.raises(pneumoseg.DicomError) as info:
+        dicom.read_dicom(path)
+    assert str(info.value) == f"{path}: is a folder, not a DICOM file"
+    if before is not None:  # the descriptor opened on the folder was closed
+        assert _open_fds() == before
+
+
+def test_the_size_limit_holds_for_the_file_opened_not_the_one_checked(tmp_path, monkeypatch):
+    small = np.zeros((8, 8), np.uint16)
+    path = write_dicom(tmp_path / "img.dcm", small)
+    big = write_dicom(tmp_path / "big.dcm", np.zeros((64, 64), np.uint16))
+    size = big.stat().st_size
+    assert size > path.stat().st_size
+    _swap_after_check(monkeypatch, lambda p: os.replace(big, p))
+    with limits.override(max_dicom_bytes=path.stat().st_size):
+        with pytest.raises(pneumoseg.DicomError) as info:
+            dicom.read_dicom(path)
+    assert str(info.value).startswith(f"{path}: a file of {size:,} bytes")
+    assert "max_dicom_bytes" in str(info.value)
+
+
+def test_the_file_checked_is_the_file_read_when_replaced_after_the_open(tmp_path, monkeypatch):
+    # The other side of the gap: replaced after the open, the read still sees the file opened (and
+    # checked), never the newcomer, and the name reported is the path given.
+    path = write_dicom(tmp_path / "img.dcm", np.full((8, 8), 7, np.uint16), SOPInstanceUID="1.2.3")
+    other = write_dicom(tmp_path / "other.dcm", np.full((8, 8), 9, np.uint16), SOPInstanceUID="1.2.4")
+    open_dicom = dicom._open_dicom
+
+    @contextlib.contextmanager
+    def opened_then_replaced(p: Path):
+        with open_dicom(p) as f:
+            os.replace(other, p)
+            yield f
+
+    monkeypatch.setattr(dicom, "_open_dicom", opened_then_replaced)
+    img = dicom.read_dicom(path)
+    assert img.image_id == "1.2.3"
+    np.testing.assert_array_equal(img.pixels, np.full((8, 8), 7, np.uint16))
+    assert img._dataset.filename == os.fspath(path)
