@@ -1,5 +1,7 @@
 """pneumoseg: pneumothorax classification and segmentation on chest radiographs, with a C++/CUDA core."""
 
+from typing import TYPE_CHECKING
+
 from . import limits, postprocess, rle
 from ._native import cuda_available, cuda_memory_reserved, release_cuda_memory
 from .errors import (
@@ -11,6 +13,10 @@ __version__ = "0.1.0"
 
 # Modules that need torch load on first use, so `import pneumoseg` needs NumPy alone.
 _LAZY = {"losses", "data", "models", "metrics"}
+
+if TYPE_CHECKING:  # the lazy names' types for type checkers (py.typed); nothing is imported at run time
+    from . import data, losses, metrics, models
+    from .infer import Predictor
 
 
 def __getattr__(name: str):

@@ -26,7 +26,7 @@ import os
 import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, overload
 
 import numpy as np
 
@@ -145,6 +145,10 @@ def check_int(
     return out
 
 
+@overload
+def check_bool(value: Any, name: str, *, allow_none: Literal[False] = False, error: _Error = ...) -> bool: ...
+@overload
+def check_bool(value: Any, name: str, *, allow_none: bool, error: _Error = ...) -> Optional[bool]: ...
 def check_bool(value: Any, name: str, *, allow_none: bool = False, error: _Error = InvalidInputError) -> Optional[bool]:
     """``True`` or ``False`` (or NumPy's), never 0/1, strings or arrays (``"false"`` is truthy)."""
     if value is None and allow_none:

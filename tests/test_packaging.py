@@ -81,6 +81,11 @@ def test_sdist_carries_every_build_source_and_package_file(sdist):
     assert "PKG-INFO" in names
 
 
+def test_sdist_carries_the_typed_marker(sdist):
+    # PEP 561: without pneumoseg/py.typed, users' type checkers ignore the installed package's annotations
+    assert "pneumoseg/py.typed" in _sdist_names(sdist)
+
+
 def test_sdist_leaves_out_build_outputs_and_environments(sdist):
     assert sorted(n for n in _sdist_names(sdist) if NOT_SHIPPED.search(n)) == []
 
@@ -113,6 +118,7 @@ def test_wheel_built_from_sdist_runs_outside_the_tree(sdist, tmp_path):
     package_files = {p for p in _tracked_files() if p.startswith("pneumoseg/")}
     assert sorted(package_files - names) == []
     assert len([n for n in names if re.fullmatch(r"pneumoseg/_C\..*\.so", n)]) == 1
+    assert "pneumoseg/py.typed" in names  # PEP 561, as in the sdist
     assert metadata["Version"] == pneumoseg.__version__
     assert "pneumoseg = pneumoseg.cli:main" in entry_points
 

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import Callable, Optional
+from typing import Callable, Optional, TypeVar
 
 from .. import limits
 from .._checks import check_int, check_path, check_probability, check_real
@@ -32,7 +32,10 @@ def _parse_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
 
 
-def _wrap(check: Callable[[], object]) -> object:
+_T = TypeVar("_T")
+
+
+def _wrap(check: Callable[[], _T]) -> _T:
     try:
         return check()
     except PneumosegError as exc:

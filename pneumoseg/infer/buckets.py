@@ -31,12 +31,12 @@ def make_buckets(max_batch: int = DEFAULT_MAX_BATCH, sizes: Optional[Sequence[in
         out = sorted({check_int(s, "batch bucket", low=1, high=1 << 16) for s in sizes})
         return tuple(out)
     max_batch = check_int(max_batch, "max_batch", low=1, high=1 << 16)
-    out = {max_batch}
+    bucket_sizes = {max_batch}
     b = 1
     while b < max_batch:
-        out.add(b)
+        bucket_sizes.add(b)
         b *= 2
-    return tuple(sorted(out))
+    return tuple(sorted(bucket_sizes))
 
 
 def bucket_for(n: int, buckets: Sequence[int]) -> int:
