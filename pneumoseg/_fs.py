@@ -11,7 +11,16 @@
   after resolving symbolic links). Each file written is listed in a manifest
   (``.pneumoseg-manifest``, with its size and modification time, under the folder's kind: the
   command's ``what``), so running the same command again on its own earlier output needs no
-  ``--force``: that output, unchanged since, is replaced. Another command's output is not its to
+  ``--force``: that output, unchanged since, is replaced, but only once the new run succeeds. It is
+  moved aside into ``.pneumoseg-previous`` inside the folder (relative paths kept) when the folder
+  is prepared, so the run writes into a clean folder; when the run ends (its ``with`` block, or
+  :meth:`OutputFolder.close`) without an error, that holding folder is removed; when it fails (an
+  exception, Ctrl-C, SIGTERM as the CLI raises it), the files it wrote are removed and the earlier
+  output is moved back, manifest included, the folder as it was. A training run that can be
+  resumed keeps its files and leaves the earlier output held until it ends (``close(keep=True)``).
+  A holding folder left by a killed run (SIGKILL, power loss) is put back when the same command
+  next prepares the folder; it never counts as anyone's files, and files there are never removed
+  unless a run has succeeded. Another command's output is not its to
   replace (``predict --out`` at a training run or a study set is refused without ``--force``, and
   with it nothing there is removed), nor is pneumoseg output nested where it does not belong (``--out
   runs`` of a ``runs/exp1`` training run). The manifest is written when the folder is prepared.
@@ -45,6 +54,7 @@ import json
 import os
 import re
 import select
+import shutil
 import stat
 import tempfile
 import threading
@@ -66,12 +76,19 @@ except ImportError:  # pragma: no cover - Windows: folders are not locked
     fcntl = None  # type: ignore[assignment]
 
 __all__ = [
-    "MANIFEST_NAME", "safe_file_name", "safe_file_names", "OutputFolder", "prepare_output_folder",
+    "MANIFEST_NAME", "PREVIOUS_NAME", "safe_file_name", "safe_file_names", "OutputFolder", "prepare_output_folder",
     "check_output_folder", "record_in_manifest", "folder_lock", "atomic_open",
     "atomic_write", "write_png", "open_for_reading",
 ]
 
 MANIFEST_NAME = ".pneumoseg-manifest"
+# A rerun moves the folder's earlier output here (relative paths kept) rather than removing it: put
+# back if the run fails, removed once it succeeds. A holding folder left by a killed run is put back
+# when the folder is next prepared. On success it is first renamed to _DISCARDED_NAME, so a run
+# stopped while removing it never leaves half an earlier output to be put back over a finished run.
+PREVIOUS_NAME = ".pneumoseg-previous"
+_DISCARDED_NAME = ".pneumoseg-discarded"
+_SET_ASIDE_NAMES = (PREVIOUS_NAME, _DISCARDED_NAME)
 _MANIFEST_HEADER = "# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relative path"
 # v2's second line names the kind of folder (the command's ``what``): one command's output is not
 # another's to replace. v1 manifests (no kind) still count as any command's, as they always did.
@@ -512,8 +529,9 @@ def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path]
     before writing anything) loses nothing and counts as this one's. A sub-folder with its own manifest
     is judged by that manifest when its kind is one the folder around it holds (a demo's training run);
     pneumoseg output in a folder pneumoseg did not prepare (``--out runs`` of a ``runs/exp1`` training
-    run), or of a kind its surroundings do not hold, is someone else's. Walked with an explicit stack, in
-    file-name order, however deep the folder goes."""
+    run), or of a kind its surroundings do not hold, is someone else's. A holding folder of earlier
+    output set aside (``.pneumoseg-previous``) is neither. Walked with an explicit stack, in file-name
+    order, however deep the folder goes."""
     top = _read_manifest(folder)
     other_kind = None
     if top is not None and not top.belongs_to(kind) and top.entries:
@@ -541,6 +559,8 @@ def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path]
         rel = prefix + entry.name
         p = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
+            if entry.name == _DISCARDED_NAME or (entry.name == PREVIOUS_NAME and _is_holding(p)):
+                continue  # earlier output set aside (see _put_back): neither this run's nor someone else's
             if _is_file(p / MANIFEST_NAME):
                 nested = _read_manifest(p)
                 if nested is not None and (around is None or not _may_hold(around.kind, nested.kind)):
@@ -591,7 +611,8 @@ def _refuse_replacing(p: Path, never_replace: Iterable[str], overwrite: bool) ->
     """``never_replace``: files refused without ``overwrite`` even when pneumoseg wrote them."""
     if not overwrite:
         for name in never_replace:
-            if os.path.lexists(p / name):
+            # held aside by a run killed before it ended, it goes back when the folder is prepared
+            if os.path.lexists(p / name) or os.path.lexists(p / PREVIOUS_NAME / name):
                 raise OutputError(f"{p / name} already exists; pass --force to replace it, or choose another --out")
 
 
@@ -624,6 +645,168 @@ def _refuse_removing_inputs(p: Path, ours: list[Path], inputs: Iterable[Any], wh
                 raise OutputError(
                     f"{what} {p} {where} {item}, an input of this command (pneumoseg's own earlier output, "
                     "which writing there would remove); choose another folder")
+
+
+def _files_under(folder: Path) -> list[str]:
+    """The relative paths of everything but folders under ``folder``, symbolic links not followed."""
+    found: list[str] = []
+    pending = [(folder, "")]
+    while pending:  # an explicit stack, as in _remove_empty_folders
+        directory, prefix = pending.pop()
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append((Path(entry.path), prefix + entry.name + "/"))
+                    else:
+                        found.append(prefix + entry.name)
+        except OSError:
+            continue
+    return sorted(found)
+
+
+def _make_folders(root: Path, rel: str) -> bool:
+    """Create the folders ``rel``'s file goes in under ``root``; False where a part of the way is a
+    file or a symbolic link (nothing is moved through a link, which could lead out of the folder)."""
+    current = root
+    for part in rel.split("/")[:-1]:
+        current = current / part
+        if current.is_symlink() or (os.path.lexists(current) and not current.is_dir()):
+            return False
+        if not current.is_dir():
+            current.mkdir()
+    return True
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """Remove every empty folder under ``root`` (not ``root``), the deepest first."""
+    folders: list[str] = []
+    pending = [os.fspath(root)]
+    while pending:  # an explicit stack: os.walk recurses, and a deep folder would exhaust it
+        try:
+            with os.scandir(pending.pop()) as entries:
+                found = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        folders.extend(found)
+        pending.extend(found)
+    for directory in sorted(folders, key=lambda d: -d.count(os.sep)):
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)  # fails, harmlessly, on a folder that is not empty
+
+
+def _is_holding(held: Path) -> bool:
+    """Whether ``held`` is a holding folder pneumoseg made: a folder (not a link) that holds the
+    earlier manifest (set aside first) or nothing yet. Anything else of that name is someone's."""
+    try:
+        if held.is_symlink() or not held.is_dir():
+            return False
+        if os.path.lexists(held / MANIFEST_NAME):
+            return True
+        with os.scandir(held) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
+
+
+def _holding(p: Path) -> Path | None:
+    """``p``'s holding folder of earlier output set aside by a run not yet ended, if there is one."""
+    held = p / PREVIOUS_NAME
+    return held if _is_holding(held) else None
+
+
+def _set_aside(p: Path, ours: list[Path]) -> bool:
+    """Move ``ours``, pneumoseg's earlier output under ``p``, into its holding folder (relative paths
+    kept); True if anything was moved. The folder's manifest goes first: what is still in place from
+    then on is listed nowhere, so a run killed part way leaves nothing that :func:`_put_back` would
+    take for the new run's files. If a file cannot be moved (a read-only sub-folder, another file
+    system mounted inside), what was moved is put back and the error raised."""
+    if not ours:
+        return False
+    held = p / PREVIOUS_NAME
+    try:
+        held.mkdir()
+    except FileExistsError:  # someone's, or another command's run not ended: neither is this run's to use
+        raise OutputError(f"{held} is in the way: pneumoseg keeps earlier output there while a run lasts; "
+                          "move it away, or run the command that left it again") from None
+    top = p / MANIFEST_NAME
+    try:
+        # the folder's manifest first, nested manifests last (their files stay listed until they go)
+        for f in sorted(ours, key=lambda f: (f != top, f.name == MANIFEST_NAME)):
+            rel = f.relative_to(p).as_posix()
+            _make_folders(held, rel)
+            os.rename(f, held / rel)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            _put_back(p, None)
+        raise
+    return True
+
+
+def _put_back(p: Path, kind: str | None) -> list[str]:
+    """End a run that set ``p``'s earlier output aside and did not succeed (it failed, or it was killed
+    and the folder is prepared again): remove the files it wrote (those the folder's manifest lists,
+    unchanged), move every held file back, the held manifest last, and remove the holding folder.
+    While the holding folder still has its manifest, the folder's manifest is the run's, so doing this
+    again after an interruption part way removes only the run's files. Returns the held files that
+    could not go back (a file that is not the run's is in their place, or a link on the way): they
+    stay held, with the manifest, and nothing is lost."""
+    held = _holding(p)
+    if held is None:
+        return []
+    if os.path.lexists(held / MANIFEST_NAME):
+        top = p / MANIFEST_NAME
+        ours, _, _ = _ours(p, kind)
+        for f in sorted(ours, key=lambda f: f.name == MANIFEST_NAME):  # a nested manifest after its files
+            if f != top:
+                with contextlib.suppress(OSError):
+                    f.unlink()
+        _remove_empty_folders(p)  # a folder the run made where an earlier file goes back
+    left: list[str] = []
+    for rel in _files_under(held):
+        if rel == MANIFEST_NAME:
+            continue
+        target = p / rel
+        try:
+            if not _make_folders(p, rel) or os.path.lexists(target):
+                left.append(rel)
+                continue
+            os.rename(held / rel, target)
+        except OSError:
+            left.append(rel)
+    if not left:
+        if os.path.lexists(held / MANIFEST_NAME):
+            os.replace(held / MANIFEST_NAME, p / MANIFEST_NAME)
+        shutil.rmtree(held, ignore_errors=True)  # folders only by now
+    _remove_empty_folders(p)  # the run's own, emptied
+    return left
+
+
+def _discard(p: Path) -> None:
+    """Remove the earlier output a run that succeeded set aside. Renamed first, so a run stopped
+    while it is being removed leaves nothing that would be put back over the finished output."""
+    held = _holding(p)
+    if held is not None:
+        _remove_discarded(p)
+        try:
+            os.rename(held, p / _DISCARDED_NAME)
+        except OSError:
+            shutil.rmtree(held, ignore_errors=True)
+    _remove_discarded(p)
+
+
+def _remove_discarded(p: Path) -> None:
+    discarded = p / _DISCARDED_NAME
+    if discarded.is_dir() and not discarded.is_symlink():
+        shutil.rmtree(discarded, ignore_errors=True)
+
+
+def _not_put_back(p: Path, left: list[str], what: str) -> OutputError:
+    more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+    return OutputError(
+        f"{what} {p}: a run that was stopped before it ended set pneumoseg's earlier output aside in "
+        f"{p / PREVIOUS_NAME}, and {p / left[0]}{more} is now where it goes back; move one of the two away, "
+        "then run again")
 
 
 def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
@@ -661,51 +844,94 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
     return p
 
 
+class _Ending:
+    """What closing an :class:`OutputFolder` does, kept apart from it so that the finalizer of one
+    dropped unclosed does it too: end its sub-folders' runs, then its own (the earlier output it set
+    aside discarded on success, put back on failure), then let go of the folder."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self.what = what
+        self.lock: _FolderLock | None = None
+        self.set_aside = False  # earlier output waits in PREVIOUS_NAME for this run to end
+        self.resumed = False
+        self.children: list[OutputFolder] = []
+        self.pid = os.getpid()
+
+    def __call__(self, failed: bool = False, keep: bool = False) -> None:
+        if os.getpid() != self.pid:
+            return  # a forked child (a DataLoader worker) exiting: the run is its parent's to end
+        try:
+            for child in self.children:
+                child.close(failed=failed, keep=keep)
+            if self.set_aside:
+                if not failed:
+                    _discard(self.path)
+                elif not (keep or self.resumed):
+                    # a file that cannot go back stays held (the next prepare names it); the run's
+                    # own error is the one to report
+                    with contextlib.suppress(OSError):
+                        _put_back(self.path, self.what)
+        finally:
+            if self.lock is not None:
+                _release_folder(self.lock)
+
+
 class OutputFolder:
     """A folder prepared for writing (see :func:`prepare_output_folder`). Every path it hands out is
     inside it; every file written through it is atomic and listed in its manifest. It holds the
     folder (no other process may prepare it) until :meth:`close`, the end of a ``with`` block, or
-    its last reference going."""
+    its last reference going. The end of the ``with`` block ends the run: successfully, or, on an
+    exception (Ctrl-C included), as a failure that puts the earlier output back."""
 
     def __init__(self, path: PathLike, *, overwrite: bool = False, what: str = "output folder",
                  resume: bool = False, inputs: Iterable[Any] = (), never_replace: Iterable[str] = ()) -> None:
         self.path = check_path(path, what, error=OutputError)
         overwrite = check_bool(overwrite, "overwrite")
         self.what = what
-        self._release: Callable[[], None] | None = None
+        self._ending = _Ending(self.path, what)
+        # dropped unclosed, the folder is let go of and the run counts as a success, as it always has
+        self._end = weakref.finalize(self, self._ending)
         try:
             if check_bool(resume, "resume"):
                 self._reopen()
             else:
                 self._prepare(overwrite, inputs, tuple(never_replace))
         except BaseException:
-            self.close()  # a refused folder is not held on by the traceback
+            self.close(failed=True)  # a refused folder is not held on by the traceback
             raise
 
     def _hold(self) -> None:
         """Hold the folder before anything in it is removed or written."""
-        lock = _hold_folder(self.path, self.what)
-        if lock is not None:
-            self._release = weakref.finalize(self, _release_folder, lock)
+        self._ending.lock = _hold_folder(self.path, self.what)
 
-    def close(self) -> None:
-        """Let go of the folder: another process may prepare it from now on (this process's other
-        holds of it, if any, still count). Files may still be written through this object."""
-        if self._release is not None:
-            self._release()  # a weakref.finalize runs once
+    def close(self, *, failed: bool = False, keep: bool = False) -> None:
+        """End the run and let go of the folder: another process may prepare it from now on (this
+        process's other holds of it, if any, still count). Files may still be written through this
+        object. The earlier output the run set aside is removed, unless ``failed``: then the files
+        this run wrote are removed and the earlier output is put back, the folder as it was before,
+        or, with ``keep`` (a training run that can be resumed), the run's files stay and the earlier
+        output stays set aside in ``.pneumoseg-previous`` until a run into the folder ends
+        successfully (removed) or one starts afresh (put back first). A resumed run never removes
+        anything. Sub-folders (:meth:`subfolder`) end with it. Only the first call counts."""
+        if self._end.detach() is not None:
+            self._ending(failed=failed, keep=keep)
 
     def __enter__(self) -> "OutputFolder":
         return self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.close()
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.close(failed=exc_type is not None)
 
     def _reopen(self) -> None:
         """Continue writing into a folder of pneumoseg's own earlier output (a training run to
-        resume): nothing in it is removed, and files outside the manifest are left alone."""
+        resume): nothing in it is removed, and files outside the manifest are left alone. Earlier
+        output that the run being continued set aside stays so until the run ends successfully."""
         _refuse_reopening(self.path, self.what)
         self._hold()
         self._check_writable()
+        self._ending.resumed = True
+        self._ending.set_aside = _holding(self.path) is not None
 
     def _prepare(self, overwrite: bool, inputs: Iterable[Any] = (), never_replace: tuple[str, ...] = ()) -> None:
         p = self.path
@@ -723,20 +949,26 @@ class OutputFolder:
                 raise OutputError(f"{self.what} {p} cannot be created: {exc.strerror or exc}") from None
         self._hold()
         self._check_writable()
+        manifest = _read_manifest(p)
+        if manifest is not None:
+            _remove_discarded(p)  # a succeeded run stopped while removing the output it replaced
+        if _holding(p) is not None and (manifest is None or manifest.belongs_to(self.what) or not manifest.entries):
+            # A run of this command was killed after setting earlier output aside: undo it first, so
+            # this run sets aside (and on failure puts back) that output, not the killed run's part.
+            # Another command's run is left alone (its output is refused below, or kept under --force).
+            left = _put_back(p, self.what)
+            if left:
+                raise _not_put_back(p, left, self.what)
         _refuse_replacing(p, never_replace, overwrite)
         ours, foreign, other_kind = _ours(p, self.what)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, self.what, other_kind)
         if not foreign:
             # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it
-            # (unless the command reads from it).
+            # (unless the command reads from it). It is moved aside, not removed, until this run ends.
             _refuse_removing_inputs(p, ours, inputs, self.what)
-            # The manifests go last: if a file cannot be removed (a read-only sub-folder), what is left
-            # is still listed as pneumoseg's, and the next run accepts the folder without --force.
-            for f in sorted(ours, key=lambda f: f.name == MANIFEST_NAME):
-                with contextlib.suppress(FileNotFoundError):
-                    f.unlink()
-            self._remove_empty_folders()
+            self._ending.set_aside = _set_aside(p, ours)
+            _remove_empty_folders(p)
         manifest = _read_manifest(p)
         if manifest is None or not manifest.belongs_to(self.what):
             # The manifest is written now, not with the first file: the folder is this command's from
@@ -758,26 +990,14 @@ class OutputFolder:
         os.close(fd)
         os.unlink(probe)
 
-    def _remove_empty_folders(self) -> None:
-        folders: list[str] = []
-        pending = [os.fspath(self.path)]
-        while pending:  # an explicit stack: os.walk recurses, and a deep folder would exhaust it
-            try:
-                with os.scandir(pending.pop()) as entries:
-                    found = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-            except OSError:
-                continue
-            folders.extend(found)
-            pending.extend(found)
-        for directory in sorted(folders, key=lambda d: -d.count(os.sep)):  # the deepest first
-            with contextlib.suppress(OSError):
-                os.rmdir(directory)  # fails, harmlessly, on a folder that is not empty
-
     def file(self, *parts: str) -> Path:
         """The path of ``parts`` joined under the folder (each part a safe name), its parent folders
         created. Symbolic links inside the folder are never followed, so the path cannot lead out."""
         if not parts:
             raise InvalidInputError("OutputFolder.file needs at least one name")
+        if parts[0] in _SET_ASIDE_NAMES:
+            raise OutputError(f"{parts[0]} is where pneumoseg keeps earlier output while a run lasts; "
+                              "choose another name")
         for part in parts:
             safe_file_name(part, what="file name")
         current = self.path
@@ -793,9 +1013,12 @@ class OutputFolder:
         return current
 
     def subfolder(self, *parts: str, overwrite: bool = True) -> "OutputFolder":
-        """A folder inside this one, prepared as an :class:`OutputFolder` of its own."""
+        """A folder inside this one, prepared as an :class:`OutputFolder` of its own, whose run ends
+        (successfully or not) when this one's does, if it has not ended before."""
         target = self.file(*parts)
-        return OutputFolder(target, overwrite=overwrite, what=self.what)
+        child = OutputFolder(target, overwrite=overwrite, what=self.what)
+        self._ending.children.append(child)  # its run ends with this one's
+        return child
 
     def record(self, *parts: str) -> Path:
         """List a file written inside the folder by other means (a memory map filled in place, a
@@ -905,7 +1128,13 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     that is not writable, and a folder holding anything pneumoseg did not write there itself, unless
     ``overwrite=True``: then files are written into it, replacing those with the same names and
     leaving the rest. pneumoseg's own earlier output in it (listed in its manifest and unchanged
-    since) is removed first, so re-running a command never mixes two runs' files.
+    since) is replaced, so re-running a command never mixes two runs' files, and a rerun that fails
+    never loses it: it is moved into ``.pneumoseg-previous`` inside the folder now, removed when the
+    run ends successfully (the ``with`` block, or :meth:`OutputFolder.close`), and moved back, the
+    run's own files removed, when it fails (an exception in the ``with`` block, Ctrl-C, SIGTERM,
+    ``close(failed=True)``). A holding folder a killed run left is put back first. Files that are
+    not pneumoseg's are never moved or removed; under ``overwrite`` beside them, nothing is set
+    aside and a file of the same name is replaced when written, as ever.
 
     ``resume=True`` reopens a folder of pneumoseg's own output to continue it (``pneumoseg train
     --resume``): it must exist with a manifest; nothing is removed.
@@ -919,7 +1148,8 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     folder is held, so a run that finished while this one started cannot slip past the check.
 
     The folder is held for this process until the returned object is closed (``with`` block,
-    :meth:`OutputFolder.close`) or dropped; a folder another process holds is refused at once.
+    :meth:`OutputFolder.close`) or dropped; a folder another process holds is refused at once. One
+    dropped unclosed ends its run as a success: use the ``with`` block.
     """
     return OutputFolder(path, overwrite=overwrite, what=what, resume=resume, inputs=inputs,
                         never_replace=never_replace)

@@ -267,26 +267,28 @@ def test_artefacts_added_from_threads_at_once_are_all_listed(tmp_path):
 def test_a_failed_clean_up_keeps_the_manifest(tmp_path, monkeypatch):
     """The manifest sorts first and was removed first: when a later file could not be removed (a
     read-only sub-folder), the rest of the earlier output was left unlisted and the next run refused
-    the folder as someone else's files."""
-    from pneumoseg._fs import MANIFEST_NAME, prepare_output_folder
+    the folder as someone else's files. The earlier output is now moved aside, not removed: a file
+    that cannot be moved puts back what was moved, manifest included."""
+    from pneumoseg._fs import MANIFEST_NAME, PREVIOUS_NAME, prepare_output_folder
 
     out = tmp_path / "out"
     folder = prepare_output_folder(out)
     folder.write_bytes("a.txt", data="a")
     folder.write_png("overlays", "b.png", image=np.zeros((2, 2), np.uint8))
     stuck = out / "overlays" / "b.png"
-    real_unlink = Path.unlink
+    real_rename = os.rename
 
-    def unlink(self, *args, **kwargs):
-        if self == stuck:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real_unlink(self, *args, **kwargs)
+    def rename(src, dst, *args, **kwargs):
+        if Path(src) == stuck:
+            raise PermissionError(13, "Permission denied", str(src))
+        return real_rename(src, dst, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(PermissionError):
         prepare_output_folder(out)
     monkeypatch.undo()
     assert (out / MANIFEST_NAME).is_file()
+    assert _files(out) == [MANIFEST_NAME, "a.txt", "overlays/b.png"] and not (out / PREVIOUS_NAME).exists()
     prepare_output_folder(out)  # still pneumoseg's own output: accepted without overwrite
     assert _files(out) == []
 
