@@ -81,13 +81,14 @@ def run_masks(args: argparse.Namespace) -> int:
         for image_id, dicom_path in files.items():
             if image_id in rles:
                 shapes[image_id] = read_dicom_shape(dicom_path)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.MASKS,
-                                   inputs=(args.csv, args.dicoms))
-    positives = 0
-    for image_id, strings in tqdm(rles.items(), desc="masks", unit="image", disable=args.no_progress):
-        mask = decode_union(strings, shapes.get(image_id, (height, width)))
-        positives += bool(mask.any())
-        folder.write_png(names[image_id], image=mask * 255)
+    # a failure inside the block puts the folder's earlier output back (see pneumoseg._fs)
+    with prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.MASKS,
+                               inputs=(args.csv, args.dicoms)) as folder:
+        positives = 0
+        for image_id, strings in tqdm(rles.items(), desc="masks", unit="image", disable=args.no_progress):
+            mask = decode_union(strings, shapes.get(image_id, (height, width)))
+            positives += bool(mask.any())
+            folder.write_png(names[image_id], image=mask * 255)
     print(f"wrote {len(rles)} masks ({positives} with pneumothorax) to {folder.path}")
     return 0
 

@@ -110,61 +110,62 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     config = load_recipe("demo", [f"seed={args.seed}", *args.overrides])  # a bad --set fails before any work
     _check_study_count(args.n, config)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.DEMO)
-    train_dir = folder.path / "siim-synthetic"
-    test_dir = folder.path / "held-out"
-    print(f"[1/5] synthesising {args.n} training and {args.held_out} held-out studies ({args.size}x{args.size})")
-    make_synthetic_siim(train_dir, n_images=args.n, size=args.size, positive_fraction=POSITIVE_FRACTION, seed=args.seed,
-                        progress=not args.no_progress, overwrite=args.force)
-    truth_csv = make_synthetic_siim(test_dir, n_images=args.held_out, size=args.size, positive_fraction=POSITIVE_FRACTION,
-                                    seed=args.seed + 1, progress=not args.no_progress, overwrite=args.force)
-    t_data = time.perf_counter()
+    # The with block is the run: a failed or stopped demo puts the folder's earlier demo back (see pneumoseg._fs)
+    with prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.DEMO) as folder:
+        train_dir = folder.path / "siim-synthetic"
+        test_dir = folder.path / "held-out"
+        print(f"[1/5] synthesising {args.n} training and {args.held_out} held-out studies ({args.size}x{args.size})")
+        make_synthetic_siim(train_dir, n_images=args.n, size=args.size, positive_fraction=POSITIVE_FRACTION, seed=args.seed,
+                            progress=not args.no_progress, overwrite=args.force)
+        truth_csv = make_synthetic_siim(test_dir, n_images=args.held_out, size=args.size, positive_fraction=POSITIVE_FRACTION,
+                                        seed=args.seed + 1, progress=not args.no_progress, overwrite=args.force)
+        t_data = time.perf_counter()
 
-    print("[2/5] training the classifier and the segmenter (the demo recipe)")
-    config = load_recipe("demo", [f"seed={args.seed}", *args.overrides], data={"root": train_dir})
-    model_dir = train(config, folder.path / "model", overwrite=args.force, progress=not args.no_progress).out
-    t_train = time.perf_counter()
+        print("[2/5] training the classifier and the segmenter (the demo recipe)")
+        config = load_recipe("demo", [f"seed={args.seed}", *args.overrides], data={"root": train_dir})
+        model_dir = train(config, folder.path / "model", overwrite=args.force, progress=not args.no_progress).out
+        t_train = time.perf_counter()
 
-    print("[3/5] exporting ONNX (checked against torch)")
-    export_onnx(model_dir, "fp32")
-    t_export = time.perf_counter()
+        print("[3/5] exporting ONNX (checked against torch)")
+        export_onnx(model_dir, "fp32")
+        t_export = time.perf_counter()
 
-    print(f"[4/5] two-stage inference on the {args.held_out} held-out studies: " + ", ".join(BACKENDS))
-    truth = read_rle_csv(truth_csv)
-    latency: dict[str, dict] = {}
-    results = {}
-    for backend in BACKENDS:
-        predictor = Predictor.from_dir(model_dir, backend=backend)
-        predictor.warmup(batch_size=8)  # kernel choices for the batch shape are not the demo's latency
-        begin = time.perf_counter()
-        preds = predictor.predict(test_dir, return_masks=backend == BACKENDS[0], batch_size=8)
-        seconds = time.perf_counter() - begin
-        latency[backend] = {"timings": summarise_timings(preds), "images_per_second": len(preds) / seconds,
-                            "seconds": seconds, "predictor": predictor.describe()}
-        results[backend] = (predictor, preds, seconds)
-    same = sum(a.rle == b.rle for a, b in zip(results["torch"][1], results["onnxruntime"][1]))
-    t_predict = time.perf_counter()
+        print(f"[4/5] two-stage inference on the {args.held_out} held-out studies: " + ", ".join(BACKENDS))
+        truth = read_rle_csv(truth_csv)
+        latency: dict[str, dict] = {}
+        results = {}
+        for backend in BACKENDS:
+            predictor = Predictor.from_dir(model_dir, backend=backend)
+            predictor.warmup(batch_size=8)  # kernel choices for the batch shape are not the demo's latency
+            begin = time.perf_counter()
+            preds = predictor.predict(test_dir, return_masks=backend == BACKENDS[0], batch_size=8)
+            seconds = time.perf_counter() - begin
+            latency[backend] = {"timings": summarise_timings(preds), "images_per_second": len(preds) / seconds,
+                                "seconds": seconds, "predictor": predictor.describe()}
+            results[backend] = (predictor, preds, seconds)
+        same = sum(a.rle == b.rle for a, b in zip(results["torch"][1], results["onnxruntime"][1]))
+        t_predict = time.perf_counter()
 
-    print("[5/5] writing the submission, overlays, metrics and pictures")
-    predictor, preds, seconds = results["torch"]
-    out = folder.subfolder("predictions")
-    names = safe_file_names([p.image_id for p in preds], ".png")
-    overlays = 0
-    for p in preds:
-        if p.positive:
-            write_overlay(out, names[p.image_id], p)
-            overlays += 1
-    write_predictions(out, preds, [], predictor, seconds, overlays)
-    ev = evaluate({p.image_id: [p.rle] for p in preds}, truth, scores={p.image_id: p.score for p in preds})
-    evaluation = folder.subfolder("evaluation")
-    report, pictures = write_evaluation(ev, evaluation, {"torch_onnxruntime_same_rle": f"{same}/{len(preds)}"})
-    table = _latency_table(latency)
-    folder.write_bytes("latency.txt", data=table + "\n")
-    folder.write_bytes("latency.json", data=json.dumps(latency, indent=2) + "\n")
-    files = find_dicoms(test_dir)
-    images = {p.image_id: read_dicom(files[p.image_id]).pixels for p in preds}
-    picture = folder.write_png("demo-studies.png", image=_studies_picture(preds, truth, images))
-    t_end = time.perf_counter()
+        print("[5/5] writing the submission, overlays, metrics and pictures")
+        predictor, preds, seconds = results["torch"]
+        out = folder.subfolder("predictions")
+        names = safe_file_names([p.image_id for p in preds], ".png")
+        overlays = 0
+        for p in preds:
+            if p.positive:
+                write_overlay(out, names[p.image_id], p)
+                overlays += 1
+        write_predictions(out, preds, [], predictor, seconds, overlays)
+        ev = evaluate({p.image_id: [p.rle] for p in preds}, truth, scores={p.image_id: p.score for p in preds})
+        evaluation = folder.subfolder("evaluation")
+        report, pictures = write_evaluation(ev, evaluation, {"torch_onnxruntime_same_rle": f"{same}/{len(preds)}"})
+        table = _latency_table(latency)
+        folder.write_bytes("latency.txt", data=table + "\n")
+        folder.write_bytes("latency.json", data=json.dumps(latency, indent=2) + "\n")
+        files = find_dicoms(test_dir)
+        images = {p.image_id: read_dicom(files[p.image_id]).pixels for p in preds}
+        picture = folder.write_png("demo-studies.png", image=_studies_picture(preds, truth, images))
+        t_end = time.perf_counter()
 
     cls = report["classification"]
     auc = "n/a" if cls["auc"] is None else f"{cls['auc']:.4f}"

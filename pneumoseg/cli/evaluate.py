@@ -55,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
     truth = read_rle_csv(args.truth)
     scores = read_scores_csv(args.scores) if args.scores is not None else None
     ev = evaluate(pred, truth, scores=scores, threshold=args.threshold)
-    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.EVALUATION,
-                                   inputs=(args.pred, args.truth, args.scores))
-    report, pictures = write_evaluation(ev, folder)
+    # a failure inside the block puts the folder's earlier output back (see pneumoseg._fs)
+    with prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.EVALUATION,
+                               inputs=(args.pred, args.truth, args.scores)) as folder:
+        report, pictures = write_evaluation(ev, folder)
     cls = report["classification"]
     cm = cls["confusion_matrix"]
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731

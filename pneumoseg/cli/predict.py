@@ -71,25 +71,27 @@ def run(args: argparse.Namespace) -> int:
     names = safe_file_names([s.image_id for s in stream.sources], ".png")
     # the submission is checked again once the folder is held: another predict into it may have
     # finished while this one loaded the model
-    folder = prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs,
-                                   never_replace=(SUBMISSION,))
-    start = time.perf_counter()
-    predictions = []
-    overlays = 0
-    # closed however the loop ends (a failed write, Ctrl-C): the reader threads stop and the progress
-    # bar ends its line before the one-line message, instead of whenever the stream is collected
-    with contextlib.closing(stream):
-        for pred in stream:
-            if pred.positive and not args.no_overlays:
-                overlays += write_overlay(folder, names[pred.image_id], pred)
-            pred.mask = None  # memory stays bounded: the mask is in its overlay and its RLE
-            predictions.append(pred)
-    seconds = time.perf_counter() - start
-    for where, reason in stream.skipped:
-        print(f"pneumoseg: skipped {where}: {reason}", file=sys.stderr)
-    if not predictions:
-        raise OutputError("no image could be read; nothing was predicted (see the messages above)")
-    write_predictions(folder, predictions, stream.skipped, predictor, seconds, overlays)
+    # The with block is the run: an error or a stop inside it removes what it wrote and puts the folder's
+    # earlier output back, as it was (see pneumoseg._fs).
+    with prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs,
+                               never_replace=(SUBMISSION,)) as folder:
+        start = time.perf_counter()
+        predictions = []
+        overlays = 0
+        # closed however the loop ends (a failed write, Ctrl-C): the reader threads stop and the progress
+        # bar ends its line before the one-line message, instead of whenever the stream is collected
+        with contextlib.closing(stream):
+            for pred in stream:
+                if pred.positive and not args.no_overlays:
+                    overlays += write_overlay(folder, names[pred.image_id], pred)
+                pred.mask = None  # memory stays bounded: the mask is in its overlay and its RLE
+                predictions.append(pred)
+        seconds = time.perf_counter() - start
+        for where, reason in stream.skipped:
+            print(f"pneumoseg: skipped {where}: {reason}", file=sys.stderr)
+        if not predictions:
+            raise OutputError("no image could be read; nothing was predicted (see the messages above)")
+        write_predictions(folder, predictions, stream.skipped, predictor, seconds, overlays)
     positives = sum(p.positive for p in predictions)
     skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
     noun = "image" if len(predictions) == 1 else "images"

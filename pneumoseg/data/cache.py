@@ -198,44 +198,45 @@ def build_cache(
     ids, paths, rles = _labelled_items(root, csv_path)
     n = len(ids)
     limits.check("max_batch_bytes", n * size * size, f"a cache of {n} images at {size}x{size} (uint8)")
-    folder = prepare_output_folder(out, overwrite=overwrite, what=OutputKind.CACHE, inputs=(root, csv_path))
-    # The arrays are filled in place; if anything fails they are removed, so a rerun needs no --force.
-    with contextlib.ExitStack() as files:
-        images_path = files.enter_context(folder.filled_in_place(IMAGES_FILE))
-        images = _open_reserved_memmap(images_path, (n, size, size))
-        masks = None
-        if rles is not None:
-            masks_path = files.enter_context(folder.filled_in_place(MASKS_FILE))
-            masks = _open_reserved_memmap(masks_path, (n, size, size))
-        shapes, failed = decode_to_arrays(paths, rles, size, images, masks, workers=workers, progress=progress,
-                                          desc="cache")
-        images.flush()
-        del images
-        if masks is not None:
-            masks.flush()
-            del masks
-        bad = {i for i, _ in failed}
-        rows = [i for i in range(n) if i not in bad]
-        if not rows:
-            raise DataFormatError(f"{root}: none of the {n} DICOMs could be read, e.g. {failed[0][1]}")
-    if failed:
-        warnings.warn(f"{len(failed)} DICOMs could not be read and are left out of the cache (see 'skipped' in "
-                      f"its {CACHE_INDEX}), e.g. {failed[0][1]}", DataWarning, stacklevel=2)
-    index = {
-        "format": CACHE_FORMAT,
-        "format_version": CACHE_VERSION,
-        "pneumoseg_version": __version__,
-        "size": size,
-        "count": n,
-        "has_masks": rles is not None,
-        "source": {"root": str(root), "csv": None if csv_path is None else str(csv_path)},
-        "ids": [ids[i] for i in rows],
-        "rows": rows,
-        "labels": None if rles is None else [int(_is_positive(rles[i])) for i in rows],
-        "shapes": [list(shapes[i]) for i in rows],
-        "skipped": [{"id": ids[i], "path": str(paths[i]), "reason": reason} for i, reason in failed],
-    }
-    return folder.write_bytes(CACHE_INDEX, data=json.dumps(index, indent=1) + "\n")
+    # a failure inside the block puts the folder's earlier cache back (see pneumoseg._fs)
+    with prepare_output_folder(out, overwrite=overwrite, what=OutputKind.CACHE, inputs=(root, csv_path)) as folder:
+        # The arrays are filled in place; if anything fails they are removed, so a rerun needs no --force.
+        with contextlib.ExitStack() as files:
+            images_path = files.enter_context(folder.filled_in_place(IMAGES_FILE))
+            images = _open_reserved_memmap(images_path, (n, size, size))
+            masks = None
+            if rles is not None:
+                masks_path = files.enter_context(folder.filled_in_place(MASKS_FILE))
+                masks = _open_reserved_memmap(masks_path, (n, size, size))
+            shapes, failed = decode_to_arrays(paths, rles, size, images, masks, workers=workers, progress=progress,
+                                              desc="cache")
+            images.flush()
+            del images
+            if masks is not None:
+                masks.flush()
+                del masks
+            bad = {i for i, _ in failed}
+            rows = [i for i in range(n) if i not in bad]
+            if not rows:
+                raise DataFormatError(f"{root}: none of the {n} DICOMs could be read, e.g. {failed[0][1]}")
+        if failed:
+            warnings.warn(f"{len(failed)} DICOMs could not be read and are left out of the cache (see 'skipped' in "
+                          f"its {CACHE_INDEX}), e.g. {failed[0][1]}", DataWarning, stacklevel=2)
+        index = {
+            "format": CACHE_FORMAT,
+            "format_version": CACHE_VERSION,
+            "pneumoseg_version": __version__,
+            "size": size,
+            "count": n,
+            "has_masks": rles is not None,
+            "source": {"root": str(root), "csv": None if csv_path is None else str(csv_path)},
+            "ids": [ids[i] for i in rows],
+            "rows": rows,
+            "labels": None if rles is None else [int(_is_positive(rles[i])) for i in rows],
+            "shapes": [list(shapes[i]) for i in rows],
+            "skipped": [{"id": ids[i], "path": str(paths[i]), "reason": reason} for i, reason in failed],
+        }
+        return folder.write_bytes(CACHE_INDEX, data=json.dumps(index, indent=1) + "\n")
 
 
 def load_cache_index(cache_dir: Union[str, Path]) -> dict[str, Any]:

@@ -155,38 +155,39 @@ def make_synthetic_siim(
     positive_fraction = check_probability(positive_fraction, "positive_fraction")
     seed = check_int(seed, "seed", low=0)
     progress = check_bool(progress, "progress")
-    folder = prepare_output_folder(out_dir, overwrite=overwrite, what=OutputKind.SYNTHETIC_DATA)
-    from pydicom.uid import generate_uid
+    # a failure inside the block puts the folder's earlier output back (see pneumoseg._fs)
+    with prepare_output_folder(out_dir, overwrite=overwrite, what=OutputKind.SYNTHETIC_DATA) as folder:
+        from pydicom.uid import generate_uid
 
-    rng = np.random.default_rng(seed)
-    n_pos = int(round(n_images * positive_fraction))
-    positive = np.zeros(n_images, bool)
-    positive[rng.permutation(n_images)[:n_pos]] = True
-    root = "1.2.826.0.1.3680043.10.1082."  # pneumoseg's synthetic UIDs, deterministic per seed
-    rles: dict[str, list[str]] = {}
-    items = range(n_images)
-    if progress:
-        from tqdm import tqdm
+        rng = np.random.default_rng(seed)
+        n_pos = int(round(n_images * positive_fraction))
+        positive = np.zeros(n_images, bool)
+        positive[rng.permutation(n_images)[:n_pos]] = True
+        root = "1.2.826.0.1.3680043.10.1082."  # pneumoseg's synthetic UIDs, deterministic per seed
+        rles: dict[str, list[str]] = {}
+        items = range(n_images)
+        if progress:
+            from tqdm import tqdm
 
-        items = tqdm(items, desc="synthetic studies", unit="image")
-    for i in items:
-        image_rng = np.random.default_rng([seed, i])
-        pixels, mask = chest_phantom(size, image_rng, bool(positive[i]))
-        uids = {k: generate_uid(prefix=root, entropy_srcs=[str(seed), str(i), k]) for k in ("sop", "study", "series")}
-        uids["patient"] = f"synthetic-{seed}-{i:05d}"
-        _write_dicom(folder, ("dicom-images-train", uids["study"], uids["series"], f"{uids['sop']}.dcm"),
-                     pixels, uids, image_rng)
-        rows = np.nonzero(mask.any(axis=1))[0]
-        # A region one row high cannot be split: its upper part would be an empty "-1" annotation of a
-        # positive image, which Kaggle's files never have.
-        if mask.any() and image_rng.random() < 0.35 and len(rows) > 1:
-            # Two annotations: split the region at a row through it, as two readers might.
-            cut = int(rows[len(rows) // 2])
-            upper, lower = mask.copy(), mask.copy()
-            upper[cut:] = 0
-            lower[:cut] = 0
-            rles[uids["sop"]] = [encode(upper), encode(lower)]
-        else:
-            rles[uids["sop"]] = [encode(mask)]
-    folder.write_bytes("train-rle.csv", data=_format_rle_csv(rles))
+            items = tqdm(items, desc="synthetic studies", unit="image")
+        for i in items:
+            image_rng = np.random.default_rng([seed, i])
+            pixels, mask = chest_phantom(size, image_rng, bool(positive[i]))
+            uids = {k: generate_uid(prefix=root, entropy_srcs=[str(seed), str(i), k]) for k in ("sop", "study", "series")}
+            uids["patient"] = f"synthetic-{seed}-{i:05d}"
+            _write_dicom(folder, ("dicom-images-train", uids["study"], uids["series"], f"{uids['sop']}.dcm"),
+                         pixels, uids, image_rng)
+            rows = np.nonzero(mask.any(axis=1))[0]
+            # A region one row high cannot be split: its upper part would be an empty "-1" annotation of a
+            # positive image, which Kaggle's files never have.
+            if mask.any() and image_rng.random() < 0.35 and len(rows) > 1:
+                # Two annotations: split the region at a row through it, as two readers might.
+                cut = int(rows[len(rows) // 2])
+                upper, lower = mask.copy(), mask.copy()
+                upper[cut:] = 0
+                lower[:cut] = 0
+                rles[uids["sop"]] = [encode(upper), encode(lower)]
+            else:
+                rles[uids["sop"]] = [encode(mask)]
+        folder.write_bytes("train-rle.csv", data=_format_rle_csv(rles))
     return folder.path / "train-rle.csv"

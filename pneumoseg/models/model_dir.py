@@ -593,10 +593,27 @@ def save_model_dir(
     their files removed (a file changed since export is left, unlisted), as they would answer with
     the earlier weights. The returned ``ModelDir.removed_artefacts`` names them.
     """
+    prepared = prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) if prepare else None
+    try:
+        model_dir = _write_model_dir(prepared.path if prepared is not None else check_path(path, "model directory"),
+                                     networks, input_sizes=input_sizes, thresholds=thresholds, preprocessing=preprocessing,
+                                     metrics=metrics, training=training, crops=crops)
+    except BaseException:
+        if prepared is not None:
+            prepared.close(failed=True)  # the folder's earlier model directory goes back, as it was
+        raise
+    if prepared is not None:
+        prepared.close()  # held while written
+    return model_dir
+
+
+def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: Mapping[str, Union[int, tuple[int, int]]],
+                     thresholds: Optional[Union[Thresholds, Mapping[str, Any]]], preprocessing: Optional[Preprocessing],
+                     metrics: Optional[Mapping[str, Any]], training: Optional[Mapping[str, Any]],
+                     crops: Optional[Mapping[str, Optional[str]]]) -> ModelDir:
+    """:func:`save_model_dir`'s work, in ``folder`` (prepared, or held by the caller)."""
     from safetensors.torch import save as save_safetensors
 
-    prepared = prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) if prepare else None
-    folder = prepared.path if prepared is not None else check_path(path, "model directory")  # held while written
     if not isinstance(networks, Mapping) or not networks:
         raise InvalidInputError("networks must be a non-empty mapping of 'segmenter'/'classifier' to models")
     if crops is not None and not isinstance(crops, Mapping):

@@ -1101,6 +1101,8 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
     threads = torch.get_num_threads()
     folder: Optional[OutputFolder] = None
     cls_folder: Optional[OutputFolder] = None
+    failed = True  # until the run returns its result
+    cls_out = out / "classifier"
     try:
         cls_cfg = config.classifier_config()
         check_model_config(config)
@@ -1108,7 +1110,6 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
             check_model_config(cls_cfg, "classifier.")
         preloaded: dict = {}
         cls_trainer = None
-        cls_out = out / "classifier"
         if cls_cfg is not None:
             cls_done = resume and _classifier_done(cls_out)
             cls_resume = resume and (cls_out / "checkpoints" / LAST).is_file() and not cls_done
@@ -1143,10 +1144,14 @@ def train(config: TrainConfig, out: Union[str, Path], *, resume: bool = False, o
                                     md.thresholds.gate)
         result = seg_trainer.fit(folder)
         result.classifier = cls_result
+        failed = False
         return result
     finally:
+        # A failed run that left a checkpoint stays, to --resume; the folder's earlier run then stays set
+        # aside until this one ends (see pneumoseg._fs). One that left none puts the earlier run back.
+        resumable = failed and any((d / "checkpoints" / LAST).is_file() for d in (out, cls_out))
         for held in (cls_folder, folder):
             if held is not None:
-                held.close()  # at once, not whenever a traceback holding it is dropped
+                held.close(failed=failed, keep=resumable)  # at once, not whenever a traceback holding it is dropped
         torch.set_num_threads(threads)  # config.threads is for the run, not for the caller's process
         D.shutdown(info)
