@@ -1,0 +1,278 @@
+"""A rerun into a command's own earlier output that fails must not lose that output. The earlier
+output was removed when the folder was prepared, so a rerun that then failed (a full disk, Ctrl-C,
+SIGTERM, a user error found late) left neither run's: an earlier submission.csv was gone. It is now
+set aside in the folder's holding folder, put back byte for byte when the run fails, removed when it
+succeeds, and put back by the next run after a SIGKILL."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pneumoseg import rle
+from pneumoseg._fs import (MANIFEST_NAME, PREVIOUS_NAME, OutputKind, check_output_folder, prepare_output_folder)
+from pneumoseg.cli import main
+from pneumoseg.errors import OutputError
+
+from isolated import run_isolated
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every file under ``folder`` (the manifest and anything set aside included): its bytes and mtime."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".pneumoseg-") and p.name != MANIFEST_NAME)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The commands: a failure after the folder is prepared puts the earlier output back
+
+
+@pytest.fixture(scope="module")
+def study_set(tmp_path_factory):
+    from pneumoseg.data import make_synthetic_siim
+
+    root = tmp_path_factory.mktemp("siim")
+    make_synthetic_siim(root, n_images=6, size=64, positive_fraction=0.5, seed=5, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("failure, code", [(OSError(errno.ENOSPC, "No space left on device"), 2),
+                                           (KeyboardInterrupt(), 130)])
+def test_a_failed_predict_rerun_puts_the_earlier_submission_back(study_set, tmp_path, monkeypatch, capsys,
+                                                                 failure, code):
+    import pneumoseg.cli.predict as predict
+
+    from infer_helpers import model_dir
+
+    out = tmp_path / "pred"
+    args = ["predict", str(study_set), "--model", str(model_dir("plain")), "--out", str(out), "--workers", "1",
+            "--no-progress"]
+    assert main(args) == 0
+    before = _snapshot(out)
+    assert {"submission.csv", "scores.csv", "summary.json", MANIFEST_NAME} <= set(before)
+    real = predict.write_predictions
+
+    def write_then_fail(folder, *a, **kw):
+        real(folder, *a, **kw)  # the new submission is in place, under the same name
+        folder.write_bytes("extra.txt", data="only the failed run wrote this")
+        (folder.path / "notes.txt").write_text("someone's, written while the run lasted")
+        raise failure
+
+    monkeypatch.setattr(predict, "write_predictions", write_then_fail)
+    assert main([*args, "--force"]) == code  # --force: an earlier submission is never replaced without it
+    capsys.readouterr()
+    after = _snapshot(out)
+    assert after.pop("notes.txt")[0].startswith(b"someone's")  # not pneumoseg's: never removed
+    assert after == before  # every earlier file back, bytes, times and manifest
+    assert _leftovers(out) == []
+    monkeypatch.undo()
+    assert main([*args, "--force"]) == 0  # still pneumoseg's own output (beside notes.txt: --force)
+
+
+def _write_csv(path: Path, rows) -> Path:
+    path.write_text("ImageId,EncodedPixels\n" + "".join(f"{i},{s}\n" for i, s in rows))
+    return path
+
+
+def test_a_user_error_found_after_preparing_puts_the_earlier_evaluation_back(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import pneumoseg.cli.evaluate as evaluate_cli
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # no pictures: seconds saved, and not the point
+    mask = np.zeros((16, 16), np.uint8)
+    mask[4:9, 5:11] = 1
+    truth = _write_csv(tmp_path / "truth.csv", [("a", rle.encode(mask)), ("b", "-1")])
+    out = tmp_path / "ev"
+    args = ["evaluate", "--pred", str(truth), "--truth", str(truth), "--out", str(out)]
+    assert main(args) == 0
+    before = _snapshot(out)
+    assert "metrics.json" in before
+
+    def fail_late(ev, folder, extra=None):
+        folder.write_bytes("metrics.json", data='{"new": true}\n')
+        raise OutputError("found only now")
+
+    monkeypatch.setattr(evaluate_cli, "write_evaluation", fail_late)
+    assert main(args) == 2
+    assert "found only now" in capsys.readouterr().err
+    assert _snapshot(out) == before and _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rule itself, on prepare_output_folder
+
+
+def _earlier_output(out: Path, what: str = "output folder") -> dict[str, tuple[bytes, int]]:
+    with prepare_output_folder(out, what=what) as folder:
+        folder.write_bytes("a.txt", data="earlier a")
+        folder.write_bytes("deep", "b.txt", data="earlier b")
+    return _snapshot(out)
+
+
+def test_a_successful_rerun_replaces_the_earlier_output_and_leaves_no_holding_folder(tmp_path):
+    out = tmp_path / "out"
+    _earlier_output(out)
+    with prepare_output_folder(out) as folder:
+        assert not (out / "a.txt").exists() and not (out / "deep").exists()  # a clean folder to write into
+        assert (out / PREVIOUS_NAME / "deep" / "b.txt").read_text() == "earlier b"
+        check_output_folder(out)  # the holding folder is nobody's files: no --force asked for
+        folder.write_bytes("a.txt", data="new a")
+    assert sorted(_snapshot(out)) == [MANIFEST_NAME, "a.txt"] and (out / "a.txt").read_text() == "new a"
+    assert _leftovers(out) == []
+
+
+def test_an_exception_in_the_block_puts_the_earlier_output_back(tmp_path):
+    out = tmp_path / "out"
+    before = _earlier_output(out)
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out) as folder:
+            folder.write_bytes("a.txt", data="new a")
+            folder.write_bytes("deep", "c.txt", data="new c")
+            folder.write_bytes("deep", "b.txt", "inner.txt", data="a folder where a file was")
+            raise RuntimeError("the run failed")
+    assert _snapshot(out) == before and _leftovers(out) == []
+
+
+_KILLED_RERUN = '''
+import signal
+from pneumoseg._fs import prepare_output_folder
+folder = prepare_output_folder(OUT, what=WHAT)
+folder.write_bytes("a.txt", data="killed run's a")
+folder.write_bytes("new.txt", data="killed run's own")
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _killed_rerun(out: Path, what: str) -> None:
+    result = run_isolated(f"OUT = {str(out)!r}\nWHAT = {what!r}\n" + _KILLED_RERUN, timeout=60)
+    assert result.returncode == -9, result.describe()
+    assert (out / PREVIOUS_NAME / "a.txt").read_text() == "earlier a" and (out / "new.txt").is_file()
+
+
+def test_a_sigkilled_rerun_is_undone_by_the_next_run(tmp_path):
+    out = tmp_path / "out"
+    what = OutputKind.PREDICTION
+    before = _earlier_output(out, what)
+    _killed_rerun(out, what)
+    check_output_folder(out, what=what)  # neither the held output nor the killed run's is someone else's
+    with pytest.raises(OutputError):  # another command does not undo this one's run
+        prepare_output_folder(out, what=OutputKind.EVALUATION)
+    assert (out / PREVIOUS_NAME / "a.txt").is_file()
+    # The next run undoes the killed one before setting the earlier output aside again: failing, it
+    # leaves the folder as it was before the killed run.
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_output_folder(out, what=what) as folder:
+            folder.write_bytes("a.txt", data="third run's a")
+            raise KeyboardInterrupt
+    assert _snapshot(out) == before and _leftovers(out) == []
+    _killed_rerun(out, what)
+    with prepare_output_folder(out, what=what) as folder:  # succeeding, it replaces the earlier output
+        assert not (out / "new.txt").exists()
+        folder.write_bytes("z.txt", data="done")
+    assert sorted(_snapshot(out)) == [MANIFEST_NAME, "z.txt"] and _leftovers(out) == []
+
+
+def test_a_held_file_whose_place_is_taken_is_never_lost(tmp_path):
+    out = tmp_path / "out"
+    _earlier_output(out)
+    _killed_rerun(out, "output folder")
+    (out / "deep").mkdir()
+    (out / "deep" / "b.txt").write_text("someone's b")  # where the held deep/b.txt goes back
+    with pytest.raises(OutputError, match=r"deep/b\.txt.* is now where it goes back"):
+        prepare_output_folder(out)
+    assert (out / "deep" / "b.txt").read_text() == "someone's b"
+    assert (out / PREVIOUS_NAME / "deep" / "b.txt").read_text() == "earlier b"
+    assert (out / "a.txt").read_text() == "earlier a"  # what could go back went back
+    os.unlink(out / "deep" / "b.txt")
+    with prepare_output_folder(out):  # once the way is clear the rest goes back, and is replaced
+        pass
+    assert sorted(_snapshot(out)) == [MANIFEST_NAME] and _leftovers(out) == []
+
+
+def test_a_failed_run_that_can_resume_keeps_its_files_and_the_earlier_output(tmp_path):
+    """A training run stopped after a checkpoint is kept for --resume (close(keep=True)); the earlier
+    run stays set aside until the resumed run succeeds."""
+    out = tmp_path / "run"
+    what = OutputKind.TRAINING_RUN
+    _earlier_output(out, what)
+    folder = prepare_output_folder(out, what=what)
+    folder.write_bytes("checkpoints", "last.pt", data="epoch 1")
+    folder.close(failed=True, keep=True)
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / PREVIOUS_NAME / "a.txt").is_file()
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_output_folder(out, what=what, resume=True) as folder:  # a resumed run removes nothing
+            folder.write_bytes("checkpoints", "last.pt", data="epoch 2")
+            raise KeyboardInterrupt
+    assert (out / "checkpoints" / "last.pt").read_text() == "epoch 2" and (out / PREVIOUS_NAME / "a.txt").is_file()
+    with prepare_output_folder(out, what=what, resume=True) as folder:
+        folder.write_bytes("checkpoints", "last.pt", data="epoch 3")
+    assert sorted(_snapshot(out)) == [MANIFEST_NAME, "checkpoints/last.pt"] and _leftovers(out) == []
+
+
+def test_a_subfolder_run_ends_with_its_folder(tmp_path):
+    """The demo's predictions/ and evaluation/ are sub-folders prepared on their own: under --force beside
+    someone's files (nothing set aside above them), their earlier output goes back with the demo's run."""
+    out = tmp_path / "demo"
+    with prepare_output_folder(out) as folder:
+        folder.subfolder("predictions").write_bytes("submission.csv", data="earlier")
+    (out / "notes.txt").write_text("someone's")
+    before = _snapshot(out)
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, overwrite=True) as folder:
+            folder.subfolder("predictions").write_bytes("submission.csv", data="new")
+            raise RuntimeError("a later step failed")
+    assert _snapshot(out) == before and _leftovers(out / "predictions") == []
+
+
+def test_no_file_may_be_written_in_the_holding_folders_place(tmp_path):
+    with prepare_output_folder(tmp_path / "out") as folder:
+        with pytest.raises(OutputError, match="earlier output"):
+            folder.file(PREVIOUS_NAME, "x.txt")
+
+
+def test_a_folder_of_that_name_pneumoseg_did_not_make_is_someone_elses(tmp_path):
+    out = tmp_path / "out"
+    _earlier_output(out)
+    (out / PREVIOUS_NAME).mkdir()
+    (out / PREVIOUS_NAME / "mine.txt").write_text("someone's")  # no manifest: not a holding folder
+    with pytest.raises(OutputError, match="not empty"):
+        prepare_output_folder(out)
+    with prepare_output_folder(out, overwrite=True):  # beside someone's files nothing is set aside
+        pass
+    assert (out / PREVIOUS_NAME / "mine.txt").read_text() == "someone's" and (out / "a.txt").read_text() == "earlier a"
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_failed_training_rerun_keeps_the_earlier_run(study_set, tmp_path, monkeypatch, checkpointed):
+    """`pneumoseg train` into an earlier run, stopped: before its first checkpoint the earlier run is put
+    back; after it, the new run stays (for --resume) and the earlier one stays set aside."""
+    from factories import TINY_TRAINING, training_config
+
+    from pneumoseg.train import engine
+
+    out = tmp_path / "run"
+    before = _earlier_output(out, OutputKind.TRAINING_RUN)
+
+    def stopped(self, folder):
+        if checkpointed:
+            folder.write_bytes("checkpoints", "last.pt", data="a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.Trainer, "fit", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(training_config(TINY_TRAINING, study_set, data__preload=False), out, progress=False)
+    if checkpointed:
+        assert (out / "checkpoints" / "last.pt").is_file() and _leftovers(out) == [PREVIOUS_NAME]
+        assert {f"{PREVIOUS_NAME}/{rel}": v for rel, v in before.items()} == {
+            rel: v for rel, v in _snapshot(out).items() if rel.startswith(PREVIOUS_NAME)}
+    else:
+        assert _snapshot(out) == before and _leftovers(out) == []
