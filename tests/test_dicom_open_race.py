@@ -137,3 +137,39 @@ def test_the_file_checked_is_the_file_read_when_replaced_after_the_open(tmp_path
     assert img.image_id == "1.2.3"
     np.testing.assert_array_equal(img.pixels, np.full((8, 8), 7, np.uint16))
     assert img._dataset.filename == os.fspath(path)
+
+
+# --- the folder scan: a file listed, then swapped for a pipe before its head is read ---------------------
+
+
+@needs_fifo
+@pytest.mark.parametrize("require_suffix", [True, False])
+def test_a_scan_passes_over_a_pipe_swapped_in_after_the_listing(tmp_path, monkeypatch, require_suffix):
+    # find_dicom_files lists a folder, then opens the files without a .dcm suffix by name to read
+    # their first bytes ("DICM", the file meta group): a pipe put in one's place in between made that
+    # open wait for a writer, and the whole scan with it.
+    from pneumoseg.data import siim
+
+    for name in ("IM0001", "IM0002", "IM0003"):
+        write_dicom(tmp_path / name, np.zeros((8, 8), np.uint16))
+    swapped = tmp_path / "IM0002"
+    list_folder = os.scandir
+
+    def list_then_swap(folder):
+        entries = list(list_folder(folder))  # the listing still says IM0002 is a regular file
+        if Path(folder) == tmp_path:
+            _to_fifo(swapped)
+        return iter(entries)
+
+    monkeypatch.setattr(siim.os, "scandir", list_then_swap)
+    found: dict = {}
+    error = _call_with_limit(lambda: found.update(files=siim.find_dicom_files(tmp_path, require_suffix=require_suffix)),
+                             swapped)
+    assert error is None, error
+    files = found["files"]
+    if require_suffix:  # DICOM files without the suffix are named in skipped, the pipe is not one
+        assert files == []
+        assert sorted(p.name for p, _ in files.skipped) == ["IM0001", "IM0003"]
+    else:
+        assert [p.name for p in files] == ["IM0001", "IM0003"]
+        assert files.skipped == []

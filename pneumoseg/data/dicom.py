@@ -219,6 +219,18 @@ def _check_kind_and_size(st: os.stat_result, path: Path) -> None:
         raise DicomError(str(exc)) from None
 
 
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
+_OPEN_FLAGS = os.O_RDONLY | _O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+
+
+def _open_without_waiting(path: Union[str, Path]) -> int:
+    """A read-only descriptor on ``path``, for the caller to ``fstat`` and close. Opened by name, a
+    named pipe without a writer makes a blocking open wait forever; this open returns at once
+    whatever is there, and ``fstat`` of the descriptor tells what was opened (the file, not the
+    name: it may have been swapped since it was listed or checked)."""
+    return os.open(path, _OPEN_FLAGS)
+
+
 @contextlib.contextmanager
 def _open_dicom(path: Path) -> Iterator[BinaryIO]:
     """``path`` opened once for everything read from it, its checks made on what was opened. Checked
@@ -227,16 +239,15 @@ def _open_dicom(path: Path) -> Iterator[BinaryIO]:
     and ``fstat`` of the descriptor then refuses it, as the check by name refuses one that is
     already there. (``_fs.open_for_reading`` waits for a pipe's writer: a DICOM file is never one.)"""
     _check_file(path)  # by name first, so a device or a pipe already there is never opened at all
-    nonblock = getattr(os, "O_NONBLOCK", 0)
     try:
-        fd = os.open(path, os.O_RDONLY | nonblock | getattr(os, "O_CLOEXEC", 0))
+        fd = _open_without_waiting(path)
     except FileNotFoundError:
         raise DicomError(f"{path}: no such file") from None
     except OSError as exc:  # permission denied: the message pydicom's own open of the path gave
         raise DicomError(f"{path}: unreadable DICOM header ({type(exc).__name__}: {exc})") from exc
     try:
         _check_kind_and_size(os.fstat(fd), path)
-        if nonblock:  # a regular file never blocks; cleared all the same, as pydicom expects
+        if _O_NONBLOCK:  # a regular file never blocks; cleared all the same, as pydicom expects
             os.set_blocking(fd, True)
         f = os.fdopen(fd, "rb")
     except BaseException:

@@ -15,7 +15,7 @@ from .. import limits
 from .._checks import check_bool, check_path, check_str_sequence, show
 from .._fs import atomic_open, open_for_reading
 from ..errors import DataFormatError, InvalidInputError, LimitError, OutputError
-from .dicom import DICOMDIR_REASON, MEDIA_DIRECTORY_STORAGE
+from .dicom import DICOMDIR_REASON, MEDIA_DIRECTORY_STORAGE, _open_without_waiting
 
 __all__ = ["read_rle_csv", "write_rle_csv", "check_csv_image_ids", "find_dicoms", "DicomIndex", "find_dicom_files",
            "DicomFiles"]
@@ -274,12 +274,25 @@ class DicomFiles(list):
         self.skipped = []
 
 
-def _is_dicom_file(path: Path) -> bool:
+def _head(path: Path, size: int) -> bytes:
+    """The first ``size`` bytes of the regular file at ``path``; empty for anything else, or if it
+    cannot be read. The scan lists a folder and then opens its files by name: a named pipe without a
+    writer, there from the start or swapped in after the listing, made a blocking open wait forever.
+    Open, fstat, read, close: fewer system calls than ``open()`` makes for a file object."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(132)
+        fd = _open_without_waiting(path)
     except OSError:
-        return False
+        return b""
+    try:
+        return os.read(fd, size) if stat.S_ISREG(os.fstat(fd).st_mode) else b""
+    except OSError:
+        return b""
+    finally:
+        os.close(fd)
+
+
+def _is_dicom_file(path: Path) -> bool:
+    head = _head(path, 132)
     return len(head) == 132 and head[128:] == b"DICM"
 
 
@@ -292,11 +305,7 @@ def _is_dicomdir(path: Path) -> bool:
     MediaStorageSOPClassUID (0002,0002) of its file meta group. That group is always explicit VR
     little endian and comes first, so it is walked here in the file's first few kilobytes (pydicom's
     read_file_meta_info takes twenty times as long, once for every file of a folder)."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8192)
-    except OSError:
-        return False
+    head = _head(path, 8192)
     at = 132
     while at + 8 <= len(head):
         group, element = struct.unpack_from("<HH", head, at)
