@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import struct
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -15,7 +14,13 @@ from .. import limits
 from .._checks import check_bool, check_path, check_str_sequence, show
 from .._fs import atomic_open, open_for_reading
 from ..errors import DataFormatError, InvalidInputError, LimitError, OutputError
-from .dicom import DICOMDIR_REASON, MEDIA_DIRECTORY_STORAGE, _open_without_waiting
+from .dicom import (
+    DICOMDIR_REASON,
+    MEDIA_DIRECTORY_STORAGE,
+    _file_meta_elements,
+    _open_without_waiting,
+    _uid_text,
+)
 
 __all__ = ["read_rle_csv", "write_rle_csv", "check_csv_image_ids", "find_dicoms", "DicomIndex", "find_dicom_files",
            "DicomFiles"]
@@ -296,33 +301,11 @@ def _is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
-# explicit VRs whose value length takes 4 bytes after 2 reserved ones (PS3.5 7.1.2); the others take 2
-_LONG_LENGTH_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-
-
 def _is_dicomdir(path: Path) -> bool:
     """Whether a DICOM file not named DICOMDIR (the name PS3.10 gives it) is one all the same, by the
-    MediaStorageSOPClassUID (0002,0002) of its file meta group. That group is always explicit VR
-    little endian and comes first, so it is walked here in the file's first few kilobytes (pydicom's
-    read_file_meta_info takes twenty times as long, once for every file of a folder)."""
-    head = _head(path, 8192)
-    at = 132
-    while at + 8 <= len(head):
-        group, element = struct.unpack_from("<HH", head, at)
-        if group != 0x0002:
-            return False
-        vr = head[at + 4: at + 6]
-        if vr in _LONG_LENGTH_VRS:
-            if at + 12 > len(head):
-                return False
-            length, at = struct.unpack_from("<I", head, at + 8)[0], at + 12
-        else:
-            length, at = struct.unpack_from("<H", head, at + 6)[0], at + 8
-        if element == 0x0002:
-            value = head[at: at + length].decode("latin-1").strip(" \x00")
-            return value == MEDIA_DIRECTORY_STORAGE
-        at += length
-    return False
+    MediaStorageSOPClassUID (0002,0002) of its file meta group, walked in the file's first 8 KB."""
+    value = _file_meta_elements(_head(path, 8192))[0].get(0x0002)
+    return value is not None and _uid_text(value) == MEDIA_DIRECTORY_STORAGE
 
 
 def find_dicom_files(root: Union[str, Path], *, require_suffix: bool = True) -> DicomFiles:
