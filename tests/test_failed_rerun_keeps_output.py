@@ -276,3 +276,62 @@ def test_a_failed_training_rerun_keeps_the_earlier_run(study_set, tmp_path, monk
             rel: v for rel, v in _snapshot(out).items() if rel.startswith(PREVIOUS_NAME)}
     else:
         assert _snapshot(out) == before and _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# save_model_dir: its files are listed, so saving again needs no overwrite and a failed save undoes itself
+
+
+def _tiny_segmenter():
+    from pneumoseg.models import create_segmenter
+
+    return create_segmenter(encoder="resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))
+
+
+def test_saving_a_model_directory_again_replaces_its_own_files(tmp_path):
+    """save_model_dir wrote its weights and pneumoseg.json without listing them, so saving again into
+    the same folder said 'pneumoseg did not write it' and wanted overwrite=True."""
+    from pneumoseg.models.model_dir import load_model_dir, save_model_dir
+
+    out = tmp_path / "model"
+    save_model_dir(out, {"segmenter": _tiny_segmenter()}, input_sizes={"segmenter": 64})
+    listed = (out / MANIFEST_NAME).read_text()
+    assert "pneumoseg.json" in listed and "segmenter.safetensors" in listed
+    save_model_dir(out, {"segmenter": _tiny_segmenter()}, input_sizes={"segmenter": 64}, thresholds={"top": 0.7})
+    assert load_model_dir(out).thresholds.top == 0.7
+    assert _leftovers(out) == []
+
+
+def test_a_save_that_fails_after_writing_weights_puts_the_earlier_directory_back(tmp_path):
+    """The weights are written before the metrics are checked: the new weights must go, the earlier
+    directory come back byte for byte, and the next save work without overwrite."""
+    from pneumoseg.errors import InvalidInputError
+    from pneumoseg.models.model_dir import save_model_dir
+
+    out = tmp_path / "model"
+    save_model_dir(out, {"segmenter": _tiny_segmenter()}, input_sizes={"segmenter": 64})
+    before = _snapshot(out)
+    with pytest.raises(InvalidInputError, match="metrics"):
+        save_model_dir(out, {"segmenter": _tiny_segmenter()}, input_sizes={"segmenter": 64},
+                       metrics={"dice": object()})
+    assert _snapshot(out) == before
+    assert _leftovers(out) == []
+    save_model_dir(out, {"segmenter": _tiny_segmenter()}, input_sizes={"segmenter": 64})
+
+
+def test_a_failed_forced_save_keeps_someones_file_it_had_not_replaced(tmp_path):
+    """Under overwrite=True beside someone's files nothing is set aside (as for every command): a failed
+    save leaves someone's files as they were and what it wrote listed as pneumoseg's, not unlisted."""
+    from pneumoseg.errors import InvalidInputError
+    from pneumoseg.models.model_dir import save_model_dir
+
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "pneumoseg.json").write_text("someone's notes")
+    (out / "notes.txt").write_text("keep")
+    with pytest.raises(InvalidInputError, match="metrics"):
+        save_model_dir(out, {"segmenter": _tiny_segmenter()}, input_sizes={"segmenter": 64},
+                       metrics={"dice": object()}, overwrite=True)
+    assert (out / "pneumoseg.json").read_text() == "someone's notes"
+    assert (out / "notes.txt").read_text() == "keep"
+    assert "segmenter.safetensors" in (out / MANIFEST_NAME).read_text()

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import re
 import stat
 from dataclasses import asdict, dataclass, field, fields
@@ -41,7 +42,7 @@ from .. import __version__, limits
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, nesting_excess, show
 from .._fs import (OutputKind, atomic_write, folder_lock, prepare_output_folder, read_json, record_in_manifest,
                    safe_file_name)
-from ..errors import DataFormatError, InvalidInputError, OutputError
+from ..errors import DataFormatError, InvalidInputError, OutputError, PneumosegError
 
 __all__ = [
     "FORMAT_VERSION", "CONFIG_NAME", "Thresholds", "Preprocessing", "NetworkEntry", "Artefact", "ModelDir",
@@ -594,17 +595,40 @@ def save_model_dir(
     the earlier weights. The returned ``ModelDir.removed_artefacts`` names them.
     """
     prepared = prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) if prepare else None
+    names = [CONFIG_NAME] + [f"{name}.safetensors" for name in networks if isinstance(name, str)] \
+        if isinstance(networks, Mapping) else []
+    before = {name: _file_identity(prepared.path / name) for name in names} if prepared is not None else {}
     try:
         model_dir = _write_model_dir(prepared.path if prepared is not None else check_path(path, "model directory"),
                                      networks, input_sizes=input_sizes, thresholds=thresholds, preprocessing=preprocessing,
                                      metrics=metrics, training=training, crops=crops)
     except BaseException:
         if prepared is not None:
-            prepared.close(failed=True)  # the folder's earlier model directory goes back, as it was
+            # What this save wrote (a new file: atomic writes rename a fresh one into place) is listed,
+            # so the failure removes it before the folder's earlier model directory goes back, as it was;
+            # someone's file kept under overwrite=True and not yet replaced stays.
+            for name, identity in before.items():
+                now = _file_identity(prepared.path / name)
+                if now is not None and now != identity:
+                    with contextlib.suppress(OSError, PneumosegError):  # the save's own error is the one to report
+                        prepared.record(name)
+            prepared.close(failed=True)
         raise
     if prepared is not None:
-        prepared.close()  # held while written
+        # listed as the folder's own, so saving again replaces them without overwrite=True
+        with prepared:  # held while written; ends the save as a success
+            for name in names:
+                prepared.record(name)
     return model_dir
+
+
+def _file_identity(path: Path) -> Optional[tuple[int, int]]:
+    """(device, inode) of the file at ``path`` (not followed if a link), None where there is none."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: Mapping[str, Union[int, tuple[int, int]]],
