@@ -74,29 +74,38 @@ def test_sigkill_then_resume_finishes_the_same_run(synth, tmp_path):
     cfg = _config(tmp_path, synth, "resume", epochs=3, samples_per_epoch=16, ema=0.9,
                   model={"aux_classifier": True}, checkpoint={"every_steps": 1, "keep_top_k": 2})
     cmd = [sys.executable, "-m", "pneumoseg", "train", str(cfg), "--no-progress", "--out"]
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([*cmd, str(killed)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    last = killed / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + 240
-    step = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if last.is_file():
-            step = load_checkpoint(last)["progress"]["global_step"]
-            if step >= 2:
-                break
-        time.sleep(0.02)
-    proc.kill()
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == -9, f"the run ended by itself before it could be killed: {err.decode()[-2000:]}"
-    state = load_checkpoint(last)  # the file written last before the kill is whole
-    assert not state["progress"]["finished"] and 2 <= state["progress"]["global_step"] < 12
-    assert not (killed / "pneumoseg.json").exists()
-
-    resumed = subprocess.run([*cmd, str(killed), "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the uninterrupted run shares nothing with the killed one but the config (one torch thread
+    # each): it runs beside the kill and the resume, on the core the test would otherwise leave idle
     straight = tmp_path / "straight"
-    done = subprocess.run([*cmd, str(straight)], env=_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    straight_proc = subprocess.Popen([*cmd, str(straight)], env=_env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+    try:
+        killed = tmp_path / "killed"
+        proc = subprocess.Popen([*cmd, str(killed)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        last = killed / "checkpoints" / "last.pt"
+        deadline = time.monotonic() + 240
+        step = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            if last.is_file():
+                step = load_checkpoint(last)["progress"]["global_step"]
+                if step >= 2:
+                    break
+            time.sleep(0.02)
+        proc.kill()
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == -9, f"the run ended by itself before it could be killed: {err.decode()[-2000:]}"
+        state = load_checkpoint(last)  # the file written last before the kill is whole
+        assert not state["progress"]["finished"] and 2 <= state["progress"]["global_step"] < 12
+        assert not (killed / "pneumoseg.json").exists()
+
+        resumed = subprocess.run([*cmd, str(killed), "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        _, straight_err = straight_proc.communicate(timeout=300)
+        assert straight_proc.returncode == 0, straight_err[-3000:]
+    finally:
+        if straight_proc.poll() is None:  # a check above failed: nothing is left running
+            straight_proc.kill()
+            straight_proc.communicate()
 
     a, b = load_model_dir(killed), load_model_dir(straight)
     assert a.metrics["steps"] == b.metrics["steps"] == 12 and a.metrics["epochs"] == 3
