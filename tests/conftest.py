@@ -24,6 +24,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def pytest_collection_finish(session):
+    # the CUDA-emulation executables build on the core the tests leave idle (tests/emulation.py)
+    if session.config.option.collectonly:
+        return
+    from emulation import EMULATOR_BUILDS
+
+    EMULATOR_BUILDS.start(dict.fromkeys(Path(str(item.path)).stem for item in session.items))
+
+
+def pytest_sessionfinish(session):
+    from emulation import EMULATOR_BUILDS
+
+    EMULATOR_BUILDS.stop()
+
+
 @pytest.fixture(autouse=True)
 def sync_debug_mode_restored(request):
     """A CUDA test that left torch's sync debug mode on would fail every CUDA test after it."""

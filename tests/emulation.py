@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -15,15 +18,136 @@ EMU = Path(__file__).resolve().parent / "cuda_emu"
 SANITIZER_FLAGS = ("-fsanitize=address,undefined", "-fno-sanitize-recover=undefined")
 
 
+def _compiler(work: Path, kernel_source: str | None) -> tuple[str | None, str]:
+    """(compiler, "") or (None, why not): see :func:`emulation_compiler`."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None or (kernel_source is not None and not (ROOT / "csrc" / kernel_source).exists()):
+        return None, "needs a C++ compiler and the csrc/ sources"
+    probe = work / "probe.cpp"
+    probe.write_text("#include <atomic>\nint main() { int x = 0; std::atomic_ref<int>(x).fetch_add(1); return x - 1; }\n")
+    if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(work / "probe")], capture_output=True).returncode:
+        return None, f"{cxx} has no C++20 std::atomic_ref"
+    return cxx, ""
+
+
 def emulation_compiler(work: Path, kernel_source: str) -> str:
     """The C++ compiler to build an emulator with; skips the calling tests where there is none, where
     ``kernel_source`` (relative to csrc/) is absent, or where the compiler lacks C++20's
     std::atomic_ref, which cuda_emu.h's atomics are built on."""
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None or not (ROOT / "csrc" / kernel_source).exists():
-        pytest.skip("needs a C++ compiler and the csrc/ sources")
-    probe = work / "probe.cpp"
-    probe.write_text("#include <atomic>\nint main() { int x = 0; std::atomic_ref<int>(x).fetch_add(1); return x - 1; }\n")
-    if subprocess.run([cxx, "-std=c++20", str(probe), "-o", str(work / "probe")], capture_output=True).returncode:
-        pytest.skip(f"{cxx} has no C++20 std::atomic_ref")
+    cxx, why_not = _compiler(work, kernel_source)
+    if cxx is None:
+        pytest.skip(why_not)
     return cxx
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the emulators. Each is a sanitized C++ build of 10-15 s of CPU (the loss kernels: four, one
+# per logits dtype); run when their tests' fixtures first ask, they cost the suite about a minute on
+# CI's two cores. The suite itself runs on one core (one torch thread, one test at a time), so when
+# the emulated tests are among those collected, conftest starts the builds right after collection,
+# one at a time on the otherwise idle core; a fixture then waits for its own, and starts at once (in
+# parallel) whatever has not begun. The executables and flags are the same either way.
+
+LOSS_LOGIT_DTYPE_CODES = {"float16": 9, "bfloat16": 10, "float32": 11, "float64": 12}  # pneumoseg::DType
+_BUILT_BY = {  # test module -> the emulators its fixtures take
+    "test_cuda_kernels_emulated": ("components_emu",),
+    "test_loss_kernels_emulated": tuple(f"loss_emu_{d}" for d in LOSS_LOGIT_DTYPE_CODES),
+}
+
+
+def emulator_command(cxx: str, name: str, exe: Path) -> list[str]:
+    """The compile command (sanitizers included) of emulator ``name``, written to ``exe``."""
+    include = [f"-I{ROOT / 'csrc'}", f"-I{EMU}"]
+    if name == "components_emu":
+        return [cxx, "-std=c++20", "-O1", "-g", "-pthread", "-fno-omit-frame-pointer", *SANITIZER_FLAGS, *include,
+                str(EMU / "components_emu.cpp"), "-o", str(exe)]
+    dtype = name.removeprefix("loss_emu_")
+    # -O0: the emulation's cost is its barriers, not the arithmetic, and -O1 takes 3x longer to build
+    return [cxx, "-std=c++20", "-O0", "-g1", "-pthread", "-fno-omit-frame-pointer", "-Wno-psabi", *SANITIZER_FLAGS,
+            f"-DLOSS_EMU_LOGITS={LOSS_LOGIT_DTYPE_CODES[dtype]}", *include, str(EMU / "loss_emu.cpp"), "-o", str(exe)]
+
+
+class _EmulatorBuilds:
+    """Emulator builds of this test session, started early in the background or on demand."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._work: Path | None = None
+        self._background: ThreadPoolExecutor | None = None
+        self._jobs: dict[str, Future] = {}
+        self._running: set[subprocess.Popen] = set()
+        self._stopped = False
+
+    def _dir(self) -> Path:
+        if self._work is None:
+            self._work = Path(tempfile.mkdtemp(prefix="pneumoseg-emu-"))
+        return self._work
+
+    def _build(self, cxx: str, name: str) -> tuple[Path, str]:
+        """(executable, "") or (missing path, compiler errors); without sanitizers where the toolchain
+        has no sanitizer runtimes, as before."""
+        exe = self._dir() / name
+        command = emulator_command(cxx, name, exe)
+        for attempt in (command, [c for c in command if c not in SANITIZER_FLAGS]):
+            with self._lock:
+                if self._stopped:
+                    return exe, "the test session ended"
+                proc = subprocess.Popen(attempt, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                self._running.add(proc)
+            _, err = proc.communicate()
+            with self._lock:
+                self._running.discard(proc)
+            if proc.returncode == 0:
+                return exe, ""
+            if "sanitize" not in err:
+                break
+        return exe, err
+
+    def start(self, module_names) -> None:
+        """Queue the builds the given test modules need, one at a time in the background."""
+        names = [n for m in module_names for n in _BUILT_BY.get(m, ())]
+        if not names:
+            return
+        cxx, _ = _compiler(self._dir(), None)
+        if cxx is None:
+            return  # the fixtures skip, as they would have
+        with self._lock:
+            if self._background is None:
+                self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-build")
+            for name in names:
+                if name not in self._jobs:
+                    self._jobs[name] = self._background.submit(self._build, cxx, name)
+
+    def get(self, cxx: str, names) -> dict[str, Path]:
+        """name -> executable; waits for the background builds and runs those not yet begun now, in
+        parallel. A failed build fails the calling fixture with the compiler's errors."""
+        now = []
+        with self._lock:
+            for name in names:
+                job = self._jobs.get(name)
+                if job is None or job.cancel():
+                    now.append(name)
+            if now:
+                pool = ThreadPoolExecutor(max_workers=len(now))
+                for name in now:
+                    self._jobs[name] = pool.submit(self._build, cxx, name)
+                pool.shutdown(wait=False)
+        built = {name: self._jobs[name].result() for name in names}
+        for exe, err in built.values():
+            assert not err, err[-4000:]
+        return {name: exe for name, (exe, _) in built.items()}
+
+    def stop(self) -> None:
+        """End of the session: no new builds, kill the running ones, remove the executables."""
+        with self._lock:
+            self._stopped = True
+            for proc in self._running:
+                proc.kill()
+            background, self._background = self._background, None
+        if background is not None:
+            background.shutdown(wait=True, cancel_futures=True)
+        if self._work is not None:
+            shutil.rmtree(self._work, ignore_errors=True)
+
+
+EMULATOR_BUILDS = _EmulatorBuilds()

@@ -33,7 +33,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from pneumoseg.losses import combo_loss  # noqa: E402
-from emulation import EMU, ROOT, SANITIZER_FLAGS, emulation_compiler  # noqa: E402
+from emulation import EMULATOR_BUILDS, emulation_compiler  # noqa: E402
 from reference import ref_combo_loss  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -50,28 +50,12 @@ GRAD_IN = 0.75  # the incoming gradient, read by the backward kernel from memory
 
 @pytest.fixture(scope="module")
 def emulators(tmp_path_factory) -> dict:
-    """One executable per logits dtype (a quarter of the kernel variants each), built in parallel."""
-    work = tmp_path_factory.mktemp("loss-emu")
-    cxx = emulation_compiler(work, "loss/combo_loss_cuda_kernels.cuh")
-    # -O0: the emulation's cost is its barriers, not the arithmetic, and -O1 takes 3x longer to build
-    flags = ["-std=c++20", "-O0", "-g1", "-pthread", "-fno-omit-frame-pointer", "-Wno-psabi"]
-    sanitizers = list(SANITIZER_FLAGS)
-
-    def command(dtype, with_sanitizers):
-        return [cxx, *flags, *(sanitizers if with_sanitizers else []), f"-DLOSS_EMU_LOGITS={DTYPE_CODES[dtype]}",
-                f"-I{ROOT / 'csrc'}", f"-I{EMU}", str(EMU / "loss_emu.cpp"), "-o", str(work / f"loss_emu_{dtype}")]
-
-    def build_all(with_sanitizers):
-        jobs = {d: subprocess.Popen(command(d, with_sanitizers), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    text=True) for d in LOGIT_DTYPES}
-        return {d: (job.wait(), job.communicate()[1]) for d, job in jobs.items()}
-
-    built = build_all(True)
-    if any(rc and "sanitize" in err for rc, err in built.values()):  # a toolchain without the runtimes
-        built = build_all(False)
-    for rc, err in built.values():
-        assert rc == 0, err[-4000:]
-    return {d: work / f"loss_emu_{d}" for d in LOGIT_DTYPES}
+    """One executable per logits dtype (a quarter of the kernel variants each), built in the background
+    from the start of the session or in parallel now (tests/emulation.py)."""
+    cxx = emulation_compiler(tmp_path_factory.mktemp("loss-emu"), "loss/combo_loss_cuda_kernels.cuh")
+    names = {d: f"loss_emu_{str(d).removeprefix('torch.')}" for d in LOGIT_DTYPES}
+    built = EMULATOR_BUILDS.get(cxx, names.values())
+    return {d: built[name] for d, name in names.items()}
 
 
 def emulate(emulators, tmp_path, logits, target, *, bce_weight=1.0, dice_weight=1.0, focal_weight=0.0,
