@@ -167,6 +167,32 @@ def test_preprocessing_equals_the_training_preprocessing():
     torch.testing.assert_close(seen[0][1], want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 16])
+def test_preprocessing_in_chunks_on_the_cpu_equals_one_batch(monkeypatch, chunk):
+    """On a CPU the batch is preprocessed a few images at a time (cache-sized pieces): the input the
+    network gets is the same to the bit, rows in their places, for groups that do not divide evenly."""
+    import pneumoseg.infer.predictor as predictor_module
+    from pneumoseg.data import preprocess
+
+    monkeypatch.setattr(predictor_module, "_CPU_PREPROCESS_CHUNK", chunk)
+    predictor = Predictor.from_dir(model_dir("plain"))
+    run, seen = predictor.backend.run, []
+
+    def recording_run(part, *inputs):
+        seen.append(inputs[0].clone())
+        return run(part, *inputs)
+
+    predictor.backend.run = recording_run
+    rng = np.random.default_rng(3)
+    big = [rng.integers(0, 4096, (96, 80)).astype(np.uint16) for _ in range(5)]
+    small = [rng.random((50, 50)).astype(np.float32) for _ in range(2)]
+    images = [big[0], small[0], *big[1:4], small[1], big[4]]
+    predictor.predict(images, batch_size=len(images))
+    assert len(seen) == 1
+    want = torch.cat([preprocess(img, 64) for img in images])
+    assert torch.equal(seen[0], want)
+
+
 def test_onnxruntime_backend_matches_torch():
     images = phantom_images(6, seed=4)
     for kind in ("classifier", "aux"):
