@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -75,7 +77,7 @@ class _EmulatorBuilds:
         self._work: Path | None = None
         self._background: ThreadPoolExecutor | None = None
         self._jobs: dict[str, Future] = {}
-        self._running: set[subprocess.Popen] = set()
+        self._running: dict[str, tuple[subprocess.Popen, bool]] = {}  # name -> (compiler, in the background)
         self._stopped = False
 
     def _dir(self) -> Path:
@@ -83,25 +85,36 @@ class _EmulatorBuilds:
             self._work = Path(tempfile.mkdtemp(prefix="pneumoseg-emu-"))
         return self._work
 
-    def _build(self, cxx: str, name: str) -> tuple[Path, str]:
+    def _build(self, cxx: str, name: str, background: bool = False) -> tuple[Path, str]:
         """(executable, "") or (missing path, compiler errors); without sanitizers where the toolchain
-        has no sanitizer runtimes, as before."""
+        has no sanitizer runtimes, as before. A background build runs at the lowest priority, so it
+        takes only CPU that no test is using."""
         exe = self._dir() / name
         command = emulator_command(cxx, name, exe)
+        nice = ["nice", "-n", "19"] if background and shutil.which("nice") else []
         for attempt in (command, [c for c in command if c not in SANITIZER_FLAGS]):
             with self._lock:
                 if self._stopped:
                     return exe, "the test session ended"
-                proc = subprocess.Popen(attempt, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                self._running.add(proc)
+                # its own process group: a kill reaches cc1plus and the linker too
+                proc = subprocess.Popen([*nice, *attempt], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        start_new_session=True)
+                self._running[name] = (proc, background)
             _, err = proc.communicate()
             with self._lock:
-                self._running.discard(proc)
+                self._running.pop(name, None)
             if proc.returncode == 0:
                 return exe, ""
-            if "sanitize" not in err:
+            if proc.returncode < 0 or "sanitize" not in err:  # killed, or a real compile error
                 break
         return exe, err
+
+    @staticmethod
+    def _kill(proc: subprocess.Popen) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
     def start(self, module_names) -> None:
         """Queue the builds the given test modules need, one at a time in the background."""
@@ -116,22 +129,31 @@ class _EmulatorBuilds:
                 self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="emulator-build")
             for name in names:
                 if name not in self._jobs:
-                    self._jobs[name] = self._background.submit(self._build, cxx, name)
+                    self._jobs[name] = self._background.submit(self._build, cxx, name, True)
 
     def get(self, cxx: str, names) -> dict[str, Path]:
-        """name -> executable; waits for the background builds and runs those not yet begun now, in
-        parallel. A failed build fails the calling fixture with the compiler's errors."""
-        now = []
+        """name -> executable. A finished background build is taken as it is; the rest are built now,
+        in parallel and at normal priority (one still running in the background is stopped and begun
+        again: at the lowest priority it could wait behind other work indefinitely). A failed build
+        fails the calling fixture with the compiler's errors."""
+        now, stopped = [], []
         with self._lock:
             for name in names:
                 job = self._jobs.get(name)
                 if job is None or job.cancel():
                     now.append(name)
-            if now:
-                pool = ThreadPoolExecutor(max_workers=len(now))
+                elif name in self._running and self._running[name][1]:
+                    self._kill(self._running[name][0])
+                    stopped.append(job)
+                    now.append(name)
+        for job in stopped:  # its compiler is gone before the new one writes the same file
+            job.result()
+        if now:
+            pool = ThreadPoolExecutor(max_workers=len(now))
+            with self._lock:
                 for name in now:
                     self._jobs[name] = pool.submit(self._build, cxx, name)
-                pool.shutdown(wait=False)
+            pool.shutdown(wait=False)
         built = {name: self._jobs[name].result() for name in names}
         for exe, err in built.values():
             assert not err, err[-4000:]
@@ -141,8 +163,8 @@ class _EmulatorBuilds:
         """End of the session: no new builds, kill the running ones, remove the executables."""
         with self._lock:
             self._stopped = True
-            for proc in self._running:
-                proc.kill()
+            for proc, _ in self._running.values():
+                self._kill(proc)
             background, self._background = self._background, None
         if background is not None:
             background.shutdown(wait=True, cancel_futures=True)
