@@ -30,7 +30,7 @@ def pytest_collection_finish(session):
         return
     from emulation import EMULATOR_BUILDS
 
-    EMULATOR_BUILDS.start(dict.fromkeys(Path(str(item.path)).stem for item in session.items))
+    EMULATOR_BUILDS.start(session.items)
 
 
 def pytest_sessionfinish(session):

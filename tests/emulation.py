@@ -51,9 +51,9 @@ def emulation_compiler(work: Path, kernel_source: str) -> str:
 # parallel) whatever has not begun. The executables and flags are the same either way.
 
 LOSS_LOGIT_DTYPE_CODES = {"float16": 9, "bfloat16": 10, "float32": 11, "float64": 12}  # pneumoseg::DType
-_BUILT_BY = {  # test module -> the emulators its fixtures take
-    "test_cuda_kernels_emulated": ("components_emu",),
-    "test_loss_kernels_emulated": tuple(f"loss_emu_{d}" for d in LOSS_LOGIT_DTYPE_CODES),
+_BUILT_BY = {  # (test module, fixture) -> the emulators the fixture takes
+    ("test_cuda_kernels_emulated", "emulator"): ("components_emu",),
+    ("test_loss_kernels_emulated", "emulators"): tuple(f"loss_emu_{d}" for d in LOSS_LOGIT_DTYPE_CODES),
 }
 
 
@@ -116,9 +116,11 @@ class _EmulatorBuilds:
         except ProcessLookupError:
             pass
 
-    def start(self, module_names) -> None:
-        """Queue the builds the given test modules need, one at a time in the background."""
-        names = [n for m in module_names for n in _BUILT_BY.get(m, ())]
+    def start(self, items) -> None:
+        """Queue the builds that the given (collected) tests' fixtures take, one at a time in the
+        background."""
+        uses = {(Path(str(item.path)).stem, f) for item in items for f in getattr(item, "fixturenames", ())}
+        names = list(dict.fromkeys(n for key, built in _BUILT_BY.items() if key in uses for n in built))
         if not names:
             return
         cxx, _ = _compiler(self._dir(), None)
