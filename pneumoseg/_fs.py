@@ -747,20 +747,21 @@ def _put_back(p: Path, kind: str | None) -> list[str]:
     """End a run that set ``p``'s earlier output aside and did not succeed (it failed, or it was killed
     and the folder is prepared again): remove the files it wrote (those the folder's manifest lists,
     unchanged), move every held file back, the held manifest last, and remove the holding folder.
-    While the holding folder still has its manifest, the folder's manifest is the run's, so doing this
-    again after an interruption part way removes only the run's files. Returns the held files that
-    could not go back (a file that is not the run's is in their place, or a link on the way): they
-    stay held, with the manifest, and nothing is lost."""
+    The run's manifest is removed last of its files, before anything moves back: from then on the
+    folder has no manifest, so doing this again after an interruption part way removes nothing (an
+    earlier nested manifest already back would otherwise make the earlier files beside it look like
+    the run's). Returns the held files that could not go back (a file that is not the run's is in
+    their place, or a link on the way): they stay held, with the manifest, and nothing is lost."""
     held = _holding(p)
     if held is None:
         return []
     if os.path.lexists(held / MANIFEST_NAME):
         top = p / MANIFEST_NAME
         ours, _, _ = _ours(p, kind)
-        for f in sorted(ours, key=lambda f: f.name == MANIFEST_NAME):  # a nested manifest after its files
-            if f != top:
-                with contextlib.suppress(OSError):
-                    f.unlink()
+        # a nested manifest after its files, the folder's own last
+        for f in sorted(ours, key=lambda f: (f == top, f.name == MANIFEST_NAME)):
+            with contextlib.suppress(OSError):
+                f.unlink()
         _remove_empty_folders(p)  # a folder the run made where an earlier file goes back
     left: list[str] = []
     for rel in _files_under(held):
@@ -775,6 +776,9 @@ def _put_back(p: Path, kind: str | None) -> list[str]:
         except OSError:
             left.append(rel)
     if not left:
+        # the emptied folders first: with the manifest gone, a holding folder that still had them
+        # would no longer look like one (_is_holding), and would be in the next run's way for good
+        _remove_empty_folders(held)
         if os.path.lexists(held / MANIFEST_NAME):
             os.replace(held / MANIFEST_NAME, p / MANIFEST_NAME)
         shutil.rmtree(held, ignore_errors=True)  # folders only by now

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -335,3 +336,77 @@ def test_a_failed_forced_save_keeps_someones_file_it_had_not_replaced(tmp_path):
     assert (out / "pneumoseg.json").read_text() == "someone's notes"
     assert (out / "notes.txt").read_text() == "keep"
     assert "segmenter.safetensors" in (out / MANIFEST_NAME).read_text()
+
+
+# ---------------------------------------------------------------------------------------------------
+# A put-back stopped part way (Ctrl-C, SIGKILL) is finished by the next run, losing nothing
+
+
+def _demo_with_a_nested_run(out: Path) -> dict[str, tuple[bytes, int]]:
+    """A demo folder holding a training run with its own manifest, as `pneumoseg demo` leaves it."""
+    with prepare_output_folder(out, what=OutputKind.DEMO) as folder:
+        folder.write_bytes("a.txt", data="earlier a")
+        with prepare_output_folder(out / "run", what=OutputKind.TRAINING_RUN) as run:
+            run.write_bytes("sub", "c.txt", data="earlier c")
+            run.write_bytes("w.bin", data="earlier w")
+    return _snapshot(out)
+
+
+def _stop_a_failed_rerun_at_a_move(out: Path, monkeypatch, last_move_back: str) -> None:
+    """A failed demo rerun whose put-back is stopped (Ctrl-C) as it moves ``last_move_back`` back."""
+    import pneumoseg._fs as fs
+
+    real = os.rename
+
+    def rename(src, dst):
+        if Path(dst) == out / last_move_back and PREVIOUS_NAME in Path(src).parts:
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_output_folder(out, what=OutputKind.DEMO) as folder:
+            folder.write_bytes("a.txt", data="new a")
+            with prepare_output_folder(out / "run", what=OutputKind.TRAINING_RUN) as run:
+                run.write_bytes("w.bin", data="new w")
+            monkeypatch.setattr(fs.os, "rename", rename)
+            raise RuntimeError("the rerun failed")
+    monkeypatch.setattr(fs.os, "rename", real)
+
+
+def test_a_put_back_stopped_after_a_nested_manifest_went_back_loses_none_of_its_files(tmp_path, monkeypatch):
+    """The nested run's earlier manifest went back before its files (it sorts first); the next run's
+    put-back took that manifest for the stopped run's and removed the earlier files already back."""
+    out = tmp_path / "demo"
+    before = _demo_with_a_nested_run(out)
+    _stop_a_failed_rerun_at_a_move(out, monkeypatch, "run/w.bin")
+    assert (out / "run" / "sub" / "c.txt").read_text() == "earlier c"  # back before the stop
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.DEMO):
+            raise RuntimeError("and so did the next")
+    assert _snapshot(out) == before and _leftovers(out) == []
+
+
+def test_a_put_back_stopped_before_the_holding_folder_went_leaves_nothing_in_the_way(tmp_path, monkeypatch):
+    """Stopped after the earlier manifest went back, the holding folder still had the emptied folders
+    of deep files: no manifest and not empty, it was someone's, and every later run refused it."""
+    import pneumoseg._fs as fs
+
+    out = tmp_path / "demo"
+    before = _demo_with_a_nested_run(out)
+    real = shutil.rmtree
+
+    def rmtree(path, *a, **kw):
+        if Path(path) == out / PREVIOUS_NAME:
+            raise KeyboardInterrupt
+        real(path, *a, **kw)
+
+    monkeypatch.setattr(fs.shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_output_folder(out, what=OutputKind.DEMO) as folder:
+            folder.write_bytes("a.txt", data="new a")
+            raise RuntimeError("the rerun failed")
+    monkeypatch.setattr(fs.shutil, "rmtree", real)
+    with prepare_output_folder(out, what=OutputKind.DEMO) as folder:  # no "in the way"
+        assert sorted(_snapshot(out / PREVIOUS_NAME)) == sorted(before)
+        folder.write_bytes("a.txt", data="new a")
+    assert sorted(_snapshot(out)) == [MANIFEST_NAME, "a.txt"] and _leftovers(out) == []
