@@ -559,7 +559,7 @@ def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path]
         rel = prefix + entry.name
         p = Path(entry.path)
         if entry.is_dir(follow_symlinks=False):
-            if entry.name == _DISCARDED_NAME or (entry.name == PREVIOUS_NAME and _is_holding(p)):
+            if entry.name in _SET_ASIDE_NAMES and _is_holding(p):
                 continue  # earlier output set aside (see _put_back): neither this run's nor someone else's
             if _is_file(p / MANIFEST_NAME):
                 nested = _read_manifest(p)
@@ -781,7 +781,7 @@ def _put_back(p: Path, kind: str | None) -> list[str]:
         _remove_empty_folders(held)
         if os.path.lexists(held / MANIFEST_NAME):
             os.replace(held / MANIFEST_NAME, p / MANIFEST_NAME)
-        shutil.rmtree(held, ignore_errors=True)  # folders only by now
+        _remove_held(held)  # empty but for the manifest, if that could not go back
     _remove_empty_folders(p)  # the run's own, emptied
     return left
 
@@ -794,15 +794,37 @@ def _discard(p: Path) -> None:
         _remove_discarded(p)
         try:
             os.rename(held, p / _DISCARDED_NAME)
-        except OSError:
-            shutil.rmtree(held, ignore_errors=True)
+        except OSError:  # someone's file or folder of that name (made while the run lasted)
+            _remove_held(held)
     _remove_discarded(p)
 
 
 def _remove_discarded(p: Path) -> None:
     discarded = p / _DISCARDED_NAME
-    if discarded.is_dir() and not discarded.is_symlink():
-        shutil.rmtree(discarded, ignore_errors=True)
+    if _is_holding(discarded):  # a folder of that name without the earlier manifest is someone's
+        _remove_held(discarded)
+
+
+def _remove_held(held: Path) -> None:
+    """Remove a holding folder (or one renamed to be discarded), its manifest last: stopped part way,
+    what is left still holds the manifest, or nothing, and is still known as pneumoseg's by
+    :func:`_is_holding`. A plain rmtree removed the manifest in whatever order the folder listed it, and
+    what it left was someone's: refused as in the way, its files wanting --force."""
+    try:
+        if held.is_symlink():
+            return
+        with os.scandir(held) as entries:
+            found = [(e.path, e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+    except OSError:
+        return
+    for path, name, is_dir in sorted(found, key=lambda f: f[1] == MANIFEST_NAME):
+        if is_dir:
+            shutil.rmtree(path, ignore_errors=True)  # never follows a link
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    with contextlib.suppress(OSError):
+        os.rmdir(held)
 
 
 def _not_put_back(p: Path, left: list[str], what: str) -> OutputError:

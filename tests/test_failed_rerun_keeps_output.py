@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -393,20 +392,64 @@ def test_a_put_back_stopped_before_the_holding_folder_went_leaves_nothing_in_the
 
     out = tmp_path / "demo"
     before = _demo_with_a_nested_run(out)
-    real = shutil.rmtree
+    real = os.replace
 
-    def rmtree(path, *a, **kw):
-        if Path(path) == out / PREVIOUS_NAME:
-            raise KeyboardInterrupt
-        real(path, *a, **kw)
+    def replace(src, dst):
+        real(src, dst)
+        if Path(src) == out / PREVIOUS_NAME / MANIFEST_NAME:
+            raise KeyboardInterrupt  # the earlier manifest is back, the holding folder not yet gone
 
-    monkeypatch.setattr(fs.shutil, "rmtree", rmtree)
+    monkeypatch.setattr(fs.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         with prepare_output_folder(out, what=OutputKind.DEMO) as folder:
             folder.write_bytes("a.txt", data="new a")
             raise RuntimeError("the rerun failed")
-    monkeypatch.setattr(fs.shutil, "rmtree", real)
+    monkeypatch.setattr(fs.os, "replace", real)
     with prepare_output_folder(out, what=OutputKind.DEMO) as folder:  # no "in the way"
         assert sorted(_snapshot(out / PREVIOUS_NAME)) == sorted(before)
         folder.write_bytes("a.txt", data="new a")
     assert sorted(_snapshot(out)) == [MANIFEST_NAME, "a.txt"] and _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# What pneumoseg keeps aside is told from what someone else keeps under the same names
+
+
+def test_someones_folder_named_like_a_discarded_one_is_never_removed(tmp_path):
+    """Any folder called .pneumoseg-discarded counted as pneumoseg's leftovers: a rerun removed it and
+    the files in it, asking nothing."""
+    out = tmp_path / "out"
+    _earlier_output(out)
+    (out / ".pneumoseg-discarded").mkdir()
+    (out / ".pneumoseg-discarded" / "mine.txt").write_text("someone's")
+    with pytest.raises(OutputError, match=r"not empty \(\.pneumoseg-discarded/mine\.txt\)"):
+        prepare_output_folder(out)
+    with prepare_output_folder(out, overwrite=True) as folder:
+        folder.write_bytes("a.txt", data="new a")
+    assert (out / ".pneumoseg-discarded" / "mine.txt").read_text() == "someone's"
+
+
+def test_a_discard_stopped_part_way_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    """The set-aside output of a run that succeeded is removed manifest last, so what a stop leaves is
+    still known as pneumoseg's (removed by the next run), not someone's files wanting --force."""
+    import pneumoseg._fs as fs
+
+    out = tmp_path / "out"
+    _earlier_output(out)
+    real = os.unlink
+
+    def unlink(path, *a, **kw):
+        if Path(path).name == MANIFEST_NAME and Path(path).parent.name == ".pneumoseg-discarded":
+            raise KeyboardInterrupt  # as a SIGKILL would, the earlier files gone, the manifest not yet
+        real(path, *a, **kw)
+
+    monkeypatch.setattr(fs.os, "unlink", unlink)
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_output_folder(out) as folder:
+            folder.write_bytes("a.txt", data="new a")
+    monkeypatch.setattr(fs.os, "unlink", real)
+    check_output_folder(out)
+    with prepare_output_folder(out) as folder:
+        folder.write_bytes("a.txt", data="third a")
+    assert sorted(_snapshot(out)) == [MANIFEST_NAME, "a.txt"] and _leftovers(out) == []
+
