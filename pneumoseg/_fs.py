@@ -827,6 +827,19 @@ def _remove_held(held: Path) -> None:
         os.rmdir(held)
 
 
+def _refuse_held_for_another(p: Path, manifest: _Manifest | None, what: str) -> None:
+    """Refuse, even under ``overwrite``, a folder whose holding folder waits for another command's run to
+    end (a training run stopped for --resume, a killed run): forced in, this command wrote its own
+    manifest over that run's, and its next run took the holding folder for its own, removed the forced
+    run's output as the stopped run's and put the other command's back, refusing part way."""
+    if manifest is None or manifest.belongs_to(what) or not manifest.entries or _holding(p) is None:
+        return
+    raise OutputError(
+        f"{what} {p} is a {manifest.kind} whose run has not ended: the earlier output it replaces is set "
+        f"aside in {p / PREVIOUS_NAME}; run that command again first (to finish or undo that run), or "
+        "choose another folder")
+
+
 def _not_put_back(p: Path, left: list[str], what: str) -> OutputError:
     more = f" and {len(left) - 1} more" if len(left) > 1 else ""
     return OutputError(
@@ -861,6 +874,7 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
         raise OutputError(f"{what} {p} is not writable (permission denied)")
     _refuse_held_elsewhere(p, what)
     if not resume:
+        _refuse_held_for_another(p, _read_manifest(p), what)
         _refuse_replacing(p, never_replace, overwrite)
         ours, foreign, other_kind = _ours(p, what)
         if foreign and not overwrite:
@@ -978,10 +992,10 @@ class OutputFolder:
         manifest = _read_manifest(p)
         if manifest is not None:
             _remove_discarded(p)  # a succeeded run stopped while removing the output it replaced
-        if _holding(p) is not None and (manifest is None or manifest.belongs_to(self.what) or not manifest.entries):
+        _refuse_held_for_another(p, manifest, self.what)
+        if _holding(p) is not None:
             # A run of this command was killed after setting earlier output aside: undo it first, so
             # this run sets aside (and on failure puts back) that output, not the killed run's part.
-            # Another command's run is left alone (its output is refused below, or kept under --force).
             left = _put_back(p, self.what)
             if left:
                 raise _not_put_back(p, left, self.what)

@@ -453,3 +453,22 @@ def test_a_discard_stopped_part_way_is_finished_by_the_next_run(tmp_path, monkey
         folder.write_bytes("a.txt", data="third a")
     assert sorted(_snapshot(out)) == [MANIFEST_NAME, "a.txt"] and _leftovers(out) == []
 
+
+def test_another_command_forced_into_a_run_that_has_not_ended_is_refused(tmp_path):
+    """Forced into a training run kept for --resume, predict's manifest replaced the run's; predict's
+    next run took the run's holding folder for its own, removed the forced predict's submission as the
+    stopped run's files, and refused part way: the submission was lost."""
+    out = tmp_path / "run"
+    _earlier_output(out, OutputKind.TRAINING_RUN)
+    run = prepare_output_folder(out, what=OutputKind.TRAINING_RUN)
+    run.write_bytes("last.pt", data="a checkpoint")
+    run.close(failed=True, keep=True)
+    before = _snapshot(out)
+    for check in (check_output_folder, prepare_output_folder):
+        with pytest.raises(OutputError, match="training run folder whose run has not ended"):
+            check(out, what=OutputKind.PREDICTION, overwrite=True)
+    assert _snapshot(out) == before
+    with prepare_output_folder(out, what=OutputKind.TRAINING_RUN, resume=True):
+        pass  # the run ends; the folder is then training output like any other
+    with prepare_output_folder(out, what=OutputKind.PREDICTION, overwrite=True) as folder:
+        folder.write_bytes("submission.csv", data="forced")
