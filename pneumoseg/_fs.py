@@ -103,6 +103,11 @@ _MAX_NAME_BYTES = 255
 # name, and only in a model directory pneumoseg wrote (its manifest lists pneumoseg.json).
 _ENGINE_CACHE_FILE = re.compile(r"tensorrt/(?:[0-9a-f]{32}\.(?:engine|json|lock)|timing-[0-9a-f]{16}\.cache(?:\.lock)?)")
 _MODEL_DESCRIPTION = "pneumoseg.json"
+# What a process killed mid-write (SIGKILL, or SIGTERM inside mkstemp) leaves: atomic_open's temporary file
+# and the writability probe, by their names (mkstemp's 8 random characters). In pneumoseg's own folder they
+# are its own, set aside and removed like its files: else the next run refused them as someone's.
+_TEMPORARY_MARK = "pneumoseg-"
+_LEFTOVER_FILE = re.compile(r"\..+\." + _TEMPORARY_MARK + r"[a-z0-9_]{8}\.tmp|\.pneumoseg-probe-[a-z0-9_]{8}")
 # Characters Windows forbids in names, plus both separators; control characters are checked apart.
 _FORBIDDEN = set('/\\:*?"<>|')
 _RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?$", re.IGNORECASE)
@@ -240,8 +245,9 @@ def _with_reason(exc: OSError) -> OSError:
 
 
 def _temporary_prefix(target: Path) -> str:
-    """How the temporary files beside ``target`` begin (hidden, and named after it)."""
-    return f".{target.name[:200]}."
+    """How the temporary files beside ``target`` begin (hidden, named after it, and marked as pneumoseg's
+    so that one a killed run leaves is known by its name: see _LEFTOVER_FILE)."""
+    return f".{target.name[:200]}.{_TEMPORARY_MARK}"
 
 
 def _name_target(exc: OSError, target: Path) -> None:
@@ -571,6 +577,9 @@ def _ours(folder: Path, kind: str | None = None) -> tuple[list[Path], list[Path]
             continue
         if rel == MANIFEST_NAME:
             (ours if around is not None else foreign).append(p)
+            continue
+        if around is not None and _LEFTOVER_FILE.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+            ours.append(p)  # a killed run's temporary file
             continue
         manifest = around.entries if around is not None else {}
         recorded = manifest.get(rel)

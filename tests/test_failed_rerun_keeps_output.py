@@ -472,3 +472,25 @@ def test_another_command_forced_into_a_run_that_has_not_ended_is_refused(tmp_pat
         pass  # the run ends; the folder is then training output like any other
     with prepare_output_folder(out, what=OutputKind.PREDICTION, overwrite=True) as folder:
         folder.write_bytes("submission.csv", data="forced")
+
+
+def test_the_temporary_files_of_a_killed_run_do_not_make_the_next_run_need_force(tmp_path):
+    """A run killed while writing (SIGKILL, or SIGTERM landing inside mkstemp) left its temporary file or
+    its writability probe; unlisted, they were someone's files and the next run refused the folder."""
+    import tempfile
+
+    from pneumoseg._fs import _temporary_prefix
+
+    out = tmp_path / "out"
+    _earlier_output(out)
+    left = [tempfile.mkstemp(dir=out / "deep", prefix=_temporary_prefix(out / "deep" / "b.txt"), suffix=".tmp"),
+            tempfile.mkstemp(dir=out, prefix=".pneumoseg-probe-")]  # as atomic_open and the probe name them
+    for fd, _ in left:
+        os.close(fd)
+    (out / ".a.txt.abcdefgh.tmp").write_text("someone's")  # not pneumoseg's mark: someone's, as ever
+    with pytest.raises(OutputError, match=r"not empty \(\.a\.txt\.abcdefgh\.tmp\)"):
+        prepare_output_folder(out)
+    os.unlink(out / ".a.txt.abcdefgh.tmp")
+    with prepare_output_folder(out) as folder:
+        folder.write_bytes("a.txt", data="new a")
+    assert sorted(_snapshot(out)) == [MANIFEST_NAME, "a.txt"] and _leftovers(out) == []
