@@ -5,6 +5,7 @@ set inside the child, above what it uses once its inputs exist)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -49,6 +50,13 @@ class Result:
         return f"exit code {self.returncode}\n--- stdout\n{self.stdout[-3000:]}\n--- stderr\n{self.stderr[-3000:]}"
 
 
+def _default_sigint() -> None:
+    # The child starts as a command typed at a terminal does. pytest started in the background by a
+    # non-interactive shell (`pytest &`) ignores SIGINT, children inherit that, and Python then installs
+    # no KeyboardInterrupt handler: the Ctrl-C tests' signal was silently dropped.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_isolated(code: str, *, env: Optional[dict[str, str]] = None, timeout: float = 120,
                  cwd: Optional[Path] = None) -> Result:
     """Run PRELUDE + ``code`` with this interpreter in a fresh process; its environment is this one's
@@ -59,5 +67,5 @@ def run_isolated(code: str, *, env: Optional[dict[str, str]] = None, timeout: fl
     full_env.update(env or {})
     program = PRELUDE + "\n" + textwrap.dedent(code)
     proc = subprocess.run([sys.executable, "-c", program], env=full_env, capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, preexec_fn=_default_sigint)
     return Result(proc.returncode, proc.stdout, proc.stderr)
