@@ -69,3 +69,36 @@ def run_isolated(code: str, *, env: Optional[dict[str, str]] = None, timeout: fl
     proc = subprocess.run([sys.executable, "-c", program], env=full_env, capture_output=True, text=True,
                           timeout=timeout, cwd=cwd, preexec_fn=_default_sigint)
     return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def release_fifo(fifo: Path) -> None:
+    """Open and close the pipe's writing end, so a reader stuck waiting for a writer (the bug) ends."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: no reader is waiting
+        pass
+
+
+def call_with_fifo_limit(fn, fifo: Path, limit: float = 30.0, *, why: str = "a pipe without a writer"):
+    """fn() in a thread: (returned value or None, raised exception or None); a call still waiting
+    after ``limit`` seconds fails the test, and the pipe is released so the thread ends."""
+    import threading
+
+    import pytest
+
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["value"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(limit)
+    if thread.is_alive():
+        release_fifo(fifo)
+        thread.join(5)
+        pytest.fail(f"reading {fifo} was still waiting after {limit:g} s ({why})")
+    return result.get("value"), result.get("error")

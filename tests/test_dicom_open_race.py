@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pneumoseg import limits
 from pneumoseg.data import dicom
 
 from factories import write_dicom
+from isolated import call_with_fifo_limit
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (os.mkfifo)")
 
@@ -43,35 +43,6 @@ def _to_fifo(path: Path) -> None:
     os.mkfifo(path)
 
 
-def _release(fifo: Path) -> None:
-    """Open and close the pipe's writing end, so a reader stuck waiting for a writer (the bug) ends."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:  # ENXIO: no reader is waiting
-        pass
-
-
-def _call_with_limit(fn, fifo: Path, limit: float = 20.0):
-    """fn() in a thread: the exception it raised (None if it returned); still waiting after ``limit``
-    seconds fails the test, and the pipe is released so the thread ends."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(limit)
-    if thread.is_alive():
-        _release(fifo)
-        thread.join(5)
-        pytest.fail(f"reading {fifo} was still waiting after {limit:g} s (a pipe swapped in after the check)")
-    return result.get("error")
-
-
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
@@ -82,7 +53,7 @@ def test_a_pipe_swapped_in_after_the_check_is_refused_not_waited_on(tmp_path, mo
     path = write_dicom(tmp_path / "img.dcm", np.zeros((8, 8), np.uint16))
     _swap_after_check(monkeypatch, _to_fifo)
     started = time.monotonic()
-    error = _call_with_limit(lambda: READERS[reader](path), path)
+    _, error = call_with_fifo_limit(lambda: READERS[reader](path), path, 20.0, why="a pipe swapped in after the check")
     assert isinstance(error, pneumoseg.DicomError), error
     assert isinstance(error, ValueError)
     assert str(error) == f"{path}: not a regular file"
@@ -163,8 +134,8 @@ def test_a_scan_passes_over_a_pipe_swapped_in_after_the_listing(tmp_path, monkey
 
     monkeypatch.setattr(siim.os, "scandir", list_then_swap)
     found: dict = {}
-    error = _call_with_limit(lambda: found.update(files=siim.find_dicom_files(tmp_path, require_suffix=require_suffix)),
-                             swapped)
+    _, error = call_with_fifo_limit(lambda: found.update(files=siim.find_dicom_files(tmp_path, require_suffix=require_suffix)),
+                                    swapped, 20.0, why="a pipe swapped in after the listing")
     assert error is None, error
     files = found["files"]
     if require_suffix:  # DICOM files without the suffix are named in skipped, the pipe is not one

@@ -18,7 +18,7 @@ import pneumoseg
 from pneumoseg import _fs
 from pneumoseg.data import read_rle_csv
 
-from isolated import run_isolated
+from isolated import call_with_fifo_limit, run_isolated
 
 needs_fifo = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes (os.mkfifo)")
 
@@ -29,35 +29,6 @@ def _fifo(folder: Path, name: str = "pipe.csv") -> Path:
     path = folder / name
     os.mkfifo(path)
     return path
-
-
-def _release(fifo: Path) -> None:
-    """Open and close the pipe's writing end, so a reader stuck waiting for a writer (the bug) ends."""
-    try:
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
-    except OSError:  # ENXIO: no reader is waiting
-        pass
-
-
-def _call_with_limit(fn, fifo: Path, limit: float = 30.0):
-    """fn() in a thread: (returned value or None, raised exception or None); a call still waiting
-    after ``limit`` seconds fails the test, and its pipe is released so the thread ends."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["value"] = fn()
-        except BaseException as exc:  # noqa: BLE001 - handed to the test
-            result["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    thread.join(limit)
-    if thread.is_alive():
-        _release(fifo)
-        thread.join(5)
-        pytest.fail(f"reading {fifo} was still waiting after {limit:g} s (a pipe without a writer)")
-    return result.get("value"), result.get("error")
 
 
 # --- named pipes ------------------------------------------------------------------------------------------
@@ -73,7 +44,7 @@ def test_a_named_pipe_nobody_writes_to_is_an_error_not_a_hang(tmp_path, monkeypa
     fifo = _fifo(tmp_path)
     read = read_rle_csv if reader == "rle" else read_scores_csv
     started = time.monotonic()
-    value, error = _call_with_limit(lambda: read(fifo), fifo)
+    value, error = call_with_fifo_limit(lambda: read(fifo), fifo)
     assert isinstance(error, pneumoseg.DataFormatError), (value, error)
     assert str(error).startswith(f"{fifo}: a named pipe (FIFO) that no program writes to")
     assert time.monotonic() - started < 10
@@ -101,7 +72,7 @@ def test_a_named_pipe_with_a_writer_is_read_whatever_the_order(tmp_path, monkeyp
     feeder.start()
     if writer == "already waiting":
         time.sleep(0.2)
-    value, error = _call_with_limit(lambda: read_rle_csv(fifo), fifo)
+    value, error = call_with_fifo_limit(lambda: read_rle_csv(fifo), fifo)
     feeder.join(5)
     assert error is None, error
     assert value == {"img1": ["-1"], "img2": ["1 5"]}
@@ -119,7 +90,7 @@ def test_a_named_pipe_whose_writer_writes_nothing_reads_as_empty(tmp_path, monke
     feeder = threading.Thread(target=write_nothing, daemon=True)
     feeder.start()
     started = time.monotonic()
-    value, error = _call_with_limit(lambda: read_rle_csv(fifo), fifo)
+    value, error = call_with_fifo_limit(lambda: read_rle_csv(fifo), fifo)
     feeder.join(5)
     assert (value, error) == ({}, None)
     assert time.monotonic() - started < 4  # the writer's hang-up ends the wait, not the wait's end
