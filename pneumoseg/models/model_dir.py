@@ -31,18 +31,17 @@ import contextlib
 import copy
 import hashlib
 import json
-import os
 import re
 import stat
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 from .. import __version__, limits
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, nesting_excess, show
 from .._fs import (OutputKind, atomic_write, folder_lock, prepare_output_folder, read_json, record_in_manifest,
                    safe_file_name)
-from ..errors import DataFormatError, InvalidInputError, OutputError, PneumosegError
+from ..errors import DataFormatError, InvalidInputError, OutputError
 
 __all__ = [
     "FORMAT_VERSION", "CONFIG_NAME", "Thresholds", "Preprocessing", "NetworkEntry", "Artefact", "ModelDir",
@@ -594,48 +593,27 @@ def save_model_dir(
     their files removed (a file changed since export is left, unlisted), as they would answer with
     the earlier weights. The returned ``ModelDir.removed_artefacts`` names them.
     """
-    prepared = prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) if prepare else None
-    names = [CONFIG_NAME] + [f"{name}.safetensors" for name in networks if isinstance(name, str)] \
-        if isinstance(networks, Mapping) else []
-    before = {name: _file_identity(prepared.path / name) for name in names} if prepared is not None else {}
-    try:
-        model_dir = _write_model_dir(prepared.path if prepared is not None else check_path(path, "model directory"),
-                                     networks, input_sizes=input_sizes, thresholds=thresholds, preprocessing=preprocessing,
-                                     metrics=metrics, training=training, crops=crops)
-    except BaseException:
-        if prepared is not None:
-            # What this save wrote (a new file: atomic writes rename a fresh one into place) is listed,
-            # so the failure removes it before the folder's earlier model directory goes back, as it was;
-            # someone's file kept under overwrite=True and not yet replaced stays.
-            for name, identity in before.items():
-                now = _file_identity(prepared.path / name)
-                if now is not None and now != identity:
-                    with contextlib.suppress(OSError, PneumosegError):  # the save's own error is the one to report
-                        prepared.record(name)
-            prepared.close(failed=True)
-        raise
-    if prepared is not None:
-        # listed as the folder's own, so saving again replaces them without overwrite=True
-        with prepared:  # held while written; ends the save as a success
-            for name in names:
-                prepared.record(name)
-    return model_dir
-
-
-def _file_identity(path: Path) -> Optional[tuple[int, int]]:
-    """(device, inode) of the file at ``path`` (not followed if a link), None where there is none."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
+    if not prepare:
+        return _write_model_dir(check_path(path, "model directory"), networks, input_sizes=input_sizes,
+                                thresholds=thresholds, preprocessing=preprocessing, metrics=metrics,
+                                training=training, crops=crops)
+    # Each file is listed in the folder's manifest as soon as it is written: saving again replaces them
+    # without overwrite=True, and a save that fails part way (the metrics are checked after the weights
+    # are written) removes what it wrote as the folder's earlier model directory goes back. Someone's
+    # file kept under overwrite=True and not yet replaced stays unlisted, and stays.
+    with prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) as prepared:
+        return _write_model_dir(prepared.path, networks, input_sizes=input_sizes, thresholds=thresholds,
+                                preprocessing=preprocessing, metrics=metrics, training=training, crops=crops,
+                                written=prepared.record)
 
 
 def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: Mapping[str, Union[int, tuple[int, int]]],
                      thresholds: Optional[Union[Thresholds, Mapping[str, Any]]], preprocessing: Optional[Preprocessing],
                      metrics: Optional[Mapping[str, Any]], training: Optional[Mapping[str, Any]],
-                     crops: Optional[Mapping[str, Optional[str]]]) -> ModelDir:
-    """:func:`save_model_dir`'s work, in ``folder`` (prepared, or held by the caller)."""
+                     crops: Optional[Mapping[str, Optional[str]]],
+                     written: Callable[[str], Any] = lambda name: None) -> ModelDir:
+    """:func:`save_model_dir`'s work, in ``folder`` (prepared, or held by the caller); ``written`` is
+    told the name of each file once it is written."""
     from safetensors.torch import save as save_safetensors
 
     if not isinstance(networks, Mapping) or not networks:
@@ -670,6 +648,7 @@ def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: 
                                                                           "network": name}))
         weights = f"{name}.safetensors"
         atomic_write(folder / weights, data)
+        written(weights)
         entries[name] = {"config": _json_safe(config, f"the {name} config"), "weights": weights,
                          "sha256": sha256_of(data), "input_size": list(size)}
         if crops.get(name) is not None:
@@ -692,6 +671,7 @@ def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: 
     raw["artefacts"] = {k: asdict(a) for k, a in kept.items()}
     model_dir = ModelDir(folder, raw)
     model_dir.save()  # before the stale files go: a crash in between leaves them unlisted, not listed and gone
+    written(CONFIG_NAME)
     for art in stale.values():
         _remove_artefact_file(model_dir, art)
     model_dir.removed_artefacts = stale
