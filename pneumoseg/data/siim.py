@@ -17,6 +17,7 @@ from ..errors import DataFormatError, InvalidInputError, LimitError, OutputError
 from .dicom import (
     DICOMDIR_REASON,
     MEDIA_DIRECTORY_STORAGE,
+    _META_HEAD_BYTES,
     _file_meta_elements,
     _open_without_waiting,
     _uid_text,
@@ -296,15 +297,14 @@ def _head(path: Path, size: int) -> bytes:
         os.close(fd)
 
 
-def _is_dicom_file(path: Path) -> bool:
-    head = _head(path, 132)
-    return len(head) == 132 and head[128:] == b"DICM"
+def _is_dicom_head(head: bytes) -> bool:
+    return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def _is_dicomdir(path: Path) -> bool:
+def _is_dicomdir_head(head: bytes) -> bool:
     """Whether a DICOM file not named DICOMDIR (the name PS3.10 gives it) is one all the same, by the
-    MediaStorageSOPClassUID (0002,0002) of its file meta group, walked in the file's first 8 KB."""
-    value = _file_meta_elements(_head(path, 8192))[0].get(0x0002)
+    MediaStorageSOPClassUID (0002,0002) of its file meta group, walked in the file's first bytes."""
+    value = _file_meta_elements(head)[0].get(0x0002)
     return value is not None and _uid_text(value) == MEDIA_DIRECTORY_STORAGE
 
 
@@ -363,9 +363,13 @@ def find_dicom_files(root: Union[str, Path], *, require_suffix: bool = True) -> 
             enter(p)
         elif is_file:
             if p.suffix.lower() != ".dcm":
-                if (require_suffix and p.suffix) or not _is_dicom_file(p):
+                if require_suffix and p.suffix:
                     continue
-                if p.name.upper() == "DICOMDIR" or (not require_suffix and _is_dicomdir(p)):
+                # one read for both questions: a DICOMDIR is told by its file meta group only here
+                head = _head(p, 132 if require_suffix else _META_HEAD_BYTES)
+                if not _is_dicom_head(head):
+                    continue
+                if p.name.upper() == "DICOMDIR" or (not require_suffix and _is_dicomdir_head(head)):
                     files.skipped.append((p, DICOMDIR_REASON))
                     continue
                 if require_suffix:
