@@ -656,22 +656,28 @@ def _refuse_removing_inputs(p: Path, ours: list[Path], inputs: Iterable[Any], wh
                     "which writing there would remove); choose another folder")
 
 
-def _files_under(folder: Path) -> list[str]:
-    """The relative paths of everything but folders under ``folder``, symbolic links not followed."""
-    found: list[str] = []
-    pending = [(folder, "")]
-    while pending:  # an explicit stack, as in _remove_empty_folders
+def _tree(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
+    """Every entry under ``root`` with its path relative to it, folders before what they hold, symbolic
+    links not followed; an unreadable folder is passed over. An explicit stack: os.walk recurses, and
+    a deep folder would exhaust it."""
+    pending = [(os.fspath(root), "")]
+    while pending:
         directory, prefix = pending.pop()
         try:
             with os.scandir(directory) as entries:
-                for entry in entries:
-                    if entry.is_dir(follow_symlinks=False):
-                        pending.append((Path(entry.path), prefix + entry.name + "/"))
-                    else:
-                        found.append(prefix + entry.name)
+                found = list(entries)
         except OSError:
             continue
-    return sorted(found)
+        for entry in found:
+            rel = prefix + entry.name
+            if entry.is_dir(follow_symlinks=False):
+                pending.append((entry.path, rel + "/"))
+            yield rel, entry
+
+
+def _files_under(folder: Path) -> list[str]:
+    """The relative paths of everything but folders under ``folder``, symbolic links not followed."""
+    return sorted(rel for rel, entry in _tree(folder) if not entry.is_dir(follow_symlinks=False))
 
 
 def _make_folders(root: Path, rel: str) -> bool:
@@ -689,16 +695,7 @@ def _make_folders(root: Path, rel: str) -> bool:
 
 def _remove_empty_folders(root: Path) -> None:
     """Remove every empty folder under ``root`` (not ``root``), the deepest first."""
-    folders: list[str] = []
-    pending = [os.fspath(root)]
-    while pending:  # an explicit stack: os.walk recurses, and a deep folder would exhaust it
-        try:
-            with os.scandir(pending.pop()) as entries:
-                found = [e.path for e in entries if e.is_dir(follow_symlinks=False)]
-        except OSError:
-            continue
-        folders.extend(found)
-        pending.extend(found)
+    folders = [entry.path for _, entry in _tree(root) if entry.is_dir(follow_symlinks=False)]
     for directory in sorted(folders, key=lambda d: -d.count(os.sep)):
         with contextlib.suppress(OSError):
             os.rmdir(directory)  # fails, harmlessly, on a folder that is not empty
