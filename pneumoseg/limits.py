@@ -141,6 +141,8 @@ def set_limits(**changes: int) -> Limits:
     _check_names(changes)
     with _lock:
         previous = _current if _current is not None else _refresh_locked()
+        # _refresh_locked has set _base, and reset() replaces it only with a successfully read one
+        assert _base is not None
         _base = dataclasses.replace(_base, **changes)
         _refresh_locked()
     return previous
@@ -169,7 +171,9 @@ def reset() -> Limits:
     :func:`override` blocks keep their values until they end."""
     global _base
     with _lock:
-        _base = None
+        # Read before anything changes: a bad variable raises and leaves the limits as they were. It
+        # used to leave _base None beside the old _current, so the next set_limits raised TypeError.
+        _base = _from_environment()
         return _refresh_locked()
 
 

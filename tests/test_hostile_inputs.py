@@ -278,6 +278,22 @@ def test_limits_from_the_environment(monkeypatch):
     assert limits.current() == limits.Limits()
 
 
+def test_limits_reset_refused_by_the_environment_changes_nothing(monkeypatch):
+    # A reset() refused for a bad variable once left the process unable to set_limits (a TypeError).
+    previous = limits.set_limits(max_image_side=300)
+    try:
+        monkeypatch.setenv("PNEUMOSEG_MAX_IMAGE_SIDE", "lots")
+        with pytest.raises(pneumoseg.InvalidInputError, match="PNEUMOSEG_MAX_IMAGE_SIDE must be a positive integer"):
+            limits.reset()
+        assert limits.current().max_image_side == 300
+        assert limits.set_limits(max_rle_chars=9).max_rle_chars == previous.max_rle_chars
+        assert (limits.current().max_image_side, limits.current().max_rle_chars) == (300, 9)
+    finally:
+        monkeypatch.delenv("PNEUMOSEG_MAX_IMAGE_SIDE")
+        limits.reset()
+    assert limits.current() == limits.Limits()
+
+
 # --- the checking layer itself ----------------------------------------------------------------------------------
 
 
