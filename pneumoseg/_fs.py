@@ -215,7 +215,7 @@ def atomic_open(path: PathLike, mode: str = "wb", *,
         raise
     try:
         os.fchmod(fd, _FILE_MODE) if hasattr(os, "fchmod") else None
-        kwargs = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
+        kwargs: dict[str, Any] = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
             f.flush()
@@ -1138,6 +1138,7 @@ def _append_to_manifest(folder: Path, rel: str, st: os.stat_result, *, kind: str
         raise OutputError(f"{folder} has no {MANIFEST_NAME} to list {rel} in")
     with open(manifest, "a", encoding="utf-8", newline="\n") as f:
         if new:
+            assert kind is not None  # a new manifest without a kind was refused above
             f.write(_manifest_start(kind))
         f.write(f"{st.st_size}\t{st.st_mtime_ns}\t{rel}\n")
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional, Union
+from typing import Any, Optional, TypedDict, Union
 
 import torch
 
@@ -43,7 +43,8 @@ def _loss_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
 
 
-def _params(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image):
+def _params(bce_weight: float, dice_weight: float, focal_weight: float, focal_gamma: float, smooth: float,
+            pos_weight: float, per_image: bool) -> Any:
     return _C.ComboParams(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight, per_image)
 
 
@@ -336,7 +337,16 @@ def _number(value, name: str) -> float:
     return check_real(value, name, low=0.0)
 
 
-def _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight) -> dict[str, float]:
+class _Weights(TypedDict):
+    bce_weight: float
+    dice_weight: float
+    focal_weight: float
+    focal_gamma: float
+    smooth: float
+    pos_weight: float
+
+
+def _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight) -> _Weights:
     """The loss's numeric arguments, validated (non-negative and finite) and as floats."""
     return dict(
         bce_weight=_number(bce_weight, "bce_weight"),
@@ -412,7 +422,7 @@ def combo_loss(
     else:
         per_image = check_bool(per_image, "per_image")
         weights = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
-        params = None if compiling else _params(*weights.values(), per_image)
+        params = None if compiling else _params(**weights, per_image=per_image)
     if compiling:
         x = logits.reshape(n, -1).contiguous()
         t = target.reshape(n, -1).contiguous()
@@ -451,9 +461,11 @@ class ComboLoss(torch.nn.Module):
     ) -> None:
         super().__init__()
         # Validated now, so a bad weight fails where the module is built, not at the first batch.
-        self.kwargs = _checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight)
-        self.kwargs.update(per_image=check_bool(per_image, "per_image"),
-                           validate=check_bool(validate, "validate", allow_none=True))
+        self.kwargs: dict[str, Any] = {
+            **_checked_weights(bce_weight, dice_weight, focal_weight, focal_gamma, smooth, pos_weight),
+            "per_image": check_bool(per_image, "per_image"),
+            "validate": check_bool(validate, "validate", allow_none=True),
+        }
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return combo_loss(logits, target, **self.kwargs)

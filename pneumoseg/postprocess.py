@@ -161,10 +161,9 @@ def _compiling() -> bool:
 def _make_native_params(threshold: Optional[float], from_logits: bool, triplet: Optional[tuple[float, int]],
                         min_component_area: int, connectivity: int) -> Any:
     """The native parameters of one validated setting (immutable, so shared between calls)."""
-    use_threshold = threshold is not None
     return _C.PostprocessParams(
-        use_threshold,
-        _to_input_space(threshold, from_logits) if use_threshold else 0.0,
+        threshold is not None,
+        _to_input_space(threshold, from_logits) if threshold is not None else 0.0,
         triplet is not None,
         _to_input_space(triplet[0], from_logits) if triplet else 0.0,
         triplet[1] if triplet else 0,
@@ -275,10 +274,10 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
     else:
         if _native.kind_of(scores) == "cupy":
             scores = scores.get()
-        s = as_numpy_array(scores, "scores")
-        if s.dtype.kind not in "iuf":
-            raise InvalidInputError(f"scores must be real numbers, got dtype {s.dtype}")
-        values = s.reshape(-1).tolist()
+        array = as_numpy_array(scores, "scores")
+        if array.dtype.kind not in "iuf":
+            raise InvalidInputError(f"scores must be real numbers, got dtype {array.dtype}")
+        values = array.reshape(-1).tolist()
     if len(values) != batch.n:
         raise InvalidInputError(f"scores has {len(values)} values for a batch of {batch.n} images")
     keep = [1 if v >= threshold else 0 for v in values]
@@ -351,10 +350,10 @@ def postprocess(
         batch = _Batch(probs, "probs")
     else:
         # The order of the checks, and so which of several bad arguments is named, as always.
-        settings = (top, min_area, bottom, min_component_area, connectivity)
-        _checked_settings(False, *settings)
+        given = (top, min_area, bottom, min_component_area, connectivity)
+        _checked_settings(False, *given)
         batch = _Batch(probs, "probs")
-        params = _checked_settings(check_bool(from_logits, "from_logits"), *settings)
+        params = _checked_settings(check_bool(from_logits, "from_logits"), *given)
     if type(to_rle) is not bool:
         to_rle = check_bool(to_rle, "to_rle")
     if type(return_components) is not bool:
