@@ -71,7 +71,8 @@ def _decode_one(path: Path, strings: Optional[Sequence[str]], size: int) -> tupl
         # an annotation that does not fit its image skips the image as an unreadable DICOM does
         full = annotation_mask(list(strings), dicom.pixels.shape, dicom_file_image_id(path), path, None)
         mask = (resize_mask(full, size)[0, 0] > 0.5).to(torch.uint8).numpy()
-    return image, mask, tuple(int(v) for v in dicom.pixels.shape)
+    h, w = dicom.pixels.shape  # DicomImage.pixels is (H, W)
+    return image, mask, (int(h), int(w))
 
 
 def decode_to_arrays(
@@ -352,6 +353,7 @@ class CachedDataset(torch.utils.data.Dataset):
             self.size = int(images.shape[-1])
             self.path = None
         else:
+            assert cache_dir is not None  # exactly one of cache_dir and arrays was given (checked above)
             index = load_cache_index(cache_dir)
             self.path = Path(cache_dir)
             self.size, ids, labels = index["size"], index["ids"], index["labels"]
@@ -392,6 +394,7 @@ class CachedDataset(torch.utils.data.Dataset):
         if self._labels is not None:
             item["label"] = torch.tensor(float(self._labels[index]))
             if self.task == "segmentation":
+                assert self.masks is not None  # __init__ refuses labels without masks for segmentation
                 mask = torch.from_numpy(np.array(self.masks[row]))[None]
         if self.raw:
             item["image"] = image

@@ -191,8 +191,8 @@ class PositiveRatioSampler(torch.utils.data.Sampler):
         if isinstance(positive_ratio, (tuple, list)):
             if len(positive_ratio) != 2:
                 raise InvalidInputError(f"positive_ratio as a schedule must be a (start, end) pair, got {positive_ratio!r}")
-            positive_ratio = tuple(check_real(v, f"positive_ratio[{i}]", low=0.0, high=1.0)
-                                   for i, v in enumerate(positive_ratio))
+            start, end = (check_real(v, f"positive_ratio[{i}]", low=0.0, high=1.0) for i, v in enumerate(positive_ratio))
+            positive_ratio = (start, end)
         elif not callable(positive_ratio):
             positive_ratio = check_real(positive_ratio, "positive_ratio", low=0.0, high=1.0)
         self.schedule = positive_ratio

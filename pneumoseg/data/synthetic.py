@@ -173,7 +173,7 @@ def make_synthetic_siim(
         for i in items:
             image_rng = np.random.default_rng([seed, i])
             pixels, mask = chest_phantom(size, image_rng, bool(positive[i]))
-            uids = {k: generate_uid(prefix=root, entropy_srcs=[str(seed), str(i), k]) for k in ("sop", "study", "series")}
+            uids: dict[str, str] = {k: generate_uid(prefix=root, entropy_srcs=[str(seed), str(i), k]) for k in ("sop", "study", "series")}
             uids["patient"] = f"synthetic-{seed}-{i:05d}"
             _write_dicom(folder, ("dicom-images-train", uids["study"], uids["series"], f"{uids['sop']}.dcm"),
                          pixels, uids, image_rng)

@@ -179,13 +179,13 @@ def crop_to_chest(images: torch.Tensor, size: Union[int, tuple[int, int]]) -> to
     """Each image of an (N, C, H, W) batch cropped to its chest box (:func:`chest_crop` of its first
     channel; reads the pixels on the host) and resized to ``size`` (bilinear, antialiased): the input of
     a classifier trained with ``data.chest_crop``, the same at training, validation and inference."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
+    hw = (size, size) if isinstance(size, int) else tuple(size)
     parts = []
     for image in images:
         r0, r1, c0, c1 = chest_crop(image[0])
-        parts.append(F.interpolate(image[None, :, r0:r1, c0:c1], size=size, mode="bilinear", align_corners=False,
+        parts.append(F.interpolate(image[None, :, r0:r1, c0:c1], size=hw, mode="bilinear", align_corners=False,
                                    antialias=True))
-    return torch.cat(parts) if parts else images.new_empty((0, images.shape[1], *size))
+    return torch.cat(parts) if parts else images.new_empty((0, images.shape[1], *hw))
 
 
 def classifier_input(x: torch.Tensor, size: Union[int, tuple[int, int]], crop: Optional[str] = None) -> torch.Tensor:
@@ -197,9 +197,9 @@ def classifier_input(x: torch.Tensor, size: Union[int, tuple[int, int]], crop: O
     classifier's own training crops its ``data.image_size`` images. Cropping first at another size
     gave the classifier sharper crops than it meets at prediction (probabilities 0.02-0.03 apart
     with a tiny random classifier, 256 px images, gate 128 or 96 px)."""
-    size = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(x.shape[-2:]) != size:
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    hw = (size, size) if isinstance(size, int) else tuple(size)
+    if tuple(x.shape[-2:]) != hw:
+        x = F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True)
     if crop == "chest":
         x = crop_to_chest(x, size)  # reads the pixels on the host
     return x
@@ -250,8 +250,9 @@ class Augment:
         contrast = check_real(contrast, "contrast", low=0.0, high=1.0)
         if isinstance(gamma, (str, bytes)) or not isinstance(gamma, (tuple, list)) or len(gamma) != 2:
             raise InvalidInputError(f"gamma must be a (low, high) range of positive numbers, got {gamma!r}")
-        gamma = tuple(check_real(g, f"gamma[{i}]", low=0.0, low_open=True) for i, g in enumerate(gamma))
-        if gamma[1] < gamma[0]:
+        low, high = (check_real(g, f"gamma[{i}]", low=0.0, low_open=True) for i, g in enumerate(gamma))
+        gamma = (low, high)
+        if high < low:
             raise InvalidInputError(f"gamma must be a range of positive numbers (low <= high), got {gamma}")
         if seed is not None:
             seed = check_int(seed, "seed", low=0)

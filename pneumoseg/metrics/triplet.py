@@ -206,6 +206,8 @@ class TripletSearch:
         """The best grid point over every image added so far (one host synchronisation on CUDA)."""
         if not self._above:
             raise InvalidInputError("no images were added: call update() with a batch first")
+        min_areas_grid = self.min_areas
+        assert min_areas_grid is not None  # update() settles it before it adds a batch
 
         def host(parts: list[Any]) -> np.ndarray:
             return np.concatenate([p.cpu().numpy() if hasattr(p, "cpu") else np.asarray(p) for p in parts])
@@ -230,7 +232,7 @@ class TripletSearch:
         np.divide(2.0 * inter, denom, out=dice_positive, where=denom != 0)
         dice_negative = (truth_area == 0).astype(np.float64)
 
-        min_areas = np.array(self.min_areas, np.int64)
+        min_areas = np.array(min_areas_grid, np.int64)
         positive = above[:, self._top_index][:, :, None] >= min_areas[None, None, :]  # (n, top, area)
         if self._gated:
             scores = host(self._gate_scores).astype(np.float64)
@@ -246,11 +248,12 @@ class TripletSearch:
         best = np.unravel_index(int(np.argmax(grid)), grid.shape)
         gate = None
         if self._gated:
+            assert self.gate_thresholds is not None  # settled with _gated by update()
             gate, best = self.gate_thresholds[best[0]], best[1:]
         return TripletChoice(
-            top=self.tops[best[0]], min_area=self.min_areas[best[1]], bottom=self.bottoms[best[2]],
+            top=self.tops[best[0]], min_area=min_areas_grid[best[1]], bottom=self.bottoms[best[2]],
             gate_threshold=gate, score=float(grid.max()), scores=grid, tops=self.tops,
-            min_areas=self.min_areas, bottoms=self.bottoms,
+            min_areas=min_areas_grid, bottoms=self.bottoms,
             gate_thresholds=self.gate_thresholds if self._gated else None, images=n,
         )
 
