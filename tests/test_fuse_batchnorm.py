@@ -160,6 +160,15 @@ def test_fold_conv_bn_matches_the_formula_with_a_conv_bias():
     assert torch.allclose(conv.bias, (b - bn.running_mean) * s + bn.bias, rtol=1e-12)
 
 
+def test_fold_conv_bn_refuses_a_batchnorm_without_running_statistics():
+    # it raised AttributeError on the missing running_var; the convolution must stay as it was
+    conv = nn.Conv2d(3, 4, 3, bias=False)
+    w = conv.weight.clone()
+    with pytest.raises(InvalidInputError, match="no running statistics"):
+        fold_conv_bn(conv, nn.BatchNorm2d(4, track_running_stats=False).eval())
+    assert torch.equal(conv.weight, w) and conv.bias is None
+
+
 # --- what is refused or left alone ------------------------------------------------------------------------
 def test_a_training_mode_model_is_refused_and_a_training_mode_pair_is_kept():
     model = create_classifier("resnet_tiny", num_classes=1, in_channels=1)

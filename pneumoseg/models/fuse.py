@@ -134,18 +134,20 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     return unique
 
 
-def _bn_scale(bn: nn.Module) -> torch.Tensor:
-    """gamma / sqrt(running_var + eps) in float64: what folding multiplies each output channel by."""
-    scale = bn.running_var.double().add(bn.eps).rsqrt()
-    return scale * bn.weight.double() if bn.weight is not None else scale
-
-
 @torch.no_grad()
-def _folded(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _folded(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """The folded (weight, bias) in float64."""
-    scale = _bn_scale(bn)
+    mean, var = bn.running_mean, bn.running_var
+    if mean is None or var is None:
+        # fuse_batchnorm keeps such a pair (_why_not); a direct fold_conv_bn call raised AttributeError
+        raise InvalidInputError("the BatchNorm has no running statistics (track_running_stats=False): its "
+                                "batch statistics cannot be folded into a convolution")
+    # gamma / sqrt(running_var + eps): what folding multiplies each output channel by
+    scale = var.double().add(bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
     bias = conv.bias.double() if conv.bias is not None else torch.zeros_like(scale)
-    bias = (bias - bn.running_mean.double()) * scale
+    bias = (bias - mean.double()) * scale
     if bn.bias is not None:
         bias = bias + bn.bias.double()
     shape = (-1,) + (1,) * (conv.weight.dim() - 1)
@@ -155,7 +157,8 @@ def _folded(conv: nn.Module, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold eval-mode ``bn`` into ``conv``'s weight and bias, in place (float64 arithmetic, cast back
-    to the convolution's dtype). The caller replaces ``bn`` afterwards."""
+    to the convolution's dtype). The caller replaces ``bn`` afterwards. A BatchNorm without running
+    statistics (``track_running_stats=False``) raises ``InvalidInputError``."""
     dtype = conv.weight.dtype
     weight, bias = _folded(conv, bn)
     conv.weight.copy_(weight.to(dtype))
@@ -184,7 +187,7 @@ def _use_counts(model: nn.Module) -> dict[int, int]:
 
 
 @torch.no_grad()
-def _why_not(conv: nn.Module, bn: nn.Module, dtype: Optional[torch.dtype], uses: dict[int, int]) -> Optional[str]:
+def _why_not(conv: nn.Conv2d, bn: nn.BatchNorm2d, dtype: Optional[torch.dtype], uses: dict[int, int]) -> Optional[str]:
     if conv.training or bn.training:
         return "in training mode (batch statistics cannot be folded)"
     if bn.running_mean is None or bn.running_var is None:
