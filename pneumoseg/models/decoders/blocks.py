@@ -9,7 +9,7 @@ every forward."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, cast
 
 import torch
 from torch import nn
@@ -96,13 +96,18 @@ class DecoderBlock(nn.Module):
         self._frozen_sources: Optional[tuple] = None
         self.register_load_state_dict_post_hook(_unfreeze_after_loading)
 
+    # freeze_subpixel_weights' buffers (registered in __init__, None while not frozen)
+    _frozen_phase_weight: Optional[torch.Tensor]
+    _frozen_phase_bias: Optional[torch.Tensor]
+    _frozen_skip_weight: Optional[torch.Tensor]
+
     #: run the upsampling, concatenation and ``conv1``'s convolution as one sub-pixel convolution where
     #: that is the same function (no scSE before ``conv1``); ``False`` (per block, or for a whole model
     #: with :func:`set_subpixel_decoding`) runs the reference formulation. Not part of the state dict.
     subpixel: bool = True
 
     def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
-        conv = self.conv1[0]
+        conv = cast(nn.Conv2d, self.conv1[0])  # Conv2dReLU's convolution (BatchNorm folding keeps it)
         if (self._frozen_phase_weight is not None and _wants_gradient(conv.weight, conv.bias)
                 and not torch.compiler.is_compiling()):
             # conv1 is being differentiated, so probably trained, and a fused optimizer's step moves no
@@ -131,7 +136,7 @@ class DecoderBlock(nn.Module):
         # low-resolution convolution computes that, so such blocks keep the reference path.
         if has_skip and not isinstance(self.attention1.attention, nn.Identity):
             return False
-        conv = self.conv1[0]
+        conv = cast(nn.Conv2d, self.conv1[0])
         # conv1, its convolution and attention1 are not called on this path: a hook on any of them (the
         # old weight_norm sets the weight in a pre-hook; Grad-CAM and feature extractors hook conv1), or a
         # global module hook, must run, so such a block keeps the reference path too
@@ -148,7 +153,7 @@ class DecoderBlock(nn.Module):
         self._unfreeze_subpixel()
         if not (self.subpixel and self._subpixel_is_exact(self.has_skip)):
             return False
-        conv = self.conv1[0]
+        conv = cast(nn.Conv2d, self.conv1[0])
         weight, bias = conv.weight, conv.bias
         channels = self.upsampled_channels
         if _is_functorch(weight, bias) or (weight.shape[1] > channels) != self.has_skip:
@@ -215,7 +220,7 @@ class DecoderBlock(nn.Module):
         frozen = self._frozen_buffers() if frozen is None else frozen
         if frozen[0] is None or self.training:
             return False
-        conv = self.conv1[0]
+        conv = cast(nn.Conv2d, self.conv1[0])
         weight, bias = conv.weight, conv.bias
         if _wants_gradient(weight, bias):
             return False
@@ -238,7 +243,7 @@ class DecoderBlock(nn.Module):
         key, sources = self._frozen_key, self._frozen_sources
         if key is None or sources is None or any(a is not b for a, b in zip(frozen, sources[2])):
             return False
-        conv = self.conv1[0]
+        conv = cast(nn.Conv2d, self.conv1[0])
         weight, bias = conv.weight, conv.bias
         # Two pointer tests, each needed: the recorded one catches a storage moved in place (share_memory,
         # which moves the alias too); the alias's catches a new tensor at the recorded address once the
@@ -259,7 +264,7 @@ def _tensor_key(t: Optional[torch.Tensor]) -> tuple:
     return (t.dtype, t.device, t.data_ptr(), t._version, tuple(t.shape), t.stride())
 
 
-def _unfreeze_after_loading(module: nn.Module, incompatible_keys) -> None:
+def _unfreeze_after_loading(module: DecoderBlock, incompatible_keys) -> None:
     module._unfreeze_subpixel()
 
 
@@ -371,6 +376,9 @@ def _upsample_conv3x3_phases(x: torch.Tensor, skip: Optional[torch.Tensor], phas
         if skip is None:
             # not a view: an in-place op after it (a folded block's ReLU) would export as ScatterND
             return out.contiguous(memory_format=_memory_format(phases))
+        # comes with skip: upsample_conv3x3 slices it from its weight, and frozen weights apply only in a
+        # block built with skip features, which stores it
+        assert skip_weight is not None
         return F.conv2d(skip, skip_weight, bias, padding=1) + out
     # Eager: each phase is added into (or copied to) its pixels of the output once, with no interleaved
     # copy of the phases in between (1.1-1.5x less time than pixel_shuffle + add on a CPU).
@@ -379,6 +387,7 @@ def _upsample_conv3x3_phases(x: torch.Tensor, skip: Optional[torch.Tensor], phas
         out = torch.empty((n, out_channels, 2 * height, 2 * width), dtype=phases.dtype, device=phases.device,
                           memory_format=_memory_format(phases))
     else:
+        assert skip_weight is not None  # as above
         out = F.conv2d(skip, skip_weight, bias, padding=1)
     pixels = out.view(n, out_channels, height, 2, width, 2)
     phases = phases.view(n, out_channels, 2, 2, height + 1, width + 1)
