@@ -11,7 +11,7 @@ from it, so a model directory is a config file plus a weights file.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from torch import nn
 
@@ -26,7 +26,7 @@ def _build_classifier(encoder: str, num_classes: int = 1, in_channels: int = 3) 
     return create_classifier(encoder, num_classes=num_classes, in_channels=in_channels)
 
 
-MODEL_KINDS = {"classifier": _build_classifier, "segmenter": create_segmenter}
+MODEL_KINDS: dict[str, Callable[..., nn.Module]] = {"classifier": _build_classifier, "segmenter": create_segmenter}
 
 
 def build_model(config: Mapping[str, Any]) -> nn.Module:

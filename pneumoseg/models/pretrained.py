@@ -189,11 +189,11 @@ def _select_state_dict(obj, path: Path, use_ema: bool) -> tuple[dict[str, torch.
         # a container key holding a mapping wins even beside loose tensors (CheXNet's best_loss)
         if not isinstance(obj, Mapping):
             break
-        key = next((k for k in _STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if key is None:
+        container = next((k for k in _STATE_DICT_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if container is None:
             break
-        obj = obj[key]
-        notes.append(f"'{key}' container")
+        obj = obj[container]
+        notes.append(f"'{container}' container")
     if not isinstance(obj, Mapping):
         raise DataFormatError(f"{path} holds a {type(obj).__name__}, not a state dict")
     state = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
@@ -317,7 +317,7 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return w.to(weight.dtype)
 
 
-def _resolve_target(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[nn.Module, str, Optional[Encoder], str]:
+def _resolve_target(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[nn.Module, str, Encoder, str]:
     """(module to load into, its name, the encoder it holds, the encoder's key prefix inside it)."""
     if isinstance(model, Encoder):
         return model, "model", model, ""
@@ -432,7 +432,10 @@ def load_pretrained(
             raise InvalidInputError(f"head='load' but {path} lacks {', '.join(absent)} of the classifier layer")
     load_classifier = classifier_fits and classifier_whole and head != "drop"
 
-    loaded, adapted, skipped, unexpected = {}, [], [], []
+    loaded: dict[str, torch.Tensor] = {}
+    adapted: list[str] = []
+    skipped: list[str] = []
+    unexpected: list[str] = []
     for k, v in state.items():
         if k.startswith(classifier) and not (load_classifier or head == "load"):
             skipped.append(k)

@@ -5,6 +5,7 @@ head (as ``timm.create_model(..., features_only=True)``), so one checkpoint serv
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -60,6 +61,8 @@ class Encoder(nn.Module):
     stem_weights: tuple[str, ...] = ()
     head_modules: tuple[str, ...] = ()
     classifier_module: str | None = None
+    #: a classifier's construction arguments (set by create_classifier), for build_model
+    config: dict[str, Any]
 
     def __init__(self, *, in_channels: int, num_classes: int, features_only: bool) -> None:
         super().__init__()

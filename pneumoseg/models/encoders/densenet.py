@@ -4,6 +4,7 @@ network. Every BatchNorm is followed by a ReLU (timm's ``BatchNormAct2d``), ``no
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Protocol, cast
 
 import torch
 from torch import nn
@@ -12,6 +13,22 @@ from ._base import Encoder
 from ._layers import BatchNormAct2d
 
 __all__ = ["DenseNet", "DenseLayer", "DenseBlock", "DenseTransition", "densenet121"]
+
+if TYPE_CHECKING:
+    class _Features(Protocol):
+        """DenseNet.features' children: added with add_module, so torch types them Tensor | Module."""
+
+        conv0: nn.Conv2d
+        norm0: BatchNormAct2d
+        pool0: nn.MaxPool2d
+        denseblock1: DenseBlock
+        denseblock2: DenseBlock
+        denseblock3: DenseBlock
+        denseblock4: DenseBlock
+        transition1: DenseTransition
+        transition2: DenseTransition
+        transition3: DenseTransition
+        norm5: BatchNormAct2d
 
 
 class DenseLayer(nn.Module):
@@ -114,7 +131,7 @@ class DenseNet(Encoder):
                 nn.init.zeros_(m.bias)
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:
-        f = self.features
+        f = cast("_Features", self.features)
         s2 = f.norm0(f.conv0(x))
         s4 = f.denseblock1(f.pool0(s2))
         s8 = f.denseblock2(f.transition1(s4))

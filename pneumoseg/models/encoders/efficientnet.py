@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -173,10 +174,10 @@ class EfficientNet(Encoder):
         blocks = []
         for spec, depth in zip(stages, depths):
             out = round_channels(spec.channels, width_multiplier)
-            stage = []
+            stage: list[nn.Module] = []
             for j in range(depth):
                 stride = spec.stride if j == 0 else 1
-                common = dict(se_ratio=spec.se_ratio, act=act, bn_eps=bn_eps, padding=padding,
+                common: dict[str, Any] = dict(se_ratio=spec.se_ratio, act=act, bn_eps=bn_eps, padding=padding,
                               drop_path=drop_path_rate * index / total)
                 if spec.block == "ds":
                     stage.append(DepthwiseSeparableConv(channels, out, spec.kernel, stride, **common))

@@ -109,7 +109,7 @@ class ResNet(Encoder):
 
     def __init__(
         self,
-        block: type[nn.Module],
+        block: type[BasicBlock] | type[Bottleneck],
         layers: tuple[int, int, int, int],
         *,
         widths: tuple[int, int, int, int] = (64, 128, 256, 512),
@@ -142,7 +142,7 @@ class ResNet(Encoder):
             self.fc = nn.Linear(channels, num_classes) if num_classes > 0 else nn.Identity()
         init_weights(self)
         for m in self.modules():
-            if hasattr(m, "zero_init_last"):
+            if isinstance(m, (BasicBlock, Bottleneck)):  # the blocks that have zero_init_last
                 m.zero_init_last()
 
     def forward_pyramid(self, x: torch.Tensor) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ the Keras port via Cadene's pretrainedmodels): the seed solution's second classi
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ class XceptionBlock(nn.Module):
                  start_with_relu: bool = True, grow_first: bool = True) -> None:
         super().__init__()
         if out_channels != in_channels or stride != 1:
-            self.skip = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
+            self.skip: Optional[nn.Conv2d] = nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
             self.skipbn = nn.BatchNorm2d(out_channels)
         else:
             self.skip = None
