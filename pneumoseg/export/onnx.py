@@ -277,6 +277,7 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
                                         dynamic_shapes={name: {0: batch} for name in spec.inputs}, optimize=True)
         except Exception as exc:
             raise ExportCheckError(f"{where}: torch.onnx.export failed: {type(exc).__name__}: {exc}\n{log.getvalue()[-2000:]}") from exc
+        assert program is not None  # torch.onnx.export returns an ONNXProgram when dynamo=True (None otherwise)
         model = program.model_proto
     seconds = time.perf_counter() - start
     model.producer_name = "pneumoseg"

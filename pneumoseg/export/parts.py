@@ -19,7 +19,7 @@ part: an antialiased resize is not an operator TensorRT's ONNX parser takes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from ..errors import InvalidInputError
 
@@ -51,7 +51,7 @@ def part_spec(name: str) -> PartSpec:
     return _SPECS[name]
 
 
-def parts_for(model_dir: Any) -> dict[str, str]:
+def parts_for(model_dir: Any) -> dict[str, Optional[str]]:
     """stage -> part for a model directory: ``{"gate": part or None, "segment": part}``.
 
     The gate is the classifier when there is one, else the segmenter's own classification head (then
@@ -90,6 +90,7 @@ def part_module(name: str, network: Any, *, dtype: Any = None) -> Any:
             super().__init__()
             self.network = network
 
+    module: _Part
     if spec.name == "classifier":
         class ClassifierPart(_Part):
             def forward(self, image: torch.Tensor) -> torch.Tensor:

@@ -79,13 +79,14 @@ class BatchProfile:
 DEFAULT_PROFILE = BatchProfile(1, 8, 32)
 
 
-def parse_batch_profile(value: Union[str, Sequence[int], BatchProfile, None]) -> BatchProfile:
+def parse_batch_profile(value: Union[str, int, Sequence[int], BatchProfile, None]) -> BatchProfile:
     """``"1,8,32"`` / ``(1, 8, 32)`` -> min, opt, max; one number ``"16"`` -> (1, 16, 16); None -> default."""
     if value is None:
         return DEFAULT_PROFILE
     if isinstance(value, BatchProfile):
         return value
     usage = f"batch profile must be MIN,OPT,MAX (e.g. 1,8,32) or one size, got {value!r}"
+    sizes: list[Any]  # BatchProfile checks each
     if isinstance(value, str):
         # plain decimal digits: int() would also read '1_0' as 10 and other scripts' digits
         fields = [v.strip() for v in value.split(",")]

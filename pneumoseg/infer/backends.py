@@ -180,7 +180,10 @@ class TorchBackend(Backend):
                     for b in self.buckets:
                         runner(*self._example_inputs(part, b))
             elif self.cuda_graphs:
-                graphs = CudaGraphRunner(fn, lambda b, _p=part: self._example_inputs(_p, b), self.buckets, self.device)
+                def examples(b: int, _p: str = part) -> list:  # _p: this part, not the loop's last
+                    return self._example_inputs(_p, b)
+
+                graphs = CudaGraphRunner(fn, examples, self.buckets, self.device)
                 runner = BucketedRunner(graphs, self.buckets, pad=False)
             else:
                 runner = fn

@@ -209,8 +209,9 @@ def write_evaluation_plots(ev: Evaluation, folder: Any) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     bins = np.linspace(0, 1, 21)
     pos = ev.truth_positive
-    ax.hist([ev.dice[pos], ev.dice[~pos]], bins=bins, stacked=True, label=["pneumothorax", "no pneumothorax"],
-            color=["#d62728", "#7f7f7f"])
+    # matplotlib's stub types bins as Sequence[float]; its docs (and hist) take any array of edges
+    ax.hist([ev.dice[pos], ev.dice[~pos]], bins=bins,  # type: ignore[arg-type]
+            stacked=True, label=["pneumothorax", "no pneumothorax"], color=["#d62728", "#7f7f7f"])
     ax.set_xlabel("per-image Dice")
     ax.set_ylabel("images")
     ax.set_title(f"Kaggle Dice {ev.kaggle_dice:.4f} (all-empty submission: {ev.empty_submission_dice:.4f})")

@@ -433,7 +433,7 @@ class Predictor:
         try:
             pending = submit(batches[0])
             for b, batch in enumerate(batches):
-                upcoming = submit(batches[b + 1]) if b + 1 < len(batches) else None
+                upcoming = submit(batches[b + 1]) if b + 1 < len(batches) else []
                 loaded = []
                 for src, future in zip(batch, pending):
                     try:
@@ -568,6 +568,7 @@ class Predictor:
         run = self.backend.run
         select = (lambda t: t) if rows is None else (lambda t: t.index_select(0, rows))
         if self.parts["segment"] == "decoder":
+            assert features is not None  # a decoder's gate is its encoder, whose features the caller passes
             logits = run("decoder", *[select(f) for f in features])[0]
             if self.tta:
                 flipped = run("encoder", select(x).flip(-1))[1:]
@@ -694,6 +695,7 @@ class Predictor:
             maps = self._segment(x_seg, features, rows)
         peaks = None if maps is None else maps.flatten(1).amax(1)  # NaN wherever a map holds one
         if scores is None:  # no gate: the image's score is its largest pixel probability
+            assert peaks is not None  # no gate: every image (n >= 1) was segmented
             scores = peaks.sigmoid()
         # A network answering NaN (an fp16 overflow, broken weights) would read as "no pneumothorax"
         # without a word: the scores and the maps' peaks (NaN where the map holds one) are checked on
@@ -712,6 +714,7 @@ class Predictor:
         group_masks: dict[tuple[int, int], Any] = {}
         group_components: dict[tuple[int, int], Any] = {}  # per mask, counted by the post-processing
         for shape, js in groups.items():
+            assert maps is not None  # groups hold segmented images only
             m = maps if len(js) == maps.shape[0] else maps.index_select(0, _index_on(device, js))
             if shape != (h, w):
                 # +-inf logits (a saturated or fp16 network) resized to NaN holes (inf - inf inside the
@@ -765,12 +768,13 @@ class Predictor:
         in_stage2 = set(segmented)
         out = []
         for i, (src, _, _) in enumerate(loaded):
-            shape = tuple(int(s) for s in images[i].shape)
+            rows_i, cols_i = images[i].shape  # an (H, W) image (load_pixels)
+            image_shape = (int(rows_i), int(cols_i))
             mask = masks[i]
             if return_masks and mask is None:
-                mask = np.zeros(shape, np.uint8)
+                mask = np.zeros(image_shape, np.uint8)
             out.append(Prediction(image_id=src.image_id, score=float(score_list[i]), rle=strings[i],
-                                  n_components=components[i], shape=shape, segmented=i in in_stage2,
+                                  n_components=components[i], shape=image_shape, segmented=i in in_stage2,
                                   path=str(src.path) if src.path is not None else None, mask=mask,
                                   timings=timings, batch_size=n))
         return out
