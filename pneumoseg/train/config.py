@@ -325,7 +325,7 @@ def _coerce(value: Any, hint: Any, path: str, meta: Mapping[str, Any], source: O
         if value is None:
             raise _fail(path, "must not be null", source)
         return _coerce(value, inner[0], path, meta, source)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):  # a hint is a class, never an instance
         return _build(hint, value, path, source)
     if hint is bool:
         if not isinstance(value, bool):
@@ -858,10 +858,11 @@ def describe_config(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         hint = _hints(cls)[f.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             rows.extend(describe_config(hint, name + "."))
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()
+        # a field has a default or a default factory (the other is MISSING, which is not callable)
+        default = f.default_factory() if callable(f.default_factory) else f.default
         rows.append((name, repr(_plain(default)), f.metadata.get("doc", "")))
         item = f.metadata.get("item")
         if item is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -102,6 +102,7 @@ def build_data(cfg: TrainConfig, *, world_size: int = 1, progress: bool = True,
     d = cfg.data
     task, size = cfg.task, d.image_size
     crop = d.chest_crop and task == "classification"
+    dataset: Union[CachedDataset, SIIMDataset, ChestCrop]
     if d.cache is not None:
         cache = Path(d.cache)
         index = load_cache_index(cache)  # a missing or broken cache is a DataFormatError naming it
@@ -140,7 +141,9 @@ def build_data(cfg: TrainConfig, *, world_size: int = 1, progress: bool = True,
                 images = np.zeros((len(ids), size, size), np.uint8)
                 masks = np.zeros((len(ids), size, size), np.uint8)
                 paths = [dataset.files[i] for i in ids]
-                rles = [dataset.rles[i] for i in ids]
+                table = dataset.rles
+                assert table is not None  # the dataset was read with a CSV
+                rles = [table[i] for i in ids]
                 _, failed = decode_to_arrays(paths, rles, size, images, masks, progress=progress, desc="preload")
                 if failed:
                     raise DataFormatError(f"{len(failed)} DICOMs could not be read, e.g. {failed[0][1]}")

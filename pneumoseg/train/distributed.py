@@ -146,7 +146,7 @@ class DistributedRatioSampler(torch.utils.data.Sampler):
     def __init__(
         self,
         labels: Sequence[int],
-        positive_ratio: Union[None, float, Sequence[float], Callable[[int], float]],
+        positive_ratio: Union[None, float, list[float], tuple[float, float], Callable[[int], float]],
         *,
         num_samples: Optional[int],
         batch_size: int,
@@ -207,11 +207,17 @@ class DistributedRatioSampler(torch.utils.data.Sampler):
         """Images in epoch ``epoch`` over all processes."""
         if not self.positives_once:
             return self.num_samples
-        return positives_epoch_samples(len(self.positives), self.ratio(epoch), self.step)
+        return positives_epoch_samples(len(self.positives), self._once_ratio(epoch), self.step)
+
+    def _once_ratio(self, epoch: int) -> float:
+        r = self.ratio(epoch)
+        assert r is not None  # __init__ refuses positives_once without a positive ratio
+        return r
 
     def _split(self, epoch: int) -> tuple[int, int]:
+        """(positives, negatives) of a positives_once epoch."""
         n = self.epoch_samples(epoch)
-        n_pos = round(n * self.ratio(epoch))
+        n_pos = round(n * self._once_ratio(epoch))
         return n_pos, n - n_pos
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -37,6 +37,10 @@ from .config import ConfigError, StageConfig, TrainConfig
 from .data import RunData, build_data
 from .ema import ModelEMA
 from .schedules import StageSchedule, build_optimizer
+
+if TYPE_CHECKING:
+    from ..models.encoders import Encoder
+    from ..models.segmenter import Segmenter
 
 __all__ = ["Trainer", "TrainResult", "train", "build_network", "Gate"]
 
@@ -121,6 +125,7 @@ def _single_value_batchnorm(cfg: TrainConfig) -> Optional[str]:
             found.append("x".join(str(v) for v in x.shape))
 
     with torch.device("meta"):
+        net: nn.Module
         if cfg.task == "segmentation":
             net = create_segmenter(m.arch, m.encoder, in_channels=1, classes=1, decoder_channels=list(m.decoder_channels),
                                    aux_classifier=m.aux_classifier, attention=m.attention, aux_dropout=m.aux_dropout)
@@ -142,13 +147,14 @@ def _single_value_batchnorm(cfg: TrainConfig) -> Optional[str]:
 _MAX_PARAMETERS = 2**28
 
 
-def build_network(cfg: TrainConfig, section: str = "") -> nn.Module:
+def build_network(cfg: TrainConfig, section: str = "") -> Union[Segmenter, Encoder]:
     """The network a config describes (random weights, or ``model.pretrained`` loaded); ``section``
     as in :func:`check_model_config`."""
     from ..models import create_classifier, create_segmenter, load_pretrained
 
     check_model_config(cfg, section)
     m = cfg.model
+    model: Union[Segmenter, Encoder]
     try:
         if cfg.task == "segmentation":
             model = create_segmenter(m.arch, m.encoder, in_channels=1, classes=1, decoder_channels=list(m.decoder_channels),
@@ -247,7 +253,7 @@ class TaskLoss:
     def __init__(self, cfg: TrainConfig) -> None:
         self.seg = cfg.task == "segmentation"
         lc = cfg.loss
-        self.combo = dict(bce_weight=lc.bce, dice_weight=lc.dice, focal_weight=lc.focal, focal_gamma=lc.focal_gamma,
+        self.combo: dict[str, Any] = dict(bce_weight=lc.bce, dice_weight=lc.dice, focal_weight=lc.focal, focal_gamma=lc.focal_gamma,
                           per_image=lc.per_image_dice, smooth=lc.dice_smooth)
         self.aux_weight = lc.aux_weight
         self.pos_weight = lc.pos_weight
@@ -267,6 +273,7 @@ class TaskLoss:
 
         if not self.seg:
             return self._bce(out, labels)
+        assert masks is not None  # a segmentation training set gives every image its mask
         if isinstance(out, tuple):
             mask_logits, class_logits = out
             return combo_loss(mask_logits, masks, **self.combo) + self.aux_weight * self._bce(class_logits, labels)
@@ -343,10 +350,12 @@ class Trainer:
         self.data: RunData = build_data(cfg, world_size=self.info.world_size, progress=self.progress,
                                         preloaded=preloaded)
         torch.manual_seed(cfg.seed)
-        self.model = build_network(cfg, section).to(self.device)
+        network = build_network(cfg, section)
+        self.model: nn.Module = network.to(self.device)
         if cfg.channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        self.model_config = dict(self.model.config)
+            # torch's stub lists no memory_format overload of Module.to; its docs and code take one
+            self.model = self.model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.model_config = dict(network.config)
         self.resume_state: Optional[dict[str, Any]] = None
         if resume:
             path = self.out / "checkpoints" / LAST
@@ -398,6 +407,7 @@ class Trainer:
         """The training sample order of stage ``s_idx`` (``set_epoch`` picks the epoch)."""
         cfg = self.cfg
         once = cfg.epoch_size == "positives"
+        assert stage.epochs is not None  # stage_list fills every stage's epochs from the run's
         return D.DistributedRatioSampler(
             self.data.train_labels, stage.positive_ratio, num_samples=None if once else self.samples_per_epoch,
             batch_size=cfg.batch_size, epochs=stage.epochs, seed=cfg.seed + 1009 * s_idx, rank=self.info.rank,
@@ -406,6 +416,7 @@ class Trainer:
     def _stage_steps(self, sampler: D.DistributedRatioSampler, stage: StageConfig) -> int:
         """Optimizer steps of a whole stage (its epochs may differ in length)."""
         step = self.global_batch * self.cfg.accumulate
+        assert stage.epochs is not None  # as in _sampler
         return sum(sampler.epoch_samples(e) // step for e in range(stage.epochs))
 
     def _train_loader(self, sampler: D.DistributedRatioSampler) -> torch.utils.data.DataLoader:
@@ -456,7 +467,7 @@ class Trainer:
         # per validation, not several per batch.
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         dice_acc = torch.zeros((), dtype=torch.float64, device=self.device)
-        count = 0
+        count: float = 0  # an image count, summed over processes as a float below
         score_parts: list[torch.Tensor] = []
         label_parts: list[torch.Tensor] = []
         search = None
@@ -475,6 +486,7 @@ class Trainer:
                 continue
             mask_logits, class_logits = out if isinstance(out, tuple) else (out, None)
             probs = torch.sigmoid(mask_logits.float())[:, 0]
+            assert masks is not None  # as in TaskLoss: segmentation data has masks
             truth = masks[:, 0]
             gate_scores = None
             if self.gate is not None:
@@ -501,11 +513,13 @@ class Trainer:
                              "val_empty_baseline": float(np.mean(all_labels == 0))}
         if self.seg:
             m["val_kaggle_dice"] = dice_sum / count
+            assert search is not None  # made at the first batch: build_data gives each process validation images
             choice = search.result()
             grids = D.all_gather_objects((choice.scores * choice.images, choice.images), self.info)
             grid = sum(g for g, _ in grids) / sum(n for _, n in grids)
             best = np.unravel_index(int(np.argmax(grid)), grid.shape)
             if gated:
+                assert choice.gate_thresholds is not None  # a gated search has them
                 m["gate_threshold"] = float(choice.gate_thresholds[best[0]])
                 best = best[1:]
             m.update(val_triplet_dice=float(grid.max()), top=float(choice.tops[best[0]]),
@@ -553,6 +567,7 @@ class Trainer:
             gate_scores = None
             if "gate_threshold" in choice:
                 gate_scores = self.gate.scores(images) if self.gate is not None else torch.sigmoid(class_logits.float())[:, 0]
+            assert masks is not None  # segmenters only: their data has masks
             truth = masks[:, 0]
             for k, area in enumerate(areas):
                 kwargs = dict(top=choice["top"], min_area=choice["min_area"], bottom=choice["bottom"], min_component_area=area)
@@ -619,10 +634,11 @@ class Trainer:
         if main:
             import yaml
 
+            assert folder is not None  # refused just above
             folder.write_bytes("config.yaml", data=yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         from .logs import RunLog
 
-        log = RunLog(folder, tensorboard=cfg.log.tensorboard) if main else None
+        log = RunLog(folder, tensorboard=cfg.log.tensorboard) if main and folder is not None else None
         if log is not None and log.note:
             self.notes.append(log.note)
         model = self.model
@@ -634,14 +650,15 @@ class Trainer:
             train_module = nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if cfg.compile:
-            train_module = torch.compile(train_module)
+            # torch.compile's stub returns a Callable; given a Module it returns an OptimizedModule (a Module)
+            train_module = cast(nn.Module, torch.compile(train_module))
         ema = ModelEMA(model, cfg.ema) if cfg.ema is not None else None
         augment = self._augment()
         scaler = torch.amp.GradScaler(self.device.type) if cfg.amp == "fp16" else None
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True)
 
-        progress = {"stage": 0, "epoch": 0, "batch": 0, "global_step": 0, "global_epoch": 0, "stage_started": False,
+        progress: dict[str, Any] = {"stage": 0, "epoch": 0, "batch": 0, "global_step": 0, "global_epoch": 0, "stage_started": False,
                     "stage_best": None, "bad_epochs": 0, "finished": False, "loss_sum": 0.0, "loss_count": 0}
         history: list[dict[str, Any]] = []
         top_k: list[dict[str, Any]] = []
@@ -663,6 +680,8 @@ class Trainer:
                 self._say(f"{self.out}: the run is already finished; writing its model directory again")
         for s_idx in range(progress["stage"], len(self.stages)):
             stage = self.stages[s_idx]
+            # stage_list fills every unset field of a stage from the run's
+            assert stage.epochs is not None and stage.lr is not None and stage.scheduler is not None
             if progress["stage"] != s_idx or not progress["stage_started"]:
                 progress.update(stage=s_idx, epoch=0, batch=0, stage_started=False, stage_best=None, bad_epochs=0,
                                 loss_sum=0.0, loss_count=0)
@@ -673,6 +692,8 @@ class Trainer:
                                      steps_per_epoch=self.steps_per_epoch, maximize=self.maximize,
                                      total_steps=self._stage_steps(sampler, stage))
             if progress["stage_started"]:
+                # only a resumed stage is started here: every other one was reset just above
+                assert st is not None
                 try:
                     optimizer.load_state_dict(st["optimizer"])
                     schedule.load_state_dict(st["schedule"])
@@ -738,6 +759,7 @@ class Trainer:
                 if finished_stage:
                     progress.update(stage=s_idx + 1, epoch=0, stage_started=False)
                 if main:
+                    assert folder is not None and log is not None  # rank 0's, from the top of fit
                     weights = self._weights_payload(ema)
                     common = {"config": cfg.to_dict(), "model_config": self.model_config, "metrics": _plain_row(row),
                               "thresholds": thresholds, "progress": dict(progress),
@@ -745,6 +767,7 @@ class Trainer:
                     if improved:
                         save_checkpoint(folder, STAGE_BEST, {**common, **weights})
                     if key is not None:
+                        assert score is not None  # a rank key is made from a score
                         top_k = self._update_top_k(folder, top_k, score, key, progress["global_epoch"],
                                                    {**common, **weights})
                     save_checkpoint(folder, LAST, {
@@ -945,6 +968,7 @@ class Trainer:
         metrics["val_loss"] = final["val_loss"]
         model_dir = None
         if info.is_main:
+            assert folder is not None  # fit refuses rank 0 without its folder
             name = "segmenter" if self.seg else "classifier"
             networks = {name: self.model if ema is None else ema.module}
             sizes = {name: cfg.data.image_size}

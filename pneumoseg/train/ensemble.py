@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,9 @@ from torch import nn
 
 from ..errors import InvalidInputError
 from .checkpoint import check_checkpoint_weights, check_same_model, checkpoint_state_dict, load_checkpoint
+
+if TYPE_CHECKING:
+    from ..models.encoders import Encoder
 
 __all__ = ["average_checkpoints", "recompute_batchnorm", "StackedClassifier", "fit_stacked_classifier"]
 
@@ -128,7 +131,7 @@ class StackedClassifier(nn.Module):
     features are concatenated and fed to a small trained head (``hidden`` units, ReLU, dropout,
     1 logit). Each member sees the input resized to its own ``input_sizes`` entry when given."""
 
-    def __init__(self, members: Sequence[nn.Module], *, hidden: int = 256, dropout: float = 0.2,
+    def __init__(self, members: Sequence[Encoder], *, hidden: int = 256, dropout: float = 0.2,
                  input_sizes: Optional[Sequence[Optional[int]]] = None) -> None:
         super().__init__()
         if not members:
@@ -161,7 +164,8 @@ class StackedClassifier(nn.Module):
         for size, m in zip(self.input_sizes, self.members):
             xi = x if size is None or x.shape[-1] == size else F.interpolate(
                 x, size=size, mode="bilinear", align_corners=False, antialias=True)
-            parts.append(F.adaptive_avg_pool2d(m.forward_features(xi), 1).flatten(1))
+            # __init__ checked each member has forward_features; the ModuleList yields them as plain Modules
+            parts.append(F.adaptive_avg_pool2d(cast("Encoder", m).forward_features(xi), 1).flatten(1))
         return torch.cat(parts, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -60,14 +60,17 @@ class StageSchedule:
         if self.name == "onecycle":
             self._steps += 1
             if self._steps < self._total_steps:  # OneCycleLR refuses a step past its total
+                assert self.scheduler is not None  # __init__ builds one for every name but "none"
                 self.scheduler.step()
 
     def after_epoch(self, score: Optional[float]) -> None:
         """After every epoch, with the monitored validation score (None when it was not validated)."""
-        if self.name == "cosine":
-            self.scheduler.step()
-        elif self.name == "plateau" and score is not None:
-            self.scheduler.step(score)
+        if self.name in ("cosine", "plateau"):
+            assert self.scheduler is not None  # as in after_step
+            if self.name == "cosine":
+                self.scheduler.step()
+            elif score is not None:
+                self.scheduler.step(score)
 
     def state_dict(self) -> dict[str, Any]:
         return {"name": self.name, "steps": self._steps,
