@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Union
+from typing import Iterable, Union
 
 import numpy as np
 
@@ -165,7 +165,7 @@ def make_synthetic_siim(
         positive[rng.permutation(n_images)[:n_pos]] = True
         root = "1.2.826.0.1.3680043.10.1082."  # pneumoseg's synthetic UIDs, deterministic per seed
         rles: dict[str, list[str]] = {}
-        items = range(n_images)
+        items: Iterable[int] = range(n_images)
         if progress:
             from tqdm import tqdm
 
