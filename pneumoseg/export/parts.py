@@ -85,8 +85,11 @@ def part_module(name: str, network: Any, *, dtype: Any = None) -> Any:
     def to_float(x: torch.Tensor) -> torch.Tensor:
         return x if x.dtype == torch.float32 else x.float()
 
+    # The network is an argument, not a closure variable: these classes are made per call, and a class
+    # is always in a reference cycle, so a method closing over it held the weights until a full
+    # collection after the part was dropped (every Predictor made, every export).
     class _Part(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, network: Any) -> None:
             super().__init__()
             self.network = network
 
@@ -95,13 +98,13 @@ def part_module(name: str, network: Any, *, dtype: Any = None) -> Any:
         class ClassifierPart(_Part):
             def forward(self, image: torch.Tensor) -> torch.Tensor:
                 return to_float(self.network(to_compute(image)))
-        module = ClassifierPart()
+        module = ClassifierPart(network)
     elif spec.name == "segmenter":
         class SegmenterPart(_Part):
             def forward(self, image: torch.Tensor) -> torch.Tensor:
                 out = self.network(to_compute(image))
                 return to_float(out[0] if isinstance(out, tuple) else out)
-        module = SegmenterPart()
+        module = SegmenterPart(network)
     elif spec.name == "encoder":
         if getattr(network, "classification_head", None) is None:
             raise InvalidInputError("the encoder part needs a segmenter with a classification head (aux_classifier=True)")
@@ -110,13 +113,13 @@ def part_module(name: str, network: Any, *, dtype: Any = None) -> Any:
             def forward(self, image: torch.Tensor):
                 features = self.network.encode(to_compute(image))
                 return (to_float(self.network.classify(features)), *features)
-        module = EncoderPart()
+        module = EncoderPart(network)
     else:
         class DecoderPart(_Part):
             def forward(self, f1, f2, f3, f4, f5) -> torch.Tensor:
                 features = [to_compute(f) for f in (f1, f2, f3, f4, f5)]
                 return to_float(self.network.decode(features))
-        module = DecoderPart()
+        module = DecoderPart(network)
     if dtype is not None:
         network.to(dtype)
     return module.eval()
