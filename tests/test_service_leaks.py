@@ -103,3 +103,28 @@ def test_a_dropped_onnxruntime_predictor_frees_its_sessions_at_once():
         assert [ref() for ref in sessions] == [None] * len(sessions)
     finally:
         gc.enable()
+
+
+def test_every_memo_cache_in_pneumoseg_is_bounded():
+    """A cache keyed by call arguments grows with every new argument a long-running process passes
+    (per-request thresholds, loss weights): each one in pneumoseg has a maxsize. A module-level
+    ``functools.cache`` / ``lru_cache(maxsize=None)`` added later fails here."""
+    import functools
+    import importlib
+    import pkgutil
+
+    import pneumoseg
+
+    caches = {}
+    for info in pkgutil.walk_packages(pneumoseg.__path__, "pneumoseg."):
+        if info.name.endswith("__main__"):  # running it is the command line
+            continue
+        try:
+            module = importlib.import_module(info.name)
+        except ImportError:  # an optional dependency (tensorrt, cupy, matplotlib) missing here
+            continue
+        for name, value in vars(module).items():
+            if isinstance(value, functools._lru_cache_wrapper) and getattr(value, "__module__", None) == info.name:
+                caches[f"{info.name}.{name}"] = value.cache_info().maxsize
+    assert len(caches) >= 4, caches  # postprocess's three and the loss's parameters, at least
+    assert [name for name, size in caches.items() if size is None] == []
