@@ -23,7 +23,11 @@
   unless a run has succeeded. Another command's output is not its to
   replace (``predict --out`` at a training run or a study set is refused without ``--force``, and
   with it nothing there is removed), nor is pneumoseg output nested where it does not belong (``--out
-  runs`` of a ``runs/exp1`` training run). The manifest is written when the folder is prepared.
+  runs`` of a ``runs/exp1`` training run). A run forced beside such files moves nothing when it
+  starts; a regular file it is about to replace (someone's ``submission.csv``, another command's
+  manifest, an earlier run's file) is moved into the holding folder just before, put back as it was
+  when the run fails (also by the next run of the command after a SIGKILL), and removed only when it
+  succeeds. Folders and links in an output's place are refused, never moved. The manifest is written when the folder is prepared.
   :func:`check_output_folder` makes the same refusals without touching anything, for a command to
   say so before long work. A command that adds to another's output (``pneumoseg export`` writing
   artefacts into a training run's model directory) lists its files there with
@@ -89,6 +93,12 @@ MANIFEST_NAME = ".pneumoseg-manifest"
 PREVIOUS_NAME = ".pneumoseg-previous"
 _DISCARDED_NAME = ".pneumoseg-discarded"
 _SET_ASIDE_NAMES = (PREVIOUS_NAME, _DISCARDED_NAME)
+# A run forced into a folder beside someone's files sets nothing aside when it starts; a file it is about
+# to replace (someone's, another command's manifest, its own command's earlier file) is moved into the
+# holding folder just before, and this mark, made with the holding folder, says that what is held there
+# goes back as it was (judged afterwards by whatever manifest the folder then has), never as the
+# earlier output of a rerun, whose put-back removes every file the folder's manifest lists.
+_REPLACED_MARK = ".pneumoseg-replaced"
 _MANIFEST_HEADER = "# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relative path"
 # v2's second line names the kind of folder (the command's ``what``): one command's output is not
 # another's to replace. v1 manifests (no kind) still count as any command's, as they always did.
@@ -703,11 +713,12 @@ def _remove_empty_folders(root: Path) -> None:
 
 def _is_holding(held: Path) -> bool:
     """Whether ``held`` is a holding folder pneumoseg made: a folder (not a link) that holds the
-    earlier manifest (set aside first) or nothing yet. Anything else of that name is someone's."""
+    earlier manifest (set aside first), the mark of a forced run's (made first), or nothing yet.
+    Anything else of that name is someone's."""
     try:
         if held.is_symlink() or not held.is_dir():
             return False
-        if os.path.lexists(held / MANIFEST_NAME):
+        if os.path.lexists(held / MANIFEST_NAME) or os.path.lexists(held / _REPLACED_MARK):
             return True
         with os.scandir(held) as entries:
             return next(entries, None) is None
@@ -749,7 +760,7 @@ def _set_aside(p: Path, ours: list[Path]) -> bool:
     return True
 
 
-def _put_back(p: Path, kind: str | None) -> list[str]:
+def _put_back(p: Path, kind: str | None, replaced: Iterable[str] = ()) -> list[str]:
     """End a run that set ``p``'s earlier output aside and did not succeed (it failed, or it was killed
     and the folder is prepared again): remove the files it wrote (those the folder's manifest lists,
     unchanged), move every held file back, the held manifest last, and remove the holding folder.
@@ -757,11 +768,15 @@ def _put_back(p: Path, kind: str | None) -> list[str]:
     folder has no manifest, so doing this again after an interruption part way removes nothing (an
     earlier nested manifest already back would otherwise make the earlier files beside it look like
     the run's). Returns the held files that could not go back (a file that is not the run's is in
-    their place, or a link on the way): they stay held, with the manifest, and nothing is lost."""
+    their place, or a link on the way): they stay held, with the manifest, and nothing is lost.
+    ``replaced``: see :func:`_put_back_replaced`."""
     held = _holding(p)
     if held is None:
         return []
-    if os.path.lexists(held / MANIFEST_NAME):
+    if os.path.lexists(held / _REPLACED_MARK):
+        return _put_back_replaced(p, held, replaced)
+    removed = os.path.lexists(held / MANIFEST_NAME)
+    if removed:
         top = p / MANIFEST_NAME
         ours, _, _ = _ours(p, kind)
         # a nested manifest after its files, the folder's own last
@@ -788,7 +803,46 @@ def _put_back(p: Path, kind: str | None) -> list[str]:
         if os.path.lexists(held / MANIFEST_NAME):
             os.replace(held / MANIFEST_NAME, p / MANIFEST_NAME)
         _remove_held(held)  # empty but for the manifest, if that could not go back
-    _remove_empty_folders(p)  # the run's own, emptied
+    if removed:  # else nothing was removed: an empty folder here is someone's (or was before the run)
+        _remove_empty_folders(p)  # the run's own, emptied
+    return left
+
+
+def _put_back_replaced(p: Path, held: Path, replaced: Iterable[str] = ()) -> list[str]:
+    """End a run forced beside someone's files that did not succeed: move every file it replaced back
+    over the run's file of that name (one the folder's manifest lists as it is now, or, ending the run
+    in its own process, one in ``replaced``, the paths it set aside: a file written by other means and
+    not yet listed when the run failed is the run's too, as nothing else writes there), the held manifest
+    last (until then the run's manifest tells the run's files), then remove the holding folder, its
+    mark last. Nothing else is removed: the run's other files stay, as a failed first run's do, and so
+    does anything else in the folder, empty folders included. Stopped part way, this is done again by
+    the next run with nothing lost: what went back is no longer held. Returns the held files that could
+    not go back (someone's file, or a link, in their place); they stay held."""
+    current = _read_manifest(p)
+    listed = current.entries if current is not None else {}
+    replaced = set(replaced)
+    left: list[str] = []
+    for rel in sorted((r for r in _files_under(held) if r != _REPLACED_MARK), key=lambda r: r == MANIFEST_NAME):
+        target = p / rel
+        try:
+            if not _make_folders(p, rel):
+                left.append(rel)
+                continue
+            if rel != MANIFEST_NAME and os.path.lexists(target):
+                st = os.lstat(target)
+                if not stat.S_ISREG(st.st_mode) or (rel not in replaced and
+                                                    (st.st_size, st.st_mtime_ns) not in listed.get(rel, ())):
+                    left.append(rel)  # not the run's: someone's, made while it lasted
+                    continue
+            elif rel == MANIFEST_NAME and os.path.isdir(target) and not os.path.islink(target):
+                left.append(rel)
+                continue
+            os.replace(held / rel, target)
+        except OSError:
+            left.append(rel)
+    if not left:
+        _remove_empty_folders(held)
+        _remove_held(held)  # the mark last
     return left
 
 
@@ -823,7 +877,7 @@ def _remove_held(held: Path) -> None:
             found = [(e.path, e.name, e.is_dir(follow_symlinks=False)) for e in entries]
     except OSError:
         return
-    for path, name, is_dir in sorted(found, key=lambda f: f[1] == MANIFEST_NAME):
+    for path, name, is_dir in sorted(found, key=lambda f: f[1] in (MANIFEST_NAME, _REPLACED_MARK)):
         if is_dir:
             shutil.rmtree(path, ignore_errors=True)  # never follows a link
         else:
@@ -849,9 +903,9 @@ def _refuse_held_for_another(p: Path, manifest: _Manifest | None, what: str) -> 
 def _not_put_back(p: Path, left: list[str], what: str) -> OutputError:
     more = f" and {len(left) - 1} more" if len(left) > 1 else ""
     return OutputError(
-        f"{what} {p}: a run that was stopped before it ended set pneumoseg's earlier output aside in "
-        f"{p / PREVIOUS_NAME}, and {p / left[0]}{more} is now where it goes back; move one of the two away, "
-        "then run again")
+        f"{what} {p}: a run that was stopped before it ended set files aside in {p / PREVIOUS_NAME} (pneumoseg's "
+        f"earlier output, or files a forced run replaced), and {p / left[0]}{more} is now where it goes back; "
+        "move one of the two away, then run again")
 
 
 def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = "output folder",
@@ -900,6 +954,7 @@ class _Ending:
         self.what = what
         self.lock: _FolderLock | None = None
         self.set_aside = False  # earlier output waits in PREVIOUS_NAME for this run to end
+        self.replaced: set[str] = set()  # what this run, forced beside someone's files, set aside there
         self.resumed = False
         self.children: list[OutputFolder] = []
         self.pid = os.getpid()
@@ -917,7 +972,7 @@ class _Ending:
                     # a file that cannot go back stays held (the next prepare names it); the run's
                     # own error is the one to report
                     with contextlib.suppress(OSError):
-                        _put_back(self.path, self.what)
+                        _put_back(self.path, self.what, self.replaced)
         finally:
             if self.lock is not None:
                 _release_folder(self.lock)
@@ -936,6 +991,10 @@ class OutputFolder:
         overwrite = check_bool(overwrite, "overwrite")
         self.what = what
         self._ending = _Ending(self.path, what)
+        # Forced beside someone's files: a file about to be replaced is set aside first (_make_room).
+        self._replaces = False
+        self._written: set[str] = set()  # relative paths this object listed: its own, never set aside
+        self._room = threading.Lock()  # writers on several threads (overlays) make one holding folder
         # dropped unclosed, the folder is let go of and the run counts as a success, as it always has
         self._end = weakref.finalize(self, self._ending)
         try:
@@ -977,7 +1036,10 @@ class OutputFolder:
         self._hold()
         self._check_writable()
         self._ending.resumed = True
-        self._ending.set_aside = _holding(self.path) is not None
+        held = _holding(self.path)
+        self._ending.set_aside = held is not None
+        # a forced run continued: what it had not replaced yet is still someone's, and set aside when it is
+        self._replaces = held is not None and os.path.lexists(held / _REPLACED_MARK)
 
     def _prepare(self, overwrite: bool, inputs: Iterable[Any] = (), never_replace: tuple[str, ...] = ()) -> None:
         p = self.path
@@ -1009,6 +1071,9 @@ class OutputFolder:
         ours, foreign, other_kind = _ours(p, self.what)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, self.what, other_kind)
+        # Forced beside someone's files, nothing is moved now (what is not replaced stays as it is); each
+        # file this run replaces is set aside just before, and goes back if the run fails.
+        self._replaces = bool(foreign)
         if not foreign:
             # Only pneumoseg's own earlier output is here, unchanged: replace it rather than mix with it
             # (unless the command reads from it). It is moved aside, not removed, until this run ends.
@@ -1021,7 +1086,10 @@ class OutputFolder:
             # here on, so a run that stops before writing anything is still rerun without --force and
             # what other commands leave inside it later is not taken for its own. Forced into another
             # command's output, that command's files stay, unlisted: no later run of either replaces
-            # them unasked. A link in the manifest's place is replaced, never written through.
+            # them unasked; their manifest (or whatever is in its place) is set aside until the run ends.
+            # A link in the manifest's place is replaced, never written through.
+            if self._replaces and not (p / MANIFEST_NAME).is_dir():
+                self._make_room(p / MANIFEST_NAME)
             if (p / MANIFEST_NAME).is_symlink():
                 (p / MANIFEST_NAME).unlink()
             atomic_write(p / MANIFEST_NAME, _manifest_start(self.what))
@@ -1041,7 +1109,7 @@ class OutputFolder:
         created. Symbolic links inside the folder are never followed, so the path cannot lead out."""
         if not parts:
             raise InvalidInputError("OutputFolder.file needs at least one name")
-        if parts[0] in _SET_ASIDE_NAMES:
+        if parts[0] in _SET_ASIDE_NAMES or parts[0] == _REPLACED_MARK:
             raise OutputError(f"{parts[0]} is where pneumoseg keeps earlier output while a run lasts; "
                               "choose another name")
         for part in parts:
@@ -1066,6 +1134,53 @@ class OutputFolder:
         self._ending.children.append(child)  # its run ends with this one's
         return child
 
+    def replacing(self, *parts: str) -> Path:
+        """:meth:`file` ``(*parts)``, for a file the caller is about to write there by other means than
+        :meth:`open` (``save_model_dir``'s weights) and then :meth:`record`: in a run forced beside
+        someone's files, a file already there that this run did not write is first moved into the
+        holding folder, put back if the run fails and removed only once it succeeds."""
+        target = self.file(*parts)
+        self._make_room(target)
+        return target
+
+    def _make_room(self, target: Path) -> None:
+        """Before a forced run replaces ``target`` (inside the folder, no link on the way): a regular file
+        there that this run has not written, someone's or an earlier run's, is moved into the holding
+        folder (its relative path kept), which this makes with its mark if the run has none yet. Only
+        that: a folder, a link, a device or nothing in the target's place is left alone (the write itself
+        refuses the first three), and so is every file the run does not replace."""
+        if not self._replaces:
+            return
+        rel = target.relative_to(self.path).as_posix()
+        with self._room:
+            if rel in self._written:
+                return
+            try:
+                if not stat.S_ISREG(os.lstat(target).st_mode):
+                    return
+            except FileNotFoundError:
+                return
+            held = self.path / PREVIOUS_NAME
+            if not self._ending.set_aside:
+                try:
+                    held.mkdir()
+                except FileExistsError:  # someone's folder of that name: no place to keep their file
+                    raise OutputError(f"{target} cannot be replaced: {held} is in the way (pneumoseg keeps the "
+                                      "files a forced run replaces there until it ends); move it away, then "
+                                      "run again") from None
+                self._ending.set_aside = True
+                os.close(os.open(held / _REPLACED_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            if os.path.lexists(held / rel):
+                return  # what was here first is held already (a resumed run rewriting its own file)
+            if not _make_folders(held, rel):
+                raise OutputError(f"{target} cannot be set aside before it is replaced: {held / rel} is in the way")
+            try:
+                os.rename(target, held / rel)
+                self._ending.replaced.add(rel)
+            except OSError as exc:  # another file system mounted inside the folder, a read-only folder
+                raise OutputError(f"{target} cannot be set aside before it is replaced "
+                                  f"({exc.strerror or exc}); nothing was replaced") from None
+
     def record(self, *parts: str) -> Path:
         """List a file written inside the folder by other means (a memory map filled in place, a
         log another library wrote) in the manifest as this folder's own, as it is now."""
@@ -1081,6 +1196,7 @@ class OutputFolder:
         block fails, so a failed or interrupted command leaves nothing that would make the next run
         need ``--force``; listed in the manifest as this folder's own when the block succeeds."""
         target = self.file(*parts)
+        self._make_room(target)
         try:
             yield target
         except BaseException as exc:
@@ -1094,8 +1210,9 @@ class OutputFolder:
 
     def _record(self, target: Path, written: Path | None = None) -> None:
         """List ``target`` in the manifest as the file ``written`` (default: ``target``) is now."""
-        _append_to_manifest(self.path, target.relative_to(self.path).as_posix(), (written or target).stat(),
-                            kind=self.what)
+        rel = target.relative_to(self.path).as_posix()
+        _append_to_manifest(self.path, rel, (written or target).stat(), kind=self.what)
+        self._written.add(rel)
 
     @contextlib.contextmanager
     def open(self, *parts: str, mode: str = "wb") -> Iterator[IO[Any]]:
@@ -1103,8 +1220,13 @@ class OutputFolder:
         target = self.file(*parts)
         # Recorded before the rename (which keeps the size and mtime): recorded after it, a Ctrl-C or
         # SIGTERM landing between the two left a finished file unlisted, and the rerun refused the
-        # folder as someone else's files until given --force.
-        with atomic_open(target, mode, before_rename=lambda tmp: self._record(target, tmp)) as f:
+        # folder as someone else's files until given --force. A file it replaces is set aside just
+        # before, once the new one is complete (a write that fails never moves it).
+        def before_rename(tmp: Path) -> None:
+            self._make_room(target)
+            self._record(target, tmp)
+
+        with atomic_open(target, mode, before_rename=before_rename) as f:
             yield f
 
     def write_bytes(self, *parts: str, data: Union[bytes, str]) -> Path:
@@ -1180,8 +1302,11 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     run ends successfully (the ``with`` block, or :meth:`OutputFolder.close`), and moved back, the
     run's own files removed, when it fails (an exception in the ``with`` block, Ctrl-C, SIGTERM,
     ``close(failed=True)``). A holding folder a killed run left is put back first. Files that are
-    not pneumoseg's are never moved or removed; under ``overwrite`` beside them, nothing is set
-    aside and a file of the same name is replaced when written, as ever.
+    not pneumoseg's are never removed; under ``overwrite`` beside them nothing is moved when the
+    folder is prepared, and a regular file the run replaces (someone's, or pneumoseg's) is moved into
+    the holding folder just before its replacement is renamed into place: put back, byte for byte,
+    when the run fails (the run's other files stay, as a failed first run's do), removed when it
+    succeeds. Files the run does not replace are left as they are.
 
     ``resume=True`` reopens a folder of pneumoseg's own output to continue it (``pneumoseg train
     --resume``): it must exist with a manifest; nothing is removed.

@@ -600,20 +600,22 @@ def save_model_dir(
     # Each file is listed in the folder's manifest as soon as it is written: saving again replaces them
     # without overwrite=True, and a save that fails part way (the metrics are checked after the weights
     # are written) removes what it wrote as the folder's earlier model directory goes back. Someone's
-    # file kept under overwrite=True and not yet replaced stays unlisted, and stays.
+    # file kept under overwrite=True and not yet replaced stays unlisted, and stays; one of the same name
+    # is set aside before it is replaced (replacing=), and goes back if the save fails.
     with prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) as prepared:
         return _write_model_dir(prepared.path, networks, input_sizes=input_sizes, thresholds=thresholds,
                                 preprocessing=preprocessing, metrics=metrics, training=training, crops=crops,
-                                written=prepared.record)
+                                written=prepared.record, replacing=prepared.replacing)
 
 
 def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: Mapping[str, Union[int, tuple[int, int]]],
                      thresholds: Optional[Union[Thresholds, Mapping[str, Any]]], preprocessing: Optional[Preprocessing],
                      metrics: Optional[Mapping[str, Any]], training: Optional[Mapping[str, Any]],
                      crops: Optional[Mapping[str, Optional[str]]],
-                     written: Callable[[str], Any] = lambda name: None) -> ModelDir:
-    """:func:`save_model_dir`'s work, in ``folder`` (prepared, or held by the caller); ``written`` is
-    told the name of each file once it is written."""
+                     written: Callable[[str], Any] = lambda name: None,
+                     replacing: Callable[[str], Any] = lambda name: None) -> ModelDir:
+    """:func:`save_model_dir`'s work, in ``folder`` (prepared, or held by the caller); ``replacing`` is
+    told the name of each file just before it is written, ``written`` once it is."""
     from safetensors.torch import save as save_safetensors
 
     if not isinstance(networks, Mapping) or not networks:
@@ -647,6 +649,7 @@ def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: 
         data = _canonical_safetensors(save_safetensors(tensors, metadata={"pneumoseg_version": __version__,
                                                                           "network": name}))
         weights = f"{name}.safetensors"
+        replacing(weights)
         atomic_write(folder / weights, data)
         written(weights)
         entries[name] = {"config": _json_safe(config, f"the {name} config"), "weights": weights,
@@ -670,6 +673,7 @@ def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: 
     kept, stale = _still_valid_artefacts(earlier, raw) if earlier is not None else ({}, {})
     raw["artefacts"] = {k: asdict(a) for k, a in kept.items()}
     model_dir = ModelDir(folder, raw)
+    replacing(CONFIG_NAME)  # after the earlier description was read
     model_dir.save()  # before the stale files go: a crash in between leaves them unlisted, not listed and gone
     written(CONFIG_NAME)
     for art in stale.values():

@@ -1,0 +1,340 @@
+"""A run forced (``--force``, ``overwrite=True``) into a folder holding someone's files wrote over a
+same-named file (a user's submission.csv, an edited pneumoseg.json) in place. If that run then failed
+(a full disk, Ctrl-C, SIGTERM, an error found late) or was killed, the user's file was gone: nothing
+had been set aside. A file a forced run replaces is now moved into the folder's holding folder just
+before it is replaced, put back byte for byte when the run fails, by the next run of the same command
+after a SIGKILL, and removed only when the run succeeds. Files the run does not replace, folders and
+symbolic links are never moved."""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+import pytest
+
+from pneumoseg._fs import (MANIFEST_NAME, PREVIOUS_NAME, OutputKind, check_output_folder, prepare_output_folder)
+from pneumoseg.cli import main
+from pneumoseg.errors import OutputError
+
+from isolated import run_isolated
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under ``folder`` but the manifest: its bytes, mtime and mode."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode)
+            for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink() and p.name != MANIFEST_NAME}
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".pneumoseg-") and p.name != MANIFEST_NAME)
+
+
+def _users_folder(out: Path) -> dict[str, tuple[bytes, int, int]]:
+    """Someone's folder: a file at an output's path, one beside it, one deeper, an empty folder."""
+    (out / "deep").mkdir(parents=True)
+    (out / "empty").mkdir()
+    (out / "submission.csv").write_bytes(b"ImageId,EncodedPixels\nmine,-1\n")
+    os.chmod(out / "submission.csv", 0o640)
+    os.utime(out / "submission.csv", ns=(1_000_000_000, 1_234_567_891_011))
+    (out / "notes.txt").write_text("not an output's name")
+    (out / "deep" / "b.txt").write_text("someone's b")
+    return _snapshot(out)
+
+
+def _forced_run(folder) -> None:
+    folder.write_bytes("submission.csv", data="ImageId,EncodedPixels\nnew,-1\n")
+    folder.write_bytes("submission.csv", data="ImageId,EncodedPixels\nnewer,-1\n")  # written twice
+    folder.write_bytes("deep", "b.txt", data="the run's b")
+    folder.write_bytes("only-new.txt", data="the run's own")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The rule, on prepare_output_folder
+
+
+@pytest.mark.parametrize("failure", [RuntimeError("the run failed"), KeyboardInterrupt(),
+                                     OSError(errno.ENOSPC, "No space left on device")])
+def test_a_failed_forced_run_puts_back_the_files_it_replaced(tmp_path, failure):
+    out = tmp_path / "out"
+    before = _users_folder(out)
+    with pytest.raises(type(failure)):
+        with prepare_output_folder(out, overwrite=True) as folder:
+            _forced_run(folder)
+            held = out / PREVIOUS_NAME / "submission.csv"
+            assert held.is_file() and held.read_bytes() == before["submission.csv"][0]
+            raise failure
+    after = _snapshot(out)
+    assert after.pop("only-new.txt")[0] == b"the run's own"  # a failed forced run leaves its own files
+    assert after == before  # bytes, mtime and mode of every replaced file
+    assert (out / "empty").is_dir() and _leftovers(out) == []
+    with pytest.raises(OutputError, match="not empty"):  # put back, the files are still someone's
+        check_output_folder(out)
+
+
+def test_a_forced_run_that_succeeds_replaces_them(tmp_path):
+    out = tmp_path / "out"
+    before = _users_folder(out)
+    with prepare_output_folder(out, overwrite=True) as folder:
+        _forced_run(folder)
+    after = _snapshot(out)
+    assert after["submission.csv"][0] == b"ImageId,EncodedPixels\nnewer,-1\n"
+    assert after["deep/b.txt"][0] == b"the run's b"
+    assert after["notes.txt"] == before["notes.txt"]  # not replaced: untouched
+    assert (out / "empty").is_dir() and _leftovers(out) == []
+
+
+def test_the_manifest_of_another_command_replaced_by_a_forced_run_comes_back(tmp_path):
+    """Forced into a training run, predict wrote its own manifest over the run's: failed, the training
+    run was left without one, its files all someone's."""
+    out = tmp_path / "run"
+    with prepare_output_folder(out, what=OutputKind.TRAINING_RUN) as run:
+        run.write_bytes("last.pt", data="a checkpoint")
+    manifest = (out / MANIFEST_NAME).read_bytes()
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.PREDICTION, overwrite=True) as folder:
+            folder.write_bytes("submission.csv", data="forced")
+            raise RuntimeError("the run failed")
+    assert (out / MANIFEST_NAME).read_bytes() == manifest
+    assert (out / "last.pt").read_text() == "a checkpoint"
+    # the failed run's own file stays, as a failed first run's does, now listed nowhere
+    with pytest.raises(OutputError, match=r"not empty \(submission\.csv\)"):
+        check_output_folder(out, what=OutputKind.TRAINING_RUN)
+    (out / "submission.csv").unlink()
+    with prepare_output_folder(out, what=OutputKind.TRAINING_RUN) as run:  # the training run's own again
+        run.write_bytes("last.pt", data="a new checkpoint")
+
+
+def test_a_forced_rerun_beside_someones_file_puts_back_its_own_earlier_output_too(tmp_path):
+    """Beside someone's file a forced rerun sets nothing aside at the start: the earlier run's file it
+    replaced was lost when it failed, like someone's."""
+    out = tmp_path / "out"
+    with prepare_output_folder(out) as folder:
+        folder.write_bytes("a.txt", data="earlier a")
+        folder.write_bytes("b.txt", data="earlier b")
+    (out / "notes.txt").write_text("someone's")
+    before = _snapshot(out)
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, overwrite=True) as folder:
+            folder.write_bytes("a.txt", data="new a")
+            raise RuntimeError("the run failed")
+    assert _snapshot(out) == before
+    (out / "notes.txt").unlink()
+    with prepare_output_folder(out) as folder:  # the earlier output is still pneumoseg's: no --force
+        folder.write_bytes("a.txt", data="new a")
+
+
+def test_a_folder_or_a_link_at_an_outputs_path_is_refused_and_left_alone(tmp_path):
+    out = tmp_path / "out"
+    (out / "submission.csv").mkdir(parents=True)
+    (out / "submission.csv" / "inside.txt").write_text("someone's")
+    outside = tmp_path / "outside.csv"
+    outside.write_text("outside the folder")
+    (out / "scores.csv").symlink_to(outside)
+    with prepare_output_folder(out, overwrite=True) as folder:
+        with pytest.raises(OutputError, match="is a folder"):
+            folder.write_bytes("submission.csv", data="forced")
+        with pytest.raises(OutputError, match="symbolic link"):
+            folder.write_bytes("scores.csv", data="forced")
+    assert (out / "submission.csv" / "inside.txt").read_text() == "someone's"
+    assert (out / "scores.csv").is_symlink() and outside.read_text() == "outside the folder"
+    assert _leftovers(out) == []
+
+
+def test_someones_folder_in_the_holding_folders_place_refuses_the_replacement(tmp_path):
+    out = tmp_path / "out"
+    before = _users_folder(out)
+    (out / PREVIOUS_NAME).mkdir()
+    (out / PREVIOUS_NAME / "mine.txt").write_text("someone's")
+    with pytest.raises(OutputError, match="in the way"):
+        with prepare_output_folder(out, overwrite=True) as folder:
+            folder.write_bytes("only-new.txt", data="nothing replaced: fine")
+            folder.write_bytes("submission.csv", data="forced")
+    assert _snapshot(out).items() >= before.items()  # someone's file is not replaced
+    assert (out / PREVIOUS_NAME / "mine.txt").read_text() == "someone's"
+
+
+# ---------------------------------------------------------------------------------------------------
+# After a SIGKILL the next run of the same command puts the replaced files back first
+
+
+_KILLED_FORCED_RUN = '''
+import signal
+from pneumoseg._fs import prepare_output_folder
+folder = prepare_output_folder(OUT, what=WHAT, overwrite=True)
+folder.write_bytes("submission.csv", data="killed run's")
+folder.write_bytes("deep", "b.txt", data="killed run's b")
+os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def _killed_forced_run(out: Path, what: str) -> None:
+    result = run_isolated(f"OUT = {str(out)!r}\nWHAT = {what!r}\n" + _KILLED_FORCED_RUN, timeout=60)
+    assert result.returncode == -9, result.describe()
+    assert (out / "submission.csv").read_text() == "killed run's"
+
+
+def test_a_sigkilled_forced_run_is_undone_by_the_next_run_of_the_command(tmp_path):
+    out = tmp_path / "out"
+    what = OutputKind.PREDICTION
+    before = _users_folder(out)
+    _killed_forced_run(out, what)
+    with pytest.raises(OutputError, match=r"submission\.csv already exists"):
+        check_output_folder(out, what=what, never_replace=["submission.csv"])  # held: it comes back
+    with pytest.raises(OutputError, match="run has not ended"):  # another command does not undo it
+        prepare_output_folder(out, what=OutputKind.EVALUATION, overwrite=True)
+    with pytest.raises(KeyboardInterrupt):
+        with prepare_output_folder(out, what=what, overwrite=True) as folder:
+            assert _snapshot(out).items() >= before.items()  # put back first
+            folder.write_bytes("submission.csv", data="third run's")
+            raise KeyboardInterrupt
+    assert _snapshot(out) == before and _leftovers(out) == []
+    _killed_forced_run(out, what)
+    with prepare_output_folder(out, what=what, overwrite=True) as folder:
+        folder.write_bytes("submission.csv", data="done")
+    after = _snapshot(out)
+    assert after["submission.csv"][0] == b"done" and after["deep/b.txt"] == before["deep/b.txt"]
+    assert after["notes.txt"] == before["notes.txt"] and _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# The commands
+
+
+@pytest.fixture(scope="module")
+def study_set(tmp_path_factory):
+    from pneumoseg.data import make_synthetic_siim
+
+    root = tmp_path_factory.mktemp("siim")
+    make_synthetic_siim(root, n_images=4, size=64, positive_fraction=0.5, seed=5, progress=False)
+    return root
+
+
+@pytest.mark.parametrize("failure, code", [(OSError(errno.ENOSPC, "No space left on device"), 2),
+                                           (KeyboardInterrupt(), 130)])
+def test_predict_forced_over_someones_submission_that_fails_puts_it_back(study_set, tmp_path, monkeypatch,
+                                                                         capsys, failure, code):
+    import pneumoseg.cli.predict as predict
+
+    from infer_helpers import model_dir
+
+    out = tmp_path / "pred"
+    before = _users_folder(out)
+    real = predict.write_predictions
+
+    def write_then_fail(folder, *a, **kw):
+        real(folder, *a, **kw)  # the new submission is in place, under the same name
+        raise failure
+
+    monkeypatch.setattr(predict, "write_predictions", write_then_fail)
+    args = ["predict", str(study_set), "--model", str(model_dir("plain")), "--out", str(out), "--workers", "1",
+            "--no-progress", "--force"]
+    assert main(args) == code
+    capsys.readouterr()
+    after = _snapshot(out)
+    assert {rel: v for rel, v in after.items() if rel in before} == before
+    assert _leftovers(out) == []
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert b"mine" not in (out / "submission.csv").read_bytes()  # forced and finished: replaced
+    assert (out / "notes.txt").read_text() == "not an output's name" and _leftovers(out) == []
+
+
+def test_a_forced_save_over_someones_model_description_that_fails_puts_it_back(tmp_path, monkeypatch):
+    """save_model_dir writes its weights and pneumoseg.json by other means than the folder's own writes:
+    forced over someone's files of those names and failing after both were written, it lost them."""
+    from pneumoseg.models import create_segmenter
+    from pneumoseg.models.model_dir import ModelDir, load_model_dir, save_model_dir
+
+    seg = create_segmenter(encoder="resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "pneumoseg.json").write_text('{"edited": "by hand"}\n')
+    (out / "segmenter.safetensors").write_bytes(b"someone's weights")
+    before = _snapshot(out)
+    real = ModelDir.save
+
+    def save_then_fail(self):
+        real(self)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ModelDir, "save", save_then_fail)
+    with pytest.raises(OSError, match="No space"):
+        save_model_dir(out, {"segmenter": seg}, input_sizes={"segmenter": 64}, overwrite=True)
+    assert {rel: v for rel, v in _snapshot(out).items() if rel in before} == before and _leftovers(out) == []
+    monkeypatch.undo()
+    save_model_dir(out, {"segmenter": seg}, input_sizes={"segmenter": 64}, overwrite=True)
+    assert load_model_dir(out).thresholds is not None and _leftovers(out) == []
+
+
+_TERMINATE_AFTER_SECOND_MASK = '''
+import signal, time
+import pneumoseg._fs as fs
+from pneumoseg.cli import main
+
+real_replace, renames = os.replace, [0]
+
+def replace_then_terminate(src, dst):
+    real_replace(src, dst)
+    renames[0] += str(dst).endswith(".png") and ".pneumoseg-" not in str(dst)
+    if renames[0] == 2:  # two of someone's masks are replaced by the run's
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+
+fs.os.replace = replace_then_terminate
+sys.exit(main(ARGS))
+'''
+
+
+def test_data_masks_forced_over_someones_masks_and_terminated_puts_them_back(study_set, tmp_path):
+    from pneumoseg.data.siim import read_rle_csv
+
+    out = tmp_path / "masks"
+    out.mkdir()
+    ids = sorted(read_rle_csv(study_set / "train-rle.csv"))
+    for i, image_id in enumerate(ids):  # someone's own masks, under the names the command writes
+        (out / f"{image_id}.png").write_bytes(f"someone's mask {i}".encode())
+    (out / "notes.txt").write_text("someone's")
+    before = _snapshot(out)
+    args = ["data", "masks", "--csv", str(study_set / "train-rle.csv"), "--shape", "64", "64", "--out", str(out),
+            "--force", "--no-progress"]
+    result = run_isolated(f"ARGS = {args!r}\n" + _TERMINATE_AFTER_SECOND_MASK, timeout=120)
+    assert result.returncode == 143, result.describe()
+    assert "pneumoseg: terminated" in result.stderr and "Traceback" not in result.stderr, result.describe()
+    assert _snapshot(out) == before and _leftovers(out) == []
+    assert main(args) == 0
+    assert all(not (out / f"{image_id}.png").read_bytes().startswith(b"someone's") for image_id in ids)
+    assert (out / "notes.txt").read_text() == "someone's" and _leftovers(out) == []
+
+
+def test_a_training_run_forced_over_someones_model_description_that_fails_puts_it_back(study_set, tmp_path,
+                                                                                      monkeypatch):
+    """The training run writes its weights and pneumoseg.json through save_model_dir, not the folder's
+    own writes: they are set aside first too (OutputFolder.replacing)."""
+    from factories import TINY_TRAINING, training_config
+
+    from pneumoseg.train import engine
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pneumoseg.json").write_text('{"mine": true}\n')
+    (out / "notes.txt").write_text("someone's")
+    before = _snapshot(out)
+
+    def fail_late(*a, **kw):
+        assert "pneumoseg-model" in (out / "pneumoseg.json").read_text()  # the run's is in place
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "_artefacts_note", fail_late)
+    config = training_config(TINY_TRAINING, study_set, data__preload=False)
+    with pytest.raises(KeyboardInterrupt):
+        engine.train(config, out, overwrite=True, progress=False)
+    # stopped after its checkpoint, the run stays for --resume, someone's file held until it ends
+    assert (out / "checkpoints").is_dir() and (out / "notes.txt").read_text() == "someone's"
+    assert _snapshot(out / PREVIOUS_NAME)["pneumoseg.json"] == before["pneumoseg.json"]
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.TRAINING_RUN, overwrite=True):  # a fresh run
+            assert _snapshot(out)["pneumoseg.json"] == before["pneumoseg.json"]  # puts it back first
+            raise RuntimeError("and fails at once")
+    assert {rel: v for rel, v in _snapshot(out).items() if rel in before} == before and _leftovers(out) == []
