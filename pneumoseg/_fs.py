@@ -97,7 +97,8 @@ _SET_ASIDE_NAMES = (PREVIOUS_NAME, _DISCARDED_NAME)
 # to replace (someone's, another command's manifest, its own command's earlier file) is moved into the
 # holding folder just before, and this mark, made with the holding folder, says that what is held there
 # goes back as it was (judged afterwards by whatever manifest the folder then has), never as the
-# earlier output of a rerun, whose put-back removes every file the folder's manifest lists.
+# earlier output of a rerun, whose put-back removes every file the folder's manifest lists. It holds
+# one line: the kind of the command whose run made it.
 _REPLACED_MARK = ".pneumoseg-replaced"
 _MANIFEST_HEADER = "# pneumoseg output manifest v2: size<TAB>mtime_ns<TAB>relative path"
 # v2's second line names the kind of folder (the command's ``what``): one command's output is not
@@ -891,13 +892,38 @@ def _refuse_held_for_another(p: Path, manifest: _Manifest | None, what: str) -> 
     """Refuse, even under ``overwrite``, a folder whose holding folder waits for another command's run to
     end (a training run stopped for --resume, a killed run): forced in, this command wrote its own
     manifest over that run's, and its next run took the holding folder for its own, removed the forced
-    run's output as the stopped run's and put the other command's back, refusing part way."""
-    if manifest is None or manifest.belongs_to(what) or not manifest.entries or _holding(p) is None:
+    run's output as the stopped run's and put the other command's back, refusing part way. A holding
+    folder of files a forced run replaced names that run's kind in its mark (the folder's manifest may
+    still, or again, be the other command's one it replaced): another command is refused there too."""
+    held = _holding(p)
+    if held is not None and os.path.lexists(held / _REPLACED_MARK):
+        owner = _replaced_by(held)
+        if owner is None or owner == what:
+            return
+        raise OutputError(
+            f"{what} {p}: a run of another command (a {owner}) forced into it has not ended: the files it "
+            f"replaced are set aside in {held}; run that command again first (to finish or undo that run), "
+            "or choose another folder")
+    if manifest is None or manifest.belongs_to(what) or not manifest.entries or held is None:
         return
+    if not os.path.lexists(held / MANIFEST_NAME):
+        return  # holding nothing: made or emptied by a run killed as it did so, anyone's to remove
     raise OutputError(
         f"{what} {p} is a {manifest.kind} whose run has not ended: the earlier output it replaces is set "
         f"aside in {p / PREVIOUS_NAME}; run that command again first (to finish or undo that run), or "
         "choose another folder")
+
+
+def _replaced_by(held: Path) -> str | None:
+    """The kind of the forced run whose holding folder ``held`` is, as its mark names it; None when the
+    mark is not a whole line (a run killed while making it, which had moved nothing there yet)."""
+    try:
+        with open(held / _REPLACED_MARK, "rb") as f:
+            data = f.read(4096)
+        line = data.decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    return line[:-1] if line.endswith("\n") and line.count("\n") == 1 and len(line) > 1 else None
 
 
 def _not_put_back(p: Path, left: list[str], what: str) -> OutputError:
@@ -1169,7 +1195,12 @@ class OutputFolder:
                                       "files a forced run replaces there until it ends); move it away, then "
                                       "run again") from None
                 self._ending.set_aside = True
-                os.close(os.open(held / _REPLACED_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                # the mark names this command: another one does not undo its run (_refuse_held_for_another)
+                fd = os.open(held / _REPLACED_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.write(fd, (self.what + "\n").encode("utf-8"))
+                finally:
+                    os.close(fd)
             if os.path.lexists(held / rel):
                 return  # what was here first is held already (a resumed run rewriting its own file)
             if not _make_folders(held, rel):

@@ -182,7 +182,7 @@ def test_a_sigkilled_forced_run_is_undone_by_the_next_run_of_the_command(tmp_pat
     _killed_forced_run(out, what)
     with pytest.raises(OutputError, match=r"submission\.csv already exists"):
         check_output_folder(out, what=what, never_replace=["submission.csv"])  # held: it comes back
-    with pytest.raises(OutputError, match="run has not ended"):  # another command does not undo it
+    with pytest.raises(OutputError, match="forced into it has not ended"):  # another command does not undo it
         prepare_output_folder(out, what=OutputKind.EVALUATION, overwrite=True)
     with pytest.raises(KeyboardInterrupt):
         with prepare_output_folder(out, what=what, overwrite=True) as folder:
@@ -196,6 +196,43 @@ def test_a_sigkilled_forced_run_is_undone_by_the_next_run_of_the_command(tmp_pat
     after = _snapshot(out)
     assert after["submission.csv"][0] == b"done" and after["deep/b.txt"] == before["deep/b.txt"]
     assert after["notes.txt"] == before["notes.txt"] and _leftovers(out) == []
+
+
+def _training_run(out: Path) -> bytes:
+    with prepare_output_folder(out, what=OutputKind.TRAINING_RUN) as run:
+        run.write_bytes("last.pt", data="a checkpoint")
+    return (out / MANIFEST_NAME).read_bytes()
+
+
+def test_a_forced_run_killed_as_it_made_its_holding_folder_is_undone_by_its_command(tmp_path):
+    """Killed between making the holding folder and its mark (or as it removed the emptied one), a forced
+    predict left an empty holding beside the training run's manifest it was about to replace: the next
+    predict was refused as if the training run had not ended. Holding nothing, it is anyone's to remove."""
+    out = tmp_path / "run"
+    manifest = _training_run(out)
+    (out / PREVIOUS_NAME).mkdir()
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.PREDICTION, overwrite=True) as folder:
+            folder.write_bytes("submission.csv", data="forced")
+            raise RuntimeError("the run failed")
+    assert (out / MANIFEST_NAME).read_bytes() == manifest and _leftovers(out) == []
+
+
+def test_the_holding_folder_of_a_killed_forced_run_names_its_command(tmp_path):
+    """Killed once the training run's manifest was back in place, but not its holding folder gone, a forced
+    predict left the folder looking like a training run whose run had not ended: predict itself was
+    refused. The mark names the command whose run it is: that command finishes it, no other."""
+    out = tmp_path / "run"
+    manifest = _training_run(out)
+    (out / PREVIOUS_NAME).mkdir()
+    (out / PREVIOUS_NAME / ".pneumoseg-replaced").write_text(OutputKind.PREDICTION + "\n")
+    with pytest.raises(OutputError, match=r"a prediction output folder\) forced into it has not ended"):
+        check_output_folder(out, what=OutputKind.TRAINING_RUN)
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.PREDICTION, overwrite=True):
+            raise RuntimeError("the run failed")
+    assert (out / MANIFEST_NAME).read_bytes() == manifest and _leftovers(out) == []
+    check_output_folder(out, what=OutputKind.TRAINING_RUN)
 
 
 # ---------------------------------------------------------------------------------------------------
