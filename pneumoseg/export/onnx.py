@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .._checks import check_choice, check_int
+from .._onnxruntime import import_onnxruntime
 from ..errors import InvalidInputError, PneumosegError
 from .parts import part_module, part_spec, parts_for
 from .provenance import record_source
@@ -71,8 +72,8 @@ def onnx_key(part: str, precision: str) -> str:
 
 def _require_onnx() -> Any:
     try:
+        import_onnxruntime()  # first: torch.onnx and onnxscript import onnxruntime too
         import onnx
-        import onnxruntime  # noqa: F401
         import onnxscript  # noqa: F401
     except ImportError:
         raise InvalidInputError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'pneumoseg[onnx]'") from None
@@ -249,12 +250,12 @@ def compare_outputs(part: str, reference: list[np.ndarray], candidate: list[np.n
 def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: str, images: list, *,
                 min_dice: Optional[float] = None) -> tuple[bytes, dict[str, Any]]:
     """(ONNX bytes, meta) of one part in fp32 or fp16, checked as the module documentation says."""
-    import onnxruntime as ort
     import torch
 
     from ..models.decoders.blocks import freeze_subpixel_weights
 
     onnx = _require_onnx()
+    ort = import_onnxruntime()
     spec = part_spec(part)
     network = networks[spec.network]
     where = f"{part} ({precision})"

@@ -24,6 +24,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
+from .._onnxruntime import import_onnxruntime
 from .onnx import (
     ExportCheckError, _torch_outputs, check_tensorrt_ops, compare_outputs, export_part, onnx_key, part_inputs,
 )
@@ -77,6 +78,7 @@ def _feeds(part: str, inputs: tuple) -> list[dict[str, np.ndarray]]:
 
 def quantize_part(fp32: bytes, part: str, calibration: list[dict[str, np.ndarray]], *, symmetric: bool) -> bytes:
     """The int8 QDQ graph of one fp32 part (see the module documentation for the two flavours)."""
+    import_onnxruntime()  # telemetry off before onnxruntime.quantization loads onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -127,8 +129,8 @@ def export_int8(md: Any, networks: dict[str, Any], parts: Sequence[str], images:
                 validation: Optional[Sequence[Any]] = None, min_dice: Optional[float] = None) -> dict[str, Path]:
     """Quantise every part on ``images`` and record the int8 graphs (see :func:`pneumoseg.export.export_onnx`)."""
     import onnx
-    import onnxruntime as ort
 
+    ort = import_onnxruntime()
     precision = "int8-symmetric" if symmetric else "int8"
     check_images = list(validation) if validation is not None else images[:16]
     t = md.thresholds

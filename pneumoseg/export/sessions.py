@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
+from .. import _onnxruntime
 from .._checks import check_int
 from ..errors import InvalidInputError
 
@@ -46,11 +47,11 @@ def physical_cores() -> int:
 
 
 def import_onnxruntime() -> Any:
+    """onnxruntime, with its telemetry off unless the user opted in (see :mod:`pneumoseg._onnxruntime`)."""
     try:
-        import onnxruntime
+        return _onnxruntime.import_onnxruntime()
     except ImportError:
         raise InvalidInputError("backend='onnxruntime' needs onnxruntime: pip install 'pneumoseg[onnx]'") from None
-    return onnxruntime
 
 
 def session_options(threads: Optional[int] = None) -> Any:
