@@ -61,9 +61,10 @@ def build_model(path: Path, encoder: str, size: int, original: int) -> Path:
 
 
 def sessions(md, precision: str, threads: int, **extra) -> dict:
-    import onnxruntime as ort
-
+    from pneumoseg._onnxruntime import import_onnxruntime
     from pneumoseg.export.sessions import session_options
+
+    ort = import_onnxruntime()  # telemetry off, as in the package
 
     out = {}
     for part in PARTS:

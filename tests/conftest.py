@@ -12,6 +12,9 @@ import pneumoseg
 # torch.compile caches compiled graphs across processes (in /tmp by default); a cache written by an
 # older build of our ops would be reused silently. Each test session compiles into its own folder.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pneumoseg-inductor-"))
+# Test files import onnxruntime at collection, before pneumoseg's own import helper could switch its
+# telemetry off (pneumoseg/_onnxruntime.py); a developer's pytest run should send nothing either.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 def pytest_collection_modifyitems(config, items):
