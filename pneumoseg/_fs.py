@@ -705,11 +705,24 @@ def _make_folders(root: Path, rel: str) -> bool:
 
 
 def _remove_empty_folders(root: Path) -> None:
-    """Remove every empty folder under ``root`` (not ``root``), the deepest first."""
+    """Remove every empty folder under ``root`` (not ``root``), the deepest first: only in a holding
+    folder, where every folder is pneumoseg's (elsewhere see _remove_emptied)."""
     folders = [entry.path for _, entry in _tree(root) if entry.is_dir(follow_symlinks=False)]
     for directory in sorted(folders, key=lambda d: -d.count(os.sep)):
         with contextlib.suppress(OSError):
             os.rmdir(directory)  # fails, harmlessly, on a folder that is not empty
+
+
+def _remove_emptied(root: Path, folder: Path) -> None:
+    """Remove ``folder`` and the folders above it, up to ``root`` (kept), while each is empty: the folders
+    a file just moved or removed from left empty. A folder that was empty before is never touched, so a
+    user's empty folders stay (sweeping every empty folder under the output folder removed them too)."""
+    while folder != root and root in folder.parents:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (or gone): so are the folders above it
+            return
+        folder = folder.parent
 
 
 def _is_holding(held: Path) -> bool:
@@ -754,6 +767,7 @@ def _set_aside(p: Path, ours: list[Path]) -> bool:
             rel = f.relative_to(p).as_posix()
             _make_folders(held, rel)
             os.rename(f, held / rel)
+            _remove_emptied(p, f.parent)  # a clean folder to write into; a user's empty folders stay
     except BaseException:
         with contextlib.suppress(OSError):
             _put_back(p, None)
@@ -776,21 +790,23 @@ def _put_back(p: Path, kind: str | None, replaced: Iterable[str] = ()) -> list[s
         return []
     if os.path.lexists(held / _REPLACED_MARK):
         return _put_back_replaced(p, held, replaced)
-    removed = os.path.lexists(held / MANIFEST_NAME)
-    if removed:
+    if os.path.lexists(held / MANIFEST_NAME):
         top = p / MANIFEST_NAME
         ours, _, _ = _ours(p, kind)
         # a nested manifest after its files, the folder's own last
         for f in sorted(ours, key=lambda f: (f == top, f.name == MANIFEST_NAME)):
             with contextlib.suppress(OSError):
                 f.unlink()
-        _remove_empty_folders(p)  # a folder the run made where an earlier file goes back
+                _remove_emptied(p, f.parent)  # the run's folders it emptied
     left: list[str] = []
     for rel in _files_under(held):
         if rel == MANIFEST_NAME:
             continue
         target = p / rel
         try:
+            if os.path.isdir(target) and not os.path.islink(target):
+                with contextlib.suppress(OSError):
+                    os.rmdir(target)  # an empty folder where the earlier file goes: the run made it
             if not _make_folders(p, rel) or os.path.lexists(target):
                 left.append(rel)
                 continue
@@ -804,8 +820,6 @@ def _put_back(p: Path, kind: str | None, replaced: Iterable[str] = ()) -> list[s
         if os.path.lexists(held / MANIFEST_NAME):
             os.replace(held / MANIFEST_NAME, p / MANIFEST_NAME)
         _remove_held(held)  # empty but for the manifest, if that could not go back
-    if removed:  # else nothing was removed: an empty folder here is someone's (or was before the run)
-        _remove_empty_folders(p)  # the run's own, emptied
     return left
 
 
@@ -983,6 +997,7 @@ class _Ending:
         self.replaced: set[str] = set()  # what this run, forced beside someone's files, set aside there
         self.resumed = False
         self.children: list[OutputFolder] = []
+        self.made: list[Path] = []  # folders this run created (OutputFolder.file), removed if left empty
         self.pid = os.getpid()
 
     def __call__(self, failed: bool = False, keep: bool = False) -> None:
@@ -999,6 +1014,9 @@ class _Ending:
                     # own error is the one to report
                     with contextlib.suppress(OSError):
                         _put_back(self.path, self.what, self.replaced)
+                    for folder in reversed(self.made):  # made for a write that failed, say
+                        with contextlib.suppress(OSError):
+                            os.rmdir(folder)
         finally:
             if self.lock is not None:
                 _release_folder(self.lock)
@@ -1105,7 +1123,6 @@ class OutputFolder:
             # (unless the command reads from it). It is moved aside, not removed, until this run ends.
             _refuse_removing_inputs(p, ours, inputs, self.what)
             self._ending.set_aside = _set_aside(p, ours)
-            _remove_empty_folders(p)
         manifest = _read_manifest(p)
         if manifest is None or not manifest.belongs_to(self.what):
             # The manifest is written now, not with the first file: the folder is this command's from
@@ -1149,7 +1166,12 @@ class OutputFolder:
             if current != self.path.joinpath(*parts):
                 if current.exists() and not current.is_dir():
                     raise OutputError(f"{current} is a file where a folder is needed")
-                current.mkdir(exist_ok=True)
+                if not current.is_dir():
+                    try:
+                        current.mkdir()
+                        self._ending.made.append(current)
+                    except FileExistsError:  # another thread's write made it just now
+                        pass
         return current
 
     def subfolder(self, *parts: str, overwrite: bool = True) -> "OutputFolder":

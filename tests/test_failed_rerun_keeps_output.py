@@ -494,3 +494,34 @@ def test_the_temporary_files_of_a_killed_run_do_not_make_the_next_run_need_force
     with prepare_output_folder(out) as folder:
         folder.write_bytes("a.txt", data="new a")
     assert sorted(_snapshot(out)) == [MANIFEST_NAME, "a.txt"] and _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Only the folders a run empties or makes go: a user's empty folders stay
+
+
+def test_a_rerun_keeps_someones_empty_folders(tmp_path):
+    """Every empty folder under the output folder was removed when it was prepared and when a failed
+    run was undone, a user's own empty folders included (they are not files, so not someone's to
+    refuse). Only folders pneumoseg empties or makes go now."""
+    out = tmp_path / "out"
+    before = _earlier_output(out)
+    for folder in ("empty", "deep/empty2"):
+        (out / folder).mkdir()
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out) as folder:
+            assert (out / "empty").is_dir() and (out / "deep" / "empty2").is_dir()
+            folder.write_bytes("made", "c.txt", data="new c")
+            with pytest.raises(OutputError):  # a write that fails in a folder the run made
+                with folder.open("made2", "sub", "d.txt") as f:
+                    f.write(b"x")
+                    raise OutputError("the disk is full")
+            raise RuntimeError("the run failed")
+    assert _snapshot(out) == before and _leftovers(out) == []
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_dir()) == [
+        "deep", "deep/empty2", "empty"]  # made/ and made2/sub/ went with the run
+    with prepare_output_folder(out) as folder:
+        assert not (out / "a.txt").exists() and (out / "deep" / "empty2").is_dir()
+        folder.write_bytes("a.txt", data="new a")
+    assert (out / "empty").is_dir() and (out / "deep" / "empty2").is_dir()
+    assert sorted(_snapshot(out)) == [MANIFEST_NAME, "a.txt"] and _leftovers(out) == []

@@ -865,7 +865,8 @@ def test_deep_folders_are_walked_without_recursion(deep_tmp):
     with pytest.raises(pneumoseg.OutputError, match=r"not empty \(a/a/a/.*/deep.dcm, pipe.dcm\)"):
         prepare_output_folder(tmp_path / "data")
 
-    os.close(_nest(tmp_path / "empty", 1500))  # only folders: nobody's files, so it is prepared and emptied
+    # only folders: nobody's files, so it is prepared; the empty folders are someone's and stay
+    os.close(_nest(tmp_path / "empty", 1500))
     prepare_output_folder(tmp_path / "empty").write_bytes("x.txt", data="x")
-    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [MANIFEST_NAME, "x.txt"]
+    assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [MANIFEST_NAME, "a", "x.txt"]
 
