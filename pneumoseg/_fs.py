@@ -27,7 +27,9 @@
   starts; a regular file it is about to replace (someone's ``submission.csv``, another command's
   manifest, an earlier run's file) is moved into the holding folder just before, put back as it was
   when the run fails (also by the next run of the command after a SIGKILL), and removed only when it
-  succeeds. Folders and links in an output's place are refused, never moved. The manifest is written when the folder is prepared.
+  succeeds. Folders and links in an output's place are refused, never moved. Only folders a run
+  empties or makes are removed, never someone's empty folders. The manifest is written when the
+  folder is prepared.
   :func:`check_output_folder` makes the same refusals without touching anything, for a command to
   say so before long work. A command that adds to another's output (``pneumoseg export`` writing
   artefacts into a training run's model directory) lists its files there with
