@@ -47,7 +47,8 @@ class DicomImage:
 
     pixels: np.ndarray
     image_id: str
-    meta: dict[str, Any] = field(default_factory=dict)
+    # left out of repr: age and sex are patient data, and a DicomImage printed or logged would copy them
+    meta: dict[str, Any] = field(default_factory=dict, repr=False)
     path: Optional[Path] = None
     _dataset: Any = field(default=None, repr=False)
 
@@ -499,9 +500,20 @@ def read_sop_instance_uid(path: Union[str, Path]) -> str:
     if uid is None:
         raise DicomError(f"{path}: the file has no SOPInstanceUID (or an empty one), so it cannot be named by it")
     if len(uid) > 64 or not _UID_TEXT.fullmatch(uid):
-        raise DicomError(f"{path}: its SOPInstanceUID {uid[:80]!r} is not a UID (digits separated by dots, "
-                         "at most 64 characters)")
+        raise DicomError(f"{path}: its SOPInstanceUID is not a UID ({_uid_problem(uid)}; a UID is digits separated "
+                         "by dots, at most 64 characters)")
     return uid
+
+
+def _uid_problem(uid: str) -> str:
+    """What is wrong with a SOPInstanceUID that is not a UID, without quoting it: the element may
+    hold anything (an accession number or a name where a system misfilled it), and this reason goes
+    to stderr and summary.json. The file's path, beside it, is what names the image."""
+    if len(uid) > 64:
+        return f"{len(uid)} characters"
+    if any(c not in "0123456789." for c in uid):
+        return "it holds characters other than digits and dots"
+    return "an empty component (a dot at either end, or two together)"
 
 
 def read_dicom(path: Union[str, Path], *, with_dataset: bool = True) -> DicomImage:
