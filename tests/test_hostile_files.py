@@ -627,6 +627,22 @@ def test_bad_header_values_name_the_file(tmp_path, attrs, match):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("attrs, keyword", [
+    (dict(PhotometricInterpretation=("LO", "X" * 5000)), "PhotometricInterpretation"),
+    (dict(RescaleSlope=("LO", "9" * 5000 + "x"), RescaleIntercept=0), "RescaleSlope"),
+    (dict(PixelSpacing=("LO", "a" * 5000 + "\\1")), "PixelSpacing"),
+])
+def test_a_refused_header_value_is_quoted_cut_short(tmp_path, attrs, keyword):
+    # A refusal quotes the value it objects to, but a field holding kilobytes of text (or whatever a
+    # misconfigured system put there) must not be copied whole into stderr and summary.json.
+    path = write_dicom(tmp_path / "x.dcm", **attrs)
+    with pytest.raises(pneumoseg.DicomError, match=keyword) as info:
+        read_dicom(path)
+    message = str(info.value)
+    assert str(path) in message and "characters)" in message
+    assert len(message) < len(str(path)) + 250, message
+
+
 @pytest.mark.parametrize("reader, find, replace", [
     # Columns' two bytes said to be three: pydicom's BytesLengthException from read_dicom_shape
     ("read_dicom_shape", b"\x28\x00\x11\x00US\x02\x00", b"\x28\x00\x11\x00US\x03\x00"),

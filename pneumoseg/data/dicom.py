@@ -160,6 +160,14 @@ def _header_text(ds: Any, keyword: str) -> Optional[str]:
     return None if value is None else str(value)
 
 
+def _shown(value: Any, limit: int = 64) -> str:
+    """A refused header value as a message quotes it: repr, cut to `limit` characters, so a field
+    holding kilobytes of text (or whatever a misconfigured system put there) is not copied whole into
+    error messages, stderr and summary.json."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 3]}... ({len(text):,} characters)"
+
+
 def _finite(ds: Any, keyword: str, default: float, path: Path) -> float:
     """A numeric attribute that must be a finite number when present (a NaN RescaleSlope would turn
     the whole image into NaN)."""
@@ -169,9 +177,9 @@ def _finite(ds: Any, keyword: str, default: float, path: Path) -> float:
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise DicomError(f"{path}: {keyword} {value!r} is not a number") from None
+        raise DicomError(f"{path}: {keyword} {_shown(value)} is not a number") from None
     if not math.isfinite(out):
-        raise DicomError(f"{path}: {keyword} is {value!r}; it must be a finite number")
+        raise DicomError(f"{path}: {keyword} is {_shown(value)}; it must be a finite number")
     return out
 
 
@@ -184,7 +192,7 @@ def _positive_int(ds: Any, keyword: str, path: Path, default: Optional[int] = No
     try:
         out = int(value)
     except (TypeError, ValueError):
-        raise DicomError(f"{path}: {keyword} {value!r} is not an integer") from None
+        raise DicomError(f"{path}: {keyword} {_shown(value)} is not an integer") from None
     if out < 1:
         raise DicomError(f"{path}: {keyword} must be at least 1, got {out}")
     return out
@@ -443,7 +451,7 @@ def _check_photometric(ds: Any, path: Path) -> str:
     if photometric is None:
         raise DicomError(f"{path}: the file has no PhotometricInterpretation, so how to read its pixels is unknown")
     if photometric not in _GREY_PHOTOMETRICS:
-        raise DicomError(f"{path}: PhotometricInterpretation {photometric!r} is not supported; pneumoseg reads grey "
+        raise DicomError(f"{path}: PhotometricInterpretation {_shown(photometric)} is not supported; pneumoseg reads grey "
                          "level radiographs (MONOCHROME1 or MONOCHROME2)")
     return photometric
 
@@ -635,8 +643,8 @@ def _spacing(ds: Any, path: Path) -> Optional[tuple[float, float]]:
         try:
             numbers = tuple(float(v) for v in values)
         except (TypeError, ValueError):
-            raise DicomError(f"{path}: {keyword} {values!r} is not a pair of numbers") from None
+            raise DicomError(f"{path}: {keyword} {_shown(values)} is not a pair of numbers") from None
         if len(numbers) != 2 or not all(math.isfinite(v) and v > 0 for v in numbers):
-            raise DicomError(f"{path}: {keyword} {values!r} must be two positive numbers (mm)")
+            raise DicomError(f"{path}: {keyword} {_shown(values)} must be two positive numbers (mm)")
         return numbers
     return None
