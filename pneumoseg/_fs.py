@@ -1247,21 +1247,38 @@ class OutputFolder:
 
     @contextlib.contextmanager
     def filled_in_place(self, *parts: str) -> Iterator[Path]:
-        """The path of a file the ``with`` block fills by other means (a memory map): removed if the
-        block fails, so a failed or interrupted command leaves nothing that would make the next run
-        need ``--force``; listed in the manifest as this folder's own when the block succeeds."""
+        """The path of a file the ``with`` block fills by other means (a memory map) and closes: a
+        temporary file beside the output, renamed into place, listed in the manifest as this folder's
+        own (and what it replaces set aside) just before, when the block succeeds; removed if it fails.
+        Filled under the output's own name, a run killed meanwhile (SIGKILL, the OOM killer) left an
+        unlisted file where the earlier one goes back, and the next run was refused until someone moved
+        one of the two; a temporary file is pneumoseg's by its name (see _LEFTOVER_FILE)."""
         target = self.file(*parts)
-        self._make_room(target)
+        if target.is_dir():
+            raise OutputError(f"{target}: is a folder; cannot write a file there")
         try:
-            yield target
+            fd, name = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target), suffix=".tmp")
+        except OSError as exc:
+            _name_target(exc, target)
+            raise
+        tmp = Path(name)
+        try:
+            try:
+                os.fchmod(fd, _FILE_MODE) if hasattr(os, "fchmod") else None
+            finally:
+                os.close(fd)
+            yield tmp
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            self._make_room(target)
+            self._record(target, tmp)  # before the rename, as open() does
+            os.replace(tmp, target)
         except BaseException as exc:
             with contextlib.suppress(OSError):
-                if target.is_file() and not target.is_symlink():
-                    target.unlink()
+                os.unlink(tmp)
             if isinstance(exc, OSError):
                 _name_target(exc, target)
             raise
-        self._record(target)
 
     def _record(self, target: Path, written: Path | None = None) -> None:
         """List ``target`` in the manifest as the file ``written`` (default: ``target``) is now."""

@@ -375,3 +375,62 @@ def test_a_training_run_forced_over_someones_model_description_that_fails_puts_i
             assert _snapshot(out)["pneumoseg.json"] == before["pneumoseg.json"]  # puts it back first
             raise RuntimeError("and fails at once")
     assert {rel: v for rel, v in _snapshot(out).items() if rel in before} == before and _leftovers(out) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# Found by SIGKILL at each file-system call of a forced run (adversarial review)
+
+
+_KILLED_WHILE_FILLING = '''
+import signal
+from pneumoseg._fs import prepare_output_folder
+folder = prepare_output_folder(OUT, what="cache folder", overwrite=FORCED)
+with folder.filled_in_place("images.npy") as path:
+    with open(path, "wb") as f:
+        f.write(b"half filled")
+    os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["forced", "rerun"])
+def test_a_run_killed_while_filling_a_file_in_place_is_undone_by_the_next_run(tmp_path, forced):
+    """`data cache` fills its arrays in place (memory maps), which took minutes under the output's own
+    name: killed meanwhile (the OOM killer), the run left an unlisted file where the earlier one (held)
+    goes back, and the next run was refused until someone moved one of the two. It fills a temporary
+    file now, renamed into place once listed."""
+    out = tmp_path / "cache"
+    with prepare_output_folder(out, what=OutputKind.CACHE) as folder:
+        folder.write_bytes("images.npy", data="earlier images")
+        folder.write_bytes("index.json", data="earlier index")
+    if forced:
+        (out / "notes.txt").write_text("someone's")
+    before = _snapshot(out)
+    result = run_isolated(f"OUT = {str(out)!r}\nFORCED = {forced}\n" + _KILLED_WHILE_FILLING, timeout=60)
+    assert result.returncode == -9, result.describe()
+    assert [p.read_bytes() for p in out.glob("images.npy")] in ([b"earlier images"], [])  # never half filled
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.CACHE, overwrite=forced):
+            raise RuntimeError("the next run fails")
+    assert {rel: v for rel, v in _snapshot(out).items() if ".pneumoseg-" not in rel} == before
+    assert _leftovers(out) == []
+    with prepare_output_folder(out, what=OutputKind.CACHE, overwrite=forced) as folder:
+        with folder.filled_in_place("images.npy") as path:
+            path.write_bytes(b"new images")
+    assert (out / "images.npy").read_bytes() == b"new images"
+    if not forced:  # its own output again: no --force, and the killed run's temporary file is gone
+        check_output_folder(out, what=OutputKind.CACHE)
+        assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, "images.npy"]
+
+
+def test_a_file_filled_in_place_by_a_failed_forced_run_leaves_someones_file(tmp_path):
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "images.npy").write_bytes(b"someone's images")
+    before = _snapshot(out)
+    with pytest.raises(OSError, match="No space"):
+        with prepare_output_folder(out, what=OutputKind.CACHE, overwrite=True) as folder:
+            with folder.filled_in_place("images.npy") as path:
+                path.write_bytes(b"half")
+                raise OSError(errno.ENOSPC, "No space left on device")
+    assert _snapshot(out) == before and _leftovers(out) == []
+
