@@ -434,3 +434,49 @@ def test_a_file_filled_in_place_by_a_failed_forced_run_leaves_someones_file(tmp_
                 raise OSError(errno.ENOSPC, "No space left on device")
     assert _snapshot(out) == before and _leftovers(out) == []
 
+
+_KILLED_AFTER_DROPPING_AN_ARTEFACT = '''
+import signal, torch
+from pneumoseg.models import create_segmenter
+from pneumoseg.models import model_dir as md
+
+real = md._remove_artefact_file
+
+def remove_then_die(*a, **kw):
+    real(*a, **kw)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+md._remove_artefact_file = remove_then_die
+torch.manual_seed(1)
+seg = create_segmenter(encoder="resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))
+md.save_model_dir(OUT, {"segmenter": seg}, input_sizes={"segmenter": 64}, overwrite=True)
+'''
+
+
+def test_a_forced_save_killed_after_dropping_a_stale_artefact_puts_it_back(tmp_path):
+    """Saved with overwrite=True over someone's model directory (copied: nothing in it is pneumoseg's),
+    new weights make its exported ONNX stale, and the save removed that file: killed before it ended,
+    the next run put the description and weights back, and the description listed a file that was gone.
+    The artefact is set aside like the files it goes with."""
+    import torch
+
+    from pneumoseg.models import create_segmenter
+    from pneumoseg.models.model_dir import load_model_dir, save_model_dir
+
+    out = tmp_path / "model"
+    torch.manual_seed(0)
+    save_model_dir(out, {"segmenter": create_segmenter(encoder="resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))},
+                   input_sizes={"segmenter": 64})
+    load_model_dir(out).add_artefact("segmenter-onnx", "onnx/segmenter.onnx", b"graph", format="onnx",
+                                     network="segmenter", precision="fp32")
+    for p in out.rglob("*"):  # copied: every file changed since pneumoseg listed it
+        if p.is_file():
+            os.utime(p, ns=(10**18, 10**18))
+    before = _snapshot(out)
+    result = run_isolated(f"OUT = {str(out)!r}\n" + _KILLED_AFTER_DROPPING_AN_ARTEFACT, timeout=120)
+    assert result.returncode == -9, result.describe()
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.MODEL_DIR, overwrite=True):
+            raise RuntimeError("the next save fails")
+    assert _snapshot(out) == before and _leftovers(out) == []
+    assert load_model_dir(out).artefacts["segmenter-onnx"].path == "onnx/segmenter.onnx"

@@ -677,7 +677,7 @@ def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: 
     model_dir.save()  # before the stale files go: a crash in between leaves them unlisted, not listed and gone
     written(CONFIG_NAME)
     for art in stale.values():
-        _remove_artefact_file(model_dir, art)
+        _remove_artefact_file(model_dir, art, replacing)
     model_dir.removed_artefacts = stale
     return model_dir
 
@@ -724,13 +724,19 @@ def _still_valid_artefacts(earlier: ModelDir, raw: Mapping[str, Any]) -> tuple[d
     return kept, stale
 
 
-def _remove_artefact_file(model_dir: ModelDir, art: Artefact) -> None:
+def _remove_artefact_file(model_dir: ModelDir, art: Artefact,
+                          replacing: Callable[..., Any] = lambda *parts: None) -> None:
     """Remove a dropped artefact's file when it is still the one export wrote (its fingerprint
-    matches); a file changed since is someone's, and is left (unlisted, nothing loads it)."""
+    matches); a file changed since is someone's, and is left (unlisted, nothing loads it). Saved with
+    overwrite=True beside someone's files, ``replacing`` first sets it aside with the description that
+    lists it: unlinked, a save killed before it ended put that description back without the file."""
     try:
-        path = model_dir._inside(model_dir.path.joinpath(*_relative_parts(art.path, "artefact path")))
+        parts = _relative_parts(art.path, "artefact path")
+        path = model_dir._inside(model_dir.path.joinpath(*parts))
         if path.is_file() and not path.is_symlink() and sha256_of(path) == art.sha256:
-            path.unlink()
+            replacing(*parts)
+            if path.is_file():  # not set aside: a folder of pneumoseg's own output
+                path.unlink()
             with contextlib.suppress(OSError):
                 path.parent.rmdir()  # an onnx/ folder left empty
     except (OSError, OutputError):
