@@ -292,8 +292,8 @@ def test_a_forced_save_over_someones_model_description_that_fails_puts_it_back(t
     before = _snapshot(out)
     real = ModelDir.save
 
-    def save_then_fail(self):
-        real(self)
+    def save_then_fail(self, *args):
+        real(self, *args)
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ModelDir, "save", save_then_fail)
@@ -480,3 +480,43 @@ def test_a_forced_save_killed_after_dropping_a_stale_artefact_puts_it_back(tmp_p
             raise RuntimeError("the next save fails")
     assert _snapshot(out) == before and _leftovers(out) == []
     assert load_model_dir(out).artefacts["segmenter-onnx"].path == "onnx/segmenter.onnx"
+
+
+_KILLED_WHILE_WRITING_THE_MODEL_DESCRIPTION = '''
+import signal
+sys.path.insert(0, TESTS)
+from factories import TINY_TRAINING, training_config
+from pneumoseg.models.model_dir import ModelDir
+from pneumoseg.train import engine
+
+def die(self, *args):  # the weights are in place; pneumoseg.json is next
+    os.kill(os.getpid(), signal.SIGKILL)
+
+ModelDir.save = die
+engine.train(training_config(TINY_TRAINING, STUDY, data__preload=False), OUT, overwrite=FORCED, progress=False)
+'''
+
+
+@pytest.mark.parametrize("forced", [True, False], ids=["forced", "rerun"])
+def test_a_training_run_killed_while_saving_its_model_is_undone_by_the_next_run(study_set, tmp_path, forced):
+    """The training run wrote its weights and pneumoseg.json through save_model_dir and listed them
+    afterwards: killed in between (while pneumoseg.json was written), its weights were in place and
+    unlisted where someone's (forced) or the earlier run's (rerun), held, go back, and the next run was
+    refused until someone moved one of the two. They are written through the run's folder now, each
+    listed just before it is in place."""
+    out = tmp_path / "run"
+    with prepare_output_folder(out, what=OutputKind.TRAINING_RUN) as run:
+        run.write_bytes("segmenter.safetensors", data="earlier weights")
+    if forced:
+        (out / "notes.txt").write_text("someone's")
+    before = _snapshot(out)
+    code = (f"OUT = {str(out)!r}\nSTUDY = {str(study_set)!r}\nFORCED = {forced}\n"
+            f"TESTS = {str(Path(__file__).parent)!r}\n" + _KILLED_WHILE_WRITING_THE_MODEL_DESCRIPTION)
+    result = run_isolated(code, timeout=300)
+    assert result.returncode == -9, result.describe()
+    assert (out / "segmenter.safetensors").read_bytes() != b"earlier weights"  # killed after the weights
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.TRAINING_RUN, overwrite=forced):
+            raise RuntimeError("the next run fails")
+    assert {rel: v for rel, v in _snapshot(out).items() if rel in before} == before
+    assert _leftovers(out) == []

@@ -39,8 +39,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 from .. import __version__, limits
 from .._checks import check_image_size, check_int, check_path, check_probability, check_real, nesting_excess, show
-from .._fs import (OutputKind, atomic_write, folder_lock, prepare_output_folder, read_json, record_in_manifest,
-                   safe_file_name)
+from .._fs import (OutputFolder, OutputKind, atomic_write, folder_lock, prepare_output_folder, read_json,
+                   record_in_manifest, safe_file_name)
 from ..errors import DataFormatError, InvalidInputError, OutputError
 
 __all__ = [
@@ -528,10 +528,14 @@ class ModelDir:
         )
         return raw
 
-    def save(self) -> Path:
-        """Rewrite ``pneumoseg.json`` (atomically) from this object's fields."""
-        text = json.dumps(self.to_json(), indent=2, sort_keys=False, allow_nan=False)
-        return atomic_write(self._inside(self.path / CONFIG_NAME), text + "\n")
+    def save(self, write: Optional[Callable[[str, str], Any]] = None) -> Path:
+        """Rewrite ``pneumoseg.json`` (atomically) from this object's fields; ``write(name, text)``, when
+        given, writes it instead (an output folder's own write, which lists it before it is in place)."""
+        text = json.dumps(self.to_json(), indent=2, sort_keys=False, allow_nan=False) + "\n"
+        if write is not None:
+            write(CONFIG_NAME, text)
+            return self.path / CONFIG_NAME
+        return atomic_write(self._inside(self.path / CONFIG_NAME), text)
 
     def check_writable(self, *rel_paths: str) -> None:
         """Refuse (OutputError), before any long work, to add files at ``rel_paths`` when they or the
@@ -565,7 +569,7 @@ def _json_safe(value: Any, what: str) -> Any:
 
 
 def save_model_dir(
-    path: Union[str, Path],
+    path: Union[str, Path, OutputFolder],
     networks: Mapping[str, Any],
     *,
     input_sizes: Mapping[str, Union[int, tuple[int, int]]],
@@ -582,7 +586,8 @@ def save_model_dir(
     ``networks`` maps "segmenter" and/or "classifier" to models built by pneumoseg (they carry
     ``model.config``); ``input_sizes`` gives each one's input (H, W) (an int for square). The folder
     follows pneumoseg's output rules (``overwrite``); ``prepare=False`` writes into a folder the caller
-    has already prepared (a training run's folder that also holds its checkpoints and logs).
+    has already prepared (a training run's folder that also holds its checkpoints and logs): given as
+    its :class:`~pneumoseg._fs.OutputFolder`, each file is written and listed through it.
     ``crops`` gives a network's input crop (``{"classifier": "chest"}`` for a classifier trained with
     ``data.chest_crop``), which every backend of the Predictor then applies.
 
@@ -594,28 +599,41 @@ def save_model_dir(
     the earlier weights. The returned ``ModelDir.removed_artefacts`` names them.
     """
     if not prepare:
+        if isinstance(path, OutputFolder):
+            return _write_model_dir(path.path, networks, input_sizes=input_sizes, thresholds=thresholds,
+                                    preprocessing=preprocessing, metrics=metrics, training=training, crops=crops,
+                                    write=_writer(path), replacing=path.replacing)
         return _write_model_dir(check_path(path, "model directory"), networks, input_sizes=input_sizes,
                                 thresholds=thresholds, preprocessing=preprocessing, metrics=metrics,
                                 training=training, crops=crops)
-    # Each file is listed in the folder's manifest as soon as it is written: saving again replaces them
-    # without overwrite=True, and a save that fails part way (the metrics are checked after the weights
-    # are written) removes what it wrote as the folder's earlier model directory goes back. Someone's
-    # file kept under overwrite=True and not yet replaced stays unlisted, and stays; one of the same name
-    # is set aside before it is replaced (replacing=), and goes back if the save fails.
-    with prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) as prepared:
+    # Each file is written through the folder, listed in its manifest just before it is in place: saving
+    # again replaces them without overwrite=True, and a save that fails part way (the metrics are checked
+    # after the weights are written) or is killed removes what it wrote as the folder's earlier model
+    # directory goes back. Someone's file kept under overwrite=True and not yet replaced stays unlisted,
+    # and stays; one of the same name is set aside just before it is replaced, and goes back if the save
+    # fails (a stale artefact removed too: replacing=).
+    with prepare_output_folder(path.path if isinstance(path, OutputFolder) else path, overwrite=overwrite,
+                               what=OutputKind.MODEL_DIR) as prepared:
         return _write_model_dir(prepared.path, networks, input_sizes=input_sizes, thresholds=thresholds,
                                 preprocessing=preprocessing, metrics=metrics, training=training, crops=crops,
-                                written=prepared.record, replacing=prepared.replacing)
+                                write=_writer(prepared), replacing=prepared.replacing)
+
+
+def _writer(folder: OutputFolder) -> Callable[[str, Union[bytes, str]], Any]:
+    # listed before the rename: written, then listed, a file a run killed in between left unlisted was
+    # refused as someone's where the earlier one (held) goes back, until someone moved one of the two
+    return lambda name, data: folder.write_bytes(name, data=data)
 
 
 def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: Mapping[str, Union[int, tuple[int, int]]],
                      thresholds: Optional[Union[Thresholds, Mapping[str, Any]]], preprocessing: Optional[Preprocessing],
                      metrics: Optional[Mapping[str, Any]], training: Optional[Mapping[str, Any]],
                      crops: Optional[Mapping[str, Optional[str]]],
-                     written: Callable[[str], Any] = lambda name: None,
-                     replacing: Callable[[str], Any] = lambda name: None) -> ModelDir:
-    """:func:`save_model_dir`'s work, in ``folder`` (prepared, or held by the caller); ``replacing`` is
-    told the name of each file just before it is written, ``written`` once it is."""
+                     write: Optional[Callable[[str, Union[bytes, str]], Any]] = None,
+                     replacing: Callable[..., Any] = lambda *parts: None) -> ModelDir:
+    """:func:`save_model_dir`'s work, in ``folder`` (prepared, or held by the caller): each file is written
+    by ``write(name, data)`` (default: atomically, listed nowhere); ``replacing(*parts)`` is told of a
+    file about to be removed."""
     from safetensors.torch import save as save_safetensors
 
     if not isinstance(networks, Mapping) or not networks:
@@ -649,9 +667,10 @@ def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: 
         data = _canonical_safetensors(save_safetensors(tensors, metadata={"pneumoseg_version": __version__,
                                                                           "network": name}))
         weights = f"{name}.safetensors"
-        replacing(weights)
-        atomic_write(folder / weights, data)
-        written(weights)
+        if write is None:
+            atomic_write(folder / weights, data)
+        else:
+            write(weights, data)
         entries[name] = {"config": _json_safe(config, f"the {name} config"), "weights": weights,
                          "sha256": sha256_of(data), "input_size": list(size)}
         if crops.get(name) is not None:
@@ -673,9 +692,7 @@ def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: 
     kept, stale = _still_valid_artefacts(earlier, raw) if earlier is not None else ({}, {})
     raw["artefacts"] = {k: asdict(a) for k, a in kept.items()}
     model_dir = ModelDir(folder, raw)
-    replacing(CONFIG_NAME)  # after the earlier description was read
-    model_dir.save()  # before the stale files go: a crash in between leaves them unlisted, not listed and gone
-    written(CONFIG_NAME)
+    model_dir.save(write)  # before the stale files go: a crash in between leaves them unlisted, not listed and gone
     for art in stale.values():
         _remove_artefact_file(model_dir, art, replacing)
     model_dir.removed_artefacts = stale

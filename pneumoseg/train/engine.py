@@ -983,11 +983,9 @@ class Trainer:
                         "chest_crop": bool(cfg.data.chest_crop)}
             for name in [*(f"{net}.safetensors" for net in networks), "pneumoseg.json"]:
                 folder.replacing(name)  # forced beside someone's files of these names: set aside first
-            model_dir = save_model_dir(folder.path, networks, input_sizes=sizes, thresholds=thresholds,
+            # written through the folder: each file listed before it is in place (see save_model_dir)
+            model_dir = save_model_dir(folder, networks, input_sizes=sizes, thresholds=thresholds,
                                        metrics=metrics, training=training, crops=crops, prepare=False)
-            for net in networks:
-                folder.record(f"{net}.safetensors")
-            folder.record("pneumoseg.json")
             note = _artefacts_note(self.out, bool(progress.get("finished")), sorted(model_dir.artefacts),
                                    sorted(model_dir.removed_artefacts))
             if note:
