@@ -1133,7 +1133,7 @@ class OutputFolder:
             # command's output, that command's files stay, unlisted: no later run of either replaces
             # them unasked; their manifest (or whatever is in its place) is set aside until the run ends.
             # A link in the manifest's place is replaced, never written through.
-            if self._replaces and not (p / MANIFEST_NAME).is_dir():
+            if self._replaces:
                 self._make_room(p / MANIFEST_NAME)
             if (p / MANIFEST_NAME).is_symlink():
                 (p / MANIFEST_NAME).unlink()
@@ -1198,7 +1198,8 @@ class OutputFolder:
         there that this run has not written, someone's or an earlier run's, is moved into the holding
         folder (its relative path kept), which this makes with its mark if the run has none yet. Only
         that: a folder, a link, a device or nothing in the target's place is left alone (the write itself
-        refuses the first three), and so is every file the run does not replace."""
+        refuses the first three; a link in the manifest's place, which the run replaces, is held too), and
+        so is every file the run does not replace."""
         if not self._replaces:
             return
         rel = target.relative_to(self.path).as_posix()
@@ -1206,9 +1207,11 @@ class OutputFolder:
             if rel in self._written:
                 return
             try:
-                if not stat.S_ISREG(os.lstat(target).st_mode):
-                    return
+                mode = os.lstat(target).st_mode
             except FileNotFoundError:
+                return
+            # a link in the manifest's place is not written through but replaced (see _prepare): held too
+            if not (stat.S_ISREG(mode) or (stat.S_ISLNK(mode) and rel == MANIFEST_NAME)):
                 return
             held = self.path / PREVIOUS_NAME
             if not self._ending.set_aside:

@@ -520,3 +520,28 @@ def test_a_training_run_killed_while_saving_its_model_is_undone_by_the_next_run(
             raise RuntimeError("the next run fails")
     assert {rel: v for rel, v in _snapshot(out).items() if rel in before} == before
     assert _leftovers(out) == []
+
+
+@pytest.mark.parametrize("to", ["file", "folder"])
+def test_a_link_in_the_manifests_place_is_held_and_put_back(tmp_path, to):
+    """A forced run replaces (never writes through) a symbolic link in the manifest's place: it was
+    removed, and a failed run left it gone (a folder of links, `cp -rs`, has one there)."""
+    target = tmp_path / "elsewhere"
+    if to == "file":
+        target.write_text("someone's manifest")
+    else:
+        target.mkdir()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / MANIFEST_NAME).symlink_to(target)
+    (out / "notes.txt").write_text("someone's")
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, overwrite=True) as folder:
+            assert not (out / MANIFEST_NAME).is_symlink()
+            folder.write_bytes("notes.txt", data="forced")
+            raise RuntimeError("the run failed")
+    assert os.readlink(out / MANIFEST_NAME) == str(target) and (out / "notes.txt").read_text() == "someone's"
+    assert _leftovers(out) == [] and target.exists()
+    with prepare_output_folder(out, overwrite=True) as folder:  # succeeds: replaced, never followed
+        folder.write_bytes("notes.txt", data="forced")
+    assert not (out / MANIFEST_NAME).is_symlink() and target.exists() and _leftovers(out) == []
