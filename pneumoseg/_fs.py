@@ -59,6 +59,7 @@ import io
 import json
 import os
 import re
+import secrets
 import select
 import shutil
 import stat
@@ -128,13 +129,25 @@ _RESERVED = re.compile(r"^(con|prn|aux|nul|com[0-9¹²³]|lpt[0-9¹²³])(\..*)?
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+_TEMPORARY_NAME_CHARACTERS = "abcdefghijklmnopqrstuvwxyz0123456789_"
+_TEMPORARY_FLAGS = (os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+                    | getattr(os, "O_BINARY", 0))
 
 
-_FILE_MODE = 0o666 & ~_umask()
+def _create_temporary(target: Path) -> tuple[int, str]:
+    """A new temporary file beside ``target``, named as _LEFTOVER_FILE knows it, with mode 0o666 less the
+    umask in force now, as ``open(target, "w")`` would give the file. (mkstemp makes 0o600, and reading
+    the umask to widen that means setting it, which races other threads, and a mask read once at import
+    missed a service's later ``os.umask(0o077)``: its submissions and overlays came out 0o644.)"""
+    prefix = _temporary_prefix(target)
+    for _ in range(1000):
+        name = "".join(secrets.choice(_TEMPORARY_NAME_CHARACTERS) for _ in range(8))
+        path = os.path.join(target.parent, f"{prefix}{name}.tmp")
+        try:
+            return os.open(path, _TEMPORARY_FLAGS, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(target.parent))
 
 
 def safe_file_name(name: Any, suffix: str = "", *, what: str = "ImageId") -> str:
@@ -222,12 +235,11 @@ def atomic_open(path: PathLike, mode: str = "wb", *,
     if not target.parent.is_dir():
         raise OutputError(f"{target}: its folder {target.parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target), suffix=".tmp")
+        fd, tmp = _create_temporary(target)
     except OSError as exc:
         _name_target(exc, target)
         raise
     try:
-        os.fchmod(fd, _FILE_MODE) if hasattr(os, "fchmod") else None
         kwargs: dict[str, Any] = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
         with os.fdopen(fd, mode, **kwargs) as f:
             yield f
@@ -1260,16 +1272,13 @@ class OutputFolder:
         if target.is_dir():
             raise OutputError(f"{target}: is a folder; cannot write a file there")
         try:
-            fd, name = tempfile.mkstemp(dir=target.parent, prefix=_temporary_prefix(target), suffix=".tmp")
+            fd, name = _create_temporary(target)
         except OSError as exc:
             _name_target(exc, target)
             raise
         tmp = Path(name)
         try:
-            try:
-                os.fchmod(fd, _FILE_MODE) if hasattr(os, "fchmod") else None
-            finally:
-                os.close(fd)
+            os.close(fd)
             yield tmp
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
