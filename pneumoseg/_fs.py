@@ -117,9 +117,10 @@ _MAX_NAME_BYTES = 255
 # name, and only in a model directory pneumoseg wrote (its manifest lists pneumoseg.json).
 _ENGINE_CACHE_FILE = re.compile(r"tensorrt/(?:[0-9a-f]{32}\.(?:engine|json|lock)|timing-[0-9a-f]{16}\.cache(?:\.lock)?)")
 _MODEL_DESCRIPTION = "pneumoseg.json"
-# What a process killed mid-write (SIGKILL, or SIGTERM inside mkstemp) leaves: atomic_open's temporary file
-# and the writability probe, by their names (mkstemp's 8 random characters). In pneumoseg's own folder they
-# are its own, set aside and removed like its files: else the next run refused them as someone's.
+# What a process killed mid-write (SIGKILL, or SIGTERM while a temporary file is made) leaves: the
+# temporary files (_create_temporary) and the writability probe, by their names (8 random characters).
+# In pneumoseg's own folder they are its own, set aside and removed like its files: else the next run
+# refused them as someone's.
 _TEMPORARY_MARK = "pneumoseg-"
 _LEFTOVER_FILE = re.compile(r"\..+\." + _TEMPORARY_MARK + r"[a-z0-9_]{8}\.tmp|\.pneumoseg-probe-[a-z0-9_]{8}")
 # Characters Windows forbids in names, plus both separators; control characters are checked apart.
