@@ -545,3 +545,31 @@ def test_a_link_in_the_manifests_place_is_held_and_put_back(tmp_path, to):
     with prepare_output_folder(out, overwrite=True) as folder:  # succeeds: replaced, never followed
         folder.write_bytes("notes.txt", data="forced")
     assert not (out / MANIFEST_NAME).is_symlink() and target.exists() and _leftovers(out) == []
+
+
+def test_a_training_run_forced_over_someones_model_directory_drops_its_stale_artefacts(study_set, tmp_path):
+    """Forced over a copied model directory, the training run reads the earlier pneumoseg.json, as any
+    save over an earlier model directory does (README, "Writing a model directory over an earlier
+    one"): the exported ONNX made from other weights is removed and named in the run's note. Setting
+    the description aside before the save hid it, and the stale file stayed, unlisted and unnamed."""
+    import torch
+    from factories import TINY_TRAINING, training_config
+
+    from pneumoseg.models import create_segmenter
+    from pneumoseg.models.model_dir import load_model_dir, save_model_dir
+    from pneumoseg.train import engine
+
+    out = tmp_path / "run"
+    torch.manual_seed(0)
+    save_model_dir(out, {"segmenter": create_segmenter(encoder="resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))},
+                   input_sizes={"segmenter": 64})
+    load_model_dir(out).add_artefact("segmenter-onnx", "onnx/segmenter.onnx", b"graph", format="onnx",
+                                     network="segmenter", precision="fp32")
+    for p in out.rglob("*"):  # copied: every file changed since pneumoseg listed it
+        if p.is_file():
+            os.utime(p, ns=(10**18, 10**18))
+    result = engine.train(training_config(TINY_TRAINING, study_set, data__preload=False), out, overwrite=True,
+                          progress=False)
+    assert not (out / "onnx" / "segmenter.onnx").exists() and _leftovers(out) == []
+    assert load_model_dir(out).artefacts == {}
+    assert any("segmenter-onnx" in note for note in result.notes), result.notes

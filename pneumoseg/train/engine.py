@@ -981,9 +981,8 @@ class Trainer:
             training = {"config": cfg.to_dict(), "history": [_plain_row(r) for r in history],
                         "best_checkpoint": None if best_path is None else f"checkpoints/{best_path.name}",
                         "chest_crop": bool(cfg.data.chest_crop)}
-            for name in [*(f"{net}.safetensors" for net in networks), "pneumoseg.json"]:
-                folder.replacing(name)  # forced beside someone's files of these names: set aside first
-            # written through the folder: each file listed before it is in place (see save_model_dir)
+            # written through the folder: each file listed before it is in place, and in a forced run what
+            # it replaces set aside just then (not before: the earlier pneumoseg.json names stale artefacts)
             model_dir = save_model_dir(folder, networks, input_sizes=sizes, thresholds=thresholds,
                                        metrics=metrics, training=training, crops=crops, prepare=False)
             note = _artefacts_note(self.out, bool(progress.get("finished")), sorted(model_dir.artefacts),
