@@ -1236,7 +1236,10 @@ class OutputFolder:
                                       "run again") from None
                 self._ending.set_aside = True
                 # the mark names this command: another one does not undo its run (_refuse_held_for_another)
-                fd = os.open(held / _REPLACED_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                # O_BINARY: in Windows' text mode the line would end "\r\n", and _replaced_by would name
+                # another command, refusing this one its own run
+                fd = os.open(held / _REPLACED_MARK, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                             0o600)
                 try:
                     os.write(fd, (self.what + "\n").encode("utf-8"))
                 finally:
@@ -1281,7 +1284,7 @@ class OutputFolder:
         try:
             os.close(fd)
             yield tmp
-            with open(tmp, "rb") as f:
+            with open(tmp, "r+b") as f:  # writable: Windows' fsync (_commit) refuses a read-only descriptor
                 os.fsync(f.fileno())
             self._make_room(target)
             self._record(target, tmp)  # before the rename, as open() does
