@@ -99,6 +99,7 @@ def test_a_dropped_onnxruntime_predictor_frees_its_sessions_at_once():
     try:
         predictor = Predictor.from_dir(exported_model_dir("aux"), backend="onnxruntime", threads=1)
         sessions = [weakref.ref(s) for s in predictor.backend._sessions.values()]
+        assert sessions
         del predictor
         assert [ref() for ref in sessions] == [None] * len(sessions)
     finally:
