@@ -1390,9 +1390,10 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     run ends successfully (the ``with`` block, or :meth:`OutputFolder.close`), and moved back, the
     run's own files removed, when it fails (an exception in the ``with`` block, Ctrl-C, SIGTERM,
     ``close(failed=True)``). A holding folder a killed run left is put back first. Files that are
-    not pneumoseg's are never removed; under ``overwrite`` beside them nothing is moved when the
-    folder is prepared, and a regular file the run replaces (someone's, or pneumoseg's) is moved into
-    the holding folder just before its replacement is renamed into place: put back, byte for byte,
+    not pneumoseg's are never removed; under ``overwrite`` beside them a regular file the run replaces
+    (someone's, or pneumoseg's) is moved into the holding folder just before its replacement is renamed
+    into place (the manifest already there, another command's or a link, when the folder is prepared,
+    as the run's own is written then; nothing else is moved then): put back, byte for byte,
     when the run fails (the run's other files stay, as a failed first run's do), removed when it
     succeeds. Files the run does not replace are left as they are.
 
