@@ -1053,6 +1053,9 @@ class OutputFolder:
         # Forced beside someone's files: a file about to be replaced is set aside first (_make_room).
         self._replaces = False
         self._written: set[str] = set()  # relative paths this object listed: its own, never set aside
+        # A resumed run that was forced beside someone's files and stopped before it replaced one (so no
+        # holding folder says so): those files, set aside too when it replaces them (_make_room)
+        self._someones: set[str] = set()
         self._room = threading.Lock()  # writers on several threads (overlays) make one holding folder
         # dropped unclosed, the folder is let go of and the run counts as a success, as it always has
         self._end = weakref.finalize(self, self._ending)
@@ -1099,6 +1102,11 @@ class OutputFolder:
         self._ending.set_aside = held is not None
         # a forced run continued: what it had not replaced yet is still someone's, and set aside when it is
         self._replaces = held is not None and os.path.lexists(held / _REPLACED_MARK)
+        if not self._replaces:
+            # stopped before it replaced anything, a forced run left no mark: its someone's files are
+            # found again (only they: its own, rewritten, are not held, as in any resumed run)
+            _, foreign, _ = _ours(self.path, self.what)
+            self._someones = {f.relative_to(self.path).as_posix() for f in foreign if f != self.path}
 
     def _prepare(self, overwrite: bool, inputs: Iterable[Any] = (), never_replace: tuple[str, ...] = ()) -> None:
         p = self.path
@@ -1213,9 +1221,9 @@ class OutputFolder:
         that: a folder, a link, a device or nothing in the target's place is left alone (the write itself
         refuses the first three; a link in the manifest's place, which the run replaces, is held too), and
         so is every file the run does not replace."""
-        if not self._replaces:
-            return
         rel = target.relative_to(self.path).as_posix()
+        if not self._replaces and rel not in self._someones:
+            return
         with self._room:
             if rel in self._written:
                 return

@@ -573,3 +573,27 @@ def test_a_training_run_forced_over_someones_model_directory_drops_its_stale_art
     assert not (out / "onnx" / "segmenter.onnx").exists() and _leftovers(out) == []
     assert load_model_dir(out).artefacts == {}
     assert any("segmenter-onnx" in note for note in result.notes), result.notes
+
+
+def test_a_forced_run_resumed_before_it_replaced_anything_sets_someones_file_aside(tmp_path):
+    """A forced training run stopped (kept for --resume) before it replaced a file left no holding
+    folder, so its resumed run took the folder for all its own and wrote over someone's pneumoseg.json
+    in place: failing afterwards, that file was gone. The resumed run finds someone's files again."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pneumoseg.json").write_text("someone's")
+    (out / "notes.txt").write_text("someone's")
+    before = _snapshot(out)
+    first = prepare_output_folder(out, overwrite=True, what=OutputKind.TRAINING_RUN)
+    first.write_bytes("checkpoints", "last.pt", data="epoch 1")
+    first.close(failed=True, keep=True)
+    assert not (out / PREVIOUS_NAME).exists()  # nothing replaced yet
+    resumed = prepare_output_folder(out, resume=True, what=OutputKind.TRAINING_RUN)
+    resumed.write_bytes("checkpoints", "last.pt", data="epoch 2")  # its own: rewritten, not held
+    resumed.write_bytes("pneumoseg.json", data="the run's")
+    assert sorted(_snapshot(out / PREVIOUS_NAME)) == [".pneumoseg-replaced", "pneumoseg.json"]
+    resumed.close(failed=True)
+    with pytest.raises(RuntimeError):
+        with prepare_output_folder(out, what=OutputKind.TRAINING_RUN, overwrite=True):  # a fresh run
+            raise RuntimeError("and fails at once")
+    assert {rel: v for rel, v in _snapshot(out).items() if rel in before} == before and _leftovers(out) == []
