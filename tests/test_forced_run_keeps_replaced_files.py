@@ -453,25 +453,33 @@ md.save_model_dir(OUT, {"segmenter": seg}, input_sizes={"segmenter": 64}, overwr
 '''
 
 
-def test_a_forced_save_killed_after_dropping_a_stale_artefact_puts_it_back(tmp_path):
-    """Saved with overwrite=True over someone's model directory (copied: nothing in it is pneumoseg's),
-    new weights make its exported ONNX stale, and the save removed that file: killed before it ended,
-    the next run put the description and weights back, and the description listed a file that was gone.
-    The artefact is set aside like the files it goes with."""
+def _copied_model_dir_with_an_onnx_file(out: Path) -> None:
+    """A model directory with an exported ONNX file, copied (every file changed since pneumoseg listed
+    it, so nothing in it is pneumoseg's)."""
     import torch
 
     from pneumoseg.models import create_segmenter
     from pneumoseg.models.model_dir import load_model_dir, save_model_dir
 
-    out = tmp_path / "model"
     torch.manual_seed(0)
     save_model_dir(out, {"segmenter": create_segmenter(encoder="resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))},
                    input_sizes={"segmenter": 64})
     load_model_dir(out).add_artefact("segmenter-onnx", "onnx/segmenter.onnx", b"graph", format="onnx",
                                      network="segmenter", precision="fp32")
-    for p in out.rglob("*"):  # copied: every file changed since pneumoseg listed it
+    for p in out.rglob("*"):
         if p.is_file():
             os.utime(p, ns=(10**18, 10**18))
+
+
+def test_a_forced_save_killed_after_dropping_a_stale_artefact_puts_it_back(tmp_path):
+    """Saved with overwrite=True over someone's model directory (copied: nothing in it is pneumoseg's),
+    new weights make its exported ONNX stale, and the save removed that file: killed before it ended,
+    the next run put the description and weights back, and the description listed a file that was gone.
+    The artefact is set aside like the files it goes with."""
+    from pneumoseg.models.model_dir import load_model_dir
+
+    out = tmp_path / "model"
+    _copied_model_dir_with_an_onnx_file(out)
     before = _snapshot(out)
     result = run_isolated(f"OUT = {str(out)!r}\n" + _KILLED_AFTER_DROPPING_AN_ARTEFACT, timeout=120)
     assert result.returncode == -9, result.describe()
@@ -552,22 +560,13 @@ def test_a_training_run_forced_over_someones_model_directory_drops_its_stale_art
     save over an earlier model directory does (README, "Writing a model directory over an earlier
     one"): the exported ONNX made from other weights is removed and named in the run's note. Setting
     the description aside before the save hid it, and the stale file stayed, unlisted and unnamed."""
-    import torch
     from factories import TINY_TRAINING, training_config
 
-    from pneumoseg.models import create_segmenter
-    from pneumoseg.models.model_dir import load_model_dir, save_model_dir
+    from pneumoseg.models.model_dir import load_model_dir
     from pneumoseg.train import engine
 
     out = tmp_path / "run"
-    torch.manual_seed(0)
-    save_model_dir(out, {"segmenter": create_segmenter(encoder="resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))},
-                   input_sizes={"segmenter": 64})
-    load_model_dir(out).add_artefact("segmenter-onnx", "onnx/segmenter.onnx", b"graph", format="onnx",
-                                     network="segmenter", precision="fp32")
-    for p in out.rglob("*"):  # copied: every file changed since pneumoseg listed it
-        if p.is_file():
-            os.utime(p, ns=(10**18, 10**18))
+    _copied_model_dir_with_an_onnx_file(out)
     result = engine.train(training_config(TINY_TRAINING, study_set, data__preload=False), out, overwrite=True,
                           progress=False)
     assert not (out / "onnx" / "segmenter.onnx").exists() and _leftovers(out) == []
