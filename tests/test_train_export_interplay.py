@@ -128,7 +128,7 @@ def test_rewriting_a_model_directory_with_other_weights_removes_the_stale_artefa
     assert set(load_model_dir(path).artefacts) == {"classifier-onnx-fp32"}
     assert not (path / "onnx" / "segmenter.fp32.onnx").exists()
     assert (path / "onnx" / "classifier.fp32.onnx").read_bytes() == b"classifier"
-    assert [a for a in again.removed_artefacts] == ["segmenter-onnx-fp32"]
+    assert [a for a in again.removed_artefacts] == ["segmenter-onnx-fp32"] and again.left_artefacts == {}
     # a file changed since export is not pneumoseg's to remove: unlisted, left where it is
     again.add_artefact("segmenter-onnx-fp32", "onnx/segmenter.fp32.onnx", b"segmenter", format="onnx",
                        network="segmenter", precision="fp32")
@@ -138,6 +138,19 @@ def test_rewriting_a_model_directory_with_other_weights_removes_the_stale_artefa
     third = save_model_dir(path, {"segmenter": seg, "classifier": cls}, input_sizes=sizes, prepare=False)
     assert set(third.artefacts) == {"classifier-onnx-fp32"}
     assert (path / "onnx" / "segmenter.fp32.onnx").read_bytes() == b"someone's edit"
+    # dropped from the description, but its file stayed: reported as left, not as removed
+    assert set(third.removed_artefacts) == set(third.left_artefacts) == {"segmenter-onnx-fp32"}
+
+
+def test_the_training_note_does_not_call_a_file_left_in_place_removed():
+    from pneumoseg.train.engine import _artefacts_note
+
+    note = _artefacts_note(Path("run"), False, [], [], ["segmenter-onnx-fp32"])
+    assert "left in place" in note and "segmenter-onnx-fp32" in note and "removed the" not in note
+    both = _artefacts_note(Path("run"), False, [], ["classifier-onnx-fp32"], ["segmenter-onnx-fp32"])
+    removed, left = both.split("; run: ")  # one part per kind, each starting with the run folder
+    assert "classifier-onnx-fp32" in removed and "segmenter" not in removed
+    assert "segmenter-onnx-fp32" in left and "left in place" in left
 
 
 # -------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import os
 import re
 import stat
 from dataclasses import asdict, dataclass, field, fields
@@ -325,6 +326,8 @@ class ModelDir:
         #: artefacts the folder's earlier description listed that :func:`save_model_dir` dropped, as
         #: they were exported from networks it no longer holds (key -> Artefact); empty otherwise
         self.removed_artefacts: dict[str, Artefact] = {}
+        # of those, the ones whose file was left in place (changed since export, or not removable)
+        self.left_artefacts: dict[str, Artefact] = {}
         where = path / CONFIG_NAME
         try:
             self.format_version = int(raw["format_version"])
@@ -596,7 +599,8 @@ def save_model_dir(
     their network is written unchanged (same weights, construction arguments, input size and crop;
     same preprocessing); those of a changed or absent network are dropped from ``pneumoseg.json`` and
     their files removed (a file changed since export is left, unlisted), as they would answer with
-    the earlier weights. The returned ``ModelDir.removed_artefacts`` names them.
+    the earlier weights. The returned ``ModelDir.removed_artefacts`` names them, and
+    ``ModelDir.left_artefacts`` those whose file stayed.
     """
     if not prepare:
         if isinstance(path, OutputFolder):
@@ -693,9 +697,9 @@ def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: 
     raw["artefacts"] = {k: asdict(a) for k, a in kept.items()}
     model_dir = ModelDir(folder, raw)
     model_dir.save(write)  # before the stale files go: a crash in between leaves them unlisted, not listed and gone
-    for art in stale.values():
-        _remove_artefact_file(model_dir, art, replacing)
     model_dir.removed_artefacts = stale
+    model_dir.left_artefacts = {key: art for key, art in stale.items()
+                                if not _remove_artefact_file(model_dir, art, replacing)}
     return model_dir
 
 
@@ -742,22 +746,27 @@ def _still_valid_artefacts(earlier: ModelDir, raw: Mapping[str, Any]) -> tuple[d
 
 
 def _remove_artefact_file(model_dir: ModelDir, art: Artefact,
-                          replacing: Callable[..., Any] = lambda *parts: None) -> None:
+                          replacing: Callable[..., Any] = lambda *parts: None) -> bool:
     """Remove a dropped artefact's file when it is still the one export wrote (its fingerprint
     matches); a file changed since is someone's, and is left (unlisted, nothing loads it). Saved with
     overwrite=True beside someone's files, ``replacing`` first sets it aside with the description that
-    lists it: unlinked, a save killed before it ended put that description back without the file."""
+    lists it: unlinked, a save killed before it ended put that description back without the file.
+    Whether the file is gone (False: left in place, so the training note does not call it removed)."""
     try:
         parts = _relative_parts(art.path, "artefact path")
         path = model_dir._inside(model_dir.path.joinpath(*parts))
+        if not os.path.lexists(path):
+            return True
         if path.is_file() and not path.is_symlink() and sha256_of(path) == art.sha256:
             replacing(*parts)
             if path.is_file():  # not set aside: a folder of pneumoseg's own output
                 path.unlink()
             with contextlib.suppress(OSError):
                 path.parent.rmdir()  # an onnx/ folder left empty
+            return True
     except (OSError, OutputError):
         pass
+    return False
 
 
 _MAX_DEPTH = 64

@@ -22,7 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union, cast
+from typing import TYPE_CHECKING, Any, Optional, Sequence, Union, cast
 
 import numpy as np
 import torch
@@ -986,7 +986,8 @@ class Trainer:
             model_dir = save_model_dir(folder, networks, input_sizes=sizes, thresholds=thresholds,
                                        metrics=metrics, training=training, crops=crops, prepare=False)
             note = _artefacts_note(self.out, bool(progress.get("finished")), sorted(model_dir.artefacts),
-                                   sorted(model_dir.removed_artefacts))
+                                   sorted(set(model_dir.removed_artefacts) - set(model_dir.left_artefacts)),
+                                   sorted(model_dir.left_artefacts))
             if note:
                 self.notes.append(note)
             written, note = ([], None)
@@ -1042,7 +1043,8 @@ def optimizer_step(optimizer: torch.optim.Optimizer, model: nn.Module, *, scaler
     return stepped
 
 
-def _artefacts_note(out: Path, finished_before: bool, kept: list[str], removed: list[str]) -> Optional[str]:
+def _artefacts_note(out: Path, finished_before: bool, kept: list[str], removed: list[str],
+                    left: Sequence[str] = ()) -> Optional[str]:
     """What writing the model directory again did to what `pneumoseg export` had added to it."""
     parts = []
     if kept:
@@ -1054,6 +1056,10 @@ def _artefacts_note(out: Path, finished_before: bool, kept: list[str], removed: 
         parts.append(f"{out}: removed the exported artefacts made from networks that have changed since "
                      f"({', '.join(removed)}), as they would answer with the earlier weights; export again: "
                      f"`pneumoseg export {out}`")
+    if left:
+        parts.append(f"{out}: dropped from pneumoseg.json the exported artefacts made from networks that have "
+                     f"changed since ({', '.join(left)}); their files were left in place, unlisted, as they were "
+                     f"changed since export or could not be removed; export again: `pneumoseg export {out}`")
     return "; ".join(parts) or None
 
 
