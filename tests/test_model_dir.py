@@ -398,3 +398,18 @@ def test_networks_the_pipeline_cannot_feed_are_refused_before_writing(tmp_path, 
     with pytest.raises(InvalidInputError, match=match):
         save_model_dir(tmp_path / "m", networks, input_sizes={name: 64 for name in networks})
     assert not any((tmp_path / "m").glob("*.safetensors"))
+
+
+def test_saving_into_a_prepared_output_folder_needs_prepare_false(tmp_path):
+    # A caller's OutputFolder is already prepared and held: preparing it again (prepare=True, the
+    # default) would write a second manifest of another kind over the caller's, so it is refused.
+    from pneumoseg._fs import prepare_output_folder
+
+    seg = create_segmenter("unet", encoder="resnet_tiny", decoder_channels=(16, 16, 8, 8, 8))
+    with prepare_output_folder(tmp_path / "m") as folder:
+        manifest = (tmp_path / "m" / ".pneumoseg-manifest").read_bytes()
+        with pytest.raises(InvalidInputError, match="prepare=False"):
+            save_model_dir(folder, {"segmenter": seg}, input_sizes={"segmenter": 64})
+        assert (tmp_path / "m" / ".pneumoseg-manifest").read_bytes() == manifest
+        save_model_dir(folder, {"segmenter": seg}, input_sizes={"segmenter": 64}, prepare=False)
+    assert load_model_dir(tmp_path / "m").networks.keys() == {"segmenter"}

@@ -610,13 +610,17 @@ def save_model_dir(
         return _write_model_dir(check_path(path, "model directory"), networks, input_sizes=input_sizes,
                                 thresholds=thresholds, preprocessing=preprocessing, metrics=metrics,
                                 training=training, crops=crops)
+    if isinstance(path, OutputFolder):
+        # its caller holds it (and its lock): preparing it again would be refused as another writer's
+        raise InvalidInputError(f"{path.path}: an OutputFolder is already prepared; pass prepare=False to "
+                                "save_model_dir into it")
     # Each file is written through the folder, listed in its manifest just before it is in place: saving
     # again replaces them without overwrite=True, and a save that fails part way (the metrics are checked
     # after the weights are written) or is killed removes what it wrote as the folder's earlier model
     # directory goes back. Someone's file kept under overwrite=True and not yet replaced stays unlisted,
     # and stays; one of the same name is set aside just before it is replaced, and goes back if the save
     # fails (a stale artefact removed too: replacing=).
-    with prepare_output_folder(path.path if isinstance(path, OutputFolder) else path, overwrite=overwrite,
+    with prepare_output_folder(path, overwrite=overwrite,
                                what=OutputKind.MODEL_DIR) as prepared:
         return _write_model_dir(prepared.path, networks, input_sizes=input_sizes, thresholds=thresholds,
                                 preprocessing=preprocessing, metrics=metrics, training=training, crops=crops,
