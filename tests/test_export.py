@@ -71,6 +71,21 @@ def test_exported_graphs_take_any_batch_and_equal_torch():
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_fp32_decoder_upsamples_at_full_resolution_and_sub_pixel_convolves_below():
+    """The fp32 graph's block without skip features is exported as nearest Resize + Conv (onnxruntime
+    reorders layouts around DepthToSpace and Slice, which costs more there than the sub-pixel form
+    saves), every other block as a sub-pixel convolution; the graph still equals torch's sub-pixel path."""
+    md = load_model_dir(exported_model_dir("aux"))
+    art = md.artefacts["decoder-onnx-fp32"]
+    model = onnx.load(str(md.artefact_path("decoder-onnx-fp32")))
+    blocks = md.build("segmenter").decoder.blocks
+    assert [b.has_skip for b in blocks] == [True] * (len(blocks) - 1) + [False]
+    resizes = [n for n in model.graph.node if n.op_type == "Resize"]
+    assert len(resizes) == 1 and {a.name: a.s for a in resizes[0].attribute}.get("mode", b"nearest") == b"nearest"
+    assert sum(n.op_type == "DepthToSpace" for n in model.graph.node) == len(blocks) - 1
+    assert art.meta["validation"]["max_abs"]["mask_logits"] < 1e-4 and art.meta["validation"]["mask_dice"] >= 0.99
+
+
 def _graph(nodes, inputs, outputs, initializers=()):
     return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, list(initializers)),
                              opset_imports=[helper.make_opsetid("", OPSET)])
@@ -142,6 +157,7 @@ def test_fp16_graphs_have_half_weights_and_float_image_io(tmp_path):
         assert {i.data_type for i in model.graph.initializer if i.name in conv_weights} == {TensorProto.FLOAT16}
         _assert_plain_conv_weights(model)
         assert {n.op_type for n in model.graph.node} <= TENSORRT_ONNX_OPS
+        assert not any(n.op_type == "Resize" for n in model.graph.node)  # sub-pixel blocks throughout (TensorRT)
         assert art.meta["validation"].get("mask_dice", 1.0) >= 0.97
 
 
