@@ -177,6 +177,10 @@ def test_int8_export_for_onnxruntime_and_for_tensorrt(tmp_path):
     model = onnx.load(str(md.artefact_path("segmenter-onnx-int8")))
     assert sum(n.op_type == "QuantizeLinear" for n in model.graph.node) > 10
     assert not any(n.op_type == "MatMul" for n in model.graph.node)  # the phase weights are quantised initializers
+    # quantised, every decoder block stays a sub-pixel convolution (faster there), unlike the fp32 graph's last one
+    ops = {n.op_type for n in model.graph.node}
+    assert "Resize" not in ops and "DepthToSpace" in ops
+    assert "Resize" in {n.op_type for n in onnx.load(str(md.artefact_path("segmenter-onnx-fp32"))).graph.node}
     # the classifier is int8 only where that measured faster; the backend falls back to fp32 otherwise
     predictor = Predictor.from_dir(path, backend="onnxruntime", precision="int8", threads=2)
     assert_latency_session_options(predictor, 2)  # the int8 sessions' pool threads do not spin either

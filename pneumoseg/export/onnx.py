@@ -258,7 +258,8 @@ def _reference_path_blocks(network: Any, precision: str) -> list[Any]:
     the 5/9 of the upsampled convolution it saves: a U-Net ResNet34's decoder ran 1.10-1.12x faster
     on a 2-core x86 CPU at 512 and 1024 px, where doing the same in the next block (with skip
     features) gained nothing more. The function is the same (the export check compares the graph
-    with torch's sub-pixel path); fp16 graphs (TensorRT) keep the sub-pixel form everywhere."""
+    with torch's sub-pixel path); fp16 graphs (TensorRT) keep the sub-pixel form everywhere, and so do
+    int8 ones: quantised, the full-resolution block ran 2-3% slower as Resize + Conv."""
     from ..models.decoders.blocks import DecoderBlock
 
     if precision != "fp32":
@@ -267,8 +268,9 @@ def _reference_path_blocks(network: Any, precision: str) -> list[Any]:
 
 
 def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: str, images: list, *,
-                min_dice: Optional[float] = None) -> tuple[bytes, dict[str, Any]]:
-    """(ONNX bytes, meta) of one part in fp32 or fp16, checked as the module documentation says."""
+                min_dice: Optional[float] = None, sub_pixel_only: bool = False) -> tuple[bytes, dict[str, Any]]:
+    """(ONNX bytes, meta) of one part in fp32 or fp16, checked as the module documentation says;
+    ``sub_pixel_only``: every decoder block as a sub-pixel convolution (the fp32 graph to quantise)."""
     import torch
 
     from ..models.decoders.blocks import freeze_subpixel_weights, subpixel_decoding
@@ -288,7 +290,7 @@ def export_part(model_dir: Any, networks: dict[str, Any], part: str, precision: 
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     start = time.perf_counter()
     with contextlib.ExitStack() as stack, _quiet() as log, torch.no_grad():  # no weight gradients: the frozen weights apply
-        for block in _reference_path_blocks(exported_network, precision):
+        for block in [] if sub_pixel_only else _reference_path_blocks(exported_network, precision):
             stack.enter_context(subpixel_decoding(block, False))
         # a fixed network: the sub-pixel blocks' phase weights become plain Conv initializers, not a
         # MatMul/Reshape/Transpose chain on every weight that the optimizer leaves in the graph

@@ -26,7 +26,7 @@ import numpy as np
 
 from .._onnxruntime import import_onnxruntime
 from .onnx import (
-    ExportCheckError, _torch_outputs, check_tensorrt_ops, compare_outputs, export_part, onnx_key, part_inputs,
+    ExportCheckError, _reference_path_blocks, _torch_outputs, check_tensorrt_ops, compare_outputs, export_part, onnx_key, part_inputs,
 )
 from .parts import part_module, part_spec
 from .provenance import StaleArtefactError, record_source, verified_onnx_artefact
@@ -140,6 +140,10 @@ def export_int8(md: Any, networks: dict[str, Any], parts: Sequence[str], images:
         spec = part_spec(part)
         where = f"{part} ({precision})"
         fp32 = _fp32_bytes(md, networks, part, check_images)
+        if part in ("segmenter", "decoder") and _reference_path_blocks(networks[spec.network], "fp32"):
+            # the recorded fp32 graph upsamples at full resolution (faster in fp32); quantised, the
+            # sub-pixel form is the faster one, so that is what is quantised
+            fp32 = export_part(md, networks, part, "fp32", check_images, sub_pixel_only=True)[0]
         calibration = _feeds(part, part_inputs(md, networks, part, images))
         start = time.perf_counter()
         data = quantize_part(fp32, part, calibration, symmetric=symmetric)
