@@ -139,7 +139,8 @@ def _create_temporary(target: Path) -> tuple[int, str]:
     """A new temporary file beside ``target``, named as _LEFTOVER_FILE knows it, with mode 0o666 less the
     umask in force now, as ``open(target, "w")`` would give the file. (mkstemp makes 0o600, and reading
     the umask to widen that means setting it, which races other threads, and a mask read once at import
-    missed a service's later ``os.umask(0o077)``: its submissions and overlays came out 0o644.)"""
+    missed a service's later ``os.umask(0o077)``: its submissions and overlays came out 0o644.)
+    An error names ``target`` (see :func:`_name_target`)."""
     prefix = _temporary_prefix(target)
     for _ in range(1000):
         name = "".join(secrets.choice(_TEMPORARY_NAME_CHARACTERS) for _ in range(8))
@@ -148,6 +149,9 @@ def _create_temporary(target: Path) -> tuple[int, str]:
             return os.open(path, _TEMPORARY_FLAGS, 0o666), path
         except FileExistsError:
             continue
+        except OSError as exc:
+            _name_target(exc, target)
+            raise
     raise FileExistsError(errno.EEXIST, "no unused temporary file name", str(target.parent))
 
 
@@ -235,11 +239,7 @@ def atomic_open(path: PathLike, mode: str = "wb", *,
         raise OutputError(f"{target}: is not a regular file (a device, pipe or socket); give the path of a file")
     if not target.parent.is_dir():
         raise OutputError(f"{target}: its folder {target.parent} does not exist")
-    try:
-        fd, tmp = _create_temporary(target)
-    except OSError as exc:
-        _name_target(exc, target)
-        raise
+    fd, tmp = _create_temporary(target)
     try:
         kwargs: dict[str, Any] = {"encoding": "utf-8", "newline": "\n"} if mode == "w" else {}
         with os.fdopen(fd, mode, **kwargs) as f:
@@ -1283,11 +1283,7 @@ class OutputFolder:
         target = self.file(*parts)
         if target.is_dir():
             raise OutputError(f"{target}: is a folder; cannot write a file there")
-        try:
-            fd, name = _create_temporary(target)
-        except OSError as exc:
-            _name_target(exc, target)
-            raise
+        fd, name = _create_temporary(target)
         tmp = Path(name)
         try:
             os.close(fd)
