@@ -602,35 +602,32 @@ def save_model_dir(
     the earlier weights. The returned ``ModelDir.removed_artefacts`` names them, and
     ``ModelDir.left_artefacts`` those whose file stayed.
     """
+    def write_through(folder: OutputFolder) -> ModelDir:
+        # Each file is written through the folder, listed in its manifest just before it is in place:
+        # listed after the rename, a file a run killed in between was refused as someone's where the
+        # earlier one (held) goes back. Someone's file of the same name, under overwrite=True, is set
+        # aside just before it is replaced, and goes back if the save fails (a stale artefact removed
+        # too: replacing=).
+        return _write_model_dir(folder.path, networks, input_sizes=input_sizes, thresholds=thresholds,
+                                preprocessing=preprocessing, metrics=metrics, training=training, crops=crops,
+                                write=lambda name, data: folder.write_bytes(name, data=data),
+                                replacing=folder.replacing)
+
+    if isinstance(path, OutputFolder):
+        if prepare:
+            # its caller holds it (and its lock): preparing it again would be refused as another writer's
+            raise InvalidInputError(f"{path.path}: an OutputFolder is already prepared; pass prepare=False to "
+                                    "save_model_dir into it")
+        return write_through(path)
     if not prepare:
-        if isinstance(path, OutputFolder):
-            return _write_model_dir(path.path, networks, input_sizes=input_sizes, thresholds=thresholds,
-                                    preprocessing=preprocessing, metrics=metrics, training=training, crops=crops,
-                                    write=_writer(path), replacing=path.replacing)
         return _write_model_dir(check_path(path, "model directory"), networks, input_sizes=input_sizes,
                                 thresholds=thresholds, preprocessing=preprocessing, metrics=metrics,
                                 training=training, crops=crops)
-    if isinstance(path, OutputFolder):
-        # its caller holds it (and its lock): preparing it again would be refused as another writer's
-        raise InvalidInputError(f"{path.path}: an OutputFolder is already prepared; pass prepare=False to "
-                                "save_model_dir into it")
-    # Each file is written through the folder, listed in its manifest just before it is in place: saving
-    # again replaces them without overwrite=True, and a save that fails part way (the metrics are checked
-    # after the weights are written) or is killed removes what it wrote as the folder's earlier model
-    # directory goes back. Someone's file kept under overwrite=True and not yet replaced stays unlisted,
-    # and stays; one of the same name is set aside just before it is replaced, and goes back if the save
-    # fails (a stale artefact removed too: replacing=).
-    with prepare_output_folder(path, overwrite=overwrite,
-                               what=OutputKind.MODEL_DIR) as prepared:
-        return _write_model_dir(prepared.path, networks, input_sizes=input_sizes, thresholds=thresholds,
-                                preprocessing=preprocessing, metrics=metrics, training=training, crops=crops,
-                                write=_writer(prepared), replacing=prepared.replacing)
-
-
-def _writer(folder: OutputFolder) -> Callable[[str, Union[bytes, str]], Any]:
-    # listed before the rename: written, then listed, a file a run killed in between left unlisted was
-    # refused as someone's where the earlier one (held) goes back, until someone moved one of the two
-    return lambda name, data: folder.write_bytes(name, data=data)
+    # Saving again replaces the files without overwrite=True, and a save that fails part way (the metrics
+    # are checked after the weights are written) or is killed removes what it wrote as the folder's
+    # earlier model directory goes back. Someone's file kept under overwrite=True and not replaced stays.
+    with prepare_output_folder(path, overwrite=overwrite, what=OutputKind.MODEL_DIR) as prepared:
+        return write_through(prepared)
 
 
 def _write_model_dir(folder: Path, networks: Mapping[str, Any], *, input_sizes: Mapping[str, Union[int, tuple[int, int]]],
