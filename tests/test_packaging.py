@@ -31,6 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # `pip install pneumoseg-X.tar.gz` or the installed package, never the editable install.
 BUILD_FILES = ("CMakeLists.txt", "pyproject.toml", "README.md")
 BUILD_FOLDERS = ("csrc/", "pneumoseg/")
+# README (the sdist's long description) links into docs/ for its reference: the pages go with it.
+DOC_FOLDERS = ("docs/",)
 # Build outputs, virtual environments and caches a developer's tree holds (.gitignore keeps them out).
 NOT_SHIPPED = re.compile(r"(^|/)(build|dist|\.venv|\.ci-venv|\.git|__pycache__|\.pytest_cache|\.hypothesis)/"
                          r"|\.(so|pyc|o)$|\.egg-info(/|$)")
@@ -74,7 +76,7 @@ def _sdist_names(path: Path) -> set[str]:
 
 def test_sdist_carries_every_build_source_and_package_file(sdist):
     tracked = _tracked_files()
-    needed = {p for p in tracked if p in BUILD_FILES or p.startswith(BUILD_FOLDERS)}
+    needed = {p for p in tracked if p in BUILD_FILES or p.startswith(BUILD_FOLDERS + DOC_FOLDERS)}
     assert any(p.endswith(".yaml") for p in needed), "no packaged recipe found: the comparison would prove little"
     names = _sdist_names(sdist)
     assert sorted(needed - names) == []

@@ -1,40 +1,43 @@
-"""README.md's checkable facts against the code they describe: links, the recipe and limits tables, the
-encoder list, config field names, the demo's defaults, the options it gives benchmark scripts, and the
-helper files its Layout names. Each of these was written once by hand and drifts silently when the
-code changes; the examples themselves run in test_readme_examples.py."""
+"""README.md's and docs/*.md's checkable facts against the code they describe: links (paths and
+anchors), the recipe and limits tables, the encoder list, config field names, the demo's defaults, the
+options they give benchmark scripts, and the helper files README's Layout names. Each of these was
+written once by hand and drifts silently when the code changes; the examples themselves run in
+test_readme_examples.py. A fact is checked on whichever page holds it (tests/doc_pages.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
-
-
-def _section(heading: str) -> str:
-    sections = [s for s in re.split(r"^## ", README, flags=re.MULTILINE) if s.startswith(heading)]
-    assert len(sections) == 1, f"README has no single section {heading!r}"
-    return sections[0]
+from doc_pages import FENCED, PAGES, ROOT, TEXT, anchors, relative_links, section as _section
 
 
 def _code_spans() -> list[str]:
     """Inline code and the lines of fenced blocks (continuation lines joined, comments cut)."""
     spans = []
-    for block in re.findall(r"^```\w*\n(.*?)^```", README, flags=re.MULTILINE | re.DOTALL):
+    for block in re.findall(r"^```\w*\n(.*?)^```", TEXT, flags=re.MULTILINE | re.DOTALL):
         spans += [line.split(" #")[0].strip() for line in block.replace("\\\n", " ").splitlines()]
-    prose = re.sub(r"^```\w*\n.*?^```", "", README, flags=re.MULTILINE | re.DOTALL)
+    prose = FENCED.sub("", TEXT)
     return spans + [span.replace("\n", " ") for span in re.findall(r"`([^`]+)`", prose)]
 
 
 def test_every_relative_link_exists():
-    links = [t for t in re.findall(r"\]\(([^)\s]+)\)", README) if not re.match(r"[a-z]+:", t)]
-    assert links, "the parsing above no longer finds README's links"
-    missing = sorted({t for t in links if not (ROOT / t.split("#")[0]).exists()})
-    assert not missing, f"README links to paths that are not in the tree: {missing}"
+    """Every relative link of every page names a file in the tree, relative to the page, and an
+    anchor (``page.md#section``, ``#section``) that a heading of the linked page gives."""
+    checked, missing = 0, []
+    for page, text in PAGES.items():
+        for target in relative_links(text):
+            path, _, anchor = target.partition("#")
+            resolved = (ROOT / page).parent / path if path else ROOT / page
+            checked += 1
+            if not resolved.exists() or ROOT.resolve() not in resolved.resolve().parents:
+                missing.append(f"{page}: {target}")
+            elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved.read_text(encoding="utf-8")):
+                missing.append(f"{page}: {target} (no such heading)")
+    assert checked > 10, "the parsing above no longer finds the pages' links"
+    assert not missing, f"links to paths or headings that are not there: {missing}"
 
 
 def test_recipe_table_lists_exactly_the_built_in_recipes():
@@ -62,7 +65,7 @@ def test_encoder_list_and_count_match_the_registry():
     names.discard("list_encoders")
     assert names == set(list_encoders())
 
-    total, timm = map(int, re.search(r"(\d+) encoders \((\d+) identical to timm's\)", README).groups())
+    total, timm = map(int, re.search(r"(\d+) encoders \((\d+) identical to timm's\)", TEXT).groups())
     assert total == len(list_encoders())
     assert timm == sum(spec.timm_name is not None for spec in ENCODERS.values())
 
@@ -79,7 +82,7 @@ def _limit_value(text: str) -> int:
 def test_limits_table_gives_the_defaults():
     from pneumoseg.limits import Limits
 
-    rows = re.findall(r"^\| `(max_\w+)` \| ([^|]+) \|", README, flags=re.MULTILINE)
+    rows = re.findall(r"^\| `(max_\w+)` \| ([^|]+) \|", TEXT, flags=re.MULTILINE)
     table = {name: _limit_value(value) for name, value in rows}
     assert table == {f.name: f.default for f in dataclasses.fields(Limits)}
     for value in (v for _, v in rows if "²" in v):  # "2^28 (16384²)": the two spellings agree
@@ -103,8 +106,8 @@ def test_every_config_field_readme_names_exists():
 
     known = fields(TrainConfig) | fields(StageConfig, "stages.N.")  # stages is a list: README writes stages.0
     sections = "data|model|loss|optimizer|scheduler|augment|validation|checkpoint|log|stages"
-    named = set(re.findall(rf"`((?:{sections})\.[a-z_0-9.]*[a-z_0-9])`", README))
-    named |= set(re.findall(r"--set ([a-z_][\w.]*)=", README))
+    named = set(re.findall(rf"`((?:{sections})\.[a-z_0-9.]*[a-z_0-9])`", TEXT))
+    named |= set(re.findall(r"--set ([a-z_][\w.]*)=", TEXT))
     assert len(named) > 10  # the parsing above still finds README's fields
     unknown = sorted(n for n in named if re.sub(r"^stages\.\d+\.", "stages.N.", n) not in known)
     assert not unknown, f"README names config fields that do not exist: {unknown}"
@@ -143,10 +146,10 @@ def test_every_option_readme_gives_a_benchmark_script_exists():
 
 
 def test_layout_names_every_helper_file():
-    """A helper script in benchmarks/ or a helper module in tests/ that README never names is one a
-    newcomer cannot find (test and benchmark files are found by their prefix)."""
+    """A helper script in benchmarks/ or a helper module in tests/ that README's Layout never names is
+    one a newcomer cannot find (test and benchmark files are found by their prefix)."""
     helpers = [p for p in (*ROOT.glob("benchmarks/*.py"), *ROOT.glob("benchmarks/*.sh"), *ROOT.glob("tests/*.py"))
                if not p.name.startswith(("test_", "bench_", "__init__"))]
     assert len(helpers) > 20
-    unnamed = sorted(str(p.relative_to(ROOT)) for p in helpers if p.name not in README)
+    unnamed = sorted(str(p.relative_to(ROOT)) for p in helpers if p.name not in _section("Layout"))
     assert not unnamed, f"README's Layout does not name: {unnamed}"

@@ -1,34 +1,30 @@
-"""README.md as a newcomer reads it: its Python examples run as printed (on tiny inputs where the
-README leaves the arrays to the reader), every option it gives a `pneumoseg` command exists, and every
-script, test or results file it names is in the tree. A renamed option, function or file fails here
-instead of in a user's first minutes."""
+"""README.md and docs/*.md as a newcomer reads them: their Python examples run as printed (on tiny
+inputs where the page leaves the arrays to the reader), every option they give a `pneumoseg` command
+exists, and every script, test or results file they name is in the tree. A renamed option, function or
+file fails here instead of in a user's first minutes. An example is found by its section's heading on
+whichever page holds it (tests/doc_pages.py)."""
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import pneumoseg
-
-ROOT = Path(__file__).resolve().parents[1]
-README = (ROOT / "README.md").read_text(encoding="utf-8")
+from doc_pages import PAGES, ROOT, TEXT, section
 
 
 def _code_blocks(heading: str, language: str) -> list[str]:
     """The ```language blocks of the ``## `` section whose title starts with ``heading``."""
-    sections = re.split(r"^## ", README, flags=re.MULTILINE)
-    matches = [s for s in sections if s.startswith(heading)]
-    assert len(matches) == 1, f"README has no single section {heading!r}"
-    return re.findall(rf"^```{language}\n(.*?)^```", matches[0], flags=re.MULTILINE | re.DOTALL)
+    return re.findall(rf"^```{language}\n(.*?)^```", section(heading), flags=re.MULTILINE | re.DOTALL)
 
 
 def _run_python(heading: str, namespace: dict, index: int = 0) -> dict:
     blocks = _code_blocks(heading, "python")
-    assert blocks, f"README section {heading!r} shows no Python"
-    exec(compile(blocks[index], f"README.md ({heading})", "exec"), namespace)  # noqa: S102 (our own README)
+    assert blocks, f"section {heading!r} shows no Python"
+    page = next(p for p, text in PAGES.items() if blocks[index] in text)
+    exec(compile(blocks[index], f"{page} ({heading})", "exec"), namespace)  # noqa: S102 (our own docs)
     return namespace
 
 
@@ -110,13 +106,13 @@ def _subparsers(parser) -> dict:
 
 
 def _readme_commands() -> list[str]:
-    """Every `pneumoseg ...` command README shows, in code blocks (with continuation lines joined)
-    and in inline code, without comments."""
+    """Every `pneumoseg ...` command README.md and docs/*.md show, in code blocks (with continuation
+    lines joined) and in inline code, without comments."""
     commands = []
-    for block in re.findall(r"^```bash\n(.*?)^```", README, flags=re.MULTILINE | re.DOTALL):
+    for block in re.findall(r"^```bash\n(.*?)^```", TEXT, flags=re.MULTILINE | re.DOTALL):
         for line in block.replace("\\\n", " ").splitlines():
             commands.append(line.split(" #")[0])
-    commands += re.findall(r"`([^`\n]*pneumoseg [^`\n]*)`", README)
+    commands += re.findall(r"`([^`\n]*pneumoseg [^`\n]*)`", TEXT)
     found = []
     for text in commands:
         match = re.search(r"(?:^|\s|-m )pneumoseg ([a-z].*)", text)
@@ -128,7 +124,7 @@ def _readme_commands() -> list[str]:
 def test_readme_command_table_lists_exactly_the_commands():
     from pneumoseg.cli import build_parser
 
-    table = set(re.findall(r"^\| `pneumoseg ([a-z]+)", README, flags=re.MULTILINE))
+    table = set(re.findall(r"^\| `pneumoseg ([a-z]+)", section("Command line"), flags=re.MULTILINE))
     assert table == set(_subparsers(build_parser()))
 
 
@@ -146,24 +142,24 @@ def test_every_option_readme_gives_a_command_exists():
         if sub and len(words) > 1 and words[1] in sub:
             parser = sub[words[1]]
         for option in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", text):
-            assert option in parser._option_string_actions, f"README: `pneumoseg {text}`: {option} does not exist"
+            assert option in parser._option_string_actions, f"docs: `pneumoseg {text}`: {option} does not exist"
             checked += 1
-    assert checked > 40  # the parsing above still finds README's commands
+    assert checked > 40  # the parsing above still finds the pages' commands
 
 
 def test_every_file_readme_names_exists():
     path = r"(?<![\w/.-])((?:benchmarks|tests|csrc|pneumoseg)/[\w./-]+\.(?:py|sh|txt|json|png|h|cuh|cu|cpp))\b"
-    names = set(re.findall(path, README))
+    names = set(re.findall(path, TEXT))
     names.add(".ci/run")
     assert len(names) > 20
     missing = sorted(n for n in names if not (ROOT / n).exists())
-    assert not missing, f"README names files that are not in the tree: {missing}"
+    assert not missing, f"README.md or docs/*.md name files that are not in the tree: {missing}"
 
 
 def test_every_dotted_pneumoseg_name_in_readme_resolves():
     import importlib
 
-    names = set(re.findall(r"\bpneumoseg(?:\.[A-Za-z_]\w*)+", README)) - {"pneumoseg.json"}
+    names = set(re.findall(r"\bpneumoseg(?:\.[A-Za-z_]\w*)+", TEXT)) - {"pneumoseg.json"}
     for name in sorted(names):
         parts = name.split(".")
         for cut in range(len(parts), 0, -1):
@@ -172,7 +168,7 @@ def test_every_dotted_pneumoseg_name_in_readme_resolves():
             except ImportError:
                 continue
             for attr in parts[cut:]:
-                assert hasattr(obj, attr), f"README names {name}, but {attr!r} is not there"
+                assert hasattr(obj, attr), f"docs name {name}, but {attr!r} is not there"
                 obj = getattr(obj, attr)
             break
 
