@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 
 import pytest
 
@@ -36,8 +37,17 @@ def test_every_relative_link_exists():
                 missing.append(f"{page}: {target}")
             elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved.read_text(encoding="utf-8")):
                 missing.append(f"{page}: {target} (no such heading)")
-    assert checked > 10, "the parsing above no longer finds the pages' links"
+    assert checked > 50, "the parsing above no longer finds the pages' links"
     assert not missing, f"links to paths or headings that are not there: {missing}"
+
+
+def test_every_docs_page_is_listed_in_the_docs_index_and_the_index_linked_from_readme():
+    """A page under docs/ that nothing leads to is one a newcomer never finds."""
+    docs = sorted(Path(p).name for p in PAGES if p.startswith("docs/") and p != "docs/README.md")
+    assert len(docs) >= 8, "the reference pages are no longer found under docs/"
+    listed = {t.partition("#")[0] for t in relative_links(PAGES["docs/README.md"])}
+    assert sorted(set(docs) - listed) == []
+    assert "docs/README.md" in {t.partition("#")[0] for t in relative_links(PAGES["README.md"])}
 
 
 def test_recipe_table_lists_exactly_the_built_in_recipes():

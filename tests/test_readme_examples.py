@@ -79,7 +79,7 @@ def test_model_directory_example_runs(tmp_path, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     torch.save(create_segmenter("unet", encoder="resnet34", aux_classifier=True).state_dict(), "my-smp-unet34.pth")
-    _run_python("The model directory", {})
+    _run_python("Packaging a network trained elsewhere", {})
     assert pneumoseg.Predictor.from_dir("my-model").describe()["gate"] == "encoder"
 
 
