@@ -557,8 +557,8 @@ def test_a_link_in_the_manifests_place_is_held_and_put_back(tmp_path, to):
 
 def test_a_training_run_forced_over_someones_model_directory_drops_its_stale_artefacts(study_set, tmp_path):
     """Forced over a copied model directory, the training run reads the earlier pneumoseg.json, as any
-    save over an earlier model directory does (README, "Writing a model directory over an earlier
-    one"): the exported ONNX made from other weights is removed and named in the run's note. Setting
+    save over an earlier model directory does (docs/model-directory.md, "Writing over an earlier
+    model directory"): the exported ONNX made from other weights is removed and named in the run's note. Setting
     the description aside before the save hid it, and the stale file stayed, unlisted and unnamed."""
     from factories import TINY_TRAINING, training_config
 

@@ -1,4 +1,4 @@
-"""A new user's walk through README's Training section: a cache of the Kaggle layout, a recipe at
+"""A new user's walk through README's Training section and docs/training.md: a cache of the Kaggle layout, a recipe at
 another image size, a stage-1 classifier's config errors, and --resume. Each test failed on the code
 before its fix; the real-data test runs where the SIIM sample is present and is skipped elsewhere."""
 
