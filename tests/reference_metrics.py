@@ -109,3 +109,56 @@ def ref_triplet_grid(probs, truths, tops, min_areas, bottoms, gate_scores=None, 
                         masks[np.asarray(gate_scores) < gate] = 0
                     grid[g, a, b, c] = ref_dice(masks, truths).mean()
     return grid if gate_thresholds is not None else grid[0]
+
+
+# ------------------------------------------------- operating points, DeLong, calibration (all loops)
+
+
+def ref_operating_point(labels, scores, target: str, value: float) -> dict:
+    """Every distinct score (and inf, nothing positive) tried as the threshold of ``score >= t``:
+    for a sensitivity target the highest threshold whose sensitivity reaches ``value``, for a
+    specificity target the lowest whose specificity does. Counts by hand in float64."""
+    y = [bool(v) for v in np.asarray(labels).tolist()]
+    s = [float(v) for v in np.asarray(scores, dtype=np.float64).tolist()]
+    P, N = sum(y), len(y) - sum(y)
+    rows = []
+    for t in sorted(set(s) | {np.inf}, reverse=True):
+        tp = sum(1 for a, b in zip(y, s) if a and b >= t)
+        fp = sum(1 for a, b in zip(y, s) if not a and b >= t)
+        rows.append({"threshold": t, "tp": tp, "fp": fp, "fn": P - tp, "tn": N - fp,
+                     "sensitivity": tp / P, "specificity": (N - fp) / N})
+    if target == "sensitivity":
+        return next(r for r in rows if r["sensitivity"] >= value)  # rows run from the highest threshold
+    return [r for r in rows if r["specificity"] >= value][-1]
+
+
+def ref_delong_variance(labels, scores) -> float:
+    """DeLong's variance of the AUC from the Mann-Whitney kernel psi (1 above, 1/2 tied, 0 below), all
+    pairs: each positive's and each negative's mean kernel, and their sample variances."""
+    y = np.asarray(labels).astype(bool)
+    s = np.asarray(scores, dtype=np.float64)
+    pos, neg = s[y].tolist(), s[~y].tolist()
+    m, n = len(pos), len(neg)
+
+    def psi(a, b):
+        return 1.0 if a > b else 0.5 if a == b else 0.0
+
+    v10 = [sum(psi(a, b) for b in neg) / n for a in pos]
+    v01 = [sum(psi(a, b) for a in pos) / m for b in neg]
+    auc = sum(v10) / m
+    s10 = sum((v - auc) ** 2 for v in v10) / (m - 1)
+    s01 = sum((v - auc) ** 2 for v in v01) / (n - 1)
+    return s10 / m + s01 / n
+
+
+def ref_calibration(labels, scores, n_bins: int) -> list[tuple[float, float, int]]:
+    """(positives' share, mean score, count) of each non-empty bin of ``n_bins`` equal-width bins on
+    [0, 1], a score on an inner edge in the bin below it (the first bin is [0, 1/n_bins])."""
+    edges = [b / n_bins for b in range(n_bins + 1)]
+    members: list[list[tuple[bool, float]]] = [[] for _ in range(n_bins)]
+    for label, p in zip(np.asarray(labels).tolist(), np.asarray(scores, dtype=np.float64).tolist()):
+        b = 0
+        while b < n_bins - 1 and p > edges[b + 1]:
+            b += 1
+        members[b].append((bool(label), p))
+    return [(sum(a for a, _ in m) / len(m), sum(p for _, p in m) / len(m), len(m)) for m in members if m]

@@ -1,10 +1,12 @@
 """Metrics for both stages: the segmenter's per-image Dice and IoU (and the SIIM-ACR competition's
 score, their mean with 1 for an image whose masks are both empty), the classifier's ROC / PR metrics,
-and the grid search for the winners' triplet post-processing.
+its clinical operating points, confidence intervals (seeded bootstrap, DeLong for AUC) and
+calibration, and the grid search for the winners' triplet post-processing.
 
 NumPy arrays and torch tensors (CPU or CUDA) are taken as they are; torch is never imported here.
 """
 
+from .calibration import brier_score, calibration_curve, expected_calibration_error
 from .classification import (
     average_precision,
     confusion_matrix,
@@ -13,6 +15,8 @@ from .classification import (
     roc_curve,
     sensitivity_specificity,
 )
+from .intervals import ConfidenceInterval, average_precision_ci, bootstrap_ci, roc_auc_ci
+from .operating_point import OperatingPoint, operating_point
 from .segmentation import dice_per_image, iou, kaggle_dice, mean_iou, overlap_counts
 from .triplet import TripletChoice, TripletSearch, best_triplet
 
@@ -28,6 +32,15 @@ __all__ = [
     "precision_recall_curve",
     "confusion_matrix",
     "sensitivity_specificity",
+    "operating_point",
+    "OperatingPoint",
+    "roc_auc_ci",
+    "average_precision_ci",
+    "bootstrap_ci",
+    "ConfidenceInterval",
+    "brier_score",
+    "calibration_curve",
+    "expected_calibration_error",
     "best_triplet",
     "TripletSearch",
     "TripletChoice",
