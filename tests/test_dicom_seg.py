@@ -6,6 +6,8 @@ atomically; bad input is refused with a message naming it; without highdicom the
 from __future__ import annotations
 
 import io
+import json
+import logging
 import sys
 
 import numpy as np
@@ -15,13 +17,14 @@ pytest.importorskip("torch")
 
 import pydicom  # noqa: E402
 
-from pneumoseg.data import read_rle_csv  # noqa: E402
+from pneumoseg.cli import main  # noqa: E402
+from pneumoseg.data import make_synthetic_siim, read_rle_csv  # noqa: E402
 from pneumoseg.errors import DicomError, InvalidInputError  # noqa: E402
 from pneumoseg.infer import Predictor, build_dicom_seg, write_dicom_seg  # noqa: E402
 from pneumoseg.infer.dicom_seg import PATIENT_AND_STUDY, SEGMENTATION_STORAGE  # noqa: E402
 
 from factories import blocky_mask, write_dicom  # noqa: E402
-from infer_helpers import model_dir  # noqa: E402
+from infer_helpers import model_dir, phantom_images  # noqa: E402
 from reference import competition_rle2mask  # noqa: E402
 
 
@@ -270,16 +273,139 @@ def test_a_failed_write_leaves_no_partial_file_and_the_old_one_in_place(tmp_path
     assert sorted(p.name for p in out.iterdir()) == ["seg.dcm"] and target.read_bytes() == before
 
 
-def test_without_highdicom_the_function_says_how_to_install_it(tmp_path, monkeypatch):
+def test_without_highdicom_the_function_and_the_flag_say_how_to_install_it(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "highdicom", None)  # import highdicom now raises ImportError
+
     with pytest.raises(InvalidInputError, match=r"pneumoseg\[pacs\]"):
         build_dicom_seg(np.ones((2, 2), np.uint8), tmp_path / "any.dcm")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before highdicom was checked")
+
+    monkeypatch.setattr(Predictor, "from_dir", no_model)
+    out = tmp_path / "pred"
+    assert main(["predict", str(tmp_path), "--model", str(tmp_path), "--out", str(out), "--dicom-seg"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "highdicom" in err and "pip install 'pneumoseg[pacs]'" in err
+    assert not out.exists()
 
 
 def test_highdicom_is_imported_only_when_a_seg_is_made():
     import subprocess
 
-    code = ("import sys, pneumoseg, pneumoseg.infer; "
+    code = ("import sys, pneumoseg, pneumoseg.infer, pneumoseg.cli.predict; "
             "assert 'highdicom' not in sys.modules, 'highdicom was imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+# --- the command --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def study_set(tmp_path_factory):
+    root = tmp_path_factory.mktemp("siim")
+    make_synthetic_siim(root, n_images=6, size=80, positive_fraction=0.5, seed=3)
+    return root
+
+
+def test_predict_dicom_seg_writes_one_seg_per_positive_image(study_set, tmp_path, capsys):
+    highdicom()
+    out = tmp_path / "pred"
+    model = model_dir("classifier")
+    assert main(["predict", str(study_set), "--model", str(model), "--out", str(out), "--dicom-seg",
+                 "--no-overlays", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    want = Predictor.from_dir(model).predict(study_set, return_masks=True)
+    positives = [p for p in want if p.positive]
+    assert positives and len(positives) < len(want)
+    assert sorted(p.name for p in (out / "seg").iterdir()) == sorted(f"{p.image_id}.dcm" for p in positives)
+    assert not (out / "overlays").exists() and f"{len(positives)} DICOM SEGs in seg/" in printed
+    for p in positives:
+        seg = pydicom.dcmread(out / "seg" / f"{p.image_id}.dcm")
+        check_references(seg, pydicom.dcmread(p.path, stop_before_pixels=True))
+        assert f"model={model.name}" in seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0].AlgorithmParameters
+        np.testing.assert_array_equal(read_back(out / "seg" / f"{p.image_id}.dcm", seg.ReferencedSeriesSequence[0]
+                                                .ReferencedInstanceSequence[0].ReferencedSOPInstanceUID), p.mask)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["outputs"]["dicom_seg"] == "seg" and summary["outputs"]["dicom_seg_count"] == len(positives)
+    assert summary["outputs"]["dicom_seg_missing"] == []
+    manifest = (out / ".pneumoseg-manifest").read_text()
+    assert all(f"seg/{p.image_id}.dcm" in manifest for p in positives)  # listed as the folder's own
+    # forced again into its own folder, with overlays this time: the SEGs are replaced, not refused
+    assert main(["predict", str(study_set), "--model", str(model), "--out", str(out), "--dicom-seg", "--force",
+                 "--no-progress"]) == 0
+    assert sorted(p.name for p in (out / "seg").iterdir()) == sorted(f"{p.image_id}.dcm" for p in positives)
+    assert len(list((out / "overlays").iterdir())) == len(positives)
+
+
+def test_predict_without_the_flag_writes_no_seg_and_says_so_in_help(study_set, tmp_path, capsys):
+    out = tmp_path / "pred"
+    assert main(["predict", str(study_set), "--model", str(model_dir("classifier")), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert not (out / "seg").exists()
+    outputs = json.loads((out / "summary.json").read_text())["outputs"]
+    assert not any(k.startswith("dicom_seg") for k in outputs)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["predict", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--dicom-seg" in text and "patient and study identity" in text and "pneumoseg[pacs]" in text
+
+
+def test_a_source_that_changed_since_it_was_predicted_costs_its_seg_only(study_set, tmp_path, capsys, monkeypatch):
+    highdicom()
+    from pneumoseg.cli import predict as command
+
+    real = command.write_segmentation
+    shrunk = []
+
+    def shrink_first_then_write(folder, name, pred, predictor):
+        if not shrunk:  # replaced by a smaller image after its pixels were read
+            synthetic_source(pred.path, (8, 8))
+            shrunk.append(pred.image_id)
+        return real(folder, name, pred, predictor)
+
+    import shutil
+
+    studies = tmp_path / "studies"
+    shutil.copytree(study_set, studies)
+    monkeypatch.setattr(command, "write_segmentation", shrink_first_then_write)
+    out = tmp_path / "pred"
+    assert main(["predict", str(studies), "--model", str(model_dir("classifier")), "--out", str(out),
+                 "--dicom-seg", "--no-overlays", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "no DICOM SEG for" in err and "8x8" in err
+    summary = json.loads((out / "summary.json").read_text())
+    missing = summary["outputs"]["dicom_seg_missing"]
+    assert [m["image_id"] for m in missing] == shrunk and "8x8" in missing[0]["reason"]
+    assert summary["outputs"]["dicom_seg_count"] == summary["positives"] - 1
+    assert not (out / "seg" / f"{shrunk[0]}.dcm").exists()
+
+
+def test_with_the_flag_patient_data_reaches_only_the_segs(tmp_path, capsys, caplog):
+    """The PHI canary study through --dicom-seg: the canaries appear in seg/*.dcm and nowhere else (not in
+    the submission, summary, overlays, stdout, stderr or logs), and the SEGs hold only the identity
+    fields pneumoseg copies on purpose (PATIENT_AND_STUDY): no study description, report, institution,
+    other physicians, private tags or anything else the source carried."""
+    highdicom()
+    from test_phi_canary import BIRTH_DATE, MARK, TEXT_FIELDS, canaries, canary_dicom, leaks_under
+
+    caplog.set_level(logging.DEBUG)
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for i, img in enumerate(phantom_images(3, seed=11)):
+        attrs = {"PhotometricInterpretation": "MONOCHROME1"} if i == 0 else {}
+        canary_dicom(folder / f"image{i}.dcm", img.astype(np.uint16) * 16, StudyInstanceUID=pydicom.uid.generate_uid(),
+                     SeriesInstanceUID=pydicom.uid.generate_uid(), **attrs)
+    out = tmp_path / "pred"
+    assert main(["predict", str(folder), "--model", str(model_dir("plain")), "--out", str(out), "--segment", "all",
+                 "--dicom-seg", "--no-progress"]) == 0
+    printed = capsys.readouterr()
+    segs = sorted((out / "seg").glob("*.dcm"))
+    assert segs  # the tiny model found something in the phantoms
+    leaks = leaks_under(out)
+    assert set(leaks) == {f"seg/{p.name}" for p in segs}
+    copied = {f"{MARK}-{k}" for k in PATIENT_AND_STUDY if k in TEXT_FIELDS} | {BIRTH_DATE}
+    for p in segs:
+        assert leaks[f"seg/{p.name}"] == copied
+    assert canaries((printed.out + printed.err + caplog.text).encode()) == set()

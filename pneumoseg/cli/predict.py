@@ -7,6 +7,7 @@ import contextlib
 import json
 import sys
 import time
+from typing import Optional
 
 from .types import add_no_progress, int_in, path
 
@@ -14,6 +15,7 @@ SUBMISSION = "submission.csv"
 SCORES = "scores.csv"
 SUMMARY = "summary.json"
 OVERLAYS = "overlays"
+SEGS = "seg"
 
 
 def add_parser(subparsers) -> None:
@@ -43,6 +45,12 @@ def add_parser(subparsers) -> None:
                         "exports and DICOM media, whose files are IM0001 ... in every series folder)")
     p.add_argument("--workers", type=int_in(1, 64), default=2, help="threads reading DICOMs (default 2)")
     p.add_argument("--no-overlays", action="store_true", help="do not write the overlay pictures")
+    p.add_argument("--dicom-seg", action="store_true",
+                   help=f"also write {SEGS}/<ImageId>.dcm, a DICOM Segmentation of each positive image that a PACS files "
+                        "beside its source and a viewer draws over it. Opt-in because each SEG copies its source's "
+                        "patient and study identity (name, ID, birth date, sex, study date and time, accession number, "
+                        "referring physician), which is what files it into the study; no other output holds patient "
+                        "data. Needs highdicom: pip install 'pneumoseg[pacs]'")
     p.add_argument("--force", action="store_true",
                    help="replace an existing submission.csv / write into a folder holding other files")
     add_no_progress(p)
@@ -55,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import OutputError
     from ..infer import Predictor
 
+    if args.dicom_seg:  # a missing highdicom is refused before the model loads
+        from ..infer.dicom_seg import require_highdicom
+
+        require_highdicom()
     # Refused before any work: an existing submission is never replaced without --force (even one
     # pneumoseg wrote: a submission is the thing people hand in).
     inputs = (*args.inputs, args.model)
@@ -62,13 +74,15 @@ def run(args: argparse.Namespace) -> int:
                         never_replace=(SUBMISSION,))
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                    tta=args.tta, segment=args.segment, batch_size=args.batch_size)
-    stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=not args.no_overlays, on_error="skip",
-                                    progress=not args.no_progress, workers=args.workers, name_by=args.name_by)
+    stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=args.dicom_seg or not args.no_overlays,
+                                    on_error="skip", progress=not args.no_progress, workers=args.workers,
+                                    name_by=args.name_by)
     # Every ImageId is checked before anything is written: it is a row of the CSVs and names an overlay.
     for source in stream.sources:
         _check_utf8_image_id(source)  # first: its message says what to do in this command
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")
     names = safe_file_names([s.image_id for s in stream.sources], ".png")
+    seg_names = safe_file_names([s.image_id for s in stream.sources], ".dcm") if args.dicom_seg else {}
     # the submission is checked again once the folder is held: another predict into it may have
     # finished while this one loaded the model
     # The with block is the run: an error or a stop inside it removes what it wrote and puts the folder's
@@ -78,27 +92,36 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         predictions = []
         overlays = 0
+        segs = 0
+        no_segs: list[dict[str, str]] = []  # positives without a SEG, and why (summary.json)
         # closed however the loop ends (a failed write, Ctrl-C): the reader threads stop and the progress
         # bar ends its line before the one-line message, instead of whenever the stream is collected
         with contextlib.closing(stream):
             for pred in stream:
                 if pred.positive and not args.no_overlays:
                     overlays += write_overlay(folder, names[pred.image_id], pred)
-                pred.mask = None  # memory stays bounded: the mask is in its overlay and its RLE
+                if pred.positive and args.dicom_seg:
+                    reason = write_segmentation(folder, seg_names[pred.image_id], pred, predictor)
+                    segs += reason is None
+                    if reason is not None:
+                        no_segs.append({"image_id": pred.image_id, "reason": reason})
+                pred.mask = None  # memory stays bounded: the mask is in its overlay, its SEG and its RLE
                 predictions.append(pred)
         seconds = time.perf_counter() - start
         for where, reason in stream.skipped:
             print(f"pneumoseg: skipped {where}: {reason}", file=sys.stderr)
         if not predictions:
             raise OutputError("no image could be read; nothing was predicted (see the messages above)")
-        write_predictions(folder, predictions, stream.skipped, predictor, seconds, overlays)
+        write_predictions(folder, predictions, stream.skipped, predictor, seconds, overlays,
+                          (segs, no_segs) if args.dicom_seg else None)
     positives = sum(p.positive for p in predictions)
     skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
     noun = "image" if len(predictions) == 1 else "images"
     print(f"predicted {len(predictions)} {noun} ({positives} with pneumothorax{skipped}) in {seconds:.1f} s "
           f"({len(predictions) / max(seconds, 1e-9):.1f} images/s) with {predictor.backend.name} "
           f"{predictor.backend.precision} on {predictor.backend.device}")
-    print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {overlays} overlays in {OVERLAYS}/" if overlays else ""))
+    extras = [f"{overlays} overlays in {OVERLAYS}/"] * bool(overlays) + [f"{segs} DICOM SEGs in {SEGS}/"] * bool(segs)
+    print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {' and '.join(extras)}" if extras else ""))
     return 0
 
 
@@ -116,8 +139,10 @@ def _check_utf8_image_id(source) -> None:
                           "the images by their DICOM header with --name-by uid") from None
 
 
-def write_predictions(folder, predictions, skipped, predictor, seconds: float, overlays: int) -> None:
-    """submission.csv (ImageId,EncodedPixels, one row per image in order), scores.csv and summary.json."""
+def write_predictions(folder, predictions, skipped, predictor, seconds: float, overlays: int,
+                      segs: Optional[tuple[int, list[dict[str, str]]]] = None) -> None:
+    """submission.csv (ImageId,EncodedPixels, one row per image in order), scores.csv and summary.json;
+    with --dicom-seg, ``segs`` is (SEGs written, the positive images without one and why)."""
     from .. import __version__
     from ..infer.predictor import summarise_timings
 
@@ -139,7 +164,10 @@ def write_predictions(folder, predictions, skipped, predictor, seconds: float, o
         "predictor": predictor.describe(),
         "timings_ms": summarise_timings(predictions),
         "outputs": {"submission": SUBMISSION, "scores": SCORES, "overlays": OVERLAYS if overlays else None,
-                    "overlay_count": overlays},
+                    "overlay_count": overlays,
+                    # only with --dicom-seg: without it summary.json is as it was
+                    **({"dicom_seg": SEGS if segs[0] else None, "dicom_seg_count": segs[0], "dicom_seg_missing": segs[1]}
+                       if segs is not None else {})},
         # per image without its RLE (that is in the submission) and its batch's timings (summarised above)
         "images_detail": [{k: v for k, v in p.to_dict().items() if k not in ("timings", "rle")} for p in predictions],
     }
@@ -174,3 +202,30 @@ def write_overlay(folder, name: str, pred) -> bool:
         grey = display_pixels(image.pixels)
     folder.write_png(OVERLAYS, name, image=overlay(grey, pred.mask))
     return True
+
+
+def write_segmentation(folder, name: str, pred, predictor) -> Optional[str]:
+    """seg/<name>: a DICOM Segmentation of ``pred``'s mask over its source file. None when written; else
+    (also printed to stderr) why not: no source file, or it can no longer be read as the image predicted."""
+    from pathlib import Path
+
+    from ..errors import PneumosegError
+    from ..infer.dicom_seg import build_dicom_seg, save_dicom_seg
+    from ..infer.inputs import skip_reason
+
+    if pred.path is None:  # an in-memory image has no DICOM header to file a SEG under
+        reason = "it was not read from a DICOM file"
+        print(f"pneumoseg: no DICOM SEG for {pred.image_id}: {reason}", file=sys.stderr)
+        return reason
+    backend = predictor.backend
+    try:
+        seg = build_dicom_seg(pred.mask, pred.path, algorithm_parameters={
+            "model": Path(predictor.model_dir.path).name, "backend": backend.name, "precision": backend.precision})
+    except PneumosegError as exc:
+        # deleted, replaced or resized since its pixels were read: the prediction stands, only its SEG is lost
+        reason = skip_reason(exc, str(pred.path))
+        print(f"pneumoseg: no DICOM SEG for {pred.path}: {reason}", file=sys.stderr)
+        return reason
+    with folder.open(SEGS, name) as f:
+        save_dicom_seg(seg, f)
+    return None
