@@ -24,8 +24,8 @@ def add_parser(subparsers) -> None:
         description="Predict every DICOM given (files, folders searched recursively, the Kaggle test layout, PACS "
                     "exports: files with or without the .dcm suffix; a DICOMDIR is skipped). "
                     "Writes submission.csv (ImageId,EncodedPixels; -1 when empty; one row per image), scores.csv, "
-                    "a PNG overlay per positive image and summary.json. Unreadable or non-DICOM files are "
-                    "reported and skipped.")
+                    "a PNG overlay per positive image (and, with --dicom-seg, a DICOM Segmentation) and "
+                    "summary.json. Unreadable or non-DICOM files are reported and skipped.")
     p.add_argument("inputs", nargs="+", type=path, metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--model", type=path, required=True, help="model directory (from `pneumoseg train`)")
     p.add_argument("--out", type=path, required=True, help="output folder (new, or pneumoseg's own earlier output)")
@@ -48,9 +48,9 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dicom-seg", action="store_true",
                    help=f"also write {SEGS}/<ImageId>.dcm, a DICOM Segmentation of each positive image that a PACS files "
                         "beside its source and a viewer draws over it. Opt-in because each SEG copies its source's "
-                        "patient and study identity (name, ID, birth date, sex, study date and time, accession number, "
-                        "referring physician), which is what files it into the study; no other output holds patient "
-                        "data. Needs highdicom: pip install 'pneumoseg[pacs]'")
+                        "patient and study identity (name, ID and its issuer, birth date, sex, study date and time, "
+                        "study ID, accession number, referring physician), which is what files it into the study; "
+                        "no other output holds patient data. Needs highdicom: pip install 'pneumoseg[pacs]'")
     p.add_argument("--force", action="store_true",
                    help="replace an existing submission.csv / write into a folder holding other files")
     add_no_progress(p)

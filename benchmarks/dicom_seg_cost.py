@@ -1,0 +1,92 @@
+"""What `pneumoseg predict --dicom-seg` adds per positive image: writing its DICOM SEG (header read,
+highdicom build, atomic write into the output folder) against the PNG overlay the command already
+writes for it (the file read again, windowed, drawn and PNG-encoded), both through the command's own
+functions, interleaved, median of ``--repeats`` each.
+
+    python benchmarks/dicom_seg_cost.py [--repeats 20] [--dicom FILE]
+
+The default source is the real SIIM file with the largest annotation (../shared/data/siim-sample,
+1024x1024 JPEG baseline) and its train-rle.csv mask; without it, a synthetic 1024x1024 study."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from pneumoseg import rle  # noqa: E402
+from pneumoseg._fs import prepare_output_folder  # noqa: E402
+from pneumoseg.cli.predict import write_overlay, write_segmentation  # noqa: E402
+from pneumoseg.data import make_synthetic_siim, read_dicom_shape, read_rle_csv  # noqa: E402
+from pneumoseg.infer.predictor import Prediction  # noqa: E402
+
+SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "siim-sample"
+
+
+def source_and_mask(dicom: Path | None, scratch: Path) -> tuple[Path, np.ndarray]:
+    if dicom is not None:
+        shape = read_dicom_shape(dicom)
+        mask = np.zeros(shape, dtype=np.uint8)
+        mask[shape[0] // 4: shape[0] // 2, shape[1] // 5: shape[1] // 3] = 1
+        return dicom, mask
+    root = SAMPLE if (SAMPLE / "train-rle.csv").is_file() else None
+    if root is None:
+        root = scratch / "siim"
+        make_synthetic_siim(root, n_images=4, size=1024, positive_fraction=1.0, seed=0)
+    rows = read_rle_csv(next(root.rglob("*.csv")))
+    files = {p.stem: p for p in root.rglob("*.dcm")}
+    masks = {uid: rle.decode_union(r, read_dicom_shape(files[uid])) for uid, r in rows.items() if r != ["-1"]}
+    uid = max(masks, key=lambda u: int(masks[u].sum()))
+    return files[uid], masks[uid]
+
+
+class _Predictor:  # what write_segmentation reads of a Predictor
+    class backend:
+        name, precision = "torch", "fp32"
+
+    class model_dir:
+        path = Path("model")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--dicom", type=Path, default=None, help="a DICOM file to use as the source")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        path, mask = source_and_mask(args.dicom, Path(scratch))
+        pred = Prediction(image_id=path.stem, score=0.9, rle=rle.encode(mask), n_components=1,
+                          shape=tuple(mask.shape), segmented=True, path=str(path), mask=mask)
+        times: dict[str, list[float]] = {"overlay": [], "seg": []}
+        with prepare_output_folder(Path(scratch) / "out") as folder:
+            write_overlay(folder, "warm.png", pred)  # imports and first-call costs out of the figures
+            assert write_segmentation(folder, "warm.dcm", pred, _Predictor) is None
+            for i in range(args.repeats):
+                order = ("overlay", "seg") if i % 2 == 0 else ("seg", "overlay")
+                for what in order:
+                    start = time.perf_counter()
+                    if what == "overlay":
+                        assert write_overlay(folder, f"{i}.png", pred)
+                    else:
+                        assert write_segmentation(folder, f"{i}.dcm", pred, _Predictor) is None
+                    times[what].append((time.perf_counter() - start) * 1e3)
+            sizes = {"overlay": (folder.path / "overlays" / "0.png").stat().st_size,
+                     "seg": (folder.path / "seg" / "0.dcm").stat().st_size}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"source {path.name} {mask.shape[0]}x{mask.shape[1]}, mask {int(mask.sum())} px, {args.repeats} repeats each, "
+          "interleaved")
+    for k in ("overlay", "seg"):
+        print(f"  {k:8s} median {med[k]:7.2f} ms  (min {min(times[k]):.2f}, max {max(times[k]):.2f})  "
+              f"file {sizes[k] / 1024:.0f} KiB")
+    print(f"  SEG / overlay: {med['seg'] / med['overlay']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
