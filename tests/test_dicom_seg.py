@@ -126,6 +126,9 @@ def test_odd_and_non_square_sources_round_trip(tmp_path, shape, photometric):
     mask[0, -1] = 1  # one corner, so a flip or transpose cannot read back equal
     seg = build_dicom_seg(mask.astype(bool), path)
     check_references(seg, source)
+    import torch
+
+    assert build_dicom_seg(torch.from_numpy(mask), path).PixelData == seg.PixelData  # a tensor reads the same
     assert seg.PhotometricInterpretation == "MONOCHROME2"
     np.testing.assert_array_equal(read_back(seg, source.SOPInstanceUID), mask)
 
@@ -221,6 +224,8 @@ def test_bad_input_is_refused_with_a_message_naming_it(tmp_path):
         (good - 1, path, InvalidInputError, "binary"),
         (good.astype(np.float32), path, InvalidInputError, "float32.*threshold"),
         ("1 2", path, InvalidInputError, "array"),
+        (None, path, InvalidInputError, "array"),
+        (np.ma.masked_array(good), path, InvalidInputError, "masked array"),
         (good, np.zeros((30, 20)), InvalidInputError, "path or a pydicom Dataset"),
         (good, tmp_path / "missing.dcm", DicomError, "no such file"),
     ]

@@ -10,13 +10,14 @@ here, element for element and unconverted: :data:`PATIENT_AND_STUDY` names all o
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from .._checks import check_bool, check_int, check_path, show
+from .._checks import as_numpy_array, check_array_object, check_bool, check_int, check_path, show
 from ..errors import DicomError, InvalidInputError
 
 __all__ = ["build_dicom_seg", "write_dicom_seg", "require_highdicom", "PATIENT_AND_STUDY", "SEGMENTATION_STORAGE"]
@@ -236,9 +237,13 @@ def _check_image(header: Any, where: str) -> tuple[int, int]:
 
 def _check_mask(mask: Any, shape: tuple[int, int], where: str, allow_empty: bool) -> np.ndarray:
     """``mask`` as a (H, W) uint8 array of 0 and 1 of the source's shape."""
-    if isinstance(mask, (str, bytes)) or mask is None:
+    if isinstance(mask, (str, bytes)):
         raise InvalidInputError(f"mask must be a (H, W) array of 0 and 1, got {type(mask).__name__}")
-    m = np.asarray(mask)
+    check_array_object(mask, "mask")
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(mask, torch.Tensor):  # a mask still on the GPU is read back
+        mask = mask.detach().cpu()
+    m = as_numpy_array(mask, "mask")
     if m.dtype != np.bool_ and m.dtype.kind not in "iu":
         raise InvalidInputError(f"mask must hold 0 and 1 (bool or integers), got dtype {m.dtype}; threshold "
                                 "probabilities first")
