@@ -18,7 +18,7 @@ pytest.importorskip("torch")
 import pydicom  # noqa: E402
 
 from pneumoseg.cli import main  # noqa: E402
-from pneumoseg.data import make_synthetic_siim, read_rle_csv  # noqa: E402
+from pneumoseg.data import make_synthetic_siim, read_dicom_shape, read_rle_csv  # noqa: E402
 from pneumoseg.errors import DicomError, InvalidInputError  # noqa: E402
 from pneumoseg.infer import Predictor, build_dicom_seg, write_dicom_seg  # noqa: E402
 from pneumoseg.infer.dicom_seg import PATIENT_AND_STUDY, SEGMENTATION_STORAGE  # noqa: E402
@@ -64,8 +64,9 @@ def check_references(seg, source) -> None:
 
 def synthetic_source(path, shape, *, photometric="MONOCHROME2", **attrs):
     raw = (np.arange(shape[0] * shape[1]).reshape(shape) % 4096).astype(np.uint16)
+    attrs = {"Modality": "DX", **attrs}
     return write_dicom(path, raw, PhotometricInterpretation=photometric, StudyInstanceUID=pydicom.uid.generate_uid(),
-                       SeriesInstanceUID=pydicom.uid.generate_uid(), Modality="DX", **attrs)
+                       SeriesInstanceUID=pydicom.uid.generate_uid(), **attrs)
 
 
 # --- the real SIIM files ----------------------------------------------------------------------------
@@ -208,6 +209,53 @@ def test_the_identity_is_copied_as_the_source_holds_it(tmp_path, syntax, charset
         for keyword in PATIENT_AND_STUDY:
             assert str(back.get(keyword, "")) == str(attrs.get(keyword, "")), keyword
         assert "StudyDescription" not in back and "ImageComments" not in back
+
+
+def test_type_2_attributes_are_present_even_where_the_source_lacks_them(tmp_path):
+    """A SEG from a source without patient fields still has them, empty (Type 2), and a SEG placed pixel for
+    pixel has General Image's PatientOrientation (Type 2C), the source's: dciodvfy found both missing."""
+    highdicom()
+    plain = synthetic_source(tmp_path / "plain.dcm", (12, 10))
+    oriented = synthetic_source(tmp_path / "dx.dcm", (12, 10), PatientOrientation=["P", "F"])
+    mask = np.zeros((12, 10), dtype=np.uint8)
+    mask[2:5, 3:6] = 1
+    for source, orientation in ((plain, ""), (oriented, ["P", "F"])):
+        buffer = io.BytesIO()
+        build_dicom_seg(mask, source).save_as(buffer, enforce_file_format=True)
+        back = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                        "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+            assert keyword in back and not back[keyword].value, keyword
+        assert "IssuerOfPatientID" not in back  # Type 3: not made up
+        assert back.PatientOrientation == orientation
+
+
+def test_dciodvfy_finds_no_error_in_the_segs(siim_sample_dir, tmp_path):
+    """dicom3tools' IOD checker, where installed (apt install dicom3tools), over a SEG of a SIIM file (no frame
+    of reference), of a source in a patient frame, and of a DX with a frame of reference but no position."""
+    import shutil
+    import subprocess
+
+    highdicom()
+    dciodvfy = shutil.which("dciodvfy")
+    if dciodvfy is None:
+        pytest.skip("dciodvfy (dicom3tools) is not installed")
+    uid = "1.2.276.0.7230010.3.1.4.8323329.1314.1517875167.222290"
+    frame = {"FrameOfReferenceUID": pydicom.uid.generate_uid(), "ImagePositionPatient": [0.0, 0.0, 0.0],
+             "ImageOrientationPatient": [1.0, 0.0, 0.0, 0.0, 1.0, 0.0], "PixelSpacing": [0.5, 0.5], "SliceThickness": "1"}
+    sources = [siim_sample_dir / f"{uid}.dcm",
+               synthetic_source(tmp_path / "ct.dcm", (40, 56), SOPClassUID="1.2.840.10008.5.1.4.1.1.2", Modality="CT",
+                                **frame),
+               synthetic_source(tmp_path / "dx.dcm", (40, 56), SOPClassUID="1.2.840.10008.5.1.4.1.1.1.1",
+                                FrameOfReferenceUID=frame["FrameOfReferenceUID"], PatientOrientation=["P", "F"])]
+    for i, source in enumerate(sources):
+        shape = read_dicom_shape(source)
+        mask = np.zeros(shape, dtype=np.uint8)
+        mask[shape[0] // 4: shape[0] // 2, shape[1] // 3: shape[1] // 2] = 1
+        path = write_dicom_seg(tmp_path / f"seg{i}.dcm", mask, source)
+        report = subprocess.run([dciodvfy, str(path)], capture_output=True, text=True).stderr
+        assert "Segmentation" in report, report  # it recognised the IOD it checked
+        assert [line for line in report.splitlines() if line.startswith("Error")] == [], (source, report)
 
 
 # --- refusals and atomic writing --------------------------------------------------------------------

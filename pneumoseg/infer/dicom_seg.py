@@ -139,6 +139,11 @@ def build_dicom_seg(mask: Any, source: Any, *, allow_empty: bool = False, series
         # highdicom saw no patient data, so its message quotes none
         first = (str(exc).splitlines() or [""])[0][:200]
         raise DicomError(f"{where}: highdicom cannot derive a Segmentation from it ({type(exc).__name__}: {first})") from None
+    if not patient_frame:
+        # General Image's PatientOrientation (Type 2C) is required of a SEG without a plane orientation;
+        # pixel for pixel on its source, the source's row and column directions are the SEG's
+        with _damaged_header_errors(Path(where)):
+            seg.PatientOrientation = header.get("PatientOrientation") or None
     _copy_identity(header, seg)
     return seg
 
@@ -157,6 +162,8 @@ def _copy_identity(header: Any, seg: Any) -> None:
             del seg[keyword]
         elem = header.get_item(keyword)
         if elem is None:
+            if keyword in _EMPTY_FOR_HIGHDICOM:  # Type 2: present, empty, where the source has none
+                setattr(seg, keyword, None)
             continue
         if elem.is_raw and elem.VR in (None, "UN"):  # read with implicit VR: the SEG's explicit VR needs one
             elem = elem._replace(VR=dictionary_VR(elem.tag))
