@@ -98,7 +98,7 @@ def test_sdist_metadata_carries_the_package_version_and_extras(sdist):
     assert info["Version"] == pneumoseg.__version__
     assert info["Requires-Python"]
     # the extras README and the command line's messages name
-    assert {"onnx", "train", "tensorrt", "cuda", "dicom-codecs", "dev"} <= set(info.get_all("Provides-Extra"))
+    assert {"onnx", "train", "tensorrt", "cuda", "dicom-codecs", "pacs", "dev"} <= set(info.get_all("Provides-Extra"))
     # the kernels are built with CUDA 13 (README: driver 580+): CuPy for another major looks for
     # libraries a CUDA 13 environment does not have
     cupy = [r for r in info.get_all("Requires-Dist") if r.replace("'", '"').endswith('extra == "cuda"')]
