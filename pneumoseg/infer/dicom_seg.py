@@ -168,11 +168,11 @@ def _copy_identity(header: Any, seg: Any) -> None:
         if elem.is_raw and elem.VR in (None, "UN"):  # read with implicit VR: the SEG's explicit VR needs one
             elem = elem._replace(VR=dictionary_VR(elem.tag))
         seg[elem.tag] = elem
+    if "SpecificCharacterSet" in header:  # the bytes' own (highdicom 0.23 did not copy it)
+        seg.SpecificCharacterSet = header.SpecificCharacterSet
     # Told it was read in the encoding it is written in, pydicom writes raw elements as they are instead
     # of converting every element; the one thing it did on that path is then done here: settling
     # highdicom's 'OB or OW' pixel data.
-    if "SpecificCharacterSet" in header:  # the bytes' own (highdicom 0.23 did not copy it)
-        seg.SpecificCharacterSet = header.SpecificCharacterSet
     charset = seg.get("SpecificCharacterSet")
     syntax = seg.file_meta.TransferSyntaxUID
     correct_ambiguous_vr(seg, syntax.is_little_endian)
