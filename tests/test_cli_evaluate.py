@@ -94,7 +94,8 @@ def test_evaluate_command(tmp_path, capsys):
     assert "Kaggle Dice 1.0000" in out and "AUC 1.0000" in out
     report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert report["kaggle_dice"] == 1.0 and report["classification"]["sensitivity"] == 1.0
-    pictures = {"dice_histogram.png", "confusion_matrix.png", "roc.png", "precision_recall.png"}
+    # with probability scores also the reliability diagram
+    pictures = {"dice_histogram.png", "confusion_matrix.png", "roc.png", "precision_recall.png", "calibration.png"}
     if report["pictures"] != "none: matplotlib is not installed (pip install matplotlib)":
         assert set(report["pictures"]) == pictures
         assert all((tmp_path / "ev" / name).stat().st_size > 1000 for name in pictures)

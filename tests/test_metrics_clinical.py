@@ -1,5 +1,6 @@
 """Operating points, confidence intervals (bootstrap, DeLong) and calibration: pneumoseg.metrics
-against loops written from the definitions (reference_metrics.py) and scikit-learn."""
+against loops written from the definitions (reference_metrics.py) and scikit-learn, and the
+`pneumoseg evaluate` figures and flags built on them."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from pneumoseg import metrics
+from pneumoseg import metrics, rle
 from pneumoseg.errors import InvalidInputError
 from reference_metrics import ref_auc, ref_average_precision, ref_calibration, ref_delong_variance, ref_operating_point
 
@@ -323,3 +324,132 @@ def test_bad_input_is_a_named_value_error(name):
     call, message = BAD_CALLS[name]
     with pytest.raises(InvalidInputError, match=message):
         call()
+
+
+# --------------------------------------------------------------------------- `pneumoseg evaluate`
+
+
+def _study(tmp_path, n=40, seed=0):
+    """Truth and submission CSVs of n small images (about a third positive) and a scores.csv."""
+    rng = np.random.default_rng(seed)
+    truth, pred, scores = [], [], []
+    for i in range(n):
+        m = np.zeros((24, 24), np.uint8)
+        positive = i % 3 == 0
+        if positive:
+            m[4:12, 5:9] = 1
+        p = np.roll(m, 1, axis=0) if rng.random() < 0.8 else np.zeros_like(m)
+        truth.append((f"id{i}", rle.encode(m)))
+        pred.append((f"id{i}", rle.encode(p)))
+        scores.append((f"id{i}", float(np.clip(rng.normal(0.7 if positive else 0.3, 0.2), 0, 1))))
+    for name, rows in (("truth.csv", truth), ("pred.csv", pred)):
+        (tmp_path / name).write_text("ImageId,EncodedPixels\n" + "".join(f"{a},{b}\n" for a, b in rows))
+    (tmp_path / "scores.csv").write_text("ImageId,Score\n" + "".join(f"{a},{b:.6f}\n" for a, b in scores))
+    return [f"--{k}={tmp_path / (k + '.csv')}" for k in ("pred", "truth")]
+
+
+def test_evaluate_reports_operating_points_intervals_and_calibration(tmp_path, capsys):
+    from pneumoseg.cli import main
+
+    args = _study(tmp_path)
+    scores = f"--scores={tmp_path / 'scores.csv'}"
+    assert main(["evaluate", *args, scores, "--out", str(tmp_path / "ev"), "--sensitivity", "0.9", "--specificity",
+                 "0.8,1", "--bootstrap", "300", "--seed", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "95% intervals (bootstrap, 300 resamples over images, seed 4): Kaggle Dice [" in printed
+    assert "operating points: sensitivity 0.9: score >= " in printed and "calibration: Brier " in printed
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    # the keys the demo and the older tests read are all still there
+    assert {"images", "positives", "kaggle_dice", "empty_submission_dice", "dice_on_positives", "dice_on_negatives",
+            "classification", "not_predicted", "pictures"} <= set(report)
+    cls = report["classification"]
+    assert {"confusion_matrix", "threshold", "scores", "sensitivity", "specificity", "accuracy", "auc",
+            "average_precision"} <= set(cls)
+    points = cls["operating_points"]
+    assert [(p["target"], p["target_value"]) for p in points] == [("sensitivity", 0.9), ("specificity", 0.8),
+                                                                   ("specificity", 1.0)]
+    y = np.arange(40) % 3 == 0
+    s = np.array([float(line.split(",")[1]) for line in (tmp_path / "scores.csv").read_text().splitlines()[1:]])
+    assert points[0] == metrics.operating_point(y, s, sensitivity=0.9).to_dict()
+    iv = report["intervals"]
+    assert (iv["level"], iv["bootstrap_resamples"], iv["seed"]) == (0.95, 300, 4)
+    for key in ("kaggle_dice", "auc", "auc_delong", "average_precision", "sensitivity", "specificity"):
+        assert iv[key]["low"] <= iv[key]["estimate"] <= iv[key]["high"], key
+    assert iv["auc"]["estimate"] == cls["auc"] and iv["kaggle_dice"]["estimate"] == report["kaggle_dice"]
+    assert iv["auc_delong"]["low"] == metrics.roc_auc_ci(y, s).low
+    assert iv["auc"]["low"] == metrics.roc_auc_ci(y, s, method="bootstrap", n_resamples=300, seed=4).low
+    cal = report["calibration"]
+    assert cal["brier_score"] == pytest.approx(metrics.brier_score(y, s))
+    assert cal["expected_calibration_error"] == pytest.approx(metrics.expected_calibration_error(y, s))
+    assert sum(cal["curve"]["images"]) == 40 and report["notes"] == []
+    if isinstance(report["pictures"], list):
+        assert "calibration.png" in report["pictures"]
+        assert (tmp_path / "ev" / "calibration.png").stat().st_size > 1000
+    # the same seed gives the same intervals; another seed other ones
+    assert main(["evaluate", *args, scores, "--out", str(tmp_path / "ev2"), "--bootstrap", "300", "--seed", "4"]) == 0
+    assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["intervals"] == iv
+    assert main(["evaluate", *args, scores, "--out", str(tmp_path / "ev3"), "--bootstrap", "300", "--seed", "5"]) == 0
+    assert json.loads((tmp_path / "ev3" / "metrics.json").read_text())["intervals"]["auc"] != iv["auc"]
+
+
+def test_evaluate_without_scores_or_bootstrap_says_what_it_left_out(tmp_path, capsys):
+    from pneumoseg.cli import main
+
+    args = _study(tmp_path)
+    assert main(["evaluate", *args, "--out", str(tmp_path / "ev"), "--bootstrap", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "note: the scores are the masks' 0/1" in printed and "note: bootstrap off" in printed
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert report["classification"]["operating_points"] is None and report["calibration"] is None
+    assert report["intervals"]["kaggle_dice"] is None and report["intervals"]["auc_delong"] is not None
+    assert not (tmp_path / "ev" / "calibration.png").exists()
+    assert len(report["notes"]) == 2
+    # one class only in the truth: no AUC, operating points or their intervals, and no crash
+    (tmp_path / "neg.csv").write_text("ImageId,EncodedPixels\n" + "".join(f"id{i},-1\n" for i in range(40)))
+    assert main(["evaluate", f"--pred={tmp_path / 'neg.csv'}", f"--truth={tmp_path / 'neg.csv'}",
+                 f"--scores={tmp_path / 'scores.csv'}", "--out", str(tmp_path / "ev2"), "--bootstrap", "50"]) == 0
+    report = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert report["classification"]["operating_points"] is None and report["intervals"]["auc"] is None
+    assert report["intervals"]["sensitivity"] is None and report["intervals"]["specificity"] is not None
+    assert report["calibration"]["brier_score"] > 0 and "one class only" in report["notes"][0]
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--sensitivity", "0", "each target must be in (0, 1]"),
+    ("--sensitivity", "1.01", "each target must be in (0, 1]"),
+    ("--specificity", "0.9,abc", "got 'abc'"),
+    ("--specificity", "nan", "each target must be in (0, 1]"),
+    ("--bootstrap", "-1", "at least 0"),
+    ("--bootstrap", "1e3", "must be an integer"),
+    ("--seed", "x", "must be an integer"),
+])
+def test_evaluate_flag_errors_are_one_line(tmp_path, capsys, flag, value, message):
+    from pneumoseg.cli import main
+
+    args = _study(tmp_path, n=6)
+    assert main(["evaluate", *args, "--out", str(tmp_path / "ev"), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and flag in err and message in err, err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_the_command_and_the_library_share_their_defaults():
+    import inspect
+
+    from pneumoseg.cli import evaluate as command
+    from pneumoseg.infer import evaluation
+
+    defaults = {k: v.default for k, v in inspect.signature(evaluation.evaluate).parameters.items()}
+    assert (defaults["sensitivity"], defaults["specificity"], defaults["bootstrap"]) == (
+        command.SENSITIVITIES, command.SPECIFICITIES, command.BOOTSTRAP)
+    assert command.targets("none") == () and command.targets("0.9, 1") == (0.9, 1.0)
+
+
+def test_the_library_evaluate_refuses_bad_targets_and_resamples():
+    from pneumoseg.infer.evaluation import evaluate
+
+    truth = {"a": ["-1"], "b": ["1 3"]}
+    for kwargs, message in (({"sensitivity": [1.5]}, r"sensitivity\[0\] must be in"), ({"specificity": 0.9}, "sequence"),
+                            ({"bootstrap": -1}, "bootstrap must be at least 0"), ({"seed": 0.5}, "seed must be an integer")):
+        with pytest.raises(InvalidInputError, match=message):
+            evaluate(truth, truth, **kwargs)

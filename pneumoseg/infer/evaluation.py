@@ -5,7 +5,13 @@ strings themselves: a SIIM RLE numbers pixels in one fixed order, so the overlap
 not depend on the image's shape, and no image size needs to be known. The Kaggle score is their mean.
 Classification: an image is positive when its true mask is not empty; its score is the predicted
 probability (``scores.csv`` from ``pneumoseg predict``) or, without one, 1 for a non-empty predicted
-mask and 0 otherwise.
+mask and 0 otherwise. With real scores also the clinical operating points (the threshold reaching a
+target sensitivity or specificity) and the calibration (Brier score, ECE, reliability curve); 0/1
+scores from the masks make both degenerate, so they are left out and a note says so.
+
+Intervals: a seeded percentile bootstrap over images (``bootstrap`` resamples; AUC, average
+precision, sensitivity and specificity resampled within each truth class, the Kaggle Dice over all
+images), and DeLong's interval for AUC.
 """
 
 from __future__ import annotations
@@ -20,12 +26,21 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .. import limits
-from .._checks import check_path, check_probability, show
+from .._checks import check_int, check_path, check_probability, check_real, show
 from ..errors import DataFormatError, InvalidInputError, RLEError, RLELimitError
 
 __all__ = ["Evaluation", "evaluate", "read_scores_csv", "rle_dice", "write_evaluation_plots", "SCORES_HEADER"]
 
 SCORES_HEADER = ("ImageId", "Score")
+#: operating points reported unless told otherwise: triage runs at high sensitivity, rule-in at high specificity
+DEFAULT_SENSITIVITIES = (0.90, 0.95)
+DEFAULT_SPECIFICITIES = (0.90, 0.95)
+#: bootstrap resamples for the intervals unless told otherwise (0: none); 3205 images take about 0.2 s
+DEFAULT_BOOTSTRAP = 1000
+#: the intervals' confidence level
+LEVEL = 0.95
+#: equal-width bins on [0, 1] for the expected calibration error and the reliability curve
+CALIBRATION_BINS = 10
 # Column height used to lay out the flat pixel order; any height gives the same Dice.
 _LAYOUT_HEIGHT = 1024
 
@@ -114,6 +129,10 @@ class Evaluation:
     scores_source: str  # "scores" or "masks"
     threshold: float
     not_predicted: list[str] = field(default_factory=list)  # truth ids without a prediction
+    sensitivity_targets: tuple[float, ...] = DEFAULT_SENSITIVITIES
+    specificity_targets: tuple[float, ...] = DEFAULT_SPECIFICITIES
+    bootstrap: int = DEFAULT_BOOTSTRAP  # resamples for the intervals; 0: DeLong's AUC interval only
+    seed: int = 0
 
     @property
     def kaggle_dice(self) -> float:
@@ -124,18 +143,121 @@ class Evaluation:
         """What an all-empty submission would score on these images (the share of negatives)."""
         return float((~self.truth_positive).mean())
 
+    @property
+    def predicted(self) -> np.ndarray:
+        """Each image's predicted class: its score at ``threshold``, or its mask without scores."""
+        return self.scores >= self.threshold if self.scores_source == "scores" else self.pred_positive
+
+    def _both_classes(self) -> bool:
+        return 0 < int(self.truth_positive.sum()) < len(self.truth_positive)
+
+    def _probabilities(self) -> bool:
+        return self.scores_source == "scores" and bool(((self.scores >= 0) & (self.scores <= 1)).all())
+
+    def notes(self) -> list[str]:
+        """Why figures are missing (None in ``to_dict``)."""
+        out = []
+        if not self._both_classes():
+            out.append("the truth has one class only: no AUC, average precision, operating points or their "
+                       "intervals")
+        if self.scores_source != "scores":
+            out.append("the scores are the masks' 0/1 (no scores given): no operating points or calibration, which "
+                       "need the classifier's probabilities (scores.csv from pneumoseg predict)")
+        elif not self._probabilities():
+            out.append("some scores are outside [0, 1], so they are not probabilities: no calibration")
+        positives, negatives = int(self.truth_positive.sum()), int((~self.truth_positive).sum())
+        if self._both_classes() and min(positives, negatives) < 2:
+            out.append("DeLong's AUC interval needs at least 2 images of each class")
+        if self.bootstrap == 0:
+            out.append("bootstrap off (0 resamples): only DeLong's AUC interval")
+        return out
+
+    def operating_points(self) -> Optional[list[Any]]:
+        """:class:`pneumoseg.metrics.OperatingPoint` per target, or None (see :meth:`notes`)."""
+        from .. import metrics
+
+        if self.scores_source != "scores" or not self._both_classes():
+            return None
+        y = self.truth_positive
+        return ([metrics.operating_point(y, self.scores, sensitivity=t) for t in self.sensitivity_targets]
+                + [metrics.operating_point(y, self.scores, specificity=t) for t in self.specificity_targets])
+
+    def intervals(self) -> dict[str, Any]:
+        """Each figure's ``level`` interval as ``{estimate, low, high}``, or None where undefined."""
+        from .. import metrics
+
+        y, predicted = self.truth_positive, self.predicted
+        positives, negatives = int(y.sum()), int((~y).sum())
+        resampled: dict[str, Any] = {"level": LEVEL, "n_resamples": self.bootstrap, "seed": self.seed}
+
+        def figures(ci: Any) -> dict[str, float]:
+            return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
+
+        out: dict[str, Any] = {
+            "level": LEVEL, "bootstrap_resamples": self.bootstrap, "seed": self.seed,
+            "method": "percentile bootstrap over images (AUC, average precision, sensitivity and specificity "
+                      "resampled within each truth class); auc_delong: DeLong's normal interval",
+            "kaggle_dice": None, "auc_delong": None, "auc": None, "average_precision": None,
+            "sensitivity": None, "specificity": None,
+        }
+        if min(positives, negatives) >= 2:
+            out["auc_delong"] = figures(metrics.roc_auc_ci(y, self.scores, level=LEVEL, method="delong"))
+        if not self.bootstrap:
+            return out
+        out["kaggle_dice"] = figures(metrics.bootstrap_ci(lambda d: d.mean(axis=-1), self.dice, **resampled))
+        if self._both_classes():
+            out["auc"] = figures(metrics.roc_auc_ci(y, self.scores, method="bootstrap", **resampled))
+            out["average_precision"] = figures(metrics.average_precision_ci(y, self.scores, **resampled))
+        # within-class resamples keep each class's count, so neither share divides by zero
+        if positives:
+            out["sensitivity"] = figures(metrics.bootstrap_ci(
+                lambda t, p: (t & p).sum(axis=-1) / t.sum(axis=-1), y, predicted, strata=y, **resampled))
+        if negatives:
+            out["specificity"] = figures(metrics.bootstrap_ci(
+                lambda t, p: (~t & ~p).sum(axis=-1) / (~t).sum(axis=-1), y, predicted, strata=y, **resampled))
+        return out
+
+    def calibration_bins(self) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """The reliability curve's ``(positive share, mean score, images)`` per non-empty bin of
+        ``CALIBRATION_BINS`` equal-width bins, or None without probability scores."""
+        from .. import metrics
+
+        if not self._probabilities():
+            return None
+        return metrics.calibration_curve(self.truth_positive, self.scores, n_bins=CALIBRATION_BINS,
+                                         return_counts=True)
+
+    def calibration(self) -> Optional[dict[str, Any]]:
+        """Brier score, expected calibration error and reliability curve, or None (see :meth:`notes`)."""
+        from .. import metrics
+
+        curve = self.calibration_bins()
+        if curve is None:
+            return None
+        y = self.truth_positive
+        prob_true, prob_pred, count = curve
+        return {
+            "brier_score": metrics.brier_score(y, self.scores),
+            "expected_calibration_error": metrics.expected_calibration_error(y, self.scores, n_bins=CALIBRATION_BINS),
+            "bins": f"{CALIBRATION_BINS} equal-width bins on [0, 1] (a score on an inner edge counts in the bin "
+                    "below); the curve lists the non-empty ones",
+            "curve": {"mean_score": prob_pred.tolist(), "positive_fraction": prob_true.tolist(),
+                      "images": count.tolist()},
+        }
+
     def classification(self) -> dict[str, Any]:
         from .. import metrics
 
         y = self.truth_positive.astype(np.int64)
-        predicted = self.scores >= self.threshold if self.scores_source == "scores" else self.pred_positive
-        (tn, fp), (fn, tp) = metrics.confusion_matrix(y, predicted.astype(np.int64)).tolist()
+        (tn, fp), (fn, tp) = metrics.confusion_matrix(y, self.predicted.astype(np.int64)).tolist()
         out: dict[str, Any] = {"confusion_matrix": {"tn": tn, "fp": fp, "fn": fn, "tp": tp},
                                "threshold": self.threshold if self.scores_source == "scores" else None,
                                "scores": self.scores_source}
         out["sensitivity"] = tp / (tp + fn) if tp + fn else None
         out["specificity"] = tn / (tn + fp) if tn + fp else None
         out["accuracy"] = (tp + tn) / len(y) if len(y) else None
+        out["ppv"] = tp / (tp + fp) if tp + fp else None
+        out["npv"] = tn / (tn + fn) if tn + fn else None
         both = 0 < int(y.sum()) < len(y)
         out["auc"] = metrics.roc_auc(y, self.scores) if both else None
         out["average_precision"] = metrics.average_precision(y, self.scores) if both else None
@@ -143,6 +265,9 @@ class Evaluation:
 
     def to_dict(self) -> dict[str, Any]:
         pos = self.truth_positive
+        classification = self.classification()
+        points = self.operating_points()
+        classification["operating_points"] = None if points is None else [p.to_dict() for p in points]
         return {
             "images": len(self.image_ids),
             "positives": int(pos.sum()),
@@ -150,19 +275,38 @@ class Evaluation:
             "empty_submission_dice": self.empty_submission_dice,
             "dice_on_positives": float(self.dice[pos].mean()) if pos.any() else None,
             "dice_on_negatives": float(self.dice[~pos].mean()) if (~pos).any() else None,
-            "classification": self.classification(),
+            "classification": classification,
             "not_predicted": len(self.not_predicted),
+            "intervals": self.intervals(),
+            "calibration": self.calibration(),
+            "notes": self.notes(),
         }
 
 
+def _targets(values: Any, name: str) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise InvalidInputError(f"{name} must be a sequence of numbers in (0, 1], got {show(values)}")
+    return tuple(check_real(v, f"{name}[{i}]", low=0.0, low_open=True, high=1.0) for i, v in enumerate(values))
+
+
 def evaluate(pred: Mapping[str, Sequence[str]], truth: Mapping[str, Sequence[str]], *,
-             scores: Optional[Mapping[str, float]] = None, threshold: float = 0.5) -> Evaluation:
+             scores: Optional[Mapping[str, float]] = None, threshold: float = 0.5,
+             sensitivity: Sequence[float] = DEFAULT_SENSITIVITIES, specificity: Sequence[float] = DEFAULT_SPECIFICITIES,
+             bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Evaluation:
     """Score predicted RLEs (ImageId -> strings, as ``read_rle_csv`` gives) against the truth.
 
     Every predicted ImageId must have a truth (else :class:`pneumoseg.DataFormatError` naming some);
     truth ids without a prediction are left out and listed in ``not_predicted``. ``scores`` (ImageId ->
-    probability) must cover every predicted image when given."""
+    probability) must cover every predicted image when given. ``sensitivity`` and ``specificity``
+    are the operating points' targets (each in (0, 1]); ``bootstrap`` the intervals' resamples (0:
+    none), drawn from ``seed``. The figures are computed when asked for (``to_dict``)."""
     threshold = check_probability(threshold, "threshold")
+    sensitivity_targets = _targets(sensitivity, "sensitivity")
+    specificity_targets = _targets(specificity, "specificity")
+    from ..metrics.intervals import MAX_RESAMPLES
+
+    bootstrap = check_int(bootstrap, "bootstrap", low=0, high=MAX_RESAMPLES)
+    seed = check_int(seed, "seed", low=0)
     if not pred:
         raise InvalidInputError("the submission has no rows: nothing to evaluate")
     missing = [i for i in pred if i not in truth]
@@ -182,13 +326,14 @@ def evaluate(pred: Mapping[str, Sequence[str]], truth: Mapping[str, Sequence[str
     else:
         score_values, source = pred_pos.astype(np.float64), "masks"
     return Evaluation(ids, dice, truth_pos, pred_pos, score_values, source, threshold,
-                      [i for i in truth if i not in pred])
+                      [i for i in truth if i not in pred], sensitivity_targets, specificity_targets, bootstrap, seed)
 
 
 def write_evaluation_plots(ev: Evaluation, folder: Any) -> list[str]:
     """PNG pictures of ``ev`` into an ``OutputFolder``: the per-image Dice histogram, the confusion
-    matrix and (with both classes present) the ROC and precision-recall curves. Returns the names
-    written; without matplotlib, none (the caller says so)."""
+    matrix, (with both classes present) the ROC and precision-recall curves and (with probability
+    scores) the reliability diagram. Returns the names written; without matplotlib, none (the caller
+    says so)."""
     try:
         import matplotlib
 
@@ -252,4 +397,26 @@ def write_evaluation_plots(ev: Evaluation, folder: Any) -> list[str]:
         ax.set_title("precision-recall")
         ax.legend(loc="lower left")
         save(fig, "precision_recall.png")
+
+    curve = ev.calibration_bins()
+    if curve is not None:
+        prob_true, prob_pred, _ = curve
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(4.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+        top.plot([0, 1], [0, 1], color="#bbbbbb", linestyle="--", label="calibrated")
+        top.plot(prob_pred, prob_true, color="#9467bd", marker="o", label="classifier")
+        top.set_ylabel("share with pneumothorax")
+        top.set_ylim(-0.02, 1.02)
+        figures = ev.calibration()
+        assert figures is not None  # as calibration_bins was not None
+        top.set_title(f"reliability ({CALIBRATION_BINS} equal-width bins): ECE {figures['expected_calibration_error']:.3f}, "
+                      f"Brier {figures['brier_score']:.3f}", fontsize=10)
+        top.legend(loc="upper left")
+        edges = np.linspace(0, 1, CALIBRATION_BINS + 1)
+        bottom.hist([ev.scores[pos], ev.scores[~pos]], bins=edges,  # type: ignore[arg-type]
+                    stacked=True, color=["#d62728", "#7f7f7f"], label=["pneumothorax", "no pneumothorax"])
+        bottom.set_xlabel("score")
+        bottom.set_ylabel("images")
+        bottom.legend(loc="upper right", fontsize=7)
+        bottom.set_xlim(0, 1)
+        save(fig, "calibration.png")
     return written
