@@ -5,9 +5,10 @@ calibration error over the same bins. ``labels`` are 0/1; ``scores`` must be pro
 and in [0, 1] (a logit is not calibrated or not: convert it first), else ``InvalidInputError``.
 Labels of one class are allowed: calibration is defined without the other.
 
-Bins, as scikit-learn's: ``strategy="uniform"`` cuts [0, 1] into ``n_bins`` equal-width bins,
-``"quantile"`` at the scores' quantiles; a score on an inner edge belongs to the bin below it (bins
-are (a, b], the first [0, b]). Empty bins are left out.
+Bins, as scikit-learn's: ``strategy="uniform"`` cuts [0, 1] into ``n_bins`` equal-width bins (edges
+``np.linspace(0, 1, n_bins + 1)``), ``"quantile"`` at the scores' quantiles (``np.percentile``); a
+score on an inner edge belongs to the bin below it (bins are (a, b], the first [0, b]). Empty bins
+are left out.
 """
 
 from __future__ import annotations
