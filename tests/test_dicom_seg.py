@@ -211,6 +211,28 @@ def test_the_identity_is_copied_as_the_source_holds_it(tmp_path, syntax, charset
         assert "StudyDescription" not in back and "ImageComments" not in back
 
 
+@pytest.mark.parametrize("charset, name", [
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),
+], ids=["japanese", "korean"])
+def test_a_multi_valued_iso_2022_character_set_is_kept(tmp_path, charset, name):
+    """Japanese and Korean sources write their character set as ISO 2022 with an empty first value (the
+    default repertoire), which highdicom refuses: such a source got no SEG at all. The SEG carries the
+    source's character set and its name's very bytes."""
+    highdicom()
+    path = synthetic_source(tmp_path / "image.dcm", (12, 10), SpecificCharacterSet=charset, PatientName=name)
+    mask = np.zeros((12, 10), dtype=np.uint8)
+    mask[4:7, 2:9] = 1
+    buffer = io.BytesIO()
+    build_dicom_seg(mask, path).save_as(buffer, enforce_file_format=True)
+    back = pydicom.dcmread(io.BytesIO(buffer.getvalue()))
+    assert list(back.SpecificCharacterSet) == charset and str(back.PatientName) == name
+    raw = pydicom.dcmread(path, stop_before_pixels=True).get_item("PatientName").value  # the undecoded bytes
+    assert raw in buffer.getvalue()  # copied as the source's bytes, escape sequences and all
+    np.testing.assert_array_equal(read_back(back, back.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0]
+                                            .ReferencedSOPInstanceUID), mask)
+
+
 def test_type_2_attributes_are_present_even_where_the_source_lacks_them(tmp_path):
     """A SEG from a source without patient fields still has them, empty (Type 2), and a SEG placed pixel for
     pixel has General Image's PatientOrientation (Type 2C), the source's: dciodvfy found both missing."""

@@ -40,8 +40,11 @@ _EMPTY_FOR_HIGHDICOM = ("PatientName", "PatientID", "PatientBirthDate", "Patient
 _PATIENT_FRAME = ("FrameOfReferenceUID", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing",
                   "SliceThickness")
 _UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
-_HEADER = ("SpecificCharacterSet", "Modality", "Rows", "Columns", "LossyImageCompression",
-           "LossyImageCompressionRatio", "LossyImageCompressionMethod")
+# No SpecificCharacterSet: the skeleton holds no text that needs one, and highdicom refuses the
+# multi-valued ISO 2022 form (an empty first value, as Japanese and Korean sources write it); the
+# source's is set with the identity it describes (_copy_identity).
+_HEADER = ("Modality", "Rows", "Columns", "LossyImageCompression", "LossyImageCompressionRatio",
+           "LossyImageCompressionMethod")
 _FRAME_EXTRA = ("PositionReferenceIndicator", "SpacingBetweenSlices")
 
 _INSTALL = "pip install 'pneumoseg[pacs]'"
@@ -168,7 +171,7 @@ def _copy_identity(header: Any, seg: Any) -> None:
         if elem.is_raw and elem.VR in (None, "UN"):  # read with implicit VR: the SEG's explicit VR needs one
             elem = elem._replace(VR=dictionary_VR(elem.tag))
         seg[elem.tag] = elem
-    if "SpecificCharacterSet" in header:  # the bytes' own (highdicom 0.23 did not copy it)
+    if "SpecificCharacterSet" in header:  # the bytes' own
         seg.SpecificCharacterSet = header.SpecificCharacterSet
     # Told it was read in the encoding it is written in, pydicom writes raw elements as they are instead
     # of converting every element; the one thing it did on that path is then done here: settling
