@@ -434,11 +434,11 @@ def test_a_source_that_changed_since_it_was_predicted_costs_its_seg_only(study_s
     real = command.write_segmentation
     shrunk = []
 
-    def shrink_first_then_write(folder, name, pred, predictor):
+    def shrink_first_then_write(folder, name, pred, predictor, *rest):
         if not shrunk:  # replaced by a smaller image after its pixels were read
             synthetic_source(pred.path, (8, 8))
             shrunk.append(pred.image_id)
-        return real(folder, name, pred, predictor)
+        return real(folder, name, pred, predictor, *rest)
 
     import shutil
 
@@ -455,6 +455,41 @@ def test_a_source_that_changed_since_it_was_predicted_costs_its_seg_only(study_s
     assert [m["image_id"] for m in missing] == shrunk and "8x8" in missing[0]["reason"]
     assert summary["outputs"]["dicom_seg_count"] == summary["positives"] - 1
     assert not (out / "seg" / f"{shrunk[0]}.dcm").exists()
+
+
+def test_a_source_replaced_by_another_image_of_its_size_gets_no_seg(study_set, tmp_path, capsys, monkeypatch):
+    """Named by SOPInstanceUID (--name-by uid), an image whose file holds another image of the same size
+    by the time its SEG is made (another patient's, say) gets none: the SEG would file this mask under
+    the other image and its patient. The other positives get theirs."""
+    highdicom()
+    import shutil
+
+    from pneumoseg.cli import predict as command
+
+    real = command.write_segmentation
+    replaced = []
+
+    def replace_first_then_write(folder, name, pred, predictor, *rest):
+        if not replaced:
+            shape = read_dicom_shape(pred.path)
+            synthetic_source(pred.path, shape, PatientName="Other^Patient")  # a new SOPInstanceUID
+            replaced.append(pred.image_id)
+        return real(folder, name, pred, predictor, *rest)
+
+    studies = tmp_path / "studies"
+    shutil.copytree(study_set, studies)
+    monkeypatch.setattr(command, "write_segmentation", replace_first_then_write)
+    out = tmp_path / "pred"
+    assert main(["predict", str(studies), "--model", str(model_dir("classifier")), "--out", str(out), "--name-by",
+                 "uid", "--dicom-seg", "--no-overlays", "--no-progress"]) == 0
+    assert "no DICOM SEG for" in capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    missing = summary["outputs"]["dicom_seg_missing"]
+    assert [m["image_id"] for m in missing] == replaced and "SOPInstanceUID changed" in missing[0]["reason"]
+    assert summary["outputs"]["dicom_seg_count"] == summary["positives"] - 1
+    assert not (out / "seg" / f"{replaced[0]}.dcm").exists()
+    for seg in (out / "seg").glob("*.dcm"):
+        assert b"Other^Patient" not in seg.read_bytes()
 
 
 def test_with_the_flag_patient_data_reaches_only_the_segs(tmp_path, capsys, caplog):

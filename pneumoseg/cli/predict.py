@@ -101,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                 if pred.positive and not args.no_overlays:
                     overlays += write_overlay(folder, names[pred.image_id], pred)
                 if pred.positive and args.dicom_seg:
-                    reason = write_segmentation(folder, seg_names[pred.image_id], pred, predictor)
+                    reason = write_segmentation(folder, seg_names[pred.image_id], pred, predictor, args.name_by)
                     segs += reason is None
                     if reason is not None:
                         no_segs.append({"image_id": pred.image_id, "reason": reason})
@@ -204,9 +204,11 @@ def write_overlay(folder, name: str, pred) -> bool:
     return True
 
 
-def write_segmentation(folder, name: str, pred, predictor) -> Optional[str]:
+def write_segmentation(folder, name: str, pred, predictor, name_by: str = "file") -> Optional[str]:
     """seg/<name>: a DICOM Segmentation of ``pred``'s mask over its source file. None when written; else
-    (also printed to stderr) why not: no source file, or it can no longer be read as the image predicted."""
+    (also printed to stderr) why not: no source file, or it can no longer be read as the image predicted.
+    With ``name_by="uid"`` the ImageId is the SOPInstanceUID the file held when listed: a file that now
+    holds another is another image (perhaps another patient's), whose SEG this mask must not become."""
     from pathlib import Path
 
     from ..errors import PneumosegError
@@ -224,6 +226,11 @@ def write_segmentation(folder, name: str, pred, predictor) -> Optional[str]:
     except PneumosegError as exc:
         # deleted, replaced or resized since its pixels were read: the prediction stands, only its SEG is lost
         reason = skip_reason(exc, str(pred.path))
+        print(f"pneumoseg: no DICOM SEG for {pred.path}: {reason}", file=sys.stderr)
+        return reason
+    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    if name_by == "uid" and referenced != pred.image_id:
+        reason = "the file now holds another image (its SOPInstanceUID changed since it was listed)"
         print(f"pneumoseg: no DICOM SEG for {pred.path}: {reason}", file=sys.stderr)
         return reason
     with folder.open(SEGS, name) as f:
