@@ -163,3 +163,12 @@ def ref_remove_small(mask: np.ndarray, min_area: int, connectivity: int) -> np.n
         keep[0] = False
         out[i] = keep[labels]
     return out
+
+
+def trapezoid_area(y, x) -> float:
+    """Area under the polyline through (x[i], y[i]) by the trapezoid rule, the formula np.trapezoid
+    uses. Written out because np.trapezoid is NumPy 2.0+ and np.trapz is gone from 2.x, while
+    pneumoseg supports NumPy from 1.23 (a test must run against either)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    return float((np.diff(x) * (y[1:] + y[:-1]) / 2.0).sum())
