@@ -103,6 +103,10 @@ def test_sdist_metadata_carries_the_package_version_and_extras(sdist):
     # libraries a CUDA 13 environment does not have
     cupy = [r for r in info.get_all("Requires-Dist") if r.replace("'", '"').endswith('extra == "cuda"')]
     assert cupy and all(r.startswith("cupy-cuda13x") for r in cupy), cupy
+    # `pneumoseg listen` and `predict --dicom-seg` name the pacs extra: it brings both DICOM libraries
+    pacs = {re.split(r"[<>=!~ ;]", r, maxsplit=1)[0] for r in info.get_all("Requires-Dist")
+            if r.replace("'", '"').endswith('extra == "pacs"')}
+    assert pacs == {"highdicom", "pynetdicom"}, pacs
 
 
 @pytest.mark.slow
