@@ -527,6 +527,7 @@ class OutputKind:
     MASKS = "mask folder"
     CACHE = "cache folder"
     MODEL_DIR = "model directory"
+    DICOM_NODE = "DICOM node folder"
 
 
 # Which other kinds of pneumoseg output a folder of a kind holds as its own (a sub-folder with its own

@@ -1,0 +1,103 @@
+"""``pneumoseg listen``: a DICOM node beside a PACS (see :mod:`pneumoseg.serve`), until Ctrl-C."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from .types import int_in, path, real_in
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "listen", help="a DICOM node beside a PACS: receive radiographs (C-STORE), predict, send SEGs back",
+        description="Run a DICOM node (Verification and Storage SCP for CR, DX and Secondary Capture images) "
+                    "until Ctrl-C or SIGTERM. Each image received is written to OUT/incoming/ before it is "
+                    "acknowledged, predicted in small batches, recorded in OUT/results.csv (ImageId = its "
+                    "SOPInstanceUID, score, RLE, times; no patient data) and, when positive, written as a DICOM "
+                    "Segmentation OUT/seg/<ImageId>.dcm, which carries its source's patient and study identity "
+                    "so that the PACS files it (--forward sends it there). Other SOP classes (a CT series) are "
+                    "refused at association. A stop predicts what is queued; a restart into the same OUT "
+                    "predicts what an earlier node left in incoming/. Needs pynetdicom and highdicom: "
+                    "pip install 'pneumoseg[pacs]'")
+    p.add_argument("--model", type=path, required=True, help="model directory (from `pneumoseg train`)")
+    p.add_argument("--out", type=path, required=True,
+                   help="output folder (new, or an earlier `pneumoseg listen`'s, which is continued)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; a PACS on another machine "
+                        "needs 0.0.0.0 or this machine's address on its network)")
+    p.add_argument("--port", type=int_in(0, 65535), default=11112, help="TCP port (default 11112; 0 picks a free one)")
+    p.add_argument("--ae-title", default="PNEUMOSEG", help="this node's AE title (default PNEUMOSEG)")
+    p.add_argument("--forward", metavar="AET@HOST:PORT", default=None,
+                   help="send each SEG to this node (the PACS's storage AE), retrying 3 times; a SEG that cannot be "
+                        "sent stays in OUT/seg/ and results.csv says so")
+    p.add_argument("--allow", metavar="AET,...", default=None,
+                   help="accept associations only from these calling AE titles (default: any caller)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"), default="auto",
+                   help="as predict's (default auto)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="default: fp16 on CUDA, fp32 on a CPU")
+    p.add_argument("--batch-size", type=int_in(1, 4096), default=8,
+                   help="at most this many images per batch (default 8)")
+    p.add_argument("--batch-wait", type=real_in(0.0, 60.0), default=0.05, metavar="SECONDS",
+                   help="how long the first image of a batch waits for others (default 0.05)")
+    p.add_argument("--max-queue", type=int_in(1, 1 << 20), default=256,
+                   help="images waiting at most; more are answered Out of Resources (0xA700) (default 256)")
+    p.add_argument("--no-seg", action="store_true", help="write no SEGs (results.csv only)")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..errors import InvalidInputError
+    from ..serve.node import DicomNode, check_ae_title, parse_forward, require_pynetdicom
+
+    # every argument and the optional packages are checked before the model loads
+    require_pynetdicom()
+    if not args.no_seg:
+        from ..infer.dicom_seg import require_highdicom
+
+        require_highdicom()
+    check_ae_title(args.ae_title, "--ae-title")
+    if args.forward is not None:
+        parse_forward(args.forward)
+        if args.no_seg:
+            raise InvalidInputError("--forward sends the SEGs, which --no-seg turns off")
+    allowed = None
+    if args.allow is not None:
+        allowed = [check_ae_title(t, "--allow's titles") for t in args.allow.split(",")]
+
+    from ..infer import Predictor
+
+    predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
+                                   batch_size=args.batch_size)
+    _log_to_stderr()
+    node = DicomNode(predictor, args.out, ae_title=args.ae_title, host=args.host, port=args.port,
+                     forward=args.forward, allowed_callers=allowed, max_queue=args.max_queue,
+                     batch_size=args.batch_size, batch_wait_s=args.batch_wait, write_seg=not args.no_seg)
+    node.start()
+    print(f"listening as {node.ae_title} on {node.host}:{node.port} with {predictor.backend.name} "
+          f"{predictor.backend.precision} on {predictor.backend.device}; writing to {args.out}; Ctrl-C stops",
+          file=sys.stderr, flush=True)
+    try:
+        while True:
+            time.sleep(0.5)
+    except KeyboardInterrupt:  # Ctrl-C and SIGTERM (the CLI raises it for both): the way a node stops
+        print("pneumoseg: stopping (predicting what is queued)", file=sys.stderr, flush=True)
+    finally:
+        node.stop()
+    return 0
+
+
+def _log_to_stderr() -> None:
+    """pneumoseg.serve's log lines (counts, throughput, refusals; no patient data) on stderr; pynetdicom's
+    and highdicom's own stay at their defaults (nothing shown)."""
+    logger = logging.getLogger("pneumoseg")
+    if not any(getattr(h, "_pneumoseg_listen", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        handler._pneumoseg_listen = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)

@@ -1,0 +1,666 @@
+"""A DICOM node beside a PACS: it receives chest radiographs over the DICOM network (C-STORE), predicts
+them in small batches and sends a DICOM Segmentation of each positive image back (or to another node).
+
+Built on pynetdicom (the ``pacs`` extra). The output folder (``out``) holds:
+
+- ``incoming/<SOPInstanceUID>.dcm``: each received image, written atomically before C-STORE answers
+  success, and removed once its result row is written; what is left there at a start (a node killed
+  mid-batch) is predicted then, so nothing acknowledged is lost;
+- ``results.csv``: one row per image (:data:`RESULT_COLUMNS`), appended and fsync'ed as each is done;
+- ``seg/<SOPInstanceUID>.dcm``: the SEG of each positive image (``write_seg``), kept whether or not
+  forwarding it succeeded.
+
+Privacy: the node logs and records SOP Instance UIDs, calling AE titles, counts and reasons only;
+patient data stays in the received files and in the SEGs (which must carry it to be filed).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import csv
+import datetime as _dt
+import io
+import logging
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+from .. import limits
+from .._checks import check_bool, check_int, check_path, check_real, show
+from ..errors import DicomError, InvalidInputError, PneumosegError
+
+__all__ = ["DicomNode", "NodeError", "CHEST_XRAY_STORAGE", "RESULTS", "RESULT_COLUMNS", "INCOMING", "SEGS",
+           "parse_forward", "require_pynetdicom"]
+
+log = logging.getLogger("pneumoseg.serve")
+
+#: The storage SOP classes a chest radiograph comes in; any other is refused at association.
+CHEST_XRAY_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.1": "Computed Radiography Image Storage",
+    "1.2.840.10008.5.1.4.1.1.1.1": "Digital X-Ray Image Storage - For Presentation",
+    "1.2.840.10008.5.1.4.1.1.1.1.1": "Digital X-Ray Image Storage - For Processing",
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image Storage",  # the SIIM files
+}
+VERIFICATION = "1.2.840.10008.1.1"
+
+# Transfer syntaxes offered, each only where pydicom has a working decoder for it here (JPEG Lossless
+# and the JPEG 2000 / JPEG-LS ones come with the dicom-codecs extra): the uncompressed ones, deflated,
+# RLE, and the JPEG family.
+_SYNTAXES = (
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired; old modalities)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (the SIIM files)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless SV1
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+)
+
+INCOMING = "incoming"
+SEGS = "seg"
+RESULTS = "results.csv"
+#: results.csv's columns. Status is ok or failed (Error says why); Seg is the SEG's path under the
+#: output folder, or empty (negative, --no-seg, or it could not be written: Error says so); Forwarded
+#: is yes / no (sent / not sent after every attempt: the SEG stays on disk) / empty (nothing to send).
+RESULT_COLUMNS = ("ImageId", "Caller", "Received", "Done", "Status", "Score", "Positive", "Components",
+                  "EncodedPixels", "Seg", "Forwarded", "Error")
+
+_SUCCESS = 0x0000
+_OUT_OF_RESOURCES = 0xA700
+_CANNOT_UNDERSTAND = 0xC000
+_STORED_STATUSES = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the warnings that still store it
+_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
+_FORWARD = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@\s]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
+_INSTALL = "pip install 'pneumoseg[pacs]'"
+
+
+class NodeError(PneumosegError, RuntimeError):
+    """The node cannot run (its port taken, say)."""
+
+
+def require_pynetdicom() -> Any:
+    """The pynetdicom module, or an :class:`pneumoseg.InvalidInputError` saying how to install it."""
+    try:
+        import pynetdicom
+    except ImportError:
+        raise InvalidInputError(f"the DICOM node needs pynetdicom, which is not installed: {_INSTALL}") from None
+    return pynetdicom
+
+
+def check_ae_title(title: Any, name: str = "ae_title") -> str:
+    """An application entity title: 1 to 16 printable ASCII characters, no backslash, not all spaces."""
+    if (not isinstance(title, str) or not 1 <= len(title) <= 16 or not title.strip()
+            or any(not " " <= ch <= "~" or ch == "\\" for ch in title)):
+        raise InvalidInputError(f"{name} must be an AE title: 1 to 16 printable ASCII characters without '\\', "
+                                f"not all spaces; got {show(title)}")
+    return title.strip()
+
+
+def parse_forward(text: Any) -> tuple[str, str, int]:
+    """``"AET@host:port"`` as (AE title, host, port); an IPv6 host in brackets."""
+    match = _FORWARD.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidInputError(f"forward must be AET@HOST:PORT (e.g. PACS@10.0.0.5:104), got {show(text)}")
+    port = int(match["port"])
+    if not 1 <= port <= 65535:
+        raise InvalidInputError(f"forward's port must be in [1, 65535], got {port}")
+    return check_ae_title(match["aet"], "forward's AE title"), match["host"].strip("[]"), port
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+@dataclass
+class _Item:
+    uid: str
+    path: Path
+    caller: str
+    received: str  # ISO time, UTC
+    received_at: float  # time.monotonic(), for the latency
+
+
+class DicomNode:
+    """A DICOM node (application entity) that a PACS sends chest radiographs to.
+
+    It is a Verification SCP (C-ECHO) and a Storage SCP for :data:`CHEST_XRAY_STORAGE` in every transfer
+    syntax pneumoseg can decode here; other SOP classes are refused at association, so a CT series
+    sent to it is refused, not silently dropped. Each C-STORE is answered:
+
+    - success (0x0000) once the instance is on disk in ``incoming/`` (atomically) and queued (an
+      instance sent again while it waits or is predicted is acknowledged and predicted once; sent again
+      after its row, it is predicted again and gets another row);
+    - 0xA700 Out of Resources when ``max_queue`` images already wait, the instance is larger than
+      ``limits.max_dicom_bytes``, the disk write fails, or the node is stopping (the PACS retries later);
+    - 0xC000 Cannot Understand when its header already shows pneumoseg cannot predict it: a SOP Instance
+      UID that is not a UID (it names the file) or differs from the one the request was sent under, a
+      damaged header, not one grey-level image, an image larger than the limits. Pixel data that fails
+      to decode is found only when predicted: that image gets a failed row in results.csv.
+
+    A worker thread takes queued images in batches of up to ``batch_size``, waiting at most
+    ``batch_wait_s`` after the first for more, predicts them with ``predictor`` (a
+    :class:`pneumoseg.infer.Predictor`) and, for each, writes ``seg/<ImageId>.dcm`` if positive (with
+    ``write_seg``), C-STOREs it to ``forward`` (``"AET@host:port"``; ``forward_attempts`` tries,
+    ``forward_backoff_s`` doubling between them) and appends a row to ``results.csv``. An image that
+    cannot be read or predicted gets a failed row; the node goes on.
+
+    ``allowed_callers`` (calling AE titles) refuses every other caller at association. ``host`` is
+    127.0.0.1 by default: a PACS on another machine needs ``0.0.0.0`` or the interface's address.
+    ``port=0`` picks a free port (:attr:`port`). ``max_associations`` bounds the concurrent
+    associations (pynetdicom holds one instance per association in memory while it arrives).
+
+    ``start()`` / ``stop()``, or a ``with`` block. ``stop()`` stops accepting, predicts what is queued
+    for up to ``drain_timeout_s`` and leaves the rest in ``incoming/``, predicted at the next start
+    into the same folder (as is anything a killed node left there)."""
+
+    def __init__(self, predictor: Any, out_dir: Union[str, Path], *, ae_title: str = "PNEUMOSEG",
+                 host: str = "127.0.0.1", port: int = 11112, forward: Optional[str] = None,
+                 allowed_callers: Optional[Iterable[str]] = None, max_queue: int = 256, batch_size: int = 8,
+                 batch_wait_s: float = 0.05, write_seg: bool = True, max_associations: int = 4,
+                 forward_attempts: int = 3, forward_backoff_s: float = 1.0, drain_timeout_s: float = 60.0,
+                 log_every_s: float = 60.0) -> None:
+        self.predictor = predictor
+        self.out_dir = check_path(out_dir, "out_dir")
+        self.ae_title = check_ae_title(ae_title)
+        if not isinstance(host, str) or not host:
+            raise InvalidInputError(f"host must be a host name or address, got {show(host)}")
+        self.host = host
+        self._port = check_int(port, "port", low=0, high=65535)
+        self.forward = parse_forward(forward) if forward is not None else None
+        if allowed_callers is not None:
+            if isinstance(allowed_callers, str):
+                allowed_callers = [allowed_callers]
+            self.allowed_callers: Optional[list[str]] = [check_ae_title(t, "allowed_callers' titles")
+                                                         for t in allowed_callers]
+            if not self.allowed_callers:
+                raise InvalidInputError("allowed_callers must name at least one AE title (None allows any)")
+        else:
+            self.allowed_callers = None
+        self.max_queue = check_int(max_queue, "max_queue", low=1, high=1 << 20)
+        self.batch_size = check_int(batch_size, "batch_size", low=1, high=4096)
+        self.batch_wait_s = check_real(batch_wait_s, "batch_wait_s", low=0.0, high=3600.0)
+        self.write_seg = check_bool(write_seg, "write_seg")
+        self.max_associations = check_int(max_associations, "max_associations", low=1, high=1024)
+        self.forward_attempts = check_int(forward_attempts, "forward_attempts", low=1, high=100)
+        self.forward_backoff_s = check_real(forward_backoff_s, "forward_backoff_s", low=0.0, high=3600.0)
+        self.drain_timeout_s = check_real(drain_timeout_s, "drain_timeout_s", low=0.0, high=1e6)
+        self.log_every_s = check_real(log_every_s, "log_every_s", low=0.0, high=1e6)
+        if self.forward is not None and not self.write_seg:
+            raise InvalidInputError("forward sends the SEGs, so it needs write_seg=True")
+        self._cond = threading.Condition()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued: set[str] = set()  # UIDs waiting or in the batch being predicted
+        self._reserved = 0  # C-STOREs being written to disk, counted against max_queue
+        self._stopping = False
+        self._abandon = threading.Event()
+        self._results_lock = threading.Lock()
+        self._folder: Any = None
+        self._ae: Any = None
+        self._server: Any = None
+        self._worker: Optional[threading.Thread] = None
+        self.stats = {"received": 0, "predicted": 0, "failed": 0, "refused": 0, "segs": 0, "forwarded": 0,
+                      "not_forwarded": 0, "resumed": 0}
+        self._latencies: collections.deque[float] = collections.deque(maxlen=10000)
+
+    # -- life cycle -------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        """The port listened on (the one picked, after ``start()`` with ``port=0``)."""
+        return int(self._server.server_address[1]) if self._server is not None else self._port
+
+    @property
+    def running(self) -> bool:
+        return self._server is not None
+
+    def __enter__(self) -> "DicomNode":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def start(self) -> "DicomNode":
+        if self._server is not None:
+            raise NodeError("the node is already running")
+        pynetdicom = require_pynetdicom()
+        from .._fs import MANIFEST_NAME, OutputKind, prepare_output_folder
+
+        # The same command's earlier output is continued (results appended, incoming/ predicted), never
+        # replaced; anything else in the folder is refused as prepare_output_folder refuses it.
+        resume = (self.out_dir / MANIFEST_NAME).is_file()
+        self._folder = prepare_output_folder(self.out_dir, what=OutputKind.DICOM_NODE, resume=resume)
+        try:
+            self._stopping = False
+            self._abandon.clear()
+            self._repair_results()
+            self._resume_incoming()
+            self._ae = self._make_ae(pynetdicom)
+            handlers = [(pynetdicom.evt.EVT_C_STORE, self._on_store),
+                        (pynetdicom.evt.EVT_C_ECHO, lambda event: _SUCCESS),
+                        (pynetdicom.evt.EVT_REJECTED, self._on_rejected),
+                        (pynetdicom.evt.EVT_CONN_OPEN, _no_delay)]
+            try:
+                self._server = self._ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
+            except OSError as exc:
+                raise NodeError(f"cannot listen on {self.host}:{self._port}: {exc.strerror or exc}"
+                                + (" (another program, or another node, uses that port; choose another --port)"
+                                   if exc.errno in (98, 48) else "")) from None
+            self._worker = threading.Thread(target=self._work, name="pneumoseg-node-worker", daemon=True)
+            self._worker.start()
+        except BaseException:
+            self._ae = None
+            self._folder.close(failed=False)
+            self._folder = None
+            raise
+        log.info("DICOM node %s listening on %s:%d (storage: %d SOP classes, %d transfer syntaxes; %s); "
+                 "writing to %s", self.ae_title, self.host, self.port, len(CHEST_XRAY_STORAGE),
+                 len(self._syntaxes), "callers " + ",".join(self.allowed_callers) if self.allowed_callers
+                 else "any caller", self.out_dir)
+        return self
+
+    def stop(self, timeout_s: Optional[float] = None) -> None:
+        """Stop accepting, predict what is queued (for up to ``timeout_s``, default ``drain_timeout_s``),
+        and leave what is left in ``incoming/`` for the next start. Nothing is left half written."""
+        if self._server is None:
+            return
+        timeout = self.drain_timeout_s if timeout_s is None else check_real(timeout_s, "timeout_s", low=0.0)
+        with self._cond:
+            self._stopping = True  # C-STOREs still arriving are answered Out of Resources
+            self._cond.notify_all()
+        self._server.shutdown()
+        self._ae.shutdown()
+        worker = self._worker
+        if worker is not None:
+            worker.join(timeout)
+            if worker.is_alive():
+                self._abandon.set()  # the batch being predicted ends; the queue stays on disk
+                with self._cond:
+                    self._cond.notify_all()
+                worker.join()
+        left = len(self._queue)
+        self._log_throughput(final=True)
+        if left:
+            log.warning("%d received images not predicted before the stop; they stay in %s/ and are "
+                        "predicted at the next start", left, INCOMING)
+        self._queue.clear()
+        self._queued.clear()
+        self._server = None
+        self._ae = None
+        self._worker = None
+        self._folder.close()
+        self._folder = None
+
+    def wait_idle(self, timeout_s: float = 60.0) -> bool:
+        """Wait until nothing is queued, being received or predicted; False on timeout (for tests and scripts)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._queued or self._reserved:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.05))
+        return True
+
+    def latencies(self) -> list[float]:
+        """Seconds from each C-STORE's success to its result row (the latest 10 000)."""
+        return list(self._latencies)
+
+    # -- association ----------------------------------------------------------------------------
+    def _make_ae(self, pynetdicom: Any) -> Any:
+        from pydicom.pixels import get_decoder
+
+        self._syntaxes = [uid for uid in _SYNTAXES if _decodable(get_decoder, uid)]
+        ae = pynetdicom.AE(ae_title=self.ae_title)
+        ae.maximum_associations = self.max_associations
+        if self.allowed_callers is not None:
+            ae.require_calling_aet = list(self.allowed_callers)
+        ae.add_supported_context(VERIFICATION)
+        for sop_class in CHEST_XRAY_STORAGE:
+            ae.add_supported_context(sop_class, self._syntaxes)
+        return ae
+
+    def _on_rejected(self, event: Any) -> None:
+        log.warning("refused an association from %s (%s:%s)", _caller(event), *event.assoc.requestor.address[:2])
+
+    def _on_store(self, event: Any) -> Any:
+        """The C-STORE handler (pynetdicom's association thread): on disk and queued, or a failure status."""
+        caller = _caller(event)
+        uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
+        if len(uid) > 64 or not _UID.fullmatch(uid):
+            return self._refuse(_CANNOT_UNDERSTAND, "?", caller, "its SOP Instance UID is not a UID")
+        with self._cond:
+            if self._stopping:
+                return self._refuse(_OUT_OF_RESOURCES, uid, caller, "the node is stopping")
+            if uid in self._queued:
+                # a PACS resending an image still waiting or being predicted (a timeout on its side): one
+                # SOP Instance UID is one image, so the copy on disk is the one predicted, once
+                self.stats["received"] += 1
+                log.debug("received %s from %s again while it is queued", uid, caller)
+                return _SUCCESS
+            if len(self._queue) + self._reserved >= self.max_queue:
+                return self._refuse(_OUT_OF_RESOURCES, uid, caller, f"{self.max_queue} images already wait")
+            self._reserved += 1
+        try:
+            return self._receive(event, uid, caller)
+        finally:
+            with self._cond:
+                self._reserved -= 1
+                self._cond.notify_all()
+
+    def _receive(self, event: Any, uid: str, caller: str) -> Any:
+        from .._fs import atomic_open
+
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # pynetdicom could not assemble it (a damaged stream)
+            return self._refuse(_CANNOT_UNDERSTAND, uid, caller, f"the data set cannot be encoded ({type(exc).__name__})")
+        if len(data) > limits.current().max_dicom_bytes:
+            return self._refuse(_OUT_OF_RESOURCES, uid, caller, f"{len(data):,} bytes, over the max_dicom_bytes limit")
+        target = self._folder.file(INCOMING, uid + ".dcm")
+        checked: list[Path] = []
+
+        def check(tmp: Path) -> None:  # the complete file, before it takes the image's name
+            checked.append(tmp)
+            _check_received(tmp, uid)
+
+        try:
+            with atomic_open(target, "wb", before_rename=check) as f:
+                f.write(data)
+        except DicomError as exc:
+            from ..infer.inputs import skip_reason
+
+            reason = skip_reason(exc, str(checked[0])) if checked else str(exc)
+            return self._refuse(_CANNOT_UNDERSTAND, uid, caller, reason)
+        except OSError as exc:  # a full disk: the PACS keeps the image and tries again later
+            return self._refuse(_OUT_OF_RESOURCES, uid, caller, f"cannot be written ({exc.strerror or exc})")
+        item = _Item(uid, target, caller, _now(), time.monotonic())
+        with self._cond:
+            self.stats["received"] += 1
+            if uid not in self._queued:  # two associations sending it at once: queued once
+                self._queue.append(item)
+                self._queued.add(uid)
+                self._cond.notify_all()
+        log.debug("received %s from %s", uid, caller)
+        return _SUCCESS
+
+    def _refuse(self, status: int, uid: str, caller: str, reason: str) -> Any:
+        from pydicom.dataset import Dataset
+
+        with self._cond:
+            self.stats["refused"] += 1
+        log.warning("refused %s from %s (status 0x%04X): %s", uid, caller, status, reason)
+        answer = Dataset()
+        answer.Status = status
+        answer.ErrorComment = reason[:64]  # LO
+        return answer
+
+    # -- recovery -------------------------------------------------------------------------------
+    def _results_path(self) -> Path:
+        return self.out_dir / RESULTS
+
+    def _repair_results(self) -> None:
+        """A row cut short by a killed node is removed (its image is still in incoming/); the header
+        is written to a new file."""
+        path = self._results_path()
+        if path.is_file():
+            with open(path, "rb+") as f:
+                data = f.read()
+                if data and not data.endswith(b"\n"):
+                    f.truncate(data.rfind(b"\n") + 1)
+                    log.warning("%s ended in a cut-short row (a node stopped while writing it); removed", RESULTS)
+        if not path.is_file() or path.stat().st_size == 0:
+            with open(path, "w", encoding="utf-8", newline="") as f:
+                csv.writer(f, lineterminator="\n").writerow(RESULT_COLUMNS)
+                f.flush()
+                os.fsync(f.fileno())
+
+    def _done_ids(self) -> set[str]:
+        with open(self._results_path(), encoding="utf-8", newline="") as f:
+            return {row[0] for row in csv.reader(f) if row and row[0] != RESULT_COLUMNS[0]}
+
+    def _resume_incoming(self) -> None:
+        folder = self.out_dir / INCOMING
+        if not folder.is_dir():
+            return
+        done = self._done_ids()
+        for entry in sorted(folder.iterdir(), key=lambda p: p.stat().st_mtime_ns):
+            name = entry.name
+            if name.startswith(".") and ".pneumoseg-" in name and name.endswith(".tmp"):
+                entry.unlink()  # a write cut short: its C-STORE was never answered success
+                continue
+            uid = name[:-4] if name.endswith(".dcm") else ""
+            if not entry.is_file() or not _UID.fullmatch(uid):
+                continue  # not the node's: left alone
+            if uid in done:  # its row was written, the node stopped before removing it
+                entry.unlink()
+                continue
+            received = _dt.datetime.fromtimestamp(entry.stat().st_mtime, _dt.timezone.utc).isoformat(timespec="microseconds")
+            self._queue.append(_Item(uid, entry, "", received, time.monotonic()))
+            self._queued.add(uid)
+        if self._queue:
+            self.stats["resumed"] = len(self._queue)
+            log.info("%d images received before the last stop are queued again", len(self._queue))
+
+    # -- prediction -----------------------------------------------------------------------------
+    def _next_batch(self) -> Optional[list[_Item]]:
+        with self._cond:
+            while not self._queue:
+                if self._stopping or self._abandon.is_set():
+                    return None
+                self._cond.wait(max(min(self.log_every_s, 1.0), 0.05))
+                self._log_throughput()
+            if self._abandon.is_set():
+                return None
+            batch = [self._queue.popleft()]
+            deadline = time.monotonic() + self.batch_wait_s
+            while len(batch) < self.batch_size:
+                if self._queue:
+                    batch.append(self._queue.popleft())
+                    continue
+                remaining = deadline - time.monotonic()
+                if self._stopping or remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            return batch
+
+    def _work(self) -> None:
+        self._last_log = (time.monotonic(), 0)
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._process(batch)
+            except Exception as exc:  # a bug, or results.csv cannot be written: logged, and the node goes on
+                log.error("a batch of %d images failed: %s: %s", len(batch), type(exc).__name__, exc)
+            finally:
+                with self._cond:
+                    for item in batch:
+                        self._queued.discard(item.uid)
+                    self._cond.notify_all()
+            self._log_throughput()
+
+    def _predict(self, batch: list[_Item]) -> dict[str, Any]:
+        """ImageId -> Prediction, or the reason it has none."""
+        from ..infer.inputs import skip_reason
+
+        try:
+            predictions = self.predictor.predict([str(i.path) for i in batch], return_masks=self.write_seg,
+                                                 on_error="skip", name_by="file", workers=1)
+        except Exception as exc:
+            if len(batch) > 1:  # one image's fault: the others are predicted alone
+                out: dict[str, Any] = {}
+                for item in batch:
+                    out.update(self._predict([item]))
+                return out
+            return {batch[0].uid: f"{type(exc).__name__}: {skip_reason(exc, str(batch[0].path))}"}
+        out = {Path(where).stem: reason for where, reason in predictions.skipped}
+        out.update({p.image_id: p for p in predictions})
+        return out
+
+    def _process(self, batch: list[_Item]) -> None:
+        results = self._predict(batch)
+        for item in batch:
+            result = results.get(item.uid, "not predicted")
+            row: dict[str, Any] = {"ImageId": item.uid, "Caller": item.caller, "Received": item.received, "Seg": "",
+                   "Forwarded": "", "Error": ""}
+            if isinstance(result, str):
+                row.update(Status="failed", Error=result)
+                log.warning("could not predict %s: %s", item.uid, result)
+            else:
+                row.update(Status="ok", Score=repr(float(result.score)), Positive=int(result.positive),
+                           Components=result.n_components, EncodedPixels=result.rle)
+                if result.positive and self.write_seg:
+                    self._segment(item, result, row)
+                result.mask = None
+            row["Done"] = _now()
+            self._append(row)
+            with contextlib.suppress(FileNotFoundError):
+                item.path.unlink()
+            with self._cond:
+                self.stats["failed" if row["Status"] == "failed" else "predicted"] += 1
+                self._latencies.append(time.monotonic() - item.received_at)
+
+    def _segment(self, item: _Item, pred: Any, row: dict[str, Any]) -> None:
+        from ..infer.dicom_seg import write_dicom_seg
+        from ..infer.inputs import skip_reason
+
+        backend = self.predictor.backend
+        target = self._folder.file(SEGS, item.uid + ".dcm")
+        try:
+            write_dicom_seg(target, pred.mask, item.path, algorithm_parameters={
+                "model": Path(self.predictor.model_dir.path).name, "backend": backend.name,
+                "precision": backend.precision})
+        except (PneumosegError, OSError) as exc:
+            reason = skip_reason(exc, str(item.path))
+            row["Error"] = f"no SEG: {reason}"
+            log.warning("no SEG for %s: %s", item.uid, reason)
+            return
+        row["Seg"] = f"{SEGS}/{target.name}"
+        with self._cond:
+            self.stats["segs"] += 1
+        if self.forward is not None:
+            sent, reason = self._send(target)
+            row["Forwarded"] = "yes" if sent else "no"
+            with self._cond:
+                self.stats["forwarded" if sent else "not_forwarded"] += 1
+            if not sent:
+                row["Error"] = f"not forwarded: {reason}"
+                log.warning("SEG of %s not forwarded to %s@%s:%d: %s (it stays in %s/)", item.uid, *self.forward,
+                            reason, SEGS)
+
+    def _send(self, path: Path) -> tuple[bool, str]:
+        """C-STORE ``path`` to the forward node, with retries; (sent, why not)."""
+        from pynetdicom import AE, evt
+
+        from ..infer.dicom_seg import SEGMENTATION_STORAGE
+
+        assert self.forward is not None
+        aet, host, port = self.forward
+        reason = ""
+        for attempt in range(self.forward_attempts):
+            if attempt and self._abandon.wait(self.forward_backoff_s * 2 ** (attempt - 1)):
+                return False, f"{reason}; the node stopped before trying again"
+            try:
+                # pynetdicom 3.0.4 leaks its socket when the connection is refused (it shuts the unconnected
+                # socket down, which fails, and so never closes it): a node that is down is found here first
+                socket.create_connection((host, port), timeout=10).close()
+            except OSError as exc:
+                reason = f"cannot connect ({exc.strerror or exc})"
+                continue
+            ae = AE(ae_title=self.ae_title)
+            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+            ae.add_requested_context(SEGMENTATION_STORAGE, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+            try:
+                assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
+                if not assoc.is_established:
+                    reason = "association refused or failed"
+                    continue
+                try:
+                    status = assoc.send_c_store(path)
+                finally:
+                    assoc.release()
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+                continue
+            finally:
+                ae.shutdown()
+            code = getattr(status, "Status", None)
+            if code in _STORED_STATUSES:
+                return True, ""
+            reason = "no answer" if code is None else f"status 0x{int(code):04X}"
+        return False, f"{reason} ({self.forward_attempts} attempts)"
+
+    def _append(self, row: dict[str, Any]) -> None:
+        """One row, flushed to disk before its incoming file is removed."""
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerow([row.get(c, "") for c in RESULT_COLUMNS])
+        with self._results_lock, open(self._results_path(), "a", encoding="utf-8", newline="") as f:
+            f.write(buffer.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _log_throughput(self, final: bool = False) -> None:
+        now = time.monotonic()
+        last_time, last_done = getattr(self, "_last_log", (now, 0))
+        done = self.stats["predicted"] + self.stats["failed"]
+        if not final and (now - last_time < self.log_every_s or done == last_done):
+            return
+        self._last_log = (now, done)
+        rate = (done - last_done) / max(now - last_time, 1e-9)
+        log.info("%sreceived %d, predicted %d (%.2f images/s lately), failed %d, refused %d, waiting %d, "
+                 "SEGs %d, forwarded %d, not forwarded %d", "stopped: " if final else "", self.stats["received"],
+                 self.stats["predicted"], rate, self.stats["failed"], self.stats["refused"], len(self._queue),
+                 self.stats["segs"], self.stats["forwarded"], self.stats["not_forwarded"])
+
+
+def _decodable(get_decoder: Any, uid: str) -> bool:
+    try:
+        return bool(get_decoder(uid).is_available)
+    except Exception:  # no decoder for it in this pydicom
+        return False
+
+
+def _no_delay(event: Any) -> None:
+    """TCP_NODELAY on an association's socket. pynetdicom leaves Nagle's algorithm on: a C-STORE is
+    written as a command PDU then the data set's, and the second waited for the peer's delayed ACK of
+    the first (40 ms on Linux), 50 ms an image where the node's own handling takes 5 ms. This sets it
+    for the node's answers and its forwards; a sender that keeps Nagle on still pays it per image."""
+    with contextlib.suppress(Exception):  # a socket type without it (TLS wrapper, another platform)
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _caller(event: Any) -> str:
+    try:
+        return str(event.assoc.requestor.ae_title).strip()
+    except Exception:
+        return "?"
+
+
+def _check_received(path: Path, uid: str) -> None:
+    """A received file's header, before it is renamed into incoming/: one grey-level 2-D image within
+    the limits, naming itself with the UID it was sent under. Any problem is a DicomError."""
+    from ..data.dicom import _damaged_header_errors, _declared_shape, _header_text, _open_dicom, _read_dataset, _refuse_dicomdir
+
+    with _open_dicom(path) as f:
+        ds = _read_dataset(f, path, stop_before_pixels=True)
+    with _damaged_header_errors(path):
+        _refuse_dicomdir(ds, path)
+        _declared_shape(ds, path)  # a grey-level image within the limits
+        if _header_text(ds, "SOPInstanceUID") != uid:
+            raise DicomError(f"{path}: its SOPInstanceUID is not the one it was sent under")
+        frames = _header_text(ds, "NumberOfFrames")
+        if frames not in (None, "1"):
+            raise DicomError(f"{path}: expected a single 2-D image, it has {show(frames)} frames")

@@ -1,0 +1,335 @@
+"""pneumoseg.serve.DicomNode and `pneumoseg listen`: a DICOM node in the test process on a free port, fed
+by a pynetdicom SCU, its answers checked against Predictor.predict on the same files."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("highdicom")
+pynetdicom = pytest.importorskip("pynetdicom")
+
+import pydicom  # noqa: E402
+from pynetdicom import AE, evt  # noqa: E402
+
+from pneumoseg.cli import main  # noqa: E402
+from pneumoseg.errors import InvalidInputError  # noqa: E402
+from pneumoseg.infer import Predictor  # noqa: E402
+from pneumoseg.infer.dicom_seg import SEGMENTATION_STORAGE  # noqa: E402
+from pneumoseg.serve import RESULTS, DicomNode, parse_forward  # noqa: E402
+from pneumoseg.serve.node import INCOMING, RESULT_COLUMNS  # noqa: E402
+
+from factories import write_dicom  # noqa: E402
+from infer_helpers import model_dir, phantom_images  # noqa: E402
+
+SIIM = Path(__file__).resolve().parents[2] / "shared" / "data" / "siim-sample"
+CR = "1.2.840.10008.5.1.4.1.1.1"
+SC = "1.2.840.10008.5.1.4.1.1.7"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+SYNTAXES = ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2", "1.2.840.10008.1.2.4.50"]
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    return Predictor.from_dir(model_dir("classifier"), backend="torch", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Six 16-bit CR phantoms (half with a pneumothorax), and the SIIM files where ../shared has them."""
+    folder = tmp_path_factory.mktemp("sources")
+    files = [write_dicom(folder / f"{i}.dcm", (img.astype(np.uint16) * 16), StudyInstanceUID=pydicom.uid.generate_uid(),
+                         SeriesInstanceUID=pydicom.uid.generate_uid()) for i, img in enumerate(phantom_images(6))]
+    files += sorted(SIIM.glob("*.dcm")) if SIIM.is_dir() else []
+    return files
+
+
+def send(port, paths, *, calling="SCU", contexts=((CR, SYNTAXES), (SC, SYNTAXES))):
+    """C-STORE each file (a path or a Dataset) in one association; the status codes."""
+    ae = AE(ae_title=calling)
+    for sop_class, syntaxes in contexts:
+        for syntax in syntaxes:  # one context per syntax, as a PACS proposes them: each file goes as it is
+            ae.add_requested_context(sop_class, syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOSEG")
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(p if isinstance(p, pydicom.Dataset) else pydicom.dcmread(p)).Status)
+                for p in paths]
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
+def rows(out):
+    with open(out / RESULTS, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == RESULT_COLUMNS
+        return list(reader)
+
+
+class Held:
+    """A predictor that waits for ``release`` before each batch: the queue fills behind it."""
+
+    def __init__(self, inner):
+        self.inner, self.release, self.started = inner, threading.Event(), threading.Event()
+        self.backend, self.model_dir = inner.backend, inner.model_dir
+
+    def predict(self, *args, **kwargs):
+        self.started.set()
+        assert self.release.wait(30)
+        return self.inner.predict(*args, **kwargs)
+
+
+def test_results_and_segs_are_the_predictors_and_echo_answers(predictor, sources, tmp_path):
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0, batch_size=4) as node:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context("1.2.840.10008.1.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG")
+        assert int(assoc.send_c_echo().Status) == 0
+        assoc.release()
+        assert send(node.port, sources) == [0] * len(sources)
+        assert node.wait_idle(60)
+    got = {r["ImageId"]: r for r in rows(out)}
+    want = predictor.predict([str(p) for p in sources], return_masks=True, name_by="uid")
+    assert sorted(got) == sorted(p.image_id for p in want)
+    positives = 0
+    for p in want:
+        row = got[p.image_id]
+        assert row["Status"] == "ok" and row["Caller"] == "SCU" and row["Error"] == ""
+        assert float(row["Score"]) == pytest.approx(p.score, rel=1e-5, abs=1e-6)
+        assert row["EncodedPixels"] == p.rle
+        assert (row["Positive"], int(row["Components"])) == (str(int(p.positive)), p.n_components)
+        assert row["Received"] <= row["Done"]
+        seg_path = out / "seg" / f"{p.image_id}.dcm"
+        assert seg_path.is_file() == p.positive and row["Seg"] == (f"seg/{p.image_id}.dcm" if p.positive else "")
+        if p.positive:
+            positives += 1
+            seg = pydicom.dcmread(seg_path)
+            assert seg.SOPClassUID == SEGMENTATION_STORAGE
+            ref = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+            assert ref == p.image_id
+            assert np.array_equal(seg.pixel_array.astype(bool), p.mask.astype(bool))
+    assert 0 < positives < len(want)
+    assert list((out / INCOMING).iterdir()) == []  # every image, once its row is written, is removed
+
+
+def test_forward_sends_exactly_the_segs_and_a_failed_forward_is_recorded(predictor, sources, tmp_path):
+    received = []
+
+    def on_store(event):
+        received.append(event.dataset)
+        return 0
+
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(SEGMENTATION_STORAGE, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    server = pacs.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        port = server.server_address[1]
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=f"PACS@127.0.0.1:{port}") as node:
+            send(node.port, sources[:6])
+            assert node.wait_idle(60)
+    finally:
+        pacs.shutdown()
+    segs = {pydicom.dcmread(p).SOPInstanceUID for p in (out / "seg").iterdir()}
+    assert segs and {ds.SOPInstanceUID for ds in received} == segs and len(received) == len(segs)
+    assert {r["Forwarded"] for r in rows(out) if r["Seg"]} == {"yes"}
+    assert {r["Forwarded"] for r in rows(out) if not r["Seg"]} == {""}
+
+    # nobody listens there now: each SEG stays on disk, its row says it was not sent
+    out2 = tmp_path / "node2"
+    with DicomNode(predictor, out2, port=0, forward=f"PACS@127.0.0.1:{port}", forward_attempts=2,
+                   forward_backoff_s=0.0) as node:
+        send(node.port, sources[:6])
+        assert node.wait_idle(60)
+    sent = [r for r in rows(out2) if r["Seg"]]
+    assert sent and all(r["Forwarded"] == "no" and r["Error"].startswith("not forwarded:") and (out2 / r["Seg"]).is_file()
+                        for r in sent)
+
+
+def test_other_sop_classes_and_callers_are_refused_at_association(predictor, sources, tmp_path):
+    with DicomNode(predictor, tmp_path / "node", port=0, allowed_callers=["PACS"]) as node:
+        ae = AE(ae_title="PACS")
+        ae.add_requested_context(CT, SYNTAXES)
+        ae.add_requested_context(CR, SYNTAXES)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG")
+        assert assoc.is_established
+        # a CT image cannot be sent: its presentation context is refused (abstract syntax not supported)
+        assert [c.abstract_syntax for c in assoc.accepted_contexts] == [CR]
+        assert [(c.abstract_syntax, c.result) for c in assoc.rejected_contexts] == [(CT, 3)]
+        ct = pydicom.dcmread(sources[0])
+        ct.SOPClassUID = CT
+        with pytest.raises(ValueError, match="No presentation context"):
+            assoc.send_c_store(ct)
+        assoc.release()
+        ae.shutdown()
+        other = AE(ae_title="OTHER")
+        other.add_requested_context(CR, SYNTAXES)
+        assoc = other.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG")
+        assert assoc.is_rejected
+        other.shutdown()
+        assert send(node.port, sources[:1], calling="PACS") == [0]
+        assert node.wait_idle(60)
+    assert len(rows(tmp_path / "node")) == 1
+
+
+def test_a_damaged_instance_is_refused_or_recorded_and_the_node_goes_on(predictor, sources, tmp_path):
+    no_rows = pydicom.dcmread(sources[0])
+    no_rows.SOPInstanceUID = pydicom.uid.generate_uid()
+    del no_rows.Rows
+    truncated = pydicom.dcmread(sources[1])
+    truncated.SOPInstanceUID = pydicom.uid.generate_uid()
+    truncated.PixelData = truncated.PixelData[:100]
+    rgb = pydicom.dcmread(sources[2])
+    rgb.SOPInstanceUID = pydicom.uid.generate_uid()
+    rgb.PhotometricInterpretation = "RGB"
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0) as node:
+        statuses = send(node.port, [no_rows, truncated, rgb, sources[3]])
+        assert node.wait_idle(60)
+    # the header says pneumoseg cannot read it: Cannot Understand; a cut pixel data is found when predicted
+    assert statuses == [0xC000, 0, 0xC000, 0]
+    got = {r["ImageId"]: r for r in rows(out)}
+    assert set(got) == {truncated.SOPInstanceUID, pydicom.dcmread(sources[3]).SOPInstanceUID}
+    assert got[truncated.SOPInstanceUID]["Status"] == "failed" and "truncated" in got[truncated.SOPInstanceUID]["Error"]
+    assert list((out / INCOMING).iterdir()) == []
+
+
+def test_a_full_queue_answers_out_of_resources_and_a_resend_is_predicted_once(predictor, sources, tmp_path):
+    held = Held(predictor)
+    out = tmp_path / "node"
+    with DicomNode(held, out, port=0, max_queue=2, batch_size=1, batch_wait_s=0.0) as node:
+        assert send(node.port, sources[:1]) == [0]
+        assert held.started.wait(30)  # the first is in the worker's batch; two more may wait
+        assert send(node.port, sources[1:4]) == [0, 0, 0xA700]
+        assert send(node.port, sources[1:2]) == [0]  # sent again while it waits: acknowledged, predicted once
+        held.release.set()
+        assert node.wait_idle(60)
+    assert len(rows(out)) == 3
+
+
+def test_stop_leaves_the_queue_in_incoming_and_a_restart_predicts_it(predictor, sources, tmp_path):
+    held = Held(predictor)
+    out = tmp_path / "node"
+    node = DicomNode(held, out, port=0, batch_size=1, batch_wait_s=0.0).start()
+    assert send(node.port, sources[:3]) == [0, 0, 0]
+    assert held.started.wait(30)
+    threading.Timer(0.5, held.release.set).start()
+    node.stop(timeout_s=0.1)  # the batch being predicted ends; the two behind it stay on disk
+    assert len(rows(out)) == 1
+    assert len(list((out / INCOMING).glob("*.dcm"))) == 2
+    with DicomNode(predictor, out, port=0) as again:
+        assert again.stats["resumed"] == 2
+        assert again.wait_idle(60)
+    want = {pydicom.dcmread(p).SOPInstanceUID for p in sources[:3]}
+    assert {r["ImageId"] for r in rows(out)} == want and len(rows(out)) == 3
+    assert list((out / INCOMING).iterdir()) == []
+
+
+def test_a_restart_after_a_kill_predicts_incoming_and_mends_results(predictor, sources, tmp_path):
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0):
+        pass
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in sources[:2]]
+    (out / INCOMING).mkdir(exist_ok=True)
+    for uid, p in zip(uids, sources):
+        shutil.copy(p, out / INCOMING / f"{uid}.dcm")
+    # what a SIGKILL leaves: a cut row, a temporary file, and a file whose row was written
+    with open(out / RESULTS, "a") as f:
+        f.write(f"{uids[1]},SCU,2026-01-01T00:00:00+00:00,2026-01-01T00:00:01+00:00,ok,0.1,0,0,-1,,,\n{uids[0]},SC")
+    (out / INCOMING / f".{uids[0]}.dcm.pneumoseg-abcdefgh.tmp").write_bytes(b"half")
+    with DicomNode(predictor, out, port=0) as node:
+        assert node.stats["resumed"] == 1
+        assert node.wait_idle(60)
+    assert [r["ImageId"] for r in rows(out)] == [uids[1], uids[0]]
+    assert list((out / INCOMING).iterdir()) == []
+
+
+def test_the_node_logs_and_records_no_patient_data(predictor, tmp_path, caplog):
+    from test_phi_canary import canaries, canary_dicom
+
+    raw = (phantom_images(1)[0].astype(np.uint16) * 16)
+    good = canary_dicom(tmp_path / "good.dcm", raw)
+    bad = pydicom.dcmread(canary_dicom(tmp_path / "bad.dcm", raw))
+    bad.PixelData = bad.PixelData[:100]
+    no_rows = pydicom.dcmread(canary_dicom(tmp_path / "norows.dcm", raw, Rows=None))
+    out = tmp_path / "node"
+    with caplog.at_level(logging.DEBUG, logger="pneumoseg"), \
+            DicomNode(predictor, out, port=0, forward="PACS@127.0.0.1:9", forward_attempts=1, log_every_s=0) as node:
+        send(node.port, [good, bad, no_rows])
+        assert node.wait_idle(60)
+    assert len(rows(out)) == 2 and caplog.records
+    assert canaries((out / RESULTS).read_bytes()) == set()
+    assert canaries("\n".join(r.getMessage() for r in caplog.records).encode()) == set()
+
+
+def test_bad_arguments():
+    with pytest.raises(InvalidInputError, match="AET@HOST:PORT"):
+        parse_forward("PACS:104")
+    assert parse_forward("PACS@10.0.0.5:104") == ("PACS", "10.0.0.5", 104)
+    for kwargs in ({"ae_title": "X" * 17}, {"allowed_callers": []}, {"max_queue": 0}, {"forward": "a@b:70000"},
+                   {"forward": "A@h:1", "write_seg": False}):
+        with pytest.raises(InvalidInputError):
+            DicomNode(object(), "unused", **kwargs)
+
+
+def test_cli_argument_errors_are_one_line(tmp_path, capsys):
+    model = str(model_dir("classifier"))
+    base = ["listen", "--model", model, "--out", str(tmp_path / "o"), "--device", "cpu", "--backend", "torch"]
+    for extra, message in ((["--forward", "PACS"], "AET@HOST:PORT"), (["--ae-title", "A" * 17], "AE title"),
+                           (["--allow", "A,,B"], "AE title"), (["--port", "70000"], "--port"),
+                           (["--no-seg", "--forward", "P@h:1"], "--no-seg")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("pneumoseg: error: ") and err.count("\n") == 1 and message in err
+    with socket.socket() as taken:  # a port in use is the user's to change
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(base + ["--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and err.count("\n") == 1
+    assert not any((tmp_path / "o").glob("incoming/*"))
+
+
+def test_cli_listens_until_sigint(sources, tmp_path):
+    out = tmp_path / "o"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "pneumoseg", "listen", "--model", str(model_dir("classifier")),
+                             "--out", str(out), "--port", "0", "--device", "cpu", "--backend", "torch"],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        port = None
+        deadline = time.monotonic() + 60
+        lines = []
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            if line.startswith("listening as PNEUMOSEG on 127.0.0.1:"):
+                port = int(line.split("127.0.0.1:")[1].split()[0].rstrip(";"))
+            assert line or proc.poll() is None, lines
+        assert port, lines
+        assert send(port, sources[:1]) == [0]
+        while time.monotonic() < deadline and len(rows(out)) < 1:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert [r["ImageId"] for r in rows(out)] == [pydicom.dcmread(sources[0]).SOPInstanceUID]
+    assert "stopped: received 1, predicted 1" in err
