@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["overlay", "display_pixels"]
+__all__ = ["overlay", "display_pixels", "display_grey"]
 
 _RED = np.array([255, 40, 40], dtype=np.float32)
 
@@ -16,6 +16,18 @@ def display_pixels(pixels: Any) -> np.ndarray:
     img = np.asarray(pixels, dtype=np.float64)
     lo, hi = float(img.min()), float(img.max())
     return np.round((img - lo) / (hi - lo if hi > lo else 1.0) * 255).astype(np.uint8)
+
+
+def display_grey(image: Any) -> tuple[np.ndarray, Optional[Exception]]:
+    """A :class:`pneumoseg.data.DicomImage` as uint8 grey for an overlay: through its own VOI LUT or
+    window, or, where that is broken, over the full pixel range with the DicomError saying why (a
+    broken display window must not cost a picture; the caller says so)."""
+    from ..errors import DicomError
+
+    try:
+        return display_pixels(image.window()), None
+    except DicomError as exc:
+        return display_pixels(image.pixels), exc
 
 
 def _outline(mask: np.ndarray) -> np.ndarray:
