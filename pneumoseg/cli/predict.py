@@ -16,6 +16,11 @@ SCORES = "scores.csv"
 SUMMARY = "summary.json"
 OVERLAYS = "overlays"
 SEGS = "seg"
+DICOM_OVERLAYS = "dicom-overlay"
+# why the DICOM outputs are opt-in (--help of each)
+_IDENTITY = ("its source's patient and study identity (name, ID and its issuer, birth date, sex, study date and time, "
+             "study ID, accession number, referring physician), which is what files it into the study; the CSV, "
+             "JSON and PNG outputs copy none of it. Needs highdicom: pip install 'pneumoseg[pacs]'")
 
 
 def add_parser(subparsers) -> None:
@@ -24,7 +29,8 @@ def add_parser(subparsers) -> None:
         description="Predict every DICOM given (files, folders searched recursively, the Kaggle test layout, PACS "
                     "exports: files with or without the .dcm suffix; a DICOMDIR is skipped). "
                     "Writes submission.csv (ImageId,EncodedPixels; -1 when empty; one row per image), scores.csv, "
-                    "a PNG overlay per positive image (and, with --dicom-seg, a DICOM Segmentation) and "
+                    "a PNG overlay per positive image (and, with --dicom-seg, a DICOM Segmentation; with "
+                    "--dicom-overlay, a DICOM Secondary Capture overlay) and "
                     "summary.json. Unreadable or non-DICOM files are reported and skipped.")
     p.add_argument("inputs", nargs="+", type=path, metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--model", type=path, required=True, help="model directory (from `pneumoseg train`)")
@@ -47,10 +53,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-overlays", action="store_true", help="do not write the overlay pictures")
     p.add_argument("--dicom-seg", action="store_true",
                    help=f"also write {SEGS}/<ImageId>.dcm, a DICOM Segmentation of each positive image that a PACS files "
-                        "beside its source and a viewer draws over it. Opt-in because each SEG copies its source's "
-                        "patient and study identity (name, ID and its issuer, birth date, sex, study date and time, "
-                        "study ID, accession number, referring physician), which is what files it into the study; "
-                        "no other output holds patient data. Needs highdicom: pip install 'pneumoseg[pacs]'")
+                        f"beside its source and a viewer draws over it. Opt-in because each SEG copies {_IDENTITY}")
+    p.add_argument("--dicom-overlay", action="store_true",
+                   help=f"also write {DICOM_OVERLAYS}/<ImageId>.dcm, a DICOM Secondary Capture of each positive image: "
+                        "the PNG overlay's picture (the mask outlined in red) captioned with the score and NOT FOR "
+                        "DIAGNOSTIC USE, in a new series of the source's study, for PACS viewers that do not draw "
+                        "SEGs. Opt-in because each copies " + _IDENTITY)
     p.add_argument("--force", action="store_true",
                    help="replace an existing submission.csv / write into a folder holding other files")
     add_no_progress(p)
@@ -63,10 +71,10 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import OutputError
     from ..infer import Predictor
 
-    if args.dicom_seg:  # a missing highdicom is refused before the model loads
-        from ..infer.dicom_seg import require_highdicom
+    if args.dicom_seg or args.dicom_overlay:  # a missing highdicom is refused before the model loads
+        from ..infer._dicom_derived import require_highdicom
 
-        require_highdicom()
+        require_highdicom("DICOM Segmentation output" if args.dicom_seg else "DICOM overlay output")
     # Refused before any work: an existing submission is never replaced without --force (even one
     # pneumoseg wrote: a submission is the thing people hand in).
     inputs = (*args.inputs, args.model)
@@ -74,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                         never_replace=(SUBMISSION,))
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
                                    tta=args.tta, segment=args.segment, batch_size=args.batch_size)
-    stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=args.dicom_seg or not args.no_overlays,
+    pictures = args.dicom_overlay or not args.no_overlays  # each positive's file is read again for display
+    stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=args.dicom_seg or pictures,
                                     on_error="skip", progress=not args.no_progress, workers=args.workers,
                                     name_by=args.name_by)
     # Every ImageId is checked before anything is written: it is a row of the CSVs and names an overlay.
@@ -82,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
         _check_utf8_image_id(source)  # first: its message says what to do in this command
         check_csv_image_ids([source.image_id], what=f"{source.path}: its ImageId")
     names = safe_file_names([s.image_id for s in stream.sources], ".png")
-    seg_names = safe_file_names([s.image_id for s in stream.sources], ".dcm") if args.dicom_seg else {}
+    dicom = args.dicom_seg or args.dicom_overlay
+    dcm_names = safe_file_names([s.image_id for s in stream.sources], ".dcm") if dicom else {}
     # the submission is checked again once the folder is held: another predict into it may have
     # finished while this one loaded the model
     # The with block is the run: an error or a stop inside it removes what it wrote and puts the folder's
@@ -94,18 +104,26 @@ def run(args: argparse.Namespace) -> int:
         overlays = 0
         segs = 0
         no_segs: list[dict[str, str]] = []  # positives without a SEG, and why (summary.json)
+        dicom_overlays = 0
+        no_dicom_overlays: list[dict[str, str]] = []
         # closed however the loop ends (a failed write, Ctrl-C): the reader threads stop and the progress
         # bar ends its line before the one-line message, instead of whenever the stream is collected
         with contextlib.closing(stream):
             for pred in stream:
+                image = read_for_display(pred) if pred.positive and pictures else None  # once for both pictures
                 if pred.positive and not args.no_overlays:
-                    overlays += write_overlay(folder, names[pred.image_id], pred)
+                    overlays += write_overlay(folder, names[pred.image_id], pred, image)
                 if pred.positive and args.dicom_seg:
-                    reason = write_segmentation(folder, seg_names[pred.image_id], pred, predictor, args.name_by)
+                    reason = write_segmentation(folder, dcm_names[pred.image_id], pred, predictor, args.name_by)
                     segs += reason is None
                     if reason is not None:
                         no_segs.append({"image_id": pred.image_id, "reason": reason})
-                pred.mask = None  # memory stays bounded: the mask is in its overlay, its SEG and its RLE
+                if pred.positive and args.dicom_overlay:
+                    reason = write_dicom_overlay(folder, dcm_names[pred.image_id], pred, image, args.name_by)
+                    dicom_overlays += reason is None
+                    if reason is not None:
+                        no_dicom_overlays.append({"image_id": pred.image_id, "reason": reason})
+                pred.mask = image = None  # memory stays bounded: the mask is in its overlays, its SEG and its RLE
                 predictions.append(pred)
         seconds = time.perf_counter() - start
         for where, reason in stream.skipped:
@@ -113,14 +131,16 @@ def run(args: argparse.Namespace) -> int:
         if not predictions:
             raise OutputError("no image could be read; nothing was predicted (see the messages above)")
         write_predictions(folder, predictions, stream.skipped, predictor, seconds, overlays,
-                          (segs, no_segs) if args.dicom_seg else None)
+                          (segs, no_segs) if args.dicom_seg else None,
+                          (dicom_overlays, no_dicom_overlays) if args.dicom_overlay else None)
     positives = sum(p.positive for p in predictions)
     skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
     noun = "image" if len(predictions) == 1 else "images"
     print(f"predicted {len(predictions)} {noun} ({positives} with pneumothorax{skipped}) in {seconds:.1f} s "
           f"({len(predictions) / max(seconds, 1e-9):.1f} images/s) with {predictor.backend.name} "
           f"{predictor.backend.precision} on {predictor.backend.device}")
-    extras = [f"{overlays} overlays in {OVERLAYS}/"] * bool(overlays) + [f"{segs} DICOM SEGs in {SEGS}/"] * bool(segs)
+    extras = ([f"{overlays} overlays in {OVERLAYS}/"] * bool(overlays) + [f"{segs} DICOM SEGs in {SEGS}/"] * bool(segs)
+              + [f"{dicom_overlays} DICOM overlays in {DICOM_OVERLAYS}/"] * bool(dicom_overlays))
     print(f"wrote {folder.path / SUBMISSION}, {SCORES}, {SUMMARY}" + (f" and {' and '.join(extras)}" if extras else ""))
     return 0
 
@@ -140,9 +160,11 @@ def _check_utf8_image_id(source) -> None:
 
 
 def write_predictions(folder, predictions, skipped, predictor, seconds: float, overlays: int,
-                      segs: Optional[tuple[int, list[dict[str, str]]]] = None) -> None:
+                      segs: Optional[tuple[int, list[dict[str, str]]]] = None,
+                      dicom_overlays: Optional[tuple[int, list[dict[str, str]]]] = None) -> None:
     """submission.csv (ImageId,EncodedPixels, one row per image in order), scores.csv and summary.json;
-    with --dicom-seg, ``segs`` is (SEGs written, the positive images without one and why)."""
+    with --dicom-seg, ``segs`` is (SEGs written, the positive images without one and why), with
+    --dicom-overlay ``dicom_overlays`` the same for the Secondary Capture overlays."""
     from .. import __version__
     from ..infer.predictor import summarise_timings
 
@@ -165,9 +187,8 @@ def write_predictions(folder, predictions, skipped, predictor, seconds: float, o
         "timings_ms": summarise_timings(predictions),
         "outputs": {"submission": SUBMISSION, "scores": SCORES, "overlays": OVERLAYS if overlays else None,
                     "overlay_count": overlays,
-                    # only with --dicom-seg: without it summary.json is as it was
-                    **({"dicom_seg": SEGS if segs[0] else None, "dicom_seg_count": segs[0], "dicom_seg_missing": segs[1]}
-                       if segs is not None else {})},
+                    # only with --dicom-seg / --dicom-overlay: without them summary.json is as it was
+                    **_counted("dicom_seg", SEGS, segs), **_counted("dicom_overlay", DICOM_OVERLAYS, dicom_overlays)},
         # per image without its RLE (that is in the submission) and its batch's timings (summarised above)
         "images_detail": [{k: v for k, v in p.to_dict().items() if k not in ("timings", "rle")} for p in predictions],
     }
@@ -176,30 +197,44 @@ def write_predictions(folder, predictions, skipped, predictor, seconds: float, o
         f.write("\n")
 
 
-def write_overlay(folder, name: str, pred) -> bool:
-    """overlays/<name>: the radiograph (through its own window / VOI LUT) with the mask in red; False
-    when the file can no longer be read."""
-    from ..data.dicom import read_dicom
-    from ..errors import DicomError, PneumosegError
-    from ..infer.inputs import skip_reason
-    from ..infer.overlay import display_pixels, overlay
+def _counted(key: str, subfolder: str, written: Optional[tuple[int, list[dict[str, str]]]]) -> dict:
+    """summary.json's keys for an opt-in output: its folder (None when empty), count and the positive
+    images without one and why; none without the option."""
+    if written is None:
+        return {}
+    return {key: subfolder if written[0] else None, f"{key}_count": written[0], f"{key}_missing": written[1]}
 
+
+def read_for_display(pred):
+    """``pred``'s file read again for display (its VOI LUT / window) as a DicomImage, or why it cannot be:
+    deleted or replaced since its pixels were read (an export being cleaned up while the run went on)."""
+    from ..data.dicom import read_dicom
+    from ..errors import PneumosegError
+    from ..infer.inputs import skip_reason
+
+    if pred.path is None:
+        return "it was not read from a DICOM file"
     try:
-        image = read_dicom(pred.path)  # read again for display (its VOI LUT / window)
+        image = read_dicom(pred.path)
     except (PneumosegError, OSError) as exc:
-        # deleted or replaced since its pixels were read (an export being cleaned up while the run went
-        # on): the prediction stands, only its picture is lost
-        print(f"pneumoseg: no overlay for {pred.path}: {skip_reason(exc, str(pred.path))}", file=sys.stderr)
-        return False
+        return skip_reason(exc, str(pred.path))
     if tuple(image.pixels.shape) != tuple(pred.shape):
-        print(f"pneumoseg: no overlay for {pred.path}: the file changed since it was predicted (now "
-              f"{image.pixels.shape[0]}x{image.pixels.shape[1]} pixels)", file=sys.stderr)
+        return f"the file changed since it was predicted (now {image.pixels.shape[0]}x{image.pixels.shape[1]} pixels)"
+    return image
+
+
+def write_overlay(folder, name: str, pred, image=None) -> bool:
+    """overlays/<name>: the radiograph (through its own window / VOI LUT) with the mask in red; False
+    when the file can no longer be read. ``image`` is what :func:`read_for_display` gave, if called."""
+    from ..infer.overlay import display_grey, overlay
+
+    image = read_for_display(pred) if image is None else image
+    if isinstance(image, str):  # the prediction stands, only its picture is lost
+        print(f"pneumoseg: no overlay for {pred.path}: {image}", file=sys.stderr)
         return False
-    try:
-        grey = display_pixels(image.window())
-    except DicomError as exc:  # a broken display window must not cost the predictions: show the full range
-        print(f"pneumoseg: overlay of {pred.path} drawn over the full pixel range: {exc}", file=sys.stderr)
-        grey = display_pixels(image.pixels)
+    grey, problem = display_grey(image)
+    if problem is not None:  # a broken display window must not cost the predictions: shown over the full range
+        print(f"pneumoseg: overlay of {pred.path} drawn over the full pixel range: {problem}", file=sys.stderr)
     folder.write_png(OVERLAYS, name, image=overlay(grey, pred.mask))
     return True
 
@@ -211,28 +246,54 @@ def write_segmentation(folder, name: str, pred, predictor, name_by: str = "file"
     holds another is another image (perhaps another patient's), whose SEG this mask must not become."""
     from pathlib import Path
 
-    from ..errors import PneumosegError
     from ..infer.dicom_seg import build_dicom_seg, save_dicom_seg
+
+    backend = predictor.backend
+    return _write_derived(folder, SEGS, name, pred, name_by, "DICOM SEG", lambda: build_dicom_seg(
+        pred.mask, pred.path, algorithm_parameters={
+            "model": Path(predictor.model_dir.path).name, "backend": backend.name, "precision": backend.precision}),
+        save_dicom_seg)
+
+
+def write_dicom_overlay(folder, name: str, pred, image=None, name_by: str = "file") -> Optional[str]:
+    """dicom-overlay/<name>: a DICOM Secondary Capture of ``pred``'s mask burned into its source, captioned
+    with its score. None when written; else (also printed to stderr) why not, as :func:`write_segmentation`.
+    ``image`` is what :func:`read_for_display` gave, if called."""
+    from ..infer.dicom_overlay import build_dicom_overlay, save_dicom_overlay
+
+    image = read_for_display(pred) if image is None else image
+    return _write_derived(folder, DICOM_OVERLAYS, name, pred, name_by, "DICOM overlay",
+                          lambda: build_dicom_overlay(pred.mask, image, score=float(pred.score)), save_dicom_overlay,
+                          unreadable=image if isinstance(image, str) else None)
+
+
+def _write_derived(folder, subfolder: str, name: str, pred, name_by: str, what: str, build, save,
+                   unreadable: Optional[str] = None) -> Optional[str]:
+    """``subfolder``/<name>: the DICOM ``build()`` makes of ``pred`` over its source file, written with
+    ``save``. None when written; else (also printed to stderr) why not: ``unreadable`` (the source could
+    not be read again), no source file, or it can no longer be read as the image predicted."""
+    from ..errors import PneumosegError
     from ..infer.inputs import skip_reason
 
-    if pred.path is None:  # an in-memory image has no DICOM header to file a SEG under
-        reason = "it was not read from a DICOM file"
-        print(f"pneumoseg: no DICOM SEG for {pred.image_id}: {reason}", file=sys.stderr)
+    def missing(reason: str) -> str:
+        print(f"pneumoseg: no {what} for {pred.path if pred.path is not None else pred.image_id}: {reason}",
+              file=sys.stderr)
         return reason
-    backend = predictor.backend
+
+    if pred.path is None:  # an in-memory image has no DICOM header to file it under
+        return missing("it was not read from a DICOM file")
+    if unreadable is not None:
+        return missing(unreadable)
     try:
-        seg = build_dicom_seg(pred.mask, pred.path, algorithm_parameters={
-            "model": Path(predictor.model_dir.path).name, "backend": backend.name, "precision": backend.precision})
+        ds = build()
     except PneumosegError as exc:
-        # deleted, replaced or resized since its pixels were read: the prediction stands, only its SEG is lost
-        reason = skip_reason(exc, str(pred.path))
-        print(f"pneumoseg: no DICOM SEG for {pred.path}: {reason}", file=sys.stderr)
-        return reason
-    referenced = seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+        # deleted, replaced or resized since its pixels were read: the prediction stands, only this file is lost
+        return missing(skip_reason(exc, str(pred.path)))
+    # With --name-by uid the ImageId is the SOPInstanceUID the file held when listed: a file that now
+    # holds another is another image (perhaps another patient's), which this mask must not be filed under
+    referenced = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
     if name_by == "uid" and referenced != pred.image_id:
-        reason = "the file now holds another image (its SOPInstanceUID changed since it was listed)"
-        print(f"pneumoseg: no DICOM SEG for {pred.path}: {reason}", file=sys.stderr)
-        return reason
-    with folder.open(SEGS, name) as f:
-        save_dicom_seg(seg, f)
+        return missing("the file now holds another image (its SOPInstanceUID changed since it was listed)")
+    with folder.open(subfolder, name) as f:
+        save(ds, f)
     return None
