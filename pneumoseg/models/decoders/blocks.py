@@ -169,7 +169,7 @@ class DecoderBlock(nn.Module):
                 # dense, in the memory format conv2d would pick for the slice
                 self._frozen_skip_weight = weight[:, channels:].clone(memory_format=torch.preserve_format)
             elif bias is not None:
-                self._frozen_phase_bias = bias.repeat_interleave(4)
+                self._frozen_phase_bias = _phase_bias(bias)
         self._frozen_key = (self.has_skip, _tensor_key(weight), _tensor_key(bias))
         # (conv1's weight, its bias, the frozen weights as stored): what the eager check compares with
         self._frozen_sources = (weight.detach(), None if bias is None else bias.detach(),
@@ -348,7 +348,7 @@ def upsample_conv3x3(x: torch.Tensor, skip: Optional[torch.Tensor], weight: torc
     if weight.dim() != 4 or weight.shape[1] != channels + skip_channels or weight.shape[2:] != (3, 3):
         raise ValueError(f"upsample_conv3x3: a 3x3 weight over {channels} + {skip_channels} input channels, "
                          f"got weight shape {tuple(weight.shape)}")
-    phase_bias = bias.repeat_interleave(4) if bias is not None and skip is None else None
+    phase_bias = _phase_bias(bias) if bias is not None and skip is None else None
     return _upsample_conv3x3_phases(x, skip, _subpixel_weight(weight[:, :channels]), phase_bias,
                                     weight[:, channels:], bias, weight.shape[0])
 
@@ -404,6 +404,13 @@ def _upsample_conv3x3_phases(x: torch.Tensor, skip: Optional[torch.Tensor], phas
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() \
         else torch.contiguous_format
+
+
+def _phase_bias(bias: torch.Tensor) -> torch.Tensor:
+    """(O,) -> (4 O,): each output channel's bias once per phase, in :func:`_subpixel_weight`'s order.
+    Not ``bias.repeat_interleave(4)``: onnxscript before 0.7.2 cannot convert it (no ``dim``) or
+    converts it to a graph onnx.checker refuses (``dim=0``), so an export of the U-Net failed."""
+    return bias.reshape(-1, 1).expand(-1, 4).reshape(-1)
 
 
 def _subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
