@@ -1,7 +1,8 @@
-"""What `pneumoseg predict --dicom-seg` adds per positive image: writing its DICOM SEG (header read,
-highdicom build, atomic write into the output folder) against the PNG overlay the command already
-writes for it (the file read again, windowed, drawn and PNG-encoded), both through the command's own
-functions, interleaved, median of ``--repeats`` each.
+"""What `pneumoseg predict --dicom-seg` and `--dicom-overlay` add per positive image: writing its DICOM
+SEG (header read, highdicom build, atomic write into the output folder) and its DICOM Secondary Capture
+overlay (the file read again, windowed, drawn, captioned, highdicom build, atomic write) against the PNG
+overlay the command already writes for it (the file read again, windowed, drawn and PNG-encoded), all
+through the command's own functions, interleaved, median of ``--repeats`` each.
 
     python benchmarks/dicom_seg_cost.py [--repeats 20] [--dicom FILE]
 
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from pneumoseg import rle  # noqa: E402
 from pneumoseg._fs import prepare_output_folder  # noqa: E402
-from pneumoseg.cli.predict import write_overlay, write_segmentation  # noqa: E402
+from pneumoseg.cli.predict import write_dicom_overlay, write_overlay, write_segmentation  # noqa: E402
 from pneumoseg.data import make_synthetic_siim, read_dicom_shape, read_rle_csv  # noqa: E402
 from pneumoseg.infer.predictor import Prediction  # noqa: E402
 
@@ -64,28 +65,31 @@ def main() -> None:
         path, mask = source_and_mask(args.dicom, Path(scratch))
         pred = Prediction(image_id=path.stem, score=0.9, rle=rle.encode(mask), n_components=1,
                           shape=tuple(mask.shape), segmented=True, path=str(path), mask=mask)
-        times: dict[str, list[float]] = {"overlay": [], "seg": []}
+        writers = {  # each writes one file per call, as the command does per positive image
+            "overlay": lambda folder, name: write_overlay(folder, f"{name}.png", pred),
+            "seg": lambda folder, name: write_segmentation(folder, f"{name}.dcm", pred, _Predictor) is None,
+            "dicom-overlay": lambda folder, name: write_dicom_overlay(folder, f"{name}.dcm", pred) is None,
+        }
+        files = {"overlay": "overlays/0.png", "seg": "seg/0.dcm", "dicom-overlay": "dicom-overlay/0.dcm"}
+        times: dict[str, list[float]] = {k: [] for k in writers}
         with prepare_output_folder(Path(scratch) / "out") as folder:
-            write_overlay(folder, "warm.png", pred)  # imports and first-call costs out of the figures
-            assert write_segmentation(folder, "warm.dcm", pred, _Predictor) is None
+            for write in writers.values():  # imports and first-call costs out of the figures
+                assert write(folder, "warm")
+            names = list(writers)
             for i in range(args.repeats):
-                order = ("overlay", "seg") if i % 2 == 0 else ("seg", "overlay")
-                for what in order:
+                for what in names[i % len(names):] + names[:i % len(names)]:  # each first in turn
                     start = time.perf_counter()
-                    if what == "overlay":
-                        assert write_overlay(folder, f"{i}.png", pred)
-                    else:
-                        assert write_segmentation(folder, f"{i}.dcm", pred, _Predictor) is None
+                    assert writers[what](folder, str(i))
                     times[what].append((time.perf_counter() - start) * 1e3)
-            sizes = {"overlay": (folder.path / "overlays" / "0.png").stat().st_size,
-                     "seg": (folder.path / "seg" / "0.dcm").stat().st_size}
+            sizes = {k: (folder.path / f).stat().st_size for k, f in files.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"source {path.name} {mask.shape[0]}x{mask.shape[1]}, mask {int(mask.sum())} px, {args.repeats} repeats each, "
           "interleaved")
-    for k in ("overlay", "seg"):
-        print(f"  {k:8s} median {med[k]:7.2f} ms  (min {min(times[k]):.2f}, max {max(times[k]):.2f})  "
+    for k in writers:
+        print(f"  {k:13s} median {med[k]:7.2f} ms  (min {min(times[k]):.2f}, max {max(times[k]):.2f})  "
               f"file {sizes[k] / 1024:.0f} KiB")
-    print(f"  SEG / overlay: {med['seg'] / med['overlay']:.2f}x")
+    print(f"  SEG / PNG overlay: {med['seg'] / med['overlay']:.2f}x; DICOM overlay / PNG overlay: "
+          f"{med['dicom-overlay'] / med['overlay']:.2f}x")
 
 
 if __name__ == "__main__":
