@@ -12,8 +12,9 @@ element for element and unconverted (:func:`copy_identity`): :data:`PATIENT_AND_
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -167,6 +168,18 @@ def highdicom_error(exc: Exception, where: str, what: str) -> DicomError:
     message quotes none."""
     first = (str(exc).splitlines() or [""])[0][:200]
     return DicomError(f"{where}: highdicom cannot derive {what} from it ({type(exc).__name__}: {first})")
+
+
+def write_atomically(path: Union[str, Path], build: Callable[[], Any], save: Callable[[Any, Any], None]) -> Path:
+    """``build()`` written to ``path`` by ``save(ds, f)``, atomically: a failure leaves no partial file,
+    and an existing file is replaced only by a complete one."""
+    from .._fs import atomic_open
+
+    target = check_path(path, "path")
+    ds = build()
+    with atomic_open(target, "wb") as f:
+        save(ds, f)
+    return target
 
 
 def save_dicom(ds: Any, f: Any) -> None:

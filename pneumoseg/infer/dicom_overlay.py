@@ -23,7 +23,7 @@ import numpy as np
 from .._checks import check_bool, check_int, check_path, check_probability, show
 from ..errors import DicomError, InvalidInputError
 from ._dicom_derived import (PATIENT_AND_STUDY, check_image, check_long_strings, check_mask, check_uid_arguments,
-                             copy_identity, copy_raw, highdicom_error, require_highdicom, save_dicom)
+                             copy_identity, copy_raw, highdicom_error, require_highdicom, save_dicom, write_atomically)
 
 __all__ = ["build_dicom_overlay", "write_dicom_overlay", "default_caption", "PATIENT_AND_STUDY",
            "SECONDARY_CAPTURE_STORAGE", "NOT_FOR_DIAGNOSTIC_USE"]
@@ -155,13 +155,7 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
 def write_dicom_overlay(path: Union[str, Path], mask: Any, source: Any, **options: Any) -> Path:
     """:func:`build_dicom_overlay` written to ``path`` atomically: a failure leaves no partial file, and
     an existing file is replaced only by a complete one."""
-    from .._fs import atomic_open
-
-    target = check_path(path, "path")
-    sc = build_dicom_overlay(mask, source, **options)
-    with atomic_open(target, "wb") as f:
-        save_dicom_overlay(sc, f)
-    return target
+    return write_atomically(path, lambda: build_dicom_overlay(mask, source, **options), save_dicom_overlay)
 
 
 #: Write an overlay (from :func:`build_dicom_overlay`) to an open binary file as a DICOM file.

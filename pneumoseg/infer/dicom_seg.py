@@ -12,11 +12,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .._checks import check_bool, check_int, check_path, show
+from .._checks import check_bool, check_int, show
 from ..errors import InvalidInputError
 from ._dicom_derived import (EMPTY_FOR_HIGHDICOM, PATIENT_AND_STUDY, UIDS, check_image, check_long_strings, check_mask,
                              check_uid_arguments, copy_identity, highdicom_error, present, require_highdicom, save_dicom,
-                             source_header)
+                             source_header, write_atomically)
 
 __all__ = ["build_dicom_seg", "write_dicom_seg", "require_highdicom", "PATIENT_AND_STUDY", "SEGMENTATION_STORAGE"]
 
@@ -121,13 +121,7 @@ def build_dicom_seg(mask: Any, source: Any, *, allow_empty: bool = False, series
 def write_dicom_seg(path: Union[str, Path], mask: Any, source: Any, **options: Any) -> Path:
     """:func:`build_dicom_seg` written to ``path`` atomically: a failure leaves no partial file, and an
     existing file is replaced only by a complete one."""
-    from .._fs import atomic_open
-
-    target = check_path(path, "path")
-    seg = build_dicom_seg(mask, source, **options)
-    with atomic_open(target, "wb") as f:
-        save_dicom_seg(seg, f)
-    return target
+    return write_atomically(path, lambda: build_dicom_seg(mask, source, **options), save_dicom_seg)
 
 
 #: Write a SEG (from :func:`build_dicom_seg`) to an open binary file as a DICOM file.
