@@ -208,6 +208,8 @@ def _rewrite_weights(folder, name, change):
 @pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8, torch.complex64])
 def test_weights_of_another_kind_of_number_are_refused(tmp_path, dtype):
     # load_state_dict cast them: bool weights loaded as 0/1, complex ones lost their imaginary part.
+    if dtype == torch.complex64:  # older ones cannot write the file (and refuse to read it: "C64" unknown)
+        pytest.importorskip("safetensors", minversion="0.7")  # the first to write complex tensors
     from infer_helpers import copy_model_dir
 
     folder = copy_model_dir("plain", tmp_path / "model")

@@ -317,6 +317,8 @@ def test_shape_mismatch_is_refused_and_nothing_loads(tmp_path, source):
 def test_weights_that_would_be_cast_or_are_not_finite_are_refused(tmp_path, source, filename, key, value, match):
     """load_state_dict would cast them silently (complex to real, bool and integers to float) or load
     NaN; the error names the file and the key, and nothing loads."""
+    if filename.endswith(".safetensors") and "complex" in match:  # older ones cannot write (or read) it
+        pytest.importorskip("safetensors", minversion="0.7")  # the first to write complex tensors
     model, _ = source
     state = dict(model.state_dict())
     state[key] = value(state[key])
