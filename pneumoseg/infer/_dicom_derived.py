@@ -14,11 +14,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import numpy as np
 
-from .._checks import as_numpy_array, check_array_object, check_path, show
+from .._checks import as_numpy_array, check_array_object, check_bool, check_int, check_path, show
 from ..errors import DicomError, InvalidInputError
 
 #: What a derived object copies of its source's patient and study: the Type 1 and 2 attributes of the
@@ -48,19 +48,28 @@ def require_highdicom(what: str = "DICOM Segmentation output") -> Any:
     return highdicom
 
 
-def check_long_strings(texts: dict[str, Any]) -> None:
-    """Each value a DICOM LO: a non-empty str of at most 64 characters without a backslash (a value
-    separator); else an InvalidInputError naming the argument."""
+def check_common_arguments(*, allow_empty: Any, series_number: Any, instance_number: Any,
+                           series_instance_uid: Any, sop_instance_uid: Any,
+                           **texts: Any) -> tuple[bool, int, int, dict[str, str]]:
+    """(allow_empty, series_number, instance_number, texts) of what every builder takes, checked: each
+    text a DICOM LO (a non-empty str of at most 64 characters without a backslash, a value separator),
+    ``software_versions`` None meaning pneumoseg's version; the UIDs None or UIDs. Else an
+    InvalidInputError naming the argument."""
+    from .. import __version__
+
+    allow_empty = check_bool(allow_empty, "allow_empty")
+    series_number = check_int(series_number, "series_number", low=1, high=2**31 - 1)
+    instance_number = check_int(instance_number, "instance_number", low=1, high=2**31 - 1)
+    if texts.get("software_versions", "") is None:
+        texts["software_versions"] = __version__
     for name, text in texts.items():
         if not isinstance(text, str) or not text or len(text) > 64 or "\\" in text:
             raise InvalidInputError(f"{name} must be a non-empty str of at most 64 characters without '\\', got {show(text)}")
-
-
-def check_uid_arguments(**uids: Optional[str]) -> None:
-    for name, uid in uids.items():
+    for name, uid in (("series_instance_uid", series_instance_uid), ("sop_instance_uid", sop_instance_uid)):
         if uid is not None and not is_uid(uid):
             raise InvalidInputError(f"{name} must be a UID (digits separated by dots, at most 64 characters), "
                                     f"got {show(uid)}")
+    return allow_empty, series_number, instance_number, texts
 
 
 def source_header(source: Any) -> tuple[Any, str]:

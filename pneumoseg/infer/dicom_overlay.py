@@ -20,10 +20,10 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .._checks import check_bool, check_int, check_path, check_probability, show
+from .._checks import check_path, check_probability, show
 from ..errors import DicomError, InvalidInputError
-from ._dicom_derived import (PATIENT_AND_STUDY, check_image, check_long_strings, check_mask, check_uid_arguments,
-                             copy_identity, copy_raw, highdicom_error, require_highdicom, save_dicom, write_atomically)
+from ._dicom_derived import (PATIENT_AND_STUDY, check_common_arguments, check_image, check_mask, copy_identity, copy_raw,
+                             highdicom_error, require_highdicom, save_dicom, write_atomically)
 
 __all__ = ["build_dicom_overlay", "write_dicom_overlay", "default_caption", "PATIENT_AND_STUDY",
            "SECONDARY_CAPTURE_STORAGE", "NOT_FOR_DIAGNOSTIC_USE"]
@@ -82,19 +82,16 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
     hd = require_highdicom("DICOM overlay output")
     from pydicom.dataset import Dataset
 
-    from .. import __version__
     from ..data.dicom import _damaged_header_errors, _header_text
     from .overlay import display_grey, overlay
 
-    allow_empty = check_bool(allow_empty, "allow_empty")
-    series_number = check_int(series_number, "series_number", low=1, high=2**31 - 1)
-    instance_number = check_int(instance_number, "instance_number", low=1, high=2**31 - 1)
-    texts = {"series_description": series_description, "manufacturer": manufacturer,
-             "manufacturer_model_name": manufacturer_model_name, "device_serial_number": device_serial_number,
-             "software_versions": __version__ if software_versions is None else software_versions}
-    check_long_strings(texts)
+    allow_empty, series_number, instance_number, texts = check_common_arguments(
+        allow_empty=allow_empty, series_number=series_number, instance_number=instance_number,
+        series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+        series_description=series_description, manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name, device_serial_number=device_serial_number,
+        software_versions=software_versions)
     lines = _caption_lines(default_caption(score, texts["software_versions"]) if caption is None else caption)
-    check_uid_arguments(series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
     image, where = _source_image(source)
     header = image._dataset
     rows, columns = check_image(header, where, _WHAT)
@@ -126,7 +123,8 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
     sc.PatientOrientation = orientation  # General Image, Type 2C: the source's rows and columns are these
     sc.ConversionType = "WSD"  # made on a workstation from another image, not digitised (highdicom's DI)
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = f"pneumothorax outline and caption by pneumoseg {__version__} burned into the source"
+    sc.DerivationDescription = ("pneumothorax outline and caption by pneumoseg "
+                                f"{texts['software_versions']} burned into the source")
     for keyword in _LOSSY:
         copy_raw(header, sc, keyword)
     # General Series' Laterality (Type 2C) is required unless the body part is known to be unpaired:

@@ -12,10 +12,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .._checks import check_bool, check_int, show
+from .._checks import show
 from ..errors import InvalidInputError
-from ._dicom_derived import (EMPTY_FOR_HIGHDICOM, PATIENT_AND_STUDY, UIDS, check_image, check_long_strings, check_mask,
-                             check_uid_arguments, copy_identity, highdicom_error, present, require_highdicom, save_dicom,
+from ._dicom_derived import (EMPTY_FOR_HIGHDICOM, PATIENT_AND_STUDY, UIDS, check_common_arguments, check_image,
+                             check_mask, copy_identity, highdicom_error, present, require_highdicom, save_dicom,
                              source_header, write_atomically)
 
 __all__ = ["build_dicom_seg", "write_dicom_seg", "require_highdicom", "PATIENT_AND_STUDY", "SEGMENTATION_STORAGE"]
@@ -63,18 +63,15 @@ def build_dicom_seg(mask: Any, source: Any, *, allow_empty: bool = False, series
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
 
-    from .. import __version__
     from ..data.dicom import _damaged_header_errors
 
-    allow_empty = check_bool(allow_empty, "allow_empty")
-    series_number = check_int(series_number, "series_number", low=1, high=2**31 - 1)
-    instance_number = check_int(instance_number, "instance_number", low=1, high=2**31 - 1)
-    texts = {"series_description": series_description, "manufacturer": manufacturer,
-             "manufacturer_model_name": manufacturer_model_name, "device_serial_number": device_serial_number,
-             "software_versions": __version__ if software_versions is None else software_versions}
-    check_long_strings(texts)
+    allow_empty, series_number, instance_number, texts = check_common_arguments(
+        allow_empty=allow_empty, series_number=series_number, instance_number=instance_number,
+        series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid,
+        series_description=series_description, manufacturer=manufacturer,
+        manufacturer_model_name=manufacturer_model_name, device_serial_number=device_serial_number,
+        software_versions=software_versions)
     parameters = _parameters(algorithm_parameters)
-    check_uid_arguments(series_instance_uid=series_instance_uid, sop_instance_uid=sop_instance_uid)
     header, where = source_header(source)
     rows, columns = check_image(header, where, "a Segmentation")
     pixels = check_mask(mask, (rows, columns), where, allow_empty, "a Segmentation with an empty segment")
