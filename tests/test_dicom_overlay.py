@@ -310,8 +310,10 @@ def test_bad_input_is_refused_with_a_message_naming_it(tmp_path):
     for mask, source, error, message in cases:
         with pytest.raises(error, match=message):
             write_dicom_overlay(tmp_path / "out" / "sc.dcm", mask, source)
+    with pytest.raises(InvalidInputError, match="score"):  # checked with a caption of one's own too
+        build_dicom_overlay(good, path, score=-0.1, caption="mine")
     for name, value, message in [
-        ("score", 1.5, "score"), ("score", float("nan"), "score"), ("score", True, "score"),
+        ("score", 1.5, "score"), ("score", float("nan"), "score"), ("score", True, "score"), ("score", "0.9", "score"),
         ("caption", "", "caption"), ("caption", 7, "caption"), ("caption", "x" * 401, "caption"),
         ("caption", "bell\a", "printable"), ("series_description", "x" * 65, "series_description"),
         ("manufacturer", "a\\b", "manufacturer"), ("series_instance_uid", "1.2.x", "series_instance_uid"),

@@ -91,6 +91,7 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
         series_description=series_description, manufacturer=manufacturer,
         manufacturer_model_name=manufacturer_model_name, device_serial_number=device_serial_number,
         software_versions=software_versions)
+    score = None if score is None else check_probability(score, "score")  # checked with a caption given too
     lines = _caption_lines(default_caption(score, texts["software_versions"]) if caption is None else caption)
     image, where = _source_image(source)
     header = image._dataset
@@ -105,7 +106,6 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
     with _damaged_header_errors(Path(where)):
         uids = {k: _header_text(header, k) for k in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID",
                                                       "SeriesInstanceUID")}
-        orientation = header.get("PatientOrientation") or None
     try:
         sc = hd.sc.SCImage(
             pixel_array=rgb, photometric_interpretation="RGB", bits_allocated=8,
@@ -120,7 +120,8 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
             transfer_syntax_uid="1.2.840.10008.1.2.1")
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise highdicom_error(exc, where, _WHAT) from None
-    sc.PatientOrientation = orientation  # General Image, Type 2C: the source's rows and columns are these
+    if not copy_raw(header, sc, "PatientOrientation"):  # General Image, Type 2C: the source's rows and columns
+        sc.PatientOrientation = None
     sc.ConversionType = "WSD"  # made on a workstation from another image, not digitised (highdicom's DI)
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = ("pneumothorax outline and caption by pneumoseg "
