@@ -1,4 +1,6 @@
-"""pyproject promises numpy>=1.23, while CI installs the newest numpy (2.x): code, tests and benchmarks
+"""pyproject's floors against what was found running the suite at them.
+
+pyproject promises numpy>=1.23, while CI installs the newest numpy (2.x): code, tests and benchmarks
 must use only NumPy names that exist across that whole range. A name from one end fails with an
 AttributeError deep in a call at the other (np.trapezoid, NumPy 2.0+, broke ten metrics tests under
 numpy 1.23.2). CI never runs the old numpy, so this reads the source instead.
@@ -114,6 +116,48 @@ def test_no_numpy_name_outside_the_supported_range():
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
         problems += [f"{path.relative_to(ROOT)}:{o}" for o in _offenders(tree)]
     assert not problems, "NumPy names that fail at one end of numpy>=1.23:\n" + "\n".join(problems)
+
+
+# The first release of each that works with pneumoseg, found by running the suite at pyproject's floors
+# (Python 3.11, torch 2.13): a floor below these installs a version that fails.
+FIRST_WORKING = {
+    # 3.0.0's `import pydicom` downloads five example files (pydicom.examples): ~100 s of retries offline
+    "pydicom": "3.0.1",
+    # 0.4.0 and 0.4.1 refuse float8 weights (their torch loader has no F8 types)
+    "safetensors": "0.4.2",
+    # torch 2.11+ exports through onnxscript's torch_2_11 API and onnx_ir.schemas (onnx_ir 0.1.16, which
+    # onnxscript requires from 0.7; onnxscript 0.6+ requires onnx 1.17)
+    "onnxscript": "0.7",
+    "onnx": "1.17",
+    # 1.18.0 allows numpy 2 but is built for numpy 1: `import onnxruntime` fails there
+    "onnxruntime": "1.18.1",
+}
+
+
+def _floors() -> list[tuple[str, str, str]]:
+    """(where, package, floor) for every `name>=X` requirement of pyproject.toml: the dependencies and each
+    extra."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    groups = {"dependencies": project["dependencies"], **project["optional-dependencies"]}
+    floors = []
+    for where, requirements in groups.items():
+        for text in requirements:
+            req = Requirement(text)
+            floors += [(where, req.name.lower(), spec.version) for spec in req.specifier if spec.operator == ">="]
+    return floors
+
+
+def test_no_floor_in_pyproject_admits_a_version_known_to_fail():
+    from packaging.version import Version
+
+    floors = _floors()
+    assert {("dependencies", "pydicom"), ("onnx", "onnxruntime"), ("dev", "onnxscript")} <= {f[:2] for f in floors}
+    low = [f"{where}: {name}>={floor}, but {name} works from {FIRST_WORKING[name]}"
+           for where, name, floor in floors if name in FIRST_WORKING and Version(floor) < Version(FIRST_WORKING[name])]
+    assert not low, "\n".join(low)
 
 
 def test_the_lists_were_derived_for_the_numpy_floor_in_pyproject():
