@@ -27,6 +27,7 @@ import numpy as np
 
 from .. import limits
 from .._checks import check_int, check_path, check_probability, check_real, show
+from .._matplotlib import quiet_matplotlib
 from ..errors import DataFormatError, InvalidInputError, RLEError, RLELimitError
 
 __all__ = ["Evaluation", "evaluate", "read_scores_csv", "rle_dice", "write_evaluation_plots", "SCORES_HEADER"]
@@ -329,6 +330,7 @@ def evaluate(pred: Mapping[str, Sequence[str]], truth: Mapping[str, Sequence[str
                       [i for i in truth if i not in pred], sensitivity_targets, specificity_targets, bootstrap, seed)
 
 
+@quiet_matplotlib()  # matplotlib < 3.10.7 warns about pyparsing 3.3's deprecated names
 def write_evaluation_plots(ev: Evaluation, folder: Any) -> list[str]:
     """PNG pictures of ``ev`` into an ``OutputFolder``: the per-image Dice histogram, the confusion
     matrix, (with both classes present) the ROC and precision-recall curves and (with probability

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 
 from .._fs import OutputFolder
+from .._matplotlib import quiet_matplotlib
 
 __all__ = ["RunLog", "write_plots"]
 
@@ -89,6 +90,7 @@ def _save(folder: OutputFolder, name: str, fig) -> str:
     return f"plots/{name}"
 
 
+@quiet_matplotlib()  # matplotlib < 3.10.7 warns about pyparsing 3.3's deprecated names
 def write_plots(
     folder: OutputFolder,
     history: Sequence[Mapping[str, Any]],
