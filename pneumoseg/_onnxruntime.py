@@ -49,7 +49,8 @@ def telemetry_wanted(environ: Mapping[str, str] = os.environ) -> bool:
 
 def import_onnxruntime() -> Any:
     """``import onnxruntime`` with its telemetry off unless :func:`telemetry_wanted` (see the module
-    documentation). ``ImportError`` passes through: each caller words its own install hint."""
+    documentation). ``ImportError`` passes through: callers go through
+    :func:`pneumoseg._optional.import_optional`, which tells a missing onnxruntime from a broken one."""
     global _events_disabled
     wanted = telemetry_wanted()
     if not wanted:

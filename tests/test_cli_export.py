@@ -60,7 +60,7 @@ def test_export_tensorrt_without_tensorrt(capsys):
         import tensorrt  # noqa: F401
     except ImportError:
         assert main(["export", str(model_dir("aux")), "--format", "tensorrt"]) == 2
-        assert "TensorRT is not installed" in capsys.readouterr().err
+        assert "needs tensorrt, which is not installed: pip install 'pneumoseg[tensorrt]'" in capsys.readouterr().err
     else:
         pytest.skip("TensorRT is installed (the engine tests cover it)")
 

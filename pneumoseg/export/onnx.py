@@ -32,6 +32,7 @@ import numpy as np
 
 from .._checks import check_choice, check_int
 from .._onnxruntime import import_onnxruntime
+from .._optional import import_optional
 from ..errors import InvalidInputError, PneumosegError
 from .parts import part_module, part_spec, parts_for
 from .provenance import record_source
@@ -71,12 +72,14 @@ def onnx_key(part: str, precision: str) -> str:
 
 
 def _require_onnx() -> Any:
-    try:
-        import_onnxruntime()  # first: torch.onnx and onnxscript import onnxruntime too
-        import onnx
-        import onnxscript  # noqa: F401
-    except ImportError:
-        raise InvalidInputError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'pneumoseg[onnx]'") from None
+    """The onnx module, with onnxruntime and onnxscript importable too, or an InvalidInputError naming
+    the first that is missing or fails to load."""
+    install = "pip install 'pneumoseg[onnx]' (onnx, onnxscript and onnxruntime)"
+    # onnxruntime first: torch.onnx and onnxscript import it too, and pneumoseg must import it (telemetry
+    # off) before they do
+    import_optional("onnxruntime", needed_for="ONNX export", install=install, load=import_onnxruntime)
+    onnx = import_optional("onnx", needed_for="ONNX export", install=install)
+    import_optional("onnxscript", needed_for="ONNX export", install=install)
     return onnx
 
 

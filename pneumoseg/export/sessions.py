@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from .. import _onnxruntime
 from .._checks import check_int
-from ..errors import InvalidInputError
+from .._optional import import_optional
 
 __all__ = ["physical_cores", "session_options", "import_onnxruntime"]
 
@@ -47,11 +47,10 @@ def physical_cores() -> int:
 
 
 def import_onnxruntime() -> Any:
-    """onnxruntime, with its telemetry off unless the user opted in (see :mod:`pneumoseg._onnxruntime`)."""
-    try:
-        return _onnxruntime.import_onnxruntime()
-    except ImportError:
-        raise InvalidInputError("backend='onnxruntime' needs onnxruntime: pip install 'pneumoseg[onnx]'") from None
+    """onnxruntime, with its telemetry off unless the user opted in (see :mod:`pneumoseg._onnxruntime`);
+    an InvalidInputError saying whether it is missing or installed but failing to load."""
+    return import_optional("onnxruntime", needed_for="backend='onnxruntime'", install="pip install 'pneumoseg[onnx]'",
+                           load=_onnxruntime.import_onnxruntime)
 
 
 def session_options(threads: Optional[int] = None) -> Any:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from .._checks import check_int, check_path
 from .._fs import atomic_write
+from .._optional import import_optional
 from ..errors import DataFormatError, InvalidInputError, NativeError
 from .parts import PartSpec
 
@@ -46,12 +47,11 @@ CACHE_FORMAT = 1
 
 
 def import_tensorrt() -> Any:
-    try:
-        import tensorrt
-    except ImportError:
-        raise InvalidInputError("TensorRT is not installed: pip install 'pneumoseg[tensorrt]' on a machine with an "
-                                "NVIDIA GPU (or use backend='torch' / 'onnxruntime')") from None
-    return tensorrt
+    """tensorrt, or an InvalidInputError saying whether it is missing or installed but failing to load
+    (a CUDA or libnvinfer it was not built for, the usual way a TensorRT install breaks)."""
+    return import_optional("tensorrt", needed_for="TensorRT export or inference",
+                           install="pip install 'pneumoseg[tensorrt]' on a machine with an NVIDIA GPU "
+                                   "(or use backend='torch' / 'onnxruntime')")
 
 
 @dataclass(frozen=True)
