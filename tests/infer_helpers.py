@@ -8,9 +8,11 @@ import atexit
 import functools
 import hashlib
 import math
+import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -66,15 +68,30 @@ def tiny_networks(kind: str, seed: int = 0) -> dict:
     return networks
 
 
+def build_in_place(target: Path, build: Callable[[Path], object]) -> Path:
+    """``build(folder)`` into a fresh folder beside ``target``, renamed to ``target`` once it returns.
+    A build that fails leaves nothing behind: the next test that asks builds again and shows the same
+    first error, instead of a FileExistsError on a half-built folder that hid it."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-building-", dir=target.parent))
+    try:
+        build(staging / target.name)
+        os.rename(staging / target.name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
 @functools.lru_cache(maxsize=None)
 def model_dir(kind: str) -> Path:
     """A model directory of ``kind`` (do not change it: copy it with :func:`copy_model_dir`)."""
     from pneumoseg.models.model_dir import save_model_dir
 
-    networks = tiny_networks(kind)
-    sizes = {"segmenter": SIZE, "classifier": 96}
-    out = save_model_dir(_ROOT / kind, networks, input_sizes={k: sizes[k] for k in networks}, thresholds=THRESHOLDS)
-    return out.path
+    def build(folder: Path) -> None:
+        networks = tiny_networks(kind)
+        sizes = {"segmenter": SIZE, "classifier": 96}
+        save_model_dir(folder, networks, input_sizes={k: sizes[k] for k in networks}, thresholds=THRESHOLDS)
+
+    return build_in_place(_ROOT / kind, build)
 
 
 @functools.lru_cache(maxsize=None)
@@ -82,10 +99,11 @@ def exported_model_dir(kind: str) -> Path:
     """:func:`model_dir` with its fp32 ONNX parts exported (do not change it)."""
     from pneumoseg.export.onnx import export_onnx
 
-    target = _ROOT / f"{kind}-onnx"
-    shutil.copytree(model_dir(kind), target)
-    export_onnx(target, "fp32", validation=phantom_images(3, seed=7))
-    return target
+    def build(folder: Path) -> None:
+        shutil.copytree(model_dir(kind), folder)
+        export_onnx(folder, "fp32", validation=phantom_images(3, seed=7))
+
+    return build_in_place(_ROOT / f"{kind}-onnx", build)
 
 
 def assert_latency_session_options(predictor, threads):
