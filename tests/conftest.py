@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import tempfile
@@ -10,8 +11,13 @@ import pytest
 import pneumoseg
 
 # torch.compile caches compiled graphs across processes (in /tmp by default); a cache written by an
-# older build of our ops would be reused silently. Each test session compiles into its own folder.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pneumoseg-inductor-"))
+# older build of our ops would be reused silently. Each test session compiles into its own folder,
+# removed at its end (pytest_sessionfinish: never removed, one per pytest run piled up in /tmp). A
+# folder the caller set (a developer's, a parent process's) is used as it is and left alone.
+_OWN_INDUCTOR_CACHE: str | None = None
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _OWN_INDUCTOR_CACHE = tempfile.mkdtemp(prefix="pneumoseg-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _OWN_INDUCTOR_CACHE
 # Test files import onnxruntime at collection, before pneumoseg's own import helper could switch its
 # telemetry off (pneumoseg/_onnxruntime.py); a developer's pytest run should send nothing either.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
@@ -40,6 +46,8 @@ def pytest_sessionfinish(session):
     from emulation import EMULATOR_BUILDS
 
     EMULATOR_BUILDS.stop()
+    if _OWN_INDUCTOR_CACHE is not None:
+        shutil.rmtree(_OWN_INDUCTOR_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
