@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 from .errors import InvalidInputError
 
-__all__ = ["import_optional", "not_installed"]
+__all__ = ["import_optional", "import_error_message", "not_installed"]
 
 
 def not_installed(exc: ImportError, package: str) -> bool:
@@ -33,12 +33,18 @@ def import_optional(package: str, *, needed_for: str, install: str,
     try:
         return load() if load is not None else importlib.import_module(package)
     except ImportError as exc:
-        if not_installed(exc, package):
-            raise InvalidInputError(f"{needed_for} needs {package}, which is not installed: {install}") from None
-        raise InvalidInputError(
-            f"{needed_for} needs {package}, which is installed but failed to import ({_reason(exc)}): a broken "
+        error = InvalidInputError(import_error_message(exc, package, needed_for=needed_for, install=install))
+        raise error from (None if not_installed(exc, package) else exc)
+
+
+def import_error_message(exc: ImportError, package: str, *, needed_for: str, install: str) -> str:
+    """What :func:`import_optional` says about ``exc``, raised importing ``package`` (also for the
+    CLI, which meets the ImportErrors of imports made without it)."""
+    if not_installed(exc, package):
+        return f"{needed_for} needs {package}, which is not installed: {install}"
+    return (f"{needed_for} needs {package}, which is installed but failed to import ({_reason(exc)}): a broken "
             f"install, or one built for another numpy, Python or CUDA; `python -c \"import {package}\"` shows "
-            "the whole error") from exc
+            "the whole error")
 
 
 def _reason(exc: ImportError) -> str:

@@ -150,3 +150,22 @@ def test_the_demo_reports_a_broken_onnxruntime_in_one_line_before_any_work(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs onnxruntime, which is installed but failed to import" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("missing, message", [
+    ("matplotlib", "this command needs matplotlib, which is not installed: pip install 'pneumoseg[train]'"),
+    # a module of an installed package missing: a broken install, reported with its reason
+    ("matplotlib.ft2font", "this command needs matplotlib, which is installed but failed to import "
+                           "(ModuleNotFoundError: No module named 'matplotlib.ft2font')"),
+])
+def test_the_cli_tells_a_broken_optional_package_from_a_missing_one(tmp_path, monkeypatch, capsys, missing, message):
+    import pneumoseg.cli.evaluate as evaluate_command
+    from pneumoseg.cli import main
+
+    def run(args):  # an import the command makes itself, outside import_optional
+        raise ModuleNotFoundError(f"No module named {missing!r}", name=missing)
+
+    monkeypatch.setattr(evaluate_command, "run", run)
+    assert main(["evaluate", "--pred", str(tmp_path / "pred.csv"), "--truth", str(tmp_path / "truth.csv")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err

@@ -150,10 +150,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     except PneumosegError as exc:  # bad input files or arguments: a clear message, not a traceback
         message = str(exc)
     except ModuleNotFoundError as exc:
+        from .._optional import import_error_message
+
         package = (exc.name or "").split(".")[0]
         if package not in _OPTIONAL_PACKAGES:
             raise
-        message = f"this command needs {package}, which is not installed: {_OPTIONAL_PACKAGES[package]}"
+        # "matplotlib.ft2font" missing is a broken matplotlib, not a missing one
+        message = import_error_message(exc, package, needed_for="this command", install=_OPTIONAL_PACKAGES[package])
     except OSError as exc:  # permission denied, not a directory, disk full ... on the user's paths
         message = _describe_os_error(exc)
     except _Terminated:
