@@ -333,3 +333,71 @@ def test_cli_listens_until_sigint(sources, tmp_path):
     assert proc.returncode == 0, err
     assert [r["ImageId"] for r in rows(out)] == [pydicom.dcmread(sources[0]).SOPInstanceUID]
     assert "stopped: received 1, predicted 1" in err
+
+
+# -- hostile peers ------------------------------------------------------------------------------------
+def closed_within(sock, seconds):
+    """Whether the node closes ``sock`` within ``seconds`` (whatever it sends first: an A-ABORT, a reject)."""
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except (TimeoutError, socket.timeout):
+        return False
+    except ConnectionResetError:
+        return True
+    return False
+
+
+def test_silent_half_garbage_and_huge_pdus_are_dropped_and_the_node_goes_on(predictor, sources, tmp_path):
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0, acse_timeout_s=0.5, network_timeout_s=1.0, max_associations=2) as node:
+        peers = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(5)]
+        silent, half, garbage, huge, flood = peers
+        half.sendall(b"\x01\x00\x00\x00\x00\x64" + b"\x00" * 10)  # an A-ASSOCIATE-RQ of 100 bytes, 10 sent
+        garbage.sendall(bytes(range(256)) * 4)
+        huge.sendall(b"\x04\x00\xff\xff\xff\xff" + b"\x00" * 1000)  # a P-DATA-TF declaring 4 GiB
+        flood.sendall(b"\x01\x00\x00\x00\x00\x64")
+        start = time.monotonic()
+        assert all(closed_within(p, 10) for p in peers)
+        assert time.monotonic() - start < 8  # each by its timeout (0.5 s, 1 s), none by the test's
+        for p in peers:
+            p.close()
+        # more peers than max_associations were connected at once; the next real one is served
+        assert send(node.port, sources[:1]) == [0]
+        assert node.wait_idle(60)
+        deadline = time.monotonic() + 10
+        while node._ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert node._ae.active_associations == []
+    assert len(rows(out)) == 1
+
+
+def test_an_instance_streamed_past_the_size_limit_drops_the_association_before_it_is_all_in_memory(
+        predictor, sources, tmp_path):
+    from pneumoseg import limits
+
+    big = pydicom.dcmread(sources[0])
+    big.SOPInstanceUID = pydicom.uid.generate_uid()
+    big.add_new(0x00091010, "OB", b"\x00" * (3 << 20))  # 3 MiB of private bytes: over 64 KiB + the slack
+    out = tmp_path / "node"
+    with limits.override(max_dicom_bytes=64 << 10), DicomNode(predictor, out, port=0) as node:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CR, SYNTAXES)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG")
+        assert assoc.is_established
+        status = assoc.send_c_store(big)
+        ae.shutdown()
+        assoc.dul.socket.socket.close()  # pynetdicom's requestor leaves its socket open when the peer drops it
+        assert "Status" not in status  # no answer: the connection was dropped mid-instance
+        assert not assoc.is_established
+        assert node.stats["refused"] == 1
+        # a small one still goes through, and one just over the limit is answered Out of Resources
+        over = pydicom.dcmread(sources[1])
+        over.add_new(0x00091010, "OB", b"\x00" * (96 << 10))
+        assert send(node.port, [over, sources[2]]) == [0xA700, 0]
+        assert node.wait_idle(60)
+    assert len(rows(out)) == 1
+    assert not list((out / INCOMING).iterdir())

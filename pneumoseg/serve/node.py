@@ -20,6 +20,7 @@ import collections
 import contextlib
 import csv
 import datetime as _dt
+import functools
 import io
 import logging
 import os
@@ -170,7 +171,7 @@ class DicomNode:
                  allowed_callers: Optional[Iterable[str]] = None, max_queue: int = 256, batch_size: int = 8,
                  batch_wait_s: float = 0.05, write_seg: bool = True, max_associations: int = 4,
                  forward_attempts: int = 3, forward_backoff_s: float = 1.0, drain_timeout_s: float = 60.0,
-                 log_every_s: float = 60.0) -> None:
+                 log_every_s: float = 60.0, acse_timeout_s: float = 30.0, network_timeout_s: float = 60.0) -> None:
         self.predictor = predictor
         self.out_dir = check_path(out_dir, "out_dir")
         self.ae_title = check_ae_title(ae_title)
@@ -197,6 +198,9 @@ class DicomNode:
         self.forward_backoff_s = check_real(forward_backoff_s, "forward_backoff_s", low=0.0, high=3600.0)
         self.drain_timeout_s = check_real(drain_timeout_s, "drain_timeout_s", low=0.0, high=1e6)
         self.log_every_s = check_real(log_every_s, "log_every_s", low=0.0, high=1e6)
+        self.acse_timeout_s = check_real(acse_timeout_s, "acse_timeout_s", low=0.0, high=3600.0, low_open=True)
+        self.network_timeout_s = check_real(network_timeout_s, "network_timeout_s", low=0.0, high=3600.0,
+                                            low_open=True)
         if self.forward is not None and not self.write_seg:
             raise InvalidInputError("forward sends the SEGs, so it needs write_seg=True")
         self._cond = threading.Condition()
@@ -250,7 +254,7 @@ class DicomNode:
             handlers = [(pynetdicom.evt.EVT_C_STORE, self._on_store),
                         (pynetdicom.evt.EVT_C_ECHO, lambda event: _SUCCESS),
                         (pynetdicom.evt.EVT_REJECTED, self._on_rejected),
-                        (pynetdicom.evt.EVT_CONN_OPEN, _no_delay)]
+                        (pynetdicom.evt.EVT_CONN_OPEN, self._on_connect)]
             try:
                 self._server = self._ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
             except OSError as exc:
@@ -279,6 +283,11 @@ class DicomNode:
         with self._cond:
             self._stopping = True  # C-STOREs still arriving are answered Out of Resources
             self._cond.notify_all()
+        for assoc in self._ae.active_associations:
+            # a peer's half-sent PDU would hold pynetdicom's shutdown for network_timeout_s: its reads end
+            # now (nothing being received was acknowledged; the PACS sends it again)
+            with contextlib.suppress(Exception):
+                assoc.dul.socket.socket.shutdown(socket.SHUT_RD)
         self._server.shutdown()
         self._ae.shutdown()
         worker = self._worker
@@ -324,12 +333,36 @@ class DicomNode:
         self._syntaxes = [uid for uid in _SYNTAXES if _decodable(get_decoder, uid)]
         ae = pynetdicom.AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
+        # Set here, not left to pynetdicom's defaults: a caller that connects and sends nothing is dropped
+        # after acse_timeout_s (ARTIM), one that stops mid-PDU or idles in an association after
+        # network_timeout_s, so no association thread waits forever on a silent peer.
+        ae.acse_timeout = self.acse_timeout_s
+        ae.dimse_timeout = self.network_timeout_s
+        ae.network_timeout = self.network_timeout_s
         if self.allowed_callers is not None:
             ae.require_calling_aet = list(self.allowed_callers)
         ae.add_supported_context(VERIFICATION)
         for sop_class in CHEST_XRAY_STORAGE:
             ae.add_supported_context(sop_class, self._syntaxes)
         return ae
+
+    def _on_connect(self, event: Any) -> None:
+        _no_delay(event)
+        try:
+            sock = event.assoc.dul.socket
+            # pynetdicom sets network_timeout on the listening socket only, and Python's accept() makes a
+            # socket without a timeout: a peer that stops mid-PDU held its thread in recv() for ever, and
+            # stop() (pynetdicom's shutdown joins that thread) with it
+            sock.socket.settimeout(self.network_timeout_s)
+            sock.recv = _ReadGuard(sock.recv, event.assoc.dul, limits.current().max_dicom_bytes + _MESSAGE_SLACK,
+                                   functools.partial(self._on_overrun, _caller_address(event)))
+        except AttributeError:  # another pynetdicom layout: unguarded, the size is still checked once received
+            log.warning("cannot bound the memory of an association in this pynetdicom version")
+
+    def _on_overrun(self, address: str, reason: str) -> None:
+        with self._cond:
+            self.stats["refused"] += 1
+        log.warning("dropped the connection from %s: %s", address, reason)
 
     def _on_rejected(self, event: Any) -> None:
         log.warning("refused an association from %s (%s:%s)", _caller(event), *event.assoc.requestor.address[:2])
@@ -640,6 +673,67 @@ def _no_delay(event: Any) -> None:
     for the node's answers and its forwards; a sender that keeps Nagle on still pays it per image."""
     with contextlib.suppress(Exception):  # a socket type without it (TLS wrapper, another platform)
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _caller_address(event: Any) -> str:
+    try:
+        return "%s:%s" % tuple(event.address[:2])
+    except Exception:
+        return "?"
+
+
+#: Read-ahead bounds per association. A PDU over _MAX_PDU_BYTES is refused before it is read (the node
+#: offers pynetdicom's 16 KiB maximum; an association request with many contexts, or a peer sending a
+#: little over the maximum, stays well under this). The DIMSE message being received may reach
+#: max_dicom_bytes plus _MESSAGE_SLACK (its command set). At most _QUEUED_PDUS PDUs wait for the
+#: association's thread, which is busy while an instance is written: a peer that sends C-STOREs without
+#: waiting for the answers then waits on TCP instead of filling memory.
+_MAX_PDU_BYTES = 4 << 20
+_MESSAGE_SLACK = 1 << 20
+_QUEUED_PDUS = 16
+
+
+class _ReadGuard:
+    """An association socket's ``recv``, bounding what pynetdicom's reader thread takes in. pynetdicom
+    reads each PDU as ``recv(6)`` (type and length) then ``recv(length)``, trusting the length, and
+    reassembles a DIMSE message from any number of fragments: a peer declaring a 4 GiB PDU, or sending
+    fragments without end, would have it all in memory before any handler sees it. An overrun raises
+    OSError, which pynetdicom treats as the connection closing: the association ends, nothing is stored
+    and nothing was acknowledged."""
+
+    def __init__(self, recv: Any, dul: Any, max_message: int, on_overrun: Any) -> None:
+        self._recv, self._dul, self.max_message, self._on_overrun = recv, dul, max_message, on_overrun
+        self._pdu_type: Optional[int] = None  # the type of the PDU whose body comes next
+        self.message = 0  # bytes of the DIMSE message being received
+
+    def _refuse(self, reason: str) -> None:
+        self._on_overrun(reason)
+        raise OSError(reason)
+
+    def __call__(self, nr_bytes: int) -> Any:
+        if self._pdu_type is None:  # a PDU header next
+            while self._dul.to_user_queue.qsize() >= _QUEUED_PDUS and not self._dul._kill_thread:
+                time.sleep(0.002)
+            data = self._recv(nr_bytes)
+            if len(data) == 6:
+                length = int.from_bytes(data[2:6], "big")
+                if length > _MAX_PDU_BYTES:
+                    self._refuse(f"a PDU of {length:,} bytes declared, over {_MAX_PDU_BYTES:,}")
+                self._pdu_type = data[0]
+            return data
+        pdu_type, self._pdu_type = self._pdu_type, None
+        data = self._recv(nr_bytes)
+        if pdu_type == 0x04:  # P-DATA-TF: items of (length, context, control header, fragment)
+            at = 0
+            while at + 6 <= len(data):
+                length = int.from_bytes(data[at:at + 4], "big")
+                self.message += max(length - 2, 0)
+                if self.message > self.max_message:
+                    self._refuse(f"a DIMSE message over {self.max_message:,} bytes (the max_dicom_bytes limit)")
+                if data[at + 5] & 0b10:  # the last fragment of a command set or data set: counted afresh
+                    self.message = 0
+                at += 4 + length
+        return data
 
 
 def _caller(event: Any) -> str:
