@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -401,3 +402,86 @@ def test_an_instance_streamed_past_the_size_limit_drops_the_association_before_i
         assert node.wait_idle(60)
     assert len(rows(out)) == 1
     assert not list((out / INCOMING).iterdir())
+
+
+def send_under(port, path, request_uid, tmp_path, monkeypatch):
+    """C-STORE the data set in ``path`` under another Affected SOP Instance UID (pynetdicom's chunked
+    sending takes the request's UID from the file meta and the data set's bytes from the file)."""
+    ds = pydicom.dcmread(path)
+    forged = tmp_path / f"forged-{len(list(tmp_path.glob('forged-*')))}.dcm"
+    with warnings.catch_warnings():  # pydicom warns of a UID that is not one: that is the point
+        warnings.simplefilter("ignore")
+        ds.file_meta.MediaStorageSOPInstanceUID = request_uid
+        ds.save_as(forged, enforce_file_format=False)
+    monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _send_path(port, forged)
+    finally:
+        monkeypatch.setattr(pynetdicom._config, "STORE_SEND_CHUNKED_DATASET", False)
+
+
+def _send_path(port, path):
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CR, SYNTAXES)
+    assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOSEG")
+    assert assoc.is_established
+    try:
+        return int(assoc.send_c_store(path).Status)
+    finally:
+        assoc.release()
+        ae.shutdown()
+
+
+def test_a_request_uid_unlike_the_headers_or_not_a_uid_is_refused_and_names_no_file(predictor, sources, tmp_path,
+                                                                                      monkeypatch):
+    out = tmp_path / "node"
+    header_uid = pydicom.dcmread(sources[0]).SOPInstanceUID
+    with DicomNode(predictor, out, port=0) as node:
+        assert send_under(node.port, sources[0], pydicom.uid.generate_uid(), tmp_path, monkeypatch) == 0xC000
+        # (pynetdicom's requestor will not send a UID over 64 characters or an empty one)
+        for bad in ("../../escaped", "1.2/../../3", "1.2.3.", "1.02.3 "):
+            assert send_under(node.port, sources[0], bad, tmp_path, monkeypatch) == 0xC000, bad
+        assert send_under(node.port, sources[0], header_uid, tmp_path, monkeypatch) == 0  # the control
+        assert node.wait_idle(60)
+    assert [r["ImageId"] for r in rows(out)] == [header_uid]
+    assert sorted(p.name for p in out.rglob("*") if p.is_file() and "escaped" in str(p)) == []
+    assert not (tmp_path / "escaped").exists() and not list((out / INCOMING).iterdir())
+
+
+def test_results_csv_deleted_or_saved_by_an_editor_while_running_keeps_whole_rows(predictor, sources, tmp_path):
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0, batch_size=1) as node:
+        (out / RESULTS).unlink()  # a user clearing it
+        assert send(node.port, sources[:1]) == [0]
+        assert node.wait_idle(60)
+        assert len(rows(out)) == 1  # rows() checks the header
+        with open(out / RESULTS, "rb+") as f:  # an editor saving without the final newline
+            f.truncate(len(f.read()) - 1)
+        assert send(node.port, sources[1:2]) == [0]
+        assert node.wait_idle(60)
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in sources[:2]]
+    assert [r["ImageId"] for r in rows(out)] == uids and all(r["Status"] == "ok" for r in rows(out))
+
+
+def test_a_failing_disk_answers_out_of_resources_and_the_pacs_can_send_again(predictor, sources, tmp_path,
+                                                                             monkeypatch):
+    import errno
+
+    from pneumoseg import _fs
+
+    real = _fs.atomic_open
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0) as node:
+        monkeypatch.setattr(_fs, "atomic_open", full)
+        assert send(node.port, sources[:1]) == [0xA700]
+        monkeypatch.setattr(_fs, "atomic_open", real)
+        shutil.rmtree(out / INCOMING)  # the folder deleted under it: made again
+        assert send(node.port, sources[:1]) == [0]
+        assert node.wait_idle(60)
+    assert len(rows(out)) == 1

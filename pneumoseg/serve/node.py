@@ -640,8 +640,20 @@ class DicomNode:
         """One row, flushed to disk before its incoming file is removed."""
         buffer = io.StringIO()
         csv.writer(buffer, lineterminator="\n").writerow([row.get(c, "") for c in RESULT_COLUMNS])
-        with self._results_lock, open(self._results_path(), "a", encoding="utf-8", newline="") as f:
-            f.write(buffer.getvalue())
+        text = buffer.getvalue()
+        with self._results_lock, open(self._results_path(), "a+b") as f:
+            # results.csv is the user's to open while the node runs: one deleted (or emptied) gets its
+            # header again, and one saved by an editor without a final newline does not take this row
+            # onto its last line
+            if f.seek(0, os.SEEK_END) == 0:
+                header = io.StringIO()
+                csv.writer(header, lineterminator="\n").writerow(RESULT_COLUMNS)
+                text = header.getvalue() + text
+            else:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) not in (b"\n", b"\r"):
+                    text = "\n" + text
+            f.write(text.encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 
