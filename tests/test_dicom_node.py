@@ -485,3 +485,20 @@ def test_a_failing_disk_answers_out_of_resources_and_the_pacs_can_send_again(pre
         assert send(node.port, sources[:1]) == [0]
         assert node.wait_idle(60)
     assert len(rows(out)) == 1
+
+
+def test_a_debug_run_with_pynetdicoms_own_log_shows_no_patient_data(predictor, tmp_path, caplog):
+    from test_phi_canary import canaries, canary_dicom
+
+    good = canary_dicom(tmp_path / "good.dcm", phantom_images(1)[0].astype(np.uint16) * 16)
+    pynetdicom_logger = logging.getLogger("pynetdicom")
+    before = (pynetdicom_logger.level, list(pynetdicom_logger.handlers))
+    with caplog.at_level(logging.DEBUG):  # the root logger: a user's basicConfig(level=DEBUG)
+        with DicomNode(predictor, tmp_path / "node", port=0, log_every_s=0) as node:
+            assert (pynetdicom_logger.level, pynetdicom_logger.handlers) == before  # the node never turns it on
+            assert send(node.port, [good]) == [0]
+            assert node.wait_idle(60)
+    names = {r.name.split(".")[0] for r in caplog.records}
+    assert {"pneumoseg", "pynetdicom"} <= names and any(r.levelno == logging.DEBUG and r.name.startswith("pynetdicom")
+                                                        for r in caplog.records)
+    assert canaries("\n".join(r.getMessage() for r in caplog.records).encode()) == set()
