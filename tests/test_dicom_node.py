@@ -31,7 +31,7 @@ from pneumoseg.errors import InvalidInputError  # noqa: E402
 from pneumoseg.infer import Predictor  # noqa: E402
 from pneumoseg.infer.dicom_seg import SEGMENTATION_STORAGE  # noqa: E402
 from pneumoseg.serve import RESULTS, DicomNode, parse_forward  # noqa: E402
-from pneumoseg.serve.node import INCOMING, RESULT_COLUMNS  # noqa: E402
+from pneumoseg.serve.node import FORWARD_COLUMNS, FORWARDED, INCOMING, RESULT_COLUMNS  # noqa: E402
 
 from factories import write_dicom  # noqa: E402
 from infer_helpers import model_dir, phantom_images  # noqa: E402
@@ -78,6 +78,13 @@ def rows(out):
     with open(out / RESULTS, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == RESULT_COLUMNS
+        return list(reader)
+
+
+def forwarded(out):
+    with open(out / FORWARDED, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == FORWARD_COLUMNS
         return list(reader)
 
 
@@ -148,8 +155,12 @@ def test_forward_sends_exactly_the_segs_and_a_failed_forward_is_recorded(predict
         pacs.shutdown()
     segs = {pydicom.dcmread(p).SOPInstanceUID for p in (out / "seg").iterdir()}
     assert segs and {ds.SOPInstanceUID for ds in received} == segs and len(received) == len(segs)
-    assert {r["Forwarded"] for r in rows(out) if r["Seg"]} == {"yes"}
+    assert {r["Forwarded"] for r in rows(out) if r["Seg"]} == {"queued"}
     assert {r["Forwarded"] for r in rows(out) if not r["Seg"]} == {""}
+    sent = forwarded(out)
+    assert sorted((r["ImageId"], r["Predicted"], r["Seg"]) for r in sent) == sorted(
+        (r["ImageId"], r["Done"], r["Seg"]) for r in rows(out) if r["Seg"])
+    assert {r["Forwarded"] for r in sent} == {"yes"}
 
     # nobody listens there now: each SEG stays on disk, its row says it was not sent
     out2 = tmp_path / "node2"
@@ -157,9 +168,10 @@ def test_forward_sends_exactly_the_segs_and_a_failed_forward_is_recorded(predict
                    forward_backoff_s=0.0) as node:
         send(node.port, sources[:6])
         assert node.wait_idle(60)
-    sent = [r for r in rows(out2) if r["Seg"]]
-    assert sent and all(r["Forwarded"] == "no" and r["Error"].startswith("not forwarded:") and (out2 / r["Seg"]).is_file()
-                        for r in sent)
+    sent = forwarded(out2)
+    assert len(sent) == len([r for r in rows(out2) if r["Seg"]]) > 0
+    assert all(r["Forwarded"] == "no" and r["Error"].startswith("cannot connect") and (out2 / r["Seg"]).is_file()
+               for r in sent)
 
 
 def test_other_sop_classes_and_callers_are_refused_at_association(predictor, sources, tmp_path):
@@ -502,3 +514,36 @@ def test_a_debug_run_with_pynetdicoms_own_log_shows_no_patient_data(predictor, t
     assert {"pneumoseg", "pynetdicom"} <= names and any(r.levelno == logging.DEBUG and r.name.startswith("pynetdicom")
                                                         for r in caplog.records)
     assert canaries("\n".join(r.getMessage() for r in caplog.records).encode()) == set()
+
+
+def test_a_forward_destination_that_never_answers_delays_no_prediction_nor_the_stop(predictor, sources, tmp_path):
+    hole = socket.create_server(("127.0.0.1", 0))  # accepts (the kernel does) and never answers
+    received = []
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(SEGMENTATION_STORAGE, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+    try:
+        out = tmp_path / "node"
+        node = DicomNode(predictor, out, port=0, forward=f"PACS@127.0.0.1:{hole.getsockname()[1]}",
+                         forward_backoff_s=0.0).start()
+        try:
+            assert send(node.port, sources[:6]) == [0] * 6
+            deadline = time.monotonic() + 20
+            while len(rows(out)) < 6 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(rows(out)) == 6  # predicted while the first SEG waits for an answer (30 s)
+            queued = [r for r in rows(out) if r["Forwarded"] == "queued"]
+            assert queued and not (out / FORWARDED).exists()
+        finally:
+            start = time.monotonic()
+            node.stop(timeout_s=0.2)
+            assert time.monotonic() - start < 5
+        # the next start sends what the stopped one had not, once
+        server = pacs.start_server(("127.0.0.1", 0), block=False,
+                                   evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(e.dataset) or 0)])
+        with DicomNode(predictor, out, port=0, forward=f"PACS@127.0.0.1:{server.server_address[1]}") as again:
+            assert again.wait_idle(60)
+    finally:
+        pacs.shutdown()
+        hole.close()
+    assert sorted(r["ImageId"] for r in forwarded(out)) == sorted(r["ImageId"] for r in queued)
+    assert {r["Forwarded"] for r in forwarded(out)} == {"yes"} and len(received) == len(queued)

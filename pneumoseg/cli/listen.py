@@ -31,8 +31,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int_in(0, 65535), default=11112, help="TCP port (default 11112; 0 picks a free one)")
     p.add_argument("--ae-title", default="PNEUMOSEG", help="this node's AE title (default PNEUMOSEG)")
     p.add_argument("--forward", metavar="AET@HOST:PORT", default=None,
-                   help="send each SEG to this node (the PACS's storage AE), retrying 3 times; a SEG that cannot be "
-                        "sent stays in OUT/seg/ and results.csv says so")
+                   help="send each SEG to this node (the PACS's storage AE), retrying 3 times, from a thread of its "
+                        "own (a destination that is down never delays predictions); OUT/forwarded.csv records each "
+                        "outcome, a SEG that cannot be sent stays in OUT/seg/, and one not yet sent at a stop is "
+                        "sent at the next start")
     p.add_argument("--allow", metavar="AET,...", default=None,
                    help="accept associations only from these calling AE titles (default: any caller)")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"), default="auto",

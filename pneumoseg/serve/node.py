@@ -36,7 +36,8 @@ from .. import limits
 from .._checks import check_bool, check_int, check_path, check_real, show
 from ..errors import DicomError, InvalidInputError, PneumosegError
 
-__all__ = ["DicomNode", "NodeError", "CHEST_XRAY_STORAGE", "RESULTS", "RESULT_COLUMNS", "INCOMING", "SEGS",
+__all__ = ["DicomNode", "NodeError", "CHEST_XRAY_STORAGE", "RESULTS", "RESULT_COLUMNS", "FORWARDED",
+           "FORWARD_COLUMNS", "INCOMING", "SEGS",
            "parse_forward", "require_pynetdicom"]
 
 log = logging.getLogger("pneumoseg.serve")
@@ -74,9 +75,14 @@ SEGS = "seg"
 RESULTS = "results.csv"
 #: results.csv's columns. Status is ok or failed (Error says why); Seg is the SEG's path under the
 #: output folder, or empty (negative, --no-seg, or it could not be written: Error says so); Forwarded
-#: is yes / no (sent / not sent after every attempt: the SEG stays on disk) / empty (nothing to send).
+#: is ``queued`` (handed to the forwarder: forwarded.csv has the outcome) / empty (nothing to send).
 RESULT_COLUMNS = ("ImageId", "Caller", "Received", "Done", "Status", "Score", "Positive", "Components",
                   "EncodedPixels", "Seg", "Forwarded", "Error")
+FORWARDED = "forwarded.csv"
+#: forwarded.csv's columns, one row per SEG sent or given up on: Predicted is its results.csv row's Done
+#: (ImageId and Predicted name that row), Forwarded is yes / no (not sent after every attempt; the SEG
+#: stays on disk and Error says why). A ``queued`` row without one here is sent at the next start.
+FORWARD_COLUMNS = ("ImageId", "Predicted", "Seg", "Done", "Forwarded", "Error")
 
 _SUCCESS = 0x0000
 _OUT_OF_RESOURCES = 0xA700
@@ -214,6 +220,12 @@ class DicomNode:
         self._ae: Any = None
         self._server: Any = None
         self._worker: Optional[threading.Thread] = None
+        # SEGs to send, (ImageId, its row's Done, path): a thread of their own, so that a forward
+        # destination that is down or slow (3 tries, 30 s timeouts) never delays the next predictions
+        self._forwards: collections.deque[tuple[str, str, Path]] = collections.deque()
+        self._forwarding = 0  # 1 while a SEG is being sent
+        self._forwarder: Optional[threading.Thread] = None
+        self._sending: Any = None  # the association sending a SEG, cut by a stop that gives up
         self.stats = {"received": 0, "predicted": 0, "failed": 0, "refused": 0, "segs": 0, "forwarded": 0,
                       "not_forwarded": 0, "resumed": 0}
         self._latencies: collections.deque[float] = collections.deque(maxlen=10000)
@@ -250,6 +262,7 @@ class DicomNode:
             self._abandon.clear()
             self._repair_results()
             self._resume_incoming()
+            self._resume_forwards()
             self._ae = self._make_ae(pynetdicom)
             handlers = [(pynetdicom.evt.EVT_C_STORE, self._on_store),
                         (pynetdicom.evt.EVT_C_ECHO, lambda event: _SUCCESS),
@@ -263,6 +276,10 @@ class DicomNode:
                                    if exc.errno in (98, 48) else "")) from None
             self._worker = threading.Thread(target=self._work, name="pneumoseg-node-worker", daemon=True)
             self._worker.start()
+            if self.forward is not None:
+                self._forwarder = threading.Thread(target=self._forward_loop, name="pneumoseg-node-forwarder",
+                                                   daemon=True)
+                self._forwarder.start()
         except BaseException:
             self._ae = None
             self._folder.close(failed=False)
@@ -283,21 +300,28 @@ class DicomNode:
         with self._cond:
             self._stopping = True  # C-STOREs still arriving are answered Out of Resources
             self._cond.notify_all()
-        for assoc in self._ae.active_associations:
-            # a peer's half-sent PDU would hold pynetdicom's shutdown for network_timeout_s: its reads end
-            # now (nothing being received was acknowledged; the PACS sends it again)
-            with contextlib.suppress(Exception):
-                assoc.dul.socket.socket.shutdown(socket.SHUT_RD)
+        # a peer's half-sent PDU would hold pynetdicom's shutdown for network_timeout_s: its reads end now
+        # (nothing being received was acknowledged; the PACS sends it again)
+        _end_reads(self._ae)
         self._server.shutdown()
         self._ae.shutdown()
-        worker = self._worker
-        if worker is not None:
-            worker.join(timeout)
-            if worker.is_alive():
-                self._abandon.set()  # the batch being predicted ends; the queue stays on disk
+        deadline = time.monotonic() + timeout
+        for thread in (self._worker, self._forwarder):  # the forwarder ends once the worker has
+            if thread is None:
+                continue
+            thread.join(max(deadline - time.monotonic(), 0.0))
+            if thread.is_alive():
+                self._abandon.set()  # the batch being predicted ends; the queues stay on disk
                 with self._cond:
                     self._cond.notify_all()
-                worker.join()
+                sending = self._sending
+                if sending is not None:  # a destination that accepted and never answers: its reads end now
+                    with contextlib.suppress(Exception):
+                        sending.dul.socket.socket.shutdown(socket.SHUT_RD)
+                thread.join()
+        if self._forwards:
+            log.warning("%d SEGs not forwarded before the stop; they are sent at the next start", len(self._forwards))
+        self._forwards.clear()
         left = len(self._queue)
         self._log_throughput(final=True)
         if left:
@@ -308,6 +332,7 @@ class DicomNode:
         self._server = None
         self._ae = None
         self._worker = None
+        self._forwarder = None
         self._folder.close()
         self._folder = None
 
@@ -315,7 +340,7 @@ class DicomNode:
         """Wait until nothing is queued, being received or predicted; False on timeout (for tests and scripts)."""
         deadline = time.monotonic() + timeout_s
         with self._cond:
-            while self._queued or self._reserved:
+            while self._queued or self._reserved or self._forwards or self._forwarding:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
@@ -444,15 +469,16 @@ class DicomNode:
         return self.out_dir / RESULTS
 
     def _repair_results(self) -> None:
-        """A row cut short by a killed node is removed (its image is still in incoming/); the header
-        is written to a new file."""
+        """A row cut short by a killed node is removed (its image is still in incoming/, its SEG still
+        unrecorded in forwarded.csv); the header is written to a new results.csv."""
+        for name in (RESULTS, FORWARDED):
+            if (self.out_dir / name).is_file():
+                with open(self.out_dir / name, "rb+") as f:
+                    data = f.read()
+                    if data and not data.endswith(b"\n"):
+                        f.truncate(data.rfind(b"\n") + 1)
+                        log.warning("%s ended in a cut-short row (a node stopped while writing it); removed", name)
         path = self._results_path()
-        if path.is_file():
-            with open(path, "rb+") as f:
-                data = f.read()
-                if data and not data.endswith(b"\n"):
-                    f.truncate(data.rfind(b"\n") + 1)
-                    log.warning("%s ended in a cut-short row (a node stopped while writing it); removed", RESULTS)
         if not path.is_file() or path.stat().st_size == 0:
             with open(path, "w", encoding="utf-8", newline="") as f:
                 csv.writer(f, lineterminator="\n").writerow(RESULT_COLUMNS)
@@ -560,6 +586,10 @@ class DicomNode:
                 result.mask = None
             row["Done"] = _now()
             self._append(row)
+            if row["Forwarded"] == "queued":  # after its row: a SEG sent is always one results.csv names
+                with self._cond:
+                    self._forwards.append((item.uid, row["Done"], self.out_dir / row["Seg"]))
+                    self._cond.notify_all()
             with contextlib.suppress(FileNotFoundError):
                 item.path.unlink()
             with self._cond:
@@ -585,14 +615,69 @@ class DicomNode:
         with self._cond:
             self.stats["segs"] += 1
         if self.forward is not None:
-            sent, reason = self._send(target)
-            row["Forwarded"] = "yes" if sent else "no"
+            row["Forwarded"] = "queued"  # handed over once the row is written (_process)
+
+    def _forward_loop(self) -> None:
+        while True:
             with self._cond:
-                self.stats["forwarded" if sent else "not_forwarded"] += 1
-            if not sent:
-                row["Error"] = f"not forwarded: {reason}"
-                log.warning("SEG of %s not forwarded to %s@%s:%d: %s (it stays in %s/)", item.uid, *self.forward,
-                            reason, SEGS)
+                while not self._forwards:
+                    if self._abandon.is_set() or (self._stopping and not self._worker_alive()):
+                        return
+                    self._cond.wait(0.1)
+                if self._abandon.is_set():
+                    return
+                uid, predicted, path = self._forwards.popleft()
+                self._forwarding = 1
+            try:
+                sent, reason = self._send(path)
+                if not sent and self._abandon.is_set():
+                    return  # stopped mid-send: not recorded, so sent at the next start
+                self._append({"ImageId": uid, "Predicted": predicted, "Seg": f"{SEGS}/{path.name}", "Done": _now(),
+                              "Forwarded": "yes" if sent else "no", "Error": reason}, FORWARDED, FORWARD_COLUMNS)
+                with self._cond:
+                    self.stats["forwarded" if sent else "not_forwarded"] += 1
+                if not sent:
+                    log.warning("SEG of %s not forwarded to %s: %s (it stays in %s/)", uid, self._forward_name(),
+                                reason, SEGS)
+            except Exception as exc:  # forwarded.csv cannot be written: the SEG is sent again at the next start
+                log.error("forwarding the SEG of %s failed: %s: %s", uid, type(exc).__name__, exc)
+            finally:
+                with self._cond:
+                    self._forwarding = 0
+                    self._cond.notify_all()
+
+    def _on_forward_open(self, event: Any) -> None:
+        _no_delay(event)
+        # kept from the connection on: pynetdicom negotiates the association in associate()'s caller
+        # (this thread), waiting acse_timeout for a silent destination, before the association is listed
+        self._sending = event.assoc
+
+    def _forward_name(self) -> str:
+        return "%s@%s:%d" % self.forward if self.forward is not None else ""
+
+    def _worker_alive(self) -> bool:
+        return self._worker is not None and self._worker.is_alive()
+
+    def _resume_forwards(self) -> None:
+        """results.csv rows whose SEG was queued for forwarding and that forwarded.csv does not answer
+        (a node stopped or killed before sending it) are queued again, if their SEG is still there."""
+        if self.forward is None:
+            return
+        done: set[tuple[str, str]] = set()
+        forwarded = self.out_dir / FORWARDED
+        if forwarded.is_file():
+            with open(forwarded, encoding="utf-8", newline="") as f:
+                done = {(r.get("ImageId") or "", r.get("Predicted") or "") for r in csv.DictReader(f)}
+        with open(self._results_path(), encoding="utf-8", newline="") as f:
+            for r in csv.DictReader(f):
+                seg = r.get("Seg") or ""
+                if r.get("Forwarded") != "queued" or (r["ImageId"], r.get("Done") or "") in done:
+                    continue
+                path = self.out_dir / seg
+                if seg.startswith(SEGS + "/") and _UID.fullmatch(path.stem) and path.is_file():
+                    self._forwards.append((r["ImageId"], r.get("Done") or "", path))
+        if self._forwards:
+            log.info("%d SEGs not forwarded before the last stop are queued again", len(self._forwards))
 
     def _send(self, path: Path) -> tuple[bool, str]:
         """C-STORE ``path`` to the forward node, with retries; (sent, why not)."""
@@ -617,7 +702,9 @@ class DicomNode:
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
             ae.add_requested_context(SEGMENTATION_STORAGE, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
             try:
-                assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
+                if self._abandon.is_set():
+                    return False, "the node stopped before sending it"
+                assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, self._on_forward_open)])
                 if not assoc.is_established:
                     reason = "association refused or failed"
                     continue
@@ -629,6 +716,7 @@ class DicomNode:
                 reason = f"{type(exc).__name__}: {exc}"
                 continue
             finally:
+                self._sending = None
                 ae.shutdown()
             code = getattr(status, "Status", None)
             if code in _STORED_STATUSES:
@@ -636,18 +724,18 @@ class DicomNode:
             reason = "no answer" if code is None else f"status 0x{int(code):04X}"
         return False, f"{reason} ({self.forward_attempts} attempts)"
 
-    def _append(self, row: dict[str, Any]) -> None:
+    def _append(self, row: dict[str, Any], name: str = RESULTS, columns: tuple[str, ...] = RESULT_COLUMNS) -> None:
         """One row, flushed to disk before its incoming file is removed."""
         buffer = io.StringIO()
-        csv.writer(buffer, lineterminator="\n").writerow([row.get(c, "") for c in RESULT_COLUMNS])
+        csv.writer(buffer, lineterminator="\n").writerow([row.get(c, "") for c in columns])
         text = buffer.getvalue()
-        with self._results_lock, open(self._results_path(), "a+b") as f:
+        with self._results_lock, open(self.out_dir / name, "a+b") as f:
             # results.csv is the user's to open while the node runs: one deleted (or emptied) gets its
             # header again, and one saved by an editor without a final newline does not take this row
             # onto its last line
             if f.seek(0, os.SEEK_END) == 0:
                 header = io.StringIO()
-                csv.writer(header, lineterminator="\n").writerow(RESULT_COLUMNS)
+                csv.writer(header, lineterminator="\n").writerow(columns)
                 text = header.getvalue() + text
             else:
                 f.seek(-1, os.SEEK_END)
@@ -685,6 +773,14 @@ def _no_delay(event: Any) -> None:
     for the node's answers and its forwards; a sender that keeps Nagle on still pays it per image."""
     with contextlib.suppress(Exception):  # a socket type without it (TLS wrapper, another platform)
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _end_reads(ae: Any) -> None:
+    """End the reads of ``ae``'s associations: pynetdicom's shutdown joins each association's reader,
+    which otherwise waits out its timeout (for an association request: acse_timeout) on a silent peer."""
+    for assoc in ae.active_associations:
+        with contextlib.suppress(Exception):
+            assoc.dul.socket.socket.shutdown(socket.SHUT_RD)
 
 
 def _caller_address(event: Any) -> str:
