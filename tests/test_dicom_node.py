@@ -547,3 +547,29 @@ def test_a_forward_destination_that_never_answers_delays_no_prediction_nor_the_s
         hole.close()
     assert sorted(r["ImageId"] for r in forwarded(out)) == sorted(r["ImageId"] for r in queued)
     assert {r["Forwarded"] for r in forwarded(out)} == {"yes"} and len(received) == len(queued)
+
+
+@pytest.mark.parametrize("package, require, needed_for", [
+    ("highdicom", "pneumoseg.infer._dicom_derived:require_highdicom", "DICOM Segmentation output"),
+    ("pynetdicom", "pneumoseg.serve.node:require_pynetdicom", "the DICOM node")])
+def test_a_missing_or_broken_highdicom_or_pynetdicom(tmp_path, monkeypatch, package, require, needed_for):
+    import importlib
+
+    module, name = require.split(":")
+    require = getattr(importlib.import_module(module), name)
+    monkeypatch.setitem(sys.modules, package, None)  # `import <package>`: ModuleNotFoundError for it
+    with pytest.raises(InvalidInputError) as info:
+        require()
+    assert str(info.value) == f"{needed_for} needs {package}, which is not installed: pip install 'pneumoseg[pacs]'"
+
+    # installed, and failing while it loads (a dependency of its own missing): not called missing
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("import pneumoseg_no_such_dependency\n")
+    monkeypatch.delitem(sys.modules, package)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(InvalidInputError) as info:
+        require()
+    message = str(info.value)
+    assert message.startswith(f"{needed_for} needs {package}, which is installed but failed to import (")
+    assert "pneumoseg_no_such_dependency" in message and "not installed" not in message
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)

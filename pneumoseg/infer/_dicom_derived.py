@@ -40,12 +40,11 @@ _INSTALL = "pip install 'pneumoseg[pacs]'"
 
 
 def require_highdicom(what: str = "DICOM Segmentation output") -> Any:
-    """The highdicom module, or an :class:`pneumoseg.InvalidInputError` saying how to install it."""
-    try:
-        import highdicom
-    except ImportError:
-        raise InvalidInputError(f"{what} needs highdicom, which is not installed: {_INSTALL}") from None
-    return highdicom
+    """The highdicom module, or an :class:`pneumoseg.InvalidInputError` saying how to install it (or,
+    where it is installed and fails to import, why)."""
+    from .._optional import import_optional
+
+    return import_optional("highdicom", needed_for=what, install=_INSTALL)
 
 
 def check_common_arguments(*, allow_empty: Any, series_number: Any, instance_number: Any,

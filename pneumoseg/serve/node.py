@@ -98,12 +98,11 @@ class NodeError(PneumosegError, RuntimeError):
 
 
 def require_pynetdicom() -> Any:
-    """The pynetdicom module, or an :class:`pneumoseg.InvalidInputError` saying how to install it."""
-    try:
-        import pynetdicom
-    except ImportError:
-        raise InvalidInputError(f"the DICOM node needs pynetdicom, which is not installed: {_INSTALL}") from None
-    return pynetdicom
+    """The pynetdicom module, or an :class:`pneumoseg.InvalidInputError` saying how to install it (or,
+    where it is installed and fails to import, why)."""
+    from .._optional import import_optional
+
+    return import_optional("pynetdicom", needed_for="the DICOM node", install=_INSTALL)
 
 
 def check_ae_title(title: Any, name: str = "ae_title") -> str:
