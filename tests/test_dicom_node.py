@@ -29,6 +29,7 @@ from pynetdicom import AE, evt  # noqa: E402
 from pneumoseg.cli import main  # noqa: E402
 from pneumoseg.errors import InvalidInputError  # noqa: E402
 from pneumoseg.infer import Predictor  # noqa: E402
+from pneumoseg.infer.dicom_overlay import SECONDARY_CAPTURE_STORAGE  # noqa: E402
 from pneumoseg.infer.dicom_seg import SEGMENTATION_STORAGE  # noqa: E402
 from pneumoseg.serve import RESULTS, DicomNode, parse_forward  # noqa: E402
 from pneumoseg.serve.node import FORWARD_COLUMNS, FORWARDED, INCOMING, RESULT_COLUMNS  # noqa: E402
@@ -547,6 +548,148 @@ def test_a_forward_destination_that_never_answers_delays_no_prediction_nor_the_s
         hole.close()
     assert sorted(r["ImageId"] for r in forwarded(out)) == sorted(r["ImageId"] for r in queued)
     assert {r["Forwarded"] for r in forwarded(out)} == {"yes"} and len(received) == len(queued)
+
+
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
+
+
+class Pacs:
+    """An in-test storage SCP for SEGs and Secondary Captures in Explicit VR Little Endian only: what it
+    received, under which context, in which association."""
+
+    def __init__(self):
+        self.received = []  # (SOPInstanceUID, SOPClassUID, context's SOP class, its transfer syntax, association)
+        ae = AE(ae_title="PACS")
+        for sop_class in (SEGMENTATION_STORAGE, SECONDARY_CAPTURE_STORAGE):
+            ae.add_supported_context(sop_class, [EXPLICIT_LE])
+        self.ae = ae
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, self.on_store)])
+        self.forward = f"PACS@127.0.0.1:{self.server.server_address[1]}"
+
+    def on_store(self, event):
+        ds = event.dataset
+        self.received.append((ds.SOPInstanceUID, ds.SOPClassUID, event.context.abstract_syntax,
+                              event.context.transfer_syntax, id(event.assoc)))
+        return 0
+
+    def close(self):
+        self.ae.shutdown()
+
+
+def referenced(ds):
+    return ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+
+
+def test_the_overlay_is_written_per_positive_forwarded_with_the_seg_and_a_left_over_one_sent_at_restart(
+        predictor, sources, tmp_path):
+    pacs = Pacs()
+    try:
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=pacs.forward, write_overlay=True) as node:
+            assert send(node.port, sources[:6]) == [0] * 6
+            assert node.wait_idle(60)
+        results = rows(out)
+        positives = [r for r in results if r["Positive"] == "1"]
+        assert 0 < len(positives) < 6 and all(r["Error"] == "" for r in results)
+        written = {}
+        for r in results:
+            path = out / "dicom-overlay" / f"{r['ImageId']}.dcm"
+            assert path.is_file() == (r["Positive"] == "1")
+            assert r["Overlay"] == (f"dicom-overlay/{r['ImageId']}.dcm" if path.is_file() else "")
+            if path.is_file():
+                sc = pydicom.dcmread(path)
+                assert sc.SOPClassUID == SECONDARY_CAPTURE_STORAGE and referenced(sc) == r["ImageId"]
+                assert sc.file_meta.TransferSyntaxUID == EXPLICIT_LE
+                written[sc.SOPInstanceUID] = SECONDARY_CAPTURE_STORAGE
+                seg = pydicom.dcmread(out / r["Seg"])
+                written[seg.SOPInstanceUID] = SEGMENTATION_STORAGE
+        # each object under its own SOP class, in Explicit VR Little Endian; an image's two in one association
+        assert sorted((uid, cls) for uid, cls, *_ in pacs.received) == sorted(written.items())
+        assert all(cls == context and syntax == EXPLICIT_LE for _, cls, context, syntax, _ in pacs.received)
+        assert len({assoc for *_, assoc in pacs.received}) <= len(positives)
+        sent = forwarded(out)
+        assert len(sent) == 2 * len(positives) and {r["Forwarded"] for r in sent} == {"yes"}
+        assert sorted((r["ImageId"], r["Predicted"], r["Seg"], r["Overlay"]) for r in sent) == sorted(
+            [(r["ImageId"], r["Done"], r["Seg"], "") for r in positives]
+            + [(r["ImageId"], r["Done"], "", r["Overlay"]) for r in positives])
+
+        # killed after sending one overlay and before its row: the next start sends that overlay (only)
+        lost = next(r for r in sent if r["Overlay"])
+        with open(out / FORWARDED, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, FORWARD_COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(r for r in sent if r is not lost)
+        before = len(pacs.received)
+        with DicomNode(predictor, out, port=0, forward=pacs.forward, write_overlay=True) as again:
+            assert again.wait_idle(60)
+        again_sent = pacs.received[before:]
+        assert [cls for _, cls, *_ in again_sent] == [SECONDARY_CAPTURE_STORAGE]
+        assert again_sent[0][0] == pydicom.dcmread(out / lost["Overlay"]).SOPInstanceUID
+        assert len(forwarded(out)) == len(sent) and forwarded(out)[-1]["Overlay"] == lost["Overlay"]
+    finally:
+        pacs.close()
+
+
+def test_no_seg_with_the_overlay_forwards_the_overlays_only(predictor, sources, tmp_path):
+    pacs = Pacs()
+    try:
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=pacs.forward, write_seg=False, write_overlay=True) as node:
+            assert send(node.port, sources[:6]) == [0] * 6
+            assert node.wait_idle(60)
+    finally:
+        pacs.close()
+    results = rows(out)
+    overlays = [r["Overlay"] for r in results if r["Positive"] == "1"]
+    assert overlays and all(overlays) and not (out / "seg").exists() and {r["Seg"] for r in results} == {""}
+    assert {r["Forwarded"] for r in results if r["Overlay"]} == {"queued"}
+    assert sorted(cls for _, cls, *_ in pacs.received) == [SECONDARY_CAPTURE_STORAGE] * len(overlays)
+    assert sorted(r["Overlay"] for r in forwarded(out)) == sorted(overlays)
+    with pytest.raises(InvalidInputError, match="write_overlay"):
+        DicomNode(object(), "unused", forward=pacs.forward, write_seg=False)
+
+
+def test_an_overlay_that_cannot_be_written_is_recorded_and_the_seg_still_sent(predictor, sources, tmp_path,
+                                                                            monkeypatch):
+    from pneumoseg.errors import DicomError
+    from pneumoseg.infer import dicom_overlay
+
+    def broken(*args, **kwargs):
+        raise DicomError("cannot draw it")
+
+    monkeypatch.setattr(dicom_overlay, "build_dicom_overlay", broken)
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0, write_overlay=True) as node:
+        assert send(node.port, sources[:6]) == [0] * 6
+        assert node.wait_idle(60)
+    positives = [r for r in rows(out) if r["Positive"] == "1"]
+    assert positives and all(r["Status"] == "ok" and r["Seg"] and r["Overlay"] == "" and
+                             r["Error"].startswith("no overlay: ") and "cannot draw it" in r["Error"] for r in positives)
+    assert not any((out / "dicom-overlay").glob("*"))
+
+
+def test_an_earlier_nodes_csv_files_get_the_new_columns_and_keep_their_rows(predictor, tmp_path):
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0):
+        pass
+    old = {RESULTS: RESULT_COLUMNS[:-1], FORWARDED: FORWARD_COLUMNS[:-1]}
+    for name, columns in old.items():  # as a node before the overlay wrote them
+        (out / name).write_text(",".join(columns) + "\n" + ",".join(f"{name}-{c}" for c in columns) + "\n")
+    with DicomNode(predictor, out, port=0):
+        pass
+    assert rows(out) == [{**{c: f"{RESULTS}-{c}" for c in old[RESULTS]}, "Overlay": None}]
+    assert forwarded(out) == [{**{c: f"{FORWARDED}-{c}" for c in old[FORWARDED]}, "Overlay": None}]
+
+
+def test_listen_dicom_overlay_without_highdicom_says_so_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "highdicom", None)
+    monkeypatch.setattr(Predictor, "from_dir", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "o"
+    assert main(["listen", "--model", str(tmp_path), "--out", str(out), "--no-seg", "--dicom-overlay"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("pneumoseg: error: DICOM overlay output needs highdicom, which is not installed: "
+                   "pip install 'pneumoseg[pacs]'\n")
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("package, require, needed_for", [

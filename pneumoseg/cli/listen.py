@@ -18,7 +18,8 @@ def add_parser(subparsers) -> None:
                     "acknowledged, predicted in small batches, recorded in OUT/results.csv (ImageId = its "
                     "SOPInstanceUID, score, RLE, times; no patient data) and, when positive, written as a DICOM "
                     "Segmentation OUT/seg/<ImageId>.dcm, which carries its source's patient and study identity "
-                    "so that the PACS files it (--forward sends it there). Other SOP classes (a CT series) are "
+                    "so that the PACS files it (--forward sends it there); with --dicom-overlay also a captioned Secondary "
+                    "Capture OUT/dicom-overlay/<ImageId>.dcm, for viewers that draw no SEG. Other SOP classes (a CT series) are "
                     "refused at association. A stop predicts what is queued; a restart into the same OUT "
                     "predicts what an earlier node left in incoming/. Needs pynetdicom and highdicom: "
                     "pip install 'pneumoseg[pacs]'")
@@ -31,10 +32,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--port", type=int_in(0, 65535), default=11112, help="TCP port (default 11112; 0 picks a free one)")
     p.add_argument("--ae-title", default="PNEUMOSEG", help="this node's AE title (default PNEUMOSEG)")
     p.add_argument("--forward", metavar="AET@HOST:PORT", default=None,
-                   help="send each SEG to this node (the PACS's storage AE), retrying 3 times, from a thread of its "
-                        "own (a destination that is down never delays predictions); OUT/forwarded.csv records each "
-                        "outcome, a SEG that cannot be sent stays in OUT/seg/, and one not yet sent at a stop is "
-                        "sent at the next start")
+                   help="send each SEG (and overlay) to this node (the PACS's storage AE), retrying 3 times, from a "
+                        "thread of its own (a destination that is down never delays predictions); OUT/forwarded.csv records each "
+                        "outcome, a file that cannot be sent stays where it was written, and one not yet sent at a "
+                        "stop is sent at the next start")
     p.add_argument("--allow", metavar="AET,...", default=None,
                    help="accept associations only from these calling AE titles (default: any caller)")
     p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"), default="auto",
@@ -48,7 +49,12 @@ def add_parser(subparsers) -> None:
                    help="how long the first image of a batch waits for others (default 0.05)")
     p.add_argument("--max-queue", type=int_in(1, 1 << 20), default=256,
                    help="images waiting at most; more are answered Out of Resources (0xA700) (default 256)")
-    p.add_argument("--no-seg", action="store_true", help="write no SEGs (results.csv only)")
+    p.add_argument("--no-seg", action="store_true", help="write no SEGs (results.csv only, or with --dicom-overlay)")
+    p.add_argument("--dicom-overlay", action="store_true",
+                   help="also write OUT/dicom-overlay/<ImageId>.dcm per positive image, as predict --dicom-overlay: "
+                        "the mask burned into the radiograph as a captioned DICOM Secondary Capture in the source's "
+                        "study, for PACS viewers that draw no SEG (it carries the patient's identity and pixels, as "
+                        "the SEG does; sent by --forward too)")
     p.set_defaults(run=run)
 
 
@@ -58,14 +64,14 @@ def run(args: argparse.Namespace) -> int:
 
     # every argument and the optional packages are checked before the model loads
     require_pynetdicom()
-    if not args.no_seg:
+    if not args.no_seg or args.dicom_overlay:
         from ..infer.dicom_seg import require_highdicom
 
-        require_highdicom()
+        require_highdicom("DICOM Segmentation output" if not args.no_seg else "DICOM overlay output")
     check_ae_title(args.ae_title, "--ae-title")
     if args.forward is not None:
         parse_forward(args.forward)
-        if args.no_seg:
+        if args.no_seg and not args.dicom_overlay:
             raise InvalidInputError("--forward sends the SEGs, which --no-seg turns off")
     allowed = None
     if args.allow is not None:
@@ -78,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     _log_to_stderr()
     node = DicomNode(predictor, args.out, ae_title=args.ae_title, host=args.host, port=args.port,
                      forward=args.forward, allowed_callers=allowed, max_queue=args.max_queue,
-                     batch_size=args.batch_size, batch_wait_s=args.batch_wait, write_seg=not args.no_seg)
+                     batch_size=args.batch_size, batch_wait_s=args.batch_wait, write_seg=not args.no_seg,
+                     write_overlay=args.dicom_overlay)
     node.start()
     print(f"listening as {node.ae_title} on {node.host}:{node.port} with {predictor.backend.name} "
           f"{predictor.backend.precision} on {predictor.backend.device}; writing to {args.out}; Ctrl-C stops",

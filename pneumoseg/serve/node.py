@@ -8,10 +8,15 @@ Built on pynetdicom (the ``pacs`` extra). The output folder (``out``) holds:
   mid-batch) is predicted then, so nothing acknowledged is lost;
 - ``results.csv``: one row per image (:data:`RESULT_COLUMNS`), appended and fsync'ed as each is done;
 - ``seg/<SOPInstanceUID>.dcm``: the SEG of each positive image (``write_seg``), kept whether or not
-  forwarding it succeeded.
+  forwarding it succeeded;
+- ``dicom-overlay/<SOPInstanceUID>.dcm``: the mask burned into the radiograph as a captioned Secondary
+  Capture (``write_overlay``, as ``pneumoseg predict --dicom-overlay`` writes it), for viewers that draw
+  no SEG; forwarded with the SEG;
+- ``forwarded.csv``: one row per object forwarded or given up on (:data:`FORWARD_COLUMNS`).
 
 Privacy: the node logs and records SOP Instance UIDs, calling AE titles, counts and reasons only;
-patient data stays in the received files and in the SEGs (which must carry it to be filed).
+patient data stays in the received files and in the SEGs and overlays (which must carry it to be filed;
+an overlay also shows the source's pixels).
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from .._checks import check_bool, check_int, check_path, check_real, show
 from ..errors import DicomError, InvalidInputError, PneumosegError
 
 __all__ = ["DicomNode", "NodeError", "CHEST_XRAY_STORAGE", "RESULTS", "RESULT_COLUMNS", "FORWARDED",
-           "FORWARD_COLUMNS", "INCOMING", "SEGS",
+           "FORWARD_COLUMNS", "INCOMING", "SEGS", "DICOM_OVERLAYS",
            "parse_forward", "require_pynetdicom"]
 
 log = logging.getLogger("pneumoseg.serve")
@@ -72,17 +77,28 @@ _SYNTAXES = (
 
 INCOMING = "incoming"
 SEGS = "seg"
+DICOM_OVERLAYS = "dicom-overlay"  # as pneumoseg predict --dicom-overlay names it
 RESULTS = "results.csv"
 #: results.csv's columns. Status is ok or failed (Error says why); Seg is the SEG's path under the
-#: output folder, or empty (negative, --no-seg, or it could not be written: Error says so); Forwarded
-#: is ``queued`` (handed to the forwarder: forwarded.csv has the outcome) / empty (nothing to send).
+#: output folder, or empty (negative, --no-seg, or it could not be written: Error says so, "no SEG:
+#: ..."); Overlay the same for the Secondary Capture overlay (empty without write_overlay; "no overlay:
+#: ..." in Error); Forwarded is ``queued`` (what the row names was handed to the forwarder:
+#: forwarded.csv has each outcome) / empty (nothing to send). New columns go at the end, so that readers
+#: of an earlier node's columns keep working; a results.csv an earlier node began gets the new header
+#: at the next start (its old rows read with Overlay empty).
 RESULT_COLUMNS = ("ImageId", "Caller", "Received", "Done", "Status", "Score", "Positive", "Components",
-                  "EncodedPixels", "Seg", "Forwarded", "Error")
+                  "EncodedPixels", "Seg", "Forwarded", "Error", "Overlay")
 FORWARDED = "forwarded.csv"
-#: forwarded.csv's columns, one row per SEG sent or given up on: Predicted is its results.csv row's Done
-#: (ImageId and Predicted name that row), Forwarded is yes / no (not sent after every attempt; the SEG
-#: stays on disk and Error says why). A ``queued`` row without one here is sent at the next start.
-FORWARD_COLUMNS = ("ImageId", "Predicted", "Seg", "Done", "Forwarded", "Error")
+#: forwarded.csv's columns, one row per object sent or given up on: Seg is the SEG's path in a SEG's row
+#: (empty in an overlay's), Overlay the overlay's in an overlay's row (empty in a SEG's); Predicted is
+#: its results.csv row's Done (ImageId and Predicted name that row), Forwarded is yes / no (not sent
+#: after every attempt; the file stays on disk and Error says why). An object of a ``queued`` row
+#: without its row here is sent at the next start.
+FORWARD_COLUMNS = ("ImageId", "Predicted", "Seg", "Done", "Forwarded", "Error", "Overlay")
+# The columns of an earlier node (before the overlay), whose files get the new header at a start
+_EARLIER_COLUMNS = {RESULTS: (RESULT_COLUMNS[:-1], RESULT_COLUMNS), FORWARDED: (FORWARD_COLUMNS[:-1], FORWARD_COLUMNS)}
+_EXPLICIT_LE = "1.2.840.10008.1.2.1"
+_FORWARD_BATCH = 32  # objects sent in one association at most
 
 _SUCCESS = 0x0000
 _OUT_OF_RESOURCES = 0xA700
@@ -158,8 +174,11 @@ class DicomNode:
     A worker thread takes queued images in batches of up to ``batch_size``, waiting at most
     ``batch_wait_s`` after the first for more, predicts them with ``predictor`` (a
     :class:`pneumoseg.infer.Predictor`) and, for each, writes ``seg/<ImageId>.dcm`` if positive (with
-    ``write_seg``), C-STOREs it to ``forward`` (``"AET@host:port"``; ``forward_attempts`` tries,
-    ``forward_backoff_s`` doubling between them) and appends a row to ``results.csv``. An image that
+    ``write_seg``) and ``dicom-overlay/<ImageId>.dcm`` (with ``write_overlay``: a captioned Secondary
+    Capture), appends a row to ``results.csv`` and hands what it wrote to a forwarding thread, which
+    C-STOREs it to ``forward`` (``"AET@host:port"``; each object under its own SOP class, the objects
+    waiting sent in one association; ``forward_attempts`` tries, ``forward_backoff_s`` doubling between
+    them). An image that
     cannot be read or predicted gets a failed row; the node goes on.
 
     ``allowed_callers`` (calling AE titles) refuses every other caller at association. ``host`` is
@@ -174,7 +193,8 @@ class DicomNode:
     def __init__(self, predictor: Any, out_dir: Union[str, Path], *, ae_title: str = "PNEUMOSEG",
                  host: str = "127.0.0.1", port: int = 11112, forward: Optional[str] = None,
                  allowed_callers: Optional[Iterable[str]] = None, max_queue: int = 256, batch_size: int = 8,
-                 batch_wait_s: float = 0.05, write_seg: bool = True, max_associations: int = 4,
+                 batch_wait_s: float = 0.05, write_seg: bool = True, write_overlay: bool = False,
+                 max_associations: int = 4,
                  forward_attempts: int = 3, forward_backoff_s: float = 1.0, drain_timeout_s: float = 60.0,
                  log_every_s: float = 60.0, acse_timeout_s: float = 30.0, network_timeout_s: float = 60.0) -> None:
         self.predictor = predictor
@@ -198,6 +218,7 @@ class DicomNode:
         self.batch_size = check_int(batch_size, "batch_size", low=1, high=4096)
         self.batch_wait_s = check_real(batch_wait_s, "batch_wait_s", low=0.0, high=3600.0)
         self.write_seg = check_bool(write_seg, "write_seg")
+        self.write_overlay = check_bool(write_overlay, "write_overlay")
         self.max_associations = check_int(max_associations, "max_associations", low=1, high=1024)
         self.forward_attempts = check_int(forward_attempts, "forward_attempts", low=1, high=100)
         self.forward_backoff_s = check_real(forward_backoff_s, "forward_backoff_s", low=0.0, high=3600.0)
@@ -206,8 +227,9 @@ class DicomNode:
         self.acse_timeout_s = check_real(acse_timeout_s, "acse_timeout_s", low=0.0, high=3600.0, low_open=True)
         self.network_timeout_s = check_real(network_timeout_s, "network_timeout_s", low=0.0, high=3600.0,
                                             low_open=True)
-        if self.forward is not None and not self.write_seg:
-            raise InvalidInputError("forward sends the SEGs, so it needs write_seg=True")
+        if self.forward is not None and not (self.write_seg or self.write_overlay):
+            raise InvalidInputError("forward sends the SEGs (and overlays), so it needs write_seg=True or "
+                                    "write_overlay=True")
         self._cond = threading.Condition()
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued: set[str] = set()  # UIDs waiting or in the batch being predicted
@@ -219,14 +241,15 @@ class DicomNode:
         self._ae: Any = None
         self._server: Any = None
         self._worker: Optional[threading.Thread] = None
-        # SEGs to send, (ImageId, its row's Done, path): a thread of their own, so that a forward
-        # destination that is down or slow (3 tries, 30 s timeouts) never delays the next predictions
-        self._forwards: collections.deque[tuple[str, str, Path]] = collections.deque()
-        self._forwarding = 0  # 1 while a SEG is being sent
+        # objects to send, (ImageId, its row's Done, SEGS or DICOM_OVERLAYS, path): a thread of their own,
+        # so that a forward destination that is down or slow (3 tries, 30 s timeouts) never delays the
+        # next predictions
+        self._forwards: collections.deque[tuple[str, str, str, Path]] = collections.deque()
+        self._forwarding = 0  # 1 while objects are being sent
         self._forwarder: Optional[threading.Thread] = None
-        self._sending: Any = None  # the association sending a SEG, cut by a stop that gives up
-        self.stats = {"received": 0, "predicted": 0, "failed": 0, "refused": 0, "segs": 0, "forwarded": 0,
-                      "not_forwarded": 0, "resumed": 0}
+        self._sending: Any = None  # the association sending, cut by a stop that gives up
+        self.stats = {"received": 0, "predicted": 0, "failed": 0, "refused": 0, "segs": 0, "overlays": 0,
+                      "forwarded": 0, "not_forwarded": 0, "resumed": 0}
         self._latencies: collections.deque[float] = collections.deque(maxlen=10000)
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -319,7 +342,7 @@ class DicomNode:
                         sending.dul.socket.socket.shutdown(socket.SHUT_RD)
                 thread.join()
         if self._forwards:
-            log.warning("%d SEGs not forwarded before the stop; they are sent at the next start", len(self._forwards))
+            log.warning("%d objects not forwarded before the stop; they are sent at the next start", len(self._forwards))
         self._forwards.clear()
         left = len(self._queue)
         self._log_throughput(final=True)
@@ -477,6 +500,7 @@ class DicomNode:
                     if data and not data.endswith(b"\n"):
                         f.truncate(data.rfind(b"\n") + 1)
                         log.warning("%s ended in a cut-short row (a node stopped while writing it); removed", name)
+                _upgrade_header(self.out_dir / name, *_EARLIER_COLUMNS[name])
         path = self._results_path()
         if not path.is_file() or path.stat().st_size == 0:
             with open(path, "w", encoding="utf-8", newline="") as f:
@@ -555,7 +579,8 @@ class DicomNode:
         from ..infer.inputs import skip_reason
 
         try:
-            predictions = self.predictor.predict([str(i.path) for i in batch], return_masks=self.write_seg,
+            predictions = self.predictor.predict([str(i.path) for i in batch],
+                                                 return_masks=self.write_seg or self.write_overlay,
                                                  on_error="skip", name_by="file", workers=1)
         except Exception as exc:
             if len(batch) > 1:  # one image's fault: the others are predicted alone
@@ -573,21 +598,23 @@ class DicomNode:
         for item in batch:
             result = results.get(item.uid, "not predicted")
             row: dict[str, Any] = {"ImageId": item.uid, "Caller": item.caller, "Received": item.received, "Seg": "",
-                   "Forwarded": "", "Error": ""}
+                                   "Forwarded": "", "Error": "", "Overlay": ""}
             if isinstance(result, str):
                 row.update(Status="failed", Error=result)
                 log.warning("could not predict %s: %s", item.uid, result)
             else:
                 row.update(Status="ok", Score=repr(float(result.score)), Positive=int(result.positive),
                            Components=result.n_components, EncodedPixels=result.rle)
-                if result.positive and self.write_seg:
-                    self._segment(item, result, row)
+                if result.positive:
+                    self._derive(item, result, row)
                 result.mask = None
             row["Done"] = _now()
             self._append(row)
-            if row["Forwarded"] == "queued":  # after its row: a SEG sent is always one results.csv names
+            if row["Forwarded"] == "queued":  # after its row: an object sent is always one results.csv names
                 with self._cond:
-                    self._forwards.append((item.uid, row["Done"], self.out_dir / row["Seg"]))
+                    for kind, column in ((SEGS, "Seg"), (DICOM_OVERLAYS, "Overlay")):
+                        if row[column]:
+                            self._forwards.append((item.uid, row["Done"], kind, self.out_dir / row[column]))
                     self._cond.notify_all()
             with contextlib.suppress(FileNotFoundError):
                 item.path.unlink()
@@ -595,26 +622,53 @@ class DicomNode:
                 self.stats["failed" if row["Status"] == "failed" else "predicted"] += 1
                 self._latencies.append(time.monotonic() - item.received_at)
 
-    def _segment(self, item: _Item, pred: Any, row: dict[str, Any]) -> None:
-        from ..infer.dicom_seg import write_dicom_seg
-        from ..infer.inputs import skip_reason
+    def _derive(self, item: _Item, pred: Any, row: dict[str, Any]) -> None:
+        """The SEG and / or the overlay of a positive image, each recorded in ``row`` (its path, or in
+        Error why it has none: the prediction stands, only that file is lost)."""
+        from ..infer import dicom_overlay, dicom_seg
 
         backend = self.predictor.backend
-        target = self._folder.file(SEGS, item.uid + ".dcm")
+        made = []
+        if self.write_seg:
+            made.append(self._write_derived(item, row, SEGS, "Seg", "SEG", lambda: dicom_seg.build_dicom_seg(
+                pred.mask, item.path, algorithm_parameters={
+                    "model": Path(self.predictor.model_dir.path).name, "backend": backend.name,
+                    "precision": backend.precision}), dicom_seg.save_dicom_seg))
+        if self.write_overlay:
+            made.append(self._write_derived(item, row, DICOM_OVERLAYS, "Overlay", "overlay",
+                                            lambda: dicom_overlay.build_dicom_overlay(pred.mask, item.path,
+                                                                                      score=float(pred.score)),
+                                            dicom_overlay.save_dicom_overlay))
+        if self.forward is not None and any(made):
+            row["Forwarded"] = "queued"  # handed over once the row is written (_process)
+
+    def _write_derived(self, item: _Item, row: dict[str, Any], subfolder: str, column: str, what: str,
+                       build: Any, save: Any) -> bool:
+        from ..infer._dicom_derived import write_atomically
+        from ..infer.inputs import skip_reason
+
+        def checked() -> Any:
+            ds = build()
+            # as predict --name-by uid: a file that now holds another image (perhaps another patient's)
+            # must not have this mask filed under it
+            referenced = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+            if referenced != item.uid:
+                raise DicomError(f"{item.path}: the file now holds another image (its SOPInstanceUID is not the "
+                                 "one it was received under)")
+            return ds
+
+        target = self._folder.file(subfolder, item.uid + ".dcm")
         try:
-            write_dicom_seg(target, pred.mask, item.path, algorithm_parameters={
-                "model": Path(self.predictor.model_dir.path).name, "backend": backend.name,
-                "precision": backend.precision})
+            write_atomically(target, checked, save)
         except (PneumosegError, OSError) as exc:
             reason = skip_reason(exc, str(item.path))
-            row["Error"] = f"no SEG: {reason}"
-            log.warning("no SEG for %s: %s", item.uid, reason)
-            return
-        row["Seg"] = f"{SEGS}/{target.name}"
+            row["Error"] = "; ".join(filter(None, (row["Error"], f"no {what}: {reason}")))
+            log.warning("no %s for %s: %s", what, item.uid, reason)
+            return False
+        row[column] = f"{subfolder}/{target.name}"
         with self._cond:
-            self.stats["segs"] += 1
-        if self.forward is not None:
-            row["Forwarded"] = "queued"  # handed over once the row is written (_process)
+            self.stats["segs" if subfolder == SEGS else "overlays"] += 1
+        return True
 
     def _forward_loop(self) -> None:
         while True:
@@ -625,21 +679,25 @@ class DicomNode:
                     self._cond.wait(0.1)
                 if self._abandon.is_set():
                     return
-                uid, predicted, path = self._forwards.popleft()
+                # what waits goes in one association (a SEG and its overlay, or a backlog)
+                batch = [self._forwards.popleft() for _ in range(min(len(self._forwards), _FORWARD_BATCH))]
                 self._forwarding = 1
             try:
-                sent, reason = self._send(path)
-                if not sent and self._abandon.is_set():
-                    return  # stopped mid-send: not recorded, so sent at the next start
-                self._append({"ImageId": uid, "Predicted": predicted, "Seg": f"{SEGS}/{path.name}", "Done": _now(),
-                              "Forwarded": "yes" if sent else "no", "Error": reason}, FORWARDED, FORWARD_COLUMNS)
-                with self._cond:
-                    self.stats["forwarded" if sent else "not_forwarded"] += 1
-                if not sent:
-                    log.warning("SEG of %s not forwarded to %s: %s (it stays in %s/)", uid, self._forward_name(),
-                                reason, SEGS)
-            except Exception as exc:  # forwarded.csv cannot be written: the SEG is sent again at the next start
-                log.error("forwarding the SEG of %s failed: %s: %s", uid, type(exc).__name__, exc)
+                outcomes = self._send([path for _, _, _, path in batch])
+                for (uid, predicted, kind, path), (sent, reason) in zip(batch, outcomes):
+                    if not sent and self._abandon.is_set():
+                        continue  # stopped mid-send: not recorded, so sent at the next start
+                    where = f"{kind}/{path.name}"
+                    self._append({"ImageId": uid, "Predicted": predicted, "Seg": where if kind == SEGS else "",
+                                  "Overlay": where if kind == DICOM_OVERLAYS else "", "Done": _now(),
+                                  "Forwarded": "yes" if sent else "no", "Error": reason}, FORWARDED, FORWARD_COLUMNS)
+                    with self._cond:
+                        self.stats["forwarded" if sent else "not_forwarded"] += 1
+                    if not sent:
+                        log.warning("%s of %s not forwarded to %s: %s (it stays in %s/)",
+                                    "SEG" if kind == SEGS else "overlay", uid, self._forward_name(), reason, kind)
+            except Exception as exc:  # forwarded.csv cannot be written: what it lacks is sent again at the next start
+                log.error("forwarding %d objects failed: %s: %s", len(batch), type(exc).__name__, exc)
             finally:
                 with self._cond:
                     self._forwarding = 0
@@ -658,70 +716,94 @@ class DicomNode:
         return self._worker is not None and self._worker.is_alive()
 
     def _resume_forwards(self) -> None:
-        """results.csv rows whose SEG was queued for forwarding and that forwarded.csv does not answer
-        (a node stopped or killed before sending it) are queued again, if their SEG is still there."""
+        """The objects of results.csv rows queued for forwarding that forwarded.csv does not answer (a node
+        stopped or killed before sending them) are queued again, where the file is still there."""
         if self.forward is None:
             return
-        done: set[tuple[str, str]] = set()
+        done: set[tuple[str, str, str]] = set()
         forwarded = self.out_dir / FORWARDED
         if forwarded.is_file():
             with open(forwarded, encoding="utf-8", newline="") as f:
-                done = {(r.get("ImageId") or "", r.get("Predicted") or "") for r in csv.DictReader(f)}
+                done = {(r.get("ImageId") or "", r.get("Predicted") or "", SEGS if r.get("Seg") else DICOM_OVERLAYS)
+                        for r in csv.DictReader(f)}
         with open(self._results_path(), encoding="utf-8", newline="") as f:
             for r in csv.DictReader(f):
-                seg = r.get("Seg") or ""
-                if r.get("Forwarded") != "queued" or (r["ImageId"], r.get("Done") or "") in done:
+                if r.get("Forwarded") != "queued":
                     continue
-                path = self.out_dir / seg
-                if seg.startswith(SEGS + "/") and _UID.fullmatch(path.stem) and path.is_file():
-                    self._forwards.append((r["ImageId"], r.get("Done") or "", path))
+                predicted = r.get("Done") or ""
+                for kind, column in ((SEGS, "Seg"), (DICOM_OVERLAYS, "Overlay")):
+                    name = r.get(column) or ""
+                    if not name or (r["ImageId"], predicted, kind) in done:
+                        continue
+                    path = self.out_dir / name
+                    if name.startswith(kind + "/") and _UID.fullmatch(path.stem) and path.is_file():
+                        self._forwards.append((r["ImageId"], predicted, kind, path))
         if self._forwards:
-            log.info("%d SEGs not forwarded before the last stop are queued again", len(self._forwards))
+            log.info("%d objects not forwarded before the last stop are queued again", len(self._forwards))
 
-    def _send(self, path: Path) -> tuple[bool, str]:
-        """C-STORE ``path`` to the forward node, with retries; (sent, why not)."""
+    def _send(self, paths: list[Path]) -> list[tuple[bool, str]]:
+        """C-STORE each of ``paths`` (SEGs and overlays) to the forward node, in one association, the ones
+        not yet stored tried again in a new one up to ``forward_attempts`` times; (sent, why not) each."""
         from pynetdicom import AE, evt
 
+        from ..infer.dicom_overlay import SECONDARY_CAPTURE_STORAGE
         from ..infer.dicom_seg import SEGMENTATION_STORAGE
 
         assert self.forward is not None
         aet, host, port = self.forward
-        reason = ""
+        outcomes = [(False, "")] * len(paths)
         for attempt in range(self.forward_attempts):
+            left = [i for i, (sent, _) in enumerate(outcomes) if not sent]
+            if not left:
+                break
             if attempt and self._abandon.wait(self.forward_backoff_s * 2 ** (attempt - 1)):
-                return False, f"{reason}; the node stopped before trying again"
+                return [o if o[0] else (False, f"{o[1]}; the node stopped before trying again") for o in outcomes]
             try:
                 # pynetdicom 3.0.4 leaks its socket when the connection is refused (it shuts the unconnected
                 # socket down, which fails, and so never closes it): a node that is down is found here first
                 socket.create_connection((host, port), timeout=10).close()
             except OSError as exc:
-                reason = f"cannot connect ({exc.strerror or exc})"
+                for i in left:
+                    outcomes[i] = (False, f"cannot connect ({exc.strerror or exc})")
                 continue
             ae = AE(ae_title=self.ae_title)
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
-            ae.add_requested_context(SEGMENTATION_STORAGE, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
+            # each object under its own SOP class; the writers make Explicit VR Little Endian (Implicit is
+            # offered too, for a destination that takes only that: pynetdicom converts between the two)
+            for sop_class in (SEGMENTATION_STORAGE, SECONDARY_CAPTURE_STORAGE):
+                ae.add_requested_context(sop_class, [_EXPLICIT_LE, "1.2.840.10008.1.2"])
             try:
                 if self._abandon.is_set():
-                    return False, "the node stopped before sending it"
+                    return [o if o[0] else (False, "the node stopped before sending it") for o in outcomes]
                 assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, self._on_forward_open)])
                 if not assoc.is_established:
-                    reason = "association refused or failed"
+                    for i in left:
+                        outcomes[i] = (False, "association refused or failed")
                     continue
                 try:
-                    status = assoc.send_c_store(path)
+                    for i in left:
+                        if not assoc.is_established:
+                            outcomes[i] = (False, "the association ended before it was sent")
+                            continue
+                        try:
+                            status = assoc.send_c_store(paths[i])
+                        except Exception as exc:  # no context accepted for its SOP class, a file gone
+                            outcomes[i] = (False, f"{type(exc).__name__}: {exc}")
+                            continue
+                        code = getattr(status, "Status", None)
+                        outcomes[i] = ((True, "") if code in _STORED_STATUSES else
+                                       (False, "no answer" if code is None else f"status 0x{int(code):04X}"))
                 finally:
                     assoc.release()
             except Exception as exc:
-                reason = f"{type(exc).__name__}: {exc}"
+                for i in left:
+                    if not outcomes[i][0]:
+                        outcomes[i] = (False, f"{type(exc).__name__}: {exc}")
                 continue
             finally:
                 self._sending = None
                 ae.shutdown()
-            code = getattr(status, "Status", None)
-            if code in _STORED_STATUSES:
-                return True, ""
-            reason = "no answer" if code is None else f"status 0x{int(code):04X}"
-        return False, f"{reason} ({self.forward_attempts} attempts)"
+        return [o if o[0] else (False, f"{o[1]} ({self.forward_attempts} attempts)") for o in outcomes]
 
     def _append(self, row: dict[str, Any], name: str = RESULTS, columns: tuple[str, ...] = RESULT_COLUMNS) -> None:
         """One row, flushed to disk before its incoming file is removed."""
@@ -753,9 +835,27 @@ class DicomNode:
         self._last_log = (now, done)
         rate = (done - last_done) / max(now - last_time, 1e-9)
         log.info("%sreceived %d, predicted %d (%.2f images/s lately), failed %d, refused %d, waiting %d, "
-                 "SEGs %d, forwarded %d, not forwarded %d", "stopped: " if final else "", self.stats["received"],
-                 self.stats["predicted"], rate, self.stats["failed"], self.stats["refused"], len(self._queue),
-                 self.stats["segs"], self.stats["forwarded"], self.stats["not_forwarded"])
+                 "SEGs %d, overlays %d, forwarded %d, not forwarded %d", "stopped: " if final else "",
+                 self.stats["received"], self.stats["predicted"], rate, self.stats["failed"], self.stats["refused"],
+                 len(self._queue), self.stats["segs"], self.stats["overlays"], self.stats["forwarded"],
+                 self.stats["not_forwarded"])
+
+
+def _upgrade_header(path: Path, earlier: tuple[str, ...], columns: tuple[str, ...]) -> None:
+    """A CSV an earlier node began with ``earlier`` columns gets the header ``columns`` (which adds
+    columns at the end), replaced atomically: its rows stay as they are, read with the new columns empty."""
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        first = f.readline()
+        if first.rstrip(b"\r\n").decode("utf-8", "replace") != ",".join(earlier):
+            return
+        rest = f.read()
+    from .._fs import atomic_open
+
+    with atomic_open(path, "wb") as out:
+        out.write((",".join(columns) + "\n").encode("utf-8") + rest)
+    log.info("%s: the columns %s added to an earlier node's header", path.name, ", ".join(columns[len(earlier):]))
 
 
 def _decodable(get_decoder: Any, uid: str) -> bool:
