@@ -273,6 +273,54 @@ def test_a_restart_after_a_kill_predicts_incoming_and_mends_results(predictor, s
     assert list((out / INCOMING).iterdir()) == []
 
 
+def test_a_results_csv_saved_without_its_final_newline_while_stopped_keeps_its_last_row_at_restart(
+        predictor, sources, tmp_path):
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0, batch_size=1) as node:
+        assert send(node.port, sources[:2]) == [0, 0]
+        assert node.wait_idle(60)
+    uids = [pydicom.dcmread(p).SOPInstanceUID for p in sources[:3]]
+    # what an editor does to both files while the node is stopped: whole rows, no final newline
+    with open(out / RESULTS, "rb+") as f:
+        f.truncate(len(f.read()) - 1)
+    with open(out / FORWARDED, "w", encoding="utf-8", newline="") as f:
+        f.write(",".join(FORWARD_COLUMNS) + f"\n{uids[0]},2026-01-01T00:00:01+00:00,seg/{uids[0]}.dcm,"
+                f"2026-01-01T00:00:02+00:00,no,\"Association rejected, twice\",")
+    with DicomNode(predictor, out, port=0, batch_size=1) as node:
+        assert node.stats.get("resumed", 0) == 0
+        assert send(node.port, sources[2:3]) == [0]
+        assert node.wait_idle(60)
+    assert [r["ImageId"] for r in rows(out)] == uids and all(r["Status"] == "ok" for r in rows(out))
+    assert (out / RESULTS).read_bytes().endswith(b"\n") and b"\n\n" not in (out / RESULTS).read_bytes()
+    assert [(r["ImageId"], r["Error"]) for r in forwarded(out)] == [(uids[0], "Association rejected, twice")]
+
+
+def test_a_row_cut_by_a_kill_is_removed_at_restart_even_with_all_its_fields(predictor, sources, tmp_path):
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0):
+        pass
+    uid = pydicom.dcmread(sources[0]).SOPInstanceUID
+    (out / INCOMING).mkdir(exist_ok=True)
+    shutil.copy(sources[0], out / INCOMING / f"{uid}.dcm")
+    # cut inside the last field (Overlay): every field is there, but its image was not yet removed
+    with open(out / RESULTS, "a") as f:
+        f.write(f"{uid},SCU,2026-01-01T00:00:00+00:00,2026-01-01T00:00:01+00:00,ok,0.9,1,1,1 2,seg/{uid}.dcm,,,"
+                f"dicom-overlay/{uid[:5]}")
+    with DicomNode(predictor, out, port=0) as node:
+        assert node.stats["resumed"] == 1
+        assert node.wait_idle(60)
+    assert [(r["ImageId"], r["Caller"]) for r in rows(out)] == [(uid, "")]  # predicted again, the cut row gone
+    assert list((out / INCOMING).iterdir()) == []
+    header = ",".join(FORWARD_COLUMNS)
+    # forwarded.csv cut inside the overlay's path, or inside a quoted Error
+    for cut in (f"{uid},2026-01-01T00:00:01+00:00,,2026-01-01T00:00:02+00:00,yes,,dicom-overlay/{uid[:5]}",
+                f"{uid},2026-01-01T00:00:01+00:00,seg/{uid}.dcm,2026-01-01T00:00:02+00:00,no,\"refused, an"):
+        (out / FORWARDED).write_text(f"{header}\n{cut}", encoding="utf-8")
+        with DicomNode(predictor, out, port=0):
+            pass
+        assert (out / FORWARDED).read_text(encoding="utf-8") == header + "\n"
+
+
 def test_the_node_logs_and_records_no_patient_data(predictor, tmp_path, caplog):
     from test_phi_canary import canaries, canary_dicom
 

@@ -491,15 +491,24 @@ class DicomNode:
         return self.out_dir / RESULTS
 
     def _repair_results(self) -> None:
-        """A row cut short by a killed node is removed (its image is still in incoming/, its SEG still
-        unrecorded in forwarded.csv); the header is written to a new results.csv."""
+        """A last line without its newline is either a row cut short by a killed node, removed (its image
+        is still in incoming/, its object still unrecorded in forwarded.csv), or a whole row a user's
+        editor saved without the final newline, kept (see :meth:`_whole_last_row`); the header is written
+        to a new results.csv."""
         for name in (RESULTS, FORWARDED):
             if (self.out_dir / name).is_file():
                 with open(self.out_dir / name, "rb+") as f:
                     data = f.read()
                     if data and not data.endswith(b"\n"):
-                        f.truncate(data.rfind(b"\n") + 1)
-                        log.warning("%s ended in a cut-short row (a node stopped while writing it); removed", name)
+                        if self._whole_last_row(name, data):
+                            f.write(b"\n")
+                            f.flush()
+                            os.fsync(f.fileno())
+                            log.info("%s: the last row had no final newline (saved by an editor?); kept", name)
+                        else:
+                            f.truncate(data.rfind(b"\n") + 1)
+                            log.warning("%s ended in a cut-short row (a node stopped while writing it); removed",
+                                        name)
                 _upgrade_header(self.out_dir / name, *_EARLIER_COLUMNS[name])
         path = self._results_path()
         if not path.is_file() or path.stat().st_size == 0:
@@ -507,6 +516,39 @@ class DicomNode:
                 csv.writer(f, lineterminator="\n").writerow(RESULT_COLUMNS)
                 f.flush()
                 os.fsync(f.fileno())
+
+    def _whole_last_row(self, name: str, data: bytes) -> bool:
+        """Whether the last line of ``data`` (results.csv or forwarded.csv, without its newline) is a
+        whole row. A row is one write, fsync'ed, so a kill leaves at most its last row cut short; what
+        tells a cut row from one an editor saved without the final newline:
+
+        - results.csv: the row has the header's number of fields, names a UID, and that image is no
+          longer in incoming/ (removed only after its row is on disk; a row cut inside its last field
+          still has every field, but its image is still there);
+        - forwarded.csv (no file marks a row written there): the header's number of fields, Forwarded
+          yes or no, and the object's path (``seg/<ImageId>.dcm`` or ``dicom-overlay/<ImageId>.dcm``) whole
+          in Seg or Overlay, the other empty: a cut inside the path, Forwarded or Error leaves a field
+          short or the path cut. A row wrongly taken for cut costs a second send (at least once)."""
+        header, _, rest = data.partition(b"\n")
+        last = data[data.rfind(b"\n") + 1:]
+        if not rest or not last:  # the header alone, or nothing
+            return False
+        try:
+            fields = next(csv.reader([header.decode("utf-8-sig").rstrip("\r")]))  # an editor may add a BOM
+            row = next(csv.reader([last.decode("utf-8")], strict=True))
+        except (UnicodeDecodeError, csv.Error, StopIteration):
+            return False
+        if len(row) != len(fields) or fields[0] != "ImageId":
+            return False
+        uid = row[0]
+        if len(uid) > 64 or not _UID.fullmatch(uid):
+            return False
+        if name == RESULTS:
+            return not (self.out_dir / INCOMING / f"{uid}.dcm").exists()
+        got = dict(zip(fields, row))
+        objects = {got.get("Seg", ""), got.get("Overlay", "")}
+        return got.get("Forwarded") in ("yes", "no") and (
+            objects == {f"{SEGS}/{uid}.dcm", ""} or objects == {f"{DICOM_OVERLAYS}/{uid}.dcm", ""})
 
     def _done_ids(self) -> set[str]:
         with open(self._results_path(), encoding="utf-8", newline="") as f:
