@@ -453,3 +453,28 @@ def test_the_library_evaluate_refuses_bad_targets_and_resamples():
                             ({"bootstrap": -1}, "bootstrap must be at least 0"), ({"seed": 0.5}, "seed must be an integer")):
         with pytest.raises(InvalidInputError, match=message):
             evaluate(truth, truth, **kwargs)
+
+
+def test_the_library_evaluate_takes_targets_as_any_iterable_of_reals():
+    from pneumoseg.infer.evaluation import evaluate
+
+    truth = {"a": ["-1"], "b": ["1 3"], "c": ["-1"], "d": ["2 2"]}
+    scores = {"a": 0.1, "b": 0.8, "c": 0.4, "d": 0.6}
+    want = evaluate(truth, truth, scores=scores, sensitivity=[0.5, 1.0], specificity=[0.5], bootstrap=0)
+    for sens, spec, want_spec in ((np.array([0.5, 1.0]), np.array([0.5], np.float32), (0.5,)),
+                                  ((0.5, 1.0), (v for v in [0.5]), (0.5,)),
+                                  (np.array([0.5, 1.0], np.float32), np.array([], np.float64), ())):
+        got = evaluate(truth, truth, scores=scores, sensitivity=sens, specificity=spec, bootstrap=0)
+        assert got.sensitivity_targets == want.sensitivity_targets == (0.5, 1.0)
+        assert got.specificity_targets == want_spec
+        assert all(type(t) is float for t in got.sensitivity_targets + got.specificity_targets)
+    points = evaluate(truth, truth, scores=scores, sensitivity=np.array([0.5, 1.0]), bootstrap=0).to_dict()
+    assert points["classification"]["operating_points"][:2] == want.to_dict()["classification"]["operating_points"][:2]
+    # still refused: a string, a bare number (also a 0-d array), non-finite or out-of-range values
+    for kwargs, message in (({"sensitivity": "0.9"}, "sequence"), ({"specificity": np.float64(0.9)}, "sequence"),
+                            ({"sensitivity": np.array(0.9)}, "sequence"),
+                            ({"sensitivity": np.array([0.9, np.nan])}, r"sensitivity\[1\] must be a finite number"),
+                            ({"specificity": (np.inf,)}, r"specificity\[0\] must be a finite number"),
+                            ({"sensitivity": np.array([0.0])}, r"sensitivity\[0\] must be in")):
+        with pytest.raises(InvalidInputError, match=message):
+            evaluate(truth, truth, scores=scores, **kwargs)

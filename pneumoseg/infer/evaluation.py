@@ -21,7 +21,7 @@ import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -285,22 +285,30 @@ class Evaluation:
 
 
 def _targets(values: Any, name: str) -> tuple[float, ...]:
-    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
-        raise InvalidInputError(f"{name} must be a sequence of numbers in (0, 1], got {show(values)}")
-    return tuple(check_real(v, f"{name}[{i}]", low=0.0, low_open=True, high=1.0) for i, v in enumerate(values))
+    # any iterable of reals (list, tuple, NumPy array, tensor); a string iterates but holds no numbers,
+    # and a bare number (or 0-d array, whose iter() fails) is no collection of targets
+    items: Optional[tuple[Any, ...]] = None
+    if not isinstance(values, (str, bytes, bytearray)):
+        try:
+            items = tuple(values)
+        except TypeError:
+            pass
+    if items is None:
+        raise InvalidInputError(f"{name} must be a sequence (or array) of numbers in (0, 1], got {show(values)}")
+    return tuple(check_real(v, f"{name}[{i}]", low=0.0, low_open=True, high=1.0) for i, v in enumerate(items))
 
 
 def evaluate(pred: Mapping[str, Sequence[str]], truth: Mapping[str, Sequence[str]], *,
              scores: Optional[Mapping[str, float]] = None, threshold: float = 0.5,
-             sensitivity: Sequence[float] = DEFAULT_SENSITIVITIES, specificity: Sequence[float] = DEFAULT_SPECIFICITIES,
+             sensitivity: Iterable[float] = DEFAULT_SENSITIVITIES, specificity: Iterable[float] = DEFAULT_SPECIFICITIES,
              bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Evaluation:
     """Score predicted RLEs (ImageId -> strings, as ``read_rle_csv`` gives) against the truth.
 
     Every predicted ImageId must have a truth (else :class:`pneumoseg.DataFormatError` naming some);
     truth ids without a prediction are left out and listed in ``not_predicted``. ``scores`` (ImageId ->
     probability) must cover every predicted image when given. ``sensitivity`` and ``specificity``
-    are the operating points' targets (each in (0, 1]); ``bootstrap`` the intervals' resamples (0:
-    none), drawn from ``seed``. The figures are computed when asked for (``to_dict``)."""
+    are the operating points' targets (each in (0, 1]; a list, tuple or NumPy array); ``bootstrap``
+    the intervals' resamples (0: none), drawn from ``seed``. The figures are computed when asked for (``to_dict``)."""
     threshold = check_probability(threshold, "threshold")
     sensitivity_targets = _targets(sensitivity, "sensitivity")
     specificity_targets = _targets(specificity, "specificity")
