@@ -156,3 +156,20 @@ def test_evaluation_summary_splits_dice_by_truth_class():
     assert cls["confusion_matrix"] == {"tn": 2, "fp": 1, "fn": 1, "tp": 1}
     # sensitivity 1 / (1 + 1), specificity 2 / (2 + 1), accuracy (1 + 2) / 5
     assert (cls["sensitivity"], cls["specificity"], cls["accuracy"]) == pytest.approx((1 / 2, 2 / 3, 3 / 5))
+
+
+def test_the_summary_names_the_librarys_number_of_calibration_bins(monkeypatch):
+    from pneumoseg.cli.evaluate import _summary
+    from pneumoseg.infer import evaluation
+
+    truth, pred = _masks(2, 9), _masks(3, 9)
+    ids = [f"id{i}" for i in range(9)]
+    t = {i: [rle.encode(m)] for i, m in zip(ids, truth)}
+    p = {i: [rle.encode(m)] for i, m in zip(ids, pred)}
+    scores = {i: float(s) for i, s in zip(ids, np.linspace(0.05, 0.95, 9))}
+    for bins in (evaluation.CALIBRATION_BINS, 4):
+        monkeypatch.setattr(evaluation, "CALIBRATION_BINS", bins)
+        report = evaluate(p, t, scores=scores, bootstrap=0).to_dict()
+        line = next(x for x in _summary(report) if x.startswith("calibration:"))
+        filled = len(report["calibration"]["curve"]["images"])
+        assert 0 < filled <= bins and line.endswith(f"({filled} non-empty of {bins} equal-width bins)"), line

@@ -31,9 +31,6 @@ def targets(text: str) -> tuple[float, ...]:
     return tuple(values)
 
 
-targets.__name__ = "targets"
-
-
 def add_parser(subparsers) -> None:
     from ..metrics.intervals import MAX_RESAMPLES
 
@@ -143,7 +140,9 @@ def _summary(report: dict) -> list[str]:
         lines.append("operating points: " + "; ".join(one(p) for p in points))
     cal = report["calibration"]
     if cal is not None:
+        from ..infer.evaluation import CALIBRATION_BINS  # already imported by run (evaluate)
+
         lines.append(f"calibration: Brier {cal['brier_score']:.4f}, ECE {cal['expected_calibration_error']:.4f} "
-                     f"({len(cal['curve']['images'])} non-empty of 10 equal-width bins)")
+                     f"({len(cal['curve']['images'])} non-empty of {CALIBRATION_BINS} equal-width bins)")
     lines.extend(f"note: {n}" for n in report["notes"])
     return lines
