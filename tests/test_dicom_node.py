@@ -764,3 +764,75 @@ def test_a_missing_or_broken_highdicom_or_pynetdicom(tmp_path, monkeypatch, pack
     assert message.startswith(f"{needed_for} needs {package}, which is installed but failed to import (")
     assert "pneumoseg_no_such_dependency" in message and "not installed" not in message
     assert isinstance(info.value.__cause__, ModuleNotFoundError)
+
+
+def excel(path, columns):
+    """``path`` saved as Excel's "CSV UTF-8" saves it: a BOM, CRLF line ends, only ``columns``."""
+    with open(path, encoding="utf-8", newline="") as f:
+        table = [{c: r.get(c) or "" for c in columns} for r in csv.DictReader(f)]
+    with open(path, "w", encoding="utf-8-sig", newline="") as f:
+        writer = csv.DictWriter(f, columns, lineterminator="\r\n")
+        writer.writeheader()
+        writer.writerows(table)
+    return table
+
+
+def test_csv_files_an_excel_saved_with_a_bom_and_crlf_are_read_and_upgraded_and_nothing_sent_twice(
+        predictor, sources, tmp_path):
+    pacs = Pacs()
+    try:
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=pacs.forward) as node:
+            assert send(node.port, sources[:6]) == [0] * 6
+            assert node.wait_idle(60)
+        sent = len(pacs.received)
+        assert sent > 0
+        # an earlier node's files (no Overlay column), then opened and saved in Excel while stopped
+        results = excel(out / RESULTS, RESULT_COLUMNS[:-1])
+        done = excel(out / FORWARDED, FORWARD_COLUMNS[:-1])
+        with DicomNode(predictor, out, port=0, forward=pacs.forward) as node:
+            assert node.wait_idle(60)
+        assert len(pacs.received) == sent  # forwarded.csv's rows still answer the queued ones
+        for name, columns, table in ((RESULTS, RESULT_COLUMNS, results), (FORWARDED, FORWARD_COLUMNS, done)):
+            with open(out / name, encoding="utf-8-sig", newline="") as f:
+                reader = csv.DictReader(f)
+                assert tuple(reader.fieldnames) == columns
+                assert [{c: r[c] for c in columns[:-1]} for r in reader] == table
+    finally:
+        pacs.close()
+
+
+def test_a_csv_header_the_node_does_not_write_is_refused_at_start_and_the_file_left_as_it_was(predictor, tmp_path):
+    from pneumoseg.serve.node import NodeError
+
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0):
+        pass
+    row = ",".join(f"v{i}" for i in range(len(RESULT_COLUMNS)))
+    for header in (",".join(reversed(RESULT_COLUMNS)),  # reordered: appended rows would land under other names
+                   ",".join(RESULT_COLUMNS[:-1] + ("Notes",)),  # an earlier node's, with a column of the user's
+                   ",".join(RESULT_COLUMNS[:3])):
+        text = f"{header}\n{row}\n".encode()
+        (out / RESULTS).write_bytes(text)
+        with pytest.raises(NodeError, match="results.csv.*header"):
+            DicomNode(predictor, out, port=0).start()
+        assert (out / RESULTS).read_bytes() == text
+    # the node's columns with one of the user's after them: kept, and the node's rows go on
+    (out / RESULTS).write_text(",".join(RESULT_COLUMNS + ("Notes",)) + "\n", encoding="utf-8")
+    with DicomNode(predictor, out, port=0):
+        pass
+    with open(out / RESULTS, encoding="utf-8", newline="") as f:
+        assert tuple(csv.DictReader(f).fieldnames) == RESULT_COLUMNS + ("Notes",)
+    # a header cut by a kill as it was written is still emptied and written again, not refused
+    (out / RESULTS).write_bytes(b"ImageId,Cal")
+    # a kill during an earlier header's upgrade: the old file whole, and the upgrade's temporary file
+    (out / FORWARDED).write_text(",".join(FORWARD_COLUMNS[:-1]) + "\n1.2,t,seg/1.2.dcm,t,yes,\n", encoding="utf-8")
+    (out / f".{FORWARDED}.pneumoseg-abcdefgh.tmp").write_text(",".join(FORWARD_COLUMNS) + "\n1.2,t,se")
+    (out / "seg").mkdir(exist_ok=True)  # and a SEG's, killed while it was written
+    (out / "seg" / ".1.2.dcm.pneumoseg-abcdefgh.tmp").write_bytes(b"DICM")
+    with DicomNode(predictor, out, port=0):
+        pass
+    assert rows(out) == [] and forwarded(out) == [{**dict.fromkeys(FORWARD_COLUMNS, ""), "ImageId": "1.2",
+                                                   "Predicted": "t", "Seg": "seg/1.2.dcm", "Done": "t",
+                                                   "Forwarded": "yes", "Overlay": None}]
+    assert not list(out.glob(f".{FORWARDED}.*.tmp")) and not list((out / "seg").iterdir())

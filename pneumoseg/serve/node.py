@@ -30,6 +30,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -495,8 +496,21 @@ class DicomNode:
         is still in incoming/, its object still unrecorded in forwarded.csv), or a whole row a user's
         editor saved without the final newline, kept (see :meth:`_whole_last_row`); the header is written
         to a new results.csv."""
+        from .._fs import _LEFTOVER_FILE
+
+        # a kill while a CSV's header was upgraded, or a SEG or overlay written, left a temporary file
+        # (the target whole as it was); the folder is this node's alone (prepare_output_folder's lock)
+        for folder, prefixes in ((self.out_dir, (f".{RESULTS}.", f".{FORWARDED}.")), (self.out_dir / SEGS, (".",)),
+                                 (self.out_dir / DICOM_OVERLAYS, (".",))):
+            if folder.is_dir():
+                for entry in folder.iterdir():
+                    if (entry.name.startswith(prefixes) and _LEFTOVER_FILE.fullmatch(entry.name)
+                            and entry.is_file() and not entry.is_symlink()):
+                        entry.unlink()
         for name in (RESULTS, FORWARDED):
             if (self.out_dir / name).is_file():
+                # before any repair: a header the node does not write is refused with the file untouched
+                upgrade = _header_needs_upgrade(self.out_dir / name, *_EARLIER_COLUMNS[name])
                 with open(self.out_dir / name, "rb+") as f:
                     data = f.read()
                     if data and not data.endswith(b"\n"):
@@ -509,7 +523,8 @@ class DicomNode:
                             f.truncate(data.rfind(b"\n") + 1)
                             log.warning("%s ended in a cut-short row (a node stopped while writing it); removed",
                                         name)
-                _upgrade_header(self.out_dir / name, *_EARLIER_COLUMNS[name])
+                if upgrade:
+                    _upgrade_header(self.out_dir / name, *_EARLIER_COLUMNS[name])
         path = self._results_path()
         if not path.is_file() or path.stat().st_size == 0:
             with open(path, "w", encoding="utf-8", newline="") as f:
@@ -551,7 +566,7 @@ class DicomNode:
             objects == {f"{SEGS}/{uid}.dcm", ""} or objects == {f"{DICOM_OVERLAYS}/{uid}.dcm", ""})
 
     def _done_ids(self) -> set[str]:
-        with open(self._results_path(), encoding="utf-8", newline="") as f:
+        with open(self._results_path(), encoding="utf-8-sig", newline="") as f:
             return {row[0] for row in csv.reader(f) if row and row[0] != RESULT_COLUMNS[0]}
 
     def _resume_incoming(self) -> None:
@@ -765,10 +780,10 @@ class DicomNode:
         done: set[tuple[str, str, str]] = set()
         forwarded = self.out_dir / FORWARDED
         if forwarded.is_file():
-            with open(forwarded, encoding="utf-8", newline="") as f:
+            with open(forwarded, encoding="utf-8-sig", newline="") as f:
                 done = {(r.get("ImageId") or "", r.get("Predicted") or "", SEGS if r.get("Seg") else DICOM_OVERLAYS)
                         for r in csv.DictReader(f)}
-        with open(self._results_path(), encoding="utf-8", newline="") as f:
+        with open(self._results_path(), encoding="utf-8-sig", newline="") as f:
             for r in csv.DictReader(f):
                 if r.get("Forwarded") != "queued":
                     continue
@@ -883,20 +898,48 @@ class DicomNode:
                  self.stats["not_forwarded"])
 
 
-def _upgrade_header(path: Path, earlier: tuple[str, ...], columns: tuple[str, ...]) -> None:
-    """A CSV an earlier node began with ``earlier`` columns gets the header ``columns`` (which adds
-    columns at the end), replaced atomically: its rows stay as they are, read with the new columns empty."""
-    if not path.is_file():
-        return
+def _header(path: Path) -> Optional[tuple[str, ...]]:
+    """The column names on the first line of ``path`` (a BOM and a CRLF, as Excel saves, read through);
+    None where its first line is not CSV text; () where it has no whole first line (empty, or the header
+    cut by a kill as it was written: the repair empties the file)."""
     with open(path, "rb") as f:
         first = f.readline()
-        if first.rstrip(b"\r\n").decode("utf-8", "replace") != ",".join(earlier):
-            return
-        rest = f.read()
+    if not first.endswith(b"\n"):
+        return ()
+    try:
+        names = next(csv.reader([first.decode("utf-8-sig").rstrip("\r\n")], strict=True), None)
+    except (UnicodeDecodeError, csv.Error):
+        return None
+    return tuple(names) if names and any(names) else None
+
+
+def _header_needs_upgrade(path: Path, earlier: tuple[str, ...], columns: tuple[str, ...]) -> bool:
+    """Whether a CSV the node appends to has an earlier node's header (``earlier``, to be upgraded); its
+    own (``columns``, perhaps with a user's columns after them) is fine. Any other header is refused: the
+    node appends its columns in its own order, so rows would land under other names (reordered columns),
+    or an upgrade would put Overlay where a user's column is (an earlier header with columns added)."""
+    header = _header(path)
+    if header == ():
+        return False  # given its header when the first row is written
+    if header is not None and header[:len(columns)] == columns:
+        return False
+    if header == earlier:
+        return True
+    raise NodeError(f"{path}: its header is not the node's columns ({','.join(columns)}), nor an earlier "
+                    f"node's; it starts {show(','.join(header or ())[:120])}. The node appends rows in its own "
+                    "column order: restore the header, or move the file aside and start again")
+
+
+def _upgrade_header(path: Path, earlier: tuple[str, ...], columns: tuple[str, ...]) -> None:
+    """A CSV an earlier node began with ``earlier`` columns gets the header ``columns`` (which adds
+    columns at the end), replaced atomically (a kill leaves the old file and a temporary file that the
+    next start removes): its rows stay as they are, byte for byte, read with the new columns empty."""
     from .._fs import atomic_open
 
-    with atomic_open(path, "wb") as out:
-        out.write((",".join(columns) + "\n").encode("utf-8") + rest)
+    with open(path, "rb") as f, atomic_open(path, "wb") as out:
+        f.readline()  # the old header (with any BOM)
+        out.write((",".join(columns) + "\n").encode("utf-8"))
+        shutil.copyfileobj(f, out)  # results.csv may be large: not read into memory whole
     log.info("%s: the columns %s added to an earlier node's header", path.name, ", ".join(columns[len(earlier):]))
 
 
