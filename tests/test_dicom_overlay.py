@@ -426,12 +426,12 @@ def test_predict_without_the_flag_writes_none_and_help_says_why_it_is_opt_in(stu
     assert "NOT FOR DIAGNOSTIC USE" in flag and "patient and study identity" in flag and "pneumoseg[pacs]" in flag
 
 
-@pytest.mark.parametrize("how", ["resized", "replaced"])
+@pytest.mark.parametrize("how, name_by", [("resized", "uid"), ("replaced", "uid"), ("replaced", "file")])
 def test_a_source_that_changed_since_it_was_predicted_costs_its_overlay_only(study_set, tmp_path, capsys,
-                                                                              monkeypatch, how):
-    """A file resized after its pixels were read gets no overlays; with --name-by uid, one replaced by
-    another image of its size (another patient's) gets no DICOM overlay either: this mask would be
-    filed under the other image. The other positives get theirs."""
+                                                                              monkeypatch, how, name_by):
+    """A file resized after its pixels were read gets no overlays; one replaced by another image of its
+    size (another patient's) gets no DICOM overlay either, named by file or by SOPInstanceUID: this mask
+    would be filed under the other image. The other positives get theirs."""
     highdicom()
     from pneumoseg.cli import predict as command
 
@@ -450,7 +450,7 @@ def test_a_source_that_changed_since_it_was_predicted_costs_its_overlay_only(stu
     monkeypatch.setattr(command, "read_for_display", change_first_then_read)
     out = tmp_path / "pred"
     assert main(["predict", str(studies), "--model", str(model_dir("classifier")), "--out", str(out), "--name-by",
-                 "uid", "--dicom-overlay", "--no-progress"]) == 0
+                 name_by, "--dicom-overlay", "--no-progress"]) == 0
     assert "no DICOM overlay for" in capsys.readouterr().err
     outputs = json.loads((out / "summary.json").read_text())["outputs"]
     missing = outputs["dicom_overlay_missing"]

@@ -457,10 +457,13 @@ def test_a_source_that_changed_since_it_was_predicted_costs_its_seg_only(study_s
     assert not (out / "seg" / f"{shrunk[0]}.dcm").exists()
 
 
-def test_a_source_replaced_by_another_image_of_its_size_gets_no_seg(study_set, tmp_path, capsys, monkeypatch):
-    """Named by SOPInstanceUID (--name-by uid), an image whose file holds another image of the same size
-    by the time its SEG is made (another patient's, say) gets none: the SEG would file this mask under
-    the other image and its patient. The other positives get theirs."""
+@pytest.mark.parametrize("name_by", ["file", "uid"])
+def test_a_source_replaced_by_another_image_of_its_size_gets_no_seg(study_set, tmp_path, capsys, monkeypatch,
+                                                                    name_by):
+    """Named by its file (the default) or by SOPInstanceUID, an image whose file holds another image of
+    the same size by the time its SEG is made (another patient's, say) gets none: the SEG would file this
+    mask under the other image and its patient. The other positives get theirs. With file naming nothing
+    but the SOPInstanceUID read with the pixels (Prediction.source_uid) tells the two apart."""
     highdicom()
     import shutil
 
@@ -481,7 +484,7 @@ def test_a_source_replaced_by_another_image_of_its_size_gets_no_seg(study_set, t
     monkeypatch.setattr(command, "write_segmentation", replace_first_then_write)
     out = tmp_path / "pred"
     assert main(["predict", str(studies), "--model", str(model_dir("classifier")), "--out", str(out), "--name-by",
-                 "uid", "--dicom-seg", "--no-overlays", "--no-progress"]) == 0
+                 name_by, "--dicom-seg", "--no-overlays", "--no-progress"]) == 0
     assert "no DICOM SEG for" in capsys.readouterr().err
     summary = json.loads((out / "summary.json").read_text())
     missing = summary["outputs"]["dicom_seg_missing"]

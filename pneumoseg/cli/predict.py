@@ -242,8 +242,9 @@ def write_overlay(folder, name: str, pred, image=None) -> bool:
 def write_segmentation(folder, name: str, pred, predictor, name_by: str = "file") -> Optional[str]:
     """seg/<name>: a DICOM Segmentation of ``pred``'s mask over its source file. None when written; else
     (also printed to stderr) why not: no source file, or it can no longer be read as the image predicted.
-    With ``name_by="uid"`` the ImageId is the SOPInstanceUID the file held when listed: a file that now
-    holds another is another image (perhaps another patient's), whose SEG this mask must not become."""
+    A file that now holds another SOPInstanceUID than it did when its pixels were read (``pred.source_uid``;
+    with ``name_by="uid"`` also the ImageId, read when listed) is another image (perhaps another
+    patient's), whose SEG this mask must not become."""
     from pathlib import Path
 
     from ..infer.dicom_seg import build_dicom_seg, save_dicom_seg
@@ -271,7 +272,8 @@ def _write_derived(folder, subfolder: str, name: str, pred, name_by: str, what: 
                    unreadable: Optional[str] = None) -> Optional[str]:
     """``subfolder``/<name>: the DICOM ``build()`` makes of ``pred`` over its source file, written with
     ``save``. None when written; else (also printed to stderr) why not: ``unreadable`` (the source could
-    not be read again), no source file, or it can no longer be read as the image predicted."""
+    not be read again), no source file, or it can no longer be read as the image predicted (another
+    size, or another SOPInstanceUID than ``pred.source_uid``, whatever ``name_by``)."""
     from ..errors import PneumosegError
     from ..infer.inputs import skip_reason
 
@@ -289,11 +291,13 @@ def _write_derived(folder, subfolder: str, name: str, pred, name_by: str, what: 
     except PneumosegError as exc:
         # deleted, replaced or resized since its pixels were read: the prediction stands, only this file is lost
         return missing(skip_reason(exc, str(pred.path)))
-    # With --name-by uid the ImageId is the SOPInstanceUID the file held when listed: a file that now
-    # holds another is another image (perhaps another patient's), which this mask must not be filed under
+    # The file read again must still hold the image predicted: one that now holds another (perhaps
+    # another patient's, of the same size) would have this mask filed under it. pred.source_uid is
+    # what the header held when the pixels were read, in either naming; with --name-by uid the ImageId
+    # is what it held when listed, before that.
     referenced = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
-    if name_by == "uid" and referenced != pred.image_id:
-        return missing("the file now holds another image (its SOPInstanceUID changed since it was listed)")
+    if referenced != pred.source_uid or (name_by == "uid" and referenced != pred.image_id):
+        return missing("the file now holds another image (its SOPInstanceUID changed since it was predicted)")
     with folder.open(subfolder, name) as f:
         save(ds, f)
     return None

@@ -51,6 +51,10 @@ class DicomImage:
     meta: dict[str, Any] = field(default_factory=dict, repr=False)
     path: Optional[Path] = None
     _dataset: Any = field(default=None, repr=False)
+    # The header's SOPInstanceUID as read with these pixels (None where it has none): unlike image_id,
+    # which falls back to the file name, it tells which image the pixels are, e.g. that a file
+    # re-read later still holds them. Its text unchecked: a device may have misfilled it.
+    sop_instance_uid: Optional[str] = None
 
     def window(self, center: Optional[float] = None, width: Optional[float] = None) -> np.ndarray:
         """The image through a window or VOI LUT as float32 in [0, 1] (1 = bright), as DICOM displays
@@ -620,8 +624,9 @@ def _decode(ds: Any, path: Path, with_dataset: bool, f: BinaryIO) -> DicomImage:
         "transfer_syntax": syntax,
         "rescale": (slope, intercept),
     }
-    image_id = _header_text(ds, "SOPInstanceUID") or path.stem
-    return DicomImage(pixels=pixels, image_id=image_id, meta=meta, path=path, _dataset=ds if with_dataset else None)
+    uid = _header_text(ds, "SOPInstanceUID")
+    return DicomImage(pixels=pixels, image_id=uid or path.stem, meta=meta, path=path,
+                      _dataset=ds if with_dataset else None, sop_instance_uid=uid)
 
 
 def _native_pixel_bytes(ds: Any, rows: int, columns: int) -> Optional[tuple[int, int]]:

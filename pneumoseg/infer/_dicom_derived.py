@@ -108,6 +108,23 @@ def check_image(header: Any, where: str, what: str) -> tuple[int, int]:
     return rows, columns
 
 
+def check_expected_uid(header: Any, where: str, expected: Any, what: str) -> None:
+    """Refuse (DicomError) a source whose SOPInstanceUID is not ``expected`` (unless None): the file
+    holds another image than the one the mask was predicted from (a Prediction's ``source_uid``), and
+    ``what`` made from it would file the mask under that image, perhaps another patient's."""
+    from ..data.dicom import _damaged_header_errors, _header_text
+
+    if expected is None:
+        return
+    if not isinstance(expected, str):
+        raise InvalidInputError(f"expect_sop_instance_uid must be a str or None, got {type(expected).__name__}")
+    with _damaged_header_errors(Path(where)):
+        uid = _header_text(header, "SOPInstanceUID")
+    if uid != expected:  # neither UID quoted: the path names the image
+        raise DicomError(f"{where}: the file holds another image than the one expected (its SOPInstanceUID is "
+                         f"not expect_sop_instance_uid), so {what} would be filed under it")
+
+
 def check_mask(mask: Any, shape: tuple[int, int], where: str, allow_empty: bool, what: str) -> np.ndarray:
     """``mask`` as a (H, W) uint8 array of 0 and 1 of the source's shape; empty only with ``allow_empty``
     (``what`` names what an empty mask would write)."""

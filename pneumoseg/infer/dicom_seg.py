@@ -14,8 +14,8 @@ from typing import Any, Optional, Union
 
 from .._checks import show
 from ..errors import InvalidInputError
-from ._dicom_derived import (EMPTY_FOR_HIGHDICOM, PATIENT_AND_STUDY, UIDS, check_common_arguments, check_image,
-                             check_mask, copy_identity, highdicom_error, present, require_highdicom, save_dicom,
+from ._dicom_derived import (EMPTY_FOR_HIGHDICOM, PATIENT_AND_STUDY, UIDS, check_common_arguments, check_expected_uid,
+                             check_image, check_mask, copy_identity, highdicom_error, present, require_highdicom, save_dicom,
                              source_header, write_atomically)
 
 __all__ = ["build_dicom_seg", "write_dicom_seg", "require_highdicom", "PATIENT_AND_STUDY", "SEGMENTATION_STORAGE"]
@@ -38,7 +38,8 @@ def build_dicom_seg(mask: Any, source: Any, *, allow_empty: bool = False, series
                     manufacturer: str = "pneumoseg", manufacturer_model_name: str = "pneumoseg",
                     software_versions: Optional[str] = None, device_serial_number: str = "0",
                     algorithm_parameters: Optional[Mapping[str, str]] = None,
-                    series_instance_uid: Optional[str] = None, sop_instance_uid: Optional[str] = None) -> Any:
+                    series_instance_uid: Optional[str] = None, sop_instance_uid: Optional[str] = None,
+                    expect_sop_instance_uid: Optional[str] = None) -> Any:
     """A binary DICOM Segmentation of ``mask`` over ``source``, as a pydicom Dataset (a
     ``highdicom.seg.Segmentation``) ready for ``save_as``; :func:`write_dicom_seg` writes one.
 
@@ -58,7 +59,9 @@ def build_dicom_seg(mask: Any, source: Any, *, allow_empty: bool = False, series
     An empty mask is refused unless ``allow_empty=True``, which writes a SEG whose one segment is
     empty (a "looked, found nothing" record). A mask of the wrong shape or with values other than 0
     and 1 is an :class:`pneumoseg.InvalidInputError`; a source that cannot be read or is not a single
-    grey-level image is a :class:`pneumoseg.DicomError` naming it."""
+    grey-level image is a :class:`pneumoseg.DicomError` naming it, as is one whose SOPInstanceUID is not
+    ``expect_sop_instance_uid`` when given (a Prediction's ``source_uid``: the file re-read now holds
+    another image than the one predicted)."""
     hd = require_highdicom()
     from pydicom.dataset import Dataset
     from pydicom.sr.codedict import codes
@@ -74,6 +77,7 @@ def build_dicom_seg(mask: Any, source: Any, *, allow_empty: bool = False, series
     parameters = _parameters(algorithm_parameters)
     header, where = source_header(source)
     rows, columns = check_image(header, where, "a Segmentation")
+    check_expected_uid(header, where, expect_sop_instance_uid, "a Segmentation")
     pixels = check_mask(mask, (rows, columns), where, allow_empty, "a Segmentation with an empty segment")
 
     description = hd.seg.SegmentDescription(

@@ -22,7 +22,7 @@ from .._checks import (check_array_object, check_choice, check_readable_tensor, 
                        show)
 from ..errors import DataFormatError, InvalidInputError, PneumosegError
 
-__all__ = ["ImageSource", "collect_inputs", "load_pixels", "NAME_BY"]
+__all__ = ["ImageSource", "collect_inputs", "load_image", "load_pixels", "NAME_BY"]
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -38,6 +38,9 @@ class ImageSource:
     image_id: str
     path: Optional[Path] = None
     pixels: Any = None
+    # set when the file's pixels are read: the SOPInstanceUID its header held in that same read (None
+    # where it held none, and for pixels in memory), the image a prediction is of whatever the ImageId
+    sop_instance_uid: Optional[str] = None
 
 
 def _is_tensor(x: Any) -> bool:
@@ -214,13 +217,21 @@ def collect_inputs(inputs: Any, image_ids: Optional[Sequence[str]] = None, *, na
 
 
 def load_pixels(source: ImageSource) -> Any:
-    """The (H, W) pixels of a source: the DICOM read from disk (rescaled, MONOCHROME1 inverted), or the
-    in-memory array / tensor as it is. NumPy floats must be finite (tensors are checked on their device,
-    later, without a synchronisation)."""
+    """The (H, W) pixels of a source, as :func:`load_image`."""
+    return load_image(source)[0]
+
+
+def load_image(source: ImageSource) -> tuple[Any, Optional[str]]:
+    """(pixels, SOPInstanceUID) of a source: the (H, W) pixels of the DICOM read from disk (rescaled,
+    MONOCHROME1 inverted) with the SOPInstanceUID its header held in the same read (None where it has
+    none), or the in-memory array / tensor as it is and None. NumPy floats must be finite (tensors are
+    checked on their device, later, without a synchronisation)."""
     from ..data.dicom import read_dicom
 
+    uid = None
     if source.path is not None:
-        pixels = read_dicom(source.path, with_dataset=False).pixels
+        image = read_dicom(source.path, with_dataset=False)
+        pixels, uid = image.pixels, image.sop_instance_uid
     else:
         pixels = source.pixels
     if isinstance(pixels, np.ndarray) and pixels.dtype.kind == "f":
@@ -231,4 +242,4 @@ def load_pixels(source: ImageSource) -> Any:
             # the networks take float32: such values would become infinities there
             raise InvalidInputError(f"{where}: pixel values reach {np.abs(pixels).max():.3g}, beyond float32 "
                                     f"(at most {_FLOAT32_MAX:.3g}); rescale the image")
-    return pixels
+    return pixels, uid

@@ -31,7 +31,7 @@ from ..errors import InvalidInputError, PneumosegError, out_of_memory_line
 from ..export.parts import parts_for
 from ..export.sessions import MAX_THREADS
 from .backends import BACKENDS, PRECISIONS
-from .inputs import ImageSource, collect_inputs, load_pixels, skip_reason
+from .inputs import ImageSource, collect_inputs, load_image, skip_reason
 
 __all__ = ["Predictor", "Prediction", "Predictions", "PredictionStream", "STAGES"]
 
@@ -50,7 +50,10 @@ class Prediction:
     classification head; without either, the largest pixel probability). ``rle`` is the SIIM RLE of
     the final mask at the image's original ``shape`` (``"-1"`` when empty); ``mask`` is that mask as
     a (H, W) uint8 array when asked for. ``segmented`` tells whether stage 2 ran for the image.
-    ``timings`` are the milliseconds each stage took for the image's whole batch (``batch_size``)."""
+    ``timings`` are the milliseconds each stage took for the image's whole batch (``batch_size``).
+    ``source_uid`` is the SOPInstanceUID the DICOM's header held when its pixels were read (None for
+    arrays and tensors, and a file without one): what a SEG or overlay made later from ``path`` must
+    reference, or the file now holds another image (``build_dicom_seg(..., expect_sop_instance_uid=)``)."""
 
     image_id: str
     score: float
@@ -62,6 +65,7 @@ class Prediction:
     mask: Optional[np.ndarray] = field(default=None, repr=False)
     timings: dict[str, float] = field(default_factory=dict, repr=False)
     batch_size: int = 1
+    source_uid: Optional[str] = field(default=None, repr=False)
 
     @property
     def positive(self) -> bool:
@@ -70,6 +74,9 @@ class Prediction:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("mask")
+        # Left out (summary.json is as it was): the ImageId names the image, and in file naming the
+        # header's SOPInstanceUID is unchecked text a misconfigured device may have filled with anything.
+        out.pop("source_uid")
         out["shape"] = list(self.shape)
         return out
 
@@ -190,7 +197,7 @@ class _LoadedInline:
 
     __slots__ = ("_error", "_value")
 
-    def __init__(self, load: Callable[[ImageSource], tuple[Any, float]], source: ImageSource) -> None:
+    def __init__(self, load: Callable[[ImageSource], tuple[Any, float, Optional[str]]], source: ImageSource) -> None:
         self._value = self._error = None
         try:
             self._value = load(source)
@@ -411,10 +418,10 @@ class Predictor:
             bar = tqdm(total=len(sources), desc="predict", unit="image")
         executor: Optional[ThreadPoolExecutor] = None
 
-        def timed_load(src: ImageSource) -> tuple[Any, float]:
+        def timed_load(src: ImageSource) -> tuple[Any, float, Optional[str]]:
             start = time.perf_counter()
-            pixels = load_pixels(src)
-            return pixels, (time.perf_counter() - start) * 1e3
+            pixels, uid = load_image(src)
+            return pixels, (time.perf_counter() - start) * 1e3, uid
 
         def submit(batch: list[ImageSource]) -> list:
             # Files are read on worker threads while the previous batch runs; pixels already in memory
@@ -441,7 +448,7 @@ class Predictor:
                 for src, future in zip(batch, pending):
                     try:
                         holder = future if isinstance(future, _LoadedInline) else future.result()
-                        pixels, ms = holder.result()
+                        pixels, ms, src.sop_instance_uid = holder.result()  # set here, on the consumer's thread
                     except (PneumosegError, OSError) as exc:
                         if on_error == "raise":
                             raise
@@ -772,7 +779,7 @@ class Predictor:
         in_stage2 = set(segmented)
         out = []
         for i, (src, _, _) in enumerate(loaded):
-            rows_i, cols_i = images[i].shape  # an (H, W) image (load_pixels)
+            rows_i, cols_i = images[i].shape  # an (H, W) image (load_image)
             image_shape = (int(rows_i), int(cols_i))
             mask = masks[i]
             if return_masks and mask is None:
@@ -780,7 +787,7 @@ class Predictor:
             out.append(Prediction(image_id=src.image_id, score=float(score_list[i]), rle=strings[i],
                                   n_components=components[i], shape=image_shape, segmented=i in in_stage2,
                                   path=str(src.path) if src.path is not None else None, mask=mask,
-                                  timings=timings, batch_size=n))
+                                  timings=timings, batch_size=n, source_uid=src.sop_instance_uid))
         return out
 
 

@@ -1,0 +1,84 @@
+"""Which image a prediction came from: ``Prediction.source_uid`` is the SOPInstanceUID read with the
+pixels (None for arrays and tensors), so a SEG or overlay made later from the file can be checked to
+reference that image (``build_dicom_seg(..., expect_sop_instance_uid=)``)."""
+
+from __future__ import annotations
+
+import pydicom
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from pneumoseg.data import read_dicom  # noqa: E402
+from pneumoseg.errors import DicomError, InvalidInputError  # noqa: E402
+from pneumoseg.infer import Predictor  # noqa: E402
+
+from factories import write_dicom  # noqa: E402
+from infer_helpers import model_dir, phantom_images  # noqa: E402
+
+
+def _dicoms(folder, n=3, seed=11):
+    folder.mkdir()
+    paths = []
+    for i, img in enumerate(phantom_images(n, seed=seed)):
+        paths.append(write_dicom(folder / f"img{i}.dcm", img, BitsAllocated=8, BitsStored=8, HighBit=7,
+                                 PixelData=img.tobytes()))
+    return paths
+
+
+def _uid(path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_read_dicom_keeps_the_header_uid_apart_from_the_image_id(tmp_path):
+    with_uid = write_dicom(tmp_path / "a.dcm")
+    without = write_dicom(tmp_path / "b.dcm", SOPInstanceUID=None)
+    image = read_dicom(with_uid, with_dataset=False)
+    assert image.sop_instance_uid == image.image_id == _uid(with_uid)
+    image = read_dicom(without, with_dataset=False)
+    assert image.sop_instance_uid is None and image.image_id == "b"  # the file name stands in for the ImageId only
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])  # read inline and on the reader threads
+def test_source_uid_is_the_header_read_with_the_pixels_and_none_in_memory(tmp_path, batch_size):
+    paths = _dicoms(tmp_path / "in")
+    no_uid = write_dicom(tmp_path / "in" / "nouid.dcm", SOPInstanceUID=None)
+    predictor = Predictor.from_dir(model_dir("classifier"))
+    preds = predictor.predict(tmp_path / "in", batch_size=batch_size)
+    by_id = {p.image_id: p for p in preds}
+    assert [by_id[p.stem].source_uid for p in paths] == [_uid(p) for p in paths]
+    assert by_id["nouid"].path == str(no_uid) and by_id["nouid"].source_uid is None
+    assert predictor.predict(paths[0])[0].source_uid == _uid(paths[0])  # one file: read on the calling thread
+    images = phantom_images(2, seed=3)
+    assert [p.source_uid for p in predictor.predict(images)] == [None, None]
+    assert predictor.predict(torch.from_numpy(images[0]))[0].source_uid is None
+    # summary.json and other to_dict users are as they were: the ImageId names the image
+    assert "source_uid" not in preds[0].to_dict() and "source_uid=" not in repr(preds[0])
+
+
+def test_source_uid_is_what_was_read_not_what_was_listed(tmp_path):
+    """Named by SOPInstanceUID, the ImageId is read when the inputs are listed; a file replaced before its
+    pixels are read is predicted as the new image, and source_uid says so."""
+    (path,) = _dicoms(tmp_path / "in", n=1)
+    listed = _uid(path)
+    stream = Predictor.from_dir(model_dir("classifier")).predict_iter(path, name_by="uid")
+    write_dicom(path, phantom_images(1, seed=5)[0].astype("uint16"))  # another image: a new SOPInstanceUID
+    (pred,) = list(stream)
+    assert pred.image_id == listed and pred.source_uid == _uid(path) != listed
+
+
+def test_build_dicom_seg_refuses_a_source_that_is_not_the_expected_image(tmp_path):
+    pytest.importorskip("highdicom")
+    from pneumoseg.infer import build_dicom_seg
+
+    img = phantom_images(1, seed=2)[0]
+    path = write_dicom(tmp_path / "src.dcm", img.astype("uint16"), Modality="DX",
+                       StudyInstanceUID=pydicom.uid.generate_uid(), SeriesInstanceUID=pydicom.uid.generate_uid())
+    mask = (img > img.mean()).astype("uint8")
+    seg = build_dicom_seg(mask, path, expect_sop_instance_uid=_uid(path))
+    assert seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID == _uid(path)
+    with pytest.raises(DicomError, match="src.dcm: the file holds another image"):
+        build_dicom_seg(mask, path, expect_sop_instance_uid="1.2.3")
+    with pytest.raises(InvalidInputError, match="expect_sop_instance_uid must be a str"):
+        build_dicom_seg(mask, path, expect_sop_instance_uid=123)
+
