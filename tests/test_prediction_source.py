@@ -1,6 +1,7 @@
 """Which image a prediction came from: ``Prediction.source_uid`` is the SOPInstanceUID read with the
 pixels (None for arrays and tensors), so a SEG or overlay made later from the file can be checked to
-reference that image (``build_dicom_seg(..., expect_sop_instance_uid=)``)."""
+reference that image (``build_dicom_seg(..., expect_sop_instance_uid=)``); and the backend options that
+``predict`` and ``listen`` share are one definition."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from pneumoseg.cli import UsageError, build_parser  # noqa: E402
 from pneumoseg.data import read_dicom  # noqa: E402
 from pneumoseg.errors import DicomError, InvalidInputError  # noqa: E402
 from pneumoseg.infer import Predictor  # noqa: E402
@@ -82,3 +84,17 @@ def test_build_dicom_seg_refuses_a_source_that_is_not_the_expected_image(tmp_pat
     with pytest.raises(InvalidInputError, match="expect_sop_instance_uid must be a str"):
         build_dicom_seg(mask, path, expect_sop_instance_uid=123)
 
+
+def test_predict_and_listen_take_the_same_backend_options():
+    parser = build_parser()
+    predict = parser.parse_args(["predict", "x.dcm", "--model", "m", "--out", "o"])
+    listen = parser.parse_args(["listen", "--model", "m", "--out", "o"])
+    keys = ("backend", "device", "precision", "batch_size")
+    assert [getattr(predict, k) for k in keys] == [getattr(listen, k) for k in keys] == ["auto", "auto", None, 8]
+    given = ["--backend", "onnxruntime", "--device", "cpu", "--precision", "int8", "--batch-size", "3"]
+    predict = parser.parse_args(["predict", "x.dcm", "--model", "m", "--out", "o", *given])
+    listen = parser.parse_args(["listen", "--model", "m", "--out", "o", *given])
+    assert [getattr(predict, k) for k in keys] == [getattr(listen, k) for k in keys] == ["onnxruntime", "cpu", "int8", 3]
+    for command in (["predict", "x.dcm"], ["listen"]):
+        with pytest.raises(UsageError, match="--backend: invalid choice: 'openvino'"):
+            parser.parse_args([*command, "--model", "m", "--out", "o", "--backend", "openvino"])

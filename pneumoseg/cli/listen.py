@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from .types import int_in, path, real_in
+from .types import add_backend_options, int_in, path, real_in
 
 
 def add_parser(subparsers) -> None:
@@ -38,13 +38,7 @@ def add_parser(subparsers) -> None:
                         "stop is sent at the next start")
     p.add_argument("--allow", metavar="AET,...", default=None,
                    help="accept associations only from these calling AE titles (default: any caller)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"), default="auto",
-                   help="as predict's (default auto)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
-                   help="default: fp16 on CUDA, fp32 on a CPU")
-    p.add_argument("--batch-size", type=int_in(1, 4096), default=8,
-                   help="at most this many images per batch (default 8)")
+    add_backend_options(p, batch_size_help="at most this many images per batch (default 8)")
     p.add_argument("--batch-wait", type=real_in(0.0, 60.0), default=0.05, metavar="SECONDS",
                    help="how long the first image of a batch waits for others (default 0.05)")
     p.add_argument("--max-queue", type=int_in(1, 1 << 20), default=256,

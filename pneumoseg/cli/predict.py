@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Optional
 
-from .types import add_no_progress, int_in, path
+from .types import add_backend_options, add_no_progress, int_in, path
 
 SUBMISSION = "submission.csv"
 SCORES = "scores.csv"
@@ -35,13 +35,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("inputs", nargs="+", type=path, metavar="INPUT", help="DICOM files or folders")
     p.add_argument("--model", type=path, required=True, help="model directory (from `pneumoseg train`)")
     p.add_argument("--out", type=path, required=True, help="output folder (new, or pneumoseg's own earlier output)")
-    p.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"), default="auto",
-                   help="default auto: torch on CUDA; on a CPU onnxruntime when the model has been exported "
-                        "(`pneumoseg export MODEL --format onnx`), else torch")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
-                   help="default: fp16 on CUDA, fp32 on a CPU")
-    p.add_argument("--batch-size", type=int_in(1, 4096), default=8, help="images per network call (default 8)")
+    add_backend_options(p, batch_size_help="images per network call (default 8)")
     p.add_argument("--tta", action="store_true", help="average with the horizontally flipped image")
     p.add_argument("--segment", choices=("gated", "all"), default="gated",
                    help="segment only the images the gate passes (default) or all (same answers)")

@@ -15,7 +15,7 @@ from .. import limits
 from .._checks import check_int, check_path, check_probability, check_real
 from ..errors import PneumosegError
 
-__all__ = ["int_in", "real_in", "probability", "image_side", "path"]
+__all__ = ["int_in", "real_in", "probability", "image_side", "path", "add_backend_options", "add_no_progress"]
 
 
 def _parse_int(text: str) -> int:
@@ -86,3 +86,16 @@ def add_no_progress(parser: argparse.ArgumentParser) -> None:
     """The ``--no-progress`` flag of every command that draws progress bars: none, for logs and scripts
     (tqdm draws them to stderr whether or not it is a terminal)."""
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (for logs and scripts)")
+
+
+def add_backend_options(parser: argparse.ArgumentParser, *, batch_size_help: str) -> None:
+    """``--backend``, ``--device``, ``--precision`` and ``--batch-size``, as ``Predictor.from_dir`` takes
+    them, for every command that loads a model to predict (predict, listen): one definition, so their
+    choices and defaults cannot drift apart. ``batch_size_help`` says what a batch is in that command."""
+    parser.add_argument("--backend", choices=("auto", "torch", "onnxruntime", "tensorrt"), default="auto",
+                        help="default auto: torch on CUDA; on a CPU onnxruntime when the model has been exported "
+                             "(`pneumoseg export MODEL --format onnx`), else torch")
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                        help="default: fp16 on CUDA, fp32 on a CPU")
+    parser.add_argument("--batch-size", type=int_in(1, 4096), default=8, help=batch_size_help)
