@@ -58,15 +58,23 @@ def test_source_uid_is_the_header_read_with_the_pixels_and_none_in_memory(tmp_pa
     assert "source_uid" not in preds[0].to_dict() and "source_uid=" not in repr(preds[0])
 
 
-def test_source_uid_is_what_was_read_not_what_was_listed(tmp_path):
-    """Named by SOPInstanceUID, the ImageId is read when the inputs are listed; a file replaced before its
-    pixels are read is predicted as the new image, and source_uid says so."""
-    (path,) = _dicoms(tmp_path / "in", n=1)
-    listed = _uid(path)
-    stream = Predictor.from_dir(model_dir("classifier")).predict_iter(path, name_by="uid")
-    write_dicom(path, phantom_images(1, seed=5)[0].astype("uint16"))  # another image: a new SOPInstanceUID
-    (pred,) = list(stream)
-    assert pred.image_id == listed and pred.source_uid == _uid(path) != listed
+def test_a_file_replaced_after_it_was_listed_by_uid_is_not_predicted_under_the_listed_name(tmp_path):
+    """Named by SOPInstanceUID, the ImageId is read when the inputs are listed; a file replaced by another
+    image before its pixels are read would have gone out under the listed image's name (a submission row,
+    a score, with another image's answer). It is an error now, or a reported skip, and the file named."""
+    paths = _dicoms(tmp_path / "in", n=2)
+    listed = [_uid(p) for p in paths]
+    predictor = Predictor.from_dir(model_dir("classifier"))
+    stream = predictor.predict_iter(paths, name_by="uid", on_error="skip")
+    write_dicom(paths[0], phantom_images(1, seed=5)[0].astype("uint16"))  # another image: a new SOPInstanceUID
+    preds = list(stream)
+    assert [p.image_id for p in preds] == [listed[1]] and preds[0].source_uid == listed[1]
+    ((where, reason),) = stream.skipped
+    assert where == str(paths[0]) and "holds another image than when it was listed" in reason
+    stream = predictor.predict_iter(paths[1], name_by="uid")
+    write_dicom(paths[1], phantom_images(1, seed=6)[0].astype("uint16"))
+    with pytest.raises(DicomError, match="holds another image than when it was listed"):
+        list(stream)
 
 
 def test_build_dicom_seg_refuses_a_source_that_is_not_the_expected_image(tmp_path):

@@ -20,7 +20,7 @@ import numpy as np
 
 from .._checks import (check_array_object, check_choice, check_readable_tensor, check_str_sequence, check_tensor_memory,
                        show)
-from ..errors import DataFormatError, InvalidInputError, PneumosegError
+from ..errors import DataFormatError, DicomError, InvalidInputError, PneumosegError
 
 __all__ = ["ImageSource", "collect_inputs", "load_image", "load_pixels", "NAME_BY"]
 
@@ -41,6 +41,9 @@ class ImageSource:
     # set when the file's pixels are read: the SOPInstanceUID its header held in that same read (None
     # where it held none, and for pixels in memory), the image a prediction is of whatever the ImageId
     sop_instance_uid: Optional[str] = None
+    # name_by="uid": the SOPInstanceUID the file held when it was listed (its ImageId). The pixels read
+    # later must come with the same one, or the answer would go out under another image's name.
+    listed_uid: Optional[str] = None
 
 
 def _is_tensor(x: Any) -> bool:
@@ -182,7 +185,7 @@ def collect_inputs(inputs: Any, image_ids: Optional[Sequence[str]] = None, *, na
                             raise
                         skipped.append((str(file), skip_reason(exc, str(file))))
                         continue
-                sources.append(ImageSource(image_id, path=file))
+                sources.append(ImageSource(image_id, path=file, listed_uid=image_id if name_by == "uid" else None))
         elif isinstance(item, bytes):
             raise InvalidInputError(f"{name} is bytes; pass a path as str or pathlib.Path, or the pixels as an array")
         else:
@@ -232,6 +235,11 @@ def load_image(source: ImageSource) -> tuple[Any, Optional[str]]:
     if source.path is not None:
         image = read_dicom(source.path, with_dataset=False)
         pixels, uid = image.pixels, image.sop_instance_uid
+        if source.listed_uid is not None and uid != source.listed_uid:
+            # not quoted: a header's text is not shown unchecked (tests/test_phi_canary.py)
+            raise DicomError(f"{source.path}: the file holds another image than when it was listed (its "
+                             f"SOPInstanceUID is no longer {source.listed_uid}): it was replaced while the run went "
+                             "on, so it is not predicted under that name")
     else:
         pixels = source.pixels
     if isinstance(pixels, np.ndarray) and pixels.dtype.kind == "f":
