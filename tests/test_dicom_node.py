@@ -836,3 +836,99 @@ def test_a_csv_header_the_node_does_not_write_is_refused_at_start_and_the_file_l
                                                    "Predicted": "t", "Seg": "seg/1.2.dcm", "Done": "t",
                                                    "Forwarded": "yes", "Overlay": None}]
     assert not list(out.glob(f".{FORWARDED}.*.tmp")) and not list((out / "seg").iterdir())
+
+
+
+class PickyPacs(Pacs):
+    """A Pacs that takes ``classes`` only (the others' contexts rejected at association), answers 0xA700
+    to its first C-STORE (``fail_first``), and keeps each association it accepted."""
+
+    def __init__(self, classes=(SEGMENTATION_STORAGE,), fail_first=False):
+        self.received, self.tries, self.associations, self.connections = [], [], [], []
+        self.fail_first = fail_first
+        ae = AE(ae_title="PACS")
+        ae.acse_timeout = 2  # a connection that requests no association is dropped after it (30 s by default)
+        for sop_class in classes:
+            ae.add_supported_context(sop_class, [EXPLICIT_LE])
+        self.ae = ae
+        self.server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+            (evt.EVT_C_STORE, self.on_store), (evt.EVT_ACCEPTED, lambda e: self.associations.append(e.assoc)),
+            (evt.EVT_CONN_OPEN, lambda e: self.connections.append(e.address))])
+        self.forward = f"PACS@127.0.0.1:{self.server.server_address[1]}"
+
+    def on_store(self, event):
+        self.tries.append(event.request.AffectedSOPInstanceUID)
+        if self.fail_first and len(self.tries) == 1:
+            return 0xA700
+        return super().on_store(event)
+
+
+def test_a_destination_that_refuses_the_overlays_class_and_fails_one_seg_once(predictor, sources, tmp_path):
+    pacs = PickyPacs(fail_first=True)
+    try:
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=pacs.forward, write_overlay=True, forward_attempts=3,
+                       forward_backoff_s=0.0) as node:
+            assert send(node.port, sources[:6]) == [0] * 6
+            assert node.wait_idle(60)  # not stuck on the refused class
+    finally:
+        pacs.close()
+    positives = [r for r in rows(out) if r["Positive"] == "1"]
+    seg_uids = {pydicom.dcmread(out / r["Seg"]).SOPInstanceUID for r in positives}
+    assert positives and len(seg_uids) == len(positives)
+    sent = forwarded(out)
+    segs, overlays = [r for r in sent if r["Seg"]], [r for r in sent if r["Overlay"]]
+    assert len(segs) == len(overlays) == len(positives)
+    assert {r["Forwarded"] for r in segs} == {"yes"} and {r["Forwarded"] for r in overlays} == {"no"}
+    # recorded as not sent, saying it was its class, after every attempt; the file kept
+    assert all("Secondary Capture" in r["Error"] and r["Error"].endswith("(3 attempts)") for r in overlays)
+    assert all((out / r["Overlay"]).is_file() for r in overlays)
+    # every SEG stored once; only the one answered 0xA700 was sent twice
+    assert sorted(uid for uid, *_ in pacs.received) == sorted(seg_uids)
+    assert len(pacs.tries) == len(seg_uids) + 1 and pacs.tries.count(pacs.tries[0]) == 2
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts open files through /proc")
+def test_a_backlog_goes_32_objects_an_association_and_threads_and_files_stay_flat(predictor, sources, tmp_path):
+    pacs = PickyPacs(classes=(SEGMENTATION_STORAGE, SECONDARY_CAPTURE_STORAGE))
+    try:
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=pacs.forward, batch_size=6) as node:
+            baseline, fds = None, None
+            for _ in range(8):  # each round: the images again, predicted again, their SEGs forwarded again
+                assert send(node.port, sources[:6]) == [0] * 6
+                assert node.wait_idle(60)
+                # no thread left behind once the associations have ended (the destination's too: a bare
+                # probe connection per batch held one of its 10 for its ARTIM timeout, and soon it refused
+                # the node); the first round starts pynetdicom's and torch's own
+                deadline = time.monotonic() + 5
+                while ((pacs.ae.active_associations or node._ae.active_associations or baseline is not None
+                        and set(threading.enumerate()) - baseline) and time.monotonic() < deadline):
+                    time.sleep(0.01)
+                if baseline is None:
+                    baseline, fds = set(threading.enumerate()), open_fds()
+                assert not set(threading.enumerate()) - baseline and open_fds() <= fds
+        # one probe connection at the first batch (the destination not yet known up), then associations only
+        assert len(pacs.connections) == len(pacs.associations) + 1
+        assert len(pacs.received) == 8 * len([r for r in rows(out)[:6] if r["Positive"] == "1"]) > 0
+        # 40 SEGs left queued by a stopped node: sent 32 in one association, then 8
+        seg = out / rows(out)[[r["Positive"] for r in rows(out)].index("1")]["Seg"]
+        with open(out / RESULTS, "a", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, RESULT_COLUMNS, lineterminator="\n")
+            for i in range(40):
+                uid = f"2.25.{i + 1}"
+                shutil.copy(seg, out / "seg" / f"{uid}.dcm")
+                writer.writerow({"ImageId": uid, "Done": "t", "Status": "ok", "Positive": 1, "Seg": f"seg/{uid}.dcm",
+                                 "Forwarded": "queued"})
+        pacs.received.clear()
+        before = len(pacs.associations)
+        with DicomNode(predictor, out, port=0, forward=pacs.forward) as node:
+            assert node.wait_idle(60)
+        assert len(pacs.received) == 40 and len(pacs.associations) - before == 2
+        assert len([r for r in forwarded(out) if r["ImageId"].startswith("2.25.")]) == 40
+    finally:
+        pacs.close()

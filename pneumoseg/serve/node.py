@@ -249,6 +249,7 @@ class DicomNode:
         self._forwarding = 0  # 1 while objects are being sent
         self._forwarder: Optional[threading.Thread] = None
         self._sending: Any = None  # the association sending, cut by a stop that gives up
+        self._reachable = False  # the forward destination took the last association requested
         self.stats = {"received": 0, "predicted": 0, "failed": 0, "refused": 0, "segs": 0, "overlays": 0,
                       "forwarded": 0, "not_forwarded": 0, "resumed": 0}
         self._latencies: collections.deque[float] = collections.deque(maxlen=10000)
@@ -815,14 +816,19 @@ class DicomNode:
                 break
             if attempt and self._abandon.wait(self.forward_backoff_s * 2 ** (attempt - 1)):
                 return [o if o[0] else (False, f"{o[1]}; the node stopped before trying again") for o in outcomes]
-            try:
-                # pynetdicom 3.0.4 leaks its socket when the connection is refused (it shuts the unconnected
-                # socket down, which fails, and so never closes it): a node that is down is found here first
-                socket.create_connection((host, port), timeout=10).close()
-            except OSError as exc:
-                for i in left:
-                    outcomes[i] = (False, f"cannot connect ({exc.strerror or exc})")
-                continue
+            if not self._reachable:
+                # pynetdicom 3.0.4 leaves its socket to the garbage collector (a ResourceWarning) when the
+                # connection is refused (it shuts the unconnected socket down, which fails, and so never
+                # closes it): a destination not known up is tried with a bare connection first. Only
+                # then: a pynetdicom destination holds each such connection as an association for its
+                # ARTIM timeout (30 s), and one per batch filled its association limit (10), which then
+                # refused the node's own associations (SEGs recorded as not forwarded)
+                try:
+                    socket.create_connection((host, port), timeout=10).close()
+                except OSError as exc:
+                    for i in left:
+                        outcomes[i] = (False, f"cannot connect ({exc.strerror or exc})")
+                    continue
             ae = AE(ae_title=self.ae_title)
             ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
             # each object under its own SOP class; the writers make Explicit VR Little Endian (Implicit is
@@ -833,6 +839,7 @@ class DicomNode:
                 if self._abandon.is_set():
                     return [o if o[0] else (False, "the node stopped before sending it") for o in outcomes]
                 assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, self._on_forward_open)])
+                self._reachable = assoc.is_established
                 if not assoc.is_established:
                     for i in left:
                         outcomes[i] = (False, "association refused or failed")
@@ -853,6 +860,7 @@ class DicomNode:
                 finally:
                     assoc.release()
             except Exception as exc:
+                self._reachable = False
                 for i in left:
                     if not outcomes[i][0]:
                         outcomes[i] = (False, f"{type(exc).__name__}: {exc}")
