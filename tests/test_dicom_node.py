@@ -932,3 +932,54 @@ def test_a_backlog_goes_32_objects_an_association_and_threads_and_files_stay_fla
         assert len([r for r in forwarded(out) if r["ImageId"].startswith("2.25.")]) == 40
     finally:
         pacs.close()
+
+
+def queued_copies(out, seg, n):
+    """``n`` results.csv rows queued for forwarding, each naming its own copy of ``seg``: what a node
+    stopped with a backlog leaves."""
+    uids = [f"2.25.{i + 1}" for i in range(n)]
+    with open(out / RESULTS, "a", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, RESULT_COLUMNS, lineterminator="\n")
+        for uid in uids:
+            shutil.copy(seg, out / "seg" / f"{uid}.dcm")
+            writer.writerow({"ImageId": uid, "Done": "t", "Status": "ok", "Positive": 1, "Seg": f"seg/{uid}.dcm",
+                             "Forwarded": "queued"})
+    return uids
+
+
+def test_a_stop_while_a_batch_is_half_sent_records_what_was_stored_and_the_next_start_sends_the_rest(
+        predictor, sources, tmp_path):
+    pacs = PickyPacs()
+    hold, held = threading.Event(), threading.Event()
+    try:
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=pacs.forward) as node:
+            assert send(node.port, sources[:6]) == [0] * 6
+            assert node.wait_idle(60)
+        seg = out / next(r["Seg"] for r in rows(out) if r["Seg"])
+        uids = queued_copies(out, seg, 6)
+        stored = len(pacs.received)
+        original = pacs.on_store
+
+        def third_waits(event):  # the destination answers the backlog's third C-STORE only after the stop
+            if len(pacs.tries) == stored + 2:
+                held.set()
+                hold.wait(30)
+            return original(event)
+        pacs.server.unbind(evt.EVT_C_STORE, original)
+        pacs.server.bind(evt.EVT_C_STORE, third_waits)
+        node = DicomNode(predictor, out, port=0, forward=pacs.forward).start()
+        assert held.wait(30)
+        start = time.monotonic()
+        node.stop(timeout_s=0.2)
+        assert time.monotonic() - start < 5
+        done = [r for r in forwarded(out) if r["ImageId"] in uids]
+        assert [(r["ImageId"], r["Forwarded"]) for r in done] == [(u, "yes") for u in uids[:2]]  # none recorded 'no'
+        hold.set()
+        with DicomNode(predictor, out, port=0, forward=pacs.forward) as node:
+            assert node.wait_idle(60)
+        done = [r for r in forwarded(out) if r["ImageId"] in uids]
+        assert sorted(r["ImageId"] for r in done) == sorted(uids) and {r["Forwarded"] for r in done} == {"yes"}
+    finally:
+        hold.set()
+        pacs.close()

@@ -846,6 +846,12 @@ class DicomNode:
                     continue
                 try:
                     for i in left:
+                        # a stop that gives up has cut the association, but pynetdicom may not have seen it
+                        # end yet: a C-STORE sent now waits out dimse_timeout (30 s) for an answer, and the
+                        # stop with it
+                        if self._abandon.is_set():
+                            outcomes[i] = (False, "the node stopped before sending it")
+                            continue
                         if not assoc.is_established:
                             outcomes[i] = (False, "the association ended before it was sent")
                             continue
