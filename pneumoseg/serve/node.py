@@ -284,6 +284,7 @@ class DicomNode:
         try:
             self._stopping = False
             self._abandon.clear()
+            self._reachable = False  # a destination may have gone down while the node was stopped
             self._repair_results()
             self._resume_incoming()
             self._resume_forwards()
