@@ -26,6 +26,7 @@ from pneumoseg import rle  # noqa: E402
 from pneumoseg._fs import prepare_output_folder  # noqa: E402
 from pneumoseg.cli.predict import write_dicom_overlay, write_overlay, write_segmentation  # noqa: E402
 from pneumoseg.data import make_synthetic_siim, read_dicom_shape, read_rle_csv  # noqa: E402
+from pneumoseg.data.dicom import read_sop_instance_uid  # noqa: E402
 from pneumoseg.infer.predictor import Prediction  # noqa: E402
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "siim-sample"
@@ -64,7 +65,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         path, mask = source_and_mask(args.dicom, Path(scratch))
         pred = Prediction(image_id=path.stem, score=0.9, rle=rle.encode(mask), n_components=1,
-                          shape=tuple(mask.shape), segmented=True, path=str(path), mask=mask)
+                          shape=tuple(mask.shape), segmented=True, path=str(path), mask=mask,
+                          source_uid=read_sop_instance_uid(path))  # as the Predictor records it
         writers = {  # each writes one file per call, as the command does per positive image
             "overlay": lambda folder, name: write_overlay(folder, f"{name}.png", pred),
             "seg": lambda folder, name: write_segmentation(folder, f"{name}.dcm", pred, _Predictor) is None,
