@@ -256,7 +256,7 @@ def test_broken_files_give_dicom_errors(tmp_path, synth):
     (tmp_path / "empty.dcm").write_bytes(b"")
     write_uncompressed(tmp_path / "nopixels.dcm", np.zeros((4, 4)), pixel_data=False)
     ds = pydicom.dcmread(good)
-    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"  # JPEG-LS: no decoder installed here
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.80"  # JPEG-LS: raw pixels, which no JPEG-LS decoder (pyjpegls, with the pacs extra) nor a missing one reads
     ds.save_as(tmp_path / "wrong-syntax.dcm", enforce_file_format=True)
     cases = {
         "random.dcm": "not a DICOM file|unreadable",
