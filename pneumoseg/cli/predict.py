@@ -108,12 +108,12 @@ def run(args: argparse.Namespace) -> int:
                 if pred.positive and not args.no_overlays:
                     overlays += write_overlay(folder, names[pred.image_id], pred, image)
                 if pred.positive and args.dicom_seg:
-                    reason = write_segmentation(folder, dcm_names[pred.image_id], pred, predictor, args.name_by)
+                    reason = write_segmentation(folder, dcm_names[pred.image_id], pred, predictor)
                     segs += reason is None
                     if reason is not None:
                         no_segs.append({"image_id": pred.image_id, "reason": reason})
                 if pred.positive and args.dicom_overlay:
-                    reason = write_dicom_overlay(folder, dcm_names[pred.image_id], pred, image, args.name_by)
+                    reason = write_dicom_overlay(folder, dcm_names[pred.image_id], pred, image)
                     dicom_overlays += reason is None
                     if reason is not None:
                         no_dicom_overlays.append({"image_id": pred.image_id, "reason": reason})
@@ -233,41 +233,40 @@ def write_overlay(folder, name: str, pred, image=None) -> bool:
     return True
 
 
-def write_segmentation(folder, name: str, pred, predictor, name_by: str = "file") -> Optional[str]:
+def write_segmentation(folder, name: str, pred, predictor) -> Optional[str]:
     """seg/<name>: a DICOM Segmentation of ``pred``'s mask over its source file. None when written; else
     (also printed to stderr) why not: no source file, or it can no longer be read as the image predicted.
-    A file that now holds another SOPInstanceUID than it did when its pixels were read (``pred.source_uid``;
-    with ``name_by="uid"`` also the ImageId, read when listed) is another image (perhaps another
-    patient's), whose SEG this mask must not become."""
+    A file that now holds another SOPInstanceUID than it did when its pixels were read (``pred.source_uid``)
+    is another image (perhaps another patient's), whose SEG this mask must not become."""
     from pathlib import Path
 
     from ..infer.dicom_seg import build_dicom_seg, save_dicom_seg
 
     backend = predictor.backend
-    return _write_derived(folder, SEGS, name, pred, name_by, "DICOM SEG", lambda: build_dicom_seg(
+    return _write_derived(folder, SEGS, name, pred, "DICOM SEG", lambda: build_dicom_seg(
         pred.mask, pred.path, algorithm_parameters={
             "model": Path(predictor.model_dir.path).name, "backend": backend.name, "precision": backend.precision}),
         save_dicom_seg)
 
 
-def write_dicom_overlay(folder, name: str, pred, image=None, name_by: str = "file") -> Optional[str]:
+def write_dicom_overlay(folder, name: str, pred, image=None) -> Optional[str]:
     """dicom-overlay/<name>: a DICOM Secondary Capture of ``pred``'s mask burned into its source, captioned
     with its score. None when written; else (also printed to stderr) why not, as :func:`write_segmentation`.
     ``image`` is what :func:`read_for_display` gave, if called."""
     from ..infer.dicom_overlay import build_dicom_overlay, save_dicom_overlay
 
     image = read_for_display(pred) if image is None else image
-    return _write_derived(folder, DICOM_OVERLAYS, name, pred, name_by, "DICOM overlay",
+    return _write_derived(folder, DICOM_OVERLAYS, name, pred, "DICOM overlay",
                           lambda: build_dicom_overlay(pred.mask, image, score=float(pred.score)), save_dicom_overlay,
                           unreadable=image if isinstance(image, str) else None)
 
 
-def _write_derived(folder, subfolder: str, name: str, pred, name_by: str, what: str, build, save,
+def _write_derived(folder, subfolder: str, name: str, pred, what: str, build, save,
                    unreadable: Optional[str] = None) -> Optional[str]:
     """``subfolder``/<name>: the DICOM ``build()`` makes of ``pred`` over its source file, written with
     ``save``. None when written; else (also printed to stderr) why not: ``unreadable`` (the source could
     not be read again), no source file, or it can no longer be read as the image predicted (another
-    size, or another SOPInstanceUID than ``pred.source_uid``, whatever ``name_by``)."""
+    size, or another SOPInstanceUID than ``pred.source_uid``)."""
     from ..errors import PneumosegError
     from ..infer.inputs import skip_reason
 
@@ -287,10 +286,10 @@ def _write_derived(folder, subfolder: str, name: str, pred, name_by: str, what: 
         return missing(skip_reason(exc, str(pred.path)))
     # The file read again must still hold the image predicted: one that now holds another (perhaps
     # another patient's, of the same size) would have this mask filed under it. pred.source_uid is
-    # what the header held when the pixels were read, in either naming; with --name-by uid the ImageId
-    # is what it held when listed, before that.
+    # what the header held when the pixels were read, in either naming (with --name-by uid the Predictor
+    # has already refused pixels whose UID is not the ImageId listed, so it is that ImageId).
     referenced = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
-    if referenced != pred.source_uid or (name_by == "uid" and referenced != pred.image_id):
+    if referenced != pred.source_uid:
         return missing("the file now holds another image (its SOPInstanceUID changed since it was predicted)")
     with folder.open(subfolder, name) as f:
         save(ds, f)
