@@ -105,7 +105,6 @@ _SUCCESS = 0x0000
 _OUT_OF_RESOURCES = 0xA700
 _CANNOT_UNDERSTAND = 0xC000
 _STORED_STATUSES = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the warnings that still store it
-_UID = re.compile(r"[0-9]+(?:\.[0-9]+)*", re.ASCII)
 _FORWARD = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@\s]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
 _INSTALL = "pip install 'pneumoseg[pacs]'"
 
@@ -420,8 +419,10 @@ class DicomNode:
     def _on_store(self, event: Any) -> Any:
         """The C-STORE handler (pynetdicom's association thread): on disk and queued, or a failure status."""
         caller = _caller(event)
+        from ..infer._dicom_derived import is_uid
+
         uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")
-        if len(uid) > 64 or not _UID.fullmatch(uid):
+        if not is_uid(uid):
             return self._refuse(_CANNOT_UNDERSTAND, "?", caller, "its SOP Instance UID is not a UID")
         with self._cond:
             if self._stopping:
@@ -546,6 +547,8 @@ class DicomNode:
           yes or no, and the object's path (``seg/<ImageId>.dcm`` or ``dicom-overlay/<ImageId>.dcm``) whole
           in Seg or Overlay, the other empty: a cut inside the path, Forwarded or Error leaves a field
           short or the path cut. A row wrongly taken for cut costs a second send (at least once)."""
+        from ..infer._dicom_derived import is_uid
+
         header, _, rest = data.partition(b"\n")
         last = data[data.rfind(b"\n") + 1:]
         if not rest or not last:  # the header alone, or nothing
@@ -558,7 +561,7 @@ class DicomNode:
         if len(row) != len(fields) or fields[0] != "ImageId":
             return False
         uid = row[0]
-        if len(uid) > 64 or not _UID.fullmatch(uid):
+        if not is_uid(uid):
             return False
         if name == RESULTS:
             return not (self.out_dir / INCOMING / f"{uid}.dcm").exists()
@@ -572,6 +575,8 @@ class DicomNode:
             return {row[0] for row in csv.reader(f) if row and row[0] != RESULT_COLUMNS[0]}
 
     def _resume_incoming(self) -> None:
+        from ..data.dicom import _UID_TEXT
+
         folder = self.out_dir / INCOMING
         if not folder.is_dir():
             return
@@ -582,7 +587,7 @@ class DicomNode:
                 entry.unlink()  # a write cut short: its C-STORE was never answered success
                 continue
             uid = name[:-4] if name.endswith(".dcm") else ""
-            if not entry.is_file() or not _UID.fullmatch(uid):
+            if not entry.is_file() or not _UID_TEXT.fullmatch(uid):
                 continue  # not the node's: left alone
             if uid in done:  # its row was written, the node stopped before removing it
                 entry.unlink()
@@ -777,6 +782,8 @@ class DicomNode:
     def _resume_forwards(self) -> None:
         """The objects of results.csv rows queued for forwarding that forwarded.csv does not answer (a node
         stopped or killed before sending them) are queued again, where the file is still there."""
+        from ..data.dicom import _UID_TEXT
+
         if self.forward is None:
             return
         done: set[tuple[str, str, str]] = set()
@@ -795,7 +802,7 @@ class DicomNode:
                     if not name or (r["ImageId"], predicted, kind) in done:
                         continue
                     path = self.out_dir / name
-                    if name.startswith(kind + "/") and _UID.fullmatch(path.stem) and path.is_file():
+                    if name.startswith(kind + "/") and _UID_TEXT.fullmatch(path.stem) and path.is_file():
                         self._forwards.append((r["ImageId"], predicted, kind, path))
         if self._forwards:
             log.info("%d objects not forwarded before the last stop are queued again", len(self._forwards))
