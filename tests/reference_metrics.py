@@ -162,3 +162,47 @@ def ref_calibration(labels, scores, n_bins: int) -> list[tuple[float, float, int
             b += 1
         members[b].append((bool(label), p))
     return [(sum(a for a, _ in m) / len(m), sum(p for _, p in m) / len(m), len(m)) for m in members if m]
+
+
+# ------------------------------------------------- binomial proportions (Wilson, Clopper-Pearson)
+
+
+def ref_wilson(successes: int, trials: int, level: float) -> tuple[float, float]:
+    """The p where the score test |p_hat - p| / sqrt(p (1 - p) / n) stays within z: the two roots of
+    (p_hat - p)^2 n = z^2 p (1 - p), solved as the quadratic a p^2 + b p + c = 0."""
+    from statistics import NormalDist
+
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    n, p_hat = float(trials), successes / trials
+    a, b, c = n + z * z, -(2 * n * p_hat + z * z), n * p_hat * p_hat
+    root = np.sqrt(max(b * b - 4 * a * c, 0.0))
+    return (-b - root) / (2 * a), (-b + root) / (2 * a)
+
+
+def ref_clopper_pearson(successes: int, trials: int, level: float) -> tuple[float, float]:
+    """The p where each one-sided binomial test just rejects at (1 - level) / 2: P(X >= k | p_low) and
+    P(X <= k | p_high) equal (1 - level) / 2, the tails summed term by term (math.comb) and each
+    equation solved by bisection (a tail is monotone in p)."""
+    from math import comb
+
+    k, n, half = successes, trials, (1 - level) / 2
+
+    def upper_tail(p):  # P(X >= k), rises with p
+        return sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+    def lower_tail(p):  # P(X <= k), falls with p
+        return sum(comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(0, k + 1))
+
+    def solve(f, rising):
+        lo, hi = 0.0, 1.0
+        for _ in range(100):
+            mid = (lo + hi) / 2
+            if (f(mid) < half) == rising:
+                lo = mid
+            else:
+                hi = mid
+        return (lo + hi) / 2
+
+    low = 0.0 if k == 0 else solve(upper_tail, True)
+    high = 1.0 if k == n else solve(lower_tail, False)
+    return low, high

@@ -1,7 +1,8 @@
 """Metrics for both stages: the segmenter's per-image Dice and IoU (and the SIIM-ACR competition's
 score, their mean with 1 for an image whose masks are both empty), the classifier's ROC / PR metrics,
-its clinical operating points, confidence intervals (seeded bootstrap, DeLong for AUC) and
-calibration, and the grid search for the winners' triplet post-processing.
+its clinical operating points, confidence intervals (seeded bootstrap, DeLong for AUC, Wilson and
+Clopper-Pearson for a rate at a fixed threshold) and calibration, and the grid search for the
+winners' triplet post-processing.
 
 NumPy arrays and torch tensors (CPU or CUDA) are taken as they are; torch is never imported here.
 """
@@ -15,8 +16,8 @@ from .classification import (
     roc_curve,
     sensitivity_specificity,
 )
-from .intervals import ConfidenceInterval, average_precision_ci, bootstrap_ci, roc_auc_ci
-from .operating_point import OperatingPoint, operating_point
+from .intervals import ConfidenceInterval, average_precision_ci, bootstrap_ci, proportion_ci, roc_auc_ci
+from .operating_point import OperatingPoint, RatesAtThreshold, operating_point, rates_at_threshold
 from .segmentation import dice_per_image, iou, kaggle_dice, mean_iou, overlap_counts
 from .triplet import TripletChoice, TripletSearch, best_triplet
 
@@ -34,9 +35,12 @@ __all__ = [
     "sensitivity_specificity",
     "operating_point",
     "OperatingPoint",
+    "rates_at_threshold",
+    "RatesAtThreshold",
     "roc_auc_ci",
     "average_precision_ci",
     "bootstrap_ci",
+    "proportion_ci",
     "ConfidenceInterval",
     "brier_score",
     "calibration_curve",

@@ -1,5 +1,6 @@
 """Confidence intervals: a seeded percentile bootstrap over samples (images) for any statistic, and
-ROC AUC's and average precision's intervals built on it, with DeLong's analytic interval for AUC.
+ROC AUC's and average precision's intervals built on it, with DeLong's analytic interval for AUC;
+the Wilson and Clopper-Pearson intervals of a binomial proportion (a rate at a fixed threshold).
 
 The bootstrap draws all resamples as one index matrix (in chunks of rows, to bound memory) and asks
 the statistic for a whole chunk at once, so 2000 resamples of a few thousand images take a fraction
@@ -22,7 +23,7 @@ from ..errors import InvalidInputError
 from ._inputs import _vector, labels_and_scores
 from .classification import _require_both_classes, average_precision, roc_auc
 
-__all__ = ["ConfidenceInterval", "bootstrap_ci", "roc_auc_ci", "average_precision_ci"]
+__all__ = ["ConfidenceInterval", "bootstrap_ci", "roc_auc_ci", "average_precision_ci", "proportion_ci"]
 
 #: index-matrix elements per chunk of resamples (16 MiB as int64)
 _CHUNK_ELEMENTS = 1 << 21
@@ -38,7 +39,7 @@ class ConfidenceInterval:
     low: float
     high: float
     level: float
-    method: str  # "bootstrap" (percentile) or "delong"
+    method: str  # "bootstrap" (percentile), "delong", "wilson" or "clopper-pearson"
     n_resamples: Optional[int] = None  # bootstrap only
     n_undefined: int = 0  # bootstrap resamples where the statistic was undefined (NaN), left out
 
@@ -237,3 +238,95 @@ def average_precision_ci(labels: Any, scores: Any, *, level: float = 0.95, n_res
                       seed=seed, strata=y)
     return ConfidenceInterval(average_precision(y, s), ci.low, ci.high, level, "bootstrap", ci.n_resamples,
                               ci.n_undefined)
+
+
+# ------------------------------------------------------------------------------ binomial proportions
+
+#: the proportion intervals' methods
+PROPORTION_METHODS = ("wilson", "clopper-pearson")
+
+
+def _check_count(value: Any, name: str) -> int:
+    return check_int(value, name, low=0)
+
+
+def proportion_ci(successes: int, trials: int, *, level: float = 0.95, method: str = "wilson") -> ConfidenceInterval:
+    """The proportion ``successes / trials`` and its two-sided interval at ``level``, for a rate at a
+    threshold fixed before looking at these samples (sensitivity: true positives of the positives).
+
+    ``method="wilson"``: Wilson's score interval (Wilson 1927), the inversion of the normal score
+    test; it stays inside [0, 1] and keeps near its nominal coverage down to a handful of trials,
+    where the Wald interval ``p +- z sqrt(p(1-p)/n)`` collapses to a point at 0 or n successes.
+    ``method="clopper-pearson"``: the exact interval (Clopper & Pearson 1934), the inversion of the
+    two one-sided binomial tests at ``(1 - level) / 2`` each: coverage at least ``level`` for every
+    true rate, so wider. As ``scipy.stats.binomtest(k, n).proportion_ci(level, method)``.
+
+    ``trials`` 0 is an error: the rate is undefined (no positives for a sensitivity, nothing predicted
+    positive for a PPV), and no interval could say otherwise.
+    """
+    level = _check_level(level)
+    method = check_choice(method, "method", PROPORTION_METHODS)
+    k, n = _check_count(successes, "successes"), _check_count(trials, "trials")
+    if n == 0:
+        raise InvalidInputError("trials is 0: the proportion is undefined (0 / 0), so it has no interval")
+    if k > n:
+        raise InvalidInputError(f"successes ({k}) must not exceed trials ({n})")
+    alpha = 1.0 - level
+    if method == "wilson":
+        z = NormalDist().inv_cdf(1.0 - alpha / 2)
+        z2 = z * z
+        center = (k + z2 / 2) / (n + z2)
+        half = z / (n + z2) * math.sqrt(k * (n - k) / n + z2 / 4)
+        # the formula's ends are inside [0, 1]; clipping takes off the last ulp of rounding
+        low, high = max(0.0, center - half), min(1.0, center + half)
+        if k == 0:
+            low = 0.0
+        if k == n:
+            high = 1.0
+    else:
+        # P(X >= k | p_low) = alpha/2 and P(X <= k | p_high) = alpha/2, through the beta quantiles
+        low = 0.0 if k == 0 else _beta_quantile(alpha / 2, k, n - k + 1)
+        high = 1.0 if k == n else _beta_quantile(1 - alpha / 2, k + 1, n - k)
+    return ConfidenceInterval(k / n, low, high, level, method)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta function I_x(a, b), by its continued fraction (modified Lentz;
+    Numerical Recipes 6.4), taken on the side of x where it converges fast."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))
+    if x > (a + 1.0) / (a + b + 2.0):
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 100_000):
+        m2 = 2 * m
+        for num in (m * (b - m) * x / ((a + m2 - 1) * (a + m2)), -(a + m) * (a + b + m) * x / ((a + m2) * (a + m2 + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-16:
+            break
+    return math.exp(log_front) * f / a
+
+
+def _beta_quantile(q: float, a: float, b: float) -> float:
+    """x with I_x(a, b) = q, by bisection (I_x rises with x): slow but exact to the last bits, and
+    called a few times per report."""
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        if _betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
