@@ -716,6 +716,45 @@ def test_an_overlay_that_cannot_be_written_is_recorded_and_the_seg_still_sent(pr
     assert not any((out / "dicom-overlay").glob("*"))
 
 
+class Replacing:
+    """A predictor that, once the batch is predicted, puts another image (a new SOPInstanceUID, another
+    patient, 8 x 8 pixels) in the first positive image's file: what a file swapped on disk between the
+    prediction and its SEG looks like."""
+
+    def __init__(self, inner):
+        self.inner, self.replaced = inner, []
+        self.backend, self.model_dir = inner.backend, inner.model_dir
+
+    def predict(self, *args, **kwargs):
+        predictions = self.inner.predict(*args, **kwargs)
+        for p in predictions:
+            if p.positive and not self.replaced:
+                write_dicom(p.path, np.arange(64, dtype=np.uint16).reshape(8, 8), PatientName="Other^Patient")
+                self.replaced.append(p.image_id)
+        return predictions
+
+
+def test_a_received_file_replaced_before_its_seg_gets_no_seg_nor_overlay(predictor, sources, tmp_path):
+    """The node builds the SEG and the overlay only over the image received under that SOPInstanceUID:
+    one whose file now holds another image, of another size, gets neither, each refused as another
+    image (not as a size mismatch); the other positives get both."""
+    replacing = Replacing(predictor)
+    out = tmp_path / "node"
+    with DicomNode(replacing, out, port=0, write_overlay=True) as node:
+        assert send(node.port, sources[:6]) == [0] * 6
+        assert node.wait_idle(60)
+    results = {r["ImageId"]: r for r in rows(out)}
+    assert len(replacing.replaced) == 1
+    row = results[replacing.replaced[0]]
+    assert row["Status"] == "ok" and row["Positive"] == "1" and row["Seg"] == row["Overlay"] == ""
+    another = "the file now holds another image (its SOPInstanceUID is not the one it was received under)"
+    assert row["Error"] == f"no SEG: {another}; no overlay: {another}"
+    others = [r for uid, r in results.items() if r["Positive"] == "1" and uid not in replacing.replaced]
+    assert others and all(r["Seg"] and r["Overlay"] and not r["Error"] for r in others)
+    for path in [*(out / "seg").glob("*.dcm"), *(out / "dicom-overlay").glob("*.dcm")]:
+        assert b"Other^Patient" not in path.read_bytes()
+
+
 def test_an_earlier_nodes_csv_files_get_the_new_columns_and_keep_their_rows(predictor, tmp_path):
     out = tmp_path / "node"
     with DicomNode(predictor, out, port=0):

@@ -326,6 +326,27 @@ def test_bad_input_is_refused_with_a_message_naming_it(tmp_path):
     assert not (empty.pixel_array == RED).all(axis=2).any()
 
 
+def test_a_source_that_is_not_the_expected_image_is_refused_whatever_its_size(tmp_path):
+    """expect_sop_instance_uid (a Prediction's source_uid): the overlay is built only over that image, as
+    build_dicom_seg; another image in the file is refused as that (not as a size mismatch) whether it
+    is read from its path or given as a DicomImage, and nothing is written."""
+    highdicom()
+    path = synthetic_source(tmp_path / "image.dcm", (30, 20))
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    mask = np.zeros((30, 20), dtype=np.uint8)
+    mask[20:25, 12:18] = 1
+    sc = build_dicom_overlay(mask, read_dicom(path), expect_sop_instance_uid=uid)
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == uid
+    for shape in ((30, 20), (8, 8)):  # the same size, and another: the identity is checked first
+        synthetic_source(path, shape, PatientName="Other^Patient")  # another image (a new SOPInstanceUID)
+        for source in (path, read_dicom(path)):
+            with pytest.raises(DicomError, match="image.dcm: the file holds another image than the one expected"):
+                write_dicom_overlay(tmp_path / "out" / "sc.dcm", mask, source, expect_sop_instance_uid=uid)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(InvalidInputError, match="expect_sop_instance_uid must be a str"):
+        build_dicom_overlay(np.ones((8, 8), np.uint8), path, expect_sop_instance_uid=123)
+
+
 def test_a_failed_write_leaves_no_partial_file_and_the_old_one_in_place(tmp_path, monkeypatch):
     highdicom()
     from pneumoseg.infer import dicom_overlay as module
@@ -426,12 +447,14 @@ def test_predict_without_the_flag_writes_none_and_help_says_why_it_is_opt_in(stu
     assert "NOT FOR DIAGNOSTIC USE" in flag and "patient and study identity" in flag and "pneumoseg[pacs]" in flag
 
 
-@pytest.mark.parametrize("how, name_by", [("resized", "uid"), ("replaced", "uid"), ("replaced", "file")])
+@pytest.mark.parametrize("how, name_by", [("resized", "uid"), ("replaced", "uid"), ("replaced", "file"),
+                                          ("replaced by another size", "file")])
 def test_a_source_that_changed_since_it_was_predicted_costs_its_overlay_only(study_set, tmp_path, capsys,
                                                                               monkeypatch, how, name_by):
-    """A file resized after its pixels were read gets no overlays; one replaced by another image of its
-    size (another patient's) gets no DICOM overlay either, named by file or by SOPInstanceUID: this mask
-    would be filed under the other image. The other positives get theirs."""
+    """A file resized after its pixels were read (the same image: its SOPInstanceUID kept) gets no
+    overlays; one replaced by another image (another patient's), of its size or not, gets no DICOM
+    overlay either, named by file or by SOPInstanceUID, and is reported as another image (not as a
+    size change): this mask would be filed under the other image. The other positives get theirs."""
     highdicom()
     from pneumoseg.cli import predict as command
 
@@ -440,8 +463,9 @@ def test_a_source_that_changed_since_it_was_predicted_costs_its_overlay_only(stu
 
     def change_first_then_read(pred):
         if not changed:
-            shape = (8, 8) if how == "resized" else read_dicom_shape(pred.path)
-            synthetic_source(pred.path, shape, PatientName="Other^Patient")
+            shape = read_dicom_shape(pred.path) if how == "replaced" else (8, 8)
+            same = {"SOPInstanceUID": pred.source_uid} if how == "resized" else {}
+            synthetic_source(pred.path, shape, PatientName="Other^Patient", **same)
             changed.append(pred.image_id)
         return real(pred)
 

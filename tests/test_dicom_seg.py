@@ -435,8 +435,8 @@ def test_a_source_that_changed_since_it_was_predicted_costs_its_seg_only(study_s
     shrunk = []
 
     def shrink_first_then_write(folder, name, pred, predictor, *rest):
-        if not shrunk:  # replaced by a smaller image after its pixels were read
-            synthetic_source(pred.path, (8, 8))
+        if not shrunk:  # the same image (its SOPInstanceUID kept), smaller, after its pixels were read
+            synthetic_source(pred.path, (8, 8), SOPInstanceUID=pred.source_uid)
             shrunk.append(pred.image_id)
         return real(folder, name, pred, predictor, *rest)
 
@@ -457,13 +457,14 @@ def test_a_source_that_changed_since_it_was_predicted_costs_its_seg_only(study_s
     assert not (out / "seg" / f"{shrunk[0]}.dcm").exists()
 
 
-@pytest.mark.parametrize("name_by", ["file", "uid"])
+@pytest.mark.parametrize("name_by, other_size", [("file", False), ("uid", False), ("file", True)])
 def test_a_source_replaced_by_another_image_of_its_size_gets_no_seg(study_set, tmp_path, capsys, monkeypatch,
-                                                                    name_by):
+                                                                    name_by, other_size):
     """Named by its file (the default) or by SOPInstanceUID, an image whose file holds another image of
     the same size by the time its SEG is made (another patient's, say) gets none: the SEG would file this
     mask under the other image and its patient. The other positives get theirs. With file naming nothing
-    but the SOPInstanceUID read with the pixels (Prediction.source_uid) tells the two apart."""
+    but the SOPInstanceUID read with the pixels (Prediction.source_uid) tells the two apart. Another
+    image of another size is reported as another image too, not as a size change."""
     highdicom()
     import shutil
 
@@ -474,7 +475,7 @@ def test_a_source_replaced_by_another_image_of_its_size_gets_no_seg(study_set, t
 
     def replace_first_then_write(folder, name, pred, predictor, *rest):
         if not replaced:
-            shape = read_dicom_shape(pred.path)
+            shape = (8, 8) if other_size else read_dicom_shape(pred.path)
             synthetic_source(pred.path, shape, PatientName="Other^Patient")  # a new SOPInstanceUID
             replaced.append(pred.image_id)
         return real(folder, name, pred, predictor, *rest)
@@ -493,6 +494,23 @@ def test_a_source_replaced_by_another_image_of_its_size_gets_no_seg(study_set, t
     assert not (out / "seg" / f"{replaced[0]}.dcm").exists()
     for seg in (out / "seg").glob("*.dcm"):
         assert b"Other^Patient" not in seg.read_bytes()
+
+
+def test_a_source_that_is_not_the_expected_image_is_refused_before_its_size_is_compared(tmp_path):
+    """build_dicom_seg(expect_sop_instance_uid=): another image in the file is refused as that, whatever
+    its size (a mask of the predicted image's size is not reported as the wrong shape for it)."""
+    highdicom()
+    path = synthetic_source(tmp_path / "src.dcm", (30, 20))
+    uid = pydicom.dcmread(path).SOPInstanceUID
+    mask = np.zeros((30, 20), dtype=np.uint8)
+    mask[5:9, 4:8] = 1
+    assert referenced_instance(build_dicom_seg(mask, path, expect_sop_instance_uid=uid))[1] == uid
+    synthetic_source(path, (8, 8), PatientName="Other^Patient")
+    with pytest.raises(DicomError, match="src.dcm: the file holds another image than the one expected"):
+        write_dicom_seg(tmp_path / "out" / "seg.dcm", mask, path, expect_sop_instance_uid=uid)
+    with pytest.raises(InvalidInputError, match=r"shape \(30, 20\)"):  # without the expectation: the size
+        build_dicom_seg(mask, path)
+    assert not (tmp_path / "out").exists()
 
 
 def test_with_the_flag_patient_data_reaches_only_the_segs(tmp_path, capsys, caplog):

@@ -21,6 +21,8 @@ DICOM_OVERLAYS = "dicom-overlay"
 _IDENTITY = ("its source's patient and study identity (name, ID and its issuer, birth date, sex, study date and time, "
              "study ID, accession number, referring physician), which is what files it into the study; the CSV, "
              "JSON and PNG outputs copy none of it. Needs highdicom: pip install 'pneumoseg[pacs]'")
+# why a positive image gets no picture, SEG or DICOM overlay when its file now holds another image
+_ANOTHER_IMAGE = "the file now holds another image (its SOPInstanceUID changed since it was predicted)"
 
 
 def add_parser(subparsers) -> None:
@@ -212,6 +214,9 @@ def read_for_display(pred):
         image = read_dicom(pred.path)
     except (PneumosegError, OSError) as exc:
         return skip_reason(exc, str(pred.path))
+    # identity before size: a file replaced by another image (perhaps another patient's) is that, whatever its size
+    if pred.source_uid is not None and image.sop_instance_uid != pred.source_uid:
+        return _ANOTHER_IMAGE
     if tuple(image.pixels.shape) != tuple(pred.shape):
         return f"the file changed since it was predicted (now {image.pixels.shape[0]}x{image.pixels.shape[1]} pixels)"
     return image
@@ -244,7 +249,7 @@ def write_segmentation(folder, name: str, pred, predictor) -> Optional[str]:
 
     backend = predictor.backend
     return _write_derived(folder, SEGS, name, pred, "DICOM SEG", lambda: build_dicom_seg(
-        pred.mask, pred.path, algorithm_parameters={
+        pred.mask, pred.path, expect_sop_instance_uid=pred.source_uid, algorithm_parameters={
             "model": Path(predictor.model_dir.path).name, "backend": backend.name, "precision": backend.precision}),
         save_dicom_seg)
 
@@ -257,7 +262,8 @@ def write_dicom_overlay(folder, name: str, pred, image=None) -> Optional[str]:
 
     image = read_for_display(pred) if image is None else image
     return _write_derived(folder, DICOM_OVERLAYS, name, pred, "DICOM overlay",
-                          lambda: build_dicom_overlay(pred.mask, image, score=float(pred.score)), save_dicom_overlay,
+                          lambda: build_dicom_overlay(pred.mask, image, score=float(pred.score),
+                                                      expect_sop_instance_uid=pred.source_uid), save_dicom_overlay,
                           unreadable=image if isinstance(image, str) else None)
 
 
@@ -268,6 +274,7 @@ def _write_derived(folder, subfolder: str, name: str, pred, what: str, build, sa
     not be read again), no source file, or it can no longer be read as the image predicted (another
     size, or another SOPInstanceUID than ``pred.source_uid``)."""
     from ..errors import PneumosegError
+    from ..infer._dicom_derived import AnotherImageError
     from ..infer.inputs import skip_reason
 
     def missing(reason: str) -> str:
@@ -279,18 +286,20 @@ def _write_derived(folder, subfolder: str, name: str, pred, what: str, build, sa
         return missing("it was not read from a DICOM file")
     if unreadable is not None:
         return missing(unreadable)
+    if pred.source_uid is None:  # nothing to tell the image predicted from another now in its file
+        return missing("its header had no SOPInstanceUID when its pixels were read")
     try:
+        # The file read again must still hold the image predicted: one that now holds another (perhaps
+        # another patient's, of any size) would have this mask filed under it. pred.source_uid is what
+        # the header held when the pixels were read, in either naming (with --name-by uid the Predictor
+        # has already refused pixels whose UID is not the ImageId listed, so it is that ImageId); the
+        # builders check it before the size, so a replaced file is called that whatever its size.
         ds = build()
+    except AnotherImageError:
+        return missing(_ANOTHER_IMAGE)
     except PneumosegError as exc:
-        # deleted, replaced or resized since its pixels were read: the prediction stands, only this file is lost
+        # deleted or resized since its pixels were read: the prediction stands, only this file is lost
         return missing(skip_reason(exc, str(pred.path)))
-    # The file read again must still hold the image predicted: one that now holds another (perhaps
-    # another patient's, of the same size) would have this mask filed under it. pred.source_uid is
-    # what the header held when the pixels were read, in either naming (with --name-by uid the Predictor
-    # has already refused pixels whose UID is not the ImageId listed, so it is that ImageId).
-    referenced = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
-    if referenced != pred.source_uid:
-        return missing("the file now holds another image (its SOPInstanceUID changed since it was predicted)")
     with folder.open(subfolder, name) as f:
         save(ds, f)
     return None

@@ -108,8 +108,13 @@ def check_image(header: Any, where: str, what: str) -> tuple[int, int]:
     return rows, columns
 
 
+class AnotherImageError(DicomError):
+    """The source holds another image than the one expected (:func:`check_expected_uid`): a DicomError,
+    told apart so that a caller can say so in its own words (``pneumoseg predict``, the DICOM node)."""
+
+
 def check_expected_uid(header: Any, where: str, expected: Any, what: str) -> None:
-    """Refuse (DicomError) a source whose SOPInstanceUID is not ``expected`` (unless None): the file
+    """Refuse (AnotherImageError, a DicomError) a source whose SOPInstanceUID is not ``expected`` (unless None): the file
     holds another image than the one the mask was predicted from (a Prediction's ``source_uid``), and
     ``what`` made from it would file the mask under that image, perhaps another patient's."""
     from ..data.dicom import _damaged_header_errors, _header_text
@@ -121,7 +126,7 @@ def check_expected_uid(header: Any, where: str, expected: Any, what: str) -> Non
     with _damaged_header_errors(Path(where)):
         uid = _header_text(header, "SOPInstanceUID")
     if uid != expected:  # neither UID quoted: the path names the image
-        raise DicomError(f"{where}: the file holds another image than the one expected (its SOPInstanceUID is "
+        raise AnotherImageError(f"{where}: the file holds another image than the one expected (its SOPInstanceUID is "
                          f"not expect_sop_instance_uid), so {what} would be filed under it")
 
 

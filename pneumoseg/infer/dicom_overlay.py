@@ -22,8 +22,8 @@ import numpy as np
 
 from .._checks import check_path, check_probability, show
 from ..errors import DicomError, InvalidInputError
-from ._dicom_derived import (PATIENT_AND_STUDY, check_common_arguments, check_image, check_mask, copy_identity, copy_raw,
-                             highdicom_error, require_highdicom, save_dicom, write_atomically)
+from ._dicom_derived import (PATIENT_AND_STUDY, check_common_arguments, check_expected_uid, check_image, check_mask,
+                             copy_identity, copy_raw, highdicom_error, require_highdicom, save_dicom, write_atomically)
 
 __all__ = ["build_dicom_overlay", "write_dicom_overlay", "default_caption", "PATIENT_AND_STUDY",
            "SECONDARY_CAPTURE_STORAGE", "NOT_FOR_DIAGNOSTIC_USE"]
@@ -52,7 +52,7 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
                         series_description: str = "pneumoseg overlay", manufacturer: str = "pneumoseg",
                         manufacturer_model_name: str = "pneumoseg", software_versions: Optional[str] = None,
                         device_serial_number: str = "0", series_instance_uid: Optional[str] = None,
-                        sop_instance_uid: Optional[str] = None) -> Any:
+                        sop_instance_uid: Optional[str] = None, expect_sop_instance_uid: Optional[str] = None) -> Any:
     """``mask`` burned into ``source`` as a DICOM Secondary Capture image (a ``highdicom.sc.SCImage``,
     a pydicom Dataset ready for ``save_as``); :func:`write_dicom_overlay` writes one.
 
@@ -78,7 +78,9 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
 
     An empty mask is refused unless ``allow_empty=True``. Bad arguments are an
     :class:`pneumoseg.InvalidInputError`; a source that cannot be read or is not a single grey-level
-    image is a :class:`pneumoseg.DicomError` naming it."""
+    image is a :class:`pneumoseg.DicomError` naming it, as is one whose SOPInstanceUID is not
+    ``expect_sop_instance_uid`` when given (a Prediction's ``source_uid``: the file re-read now holds
+    another image than the one predicted), as :func:`pneumoseg.infer.dicom_seg.build_dicom_seg`."""
     hd = require_highdicom("DICOM overlay output")
     from pydicom.dataset import Dataset
 
@@ -95,6 +97,8 @@ def build_dicom_overlay(mask: Any, source: Any, *, score: Optional[float] = None
     lines = _caption_lines(default_caption(score, texts["software_versions"]) if caption is None else caption)
     image, where = _source_image(source)
     header = image._dataset
+    # identity first: another image in the file is that, whatever its size or header
+    check_expected_uid(header, where, expect_sop_instance_uid, _WHAT)
     rows, columns = check_image(header, where, _WHAT)
     m = check_mask(mask, (rows, columns), where, allow_empty, "an overlay without a finding")
     if tuple(image.pixels.shape) != (rows, columns):  # a DicomImage whose pixels are not its header's

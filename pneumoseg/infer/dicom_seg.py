@@ -76,8 +76,9 @@ def build_dicom_seg(mask: Any, source: Any, *, allow_empty: bool = False, series
         software_versions=software_versions)
     parameters = _parameters(algorithm_parameters)
     header, where = source_header(source)
-    rows, columns = check_image(header, where, "a Segmentation")
+    # identity first: another image in the file is that, whatever its size or header
     check_expected_uid(header, where, expect_sop_instance_uid, "a Segmentation")
+    rows, columns = check_image(header, where, "a Segmentation")
     pixels = check_mask(mask, (rows, columns), where, allow_empty, "a Segmentation with an empty segment")
 
     description = hd.seg.SegmentDescription(

@@ -695,37 +695,31 @@ class DicomNode:
         made = []
         if self.write_seg:
             made.append(self._write_derived(item, row, SEGS, "Seg", "SEG", lambda: dicom_seg.build_dicom_seg(
-                pred.mask, item.path, algorithm_parameters={
+                pred.mask, item.path, expect_sop_instance_uid=item.uid, algorithm_parameters={
                     "model": Path(self.predictor.model_dir.path).name, "backend": backend.name,
                     "precision": backend.precision}), dicom_seg.save_dicom_seg))
         if self.write_overlay:
             made.append(self._write_derived(item, row, DICOM_OVERLAYS, "Overlay", "overlay",
-                                            lambda: dicom_overlay.build_dicom_overlay(pred.mask, item.path,
-                                                                                      score=float(pred.score)),
+                                            lambda: dicom_overlay.build_dicom_overlay(
+                                                pred.mask, item.path, score=float(pred.score),
+                                                expect_sop_instance_uid=item.uid),
                                             dicom_overlay.save_dicom_overlay))
         if self.forward is not None and any(made):
             row["Forwarded"] = "queued"  # handed over once the row is written (_process)
 
     def _write_derived(self, item: _Item, row: dict[str, Any], subfolder: str, column: str, what: str,
                        build: Any, save: Any) -> bool:
-        from ..infer._dicom_derived import write_atomically
+        from ..infer._dicom_derived import AnotherImageError, write_atomically
         from ..infer.inputs import skip_reason
-
-        def checked() -> Any:
-            ds = build()
-            # as predict --name-by uid: a file that now holds another image (perhaps another patient's)
-            # must not have this mask filed under it
-            referenced = ds.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
-            if referenced != item.uid:
-                raise DicomError(f"{item.path}: the file now holds another image (its SOPInstanceUID is not the "
-                                 "one it was received under)")
-            return ds
 
         target = self._folder.file(subfolder, item.uid + ".dcm")
         try:
-            write_atomically(target, checked, save)
+            # the builders refuse a file that now holds another image than the one received under its
+            # name (perhaps another patient's), whatever its size: this mask must not be filed under it
+            write_atomically(target, build, save)
         except (PneumosegError, OSError) as exc:
-            reason = skip_reason(exc, str(item.path))
+            reason = ("the file now holds another image (its SOPInstanceUID is not the one it was received under)"
+                      if isinstance(exc, AnotherImageError) else skip_reason(exc, str(item.path)))
             row["Error"] = "; ".join(filter(None, (row["Error"], f"no {what}: {reason}")))
             log.warning("no %s for %s: %s", what, item.uid, reason)
             return False
