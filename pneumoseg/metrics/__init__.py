@@ -17,7 +17,14 @@ from .classification import (
     sensitivity_specificity,
 )
 from .intervals import ConfidenceInterval, average_precision_ci, bootstrap_ci, proportion_ci, roc_auc_ci
-from .operating_point import OperatingPoint, RatesAtThreshold, operating_point, rates_at_threshold
+from .operating_point import (
+    OperatingPoint,
+    OperatingPointInterval,
+    RatesAtThreshold,
+    operating_point,
+    operating_point_ci,
+    rates_at_threshold,
+)
 from .segmentation import dice_per_image, iou, kaggle_dice, mean_iou, overlap_counts
 from .triplet import TripletChoice, TripletSearch, best_triplet
 
@@ -35,6 +42,8 @@ __all__ = [
     "sensitivity_specificity",
     "operating_point",
     "OperatingPoint",
+    "operating_point_ci",
+    "OperatingPointInterval",
     "rates_at_threshold",
     "RatesAtThreshold",
     "roc_auc_ci",
