@@ -32,3 +32,10 @@ def test_dicom_node_throughput_runs_both_senders():
     pytest.importorskip("pynetdicom")
     out = _run("dicom_node_throughput.py", "--n", "8", "--size", "64", "--repeats", "1")
     assert "Nagle on" in out and "TCP_NODELAY" in out and "Predictor.predict" in out
+
+
+def test_dicom_node_derive_cost_times_both_ways():
+    pytest.importorskip("highdicom")
+    pytest.importorskip("pynetdicom")
+    out = _run("dicom_node_derive_cost.py", "--repeats", "1")
+    assert "read once" in out and "read by each builder" in out and "saved by reading once" in out

@@ -755,6 +755,31 @@ def test_a_received_file_replaced_before_its_seg_gets_no_seg_nor_overlay(predict
         assert b"Other^Patient" not in path.read_bytes()
 
 
+def test_both_outputs_are_built_from_one_read_of_the_received_file(predictor, sources, tmp_path, monkeypatch):
+    """With the SEG and the overlay, a positive image's file is parsed once more than a negative's (for
+    the prediction): once for both outputs, not once each."""
+    from pneumoseg.data import dicom
+
+    reads = []
+    real = dicom._read_dataset
+
+    def counted(f, path, **kwargs):
+        reads.append(Path(path).name)
+        return real(f, path, **kwargs)
+
+    monkeypatch.setattr(dicom, "_read_dataset", counted)
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0, write_overlay=True) as node:
+        assert send(node.port, sources[:6]) == [0] * 6
+        assert node.wait_idle(60)
+    results = rows(out)
+    positive = {r["ImageId"] for r in results if r["Positive"] == "1"}
+    assert 0 < len(positive) < 6 and all(r["Seg"] and r["Overlay"] for r in results if r["ImageId"] in positive)
+    counts = {r["ImageId"]: reads.count(f"{r['ImageId']}.dcm") for r in results}
+    negatives = {counts[uid] for uid in counts if uid not in positive}
+    assert len(negatives) == 1 and {counts[uid] for uid in positive} == {negatives.pop() + 1}
+
+
 def test_an_earlier_nodes_csv_files_get_the_new_columns_and_keep_their_rows(predictor, tmp_path):
     out = tmp_path / "node"
     with DicomNode(predictor, out, port=0):

@@ -693,24 +693,41 @@ class DicomNode:
 
         backend = self.predictor.backend
         made = []
+        try:
+            seg_source, overlay_source = self._derive_sources(item)
+        except (PneumosegError, OSError) as exc:  # deleted or damaged since predicted: neither can be made
+            for what in ("SEG",) * self.write_seg + ("overlay",) * self.write_overlay:
+                self._record_missing(item, row, what, exc)
+            return
         if self.write_seg:
             made.append(self._write_derived(item, row, SEGS, "Seg", "SEG", lambda: dicom_seg.build_dicom_seg(
-                pred.mask, item.path, expect_sop_instance_uid=item.uid, algorithm_parameters={
+                pred.mask, seg_source, expect_sop_instance_uid=item.uid, algorithm_parameters={
                     "model": Path(self.predictor.model_dir.path).name, "backend": backend.name,
                     "precision": backend.precision}), dicom_seg.save_dicom_seg))
         if self.write_overlay:
             made.append(self._write_derived(item, row, DICOM_OVERLAYS, "Overlay", "overlay",
                                             lambda: dicom_overlay.build_dicom_overlay(
-                                                pred.mask, item.path, score=float(pred.score),
+                                                pred.mask, overlay_source, score=float(pred.score),
                                                 expect_sop_instance_uid=item.uid),
                                             dicom_overlay.save_dicom_overlay))
         if self.forward is not None and any(made):
             row["Forwarded"] = "queued"  # handed over once the row is written (_process)
 
+    def _derive_sources(self, item: _Item) -> tuple[Any, Any]:
+        """(what the SEG is built from, what the overlay is built from). With the overlay, the received
+        file is read once, pixels and all, and both are built from that one read (the SEG from its
+        header): one parse instead of two, and both outputs describe the same bytes. Without it, the
+        SEG reads the header alone (no pixel decoding)."""
+        if not self.write_overlay:
+            return item.path, None
+        from ..data.dicom import read_dicom
+
+        image = read_dicom(item.path)
+        return image._dataset, image
+
     def _write_derived(self, item: _Item, row: dict[str, Any], subfolder: str, column: str, what: str,
                        build: Any, save: Any) -> bool:
-        from ..infer._dicom_derived import AnotherImageError, write_atomically
-        from ..infer.inputs import skip_reason
+        from ..infer._dicom_derived import write_atomically
 
         target = self._folder.file(subfolder, item.uid + ".dcm")
         try:
@@ -718,15 +735,24 @@ class DicomNode:
             # name (perhaps another patient's), whatever its size: this mask must not be filed under it
             write_atomically(target, build, save)
         except (PneumosegError, OSError) as exc:
-            reason = ("the file now holds another image (its SOPInstanceUID is not the one it was received under)"
-                      if isinstance(exc, AnotherImageError) else skip_reason(exc, str(item.path)))
-            row["Error"] = "; ".join(filter(None, (row["Error"], f"no {what}: {reason}")))
-            log.warning("no %s for %s: %s", what, item.uid, reason)
+            self._record_missing(item, row, what, exc)
             return False
         row[column] = f"{subfolder}/{target.name}"
         with self._cond:
             self.stats["segs" if subfolder == SEGS else "overlays"] += 1
         return True
+
+    def _record_missing(self, item: _Item, row: dict[str, Any], what: str, exc: BaseException) -> None:
+        """Why ``what`` (SEG, overlay) of ``item`` was not written, in its row's Error and the log."""
+        from ..infer._dicom_derived import AnotherImageError
+        from ..infer.inputs import skip_reason
+
+        if isinstance(exc, AnotherImageError):
+            reason = "the file now holds another image (its SOPInstanceUID is not the one it was received under)"
+        else:  # a builder given the file's dataset names it "source dataset <path>"
+            reason = skip_reason(exc, str(item.path)).removeprefix(f"source dataset {item.path}: ")
+        row["Error"] = "; ".join(filter(None, (row["Error"], f"no {what}: {reason}")))
+        log.warning("no %s for %s: %s", what, item.uid, reason)
 
     def _forward_loop(self) -> None:
         while True:
