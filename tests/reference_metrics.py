@@ -206,3 +206,25 @@ def ref_clopper_pearson(successes: int, trials: int, level: float) -> tuple[floa
     low = 0.0 if k == 0 else solve(upper_tail, True)
     high = 1.0 if k == n else solve(lower_tail, False)
     return low, high
+
+
+def ref_bca_levels(values, estimate: float, jackknife, level: float) -> tuple[float, float]:
+    """BCa's quantile levels (Efron & Tibshirani 1993, eqs. 14.10-14.15), term by term: z0 from the share
+    of resampled values below the estimate (a tie counting one half), the acceleration from the
+    leave-one-out values' skewness, then Phi(z0 + (z0 + z) / (1 - a (z0 + z))) for z at each end."""
+    from statistics import NormalDist
+
+    phi = NormalDist()
+    values = [float(v) for v in values]
+    share = sum(1.0 if v < estimate else 0.5 if v == estimate else 0.0 for v in values) / len(values)
+    z0 = phi.inv_cdf(share)
+    jack = [float(v) for v in jackknife]
+    mean = sum(jack) / len(jack)
+    num = sum((mean - v) ** 3 for v in jack)
+    den = sum((mean - v) ** 2 for v in jack) ** 1.5
+    a = num / (6 * den) if den else 0.0
+    out = []
+    for q in ((1 - level) / 2, (1 + level) / 2):
+        z = phi.inv_cdf(q)
+        out.append(phi.cdf(z0 + (z0 + z) / (1 - a * (z0 + z))))
+    return out[0], out[1]

@@ -11,7 +11,8 @@ import pytest
 
 from pneumoseg import metrics
 from pneumoseg.errors import InvalidInputError
-from reference_metrics import ref_clopper_pearson, ref_confusion, ref_operating_point, ref_wilson
+from reference_metrics import (ref_auc, ref_average_precision, ref_bca_levels, ref_clopper_pearson, ref_confusion,
+                               ref_operating_point, ref_wilson)
 
 
 def binormal(seed: int, n: int, prevalence: float = 0.3, separation: float = 1.2, decimals=None):
@@ -220,3 +221,115 @@ def test_the_rechosen_interval_covers_the_population_rate_where_a_fixed_threshol
         fixed += naive.low <= true_specificity <= naive.high
     # measured: 0.93 re-chosen, 0.50 with the threshold taken as fixed (the threshold's own noise is missed)
     assert rechosen / rounds >= 0.88 and fixed / rounds <= 0.7, (rechosen, fixed)
+
+
+# ------------------------------------------------------------------------------------------ BCa
+
+
+def _variance(v, axis=-1):
+    return v.var(axis=axis)
+
+
+def _ratio_of_means(a, b, axis=-1):
+    return a.mean(axis=axis) / b.mean(axis=axis)
+
+
+def _rank_auc(y, s, axis=-1):
+    """Mann-Whitney AUC from average ranks (scipy.stats.rankdata), row by row."""
+    from scipy.stats import rankdata
+
+    y = y.astype(bool)
+    ranks = rankdata(s, axis=axis)
+    positives = y.sum(axis=axis)
+    negatives = y.shape[axis] - positives
+    return ((ranks * y).sum(axis=axis) - positives * (positives + 1) / 2) / (positives * negatives)
+
+
+@pytest.mark.parametrize("name", ["mean", "variance of a skewed sample", "ratio of paired means", "AUC, unstratified"])
+def test_bca_is_scipys_bca_on_the_same_resamples(name):
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(4)
+    x, w = rng.exponential(size=150), rng.exponential(size=150) + 0.5
+    y, s = binormal(8, 150, prevalence=0.4)
+    data, statistic = {
+        "mean": ((x,), lambda v, axis=-1: v.mean(axis=axis)),
+        "variance of a skewed sample": ((x,), _variance),
+        "ratio of paired means": ((x, w), _ratio_of_means),
+        "AUC, unstratified": ((y.astype(np.int64), s), _rank_auc),
+    }[name]
+    for level in (0.9, 0.95):
+        got = metrics.bootstrap_ci(statistic, *data, level=level, n_resamples=1500, seed=6, method="bca")
+        want = stats.bootstrap(data, statistic, paired=len(data) > 1, vectorized=True, n_resamples=1500,
+                               confidence_level=level, method="BCa", rng=np.random.default_rng(6))
+        # one chunk holds all 1500 resamples of 150, drawn as scipy draws them (Generator.integers(0, n,
+        # (B, n))), so the resampled values are the same numbers; only the normal quantile functions
+        # differ (statistics.NormalDist against scipy.special.ndtri), by rounding
+        lo, hi = want.confidence_interval
+        assert (got.low, got.high) == pytest.approx((lo, hi), rel=1e-10), name
+        assert got.method == "bca" and got.estimate == pytest.approx(float(statistic(*data)))
+        percentile = metrics.bootstrap_ci(statistic, *data, level=level, n_resamples=1500, seed=6)
+        assert percentile.method == "bootstrap" and (percentile.low, percentile.high) != (got.low, got.high)
+
+
+def test_bca_agrees_with_scipy_within_resampling_noise_when_the_draws_differ():
+    stats = pytest.importorskip("scipy.stats")
+    x = np.random.default_rng(2).exponential(size=3000)
+    # 3000 samples take 699 resamples per chunk here, so the draws are no longer scipy's
+    got = metrics.bootstrap_ci(_variance, x, n_resamples=2000, seed=1, method="bca")
+    want = stats.bootstrap((x,), _variance, vectorized=True, n_resamples=2000, method="BCa",
+                           rng=np.random.default_rng(1)).confidence_interval
+    # Monte Carlo error of a 2.5% quantile of 2000 resamples: sqrt(.025 * .975 / 2000) / phi(1.96) = 0.06
+    # standard errors of the statistic; 0.3 is five of those
+    se = float(np.std([_variance(x[np.random.default_rng(k).integers(0, x.size, x.size)]) for k in range(200)]))
+    assert abs(got.low - want.low) < 0.3 * se and abs(got.high - want.high) < 0.3 * se, (got, want, se)
+
+
+def _jackknife(statistic, *arrays):
+    n = len(arrays[0])
+    return [statistic(*(np.delete(a, i) for a in arrays)) for i in range(n)]
+
+
+@pytest.mark.parametrize("which", ["AUC", "AP"])
+def test_stratified_bca_of_auc_and_ap_is_the_definition_on_the_same_resamples(which):
+    y, s = binormal(9, 70, decimals=2)
+    ys, ss = _stratified_resamples(y, s, 400, 2)
+    ref = ref_auc if which == "AUC" else ref_average_precision
+    values = [ref(a, b) for a, b in zip(ys, ss)]
+    levels = ref_bca_levels(values, ref(y, s), _jackknife(ref, y, s), 0.95)
+    if which == "AUC":
+        got = metrics.roc_auc_ci(y, s, method="bca", n_resamples=400, seed=2)
+    else:
+        got = metrics.average_precision_ci(y, s, method="bca", n_resamples=400, seed=2)
+    assert (got.low, got.high) == pytest.approx(tuple(np.quantile(values, levels)), abs=1e-12)
+    assert got.method == "bca" and got.estimate == pytest.approx(ref(y, s)) and got.n_resamples == 400
+
+
+def test_bca_edges_are_defined_or_refused_with_the_reason(monkeypatch):
+    mean = lambda v: v.mean(axis=-1)  # noqa: E731
+    # a statistic that does not move: every resample and leave-one-out value equal, acceleration 0
+    flat = metrics.bootstrap_ci(mean, [2.0, 2.0, 2.0], method="bca", n_resamples=100)
+    assert (flat.low, flat.high) == (2.0, 2.0)
+    # all scores equal: AUC 0.5 in every resample and jackknife
+    assert metrics.roc_auc_ci([1, 0, 1, 0, 0], [0.4] * 5, method="bca", n_resamples=100).low == 0.5
+    refusals = [
+        (lambda: metrics.bootstrap_ci(mean, [1.0], method="bca"), "needs 2 to"),
+        (lambda: metrics.bootstrap_ci(lambda v: v.mean(-1) + 10 * (v.ndim == 2), [1.0, 2.0, 3.0], method="bca"),
+         "all 2000 resampled values lie above the estimate"),
+        # without its only positive the sensitivity is 0 / 0: no jackknife, no acceleration
+        (lambda: metrics.bootstrap_ci(lambda t, p: (t & p).sum(-1) / t.sum(-1), [1, 0, 0, 0], [1, 1, 0, 0],
+                                      strata=[1, 0, 0, 0], method="bca"), "undefined .NaN. without sample 0"),
+        (lambda: metrics.roc_auc_ci([1, 0, 0, 0], [0.1, 0.2, 0.3, 0.4], method="bca"), "leave-one-out"),
+        (lambda: metrics.average_precision_ci([1, 0, 0], [0.9, 0.2, 0.3], method="bca"), "leave-one-out"),
+        (lambda: metrics.bootstrap_ci(mean, [1.0, 2.0], method="BCa"), "method must be one of"),
+        (lambda: metrics.average_precision_ci([1, 0], [0.9, 0.2], method="delong"), "method must be one of"),
+    ]
+    for call, message in refusals:
+        with pytest.raises(InvalidInputError, match=message):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                call()
+    from pneumoseg.metrics import intervals
+
+    monkeypatch.setattr(intervals, "MAX_JACKKNIFE_SAMPLES", 5)
+    with pytest.raises(InvalidInputError, match="needs 2 to 5 samples"):
+        metrics.bootstrap_ci(mean, np.arange(6.0), method="bca")
+    assert metrics.bootstrap_ci(mean, np.arange(6.0)).method == "bootstrap"  # the percentile one has no such bound
