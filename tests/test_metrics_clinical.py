@@ -385,8 +385,10 @@ def test_evaluate_reports_operating_points_intervals_and_calibration(tmp_path, c
     if isinstance(report["pictures"], list):
         assert "calibration.png" in report["pictures"]
         assert (tmp_path / "ev" / "calibration.png").stat().st_size > 1000
-    # the same seed gives the same intervals; another seed other ones
-    assert main(["evaluate", *args, scores, "--out", str(tmp_path / "ev2"), "--bootstrap", "300", "--seed", "4"]) == 0
+    # the same seed (and targets, which the operating points' intervals follow) gives the same intervals;
+    # another seed other ones
+    assert main(["evaluate", *args, scores, "--out", str(tmp_path / "ev2"), "--sensitivity", "0.9", "--specificity",
+                 "0.8,1", "--bootstrap", "300", "--seed", "4"]) == 0
     assert json.loads((tmp_path / "ev2" / "metrics.json").read_text())["intervals"] == iv
     assert main(["evaluate", *args, scores, "--out", str(tmp_path / "ev3"), "--bootstrap", "300", "--seed", "5"]) == 0
     assert json.loads((tmp_path / "ev3" / "metrics.json").read_text())["intervals"]["auc"] != iv["auc"]
@@ -412,6 +414,65 @@ def test_evaluate_without_scores_or_bootstrap_says_what_it_left_out(tmp_path, ca
     assert report["classification"]["operating_points"] is None and report["intervals"]["auc"] is None
     assert report["intervals"]["sensitivity"] is None and report["intervals"]["specificity"] is not None
     assert report["calibration"]["brier_score"] > 0 and "one class only" in report["notes"][0]
+    fixed = report["intervals"]["fixed_threshold"]  # no positives: no sensitivity, the rest defined
+    assert fixed["sensitivity"] is None and fixed["specificity"]["trials"] == 40
+    assert report["intervals"]["operating_points"] is None
+
+
+def test_evaluate_reports_rate_intervals_at_the_fixed_threshold_and_rechosen_operating_points(tmp_path, capsys):
+    from pneumoseg.cli import main
+
+    args = _study(tmp_path, n=60)
+    scores = f"--scores={tmp_path / 'scores.csv'}"
+    y = np.arange(60) % 3 == 0
+    s = np.array([float(line.split(",")[1]) for line in (tmp_path / "scores.csv").read_text().splitlines()[1:]])
+    assert main(["evaluate", *args, scores, "--out", str(tmp_path / "ev"), "--threshold", "0.6", "--sensitivity",
+                 "0.9", "--specificity", "0.95", "--bootstrap", "300", "--seed", "4"]) == 0
+    printed = capsys.readouterr().out
+    iv = json.loads((tmp_path / "ev" / "metrics.json").read_text())["intervals"]
+    assert (iv["bootstrap_method"], iv["proportion_method"], iv["not_computed"]) == ("percentile", "wilson", {})
+    want = metrics.rates_at_threshold(y, s, 0.6).to_dict()
+    assert iv["fixed_threshold"] == {**want, "predicted_positive": "score >= threshold"}
+    assert iv["fixed_threshold"]["sensitivity"]["low"] == metrics.proportion_ci(want["tp"], want["tp"] + want["fn"]).low
+    # the operating points' intervals, in the order of classification.operating_points
+    assert iv["operating_points"] == [metrics.operating_point_ci(y, s, sensitivity=0.9, n_resamples=300, seed=4).to_dict(),
+                                      metrics.operating_point_ci(y, s, specificity=0.95, n_resamples=300, seed=4).to_dict()]
+    assert "95% Wilson intervals at score >= 0.6 (the threshold taken as fixed): sensitivity [" in printed
+    assert ("95% operating point intervals (the threshold chosen again in each of 300 resamples, seed 4): "
+            "sensitivity 0.9: threshold [") in printed and "; specificity 0.95: threshold [" in printed
+    # BCa and the exact binomial interval on request; the percentile intervals' keys keep their values otherwise
+    assert main(["evaluate", *args, scores, "--out", str(tmp_path / "bca"), "--threshold", "0.6", "--bootstrap", "300",
+                 "--seed", "4", "--ci-method", "bca", "--proportion-ci", "clopper-pearson"]) == 0
+    assert "95% intervals (BCa bootstrap, 300 resamples over images, seed 4): Kaggle Dice [" in capsys.readouterr().out
+    bca = json.loads((tmp_path / "bca" / "metrics.json").read_text())["intervals"]
+    assert (bca["bootstrap_method"], bca["fixed_threshold"]["method"]) == ("bca", "clopper-pearson")
+    same = {"n_resamples": 300, "seed": 4}
+    assert bca["auc"]["low"] == metrics.roc_auc_ci(y, s, method="bca", **same).low
+    assert bca["average_precision"]["high"] == metrics.average_precision_ci(y, s, method="bca", **same).high
+    assert bca["auc"] != iv["auc"] and bca["auc_delong"] == iv["auc_delong"]
+    assert bca["fixed_threshold"]["ppv"]["high"] == metrics.rates_at_threshold(y, s, 0.6, method="clopper-pearson").ppv.high
+
+
+def test_evaluate_leaves_out_a_bca_interval_that_is_undefined_and_says_why(tmp_path):
+    from pneumoseg.cli import main
+
+    # one positive image: without it the sensitivity and AUC are undefined, so BCa's jackknife is
+    args = _study(tmp_path, n=40)
+    truth = (tmp_path / "truth.csv").read_text().splitlines()
+    keep = [truth[0], truth[1]] + [line for line in truth[2:] if line.endswith(",-1")]
+    (tmp_path / "truth.csv").write_text("\n".join(keep) + "\n")
+    pred = [line for line in (tmp_path / "pred.csv").read_text().splitlines() if line.split(",")[0] in
+            {k.split(",")[0] for k in keep}]
+    (tmp_path / "pred.csv").write_text("\n".join(pred) + "\n")
+    assert main(["evaluate", *args, f"--scores={tmp_path / 'scores.csv'}", "--out", str(tmp_path / "ev"),
+                 "--bootstrap", "200", "--ci-method", "bca"]) == 0
+    report = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    iv = report["intervals"]
+    assert report["positives"] == 1 and iv["sensitivity"] is None and iv["auc"] is None
+    assert set(iv["not_computed"]) == {"auc", "average_precision", "sensitivity"}
+    assert iv["specificity"] is not None and iv["kaggle_dice"] is not None
+    assert any(n.startswith("no BCa interval for sensitivity: method='bca' needs the statistic on every leave-one-out")
+               for n in report["notes"])
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -422,6 +483,8 @@ def test_evaluate_without_scores_or_bootstrap_says_what_it_left_out(tmp_path, ca
     ("--bootstrap", "-1", "at least 0"),
     ("--bootstrap", "1e3", "must be an integer"),
     ("--seed", "x", "must be an integer"),
+    ("--ci-method", "BCa", "invalid choice: 'BCa'"),
+    ("--proportion-ci", "exact", "invalid choice: 'exact'"),
 ])
 def test_evaluate_flag_errors_are_one_line(tmp_path, capsys, flag, value, message):
     from pneumoseg.cli import main
@@ -442,6 +505,9 @@ def test_the_command_and_the_library_share_their_defaults():
     defaults = {k: v.default for k, v in inspect.signature(evaluation.evaluate).parameters.items()}
     assert (defaults["sensitivity"], defaults["specificity"], defaults["bootstrap"]) == (
         command.SENSITIVITIES, command.SPECIFICITIES, command.BOOTSTRAP)
+    assert (defaults["ci_method"], defaults["proportion_method"]) == (command.CI_METHOD, command.PROPORTION_METHOD)
+    assert (command.CI_METHODS, command.PROPORTION_METHODS) == (metrics.intervals.BOOTSTRAP_METHODS,
+                                                                metrics.intervals.PROPORTION_METHODS)
     assert command.targets("none") == () and command.targets("0.9, 1") == (0.9, 1.0)
 
 
@@ -450,7 +516,9 @@ def test_the_library_evaluate_refuses_bad_targets_and_resamples():
 
     truth = {"a": ["-1"], "b": ["1 3"]}
     for kwargs, message in (({"sensitivity": [1.5]}, r"sensitivity\[0\] must be in"), ({"specificity": 0.9}, "sequence"),
-                            ({"bootstrap": -1}, "bootstrap must be at least 0"), ({"seed": 0.5}, "seed must be an integer")):
+                            ({"bootstrap": -1}, "bootstrap must be at least 0"), ({"seed": 0.5}, "seed must be an integer"),
+                            ({"ci_method": "BCa"}, "ci_method must be one of"),
+                            ({"proportion_method": "exact"}, "proportion_method must be one of")):
         with pytest.raises(InvalidInputError, match=message):
             evaluate(truth, truth, **kwargs)
 

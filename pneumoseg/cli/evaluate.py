@@ -13,6 +13,10 @@ from .types import int_in, path, probability
 SENSITIVITIES = (0.90, 0.95)
 SPECIFICITIES = (0.90, 0.95)
 BOOTSTRAP = 1000
+CI_METHODS = ("percentile", "bca")
+CI_METHOD = "percentile"
+PROPORTION_METHODS = ("wilson", "clopper-pearson")
+PROPORTION_METHOD = "wilson"
 
 
 def targets(text: str) -> tuple[float, ...]:
@@ -43,8 +47,10 @@ def add_parser(subparsers) -> None:
                     "per-image Dice histogram, and the classifier's view (AUC, average precision, sensitivity, "
                     "specificity, confusion matrix) with PNG pictures of the ROC and PR curves; with --scores also "
                     "the operating points at target sensitivities and specificities and the calibration (Brier "
-                    "score, ECE, reliability diagram). 95% intervals by a seeded bootstrap over images and, for "
-                    "AUC, DeLong's.")
+                    "score, ECE, reliability diagram). 95% intervals by a seeded bootstrap over images (percentile "
+                    "or BCa) and, for AUC, DeLong's; Wilson (or Clopper-Pearson) intervals of sensitivity, "
+                    "specificity, PPV and NPV at --threshold; for each operating point a bootstrap that chooses its "
+                    "threshold again in every resample.")
     p.add_argument("--pred", type=path, required=True, help="submission.csv (ImageId,EncodedPixels)")
     p.add_argument("--truth", type=path, required=True, help="train-rle.csv or stage_2_train.csv")
     p.add_argument("--scores", type=path, default=None,
@@ -59,6 +65,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--bootstrap", type=int_in(0, MAX_RESAMPLES), default=BOOTSTRAP, metavar="N",
                    help=f"bootstrap resamples for the 95%% intervals (default {BOOTSTRAP}; 0: none but DeLong's for AUC)")
     p.add_argument("--seed", type=int_in(0), default=0, help="seed of the bootstrap resamples (default 0)")
+    p.add_argument("--ci-method", choices=CI_METHODS, default=CI_METHOD,
+                   help="the bootstrap intervals: percentile, or bca (bias-corrected and accelerated; adds a "
+                        f"jackknife, about n^2 work; default {CI_METHOD}). Operating points stay percentile")
+    p.add_argument("--proportion-ci", choices=PROPORTION_METHODS, default=PROPORTION_METHOD,
+                   help="the intervals of sensitivity, specificity, PPV and NPV at --threshold: wilson, or "
+                        f"clopper-pearson (exact, wider; default {PROPORTION_METHOD})")
     p.add_argument("--out", type=path, default="pneumoseg-evaluation", help="folder for metrics.json, per_image.csv and pictures (default pneumoseg-evaluation)")
     p.add_argument("--force", action="store_true", help="write into --out even if it holds other files")
     p.set_defaults(run=run)
@@ -94,7 +106,8 @@ def run(args: argparse.Namespace) -> int:
     truth = read_rle_csv(args.truth)
     scores = read_scores_csv(args.scores) if args.scores is not None else None
     ev = evaluate(pred, truth, scores=scores, threshold=args.threshold, sensitivity=args.sensitivity,
-                  specificity=args.specificity, bootstrap=args.bootstrap, seed=args.seed)
+                  specificity=args.specificity, bootstrap=args.bootstrap, seed=args.seed, ci_method=args.ci_method,
+                  proportion_method=args.proportion_ci)
     # a failure inside the block puts the folder's earlier output back (see pneumoseg._fs)
     with prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.EVALUATION,
                                inputs=(args.pred, args.truth, args.scores)) as folder:
@@ -125,10 +138,19 @@ def _summary(report: dict) -> list[str]:
                                                ("AP", "average_precision"), ("sensitivity", "sensitivity"),
                                                ("specificity", "specificity")) if iv[key] is not None]
     if shown:
-        how = (f"bootstrap, {iv['bootstrap_resamples']} resamples over images, seed {iv['seed']}"
-               if iv["bootstrap_resamples"] else "DeLong")
+        bca = iv.get("bootstrap_method") == "bca"
+        how = (f"{'BCa bootstrap' if bca else 'bootstrap'}, {iv['bootstrap_resamples']} resamples over images, "
+               f"seed {iv['seed']}" if iv["bootstrap_resamples"] else "DeLong")
         lines.append(f"{iv['level']:.0%} intervals ({how}): "
                      + ", ".join(f"{name} [{ci['low']:.4f}, {ci['high']:.4f}]" for name, ci in shown))
+    fixed = iv.get("fixed_threshold")
+    if fixed is not None:
+        at = "of the masks" if fixed["threshold"] is None else f"at score >= {fixed['threshold']:g}"
+        method = {"wilson": "Wilson", "clopper-pearson": "Clopper-Pearson"}[fixed["method"]]
+        lines.append(f"{fixed['level']:.0%} {method} intervals {at} (the threshold taken as fixed): " + ", ".join(
+            f"{name} " + ("n/a" if fixed[key] is None else f"[{fixed[key]['low']:.4f}, {fixed[key]['high']:.4f}]")
+            for name, key in (("sensitivity", "sensitivity"), ("specificity", "specificity"), ("PPV", "ppv"),
+                              ("NPV", "npv"))))
     points = report["classification"]["operating_points"]
     if points:
         def one(p: dict) -> str:
@@ -138,6 +160,16 @@ def _summary(report: dict) -> list[str]:
             return (f"{p['target']} {p['target_value']:g}: {at} (sens {p['sensitivity']:.3f}, spec "
                     f"{p['specificity']:.3f}, PPV {ppv}, NPV {npv})")
         lines.append("operating points: " + "; ".join(one(p) for p in points))
+    chosen = iv.get("operating_points")
+    if chosen:
+        def ends(ci: dict) -> str:
+            show = lambda v: "inf" if v is None else f"{v:.4g}"  # noqa: E731  (None: nothing positive)
+            return f"[{show(ci['low'])}, {show(ci['high'])}]"
+
+        lines.append(f"{chosen[0]['level']:.0%} operating point intervals (the threshold chosen again in each of "
+                     f"{chosen[0]['n_resamples']} resamples, seed {chosen[0]['seed']}): " + "; ".join(
+                         f"{p['target']} {p['target_value']:g}: threshold {ends(p['threshold'])}, {p['other_rate']} "
+                         f"{ends(p[p['other_rate']])}" for p in chosen))
     cal = report["calibration"]
     if cal is not None:
         from ..infer.evaluation import CALIBRATION_BINS  # already imported by run (evaluate)

@@ -9,9 +9,12 @@ mask and 0 otherwise. With real scores also the clinical operating points (the t
 target sensitivity or specificity) and the calibration (Brier score, ECE, reliability curve); 0/1
 scores from the masks make both degenerate, so they are left out and a note says so.
 
-Intervals: a seeded percentile bootstrap over images (``bootstrap`` resamples; AUC, average
-precision, sensitivity and specificity resampled within each truth class, the Kaggle Dice over all
-images), and DeLong's interval for AUC.
+Intervals: a seeded percentile (or, with ``ci_method="bca"``, BCa) bootstrap over images
+(``bootstrap`` resamples; AUC, average precision, sensitivity and specificity resampled within each
+truth class, the Kaggle Dice over all images), and DeLong's interval for AUC. At the fixed
+``threshold``, Wilson (or Clopper-Pearson) intervals of sensitivity, specificity, PPV and NPV. For each
+operating point, whose threshold is chosen on these images, a bootstrap that chooses it again in
+every resample: the intervals of its threshold and of the other rate there.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from .. import limits
-from .._checks import check_int, check_path, check_probability, check_real, show
+from .._checks import check_choice, check_int, check_path, check_probability, check_real, show
 from .._matplotlib import quiet_matplotlib
 from ..errors import DataFormatError, InvalidInputError, RLEError, RLELimitError
 
@@ -40,6 +43,10 @@ DEFAULT_SPECIFICITIES = (0.90, 0.95)
 DEFAULT_BOOTSTRAP = 1000
 #: the intervals' confidence level
 LEVEL = 0.95
+#: the bootstrap intervals' method unless told otherwise ("percentile" or "bca")
+DEFAULT_CI_METHOD = "percentile"
+#: the fixed threshold's rate intervals unless told otherwise ("wilson" or "clopper-pearson")
+DEFAULT_PROPORTION_METHOD = "wilson"
 #: equal-width bins on [0, 1] for the expected calibration error and the reliability curve
 CALIBRATION_BINS = 10
 # Column height used to lay out the flat pixel order; any height gives the same Dice.
@@ -134,6 +141,8 @@ class Evaluation:
     specificity_targets: tuple[float, ...] = DEFAULT_SPECIFICITIES
     bootstrap: int = DEFAULT_BOOTSTRAP  # resamples for the intervals; 0: DeLong's AUC interval only
     seed: int = 0
+    ci_method: str = DEFAULT_CI_METHOD  # the bootstrap intervals: "percentile" or "bca"
+    proportion_method: str = DEFAULT_PROPORTION_METHOD  # rates at the fixed threshold: "wilson" or "clopper-pearson"
 
     @property
     def kaggle_dice(self) -> float:
@@ -170,7 +179,8 @@ class Evaluation:
         if self._both_classes() and min(positives, negatives) < 2:
             out.append("DeLong's AUC interval needs at least 2 images of each class")
         if self.bootstrap == 0:
-            out.append("bootstrap off (0 resamples): only DeLong's AUC interval")
+            out.append("bootstrap off (0 resamples): only DeLong's AUC interval and the binomial intervals at the "
+                       "fixed threshold")
         return out
 
     def operating_points(self) -> Optional[list[Any]]:
@@ -184,38 +194,76 @@ class Evaluation:
                 + [metrics.operating_point(y, self.scores, specificity=t) for t in self.specificity_targets])
 
     def intervals(self) -> dict[str, Any]:
-        """Each figure's ``level`` interval as ``{estimate, low, high}``, or None where undefined."""
+        """Each figure's ``level`` interval as ``{estimate, low, high}``, or None where undefined.
+
+        ``kaggle_dice``, ``auc``, ``average_precision``, ``sensitivity`` and ``specificity``: the
+        bootstrap (``bootstrap_method``) at the fixed threshold; ``auc_delong``: DeLong's.
+        ``fixed_threshold``: sensitivity, specificity, PPV and NPV at ``threshold`` (or of the masks)
+        as binomial proportions (``proportion_method``), each with its counts; None where its
+        denominator is empty. ``operating_points``: per operating point (the order of
+        ``classification.operating_points``) the bootstrap that chooses its threshold again in every
+        resample, with the intervals of the threshold and of the other rate. ``not_computed`` names
+        the BCa intervals refused as undefined, with the reason (``to_dict`` adds them to the notes)."""
         from .. import metrics
+        from ..errors import InvalidInputError
 
         y, predicted = self.truth_positive, self.predicted
         positives, negatives = int(y.sum()), int((~y).sum())
         resampled: dict[str, Any] = {"level": LEVEL, "n_resamples": self.bootstrap, "seed": self.seed}
+        bca = self.ci_method == "bca"
 
         def figures(ci: Any) -> dict[str, float]:
             return {"estimate": ci.estimate, "low": ci.low, "high": ci.high}
 
         out: dict[str, Any] = {
             "level": LEVEL, "bootstrap_resamples": self.bootstrap, "seed": self.seed,
-            "method": "percentile bootstrap over images (AUC, average precision, sensitivity and specificity "
-                      "resampled within each truth class); auc_delong: DeLong's normal interval",
+            "method": ("BCa" if bca else "percentile") + " bootstrap over images (AUC, average precision, sensitivity "
+                      "and specificity resampled within each truth class); auc_delong: DeLong's normal interval",
+            "bootstrap_method": self.ci_method, "proportion_method": self.proportion_method,
             "kaggle_dice": None, "auc_delong": None, "auc": None, "average_precision": None,
-            "sensitivity": None, "specificity": None,
+            "sensitivity": None, "specificity": None, "fixed_threshold": None, "operating_points": None,
+            "not_computed": {},
         }
+
+        def boot(name: str, interval: Any) -> None:
+            # BCa is undefined on some samples (a leave-one-out value NaN, all resamples on one side):
+            # that figure is left out with the reason, the others kept
+            try:
+                out[name] = figures(interval())
+            except InvalidInputError as exc:
+                if not bca:
+                    raise
+                out["not_computed"][name] = str(exc)
+
         if min(positives, negatives) >= 2:
             out["auc_delong"] = figures(metrics.roc_auc_ci(y, self.scores, level=LEVEL, method="delong"))
+        # predicted is the 0/1 decision already (score >= threshold, or the mask): 0.5 splits it as it is
+        rates = metrics.rates_at_threshold(y, predicted, 0.5, level=LEVEL, method=self.proportion_method).to_dict()
+        rates["threshold"] = self.threshold if self.scores_source == "scores" else None  # else: the masks
+        rates["predicted_positive"] = "score >= threshold" if self.scores_source == "scores" else "non-empty mask"
+        out["fixed_threshold"] = rates
         if not self.bootstrap:
             return out
-        out["kaggle_dice"] = figures(metrics.bootstrap_ci(lambda d: d.mean(axis=-1), self.dice, **resampled))
+        boot("kaggle_dice", lambda: metrics.bootstrap_ci(lambda d: d.mean(axis=-1), self.dice, method=self.ci_method,
+                                                         **resampled))
         if self._both_classes():
-            out["auc"] = figures(metrics.roc_auc_ci(y, self.scores, method="bootstrap", **resampled))
-            out["average_precision"] = figures(metrics.average_precision_ci(y, self.scores, **resampled))
-        # within-class resamples keep each class's count, so neither share divides by zero
+            boot("auc", lambda: metrics.roc_auc_ci(y, self.scores, method="bca" if bca else "bootstrap", **resampled))
+            boot("average_precision", lambda: metrics.average_precision_ci(y, self.scores, method=self.ci_method,
+                                                                           **resampled))
+        # within-class resamples keep each class's count, so neither share divides by zero; BCa's
+        # jackknife can leave out a class's only image, where 0 / 0 is NaN (undefined) by design
         if positives:
-            out["sensitivity"] = figures(metrics.bootstrap_ci(
-                lambda t, p: (t & p).sum(axis=-1) / t.sum(axis=-1), y, predicted, strata=y, **resampled))
+            boot("sensitivity", lambda: metrics.bootstrap_ci(
+                lambda t, p: _share(t & p, t), y, predicted, strata=y, method=self.ci_method, **resampled))
         if negatives:
-            out["specificity"] = figures(metrics.bootstrap_ci(
-                lambda t, p: (~t & ~p).sum(axis=-1) / (~t).sum(axis=-1), y, predicted, strata=y, **resampled))
+            boot("specificity", lambda: metrics.bootstrap_ci(
+                lambda t, p: _share(~t & ~p, ~t), y, predicted, strata=y, method=self.ci_method, **resampled))
+        if self.scores_source == "scores" and self._both_classes():
+            out["operating_points"] = (
+                [metrics.operating_point_ci(y, self.scores, sensitivity=t, **resampled).to_dict()
+                 for t in self.sensitivity_targets]
+                + [metrics.operating_point_ci(y, self.scores, specificity=t, **resampled).to_dict()
+                   for t in self.specificity_targets])
         return out
 
     def calibration_bins(self) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
@@ -269,6 +317,9 @@ class Evaluation:
         classification = self.classification()
         points = self.operating_points()
         classification["operating_points"] = None if points is None else [p.to_dict() for p in points]
+        intervals = self.intervals()
+        notes = self.notes() + [f"no BCa interval for {name}: {reason}"
+                                for name, reason in intervals["not_computed"].items()]
         return {
             "images": len(self.image_ids),
             "positives": int(pos.sum()),
@@ -278,10 +329,16 @@ class Evaluation:
             "dice_on_negatives": float(self.dice[~pos].mean()) if (~pos).any() else None,
             "classification": classification,
             "not_predicted": len(self.not_predicted),
-            "intervals": self.intervals(),
+            "intervals": intervals,
             "calibration": self.calibration(),
-            "notes": self.notes(),
+            "notes": notes,
         }
+
+
+def _share(hits: np.ndarray, of: np.ndarray) -> np.ndarray:
+    """Per row (last axis), the share of ``of`` that ``hits`` marks; NaN, quietly, where ``of`` is empty."""
+    with np.errstate(invalid="ignore"):
+        return hits.sum(axis=-1) / of.sum(axis=-1)
 
 
 def _targets(values: Any, name: str) -> tuple[float, ...]:
@@ -301,18 +358,24 @@ def _targets(values: Any, name: str) -> tuple[float, ...]:
 def evaluate(pred: Mapping[str, Sequence[str]], truth: Mapping[str, Sequence[str]], *,
              scores: Optional[Mapping[str, float]] = None, threshold: float = 0.5,
              sensitivity: Iterable[float] = DEFAULT_SENSITIVITIES, specificity: Iterable[float] = DEFAULT_SPECIFICITIES,
-             bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Evaluation:
+             bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0, ci_method: str = DEFAULT_CI_METHOD,
+             proportion_method: str = DEFAULT_PROPORTION_METHOD) -> Evaluation:
     """Score predicted RLEs (ImageId -> strings, as ``read_rle_csv`` gives) against the truth.
 
     Every predicted ImageId must have a truth (else :class:`pneumoseg.DataFormatError` naming some);
     truth ids without a prediction are left out and listed in ``not_predicted``. ``scores`` (ImageId ->
     probability) must cover every predicted image when given. ``sensitivity`` and ``specificity``
     are the operating points' targets (each in (0, 1]; a list, tuple or NumPy array); ``bootstrap``
-    the intervals' resamples (0: none), drawn from ``seed``. The figures are computed when asked for (``to_dict``)."""
+    the intervals' resamples (0: none), drawn from ``seed``; ``ci_method`` their interval, "percentile"
+    or "bca"; ``proportion_method`` the fixed threshold's rate intervals, "wilson" or
+    "clopper-pearson". The figures are computed when asked for (``to_dict``)."""
     threshold = check_probability(threshold, "threshold")
     sensitivity_targets = _targets(sensitivity, "sensitivity")
     specificity_targets = _targets(specificity, "specificity")
-    from ..metrics.intervals import MAX_RESAMPLES
+    from ..metrics.intervals import BOOTSTRAP_METHODS, MAX_RESAMPLES, PROPORTION_METHODS
+
+    ci_method = check_choice(ci_method, "ci_method", BOOTSTRAP_METHODS)
+    proportion_method = check_choice(proportion_method, "proportion_method", PROPORTION_METHODS)
 
     bootstrap = check_int(bootstrap, "bootstrap", low=0, high=MAX_RESAMPLES)
     seed = check_int(seed, "seed", low=0)
@@ -335,7 +398,8 @@ def evaluate(pred: Mapping[str, Sequence[str]], truth: Mapping[str, Sequence[str
     else:
         score_values, source = pred_pos.astype(np.float64), "masks"
     return Evaluation(ids, dice, truth_pos, pred_pos, score_values, source, threshold,
-                      [i for i in truth if i not in pred], sensitivity_targets, specificity_targets, bootstrap, seed)
+                      [i for i in truth if i not in pred], sensitivity_targets, specificity_targets, bootstrap, seed,
+                      ci_method, proportion_method)
 
 
 @quiet_matplotlib()  # matplotlib < 3.10.7 warns about pyparsing 3.3's deprecated names
