@@ -128,7 +128,7 @@ class RatesAtThreshold:
 
     def to_dict(self) -> dict[str, Any]:
         """For JSON: each rate as ``{estimate, low, high, successes, trials}`` or None; an infinite
-        threshold (nothing positive) becomes None."""
+        threshold becomes None (``inf``: nothing positive, ``-inf``: everything; the counts tell which)."""
         out: dict[str, Any] = {"threshold": None if math.isinf(self.threshold) else self.threshold,
                                "level": self.level, "method": self.method,
                                "tp": self.tp, "fp": self.fp, "tn": self.tn, "fn": self.fn}
