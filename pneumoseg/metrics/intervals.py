@@ -98,14 +98,16 @@ def bootstrap_ci(statistic: Callable[..., Any], *arrays: Any, level: float = 0.9
     mean minus each leave-one-out value: the level ``Phi(z0 + (z0 + z) / (1 - a (z0 + z)))`` for each
     normal quantile ``z`` of the two ends. It corrects a statistic whose resampled values are biased
     or skewed about the estimate (AP, a ratio near 0 or 1), with second-order accurate coverage where
-    the percentile interval is first-order. As ``scipy.stats.bootstrap(method="BCa")``, which draws the
-    same resamples for ``rng=np.random.default_rng(seed)`` when one chunk holds them all. The jackknife
+    the percentile interval is first-order. Without ``strata`` this is
+    ``scipy.stats.bootstrap(method="BCa", paired=True)``, which draws the same resamples for
+    ``rng=np.random.default_rng(seed)`` when one chunk (about 2 million indices) holds them all. The jackknife
     calls the statistic on n leave-one-out samples of n - 1 (n^2 values in chunks), so BCa costs about
     one bootstrap of n resamples more, and is refused past ``MAX_JACKKNIFE_SAMPLES``. With ``strata``
     the jackknife still leaves out each sample in turn. BCa is an error where it is undefined: fewer
     than 2 samples, a leave-one-out value NaN (e.g. a sensitivity without its only positive), every
-    resampled value on one side of the estimate (``z0`` infinite), or an acceleration so large that a
-    level leaves (0, 1). Where every leave-one-out value is the same, ``a`` is 0 (nothing to correct;
+    resampled value on one side of the estimate (``z0`` infinite), or an acceleration so large that
+    ``1 - a (z0 + z)`` is not positive (the adjusted level would fold back). Where every leave-one-out
+    value is the same, ``a`` is 0 (nothing to correct;
     SciPy gives NaN there).
     """
     level = _check_level(level)
@@ -200,7 +202,7 @@ def _bca_levels(values: np.ndarray, estimate: float, jackknife: np.ndarray, alph
         shrink = 1.0 - a * (z0 + z)
         if shrink <= 0:
             raise InvalidInputError(f"method='bca' is undefined here: the acceleration {a:.3g} is too large for "
-                                    "this level (a quantile level leaves (0, 1)); use method='percentile'")
+                                    "this level (1 - a (z0 + z) is not positive); use method='percentile'")
         levels.append(normal.cdf(z0 + (z0 + z) / shrink))
     return levels[0], levels[1]
 
