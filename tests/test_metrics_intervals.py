@@ -320,6 +320,9 @@ def test_bca_edges_are_defined_or_refused_with_the_reason(monkeypatch):
                                       strata=[1, 0, 0, 0], method="bca"), "undefined .NaN. without sample 0"),
         (lambda: metrics.roc_auc_ci([1, 0, 0, 0], [0.1, 0.2, 0.3, 0.4], method="bca"), "leave-one-out"),
         (lambda: metrics.average_precision_ci([1, 0, 0], [0.9, 0.2, 0.3], method="bca"), "leave-one-out"),
+        # one outlier in 20: a = 0.154, so at z = 7 (level 1 - 1e-12) 1 - a (z0 + z) is negative
+        (lambda: metrics.bootstrap_ci(mean, np.r_[np.zeros(19), 1.0], level=1 - 1e-12, method="bca"),
+         "acceleration 0.154 is too large"),
         (lambda: metrics.bootstrap_ci(mean, [1.0, 2.0], method="BCa"), "method must be one of"),
         (lambda: metrics.average_precision_ci([1, 0], [0.9, 0.2], method="delong"), "method must be one of"),
     ]
