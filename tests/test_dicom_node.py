@@ -347,6 +347,17 @@ def test_bad_arguments():
                    {"forward": "A@h:1", "write_seg": False}):
         with pytest.raises(InvalidInputError):
             DicomNode(object(), "unused", **kwargs)
+    # the peer bounds: each named, a ValueError (InvalidInputError); 0 is no "unlimited" here
+    for name, value in (("max_associations", 0), ("max_associations", 1025), ("max_associations", 2.5),
+                        ("acse_timeout_s", 0), ("acse_timeout_s", float("nan")), ("network_timeout_s", -1),
+                        ("network_timeout_s", float("inf")), ("dimse_timeout_s", 0.05), ("dimse_timeout_s", "30"),
+                        ("max_pdu_bytes", 0), ("max_pdu_bytes", 1024), ("max_pdu_bytes", 1 << 30)):
+        with pytest.raises(InvalidInputError, match=name) as caught:
+            DicomNode(object(), "unused", **{name: value})
+        assert isinstance(caught.value, ValueError)
+    node = DicomNode(object(), "unused")
+    assert (node.max_associations, node.acse_timeout_s, node.network_timeout_s, node.dimse_timeout_s,
+            node.max_pdu_bytes) == (4, 30.0, 60.0, 30.0, 16382)
 
 
 def test_cli_argument_errors_are_one_line(tmp_path, capsys):
@@ -354,7 +365,10 @@ def test_cli_argument_errors_are_one_line(tmp_path, capsys):
     base = ["listen", "--model", model, "--out", str(tmp_path / "o"), "--device", "cpu", "--backend", "torch"]
     for extra, message in ((["--forward", "PACS"], "AET@HOST:PORT"), (["--ae-title", "A" * 17], "AE title"),
                            (["--allow", "A,,B"], "AE title"), (["--port", "70000"], "--port"),
-                           (["--no-seg", "--forward", "P@h:1"], "--no-seg")):
+                           (["--no-seg", "--forward", "P@h:1"], "--no-seg"),
+                           (["--max-associations", "0"], "--max-associations"), (["--acse-timeout", "0"], "--acse-timeout"),
+                           (["--network-timeout", "nan"], "--network-timeout"), (["--dimse-timeout", "x"], "--dimse-timeout"),
+                           (["--max-pdu-size", "0"], "--max-pdu-size")):
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("pneumoseg: error: ") and err.count("\n") == 1 and message in err
@@ -365,6 +379,28 @@ def test_cli_argument_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot listen on 127.0.0.1" in err and err.count("\n") == 1
     assert not any((tmp_path / "o").glob("incoming/*"))
+
+
+def test_listen_gives_the_node_its_peer_bounds(tmp_path, monkeypatch, capsys):
+    from pneumoseg.serve import node as node_module
+
+    given = {}
+
+    class Recorded:
+        def __init__(self, predictor, out, **kwargs):
+            given.update(kwargs)
+            raise node_module.NodeError("recorded")
+
+    monkeypatch.setattr(node_module, "DicomNode", Recorded)
+    base = ["listen", "--model", str(model_dir("classifier")), "--out", str(tmp_path / "o"), "--device", "cpu",
+            "--backend", "torch"]
+    assert main(base) == 2
+    keys = ("max_associations", "acse_timeout_s", "network_timeout_s", "dimse_timeout_s", "max_pdu_bytes")
+    assert [given[k] for k in keys] == [4, 30.0, 60.0, 30.0, 16382]  # DicomNode's own defaults
+    assert main(base + ["--max-associations", "9", "--acse-timeout", "2.5", "--network-timeout", "7",
+                        "--dimse-timeout", "11", "--max-pdu-size", "65536"]) == 2
+    assert [given[k] for k in keys] == [9, 2.5, 7.0, 11.0, 65536]
+    assert "recorded" in capsys.readouterr().err
 
 
 def test_cli_listens_until_sigint(sources, tmp_path):
@@ -465,6 +501,120 @@ def test_an_instance_streamed_past_the_size_limit_drops_the_association_before_i
     assert not list((out / INCOMING).iterdir())
 
 
+def trickle(sock, data, every_s, stop):
+    """Send ``data`` on ``sock`` a piece at a time (bytes, or whole PDUs from a list) every ``every_s``
+    until ``stop`` is set or the node closes the connection."""
+    for piece in (data if isinstance(data, list) else [data[i:i + 1] for i in range(len(data))]):
+        try:
+            sock.sendall(piece)
+        except OSError:
+            return
+        if stop.wait(every_s):
+            return
+
+
+def test_silent_and_trickling_peers_are_dropped_within_their_timeouts_while_a_real_one_stores(
+        predictor, sources, tmp_path):
+    """A raw TCP peer that connects and sends nothing, or sends its association request a byte each 0.5 s
+    (each byte well within the socket's timeout), is disconnected within acse_timeout_s; an association
+    whose PDU comes a byte at a time, or whose DIMSE message comes as tiny whole PDUs (each in time, so
+    the idle timer never fires), is aborted within network_timeout_s. Meanwhile a real C-STORE from
+    another client succeeds."""
+    out = tmp_path / "node"
+    stop = threading.Event()
+    threads = []
+    with DicomNode(predictor, out, port=0, acse_timeout_s=1.0, network_timeout_s=1.5, max_pdu_bytes=4096,
+                   max_associations=6) as node:
+        silent = socket.create_connection(("127.0.0.1", node.port))
+        slow_request = socket.create_connection(("127.0.0.1", node.port))
+        # two associations that then trickle: a P-DATA-TF a byte at a time, and a command set one byte
+        # per whole PDU (context 1, a command fragment that is not the last), one PDU each 0.3 s
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CR, SYNTAXES)
+        slow_pdu, tiny_pdus = (ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG") for _ in range(2))
+        assert slow_pdu.is_established and tiny_pdus.is_established
+        context = tiny_pdus.accepted_contexts[0].context_id
+        one_byte_pdu = b"\x04\x00\x00\x00\x00\x07" + b"\x00\x00\x00\x03" + bytes([context, 0x01]) + b"\x00"
+        start = time.monotonic()
+        for sock, data, every in ((slow_request, b"\x01\x00\x00\x00\x00\x44" + b"\x00" * 68, 0.5),
+                                  (slow_pdu.dul.socket.socket, b"\x04\x00\x00\x00\x00\x64" + b"\x00" * 100, 0.4),
+                                  (tiny_pdus.dul.socket.socket, [one_byte_pdu] * 100, 0.3)):
+            threads.append(threading.Thread(target=trickle, args=(sock, data, every, stop), daemon=True))
+            threads[-1].start()
+        try:
+            assert send(node.port, sources[:1]) == [0]  # a real peer is served meanwhile
+            assert closed_within(silent, 5) and closed_within(slow_request, 5)
+            raw_closed = time.monotonic() - start
+            deadline = time.monotonic() + 6
+            while (slow_pdu.is_established or tiny_pdus.is_established) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assoc_closed = time.monotonic() - start
+            assert not slow_pdu.is_established and not tiny_pdus.is_established
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(5)
+            for sock in (silent, slow_request):
+                sock.close()
+            ae.shutdown()
+            for assoc in (slow_pdu, tiny_pdus):  # pynetdicom's requestor leaves its socket open when the peer drops it
+                sock = getattr(assoc.dul.socket, "socket", None)
+                if sock is not None:
+                    sock.close()
+        assert raw_closed < 3.5, raw_closed  # acse_timeout_s (1 s) and some; the request needed 37 s
+        assert assoc_closed < 4.5, assoc_closed  # network_timeout_s (1.5 s) and some
+        assert node.wait_idle(60)
+        assert node.stats["refused"] >= 3  # the slow request, the slow PDU, the tiny PDUs: each logged
+    assert len(rows(out)) == 1
+
+
+def until_acceptors(node, n, timeout_s=10):
+    """Whether the node's open connections (association threads) come to ``n`` within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sum(1 for a in node._ae.active_associations if a.is_acceptor) == n:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_the_association_over_max_associations_is_rejected_while_the_others_are_held(predictor, sources, tmp_path):
+    """With N associations held, the (N+1)-th is rejected (A-ASSOCIATE-RJ, transient, local limit exceeded)
+    and a connection beyond 2N that has requested nothing is closed at once (not after acse_timeout_s);
+    once one is released a new one is served."""
+    out = tmp_path / "node"
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CR, SYNTAXES)
+    with DicomNode(predictor, out, port=0, max_associations=2, acse_timeout_s=5.0) as node:
+        held = [ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG") for _ in range(2)]
+        try:
+            assert all(a.is_established for a in held)
+            over = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG")
+            assert over.is_rejected and not over.is_established
+            assert (over.acceptor.primitive.result, over.acceptor.primitive.result_source,
+                    over.acceptor.primitive.diagnostic) == (0x02, 0x03, 0x02)
+            assert until_acceptors(node, 2)  # the rejected one's thread has ended
+            idle = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
+            assert until_acceptors(node, 4)  # 2N open now
+            extra = socket.create_connection(("127.0.0.1", node.port))
+            try:
+                start = time.monotonic()
+                assert closed_within(extra, 3) and time.monotonic() - start < 2  # not the 5 s acse_timeout_s
+                assert not any(closed_within(s, 0.2) for s in idle)  # those wait out their own timeout
+            finally:
+                for sock in (*idle, extra):
+                    sock.close()
+            assert int(held[0].send_c_store(pydicom.dcmread(sources[0])).Status) == 0  # the held ones still work
+        finally:
+            for assoc in held:
+                assoc.release()
+        assert until_acceptors(node, 0)
+        assert send(node.port, sources[1:2]) == [0]
+        assert node.wait_idle(60)
+    ae.shutdown()
+    assert len(rows(out)) == 2
+
+
 def send_under(port, path, request_uid, tmp_path, monkeypatch):
     """C-STORE the data set in ``path`` under another Affected SOP Instance UID (pynetdicom's chunked
     sending takes the request's UID from the file meta and the data set's bytes from the file)."""
@@ -563,6 +713,31 @@ def test_a_debug_run_with_pynetdicoms_own_log_shows_no_patient_data(predictor, t
     assert {"pneumoseg", "pynetdicom"} <= names and any(r.levelno == logging.DEBUG and r.name.startswith("pynetdicom")
                                                         for r in caplog.records)
     assert canaries("\n".join(r.getMessage() for r in caplog.records).encode()) == set()
+
+
+def test_a_forward_destination_that_takes_a_c_store_and_never_answers_is_given_up_after_dimse_timeout_s(
+        predictor, sources, tmp_path):
+    held = threading.Event()
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(SEGMENTATION_STORAGE, ["1.2.840.10008.1.2.1"])
+    server = pacs.start_server(("127.0.0.1", 0), block=False,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda e: held.wait(20) and 0)])
+    try:
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=f"PACS@127.0.0.1:{server.server_address[1]}",
+                       forward_attempts=1, dimse_timeout_s=1.0) as node:
+            start = time.monotonic()
+            assert send(node.port, sources[:6]) == [0] * 6
+            assert node.wait_idle(15)
+            took = time.monotonic() - start
+    finally:
+        held.set()
+        pacs.shutdown()
+    queued = [r for r in rows(out) if r["Forwarded"] == "queued"]
+    sent = forwarded(out)
+    assert queued and len(sent) == len(queued) and {r["Forwarded"] for r in sent} == {"no"}
+    assert any(r["Error"].startswith("no answer") for r in sent)
+    assert took < 10, took  # each association given up after 1 s, not pynetdicom's 30
 
 
 def test_a_forward_destination_that_never_answers_delays_no_prediction_nor_the_stop(predictor, sources, tmp_path):

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 
+from ..serve.node import MAX_ASSOCIATIONS, MAX_PDU_BYTES, TIMEOUT_S
 from .types import add_backend_options, int_in, path, real_in
 
 
@@ -49,6 +50,22 @@ def add_parser(subparsers) -> None:
                         "the mask burned into the radiograph as a captioned DICOM Secondary Capture in the source's "
                         "study, for PACS viewers that draw no SEG (it carries the patient's identity and pixels, as "
                         "the SEG does; sent by --forward too)")
+    bounds = p.add_argument_group("peer bounds", "against broken or hostile peers: none may hang the node, hold it "
+                                  "or fill its memory")
+    bounds.add_argument("--max-associations", type=int_in(*MAX_ASSOCIATIONS), default=4, metavar="N",
+                        help="concurrent associations; the next request is rejected (transient: a PACS tries "
+                             "again later) (default 4)")
+    bounds.add_argument("--acse-timeout", type=real_in(*TIMEOUT_S), default=30.0, metavar="SECONDS",
+                        help="a connection whose association request is not whole this long after it opened "
+                             "(silent, or trickling) is closed (default 30)")
+    bounds.add_argument("--network-timeout", type=real_in(*TIMEOUT_S), default=60.0, metavar="SECONDS",
+                        help="an association silent this long, or whose PDU is not whole this long after it began, "
+                             "is aborted (default 60)")
+    bounds.add_argument("--dimse-timeout", type=real_in(*TIMEOUT_S), default=30.0, metavar="SECONDS",
+                        help="how long the node waits for a DIMSE answer: --forward's destination's to each "
+                             "C-STORE (default 30)")
+    bounds.add_argument("--max-pdu-size", type=int_in(*MAX_PDU_BYTES), default=16382, metavar="BYTES",
+                        help="the largest PDU the node offers to receive (default 16382)")
     p.set_defaults(run=run)
 
 
@@ -79,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     node = DicomNode(predictor, args.out, ae_title=args.ae_title, host=args.host, port=args.port,
                      forward=args.forward, allowed_callers=allowed, max_queue=args.max_queue,
                      batch_size=args.batch_size, batch_wait_s=args.batch_wait, write_seg=not args.no_seg,
-                     write_overlay=args.dicom_overlay)
+                     write_overlay=args.dicom_overlay, max_associations=args.max_associations,
+                     acse_timeout_s=args.acse_timeout, network_timeout_s=args.network_timeout,
+                     dimse_timeout_s=args.dimse_timeout, max_pdu_bytes=args.max_pdu_size)
     node.start()
     print(f"listening as {node.ae_title} on {node.host}:{node.port} with {predictor.backend.name} "
           f"{predictor.backend.precision} on {predictor.backend.device}; writing to {args.out}; Ctrl-C stops",

@@ -43,7 +43,7 @@ from .._checks import check_bool, check_int, check_path, check_real, show
 from ..errors import DicomError, InvalidInputError, PneumosegError
 
 __all__ = ["DicomNode", "NodeError", "CHEST_XRAY_STORAGE", "RESULTS", "RESULT_COLUMNS", "FORWARDED",
-           "FORWARD_COLUMNS", "INCOMING", "SEGS", "DICOM_OVERLAYS",
+           "FORWARD_COLUMNS", "INCOMING", "SEGS", "DICOM_OVERLAYS", "MAX_ASSOCIATIONS", "TIMEOUT_S", "MAX_PDU_BYTES",
            "parse_forward", "require_pynetdicom"]
 
 log = logging.getLogger("pneumoseg.serve")
@@ -107,6 +107,13 @@ _CANNOT_UNDERSTAND = 0xC000
 _STORED_STATUSES = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and the warnings that still store it
 _FORWARD = re.compile(r"(?P<aet>[^@]{1,16})@(?P<host>[^:@\s]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})")
 _INSTALL = "pip install 'pneumoseg[pacs]'"
+
+#: The ranges DicomNode (and ``pneumoseg listen``) take its peer bounds in: concurrent associations;
+#: each timeout, in seconds; the largest PDU the node tells its peers it receives (the
+#: P-DATA-TF maximum length it offers), in bytes: 0 (unlimited) is refused, as anything unbounded.
+MAX_ASSOCIATIONS = (1, 1024)
+TIMEOUT_S = (0.1, 3600.0)
+MAX_PDU_BYTES = (4096, 64 << 20)
 
 
 class NodeError(PneumosegError, RuntimeError):
@@ -183,8 +190,25 @@ class DicomNode:
 
     ``allowed_callers`` (calling AE titles) refuses every other caller at association. ``host`` is
     127.0.0.1 by default: a PACS on another machine needs ``0.0.0.0`` or the interface's address.
-    ``port=0`` picks a free port (:attr:`port`). ``max_associations`` bounds the concurrent
-    associations (pynetdicom holds one instance per association in memory while it arrives).
+    ``port=0`` picks a free port (:attr:`port`).
+
+    Peers that are broken or hostile are bounded (each bound a keyword argument, in the ranges
+    :data:`MAX_ASSOCIATIONS`, :data:`TIMEOUT_S`, :data:`MAX_PDU_BYTES`):
+
+    - ``max_associations`` concurrent associations (pynetdicom holds one instance per association in
+      memory while it arrives): the next association request is rejected (A-ASSOCIATE-RJ, transient,
+      local limit exceeded: a PACS tries again later), and connections beyond twice that number that
+      have requested nothing yet are closed at once;
+    - ``acse_timeout_s``: a connection whose association request is not whole that long after it
+      opened (silent, or sent a byte at a time) is closed; so is an association waiting that long for
+      a release answer;
+    - ``network_timeout_s``: an association silent that long is aborted, as is one whose PDU has begun
+      and is not whole that long after (a peer stopped or trickling mid-PDU), or whose DIMSE message
+      arrives at less than one maximum PDU per ``network_timeout_s`` (one sent as tiny PDUs, each in time);
+    - ``dimse_timeout_s``: how long the node waits for a DIMSE answer: the forward destination's
+      answer to each C-STORE (a C-STORE unanswered counts as not sent, tried again as any other);
+    - ``max_pdu_bytes``: the maximum PDU length the node offers (default 16382, pynetdicom's); a PDU
+      declared over 4 MiB (or ``max_pdu_bytes`` if larger) is refused before it is read.
 
     ``start()`` / ``stop()``, or a ``with`` block. ``stop()`` stops accepting, predicts what is queued
     for up to ``drain_timeout_s`` and leaves the rest in ``incoming/``, predicted at the next start
@@ -196,7 +220,8 @@ class DicomNode:
                  batch_wait_s: float = 0.05, write_seg: bool = True, write_overlay: bool = False,
                  max_associations: int = 4,
                  forward_attempts: int = 3, forward_backoff_s: float = 1.0, drain_timeout_s: float = 60.0,
-                 log_every_s: float = 60.0, acse_timeout_s: float = 30.0, network_timeout_s: float = 60.0) -> None:
+                 log_every_s: float = 60.0, acse_timeout_s: float = 30.0, network_timeout_s: float = 60.0,
+                 dimse_timeout_s: float = 30.0, max_pdu_bytes: int = 16382) -> None:
         self.predictor = predictor
         self.out_dir = check_path(out_dir, "out_dir")
         self.ae_title = check_ae_title(ae_title)
@@ -219,14 +244,17 @@ class DicomNode:
         self.batch_wait_s = check_real(batch_wait_s, "batch_wait_s", low=0.0, high=3600.0)
         self.write_seg = check_bool(write_seg, "write_seg")
         self.write_overlay = check_bool(write_overlay, "write_overlay")
-        self.max_associations = check_int(max_associations, "max_associations", low=1, high=1024)
+        self.max_associations = check_int(max_associations, "max_associations", low=MAX_ASSOCIATIONS[0],
+                                          high=MAX_ASSOCIATIONS[1])
         self.forward_attempts = check_int(forward_attempts, "forward_attempts", low=1, high=100)
         self.forward_backoff_s = check_real(forward_backoff_s, "forward_backoff_s", low=0.0, high=3600.0)
         self.drain_timeout_s = check_real(drain_timeout_s, "drain_timeout_s", low=0.0, high=1e6)
         self.log_every_s = check_real(log_every_s, "log_every_s", low=0.0, high=1e6)
-        self.acse_timeout_s = check_real(acse_timeout_s, "acse_timeout_s", low=0.0, high=3600.0, low_open=True)
-        self.network_timeout_s = check_real(network_timeout_s, "network_timeout_s", low=0.0, high=3600.0,
-                                            low_open=True)
+        self.acse_timeout_s = check_real(acse_timeout_s, "acse_timeout_s", low=TIMEOUT_S[0], high=TIMEOUT_S[1])
+        self.network_timeout_s = check_real(network_timeout_s, "network_timeout_s", low=TIMEOUT_S[0],
+                                            high=TIMEOUT_S[1])
+        self.dimse_timeout_s = check_real(dimse_timeout_s, "dimse_timeout_s", low=TIMEOUT_S[0], high=TIMEOUT_S[1])
+        self.max_pdu_bytes = check_int(max_pdu_bytes, "max_pdu_bytes", low=MAX_PDU_BYTES[0], high=MAX_PDU_BYTES[1])
         if self.forward is not None and not (self.write_seg or self.write_overlay):
             raise InvalidInputError("forward sends the SEGs (and overlays), so it needs write_seg=True or "
                                     "write_overlay=True")
@@ -382,11 +410,12 @@ class DicomNode:
         self._syntaxes = [uid for uid in _SYNTAXES if _decodable(get_decoder, uid)]
         ae = pynetdicom.AE(ae_title=self.ae_title)
         ae.maximum_associations = self.max_associations
+        ae.maximum_pdu_size = self.max_pdu_bytes
         # Set here, not left to pynetdicom's defaults: a caller that connects and sends nothing is dropped
-        # after acse_timeout_s (ARTIM), one that stops mid-PDU or idles in an association after
-        # network_timeout_s, so no association thread waits forever on a silent peer.
+        # after acse_timeout_s (ARTIM), one that idles in an association after network_timeout_s, so no
+        # association thread waits forever on a silent peer (a trickling one: _ReadGuard's deadlines)
         ae.acse_timeout = self.acse_timeout_s
-        ae.dimse_timeout = self.network_timeout_s
+        ae.dimse_timeout = self.dimse_timeout_s
         ae.network_timeout = self.network_timeout_s
         if self.allowed_callers is not None:
             ae.require_calling_aet = list(self.allowed_callers)
@@ -399,12 +428,24 @@ class DicomNode:
         _no_delay(event)
         try:
             sock = event.assoc.dul.socket
+            # pynetdicom rejects associations over maximum_associations only once each has sent its
+            # request: until then (acse_timeout_s) every connection holds a thread. Past twice the limit
+            # a new one is closed at once (its reads and writes shut: pynetdicom sees the peer gone)
+            open_now = sum(1 for a in event.assoc.ae.active_associations if a.is_acceptor)  # this one not yet
+            if open_now >= 2 * self.max_associations:
+                self._on_overrun(_caller_address(event), f"{open_now} connections already open, twice "
+                                 f"max_associations ({self.max_associations})")
+                with contextlib.suppress(OSError):
+                    sock.socket.shutdown(socket.SHUT_RDWR)
+                return
             # pynetdicom sets network_timeout on the listening socket only, and Python's accept() makes a
             # socket without a timeout: a peer that stops mid-PDU held its thread in recv() for ever, and
             # stop() (pynetdicom's shutdown joins that thread) with it
             sock.socket.settimeout(self.network_timeout_s)
-            sock.recv = _ReadGuard(sock.recv, event.assoc.dul, limits.current().max_dicom_bytes + _MESSAGE_SLACK,
-                                   functools.partial(self._on_overrun, _caller_address(event)))
+            sock.recv = _ReadGuard(sock, event.assoc.dul, limits.current().max_dicom_bytes + _MESSAGE_SLACK,
+                                   functools.partial(self._on_overrun, _caller_address(event)),
+                                   max_pdu=max(_MAX_PDU_BYTES, self.max_pdu_bytes), offered_pdu=self.max_pdu_bytes,
+                                   request_s=self.acse_timeout_s, pdu_s=self.network_timeout_s)
         except AttributeError:  # another pynetdicom layout: unguarded, the size is still checked once received
             log.warning("cannot bound the memory of an association in this pynetdicom version")
 
@@ -858,7 +899,8 @@ class DicomNode:
                         outcomes[i] = (False, f"cannot connect ({exc.strerror or exc})")
                     continue
             ae = AE(ae_title=self.ae_title)
-            ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+            ae.acse_timeout = ae.network_timeout = 30
+            ae.dimse_timeout = self.dimse_timeout_s
             # each object under its own SOP class; the writers make Explicit VR Little Endian (Implicit is
             # offered too, for a destination that takes only that: pynetdicom converts between the two)
             for sop_class in (SEGMENTATION_STORAGE, SECONDARY_CAPTURE_STORAGE):
@@ -1016,56 +1058,112 @@ def _caller_address(event: Any) -> str:
         return "?"
 
 
-#: Read-ahead bounds per association. A PDU over _MAX_PDU_BYTES is refused before it is read (the node
-#: offers pynetdicom's 16 KiB maximum; an association request with many contexts, or a peer sending a
-#: little over the maximum, stays well under this). The DIMSE message being received may reach
-#: max_dicom_bytes plus _MESSAGE_SLACK (its command set). At most _QUEUED_PDUS PDUs wait for the
-#: association's thread, which is busy while an instance is written: a peer that sends C-STOREs without
-#: waiting for the answers then waits on TCP instead of filling memory.
+#: Read-ahead bounds per association. A PDU over _MAX_PDU_BYTES (or the max_pdu_bytes offered, if
+#: larger) is refused before it is read (the node offers pynetdicom's 16 KiB maximum by default; an
+#: association request with many contexts, or a peer sending a little over the maximum, stays well under
+#: this). The DIMSE message being received may reach max_dicom_bytes plus _MESSAGE_SLACK (its command
+#: set). At most _QUEUED_PDUS PDUs wait for the association's thread, which is busy while an instance is
+#: written: a peer that sends C-STOREs without waiting for the answers then waits on TCP instead of
+#: filling memory.
 _MAX_PDU_BYTES = 4 << 20
 _MESSAGE_SLACK = 1 << 20
 _QUEUED_PDUS = 16
 
 
 class _ReadGuard:
-    """An association socket's ``recv``, bounding what pynetdicom's reader thread takes in. pynetdicom
-    reads each PDU as ``recv(6)`` (type and length) then ``recv(length)``, trusting the length, and
-    reassembles a DIMSE message from any number of fragments: a peer declaring a 4 GiB PDU, or sending
-    fragments without end, would have it all in memory before any handler sees it. An overrun raises
-    OSError, which pynetdicom treats as the connection closing: the association ends, nothing is stored
-    and nothing was acknowledged."""
+    """An association socket's ``recv``, bounding what pynetdicom's reader thread takes in, and for how
+    long. pynetdicom reads each PDU as ``recv(6)`` (type and length) then ``recv(length)``, trusting the
+    length, and reassembles a DIMSE message from any number of fragments: a peer declaring a 4 GiB PDU,
+    or sending fragments without end, would have it all in memory before any handler sees it. And its
+    timers run between PDUs only: a peer sending a PDU a byte at a time, each byte within the socket's
+    timeout, held the association's thread (and one of max_associations) for as long as it liked. So:
 
-    def __init__(self, recv: Any, dul: Any, max_message: int, on_overrun: Any) -> None:
-        self._recv, self._dul, self.max_message, self._on_overrun = recv, dul, max_message, on_overrun
+    - the first PDU (the association request) must be whole ``request_s`` after the connection opened,
+      every later one ``pdu_s`` after its first byte;
+    - a DIMSE message (command set, then data set) must arrive at one ``offered_pdu`` or more per
+      ``pdu_s``: a peer sending tiny PDUs, each in time, is refused too (a real sender is thousands of
+      times faster);
+    - time spent waiting for the node's own thread (the _QUEUED_PDUS bound) counts against neither.
+
+    An overrun raises OSError, which pynetdicom treats as the connection closing: the association ends,
+    nothing is stored and nothing was acknowledged."""
+
+    def __init__(self, sock: Any, dul: Any, max_message: int, on_overrun: Any, *, max_pdu: int = _MAX_PDU_BYTES,
+                 offered_pdu: int = 16382, request_s: float = 30.0, pdu_s: float = 60.0) -> None:
+        self._sock, self._dul, self.max_message, self._on_overrun = sock, dul, max_message, on_overrun
+        self.max_pdu, self.offered_pdu, self.pdu_s = max_pdu, offered_pdu, pdu_s
         self._pdu_type: Optional[int] = None  # the type of the PDU whose body comes next
         self.message = 0  # bytes of the DIMSE message being received
+        self._message_start: Optional[float] = None  # when its first fragment came (time.monotonic())
+        self._first = True  # the association request is next
+        self._deadline = time.monotonic() + request_s  # for the PDU being read
+        self._late = f"no whole association request {request_s:g} s after connecting"
 
     def _refuse(self, reason: str) -> None:
         self._on_overrun(reason)
         raise OSError(reason)
 
+    def _read(self, nr_bytes: int) -> bytearray:
+        """Up to ``nr_bytes`` from the socket (fewer where the peer closed it) by the PDU's deadline, as
+        pynetdicom's own recv reads them; each wait on the socket ends by then too."""
+        raw = self._sock.socket
+        data = bytearray()
+        try:
+            while len(data) < nr_bytes:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    self._refuse(self._late)
+                raw.settimeout(min(left, self.pdu_s))
+                try:
+                    chunk = raw.recv(min(nr_bytes - len(data), 65536))
+                except TimeoutError:
+                    if time.monotonic() >= self._deadline:
+                        self._refuse(self._late)
+                    raise
+                if not chunk:
+                    break
+                data.extend(chunk)
+        finally:
+            with contextlib.suppress(OSError):
+                raw.settimeout(self.pdu_s)  # the node's answers are sent on it too
+        return data
+
     def __call__(self, nr_bytes: int) -> Any:
         if self._pdu_type is None:  # a PDU header next
+            waited = time.monotonic()
             while self._dul.to_user_queue.qsize() >= _QUEUED_PDUS and not self._dul._kill_thread:
                 time.sleep(0.002)
-            data = self._recv(nr_bytes)
+            now = time.monotonic()
+            if self._message_start is not None:  # the node's own delay is not the peer's
+                self._message_start += now - waited
+            if not self._first:
+                self._deadline = now + self.pdu_s
+                self._late = f"a PDU not whole {self.pdu_s:g} s after it began"
+            data = self._read(nr_bytes)
             if len(data) == 6:
                 length = int.from_bytes(data[2:6], "big")
-                if length > _MAX_PDU_BYTES:
-                    self._refuse(f"a PDU of {length:,} bytes declared, over {_MAX_PDU_BYTES:,}")
+                if length > self.max_pdu:
+                    self._refuse(f"a PDU of {length:,} bytes declared, over {self.max_pdu:,}")
                 self._pdu_type = data[0]
             return data
-        pdu_type, self._pdu_type = self._pdu_type, None
-        data = self._recv(nr_bytes)
+        pdu_type, self._pdu_type, self._first = self._pdu_type, None, False
+        data = self._read(nr_bytes)
         if pdu_type == 0x04:  # P-DATA-TF: items of (length, context, control header, fragment)
             at = 0
             while at + 6 <= len(data):
                 length = int.from_bytes(data[at:at + 4], "big")
+                now = time.monotonic()
+                if self._message_start is None:
+                    self._message_start = now
                 self.message += max(length - 2, 0)
                 if self.message > self.max_message:
                     self._refuse(f"a DIMSE message over {self.max_message:,} bytes (the max_dicom_bytes limit)")
+                if now - self._message_start > self.pdu_s * (1 + self.message // self.offered_pdu):
+                    self._refuse(f"a DIMSE message arriving at under {self.offered_pdu:,} bytes per "
+                                 f"{self.pdu_s:g} s ({self.message:,} bytes in {now - self._message_start:.1f} s)")
                 if data[at + 5] & 0b10:  # the last fragment of a command set or data set: counted afresh
                     self.message = 0
+                    self._message_start = None
                 at += 4 + length
         return data
 
