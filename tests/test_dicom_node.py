@@ -1222,3 +1222,154 @@ def test_a_stop_while_a_batch_is_half_sent_records_what_was_stored_and_the_next_
     finally:
         hold.set()
         pacs.close()
+
+
+# -- TLS ------------------------------------------------------------------------------------------------
+def self_signed(folder, name="node"):
+    """(certificate, key) PEM files of a self-signed certificate for localhost / 127.0.0.1 (its own CA),
+    made with the cryptography package or the openssl command; the test is skipped without either."""
+    cert, key = folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
+    try:
+        import datetime
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            pytest.skip("neither the cryptography package nor the openssl command to make a certificate")
+        subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                        "-addext", "basicConstraints=critical,CA:TRUE"], check=True, capture_output=True)
+        return cert, key
+    private = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    import ipaddress
+
+    built = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(private.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                         x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+             .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+             .sign(private, hashes.SHA256()))
+    cert.write_bytes(built.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return cert, key
+
+
+def echo(port, tls=None):
+    """A C-ECHO's status, or None where no association was established."""
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 5
+    try:
+        assoc = ae.associate("127.0.0.1", port, ae_title="PNEUMOSEG", tls_args=tls)
+        if not assoc.is_established:
+            return None
+        try:
+            return int(assoc.send_c_echo().Status)
+        finally:
+            assoc.release()
+    finally:
+        ae.shutdown()
+
+
+def test_tls_echo_and_store_succeed_and_plain_tcp_fails_and_a_silent_peer_holds_up_no_one(
+        predictor, sources, tmp_path):
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+    client = ssl.create_default_context(cafile=str(cert))
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0, tls_cert=cert, tls_key=key, acse_timeout_s=2.0) as node:
+        silent = socket.create_connection(("127.0.0.1", node.port))  # no handshake: waits in its own thread
+        try:
+            start = time.monotonic()
+            assert echo(node.port, (client, "localhost")) == 0
+            assert time.monotonic() - start < 1.5  # not behind the silent peer's handshake
+            assert echo(node.port) is None  # plain TCP: the node takes TLS only
+            untrusted = ssl.create_default_context()  # the system's CAs: the self-signed node is not trusted
+            assert echo(node.port, (untrusted, "localhost")) is None
+            assert closed_within(silent, 5)  # its handshake given up after acse_timeout_s
+        finally:
+            silent.close()
+        # a C-STORE over TLS goes through the read guard as any other
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CR, SYNTAXES)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG", tls_args=(client, "localhost"))
+        assert assoc.is_established
+        try:
+            assert int(assoc.send_c_store(pydicom.dcmread(sources[0])).Status) == 0
+        finally:
+            assoc.release()
+            ae.shutdown()
+        assert node.wait_idle(60)
+    assert [r["ImageId"] for r in rows(out)] == [pydicom.dcmread(sources[0]).SOPInstanceUID]
+
+
+def test_tls_ca_requires_a_client_certificate_it_signed(predictor, tmp_path):
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+    caller_cert, caller_key = self_signed(tmp_path, "caller")
+    stranger_cert, stranger_key = self_signed(tmp_path, "stranger")
+    with DicomNode(predictor, tmp_path / "node", port=0, tls_cert=cert, tls_key=key, tls_ca=caller_cert) as node:
+        def client(chain=None):
+            context = ssl.create_default_context(cafile=str(cert))
+            if chain is not None:
+                context.load_cert_chain(*chain)
+            return context, "localhost"
+
+        assert echo(node.port, client((caller_cert, caller_key))) == 0
+        assert echo(node.port, client()) is None  # no certificate
+        assert echo(node.port, client((stranger_cert, stranger_key))) is None  # one tls_ca did not sign
+
+
+def test_the_forwarder_sends_to_a_tls_destination(predictor, sources, tmp_path):
+    import ssl
+
+    cert, key = self_signed(tmp_path, "pacs")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    received = []
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(SEGMENTATION_STORAGE, [EXPLICIT_LE])
+    server = pacs.start_server(("127.0.0.1", 0), block=False, ssl_context=context,
+                               evt_handlers=[(evt.EVT_C_STORE, lambda e: received.append(e.dataset.SOPInstanceUID) or 0)])
+    try:
+        out = tmp_path / "node"
+        with DicomNode(predictor, out, port=0, forward=f"PACS@localhost:{server.server_address[1]}",
+                       forward_tls_ca=cert) as node:
+            assert send(node.port, sources[:6]) == [0] * 6
+            assert node.wait_idle(60)
+    finally:
+        pacs.shutdown()
+    segs = sorted(pydicom.dcmread(out / r["Seg"]).SOPInstanceUID for r in rows(out) if r["Seg"])
+    assert segs and sorted(received) == segs and {r["Forwarded"] for r in forwarded(out)} == {"yes"}
+
+
+def test_tls_arguments_are_checked_at_construction_and_by_listen_before_the_model_loads(tmp_path, capsys):
+    cert, key = self_signed(tmp_path)
+    other_cert, other_key = self_signed(tmp_path, "other")
+    (tmp_path / "notes.pem").write_text("not a certificate")
+    for kwargs, message in (({"tls_cert": cert}, "both tls_cert and tls_key"), ({"tls_ca": cert}, "tls_ca asks"),
+                            ({"tls_cert": cert, "tls_key": other_key}, "tls_cert / tls_key: cannot load"),
+                            ({"tls_cert": tmp_path / "notes.pem", "tls_key": key}, "cannot load"),
+                            ({"tls_cert": cert, "tls_key": key, "tls_ca": tmp_path / "missing.pem"}, "tls_ca: cannot load"),
+                            ({"forward_tls_ca": cert}, "needs forward"),
+                            ({"forward": "P@h:1", "forward_tls_ca": tmp_path / "notes.pem"}, "forward_tls_ca: cannot load")):
+        with pytest.raises(InvalidInputError, match=message):
+            DicomNode(object(), "unused", **kwargs)
+    base = ["listen", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]
+    for extra, message in ((["--tls-cert", str(cert)], "--tls-cert and --tls-key"),
+                           (["--tls-cert", str(cert), "--tls-key", str(other_key)], "--tls-cert / --tls-key"),
+                           (["--forward-tls-ca", str(cert)], "give --forward")):
+        assert main(base + extra) == 2  # refused before the (missing) model is looked for
+        err = capsys.readouterr().err
+        assert err.startswith("pneumoseg: error: ") and err.count("\n") == 1 and message in err, err

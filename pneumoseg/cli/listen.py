@@ -66,12 +66,22 @@ def add_parser(subparsers) -> None:
                              "C-STORE (default 30)")
     bounds.add_argument("--max-pdu-size", type=int_in(*MAX_PDU_BYTES), default=16382, metavar="BYTES",
                         help="the largest PDU the node offers to receive (default 16382)")
+    tls = p.add_argument_group("TLS", "DICOM over TLS (1.2 or later); PEM files, the key without a password")
+    tls.add_argument("--tls-cert", type=path, default=None, metavar="PEM",
+                     help="this node's certificate (chain): with --tls-key, callers must use TLS")
+    tls.add_argument("--tls-key", type=path, default=None, metavar="PEM", help="the private key of --tls-cert")
+    tls.add_argument("--tls-ca", type=path, default=None, metavar="PEM",
+                     help="callers must present a certificate these CA certificates signed (needs --tls-cert)")
+    tls.add_argument("--forward-tls-ca", type=path, default=None, metavar="PEM",
+                     help="--forward over TLS, the destination's certificate verified against these CA "
+                          "certificates and its host name (--tls-cert is presented if it asks for one)")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import InvalidInputError
-    from ..serve.node import DicomNode, check_ae_title, parse_forward, require_pynetdicom
+    from ..serve.node import (DicomNode, check_ae_title, parse_forward, require_pynetdicom, tls_client_context,
+                              tls_server_context)
 
     # every argument and the optional packages are checked before the model loads
     require_pynetdicom()
@@ -84,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
         parse_forward(args.forward)
         if args.no_seg and not args.dicom_overlay:
             raise InvalidInputError("--forward sends the SEGs, which --no-seg turns off")
+    # the files read as the node reads them, their errors naming the options
+    tls_server_context(args.tls_cert, args.tls_key, args.tls_ca, names=("--tls-cert", "--tls-key", "--tls-ca"))
+    if args.forward_tls_ca is not None:
+        if args.forward is None:
+            raise InvalidInputError("--forward-tls-ca verifies the --forward destination: give --forward")
+        tls_client_context(args.forward_tls_ca, args.tls_cert, args.tls_key,
+                           names=("--forward-tls-ca", "--tls-cert", "--tls-key"))
     allowed = None
     if args.allow is not None:
         allowed = [check_ae_title(t, "--allow's titles") for t in args.allow.split(",")]
@@ -98,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, batch_wait_s=args.batch_wait, write_seg=not args.no_seg,
                      write_overlay=args.dicom_overlay, max_associations=args.max_associations,
                      acse_timeout_s=args.acse_timeout, network_timeout_s=args.network_timeout,
-                     dimse_timeout_s=args.dimse_timeout, max_pdu_bytes=args.max_pdu_size)
+                     dimse_timeout_s=args.dimse_timeout, max_pdu_bytes=args.max_pdu_size, tls_cert=args.tls_cert,
+                     tls_key=args.tls_key, tls_ca=args.tls_ca, forward_tls_ca=args.forward_tls_ca)
     node.start()
     print(f"listening as {node.ae_title} on {node.host}:{node.port} with {predictor.backend.name} "
           f"{predictor.backend.precision} on {predictor.backend.device}; writing to {args.out}; Ctrl-C stops",

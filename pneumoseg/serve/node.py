@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from ..errors import DicomError, InvalidInputError, PneumosegError
 
 __all__ = ["DicomNode", "NodeError", "CHEST_XRAY_STORAGE", "RESULTS", "RESULT_COLUMNS", "FORWARDED",
            "FORWARD_COLUMNS", "INCOMING", "SEGS", "DICOM_OVERLAYS", "MAX_ASSOCIATIONS", "TIMEOUT_S", "MAX_PDU_BYTES",
-           "parse_forward", "require_pynetdicom"]
+           "parse_forward", "require_pynetdicom", "tls_server_context", "tls_client_context"]
 
 log = logging.getLogger("pneumoseg.serve")
 
@@ -148,6 +149,73 @@ def parse_forward(text: Any) -> tuple[str, str, int]:
     return check_ae_title(match["aet"], "forward's AE title"), match["host"].strip("[]"), port
 
 
+class _LazyHandshake(ssl.SSLContext):
+    """A server context whose sockets do their TLS handshake when first used, not when wrapped.
+    pynetdicom wraps each accepted socket in its accept loop, where the handshake would wait (with no
+    timeout) on a peer that connects and sends nothing: no other connection would be accepted. The node
+    does the handshake in the connection's own thread instead, bounded by acse_timeout_s."""
+
+    def wrap_socket(self, sock: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        kwargs["do_handshake_on_connect"] = False
+        return super().wrap_socket(sock, *args, **kwargs)
+
+
+def _no_password() -> bytes:
+    raise InvalidInputError("the key is protected by a password, which the node cannot ask for: give a key "
+                            "without one (readable by the node's user only)")
+
+
+def _load_chain(context: ssl.SSLContext, cert: Path, key: Path, names: str) -> None:
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except OSError as exc:  # ssl.SSLError too: a file that is not PEM, a key not the certificate's
+        raise InvalidInputError(f"{names}: cannot load {cert} with {key} ({exc.strerror or exc})") from None
+
+
+def _load_ca(context: ssl.SSLContext, ca: Path, name: str) -> None:
+    try:
+        context.load_verify_locations(cafile=ca)
+    except OSError as exc:
+        raise InvalidInputError(f"{name}: cannot load {ca} ({exc.strerror or exc})") from None
+
+
+def tls_server_context(cert: Any = None, key: Any = None, ca: Any = None, *,
+                       names: tuple[str, str, str] = ("tls_cert", "tls_key", "tls_ca")) -> Optional[ssl.SSLContext]:
+    """The node's TLS context (TLS 1.2 or later) from a PEM certificate (chain) and its key, without a
+    password; with ``ca`` (PEM certificates), a caller must present a certificate that ``ca`` signed. None
+    without ``cert``. Bad arguments or files are an InvalidInputError naming them (by ``names``)."""
+    cert_name, key_name, ca_name = names
+    if cert is None and key is None:
+        if ca is not None:
+            raise InvalidInputError(f"{ca_name} asks callers for certificates over TLS, which needs {cert_name} "
+                                    f"and {key_name}")
+        return None
+    if cert is None or key is None:
+        raise InvalidInputError(f"TLS needs both {cert_name} and {key_name} (the node's certificate and its "
+                                "private key)")
+    context = _LazyHandshake(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_chain(context, check_path(cert, cert_name), check_path(key, key_name), f"{cert_name} / {key_name}")
+    if ca is not None:
+        _load_ca(context, check_path(ca, ca_name), ca_name)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def tls_client_context(ca: Any, cert: Any = None, key: Any = None, *,
+                       names: tuple[str, str, str] = ("forward_tls_ca", "tls_cert", "tls_key")) -> ssl.SSLContext:
+    """A TLS context (TLS 1.2 or later) for the forwarder: the destination's certificate verified
+    against ``ca`` (PEM) and its host name; ``cert`` and ``key`` (the node's own, as
+    :func:`tls_server_context`) presented where the destination asks for one."""
+    ca_name, cert_name, key_name = names
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    _load_ca(context, check_path(ca, ca_name), ca_name)
+    if cert is not None and key is not None:
+        _load_chain(context, check_path(cert, cert_name), check_path(key, key_name), f"{cert_name} / {key_name}")
+    return context
+
+
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
 
@@ -210,6 +278,14 @@ class DicomNode:
     - ``max_pdu_bytes``: the maximum PDU length the node offers (default 16382, pynetdicom's); a PDU
       declared over 4 MiB (or ``max_pdu_bytes`` if larger) is refused before it is read.
 
+    TLS (DICOM's secure transport, TLS 1.2 or later): with ``tls_cert`` and ``tls_key`` (PEM files, the
+    key without a password) the node takes TLS connections only, each handshake done within
+    ``acse_timeout_s`` in the connection's own thread (a peer that connects and says nothing holds up no
+    other); with ``tls_ca`` too, a caller must present a certificate that ``tls_ca`` signed. With
+    ``forward_tls_ca`` the forwarder sends over TLS, verifying the destination's certificate against it
+    and its host name, and presents ``tls_cert`` where the destination asks for one. Bad or unreadable
+    files are an InvalidInputError at construction.
+
     ``start()`` / ``stop()``, or a ``with`` block. ``stop()`` stops accepting, predicts what is queued
     for up to ``drain_timeout_s`` and leaves the rest in ``incoming/``, predicted at the next start
     into the same folder (as is anything a killed node left there)."""
@@ -221,7 +297,9 @@ class DicomNode:
                  max_associations: int = 4,
                  forward_attempts: int = 3, forward_backoff_s: float = 1.0, drain_timeout_s: float = 60.0,
                  log_every_s: float = 60.0, acse_timeout_s: float = 30.0, network_timeout_s: float = 60.0,
-                 dimse_timeout_s: float = 30.0, max_pdu_bytes: int = 16382) -> None:
+                 dimse_timeout_s: float = 30.0, max_pdu_bytes: int = 16382, tls_cert: Optional[Union[str, Path]] = None,
+                 tls_key: Optional[Union[str, Path]] = None, tls_ca: Optional[Union[str, Path]] = None,
+                 forward_tls_ca: Optional[Union[str, Path]] = None) -> None:
         self.predictor = predictor
         self.out_dir = check_path(out_dir, "out_dir")
         self.ae_title = check_ae_title(ae_title)
@@ -255,6 +333,12 @@ class DicomNode:
                                             high=TIMEOUT_S[1])
         self.dimse_timeout_s = check_real(dimse_timeout_s, "dimse_timeout_s", low=TIMEOUT_S[0], high=TIMEOUT_S[1])
         self.max_pdu_bytes = check_int(max_pdu_bytes, "max_pdu_bytes", low=MAX_PDU_BYTES[0], high=MAX_PDU_BYTES[1])
+        self._tls = tls_server_context(tls_cert, tls_key, tls_ca)
+        self._forward_tls: Optional[ssl.SSLContext] = None
+        if forward_tls_ca is not None:
+            if self.forward is None:
+                raise InvalidInputError("forward_tls_ca verifies the forward destination, which needs forward")
+            self._forward_tls = tls_client_context(forward_tls_ca, tls_cert, tls_key)
         if self.forward is not None and not (self.write_seg or self.write_overlay):
             raise InvalidInputError("forward sends the SEGs (and overlays), so it needs write_seg=True or "
                                     "write_overlay=True")
@@ -321,7 +405,8 @@ class DicomNode:
                         (pynetdicom.evt.EVT_REJECTED, self._on_rejected),
                         (pynetdicom.evt.EVT_CONN_OPEN, self._on_connect)]
             try:
-                self._server = self._ae.start_server((self.host, self._port), block=False, evt_handlers=handlers)
+                self._server = self._ae.start_server((self.host, self._port), block=False, evt_handlers=handlers,
+                                                     ssl_context=self._tls)
             except OSError as exc:
                 raise NodeError(f"cannot listen on {self.host}:{self._port}: {exc.strerror or exc}"
                                 + (" (another program, or another node, uses that port; choose another --port)"
@@ -438,6 +523,8 @@ class DicomNode:
                 with contextlib.suppress(OSError):
                     sock.socket.shutdown(socket.SHUT_RDWR)
                 return
+            if isinstance(sock.socket, ssl.SSLSocket) and not self._handshake(sock.socket, event):
+                return
             # pynetdicom sets network_timeout on the listening socket only, and Python's accept() makes a
             # socket without a timeout: a peer that stops mid-PDU held its thread in recv() for ever, and
             # stop() (pynetdicom's shutdown joins that thread) with it
@@ -448,6 +535,20 @@ class DicomNode:
                                    request_s=self.acse_timeout_s, pdu_s=self.network_timeout_s)
         except AttributeError:  # another pynetdicom layout: unguarded, the size is still checked once received
             log.warning("cannot bound the memory of an association in this pynetdicom version")
+
+    def _handshake(self, tls: ssl.SSLSocket, event: Any) -> bool:
+        """The TLS handshake of a new connection (see :class:`_LazyHandshake`), within acse_timeout_s; a
+        peer that fails it (plain TCP, no certificate the node's tls_ca signed, silence) is closed."""
+        try:
+            tls.settimeout(self.acse_timeout_s)
+            tls.do_handshake()
+            return True
+        except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, the peer gone
+            self._on_overrun(_caller_address(event), f"no TLS handshake ({type(exc).__name__}: "
+                                                     f"{str(exc).splitlines()[0][:120] if str(exc) else 'timed out'})")
+            with contextlib.suppress(OSError, ValueError):
+                tls.shutdown(socket.SHUT_RDWR)
+            return False
 
     def _on_overrun(self, address: str, reason: str) -> None:
         with self._cond:
@@ -901,6 +1002,7 @@ class DicomNode:
             ae = AE(ae_title=self.ae_title)
             ae.acse_timeout = ae.network_timeout = 30
             ae.dimse_timeout = self.dimse_timeout_s
+            ae.connection_timeout = 30  # the TCP connect and, with forward_tls_ca, the TLS handshake (none by default)
             # each object under its own SOP class; the writers make Explicit VR Little Endian (Implicit is
             # offered too, for a destination that takes only that: pynetdicom converts between the two)
             for sop_class in (SEGMENTATION_STORAGE, SECONDARY_CAPTURE_STORAGE):
@@ -908,7 +1010,8 @@ class DicomNode:
             try:
                 if self._abandon.is_set():
                     return [o if o[0] else (False, "the node stopped before sending it") for o in outcomes]
-                assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, self._on_forward_open)])
+                assoc = ae.associate(host, port, ae_title=aet, evt_handlers=[(evt.EVT_CONN_OPEN, self._on_forward_open)],
+                                     tls_args=(self._forward_tls, host) if self._forward_tls is not None else None)
                 self._reachable = assoc.is_established
                 if not assoc.is_established:
                     for i in left:
