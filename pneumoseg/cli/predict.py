@@ -22,7 +22,7 @@ _IDENTITY = ("its source's patient and study identity (name, ID and its issuer, 
              "study ID, accession number, referring physician), which is what files it into the study; the CSV, "
              "JSON and PNG outputs copy none of it. Needs highdicom: pip install 'pneumoseg[pacs]'")
 # why a positive image gets no picture, SEG or DICOM overlay when its file now holds another image
-_ANOTHER_IMAGE = "the file now holds another image (its SOPInstanceUID changed since it was predicted)"
+_ANOTHER_IMAGE = "the file changed since it was predicted: it now holds another image (its SOPInstanceUID changed)"
 
 
 def add_parser(subparsers) -> None:
