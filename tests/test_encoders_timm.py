@@ -16,14 +16,15 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-import torch.nn.functional as F
 
-from pneumoseg.models import ENCODERS, create_classifier, create_encoder
-from pneumoseg.models.encoders._layers import Conv2dSame, DropPath, create_conv2d
-from pneumoseg.models.encoders.efficientnet import SCALING
-from pneumoseg.models.encoders.xception import Xception
-from timm_reference import formula_state_dict, load_reference, reference_input
+torch = pytest.importorskip("torch")
+import torch.nn.functional as F  # noqa: E402
+
+from pneumoseg.models import ENCODERS, create_classifier, create_encoder  # noqa: E402
+from pneumoseg.models.encoders._layers import Conv2dSame, DropPath, create_conv2d  # noqa: E402
+from pneumoseg.models.encoders.efficientnet import SCALING  # noqa: E402
+from pneumoseg.models.encoders.xception import Xception  # noqa: E402
+from timm_reference import formula_state_dict, load_reference, reference_input  # noqa: E402
 
 TIMM_ENCODERS = sorted(name for name, spec in ENCODERS.items() if spec.timm_name is not None)
 

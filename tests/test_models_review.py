@@ -10,14 +10,15 @@ import math
 import re
 
 import pytest
-import torch
-from torch import nn
 
-from factories import randomize_model
-from pneumoseg.errors import DataFormatError, InvalidInputError
-from pneumoseg.models import (adapt_input_conv, build_model, create_classifier, create_encoder, create_segmenter,
-                              load_pretrained)
-from pneumoseg.models.decoders import DecoderBlock, set_subpixel_decoding, subpixel_decoding
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from factories import randomize_model  # noqa: E402
+from pneumoseg.errors import DataFormatError, InvalidInputError  # noqa: E402
+from pneumoseg.models import (  # noqa: E402
+    adapt_input_conv, build_model, create_classifier, create_encoder, create_segmenter, load_pretrained)
+from pneumoseg.models.decoders import DecoderBlock, set_subpixel_decoding, subpixel_decoding  # noqa: E402
 
 SMALL = "resnet_tiny"
 

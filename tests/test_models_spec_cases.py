@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+import pytest
 
-from factories import randomize_model
-from pneumoseg.models import create_classifier, load_pretrained
+torch = pytest.importorskip("torch")
+
+from factories import randomize_model  # noqa: E402
+from pneumoseg.models import create_classifier, load_pretrained  # noqa: E402
 
 SMALL = "resnet_tiny"
 

@@ -12,12 +12,14 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
 
-from factories import randomize_model
-from pneumoseg.errors import DataFormatError, InvalidInputError
-from pneumoseg.models import adapt_input_conv, create_classifier, create_encoder, create_segmenter, load_pretrained
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from factories import randomize_model  # noqa: E402
+from pneumoseg.errors import DataFormatError, InvalidInputError  # noqa: E402
+from pneumoseg.models import (  # noqa: E402
+    adapt_input_conv, create_classifier, create_encoder, create_segmenter, load_pretrained)
 
 SMALL = "resnet_tiny"
 

@@ -3,10 +3,12 @@ rules, each added by the mutation audit (round 2) where a planted bug passed the
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import pytest
 
-from pneumoseg.train.ema import ModelEMA
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from pneumoseg.train.ema import ModelEMA  # noqa: E402
 
 
 def test_a_reloaded_ema_continues_its_warm_up_where_it_stopped():

@@ -4,9 +4,11 @@ each added by the mutation audit (round 2) where a planted bug passed the data t
 from __future__ import annotations
 
 import numpy as np
-import torch
+import pytest
 
-from pneumoseg.data.transforms import Augment, chest_crop, crop_to_chest
+torch = pytest.importorskip("torch")
+
+from pneumoseg.data.transforms import Augment, chest_crop, crop_to_chest  # noqa: E402
 
 
 def _body_image() -> np.ndarray:
