@@ -107,22 +107,25 @@ void parse_one(const RleText& text, int64_t height, int64_t width, int64_t area,
       }
       start = a - 1;
     }
-    // a and len are < 2^59 and cursor <= area < 2^62, so the sums cannot overflow int64.
-    if (start + len > area) {
+    // A token is at most 2^58 * 10 + 9 (about 2^61.3) and cursor <= area <= 2^62, so start < 2^63,
+    // but start + len can pass 2^63 in images of more than 2^61 pixels: the addition is checked.
+    int64_t run_end = 0;
+    if (__builtin_add_overflow(start, len, &run_end) || run_end > area) {
       fail_rle(where(text) + "run " + std::to_string(i / 2) + " (tokens " + std::to_string(i) + "-" +
                std::to_string(i + 1) + ": " + std::to_string(a) + " " + std::to_string(len) + ") covers pixels [" +
-               std::to_string(start) + ", " + std::to_string(start + len) + ") and leaves the " +
+               std::to_string(start) + ", " +
+               std::to_string(static_cast<uint64_t>(start) + static_cast<uint64_t>(len)) + ") and leaves the " +
                std::to_string(height) + "x" + std::to_string(width) + " image (" + std::to_string(area) + " pixels)");
     }
     if (len > 0) {
       // A run touching the previous one of the same string (a zero gap) extends it.
       if (!runs.empty() && runs.back().image == text.image && runs.back().end == start) {
-        runs.back().end = start + len;
+        runs.back().end = run_end;
       } else {
-        runs.push_back(Run{text.image, start, start + len});
+        runs.push_back(Run{text.image, start, run_end});
       }
     }
-    cursor = start + len;
+    cursor = run_end;
     if (!next_token(p, end, tp, tn)) break;
   }
 }
