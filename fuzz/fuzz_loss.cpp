@@ -1,7 +1,7 @@
-// The fused combo loss on the CPU (csrc/loss: forward_cpu, backward_cpu; the baseline or AVX2 loops,
-// whichever this machine runs) on small fuzzer-chosen batches: every logits / target dtype pair (and
-// refused ones), raw bit patterns (NaN, inf, denormals) or moderate values, and weights from NaN and
-// negatives to 1e300. Checks, besides the sanitizers:
+// The fused combo loss on the CPU (csrc/loss: forward_cpu, backward_cpu; the AVX2 loops where the CPU
+// has them, the baseline ones with PNEUMOSEG_DISABLE_AVX2=1; 8 or more images take the threaded path)
+// on small fuzzer-chosen batches: every logits / target dtype pair (and refused ones), raw bit
+// patterns (NaN, inf, denormals) or moderate values, and weights from NaN and negatives to 1e300. Checks, besides the sanitizers:
 //  - bad arguments (negative or NaN weights, empty shapes, wrong dtypes) are refused with InputError;
 //  - a target outside [0, 1] or NaN makes the loss NaN and is counted in the state;
 //  - where the contract promises a number (finite logits, valid targets, finite weights) the loss
@@ -114,7 +114,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const uint8_t lpick = fdp.ConsumeIntegral<uint8_t>(), tpick = fdp.ConsumeIntegral<uint8_t>();
   const DType ldt = kLogits[lpick < 250 ? lpick % 4 : 4];  // a refused dtype now and then
   const DType tdt = kTargets[tpick < 250 ? tpick % 6 : 6];
-  const int64_t N = fdp.ConsumeIntegralInRange<int64_t>(fdp.ConsumeIntegral<uint8_t>() == 0 ? 0 : 1, 3);
+  const int64_t N = fdp.ConsumeIntegralInRange<int64_t>(fdp.ConsumeIntegral<uint8_t>() == 0 ? 0 : 1, 9);
   const int64_t P = fdp.ConsumeIntegralInRange<int64_t>(fdp.ConsumeIntegral<uint8_t>() == 0 ? 0 : 1, 300);
   const bool moderate_logits = fdp.ConsumeBool(), clean_targets = fdp.ConsumeBool();
   loss::ComboParams params;
