@@ -1,7 +1,8 @@
 // The fused combo loss on the CPU (csrc/loss: forward_cpu, backward_cpu; the AVX2 loops where the CPU
 // has them, the baseline ones with PNEUMOSEG_DISABLE_AVX2=1; 8 or more images take the threaded path)
 // on small fuzzer-chosen batches: every logits / target dtype pair (and refused ones), raw bit
-// patterns (NaN, inf, denormals) or moderate values, and weights from NaN and negatives to 1e300. Checks, besides the sanitizers:
+// patterns (NaN, inf, denormals) or moderate values, and weights from NaN and negatives to 1e300.
+// Checks, besides the sanitizers:
 //  - bad arguments (negative or NaN weights, empty shapes, wrong dtypes) are refused with InputError;
 //  - a target outside [0, 1] or NaN makes the loss NaN and is counted in the state;
 //  - where the contract promises a number (finite logits, valid targets, finite weights) the loss
