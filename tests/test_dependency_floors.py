@@ -131,6 +131,9 @@ FIRST_WORKING = {
     "onnx": "1.17",
     # 1.18.0 allows numpy 2 but is built for numpy 1: `import onnxruntime` fails there
     "onnxruntime": "1.18.1",
+    # found on Python 3.10: 2.4 cannot import pneumoseg.losses or build a segmenter
+    # (register_load_state_dict_pre_hook), 2.5 and 2.6 cannot run one (torch.compiler.is_exporting)
+    "torch": "2.7",
 }
 
 
