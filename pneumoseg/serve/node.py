@@ -361,6 +361,7 @@ class DicomNode:
         self._forwarder: Optional[threading.Thread] = None
         self._sending: Any = None  # the association sending, cut by a stop that gives up
         self._reachable = False  # the forward destination took the last association requested
+        self._handshaking: set[ssl.SSLSocket] = set()  # TLS connections in their handshake (_handshake)
         self.stats = {"received": 0, "predicted": 0, "failed": 0, "refused": 0, "segs": 0, "overlays": 0,
                       "forwarded": 0, "not_forwarded": 0, "resumed": 0}
         self._latencies: collections.deque[float] = collections.deque(maxlen=10000)
@@ -437,6 +438,10 @@ class DicomNode:
         with self._cond:
             self._stopping = True  # C-STOREs still arriving are answered Out of Resources
             self._cond.notify_all()
+            handshaking = list(self._handshaking)
+        for tls in handshaking:  # a TLS peer that connected and says nothing: its handshake ends now
+            with contextlib.suppress(OSError, ValueError):
+                tls.shutdown(socket.SHUT_RDWR)
         # a peer's half-sent PDU would hold pynetdicom's shutdown for network_timeout_s: its reads end now
         # (nothing being received was acknowledged; the PACS sends it again)
         _end_reads(self._ae)
@@ -539,16 +544,25 @@ class DicomNode:
     def _handshake(self, tls: ssl.SSLSocket, event: Any) -> bool:
         """The TLS handshake of a new connection (see :class:`_LazyHandshake`), within acse_timeout_s; a
         peer that fails it (plain TCP, no certificate the node's tls_ca signed, silence) is closed."""
+        with self._cond:
+            stopping = self._stopping
+            self._handshaking.add(tls)  # a stop cuts it short: pynetdicom's shutdown waits for this thread
         try:
+            if stopping:
+                raise ConnectionAbortedError("the node is stopping")
             tls.settimeout(self.acse_timeout_s)
             tls.do_handshake()
             return True
-        except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, the peer gone
+        except (OSError, ValueError) as exc:  # ssl.SSLError, a timeout, the peer gone, a stop
             self._on_overrun(_caller_address(event), f"no TLS handshake ({type(exc).__name__}: "
                                                      f"{str(exc).splitlines()[0][:120] if str(exc) else 'timed out'})")
             with contextlib.suppress(OSError, ValueError):
                 tls.shutdown(socket.SHUT_RDWR)
+            tls.close()  # pynetdicom then sees the connection closed (a stopping node's may never look)
             return False
+        finally:
+            with self._cond:
+                self._handshaking.discard(tls)
 
     def _on_overrun(self, address: str, reason: str) -> None:
         with self._cond:
