@@ -48,6 +48,7 @@ def study_set(tmp_path_factory):
                                            (KeyboardInterrupt(), 130)])
 def test_a_failed_predict_rerun_puts_the_earlier_submission_back(study_set, tmp_path, monkeypatch, capsys,
                                                                  failure, code):
+    pytest.importorskip("torch")
     import pneumoseg.cli.predict as predict
 
     from infer_helpers import model_dir
@@ -255,6 +256,7 @@ def test_a_folder_of_that_name_pneumoseg_did_not_make_is_someone_elses(tmp_path)
 def test_a_failed_training_rerun_keeps_the_earlier_run(study_set, tmp_path, monkeypatch, checkpointed):
     """`pneumoseg train` into an earlier run, stopped: before its first checkpoint the earlier run is put
     back; after it, the new run stays (for --resume) and the earlier one stays set aside."""
+    pytest.importorskip("torch")
     from factories import TINY_TRAINING, training_config
 
     from pneumoseg.train import engine
@@ -291,6 +293,7 @@ def _tiny_segmenter():
 def test_saving_a_model_directory_again_replaces_its_own_files(tmp_path):
     """save_model_dir wrote its weights and pneumoseg.json without listing them, so saving again into
     the same folder said 'pneumoseg did not write it' and wanted overwrite=True."""
+    pytest.importorskip("torch")
     from pneumoseg.models.model_dir import load_model_dir, save_model_dir
 
     out = tmp_path / "model"
@@ -305,6 +308,7 @@ def test_saving_a_model_directory_again_replaces_its_own_files(tmp_path):
 def test_a_save_that_fails_after_writing_weights_puts_the_earlier_directory_back(tmp_path):
     """The weights are written before the metrics are checked: the new weights must go, the earlier
     directory come back byte for byte, and the next save work without overwrite."""
+    pytest.importorskip("torch")
     from pneumoseg.errors import InvalidInputError
     from pneumoseg.models.model_dir import save_model_dir
 
@@ -322,6 +326,7 @@ def test_a_save_that_fails_after_writing_weights_puts_the_earlier_directory_back
 def test_a_failed_forced_save_keeps_someones_file_it_had_not_replaced(tmp_path):
     """Under overwrite=True beside someone's files nothing is set aside (as for every command): a failed
     save leaves someone's files as they were and what it wrote listed as pneumoseg's, not unlisted."""
+    pytest.importorskip("torch")
     from pneumoseg.errors import InvalidInputError
     from pneumoseg.models.model_dir import save_model_dir
 

@@ -252,6 +252,7 @@ def study_set(tmp_path_factory):
                                            (KeyboardInterrupt(), 130)])
 def test_predict_forced_over_someones_submission_that_fails_puts_it_back(study_set, tmp_path, monkeypatch,
                                                                          capsys, failure, code):
+    pytest.importorskip("torch")
     import pneumoseg.cli.predict as predict
 
     from infer_helpers import model_dir
@@ -281,6 +282,7 @@ def test_predict_forced_over_someones_submission_that_fails_puts_it_back(study_s
 def test_a_forced_save_over_someones_model_description_that_fails_puts_it_back(tmp_path, monkeypatch):
     """save_model_dir writes its weights and pneumoseg.json by other means than the folder's own writes:
     forced over someone's files of those names and failing after both were written, it lost them."""
+    pytest.importorskip("torch")
     from pneumoseg.models import create_segmenter
     from pneumoseg.models.model_dir import ModelDir, load_model_dir, save_model_dir
 
@@ -349,6 +351,7 @@ def test_a_training_run_forced_over_someones_model_description_that_fails_puts_i
                                                                                       monkeypatch):
     """The training run writes its weights and pneumoseg.json through save_model_dir, not the folder's
     own writes: they are set aside first too (OutputFolder.replacing)."""
+    pytest.importorskip("torch")
     from factories import TINY_TRAINING, training_config
 
     from pneumoseg.train import engine
@@ -476,6 +479,7 @@ def test_a_forced_save_killed_after_dropping_a_stale_artefact_puts_it_back(tmp_p
     new weights make its exported ONNX stale, and the save removed that file: killed before it ended,
     the next run put the description and weights back, and the description listed a file that was gone.
     The artefact is set aside like the files it goes with."""
+    pytest.importorskip("torch")
     from pneumoseg.models.model_dir import load_model_dir
 
     out = tmp_path / "model"
@@ -512,6 +516,7 @@ def test_a_training_run_killed_while_saving_its_model_is_undone_by_the_next_run(
     unlisted where someone's (forced) or the earlier run's (rerun), held, go back, and the next run was
     refused until someone moved one of the two. They are written through the run's folder now, each
     listed just before it is in place."""
+    pytest.importorskip("torch")
     out = tmp_path / "run"
     with prepare_output_folder(out, what=OutputKind.TRAINING_RUN) as run:
         run.write_bytes("segmenter.safetensors", data="earlier weights")
@@ -560,6 +565,7 @@ def test_a_training_run_forced_over_someones_model_directory_drops_its_stale_art
     save over an earlier model directory does (docs/model-directory.md, "Writing over an earlier
     model directory"): the exported ONNX made from other weights is removed and named in the run's note. Setting
     the description aside before the save hid it, and the stale file stayed, unlisted and unnamed."""
+    pytest.importorskip("torch")
     from factories import TINY_TRAINING, training_config
 
     from pneumoseg.models.model_dir import load_model_dir

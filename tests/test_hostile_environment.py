@@ -261,6 +261,7 @@ def test_a_sub_folder_that_cannot_be_searched_is_someone_elses_not_a_permission_
 def test_a_model_description_that_is_not_a_file_is_called_so(tmp_path, kind):
     """A pipe or folder in pneumoseg.json's place was reported as 'not a model directory (no
     pneumoseg.json)', sending the user looking for a file that is there."""
+    pytest.importorskip("torch")
     from pneumoseg.models.model_dir import CONFIG_NAME, load_model_dir
 
     md = _tiny_model_dir(tmp_path)

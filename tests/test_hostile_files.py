@@ -160,6 +160,7 @@ def test_an_output_folder_never_removes_the_commands_own_inputs(tmp_path, capsys
     # data cache is in test_cache.py, where torch is already imported). Another command's output is
     # refused first (test_one_commands_output_is_not_anothers_to_replace); the inputs rule still
     # guards a command rerun over its own kind of folder.
+    pytest.importorskip("torch")
     from pneumoseg.cli import main
 
     studies = tmp_path / "studies"

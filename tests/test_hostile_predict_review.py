@@ -24,6 +24,7 @@ TESTS = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def plain_predictor():
+    pytest.importorskip("torch")
     return pneumoseg.Predictor.from_dir(model_dir("plain"))
 
 
@@ -36,6 +37,7 @@ def test_tensors_without_data_are_refused_before_the_networks(make):
     # A FakeTensor reached the networks (an AssertionError from inside FakeTensorMode); a tensor whose
     # storage was freed (resize_(0), as FSDP frees parameters) reached the native post-processing:
     # a segfault. Both are now an InvalidInputError naming the input.
+    pytest.importorskip("torch")
     code = f"""
     import sys
     sys.path.insert(0, {str(TESTS)!r})
@@ -90,6 +92,7 @@ def test_a_grey_picture_with_its_channel_last_is_refused_not_read_as_one_pixel_w
 def test_a_file_name_that_is_not_utf8_is_one_line_before_any_work(tmp_path, capsys):
     # A Latin-1 file name reaches Python as surrogate escapes: every image was predicted, then writing
     # submission.csv (UTF-8) raised UnicodeEncodeError with a traceback.
+    pytest.importorskip("torch")
     folder = tmp_path / "latin1"
     folder.mkdir()
     raw = (phantom_images(1)[0].astype(np.uint16) * 16)
@@ -161,6 +164,7 @@ def test_a_flipped_view_of_a_one_pixel_high_or_wide_image_predicts(plain_predict
 def test_normalisation_outside_float32_is_a_format_error_not_a_network_blamed_for_nan(tmp_path, field, value):
     # A hand-edited std of 1e-300 is 0 in float32: every image became inf / NaN and the error said "the
     # network's score is NaN ... check the model's weights"; a mean of 1e300 did the same.
+    pytest.importorskip("torch")
     import json
 
     from pneumoseg.models.model_dir import Preprocessing
@@ -185,6 +189,7 @@ def test_a_file_that_changes_after_its_prediction_costs_its_overlay_not_the_run(
     # (a PACS export being cleaned up) was an OSError there: exit 2 and no submission for any image,
     # though every image had been predicted; one replaced by an image of another size was an
     # IndexError traceback in the overlay.
+    pytest.importorskip("torch")
     from pneumoseg.infer.predictor import Predictor
 
     folder = tmp_path / "dicoms"
@@ -221,6 +226,7 @@ def test_a_file_that_changes_after_its_prediction_costs_its_overlay_not_the_run(
 def test_onnxruntime_thread_counts_are_checked_before_a_session_exists(threads, match):
     # threads=-3 was accepted and reported as -3, "4" and 2.5 were a TypeError from onnxruntime's
     # bindings, True was one thread, and 10**6 made onnxruntime allocate 20 GB before anything ran.
+    pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     with pytest.raises(InvalidInputError, match=rf"threads {match}"):
         pneumoseg.Predictor.from_dir(model_dir("plain"), backend="onnxruntime", threads=threads)
@@ -231,6 +237,7 @@ def test_onnxruntime_thread_counts_are_checked_before_a_session_exists(threads, 
 def test_thread_counts_are_checked_for_the_torch_backend_too(threads, match):
     # the torch backend does not use threads, and took -1, 1025, 2.5 and True without a word: a caller
     # switching backends by a flag learned of the bad value only once onnxruntime ran
+    pytest.importorskip("torch")
     with pytest.raises(InvalidInputError, match=rf"threads {match}"):
         pneumoseg.Predictor.from_dir(model_dir("plain"), backend="torch", threads=threads)
     assert pneumoseg.Predictor.from_dir(model_dir("plain"), backend="torch", threads=0).backend.name == "torch"
@@ -240,6 +247,7 @@ def test_scores_csv_keeps_every_score_exactly(tmp_path):
     # scores.csv held 6 decimals: the gate's 0.49999997 (it rejected the image) was written as 0.500000,
     # which `pneumoseg evaluate --scores` at --threshold 0.5 counted as a positive call, and scores of a
     # confident classifier (0.9999996, 0.9999999) became ties, changing its AUC.
+    pytest.importorskip("torch")
     from pneumoseg._fs import prepare_output_folder
     from pneumoseg.cli.predict import write_predictions
     from pneumoseg.infer.evaluation import read_scores_csv
@@ -291,6 +299,7 @@ def test_a_tensor_with_nan_pixels_is_skipped_like_an_array_with_them(plain_predi
 def test_a_hand_edited_engine_profile_is_a_data_format_error(profile, match):
     # The TensorRT backend rebuilt the recorded profile with BatchProfile(**profile): an unknown or
     # missing field was a bare TypeError (reasoned here; TensorRT itself cannot run on this machine)
+    pytest.importorskip("torch")
     from pneumoseg.errors import DataFormatError
     from pneumoseg.export.tensorrt import BatchProfile
     from pneumoseg.infer.tensorrt import _recorded_profile
@@ -304,6 +313,7 @@ def test_a_hand_edited_engine_profile_is_a_data_format_error(profile, match):
 def test_an_int8_classifier_missing_names_both_artefacts_it_would_take(tmp_path):
     # With no int8 classifier the backend takes the fp32 one (export keeps it fp32 where int8 was
     # slower); with neither, the message named only 'classifier-onnx-fp32' though int8 was asked for.
+    pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     from pneumoseg.infer.backends import OnnxRuntimeBackend
     from pneumoseg.models.model_dir import load_model_dir

@@ -27,6 +27,7 @@ def _one_line_error(capsys, argv: list[str], expected: str) -> None:
     ("a: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),  # RecursionError in PyYAML
 ])
 def test_training_config_values_yaml_cannot_build_are_config_errors(tmp_path, capsys, text, expected):
+    pytest.importorskip("torch")
     pytest.importorskip("yaml")
     from pneumoseg.train.config import ConfigError, read_config_mapping
 
@@ -70,6 +71,7 @@ def test_a_device_pipe_or_huge_file_as_training_config_is_refused_before_reading
     ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
 ])
 def test_malformed_json_descriptions_are_format_errors(tmp_path, capsys, text, expected):
+    pytest.importorskip("torch")
     from pneumoseg.data.cache import CACHE_INDEX, load_cache_index
     from pneumoseg.models.model_dir import CONFIG_NAME, load_model_dir
 
@@ -139,6 +141,7 @@ def test_a_cache_index_with_wrong_values_is_a_format_error(tmp_path, changes, ex
 def test_cache_arrays_whose_header_declares_another_or_overflowing_shape_are_refused_unread(tmp_path):
     """A .npy header of shape (10**12, 10**6, 64): np.load's memory map warned of an int64 overflow
     (an error under warnings-as-errors, not a DataFormatError) before refusing the file."""
+    pytest.importorskip("torch")
     np_format = pytest.importorskip("numpy").lib.format
     from pneumoseg.data.cache import IMAGES_FILE, CachedDataset
 
@@ -153,6 +156,7 @@ def test_cache_arrays_whose_header_declares_another_or_overflowing_shape_are_ref
 
 
 def test_a_huge_cache_index_is_refused_unread(tmp_path):
+    pytest.importorskip("torch")
     from pneumoseg.data.cache import CACHE_INDEX, load_cache_index
 
     folder = _tiny_cache(tmp_path / "cache")
@@ -443,6 +447,7 @@ def test_a_scores_csv_that_is_a_device_or_has_a_huge_cell_is_a_format_error(tmp_
 def test_running_out_of_memory_while_training_is_one_line(tmp_path, capsys, monkeypatch):
     """The classifier recipe (DenseNet121 at 512, batch 16) under a 4 GB ulimit stopped with torch's
     allocator error and a traceback from inside a convolution; now one line saying what to lower."""
+    pytest.importorskip("torch")
     pytest.importorskip("yaml")
     from pneumoseg.train import engine
 
@@ -468,6 +473,7 @@ def test_a_training_config_asking_for_a_huge_decoder_is_refused_before_it_is_bui
     """decoder_channels [20000, 16, 16, 8, 8] in a training config (or --set) made `pneumoseg train`
     allocate and initialise 14.4 GB (stopped only by the allocator under a ulimit); the parameters
     are now counted on the meta device first."""
+    pytest.importorskip("torch")
     pytest.importorskip("yaml")
     from pneumoseg.train import ConfigError, config_from_dict
     from pneumoseg.train.engine import check_model_config

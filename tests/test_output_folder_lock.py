@@ -192,6 +192,7 @@ def test_artefacts_go_into_a_model_directory_this_process_holds(tmp_path):
     """Training holds its run folder, which is the model directory: an export's lock of that folder
     within the same process must share the hold (two flocks of one folder conflict even within one
     process, so a lock of its own would refuse or, blocking, deadlock)."""
+    pytest.importorskip("torch")
     from pneumoseg.models.model_dir import load_model_dir
 
     md = _model_dir_copy(tmp_path)
@@ -201,6 +202,7 @@ def test_artefacts_go_into_a_model_directory_this_process_holds(tmp_path):
 
 
 def test_an_export_waits_briefly_then_refuses_a_model_directory_another_process_holds(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
     from pneumoseg.models import model_dir
 
     md = _model_dir_copy(tmp_path)

@@ -157,6 +157,7 @@ def test_every_file_readme_names_exists():
 
 
 def test_every_dotted_pneumoseg_name_in_readme_resolves():
+    pytest.importorskip("torch")
     import importlib
 
     names = set(re.findall(r"\bpneumoseg(?:\.[A-Za-z_]\w*)+", TEXT)) - {"pneumoseg.json"}
