@@ -116,11 +116,15 @@ def test_user_errors_are_one_line_and_exit_2(name, place, capsys):
     err = captured.err
     assert err.startswith("pneumoseg: error: ") and err.endswith("\n") and err.count("\n") == 1, err
     assert "Traceback" not in err and captured.out == ""
-    import re
-
-    assert re.search(match, err), err
     assert sorted(p.relative_to(place) for p in place.rglob("*")) == before  # nothing written
     assert (place / "someones" / "labels.csv").read_text() == "precious"
+    import importlib.util
+    import re
+
+    if importlib.util.find_spec("torch") is None and "needs torch" in err:
+        # a torch command stops at its one-line torch message (checked above) before it reads its arguments
+        pytest.skip("the command needs torch, which is not installed")
+    assert re.search(match, err), err
 
 
 def test_help_still_works(capsys):
