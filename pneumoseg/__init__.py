@@ -5,7 +5,7 @@ from typing import TYPE_CHECKING
 from . import limits, postprocess, rle
 from ._native import cuda_available, cuda_memory_reserved, release_cuda_memory
 from .errors import (
-    DataFormatError, DataWarning, DicomError, InvalidInputError, LimitError, NativeError, OutputError, PneumosegError,
+    AnotherImageError, DataFormatError, DataWarning, DicomError, InvalidInputError, LimitError, NativeError, OutputError, PneumosegError,
     RLEError, TrainingError,
 )
 
@@ -49,6 +49,7 @@ __all__ = [
     "NativeError",
     "DataFormatError",
     "DicomError",
+    "AnotherImageError",
     "LimitError",
     "OutputError",
     "TrainingError",

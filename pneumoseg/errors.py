@@ -6,7 +6,7 @@ from typing import Optional
 
 __all__ = [
     "PneumosegError", "InvalidInputError", "RLEError", "LimitError", "RLELimitError", "NativeError", "DataFormatError", "DicomError",
-    "OutputError", "DataWarning",
+    "AnotherImageError", "OutputError", "DataWarning",
 ]
 
 
@@ -44,6 +44,12 @@ class DataFormatError(PneumosegError, ValueError):
 class DicomError(DataFormatError):
     """A DICOM file cannot be read: corrupt, truncated, without pixel data, or compressed with a
     transfer syntax whose decoder is not installed. The message names the file and the cause."""
+
+
+class AnotherImageError(DicomError):
+    """A DICOM file no longer holds the image a prediction was made from (its SOPInstanceUID changed), so
+    nothing derived from that prediction (a SEG, an overlay) may reference it: told apart from other
+    DicomErrors so that a caller can say so in its own words (``pneumoseg predict``, the DICOM node)."""
 
 
 class OutputError(PneumosegError, ValueError):

@@ -21,6 +21,7 @@ pytest.importorskip("torch")
 
 import pydicom  # noqa: E402
 
+import pneumoseg  # noqa: E402
 from pneumoseg.cli import main  # noqa: E402
 from pneumoseg.data import make_synthetic_siim, read_dicom, read_dicom_shape, read_rle_csv  # noqa: E402
 from pneumoseg.errors import DicomError, InvalidInputError  # noqa: E402
@@ -340,8 +341,9 @@ def test_a_source_that_is_not_the_expected_image_is_refused_whatever_its_size(tm
     for shape in ((30, 20), (8, 8)):  # the same size, and another: the identity is checked first
         synthetic_source(path, shape, PatientName="Other^Patient")  # another image (a new SOPInstanceUID)
         for source in (path, read_dicom(path)):
-            with pytest.raises(DicomError, match="image.dcm: the file holds another image than the one expected"):
+            with pytest.raises(DicomError, match="image.dcm: the file holds another image than the one expected") as caught:
                 write_dicom_overlay(tmp_path / "out" / "sc.dcm", mask, source, expect_sop_instance_uid=uid)
+            assert isinstance(caught.value, pneumoseg.AnotherImageError)  # public, so callers can tell it apart
     assert not (tmp_path / "out").exists()
     with pytest.raises(InvalidInputError, match="expect_sop_instance_uid must be a str"):
         build_dicom_overlay(np.ones((8, 8), np.uint8), path, expect_sop_instance_uid=123)

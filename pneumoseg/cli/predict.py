@@ -274,7 +274,7 @@ def _write_derived(folder, subfolder: str, name: str, pred, what: str, build, sa
     not be read again), no source file, or it can no longer be read as the image predicted (another
     size, or another SOPInstanceUID than ``pred.source_uid``)."""
     from ..errors import PneumosegError
-    from ..infer._dicom_derived import AnotherImageError
+    from ..errors import AnotherImageError
     from ..infer.inputs import skip_reason
 
     def missing(reason: str) -> str:

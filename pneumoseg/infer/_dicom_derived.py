@@ -19,7 +19,7 @@ from typing import Any, Union
 import numpy as np
 
 from .._checks import as_numpy_array, check_array_object, check_bool, check_int, check_path, show
-from ..errors import DicomError, InvalidInputError
+from ..errors import AnotherImageError, DicomError, InvalidInputError
 
 #: What a derived object copies of its source's patient and study: the Type 1 and 2 attributes of the
 #: Patient and General Study modules (what files it into the study), and IssuerOfPatientID, which says
@@ -106,11 +106,6 @@ def check_image(header: Any, where: str, what: str) -> tuple[int, int]:
                 raise DicomError(f"{where}: its {keyword} is missing or not a UID, so {what} cannot "
                                  "reference it")
     return rows, columns
-
-
-class AnotherImageError(DicomError):
-    """The source holds another image than the one expected (:func:`check_expected_uid`): a DicomError,
-    told apart so that a caller can say so in its own words (``pneumoseg predict``, the DICOM node)."""
 
 
 def check_expected_uid(header: Any, where: str, expected: Any, what: str) -> None:

@@ -900,7 +900,7 @@ class DicomNode:
 
     def _record_missing(self, item: _Item, row: dict[str, Any], what: str, exc: BaseException) -> None:
         """Why ``what`` (SEG, overlay) of ``item`` was not written, in its row's Error and the log."""
-        from ..infer._dicom_derived import AnotherImageError
+        from ..errors import AnotherImageError
         from ..infer.inputs import skip_reason
 
         if isinstance(exc, AnotherImageError):
