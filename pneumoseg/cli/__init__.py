@@ -27,7 +27,7 @@ from typing import NoReturn, Optional
 __all__ = ["main", "build_parser", "COMMANDS", "UsageError"]
 
 # Module names under pneumoseg.cli, in the order `pneumoseg --help` lists them.
-COMMANDS = ["demo", "data", "train", "predict", "listen", "export", "evaluate"]
+COMMANDS = ["demo", "data", "train", "predict", "listen", "export", "evaluate", "tune"]
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

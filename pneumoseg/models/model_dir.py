@@ -23,6 +23,14 @@ and ``pneumoseg.Predictor`` reads. Nothing in it is ever unpickled.
 Thresholds are probabilities; ``min_area`` and ``min_component_area`` count pixels at the segmenter's
 ``input_size`` (where post-processing runs). The gate comes from the classifier when there is one,
 else from the segmenter's classification head, else there is none (every image is segmented).
+
+A gate set on a site's own labelled images (``pneumoseg tune --write``, :meth:`ModelDir.set_gate`)
+is written into ``thresholds.gate``, where every reader looks, and the optional top-level
+``"gate_tuned"`` object records how it was chosen (value, previous gate, target, images, date,
+pneumoseg version, the truth CSV's SHA-256). A new optional key that changes no reading, so the
+format version stays 1: earlier pneumoseg versions keep unknown top-level keys (and rewrite them as
+they were) and read the tuned gate from ``thresholds``. Networks and artefacts, and so their
+fingerprints, are untouched.
 """
 
 from __future__ import annotations
@@ -306,6 +314,17 @@ def _artefact(key: Any, entry: Any, networks: Mapping[str, NetworkEntry]) -> Art
                     meta=_mapping(entry, "meta", required=False, where=f"{what}."))
 
 
+def _gate_tuned(raw: Mapping[str, Any]) -> Optional[dict[str, Any]]:
+    """The optional ``gate_tuned`` record: a JSON object whose ``value``, when there, is the gate it
+    set (a hand-edited gate since then is the one that counts; the record only says how it was made)."""
+    if raw.get("gate_tuned") is None:
+        return None
+    record = _mapping(raw, "gate_tuned")
+    if "value" in record:
+        check_probability(record["value"], "gate_tuned.value")
+    return record
+
+
 def _complete(raw: Mapping[str, Any], key: str, cls: type) -> dict[str, Any]:
     """``raw[key]`` with every field of ``cls``: a missing one would silently fall back to a default
     that is not the one the model was tuned or trained with."""
@@ -340,6 +359,8 @@ class ModelDir:
             self.artefacts = {str(key): _artefact(key, a, self.networks) for key, a in artefacts.items()}
             self.metrics: dict[str, Any] = _mapping(raw, "metrics", required=False)
             self.training: dict[str, Any] = _mapping(raw, "training", required=False)
+            #: how ``thresholds.gate`` was last set on labelled images (``set_gate``), or None
+            self.gate_tuned: Optional[dict[str, Any]] = _gate_tuned(raw)
             classifier = self.networks.get("classifier")
             if classifier is not None and classifier.crop is None and set(self.networks) == {"classifier"}:
                 # Classifier runs of pneumoseg 0.1.0 recorded the crop only in their training section.
@@ -516,6 +537,34 @@ class ModelDir:
             return {str(k): _artefact(k, a, self.networks) for k, a in listed.items()}
         except (OSError, UnicodeDecodeError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
             return {}
+
+    def set_gate(self, gate: float, provenance: Mapping[str, Any]) -> Path:
+        """Set ``thresholds.gate`` to ``gate`` (a probability) and record ``provenance`` (a JSON object:
+        how it was chosen) as ``"gate_tuned"``, rewriting ``pneumoseg.json`` atomically under the
+        directory's lock; nothing else changes (networks, artefacts and their fingerprints stay valid:
+        the gate is applied after the networks). The description is read again under the lock, so an
+        artefact another process exported meanwhile stays listed; networks changed since this object
+        was loaded (a run written over it) are refused, as the gate was chosen on the old ones' scores.
+        A write that fails leaves the file as it was (an OSError, or OutputError for a link leading out)."""
+        gate = check_probability(gate, "the gate")
+        if not isinstance(provenance, Mapping):
+            raise InvalidInputError(f"provenance must be a mapping, got {type(provenance).__name__}")
+        record = _json_safe(dict(provenance), "the gate's provenance")
+        self._inside(self.path / CONFIG_NAME)
+        with _directory_lock(self.path):
+            current = load_model_dir(self.path)
+            mine = {name: entry.sha256 for name, entry in self.networks.items()}
+            if {name: entry.sha256 for name, entry in current.networks.items()} != mine:
+                raise OutputError(f"{self.path / CONFIG_NAME}: its networks changed since the scores were computed "
+                                  "(another run wrote the directory); tune the gate again")
+            current.thresholds = Thresholds(**{**asdict(current.thresholds), "gate": gate})
+            current._raw["gate_tuned"] = record
+            current.gate_tuned = record
+            written = current.save()
+            record_in_manifest(self.path, written)
+        self._raw, self.thresholds, self.gate_tuned = current._raw, current.thresholds, record
+        self.artefacts = current.artefacts
+        return written
 
     def to_json(self) -> dict[str, Any]:
         raw = copy.deepcopy(self._raw)
