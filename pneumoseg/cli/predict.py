@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Optional
 
-from .types import add_backend_options, add_no_progress, int_in, path
+from .types import add_backend_options, add_no_progress, int_in, path, probability
 
 SUBMISSION = "submission.csv"
 SCORES = "scores.csv"
@@ -23,6 +23,38 @@ _IDENTITY = ("its source's patient and study identity (name, ID and its issuer, 
              "JSON and PNG outputs copy none of it. Needs highdicom: pip install 'pneumoseg[pacs]'")
 # why a positive image gets no picture, SEG or DICOM overlay when its file now holds another image
 _ANOTHER_IMAGE = "the file changed since it was predicted: it now holds another image (its SOPInstanceUID changed)"
+
+
+_PROBABILITY_THRESHOLDS = ("gate", "top", "bottom")
+_AREA_THRESHOLDS = ("min_area", "min_component_area")
+
+
+def threshold_overrides(text: str) -> dict:
+    """``KEY=VALUE[,KEY=VALUE...]`` over the model's thresholds for one run: gate, top (or ``none``, no
+    triplet rule), bottom (probabilities in [0, 1]), min_area, min_component_area (pixels at the
+    segmenter's input size, integers >= 0)."""
+    out: dict = {}
+    for part in text.split(","):
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if not sep or key not in _PROBABILITY_THRESHOLDS + _AREA_THRESHOLDS:
+            raise argparse.ArgumentTypeError(
+                f"must be KEY=VALUE pairs separated by commas, KEY among {', '.join(_PROBABILITY_THRESHOLDS + _AREA_THRESHOLDS)}; "
+                f"got {part.strip()!r}")
+        if key in out:
+            raise argparse.ArgumentTypeError(f"{key} is given twice")
+        if key == "top" and value.lower() == "none":
+            out[key] = None
+        elif key in _PROBABILITY_THRESHOLDS:
+            try:
+                out[key] = probability(value)
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"{key}: {exc}") from None
+        else:
+            try:
+                out[key] = int_in(0, name=key)(value)
+            except argparse.ArgumentTypeError as exc:
+                raise argparse.ArgumentTypeError(f"{key}: {exc}") from None
+    return out
 
 
 def add_parser(subparsers) -> None:
@@ -46,6 +78,12 @@ def add_parser(subparsers) -> None:
                         "the file name is the SOPInstanceUID), or uid, the SOPInstanceUID in its DICOM header (PACS "
                         "exports and DICOM media, whose files are IM0001 ... in every series folder)")
     p.add_argument("--workers", type=int_in(1, 64), default=2, help="threads reading DICOMs (default 2)")
+    p.add_argument("--gate", type=probability, default=None, metavar="T",
+                   help="this run's gate threshold in [0, 1] instead of the model's (e.g. one `pneumoseg tune` "
+                        "chose); recorded in summary.json")
+    p.add_argument("--thresholds", type=threshold_overrides, default=None, metavar="KEY=VALUE[,...]",
+                   help="this run's post-processing thresholds instead of the model's: top (or none), bottom, "
+                        "min_area, min_component_area (and gate); recorded in summary.json")
     p.add_argument("--no-overlays", action="store_true", help="do not write the overlay pictures")
     p.add_argument("--dicom-seg", action="store_true",
                    help=f"also write {SEGS}/<ImageId>.dcm, a DICOM Segmentation of each positive image that a PACS files "
@@ -64,7 +102,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from .._fs import OutputKind, check_output_folder, prepare_output_folder, safe_file_names
     from ..data.siim import check_csv_image_ids
-    from ..errors import OutputError
+    from ..errors import InvalidInputError, OutputError
     from ..infer import Predictor
 
     if args.dicom_seg or args.dicom_overlay:  # a missing highdicom is refused before the model loads
@@ -73,11 +111,21 @@ def run(args: argparse.Namespace) -> int:
         require_highdicom("DICOM Segmentation output" if args.dicom_seg else "DICOM overlay output")
     # Refused before any work: an existing submission is never replaced without --force (even one
     # pneumoseg wrote: a submission is the thing people hand in).
+    overrides = dict(args.thresholds or {})
+    if args.gate is not None:
+        if "gate" in overrides and overrides["gate"] != args.gate:
+            raise InvalidInputError(f"--gate {args.gate:g} and --thresholds gate={overrides['gate']:g} disagree; give one")
+        overrides["gate"] = args.gate
     inputs = (*args.inputs, args.model)
     check_output_folder(args.out, overwrite=args.force, what=OutputKind.PREDICTION, inputs=inputs,
                         never_replace=(SUBMISSION,))
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
-                                   tta=args.tta, segment=args.segment, batch_size=args.batch_size)
+                                   tta=args.tta, segment=args.segment, batch_size=args.batch_size,
+                                   thresholds=overrides or None)
+    if "gate" in overrides and predictor.parts["gate"] is None:
+        # silently ignored, it would read as a gate that lets every image through
+        raise InvalidInputError(f"--gate: {args.model} has no gate (no classifier, and its segmenter has no classification "
+                         "head): every image is segmented")
     pictures = args.dicom_overlay or not args.no_overlays  # each positive's file is read again for display
     stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=args.dicom_seg or pictures,
                                     on_error="skip", progress=not args.no_progress, workers=args.workers,
@@ -128,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
             raise OutputError("no image could be read; nothing was predicted (see the messages above)")
         write_predictions(folder, predictions, stream.skipped, predictor, seconds, overlays,
                           (segs, no_segs) if args.dicom_seg else None,
-                          (dicom_overlays, no_dicom_overlays) if args.dicom_overlay else None)
+                          (dicom_overlays, no_dicom_overlays) if args.dicom_overlay else None,
+                          overrides=overrides or None)
     positives = sum(p.positive for p in predictions)
     skipped = f", {len(stream.skipped)} skipped" if stream.skipped else ""
     noun = "image" if len(predictions) == 1 else "images"
@@ -157,10 +206,12 @@ def _check_utf8_image_id(source) -> None:
 
 def write_predictions(folder, predictions, skipped, predictor, seconds: float, overlays: int,
                       segs: Optional[tuple[int, list[dict[str, str]]]] = None,
-                      dicom_overlays: Optional[tuple[int, list[dict[str, str]]]] = None) -> None:
+                      dicom_overlays: Optional[tuple[int, list[dict[str, str]]]] = None,
+                      overrides: Optional[dict] = None) -> None:
     """submission.csv (ImageId,EncodedPixels, one row per image in order), scores.csv and summary.json;
     with --dicom-seg, ``segs`` is (SEGs written, the positive images without one and why), with
-    --dicom-overlay ``dicom_overlays`` the same for the Secondary Capture overlays."""
+    --dicom-overlay ``dicom_overlays`` the same for the Secondary Capture overlays; ``overrides`` are
+    the thresholds --gate / --thresholds set for the run, recorded with the model's own."""
     from .. import __version__
     from ..infer.predictor import summarise_timings
 
@@ -179,7 +230,10 @@ def write_predictions(folder, predictions, skipped, predictor, seconds: float, o
         "skipped": [{"path": where, "reason": reason} for where, reason in skipped],
         "seconds": round(seconds, 3),
         "images_per_second": round(len(predictions) / seconds, 3) if seconds > 0 else None,
-        "predictor": predictor.describe(),
+        "predictor": predictor.describe(),  # its thresholds are the ones the run used
+        # only with --gate / --thresholds: without them summary.json is as it was
+        **({"threshold_overrides": {key: {"value": value, "model": getattr(predictor.model_dir.thresholds, key)}
+                                    for key, value in overrides.items()}} if overrides else {}),
         "timings_ms": summarise_timings(predictions),
         "outputs": {"submission": SUBMISSION, "scores": SCORES, "overlays": OVERLAYS if overlays else None,
                     "overlay_count": overlays,

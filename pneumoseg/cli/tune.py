@@ -253,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         print("note: no picture (matplotlib is not installed)")
     print(f"wrote {folder.path / TUNE_JSON}" + (f", {ROC_PNG}" if picture else ""))
     if args.write:
-        print(f"updated {report['written']['path']}: gate {current_gate:.6g} -> {new_gate:.6g}")
+        print(f"updated {report['written']['path']}: gate {current_gate!r} -> {new_gate!r}")
     else:
         print(f"{md.path} unchanged (--write sets the gate there)")
     return 0
@@ -283,7 +283,8 @@ def summary_lines(report: dict, seconds: float, predictor) -> list[str]:
     gate = report["gate"]
     t = report["target"]
     how = "chosen" if t["kind"] == "gate" else f"reaching {t['kind']} >= {t['value']:g}"
-    lines.append(f"gate {gate['new']:.6g} ({how}; the model's is {gate['current']:.6g})")
+    # every digit: the gate is one image's score, and a rounded copy (--gate) could pass it over
+    lines.append(f"gate {gate['new']!r} ({how}; the model's is {gate['current']!r})")
     fixed = "95% Wilson intervals, the gate taken as fixed"
     lines.append(f"  at the new gate: {_rates(report['at_new_gate'])}"
                  + (f" ({fixed})" if t["kind"] == "gate" else " (Wilson intervals: optimistic for a gate chosen on "
