@@ -181,3 +181,66 @@ def test_no_progress_turns_the_bars_off(study_set, tmp_path, capsys, no_progress
     assert main(["data", "synth", "--out", str(tmp_path / "s"), "--n", "2", "--size", "64", *flag]) == 0
     err = capsys.readouterr().err
     assert ("it/s" in err or "/s]" in err) != no_progress, err
+
+
+def test_gate_overrides_the_models_for_one_run(study_set, tmp_path, capsys):
+    """`--gate T`: the images scoring at or above T are segmented (and only they can be positive), as
+    the Predictor with that gate gives them; summary.json records it beside the model's gate."""
+    model = model_dir("classifier")
+    scores = sorted(p.score for p in Predictor.from_dir(model).predict(study_set))
+    gate = scores[1]  # all but the lowest-scoring image pass; the model's 0.5 passes fewer
+    out = tmp_path / "p"
+    assert main(["predict", str(study_set), "--model", str(model), "--out", str(out), "--no-overlays",
+                 "--no-progress", "--gate", repr(gate)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["threshold_overrides"] == {"gate": {"value": gate, "model": 0.5}}
+    assert summary["predictor"]["thresholds"]["gate"] == gate
+    detail = summary["images_detail"]
+    assert [d["segmented"] for d in detail] == [d["score"] >= gate for d in detail]
+    assert sum(d["segmented"] for d in detail) == len(detail) - 1
+    want = Predictor.from_dir(model, thresholds={"gate": gate}).predict(study_set)
+    assert read_rle_csv(out / "submission.csv") == {p.image_id: [p.rle] for p in want}
+    default = Predictor.from_dir(model).predict(study_set)
+    assert sum(p.segmented for p in default) < len(detail) - 1  # the override changed which images pass
+    # the same run without --gate writes no threshold_overrides key (summary.json as it was)
+    assert main(["predict", str(study_set), "--model", str(model), "--out", str(tmp_path / "q"), "--no-overlays",
+                 "--no-progress"]) == 0
+    assert "threshold_overrides" not in json.loads((tmp_path / "q" / "summary.json").read_text())
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--gate", "1.5"], "argument --gate: the value must be in [0, 1], got 1.5"),
+    (["--gate", "-0.1"], "argument --gate: the value must be in [0, 1]"),
+    (["--gate", "nan"], "argument --gate"),
+    (["--gate", "half"], "argument --gate: must be a number"),
+    (["--thresholds", "top=2"], "argument --thresholds: top: the value must be in [0, 1]"),
+    (["--thresholds", "min_area=-1"], "argument --thresholds: min_area: min_area must be at least 0"),
+    (["--thresholds", "colour=1"], "argument --thresholds: must be KEY=VALUE pairs"),
+    (["--gate", "0.3", "--thresholds", "gate=0.4"], "--gate 0.3 and --thresholds gate=0.4 disagree"),
+])
+def test_bad_threshold_overrides_are_one_line_errors(study_set, tmp_path, capsys, args, match):
+    out = tmp_path / "p"
+    assert main(["predict", str(study_set), "--model", str(model_dir("classifier")), "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("pneumoseg: error: ") and match in err[0], err
+    assert not out.exists()
+
+
+def test_gate_is_refused_for_a_model_without_a_gate(study_set, tmp_path, capsys):
+    out = tmp_path / "p"
+    assert main(["predict", str(study_set), "--model", str(model_dir("plain")), "--out", str(out), "--gate", "0.3"]) == 2
+    assert "has no gate" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_thresholds_override_the_post_processing(study_set, tmp_path, capsys):
+    model = model_dir("plain")
+    out = tmp_path / "p"
+    assert main(["predict", str(study_set), "--model", str(model), "--out", str(out), "--no-overlays", "--no-progress",
+                 "--thresholds", "top=none,min_component_area=0"]) == 0
+    want = Predictor.from_dir(model, thresholds={"top": None, "min_component_area": 0}).predict(study_set)
+    assert read_rle_csv(out / "submission.csv") == {p.image_id: [p.rle] for p in want}
+    overrides = json.loads((out / "summary.json").read_text())["threshold_overrides"]
+    assert overrides == {"top": {"value": None, "model": 0.6}, "min_component_area": {"value": 0, "model": 4}}
+    capsys.readouterr()
