@@ -14,7 +14,7 @@ pytest.importorskip("torch")
 
 from pneumoseg.cli import main  # noqa: E402
 from pneumoseg.data import make_synthetic_siim, read_rle_csv  # noqa: E402
-from pneumoseg.errors import DataFormatError  # noqa: E402
+from pneumoseg.errors import DataFormatError, OutputError  # noqa: E402
 from pneumoseg.infer import Predictor  # noqa: E402
 from pneumoseg.models.model_dir import CONFIG_NAME, load_model_dir  # noqa: E402
 
@@ -122,6 +122,11 @@ def test_write_round_trips_and_the_predictor_uses_the_new_gate(study_set, scored
     assert loaded.gate_tuned == tuned and loaded.thresholds.gate == gate
     assert loaded.artefact_path("classifier-onnx-fp32", verify=True).is_file()  # still listed, fingerprint valid
     assert json.loads((tmp_path / "out" / "tune.json").read_text())["written"]["gate_tuned"] == tuned
+    from pneumoseg._fs import OutputKind, check_output_folder
+
+    # the rewritten pneumoseg.json is listed in the directory's manifest: still pneumoseg's own output,
+    # which a training run's --resume or another save replaces without --force
+    check_output_folder(model, what=OutputKind.MODEL_DIR)
     # the Predictor reads the new gate: stage 2 runs exactly for the images scoring at or above it
     preds = Predictor.from_dir(model).predict(study_set)
     assert [p.segmented for p in preds] == (scores >= gate).tolist()
@@ -147,7 +152,14 @@ def test_the_loader_reads_directories_with_and_without_gate_tuned(tmp_path):
     assert again.thresholds.gate == 0.25 and again.gate_tuned["previous"] == 0.5
     again.save()  # rewritten by another writer (export does this), the record stays
     assert load_model_dir(model).gate_tuned == again.gate_tuned
+    # networks written over since the scores were computed: the gate belongs to the old ones
+    stale = load_model_dir(model)
     raw = json.loads((model / CONFIG_NAME).read_text())
+    changed = {**raw, "networks": {**raw["networks"], "classifier": {**raw["networks"]["classifier"], "sha256": "0" * 64}}}
+    (model / CONFIG_NAME).write_text(json.dumps(changed))
+    with pytest.raises(OutputError, match="networks changed"):
+        stale.set_gate(0.1, {"value": 0.1})
+    assert json.loads((model / CONFIG_NAME).read_text()) == changed
     for bad in ("yes", {"value": 2.0}):
         (model / CONFIG_NAME).write_text(json.dumps({**raw, "gate_tuned": bad}))
         with pytest.raises(DataFormatError, match="gate_tuned"):
