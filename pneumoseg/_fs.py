@@ -528,6 +528,7 @@ class OutputKind:
     CACHE = "cache folder"
     MODEL_DIR = "model directory"
     DICOM_NODE = "DICOM node folder"
+    TUNING = "tuning folder"
 
 
 # Which other kinds of pneumoseg output a folder of a kind holds as its own (a sub-folder with its own

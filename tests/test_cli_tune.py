@@ -52,6 +52,13 @@ def reference_gate(labels, scores, *, sensitivity=None, specificity=None) -> flo
     return min(reaching) if reaching else math.inf
 
 
+def written_gate(labels, scores, **target) -> float:
+    """The gate tune writes: midway from the score reaching the target to the next lower score."""
+    reached = reference_gate(labels, scores, **target)
+    lower = scores[scores < reached]
+    return float((reached + lower.max()) / 2) if lower.size else reached * (1 - 1e-4)
+
+
 def tune(model, study_set, out, *extra, truth=None):
     return main(["tune", str(model), "--images", str(study_set), "--truth", str(truth or study_set / "train-rle.csv"),
                  "--out", str(out), "--no-progress", "--bootstrap", "200", *extra])
@@ -71,8 +78,13 @@ def test_tune_chooses_the_operating_point_of_the_scores_and_changes_nothing(stud
     report = json.loads((tmp_path / "out" / "tune.json").read_text())
     ids, labels, scores = scored
     name = flag[2:]
-    want = reference_gate(labels, scores, **{name: value})
+    reached = reference_gate(labels, scores, **{name: value})  # one image's score
+    assert report["operating_point"]["threshold"] == reached
+    # the gate written sits midway to the next lower score: the same split of these images, with room for
+    # the ~1e-7 a score moves between batch sizes
+    want = written_gate(labels, scores, **{name: value})
     assert report["gate"]["new"] == want and report["gate"]["current"] == THRESHOLDS["gate"]
+    assert np.array_equal(scores >= want, scores >= reached)
     assert [r["image_id"] for r in report["scores"]] == ids
     assert report["images"] == labels.size and report["positives"] == int(labels.sum())
     # the counts there, from their definition
@@ -102,7 +114,7 @@ def test_write_round_trips_and_the_predictor_uses_the_new_gate(study_set, scored
     assert tune(model, study_set, tmp_path / "out", "--sensitivity", "0.9", "--write") == 0
     out = capsys.readouterr().out
     ids, labels, scores = scored
-    gate = reference_gate(labels, scores, sensitivity=0.9)
+    gate = written_gate(labels, scores, sensitivity=0.9)
     assert gate != THRESHOLDS["gate"]  # the test shows a change
     assert f"-> {gate!r}" in out
     raw = json.loads((model / CONFIG_NAME).read_text())
@@ -198,7 +210,7 @@ def test_images_without_a_truth_row_are_refused_or_skipped(study_set, scored, tm
     # other batches than the full set's: on a CPU a score may move in its last float32 bit with the batch
     own = np.array([r["score"] for r in report["scores"]])
     assert own == pytest.approx(scores[keep], abs=1e-6)
-    assert report["gate"]["new"] == reference_gate(labels[keep], own, sensitivity=0.9)
+    assert report["gate"]["new"] == written_gate(labels[keep], own, sensitivity=0.9)
 
 
 def test_hostile_inputs_are_one_line_errors_and_change_nothing(study_set, tmp_path, capsys):

@@ -31,8 +31,6 @@ from .types import add_backend_options, add_no_progress, int_in, path, probabili
 
 TUNE_JSON = "tune.json"
 ROC_PNG = "roc.png"
-#: the output folder's kind (its manifest's label; one spelling, as pneumoseg._fs.OutputKind's)
-TUNING = "tuning folder"
 BOOTSTRAP = 1000
 LEVEL = 0.95
 _NAMED = 5  # ImageIds named in a message before "and N more"
@@ -131,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .. import __version__, metrics
-    from .._fs import check_output_folder, prepare_output_folder
+    from .._fs import OutputKind, check_output_folder, prepare_output_folder
     from ..data.siim import read_rle_csv
     from ..errors import InvalidInputError
     from ..infer import Predictor
@@ -144,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     if args.write:
         _refuse_unwritable(md)
     inputs = (*args.images, args.truth, args.model)
-    check_output_folder(args.out, overwrite=args.force, what=TUNING, inputs=inputs)
+    check_output_folder(args.out, overwrite=args.force, what=OutputKind.TUNING, inputs=inputs)
     current_gate = md.thresholds.gate
     # Scores only: with the gate at 1.0 in gated mode, stage 2 runs for no image below 1.0 (the score
     # is the gate's output, which the gate's value does not change).
@@ -204,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(f"no gate reaches specificity {target_value:g} on these images: the highest-"
                                     "scoring image is negative, so only flagging no image at all would; lower the "
                                     "target or add images")
-        new_gate = float(chosen.threshold)
+        new_gate = gate_below(s, float(chosen.threshold))
         if args.bootstrap:
             interval = metrics.operating_point_ci(y, s, **{target: target_value}, level=LEVEL,
                                                   n_resamples=args.bootstrap, seed=args.seed)
@@ -238,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds": round(seconds, 3),
         "scores": [{"image_id": i, "score": v, "positive": bool(p)} for i, v, p in zip(ids, s.tolist(), y.tolist())],
     }
-    with prepare_output_folder(args.out, overwrite=args.force, what=TUNING, inputs=inputs) as folder:
+    with prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.TUNING, inputs=inputs) as folder:
         picture = write_roc(folder, y, s, current_gate, new_gate, target)
         if args.write:  # before tune.json, so that a refused write leaves no report claiming it
             written = md.set_gate(new_gate, provenance)
@@ -257,6 +255,20 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{md.path} unchanged (--write sets the gate there)")
     return 0
+
+
+def gate_below(scores: Any, threshold: float) -> float:
+    """The gate written for an operating point whose threshold is ``threshold`` (one image's score): midway
+    to the next lower score, so the tuning images are split exactly as at ``threshold``, yet the image
+    scoring ``threshold`` stays above the gate when its score moves by a few float32 steps (seen: up to
+    1.2e-7 between batch sizes on the CPU), which would drop a true positive at the gate itself."""
+    import numpy as np
+
+    scores = np.asarray(scores, dtype=np.float64)
+    lower = scores[scores < threshold]
+    if lower.size:
+        return float((threshold + float(lower.max())) / 2)
+    return float(threshold * (1 - 1e-4))  # every image is flagged: any gate below the lowest score does
 
 
 def _rate(name: str, r: Optional[dict]) -> str:
@@ -283,7 +295,10 @@ def summary_lines(report: dict, seconds: float, predictor) -> list[str]:
     gate = report["gate"]
     t = report["target"]
     how = "chosen" if t["kind"] == "gate" else f"reaching {t['kind']} >= {t['value']:g}"
-    # every digit: the gate is one image's score, and a rounded copy (--gate) could pass it over
+    op = report["operating_point"]
+    if op is not None:
+        how += f"; midway between the score {op['threshold']!r} that reaches it and the next lower score"
+    # every digit: a rounded copy (--gate) could pass an image over
     lines.append(f"gate {gate['new']!r} ({how}; the model's is {gate['current']!r})")
     fixed = "95% Wilson intervals, the gate taken as fixed"
     lines.append(f"  at the new gate: {_rates(report['at_new_gate'])}"
