@@ -10,13 +10,7 @@ import pytest
 from pneumoseg import rle
 from pneumoseg.cli import main
 from pneumoseg.errors import DataFormatError
-
-try:  # pneumoseg.infer's __init__ imports the torch Predictor: the scoring itself needs no torch
-    from pneumoseg.infer.evaluation import evaluate, read_scores_csv, rle_dice
-except ModuleNotFoundError as missing:  # without torch, skip this module, not the rest of the run
-    if missing.name != "torch":
-        raise
-    pytest.skip("pneumoseg.infer imports torch (its Predictor) and torch is not installed", allow_module_level=True)
+from pneumoseg.infer.evaluation import evaluate, read_scores_csv, rle_dice
 
 from reference_metrics import ref_auc, ref_dice
 
