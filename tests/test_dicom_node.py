@@ -1394,3 +1394,50 @@ def test_tls_arguments_are_checked_at_construction_and_by_listen_before_the_mode
         assert main(base + extra) == 2  # refused before the (missing) model is looked for
         err = capsys.readouterr().err
         assert err.startswith("pneumoseg: error: ") and err.count("\n") == 1 and message in err, err
+
+
+# -- review of the peer bounds (each failed before its fix) ---------------------------------------------
+def test_a_forward_destination_that_stops_mid_pdu_is_given_up_and_the_forwarder_goes_on(
+        predictor, sources, tmp_path, monkeypatch):
+    """A destination that answers the association request with part of a PDU and then nothing (a
+    peer that hung, or a network cut mid-answer with no reset). pynetdicom's requestor clears its
+    socket's timeout once connected, so its reader waited in recv() for ever: the association never
+    ended and no later object was forwarded (nor recorded) until a stop."""
+    from pneumoseg.serve import node as node_module
+
+    monkeypatch.setattr(node_module, "_FORWARD_TIMEOUT_S", 1.0, raising=False)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    done, held = threading.Event(), []
+
+    def stall():
+        while not done.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            held.append(conn)
+            conn.settimeout(2)
+            try:
+                if conn.recv(65536):  # the A-ASSOCIATE-RQ (the reachability probe sends nothing)
+                    conn.sendall(b"\x02\x00\x00\x00\x00\x64" + b"\x00" * 10)  # an A-ASSOCIATE-AC, 10 of 100 bytes
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=stall, daemon=True)
+    thread.start()
+    out = tmp_path / "node"
+    try:
+        with DicomNode(predictor, out, port=0, forward=f"PACS@127.0.0.1:{listener.getsockname()[1]}",
+                       forward_attempts=1) as node:
+            assert send(node.port, sources[:6]) == [0] * 6
+            assert node.wait_idle(8)  # every object given up on, each within the forwarder's timeout
+    finally:
+        done.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        listener.close()
+    queued = [r for r in rows(out) if r["Forwarded"] == "queued"]
+    assert queued and {r["Forwarded"] for r in forwarded(out)} == {"no"} and len(forwarded(out)) == len(queued)
+

@@ -101,6 +101,8 @@ FORWARD_COLUMNS = ("ImageId", "Predicted", "Seg", "Done", "Forwarded", "Error", 
 _EARLIER_COLUMNS = {RESULTS: (RESULT_COLUMNS[:-1], RESULT_COLUMNS), FORWARDED: (FORWARD_COLUMNS[:-1], FORWARD_COLUMNS)}
 _EXPLICIT_LE = "1.2.840.10008.1.2.1"
 _FORWARD_BATCH = 32  # objects sent in one association at most
+# The forwarder's ACSE, network and connection timeouts, and the timeout of each read on its socket
+_FORWARD_TIMEOUT_S = 30.0
 
 _SUCCESS = 0x0000
 _OUT_OF_RESOURCES = 0xA700
@@ -945,6 +947,13 @@ class DicomNode:
 
     def _on_forward_open(self, event: Any) -> None:
         _no_delay(event)
+        # pynetdicom's requestor clears its socket's timeout once connected: a destination that stopped
+        # mid-PDU (hung, or the network cut with no reset) held its reader in recv() for ever, and
+        # associate() / the C-STORE with it (its kill waits for that reader), so nothing more was
+        # forwarded until a stop. Each read now ends within the forwarder's timeout (the association
+        # then ends as if the destination closed it: tried again, or recorded as not sent)
+        with contextlib.suppress(Exception):
+            event.assoc.dul.socket.socket.settimeout(_FORWARD_TIMEOUT_S)
         # kept from the connection on: pynetdicom negotiates the association in associate()'s caller
         # (this thread), waiting acse_timeout for a silent destination, before the association is listed
         self._sending = event.assoc
@@ -1014,9 +1023,10 @@ class DicomNode:
                         outcomes[i] = (False, f"cannot connect ({exc.strerror or exc})")
                     continue
             ae = AE(ae_title=self.ae_title)
-            ae.acse_timeout = ae.network_timeout = 30
+            ae.acse_timeout = ae.network_timeout = _FORWARD_TIMEOUT_S
             ae.dimse_timeout = self.dimse_timeout_s
-            ae.connection_timeout = 30  # the TCP connect and, with forward_tls_ca, the TLS handshake (none by default)
+            # the TCP connect and, with forward_tls_ca, the TLS handshake (none by default)
+            ae.connection_timeout = _FORWARD_TIMEOUT_S
             # each object under its own SOP class; the writers make Explicit VR Little Endian (Implicit is
             # offered too, for a destination that takes only that: pynetdicom converts between the two)
             for sop_class in (SEGMENTATION_STORAGE, SECONDARY_CAPTURE_STORAGE):
