@@ -1441,3 +1441,26 @@ def test_a_forward_destination_that_stops_mid_pdu_is_given_up_and_the_forwarder_
     queued = [r for r in rows(out) if r["Forwarded"] == "queued"]
     assert queued and {r["Forwarded"] for r in forwarded(out)} == {"no"} and len(forwarded(out)) == len(queued)
 
+
+def test_tls_connections_in_their_handshake_count_against_the_connection_cap(predictor, tmp_path):
+    """Connections beyond twice max_associations are closed at once, TLS ones too: a connection in its
+    TLS handshake has no association thread yet, so it was not counted, and any number of silent TLS
+    peers each held a thread for acse_timeout_s."""
+    cert, key = self_signed(tmp_path)
+    with DicomNode(predictor, tmp_path / "node", port=0, tls_cert=cert, tls_key=key, max_associations=1,
+                   acse_timeout_s=5.0) as node:
+        first = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]  # 2N in their handshake
+        extra = []
+        try:
+            deadline = time.monotonic() + 5
+            while len(node._handshaking) < 2 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert len(node._handshaking) == 2
+            extra = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(4)]
+            start = time.monotonic()
+            assert all(closed_within(s, 3) for s in extra) and time.monotonic() - start < 2.5  # not acse_timeout_s
+            assert not any(closed_within(s, 0.2) for s in first)  # those wait out their own timeout
+            assert len(node._handshaking) == 2
+        finally:
+            for s in first + extra:
+                s.close()

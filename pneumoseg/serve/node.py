@@ -364,6 +364,7 @@ class DicomNode:
         self._sending: Any = None  # the association sending, cut by a stop that gives up
         self._reachable = False  # the forward destination took the last association requested
         self._handshaking: set[ssl.SSLSocket] = set()  # TLS connections in their handshake (_handshake)
+        self._connecting = 0  # connections in _on_connect (their handshake included): no association thread yet
         self.stats = {"received": 0, "predicted": 0, "failed": 0, "refused": 0, "segs": 0, "overlays": 0,
                       "forwarded": 0, "not_forwarded": 0, "resumed": 0}
         self._latencies: collections.deque[float] = collections.deque(maxlen=10000)
@@ -517,13 +518,25 @@ class DicomNode:
         return ae
 
     def _on_connect(self, event: Any) -> None:
+        # pynetdicom rejects associations over maximum_associations only once each has sent its request:
+        # until then (acse_timeout_s) every connection holds a thread. Past twice the limit a new one is
+        # closed at once (its reads and writes shut: pynetdicom sees the peer gone). Counted: the
+        # association threads, and the connections still here (in their TLS handshake, or about to start
+        # their thread), which pynetdicom lists nowhere
+        acceptors = sum(1 for a in event.assoc.ae.active_associations if a.is_acceptor)  # this one not yet
+        with self._cond:
+            open_now = acceptors + self._connecting
+            self._connecting += 1
+        try:
+            self._open(event, open_now)
+        finally:
+            with self._cond:
+                self._connecting -= 1
+
+    def _open(self, event: Any, open_now: int) -> None:
         _no_delay(event)
         try:
             sock = event.assoc.dul.socket
-            # pynetdicom rejects associations over maximum_associations only once each has sent its
-            # request: until then (acse_timeout_s) every connection holds a thread. Past twice the limit
-            # a new one is closed at once (its reads and writes shut: pynetdicom sees the peer gone)
-            open_now = sum(1 for a in event.assoc.ae.active_associations if a.is_acceptor)  # this one not yet
             if open_now >= 2 * self.max_associations:
                 self._on_overrun(_caller_address(event), f"{open_now} connections already open, twice "
                                  f"max_associations ({self.max_associations})")
