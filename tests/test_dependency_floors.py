@@ -137,13 +137,22 @@ FIRST_WORKING = {
 }
 
 
+def _pyproject() -> dict:
+    """pyproject.toml, read by tomllib (3.11+) or, on Python 3.10, by tomli: pytest itself depends on tomli
+    there, so the checks below run on the floor too (CI's core venv)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:
+        tomllib = pytest.importorskip("tomli")
+    return tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
 def _floors() -> list[tuple[str, str, str]]:
     """(where, package, floor) for every `name>=X` requirement of pyproject.toml: the dependencies and each
     extra."""
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     from packaging.requirements import Requirement
 
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    project = _pyproject()["project"]
     groups = {"dependencies": project["dependencies"], **project["optional-dependencies"]}
     floors = []
     for where, requirements in groups.items():
@@ -164,6 +173,5 @@ def test_no_floor_in_pyproject_admits_a_version_known_to_fail():
 
 
 def test_the_lists_were_derived_for_the_numpy_floor_in_pyproject():
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    dependencies = _pyproject()["project"]["dependencies"]
     assert "numpy>=1.23" in dependencies, "the numpy floor moved: re-derive ADDED_AFTER_FLOOR for it"
