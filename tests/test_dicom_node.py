@@ -4,6 +4,7 @@ by a pynetdicom SCU, its answers checked against Predictor.predict on the same f
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import shutil
@@ -1464,3 +1465,98 @@ def test_tls_connections_in_their_handshake_count_against_the_connection_cap(pre
         finally:
             for s in first + extra:
                 s.close()
+
+
+def test_c_stores_sent_without_waiting_for_answers_wait_on_tcp_not_in_memory(predictor, sources, tmp_path):
+    """A peer that sends C-STOREs without waiting for the answers while the node's thread is busy: the
+    complete DIMSE messages waiting for it stay bounded (the peer then waits on TCP). The read guard
+    counted pynetdicom's to_user_queue, which takes no P-DATA in pynetdicom 3 (the DIMSE messages are
+    assembled in the reader thread and queued in dimse.msg_queue): all 40 were held in memory."""
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    from pneumoseg.serve import node as node_module
+
+    ds = pydicom.dcmread(sources[0])
+    data = encode(ds, False, True)
+    out = tmp_path / "node"
+    with DicomNode(predictor, out, port=0) as node:
+        release, busiest = threading.Event(), [0]
+        receive = node._receive
+
+        def slow_receive(*args):
+            release.wait(10)
+            return receive(*args)
+
+        node._receive = slow_receive
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(CR, EXPLICIT_LE)
+        ae.dimse_timeout = 10
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG")
+        assert assoc.is_established
+        context = assoc.accepted_contexts[0].context_id
+        assoc._reactor_checkpoint.clear()  # as pynetdicom's send_* do: the answers are this thread's to take
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        try:
+            for i in range(40):
+                req = C_STORE()
+                req.MessageID, req.Priority = i + 1, 2
+                req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+                req.DataSet = io.BytesIO(data)
+                assoc.dimse.send_msg(req, context)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:
+                for a in node._ae.active_associations:
+                    if a.is_acceptor:
+                        busiest[0] = max(busiest[0], a.dimse.msg_queue.qsize())
+                time.sleep(0.01)
+            release.set()
+            answers = [assoc.dimse.get_msg(True)[1] for _ in range(40)]
+            assert all(a is not None and int(a.Status) == 0 for a in answers)
+        finally:
+            release.set()
+            assoc._reactor_checkpoint.set()
+            assoc.release()
+            ae.shutdown()
+        assert node.wait_idle(30)
+    assert busiest[0] <= node_module._QUEUED_MESSAGES, busiest[0]
+    assert {r["ImageId"] for r in rows(out)} == {ds.SOPInstanceUID}  # once, or again once its row was written
+
+
+def test_a_stop_is_not_held_by_a_reader_waiting_for_a_busy_association(predictor, sources, tmp_path):
+    """The read guard's wait for the association's thread ends when the association does: pynetdicom's
+    abort (the stop's) waits for the reader to return, so a reader waiting on a full queue for a thread
+    that takes nothing more would have held the stop for ever."""
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    ds = pydicom.dcmread(sources[0])
+    data = encode(ds, False, True)
+    node = DicomNode(predictor, tmp_path / "node", port=0).start()
+    release = threading.Event()
+    receive = node._receive
+    node._receive = lambda *args: release.wait(10) and receive(*args)
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(CR, EXPLICIT_LE)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSEG")
+    try:
+        assert assoc.is_established
+        assoc._reactor_checkpoint.clear()
+        while not assoc._is_paused:
+            time.sleep(0.001)
+        for i in range(8):
+            req = C_STORE()
+            req.MessageID, req.Priority = i + 1, 2
+            req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+            req.DataSet = io.BytesIO(data)
+            assoc.dimse.send_msg(req, assoc.accepted_contexts[0].context_id)
+        time.sleep(1)  # the node's reader now waits for its association's thread, busy in the first C-STORE
+        start = time.monotonic()
+        node.stop(timeout_s=0.5)
+        assert time.monotonic() - start < 5
+    finally:
+        release.set()
+        node.stop()
+        assoc._reactor_checkpoint.set()
+        ae.shutdown()

@@ -1202,12 +1202,14 @@ def _caller_address(event: Any) -> str:
 #: larger) is refused before it is read (the node offers pynetdicom's 16 KiB maximum by default; an
 #: association request with many contexts, or a peer sending a little over the maximum, stays well under
 #: this). The DIMSE message being received may reach max_dicom_bytes plus _MESSAGE_SLACK (its command
-#: set). At most _QUEUED_PDUS PDUs wait for the association's thread, which is busy while an instance is
-#: written: a peer that sends C-STOREs without waiting for the answers then waits on TCP instead of
-#: filling memory.
+#: set). At most _QUEUED_MESSAGES whole DIMSE messages (pynetdicom 3 assembles them in the reader thread,
+#: into dimse.msg_queue) and _QUEUED_PDUS other primitives (its to_user_queue: association, release,
+#: abort) wait for the association's thread, which is busy while an instance is written: a peer that
+#: sends C-STOREs without waiting for the answers then waits on TCP instead of filling memory.
 _MAX_PDU_BYTES = 4 << 20
 _MESSAGE_SLACK = 1 << 20
 _QUEUED_PDUS = 16
+_QUEUED_MESSAGES = 1
 
 
 class _ReadGuard:
@@ -1243,6 +1245,19 @@ class _ReadGuard:
         self._on_overrun(reason)
         raise OSError(reason)
 
+    def _backlog(self) -> bool:
+        """Whether the association's thread has enough waiting for it."""
+        dimse = getattr(self._dul.assoc, "dimse", None)
+        return (self._dul.to_user_queue.qsize() >= _QUEUED_PDUS
+                or (dimse is not None and dimse.msg_queue.qsize() >= _QUEUED_MESSAGES))
+
+    def _ended(self) -> bool:
+        """Whether the association is over: its thread takes nothing more, and its end (an abort, a stop:
+        pynetdicom's kill) waits for this reader to return, which a wait for that thread would never do."""
+        assoc = self._dul.assoc
+        return bool(self._dul._kill_thread or getattr(assoc, "_kill", False) or getattr(assoc, "is_aborted", False)
+                    or not assoc.is_alive())
+
     def _read(self, nr_bytes: int) -> bytearray:
         """Up to ``nr_bytes`` from the socket (fewer where the peer closed it) by the PDU's deadline, as
         pynetdicom's own recv reads them; each wait on the socket ends by then too."""
@@ -1271,7 +1286,7 @@ class _ReadGuard:
     def __call__(self, nr_bytes: int) -> Any:
         if self._pdu_type is None:  # a PDU header next
             waited = time.monotonic()
-            while self._dul.to_user_queue.qsize() >= _QUEUED_PDUS and not self._dul._kill_thread:
+            while self._backlog() and not self._ended():
                 time.sleep(0.002)
             now = time.monotonic()
             if self._message_start is not None:  # the node's own delay is not the peer's
