@@ -1560,3 +1560,36 @@ def test_a_stop_is_not_held_by_a_reader_waiting_for_a_busy_association(predictor
         node.stop()
         assoc._reactor_checkpoint.set()
         ae.shutdown()
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names fsync'ed descriptors through /proc")
+def test_a_c_store_is_answered_success_only_once_its_file_and_its_name_are_on_disk(predictor, sources, tmp_path,
+                                                                                   monkeypatch):
+    """The rename into incoming/ is a change to the folder: until the folder is fsync'ed, a power cut
+    after the success answer can leave the image under its temporary name, which the next start
+    removes as a write never acknowledged. The PACS, told success, has let it go."""
+    out = tmp_path / "node"
+    synced, answered = [], []
+    fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fsync(fd)
+
+    original = DicomNode._on_store
+
+    def answer(self, event):  # the C-STORE handler: what was fsync'ed when it answers
+        status = original(self, event)
+        answered.append(list(synced))
+        return status
+
+    monkeypatch.setattr(DicomNode, "_on_store", answer)
+    with DicomNode(predictor, out, port=0) as node:
+        monkeypatch.setattr(os, "fsync", recording_fsync)
+        assert send(node.port, sources[:1]) == [0]
+        monkeypatch.setattr(os, "fsync", fsync)
+        assert node.wait_idle(60)
+    at_answer = answered[-1]
+    incoming = str((out / INCOMING).resolve())
+    assert incoming in at_answer, at_answer  # the folder, after the file (fsync'ed under its temporary name)
+    assert at_answer.index(incoming) > max(i for i, p in enumerate(at_answer) if p.endswith(".tmp"))

@@ -633,6 +633,15 @@ class DicomNode:
         try:
             with atomic_open(target, "wb", before_rename=check) as f:
                 f.write(data)
+            try:
+                # the rename is the folder's change: until the folder is on disk, a power cut after the
+                # success answer could leave the image under its temporary name, which the next start
+                # removes as a write never acknowledged (and the PACS has let the image go)
+                _fsync_folder(target.parent)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    target.unlink()  # answered Out of Resources: the PACS sends it again
+                raise
         except DicomError as exc:
             from ..infer.inputs import skip_reason
 
@@ -1172,6 +1181,19 @@ def _decodable(get_decoder: Any, uid: str) -> bool:
         return bool(get_decoder(uid).is_available)
     except Exception:  # no decoder for it in this pydicom
         return False
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Put ``folder``'s entries (a file just renamed into it) on disk; a no-op where folders cannot be
+    opened (Windows, whose renames are journaled by NTFS)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (PermissionError, IsADirectoryError):
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _no_delay(event: Any) -> None:
