@@ -35,7 +35,9 @@ PNEUMOSEG_CUDA=OFF "$venv_python" -m pip install -q -Cbuild-dir="$work/build" -e
 
 # Nothing may bring torch in: the checks would then test the torch install, not the core.
 no_torch() {
-  if "$venv_python" -m pip list --format=freeze | grep -iE '^torch=='; then
+  local installed
+  installed=$("$venv_python" -m pip list --format=freeze)  # a failing pip fails the step, not passes it
+  if grep -iE '^torch==' <<<"$installed"; then
     echo "FAIL: torch is installed in the core venv ($1 pulled it in)" >&2
     exit 1
   fi
@@ -63,4 +65,4 @@ no_torch "the test dependencies"
 
 cd "$repo"
 "$venv_python" -m pytest -p no:cacheprovider -q -m "not slow"
-echo "=== core install: passed on $($python -V 2>&1) ==="
+echo "=== core install: passed on $($python -V 2>&1) in ${SECONDS} s ==="
