@@ -165,6 +165,40 @@ def test_native_module_needs_neither_cudart_nor_torch():
     assert [n for n in needed if re.match(r"lib(cudart|torch|c10|cuda)", n)] == []
 
 
+# What a manylinux wheel may take from the system: the C and C++ runtime (PEP 600's policies list these;
+# libpthread, libdl and librt are parts of libc since glibc 2.34). Any other NEEDED library (libgomp,
+# libcuda, a shared cudart) is one `auditwheel repair` would copy into every wheel, or one a user lacks.
+MANYLINUX_SYSTEM_LIBS = re.compile(
+    r"(libc|libm|libstdc\+\+|libgcc_s|libpthread|libdl|librt|ld-linux-x86-64|ld-linux-aarch64)\.so\.\d+")
+
+
+def test_native_module_needs_only_the_c_and_cxx_runtime():
+    """tools/build_wheels.sh's check, on this build: a wheel of it needs no library grafted, and the
+    import needs no NVIDIA driver (cudart, static, opens libcuda at the first CUDA call)."""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf is not on PATH")
+    from pneumoseg import _native
+
+    dynamic = subprocess.run([readelf, "-d", _native._C.__file__], capture_output=True, text=True, check=True).stdout
+    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", dynamic)
+    assert "libc.so.6" in needed, f"readelf's NEEDED list is not what this test expects: {needed}"
+    assert [n for n in needed if not MANYLINUX_SYSTEM_LIBS.fullmatch(n)] == []
+
+
+def test_release_cuda_architectures_are_ones_this_nvcc_builds():
+    """The release default of tools/build_wheels.sh against `nvcc --list-gpu-arch`: an nvcc that drops
+    an architecture (CUDA 13 dropped sm_50..sm_72) fails the release build after its first minutes."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH")
+    script = (ROOT / "tools" / "build_wheels.sh").read_text(encoding="utf-8")
+    archs = re.search(r'PNEUMOSEG_CUDA_ARCHS:-"([^"]+)"', script).group(1).split(";")
+    known = subprocess.run([nvcc, "--list-gpu-arch"], capture_output=True, text=True, check=True).stdout.split()
+    assert len(archs) > 3 and "compute_90" in known, (archs, known)
+    assert [a for a in archs if f"compute_{re.match(r'[0-9]+', a).group()}" not in known] == []
+
+
 def test_demo_without_the_onnx_extra_stops_before_any_work(tmp_path, monkeypatch, capsys):
     pytest.importorskip("torch")
     from pneumoseg.cli import main
