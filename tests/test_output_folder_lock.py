@@ -218,6 +218,7 @@ def test_an_export_waits_briefly_then_refuses_a_model_directory_another_process_
 
 @pytest.mark.slow
 def test_pneumoseg_export_into_a_model_directory_this_process_holds(tmp_path, capsys):
+    pytest.importorskip("torch")  # export traces the model
     pytest.importorskip("onnxruntime")
     from pneumoseg.cli import main
     from pneumoseg.models.model_dir import load_model_dir
