@@ -20,8 +20,9 @@
 #   PNEUMOSEG_CUDA           ON (default: a release wheel without kernels must not pass silently) or OFF
 #   PNEUMOSEG_CUDA_ARCHS     CMAKE_CUDA_ARCHITECTURES; default SASS for Turing..Blackwell (every arch
 #                            nvcc 13 still builds) + PTX of the newest, so a later GPU can JIT it
-#   PNEUMOSEG_CUDA_FLAGS     CMAKE_CUDA_FLAGS; default --compress-mode=size: the loss kernels' fatbin
-#                            (SASS with -lineinfo) is ~5x smaller than with nvcc's default compression
+#   PNEUMOSEG_CUDA_FLAGS     CMAKE_CUDA_FLAGS; default --compress-mode=size: with the default archs the
+#                            float32 loss kernels' object is 4.4 MB against 37.3 MB with nvcc 13's default
+#                            compression (the fatbin, SASS with -lineinfo, is most of the wheel)
 #   PNEUMOSEG_WHEELHOUSE     where the repaired wheels go (default: wheelhouse/ in the work folder)
 #   PNEUMOSEG_PLAT           auditwheel's --plat (default auto: the strictest policy the wheel meets)
 #   TMPDIR                   the work folder (clone, builds, venvs) is made under it; kept, path printed
