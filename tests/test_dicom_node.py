@@ -1593,3 +1593,28 @@ def test_a_c_store_is_answered_success_only_once_its_file_and_its_name_are_on_di
     incoming = str((out / INCOMING).resolve())
     assert incoming in at_answer, at_answer  # the folder, after the file (fsync'ed under its temporary name)
     assert at_answer.index(incoming) > max(i for i, p in enumerate(at_answer) if p.endswith(".tmp"))
+
+
+def test_a_connection_the_node_drops_frees_its_place_at_once(predictor, tmp_path):
+    """A connection closed at the cap, or one that fails its TLS handshake, ends its association thread at
+    once. pynetdicom's acceptor thread waits acse_timeout_s for an association request whether or not
+    its connection is still there, and each such thread counts against the cap: 2N connections within
+    acse_timeout_s (a PACS retrying, TCP health checks) then kept every later connection dropped, each
+    drop holding its place for acse_timeout_s again (a TLS node under a flood refused every caller for
+    over a minute after it ended)."""
+    with DicomNode(predictor, tmp_path / "plain", port=0, max_associations=1, acse_timeout_s=5.0) as node:
+        idle = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(2)]
+        try:
+            assert until_acceptors(node, 2)
+            for _ in range(4):
+                extra = socket.create_connection(("127.0.0.1", node.port))
+                assert closed_within(extra, 2)
+                extra.close()
+            assert until_acceptors(node, 2, timeout_s=1.5)  # the dropped ones' threads have ended (not after 5 s)
+        finally:
+            for sock in idle:
+                sock.close()
+    cert, key = self_signed(tmp_path)
+    with DicomNode(predictor, tmp_path / "tls", port=0, tls_cert=cert, tls_key=key, acse_timeout_s=5.0) as node:
+        assert echo(node.port) is None  # plain TCP: its handshake fails at once
+        assert until_acceptors(node, 0, timeout_s=1.5)

@@ -542,8 +542,10 @@ class DicomNode:
                                  f"max_associations ({self.max_associations})")
                 with contextlib.suppress(OSError):
                     sock.socket.shutdown(socket.SHUT_RDWR)
+                _end_at_once(event.assoc)
                 return
             if isinstance(sock.socket, ssl.SSLSocket) and not self._handshake(sock.socket, event):
+                _end_at_once(event.assoc)
                 return
             # pynetdicom sets network_timeout on the listening socket only, and Python's accept() makes a
             # socket without a timeout: a peer that stops mid-PDU held its thread in recv() for ever, and
@@ -1203,6 +1205,14 @@ def _no_delay(event: Any) -> None:
     for the node's answers and its forwards; a sender that keeps Nagle on still pays it per image."""
     with contextlib.suppress(Exception):  # a socket type without it (TLS wrapper, another platform)
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _end_at_once(assoc: Any) -> None:
+    """Let the thread of a connection the node dropped (not yet started) end at once: pynetdicom's
+    acceptor waits acse_timeout for an association request whether or not its connection is still
+    there, and its thread counts against the connection cap and max_associations meanwhile."""
+    with contextlib.suppress(Exception):
+        assoc.acse_timeout = 0
 
 
 def _end_reads(ae: Any) -> None:
