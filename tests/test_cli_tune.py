@@ -53,10 +53,13 @@ def reference_gate(labels, scores, *, sensitivity=None, specificity=None) -> flo
 
 
 def written_gate(labels, scores, **target) -> float:
-    """The gate tune writes: midway from the score reaching the target to the next lower score."""
+    """The gate tune writes: midway from the score reaching the target to the next lower score, as a float32."""
     reached = reference_gate(labels, scores, **target)
     lower = scores[scores < reached]
-    return float((reached + lower.max()) / 2) if lower.size else reached * (1 - 1e-4)
+    if not lower.size:
+        return float(np.float32(reached * (1 - 1e-4)))
+    # in float32, where the Predictor compares, and still above the lower score there
+    return float(max(np.float32((reached + lower.max()) / 2), np.nextafter(np.float32(lower.max()), np.float32(1))))
 
 
 def tune(model, study_set, out, *extra, truth=None):
@@ -294,3 +297,23 @@ def test_a_read_only_model_directory_is_refused(study_set, tmp_path, capsys):
     finally:
         model.chmod(0o755)
     assert file_digests(model) == before
+
+
+def test_the_written_gate_splits_float32_scores_as_the_predictor_compares_them():
+    """The Predictor compares its float32 scores with the gate in float32 (torch casts the Python
+    float): a float64 midpoint between two adjacent float32 scores rounds to one of them there, and
+    half the time to the lower one, which the report counts as below the gate but the Predictor flags."""
+    import torch
+
+    from pneumoseg.cli.tune import gate_below
+
+    for high in (np.float32(0.49999997), np.float32(0.75), np.float32(0.99999994), np.float32(0.3)):
+        low = np.nextafter(high, np.float32(0))
+        scores = [float(high), float(low), 0.1]
+        gate = gate_below(scores, float(high))
+        in_float32 = (torch.tensor(scores, dtype=torch.float32) >= gate).tolist()
+        in_float64 = (np.array(scores) >= gate).tolist()
+        assert in_float32 == in_float64 == [True, False, False], (float(high), gate)
+    # every image flagged: the gate is below the lowest score in float32 too
+    gate = gate_below([0.5, 0.75], 0.5)
+    assert (torch.tensor([0.5, 0.75]) >= gate).tolist() == [True, True] and gate < 0.5

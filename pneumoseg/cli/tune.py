@@ -259,16 +259,23 @@ def run(args: argparse.Namespace) -> int:
 
 def gate_below(scores: Any, threshold: float) -> float:
     """The gate written for an operating point whose threshold is ``threshold`` (one image's score): midway
-    to the next lower score, so the tuning images are split exactly as at ``threshold``, yet the image
+    to the next lower score (rounded to float32, and above that score in float32), so the tuning images are split exactly as at ``threshold``, yet the image
     scoring ``threshold`` stays above the gate when its score moves by a few float32 steps (seen: up to
     1.2e-7 between batch sizes on the CPU), which would drop a true positive at the gate itself."""
     import numpy as np
 
     scores = np.asarray(scores, dtype=np.float64)
     lower = scores[scores < threshold]
-    if lower.size:
-        return float((threshold + float(lower.max())) / 2)
-    return float(threshold * (1 - 1e-4))  # every image is flagged: any gate below the lowest score does
+    if not lower.size:  # every image is flagged: any gate below the lowest score does
+        return float(np.float32(threshold * (1 - 1e-4)))
+    below = float(lower.max())
+    # A float32 value: the Predictor compares its float32 scores with the gate in float32, where a
+    # float64 midpoint between two adjacent float32 scores rounds to one of them (to the lower one
+    # half the time, flagging an image the report counts below the gate).
+    gate = float(np.float32((threshold + below) / 2))
+    if gate <= below:
+        gate = float(np.nextafter(np.float32(below), np.float32(np.inf)))
+    return gate if below < gate <= threshold else float((threshold + below) / 2)
 
 
 def _rate(name: str, r: Optional[dict]) -> str:
