@@ -317,3 +317,24 @@ def test_the_written_gate_splits_float32_scores_as_the_predictor_compares_them()
     # every image flagged: the gate is below the lowest score in float32 too
     gate = gate_below([0.5, 0.75], 0.5)
     assert (torch.tensor([0.5, 0.75]) >= gate).tolist() == [True, True] and gate < 0.5
+
+
+@pytest.mark.parametrize("change", ["preprocessing", "crop", "gate"])
+def test_set_gate_refuses_a_description_whose_scores_or_gate_changed_since_loading(tmp_path, change):
+    """The scores depend on the preprocessing and each network's entry (crop, input size), not only its
+    weights; and a gate another `tune --write` set meanwhile is not the 'previous' gate the report
+    compared with. Either is refused, the file left as it was."""
+    model = copy_model_dir("classifier", tmp_path / "model")
+    stale = load_model_dir(model)
+    raw = json.loads((model / CONFIG_NAME).read_text())
+    if change == "preprocessing":
+        raw["preprocessing"]["mean"] = raw["preprocessing"]["mean"] + 0.1
+    elif change == "crop":
+        raw["networks"]["classifier"]["crop"] = None if raw["networks"]["classifier"].get("crop") else "chest"
+    else:
+        raw["thresholds"]["gate"] = 0.123
+    (model / CONFIG_NAME).write_text(json.dumps(raw))
+    before = file_digests(model)
+    with pytest.raises(OutputError, match="changed since the scores were computed"):
+        stale.set_gate(0.1, {"value": 0.1})
+    assert file_digests(model) == before

@@ -543,8 +543,9 @@ class ModelDir:
         how it was chosen) as ``"gate_tuned"``, rewriting ``pneumoseg.json`` atomically under the
         directory's lock; nothing else changes (networks, artefacts and their fingerprints stay valid:
         the gate is applied after the networks). The description is read again under the lock, so an
-        artefact another process exported meanwhile stays listed; networks changed since this object
-        was loaded (a run written over it) are refused, as the gate was chosen on the old ones' scores.
+        artefact another process exported meanwhile stays listed; networks, preprocessing or gate
+        changed since this object was loaded (a run written over it, another ``set_gate``) are
+        refused, as the gate was chosen on the old ones' scores and compared with the old gate.
         A write that fails leaves the file as it was (an OSError, or OutputError for a link leading out)."""
         gate = check_probability(gate, "the gate")
         if not isinstance(provenance, Mapping):
@@ -553,10 +554,16 @@ class ModelDir:
         self._inside(self.path / CONFIG_NAME)
         with _directory_lock(self.path):
             current = load_model_dir(self.path)
-            mine = {name: entry.sha256 for name, entry in self.networks.items()}
-            if {name: entry.sha256 for name, entry in current.networks.items()} != mine:
-                raise OutputError(f"{self.path / CONFIG_NAME}: its networks changed since the scores were computed "
-                                  "(another run wrote the directory); tune the gate again")
+            # What the scores depend on (each network's whole entry: weights, input size, crop; the
+            # preprocessing), and the gate the caller compared with (another tune --write meanwhile).
+            changed = [what for what, mine, theirs in (
+                ("networks", {n: e.to_json() for n, e in self.networks.items()},
+                 {n: e.to_json() for n, e in current.networks.items()}),
+                ("preprocessing", asdict(self.preprocessing), asdict(current.preprocessing)),
+                ("gate", self.thresholds.gate, current.thresholds.gate)) if mine != theirs]
+            if changed:
+                raise OutputError(f"{self.path / CONFIG_NAME}: its {' and '.join(changed)} changed since the scores were "
+                                  "computed (another run wrote the directory); tune the gate again")
             current.thresholds = Thresholds(**{**asdict(current.thresholds), "gate": gate})
             current._raw["gate_tuned"] = record
             current.gate_tuned = record
