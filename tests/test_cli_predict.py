@@ -218,6 +218,8 @@ def test_gate_overrides_the_models_for_one_run(study_set, tmp_path, capsys):
     (["--thresholds", "min_area=-1"], "argument --thresholds: min_area: min_area must be at least 0"),
     (["--thresholds", "colour=1"], "argument --thresholds: must be KEY=VALUE pairs"),
     (["--gate", "0.3", "--thresholds", "gate=0.4"], "--gate 0.3 and --thresholds gate=0.4 disagree"),
+    # a repeated --thresholds: argparse kept the last one, silently dropping the first one's keys
+    (["--thresholds", "top=0.5", "--thresholds", "top=0.6"], "--thresholds: top is given twice"),
 ])
 def test_bad_threshold_overrides_are_one_line_errors(study_set, tmp_path, capsys, args, match):
     out = tmp_path / "p"
@@ -243,4 +245,11 @@ def test_thresholds_override_the_post_processing(study_set, tmp_path, capsys):
     assert read_rle_csv(out / "submission.csv") == {p.image_id: [p.rle] for p in want}
     overrides = json.loads((out / "summary.json").read_text())["threshold_overrides"]
     assert overrides == {"top": {"value": None, "model": 0.6}, "min_component_area": {"value": 0, "model": 4}}
+    capsys.readouterr()
+    # the same overrides over two --thresholds: both apply (before: only the last one's, silently)
+    again = tmp_path / "q"
+    assert main(["predict", str(study_set), "--model", str(model), "--out", str(again), "--no-overlays", "--no-progress",
+                 "--thresholds", "top=none", "--thresholds", "min_component_area=0"]) == 0
+    assert read_rle_csv(again / "submission.csv") == read_rle_csv(out / "submission.csv")
+    assert json.loads((again / "summary.json").read_text())["threshold_overrides"] == overrides
     capsys.readouterr()

@@ -81,7 +81,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--gate", type=probability, default=None, metavar="T",
                    help="this run's gate threshold in [0, 1] instead of the model's (e.g. one `pneumoseg tune` "
                         "chose); recorded in summary.json")
-    p.add_argument("--thresholds", type=threshold_overrides, default=None, metavar="KEY=VALUE[,...]",
+    # appended: a second --thresholds adds its keys (argparse's default kept only the last one's)
+    p.add_argument("--thresholds", type=threshold_overrides, action="append", default=None, metavar="KEY=VALUE[,...]",
                    help="this run's post-processing thresholds instead of the model's: top (or none), bottom, "
                         "min_area, min_component_area (and gate); recorded in summary.json")
     p.add_argument("--no-overlays", action="store_true", help="do not write the overlay pictures")
@@ -111,7 +112,12 @@ def run(args: argparse.Namespace) -> int:
         require_highdicom("DICOM Segmentation output" if args.dicom_seg else "DICOM overlay output")
     # Refused before any work: an existing submission is never replaced without --force (even one
     # pneumoseg wrote: a submission is the thing people hand in).
-    overrides = dict(args.thresholds or {})
+    overrides: dict = {}
+    for given in args.thresholds or ():
+        twice = sorted(set(given) & set(overrides))
+        if twice:
+            raise InvalidInputError(f"--thresholds: {', '.join(twice)} is given twice")
+        overrides.update(given)
     if args.gate is not None:
         if "gate" in overrides and overrides["gate"] != args.gate:
             raise InvalidInputError(f"--gate {args.gate:g} and --thresholds gate={overrides['gate']:g} disagree; give one")
