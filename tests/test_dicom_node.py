@@ -1618,3 +1618,37 @@ def test_a_connection_the_node_drops_frees_its_place_at_once(predictor, tmp_path
     with DicomNode(predictor, tmp_path / "tls", port=0, tls_cert=cert, tls_key=key, acse_timeout_s=5.0) as node:
         assert echo(node.port) is None  # plain TCP: its handshake fails at once
         assert until_acceptors(node, 0, timeout_s=1.5)
+
+
+def test_a_tls_peer_has_acse_timeout_s_from_its_connection_for_handshake_and_request_together(predictor, tmp_path):
+    """acse_timeout_s bounds a connection's association request from the moment it opened, its TLS
+    handshake included: the request's deadline began only after the handshake, so a TLS peer could hold
+    its place for twice acse_timeout_s (a slow handshake, then a trickled request)."""
+    import ssl
+
+    cert, key = self_signed(tmp_path)
+    client = ssl.create_default_context(cafile=str(cert))
+    with DicomNode(predictor, tmp_path / "node", port=0, tls_cert=cert, tls_key=key, acse_timeout_s=2.0) as node:
+        raw = socket.create_connection(("127.0.0.1", node.port))
+        start = time.monotonic()
+        time.sleep(1.5)  # the handshake begins late, and ends in time
+        tls = client.wrap_socket(raw, server_hostname="localhost")
+        tls.settimeout(0.3)
+        closed = None
+        try:
+            for byte in b"\x01\x00\x00\x00\x00\x44" + b"\x00" * 68:  # the request, a byte each 0.3 s
+                tls.sendall(bytes([byte]))
+                try:
+                    if not tls.recv(1):
+                        closed = time.monotonic() - start
+                        break
+                except (TimeoutError, socket.timeout):
+                    continue
+                except (OSError, ssl.SSLError):
+                    closed = time.monotonic() - start
+                    break
+        except OSError:
+            closed = time.monotonic() - start
+        finally:
+            tls.close()
+    assert closed is not None and closed < 3.0, closed  # acse_timeout_s (2 s) and some, not 1.5 s + 2 s

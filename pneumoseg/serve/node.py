@@ -523,17 +523,18 @@ class DicomNode:
         # closed at once (its reads and writes shut: pynetdicom sees the peer gone). Counted: the
         # association threads, and the connections still here (in their TLS handshake, or about to start
         # their thread), which pynetdicom lists nowhere
+        opened = time.monotonic()
         acceptors = sum(1 for a in event.assoc.ae.active_associations if a.is_acceptor)  # this one not yet
         with self._cond:
             open_now = acceptors + self._connecting
             self._connecting += 1
         try:
-            self._open(event, open_now)
+            self._open(event, open_now, opened)
         finally:
             with self._cond:
                 self._connecting -= 1
 
-    def _open(self, event: Any, open_now: int) -> None:
+    def _open(self, event: Any, open_now: int, opened: float) -> None:
         _no_delay(event)
         try:
             sock = event.assoc.dul.socket
@@ -554,7 +555,9 @@ class DicomNode:
             sock.recv = _ReadGuard(sock, event.assoc.dul, limits.current().max_dicom_bytes + _MESSAGE_SLACK,
                                    functools.partial(self._on_overrun, _caller_address(event)),
                                    max_pdu=max(_MAX_PDU_BYTES, self.max_pdu_bytes), offered_pdu=self.max_pdu_bytes,
-                                   request_s=self.acse_timeout_s, pdu_s=self.network_timeout_s)
+                                   # from the connection, not after its TLS handshake: both in acse_timeout_s
+                                   request_s=self.acse_timeout_s - (time.monotonic() - opened),
+                                   pdu_s=self.network_timeout_s)
         except AttributeError:  # another pynetdicom layout: unguarded, the size is still checked once received
             log.warning("cannot bound the memory of an association in this pynetdicom version")
 
@@ -1271,7 +1274,7 @@ class _ReadGuard:
         self._message_start: Optional[float] = None  # when its first fragment came (time.monotonic())
         self._first = True  # the association request is next
         self._deadline = time.monotonic() + request_s  # for the PDU being read
-        self._late = f"no whole association request {request_s:g} s after connecting"
+        self._late = "no whole association request within acse_timeout_s of connecting"
 
     def _refuse(self, reason: str) -> None:
         self._on_overrun(reason)
