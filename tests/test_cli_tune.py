@@ -338,3 +338,23 @@ def test_set_gate_refuses_a_description_whose_scores_or_gate_changed_since_loadi
     with pytest.raises(OutputError, match="changed since the scores were computed"):
         stale.set_gate(0.1, {"value": 0.1})
     assert file_digests(model) == before
+
+
+def test_the_rates_at_a_given_gate_count_the_images_the_predictor_flags(study_set, scored, tmp_path, capsys):
+    """--gate is a float64 the Predictor applies in float32: a gate a quarter of a float32 step above a
+    score rounds to that score there, and the Predictor flags the image; the report's rates count it too."""
+    ids, labels, scores = scored
+    k = int(np.argsort(scores)[scores.size // 2])
+    above = np.nextafter(np.float32(scores[k]), np.float32(1))
+    gate = float(scores[k]) + (float(above) - float(scores[k])) / 4
+    assert float(np.float32(gate)) == float(scores[k]) and gate > scores[k]
+    model = copy_model_dir("classifier", tmp_path / "model")
+    assert tune(model, study_set, tmp_path / "out", "--gate", repr(gate)) == 0
+    report = json.loads((tmp_path / "out" / "tune.json").read_text())
+    preds = Predictor.from_dir(model, thresholds={"gate": gate}).predict(study_set)
+    flagged = np.array([p.segmented for p in preds])
+    assert flagged[k]
+    at = report["at_new_gate"]
+    assert (at["tp"], at["fp"]) == (int(np.count_nonzero(flagged & labels)), int(np.count_nonzero(flagged & ~labels)))
+    assert report["gate"]["new"] == gate  # recorded as given
+    capsys.readouterr()

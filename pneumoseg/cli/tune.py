@@ -206,8 +206,10 @@ def run(args: argparse.Namespace) -> int:
         if args.bootstrap:
             interval = metrics.operating_point_ci(y, s, **{target: target_value}, level=LEVEL,
                                                   n_resamples=args.bootstrap, seed=args.seed)
-    at_new = metrics.rates_at_threshold(y, s, new_gate, level=LEVEL, method="wilson")
-    at_current = metrics.rates_at_threshold(y, s, current_gate, level=LEVEL, method="wilson")
+    # Counted as the Predictor decides: its float32 scores against the gate cast to float32 (a --gate a
+    # fraction of a float32 step above a score flags that image there, not in float64).
+    at_new = metrics.rates_at_threshold(y, s, as_applied(new_gate), level=LEVEL, method="wilson")
+    at_current = metrics.rates_at_threshold(y, s, as_applied(current_gate), level=LEVEL, method="wilson")
 
     from datetime import datetime, timezone
 
@@ -237,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
         "scores": [{"image_id": i, "score": v, "positive": bool(p)} for i, v, p in zip(ids, s.tolist(), y.tolist())],
     }
     with prepare_output_folder(args.out, overwrite=args.force, what=OutputKind.TUNING, inputs=inputs) as folder:
-        picture = write_roc(folder, y, s, current_gate, new_gate, target)
+        picture = write_roc(folder, y, s, as_applied(current_gate), as_applied(new_gate), target)
         if args.write:  # before tune.json, so that a refused write leaves no report claiming it
             written = md.set_gate(new_gate, provenance)
             report["written"] = {"path": str(written), "gate_tuned": provenance}
@@ -255,6 +257,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{md.path} unchanged (--write sets the gate there)")
     return 0
+
+
+def as_applied(gate: float) -> float:
+    """The gate as the Predictor compares it with its float32 scores: cast to float32 (by torch)."""
+    import numpy as np
+
+    return float(np.float32(gate))
 
 
 def gate_below(scores: Any, threshold: float) -> float:
