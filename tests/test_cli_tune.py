@@ -358,3 +358,17 @@ def test_the_rates_at_a_given_gate_count_the_images_the_predictor_flags(study_se
     assert (at["tp"], at["fp"]) == (int(np.count_nonzero(flagged & labels)), int(np.count_nonzero(flagged & ~labels)))
     assert report["gate"]["new"] == gate  # recorded as given
     capsys.readouterr()
+
+
+def test_out_into_the_model_directory_is_refused(study_set, tmp_path, capsys):
+    """--out MODEL_DIR --force put tune.json and roc.png into the model directory and relabelled its
+    manifest as a tuning folder's, after which a training run's save or an export into it was refused."""
+    model = copy_model_dir("classifier", tmp_path / "model")
+    before = file_digests(model)
+    for out in (model, tmp_path / "." / "model"):
+        run_refused(["tune", str(model), "--images", str(study_set), "--truth", str(study_set / "train-rle.csv"),
+                     "--sensitivity", "0.9", "--out", str(out), "--force", "--no-progress"], capsys, "model directory")
+    assert file_digests(model) == before
+    from pneumoseg._fs import OutputKind, check_output_folder
+
+    check_output_folder(model, what=OutputKind.MODEL_DIR)

@@ -141,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     _refuse_without_gate(md)
     if args.write:
         _refuse_unwritable(md)
+    if Path(args.out).resolve() == md.path.resolve():
+        # its manifest would name it a tuning folder, and a save or export into it be refused after
+        raise InvalidInputError(f"--out {args.out} is the model directory; tune.json and roc.png go into a folder of "
+                                "their own (--write is what changes the model directory)")
     inputs = (*args.images, args.truth, args.model)
     check_output_folder(args.out, overwrite=args.force, what=OutputKind.TUNING, inputs=inputs)
     current_gate = md.thresholds.gate
