@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -33,7 +34,7 @@ from pneumoseg.infer import Predictor  # noqa: E402
 from pneumoseg.infer.dicom_overlay import SECONDARY_CAPTURE_STORAGE  # noqa: E402
 from pneumoseg.infer.dicom_seg import SEGMENTATION_STORAGE  # noqa: E402
 from pneumoseg.serve import RESULTS, DicomNode, parse_forward  # noqa: E402
-from pneumoseg.serve.node import FORWARD_COLUMNS, FORWARDED, INCOMING, RESULT_COLUMNS  # noqa: E402
+from pneumoseg.serve.node import FORWARD_COLUMNS, FORWARDED, INCOMING, RESULT_COLUMNS, tls_server_context  # noqa: E402
 
 from factories import write_dicom  # noqa: E402
 from infer_helpers import model_dir, phantom_images  # noqa: E402
@@ -1388,6 +1389,8 @@ def test_tls_arguments_are_checked_at_construction_and_by_listen_before_the_mode
                             ({"forward": "P@h:1", "forward_tls_ca": tmp_path / "notes.pem"}, "forward_tls_ca: cannot load")):
         with pytest.raises(InvalidInputError, match=message):
             DicomNode(object(), "unused", **kwargs)
+    context = tls_server_context(cert, key)
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2 and context.options & ssl.OP_NO_RENEGOTIATION
     base = ["listen", "--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "o")]
     for extra, message in ((["--tls-cert", str(cert)], "--tls-cert and --tls-key"),
                            (["--tls-cert", str(cert), "--tls-key", str(other_key)], "--tls-cert / --tls-key"),
