@@ -372,3 +372,13 @@ def test_out_into_the_model_directory_is_refused(study_set, tmp_path, capsys):
     from pneumoseg._fs import OutputKind, check_output_folder
 
     check_output_folder(model, what=OutputKind.MODEL_DIR)
+
+
+def test_an_image_is_positive_when_any_of_its_truth_rows_is_an_rle(tmp_path):
+    """The Kaggle layout: one row per annotation; an image with a -1 row and an RLE row is positive,
+    an empty EncodedPixels reads as -1, whichever row comes first."""
+    from pneumoseg.cli.tune import _labels
+
+    csv = tmp_path / "truth.csv"
+    csv.write_text("ImageId,EncodedPixels\nA,-1\nA,5 3\nB,5 3\nB,-1\nC,-1\nD,\nD,-1\n")
+    assert _labels(read_rle_csv(csv)) == {"A": True, "B": True, "C": False, "D": False}
