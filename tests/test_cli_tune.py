@@ -382,3 +382,14 @@ def test_an_image_is_positive_when_any_of_its_truth_rows_is_an_rle(tmp_path):
     csv = tmp_path / "truth.csv"
     csv.write_text("ImageId,EncodedPixels\nA,-1\nA,5 3\nB,5 3\nB,-1\nC,-1\nD,\nD,-1\n")
     assert _labels(read_rle_csv(csv)) == {"A": True, "B": True, "C": False, "D": False}
+
+
+def test_truth_ids_with_a_dcm_suffix_are_named_as_the_cause(study_set, tmp_path, capsys):
+    """A truth CSV written from file names (ImageId 1.2.3.dcm): every image is refused as unlabelled,
+    and the message says why instead of only suggesting --name-by uid."""
+    truth = read_rle_csv(study_set / "train-rle.csv")
+    model = copy_model_dir("classifier", tmp_path / "model")
+    csv = tmp_path / "truth.csv"
+    csv.write_text("ImageId,EncodedPixels\n" + "".join(f"{i}.dcm,{r}\n" for i, rles in truth.items() for r in rles))
+    run_refused(["tune", str(model), "--images", str(study_set), "--truth", str(csv), "--sensitivity", "0.9",
+                 "--out", str(tmp_path / "out"), "--no-progress"], capsys, "ImageIds end in .dcm")

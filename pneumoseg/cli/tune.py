@@ -94,6 +94,16 @@ def _named(ids: list[str]) -> str:
     return shown + (f" and {len(ids) - _NAMED} more" if len(ids) > _NAMED else "")
 
 
+def _naming_hint(unlabelled: list[str], truth: dict[str, bool]) -> str:
+    """Why images find no truth row: the truth's ImageIds carry the file suffix, or the usual advice."""
+    suffixed = {i[:-4] for i in truth if i.lower().endswith(".dcm")}
+    if suffixed & set(unlabelled):
+        return ("the truth's ImageIds end in .dcm, an image's ImageId is its file name without it: remove .dcm "
+                "from the CSV's ImageId column")
+    return ("are they named otherwise? ImageIds are the file names without .dcm; --name-by uid names them by their "
+            "SOPInstanceUID")
+
+
 def _labels(truth: dict[str, list[str]]) -> dict[str, bool]:
     """ImageId -> positive: any RLE other than -1 (read_rle_csv reads an empty one as -1)."""
     return {image_id: any(r != "-1" for r in rles) for image_id, rles in truth.items()}
@@ -164,8 +174,7 @@ def run(args: argparse.Namespace) -> int:
         labelled = [s for s in stream.sources if s.image_id in truth]
         if not labelled:
             raise InvalidInputError(f"none of the {len(stream.sources)} images has a row in {args.truth} (e.g. "
-                                    f"{_named(unlabelled)}); are they named otherwise? ImageIds are the file names "
-                                    "without .dcm; --name-by uid names them by their SOPInstanceUID")
+                                    f"{_named(unlabelled)}); " + _naming_hint(unlabelled, truth))
         if not args.skip_unlabelled:
             raise InvalidInputError(f"{len(unlabelled)} of the {len(stream.sources)} images have no row in {args.truth}: "
                                     f"{_named(unlabelled)}; label them, or leave them out with --skip-unlabelled")
