@@ -229,10 +229,12 @@ def test_bad_threshold_overrides_are_one_line_errors(study_set, tmp_path, capsys
     assert not out.exists()
 
 
-def test_gate_is_refused_for_a_model_without_a_gate(study_set, tmp_path, capsys):
+@pytest.mark.parametrize("given, named", [(["--gate", "0.3"], "--gate:"), (["--thresholds", "gate=0.3"], "--thresholds gate:")])
+def test_gate_is_refused_for_a_model_without_a_gate(study_set, tmp_path, capsys, given, named):
     out = tmp_path / "p"
-    assert main(["predict", str(study_set), "--model", str(model_dir("plain")), "--out", str(out), "--gate", "0.3"]) == 2
-    assert "has no gate" in capsys.readouterr().err
+    assert main(["predict", str(study_set), "--model", str(model_dir("plain")), "--out", str(out), *given]) == 2
+    err = capsys.readouterr().err
+    assert "has no gate" in err and named in err  # the option the user gave
     assert not out.exists()
 
 

@@ -130,7 +130,8 @@ def run(args: argparse.Namespace) -> int:
                                    thresholds=overrides or None)
     if "gate" in overrides and predictor.parts["gate"] is None:
         # silently ignored, it would read as a gate that lets every image through
-        raise InvalidInputError(f"--gate: {args.model} has no gate (no classifier, and its segmenter has no classification "
+        given = "--gate" if args.gate is not None else "--thresholds gate"
+        raise InvalidInputError(f"{given}: {args.model} has no gate (no classifier, and its segmenter has no classification "
                          "head): every image is segmented")
     pictures = args.dicom_overlay or not args.no_overlays  # each positive's file is read again for display
     stream = predictor.predict_iter([str(p) for p in args.inputs], return_masks=args.dicom_seg or pictures,
