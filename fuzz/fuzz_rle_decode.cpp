@@ -13,6 +13,7 @@
 
 #include "fuzz_util.h"
 #include "rle/rle.h"
+#include "rle_reference.h"
 
 namespace rle = pneumoseg::rle;
 using i128 = __int128;
@@ -82,30 +83,6 @@ std::vector<RefRun> ref_normalise(std::vector<RefRun> runs) {
     }
   }
   return out;
-}
-
-// The canonical string of one column-major 0/1 image.
-std::string ref_encode(const std::vector<uint8_t>& colmajor, rle::Style style) {
-  std::string s;
-  int64_t prev_end = 0;
-  bool any = false;
-  const int64_t n = static_cast<int64_t>(colmajor.size());
-  for (int64_t k = 0; k < n;) {
-    if (!colmajor[k]) {
-      ++k;
-      continue;
-    }
-    int64_t e = k;
-    while (e < n && colmajor[e]) ++e;
-    const int64_t first = style == rle::Style::Siim ? (any ? k - prev_end : k) : k + 1;
-    if (any) s += ' ';
-    s += std::to_string(first) + ' ' + std::to_string(e - k);
-    any = true;
-    prev_end = e;
-    k = e;
-  }
-  if (!any && style == rle::Style::Siim) s = "-1";
-  return s;
 }
 
 std::string joined(const rle::EncodedBatch& b, size_t i) {
@@ -201,7 +178,7 @@ void small_mode(FuzzedDataProvider& fdp, rle::Style style) {
   FUZZ_CHECK(enc.first.size() == static_cast<size_t>(N + 1) && units.first.size() == static_cast<size_t>(N + 1),
              "batch layout");
   for (int64_t n = 0; n < N; ++n) {
-    const std::string canonical = ref_encode(expect[n], style);
+    const std::string canonical = fuzz::ref_encode(expect[n], style);
     const std::string got = joined(enc, n), got_units = joined(units, n);
     FUZZ_CHECK(got == canonical, "encode_cpu gave '" + got + "', canonical '" + canonical + "'");
     FUZZ_CHECK(got_units == canonical, "encode_units_cpu gave '" + got_units + "', canonical '" + canonical + "'");

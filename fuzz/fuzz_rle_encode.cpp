@@ -9,33 +9,12 @@
 
 #include "fuzz_util.h"
 #include "rle/rle.h"
+#include "rle_reference.h"
 
 namespace rle = pneumoseg::rle;
 using pneumoseg::DType;
 
 namespace {
-
-std::string ref_encode(const std::vector<uint8_t>& colmajor, rle::Style style) {
-  std::string s;
-  int64_t prev_end = 0;
-  bool any = false;
-  const int64_t n = static_cast<int64_t>(colmajor.size());
-  for (int64_t k = 0; k < n;) {
-    if (!colmajor[k]) {
-      ++k;
-      continue;
-    }
-    int64_t e = k;
-    while (e < n && colmajor[e]) ++e;
-    if (any) s += ' ';
-    s += std::to_string(style == rle::Style::Siim ? (any ? k - prev_end : k) : k + 1) + ' ' + std::to_string(e - k);
-    any = true;
-    prev_end = e;
-    k = e;
-  }
-  if (!any && style == rle::Style::Siim) s = "-1";
-  return s;
-}
 
 std::string joined(const rle::EncodedBatch& b, size_t i) {
   std::string s;
@@ -73,7 +52,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     std::vector<uint8_t> fg(H * W);
     for (int64_t r = 0; r < H; ++r)
       for (int64_t c = 0; c < W; ++c) fg[c * H + r] = fuzz::element_nonzero(buf.data, dtype, fuzz::offset(l, n, r, c));
-    const std::string expect = ref_encode(fg, style);
+    const std::string expect = fuzz::ref_encode(fg, style);
     const std::string got = joined(enc, n), got_units = joined(units, n);
     FUZZ_CHECK(got == expect, "encode_cpu gave '" + got + "', expected '" + expect + "' (dtype " +
                                   pneumoseg::dtype_name(dtype) + ")");
