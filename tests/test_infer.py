@@ -66,6 +66,21 @@ def test_segmenting_all_gives_the_same_answers_as_gating(kind):
     assert all(p.segmented for p in every) and not all(p.segmented for p in gated)
 
 
+@pytest.mark.parametrize("kind", ["classifier", "aux"])
+def test_a_gate_between_float32_values_gives_the_same_answers_gating_or_segmenting_all(kind):
+    """Scores are float32: a gate a quarter of a float32 step above one image's score rounds to that score
+    where torch compares (the gated path), so the image passes; the fused post-processing of
+    segment="all" compared the same score in float64 and gated it out."""
+    images = phantom_images(6, seed=1)
+    scores = [p.score for p in Predictor.from_dir(model_dir(kind), batch_size=6).predict(images, batch_size=6)]
+    s = np.float32(sorted(scores)[len(scores) // 2])
+    gate = float(s) + float(np.spacing(s)) / 4  # not a float32: rounds to s
+    gated = Predictor.from_dir(model_dir(kind), thresholds={"gate": gate}).predict(images, batch_size=6)
+    every = Predictor.from_dir(model_dir(kind), thresholds={"gate": gate}, segment="all").predict(images, batch_size=6)
+    assert [p.segmented for p in gated].count(True) == sum(np.float32(v) >= s for v in scores)
+    assert [p.rle for p in gated] == [p.rle for p in every]
+
+
 def test_threshold_overrides_are_used_and_checked():
     images = phantom_images(4, seed=2)
     overrides = {"gate": 0.0, "top": None, "bottom": 0.8, "min_component_area": 0}
