@@ -238,7 +238,13 @@ def triplet_threshold(probs: Any, top: float = 0.75, min_area: int = 2000, botto
 def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
     """Per-image keep flags where the score reaches the threshold: on the batch's device for CUDA
     batches (one byte per image, no synchronisation: a NaN score simply gates its image out), else
-    a list of 0/1 (NaN is an error)."""
+    a list of 0/1 (NaN is an error).
+
+    Floating scores are compared in their own dtype on every device: the threshold is first rounded
+    to the scores' dtype (to nearest, as torch.ge, CuPy and NumPy's ``array >= float`` do), so a
+    threshold between two representable scores (0.7 for float32, a quarter step above a score) keeps
+    the same images on the CPU as on CUDA. Integer scores are compared exactly (for a threshold in
+    [0, 1] that is the same answer as comparing in float32, as torch does on CUDA)."""
     check_array_object(scores, "scores")
     is_tensor = _native.kind_of(scores) == "torch"
     if is_tensor:
@@ -271,6 +277,10 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
         # tolist reads the values as Python numbers (bfloat16 and float8 exactly, a negated view as
         # its values), without NumPy's small-array overhead.
         values = (scores if scores.dim() == 1 else scores.reshape(-1)).tolist()
+        if scores.is_floating_point():
+            # The threshold in the scores' dtype, as torch.ge(scores, threshold) casts it (made on
+            # the CPU: under torch.set_default_device a tensor lands there, a meta one has no value).
+            threshold = torch.tensor(threshold, dtype=scores.dtype, device="cpu").item()
     else:
         if _native.kind_of(scores) == "cupy":
             scores = scores.get()
@@ -278,6 +288,9 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
         if array.dtype.kind not in "iuf":
             raise InvalidInputError(f"scores must be real numbers, got dtype {array.dtype}")
         values = array.reshape(-1).tolist()
+        if array.dtype.kind == "f":
+            # The threshold in the scores' dtype, as NumPy (NEP 50) compares array >= float.
+            threshold = float(array.dtype.type(threshold))
     if len(values) != batch.n:
         raise InvalidInputError(f"scores has {len(values)} values for a batch of {batch.n} images")
     keep = [1 if v >= threshold else 0 for v in values]
@@ -287,7 +300,10 @@ def _scores_keep(scores: Any, batch: _Batch, threshold: float) -> Any:
 
 
 def gate(masks: Any, scores: Any, threshold: float) -> Any:
-    """Empty the masks of the images whose classifier score is below ``threshold`` (uint8 0/1 out)."""
+    """Empty the masks of the images whose classifier score is below ``threshold`` (uint8 0/1 out).
+
+    Floating scores are compared with ``threshold`` rounded to their dtype, on the CPU as on CUDA
+    (``scores >= threshold`` as torch and NumPy evaluate it); integer scores exactly."""
     threshold = check_probability(threshold, "threshold")
     batch = _Batch(masks, "masks")
     keep = _scores_keep(scores, batch, threshold)
@@ -342,7 +358,11 @@ def postprocess(
 
     ``return_components=True`` returns ``(result, n_components)``: the number of connected components
     (at ``connectivity``) left in each output mask, an int32 array of the input's kind and device
-    (a scalar for one 2-D input), counted in the same pass, so the masks need no second labelling."""
+    (a scalar for one 2-D input), counted in the same pass, so the masks need no second labelling.
+
+    An image is kept where ``scores >= gate_threshold`` as torch / NumPy evaluate it: floating
+    scores are compared with the threshold rounded to their dtype on every device (0.7 is
+    0.699999988 for float32 scores), integer scores exactly."""
     if (type(from_logits) is bool and type(bottom) in _PLAIN_PROBABILITY and type(top) in _PLAIN_OPTIONAL_PROBABILITY
             and type(min_area) is int and type(min_component_area) is int and type(connectivity) is int):
         settings = _checked_settings if _compiling() else _cached_settings

@@ -155,6 +155,64 @@ def test_gate():
     np.testing.assert_array_equal(out[2], masks[2])
 
 
+
+def _thresholds_between_steps(dtype):
+    """Scores one step apart in ``dtype`` and thresholds a quarter and three quarters of a step above
+    the middle one (float64 values that are not ``dtype`` values), plus 0.7."""
+    s = np.array(0.625, dtype)
+    step = float(np.nextafter(s, np.array(1, dtype))) - float(s)
+    scores = np.array([np.nextafter(s, np.array(0, dtype)), s, np.nextafter(s, np.array(1, dtype)),
+                       np.array(0.7, dtype)], dtype)
+    return scores, [float(s) + step / 4, float(s) + 3 * step / 4, 0.7]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_gate_compares_in_the_scores_dtype_numpy(dtype):
+    # The CPU compares as NumPy does (NEP 50: the threshold cast to the array's dtype), as CUDA
+    # does in torch / CuPy: a threshold less than half a step above a score keeps its image.
+    masks = np.ones((4, 3, 5), np.uint8)
+    scores, thresholds = _thresholds_between_steps(dtype)
+    for threshold in thresholds:
+        expected = scores >= threshold
+        assert expected[1] == (threshold < float(scores[1]) + (float(scores[2]) - float(scores[1])) / 2)
+        got = pp.gate(masks, scores, threshold).reshape(4, -1).any(axis=1)
+        np.testing.assert_array_equal(got, expected)
+        fused = pp.postprocess(masks.astype(np.float32), scores, top=None, bottom=0.5, gate_threshold=threshold)
+        np.testing.assert_array_equal(fused.reshape(4, -1).any(axis=1), expected)
+    # 0.7 is not a float32 / float16 value: the score 0.7 rounded to the dtype reaches it.
+    assert pp.gate(masks, scores, 0.7)[3].all()
+
+
+@pytest.mark.parametrize("dtype, step", [("float32", 2.0 ** -24), ("float16", 2.0 ** -11), ("bfloat16", 2.0 ** -8)])
+def test_gate_compares_in_the_scores_dtype_torch(dtype, step):
+    torch = pytest.importorskip("torch")
+    masks = torch.ones((4, 3, 5), dtype=torch.uint8)
+    # 0.625 and its neighbours, one step (the dtype's spacing there) apart, and 0.7 rounded.
+    scores = torch.tensor([0.625 - step, 0.625, 0.625 + step, 0.7], dtype=getattr(torch, dtype))
+    assert len(set(scores.tolist())) == 4
+    for threshold, kept in ((0.625 + step / 4, True), (0.625 + 3 * step / 4, False), (0.7, None)):
+        expected = torch.ge(scores, threshold)
+        if kept is not None:
+            assert bool(expected[1]) is kept
+        got = pp.gate(masks, scores, threshold).reshape(4, -1).any(dim=1)
+        assert got.tolist() == expected.tolist()
+        fused = pp.postprocess(masks.float(), scores, top=None, bottom=0.5, gate_threshold=threshold)
+        assert fused.reshape(4, -1).any(dim=1).tolist() == expected.tolist()
+    assert pp.gate(masks, scores, 0.7)[3].all()
+
+
+def test_gate_integer_scores_compare_exactly():
+    masks = np.ones((3, 2, 2), np.uint8)
+    for scores in (np.array([0, 1, 2], np.int64), np.array([0, 1, 2], np.uint8)):
+        assert pp.gate(masks, scores, 0.0).reshape(3, -1).any(axis=1).tolist() == [True, True, True]
+        assert pp.gate(masks, scores, 0.7).reshape(3, -1).any(axis=1).tolist() == [False, True, True]
+        assert pp.gate(masks, scores, 1.0).reshape(3, -1).any(axis=1).tolist() == [False, True, True]
+
+
+def test_gate_nan_scores_still_refused_after_rounding():
+    with pytest.raises(pneumoseg.InvalidInputError, match="NaN"):
+        pp.gate(np.ones((2, 2, 2), np.uint8), np.array([0.9, np.nan], np.float16), 0.5)
+
 @needs_scipy
 @pytest.mark.parametrize("from_logits", [False, True])
 @pytest.mark.parametrize("min_component_area", [0, 30])
@@ -400,6 +458,24 @@ def test_cuda_postprocess_matches_cpu_and_stays_on_device(min_component_area):
     np.testing.assert_array_equal(pp.gate(torch.from_numpy(cpu).cuda(), scores, 0.5).cpu().numpy(),
                                   pp.gate(cpu, scores, 0.5))
 
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_gate_compares_in_the_scores_dtype_as_the_cpu(dtype):
+    torch = pytest.importorskip("torch")
+    masks = np.ones((4, 3, 5), np.uint8)
+    scores, thresholds = _thresholds_between_steps(getattr(np, dtype))
+    for threshold in thresholds:
+        expected = (scores >= threshold).tolist()
+        for s in (scores, torch.from_numpy(scores), torch.from_numpy(scores).cuda()):
+            got = pp.gate(torch.from_numpy(masks).cuda(), s, threshold)
+            assert got.reshape(4, -1).any(dim=1).cpu().tolist() == expected
+            fused = pp.postprocess(torch.from_numpy(masks).float().cuda(), s, top=None, bottom=0.5,
+                                   gate_threshold=threshold)
+            assert fused.reshape(4, -1).any(dim=1).cpu().tolist() == expected
+        cpu = pp.gate(masks, scores, threshold).reshape(4, -1).any(axis=1).tolist()
+        assert cpu == expected
 
 @needs_scipy
 @pytest.mark.parametrize("connectivity", [4, 8])
