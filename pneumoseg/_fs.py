@@ -684,6 +684,53 @@ def _refuse_removing_inputs(p: Path, ours: list[Path], inputs: Iterable[Any], wh
                     "which writing there would remove); choose another folder")
 
 
+def _refuse_inside_input(p: Path, inputs: tuple, what: str) -> None:
+    """Refuse ``p`` inside an input folder that is pneumoseg output of a kind that does not hold
+    ``what`` as its own (``predict --out MODEL_DIR/preds``): that folder would then hold files it
+    cannot account for (a model directory refuses saves and exports beside them). Checked before
+    ``p`` is created."""
+    folder = p.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(os.fspath(item)).resolve()
+        if source in folder.parents and source.is_dir():
+            outer = _read_manifest(source)
+            if outer is not None and outer.kind is not None and not _may_hold(outer.kind, what):
+                raise OutputError(f"{what} {p} is inside {item}, an input of this command and a pneumoseg "
+                                  f"{outer.kind}; choose a folder outside it")
+
+
+def _refuse_being_input(p: Path, inputs: tuple, what: str) -> None:
+    """Refuse ``p`` when it is one of the command's inputs or holds one, unless it is this command's
+    own earlier output (a rerun into it works; what that rerun would remove is checked by
+    :func:`_refuse_removing_inputs`). Forced into it, the folder's manifest was rewritten as this
+    command's (``predict --out MODEL_DIR --force``: the model directory then refused saves and
+    exports as another command's output) and replaced inputs were set aside."""
+    manifest = _read_manifest(p) if p.is_dir() else None
+    if manifest is not None and manifest.belongs_to(what):
+        return
+    folder = p.resolve()
+    for item in inputs:
+        if item is None:
+            continue
+        source = Path(os.fspath(item)).resolve()
+        if source == folder or folder in source.parents:
+            where = "is" if source == folder else "holds"
+            raise OutputError(f"{what} {p} {where} {item}, an input of this command; choose a folder of its own")
+
+
+def refuse_output_among_inputs(path: PathLike, inputs: Iterable[Any], what: str) -> None:
+    """The refusals :func:`prepare_output_folder` makes for ``inputs`` before anything is written, for
+    a command whose folder is prepared elsewhere (``pneumoseg listen``'s node): ``path`` inside an input
+    folder of pneumoseg output of another kind, or an input, or holding one, unless ``path`` is this
+    command's own earlier output."""
+    p = Path(os.fspath(path))
+    inputs = tuple(inputs)
+    _refuse_inside_input(p, inputs, what)
+    _refuse_being_input(p, inputs, what)
+
+
 def _tree(root: Path) -> Iterator[tuple[str, os.DirEntry]]:
     """Every entry under ``root`` with its path relative to it, folders before what they hold, symbolic
     links not followed; an unreadable folder is passed over. An explicit stack: os.walk recurses, and
@@ -974,10 +1021,12 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
     afterwards. Returns the path."""
     p = check_path(path, what, error=OutputError)
     overwrite = check_bool(overwrite, "overwrite")
+    inputs = tuple(inputs)
     if check_bool(resume, "resume"):
         _refuse_reopening(p, what)
     else:
         _refuse_non_folder(p, what)
+    _refuse_inside_input(p, inputs, what)
     if not p.exists():
         parent = p.parent
         while not parent.exists() and parent != parent.parent:
@@ -996,8 +1045,11 @@ def check_output_folder(path: PathLike, *, overwrite: bool = False, what: str = 
         ours, foreign, other_kind = _ours(p, what)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, what, other_kind)
+        _refuse_being_input(p, inputs, what)
         if not foreign:
             _refuse_removing_inputs(p, ours, inputs, what)
+    else:
+        _refuse_being_input(p, inputs, what)
     return p
 
 
@@ -1063,6 +1115,7 @@ class OutputFolder:
         self._end = weakref.finalize(self, self._ending)
         try:
             if check_bool(resume, "resume"):
+                refuse_output_among_inputs(self.path, inputs, what)
                 self._reopen()
             else:
                 self._prepare(overwrite, inputs, tuple(never_replace))
@@ -1112,7 +1165,9 @@ class OutputFolder:
 
     def _prepare(self, overwrite: bool, inputs: Iterable[Any] = (), never_replace: tuple[str, ...] = ()) -> None:
         p = self.path
+        inputs = tuple(inputs)
         _refuse_non_folder(p, self.what)
+        _refuse_inside_input(p, inputs, self.what)  # before the folder is made
         if not p.exists():
             try:
                 p.mkdir(parents=True, exist_ok=True)
@@ -1140,6 +1195,7 @@ class OutputFolder:
         ours, foreign, other_kind = _ours(p, self.what)
         if foreign and not overwrite:
             raise _not_empty(p, foreign, self.what, other_kind)
+        _refuse_being_input(p, inputs, self.what)  # before anything in it is moved or its manifest written
         # Forced beside someone's files, nothing is moved now (what is not replaced stays as it is); each
         # file this run replaces is set aside just before, and goes back if the run fails.
         self._replaces = bool(foreign)
@@ -1406,9 +1462,12 @@ def prepare_output_folder(path: PathLike, *, overwrite: bool = False, what: str 
     ``resume=True`` reopens a folder of pneumoseg's own output to continue it (``pneumoseg train
     --resume``): it must exist with a manifest; nothing is removed.
 
-    ``inputs`` are the paths the command reads (files or folders): a folder whose earlier output
-    would be removed is refused when that output is or holds one of them, so ``--out`` pointed at
-    the folder of the data being read never deletes it.
+    ``inputs`` are the paths the command reads (files or folders): a folder that is one of them or
+    holds one is refused (overwrite or not) unless it is this command's own earlier output, and then
+    when the earlier output it would remove is or holds one of them, so ``--out`` pointed at the
+    folder of the data or the model being read never relabels or deletes it; so is a folder inside an
+    input folder of pneumoseg output of another kind (a model directory), which would then hold files
+    it cannot account for.
 
     ``never_replace`` names files (relative to the folder) that are refused without ``overwrite``
     even when pneumoseg wrote them (a submission is the thing people hand in); checked once the

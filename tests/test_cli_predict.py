@@ -255,3 +255,46 @@ def test_thresholds_override_the_post_processing(study_set, tmp_path, capsys):
     assert read_rle_csv(again / "submission.csv") == read_rle_csv(out / "submission.csv")
     assert json.loads((again / "summary.json").read_text())["threshold_overrides"] == overrides
     capsys.readouterr()
+
+
+def _everything(folder):
+    """Every path under ``folder`` (folders too) and each file's bytes: proof that nothing changed."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None) for p in sorted(folder.rglob("*"))}
+
+
+def _refused(args, capsys, match):
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pneumoseg: error: ") and match in lines[0], lines
+    return lines[0]
+
+
+def test_out_an_input_of_predict_is_refused_and_left_as_it_was(study_set, tmp_path, capsys):
+    """--out MODEL --force rewrote the model directory's manifest as a prediction folder's (saves and
+    exports into it were then refused as another command's output); --out the images folder --force
+    wrote the submission and overlays among the studies it read."""
+    import shutil
+
+    from infer_helpers import copy_model_dir
+    from pneumoseg._fs import OutputKind, check_output_folder
+
+    model = copy_model_dir("aux", tmp_path / "model")
+    images = tmp_path / "images"
+    shutil.copytree(study_set, images)
+    model_before, images_before, top_before = _everything(model), _everything(images), sorted(tmp_path.iterdir())
+    base = ["predict", str(images), "--model", str(model), "--no-progress"]
+    for out, match in ((model, "is " + str(model)), (tmp_path / "." / "model", "an input of this command"),
+                       (images, "is " + str(images)), (tmp_path, "holds "),
+                       (model / "preds", "inside " + str(model))):
+        line = _refused(base + ["--out", str(out), "--force"], capsys, match)
+        assert str(out) in line
+    assert _everything(model) == model_before and _everything(images) == images_before
+    assert sorted(tmp_path.iterdir()) == top_before
+    check_output_folder(model, what=OutputKind.MODEL_DIR)  # still the model directory's own
+    # a folder of its own, rerun into (forced: the submission is replaced) as always
+    out = tmp_path / "pred"
+    assert main(base + ["--out", str(out)]) == 0
+    first = (out / "submission.csv").read_text()
+    assert main(base + ["--out", str(out), "--force"]) == 0
+    assert (out / "submission.csv").read_text() == first
+    capsys.readouterr()

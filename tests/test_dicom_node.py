@@ -972,6 +972,21 @@ def test_an_earlier_nodes_csv_files_get_the_new_columns_and_keep_their_rows(pred
     assert forwarded(out) == [{**{c: f"{FORWARDED}-{c}" for c in old[FORWARDED]}, "Overlay": None}]
 
 
+def test_listen_out_the_model_directory_is_refused_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """--out MODEL_DIR made the model directory a node folder (its manifest relabelled), after which a
+    save or export into it was refused as another command's output."""
+    from infer_helpers import copy_model_dir, file_digests
+
+    model = copy_model_dir("classifier", tmp_path / "model")
+    before = file_digests(model)
+    monkeypatch.setattr(Predictor, "from_dir", lambda *a, **k: pytest.fail("the model was loaded"))
+    for out in (model, model / "node"):
+        assert main(["listen", "--model", str(model), "--out", str(out), "--no-seg"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"DICOM node folder {out}" in err and "an input of this command" in err
+    assert file_digests(model) == before and not (model / "node").exists()
+
+
 def test_listen_dicom_overlay_without_highdicom_says_so_before_the_model_loads(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "highdicom", None)
     monkeypatch.setattr(Predictor, "from_dir", lambda *a, **k: pytest.fail("the model was loaded"))

@@ -105,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
     if args.allow is not None:
         allowed = [check_ae_title(t, "--allow's titles") for t in args.allow.split(",")]
 
+    # --out the model directory (or inside it) would make it a node folder, and saves and exports into
+    # it would then be refused as another command's output
+    from .._fs import OutputKind, refuse_output_among_inputs
+
+    refuse_output_among_inputs(args.out, (args.model,), OutputKind.DICOM_NODE)
     from ..infer import Predictor
 
     predictor = Predictor.from_dir(args.model, backend=args.backend, device=args.device, precision=args.precision,
