@@ -281,9 +281,10 @@ def as_applied(gate: float) -> float:
 
 def gate_below(scores: Any, threshold: float) -> float:
     """The gate written for an operating point whose threshold is ``threshold`` (one image's score): midway
-    to the next lower score (rounded to float32, and above that score in float32), so the tuning images are split exactly as at ``threshold``, yet the image
-    scoring ``threshold`` stays above the gate when its score moves by a few float32 steps (seen: up to
-    1.2e-7 between batch sizes on the CPU), which would drop a true positive at the gate itself."""
+    to the next lower score (rounded to float32, and above that score in float32), so the tuning images
+    are split exactly as at ``threshold``, yet the image scoring ``threshold`` stays above the gate when
+    its score moves by a few float32 steps (seen: up to 1.2e-7 between batch sizes on the CPU), which
+    would drop a true positive at the gate itself."""
     import numpy as np
 
     scores = np.asarray(scores, dtype=np.float64)
