@@ -173,14 +173,12 @@ def test_an_output_folder_never_removes_the_commands_own_inputs(tmp_path, capsys
         assert main(argv) == 2
         assert "another pneumoseg command wrote it (it is a synthetic data folder)" in capsys.readouterr().err
         assert tree(studies) == before
-    # --force writes beside another command's files and removes none of them
-    assert main(["data", "masks", "--csv", csv, "--out", str(studies), "--shape", "32", "32", "--force"]) == 0
-    after = tree(studies)
-    assert {k: after[k] for k in before if k != MANIFEST_NAME} == {k: v for k, v in before.items() if k != MANIFEST_NAME}
-    assert sum(k.endswith(".png") for k in after) == 2
-    # the study set's files are nobody's now: neither command's rerun replaces them unasked
-    with pytest.raises(pneumoseg.OutputError, match="not empty"):
-        make_synthetic_siim(studies, n_images=2, size=32, seed=1)
+    # --force does not make a folder holding the command's own input its output (06a663a): refused, with
+    # nothing written or relabelled (it wrote beside the inputs and took over the folder's manifest before)
+    assert main(["data", "masks", "--csv", csv, "--out", str(studies), "--shape", "32", "32", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds" in err and "an input of this command" in err, err
+    assert tree(studies) == before
     shutil.rmtree(studies)
 
     make_synthetic_siim(studies, n_images=2, size=32, seed=1)
