@@ -665,10 +665,6 @@ class Predictor:
         n = len(loaded)
         t = self.thresholds
         gate = self.parts["gate"]
-        # The scores are float32, and torch compares them with a Python float in float32 (the gated path
-        # below), while the fused post-processing (segment="all") compares in float64 on the CPU: one
-        # float32 gate makes both modes, and every device, flag the same images.
-        gate_at = None if t.gate is None else float(np.float32(t.gate))
         timer.mark("preprocess")
         images = [self._to_device(pixels) for _, pixels, _ in loaded]
         finite: list = []
@@ -701,7 +697,7 @@ class Predictor:
         if scores is not None and not segment_all:
             # on CUDA the one sync: the stage-2 batch size (the decisions, not torch.nonzero's size and
             # then its rows: two waits)
-            segmented = [i for i, passed in enumerate((scores >= gate_at).tolist()) if passed]
+            segmented = [i for i, passed in enumerate((scores >= t.gate).tolist()) if passed]
             if segmented and len(segmented) < n:  # every image passes (always so at batch 1): no row selection
                 rows = _index_on(device, segmented)
         else:
@@ -743,7 +739,7 @@ class Predictor:
                 gate_scores = scores if len(js) == n else scores.index_select(0, _index_on(device, js))
             group_masks[shape], group_components[shape] = postprocess.postprocess(
                 m[:, 0], gate_scores, from_logits=True, top=t.top, min_area=int(round(t.min_area * scale)),
-                bottom=t.bottom, gate_threshold=gate_at, min_component_area=int(round(t.min_component_area * scale)),
+                bottom=t.bottom, gate_threshold=t.gate, min_component_area=int(round(t.min_component_area * scale)),
                 return_components=True)
         if cuda:
             # What the host reads back, copied now without waiting: the RLE strings' copy below waits
