@@ -135,3 +135,13 @@ def training_config(base: dict, root, **changes):
             node = node.setdefault(p, {})
         node[parts[-1]] = value
     return config_from_dict(raw)
+
+
+def binormal(seed: int, n: int, prevalence: float = 0.3, separation: float = 1.2, decimals=None):
+    """Labels and probability-like scores for the classification metrics' tests: positives' scores
+    shifted up, squashed into (0, 1)."""
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < prevalence
+    y[:2], y[2:4] = True, False  # both classes, at least two of each
+    s = 1 / (1 + np.exp(-(rng.normal(size=n) + separation * y)))
+    return y, (s.round(decimals) if decimals is not None else s)

@@ -11,17 +11,9 @@ import pytest
 
 from pneumoseg import metrics
 from pneumoseg.errors import InvalidInputError
+from factories import binormal
 from reference_metrics import (ref_auc, ref_average_precision, ref_bca_levels, ref_clopper_pearson, ref_confusion,
                                ref_operating_point, ref_wilson)
-
-
-def binormal(seed: int, n: int, prevalence: float = 0.3, separation: float = 1.2, decimals=None):
-    """Labels and probability-like scores: positives' scores shifted up, squashed into (0, 1)."""
-    rng = np.random.default_rng(seed)
-    y = rng.random(n) < prevalence
-    y[:2], y[2:4] = True, False  # both classes, at least two of each
-    s = 1 / (1 + np.exp(-(rng.normal(size=n) + separation * y)))
-    return y, (s.round(decimals) if decimals is not None else s)
 
 
 # ------------------------------------------------------------------ proportions at a fixed threshold
